@@ -1,0 +1,1 @@
+"""Measurements of asyncstore's hot paths (run them; they are not tests)."""

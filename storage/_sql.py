@@ -1,0 +1,66 @@
+"""Named SQL queries and versioned migrations, loaded once from the ``sql/`` folder.
+
+Each dialect keeps its queries in ``sql/<dialect>/queries.sql`` as blocks that start with a
+``-- name: <query_name>`` line, and its migrations in ``sql/<dialect>/migrations/NNNN_*.sql``.
+Drivers look queries up by name; both dialects must define the same names (a test checks).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from importlib import resources
+
+from storage.errors import MigrationError
+
+_NAME = re.compile(r"^--\s*name:\s*(\w+)\s*$", re.MULTILINE)
+_MIGRATION = re.compile(r"^(\d{4})_(\w+)\.sql$")
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+    def statements(self) -> list[str]:
+        """Split on ``;`` at line ends (for drivers that run one statement at a time)."""
+        parts = re.split(r";\s*$", self.sql, flags=re.MULTILINE)
+        return [p.strip() for p in parts if p.strip() and not _only_comments(p)]
+
+
+def _only_comments(text: str) -> bool:
+    return all(not line.strip() or line.strip().startswith("--") for line in text.splitlines())
+
+
+def parse_queries(text: str) -> dict[str, str]:
+    """Split a ``queries.sql`` text into ``{name: sql}``; duplicate names are an error."""
+    queries: dict[str, str] = {}
+    matches = list(_NAME.finditer(text))
+    for i, match in enumerate(matches):
+        end = matches[i + 1].start() if i + 1 < len(matches) else len(text)
+        body = text[match.end() : end].strip().rstrip(";").strip()
+        name = match.group(1)
+        if name in queries:
+            raise ValueError(f"query {name!r} is defined twice")
+        queries[name] = body
+    return queries
+
+
+def load_queries(dialect: str) -> dict[str, str]:
+    text = resources.files("storage").joinpath("sql", dialect, "queries.sql").read_text("utf-8")
+    return parse_queries(text)
+
+
+def load_migrations(dialect: str) -> list[Migration]:
+    folder = resources.files("storage").joinpath("sql", dialect, "migrations")
+    found: list[Migration] = []
+    for entry in folder.iterdir():
+        match = _MIGRATION.match(entry.name)
+        if match:
+            found.append(Migration(int(match.group(1)), match.group(2), entry.read_text("utf-8")))
+    found.sort(key=lambda m: m.version)
+    versions = [m.version for m in found]
+    if len(set(versions)) != len(versions):
+        raise MigrationError(f"{dialect}: two migrations share a version number")
+    return found

@@ -1,0 +1,280 @@
+"""Input validation and JSON encoding shared by every driver.
+
+Every check that decides whether an argument is acceptable lives here, so both drivers
+refuse exactly the same inputs with the same message, before they write anything. JSON
+payloads are encoded once, here, with orjson; drivers pass the bytes through.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import Any
+
+import orjson
+
+from storage.base import NewMessage, NewOutboxMessage, NewStreamEvent, NewTask, Task
+from storage.errors import InvalidInput
+
+MAX_ID_CHARS = 255
+MAX_NAME_CHARS = 64
+MAX_PAYLOAD_BYTES = 8 * 1024 * 1024
+MAX_NOTIFY_PAYLOAD_BYTES = 7900  # Postgres refuses NOTIFY payloads of 8000 bytes or more
+MAX_LIMIT = 10_000
+INT64_MAX = 2**63 - 1
+
+
+def check_id(value: object, what: str = "session_id") -> str:
+    """Return ``value`` if it is a usable identifier (1..255 chars, no NUL), else raise."""
+    if not isinstance(value, str):
+        raise InvalidInput(f"{what} must be a str, got {type(value).__name__}")
+    if not value:
+        raise InvalidInput(f"{what} must not be empty")
+    if len(value) > MAX_ID_CHARS:
+        raise InvalidInput(f"{what} is {len(value)} characters long; the limit is {MAX_ID_CHARS}")
+    if "\x00" in value:
+        raise InvalidInput(f"{what} must not contain NUL characters")
+    return value
+
+
+def check_name(value: object, what: str) -> str:
+    """Like :func:`check_id` for short names (kinds, roles): 1..64 characters."""
+    check_id(value, what)
+    if len(value) > MAX_NAME_CHARS:  # type: ignore[arg-type]
+        raise InvalidInput(f"{what} is longer than {MAX_NAME_CHARS} characters")
+    return value  # type: ignore[return-value]
+
+
+def check_int(value: object, what: str, *, minimum: int = 0, maximum: int = INT64_MAX) -> int:
+    """Return ``value`` if it is an int (not a bool) within ``[minimum, maximum]``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidInput(f"{what} must be an int, got {type(value).__name__}")
+    if value < minimum or value > maximum:
+        raise InvalidInput(f"{what} must be between {minimum} and {maximum}, got {value}")
+    return value
+
+
+def check_limit(value: object) -> int:
+    return check_int(value, "limit", minimum=1, maximum=MAX_LIMIT)
+
+
+def check_seconds(value: object, what: str, *, minimum: float = 0.001) -> float:
+    """Return ``value`` as float seconds if it is a finite number >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidInput(f"{what} must be a number of seconds, got {type(value).__name__}")
+    seconds = float(value)
+    if not math.isfinite(seconds) or seconds < minimum:
+        raise InvalidInput(f"{what} must be a finite number of seconds >= {minimum}, got {value}")
+    return seconds
+
+
+def _has_non_finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, dict):
+        return any(_has_non_finite(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return any(_has_non_finite(v) for v in value)
+    return False
+
+
+def encode_json(value: Any, what: str = "payload", index: int | None = None) -> bytes:
+    """Encode a JSON value once, refusing what either database would refuse or alter.
+
+    Refused: values orjson cannot encode (sets, bytes, objects, lone surrogates, integers
+    beyond 64 bits), NaN and infinities (orjson would silently write ``null``), the NUL
+    character anywhere in a string (Postgres ``jsonb`` cannot store it), and payloads larger
+    than 8 MiB. ``index`` names the batch position in the message (``events[3].payload``).
+    """
+    try:
+        data = orjson.dumps(value)
+    except (TypeError, orjson.JSONEncodeError) as exc:
+        raise InvalidInput(f"{_label(what, index)} is not a JSON value: {exc}") from exc
+    # orjson writes NaN and infinities as null; only then is a walk needed to tell them apart.
+    if b"null" in data and _has_non_finite(value):
+        raise InvalidInput(
+            f"{_label(what, index)} contains NaN or infinity, which JSON cannot represent"
+        )
+    if b"\\u0000" in data:
+        raise InvalidInput(
+            f"{_label(what, index)} contains a NUL character, which jsonb cannot store"
+        )
+    if len(data) > MAX_PAYLOAD_BYTES:
+        raise InvalidInput(
+            f"{_label(what, index)} is {len(data)} bytes encoded; the limit is {MAX_PAYLOAD_BYTES}"
+        )
+    return data
+
+
+def _label(what: str, index: int | None) -> str:
+    return what if index is None else f"events[{index}].{what}"
+
+
+def decode_json(data: bytes | str) -> Any:
+    return orjson.loads(data)
+
+
+def check_notify_payload(channel: object, payload: object) -> tuple[str, str]:
+    """Validate a notification: channel is an identifier-like name, payload small text."""
+    name = check_name(channel, "channel")
+    if not name.replace("_", "").replace(".", "").replace(":", "").replace("-", "").isalnum():
+        raise InvalidInput(f"channel {name!r} may contain only letters, digits and _ . : -")
+    if not isinstance(payload, str):
+        raise InvalidInput(f"notification payload must be a str, got {type(payload).__name__}")
+    size = len(payload.encode("utf-8", "surrogatepass"))
+    if size > MAX_NOTIFY_PAYLOAD_BYTES:
+        raise InvalidInput(
+            f"notification payload is {size} bytes; the limit is {MAX_NOTIFY_PAYLOAD_BYTES} "
+            "(send ids, not data)"
+        )
+    if "\x00" in payload:
+        raise InvalidInput("notification payload must not contain NUL characters")
+    return name, payload
+
+
+def unique_ids(ids: Iterable[int], what: str = "id") -> list[int]:
+    out = [check_int(i, what, minimum=1) for i in ids]
+    if len(set(out)) != len(out):
+        raise InvalidInput(f"duplicate {what} in one call")
+    return out
+
+
+# ---------------------------------------------------------------- whole-call preparation
+# Each prepare_* validates every record of a call before the driver writes anything, and
+# returns plain tuples with JSON already encoded, so a batch is all or nothing.
+
+
+def check_when(value: object, what: str) -> datetime | None:
+    if value is None:
+        return None
+    if not isinstance(value, datetime):
+        raise InvalidInput(f"{what} must be a datetime, got {type(value).__name__}")
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise InvalidInput(f"{what} must be timezone-aware (naive datetimes are ambiguous)")
+    return value
+
+
+def _batch(items: object, what: str, *, allow_empty: bool = True) -> list[Any]:
+    if isinstance(items, str | bytes) or not isinstance(items, Sequence):
+        raise InvalidInput(f"{what} must be a sequence")
+    if not items and not allow_empty:
+        raise InvalidInput(f"{what} must not be empty")
+    return list(items)
+
+
+def prepare_messages(session_id: object, messages: object) -> list[tuple[str, bytes]]:
+    check_id(session_id)
+    out = []
+    for i, m in enumerate(_batch(messages, "messages", allow_empty=False)):
+        if not isinstance(m, NewMessage):
+            raise InvalidInput(f"messages[{i}] must be a NewMessage")
+        out.append(
+            (
+                check_name(m.role, f"messages[{i}].role"),
+                encode_json(m.content, f"messages[{i}].content"),
+            )
+        )
+    return out
+
+
+def prepare_stream_events(events: object) -> list[tuple[str, int, int, str, bytes]]:
+    # The hottest validation path: plain checks inline, messages built only on failure,
+    # and each distinct session id and kind checked once per batch.
+    out = []
+    ok_ids: set[str] = set()
+    ok_kinds: set[str] = set()
+    for i, e in enumerate(_batch(events, "events")):
+        if not isinstance(e, NewStreamEvent):
+            raise InvalidInput(f"events[{i}] must be a NewStreamEvent")
+        sid, seq, epoch, kind = e.session_id, e.seq, e.epoch, e.kind
+        if sid not in ok_ids:
+            check_id(sid, f"events[{i}].session_id")
+            ok_ids.add(sid)
+        if type(seq) is not int or not 1 <= seq <= INT64_MAX:
+            check_int(seq, f"events[{i}].seq", minimum=1)
+        if type(epoch) is not int or not 0 <= epoch <= INT64_MAX:
+            check_int(epoch, f"events[{i}].epoch", minimum=0)
+        if kind not in ok_kinds:
+            check_name(kind, f"events[{i}].kind")
+            ok_kinds.add(kind)
+        out.append((sid, seq, epoch, kind, encode_json(e.payload, "payload", i)))
+    return out
+
+
+PreparedTask = tuple[str, bytes, int, datetime | None, str | None, int]
+
+
+def prepare_tasks(tasks: object) -> list[PreparedTask]:
+    out: list[PreparedTask] = []
+    for i, t in enumerate(_batch(tasks, "tasks")):
+        if not isinstance(t, NewTask):
+            raise InvalidInput(f"tasks[{i}] must be a NewTask")
+        key = t.idempotency_key
+        out.append(
+            (
+                check_id(t.queue, f"tasks[{i}].queue"),
+                encode_json(t.payload, f"tasks[{i}].payload"),
+                check_int(t.priority, f"tasks[{i}].priority", minimum=-(2**31), maximum=2**31 - 1),
+                check_when(t.run_after, f"tasks[{i}].run_after"),
+                None if key is None else check_id(key, f"tasks[{i}].idempotency_key"),
+                check_int(t.max_attempts, f"tasks[{i}].max_attempts", minimum=1, maximum=10_000),
+            )
+        )
+    return out
+
+
+def prepare_outbox(messages: object) -> list[tuple[str, str, bytes, int]]:
+    out = []
+    for i, m in enumerate(_batch(messages, "outbox messages")):
+        if not isinstance(m, NewOutboxMessage):
+            raise InvalidInput(f"outbox[{i}] must be a NewOutboxMessage")
+        out.append(
+            (
+                check_id(m.channel, f"outbox[{i}].channel"),
+                check_id(m.account, f"outbox[{i}].account"),
+                encode_json(m.payload, f"outbox[{i}].payload"),
+                check_int(m.max_attempts, f"outbox[{i}].max_attempts", minimum=1, maximum=10_000),
+            )
+        )
+    return out
+
+
+def prepare_claims(claims: object) -> tuple[list[int], list[int]]:
+    ids, tokens = [], []
+    for i, c in enumerate(_batch(claims, "claims")):
+        if not isinstance(c, tuple) or len(c) != 2:
+            raise InvalidInput(f"claims[{i}] must be a Claim(id, token)")
+        ids.append(check_int(c[0], f"claims[{i}].id", minimum=1))
+        tokens.append(check_int(c[1], f"claims[{i}].token", minimum=1))
+    if len(set(ids)) != len(ids):
+        raise InvalidInput("the same id appears twice in one call")
+    return ids, tokens
+
+
+def prepare_failures(
+    failures: object,
+) -> tuple[list[int], list[int], list[str], list[datetime | None]]:
+    items = _batch(failures, "failures")
+    ids, tokens = prepare_claims([tuple(f)[:2] if isinstance(f, tuple) else f for f in items])
+    errors: list[str] = []
+    retry: list[datetime | None] = []
+    for i, f in enumerate(items):
+        if len(f) != 4:
+            raise InvalidInput(f"failures[{i}] must be a Failure(id, token, error, retry_at)")
+        if not isinstance(f[2], str):
+            raise InvalidInput(f"failures[{i}].error must be a str")
+        errors.append(f[2][:10_000].replace("\x00", ""))
+        retry.append(check_when(f[3], f"failures[{i}].retry_at"))
+    return ids, tokens, errors, retry
+
+
+def match_enqueued(inputs: list[PreparedTask], rows: list[Task]) -> list[Task]:
+    """Put enqueue results back in input order.
+
+    Keyed inputs match by (queue, key); unkeyed ones take the new rows without a key in id
+    order, which is input order because drivers insert in input order.
+    """
+    by_key = {(t.queue, t.idempotency_key): t for t in rows if t.idempotency_key is not None}
+    unkeyed = iter(sorted((t for t in rows if t.idempotency_key is None), key=lambda t: t.id))
+    return [by_key[(r[0], r[4])] if r[4] is not None else next(unkeyed) for r in inputs]

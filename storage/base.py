@@ -1,0 +1,652 @@
+"""The storage contract: ``AsyncStorageBackend``, its records and its settings.
+
+This module owns the one async API that the orchestrator builds on (chat, stream events,
+session leases, agent tasks, outbox, cancellation state, notifications) and the immutable
+records it returns. Drivers (``storage.postgres``, ``storage.sqlite``) subclass the backend
+explicitly and must pass the shared contract suite in ``tests/contract/``; input checks live
+in ``storage._validate`` so both drivers refuse exactly the same inputs.
+"""
+
+from __future__ import annotations
+
+import abc
+import collections
+import functools
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from types import MappingProxyType, TracebackType
+from typing import Any, Concatenate, NamedTuple, ParamSpec, Self, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+from storage.errors import LeaseLost, StorageClosed, StorageError
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+_B = TypeVar("_B", bound="AsyncStorageBackend")
+
+__all__ = [
+    "JSON",
+    "AsyncStorageBackend",
+    "CancelState",
+    "ChatMessage",
+    "Claim",
+    "Failure",
+    "Lease",
+    "NewMessage",
+    "NewOutboxMessage",
+    "NewStreamEvent",
+    "NewTask",
+    "Notification",
+    "NotificationStream",
+    "OutboxMessage",
+    "StorageSettings",
+    "StorageStatistics",
+    "StreamEvent",
+    "Task",
+    "TaskStatus",
+]
+
+JSON = Any
+"""A JSON value: None, bool, int, float, str, list of JSON, dict of str to JSON."""
+
+
+class StorageSettings(BaseModel):
+    """How to reach and size the database. Built by ``orchestrator.config``; never reads env.
+
+    ``url`` picks the driver: ``postgresql://`` / ``postgres://`` (asyncpg) or
+    ``sqlite:///path/to/file.db`` (aiosqlite; ``sqlite:///:memory:`` for a private,
+    in-process database).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    url: SecretStr = SecretStr("sqlite:///asyncstore.db")
+    pool_min_size: int = Field(default=2, ge=0, le=1000)
+    pool_max_size: int = Field(default=10, ge=1, le=1000)
+    statement_cache_size: int = Field(
+        default=100, ge=0, description="asyncpg prepared-statement cache; 0 for PgBouncer"
+    )
+    command_timeout_s: float = Field(default=30.0, gt=0)
+    connect_timeout_s: float = Field(default=10.0, gt=0)
+    sqlite_busy_timeout_s: float = Field(default=5.0, ge=0)
+    sqlite_readers: int = Field(default=2, ge=1, le=64)
+    sqlite_synchronous: str = Field(default="NORMAL", pattern="^(OFF|NORMAL|FULL|EXTRA)$")
+    listener_reconnect_max_s: float = Field(default=5.0, gt=0)
+    listener_queue_size: int = Field(default=10_000, ge=1)
+
+
+# ---------------------------------------------------------------- records (immutable)
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    """A chat message to append; the storage assigns its per-session ``seq``."""
+
+    role: str
+    content: JSON
+
+
+@dataclass(frozen=True, slots=True)
+class ChatMessage:
+    session_id: str
+    seq: int
+    role: str
+    content: JSON
+    created_at: datetime
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> ChatMessage:
+        return cls(row["session_id"], row["seq"], row["role"], row["content"], row["created_at"])
+
+
+@dataclass(frozen=True, slots=True)
+class NewStreamEvent:
+    """A stream event whose ``(epoch, seq)`` the single writer of the session assigned."""
+
+    session_id: str
+    epoch: int
+    seq: int
+    kind: str
+    payload: JSON
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEvent:
+    session_id: str
+    epoch: int
+    seq: int
+    kind: str
+    payload: JSON
+    created_at: datetime
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> StreamEvent:
+        return cls(
+            row["session_id"],
+            row["epoch"],
+            row["seq"],
+            row["kind"],
+            row["payload"],
+            row["created_at"],
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A session lease. ``token`` is the fencing token: it grows on every new acquisition."""
+
+    session_id: str
+    holder: str
+    token: int
+    expires_at: datetime
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> Lease:
+        return cls(row["session_id"], row["holder"], row["token"], row["expires_at"])
+
+
+class TaskStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    DEAD = "dead"
+
+
+class OutboxStatus(StrEnum):
+    PENDING = "pending"
+    SENDING = "sending"
+    SENT = "sent"
+    DEAD = "dead"
+
+
+@dataclass(frozen=True, slots=True)
+class NewTask:
+    """An agent task to enqueue.
+
+    ``run_after`` (None: now) is the earliest time it may be claimed; a task with an
+    ``idempotency_key`` is enqueued once while an earlier one with the same key on the same
+    queue is not finished (the existing row is returned instead).
+    """
+
+    queue: str
+    payload: JSON
+    priority: int = 0
+    run_after: datetime | None = None
+    idempotency_key: str | None = None
+    max_attempts: int = 5
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    """An agent task row.
+
+    While ``status`` is ``running``, ``run_after`` is the lease expiry: the time after which
+    the normal claim takes the task again if its worker stopped heartbeating.
+    """
+
+    id: int
+    queue: str
+    payload: JSON
+    priority: int
+    status: TaskStatus
+    attempts: int
+    max_attempts: int
+    run_after: datetime
+    lease_token: int | None
+    worker_id: str | None
+    idempotency_key: str | None
+    last_error: str | None
+    created_at: datetime
+    updated_at: datetime
+
+    @property
+    def claim(self) -> Claim:
+        if self.lease_token is None:
+            raise LeaseLost(f"task {self.id} is not claimed")
+        return Claim(self.id, self.lease_token)
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> Task:
+        return cls(
+            row["id"],
+            row["queue"],
+            row["payload"],
+            row["priority"],
+            TaskStatus(row["status"]),
+            row["attempts"],
+            row["max_attempts"],
+            row["run_after"],
+            row["lease_token"],
+            row["worker_id"],
+            row["idempotency_key"],
+            row["last_error"],
+            row["created_at"],
+            row["updated_at"],
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class NewOutboxMessage:
+    """A message for a channel (e.g. a chat platform) and an account within it."""
+
+    channel: str
+    account: str
+    payload: JSON
+    max_attempts: int = 5
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxMessage:
+    """An outbox row; while ``sending``, ``run_after`` is the claim's lease expiry."""
+
+    id: int
+    channel: str
+    account: str
+    payload: JSON
+    status: OutboxStatus
+    attempts: int
+    max_attempts: int
+    run_after: datetime
+    lease_token: int | None
+    last_error: str | None
+    created_at: datetime
+
+    @property
+    def claim(self) -> Claim:
+        if self.lease_token is None:
+            raise LeaseLost(f"outbox message {self.id} is not claimed")
+        return Claim(self.id, self.lease_token)
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> OutboxMessage:
+        return cls(
+            row["id"],
+            row["channel"],
+            row["account"],
+            row["payload"],
+            OutboxStatus(row["status"]),
+            row["attempts"],
+            row["max_attempts"],
+            row["run_after"],
+            row["lease_token"],
+            row["last_error"],
+            row["created_at"],
+        )
+
+
+class Claim(NamedTuple):
+    """Identifies one claimed row (task or outbox message) under one lease."""
+
+    id: int
+    token: int
+
+
+class Failure(NamedTuple):
+    """A failed attempt: retry at ``retry_at`` (None: at once) unless attempts ran out."""
+
+    id: int
+    token: int
+    error: str
+    retry_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CancelState:
+    session_id: str
+    reason: str
+    requested_at: datetime
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> CancelState:
+        return cls(row["session_id"], row["reason"], row["requested_at"])
+
+
+@dataclass(frozen=True, slots=True)
+class Notification:
+    """A notification on ``channel``. ``gap=True`` means some may have been missed.
+
+    A gap is reported after the listener reconnected or a subscriber's buffer overflowed;
+    the subscriber should catch up by reading the state it cares about from storage.
+    """
+
+    channel: str
+    payload: str
+    gap: bool = False
+
+
+class NotificationStream(abc.ABC):
+    """What ``listen()`` yields: an async iterator of notifications for its channels."""
+
+    @abc.abstractmethod
+    def __aiter__(self) -> AsyncIterator[Notification]: ...
+
+    @abc.abstractmethod
+    async def receive(self) -> Notification:
+        """Wait for the next notification. Cancelling the wait loses nothing."""
+
+
+@dataclass(frozen=True, slots=True)
+class StorageStatistics:
+    """A snapshot of a backend's counters (statements by query name, notifications)."""
+
+    dialect: str
+    statements: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+    notifications_received: int = 0
+    notifications_dropped: int = 0
+    listener_reconnects: int = 0
+
+    @property
+    def total_statements(self) -> int:
+        return sum(self.statements.values())
+
+
+# ---------------------------------------------------------------- the contract
+
+
+class AsyncStorageBackend(abc.ABC):
+    """The native-async storage contract for the hot paths of an agent backend.
+
+    Open one with ``storage.open_storage(settings_or_url)`` (an async context manager).
+    Every method validates its input first and raises ``InvalidInput`` before writing
+    anything; multi-row writes are all or nothing. Driver exceptions are mapped to
+    ``storage.errors``. Unless a method says otherwise, cancelling a call leaves the
+    database as if the call either completed or never started; the retry-safe methods
+    (``append_stream_events``, enqueue with an idempotency key) can simply be repeated.
+    """
+
+    dialect: str = "abstract"
+
+    def __init__(self) -> None:
+        self._statements: collections.Counter[str] = collections.Counter()
+        self._closed = False
+
+    def _map_error(self, exc: Exception) -> StorageError | None:
+        """The driver's one place that maps its exceptions; None leaves ``exc`` as it is."""
+        return None
+
+    def _count(self, name: str, n: int = 1) -> None:
+        self._statements[name] += n
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    # -- lifecycle -------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def aclose(self) -> None:
+        """Close listeners and connections. Idempotent; completes even if cancelled."""
+
+    @abc.abstractmethod
+    async def migrate(self) -> list[int]:
+        """Apply pending migrations; return the versions applied (empty if up to date).
+
+        Safe to run from two processes at once (advisory lock on Postgres, an IMMEDIATE
+        transaction on SQLite). Each migration is applied in its own transaction.
+        """
+
+    @abc.abstractmethod
+    async def schema_version(self) -> int:
+        """The highest applied migration version, 0 for an empty database."""
+
+    @abc.abstractmethod
+    async def ping(self) -> None:
+        """Round-trip to the database; raises ``StorageUnavailable`` if it does not answer."""
+
+    def statistics(self) -> StorageStatistics:
+        """Counters of this handle: statements issued by query name, listener activity."""
+        return StorageStatistics(self.dialect, MappingProxyType(dict(self._statements)))
+
+    # -- chat ------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def append_messages(
+        self,
+        session_id: str,
+        messages: Sequence[NewMessage],
+        *,
+        outbox: Sequence[NewOutboxMessage] = (),
+        lease_token: int | None = None,
+    ) -> list[ChatMessage]:
+        """Append messages to a session and return them with their sequence numbers.
+
+        The session row is upserted in the same transaction as the messages; sequence
+        numbers are per session, start at 1 and are gap-free even with many concurrent
+        appenders. ``outbox`` rows are enqueued in the same transaction. With
+        ``lease_token`` the append succeeds only while that token is the session's current,
+        unexpired lease (fencing); otherwise ``LeaseLost`` and nothing is written.
+        """
+
+    @abc.abstractmethod
+    async def load_messages(
+        self, session_id: str, *, after_seq: int = 0, limit: int = 100
+    ) -> list[ChatMessage]:
+        """Messages with ``seq > after_seq`` in order, at most ``limit``."""
+
+    @abc.abstractmethod
+    async def delete_session(self, session_id: str) -> bool:
+        """Delete a session's messages, stream events, cancel state and lease.
+
+        Returns whether anything existed. Outbox rows and tasks are not touched.
+        """
+
+    # -- stream events ---------------------------------------------------------
+
+    @abc.abstractmethod
+    async def append_stream_events(self, events: Sequence[NewStreamEvent]) -> int:
+        """Persist a batch of events for any number of sessions in one round trip.
+
+        Idempotent on ``(session_id, seq)``: an event already stored is skipped, so a
+        retried batch is safe. Returns the number of events newly stored.
+        """
+
+    @abc.abstractmethod
+    async def load_stream_events(
+        self, session_id: str, *, after_seq: int = 0, limit: int = 1000
+    ) -> list[StreamEvent]:
+        """Events with ``seq > after_seq`` in seq order, at most ``limit``."""
+
+    @abc.abstractmethod
+    async def last_stream_seq(self, session_id: str) -> int:
+        """The highest persisted seq of a session (0 if none): where a new epoch continues."""
+
+    @abc.abstractmethod
+    async def purge_stream_events(self, older_than_s: float) -> int:
+        """Delete events stored more than ``older_than_s`` seconds ago; return the count."""
+
+    # -- session leases --------------------------------------------------------
+
+    @abc.abstractmethod
+    async def acquire_lease(self, session_id: str, holder: str, ttl_s: float) -> Lease | None:
+        """Take the session's lease if it is free or expired; None if someone holds it.
+
+        One statement, with no COUNT(*) and no DELETE. Every successful acquisition gets a
+        fencing token larger than any token issued before it.
+        """
+
+    @abc.abstractmethod
+    async def renew_lease(self, session_id: str, token: int, ttl_s: float) -> Lease:
+        """Extend a lease held with ``token``; ``LeaseLost`` if it is not current any more."""
+
+    @abc.abstractmethod
+    async def release_lease(self, session_id: str, token: int) -> bool:
+        """Release a lease held with ``token``. False if it was not current (nothing done)."""
+
+    @abc.abstractmethod
+    async def get_lease(self, session_id: str) -> Lease | None:
+        """The session's current, unexpired lease, if any."""
+
+    @abc.abstractmethod
+    async def expire_leases(self, older_than_s: float = 0.0) -> int:
+        """Background sweep: delete leases expired for more than ``older_than_s`` seconds."""
+
+    # -- agent tasks -----------------------------------------------------------
+
+    @abc.abstractmethod
+    async def enqueue_tasks(self, tasks: Sequence[NewTask]) -> list[Task]:
+        """Enqueue tasks in one transaction; returns one row per input, in input order.
+
+        An input whose idempotency key matches an unfinished task of the same queue (or an
+        earlier input of the same call) returns that task instead of a new row.
+        """
+
+    @abc.abstractmethod
+    async def claim_tasks(
+        self, queue: str, worker_id: str, *, limit: int, lease_s: float
+    ) -> list[Task]:
+        """Claim up to ``limit`` claimable tasks of ``queue`` in one statement.
+
+        Claimable: queued with ``run_after`` due, or running with an expired lease (its
+        worker died). Order: priority descending, then ``run_after``, then id. Each claim
+        increments ``attempts`` and gets a new lease token; concurrent claimers never get
+        the same row (``FOR UPDATE SKIP LOCKED`` on Postgres, an IMMEDIATE transaction on
+        SQLite). If the call is cancelled after the claim committed, the rows stay leased
+        and are re-claimed after ``lease_s``.
+        """
+
+    @abc.abstractmethod
+    async def heartbeat_tasks(self, claims: Sequence[Claim], lease_s: float) -> list[int]:
+        """Extend the leases of running tasks; returns the ids whose claim was still current."""
+
+    @abc.abstractmethod
+    async def complete_tasks(self, claims: Sequence[Claim]) -> list[int]:
+        """Mark tasks succeeded; returns the ids whose claim was current (others untouched)."""
+
+    @abc.abstractmethod
+    async def fail_tasks(self, failures: Sequence[Failure]) -> dict[int, TaskStatus]:
+        """Record failed attempts under their current claims.
+
+        A task with attempts left goes back to ``queued`` with ``run_after`` = ``retry_at``;
+        otherwise it becomes ``dead`` (kept, with its last error). Returns the new status
+        of every task whose claim was current; stale claims are left out.
+        """
+
+    @abc.abstractmethod
+    async def release_tasks(self, claims: Sequence[Claim]) -> list[int]:
+        """Give claimed tasks back (shutdown): queued, due now, this attempt not counted."""
+
+    @abc.abstractmethod
+    async def get_task(self, task_id: int) -> Task | None:
+        """One task by id."""
+
+    @abc.abstractmethod
+    async def purge_tasks(self, older_than_s: float) -> int:
+        """Delete succeeded tasks finished more than ``older_than_s`` seconds ago."""
+
+    # -- outbox ----------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def enqueue_outbox(self, messages: Sequence[NewOutboxMessage]) -> list[OutboxMessage]:
+        """Enqueue outbox messages in one transaction, in order."""
+
+    @abc.abstractmethod
+    async def claim_outbox(
+        self,
+        worker_id: str,
+        *,
+        limit: int,
+        lease_s: float,
+        channels: Sequence[str] | None = None,
+    ) -> list[OutboxMessage]:
+        """Claim up to ``limit`` due messages (optionally of some channels), in id order.
+
+        A message is not claimed while an earlier message of its (channel, account) group
+        is in flight under a live claim or waiting for a retry, so one claimer sees each
+        group in order.
+        """
+
+    @abc.abstractmethod
+    async def mark_outbox_sent(self, claims: Sequence[Claim]) -> list[int]:
+        """Mark messages sent; returns the ids whose claim was current."""
+
+    @abc.abstractmethod
+    async def fail_outbox(self, failures: Sequence[Failure]) -> dict[int, OutboxStatus]:
+        """Record failed sends: back to pending at ``retry_at``, or dead when attempts ran out."""
+
+    @abc.abstractmethod
+    async def redrive_outbox(self, ids: Sequence[int]) -> list[int]:
+        """Put dead messages back to pending with a fresh attempt budget; returns those moved."""
+
+    @abc.abstractmethod
+    async def get_outbox(self, message_id: int) -> OutboxMessage | None:
+        """One outbox message by id."""
+
+    # -- cancellation ----------------------------------------------------------
+
+    @abc.abstractmethod
+    async def request_cancel(self, session_id: str, reason: str) -> CancelState:
+        """Persist a cancel request (the first request's reason and time are kept)."""
+
+    @abc.abstractmethod
+    async def get_cancel(self, session_id: str) -> CancelState | None:
+        """The session's cancel request, if any."""
+
+    @abc.abstractmethod
+    async def clear_cancel(self, session_id: str) -> bool:
+        """Forget a session's cancel request (a new turn starts); whether one existed."""
+
+    # -- notifications ---------------------------------------------------------
+
+    @abc.abstractmethod
+    async def notify(self, channel: str, payload: str) -> None:
+        """Send a small notification (ids, not data) to every listener of ``channel``."""
+
+    @abc.abstractmethod
+    def listen(self, *channels: str) -> AbstractAsyncContextManager[NotificationStream]:
+        """Subscribe to channels: ``async with storage.listen("a", "b") as stream:``.
+
+        The subscription is registered when the ``async with`` body starts; notifications
+        sent after that are delivered in order. After a connection loss or a buffer
+        overflow a ``Notification(gap=True)`` is delivered so the caller can catch up.
+        """
+
+    # -- single-row conveniences (written once, on top of the batch methods) ---
+
+    async def complete_task(self, claim: Claim) -> None:
+        """Mark one task succeeded; ``LeaseLost`` if the claim is not current."""
+        if not await self.complete_tasks([claim]):
+            raise LeaseLost(f"task {claim.id}: lease token {claim.token} is not current")
+
+    async def fail_task(self, failure: Failure) -> TaskStatus:
+        """Record one failed attempt; ``LeaseLost`` if the claim is not current."""
+        result = await self.fail_tasks([failure])
+        if failure.id not in result:
+            raise LeaseLost(f"task {failure.id}: lease token {failure.token} is not current")
+        return result[failure.id]
+
+    async def enqueue_task(self, task: NewTask) -> Task:
+        """Enqueue one task (see ``enqueue_tasks``)."""
+        return (await self.enqueue_tasks([task]))[0]
+
+
+def operation(
+    method: Callable[Concatenate[_B, _P], Coroutine[Any, Any, _R]],
+) -> Callable[Concatenate[_B, _P], Coroutine[Any, Any, _R]]:
+    """Decorate a driver method: refuse calls after close, map driver errors to the tree."""
+
+    @functools.wraps(method)
+    async def wrapper(self: _B, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        if self._closed:
+            raise StorageClosed(f"{self.dialect} storage is closed")
+        try:
+            return await method(self, *args, **kwargs)
+        except StorageError:
+            raise
+        except Exception as exc:
+            mapped = self._map_error(exc)
+            if mapped is None:
+                raise
+            raise mapped from exc
+
+    return wrapper

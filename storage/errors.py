@@ -1,0 +1,59 @@
+"""The error tree of asyncstore's storage layer.
+
+Driver exceptions (asyncpg, sqlite3) never leave a driver: each driver maps them in one
+place (``map_error`` in the driver module) to this tree and raises ``from`` the original::
+
+    StorageError
+    ├── InvalidInput          bad argument, rejected before anything is written
+    ├── StorageClosed         the backend was used after ``aclose()``
+    ├── StorageUnavailable    the database cannot be reached (connect, network, pool)
+    ├── ConflictError         a uniqueness or integrity rule refused the write
+    ├── LeaseLost             a lease or claim token is no longer the current one (fencing)
+    ├── MigrationError        the schema could not be brought to the expected version
+    └── QueryError            anything else the database refused
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConflictError",
+    "InvalidInput",
+    "LeaseLost",
+    "MigrationError",
+    "QueryError",
+    "StorageClosed",
+    "StorageError",
+    "StorageUnavailable",
+]
+
+
+class StorageError(Exception):
+    """Base class of every error raised by the storage layer."""
+
+
+class InvalidInput(StorageError, ValueError):
+    """An argument is invalid; nothing was written."""
+
+
+class StorageClosed(StorageError):
+    """The backend is closed (or was never opened)."""
+
+
+class StorageUnavailable(StorageError):
+    """The database could not be reached or the connection was lost mid-call."""
+
+
+class ConflictError(StorageError):
+    """A uniqueness or integrity constraint refused the write."""
+
+
+class LeaseLost(StorageError):
+    """The caller's lease or claim token is not the current one; the write was refused."""
+
+
+class MigrationError(StorageError):
+    """The schema could not be migrated."""
+
+
+class QueryError(StorageError):
+    """The database refused a statement for another reason."""

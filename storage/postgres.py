@@ -1,0 +1,606 @@
+"""The Postgres driver (asyncpg): the production backend and the coordination layer.
+
+It owns an asyncpg pool sized from ``StorageSettings``, the named queries of
+``sql/postgres/queries.sql`` (one round trip per contract call, batches through
+``unnest``), and one dedicated LISTEN connection per backend, outside the pool, that
+reconnects with backoff, re-LISTENs and reports the gap to subscribers. asyncpg errors are
+mapped to ``storage.errors`` in ``_map_error`` and nowhere else.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
+
+import anyio
+import asyncpg
+import orjson
+
+from storage import _validate as v
+from storage._notify import NotificationHub, Subscription
+from storage._sql import load_migrations, load_queries
+from storage.base import (
+    AsyncStorageBackend,
+    CancelState,
+    ChatMessage,
+    Claim,
+    Failure,
+    Lease,
+    NewMessage,
+    NewOutboxMessage,
+    NewStreamEvent,
+    NewTask,
+    NotificationStream,
+    OutboxMessage,
+    OutboxStatus,
+    StorageSettings,
+    StorageStatistics,
+    StreamEvent,
+    Task,
+    TaskStatus,
+    operation,
+)
+from storage.errors import (
+    ConflictError,
+    InvalidInput,
+    LeaseLost,
+    MigrationError,
+    QueryError,
+    StorageClosed,
+    StorageError,
+    StorageUnavailable,
+)
+
+Q = load_queries("postgres")
+_MIGRATION_LOCK = 0x6173796E63  # "async": the advisory lock key that serializes migrations
+_PING_EVERY_S = 10.0
+
+
+def _encode_jsonb(data: bytes) -> bytes:
+    # Payloads arrive already encoded by storage._validate; jsonb's binary format is a
+    # version byte followed by the text.
+    return b"\x01" + data
+
+
+def _decode_jsonb(data: bytes) -> Any:
+    return orjson.loads(data[1:])
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    await conn.set_type_codec(
+        "jsonb",
+        encoder=_encode_jsonb,
+        decoder=_decode_jsonb,
+        schema="pg_catalog",
+        format="binary",
+    )
+
+
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Pool reset hook that sends nothing.
+
+    asyncpg's default reset runs ``RESET ALL; UNLISTEN *; ...`` on every release, an extra
+    round trip per call. Pool connections never carry session state here (no SET; LISTEN
+    lives on its own connection; the migration lock is released in a ``finally``), and
+    asyncpg still rolls back any open transaction and drops listeners before this hook.
+    """
+
+
+def _rowcount(status: str) -> int:
+    # asyncpg returns the command tag, e.g. "INSERT 0 12" or "DELETE 3".
+    return int(status.rsplit(" ", 1)[-1])
+
+
+def map_postgres_error(exc: Exception) -> StorageError | None:
+    """Map an asyncpg or network exception to the library's tree, keyed on SQLSTATE."""
+    if isinstance(exc, asyncpg.PostgresError):
+        state = getattr(exc, "sqlstate", "") or ""
+        message = f"postgres {state}: {exc}"
+        if state.startswith("23"):
+            return ConflictError(message)
+        if state.startswith("22"):
+            return InvalidInput(message)
+        if state.startswith(("08", "57P", "53")):
+            return StorageUnavailable(message)
+        return QueryError(message)
+    if isinstance(exc, asyncpg.InterfaceError | OSError | TimeoutError):
+        return StorageUnavailable(f"postgres unreachable: {exc}")
+    return None
+
+
+class PostgresBackend(AsyncStorageBackend):
+    """``AsyncStorageBackend`` on Postgres. Build with ``storage.open_storage``."""
+
+    dialect = "postgres"
+
+    def __init__(self, settings: StorageSettings) -> None:
+        super().__init__()
+        self._settings = settings
+        self._dsn = settings.url.get_secret_value()
+        self._pool: asyncpg.Pool | None = None
+        self._hub = NotificationHub(settings.listener_queue_size)
+        self._listen_conn: asyncpg.Connection | None = None
+        self._listen_lock = anyio.Lock()
+        self._listener_was_up = False
+        self._listener_failures = 0
+        self._last_ping = 0.0
+        self._reconnects = 0
+
+    def _map_error(self, exc: Exception) -> StorageError | None:
+        return map_postgres_error(exc)
+
+    async def open(self) -> None:
+        """Create the pool. Cancelling it closes whatever was opened."""
+        s = self._settings
+        try:
+            self._pool = await asyncpg.create_pool(
+                self._dsn,
+                min_size=min(s.pool_min_size, s.pool_max_size),
+                max_size=s.pool_max_size,
+                statement_cache_size=s.statement_cache_size,
+                command_timeout=s.command_timeout_s,
+                timeout=s.connect_timeout_s,
+                init=_init_connection,
+                reset=_keep_session,
+            )
+        except BaseException as exc:
+            await self.aclose()
+            if isinstance(exc, Exception) and (mapped := map_postgres_error(exc)) is not None:
+                raise mapped from exc
+            raise
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise StorageUnavailable("postgres pool is not open")
+        return self._pool
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._hub.wake_all()
+        # Shielded: connections must be returned and closed even if our caller is cancelled.
+        with anyio.CancelScope(shield=True):
+            if self._listen_conn is not None:
+                await self._listen_conn.close(timeout=5)
+                self._listen_conn = None
+            if self._pool is not None:
+                await self._pool.close()
+
+    def statistics(self) -> StorageStatistics:
+        base = super().statistics()
+        return StorageStatistics(
+            self.dialect,
+            base.statements,
+            notifications_received=self._hub.received,
+            notifications_dropped=self._hub.dropped,
+            listener_reconnects=self._reconnects,
+        )
+
+    async def _fetch(self, name: str, *args: Any) -> list[asyncpg.Record]:
+        self._count(name)
+        return await self.pool.fetch(Q[name], *args)  # type: ignore[no-any-return]
+
+    async def _execute(self, name: str, *args: Any) -> str:
+        self._count(name)
+        return await self.pool.execute(Q[name], *args)  # type: ignore[no-any-return]
+
+    # -- lifecycle -------------------------------------------------------------
+
+    @operation
+    async def migrate(self) -> list[int]:
+        applied: list[int] = []
+        async with self.pool.acquire() as conn:
+            await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
+            try:
+                await conn.execute(
+                    "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                    " version integer PRIMARY KEY, name text NOT NULL,"
+                    " applied_at timestamptz NOT NULL DEFAULT now())"
+                )
+                done = {r[0] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+                for migration in load_migrations(self.dialect):
+                    if migration.version in done:
+                        continue
+                    try:
+                        async with conn.transaction():
+                            await conn.execute(migration.sql)
+                            await conn.execute(
+                                "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                                migration.version,
+                                migration.name,
+                            )
+                    except asyncpg.PostgresError as exc:
+                        raise MigrationError(
+                            f"migration {migration.version:04d}_{migration.name} failed: {exc}"
+                        ) from exc
+                    applied.append(migration.version)
+            finally:
+                # Shielded so the advisory lock is released even if we are being cancelled.
+                with anyio.CancelScope(shield=True):
+                    await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
+            if applied:
+                # New tables and types: cached plans of other pool connections are stale.
+                await self.pool.expire_connections()
+        return applied
+
+    @operation
+    async def schema_version(self) -> int:
+        version = await self.pool.fetchval(
+            "SELECT CASE WHEN to_regclass('schema_migrations') IS NULL THEN 0"
+            " ELSE (SELECT coalesce(max(version), 0) FROM schema_migrations) END"
+        )
+        return int(version)
+
+    @operation
+    async def ping(self) -> None:
+        await self._fetch("ping")
+
+    # -- chat ------------------------------------------------------------------
+
+    @operation
+    async def append_messages(
+        self,
+        session_id: str,
+        messages: Sequence[NewMessage],
+        *,
+        outbox: Sequence[NewOutboxMessage] = (),
+        lease_token: int | None = None,
+    ) -> list[ChatMessage]:
+        rows = v.prepare_messages(session_id, messages)
+        out_rows = v.prepare_outbox(outbox)
+        if lease_token is not None:
+            v.check_int(lease_token, "lease_token", minimum=1)
+        args = (session_id, [r[0] for r in rows], [r[1] for r in rows], lease_token)
+        if out_rows:
+            async with self.pool.acquire() as conn, conn.transaction():
+                self._count("append_messages")
+                result = await conn.fetch(Q["append_messages"], *args)
+                if result:
+                    self._count("enqueue_outbox")
+                    await conn.execute(Q["enqueue_outbox"], *_outbox_columns(out_rows))
+        else:
+            result = await self._fetch("append_messages", *args)
+        if not result:
+            raise LeaseLost(f"session {session_id!r}: lease token {lease_token} is not current")
+        return sorted((ChatMessage.from_row(r) for r in result), key=lambda m: m.seq)
+
+    @operation
+    async def load_messages(
+        self, session_id: str, *, after_seq: int = 0, limit: int = 100
+    ) -> list[ChatMessage]:
+        v.check_id(session_id)
+        v.check_int(after_seq, "after_seq")
+        rows = await self._fetch("load_messages", session_id, after_seq, v.check_limit(limit))
+        return [ChatMessage.from_row(r) for r in rows]
+
+    @operation
+    async def delete_session(self, session_id: str) -> bool:
+        v.check_id(session_id)
+        rows = await self._fetch("delete_session", session_id)
+        return bool(rows[0][0])
+
+    # -- stream events ---------------------------------------------------------
+
+    @operation
+    async def append_stream_events(self, events: Sequence[NewStreamEvent]) -> int:
+        rows = v.prepare_stream_events(events)
+        if not rows:
+            return 0
+        columns = [list(col) for col in zip(*rows, strict=True)]
+        return _rowcount(await self._execute("append_stream_events", *columns))
+
+    @operation
+    async def load_stream_events(
+        self, session_id: str, *, after_seq: int = 0, limit: int = 1000
+    ) -> list[StreamEvent]:
+        v.check_id(session_id)
+        v.check_int(after_seq, "after_seq")
+        rows = await self._fetch("load_stream_events", session_id, after_seq, v.check_limit(limit))
+        return [StreamEvent.from_row(r) for r in rows]
+
+    @operation
+    async def last_stream_seq(self, session_id: str) -> int:
+        v.check_id(session_id)
+        return int((await self._fetch("last_stream_seq", session_id))[0][0])
+
+    @operation
+    async def purge_stream_events(self, older_than_s: float) -> int:
+        age = v.check_seconds(older_than_s, "older_than_s", minimum=0)
+        return _rowcount(await self._execute("purge_stream_events", age))
+
+    # -- session leases --------------------------------------------------------
+
+    @operation
+    async def acquire_lease(self, session_id: str, holder: str, ttl_s: float) -> Lease | None:
+        v.check_id(session_id)
+        v.check_id(holder, "holder")
+        rows = await self._fetch(
+            "acquire_lease", session_id, holder, v.check_seconds(ttl_s, "ttl_s")
+        )
+        return Lease.from_row(rows[0]) if rows else None
+
+    @operation
+    async def renew_lease(self, session_id: str, token: int, ttl_s: float) -> Lease:
+        v.check_id(session_id)
+        v.check_int(token, "token", minimum=1)
+        rows = await self._fetch("renew_lease", session_id, token, v.check_seconds(ttl_s, "ttl_s"))
+        if not rows:
+            raise LeaseLost(f"session {session_id!r}: lease token {token} is not current")
+        return Lease.from_row(rows[0])
+
+    @operation
+    async def release_lease(self, session_id: str, token: int) -> bool:
+        v.check_id(session_id)
+        v.check_int(token, "token", minimum=1)
+        return _rowcount(await self._execute("release_lease", session_id, token)) == 1
+
+    @operation
+    async def get_lease(self, session_id: str) -> Lease | None:
+        v.check_id(session_id)
+        rows = await self._fetch("get_lease", session_id)
+        return Lease.from_row(rows[0]) if rows else None
+
+    @operation
+    async def expire_leases(self, older_than_s: float = 0.0) -> int:
+        age = v.check_seconds(older_than_s, "older_than_s", minimum=0)
+        return _rowcount(await self._execute("expire_leases", age))
+
+    # -- agent tasks -----------------------------------------------------------
+
+    @operation
+    async def enqueue_tasks(self, tasks: Sequence[NewTask]) -> list[Task]:
+        rows = v.prepare_tasks(tasks)
+        if not rows:
+            return []
+        # Same key twice in one call: send it once (ON CONFLICT cannot touch a row twice).
+        first_of_key: dict[tuple[str, str], int] = {}
+        send: list[v.PreparedTask] = []
+        for row in rows:
+            if row[4] is not None:
+                if (row[0], row[4]) in first_of_key:
+                    continue
+                first_of_key[(row[0], row[4])] = len(send)
+            send.append(row)
+        result = await self._fetch("enqueue_tasks", *[list(c) for c in zip(*send, strict=True)])
+        return v.match_enqueued(rows, [Task.from_row(r) for r in result])
+
+    @operation
+    async def claim_tasks(
+        self, queue: str, worker_id: str, *, limit: int, lease_s: float
+    ) -> list[Task]:
+        v.check_id(queue, "queue")
+        v.check_id(worker_id, "worker_id")
+        rows = await self._fetch(
+            "claim_tasks",
+            queue,
+            worker_id,
+            v.check_limit(limit),
+            v.check_seconds(lease_s, "lease_s"),
+        )
+        return [Task.from_row(r) for r in rows]
+
+    @operation
+    async def heartbeat_tasks(self, claims: Sequence[Claim], lease_s: float) -> list[int]:
+        ids, tokens = v.prepare_claims(claims)
+        seconds = v.check_seconds(lease_s, "lease_s")
+        if not ids:
+            return []
+        return [r[0] for r in await self._fetch("heartbeat_tasks", ids, tokens, seconds)]
+
+    @operation
+    async def complete_tasks(self, claims: Sequence[Claim]) -> list[int]:
+        return await self._claimed_update("complete_tasks", claims)
+
+    @operation
+    async def fail_tasks(self, failures: Sequence[Failure]) -> dict[int, TaskStatus]:
+        columns = v.prepare_failures(failures)
+        if not columns[0]:
+            return {}
+        rows = await self._fetch("fail_tasks", *columns)
+        return {r[0]: TaskStatus(r[1]) for r in rows}
+
+    @operation
+    async def release_tasks(self, claims: Sequence[Claim]) -> list[int]:
+        return await self._claimed_update("release_tasks", claims)
+
+    @operation
+    async def get_task(self, task_id: int) -> Task | None:
+        rows = await self._fetch("get_task", v.check_int(task_id, "task_id", minimum=1))
+        return Task.from_row(rows[0]) if rows else None
+
+    @operation
+    async def purge_tasks(self, older_than_s: float) -> int:
+        age = v.check_seconds(older_than_s, "older_than_s", minimum=0)
+        return _rowcount(await self._execute("purge_tasks", age))
+
+    async def _claimed_update(self, name: str, claims: Sequence[Claim]) -> list[int]:
+        ids, tokens = v.prepare_claims(claims)
+        if not ids:
+            return []
+        return sorted(r[0] for r in await self._fetch(name, ids, tokens))
+
+    # -- outbox ----------------------------------------------------------------
+
+    @operation
+    async def enqueue_outbox(self, messages: Sequence[NewOutboxMessage]) -> list[OutboxMessage]:
+        rows = v.prepare_outbox(messages)
+        if not rows:
+            return []
+        result = await self._fetch("enqueue_outbox", *_outbox_columns(rows))
+        return sorted((OutboxMessage.from_row(r) for r in result), key=lambda m: m.id)
+
+    @operation
+    async def claim_outbox(
+        self,
+        worker_id: str,
+        *,
+        limit: int,
+        lease_s: float,
+        channels: Sequence[str] | None = None,
+    ) -> list[OutboxMessage]:
+        v.check_id(worker_id, "worker_id")
+        chans = None if channels is None else [v.check_id(c, "channel") for c in channels]
+        rows = await self._fetch(
+            "claim_outbox",
+            worker_id,
+            v.check_limit(limit),
+            chans,
+            v.check_seconds(lease_s, "lease_s"),
+        )
+        return [OutboxMessage.from_row(r) for r in rows]
+
+    @operation
+    async def mark_outbox_sent(self, claims: Sequence[Claim]) -> list[int]:
+        return await self._claimed_update("mark_outbox_sent", claims)
+
+    @operation
+    async def fail_outbox(self, failures: Sequence[Failure]) -> dict[int, OutboxStatus]:
+        columns = v.prepare_failures(failures)
+        if not columns[0]:
+            return {}
+        rows = await self._fetch("fail_outbox", *columns)
+        return {r[0]: OutboxStatus(r[1]) for r in rows}
+
+    @operation
+    async def redrive_outbox(self, ids: Sequence[int]) -> list[int]:
+        checked = v.unique_ids(ids)
+        if not checked:
+            return []
+        return sorted(r[0] for r in await self._fetch("redrive_outbox", checked))
+
+    @operation
+    async def get_outbox(self, message_id: int) -> OutboxMessage | None:
+        rows = await self._fetch("get_outbox", v.check_int(message_id, "message_id", minimum=1))
+        return OutboxMessage.from_row(rows[0]) if rows else None
+
+    # -- cancellation ----------------------------------------------------------
+
+    @operation
+    async def request_cancel(self, session_id: str, reason: str) -> CancelState:
+        v.check_id(session_id)
+        if not isinstance(reason, str) or "\x00" in reason:
+            raise InvalidInput("reason must be a str without NUL characters")
+        rows = await self._fetch("request_cancel", session_id, reason[:1000])
+        return CancelState.from_row(rows[0])
+
+    @operation
+    async def get_cancel(self, session_id: str) -> CancelState | None:
+        v.check_id(session_id)
+        rows = await self._fetch("get_cancel", session_id)
+        return CancelState.from_row(rows[0]) if rows else None
+
+    @operation
+    async def clear_cancel(self, session_id: str) -> bool:
+        v.check_id(session_id)
+        return _rowcount(await self._execute("clear_cancel", session_id)) > 0
+
+    # -- notifications ---------------------------------------------------------
+
+    @operation
+    async def notify(self, channel: str, payload: str) -> None:
+        await self._fetch("notify", *v.check_notify_payload(channel, payload))
+
+    def listen(self, *channels: str) -> AbstractAsyncContextManager[NotificationStream]:
+        names = [v.check_notify_payload(c, "")[0] for c in channels]
+        if not names:
+            raise InvalidInput("listen() needs at least one channel")
+        return self._listen(names)
+
+    @asynccontextmanager
+    async def _listen(self, channels: list[str]) -> AsyncIterator[Subscription]:
+        if self._closed:
+            raise StorageClosed("postgres storage is closed")
+        sub, new = self._hub.add(channels, on_idle=self._keep_listening)
+        try:
+            await self._ensure_listener(new)
+            yield sub
+        finally:
+            emptied = self._hub.remove(sub)
+            if emptied and not self._closed:
+                # Shielded: UNLISTEN must reach the connection even if the subscriber is cancelled.
+                with anyio.CancelScope(shield=True):
+                    await self._unlisten(emptied)
+
+    def _on_notification(self, _conn: object, _pid: int, channel: str, payload: str) -> None:
+        self._hub.deliver(channel, payload)
+
+    def _on_lost(self, _conn: object) -> None:
+        # Wake every subscriber: the first one reconnects, then all of them get a gap.
+        self._hub.wake_all()
+
+    async def _ensure_listener(self, new_channels: list[str]) -> None:
+        """Connect the LISTEN connection if it is down and LISTEN on ``new_channels``.
+
+        After a reconnect every subscribed channel is LISTENed again and every subscription
+        gets a gap marker, so callers catch up on what they missed while it was down.
+        """
+        async with self._listen_lock:
+            conn = self._listen_conn
+            if conn is not None and not conn.is_closed():
+                for channel in new_channels:
+                    await conn.add_listener(channel, self._on_notification)
+                return
+            self._listen_conn = None
+            conn = await asyncpg.connect(self._dsn, timeout=self._settings.connect_timeout_s)
+            conn.add_termination_listener(self._on_lost)
+            try:
+                for channel in self._hub.channels():
+                    await conn.add_listener(channel, self._on_notification)
+            except BaseException:
+                conn.terminate()
+                raise
+            self._listen_conn = conn
+            self._last_ping = time.monotonic()
+            if self._listener_was_up:
+                self._reconnects += 1
+                self._hub.gap_all()
+            self._listener_was_up = True
+
+    async def _unlisten(self, channels: list[str]) -> None:
+        async with self._listen_lock:
+            conn = self._listen_conn
+            if conn is None or conn.is_closed():
+                return
+            try:
+                for channel in channels:
+                    await conn.remove_listener(channel, self._on_notification)
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+                conn.terminate()
+
+    async def _keep_listening(self) -> None:
+        """Run by a subscriber that waited idle: reconnect if needed, else ping now and then.
+
+        The LISTEN connection needs no task of its own: asyncpg delivers notifications from
+        its protocol callbacks, and the subscribers' own waits drive reconnects and pings.
+        """
+        if self._closed:
+            raise StorageClosed("postgres storage is closed")
+        conn = self._listen_conn
+        try:
+            if conn is None or conn.is_closed():
+                await self._ensure_listener([])
+            elif time.monotonic() - self._last_ping >= _PING_EVERY_S:
+                self._last_ping = time.monotonic()
+                async with self._listen_lock:
+                    await conn.execute("SELECT 1", timeout=self._settings.connect_timeout_s)
+            self._listener_failures = 0
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+            if conn is not None:
+                conn.terminate()
+            self._listener_failures += 1
+            delay = min(0.05 * 2**self._listener_failures, self._settings.listener_reconnect_max_s)
+            await anyio.sleep(delay * (0.5 + random.random()))
+
+    async def terminate_listener_for_tests(self) -> None:
+        """Drop the LISTEN connection abruptly, as a network failure would."""
+        if self._listen_conn is not None:
+            self._listen_conn.terminate()
+
+
+def _outbox_columns(rows: list[tuple[str, str, bytes, int]]) -> list[list[Any]]:
+    return [list(col) for col in zip(*rows, strict=True)]

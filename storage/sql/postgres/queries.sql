@@ -1,0 +1,233 @@
+-- Named queries of the Postgres driver. Values are always bind parameters.
+
+-- name: ping
+SELECT 1;
+
+-- name: append_messages
+-- $1 session, $2 roles, $3 contents, $4 fencing token or NULL. The session upsert takes the
+-- row lock that serializes appenders, so seqs are gap-free; a failed fence inserts nothing.
+WITH s AS (
+    INSERT INTO chat_sessions AS cs (session_id, last_seq)
+    SELECT $1, cardinality($2::text[])
+    WHERE $4::bigint IS NULL OR EXISTS (
+        SELECT 1 FROM session_leases l
+        WHERE l.session_id = $1 AND l.token = $4 AND l.expires_at > now()
+        FOR SHARE
+    )
+    ON CONFLICT (session_id) DO UPDATE
+        SET last_seq = cs.last_seq + cardinality($2::text[]), updated_at = now()
+    RETURNING last_seq
+)
+INSERT INTO chat_messages (session_id, seq, role, content)
+SELECT $1, s.last_seq - cardinality($2::text[]) + m.ord, m.role, m.content
+FROM s, unnest($2::text[], $3::jsonb[]) WITH ORDINALITY AS m(role, content, ord)
+RETURNING session_id, seq, role, content, created_at;
+
+-- name: load_messages
+SELECT session_id, seq, role, content, created_at FROM chat_messages
+WHERE session_id = $1 AND seq > $2 ORDER BY seq LIMIT $3;
+
+-- name: delete_session
+WITH m AS (DELETE FROM chat_messages WHERE session_id = $1 RETURNING 1),
+     s AS (DELETE FROM chat_sessions WHERE session_id = $1 RETURNING 1),
+     e AS (DELETE FROM stream_events WHERE session_id = $1 RETURNING 1),
+     c AS (DELETE FROM cancel_requests WHERE session_id = $1 RETURNING 1),
+     l AS (DELETE FROM session_leases WHERE session_id = $1 RETURNING 1)
+SELECT (SELECT count(*) FROM m) + (SELECT count(*) FROM s) + (SELECT count(*) FROM e)
+     + (SELECT count(*) FROM c) + (SELECT count(*) FROM l);
+
+-- name: append_stream_events
+INSERT INTO stream_events (session_id, seq, epoch, kind, payload)
+SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[], $5::jsonb[])
+ON CONFLICT (session_id, seq) DO NOTHING;
+
+-- name: load_stream_events
+SELECT session_id, epoch, seq, kind, payload, created_at FROM stream_events
+WHERE session_id = $1 AND seq > $2 ORDER BY seq LIMIT $3;
+
+-- name: last_stream_seq
+SELECT coalesce(max(seq), 0) FROM stream_events WHERE session_id = $1;
+
+-- name: purge_stream_events
+DELETE FROM stream_events WHERE created_at < now() - make_interval(secs => $1);
+
+-- name: acquire_lease
+-- One statement: insert, or take over an expired lease; a live lease makes it return nothing.
+INSERT INTO session_leases AS l (session_id, holder, token, expires_at)
+VALUES ($1, $2, nextval('lease_tokens'), now() + make_interval(secs => $3))
+ON CONFLICT (session_id) DO UPDATE
+    SET holder = EXCLUDED.holder, token = EXCLUDED.token, expires_at = EXCLUDED.expires_at
+    WHERE l.expires_at <= now()
+RETURNING session_id, holder, token, expires_at;
+
+-- name: renew_lease
+UPDATE session_leases SET expires_at = now() + make_interval(secs => $3)
+WHERE session_id = $1 AND token = $2 AND expires_at > now()
+RETURNING session_id, holder, token, expires_at;
+
+-- name: release_lease
+UPDATE session_leases SET expires_at = now()
+WHERE session_id = $1 AND token = $2 AND expires_at > now();
+
+-- name: get_lease
+SELECT session_id, holder, token, expires_at FROM session_leases
+WHERE session_id = $1 AND expires_at > now();
+
+-- name: expire_leases
+DELETE FROM session_leases WHERE expires_at < now() - make_interval(secs => $1);
+
+-- name: enqueue_tasks
+-- Rows with an idempotency key that matches an unfinished task return that task (the no-op
+-- update makes RETURNING include it). Identity values follow the ORDER BY, so new rows'
+-- ids are in input order.
+INSERT INTO agent_tasks (queue, payload, priority, run_after, idempotency_key, max_attempts)
+SELECT x.queue, x.payload, x.priority, coalesce(x.run_after, now()), x.idempotency_key,
+       x.max_attempts
+FROM unnest($1::text[], $2::jsonb[], $3::int[], $4::timestamptz[], $5::text[], $6::int[])
+     WITH ORDINALITY AS x(queue, payload, priority, run_after, idempotency_key, max_attempts, ord)
+ORDER BY x.ord
+ON CONFLICT (queue, idempotency_key)
+    WHERE idempotency_key IS NOT NULL AND status IN ('queued', 'running')
+    DO UPDATE SET idempotency_key = EXCLUDED.idempotency_key
+RETURNING *;
+
+-- name: claim_tasks
+-- A running task whose lease expired with no attempts left is dead-lettered, not re-run.
+WITH picked AS (
+    SELECT id FROM agent_tasks
+    WHERE queue = $1 AND status IN ('queued', 'running') AND run_after <= now()
+    ORDER BY priority DESC, run_after, id
+    LIMIT $3
+    FOR UPDATE SKIP LOCKED
+), claimed AS (
+    UPDATE agent_tasks t SET
+        status = CASE WHEN t.status = 'running' AND t.attempts >= t.max_attempts
+                      THEN 'dead' ELSE 'running' END,
+        last_error = CASE WHEN t.status = 'running' AND t.attempts >= t.max_attempts
+                          THEN 'lease expired on the last attempt' ELSE t.last_error END,
+        attempts = CASE WHEN t.status = 'running' AND t.attempts >= t.max_attempts
+                        THEN t.attempts ELSE t.attempts + 1 END,
+        worker_id = $2,
+        lease_token = nextval('claim_tokens'),
+        run_after = now() + make_interval(secs => $4),
+        updated_at = now()
+    FROM picked WHERE t.id = picked.id
+    RETURNING t.*
+)
+SELECT * FROM claimed WHERE status = 'running' ORDER BY priority DESC, id;
+
+-- name: heartbeat_tasks
+UPDATE agent_tasks t SET run_after = now() + make_interval(secs => $3), updated_at = now()
+FROM unnest($1::bigint[], $2::bigint[]) AS c(id, token)
+WHERE t.id = c.id AND t.lease_token = c.token AND t.status = 'running'
+RETURNING t.id;
+
+-- name: complete_tasks
+UPDATE agent_tasks t SET status = 'succeeded', updated_at = now()
+FROM unnest($1::bigint[], $2::bigint[]) AS c(id, token)
+WHERE t.id = c.id AND t.lease_token = c.token AND t.status = 'running'
+RETURNING t.id;
+
+-- name: fail_tasks
+UPDATE agent_tasks t SET
+    status = CASE WHEN t.attempts >= t.max_attempts THEN 'dead' ELSE 'queued' END,
+    run_after = coalesce(f.retry_at, now()),
+    last_error = f.error,
+    updated_at = now()
+FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::timestamptz[])
+     AS f(id, token, error, retry_at)
+WHERE t.id = f.id AND t.lease_token = f.token AND t.status = 'running'
+RETURNING t.id, t.status;
+
+-- name: release_tasks
+UPDATE agent_tasks t SET status = 'queued', run_after = now(),
+    attempts = greatest(t.attempts - 1, 0), updated_at = now()
+FROM unnest($1::bigint[], $2::bigint[]) AS c(id, token)
+WHERE t.id = c.id AND t.lease_token = c.token AND t.status = 'running'
+RETURNING t.id;
+
+-- name: get_task
+SELECT * FROM agent_tasks WHERE id = $1;
+
+-- name: purge_tasks
+DELETE FROM agent_tasks
+WHERE status = 'succeeded' AND updated_at < now() - make_interval(secs => $1);
+
+-- name: enqueue_outbox
+INSERT INTO outbox (channel, account, payload, max_attempts)
+SELECT x.channel, x.account, x.payload, x.max_attempts
+FROM unnest($1::text[], $2::text[], $3::jsonb[], $4::int[])
+     WITH ORDINALITY AS x(channel, account, payload, max_attempts, ord)
+ORDER BY x.ord
+RETURNING *;
+
+-- name: claim_outbox
+-- A message waits while an earlier one of its (channel, account) group is in flight under a
+-- live claim or waiting for its retry, so each group is delivered in order.
+WITH picked AS (
+    SELECT o.id FROM outbox o
+    WHERE o.status IN ('pending', 'sending') AND o.run_after <= now()
+      AND ($3::text[] IS NULL OR o.channel = ANY($3::text[]))
+      AND NOT EXISTS (
+          SELECT 1 FROM outbox p
+          WHERE p.channel = o.channel AND p.account = o.account AND p.id < o.id
+            AND p.status IN ('pending', 'sending') AND p.run_after > now()
+      )
+    ORDER BY o.id
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+), claimed AS (
+    UPDATE outbox o SET
+        status = CASE WHEN o.status = 'sending' AND o.attempts >= o.max_attempts
+                      THEN 'dead' ELSE 'sending' END,
+        last_error = CASE WHEN o.status = 'sending' AND o.attempts >= o.max_attempts
+                          THEN 'lease expired on the last attempt' ELSE o.last_error END,
+        attempts = CASE WHEN o.status = 'sending' AND o.attempts >= o.max_attempts
+                        THEN o.attempts ELSE o.attempts + 1 END,
+        worker_id = $1,
+        lease_token = nextval('claim_tokens'),
+        run_after = now() + make_interval(secs => $4),
+        updated_at = now()
+    FROM picked WHERE o.id = picked.id
+    RETURNING o.*
+)
+SELECT * FROM claimed WHERE status = 'sending' ORDER BY id;
+
+-- name: mark_outbox_sent
+UPDATE outbox o SET status = 'sent', updated_at = now()
+FROM unnest($1::bigint[], $2::bigint[]) AS c(id, token)
+WHERE o.id = c.id AND o.lease_token = c.token AND o.status = 'sending'
+RETURNING o.id;
+
+-- name: fail_outbox
+UPDATE outbox o SET
+    status = CASE WHEN o.attempts >= o.max_attempts THEN 'dead' ELSE 'pending' END,
+    run_after = coalesce(f.retry_at, now()),
+    last_error = f.error,
+    updated_at = now()
+FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::timestamptz[])
+     AS f(id, token, error, retry_at)
+WHERE o.id = f.id AND o.lease_token = f.token AND o.status = 'sending'
+RETURNING o.id, o.status;
+
+-- name: redrive_outbox
+UPDATE outbox SET status = 'pending', attempts = 0, run_after = now(), updated_at = now()
+WHERE id = ANY($1::bigint[]) AND status = 'dead'
+RETURNING id;
+
+-- name: get_outbox
+SELECT * FROM outbox WHERE id = $1;
+
+-- name: request_cancel
+INSERT INTO cancel_requests AS c (session_id, reason) VALUES ($1, $2)
+ON CONFLICT (session_id) DO UPDATE SET session_id = c.session_id
+RETURNING session_id, reason, requested_at;
+
+-- name: get_cancel
+SELECT session_id, reason, requested_at FROM cancel_requests WHERE session_id = $1;
+
+-- name: clear_cancel
+DELETE FROM cancel_requests WHERE session_id = $1;
+
+-- name: notify
+SELECT pg_notify($1, $2);

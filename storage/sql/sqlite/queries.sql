@@ -1,0 +1,233 @@
+-- Named queries of the SQLite driver. Values are always bind parameters. Every write runs
+-- in a BEGIN IMMEDIATE transaction, so two processes on one file stay correct. Names that
+-- start with an underscore are private helpers of this dialect.
+
+-- name: ping
+SELECT 1;
+
+-- name: _next_token
+UPDATE counters SET value = value + 1 WHERE name = :name RETURNING value;
+
+-- name: _fence
+SELECT 1 FROM session_leases WHERE session_id = :session_id AND token = :token AND expires_at > :now;
+
+-- name: append_messages
+INSERT INTO chat_sessions (session_id, last_seq, created_at, updated_at)
+VALUES (:session_id, :n, :now, :now)
+ON CONFLICT (session_id) DO UPDATE
+    SET last_seq = chat_sessions.last_seq + excluded.last_seq, updated_at = excluded.updated_at
+RETURNING last_seq;
+
+-- name: _insert_message
+INSERT INTO chat_messages (session_id, seq, role, content, created_at)
+VALUES (?, ?, ?, ?, ?);
+
+-- name: load_messages
+SELECT session_id, seq, role, content, created_at FROM chat_messages
+WHERE session_id = :session_id AND seq > :after ORDER BY seq LIMIT :limit;
+
+-- name: delete_session
+DELETE FROM chat_messages WHERE session_id = :session_id;
+
+-- name: _delete_chat_session
+DELETE FROM chat_sessions WHERE session_id = :session_id;
+
+-- name: _delete_stream_events
+DELETE FROM stream_events WHERE session_id = :session_id;
+
+-- name: _delete_cancel
+DELETE FROM cancel_requests WHERE session_id = :session_id;
+
+-- name: _delete_lease
+DELETE FROM session_leases WHERE session_id = :session_id;
+
+-- name: append_stream_events
+INSERT OR IGNORE INTO stream_events (session_id, seq, epoch, kind, payload, created_at)
+VALUES (?, ?, ?, ?, ?, ?);
+
+-- name: load_stream_events
+SELECT session_id, epoch, seq, kind, payload, created_at FROM stream_events
+WHERE session_id = :session_id AND seq > :after ORDER BY seq LIMIT :limit;
+
+-- name: last_stream_seq
+SELECT coalesce(max(seq), 0) FROM stream_events WHERE session_id = :session_id;
+
+-- name: purge_stream_events
+DELETE FROM stream_events WHERE created_at < :cutoff;
+
+-- name: acquire_lease
+INSERT INTO session_leases (session_id, holder, token, expires_at)
+VALUES (:session_id, :holder, :token, :expires_at)
+ON CONFLICT (session_id) DO UPDATE
+    SET holder = excluded.holder, token = excluded.token, expires_at = excluded.expires_at
+    WHERE session_leases.expires_at <= :now
+RETURNING session_id, holder, token, expires_at;
+
+-- name: renew_lease
+UPDATE session_leases SET expires_at = :expires_at
+WHERE session_id = :session_id AND token = :token AND expires_at > :now
+RETURNING session_id, holder, token, expires_at;
+
+-- name: release_lease
+UPDATE session_leases SET expires_at = :now
+WHERE session_id = :session_id AND token = :token AND expires_at > :now;
+
+-- name: get_lease
+SELECT session_id, holder, token, expires_at FROM session_leases
+WHERE session_id = :session_id AND expires_at > :now;
+
+-- name: expire_leases
+DELETE FROM session_leases WHERE expires_at < :cutoff;
+
+-- name: _existing_keyed_tasks
+SELECT * FROM agent_tasks
+WHERE idempotency_key IS NOT NULL AND status IN ('queued', 'running')
+  AND (queue, idempotency_key) IN (SELECT value ->> 0, value ->> 1 FROM json_each(:keys));
+
+-- name: _max_task_id
+SELECT coalesce(max(id), 0) FROM agent_tasks;
+
+-- name: enqueue_tasks
+INSERT INTO agent_tasks (queue, payload, priority, run_after, idempotency_key, max_attempts,
+                         created_at, updated_at)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?);
+
+-- name: _tasks_after
+SELECT * FROM agent_tasks WHERE id > :after ORDER BY id;
+
+-- name: claim_tasks
+-- A running task whose lease expired with no attempts left is dead-lettered, not re-run.
+UPDATE agent_tasks SET
+    status = CASE WHEN status = 'running' AND attempts >= max_attempts
+                  THEN 'dead' ELSE 'running' END,
+    last_error = CASE WHEN status = 'running' AND attempts >= max_attempts
+                      THEN 'lease expired on the last attempt' ELSE last_error END,
+    attempts = CASE WHEN status = 'running' AND attempts >= max_attempts
+                    THEN attempts ELSE attempts + 1 END,
+    worker_id = :worker_id,
+    lease_token = :token,
+    run_after = :lease_until,
+    updated_at = :now
+WHERE id IN (
+    SELECT id FROM agent_tasks
+    WHERE queue = :queue AND status IN ('queued', 'running') AND run_after <= :now
+    ORDER BY priority DESC, run_after, id
+    LIMIT :limit
+)
+RETURNING *;
+
+-- name: heartbeat_tasks
+UPDATE agent_tasks SET run_after = :lease_until, updated_at = :now
+WHERE status = 'running'
+  AND (id, lease_token) IN (SELECT value ->> 0, value ->> 1 FROM json_each(:claims))
+RETURNING id;
+
+-- name: complete_tasks
+UPDATE agent_tasks SET status = 'succeeded', updated_at = :now
+WHERE status = 'running'
+  AND (id, lease_token) IN (SELECT value ->> 0, value ->> 1 FROM json_each(:claims))
+RETURNING id;
+
+-- name: fail_tasks
+UPDATE agent_tasks AS t SET
+    status = CASE WHEN t.attempts >= t.max_attempts THEN 'dead' ELSE 'queued' END,
+    run_after = coalesce(f.retry_at, :now),
+    last_error = f.error,
+    updated_at = :now
+FROM (SELECT value ->> 0 AS fid, value ->> 1 AS ftoken, value ->> 2 AS error,
+             value ->> 3 AS retry_at
+      FROM json_each(:failures)) AS f
+WHERE t.id = f.fid AND t.lease_token = f.ftoken AND t.status = 'running'
+RETURNING id, status;
+
+-- name: release_tasks
+UPDATE agent_tasks SET status = 'queued', run_after = :now,
+    attempts = max(attempts - 1, 0), updated_at = :now
+WHERE status = 'running'
+  AND (id, lease_token) IN (SELECT value ->> 0, value ->> 1 FROM json_each(:claims))
+RETURNING id;
+
+-- name: get_task
+SELECT * FROM agent_tasks WHERE id = :id;
+
+-- name: purge_tasks
+DELETE FROM agent_tasks WHERE status = 'succeeded' AND updated_at < :cutoff;
+
+-- name: _max_outbox_id
+SELECT coalesce(max(id), 0) FROM outbox;
+
+-- name: enqueue_outbox
+INSERT INTO outbox (channel, account, payload, max_attempts, run_after, created_at, updated_at)
+VALUES (?, ?, ?, ?, ?, ?, ?);
+
+-- name: _outbox_after
+SELECT * FROM outbox WHERE id > :after ORDER BY id;
+
+-- name: claim_outbox
+-- A message waits while an earlier one of its (channel, account) group is in flight under a
+-- live claim or waiting for its retry, so each group is delivered in order.
+UPDATE outbox SET
+    status = CASE WHEN status = 'sending' AND attempts >= max_attempts
+                  THEN 'dead' ELSE 'sending' END,
+    last_error = CASE WHEN status = 'sending' AND attempts >= max_attempts
+                      THEN 'lease expired on the last attempt' ELSE last_error END,
+    attempts = CASE WHEN status = 'sending' AND attempts >= max_attempts
+                    THEN attempts ELSE attempts + 1 END,
+    worker_id = :worker_id,
+    lease_token = :token,
+    run_after = :lease_until,
+    updated_at = :now
+WHERE id IN (
+    SELECT o.id FROM outbox o
+    WHERE o.status IN ('pending', 'sending') AND o.run_after <= :now
+      AND (:channels IS NULL OR o.channel IN (SELECT value FROM json_each(:channels)))
+      AND NOT EXISTS (
+          SELECT 1 FROM outbox p
+          WHERE p.channel = o.channel AND p.account = o.account AND p.id < o.id
+            AND p.status IN ('pending', 'sending') AND p.run_after > :now
+      )
+    ORDER BY o.id
+    LIMIT :limit
+)
+RETURNING *;
+
+-- name: mark_outbox_sent
+UPDATE outbox SET status = 'sent', updated_at = :now
+WHERE status = 'sending'
+  AND (id, lease_token) IN (SELECT value ->> 0, value ->> 1 FROM json_each(:claims))
+RETURNING id;
+
+-- name: fail_outbox
+UPDATE outbox AS o SET
+    status = CASE WHEN o.attempts >= o.max_attempts THEN 'dead' ELSE 'pending' END,
+    run_after = coalesce(f.retry_at, :now),
+    last_error = f.error,
+    updated_at = :now
+FROM (SELECT value ->> 0 AS fid, value ->> 1 AS ftoken, value ->> 2 AS error,
+             value ->> 3 AS retry_at
+      FROM json_each(:failures)) AS f
+WHERE o.id = f.fid AND o.lease_token = f.ftoken AND o.status = 'sending'
+RETURNING id, status;
+
+-- name: redrive_outbox
+UPDATE outbox SET status = 'pending', attempts = 0, run_after = :now, updated_at = :now
+WHERE status = 'dead' AND id IN (SELECT value FROM json_each(:ids))
+RETURNING id;
+
+-- name: get_outbox
+SELECT * FROM outbox WHERE id = :id;
+
+-- name: request_cancel
+INSERT INTO cancel_requests (session_id, reason, requested_at)
+VALUES (:session_id, :reason, :now)
+ON CONFLICT (session_id) DO UPDATE SET session_id = cancel_requests.session_id
+RETURNING session_id, reason, requested_at;
+
+-- name: get_cancel
+SELECT session_id, reason, requested_at FROM cancel_requests WHERE session_id = :session_id;
+
+-- name: clear_cancel
+DELETE FROM cancel_requests WHERE session_id = :session_id;
+
+-- name: notify
+SELECT 1;

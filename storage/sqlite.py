@@ -1,0 +1,672 @@
+"""The SQLite driver (aiosqlite): the embedded default for one process.
+
+The database runs in WAL mode with a busy timeout. One writer connection serializes every
+write behind an in-process lock and a ``BEGIN IMMEDIATE`` transaction (so two processes on
+one file also stay correct); reads go to a small set of separate reader connections.
+Notifications are delivered in process to every backend open on the same file. sqlite3
+errors are mapped to ``storage.errors`` in ``map_sqlite_error`` and nowhere else.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import anyio
+import orjson
+
+from storage import _validate as v
+from storage._notify import NotificationHub
+from storage._sql import load_migrations, load_queries
+from storage.base import (
+    AsyncStorageBackend,
+    CancelState,
+    ChatMessage,
+    Claim,
+    Failure,
+    Lease,
+    NewMessage,
+    NewOutboxMessage,
+    NewStreamEvent,
+    NewTask,
+    NotificationStream,
+    OutboxMessage,
+    OutboxStatus,
+    StorageSettings,
+    StorageStatistics,
+    StreamEvent,
+    Task,
+    TaskStatus,
+    operation,
+)
+from storage.errors import (
+    ConflictError,
+    InvalidInput,
+    LeaseLost,
+    MigrationError,
+    QueryError,
+    StorageError,
+    StorageUnavailable,
+)
+
+Q = load_queries("sqlite")
+_TIME_COLUMNS = frozenset({"created_at", "updated_at", "run_after", "expires_at", "requested_at"})
+_JSON_COLUMNS = frozenset({"payload", "content"})
+
+# Backends open on the same database file, by resolved path: in-process NOTIFY fan-out.
+_HUBS: dict[str, set[NotificationHub]] = {}
+
+
+def _row_factory(cursor: sqlite3.Cursor, row: tuple[Any, ...]) -> dict[str, Any]:
+    # Runs in aiosqlite's thread, so JSON decoding and time conversion stay off the loop.
+    out: dict[str, Any] = {}
+    for (name, *_), value in zip(cursor.description, row, strict=True):
+        if value is not None and name in _TIME_COLUMNS:
+            value = datetime.fromtimestamp(value, UTC)
+        elif name in _JSON_COLUMNS:
+            value = orjson.loads(value)
+        out[name] = value
+    return out
+
+
+def _ts(when: datetime | None) -> float | None:
+    return None if when is None else when.timestamp()
+
+
+def map_sqlite_error(exc: Exception) -> StorageError | None:
+    """Map a sqlite3 exception to the library's tree."""
+    if isinstance(exc, sqlite3.IntegrityError):
+        return ConflictError(f"sqlite: {exc}")
+    if isinstance(exc, sqlite3.OperationalError):
+        text = str(exc).lower()
+        if "locked" in text or "busy" in text or "unable to open" in text or "disk i/o" in text:
+            return StorageUnavailable(f"sqlite: {exc}")
+        return QueryError(f"sqlite: {exc}")
+    if isinstance(exc, sqlite3.Error | ValueError) and "closed" in str(exc).lower():
+        return StorageUnavailable(f"sqlite: {exc}")
+    if isinstance(exc, sqlite3.Error):
+        return QueryError(f"sqlite: {exc}")
+    return None
+
+
+class SqliteBackend(AsyncStorageBackend):
+    """``AsyncStorageBackend`` on one SQLite file. Build with ``storage.open_storage``."""
+
+    dialect = "sqlite"
+
+    def __init__(self, settings: StorageSettings) -> None:
+        super().__init__()
+        self._settings = settings
+        url = settings.url.get_secret_value()
+        path = url.removeprefix("sqlite://").removeprefix("/") if url != "sqlite://" else ""
+        self._memory = path in ("", ":memory:")
+        self._path = ":memory:" if self._memory else path
+        self._writer: aiosqlite.Connection | None = None
+        self._readers: list[aiosqlite.Connection] = []
+        self._free_readers: list[aiosqlite.Connection] = []
+        self._reader_available = anyio.Condition()
+        self._write_lock = anyio.Lock()
+        self._hub = NotificationHub(settings.listener_queue_size)
+        self._hub_key = f"memory:{id(self)}" if self._memory else str(Path(path).resolve())
+
+    def _map_error(self, exc: Exception) -> StorageError | None:
+        return map_sqlite_error(exc)
+
+    async def _connect(self) -> aiosqlite.Connection:
+        conn = await aiosqlite.connect(
+            self._path, isolation_level=None, timeout=self._settings.sqlite_busy_timeout_s
+        )
+        conn.row_factory = _row_factory  # type: ignore[assignment]
+        busy_ms = int(self._settings.sqlite_busy_timeout_s * 1000)
+        await conn.execute(f"PRAGMA busy_timeout = {busy_ms}")
+        await conn.execute("PRAGMA journal_mode = WAL")
+        await conn.execute(f"PRAGMA synchronous = {self._settings.sqlite_synchronous}")
+        await conn.execute("PRAGMA foreign_keys = ON")
+        return conn
+
+    async def open(self) -> None:
+        """Open the writer and the readers. Cancelling it closes whatever was opened."""
+        try:
+            if not self._memory:
+                Path(self._path).parent.mkdir(parents=True, exist_ok=True)
+            self._writer = await self._connect()
+            # An in-memory database exists only on its one connection: it reads there too.
+            for _ in range(0 if self._memory else self._settings.sqlite_readers):
+                self._readers.append(await self._connect())
+        except BaseException as exc:
+            await self.aclose()
+            if isinstance(exc, Exception) and (mapped := map_sqlite_error(exc)) is not None:
+                raise mapped from exc
+            raise
+        self._free_readers = list(self._readers)
+        _HUBS.setdefault(self._hub_key, set()).add(self._hub)
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        hubs = _HUBS.get(self._hub_key)
+        if hubs is not None:
+            hubs.discard(self._hub)
+            if not hubs:
+                del _HUBS[self._hub_key]
+        # Shielded: the connection threads must be stopped even if our caller is cancelled.
+        with anyio.CancelScope(shield=True):
+            async with self._write_lock:
+                for conn in [*self._readers, self._writer]:
+                    if conn is not None:
+                        await conn.close()
+        self._readers.clear()
+        self._writer = None
+
+    def statistics(self) -> StorageStatistics:
+        base = super().statistics()
+        return StorageStatistics(
+            self.dialect,
+            base.statements,
+            notifications_received=self._hub.received,
+            notifications_dropped=self._hub.dropped,
+        )
+
+    # -- connection plumbing ---------------------------------------------------
+
+    @property
+    def _conn(self) -> aiosqlite.Connection:
+        if self._writer is None:
+            raise StorageUnavailable("sqlite storage is not open")
+        return self._writer
+
+    @asynccontextmanager
+    async def _reader(self) -> AsyncIterator[aiosqlite.Connection]:
+        if self._memory:
+            async with self._write_lock:
+                yield self._conn
+            return
+        async with self._reader_available:
+            while not self._free_readers:
+                await self._reader_available.wait()
+            conn = self._free_readers.pop()
+        try:
+            yield conn
+        finally:
+            self._free_readers.append(conn)
+            async with self._reader_available:
+                self._reader_available.notify()
+
+    async def _read(self, name: str, params: Mapping[str, Any]) -> list[dict[str, Any]]:
+        self._count(name)
+        async with self._reader() as conn:
+            return list(await conn.execute_fetchall(Q[name], params))  # type: ignore[arg-type]
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[_Tx]:
+        """One ``BEGIN IMMEDIATE`` write transaction on the writer connection.
+
+        The whole transaction is shielded from cancellation: aiosqlite runs each statement
+        in a thread that a cancelled await cannot stop, so abandoning it half-way would
+        leave the writer inside an open transaction. A cancelled caller's write therefore
+        completes (or rolls back on error) and the cancellation takes effect right after.
+        """
+        async with self._write_lock:
+            with anyio.CancelScope(shield=True):
+                conn = self._conn
+                await conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield _Tx(self, conn)
+                except BaseException:
+                    await conn.execute("ROLLBACK")
+                    raise
+                await conn.execute("COMMIT")
+
+    async def _write(self, name: str, params: Mapping[str, Any]) -> list[dict[str, Any]]:
+        async with self._transaction() as tx:
+            return await tx.fetch(name, params)
+
+    async def _write_count(self, name: str, params: Mapping[str, Any]) -> int:
+        async with self._transaction() as tx:
+            return await tx.execute(name, params)
+
+    # -- lifecycle -------------------------------------------------------------
+
+    @operation
+    async def migrate(self) -> list[int]:
+        applied: list[int] = []
+        async with self._write_lock:
+            conn = self._conn
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                " version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)"
+            )
+            for migration in load_migrations(self.dialect):
+                # Shielded for the reason given in _transaction.
+                with anyio.CancelScope(shield=True):
+                    await conn.execute("BEGIN IMMEDIATE")
+                    try:
+                        rows = await conn.execute_fetchall(
+                            "SELECT 1 FROM schema_migrations WHERE version = ?",
+                            (migration.version,),
+                        )
+                        if not rows:
+                            for statement in migration.statements():
+                                await conn.execute(statement)
+                            await conn.execute(
+                                "INSERT INTO schema_migrations VALUES (?, ?, ?)",
+                                (migration.version, migration.name, time.time()),
+                            )
+                            applied.append(migration.version)
+                    except sqlite3.Error as exc:
+                        await conn.execute("ROLLBACK")
+                        raise MigrationError(
+                            f"migration {migration.version:04d}_{migration.name} failed: {exc}"
+                        ) from exc
+                    await conn.execute("COMMIT")
+        return applied
+
+    @operation
+    async def schema_version(self) -> int:
+        async with self._reader() as conn:
+            rows = await conn.execute_fetchall(
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'"
+            )
+            if not rows:
+                return 0
+            rows = await conn.execute_fetchall(
+                "SELECT coalesce(max(version), 0) AS v FROM schema_migrations"
+            )
+            return int(next(iter(rows))["v"])
+
+    @operation
+    async def ping(self) -> None:
+        await self._read("ping", {})
+
+    # -- chat ------------------------------------------------------------------
+
+    @operation
+    async def append_messages(
+        self,
+        session_id: str,
+        messages: Sequence[NewMessage],
+        *,
+        outbox: Sequence[NewOutboxMessage] = (),
+        lease_token: int | None = None,
+    ) -> list[ChatMessage]:
+        rows = v.prepare_messages(session_id, messages)
+        out_rows = v.prepare_outbox(outbox)
+        if lease_token is not None:
+            v.check_int(lease_token, "lease_token", minimum=1)
+        async with self._transaction() as tx:
+            now = time.time()
+            if lease_token is not None:
+                fence = {"session_id": session_id, "token": lease_token, "now": now}
+                if not await tx.fetch("_fence", fence):
+                    raise LeaseLost(
+                        f"session {session_id!r}: lease token {lease_token} is not current"
+                    )
+            params = {"session_id": session_id, "n": len(rows), "now": now}
+            last = (await tx.fetch("append_messages", params))[0]["last_seq"]
+            first = last - len(rows) + 1
+            values = [
+                (session_id, first + i, role, content.decode(), now)
+                for i, (role, content) in enumerate(rows)
+            ]
+            await tx.execute_many("_insert_message", values)
+            if out_rows:
+                await self._insert_outbox(tx, out_rows, now)
+        created = datetime.fromtimestamp(now, UTC)
+        return [
+            ChatMessage(session_id, first + i, m.role, m.content, created)
+            for i, m in enumerate(messages)
+        ]
+
+    @operation
+    async def load_messages(
+        self, session_id: str, *, after_seq: int = 0, limit: int = 100
+    ) -> list[ChatMessage]:
+        params = {
+            "session_id": v.check_id(session_id),
+            "after": v.check_int(after_seq, "after_seq"),
+            "limit": v.check_limit(limit),
+        }
+        return [ChatMessage.from_row(r) for r in await self._read("load_messages", params)]
+
+    @operation
+    async def delete_session(self, session_id: str) -> bool:
+        params = {"session_id": v.check_id(session_id)}
+        removed = 0
+        async with self._transaction() as tx:
+            for name in (
+                "delete_session",
+                "_delete_chat_session",
+                "_delete_stream_events",
+                "_delete_cancel",
+                "_delete_lease",
+            ):
+                removed += await tx.execute(name, params)
+        return removed > 0
+
+    # -- stream events ---------------------------------------------------------
+
+    @operation
+    async def append_stream_events(self, events: Sequence[NewStreamEvent]) -> int:
+        rows = v.prepare_stream_events(events)
+        if not rows:
+            return 0
+        now = time.time()
+        values = [
+            (sid, seq, epoch, kind, data.decode(), now) for sid, seq, epoch, kind, data in rows
+        ]
+        async with self._transaction() as tx:
+            return await tx.execute_many("append_stream_events", values)
+
+    @operation
+    async def load_stream_events(
+        self, session_id: str, *, after_seq: int = 0, limit: int = 1000
+    ) -> list[StreamEvent]:
+        params = {
+            "session_id": v.check_id(session_id),
+            "after": v.check_int(after_seq, "after_seq"),
+            "limit": v.check_limit(limit),
+        }
+        return [StreamEvent.from_row(r) for r in await self._read("load_stream_events", params)]
+
+    @operation
+    async def last_stream_seq(self, session_id: str) -> int:
+        rows = await self._read("last_stream_seq", {"session_id": v.check_id(session_id)})
+        return int(next(iter(rows[0].values())))
+
+    @operation
+    async def purge_stream_events(self, older_than_s: float) -> int:
+        cutoff = time.time() - v.check_seconds(older_than_s, "older_than_s", minimum=0)
+        return await self._write_count("purge_stream_events", {"cutoff": cutoff})
+
+    # -- session leases --------------------------------------------------------
+
+    @operation
+    async def acquire_lease(self, session_id: str, holder: str, ttl_s: float) -> Lease | None:
+        v.check_id(session_id)
+        v.check_id(holder, "holder")
+        ttl = v.check_seconds(ttl_s, "ttl_s")
+        async with self._transaction() as tx:
+            now = time.time()
+            token = await tx.next_token("lease_tokens")
+            rows = await tx.fetch(
+                "acquire_lease",
+                {
+                    "session_id": session_id,
+                    "holder": holder,
+                    "token": token,
+                    "expires_at": now + ttl,
+                    "now": now,
+                },
+            )
+        return Lease.from_row(rows[0]) if rows else None
+
+    @operation
+    async def renew_lease(self, session_id: str, token: int, ttl_s: float) -> Lease:
+        v.check_id(session_id)
+        v.check_int(token, "token", minimum=1)
+        ttl = v.check_seconds(ttl_s, "ttl_s")
+        now = time.time()
+        rows = await self._write(
+            "renew_lease",
+            {
+                "session_id": session_id,
+                "token": token,
+                "expires_at": now + ttl,
+                "now": now,
+            },
+        )
+        if not rows:
+            raise LeaseLost(f"session {session_id!r}: lease token {token} is not current")
+        return Lease.from_row(rows[0])
+
+    @operation
+    async def release_lease(self, session_id: str, token: int) -> bool:
+        v.check_id(session_id)
+        v.check_int(token, "token", minimum=1)
+        params = {"session_id": session_id, "token": token, "now": time.time()}
+        return await self._write_count("release_lease", params) == 1
+
+    @operation
+    async def get_lease(self, session_id: str) -> Lease | None:
+        params = {"session_id": v.check_id(session_id), "now": time.time()}
+        rows = await self._read("get_lease", params)
+        return Lease.from_row(rows[0]) if rows else None
+
+    @operation
+    async def expire_leases(self, older_than_s: float = 0.0) -> int:
+        cutoff = time.time() - v.check_seconds(older_than_s, "older_than_s", minimum=0)
+        return await self._write_count("expire_leases", {"cutoff": cutoff})
+
+    # -- agent tasks -----------------------------------------------------------
+
+    @operation
+    async def enqueue_tasks(self, tasks: Sequence[NewTask]) -> list[Task]:
+        rows = v.prepare_tasks(tasks)
+        if not rows:
+            return []
+        now = time.time()
+        keys = sorted({(r[0], r[4]) for r in rows if r[4] is not None})
+        async with self._transaction() as tx:
+            existing: list[dict[str, Any]] = []
+            if keys:
+                existing = await tx.fetch("_existing_keyed_tasks", {"keys": _json(keys)})
+            taken = {(e["queue"], e["idempotency_key"]) for e in existing}
+            values = []
+            for queue, payload, priority, run_after, key, max_attempts in rows:
+                if key is not None:
+                    if (queue, key) in taken:
+                        continue
+                    taken.add((queue, key))
+                at = now if run_after is None else run_after.timestamp()
+                values.append((queue, payload.decode(), priority, at, key, max_attempts, now, now))
+            before = await tx.scalar("_max_task_id", {})
+            await tx.execute_many("enqueue_tasks", values)
+            new = await tx.fetch("_tasks_after", {"after": before})
+        return v.match_enqueued(rows, [Task.from_row(r) for r in [*existing, *new]])
+
+    @operation
+    async def claim_tasks(
+        self, queue: str, worker_id: str, *, limit: int, lease_s: float
+    ) -> list[Task]:
+        params: dict[str, Any] = {
+            "queue": v.check_id(queue, "queue"),
+            "worker_id": v.check_id(worker_id, "worker_id"),
+            "limit": v.check_limit(limit),
+        }
+        lease = v.check_seconds(lease_s, "lease_s")
+        async with self._transaction() as tx:
+            now = time.time()
+            token = await tx.next_token("claim_tokens")
+            params.update(token=token, now=now, lease_until=now + lease)
+            rows = await tx.fetch("claim_tasks", params)
+        tasks = [Task.from_row(r) for r in rows if r["status"] == "running"]
+        return sorted(tasks, key=lambda t: (-t.priority, t.id))
+
+    @operation
+    async def heartbeat_tasks(self, claims: Sequence[Claim], lease_s: float) -> list[int]:
+        lease = v.check_seconds(lease_s, "lease_s")
+        return await self._claimed_update("heartbeat_tasks", claims, lease_until=lease)
+
+    @operation
+    async def complete_tasks(self, claims: Sequence[Claim]) -> list[int]:
+        return await self._claimed_update("complete_tasks", claims)
+
+    @operation
+    async def fail_tasks(self, failures: Sequence[Failure]) -> dict[int, TaskStatus]:
+        rows = await self._failures("fail_tasks", failures)
+        return {r["id"]: TaskStatus(r["status"]) for r in rows}
+
+    @operation
+    async def release_tasks(self, claims: Sequence[Claim]) -> list[int]:
+        return await self._claimed_update("release_tasks", claims)
+
+    @operation
+    async def get_task(self, task_id: int) -> Task | None:
+        rows = await self._read("get_task", {"id": v.check_int(task_id, "task_id", minimum=1)})
+        return Task.from_row(rows[0]) if rows else None
+
+    @operation
+    async def purge_tasks(self, older_than_s: float) -> int:
+        cutoff = time.time() - v.check_seconds(older_than_s, "older_than_s", minimum=0)
+        return await self._write_count("purge_tasks", {"cutoff": cutoff})
+
+    async def _claimed_update(
+        self, name: str, claims: Sequence[Claim], *, lease_until: float | None = None
+    ) -> list[int]:
+        ids, tokens = v.prepare_claims(claims)
+        if not ids:
+            return []
+        now = time.time()
+        params: dict[str, Any] = {"claims": _json(list(zip(ids, tokens, strict=True))), "now": now}
+        if lease_until is not None:
+            params["lease_until"] = now + lease_until
+        return sorted(r["id"] for r in await self._write(name, params))
+
+    async def _failures(self, name: str, failures: Sequence[Failure]) -> list[dict[str, Any]]:
+        ids, tokens, errors, retry = v.prepare_failures(failures)
+        if not ids:
+            return []
+        items = [list(f) for f in zip(ids, tokens, errors, map(_ts, retry), strict=True)]
+        return await self._write(name, {"failures": _json(items), "now": time.time()})
+
+    # -- outbox ----------------------------------------------------------------
+
+    async def _insert_outbox(
+        self, tx: _Tx, rows: list[tuple[str, str, bytes, int]], now: float
+    ) -> list[dict[str, Any]]:
+        before = await tx.scalar("_max_outbox_id", {})
+        values = [(c, a, p.decode(), m, now, now, now) for c, a, p, m in rows]
+        await tx.execute_many("enqueue_outbox", values)
+        return await tx.fetch("_outbox_after", {"after": before})
+
+    @operation
+    async def enqueue_outbox(self, messages: Sequence[NewOutboxMessage]) -> list[OutboxMessage]:
+        rows = v.prepare_outbox(messages)
+        if not rows:
+            return []
+        async with self._transaction() as tx:
+            new = await self._insert_outbox(tx, rows, time.time())
+        return [OutboxMessage.from_row(r) for r in new]
+
+    @operation
+    async def claim_outbox(
+        self,
+        worker_id: str,
+        *,
+        limit: int,
+        lease_s: float,
+        channels: Sequence[str] | None = None,
+    ) -> list[OutboxMessage]:
+        chans = None if channels is None else [v.check_id(c, "channel") for c in channels]
+        params: dict[str, Any] = {
+            "worker_id": v.check_id(worker_id, "worker_id"),
+            "limit": v.check_limit(limit),
+            "channels": None if chans is None else _json(chans),
+        }
+        lease = v.check_seconds(lease_s, "lease_s")
+        async with self._transaction() as tx:
+            now = time.time()
+            token = await tx.next_token("claim_tokens")
+            params.update(token=token, now=now, lease_until=now + lease)
+            rows = await tx.fetch("claim_outbox", params)
+        msgs = [OutboxMessage.from_row(r) for r in rows if r["status"] == "sending"]
+        return sorted(msgs, key=lambda m: m.id)
+
+    @operation
+    async def mark_outbox_sent(self, claims: Sequence[Claim]) -> list[int]:
+        return await self._claimed_update("mark_outbox_sent", claims)
+
+    @operation
+    async def fail_outbox(self, failures: Sequence[Failure]) -> dict[int, OutboxStatus]:
+        rows = await self._failures("fail_outbox", failures)
+        return {r["id"]: OutboxStatus(r["status"]) for r in rows}
+
+    @operation
+    async def redrive_outbox(self, ids: Sequence[int]) -> list[int]:
+        checked = v.unique_ids(ids)
+        if not checked:
+            return []
+        rows = await self._write("redrive_outbox", {"ids": _json(checked), "now": time.time()})
+        return sorted(r["id"] for r in rows)
+
+    @operation
+    async def get_outbox(self, message_id: int) -> OutboxMessage | None:
+        params = {"id": v.check_int(message_id, "message_id", minimum=1)}
+        rows = await self._read("get_outbox", params)
+        return OutboxMessage.from_row(rows[0]) if rows else None
+
+    # -- cancellation ----------------------------------------------------------
+
+    @operation
+    async def request_cancel(self, session_id: str, reason: str) -> CancelState:
+        v.check_id(session_id)
+        if not isinstance(reason, str) or "\x00" in reason:
+            raise InvalidInput("reason must be a str without NUL characters")
+        params = {"session_id": session_id, "reason": reason[:1000], "now": time.time()}
+        return CancelState.from_row((await self._write("request_cancel", params))[0])
+
+    @operation
+    async def get_cancel(self, session_id: str) -> CancelState | None:
+        rows = await self._read("get_cancel", {"session_id": v.check_id(session_id)})
+        return CancelState.from_row(rows[0]) if rows else None
+
+    @operation
+    async def clear_cancel(self, session_id: str) -> bool:
+        return await self._write_count("clear_cancel", {"session_id": v.check_id(session_id)}) > 0
+
+    # -- notifications ---------------------------------------------------------
+
+    @operation
+    async def notify(self, channel: str, payload: str) -> None:
+        name, text = v.check_notify_payload(channel, payload)
+        self._count("notify")
+        for hub in list(_HUBS.get(self._hub_key, ())):
+            hub.deliver(name, text)
+
+    def listen(self, *channels: str) -> AbstractAsyncContextManager[NotificationStream]:
+        names = [v.check_notify_payload(c, "")[0] for c in channels]
+        if not names:
+            raise InvalidInput("listen() needs at least one channel")
+        return self._hub.subscribe_local(names)
+
+
+def _json(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+class _Tx:
+    """Statements inside one write transaction of the SQLite driver (counted by name)."""
+
+    __slots__ = ("_backend", "_conn")
+
+    def __init__(self, backend: SqliteBackend, conn: aiosqlite.Connection) -> None:
+        self._backend = backend
+        self._conn = conn
+
+    async def fetch(self, name: str, params: Mapping[str, Any]) -> list[dict[str, Any]]:
+        self._backend._count(name)
+        return list(await self._conn.execute_fetchall(Q[name], params))  # type: ignore[arg-type]
+
+    async def scalar(self, name: str, params: Mapping[str, Any]) -> Any:
+        rows = await self.fetch(name, params)
+        return next(iter(rows[0].values()))
+
+    async def execute(self, name: str, params: Mapping[str, Any]) -> int:
+        self._backend._count(name)
+        async with self._conn.execute(Q[name], params) as cursor:
+            return cursor.rowcount
+
+    async def execute_many(self, name: str, rows: Iterable[Sequence[Any]]) -> int:
+        self._backend._count(name)
+        async with self._conn.executemany(Q[name], rows) as cursor:
+            return cursor.rowcount
+
+    async def next_token(self, counter: str) -> int:
+        return int(await self.scalar("_next_token", {"name": counter}))

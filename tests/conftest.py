@@ -1,0 +1,127 @@
+"""Shared fixtures: a throwaway Postgres database per test run and a fresh SQLite file per test.
+
+Postgres is found at ``ASYNCSTORE_TEST_DSN``, else ``postgresql://postgres@127.0.0.1:5432/
+postgres`` if it answers, else a testcontainers Postgres when a Docker engine answers. If
+none is available the Postgres tests are skipped with the reason, unless
+``ASYNCSTORE_REQUIRE_POSTGRES=1``, which turns that into a failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from storage import AsyncStorageBackend, open_storage
+
+DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
+TABLES = (
+    "chat_sessions, chat_messages, stream_events, session_leases, agent_tasks, outbox,"
+    " cancel_requests"
+)
+
+
+def _answers(dsn: str) -> bool:
+    async def probe() -> None:
+        conn = await asyncpg.connect(dsn, timeout=3)
+        await conn.close()
+
+    try:
+        asyncio.run(probe())
+        return True
+    except Exception:
+        return False
+
+
+def _find_server() -> tuple[str | None, Any, str]:
+    """Return (admin dsn, container to stop, reason if none)."""
+    explicit = os.environ.get("ASYNCSTORE_TEST_DSN")
+    if explicit:
+        if _answers(explicit):
+            return explicit, None, ""
+        return None, None, f"ASYNCSTORE_TEST_DSN={explicit} does not answer"
+    if _answers(DEFAULT_DSN):
+        return DEFAULT_DSN, None, ""
+    try:
+        from testcontainers.postgres import PostgresContainer
+
+        container = PostgresContainer("postgres:15", driver=None)
+        container.start()
+        return container.get_connection_url(), container, ""
+    except Exception as exc:
+        return None, None, f"no Postgres at {DEFAULT_DSN} and no Docker engine ({exc})"
+
+
+def _with_database(dsn: str, name: str) -> str:
+    base, _, _ = dsn.rpartition("/")
+    return f"{base}/{name}"
+
+
+@pytest.fixture(scope="session")
+def postgres_dsn() -> Iterator[str]:
+    """DSN of a database created for this test run (migrated) and dropped after it."""
+    admin, container, reason = _find_server()
+    if admin is None:
+        if os.environ.get("ASYNCSTORE_REQUIRE_POSTGRES") == "1":
+            pytest.fail(f"Postgres is required (ASYNCSTORE_REQUIRE_POSTGRES=1): {reason}")
+        pytest.skip(reason)
+    name = f"asyncstore_test_{os.getpid()}_{secrets.token_hex(4)}"
+
+    async def create() -> None:
+        conn = await asyncpg.connect(admin)
+        await conn.execute(f'CREATE DATABASE "{name}"')
+        await conn.close()
+        async with open_storage(_with_database(admin, name), migrate=True):
+            pass
+
+    async def drop() -> None:
+        conn = await asyncpg.connect(admin)
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await conn.close()
+
+    asyncio.run(create())
+    try:
+        yield _with_database(admin, name)
+    finally:
+        asyncio.run(drop())
+        if container is not None:
+            container.stop()
+
+
+async def truncate(dsn: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(f"TRUNCATE {TABLES} RESTART IDENTITY")
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def storage_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A storage URL for an empty, migrated database of each dialect."""
+    if request.param == "postgres":
+        dsn: str = request.getfixturevalue("postgres_dsn")
+        asyncio.run(truncate(dsn))
+        yield dsn
+    else:
+        url = f"sqlite:///{tmp_path / 'test.db'}"
+
+        async def migrate() -> None:
+            async with open_storage(url, migrate=True):
+                pass
+
+        asyncio.run(migrate())
+        yield url
+
+
+@pytest.fixture
+async def storage(storage_url: str) -> AsyncIterator[AsyncStorageBackend]:
+    """An open backend on an empty database, one per dialect."""
+    async with open_storage(storage_url) as backend:
+        yield backend
