@@ -12,11 +12,13 @@ from contextlib import asynccontextmanager
 
 from pydantic import SecretStr
 
+from storage._validate import encode_payload
 from storage.base import (
     AsyncStorageBackend,
     CancelState,
     ChatMessage,
     Claim,
+    EncodedJSON,
     Failure,
     Lease,
     NewMessage,
@@ -50,6 +52,7 @@ __all__ = [
     "ChatMessage",
     "Claim",
     "ConflictError",
+    "EncodedJSON",
     "Failure",
     "InvalidInput",
     "Lease",
@@ -73,6 +76,7 @@ __all__ = [
     "Task",
     "TaskStatus",
     "dialect_of",
+    "encode_payload",
     "open_storage",
 ]
 

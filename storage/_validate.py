@@ -14,7 +14,14 @@ from typing import Any
 
 import orjson
 
-from storage.base import NewMessage, NewOutboxMessage, NewStreamEvent, NewTask, Task
+from storage.base import (
+    EncodedJSON,
+    NewMessage,
+    NewOutboxMessage,
+    NewStreamEvent,
+    NewTask,
+    Task,
+)
 from storage.errors import InvalidInput
 
 MAX_ID_CHARS = 255
@@ -86,7 +93,10 @@ def encode_json(value: Any, what: str = "payload", index: int | None = None) -> 
     beyond 64 bits), NaN and infinities (orjson would silently write ``null``), the NUL
     character anywhere in a string (Postgres ``jsonb`` cannot store it), and payloads larger
     than 8 MiB. ``index`` names the batch position in the message (``events[3].payload``).
+    An ``EncodedJSON`` (made by :func:`encode_payload`, so already checked) passes through.
     """
+    if type(value) is EncodedJSON:
+        return value.data
     try:
         data = orjson.dumps(value)
     except (TypeError, orjson.JSONEncodeError) as exc:
@@ -105,6 +115,11 @@ def encode_json(value: Any, what: str = "payload", index: int | None = None) -> 
             f"{_label(what, index)} is {len(data)} bytes encoded; the limit is {MAX_PAYLOAD_BYTES}"
         )
     return data
+
+
+def encode_payload(value: Any) -> EncodedJSON:
+    """Validate and encode a JSON value once; storage methods accept the result as is."""
+    return EncodedJSON(encode_json(value))
 
 
 def _label(what: str, index: int | None) -> str:

@@ -34,6 +34,7 @@ __all__ = [
     "CancelState",
     "ChatMessage",
     "Claim",
+    "EncodedJSON",
     "Failure",
     "Lease",
     "NewMessage",
@@ -52,6 +53,17 @@ __all__ = [
 
 JSON = Any
 """A JSON value: None, bool, int, float, str, list of JSON, dict of str to JSON."""
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedJSON:
+    """A payload already validated and encoded by ``storage.encode_payload``.
+
+    Wherever a payload is accepted, drivers pass ``data`` through instead of encoding again,
+    so a caller that needs the encoded size (the stream writer) encodes exactly once.
+    """
+
+    data: bytes
 
 
 class StorageSettings(BaseModel):

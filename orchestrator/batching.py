@@ -1,0 +1,550 @@
+"""BatchWriter: the one batching primitive behind every write queue of the orchestrator.
+
+Items are buffered in memory and handed to an async *sink* in batches, flushed when any
+threshold is reached: item count, encoded bytes, or the age of the oldest unflushed item.
+It owns the backpressure policy (block with a timeout, drop the oldest or the newest item;
+critical items are never dropped), retries a failing sink with exponential backoff and
+jitter while the items keep counting against capacity, and hands what it finally cannot
+write to a dead-letter callback. It relies only on anyio; the stream writer, the queue's
+completion writer and the webhook batcher are built on it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import random
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Hashable, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from types import MappingProxyType, TracebackType
+from typing import Generic, Self, TypeVar
+
+import anyio
+import anyio.abc
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from orchestrator.errors import WriterClosed, WriterOverloaded
+
+__all__ = [
+    "Batch",
+    "BatchConfig",
+    "BatchWriter",
+    "BatchWriterStatistics",
+    "DeadLetter",
+    "DrainReport",
+    "Health",
+    "OverflowPolicy",
+]
+
+log = logging.getLogger("asyncstore.batching")
+
+T = TypeVar("T")
+
+
+class OverflowPolicy(StrEnum):
+    """What a put does when the writer holds ``capacity`` items (or bytes)."""
+
+    BLOCK = "block"  # wait up to block_timeout_s for room, then raise WriterOverloaded
+    DROP_OLDEST = "drop_oldest"  # evict the oldest waiting non-critical item
+    DROP_NEWEST = "drop_newest"  # refuse the new item
+
+
+class BatchConfig(BaseModel):
+    """Thresholds, capacity and retry policy of one writer."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_batch: int = Field(default=100, ge=1, description="flush when this many items wait")
+    max_batch_bytes: int | None = Field(
+        default=1 << 20, ge=1, description="flush when the waiting items' sizes add up to this"
+    )
+    flush_interval_s: float = Field(
+        default=0.05, gt=0, description="flush when the oldest waiting item is this old"
+    )
+    capacity: int = Field(default=10_000, ge=1, description="items buffered, in flight included")
+    capacity_bytes: int | None = Field(default=None, ge=1, description="bytes buffered, if bounded")
+    overflow: OverflowPolicy = OverflowPolicy.BLOCK
+    block_timeout_s: float = Field(default=5.0, ge=0, description="how long a blocking put waits")
+    max_retries: int = Field(default=5, ge=0, description="sink retries before dead-lettering")
+    retry_base_s: float = Field(default=0.05, gt=0)
+    retry_max_s: float = Field(default=5.0, gt=0)
+    drain_timeout_s: float = Field(
+        default=30.0, gt=0, description="how long aclose() keeps flushing before dead-lettering"
+    )
+
+    @model_validator(mode="after")
+    def _capacity_holds_a_batch(self) -> Self:
+        if self.capacity < self.max_batch:
+            raise ValueError(f"capacity ({self.capacity}) must be >= max_batch ({self.max_batch})")
+        return self
+
+
+@dataclass(frozen=True, slots=True)
+class Batch(Generic[T]):
+    """What the sink receives: the items in arrival order, and the same items per key."""
+
+    items: list[T]
+    groups: Mapping[Hashable, list[T]]
+    nbytes: int
+    attempt: int  # 0 on the first try, 1 on the first retry, ...
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter(Generic[T]):
+    """Items the writer gave up on, with the reason and the last sink error."""
+
+    items: list[T]
+    reason: str  # "retries_exhausted" or "shutdown"
+    error: BaseException | None
+
+
+@dataclass(frozen=True, slots=True)
+class DrainReport:
+    """What ``aclose()`` achieved: written items and what could not be written."""
+
+    flushed: int
+    dead_lettered: int
+    dropped: Mapping[str, int]
+
+    @property
+    def complete(self) -> bool:
+        return self.dead_lettered == 0
+
+
+@dataclass(frozen=True, slots=True)
+class Health:
+    ok: bool
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class BatchWriterStatistics:
+    name: str
+    pending: int  # waiting for a flush
+    in_flight: int  # handed to the sink, not yet confirmed (retries included)
+    buffered_bytes: int
+    accepted: int
+    flushed: int  # items the sink confirmed
+    batches: int
+    dropped: Mapping[str, int]
+    retries: int
+    dead_lettered: int
+    blocked_puts: int  # puts waiting for room right now
+    oldest_pending_age_s: float
+    last_flush_latency_s: float
+
+
+class _Entry(Generic[T]):
+    __slots__ = ("critical", "item", "nbytes", "number", "t")
+
+    def __init__(self, item: T, nbytes: int, critical: bool, number: int, t: float) -> None:
+        self.item = item
+        self.nbytes = nbytes
+        self.critical = critical
+        self.number = number  # arrival number, for flush barriers
+        self.t = t
+
+
+Sink = Callable[[Batch[T]], Awaitable[None]]
+DeadLetterCallback = Callable[[DeadLetter[T]], Awaitable[None] | None]
+
+
+class BatchWriter(Generic[T]):
+    """Buffers items and flushes them to ``sink`` in batches; use as ``async with``.
+
+    ``key`` groups items (e.g. by session) so the sink gets per-key buckets in arrival
+    order; ``size_of`` gives an item's size in bytes for the byte thresholds (callers on a
+    hot path can pass ``nbytes=`` to ``put_nowait`` instead). Batches are sent one at a
+    time, so the sink sees items in arrival order, retries included.
+    """
+
+    def __init__(
+        self,
+        sink: Sink[T],
+        config: BatchConfig | None = None,
+        *,
+        key: Callable[[T], Hashable] | None = None,
+        size_of: Callable[[T], int] | None = None,
+        on_dead_letter: DeadLetterCallback[T] | None = None,
+        name: str = "batch",
+    ) -> None:
+        self.config = config or BatchConfig()
+        self.name = name
+        self._sink = sink
+        self._key = key
+        self._size_of = size_of
+        self._on_dead_letter = on_dead_letter
+        self._pending: deque[_Entry[T]] = deque()
+        self._in_flight: list[_Entry[T]] = []
+        self._bytes = 0
+        self._pending_bytes = 0
+        self._numbered = 0
+        self._flush_upto = 0  # flush everything numbered <= this at once
+        self._wake = anyio.Event()
+        self._room = anyio.Event()
+        self._settled = anyio.Event()
+        self._blocked = 0
+        self._closing = False
+        self._closed = False
+        self._started = False
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._flusher_done = anyio.Event()
+        self._flusher_scope: anyio.CancelScope | None = None
+        self._flushed = 0
+        self._batches = 0
+        self._retries = 0
+        self._dead = 0
+        self._dropped: dict[str, int] = {}
+        self._last_latency = 0.0
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        if self._started:
+            raise RuntimeError(f"writer {self.name!r} was already started")
+        self._started = True
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        self._tg.start_soon(self._flusher)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        try:
+            # Draining must finish even when the owner is being cancelled: buffered items
+            # would otherwise be lost without a trace. drain_timeout_s bounds it.
+            with anyio.CancelScope(shield=True):
+                await self.aclose()
+        finally:
+            tg, self._tg = self._tg, None
+            if tg is not None:
+                await tg.__aexit__(exc_type, exc, tb)
+        return None
+
+    async def aclose(self) -> DrainReport:
+        """Stop intake, flush everything buffered, and report what could not be written.
+
+        Waits at most ``drain_timeout_s``; items still unwritten then are dead-lettered with
+        reason ``shutdown``. Safe to call twice. If cancelled, the writer stays closing and
+        the flusher keeps draining until the owning ``async with`` exits.
+        """
+        self._closing = True
+        self._wake.set()
+        self._room.set()
+        if self._started and not self._closed:
+            with anyio.move_on_after(self.config.drain_timeout_s):
+                await self._flusher_done.wait()
+            if not self._flusher_done.is_set():
+                if self._flusher_scope is not None:
+                    self._flusher_scope.cancel()
+                await self._flusher_done.wait()
+            self._closed = True
+        leftovers = [e.item for e in self._in_flight] + [e.item for e in self._pending]
+        if leftovers:
+            self._in_flight = []
+            self._pending.clear()
+            self._bytes = self._pending_bytes = 0
+            await self._dead_letter(leftovers, "shutdown", None)
+        self._closed = True
+        return DrainReport(self._flushed, self._dead, MappingProxyType(dict(self._dropped)))
+
+    # -- intake --------------------------------------------------------------------
+
+    def put_nowait(self, item: T, *, critical: bool = False, nbytes: int | None = None) -> bool:
+        """Buffer ``item`` without waiting; True if accepted, False if dropped (counted).
+
+        When the writer is full: ``drop_newest`` drops this item, ``drop_oldest`` evicts the
+        oldest waiting non-critical item instead, and ``block`` (or a critical item under
+        any policy) raises ``anyio.WouldBlock``; ``put()`` is the waiting variant.
+        """
+        if self._closing:
+            raise WriterClosed(f"writer {self.name!r} is closed")
+        size = nbytes if nbytes is not None else (self._size_of(item) if self._size_of else 0)
+        if not self._has_room(size):
+            self._check_fits(size)
+            policy = self.config.overflow
+            if policy is OverflowPolicy.DROP_OLDEST and not critical and self._evict_oldest(size):
+                pass
+            elif policy is OverflowPolicy.BLOCK or critical:
+                raise anyio.WouldBlock
+            else:
+                newest = policy is OverflowPolicy.DROP_NEWEST
+                self._drop("overflow_newest" if newest else "overflow")
+                return False
+        self._accept(item, size, critical)
+        return True
+
+    async def put(self, item: T, *, critical: bool = False, nbytes: int | None = None) -> bool:
+        """Buffer ``item``, waiting for room where the policy (or ``critical``) says so.
+
+        Returns like ``put_nowait``. A wait longer than ``block_timeout_s`` raises
+        ``WriterOverloaded``. If cancelled while waiting, the item is not buffered.
+        """
+        size = nbytes if nbytes is not None else (self._size_of(item) if self._size_of else 0)
+        try:
+            return self.put_nowait(item, critical=critical, nbytes=size)
+        except anyio.WouldBlock:
+            pass
+        await self.wait_for_room(size)
+        self._accept(item, size, critical)
+        return True
+
+    async def wait_for_room(self, nbytes: int = 0) -> None:
+        """Wait until an item of ``nbytes`` fits; ``WriterOverloaded`` after the timeout.
+
+        Callers that must take a decision atomically with the put (the stream writer
+        assigns sequence numbers) wait here, then ``put_nowait`` without awaiting in between.
+        """
+        self._check_fits(nbytes)
+        self._blocked += 1
+        try:
+            with anyio.move_on_after(self.config.block_timeout_s):
+                while not self._has_room(nbytes):
+                    if self._closing:
+                        raise WriterClosed(f"writer {self.name!r} is closed")
+                    if self._room.is_set():
+                        self._room = anyio.Event()
+                    await self._room.wait()
+                return
+        finally:
+            self._blocked -= 1
+        raise WriterOverloaded(
+            f"writer {self.name!r} stayed full ({self.config.capacity} items) for "
+            f"{self.config.block_timeout_s} s; the sink is slower than the producers or failing"
+        )
+
+    def _has_room(self, nbytes: int) -> bool:
+        if len(self._pending) + len(self._in_flight) >= self.config.capacity:
+            return False
+        limit = self.config.capacity_bytes
+        return limit is None or self._bytes + nbytes <= limit
+
+    def _check_fits(self, nbytes: int) -> None:
+        limit = self.config.capacity_bytes
+        if limit is not None and nbytes > limit:
+            raise ValueError(f"an item of {nbytes} bytes can never fit in {limit} bytes")
+
+    def _accept(self, item: T, nbytes: int, critical: bool) -> None:
+        if self._closing:
+            raise WriterClosed(f"writer {self.name!r} is closed")
+        self._numbered += 1
+        self._pending.append(_Entry(item, nbytes, critical, self._numbered, time.monotonic()))
+        self._bytes += nbytes
+        self._pending_bytes += nbytes
+        pending = len(self._pending)
+        max_bytes = self.config.max_batch_bytes
+        if (
+            pending == 1
+            or pending >= self.config.max_batch
+            or (max_bytes is not None and self._pending_bytes >= max_bytes)
+        ):
+            # Arms the timer for a first item, or wakes the flusher for a full batch.
+            self._wake.set()
+
+    def _evict_oldest(self, nbytes: int) -> bool:
+        """Drop waiting non-critical items, oldest first, until ``nbytes`` fits."""
+        evicted = False
+        i = 0
+        while i < len(self._pending) and not self._has_room(nbytes):
+            entry = self._pending[i]
+            if entry.critical:
+                i += 1
+                continue
+            del self._pending[i]
+            self._bytes -= entry.nbytes
+            self._pending_bytes -= entry.nbytes
+            self._drop("overflow_oldest")
+            evicted = True
+        if evicted:
+            self._notify_settled()
+        return self._has_room(nbytes)
+
+    def _drop(self, reason: str) -> None:
+        self._dropped[reason] = self._dropped.get(reason, 0) + 1
+
+    # -- flushing ------------------------------------------------------------------
+
+    def request_flush(self) -> None:
+        """Ask for everything buffered now to be sent at once, without waiting for it."""
+        self._flush_upto = self._numbered
+        self._wake.set()
+
+    async def flush(self) -> None:
+        """A barrier: returns once every item put before the call is settled.
+
+        Settled means confirmed by the sink, or (after ``max_retries``) dead-lettered, or
+        evicted by ``drop_oldest``. If cancelled, stops waiting; the flush still happens.
+        """
+        target = self._numbered
+        self._flush_upto = max(self._flush_upto, target)
+        self._wake.set()
+        while self._oldest_unsettled() <= target:
+            if not self._started or self._closed:
+                break
+            if self._settled.is_set():
+                self._settled = anyio.Event()
+            await self._settled.wait()
+
+    def _oldest_unsettled(self) -> int:
+        if self._in_flight:
+            return self._in_flight[0].number
+        if self._pending:
+            return self._pending[0].number
+        return self._numbered + 1
+
+    def _notify_settled(self) -> None:
+        self._settled.set()
+        self._room.set()
+
+    async def _flusher(self) -> None:
+        try:
+            # Shielded: cancelling the owner must not kill a drain in progress; aclose()
+            # cancels this scope itself once drain_timeout_s has passed.
+            with anyio.CancelScope(shield=True) as scope:
+                self._flusher_scope = scope
+                await self._flush_loop()
+        finally:
+            self._flusher_done.set()
+            self._notify_settled()
+
+    async def _flush_loop(self) -> None:
+        cfg = self.config
+        while True:
+            if not self._pending:
+                if self._closing:
+                    return
+                if self._wake.is_set():
+                    self._wake = anyio.Event()
+                    continue
+                await self._wake.wait()
+                continue
+            if not self._due():
+                if self._wake.is_set():
+                    self._wake = anyio.Event()
+                    if self._due():
+                        await self._send_batch()
+                    continue
+                delay = self._pending[0].t + cfg.flush_interval_s - time.monotonic()
+                with anyio.move_on_after(max(delay, 0.0)):
+                    await self._wake.wait()
+                continue
+            await self._send_batch()
+
+    def _due(self) -> bool:
+        cfg = self.config
+        if self._closing or self._pending[0].number <= self._flush_upto:
+            return True
+        if len(self._pending) >= cfg.max_batch:
+            return True
+        if cfg.max_batch_bytes is not None and self._pending_bytes >= cfg.max_batch_bytes:
+            return True
+        return time.monotonic() - self._pending[0].t >= cfg.flush_interval_s
+
+    async def _send_batch(self) -> None:
+        cfg = self.config
+        batch: list[_Entry[T]] = []
+        size = 0
+        while self._pending and len(batch) < cfg.max_batch:
+            entry = self._pending[0]
+            limit = cfg.max_batch_bytes
+            if batch and limit is not None and size + entry.nbytes > limit:
+                break
+            self._pending.popleft()
+            batch.append(entry)
+            size += entry.nbytes
+        self._pending_bytes -= size
+        self._in_flight = batch
+        items = [e.item for e in batch]
+        groups: dict[Hashable, list[T]] = {}
+        if self._key is not None:
+            for item in items:
+                groups.setdefault(self._key(item), []).append(item)
+        else:
+            groups[None] = items
+        attempt = 0
+        error: BaseException | None = None
+        while True:
+            started = time.monotonic()
+            try:
+                await self._sink(Batch(items, MappingProxyType(groups), size, attempt))
+            except Exception as exc:
+                error = exc
+                log.warning(
+                    "writer %r: sink failed on attempt %d for %d items: %r",
+                    self.name,
+                    attempt + 1,
+                    len(items),
+                    exc,
+                )
+            else:
+                self._last_latency = time.monotonic() - started
+                self._flushed += len(items)
+                self._batches += 1
+                break
+            if attempt >= cfg.max_retries:
+                await self._dead_letter(items, "retries_exhausted", error)
+                break
+            attempt += 1
+            self._retries += 1
+            await anyio.sleep(self._backoff(attempt))
+        self._in_flight = []
+        self._bytes -= size
+        self._notify_settled()
+
+    def _backoff(self, attempt: int) -> float:
+        cfg = self.config
+        ceiling = min(cfg.retry_max_s, cfg.retry_base_s * math.pow(2, attempt - 1))
+        # Equal jitter: never less than half the step, so retries spread but still back off.
+        return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+    async def _dead_letter(self, items: list[T], reason: str, error: BaseException | None) -> None:
+        self._dead += len(items)
+        log.error("writer %r: dead-lettering %d items (%s)", self.name, len(items), reason)
+        if self._on_dead_letter is None:
+            return
+        try:
+            result = self._on_dead_letter(DeadLetter(items, reason, error))
+            if inspect.isawaitable(result):
+                await result
+        except Exception:
+            log.exception("writer %r: dead-letter callback failed", self.name)
+
+    # -- observation -----------------------------------------------------------------
+
+    def statistics(self) -> BatchWriterStatistics:
+        oldest = self._in_flight[0].t if self._in_flight else (
+            self._pending[0].t if self._pending else None
+        )
+        return BatchWriterStatistics(
+            name=self.name,
+            pending=len(self._pending),
+            in_flight=len(self._in_flight),
+            buffered_bytes=self._bytes,
+            accepted=self._numbered,
+            flushed=self._flushed,
+            batches=self._batches,
+            dropped=MappingProxyType(dict(self._dropped)),
+            retries=self._retries,
+            dead_lettered=self._dead,
+            blocked_puts=self._blocked,
+            oldest_pending_age_s=0.0 if oldest is None else time.monotonic() - oldest,
+            last_flush_latency_s=self._last_latency,
+        )
+
+    def health(self) -> Health:
+        """Unhealthy when the oldest buffered item waited more than twice the interval."""
+        age = self.statistics().oldest_pending_age_s
+        limit = 2 * self.config.flush_interval_s
+        if age > limit:
+            return Health(False, f"oldest buffered item is {age:.3f} s old (limit {limit:.3f} s)")
+        if self._closed:
+            return Health(False, "writer is closed")
+        return Health(True)

@@ -1,0 +1,372 @@
+"""StreamEventWriter: per-session sequence numbers, memory-first publish, batched persistence.
+
+``emit`` assigns the next ``(epoch, seq)`` of a session in memory, publishes the event to
+the BroadcastHub at once (live subscribers never wait for the database) and hands it to a
+BatchWriter whose sink appends whole batches for many sessions in one round trip, then
+sends one coalesced notification per flush so other instances fetch what advanced.
+Boundary events (turn completed, tool result, error, cancelled) are critical: never
+dropped, and they trigger an immediate flush. With ``batching=False`` (the legacy path,
+flag ``stream.batching``) every event is inserted by the caller, one statement each.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from types import MappingProxyType, TracebackType
+from typing import Any, Self
+
+import anyio
+from pydantic import BaseModel, ConfigDict, Field
+
+from orchestrator.batching import (
+    Batch,
+    BatchConfig,
+    BatchWriter,
+    BatchWriterStatistics,
+    DeadLetter,
+    OverflowPolicy,
+)
+from orchestrator.broadcast import BroadcastHub, encode_advances
+from orchestrator.errors import StreamNotStarted, WriterClosed
+from storage import AsyncStorageBackend, InvalidInput, NewStreamEvent, StreamEvent, encode_payload
+
+__all__ = [
+    "CRITICAL_KINDS",
+    "SessionStream",
+    "StreamConfig",
+    "StreamEventWriter",
+    "StreamWriterStatistics",
+]
+
+log = logging.getLogger("asyncstore.streams")
+
+CRITICAL_KINDS = frozenset({"turn_completed", "tool_result", "error", "cancelled"})
+
+_STREAM_BATCH = BatchConfig(
+    max_batch=500,
+    max_batch_bytes=1 << 20,
+    flush_interval_s=0.05,
+    capacity=50_000,
+    overflow=OverflowPolicy.DROP_NEWEST,  # an ephemeral delta is dropped before it gets a seq
+    block_timeout_s=5.0,
+)
+
+
+class StreamConfig(BaseModel):
+    """Stream writer settings (``stream.batching`` is ``batching``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    batching: bool = True
+    batch: BatchConfig = _STREAM_BATCH
+    critical_kinds: frozenset[str] = CRITICAL_KINDS
+    notify: bool = Field(default=True, description="tell other instances what advanced")
+    channel: str = "asyncstore_stream"
+
+
+@dataclass(frozen=True, slots=True)
+class StreamWriterStatistics:
+    sessions: int
+    emitted: int
+    dropped: Mapping[str, int]
+    persisted: int
+    lost: int  # dead-lettered after retries or at shutdown: published live, never stored
+    notifications: int
+    insert_statements: int  # legacy path: one per event
+    writer: BatchWriterStatistics | None
+
+
+class _Session:
+    __slots__ = ("ended", "epoch", "last_persisted", "next_seq")
+
+    def __init__(self, epoch: int, next_seq: int) -> None:
+        self.epoch = epoch
+        self.next_seq = next_seq
+        self.last_persisted = next_seq - 1
+        self.ended = False
+
+
+def _check_kind(kind: object) -> str:
+    if not isinstance(kind, str) or not 0 < len(kind) <= 64 or "\x00" in kind:
+        raise InvalidInput(f"kind must be a non-empty str of at most 64 characters, got {kind!r}")
+    return kind
+
+
+class StreamEventWriter:
+    """Assigns, publishes and persists stream events; use as ``async with``.
+
+    Per session: ``await begin(session_id, epoch=lease.token)`` (or ``async with
+    writer.session(...)``), then ``emit``. The epoch is the session lease's fencing token,
+    so a new holder starts a new epoch that continues after the highest seq this writer
+    assigned or, for a session new to it, the highest persisted seq.
+    """
+
+    def __init__(
+        self,
+        storage: AsyncStorageBackend,
+        hub: BroadcastHub | None = None,
+        config: StreamConfig | None = None,
+    ) -> None:
+        self.storage = storage
+        self.hub = hub
+        self.config = config or StreamConfig()
+        self._sessions: dict[str, _Session] = {}
+        self._kinds: set[str] = set()
+        self._writer: BatchWriter[NewStreamEvent] | None = None
+        if self.config.batching:
+            self._writer = BatchWriter(
+                self._persist,
+                self.config.batch,
+                key=_session_of,
+                on_dead_letter=self._lost_batch,
+                name="stream-events",
+            )
+        self._emitted = 0
+        self._dropped_legacy = 0
+        self._persisted = 0
+        self._lost = 0
+        self._notifications = 0
+        self._inserts = 0
+        self._closed = False
+
+    async def __aenter__(self) -> Self:
+        if self._writer is not None:
+            await self._writer.__aenter__()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        self._closed = True
+        if self._writer is not None:
+            # The batch writer drains (shielded, bounded by its drain timeout).
+            return await self._writer.__aexit__(exc_type, exc, tb)
+        return None
+
+    # -- sessions ------------------------------------------------------------------------
+
+    async def begin(self, session_id: str, epoch: int) -> int:
+        """Start (or continue) writing a session under ``epoch``; returns the last seq before.
+
+        Reads the highest persisted seq once when this writer has not seen the session.
+        ``epoch`` may not go back. If cancelled, nothing changed.
+        """
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise InvalidInput(f"epoch must be an int >= 0, got {epoch!r}")
+        state = self._sessions.get(session_id)
+        if state is None:
+            last = await self.storage.last_stream_seq(session_id)
+            state = self._sessions.get(session_id)  # another begin may have won meanwhile
+            if state is None:
+                state = _Session(epoch, last + 1)
+                self._sessions[session_id] = state
+                if self.hub is not None:
+                    self.hub.note_head(session_id, epoch, last)
+        if epoch < state.epoch:
+            raise InvalidInput(
+                f"epoch {epoch} of session {session_id!r} is older than its current epoch "
+                f"{state.epoch}: a superseded holder may not write"
+            )
+        state.epoch = epoch
+        state.ended = False
+        return state.next_seq - 1
+
+    def end(self, session_id: str) -> None:
+        """Stop writing a session; its state is dropped once its events are persisted."""
+        state = self._sessions.get(session_id)
+        if state is None:
+            return
+        state.ended = True
+        if state.last_persisted >= state.next_seq - 1 or self._writer is None:
+            del self._sessions[session_id]
+
+    @asynccontextmanager
+    async def session(self, session_id: str, epoch: int) -> AsyncIterator[SessionStream]:
+        """``begin`` on entry, ``end`` on exit; yields a handle bound to the session."""
+        await self.begin(session_id, epoch)
+        try:
+            yield SessionStream(self, session_id)
+        finally:
+            self.end(session_id)
+
+    # -- emitting ------------------------------------------------------------------------
+
+    def emit_nowait(
+        self, session_id: str, kind: str, payload: Any, *, critical: bool | None = None
+    ) -> StreamEvent | None:
+        """Assign, publish and buffer an event without waiting; None if it was dropped.
+
+        ``critical`` defaults to ``kind in critical_kinds``. A full buffer drops an
+        ephemeral event (counted, before it gets a seq, so nobody sees a gap) and raises
+        ``anyio.WouldBlock`` for a critical one: ``emit`` is the waiting variant. Invalid
+        input raises ``InvalidInput`` and changes nothing. Legacy mode: use ``emit``.
+        """
+        writer = self._writer
+        if writer is None:
+            raise RuntimeError("stream.batching is off: use `await emit(...)`")
+        state = self._sessions.get(session_id)
+        if state is None or state.ended:
+            raise StreamNotStarted(f"session {session_id!r} has no epoch here: begin() first")
+        if kind not in self._kinds:
+            self._kinds.add(_check_kind(kind))
+        encoded = encode_payload(payload)
+        is_critical = kind in self.config.critical_kinds if critical is None else critical
+        seq = state.next_seq
+        size = len(encoded.data)
+        item = NewStreamEvent(session_id, state.epoch, seq, kind, encoded)
+        if not writer.put_nowait(item, critical=is_critical, nbytes=size):
+            return None
+        state.next_seq = seq + 1
+        event = StreamEvent(session_id, state.epoch, seq, kind, payload, datetime.now(UTC))
+        self._emitted += 1
+        if self.hub is not None:
+            self.hub.publish(event, size)
+        if is_critical:
+            writer.request_flush()
+        return event
+
+    async def emit(
+        self, session_id: str, kind: str, payload: Any, *, critical: bool | None = None
+    ) -> StreamEvent | None:
+        """Like ``emit_nowait``, but a critical event waits for room instead of raising.
+
+        Waits at most the batch ``block_timeout_s`` (then ``WriterOverloaded``). In legacy
+        mode (``batching=False``) it inserts the event and waits for the insert. If
+        cancelled while waiting for room, the event was not emitted.
+        """
+        if self._writer is None:
+            return await self._emit_legacy(session_id, kind, payload)
+        while True:
+            try:
+                return self.emit_nowait(session_id, kind, payload, critical=critical)
+            except anyio.WouldBlock:
+                await self._writer.wait_for_room(len(encode_payload(payload).data))
+
+    async def _emit_legacy(self, session_id: str, kind: str, payload: Any) -> StreamEvent:
+        if self._closed:
+            raise WriterClosed("stream writer is closed")
+        state = self._sessions.get(session_id)
+        if state is None or state.ended:
+            raise StreamNotStarted(f"session {session_id!r} has no epoch here: begin() first")
+        _check_kind(kind)
+        encoded = encode_payload(payload)
+        seq = state.next_seq
+        state.next_seq = seq + 1
+        event = StreamEvent(session_id, state.epoch, seq, kind, payload, datetime.now(UTC))
+        self._emitted += 1
+        if self.hub is not None:
+            self.hub.publish(event, len(encoded.data))
+        try:
+            await self.storage.append_stream_events(
+                [NewStreamEvent(session_id, state.epoch, seq, kind, encoded)]
+            )
+        except BaseException:
+            self._lost += 1
+            raise
+        self._inserts += 1
+        self._persisted += 1
+        state.last_persisted = seq
+        if self.hub is not None:
+            self.hub.mark_persisted(session_id, seq)
+        if self.config.notify:
+            for note in encode_advances([(session_id, state.epoch, seq, seq)]):
+                await self.storage.notify(self.config.channel, note)
+                self._notifications += 1
+        return event
+
+    async def flush(self) -> None:
+        """Barrier: returns once every event emitted before the call is persisted (or lost).
+
+        If cancelled, stops waiting; the flush still happens.
+        """
+        if self._writer is not None:
+            await self._writer.flush()
+
+    # -- the sink --------------------------------------------------------------------------
+
+    async def _persist(self, batch: Batch[NewStreamEvent]) -> None:
+        await self.storage.append_stream_events(batch.items)
+        advances: list[tuple[str, int, int, int]] = []
+        for key, events in batch.groups.items():
+            session_id = str(key)
+            last = events[-1]
+            advances.append((session_id, last.epoch, events[0].seq, last.seq))
+            self._settled(session_id, last.seq)
+        self._persisted += len(batch.items)
+        if self.config.notify:
+            # One notification per flush (split only past the payload size limit):
+            # Postgres serializes committing NOTIFY transactions, so never one per event.
+            for note in encode_advances(advances):
+                await self.storage.notify(self.config.channel, note)
+                self._notifications += 1
+
+    def _lost_batch(self, letter: DeadLetter[NewStreamEvent]) -> None:
+        self._lost += len(letter.items)
+        log.error(
+            "%d stream events could not be persisted (%s): %r",
+            len(letter.items),
+            letter.reason,
+            letter.error,
+        )
+        last: dict[str, int] = {}
+        for item in letter.items:
+            last[item.session_id] = item.seq
+        for session_id, seq in last.items():
+            self._settled(session_id, seq)
+
+    def _settled(self, session_id: str, seq: int) -> None:
+        if self.hub is not None:
+            self.hub.mark_persisted(session_id, seq)
+        state = self._sessions.get(session_id)
+        if state is None:
+            return
+        state.last_persisted = max(state.last_persisted, seq)
+        if state.ended and state.last_persisted >= state.next_seq - 1:
+            del self._sessions[session_id]
+
+    # -- observation -----------------------------------------------------------------------
+
+    def statistics(self) -> StreamWriterStatistics:
+        writer = self._writer.statistics() if self._writer is not None else None
+        dropped = dict(writer.dropped) if writer is not None else {}
+        return StreamWriterStatistics(
+            sessions=len(self._sessions),
+            emitted=self._emitted,
+            dropped=MappingProxyType(dropped),
+            persisted=self._persisted,
+            lost=self._lost,
+            notifications=self._notifications,
+            insert_statements=self._inserts,
+            writer=writer,
+        )
+
+
+def _session_of(event: NewStreamEvent) -> str:
+    return event.session_id
+
+
+class SessionStream:
+    """A handle on one session of a ``StreamEventWriter`` (from ``writer.session()``)."""
+
+    __slots__ = ("session_id", "writer")
+
+    def __init__(self, writer: StreamEventWriter, session_id: str) -> None:
+        self.writer = writer
+        self.session_id = session_id
+
+    async def emit(
+        self, kind: str, payload: Any, *, critical: bool | None = None
+    ) -> StreamEvent | None:
+        return await self.writer.emit(self.session_id, kind, payload, critical=critical)
+
+    def emit_nowait(
+        self, kind: str, payload: Any, *, critical: bool | None = None
+    ) -> StreamEvent | None:
+        return self.writer.emit_nowait(self.session_id, kind, payload, critical=critical)

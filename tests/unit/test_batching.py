@@ -1,0 +1,265 @@
+"""BatchWriter: thresholds, the timer, overflow policies, retries, dead letters, draining."""
+
+from __future__ import annotations
+
+import time
+
+import anyio
+import pytest
+
+from orchestrator.batching import (
+    Batch,
+    BatchConfig,
+    BatchWriter,
+    DeadLetter,
+    OverflowPolicy,
+)
+from orchestrator.errors import WriterClosed, WriterOverloaded
+
+
+class Recorder:
+    """A sink that records every batch; can be told to fail or to hold batches."""
+
+    def __init__(self, fail_times: int = 0) -> None:
+        self.batches: list[Batch[int]] = []
+        self.fail_times = fail_times
+        self.calls = 0
+        self.arrived = anyio.Event()
+        self.gate: anyio.Event | None = None
+
+    async def __call__(self, batch: Batch[int]) -> None:
+        self.calls += 1
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.fail_times > 0:
+            self.fail_times -= 1
+            raise ConnectionError("sink down")
+        self.batches.append(batch)
+        self.arrived.set()
+
+    @property
+    def items(self) -> list[int]:
+        return [i for b in self.batches for i in b.items]
+
+
+def cfg(**kw: object) -> BatchConfig:
+    base: dict[str, object] = {"max_batch": 100, "flush_interval_s": 0.05, "retry_base_s": 0.001}
+    base.update(kw)
+    return BatchConfig.model_validate(base)
+
+
+async def test_timer_flush_delivers_lone_item() -> None:
+    sink = Recorder()
+    async with BatchWriter(sink, cfg()) as w:
+        started = time.monotonic()
+        assert w.put_nowait(7)
+        with anyio.fail_after(2):
+            await sink.arrived.wait()
+        waited = time.monotonic() - started
+        assert sink.items == [7]
+        # Not immediately (the interval is 50 ms) and not stuck: a generous correctness bound.
+        assert 0.03 <= waited < 1.0
+        assert w.statistics().pending == 0
+
+
+async def test_count_threshold_flushes_without_timer() -> None:
+    sink = Recorder()
+    async with BatchWriter(sink, cfg(max_batch=10, flush_interval_s=60)) as w:
+        for i in range(25):
+            w.put_nowait(i)
+        with anyio.fail_after(2):
+            while len(sink.items) < 20:  # noqa: ASYNC110 - the sink records, nothing to wait on
+                await anyio.sleep(0.001)
+        assert [len(b.items) for b in sink.batches[:2]] == [10, 10]
+        assert w.statistics().pending == 5  # the rest waits for the 60 s timer
+    assert sink.items == list(range(25))  # and the close drained it
+
+
+async def test_bytes_threshold_flushes() -> None:
+    sink = Recorder()
+    config = cfg(max_batch=1000, max_batch_bytes=100, flush_interval_s=60)
+    async with BatchWriter(sink, config) as w:
+        for i in range(4):
+            w.put_nowait(i, nbytes=30)
+        with anyio.fail_after(2):
+            await sink.arrived.wait()
+        # The fourth item reaches 120 bytes; the batch stops before exceeding 100.
+        assert sink.batches[0].items == [0, 1, 2]
+        assert sink.batches[0].nbytes == 90
+
+
+async def test_flush_is_a_barrier() -> None:
+    sink = Recorder()
+    async with BatchWriter(sink, cfg(flush_interval_s=60)) as w:
+        for i in range(5):
+            w.put_nowait(i)
+        with anyio.fail_after(2):
+            await w.flush()
+        assert sink.items == [0, 1, 2, 3, 4]
+        w.put_nowait(5)
+        assert w.statistics().pending == 1
+
+
+async def test_groups_keep_arrival_order_per_key() -> None:
+    sink = Recorder()
+    async with BatchWriter(sink, cfg(flush_interval_s=60), key=lambda i: i % 3) as w:
+        for i in range(9):
+            w.put_nowait(i)
+        await w.flush()
+    groups = sink.batches[0].groups
+    assert list(groups) == [0, 1, 2]
+    assert groups[0] == [0, 3, 6] and groups[1] == [1, 4, 7] and groups[2] == [2, 5, 8]
+
+
+async def test_drop_newest_counts_and_keeps_critical() -> None:
+    sink = Recorder()
+    sink.gate = anyio.Event()  # hold the sink so the writer fills up
+    config = cfg(max_batch=2, capacity=4, overflow=OverflowPolicy.DROP_NEWEST)
+    async with BatchWriter(sink, config) as w:
+        accepted = [w.put_nowait(i) for i in range(6)]
+        assert accepted == [True, True, True, True, False, False]
+        assert w.statistics().dropped == {"overflow_newest": 2}
+        with pytest.raises(anyio.WouldBlock):
+            w.put_nowait(99, critical=True)  # never dropped: it must wait instead
+
+        async def put_critical() -> None:
+            await w.put(99, critical=True)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(put_critical)
+            await anyio.sleep(0.01)
+            assert w.statistics().blocked_puts == 1
+            sink.gate.set()
+        await w.flush()
+    assert sink.items == [0, 1, 2, 3, 99]
+
+
+async def test_drop_oldest_evicts_waiting_non_critical_only() -> None:
+    sink = Recorder()
+    sink.gate = anyio.Event()
+    config = cfg(max_batch=1, capacity=3, overflow=OverflowPolicy.DROP_OLDEST, flush_interval_s=60)
+    async with BatchWriter(sink, config) as w:
+        w.put_nowait(0)  # taken in flight (max_batch=1 makes it due at once)
+        await anyio.sleep(0.01)
+        assert w.statistics().in_flight == 1
+        w.put_nowait(1, critical=True)
+        w.put_nowait(2)
+        assert w.put_nowait(3)  # evicts 2, the oldest waiting non-critical item
+        assert w.statistics().dropped == {"overflow_oldest": 1}
+        sink.gate.set()
+        await w.flush()
+    assert sink.items == [0, 1, 3]
+
+
+async def test_block_policy_times_out_with_clear_error() -> None:
+    sink = Recorder()
+    sink.gate = anyio.Event()
+    config = cfg(max_batch=1, capacity=2, block_timeout_s=0.05)
+    async with BatchWriter(sink, config) as w:
+        w.put_nowait(0)
+        w.put_nowait(1)
+        with pytest.raises(anyio.WouldBlock):
+            w.put_nowait(2)
+        with pytest.raises(WriterOverloaded, match="stayed full"):
+            await w.put(2)
+        sink.gate.set()
+        assert await w.put(3)
+    assert sink.items == [0, 1, 3]
+
+
+async def test_sink_failures_retry_then_recover_without_loss() -> None:
+    sink = Recorder(fail_times=3)
+    async with BatchWriter(sink, cfg(max_batch=10, flush_interval_s=0.01)) as w:
+        for i in range(30):
+            w.put_nowait(i)
+        with anyio.fail_after(5):
+            await w.flush()
+        stats = w.statistics()
+    assert sink.items == list(range(30))
+    assert stats.retries == 3 and stats.dead_lettered == 0
+    assert sink.batches[0].attempt == 3  # the first batch got through on try 4
+
+
+async def test_retries_exhausted_go_to_dead_letter() -> None:
+    sink = Recorder(fail_times=100)
+    letters: list[DeadLetter[int]] = []
+    config = cfg(max_batch=5, max_retries=2, flush_interval_s=0.01)
+    async with BatchWriter(sink, config, on_dead_letter=letters.append) as w:
+        for i in range(5):
+            w.put_nowait(i)
+        with anyio.fail_after(5):
+            await w.flush()
+        stats = w.statistics()
+    assert sink.calls == 3  # first try + 2 retries
+    assert stats.dead_lettered == 5 and stats.flushed == 0
+    assert letters[0].items == [0, 1, 2, 3, 4]
+    assert letters[0].reason == "retries_exhausted"
+    assert isinstance(letters[0].error, ConnectionError)
+
+
+async def test_aclose_drains_and_reports() -> None:
+    sink = Recorder()
+    w: BatchWriter[int] = BatchWriter(sink, cfg(flush_interval_s=60))
+    async with w:
+        for i in range(250):
+            w.put_nowait(i)
+    report = await w.aclose()
+    assert sink.items == list(range(250))
+    assert report.flushed == 250 and report.complete
+    with pytest.raises(WriterClosed):
+        w.put_nowait(1)
+
+
+async def test_aclose_dead_letters_what_cannot_be_written_in_time() -> None:
+    sink = Recorder(fail_times=10_000)
+    letters: list[DeadLetter[int]] = []
+    config = cfg(flush_interval_s=60, max_retries=1000, drain_timeout_s=0.1)
+    w = BatchWriter(sink, config, on_dead_letter=letters.append)
+    async with w:
+        for i in range(10):
+            w.put_nowait(i)
+    report = await w.aclose()
+    assert report.dead_lettered == 10 and not report.complete
+    assert sorted(i for d in letters for i in d.items) == list(range(10))
+    assert letters[-1].reason == "shutdown"
+
+
+async def test_cancelled_owner_still_drains() -> None:
+    sink = Recorder()
+    with anyio.CancelScope() as scope:
+        async with BatchWriter(sink, cfg(flush_interval_s=60)) as w:
+            for i in range(3):
+                w.put_nowait(i)
+            scope.cancel()
+            await anyio.sleep(1)
+    assert sink.items == [0, 1, 2]
+
+
+async def test_health_fails_when_items_wait_too_long() -> None:
+    sink = Recorder()
+    sink.gate = anyio.Event()
+    async with BatchWriter(sink, cfg(flush_interval_s=0.01)) as w:
+        assert w.health().ok
+        w.put_nowait(1)
+        await anyio.sleep(0.05)
+        health = w.health()
+        assert not health.ok and "old" in health.reason
+        sink.gate.set()
+        await w.flush()
+        assert w.health().ok
+
+
+async def test_statistics_track_batches_and_latency() -> None:
+    sink = Recorder()
+    async with BatchWriter(sink, cfg(max_batch=10, flush_interval_s=60)) as w:
+        for i in range(20):
+            w.put_nowait(i)
+        await w.flush()
+        stats = w.statistics()
+    assert stats.accepted == 20 and stats.flushed == 20 and stats.batches == 2
+    assert stats.last_flush_latency_s >= 0 and stats.oldest_pending_age_s == 0
+
+
+def test_capacity_must_hold_a_batch() -> None:
+    with pytest.raises(ValueError, match="capacity"):
+        BatchConfig(max_batch=10, capacity=5)
