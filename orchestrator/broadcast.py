@@ -11,6 +11,7 @@ contract (``load_stream_events``, ``last_stream_seq``, ``listen``) and anyio.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import math
@@ -215,7 +216,7 @@ class _Ring:
     def wake(self) -> None:
         waiters, self.waiters = self.waiters, []
         for sub in waiters:
-            sub._wake.set()
+            sub._signal()
 
 
 def _adopt_head(ring: _Ring, next_seq: int) -> None:
@@ -555,7 +556,9 @@ class Subscription:
         if after is None and ring is not None and ring.last_seq is not None:
             self._next = ring.last_seq + 1
         self._pending_reset: tuple[str, int, int] | None = None
-        self._wake = anyio.Event()
+        # A bare future rather than an anyio.Event per wait: this is the fan-out hot path
+        # (one wake per subscriber per event), and the drivers tie us to asyncio anyway.
+        self._waiter: asyncio.Future[None] | None = None
         self._closed = False
         self._released = False
 
@@ -578,7 +581,12 @@ class Subscription:
         if not self._released:
             self._released = True
             self._hub._unsubscribe(self)
-        self._wake.set()
+        self._signal()
+
+    def _signal(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def __aiter__(self) -> Self:
         return self
@@ -649,18 +657,21 @@ class Subscription:
         await self._read_db("catch_up")
 
     async def _wait(self, ring: _Ring) -> None:
-        if self._wake.is_set():
-            self._wake = anyio.Event()
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiter = waiter
         ring.waiters.append(self)
         try:
             if self._resume_deadline is None:
-                await self._wake.wait()
+                await waiter
             else:
                 with anyio.move_on_after(self._resume_deadline - time.monotonic()):
-                    await self._wake.wait()
+                    await waiter
         finally:
-            if self in ring.waiters:
-                ring.waiters.remove(self)
+            self._waiter = None
+            if not waiter.done() or waiter.cancelled():  # cancelled or timed out: registered
+                waiter.cancel()
+                if self in ring.waiters:
+                    ring.waiters.remove(self)
 
     # -- database reads ----------------------------------------------------------------
 

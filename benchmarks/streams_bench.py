@@ -1,0 +1,607 @@
+"""Stream benchmark: the batched StreamEventWriter and the BroadcastHub against their legacy
+paths and against the ceilings they aim at, in one run.
+
+1. Persistence throughput of ``emit`` (events/s from the first emit to the flush barrier),
+   across 50 sessions: batched writer vs the legacy one-insert-per-event path, vs a raw
+   batched insert of the same rows in batches of the writer's size (asyncpg ``unnest`` on
+   Postgres, ``executemany`` in one transaction on SQLite). Targets (Postgres): batched >=
+   20x legacy and >= 60% of the raw ceiling.
+2. ``emit`` latency on the caller (p50/p99 of each ``emit_nowait`` call, with subscribers
+   attached and the flusher running). Target: p99 < 50 us.
+3. Fan-out, 500 sessions x 6 subscribers = 3000 subscribers: (a) saturation deliveries/s
+   of the memory path vs a bare asyncio fan-out of the same shape (one ``asyncio.Queue``
+   per subscriber, no persistence); target >= 50%. (b) at a token rate (20 tokens/s per
+   session), delivery latency p50/p99 and database reads per second caused by live
+   subscribers, memory mode vs the legacy poll mode. Target: zero reads in memory mode.
+
+Sides alternate A B A B within each repetition; medians and spread ((max-min)/median) are
+reported, and a spread over 25% is flagged as too noisy to claim a result.
+
+Run: ``python -m benchmarks.streams_bench [--url URL] [--repeats N] [--quick] [--json PATH]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import anyio
+
+from benchmarks.storage_bench import (
+    DEFAULT_URL,
+    RAW_APPEND_SQL,
+    _create_database,
+    _drop_database,
+    _load_average,
+    _raw_connection,
+    _redact,
+    _with_database,
+    environment,
+)
+from orchestrator.batching import BatchConfig
+from orchestrator.broadcast import BroadcastHub, DeliveryMode, HubConfig, StreamReset
+from orchestrator.streams import StreamConfig, StreamEventWriter
+from storage import AsyncStorageBackend, open_storage
+
+SESSIONS_THROUGHPUT = 50
+FANOUT_SESSIONS = 500
+FANOUT_SUBSCRIBERS_PER_SESSION = 6
+TOKEN_RATE_PER_SESSION = 20.0
+NOISY = 0.25
+WRITER_BATCH = 500
+
+TEXT = "some token text"
+
+
+@dataclass
+class Row:
+    """One figure of the table, all repetitions."""
+
+    section: str
+    driver: str
+    name: str
+    unit: str
+    samples: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples) if self.samples else float("nan")
+
+    @property
+    def spread(self) -> float:
+        if len(self.samples) < 2 or not self.median:
+            return 0.0
+        return (max(self.samples) - min(self.samples)) / abs(self.median)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "section": self.section,
+            "driver": self.driver,
+            "name": self.name,
+            "unit": self.unit,
+            "samples": self.samples,
+            "median": self.median,
+            "spread": self.spread,
+        }
+
+
+class Results:
+    def __init__(self) -> None:
+        self.rows: dict[tuple[str, str, str], Row] = {}
+
+    def add(self, section: str, driver: str, name: str, unit: str, value: float) -> None:
+        key = (section, driver, name)
+        if key not in self.rows:
+            self.rows[key] = Row(section, driver, name, unit)
+        self.rows[key].samples.append(value)
+
+    def median(self, section: str, driver: str, name: str) -> float | None:
+        row = self.rows.get((section, driver, name))
+        return row.median if row is not None and row.samples else None
+
+
+_STARTED = time.perf_counter()
+
+
+def _progress(message: str) -> None:
+    print(f"[{time.perf_counter() - _STARTED:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def _percentile(samples: Sequence[float], q: float) -> float:
+    if not samples:
+        return float("nan")
+    ordered = sorted(samples)
+    index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def _batch_config() -> BatchConfig:
+    return BatchConfig(max_batch=WRITER_BATCH, flush_interval_s=0.05, capacity=200_000)
+
+
+# ---------------------------------------------------------------- 1. persistence throughput
+
+
+async def _emit_all(writer: StreamEventWriter, tag: str, events: int, batched: bool) -> float:
+    sessions = [f"{tag}-{s}" for s in range(SESSIONS_THROUGHPUT)]
+    for sid in sessions:
+        await writer.begin(sid, epoch=1)
+    started = time.perf_counter()
+    for i in range(events):
+        sid = sessions[i % SESSIONS_THROUGHPUT]
+        if batched:
+            writer.emit_nowait(sid, "delta", {"text": TEXT, "i": i})
+            if i % 1000 == 999:
+                await anyio.lowlevel.checkpoint()  # let the flusher run, as a server would
+        else:
+            await writer.emit(sid, "delta", {"text": TEXT, "i": i})
+    await writer.flush()
+    elapsed = time.perf_counter() - started
+    for sid in sessions:
+        writer.end(sid)
+    return events / elapsed
+
+
+async def _library(storage: AsyncStorageBackend, tag: str, events: int, batched: bool) -> float:
+    config = StreamConfig(batching=batched, batch=_batch_config())
+    async with (
+        BroadcastHub(storage, HubConfig(cross_instance=False)) as hub,
+        StreamEventWriter(storage, hub, config) as writer,
+    ):
+        rate = await _emit_all(writer, tag, events, batched)
+        stats = writer.statistics()
+        if stats.persisted != events or stats.lost:
+            raise RuntimeError(f"persisted {stats.persisted} of {events}, lost {stats.lost}")
+        return rate
+
+
+def _raw_rows(tag: str, events: int) -> list[list[tuple[str, int, int, str, Any]]]:
+    batches: list[list[tuple[str, int, int, str, Any]]] = []
+    rows: list[tuple[str, int, int, str, Any]] = []
+    for i in range(events):
+        s = i % SESSIONS_THROUGHPUT
+        seq = i // SESSIONS_THROUGHPUT + 1
+        rows.append((f"{tag}-{s}", seq, 1, "delta", {"text": TEXT, "i": i}))
+        if len(rows) == WRITER_BATCH:
+            batches.append(rows)
+            rows = []
+    if rows:
+        batches.append(rows)
+    return batches
+
+
+async def _raw_postgres(conn: Any, tag: str, events: int) -> float:
+    batches = _raw_rows(tag, events)
+    started = time.perf_counter()
+    for batch in batches:
+        columns = [list(c) for c in zip(*batch, strict=True)]
+        await conn.execute(RAW_APPEND_SQL, *columns)
+    return events / (time.perf_counter() - started)
+
+
+async def _raw_sqlite(path: Path, tag: str, events: int) -> float:
+    import orjson
+
+    batches = _raw_rows(tag, events)
+    async with aiosqlite.connect(path) as db:
+        await db.execute("PRAGMA journal_mode=WAL")
+        await db.execute("PRAGMA synchronous=NORMAL")
+        started = time.perf_counter()
+        for batch in batches:
+            await db.execute("BEGIN IMMEDIATE")
+            now = time.time()
+            await db.executemany(
+                "INSERT OR IGNORE INTO stream_events "
+                "(session_id, seq, epoch, kind, payload, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                [(s, q, e, k, orjson.dumps(p).decode(), now) for s, q, e, k, p in batch],
+            )
+            await db.commit()
+        return events / (time.perf_counter() - started)
+
+
+async def bench_throughput(
+    results: Results,
+    driver: str,
+    storage: AsyncStorageBackend,
+    raw: Callable[[str, int], Awaitable[float]],
+    repeats: int,
+    quick: bool,
+) -> None:
+    batched_n = 5_000 if quick else 30_000
+    legacy_n = 300 if quick else 1_500
+    await _library(storage, f"warm-{driver}", batched_n // 10, True)
+    await _library(storage, f"warm-l-{driver}", legacy_n // 10, False)
+    await raw(f"warm-r-{driver}", batched_n // 10)
+    for rep in range(repeats):
+        _progress(f"{driver}: persistence throughput, repetition {rep + 1}/{repeats}")
+        tag = f"{rep}-{driver}"
+        sides: list[tuple[str, Awaitable[float]]] = [
+            ("batched", _library(storage, f"b{tag}", batched_n, True)),
+            ("legacy", _library(storage, f"l{tag}", legacy_n, False)),
+            ("raw batched insert", raw(f"r{tag}", batched_n)),
+        ]
+        if rep % 2:
+            sides.reverse()
+        for name, pending in sides:
+            results.add("throughput", driver, name, "events/s", await pending)
+
+
+# ---------------------------------------------------------------- 2. emit latency
+
+
+async def bench_emit_latency(
+    results: Results, driver: str, storage: AsyncStorageBackend, repeats: int, quick: bool
+) -> None:
+    events = 10_000 if quick else 50_000
+    for rep in range(repeats):
+        _progress(f"{driver}: emit latency, repetition {rep + 1}/{repeats}")
+        config = StreamConfig(batch=_batch_config())
+        async with (
+            BroadcastHub(storage, HubConfig(cross_instance=False)) as hub,
+            StreamEventWriter(storage, hub, config) as writer,
+        ):
+            sessions = [f"lat{rep}-{s}" for s in range(SESSIONS_THROUGHPUT)]
+            subs: list[Any] = []
+            for sid in sessions:
+                await writer.begin(sid, epoch=1)
+                subs.extend(hub.subscribe(sid) for _ in range(2))
+            samples: list[float] = []
+            clock = time.perf_counter_ns
+            for i in range(events):
+                sid = sessions[i % SESSIONS_THROUGHPUT]
+                t0 = clock()
+                writer.emit_nowait(sid, "delta", {"text": TEXT, "i": i})
+                samples.append((clock() - t0) / 1000)
+                if i % 200 == 199:
+                    await anyio.lowlevel.checkpoint()
+            await writer.flush()
+            for sub in subs:
+                await sub.aclose()
+        results.add("emit latency", driver, "emit_nowait p50", "us", _percentile(samples, 0.5))
+        results.add("emit latency", driver, "emit_nowait p99", "us", _percentile(samples, 0.99))
+
+
+# ---------------------------------------------------------------- 3. fan-out
+
+
+async def _bare_fanout(events_per_session: int) -> float:
+    """The same shape with nothing but asyncio queues: the ceiling for deliveries/s."""
+    queues = [
+        [asyncio.Queue[dict[str, Any]]() for _ in range(FANOUT_SUBSCRIBERS_PER_SESSION)]
+        for _ in range(FANOUT_SESSIONS)
+    ]
+    latencies: list[float] = []
+    total = FANOUT_SESSIONS * FANOUT_SUBSCRIBERS_PER_SESSION * events_per_session
+    delivered = 0
+    done = asyncio.Event()
+
+    async def consume(q: asyncio.Queue[dict[str, Any]]) -> None:
+        nonlocal delivered
+        for _ in range(events_per_session):
+            item = await q.get()
+            latencies.append(time.perf_counter() - item["t"])
+            delivered += 1
+        if delivered == total:
+            done.set()
+
+    async def produce(group: list[asyncio.Queue[dict[str, Any]]]) -> None:
+        for _ in range(events_per_session):
+            item = {"text": TEXT, "t": time.perf_counter()}
+            for q in group:
+                q.put_nowait(item)
+            await asyncio.sleep(0)
+
+    started = time.perf_counter()
+    async with anyio.create_task_group() as tg:
+        for group in queues:
+            for q in group:
+                tg.start_soon(consume, q)
+        for group in queues:
+            tg.start_soon(produce, group)
+        await done.wait()
+    return total / (time.perf_counter() - started)
+
+
+async def _hub_fanout(
+    storage: AsyncStorageBackend,
+    tag: str,
+    events_per_session: int,
+    mode: DeliveryMode,
+    rate: float | None,
+    poll_interval_s: float = 0.2,
+) -> dict[str, float]:
+    """Writer + hub + 3000 subscribers; returns deliveries/s, latency and db reads/s."""
+    hub_config = HubConfig(mode=mode, cross_instance=False, poll_interval_s=poll_interval_s)
+    sessions = [f"{tag}-{s}" for s in range(FANOUT_SESSIONS)]
+    total = FANOUT_SESSIONS * FANOUT_SUBSCRIBERS_PER_SESSION * events_per_session
+    latencies: list[float] = []
+    delivered = 0
+    done = anyio.Event()
+    async with (
+        BroadcastHub(storage, hub_config) as hub,
+        StreamEventWriter(storage, hub, StreamConfig(batch=_batch_config())) as writer,
+    ):
+        for sid in sessions:
+            await writer.begin(sid, epoch=1)
+
+        async def consume(sid: str) -> None:
+            nonlocal delivered
+            async with hub.subscribe(
+                sid, after=(1, 0) if mode is DeliveryMode.POLL else None
+            ) as sub:
+                got = 0
+                async for item in sub:
+                    if isinstance(item, StreamReset):
+                        raise RuntimeError(f"unexpected reset {item}")
+                    latencies.append(time.perf_counter() - item.payload["t"])
+                    got += 1
+                    delivered += 1
+                    if got == events_per_session:
+                        break
+            if delivered == total:
+                done.set()
+
+        async def produce(sid: str, offset: float) -> None:
+            if rate is not None:
+                await anyio.sleep(offset)
+            for _ in range(events_per_session):
+                writer.emit_nowait(sid, "delta", {"text": TEXT, "t": time.perf_counter()})
+                if rate is None:
+                    await anyio.lowlevel.checkpoint()
+                else:
+                    await anyio.sleep(1 / rate)
+
+        reads_before = hub.statistics().db_reads_total
+        async with anyio.create_task_group() as tg:
+            for sid in sessions:
+                for _ in range(FANOUT_SUBSCRIBERS_PER_SESSION):
+                    tg.start_soon(consume, sid)
+            await anyio.sleep(0.05)  # every subscriber registered and waiting
+            started = time.perf_counter()
+            for n, sid in enumerate(sessions):
+                offset = (n / FANOUT_SESSIONS) / rate if rate else 0.0
+                tg.start_soon(produce, sid, offset)
+            with anyio.fail_after(300):
+                await done.wait()
+            elapsed = time.perf_counter() - started
+        stats = hub.statistics()
+        await writer.flush()
+    live_reads = stats.live_db_reads
+    return {
+        "deliveries_per_s": total / elapsed,
+        "p50_ms": _percentile(latencies, 0.5) * 1000,
+        "p99_ms": _percentile(latencies, 0.99) * 1000,
+        "db_reads_per_s": (stats.db_reads_total - reads_before) / elapsed,
+        "live_db_reads": float(live_reads),
+    }
+
+
+async def bench_fanout(
+    results: Results, driver: str, storage: AsyncStorageBackend, repeats: int, quick: bool
+) -> None:
+    burst = 20 if quick else 60
+    paced = 30 if quick else 60  # events per session at TOKEN_RATE_PER_SESSION
+    await _bare_fanout(2)
+    await _hub_fanout(storage, f"warm-{driver}", 2, DeliveryMode.MEMORY, None)
+    for rep in range(repeats):
+        _progress(f"{driver}: fan-out saturation, repetition {rep + 1}/{repeats}")
+        sides = ["hub", "bare"] if rep % 2 == 0 else ["bare", "hub"]
+        for side in sides:
+            if side == "bare":
+                rate = await _bare_fanout(burst)
+                results.add("fan-out", driver, "bare asyncio deliveries/s", "1/s", rate)
+            else:
+                fig = await _hub_fanout(
+                    storage, f"sat{rep}-{driver}", burst, DeliveryMode.MEMORY, None
+                )
+                results.add(
+                    "fan-out", driver, "memory deliveries/s", "1/s", fig["deliveries_per_s"]
+                )
+        _progress(f"{driver}: fan-out at {TOKEN_RATE_PER_SESSION:g} tokens/s, rep {rep + 1}")
+        modes = [DeliveryMode.MEMORY, DeliveryMode.POLL]
+        if rep % 2:
+            modes.reverse()
+        for mode in modes:
+            fig = await _hub_fanout(
+                storage, f"pace{rep}-{mode.value}-{driver}", paced, mode, TOKEN_RATE_PER_SESSION
+            )
+            label = mode.value
+            results.add("fan-out paced", driver, f"{label} latency p50", "ms", fig["p50_ms"])
+            results.add("fan-out paced", driver, f"{label} latency p99", "ms", fig["p99_ms"])
+            results.add(
+                "fan-out paced", driver, f"{label} db reads/s", "1/s", fig["db_reads_per_s"]
+            )
+            results.add(
+                "fan-out paced", driver, f"{label} live-subscriber reads", "n", fig["live_db_reads"]
+            )
+
+
+# ---------------------------------------------------------------- drivers and report
+
+
+async def _run_driver(
+    results: Results,
+    driver: str,
+    storage: AsyncStorageBackend,
+    raw: Callable[[str, int], Awaitable[float]],
+    args: argparse.Namespace,
+) -> None:
+    await bench_throughput(results, driver, storage, raw, args.repeats, args.quick)
+    await bench_emit_latency(results, driver, storage, args.repeats, args.quick)
+    if driver in args.fanout_on:
+        await bench_fanout(results, driver, storage, args.repeats, args.quick)
+
+
+async def run(args: argparse.Namespace, tmp: Path) -> Results:
+    results = Results()
+    path = tmp / "streams.db"
+    async with open_storage(f"sqlite:///{path}", migrate=True) as storage:
+
+        async def raw_sqlite(tag: str, n: int) -> float:
+            return await _raw_sqlite(path, tag, n)
+
+        await _run_driver(results, "sqlite", storage, raw_sqlite, args)
+    name = await _create_database(args.url)
+    if name is None:
+        return results
+    url = _with_database(args.url, name)
+    try:
+        async with open_storage(url, migrate=True) as storage:
+            conn = await _raw_connection(url)
+            try:
+
+                async def raw_pg(tag: str, n: int) -> float:
+                    return await _raw_postgres(conn, tag, n)
+
+                await _run_driver(results, "postgres", storage, raw_pg, args)
+            finally:
+                await conn.close()
+    finally:
+        await _drop_database(args.url, name)
+    return results
+
+
+def _fmt(value: float | None, unit: str) -> str:
+    if value is None or value != value:
+        return "-"
+    if unit in ("us", "ms"):
+        return f"{value:,.2f} {unit}"
+    return f"{value:,.0f}"
+
+
+def render(results: Results) -> str:
+    header = ("section", "driver", "figure", "median", "spread")
+    lines = [header]
+    for row in results.rows.values():
+        flag = " (noisy)" if row.spread > NOISY and row.unit not in ("n",) else ""
+        lines.append(
+            (
+                row.section,
+                row.driver,
+                row.name,
+                _fmt(row.median, row.unit),
+                f"{row.spread:.0%}{flag}",
+            )
+        )
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    out = []
+    for n, line in enumerate(lines):
+        out.append("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(line)))
+        if n == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def targets(results: Results) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+
+    def check(name: str, value: float | None, goal: float, higher: bool, fmt: str) -> None:
+        met = None if value is None else (value >= goal if higher else value < goal)
+        out.append({"target": name, "value": value, "goal": goal, "met": met, "fmt": fmt})
+
+    for driver in ("postgres", "sqlite"):
+        batched = results.median("throughput", driver, "batched")
+        legacy = results.median("throughput", driver, "legacy")
+        raw = results.median("throughput", driver, "raw batched insert")
+        if batched and legacy:
+            check(
+                f"{driver}: batched / legacy emit throughput >= 20x",
+                batched / legacy,
+                20,
+                True,
+                "x",
+            )
+        if batched and raw:
+            check(f"{driver}: batched / raw batched insert >= 60%", batched / raw, 0.6, True, "%")
+        p99 = results.median("emit latency", driver, "emit_nowait p99")
+        if p99 is not None:
+            check(f"{driver}: emit p99 < 50 us", p99, 50, False, "us")
+        hub = results.median("fan-out", driver, "memory deliveries/s")
+        bare = results.median("fan-out", driver, "bare asyncio deliveries/s")
+        if hub and bare:
+            check(
+                f"{driver}: fan-out deliveries/s >= 50% of bare asyncio", hub / bare, 0.5, True, "%"
+            )
+        reads = results.median("fan-out paced", driver, "memory live-subscriber reads")
+        if reads is not None:
+            check(f"{driver}: live subscribers cause 0 db reads (memory)", reads, 0.5, False, "n")
+    return out
+
+
+def render_targets(items: list[dict[str, Any]]) -> str:
+    lines = []
+    for t in items:
+        v = t["value"]
+        shown = {"x": f"{v:.1f}x", "%": f"{v:.0%}", "us": f"{v:.1f} us", "n": f"{v:.0f}"}[t["fmt"]]
+        lines.append(f"target: {t['target']}: {shown} -> {'met' if t['met'] else 'NOT MET'}")
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.streams_bench",
+        description="Stream writer and broadcast hub: optimized vs legacy vs ceilings.",
+    )
+    parser.add_argument(
+        "--url", default=DEFAULT_URL, help=f"Postgres server (default {DEFAULT_URL})"
+    )
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run)")
+    parser.add_argument(
+        "--fanout-on",
+        nargs="*",
+        default=["postgres", "sqlite"],
+        help="drivers to run the fan-out section on",
+    )
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    load_before = _load_average()
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="asyncstore-streams-") as tmp:
+        results = asyncio.run(run(args, Path(tmp)))
+    elapsed = time.perf_counter() - started
+    load_after = _load_average()
+    goals = targets(results)
+    print(render(results))
+    print()
+    print(render_targets(goals))
+    print(f"repeats: {args.repeats}, quick: {args.quick}, run time: {elapsed:.1f} s")
+    if load_before is not None and load_after is not None:
+        print(
+            f"1-minute load average: {load_before:.2f} before, {load_after:.2f} after, "
+            f"on {os.cpu_count()} CPUs (client and database share them)"
+        )
+    if args.json is not None:
+        document = {
+            "benchmark": "streams_bench",
+            "config": {"url": _redact(args.url), "repeats": args.repeats, "quick": args.quick},
+            "environment": environment(),
+            "run_time_s": elapsed,
+            "results": [r.as_dict() for r in results.rows.values()],
+            "targets": goals,
+        }
+        args.json.write_text(json.dumps(document, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
