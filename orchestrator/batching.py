@@ -335,6 +335,9 @@ class BatchWriter(Generic[T]):
     def _accept(self, item: T, nbytes: int, critical: bool) -> None:
         if self._closing:
             raise WriterClosed(f"writer {self.name!r} is closed")
+        if not self._started:
+            # Without its flusher nothing would ever be written: refuse rather than hoard.
+            raise WriterClosed(f"writer {self.name!r} is not running: use `async with` first")
         self._numbered += 1
         self._pending.append(_Entry(item, nbytes, critical, self._numbered, time.monotonic()))
         self._bytes += nbytes

@@ -20,6 +20,7 @@ from types import MappingProxyType, TracebackType
 from typing import Any, Self
 
 import anyio
+import anyio.abc
 from pydantic import BaseModel, ConfigDict, Field
 
 from orchestrator.batching import (
@@ -76,6 +77,7 @@ class StreamWriterStatistics:
     persisted: int
     lost: int  # dead-lettered after retries or at shutdown: published live, never stored
     notifications: int
+    notify_failures: int
     insert_statements: int  # legacy path: one per event
     writer: BatchWriterStatistics | None
 
@@ -130,10 +132,19 @@ class StreamEventWriter:
         self._persisted = 0
         self._lost = 0
         self._notifications = 0
+        self._notify_failures = 0
+        self._advances: dict[str, tuple[int, int, int]] = {}
+        self._notes_wake = anyio.Event()
+        self._notes_closed = False
+        self._tg: anyio.abc.TaskGroup | None = None
         self._inserts = 0
         self._closed = False
 
     async def __aenter__(self) -> Self:
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        if self.config.notify:
+            self._tg.start_soon(self._notifier)
         if self._writer is not None:
             await self._writer.__aenter__()
         return self
@@ -145,10 +156,56 @@ class StreamEventWriter:
         tb: TracebackType | None,
     ) -> bool | None:
         self._closed = True
-        if self._writer is not None:
-            # The batch writer drains (shielded, bounded by its drain timeout).
-            return await self._writer.__aexit__(exc_type, exc, tb)
+        try:
+            if self._writer is not None:
+                # The batch writer drains (shielded, bounded by its drain timeout).
+                await self._writer.__aexit__(exc_type, exc, tb)
+        finally:
+            self._notes_closed = True
+            self._notes_wake.set()
+            tg, self._tg = self._tg, None
+            if tg is not None:
+                # The notifier sends what the final flushes advanced, then returns.
+                await tg.__aexit__(None, None, None)
         return None
+
+    async def _notifier(self) -> None:
+        """Send the advances of persisted batches, coalescing whatever piled up meanwhile.
+
+        Runs beside the flusher so a flush never waits for its notification's round trip;
+        under load several flushes share one notification. A failed send is retried a few
+        times, then counted: other instances catch up at the next notification.
+        """
+        # Shielded so the last flushes are still announced when the owner is cancelled;
+        # it returns as soon as the writer has closed and nothing is left to send.
+        with anyio.CancelScope(shield=True):
+            await self._notify_loop()
+
+    async def _notify_loop(self) -> None:
+        while True:
+            if not self._advances:
+                if self._notes_closed:
+                    return
+                await self._notes_wake.wait()
+                self._notes_wake = anyio.Event()
+                continue
+            advances, self._advances = self._advances, {}
+            payloads = encode_advances(
+                [(sid, epoch, first, last) for sid, (epoch, first, last) in advances.items()]
+            )
+            for payload in payloads:
+                for attempt in range(3):
+                    try:
+                        await self.storage.notify(self.config.channel, payload)
+                    except Exception as exc:
+                        if attempt == 2:
+                            self._notify_failures += 1
+                            log.warning("stream notification failed, not retried: %r", exc)
+                        else:
+                            await anyio.sleep(0.05 * (attempt + 1))
+                        continue
+                    self._notifications += 1
+                    break
 
     # -- sessions ------------------------------------------------------------------------
 
@@ -293,19 +350,21 @@ class StreamEventWriter:
 
     async def _persist(self, batch: Batch[NewStreamEvent]) -> None:
         await self.storage.append_stream_events(batch.items)
-        advances: list[tuple[str, int, int, int]] = []
+        notify = self.config.notify
+        advances = self._advances
         for key, events in batch.groups.items():
             session_id = str(key)
             last = events[-1]
-            advances.append((session_id, last.epoch, events[0].seq, last.seq))
             self._settled(session_id, last.seq)
+            if notify:
+                known = advances.get(session_id)
+                first = events[0].seq if known is None else min(known[1], events[0].seq)
+                advances[session_id] = (last.epoch, first, last.seq)
         self._persisted += len(batch.items)
-        if self.config.notify:
-            # One notification per flush (split only past the payload size limit):
-            # Postgres serializes committing NOTIFY transactions, so never one per event.
-            for note in encode_advances(advances):
-                await self.storage.notify(self.config.channel, note)
-                self._notifications += 1
+        if notify:
+            # At most one notification per flush, sent by the notifier (never per event:
+            # Postgres serializes committing NOTIFY transactions on one lock).
+            self._notes_wake.set()
 
     def _lost_batch(self, letter: DeadLetter[NewStreamEvent]) -> None:
         self._lost += len(letter.items)
@@ -343,6 +402,7 @@ class StreamEventWriter:
             persisted=self._persisted,
             lost=self._lost,
             notifications=self._notifications,
+            notify_failures=self._notify_failures,
             insert_statements=self._inserts,
             writer=writer,
         )

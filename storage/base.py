@@ -37,6 +37,7 @@ __all__ = [
     "EncodedJSON",
     "Failure",
     "Lease",
+    "LeaseAttempt",
     "NewMessage",
     "NewOutboxMessage",
     "NewStreamEvent",
@@ -159,6 +160,17 @@ class Lease:
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Lease:
         return cls(row["session_id"], row["holder"], row["token"], row["expires_at"])
+
+
+class LeaseAttempt(NamedTuple):
+    """What ``acquire_lease_slot`` found: the lease if taken, and whether a slot was free.
+
+    ``lease`` is None either because the pool was full (``slot_ok`` False) or because the
+    session is held by someone else (``slot_ok`` True).
+    """
+
+    lease: Lease | None
+    slot_ok: bool
 
 
 class TaskStatus(StrEnum):
@@ -503,6 +515,56 @@ class AsyncStorageBackend(abc.ABC):
     async def expire_leases(self, older_than_s: float = 0.0) -> int:
         """Background sweep: delete leases expired for more than ``older_than_s`` seconds."""
 
+    # -- lease slots (global cap on running sessions) and limiter wake-ups ------
+
+    @abc.abstractmethod
+    async def ensure_lease_slots(self, pool: str, slots: int) -> None:
+        """Create the numbered slots ``1..slots`` of ``pool`` that do not exist yet.
+
+        Run once when a limiter starts, never on the acquire path. A pool's slots are shared
+        by every instance; each acquirer passes its cap as ``slots`` and uses slots up to it.
+        """
+
+    @abc.abstractmethod
+    async def acquire_lease_slot(
+        self,
+        session_id: str,
+        holder: str,
+        ttl_s: float,
+        *,
+        pool: str | None = None,
+        slots: int = 0,
+    ) -> LeaseAttempt:
+        """Take the session's lease and, with ``pool``, a free numbered slot of that pool.
+
+        One statement on Postgres (slot claimed with ``FOR UPDATE SKIP LOCKED``), one
+        IMMEDIATE transaction on SQLite; never a COUNT(*) or a DELETE. The slot is bound to
+        the lease's fencing token and expires, renews and is released with it. A failed
+        attempt records that someone is waiting (on the session's lease, or on the pool when
+        it was full) so that ``release_lease_slot`` notifies only when there are waiters.
+        """
+
+    @abc.abstractmethod
+    async def renew_lease_slot(
+        self, session_id: str, token: int, ttl_s: float, *, pool: str | None = None
+    ) -> Lease:
+        """Extend a lease and its slot; ``LeaseLost`` if ``token`` is not current any more."""
+
+    @abc.abstractmethod
+    async def release_lease_slot(
+        self, session_id: str, token: int, *, channel: str, pool: str | None = None
+    ) -> bool:
+        """Release a lease and its slot; False if ``token`` was not current (nothing done).
+
+        If an acquirer found the lease busy while it was held, ``channel`` is notified with
+        ``s:<session_id>``; if one found the pool full, with ``p:<pool>``. Both are sent in
+        the same statement (Postgres) or right after the commit (SQLite).
+        """
+
+    @abc.abstractmethod
+    async def count_leases(self) -> int:
+        """The number of live leases (a COUNT(*): only the legacy limiter loop uses it)."""
+
     # -- agent tasks -----------------------------------------------------------
 
     @abc.abstractmethod
@@ -549,6 +611,13 @@ class AsyncStorageBackend(abc.ABC):
         """Give claimed tasks back (shutdown): queued, due now, this attempt not counted."""
 
     @abc.abstractmethod
+    async def dead_letter_tasks(self, failures: Sequence[Failure]) -> list[int]:
+        """Dead-letter running tasks now (permanent error, cancelled), attempts left or not.
+
+        Only under their current claims; ``retry_at`` is ignored. Returns the ids moved.
+        """
+
+    @abc.abstractmethod
     async def get_task(self, task_id: int) -> Task | None:
         """One task by id."""
 
@@ -589,6 +658,14 @@ class AsyncStorageBackend(abc.ABC):
     @abc.abstractmethod
     async def redrive_outbox(self, ids: Sequence[int]) -> list[int]:
         """Put dead messages back to pending with a fresh attempt budget; returns those moved."""
+
+    @abc.abstractmethod
+    async def release_outbox(self, claims: Sequence[Claim]) -> list[int]:
+        """Give claimed messages back unsent: pending, due now, this attempt not counted."""
+
+    @abc.abstractmethod
+    async def dead_letter_outbox(self, failures: Sequence[Failure]) -> list[int]:
+        """Dead-letter messages now (a non-retryable error) under their current claims."""
 
     @abc.abstractmethod
     async def get_outbox(self, message_id: int) -> OutboxMessage | None:

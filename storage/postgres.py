@@ -29,6 +29,7 @@ from storage.base import (
     Claim,
     Failure,
     Lease,
+    LeaseAttempt,
     NewMessage,
     NewOutboxMessage,
     NewStreamEvent,
@@ -350,6 +351,65 @@ class PostgresBackend(AsyncStorageBackend):
         age = v.check_seconds(older_than_s, "older_than_s", minimum=0)
         return _rowcount(await self._execute("expire_leases", age))
 
+    @operation
+    async def ensure_lease_slots(self, pool: str, slots: int) -> None:
+        v.check_id(pool, "pool")
+        await self._execute("ensure_lease_slots", pool, v.check_int(slots, "slots", minimum=1))
+
+    @operation
+    async def acquire_lease_slot(
+        self,
+        session_id: str,
+        holder: str,
+        ttl_s: float,
+        *,
+        pool: str | None = None,
+        slots: int = 0,
+    ) -> LeaseAttempt:
+        v.check_id(session_id)
+        v.check_id(holder, "holder")
+        if pool is not None:
+            v.check_id(pool, "pool")
+            v.check_int(slots, "slots", minimum=1)
+        ttl = v.check_seconds(ttl_s, "ttl_s")
+        row = (
+            await self._fetch(
+                "acquire_lease_slot", session_id, holder, ttl, pool, None if pool is None else slots
+            )
+        )[0]
+        lease = None if row["token"] is None else Lease.from_row(row)
+        return LeaseAttempt(lease, bool(row["slot_ok"]))
+
+    @operation
+    async def renew_lease_slot(
+        self, session_id: str, token: int, ttl_s: float, *, pool: str | None = None
+    ) -> Lease:
+        v.check_id(session_id)
+        v.check_int(token, "token", minimum=1)
+        if pool is not None:
+            v.check_id(pool, "pool")
+        ttl = v.check_seconds(ttl_s, "ttl_s")
+        rows = await self._fetch("renew_lease_slot", session_id, token, ttl, pool)
+        if not rows:
+            raise LeaseLost(f"session {session_id!r}: lease token {token} is not current")
+        return Lease.from_row(rows[0])
+
+    @operation
+    async def release_lease_slot(
+        self, session_id: str, token: int, *, channel: str, pool: str | None = None
+    ) -> bool:
+        v.check_id(session_id)
+        v.check_int(token, "token", minimum=1)
+        name, _ = v.check_notify_payload(channel, "")
+        if pool is not None:
+            v.check_id(pool, "pool")
+        rows = await self._fetch("release_lease_slot", session_id, token, name, pool)
+        return bool(rows[0]["released"])
+
+    @operation
+    async def count_leases(self) -> int:
+        return int((await self._fetch("count_leases"))[0][0])
+
     # -- agent tasks -----------------------------------------------------------
 
     @operation
@@ -409,6 +469,10 @@ class PostgresBackend(AsyncStorageBackend):
         return await self._claimed_update("release_tasks", claims)
 
     @operation
+    async def dead_letter_tasks(self, failures: Sequence[Failure]) -> list[int]:
+        return await self._failed_update("dead_letter_tasks", failures)
+
+    @operation
     async def get_task(self, task_id: int) -> Task | None:
         rows = await self._fetch("get_task", v.check_int(task_id, "task_id", minimum=1))
         return Task.from_row(rows[0]) if rows else None
@@ -423,6 +487,12 @@ class PostgresBackend(AsyncStorageBackend):
         if not ids:
             return []
         return sorted(r[0] for r in await self._fetch(name, ids, tokens))
+
+    async def _failed_update(self, name: str, failures: Sequence[Failure]) -> list[int]:
+        columns = v.prepare_failures(failures)
+        if not columns[0]:
+            return []
+        return sorted(r[0] for r in await self._fetch(name, *columns))
 
     # -- outbox ----------------------------------------------------------------
 
@@ -472,6 +542,14 @@ class PostgresBackend(AsyncStorageBackend):
         if not checked:
             return []
         return sorted(r[0] for r in await self._fetch("redrive_outbox", checked))
+
+    @operation
+    async def release_outbox(self, claims: Sequence[Claim]) -> list[int]:
+        return await self._claimed_update("release_outbox", claims)
+
+    @operation
+    async def dead_letter_outbox(self, failures: Sequence[Failure]) -> list[int]:
+        return await self._failed_update("dead_letter_outbox", failures)
 
     @operation
     async def get_outbox(self, message_id: int) -> OutboxMessage | None:

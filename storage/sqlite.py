@@ -31,6 +31,7 @@ from storage.base import (
     Claim,
     Failure,
     Lease,
+    LeaseAttempt,
     NewMessage,
     NewOutboxMessage,
     NewStreamEvent,
@@ -444,6 +445,106 @@ class SqliteBackend(AsyncStorageBackend):
         cutoff = time.time() - v.check_seconds(older_than_s, "older_than_s", minimum=0)
         return await self._write_count("expire_leases", {"cutoff": cutoff})
 
+    @operation
+    async def ensure_lease_slots(self, pool: str, slots: int) -> None:
+        params = {"pool": v.check_id(pool, "pool"), "count": v.check_int(slots, "slots", minimum=1)}
+        async with self._transaction() as tx:
+            await tx.execute("_ensure_slot_pool", params)
+            await tx.execute("ensure_lease_slots", params)
+
+    @operation
+    async def acquire_lease_slot(
+        self,
+        session_id: str,
+        holder: str,
+        ttl_s: float,
+        *,
+        pool: str | None = None,
+        slots: int = 0,
+    ) -> LeaseAttempt:
+        v.check_id(session_id)
+        v.check_id(holder, "holder")
+        if pool is not None:
+            v.check_id(pool, "pool")
+            v.check_int(slots, "slots", minimum=1)
+        ttl = v.check_seconds(ttl_s, "ttl_s")
+        async with self._transaction() as tx:
+            now = time.time()
+            slot: int | None = None
+            if pool is not None:
+                free = await tx.fetch("_free_slot", {"pool": pool, "slots": slots, "now": now})
+                if not free:
+                    await tx.execute("_pool_waited_on", {"pool": pool})
+                    return LeaseAttempt(None, False)
+                slot = free[0]["slot"]
+            token = await tx.next_token("lease_tokens")
+            params = {
+                "session_id": session_id,
+                "holder": holder,
+                "token": token,
+                "expires_at": now + ttl,
+                "now": now,
+            }
+            rows = await tx.fetch("acquire_lease_slot", params)
+            if not rows:
+                await tx.execute("_lease_contended", {"session_id": session_id, "now": now})
+                return LeaseAttempt(None, True)
+            if slot is not None:
+                bind = {"pool": pool, "slot": slot, "token": token, "expires_at": now + ttl}
+                await tx.execute("_bind_slot", bind)
+        return LeaseAttempt(Lease.from_row(rows[0]), True)
+
+    @operation
+    async def renew_lease_slot(
+        self, session_id: str, token: int, ttl_s: float, *, pool: str | None = None
+    ) -> Lease:
+        v.check_id(session_id)
+        v.check_int(token, "token", minimum=1)
+        if pool is not None:
+            v.check_id(pool, "pool")
+        ttl = v.check_seconds(ttl_s, "ttl_s")
+        async with self._transaction() as tx:
+            now = time.time()
+            params = {"session_id": session_id, "token": token, "expires_at": now + ttl, "now": now}
+            rows = await tx.fetch("renew_lease_slot", params)
+            if rows and pool is not None:
+                slot = {"pool": pool, "token": token, "expires_at": now + ttl}
+                await tx.execute("_renew_slot", slot)
+        if not rows:
+            raise LeaseLost(f"session {session_id!r}: lease token {token} is not current")
+        return Lease.from_row(rows[0])
+
+    @operation
+    async def release_lease_slot(
+        self, session_id: str, token: int, *, channel: str, pool: str | None = None
+    ) -> bool:
+        v.check_id(session_id)
+        v.check_int(token, "token", minimum=1)
+        name, _ = v.check_notify_payload(channel, "")
+        if pool is not None:
+            v.check_id(pool, "pool")
+        wake: list[str] = []
+        async with self._transaction() as tx:
+            now = time.time()
+            params = {"session_id": session_id, "token": token, "now": now}
+            rows = await tx.fetch("release_lease_slot", params)
+            if rows and rows[0]["contended"]:
+                wake.append(f"s:{session_id}")
+            if rows and pool is not None:
+                slot = {"pool": pool, "token": token, "now": now}
+                if await tx.fetch("_release_slot", slot):
+                    wake.extend(f"p:{r['pool']}" for r in await tx.fetch("_pool_woken", slot))
+        # Delivered after the commit, as Postgres delivers NOTIFY on commit.
+        for payload in wake:
+            for hub in list(_HUBS.get(self._hub_key, ())):
+                hub.deliver(name, payload)
+        return bool(rows)
+
+    @operation
+    async def count_leases(self) -> int:
+        rows = await self._read("count_leases", {"now": time.time()})
+        return int(rows[0]["n"])
+
     # -- agent tasks -----------------------------------------------------------
 
     @operation
@@ -506,6 +607,10 @@ class SqliteBackend(AsyncStorageBackend):
     @operation
     async def release_tasks(self, claims: Sequence[Claim]) -> list[int]:
         return await self._claimed_update("release_tasks", claims)
+
+    @operation
+    async def dead_letter_tasks(self, failures: Sequence[Failure]) -> list[int]:
+        return sorted(r["id"] for r in await self._failures("dead_letter_tasks", failures))
 
     @operation
     async def get_task(self, task_id: int) -> Task | None:
@@ -595,6 +700,14 @@ class SqliteBackend(AsyncStorageBackend):
             return []
         rows = await self._write("redrive_outbox", {"ids": _json(checked), "now": time.time()})
         return sorted(r["id"] for r in rows)
+
+    @operation
+    async def release_outbox(self, claims: Sequence[Claim]) -> list[int]:
+        return await self._claimed_update("release_outbox", claims)
+
+    @operation
+    async def dead_letter_outbox(self, failures: Sequence[Failure]) -> list[int]:
+        return sorted(r["id"] for r in await self._failures("dead_letter_outbox", failures))
 
     @operation
     async def get_outbox(self, message_id: int) -> OutboxMessage | None:

@@ -23,7 +23,7 @@ from storage import AsyncStorageBackend, open_storage
 DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 TABLES = (
     "chat_sessions, chat_messages, stream_events, session_leases, agent_tasks, outbox,"
-    " cancel_requests"
+    " cancel_requests, lease_slots, lease_slot_pools"
 )
 
 

@@ -94,6 +94,9 @@ async def test_one_notification_per_flush_for_many_sessions(storage: AsyncStorag
             note = await notes.receive()
         advances = decode_advance(note.payload)
         assert sorted(advances) == [(f"s{s}", 7, 1, 20) for s in range(5)]
+        with anyio.move_on_after(0.2):
+            extra = await notes.receive()
+            raise AssertionError(f"a second notification for one flush: {extra}")
         assert w.statistics().notifications == 1
         assert w.statistics().persisted == 100
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import anyio
 import pytest
@@ -40,6 +41,13 @@ class Recorder:
     @property
     def items(self) -> list[int]:
         return [i for b in self.batches for i in b.items]
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Wait for a state the writer's own task reaches (generous bound, no fixed sleep)."""
+    with anyio.fail_after(5):
+        while not condition():  # noqa: ASYNC110 - the writer exposes no event for this
+            await anyio.sleep(0.001)
 
 
 def cfg(**kw: object) -> BatchConfig:
@@ -127,8 +135,7 @@ async def test_drop_newest_counts_and_keeps_critical() -> None:
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(put_critical)
-            await anyio.sleep(0.01)
-            assert w.statistics().blocked_puts == 1
+            await until(lambda: w.statistics().blocked_puts == 1)
             sink.gate.set()
         await w.flush()
     assert sink.items == [0, 1, 2, 3, 99]
@@ -140,8 +147,7 @@ async def test_drop_oldest_evicts_waiting_non_critical_only() -> None:
     config = cfg(max_batch=1, capacity=3, overflow=OverflowPolicy.DROP_OLDEST, flush_interval_s=60)
     async with BatchWriter(sink, config) as w:
         w.put_nowait(0)  # taken in flight (max_batch=1 makes it due at once)
-        await anyio.sleep(0.01)
-        assert w.statistics().in_flight == 1
+        await until(lambda: w.statistics().in_flight == 1)
         w.put_nowait(1, critical=True)
         w.put_nowait(2)
         assert w.put_nowait(3)  # evicts 2, the oldest waiting non-critical item

@@ -44,7 +44,7 @@ def test_secrets_are_masked() -> None:
 def test_cli_migrate_and_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     url = f"sqlite:///{tmp_path / 'cli.db'}"
     assert main(["migrate", "--url", url]) == 0
-    assert "applied migrations [1]" in capsys.readouterr().out
+    assert "applied migrations [1, 2" in capsys.readouterr().out
     assert main(["migrate", "--url", url]) == 0
     assert "up to date" in capsys.readouterr().out
     assert main(["migrate", "--url", "mysql://nope"]) == 2

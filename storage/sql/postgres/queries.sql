@@ -76,6 +76,88 @@ WHERE session_id = $1 AND expires_at > now();
 -- name: expire_leases
 DELETE FROM session_leases WHERE expires_at < now() - make_interval(secs => $1);
 
+-- name: ensure_lease_slots
+-- $1 pool, $2 number of slots. Creates the pool's numbered slots 1..$2 that do not exist yet.
+WITH p AS (INSERT INTO lease_slot_pools (pool) VALUES ($1) ON CONFLICT DO NOTHING)
+INSERT INTO lease_slots (pool, slot) SELECT $1, g FROM generate_series(1, $2) AS g
+ON CONFLICT DO NOTHING;
+
+-- name: acquire_lease_slot
+-- $1 session, $2 holder, $3 ttl seconds, $4 slot pool or NULL (no cap), $5 slots in the pool.
+-- One statement, no COUNT(*) and no DELETE: claim the lowest free numbered slot of the pool
+-- (SKIP LOCKED, so concurrent acquirers never queue on one slot), take the session lease if
+-- it is free or expired, and bind the slot to the new token. A busy session marks its live
+-- lease contended and a full pool marks itself waited on, so that a release notifies remote
+-- waiters only when there are some. Always one row: slot_ok is false when the pool was full,
+-- the lease columns are NULL when the lease was not taken.
+WITH slot AS (
+    SELECT s.pool, s.slot FROM lease_slots s
+    WHERE s.pool = $4 AND s.slot <= $5 AND s.expires_at <= now()
+    ORDER BY s.slot
+    LIMIT 1
+    FOR UPDATE SKIP LOCKED
+), lease AS (
+    INSERT INTO session_leases AS l (session_id, holder, token, expires_at)
+    SELECT $1, $2, nextval('lease_tokens'), now() + make_interval(secs => $3)
+    WHERE $4::text IS NULL OR EXISTS (SELECT 1 FROM slot)
+    ON CONFLICT (session_id) DO UPDATE
+        SET holder = EXCLUDED.holder, token = EXCLUDED.token, expires_at = EXCLUDED.expires_at,
+            contended = false
+        WHERE l.expires_at <= now()
+    RETURNING l.session_id, l.holder, l.token, l.expires_at
+), bound AS (
+    UPDATE lease_slots s SET token = lease.token, expires_at = lease.expires_at
+    FROM lease, slot WHERE s.pool = slot.pool AND s.slot = slot.slot
+), busy AS (
+    UPDATE session_leases l SET contended = true
+    WHERE l.session_id = $1 AND NOT l.contended AND l.expires_at > now()
+      AND ($4::text IS NULL OR EXISTS (SELECT 1 FROM slot))
+      AND NOT EXISTS (SELECT 1 FROM lease)
+), full_pool AS (
+    UPDATE lease_slot_pools p SET waiting = true
+    WHERE p.pool = $4 AND NOT p.waiting AND NOT EXISTS (SELECT 1 FROM slot)
+)
+SELECT ($4::text IS NULL OR EXISTS (SELECT 1 FROM slot)) AS slot_ok,
+       lease.session_id, lease.holder, lease.token, lease.expires_at
+FROM (SELECT 1) AS one LEFT JOIN lease ON true;
+
+-- name: renew_lease_slot
+-- $1 session, $2 token, $3 ttl seconds, $4 pool or NULL: renew the lease and its slot.
+WITH renewed AS (
+    UPDATE session_leases SET expires_at = now() + make_interval(secs => $3)
+    WHERE session_id = $1 AND token = $2 AND expires_at > now()
+    RETURNING session_id, holder, token, expires_at
+), slot AS (
+    UPDATE lease_slots s SET expires_at = renewed.expires_at
+    FROM renewed WHERE s.pool = $4 AND s.token = renewed.token
+)
+SELECT session_id, holder, token, expires_at FROM renewed;
+
+-- name: release_lease_slot
+-- $1 session, $2 token, $3 channel, $4 pool or NULL. Release the lease and its slot; notify
+-- $3 with 's:<session>' if an acquirer found the lease busy, and with 'p:<pool>' if one found
+-- the pool full (clearing that flag). The NOTIFY is sent only then, in the same statement.
+WITH released AS (
+    UPDATE session_leases SET expires_at = now()
+    WHERE session_id = $1 AND token = $2 AND expires_at > now()
+    RETURNING session_id, contended
+), freed AS (
+    UPDATE lease_slots s SET expires_at = now()
+    FROM released WHERE s.pool = $4 AND s.token = $2 AND s.expires_at > now()
+    RETURNING s.pool
+), woken AS (
+    UPDATE lease_slot_pools p SET waiting = false
+    FROM freed WHERE p.pool = freed.pool AND p.waiting
+    RETURNING p.pool
+)
+SELECT EXISTS (SELECT 1 FROM released) AS released,
+       (SELECT pg_notify($3, 's:' || $1) FROM released WHERE contended) AS session_woken,
+       (SELECT pg_notify($3, 'p:' || pool) FROM woken) AS pool_woken;
+
+-- name: count_leases
+-- Legacy limiter only (lock.mode = db_poll): the global COUNT(*) the old loop ran per attempt.
+SELECT count(*) FROM session_leases WHERE expires_at > now();
+
 -- name: enqueue_tasks
 -- Rows with an idempotency key that matches an unfinished task return that task (the no-op
 -- update makes RETURNING include it). Identity values follow the ORDER BY, so new rows'
@@ -146,6 +228,14 @@ FROM unnest($1::bigint[], $2::bigint[]) AS c(id, token)
 WHERE t.id = c.id AND t.lease_token = c.token AND t.status = 'running'
 RETURNING t.id;
 
+-- name: dead_letter_tasks
+-- A permanent failure or a cancelled task: dead now, whatever attempts are left.
+UPDATE agent_tasks t SET status = 'dead', last_error = f.error, updated_at = now()
+FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::timestamptz[])
+     AS f(id, token, error, retry_at)
+WHERE t.id = f.id AND t.lease_token = f.token AND t.status = 'running'
+RETURNING t.id;
+
 -- name: get_task
 SELECT * FROM agent_tasks WHERE id = $1;
 
@@ -214,6 +304,20 @@ RETURNING o.id, o.status;
 UPDATE outbox SET status = 'pending', attempts = 0, run_after = now(), updated_at = now()
 WHERE id = ANY($1::bigint[]) AND status = 'dead'
 RETURNING id;
+
+-- name: release_outbox
+UPDATE outbox o SET status = 'pending', run_after = now(),
+    attempts = greatest(o.attempts - 1, 0), updated_at = now()
+FROM unnest($1::bigint[], $2::bigint[]) AS c(id, token)
+WHERE o.id = c.id AND o.lease_token = c.token AND o.status = 'sending'
+RETURNING o.id;
+
+-- name: dead_letter_outbox
+UPDATE outbox o SET status = 'dead', last_error = f.error, updated_at = now()
+FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::timestamptz[])
+     AS f(id, token, error, retry_at)
+WHERE o.id = f.id AND o.lease_token = f.token AND o.status = 'sending'
+RETURNING o.id;
 
 -- name: get_outbox
 SELECT * FROM outbox WHERE id = $1;

@@ -79,6 +79,63 @@ WHERE session_id = :session_id AND expires_at > :now;
 -- name: expire_leases
 DELETE FROM session_leases WHERE expires_at < :cutoff;
 
+-- name: ensure_lease_slots
+WITH RECURSIVE g(n) AS (SELECT 1 WHERE :count >= 1 UNION ALL SELECT n + 1 FROM g WHERE n < :count)
+INSERT OR IGNORE INTO lease_slots (pool, slot, token, expires_at) SELECT :pool, n, 0, 0 FROM g;
+
+-- name: _ensure_slot_pool
+INSERT OR IGNORE INTO lease_slot_pools (pool, waiting) VALUES (:pool, 0);
+
+-- name: _free_slot
+SELECT slot FROM lease_slots
+WHERE pool = :pool AND slot <= :slots AND expires_at <= :now ORDER BY slot LIMIT 1;
+
+-- name: _pool_waited_on
+UPDATE lease_slot_pools SET waiting = 1 WHERE pool = :pool AND waiting = 0;
+
+-- name: acquire_lease_slot
+-- The lease part of the slot-capped acquire; the driver runs it in one IMMEDIATE transaction
+-- with _free_slot and _bind_slot (SQLite serializes writers, so no row locks are needed).
+INSERT INTO session_leases (session_id, holder, token, expires_at, contended)
+VALUES (:session_id, :holder, :token, :expires_at, 0)
+ON CONFLICT (session_id) DO UPDATE
+    SET holder = excluded.holder, token = excluded.token, expires_at = excluded.expires_at,
+        contended = 0
+    WHERE session_leases.expires_at <= :now
+RETURNING session_id, holder, token, expires_at;
+
+-- name: _lease_contended
+UPDATE session_leases SET contended = 1
+WHERE session_id = :session_id AND contended = 0 AND expires_at > :now;
+
+-- name: _bind_slot
+UPDATE lease_slots SET token = :token, expires_at = :expires_at WHERE pool = :pool AND slot = :slot;
+
+-- name: renew_lease_slot
+UPDATE session_leases SET expires_at = :expires_at
+WHERE session_id = :session_id AND token = :token AND expires_at > :now
+RETURNING session_id, holder, token, expires_at;
+
+-- name: _renew_slot
+UPDATE lease_slots SET expires_at = :expires_at WHERE pool = :pool AND token = :token;
+
+-- name: release_lease_slot
+UPDATE session_leases SET expires_at = :now
+WHERE session_id = :session_id AND token = :token AND expires_at > :now
+RETURNING contended;
+
+-- name: _release_slot
+UPDATE lease_slots SET expires_at = :now
+WHERE pool = :pool AND token = :token AND expires_at > :now
+RETURNING pool;
+
+-- name: _pool_woken
+UPDATE lease_slot_pools SET waiting = 0 WHERE pool = :pool AND waiting = 1 RETURNING pool;
+
+-- name: count_leases
+-- Legacy limiter only (lock.mode = db_poll): the global COUNT(*) the old loop ran per attempt.
+SELECT count(*) AS n FROM session_leases WHERE expires_at > :now;
+
 -- name: _existing_keyed_tasks
 SELECT * FROM agent_tasks
 WHERE idempotency_key IS NOT NULL AND status IN ('queued', 'running')
@@ -147,6 +204,14 @@ WHERE status = 'running'
   AND (id, lease_token) IN (SELECT value ->> 0, value ->> 1 FROM json_each(:claims))
 RETURNING id;
 
+-- name: dead_letter_tasks
+-- A permanent failure or a cancelled task: dead now, whatever attempts are left.
+UPDATE agent_tasks AS t SET status = 'dead', last_error = f.error, updated_at = :now
+FROM (SELECT value ->> 0 AS fid, value ->> 1 AS ftoken, value ->> 2 AS error
+      FROM json_each(:failures)) AS f
+WHERE t.id = f.fid AND t.lease_token = f.ftoken AND t.status = 'running'
+RETURNING id;
+
 -- name: get_task
 SELECT * FROM agent_tasks WHERE id = :id;
 
@@ -212,6 +277,20 @@ RETURNING id, status;
 -- name: redrive_outbox
 UPDATE outbox SET status = 'pending', attempts = 0, run_after = :now, updated_at = :now
 WHERE status = 'dead' AND id IN (SELECT value FROM json_each(:ids))
+RETURNING id;
+
+-- name: release_outbox
+UPDATE outbox SET status = 'pending', run_after = :now,
+    attempts = max(attempts - 1, 0), updated_at = :now
+WHERE status = 'sending'
+  AND (id, lease_token) IN (SELECT value ->> 0, value ->> 1 FROM json_each(:claims))
+RETURNING id;
+
+-- name: dead_letter_outbox
+UPDATE outbox AS o SET status = 'dead', last_error = f.error, updated_at = :now
+FROM (SELECT value ->> 0 AS fid, value ->> 1 AS ftoken, value ->> 2 AS error
+      FROM json_each(:failures)) AS f
+WHERE o.id = f.fid AND o.lease_token = f.ftoken AND o.status = 'sending'
 RETURNING id;
 
 -- name: get_outbox

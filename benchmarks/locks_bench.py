@@ -1,0 +1,417 @@
+"""Session limiter and cancellation benchmark: optimized vs legacy, side by side, one run.
+
+What it measures, on Postgres and SQLite, for ``lock.mode`` ``two_level`` vs ``db_poll`` and
+``cancel.mode`` ``notify`` vs ``poll``:
+
+1. Uncontended acquire+release cycles per second (one task, a new session per cycle) and the
+   database statements issued per cycle (from ``storage.statistics()``, by query name).
+2. Contention: 300 sessions with 2 contenders each, one contender on each of two limiter
+   instances (two storage handles on one database, in this process), every hold lasting
+   ``HOLD_S`` (a stand-in for a turn's work), no global cap. Reported:
+   total database statements, statements per acquire, lock wait p50 / p99, wall time.
+3. Cancellation latency, request to token fired: same instance (the registry that holds the
+   token requests the cancel) and cross instance (a second storage handle and registry in
+   this process stands for the other instance; on Postgres the notification goes through
+   the server's NOTIFY, on SQLite through the in-process hub).
+
+Modes alternate A B A B for ``--repeats`` repetitions; figures are medians with their
+spread ((max - min) / median). Every repetition uses fresh session ids and slot pools.
+
+Run: ``python -m benchmarks.locks_bench [--url URL] [--sqlite-path PATH] [--repeats N]
+[--json PATH] [--quick]``. Postgres is reached through ``--url`` (a server the benchmark
+creates a throwaway ``asyncstore_bench_*`` database on, dropped at the end); if it does not
+answer, only SQLite is measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AsyncExitStack
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import anyio
+import anyio.lowlevel
+import asyncpg
+
+from orchestrator.cancellation import CancellationConfig, open_cancellation
+from orchestrator.locks import LimiterConfig, SessionLimiter, open_session_limiter
+from storage import AsyncStorageBackend, open_storage
+
+DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+LOCK_MODES: tuple[str, str] = ("two_level", "db_poll")
+CANCEL_MODES: tuple[str, str] = ("notify", "poll")
+SESSIONS = 300
+HOLD_S = 0.2  # a short turn; real turns hold a session for seconds
+UNCONTENDED_CYCLES = 1_000
+CANCEL_SAMPLES = {"notify": 100, "poll": 15}
+
+STATEMENTS_TARGET = 2.0  # two_level statements per uncontended acquire+release
+CONTENTION_RATIO_TARGET = 5.0  # db_poll statements / two_level statements, 300x2
+CANCEL_SAME_P99_TARGET_MS = 5.0
+CANCEL_CROSS_P99_TARGET_MS = 50.0
+
+
+@dataclass
+class Row:
+    """One metric of one backend: the figure per mode (median of the repeats) and spread."""
+
+    backend: str
+    metric: str
+    unit: str
+    optimized: float
+    legacy: float
+    optimized_spread: float
+    legacy_spread: float
+
+
+def _median(samples: Sequence[float]) -> float:
+    return statistics.median(samples) if samples else float("nan")
+
+
+def _spread(samples: Sequence[float]) -> float:
+    mid = _median(samples)
+    return (max(samples) - min(samples)) / mid if samples and mid else 0.0
+
+
+def _quantile(samples: Sequence[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+def _progress(message: str) -> None:
+    print(f"  .. {message}", file=sys.stderr, flush=True)
+
+
+def _statements(storages: Sequence[AsyncStorageBackend]) -> int:
+    return sum(s.statistics().total_statements for s in storages)
+
+
+def _config(mode: str, **extra: Any) -> LimiterConfig:
+    return LimiterConfig.model_validate(
+        {"mode": mode, "slot_pool": f"bench-{secrets.token_hex(4)}", **extra}
+    )
+
+
+async def _uncontended(url: str, mode: str, cycles: int) -> dict[str, float]:
+    async with open_storage(url) as storage, open_session_limiter(storage, _config(mode)) as lim:
+        tag = secrets.token_hex(4)
+        before = _statements([storage])
+        started = time.perf_counter()
+        for i in range(cycles):
+            async with lim.hold(f"u-{tag}-{i}"):
+                pass
+        elapsed = time.perf_counter() - started
+        return {
+            "cycles_per_s": cycles / elapsed,
+            "statements_per_cycle": (_statements([storage]) - before) / cycles,
+        }
+
+
+async def _contention(url: str, mode: str, sessions: int) -> dict[str, float]:
+    config = _config(mode)
+    async with AsyncExitStack() as stack:
+        storages: list[AsyncStorageBackend] = []
+        limiters: list[SessionLimiter] = []
+        for i in range(2):
+            storage = await stack.enter_async_context(open_storage(url))
+            storages.append(storage)
+            limiters.append(
+                await stack.enter_async_context(
+                    open_session_limiter(storage, config, instance_id=f"bench{i}")
+                )
+            )
+        tag = secrets.token_hex(4)
+        waits: list[float] = []
+
+        async def contender(limiter: SessionLimiter, session: str) -> None:
+            async with limiter.hold(session) as held:
+                waits.append(held.waited_s)
+                await anyio.sleep(HOLD_S)
+
+        before = _statements(storages)
+        started = time.perf_counter()
+        async with anyio.create_task_group() as tg:
+            for i in range(sessions):
+                for limiter in limiters:
+                    tg.start_soon(contender, limiter, f"c-{tag}-{i}")
+        elapsed = time.perf_counter() - started
+        statements = _statements(storages) - before
+    return {
+        "statements": statements,
+        "statements_per_acquire": statements / (2 * sessions),
+        "wait_p50_ms": _quantile(waits, 0.5) * 1000,
+        "wait_p99_ms": _quantile(waits, 0.99) * 1000,
+        "wall_s": elapsed,
+    }
+
+
+async def _stamp_when_fired(
+    wait: Callable[[], Awaitable[str]], at: list[float], fired: anyio.Event
+) -> None:
+    await wait()
+    at.append(time.perf_counter())
+    fired.set()
+
+
+async def _cancel_latency(url: str, mode: str, samples: int, cross: bool) -> list[float]:
+    config = CancellationConfig(mode=mode)  # type: ignore[arg-type]
+    latencies: list[float] = []
+    async with AsyncExitStack() as stack:
+        here_storage = await stack.enter_async_context(open_storage(url))
+        here = await stack.enter_async_context(open_cancellation(here_storage, config))
+        there = here
+        if cross:
+            there_storage = await stack.enter_async_context(open_storage(url))
+            there = await stack.enter_async_context(open_cancellation(there_storage, config))
+        tag = secrets.token_hex(4)
+        for i in range(samples):
+            session = f"k-{tag}-{i}"
+            async with there.open_token(session) as token, anyio.create_task_group() as tg:
+                fired = anyio.Event()
+                at: list[float] = []
+                tg.start_soon(_stamp_when_fired, token.wait, at, fired)
+                await anyio.lowlevel.checkpoint()
+                requested = time.perf_counter()
+                await here.request_cancel(session, "bench")
+                with anyio.fail_after(10):
+                    await fired.wait()
+                latencies.append((at[0] - requested) * 1000)
+            await here_storage.clear_cancel(session)
+    return latencies
+
+
+async def _bench_backend(name: str, url: str, repeats: int, quick: bool) -> list[Row]:
+    cycles = UNCONTENDED_CYCLES // (5 if quick else 1)
+    sessions = SESSIONS // (3 if quick else 1)
+    per_mode: dict[str, dict[str, list[float]]] = {m: {} for m in (*LOCK_MODES, *CANCEL_MODES)}
+
+    def add(mode: str, metrics: dict[str, float]) -> None:
+        for key, value in metrics.items():
+            per_mode[mode].setdefault(key, []).append(value)
+
+    for repeat in range(repeats):
+        for mode in LOCK_MODES:
+            _progress(f"{name} #{repeat + 1} {mode}: uncontended x{cycles}, {sessions}x2")
+            add(mode, await _uncontended(url, mode, cycles))
+            add(mode, await _contention(url, mode, sessions))
+        for cmode in CANCEL_MODES:
+            n = CANCEL_SAMPLES[cmode] // (4 if quick else 1)
+            _progress(f"{name} #{repeat + 1} cancel {cmode}: {n} samples x2")
+            same = await _cancel_latency(url, cmode, n, cross=False)
+            cross = await _cancel_latency(url, cmode, n, cross=True)
+            add(
+                cmode,
+                {
+                    "cancel_same_p50_ms": _quantile(same, 0.5),
+                    "cancel_same_p99_ms": _quantile(same, 0.99),
+                    "cancel_cross_p50_ms": _quantile(cross, 0.5),
+                    "cancel_cross_p99_ms": _quantile(cross, 0.99),
+                },
+            )
+    metrics = [
+        ("cycles_per_s", "uncontended acquire+release", "cycles/s"),
+        ("statements_per_cycle", "statements per uncontended acquire+release", "stmts"),
+        ("statements", f"{sessions}x2 contention: statements", "stmts"),
+        ("statements_per_acquire", f"{sessions}x2 contention: statements/acquire", "stmts"),
+        ("wait_p50_ms", f"{sessions}x2 contention: lock wait p50", "ms"),
+        ("wait_p99_ms", f"{sessions}x2 contention: lock wait p99", "ms"),
+        ("wall_s", f"{sessions}x2 contention: wall time", "s"),
+    ]
+    rows = []
+    for key, label, unit in metrics:
+        a, b = per_mode["two_level"][key], per_mode["db_poll"][key]
+        rows.append(Row(name, label, unit, _median(a), _median(b), _spread(a), _spread(b)))
+    for key, label in [
+        ("cancel_same_p50_ms", "cancel latency same instance p50"),
+        ("cancel_same_p99_ms", "cancel latency same instance p99"),
+        ("cancel_cross_p50_ms", "cancel latency cross instance p50"),
+        ("cancel_cross_p99_ms", "cancel latency cross instance p99"),
+    ]:
+        a, b = per_mode["notify"][key], per_mode["poll"][key]
+        rows.append(Row(name, label, "ms", _median(a), _median(b), _spread(a), _spread(b)))
+    return rows
+
+
+def _with_database(url: str, database: str) -> str:
+    return urlunsplit(urlsplit(url)._replace(path=f"/{database}"))
+
+
+def _redact(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{parts.hostname}"))
+
+
+async def _bench_postgres(admin_url: str, repeats: int, quick: bool) -> list[Row]:
+    name = f"asyncstore_bench_{secrets.token_hex(6)}"
+    try:
+        conn = await asyncpg.connect(admin_url, timeout=5)
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        print(f"Postgres at {_redact(admin_url)} did not answer ({exc!r}): SQLite only.")
+        return []
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    url = _with_database(admin_url, name)
+    try:
+        async with open_storage(url, migrate=True):
+            pass
+        return await _bench_backend("postgres", url, repeats, quick)
+    finally:
+        conn = await asyncpg.connect(admin_url, timeout=5)
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await conn.close()
+
+
+async def _bench_sqlite(path: Path, repeats: int, quick: bool) -> list[Row]:
+    url = f"sqlite:///{path}"
+    async with open_storage(url, migrate=True):
+        pass
+    return await _bench_backend("sqlite", url, repeats, quick)
+
+
+def render_table(rows: Sequence[Row]) -> str:
+    lines = [
+        "| backend | metric | two_level / notify | db_poll / poll | legacy / optimized |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ratio = r.legacy / r.optimized if r.optimized else float("nan")
+        lines.append(
+            f"| {r.backend} | {r.metric} ({r.unit}) | {r.optimized:,.2f} "
+            f"(±{r.optimized_spread:.0%}) | {r.legacy:,.2f} (±{r.legacy_spread:.0%}) "
+            f"| {ratio:,.1f}x |"
+        )
+    return "\n".join(lines)
+
+
+def _find(rows: dict[str, Row], part: str) -> Row:
+    return next(r for metric, r in rows.items() if metric.startswith(part) or metric.endswith(part))
+
+
+def evaluate_targets(rows: Sequence[Row]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for backend in sorted({r.backend for r in rows}):
+        got = {r.metric.split(" (")[0]: r for r in rows if r.backend == backend}
+
+        per_cycle = _find(got, "statements per uncontended").optimized
+        contention = _find(got, "contention: statements")
+        ratio = contention.legacy / contention.optimized
+        same = _find(got, "cancel latency same instance p99").optimized
+        cross = _find(got, "cancel latency cross instance p99").optimized
+        out += [
+            {
+                "backend": backend,
+                "target": "two_level statements per uncontended cycle <= 2",
+                "value": per_cycle,
+                "met": per_cycle <= STATEMENTS_TARGET,
+            },
+            {
+                "backend": backend,
+                "target": "db_poll / two_level statements under contention >= 5",
+                "value": ratio,
+                "met": ratio >= CONTENTION_RATIO_TARGET,
+            },
+            {
+                "backend": backend,
+                "target": "cancel p99 same instance < 5 ms",
+                "value": same,
+                "met": same < CANCEL_SAME_P99_TARGET_MS,
+            },
+            {
+                "backend": backend,
+                "target": "cancel p99 cross instance < 50 ms",
+                "value": cross,
+                "met": cross < CANCEL_CROSS_P99_TARGET_MS,
+            },
+        ]
+    return out
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.locks_bench",
+        description="Session limiter (two_level vs db_poll) and cancellation (notify vs poll) "
+        "on SQLite and Postgres, side by side.",
+    )
+    parser.add_argument("--url", default=DEFAULT_URL, help=f"Postgres server ({DEFAULT_URL})")
+    parser.add_argument(
+        "--sqlite-path",
+        type=Path,
+        default=None,
+        help="SQLite database file (default: a temporary file, removed after)",
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="repetitions per measurement")
+    parser.add_argument("--json", type=Path, default=None, help="also write every figure here")
+    parser.add_argument("--quick", action="store_true", help="fewer cycles and sessions")
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    return args
+
+
+async def _run(args: argparse.Namespace, sqlite_path: Path) -> list[Row]:
+    rows = await _bench_sqlite(sqlite_path, args.repeats, args.quick)
+    rows += await _bench_postgres(args.url, args.repeats, args.quick)
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    load_before = os.getloadavg()[0]
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="asyncstore-locks-bench-") as tmp:
+        sqlite_path = (args.sqlite_path or Path(tmp) / "bench.db").resolve()
+        rows = asyncio.run(_run(args, sqlite_path))
+    elapsed = time.perf_counter() - started
+    load_after = os.getloadavg()[0]
+    targets = evaluate_targets(rows)
+    print(render_table(rows))
+    print()
+    for t in targets:
+        mark = "met" if t["met"] else "MISSED"
+        print(f"- {t['backend']}: {t['target']}: {t['value']:.2f} ({mark})")
+    print(
+        f"repeats: {args.repeats}, quick: {args.quick}, hold {HOLD_S * 1000:.0f} ms, "
+        f"legacy poll {LimiterConfig().poll_interval_s * 1000:.0f} ms, run time {elapsed:.1f} s; "
+        "1-minute load "
+        f"{load_before:.2f} before, {load_after:.2f} after, on {os.cpu_count()} CPUs"
+    )
+    if args.json is not None:
+        document = {
+            "benchmark": "locks_bench",
+            "config": {
+                "url": _redact(args.url),
+                "repeats": args.repeats,
+                "quick": args.quick,
+                "sessions": SESSIONS,
+                "hold_s": HOLD_S,
+            },
+            "run_time_s": elapsed,
+            "load_average_1m": {"before": load_before, "after": load_after},
+            "rows": [asdict(r) for r in rows],
+            "targets": targets,
+        }
+        args.json.write_text(json.dumps(document, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0 if all(t["met"] for t in targets) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

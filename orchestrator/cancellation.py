@@ -1,0 +1,278 @@
+"""Per-session cancel tokens, event driven, across instances.
+
+``open_cancellation(storage)`` owns a registry of ``CancelToken``s, one per session with a
+live user in this process. ``request_cancel`` persists the request through the storage
+contract (so an instance that starts the session later still sees it) and notifies every
+instance; each registry's listener fires its local token at once. The legacy mode
+(``cancel.mode = "poll"``) instead reads the persisted state of every live session every
+200 ms, as the old code did. A token fires only on an explicit request or on lease loss
+(``fire_local``): a subscriber that disconnects does not cancel the turn.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from typing import Literal
+
+import anyio
+import orjson
+from anyio.abc import TaskStatus
+from pydantic import BaseModel, ConfigDict, Field
+
+from storage import AsyncStorageBackend, CancelState
+
+__all__ = [
+    "CancelToken",
+    "CancellationConfig",
+    "CancellationRegistry",
+    "CancellationStatistics",
+    "open_cancellation",
+]
+
+
+_REASON_CHARS = 200
+
+
+def _decode(payload: str) -> tuple[str, str]:
+    try:
+        session_id, reason = orjson.loads(payload)
+        return str(session_id), str(reason)
+    except (orjson.JSONDecodeError, TypeError, ValueError):
+        # Someone else's message on our channel: treat the payload as a bare session id.
+        return payload, "cancelled"
+
+
+class CancellationConfig(BaseModel):
+    """Settings of the cancellation registry (``cancel.*`` in the settings tree).
+
+    ``mode``: ``notify`` (default) fires tokens on a notification; ``poll`` is the legacy
+    loop that reads every live session's cancel state each ``poll_interval_s``.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    mode: Literal["notify", "poll"] = "notify"
+    poll_interval_s: float = Field(default=0.2, gt=0)
+    channel: str = Field(default="asyncstore.cancel", min_length=1, max_length=63)
+
+
+@dataclass(frozen=True, slots=True)
+class CancellationStatistics:
+    """A snapshot of a registry's counters."""
+
+    mode: str
+    tokens: int
+    users: int
+    fired: int
+    requests: int
+    notifications: int
+    catch_up_reads: int
+    polls: int
+
+
+class CancelToken:
+    """The cancel state of one session in this process, shared by all its local users.
+
+    ``await token.wait()`` returns the reason once the token fires; ``token.cancelled`` says
+    whether it has; ``with token.scope():`` runs a block in an anyio cancel scope that is
+    cancelled the moment the token fires (at once if it already has), so an LLM call or a
+    tool run stops at its next await. A fired token stays fired until its session ends.
+    """
+
+    __slots__ = ("_event", "_reason", "_scopes", "_users", "session_id")
+
+    def __init__(self, session_id: str) -> None:
+        self.session_id = session_id
+        self._event = anyio.Event()
+        self._reason: str | None = None
+        self._scopes: set[anyio.CancelScope] = set()
+        self._users = 0
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+    @property
+    def reason(self) -> str | None:
+        """Why the token fired (None while it has not)."""
+        return self._reason
+
+    async def wait(self) -> str:
+        """Wait until the token fires and return the reason; cancelling the wait is harmless."""
+        await self._event.wait()
+        return self._reason or ""
+
+    @contextmanager
+    def scope(self) -> Iterator[anyio.CancelScope]:
+        """Run the ``with`` block in a cancel scope that the token cancels when it fires.
+
+        The block's cancellation is absorbed by the scope at its end (check
+        ``scope.cancelled_caught`` or ``token.cancelled``); an outer cancellation still
+        propagates as usual.
+        """
+        with anyio.CancelScope() as cancel_scope:
+            if self.cancelled:
+                cancel_scope.cancel()
+            self._scopes.add(cancel_scope)
+            try:
+                yield cancel_scope
+            finally:
+                self._scopes.discard(cancel_scope)
+
+    def _fire(self, reason: str) -> bool:
+        if self._event.is_set():
+            return False
+        self._reason = reason
+        self._event.set()
+        for cancel_scope in list(self._scopes):
+            cancel_scope.cancel()
+        return True
+
+
+class CancellationRegistry:
+    """Cancel tokens of the sessions live in this process. Build with ``open_cancellation``."""
+
+    def __init__(self, storage: AsyncStorageBackend, config: CancellationConfig) -> None:
+        self._storage = storage
+        self._config = config
+        self._tokens: dict[str, CancelToken] = {}
+        self._fired = 0
+        self._requests = 0
+        self._notifications = 0
+        self._catch_up_reads = 0
+        self._polls = 0
+
+    @property
+    def config(self) -> CancellationConfig:
+        return self._config
+
+    @asynccontextmanager
+    async def open_token(self, session_id: str) -> AsyncIterator[CancelToken]:
+        """Use the session's token for the ``async with`` block (one read of the persisted state).
+
+        A token whose session was cancelled before it existed starts cancelled. The token
+        is shared with the session's other local users and evicted when the last one leaves.
+        If the opening read is cancelled, the token is released and nothing else happens.
+        """
+        token = self._tokens.get(session_id)
+        if token is None:
+            token = self._tokens[session_id] = CancelToken(session_id)
+        token._users += 1
+        try:
+            if not token.cancelled:
+                # Registered before the read: a notification that races the read still fires it.
+                state = await self._storage.get_cancel(session_id)
+                if state is not None:
+                    self._fire_token(token, state.reason)
+            yield token
+        finally:
+            token._users -= 1
+            if token._users == 0 and self._tokens.get(session_id) is token:
+                del self._tokens[session_id]
+
+    def get_token(self, session_id: str) -> CancelToken | None:
+        """The session's live token in this process, if some user has it open."""
+        return self._tokens.get(session_id)
+
+    async def request_cancel(self, session_id: str, reason: str = "cancelled") -> CancelState:
+        """Persist a cancel request and fire the session's tokens on every instance.
+
+        In ``notify`` mode the local token fires at once and other instances are told by a
+        notification; in ``poll`` mode tokens fire on their registry's next poll. If this
+        call is cancelled before the request is persisted, nothing happened; after, the
+        request stands and pollers or a later token open still see it.
+        """
+        self._requests += 1
+        state = await self._storage.request_cancel(session_id, reason)
+        if self._config.mode == "notify":
+            token = self._tokens.get(session_id)
+            if token is not None:
+                self._fire_token(token, state.reason)
+            # The id and a short reason, so remote tokens fire without a read.
+            payload = orjson.dumps([session_id, state.reason[:_REASON_CHARS]]).decode()
+            await self._storage.notify(self._config.channel, payload)
+        return state
+
+    async def clear(self, session_id: str) -> bool:
+        """Forget a session's persisted cancel request (a new turn starts)."""
+        return await self._storage.clear_cancel(session_id)
+
+    def fire_local(self, session_id: str, reason: str) -> bool:
+        """Fire the session's token in this process only, without persisting anything.
+
+        Used when this process must stop working on a session it no longer owns (its lease
+        was lost): other instances and later turns are not affected. Returns whether a live
+        token fired.
+        """
+        token = self._tokens.get(session_id)
+        return token is not None and self._fire_token(token, reason)
+
+    def statistics(self) -> CancellationStatistics:
+        return CancellationStatistics(
+            mode=self._config.mode,
+            tokens=len(self._tokens),
+            users=sum(t._users for t in self._tokens.values()),
+            fired=self._fired,
+            requests=self._requests,
+            notifications=self._notifications,
+            catch_up_reads=self._catch_up_reads,
+            polls=self._polls,
+        )
+
+    def _fire_token(self, token: CancelToken, reason: str) -> bool:
+        fired = token._fire(reason)
+        self._fired += fired
+        return fired
+
+    async def _catch_up(self) -> None:
+        for session_id, token in list(self._tokens.items()):
+            if token.cancelled:
+                continue
+            self._catch_up_reads += 1
+            state = await self._storage.get_cancel(session_id)
+            if state is not None:
+                self._fire_token(token, state.reason)
+
+    async def _listen(self, *, task_status: TaskStatus[None]) -> None:
+        async with self._storage.listen(self._config.channel) as stream:
+            task_status.started()
+            async for note in stream:
+                if note.gap:
+                    # Some requests may have been missed: read the state of every live token.
+                    await self._catch_up()
+                    continue
+                self._notifications += 1
+                session_id, reason = _decode(note.payload)
+                token = self._tokens.get(session_id)
+                if token is not None:
+                    self._fire_token(token, reason)
+
+    async def _poll(self, *, task_status: TaskStatus[None]) -> None:
+        task_status.started()
+        while True:
+            await anyio.sleep(self._config.poll_interval_s)
+            self._polls += 1
+            await self._catch_up()
+
+
+@asynccontextmanager
+async def open_cancellation(
+    storage: AsyncStorageBackend, config: CancellationConfig | None = None
+) -> AsyncIterator[CancellationRegistry]:
+    """Open a cancellation registry on ``storage``; its listener or poller runs in the block.
+
+    The listener is subscribed before the block starts, so a request sent after that is
+    never missed. Leaving the block (or cancelling it) stops the background task.
+    """
+    registry = CancellationRegistry(storage, config or CancellationConfig())
+    async with anyio.create_task_group() as tg:
+        if registry.config.mode == "notify":
+            await tg.start(registry._listen)
+        else:
+            await tg.start(registry._poll)
+        try:
+            yield registry
+        finally:
+            tg.cancel_scope.cancel()

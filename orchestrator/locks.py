@@ -1,0 +1,500 @@
+"""SessionLimiter: exclusive use of a session across instances, with global and local caps.
+
+``open_session_limiter(storage)`` owns a two-level limiter. Level one is in process: a FIFO
+gate per session (so same-process contenders never ask the database who waits) and an
+optional capacity limiter (``max_local``). Level two is the storage contract's session lease
+with its fencing token, taken together with a numbered slot of a shared pool when a global
+cap (``max_running``) is set: one statement, no COUNT(*), no DELETE. Waiters are woken by a
+local release directly and by a remote release through a storage notification; a jittered
+exponential backoff is the fallback. Held leases are renewed in the background; a lost
+lease fires the session's cancel token (``orchestrator.cancellation``). Expired leases are
+swept in the background. ``lock.mode = "db_poll"`` keeps the legacy loop (DELETE expired,
+COUNT(*), INSERT, fixed sleep) as real code for rollback and benchmarks.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import logging
+import os
+import random
+import secrets
+import socket
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Literal
+
+import anyio
+from anyio.abc import TaskGroup, TaskStatus
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from orchestrator.cancellation import CancellationRegistry
+from storage import AsyncStorageBackend, Lease, LeaseLost, StorageError
+
+__all__ = [
+    "HeldLease",
+    "LimiterConfig",
+    "LimiterStatistics",
+    "SessionLimiter",
+    "open_session_limiter",
+]
+
+log = logging.getLogger("asyncstore.locks")
+
+WAIT_BUCKETS_S: tuple[float, ...] = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0)
+
+
+class LimiterConfig(BaseModel):
+    """Settings of the session limiter (``lock.*`` in the settings tree).
+
+    ``mode``: ``two_level`` (default) or ``db_poll`` (legacy loop; ignores ``max_local``).
+    ``max_running`` caps running sessions across every instance that shares ``slot_pool``;
+    ``max_local`` caps them in this process. ``renew_interval_s`` defaults to a third of
+    ``lease_ttl_s``. Waiters retry after a jittered backoff between ``backoff_initial_s`` and
+    ``backoff_max_s`` when no wake-up came; ``poll_interval_s`` is the legacy fixed sleep.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    mode: Literal["two_level", "db_poll"] = "two_level"
+    lease_ttl_s: float = Field(default=30.0, gt=0)
+    renew_interval_s: float | None = Field(default=None, gt=0)
+    max_running: int | None = Field(default=None, ge=1)
+    max_local: int | None = Field(default=None, ge=1)
+    slot_pool: str = Field(default="default", min_length=1, max_length=255)
+    sweep_interval_s: float = Field(default=30.0, gt=0)
+    sweep_grace_s: float = Field(default=60.0, ge=0)
+    backoff_initial_s: float = Field(default=0.02, gt=0)
+    backoff_max_s: float = Field(default=1.0, gt=0)
+    poll_interval_s: float = Field(default=0.05, gt=0)
+    channel: str = Field(default="asyncstore.lease", min_length=1, max_length=63)
+
+    @model_validator(mode="after")
+    def _check(self) -> LimiterConfig:
+        if self.renew_interval_s is not None and self.renew_interval_s >= self.lease_ttl_s:
+            raise ValueError("renew_interval_s must be shorter than lease_ttl_s")
+        if self.backoff_initial_s > self.backoff_max_s:
+            raise ValueError("backoff_initial_s must not exceed backoff_max_s")
+        return self
+
+    @property
+    def effective_renew_interval_s(self) -> float:
+        return self.renew_interval_s or self.lease_ttl_s / 3
+
+
+@dataclass(frozen=True, slots=True)
+class LimiterStatistics:
+    """A snapshot of a limiter's counters.
+
+    ``acquire_statements`` counts the storage calls made on the acquire path (each one
+    statement on Postgres); ``wait_histogram`` maps a bucket's upper bound in seconds (the
+    last is ``inf``) to the number of acquisitions whose wait fell in it.
+    """
+
+    mode: str
+    holders: int
+    waiters: int
+    cap_waiters: int
+    sessions_tracked: int
+    acquires: int
+    acquire_attempts: int
+    acquire_statements: int
+    release_statements: int
+    renewals: int
+    leases_lost: int
+    sweeps: int
+    wait_total_s: float
+    wait_histogram: tuple[tuple[float, int], ...]
+
+    @property
+    def statements_per_acquire(self) -> float:
+        return self.acquire_statements / self.acquires if self.acquires else 0.0
+
+
+class HeldLease:
+    """The lease of a session held by ``SessionLimiter.hold``.
+
+    ``token`` is the fencing token to pass to fenced writes (``append_messages(...,
+    lease_token=held.token)``). ``lost`` turns true, and ``wait_lost()`` returns, when the
+    lease could not be renewed or was superseded; the session's cancel token fires then.
+    """
+
+    __slots__ = ("_lease", "_lost", "_lost_reason", "_renew_scope", "session_id", "waited_s")
+
+    def __init__(self, lease: Lease, waited_s: float) -> None:
+        self.session_id = lease.session_id
+        self.waited_s = waited_s
+        self._lease = lease
+        self._lost = anyio.Event()
+        self._lost_reason: str | None = None
+        self._renew_scope = anyio.CancelScope()
+
+    @property
+    def token(self) -> int:
+        return self._lease.token
+
+    @property
+    def expires_at(self) -> datetime:
+        """When the lease expires unless renewed (as of the last renewal)."""
+        return self._lease.expires_at
+
+    @property
+    def lost(self) -> bool:
+        return self._lost.is_set()
+
+    async def wait_lost(self) -> str:
+        """Wait until the lease is lost and return why; cancelling the wait is harmless."""
+        await self._lost.wait()
+        return self._lost_reason or ""
+
+
+class _Session:
+    """Local state of one session: its gate and the wake-up of its database waiter."""
+
+    __slots__ = ("gate", "users", "wakeup")
+
+    def __init__(self) -> None:
+        self.gate = anyio.Lock()
+        self.users = 0
+        self.wakeup = anyio.Event()
+
+
+class _CapWaiter:
+    __slots__ = ("event",)
+
+    def __init__(self) -> None:
+        self.event = anyio.Event()
+
+
+class SessionLimiter:
+    """Two-level session limiter. Build with ``open_session_limiter``; use ``hold()``."""
+
+    def __init__(
+        self,
+        storage: AsyncStorageBackend,
+        config: LimiterConfig,
+        tg: TaskGroup,
+        *,
+        cancellation: CancellationRegistry | None,
+        instance_id: str,
+    ) -> None:
+        self._storage = storage
+        self._config = config
+        self._tg = tg
+        self._cancellation = cancellation
+        self._instance_id = instance_id
+        self._pool = config.slot_pool if config.max_running is not None else None
+        self._local_cap = (
+            anyio.CapacityLimiter(config.max_local)
+            if config.max_local is not None and config.mode == "two_level"
+            else None
+        )
+        self._sessions: dict[str, _Session] = {}
+        self._cap_waiters: deque[_CapWaiter] = deque()
+        self._holders = 0
+        self._waiters = 0
+        self._acquires = 0
+        self._attempts = 0
+        self._acquire_statements = 0
+        self._release_statements = 0
+        self._renewals = 0
+        self._lost = 0
+        self._sweeps = 0
+        self._wait_total = 0.0
+        self._wait_counts = [0] * (len(WAIT_BUCKETS_S) + 1)
+        self._holds = 0
+
+    @property
+    def config(self) -> LimiterConfig:
+        return self._config
+
+    @property
+    def instance_id(self) -> str:
+        return self._instance_id
+
+    def statistics(self) -> LimiterStatistics:
+        bounds = (*WAIT_BUCKETS_S, float("inf"))
+        return LimiterStatistics(
+            mode=self._config.mode,
+            holders=self._holders,
+            waiters=self._waiters,
+            cap_waiters=len(self._cap_waiters),
+            sessions_tracked=len(self._sessions),
+            acquires=self._acquires,
+            acquire_attempts=self._attempts,
+            acquire_statements=self._acquire_statements,
+            release_statements=self._release_statements,
+            renewals=self._renewals,
+            leases_lost=self._lost,
+            sweeps=self._sweeps,
+            wait_total_s=self._wait_total,
+            wait_histogram=tuple(zip(bounds, self._wait_counts, strict=True)),
+        )
+
+    @asynccontextmanager
+    async def hold(self, session_id: str) -> AsyncIterator[HeldLease]:
+        """Hold the session exclusively across instances for the ``async with`` block.
+
+        Waits (without polling the database while a wake-up can come) until the session is
+        free and, with caps, until a local and a global slot are free. Cancelling the wait
+        leaves nothing held. On exit the lease is released, shielded from cancellation so
+        it is never left to expire. If the lease is lost while held, ``HeldLease.lost``
+        turns true and the session's cancel token fires; the block is not interrupted
+        otherwise, and fenced writes with the stale token are refused by storage.
+        """
+        state = self._sessions.get(session_id)
+        if state is None:
+            state = self._sessions[session_id] = _Session()
+        state.users += 1
+        self._waiters += 1
+        waiting = True
+        started = time.monotonic()
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                if self._config.mode == "two_level":
+                    await stack.enter_async_context(state.gate)
+                    if self._local_cap is not None:
+                        await stack.enter_async_context(self._local_cap)
+                    lease = await self._acquire_two_level(session_id, state)
+                else:
+                    lease = await self._acquire_db_poll(session_id)
+                waited = time.monotonic() - started
+                self._waiters -= 1
+                waiting = False
+                self._record_wait(waited)
+                held = HeldLease(lease, waited)
+                self._holders += 1
+                self._tg.start_soon(self._renew, held)
+                try:
+                    yield held
+                finally:
+                    self._holders -= 1
+                    held._renew_scope.cancel()
+                    # Shielded: the release must reach the database even if we are being
+                    # cancelled, or the session stays blocked until the lease expires.
+                    with anyio.CancelScope(shield=True):
+                        await self._release(held)
+        finally:
+            if waiting:
+                self._waiters -= 1
+            state.users -= 1
+            if state.users == 0 and self._sessions.get(session_id) is state:
+                del self._sessions[session_id]
+
+    # -- two_level ---------------------------------------------------------------
+
+    def _holder(self) -> str:
+        self._holds += 1
+        return f"{self._instance_id}#{self._holds}"
+
+    def _backoff(self, failures: int) -> float:
+        cfg = self._config
+        ceiling = min(cfg.backoff_max_s, cfg.backoff_initial_s * 2.0 ** min(failures, 30))
+        # Jitter: waiters that failed together do not retry together.
+        return ceiling * random.uniform(0.5, 1.0)
+
+    async def _acquire_two_level(self, session_id: str, state: _Session) -> Lease:
+        cfg = self._config
+        capped = self._pool is not None
+        waiter: _CapWaiter | None = None
+        failures = 0
+        try:
+            while True:
+                # Fresh events before the attempt: a release during the attempt is not lost.
+                state.wakeup = anyio.Event()
+                if waiter is not None:
+                    waiter.event = anyio.Event()
+                self._attempts += 1
+                self._acquire_statements += 1
+                attempt = await self._storage.acquire_lease_slot(
+                    session_id,
+                    self._holder(),
+                    cfg.lease_ttl_s,
+                    pool=self._pool,
+                    slots=cfg.max_running or 0,
+                )
+                if attempt.lease is not None:
+                    return attempt.lease
+                delay = self._backoff(failures)
+                failures += 1
+                if capped and not attempt.slot_ok:
+                    if waiter is None:
+                        waiter = _CapWaiter()
+                        self._cap_waiters.append(waiter)
+                    # Only the first waiter polls; the others wait to be woken in turn.
+                    timeout = delay if self._cap_waiters[0] is waiter else cfg.lease_ttl_s
+                    with anyio.move_on_after(timeout):
+                        await waiter.event.wait()
+                else:
+                    with anyio.move_on_after(delay):
+                        await state.wakeup.wait()
+        finally:
+            if waiter is not None:
+                was_first = self._cap_waiters[0] is waiter
+                self._cap_waiters.remove(waiter)
+                if was_first and self._cap_waiters:
+                    self._cap_waiters[0].event.set()
+
+    def _wake_cap_waiter(self) -> None:
+        for waiter in self._cap_waiters:
+            if not waiter.event.is_set():
+                waiter.event.set()
+                return
+
+    # -- db_poll (legacy) --------------------------------------------------------------
+
+    async def _acquire_db_poll(self, session_id: str) -> Lease:
+        cfg = self._config
+        while True:
+            self._attempts += 1
+            self._acquire_statements += 3
+            await self._storage.expire_leases(0)
+            running = await self._storage.count_leases()
+            if cfg.max_running is None or running < cfg.max_running:
+                lease = await self._storage.acquire_lease(
+                    session_id, self._holder(), cfg.lease_ttl_s
+                )
+                if lease is not None:
+                    return lease
+            else:
+                self._acquire_statements -= 1  # the INSERT was not sent
+            await anyio.sleep(cfg.poll_interval_s)
+
+    # -- holding -------------------------------------------------------------------
+
+    async def _release(self, held: HeldLease) -> None:
+        if held.lost:
+            return
+        self._release_statements += 1
+        try:
+            if self._config.mode == "two_level":
+                await self._storage.release_lease_slot(
+                    held.session_id, held.token, channel=self._config.channel, pool=self._pool
+                )
+            else:
+                await self._storage.release_lease(held.session_id, held.token)
+        finally:
+            if self._pool is not None:
+                self._wake_cap_waiter()
+
+    def _lose(self, held: HeldLease, reason: str) -> None:
+        if held.lost:
+            return
+        self._lost += 1
+        held._lost_reason = reason
+        held._lost.set()
+        log.warning("session %r: %s (token %d)", held.session_id, reason, held.token)
+        if self._cancellation is not None:
+            self._cancellation.fire_local(held.session_id, reason)
+
+    async def _renew(self, held: HeldLease) -> None:
+        cfg = self._config
+        interval = cfg.effective_renew_interval_s
+        deadline = time.monotonic() + cfg.lease_ttl_s - interval
+        with held._renew_scope:
+            while True:
+                await anyio.sleep(max(0.0, min(interval, deadline - time.monotonic())))
+                started = time.monotonic()
+                try:
+                    self._renewals += 1
+                    if cfg.mode == "two_level":
+                        lease = await self._storage.renew_lease_slot(
+                            held.session_id, held.token, cfg.lease_ttl_s, pool=self._pool
+                        )
+                    else:
+                        lease = await self._storage.renew_lease(
+                            held.session_id, held.token, cfg.lease_ttl_s
+                        )
+                except LeaseLost:
+                    self._lose(held, "lease lost: superseded or expired")
+                    return
+                except StorageError as exc:
+                    if time.monotonic() >= deadline + interval:
+                        self._lose(held, f"lease lost: could not renew ({exc})")
+                        return
+                    log.warning("session %r: renewal failed, retrying: %s", held.session_id, exc)
+                    interval = min(interval, 0.5)
+                    continue
+                held._lease = lease
+                interval = cfg.effective_renew_interval_s
+                deadline = started + cfg.lease_ttl_s - interval
+
+    # -- background --------------------------------------------------------------
+
+    async def _listen(self, *, task_status: TaskStatus[None]) -> None:
+        async with self._storage.listen(self._config.channel) as stream:
+            task_status.started()
+            async for note in stream:
+                if note.gap:
+                    # Releases may have been missed: let every waiter retry now.
+                    for state in self._sessions.values():
+                        state.wakeup.set()
+                    for waiter in self._cap_waiters:
+                        waiter.event.set()
+                    continue
+                kind, _, name = note.payload.partition(":")
+                if kind == "s":
+                    waiting = self._sessions.get(name)
+                    if waiting is not None:
+                        waiting.wakeup.set()
+                elif kind == "p" and name == self._pool:
+                    self._wake_cap_waiter()
+
+    async def _sweep(self) -> None:
+        while True:
+            await anyio.sleep(self._config.sweep_interval_s)
+            try:
+                await self._storage.expire_leases(self._config.sweep_grace_s)
+                self._sweeps += 1
+            except StorageError as exc:
+                log.warning("lease sweep failed, will retry: %s", exc)
+
+    def _record_wait(self, waited: float) -> None:
+        self._acquires += 1
+        self._wait_total += waited
+        self._wait_counts[bisect.bisect_left(WAIT_BUCKETS_S, waited)] += 1
+
+
+def default_instance_id() -> str:
+    """A process-unique holder prefix: host, pid and a random suffix."""
+    return f"{socket.gethostname()[:64]}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
+@asynccontextmanager
+async def open_session_limiter(
+    storage: AsyncStorageBackend,
+    config: LimiterConfig | None = None,
+    *,
+    cancellation: CancellationRegistry | None = None,
+    instance_id: str | None = None,
+) -> AsyncIterator[SessionLimiter]:
+    """Open a session limiter; its listener, sweeper and renewals run within the block.
+
+    In ``two_level`` mode the slot pool is created (``max_running``) and the release
+    channel is subscribed before the block starts. With ``cancellation``, a lost lease
+    fires the session's token in that registry. Leaving the block stops the background
+    tasks; holds still open then are released by their own ``async with``.
+    """
+    cfg = config or LimiterConfig()
+    async with anyio.create_task_group() as tg:
+        limiter = SessionLimiter(
+            storage,
+            cfg,
+            tg,
+            cancellation=cancellation,
+            instance_id=instance_id or default_instance_id(),
+        )
+        if cfg.mode == "two_level":
+            if cfg.max_running is not None:
+                await storage.ensure_lease_slots(cfg.slot_pool, cfg.max_running)
+            await tg.start(limiter._listen)
+            tg.start_soon(limiter._sweep)
+        try:
+            yield limiter
+        finally:
+            tg.cancel_scope.cancel()

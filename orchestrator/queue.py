@@ -1,0 +1,685 @@
+"""AgentQueue: enqueue agent tasks and run them with a capped, leased, event-driven worker.
+
+This module owns the worker loop on top of the storage task contract (``claim_tasks`` with
+leases, ``heartbeat_tasks``, ``complete_tasks`` / ``fail_tasks`` / ``dead_letter_tasks`` /
+``release_tasks``) and the storage notifications: a semaphore caps running handlers, the
+runner claims exactly as many tasks as it has free permits in one statement, leases are
+renewed in the background, outcomes are written in batches under the current lease, and
+the runner sleeps until an enqueue notification or a rare jittered fallback poll.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import heapq
+import logging
+import math
+import os
+import random
+import secrets
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Literal, NamedTuple
+
+import anyio
+from anyio.abc import TaskGroup, TaskStatus
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from orchestrator._coalesce import OutcomeWriter, open_outcome_writer
+from storage import (
+    AsyncStorageBackend,
+    Claim,
+    Failure,
+    InvalidInput,
+    NewTask,
+    StorageError,
+    Task,
+)
+from storage import TaskStatus as StoredStatus
+from storage.base import JSON
+
+__all__ = [
+    "AgentQueue",
+    "Handler",
+    "PermanentFailure",
+    "QueueConfig",
+    "RetryTask",
+    "Worker",
+    "WorkerStatistics",
+    "open_worker",
+]
+
+log = logging.getLogger("asyncstore.queue")
+
+Handler = Callable[[Task], Awaitable[None]]
+"""A task handler: an async callable that receives the claimed ``Task``."""
+
+
+class QueueConfig(BaseModel):
+    """Settings of the agent queue and its workers (``agent_queue.*`` in the settings tree).
+
+    ``mode`` is the ``queue.mode`` feature flag: ``claim`` (the default: capped batched
+    claims, leases, NOTIFY wakeup plus a rare jittered poll) or ``poll_spawn`` (the legacy
+    loop kept for rollback and benchmarks: poll every ``poll_interval_s`` and spawn every
+    task the poll returns, with no worker cap and one write per finished task).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    mode: Literal["claim", "poll_spawn"] = "claim"
+    max_workers: int = Field(default=16, ge=1, le=10_000)
+    lease_s: float = Field(default=30.0, gt=0)
+    heartbeat_interval_s: float | None = Field(
+        default=None, gt=0, description="lease renewal period; default lease_s / 3"
+    )
+    max_attempts: int = Field(default=5, ge=1, description="default for enqueued tasks")
+    backoff_base_s: float = Field(default=1.0, ge=0)
+    backoff_max_s: float = Field(default=300.0, ge=0)
+    backoff_jitter: float = Field(
+        default=0.5, ge=0, le=1, description="share of each delay that is randomized"
+    )
+    fallback_poll_s: float = Field(default=10.0, gt=0)
+    poll_interval_s: float = Field(default=1.0, gt=0, description="legacy poll_spawn only")
+    poll_batch: int = Field(default=1000, ge=1, le=10_000, description="legacy poll_spawn only")
+    shutdown_grace_s: float = Field(default=10.0, ge=0)
+    max_write_batch: int = Field(default=1000, ge=1, le=10_000)
+
+    @model_validator(mode="after")
+    def _heartbeat_within_lease(self) -> QueueConfig:
+        if self.heartbeat_interval_s is not None and self.heartbeat_interval_s >= self.lease_s:
+            raise ValueError("heartbeat_interval_s must be shorter than lease_s")
+        return self
+
+    @property
+    def heartbeat_s(self) -> float:
+        return self.heartbeat_interval_s or self.lease_s / 3
+
+    def backoff_s(self, attempt: int) -> float:
+        """Delay before retrying after failed attempt number ``attempt`` (1-based), jittered."""
+        exp = min(max(attempt - 1, 0), 62)
+        delay = min(self.backoff_max_s, self.backoff_base_s * 2.0**exp)
+        return delay * (1.0 - self.backoff_jitter * random.random())
+
+
+class RetryTask(Exception):
+    """Raise from a handler to retry the task at ``at`` (or after ``delay_s``).
+
+    The attempt counts toward ``max_attempts``: on the last attempt the task is dead-lettered.
+    """
+
+    def __init__(
+        self,
+        reason: str = "retry requested",
+        *,
+        at: datetime | None = None,
+        delay_s: float | None = None,
+    ) -> None:
+        super().__init__(reason)
+        if at is not None and delay_s is not None:
+            raise InvalidInput("RetryTask takes at= or delay_s=, not both")
+        if at is not None and at.tzinfo is None:
+            raise InvalidInput("RetryTask(at=...) needs a timezone-aware datetime")
+        self.reason = reason
+        self.at = (
+            at if at is not None else datetime.fromtimestamp(time.time() + (delay_s or 0.0), UTC)
+        )
+
+
+class PermanentFailure(Exception):
+    """Raise from a handler to dead-letter the task now, without further attempts."""
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerStatistics:
+    """A snapshot of one worker's counters."""
+
+    worker_id: str
+    mode: str
+    max_workers: int
+    running: int
+    peak_running: int
+    held_leases: int
+    claimed: int
+    claim_statements: int
+    succeeded: int
+    retried: int
+    dead: int
+    released: int
+    cancelled: int
+    lease_lost: int
+    stale_writes: int
+    pending_writes: int
+    notifications: int
+    fallback_polls: int
+    storage_errors: int
+
+
+class _Outcome(enum.Enum):
+    SUCCEEDED = "succeeded"
+    RETRY = "retry"
+    DEAD = "dead"
+    RELEASE = "release"
+
+
+class _Finished(NamedTuple):
+    kind: _Outcome
+    claim: Claim
+    error: str = ""
+    retry_at: datetime | None = None
+
+
+class _Stop(enum.Enum):
+    SHUTDOWN = "shutdown"
+    CANCELLED = "cancelled"
+    LEASE_LOST = "lease lost"
+
+
+class AgentQueue:
+    """A named task queue on a storage backend: enqueue here, run with ``open_worker``.
+
+    Every enqueue call commits its rows and then sends one notification on the queue's
+    channel (payload: the earliest ``run_after`` of the batch as a Unix timestamp), so idle
+    workers wake at once for due tasks and know when delayed ones become due.
+    """
+
+    def __init__(
+        self,
+        storage: AsyncStorageBackend,
+        name: str = "default",
+        config: QueueConfig | None = None,
+    ) -> None:
+        if not isinstance(name, str) or not name or len(name) > 40:
+            raise InvalidInput("queue name must be a str of 1..40 characters")
+        self.storage = storage
+        self.name = name
+        self.config = config or QueueConfig()
+        self.channel = f"asyncstore.queue.{name}"
+
+    async def enqueue(
+        self,
+        payload: JSON,
+        *,
+        priority: int = 0,
+        run_after: datetime | None = None,
+        idempotency_key: str | None = None,
+        max_attempts: int | None = None,
+    ) -> Task:
+        """Enqueue one task (see ``enqueue_many``)."""
+        new = NewTask(
+            self.name,
+            payload,
+            priority,
+            run_after,
+            idempotency_key,
+            max_attempts or self.config.max_attempts,
+        )
+        return (await self.enqueue_tasks([new]))[0]
+
+    async def enqueue_many(
+        self,
+        payloads: Sequence[JSON],
+        *,
+        priority: int = 0,
+        run_after: datetime | None = None,
+        idempotency_keys: Sequence[str | None] | None = None,
+        max_attempts: int | None = None,
+    ) -> list[Task]:
+        """Enqueue a batch in one transaction and send one notification; one row per payload.
+
+        A payload whose idempotency key matches an unfinished task of this queue returns that
+        task instead of a new one. If cancelled, the batch was either committed (and maybe
+        not announced: the workers' fallback poll finds it) or not written at all.
+        """
+        keys = list(idempotency_keys) if idempotency_keys is not None else [None] * len(payloads)
+        if len(keys) != len(payloads):
+            raise InvalidInput("idempotency_keys must have one entry per payload")
+        attempts = max_attempts or self.config.max_attempts
+        return await self.enqueue_tasks(
+            [
+                NewTask(self.name, p, priority, run_after, k, attempts)
+                for p, k in zip(payloads, keys, strict=True)
+            ]
+        )
+
+    async def enqueue_tasks(self, tasks: Sequence[NewTask]) -> list[Task]:
+        """Enqueue fully specified ``NewTask`` rows of this queue; see ``enqueue_many``."""
+        for task in tasks:
+            if task.queue != self.name:
+                raise InvalidInput(f"task for queue {task.queue!r} given to queue {self.name!r}")
+        rows = await self.storage.enqueue_tasks(tasks)
+        queued = [t.run_after for t in rows if t.status is StoredStatus.QUEUED]
+        if queued:
+            await self.storage.notify(self.channel, f"{min(queued).timestamp():.6f}")
+        return rows
+
+    async def get(self, task_id: int) -> Task | None:
+        """One task of any state by id."""
+        return await self.storage.get_task(task_id)
+
+
+def _default_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
+class Worker:
+    """Runs handlers for claimed tasks. Build it with ``open_worker``; read ``statistics()``."""
+
+    def __init__(
+        self, queue: AgentQueue, handler: Handler, config: QueueConfig, worker_id: str
+    ) -> None:
+        self.queue = queue
+        self.config = config
+        self.worker_id = worker_id
+        self._handler = handler
+        self._storage = queue.storage
+        self._legacy = config.mode == "poll_spawn"
+        self._permits = anyio.Semaphore(config.max_workers)
+        self._held: dict[int, int] = {}  # task id -> lease token, until its outcome is written
+        self._scopes: dict[int, anyio.CancelScope] = {}
+        self._stop_reason: dict[int, tuple[_Stop, str]] = {}
+        self._wake = anyio.Event()
+        self._rearm = anyio.Event()
+        self._freed = anyio.Event()
+        self._stopping = anyio.Event()
+        self._loop_done = anyio.Event()
+        self._idle = anyio.Event()
+        self._idle.set()
+        self._due: list[float] = []  # heap of known future run_after timestamps
+        self._writer: OutcomeWriter[_Finished] | None = None
+        self._tasks: TaskGroup | None = None
+        self._last_renewal = time.monotonic()
+        self._running = 0
+        self._peak = 0
+        self._claimed = 0
+        self._claims = 0
+        self._counts = dict.fromkeys(_Outcome, 0)
+        self._cancelled = 0
+        self._lease_lost = 0
+        self._stale = 0
+        self._notifications = 0
+        self._polls = 0
+        self._errors = 0
+
+    def statistics(self) -> WorkerStatistics:
+        """A frozen snapshot of this worker's counters."""
+        return WorkerStatistics(
+            worker_id=self.worker_id,
+            mode=self.config.mode,
+            max_workers=self.config.max_workers,
+            running=self._running,
+            peak_running=self._peak,
+            held_leases=len(self._held),
+            claimed=self._claimed,
+            claim_statements=self._claims,
+            succeeded=self._counts[_Outcome.SUCCEEDED],
+            retried=self._counts[_Outcome.RETRY],
+            dead=self._counts[_Outcome.DEAD],
+            released=self._counts[_Outcome.RELEASE],
+            cancelled=self._cancelled,
+            lease_lost=self._lease_lost,
+            stale_writes=self._stale,
+            pending_writes=self._writer.pending if self._writer is not None else 0,
+            notifications=self._notifications,
+            fallback_polls=self._polls,
+            storage_errors=self._errors,
+        )
+
+    def cancel(self, task_id: int, reason: str = "cancelled") -> bool:
+        """Cancel a running handler; its task is dead-lettered with ``cancelled: <reason>``.
+
+        Returns False if this worker is not running that task.
+        """
+        scope = self._scopes.get(task_id)
+        if scope is None:
+            return False
+        self._stop_reason.setdefault(task_id, (_Stop.CANCELLED, reason))
+        scope.cancel()
+        return True
+
+    async def flush(self) -> None:
+        """Wait until the outcomes of every handler finished so far are written.
+
+        Cancelling the wait leaves them queued; they are still written.
+        """
+        if self._writer is not None:
+            await self._writer.flush()
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def _serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """The worker's own task group: listener, heartbeat, claim or poll loop, handlers.
+
+        Cancelling it cancels the handlers; their release is still written (the writer's
+        final flush is shielded).
+        """
+        async with (
+            open_outcome_writer(self._write_outcomes, self.config.max_write_batch) as writer,
+            anyio.create_task_group() as tg,
+        ):
+            self._writer = writer
+            self._tasks = tg
+            if not self._legacy:
+                await tg.start(self._listen)
+            tg.start_soon(self._heartbeat)
+            tg.start_soon(self._poll_spawn if self._legacy else self._claim_loop)
+            task_status.started()
+            await self._stopping.wait()
+            await self._loop_done.wait()
+            await self._drain_handlers()
+            tg.cancel_scope.cancel()
+
+    async def _drain_handlers(self) -> None:
+        with anyio.move_on_after(self.config.shutdown_grace_s):
+            await self._idle.wait()
+        for task_id, scope in list(self._scopes.items()):
+            self._stop_reason.setdefault(task_id, (_Stop.SHUTDOWN, ""))
+            scope.cancel()
+        # Cancelled handlers record their release synchronously as they unwind.
+        await self._idle.wait()
+
+    # -- the claim loop --------------------------------------------------------
+
+    async def _claim_loop(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                if self._permits.value == 0:
+                    self._freed = anyio.Event()
+                    await _first_of(self._freed, self._stopping)
+                    continue
+                free = self._permits.value
+                self._wake = anyio.Event()
+                tasks = await self._claim(free)
+                if tasks is None:
+                    await self._sleep_or_stop(random.uniform(0.5, 1.5))
+                elif not self._start(tasks) and len(tasks) < free:
+                    await self._idle_wait()
+        finally:
+            self._loop_done.set()
+
+    async def _claim(self, limit: int) -> list[Task] | None:
+        """One claim statement; None after a storage error (logged and counted)."""
+        self._claims += 1
+        try:
+            # Shielded: a claim that commits must hand its rows to us, not strand them
+            # under a lease nobody renews (shutdown releases them instead).
+            with anyio.CancelScope(shield=True):
+                tasks = await self._storage.claim_tasks(
+                    self.queue.name, self.worker_id, limit=limit, lease_s=self.config.lease_s
+                )
+        except StorageError as exc:
+            self._errors += 1
+            log.warning("claim on %s failed: %s", self.queue.name, exc)
+            return None
+        return tasks
+
+    async def _idle_wait(self) -> None:
+        """Sleep until woken, stopped, the next known run_after, or the jittered fallback."""
+        timeout = self.config.fallback_poll_s * random.uniform(0.5, 1.5)
+        deadline = time.monotonic() + timeout
+        while True:
+            now = time.time()
+            while self._due and self._due[0] <= now:
+                heapq.heappop(self._due)
+            known = self._due[0] - now if self._due else math.inf
+            self._rearm = anyio.Event()
+            with anyio.move_on_after(min(deadline - time.monotonic(), known)) as scope:
+                await _first_of(self._wake, self._stopping, self._rearm)
+            if not scope.cancelled_caught and not (self._wake.is_set() or self._stopping.is_set()):
+                continue  # a nearer run_after became known: re-arm the timer
+            if scope.cancelled_caught and time.monotonic() >= deadline:
+                self._polls += 1
+            return
+
+    async def _sleep_or_stop(self, seconds: float) -> None:
+        with anyio.move_on_after(seconds):
+            await self._stopping.wait()
+
+    async def _listen(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Turn queue notifications into wakeups; reconnects are the storage's job."""
+        async with self._storage.listen(self.queue.channel) as stream:
+            task_status.started()
+            async for note in stream:
+                self._notifications += 1
+                due = 0.0
+                if not note.gap:
+                    with contextlib.suppress(ValueError):
+                        due = float(note.payload)
+                if due > time.time():
+                    self._add_due(due)
+                else:
+                    self._wake.set()
+
+    # -- the legacy loop -------------------------------------------------------
+
+    async def _poll_spawn(self) -> None:
+        """Legacy ``poll_spawn``: every ``poll_interval_s``, spawn all that the poll returns."""
+        cfg = self.config
+        try:
+            while not self._stopping.is_set():
+                tasks = await self._claim(cfg.poll_batch) or []
+                if not self._start(tasks):
+                    await self._sleep_or_stop(cfg.poll_interval_s)
+        finally:
+            self._loop_done.set()
+
+    # -- running handlers ------------------------------------------------------
+
+    def _start(self, tasks: Sequence[Task]) -> bool:
+        """Start handlers for claimed tasks; True if stopping (then they are released)."""
+        if self._tasks is None:
+            raise RuntimeError("worker is not running")
+        self._claimed += len(tasks)
+        for task in tasks:
+            self._held[task.id] = task.claim.token
+        if self._stopping.is_set():
+            for task in tasks:
+                self._record(_Finished(_Outcome.RELEASE, task.claim))
+            return True
+        for task in tasks:
+            if not self._legacy:
+                self._permits.acquire_nowait()  # never blocks: we claimed only free permits
+            if self._running == 0:
+                self._idle = anyio.Event()
+            self._running += 1
+            self._peak = max(self._peak, self._running)
+            self._tasks.start_soon(self._run, task)
+        return False
+
+    async def _run(self, task: Task) -> None:
+        claim = task.claim
+        finished: _Finished | None = None
+        scope = anyio.CancelScope()
+        self._scopes[task.id] = scope
+        try:
+            with scope:
+                try:
+                    await self._handler(task)
+                    finished = _Finished(_Outcome.SUCCEEDED, claim)
+                except RetryTask as retry:
+                    finished = _Finished(_Outcome.RETRY, claim, retry.reason, retry.at)
+                except PermanentFailure as exc:
+                    finished = _Finished(_Outcome.DEAD, claim, _describe(exc))
+                except Exception as exc:
+                    at = time.time() + self.config.backoff_s(task.attempts)
+                    finished = _Finished(
+                        _Outcome.RETRY, claim, _describe(exc), datetime.fromtimestamp(at, UTC)
+                    )
+        finally:
+            # Also runs when the worker itself is cancelled: the task's final state is
+            # recorded synchronously here and written by the writer's shielded final flush.
+            if finished is None or scope.cancelled_caught:
+                finished = self._after_stop(task.id, claim)
+            del self._scopes[task.id]
+            self._stop_reason.pop(task.id, None)
+            self._running -= 1
+            if not self._legacy:
+                self._permits.release()
+                self._freed.set()
+            if self._running == 0:
+                self._idle.set()
+            if finished is not None:
+                self._record(finished)
+
+    def _after_stop(self, task_id: int, claim: Claim) -> _Finished | None:
+        reason, why = self._stop_reason.get(task_id, (_Stop.SHUTDOWN, ""))
+        if reason is _Stop.LEASE_LOST:
+            return None  # another worker holds the task now; its state is theirs to write
+        if reason is _Stop.CANCELLED:
+            self._cancelled += 1
+            return _Finished(_Outcome.DEAD, claim, f"cancelled: {why}")
+        return _Finished(_Outcome.RELEASE, claim)
+
+    def _add_due(self, when: float) -> None:
+        heapq.heappush(self._due, when)
+        if len(self._due) > 1024:
+            self._due = heapq.nsmallest(512, self._due)
+        if self._due[0] == when:
+            self._rearm.set()
+
+    def _record(self, finished: _Finished) -> None:
+        if finished.retry_at is not None:
+            self._add_due(finished.retry_at.timestamp())
+        if self._writer is None:
+            raise RuntimeError("worker is not running")
+        self._writer.put_nowait(finished)
+
+    async def _write_outcomes(self, batch: list[_Finished]) -> None:
+        """Write one batch of outcomes: one statement per kind, effective only under live leases.
+
+        In legacy mode each item is written by its own statement, as the old loop did.
+        A ``StorageError`` makes the writer retry the batch; the leases stay held (and
+        renewed) until the write succeeds.
+        """
+        groups: dict[_Outcome, list[_Finished]] = {}
+        for item in batch:
+            groups.setdefault(item.kind, []).append(item)
+        for kind, items in groups.items():
+            chunks = [[i] for i in items] if self._legacy else [items]
+            for chunk in chunks:
+                await self._write_kind(kind, chunk)
+        if groups.get(_Outcome.RELEASE) and not self._legacy:
+            # Released tasks are due now: one notification lets other workers take them.
+            await self._notify_quietly()
+
+    async def _write_kind(self, kind: _Outcome, items: list[_Finished]) -> None:
+        claims = [i.claim for i in items]
+        failures = [Failure(i.claim.id, i.claim.token, i.error, i.retry_at) for i in items]
+        if kind is _Outcome.SUCCEEDED:
+            done: Sequence[int] = await self._storage.complete_tasks(claims)
+            self._counts[kind] += len(done)
+        elif kind is _Outcome.RELEASE:
+            done = await self._storage.release_tasks(claims)
+            self._counts[kind] += len(done)
+        elif kind is _Outcome.DEAD:
+            done = await self._storage.dead_letter_tasks(failures)
+            self._counts[kind] += len(done)
+        else:
+            statuses = await self._storage.fail_tasks(failures)
+            done = list(statuses)
+            dead = sum(1 for s in statuses.values() if s is StoredStatus.DEAD)
+            self._counts[_Outcome.DEAD] += dead
+            self._counts[_Outcome.RETRY] += len(done) - dead
+        self._stale += len(items) - len(done)
+        for claim in claims:
+            if self._held.get(claim.id) == claim.token:
+                del self._held[claim.id]
+
+    async def _notify_quietly(self) -> None:
+        try:
+            await self._storage.notify(self.queue.channel, "0")
+        except StorageError as exc:
+            log.warning("notify on %s failed: %s", self.queue.name, exc)
+
+    # -- leases ----------------------------------------------------------------
+
+    async def _heartbeat(self) -> None:
+        """Renew every held lease each ``heartbeat_s``; cancel handlers whose lease is gone.
+
+        If renewals keep failing until the lease would run out, the handlers are cancelled
+        (their tasks may be claimed elsewhere soon), so a task is never run twice live.
+        """
+        cfg = self.config
+        while True:
+            await anyio.sleep(cfg.heartbeat_s)
+            held = [Claim(i, t) for i, t in self._held.items()]
+            started = time.monotonic()
+            if not held:
+                self._last_renewal = started
+                continue
+            try:
+                live = set(await self._storage.heartbeat_tasks(held, cfg.lease_s))
+            except StorageError as exc:
+                self._errors += 1
+                log.warning("heartbeat on %s failed: %s", self.queue.name, exc)
+                if started - self._last_renewal > cfg.lease_s - cfg.heartbeat_s:
+                    for claim in held:
+                        self._lose(claim)
+                continue
+            self._last_renewal = started
+            for claim in held:
+                if claim.id not in live:
+                    self._lose(claim)
+
+    def _lose(self, claim: Claim) -> None:
+        if self._held.get(claim.id) != claim.token:
+            return  # its outcome was written meanwhile
+        self._lease_lost += 1
+        del self._held[claim.id]
+        scope = self._scopes.get(claim.id)
+        if scope is not None:
+            self._stop_reason[claim.id] = (_Stop.LEASE_LOST, "")
+            scope.cancel()
+
+
+async def _first_of(*events: anyio.Event) -> None:
+    """Return as soon as any of ``events`` is set."""
+    if any(e.is_set() for e in events):
+        return
+    async with anyio.create_task_group() as tg:
+
+        async def wait(event: anyio.Event) -> None:
+            await event.wait()
+            tg.cancel_scope.cancel()
+
+        for event in events:
+            tg.start_soon(wait, event)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+@asynccontextmanager
+async def open_worker(
+    queue: AgentQueue,
+    handler: Handler,
+    *,
+    max_workers: int | None = None,
+    config: QueueConfig | None = None,
+    worker_id: str | None = None,
+) -> AsyncIterator[Worker]:
+    """Run a worker for ``queue`` while the ``async with`` body runs.
+
+    ``max_workers`` (default ``config.max_workers``) caps concurrently running handlers.
+    On leaving the block normally the worker stops claiming, lets running handlers finish
+    for up to ``shutdown_grace_s``, then cancels them and releases their leases (so other
+    workers take those tasks at once) and writes every outcome before returning. If the
+    block raises or is cancelled, handlers are cancelled at once; their releases and every
+    finished outcome are still written (shielded, bounded by a timeout).
+    """
+    cfg = config or queue.config
+    if max_workers is not None:
+        cfg = QueueConfig.model_validate({**cfg.model_dump(), "max_workers": max_workers})
+    worker = Worker(queue, handler, cfg, worker_id or _default_worker_id())
+    async with anyio.create_task_group() as tg:
+        await tg.start(worker._serve)
+        try:
+            yield worker
+        finally:
+            worker._stopping.set()

@@ -1,0 +1,296 @@
+"""SessionLimiter on both drivers: exclusivity, caps, fencing, statements on the acquire path.
+
+Two storage handles on one database stand for two instances. Slot pools outlive the
+per-test truncation, so every limiter with a cap gets a fresh pool name.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Mapping
+from contextlib import AsyncExitStack, asynccontextmanager
+
+import anyio
+import anyio.lowlevel
+import pytest
+
+from orchestrator.cancellation import open_cancellation
+from orchestrator.locks import LimiterConfig, SessionLimiter, open_session_limiter
+from storage import AsyncStorageBackend, LeaseLost, NewMessage, open_storage
+
+MODES = ["two_level", "db_poll"]
+FAST = {"backoff_initial_s": 0.01, "backoff_max_s": 0.1, "poll_interval_s": 0.01}
+
+
+def _config(**overrides: object) -> LimiterConfig:
+    values: dict[str, object] = {**FAST, "slot_pool": f"pool-{uuid.uuid4().hex[:10]}"}
+    values.update(overrides)
+    return LimiterConfig.model_validate(values)
+
+
+@asynccontextmanager
+async def _instances(
+    storage_url: str, config: LimiterConfig, n: int = 2
+) -> AsyncIterator[list[SessionLimiter]]:
+    async with AsyncExitStack() as stack:
+        limiters = []
+        for i in range(n):
+            backend = await stack.enter_async_context(open_storage(storage_url))
+            limiters.append(
+                await stack.enter_async_context(
+                    open_session_limiter(backend, config, instance_id=f"inst{i}")
+                )
+            )
+        yield limiters
+
+
+def _delta(before: Mapping[str, int], after: Mapping[str, int]) -> Counter[str]:
+    return Counter({k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)})
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_never_two_holders_under_contention(storage_url: str, mode: str) -> None:
+    holders: Counter[str] = Counter()
+    entries: Counter[str] = Counter()
+    async with _instances(storage_url, _config(mode=mode)) as limiters:
+
+        async def worker(i: int) -> None:
+            limiter = limiters[i % 2]
+            for round_ in range(2):
+                session = f"s{(i + round_) % 10}"
+                async with limiter.hold(session) as held:
+                    holders[session] += 1
+                    assert holders[session] == 1, f"two holders of {session}"
+                    # A fenced write inside the critical section: the token must be current.
+                    await limiter._storage.append_messages(
+                        session, [NewMessage("user", i)], lease_token=held.token
+                    )
+                    await anyio.lowlevel.checkpoint()
+                    assert holders[session] == 1, f"two holders of {session}"
+                    holders[session] -= 1
+                    entries[session] += 1
+
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                for i in range(50):
+                    tg.start_soon(worker, i)
+        for limiter in limiters:
+            stats = limiter.statistics()
+            assert stats.holders == 0 and stats.waiters == 0
+            assert stats.sessions_tracked == 0  # per-session state is evicted when idle
+    assert sum(entries.values()) == 100
+
+
+async def test_global_cap_holds_exactly_across_instances(storage_url: str) -> None:
+    cap = 3
+    running = 0
+    peak = 0
+    full = anyio.Event()
+    async with _instances(storage_url, _config(max_running=cap)) as limiters:
+
+        async def worker(i: int) -> None:
+            nonlocal running, peak
+            async with limiters[i % 2].hold(f"s{i}"):
+                running += 1
+                peak = max(peak, running)
+                if running == cap:
+                    full.set()
+                # The first holders stay until the cap is reached, so it is reached.
+                await full.wait()
+                await anyio.sleep(0.005)
+                running -= 1
+
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                for i in range(12):
+                    tg.start_soon(worker, i)
+        acquires = sum(limiter.statistics().acquires for limiter in limiters)
+    assert peak == cap
+    assert acquires == 12
+
+
+async def test_local_cap_limits_this_process(storage: AsyncStorageBackend) -> None:
+    running = 0
+    peak = 0
+    async with open_session_limiter(storage, _config(max_local=2)) as limiter:
+
+        async def worker(i: int) -> None:
+            nonlocal running, peak
+            async with limiter.hold(f"s{i}"):
+                running += 1
+                peak = max(peak, running)
+                await anyio.sleep(0.005)
+                running -= 1
+
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                for i in range(8):
+                    tg.start_soon(worker, i)
+    assert peak == 2
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_crashed_holder_is_taken_over_and_its_token_is_fenced(
+    storage: AsyncStorageBackend, mode: str
+) -> None:
+    # A holder that crashed: it took the lease and never renews or releases it.
+    crashed = await storage.acquire_lease("s", "crashed", 0.3)
+    assert crashed is not None
+    async with open_session_limiter(storage, _config(mode=mode)) as limiter:
+        with anyio.fail_after(10):
+            async with limiter.hold("s") as held:
+                assert held.token > crashed.token
+                with pytest.raises(LeaseLost):
+                    await storage.renew_lease("s", crashed.token, 30)
+                with pytest.raises(LeaseLost):
+                    await storage.renew_lease_slot("s", crashed.token, 30)
+                assert not await storage.release_lease("s", crashed.token)
+                assert not await storage.release_lease_slot(
+                    "s", crashed.token, channel=limiter.config.channel
+                )
+                with pytest.raises(LeaseLost):
+                    await storage.append_messages(
+                        "s", [NewMessage("user", "stale")], lease_token=crashed.token
+                    )
+                await storage.append_messages(
+                    "s", [NewMessage("user", "fresh")], lease_token=held.token
+                )
+    assert [m.content for m in await storage.load_messages("s")] == ["fresh"]
+    assert await storage.get_lease("s") is None  # released on exit
+
+
+@pytest.mark.parametrize("capped", [False, True])
+async def test_two_level_acquire_path_has_no_count_or_delete(
+    storage: AsyncStorageBackend, capped: bool
+) -> None:
+    config = _config(max_running=5 if capped else None)
+    async with open_session_limiter(storage, config) as limiter:
+        before = storage.statistics().statements
+        async with limiter.hold("s"):
+            on_acquire = _delta(before, storage.statistics().statements)
+        total = _delta(before, storage.statistics().statements)
+    public = {name for name in on_acquire if not name.startswith("_")}
+    assert public == {"acquire_lease_slot"} and on_acquire["acquire_lease_slot"] == 1
+    forbidden = ("count", "expire", "delete")
+    assert not any(word in name for name in on_acquire for word in forbidden), on_acquire
+    if storage.dialect == "postgres":
+        # One statement to acquire, one to release.
+        assert total == Counter({"acquire_lease_slot": 1, "release_lease_slot": 1})
+    assert limiter.statistics().statements_per_acquire == 1.0
+
+
+async def test_db_poll_acquire_path_runs_the_legacy_statements(
+    storage: AsyncStorageBackend,
+) -> None:
+    async with open_session_limiter(storage, _config(mode="db_poll")) as limiter:
+        before = storage.statistics().statements
+        async with limiter.hold("s"):
+            on_acquire = _delta(before, storage.statistics().statements)
+    public = {name: n for name, n in on_acquire.items() if not name.startswith("_")}
+    assert public == {"expire_leases": 1, "count_leases": 1, "acquire_lease": 1}
+
+
+async def test_local_gate_resolves_same_process_contention_without_database(
+    storage: AsyncStorageBackend,
+) -> None:
+    inside = 0
+    async with open_session_limiter(storage, _config()) as limiter:
+        before = storage.statistics().statements
+
+        async def worker() -> None:
+            nonlocal inside
+            async with limiter.hold("hot"):
+                inside += 1
+                assert inside == 1
+                await anyio.lowlevel.checkpoint()
+                inside -= 1
+
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                for _ in range(20):
+                    tg.start_soon(worker)
+        delta = _delta(before, storage.statistics().statements)
+        stats = limiter.statistics()
+    # Every hold took exactly one acquire and one release: waiting cost no statement.
+    assert delta["acquire_lease_slot"] == 20 and delta["release_lease_slot"] == 20
+    assert stats.acquire_attempts == 20 and stats.acquires == 20
+    assert stats.sessions_tracked == 0
+
+
+async def test_remote_release_wakes_a_waiter_through_a_notification(storage_url: str) -> None:
+    # Backoff far longer than the test's bound: only the release notification can wake it.
+    config = _config(backoff_initial_s=30, backoff_max_s=30)
+    async with _instances(storage_url, config) as (a, b):
+        release = anyio.Event()
+        entered = anyio.Event()
+
+        async def first() -> None:
+            async with a.hold("s"):
+                entered.set()
+                await release.wait()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(first)
+            await entered.wait()
+            with anyio.fail_after(10):
+                async with anyio.create_task_group() as inner:
+
+                    async def second() -> None:
+                        async with b.hold("s"):
+                            pass
+
+                    inner.start_soon(second)
+                    # Let b's first attempt fail; it then waits (asserted: 2 attempts).
+                    await anyio.sleep(0.2)
+                    release.set()
+        assert b.statistics().acquire_attempts == 2
+
+
+async def test_lease_loss_fires_the_session_cancel_token(storage: AsyncStorageBackend) -> None:
+    config = _config(lease_ttl_s=1.0, renew_interval_s=0.05)
+    async with (
+        open_cancellation(storage) as registry,
+        open_session_limiter(storage, config, cancellation=registry) as limiter,
+        registry.open_token("s") as token,
+        limiter.hold("s") as held,
+    ):
+        # Someone removes the lease (an operator, or a sweep after a pause): renewal fails.
+        await storage.delete_session("s")
+        with anyio.fail_after(5):
+            reason = await token.wait()
+        assert "lease lost" in reason and held.lost
+        with pytest.raises(LeaseLost):
+            await storage.append_messages("s", [NewMessage("user", "x")], lease_token=held.token)
+    assert limiter.statistics().leases_lost == 1
+
+
+async def test_cancelling_a_waiter_leaves_nothing_held(storage: AsyncStorageBackend) -> None:
+    async with open_session_limiter(storage, _config(max_running=1)) as limiter:
+        async with limiter.hold("a"):
+            with anyio.move_on_after(0.2) as scope:
+                async with limiter.hold("b"):
+                    pytest.fail("the cap is 1")
+            assert scope.cancelled_caught
+            stats = limiter.statistics()
+            assert stats.waiters == 0 and stats.cap_waiters == 0 and stats.holders == 1
+        async with limiter.hold("b") as held:
+            assert held.token > 0
+    assert await storage.get_lease("a") is None and await storage.get_lease("b") is None
+
+
+async def test_held_lease_is_renewed_in_the_background(storage: AsyncStorageBackend) -> None:
+    config = _config(lease_ttl_s=0.3, renew_interval_s=0.05)
+    async with open_session_limiter(storage, config) as limiter, limiter.hold("s") as held:
+        first_expiry = held.expires_at
+        await anyio.sleep(0.5)  # longer than the TTL: only renewals keep it
+        assert not held.lost
+        assert held.expires_at > first_expiry
+        await storage.append_messages("s", [NewMessage("user", "x")], lease_token=held.token)
+    assert limiter.statistics().renewals >= 2
+
+
+def test_config_refuses_a_renewal_slower_than_the_ttl() -> None:
+    with pytest.raises(ValueError, match="renew_interval_s"):
+        LimiterConfig(lease_ttl_s=1, renew_interval_s=2)
+    assert LimiterConfig(lease_ttl_s=3).effective_renew_interval_s == 1.0

@@ -1,0 +1,172 @@
+"""Queue workers in separate OS processes on one Postgres database: exactly-once and crashes.
+
+Every worker process appends the payload of each task it starts to its own file (one line,
+flushed to the kernel before the handler goes on, so a SIGKILL loses no record); the test
+reads the files to count runs.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import anyio
+import asyncpg
+import pytest
+
+from orchestrator.queue import AgentQueue
+from storage import TaskStatus, open_storage
+from tests.conftest import truncate
+
+WORKER = """
+import sys
+import anyio
+from orchestrator.queue import AgentQueue, QueueConfig, open_worker
+from storage import open_storage
+
+url, runs, max_workers, lease_s, hang = sys.argv[1:6]
+
+async def main():
+    cfg = QueueConfig(
+        max_workers=int(max_workers), lease_s=float(lease_s),
+        heartbeat_interval_s=float(lease_s) / 4, fallback_poll_s=0.5, shutdown_grace_s=1.0,
+    )
+    with open(runs, "a", buffering=1) as out:
+        async def handler(task):
+            out.write(f"{task.payload}\\n")
+            if hang == "1":
+                await anyio.sleep_forever()
+
+        async with open_storage(url) as storage:
+            queue = AgentQueue(storage, "mp", cfg)
+            async with open_worker(queue, handler):
+                print("ready", flush=True)
+                await anyio.to_thread.run_sync(sys.stdin.readline)
+
+anyio.run(main)
+"""
+
+
+class Proc:
+    def __init__(self, url: str, runs: Path, *, max_workers: int, lease_s: float, hang: bool):
+        self.runs = runs
+        self.popen = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                WORKER,
+                url,
+                str(runs),
+                str(max_workers),
+                str(lease_s),
+                "1" if hang else "0",
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=Path(__file__).resolve().parents[2],
+        )
+
+    def wait_ready(self) -> None:
+        assert self.popen.stdout is not None
+        assert self.popen.stdout.readline().strip() == "ready"
+
+    def stop(self) -> None:
+        assert self.popen.stdin is not None
+        self.popen.stdin.write("stop\n")
+        self.popen.stdin.flush()
+        assert self.popen.wait(timeout=60) == 0
+
+    def payloads(self) -> list[int]:
+        if not self.runs.exists():
+            return []
+        return [int(line) for line in self.runs.read_text().split()]
+
+
+async def _wait_succeeded(dsn: str, expected: int, timeout_s: float) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            done = await conn.fetchval(
+                "SELECT count(*) FROM agent_tasks WHERE queue = 'mp' AND status = 'succeeded'"
+            )
+            if done >= expected:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{done} of {expected} tasks succeeded in {timeout_s} s")
+            await _pause()
+    finally:
+        await conn.close()
+
+
+async def _pause() -> None:
+    await anyio.sleep(0.05)  # cross-process progress: there is no event to wait on
+
+
+@pytest.fixture
+async def dsn(postgres_dsn: str) -> str:
+    await truncate(postgres_dsn)
+    return postgres_dsn
+
+
+async def test_four_worker_processes_drain_10000_tasks_each_exactly_once(
+    dsn: str, tmp_path: Path
+) -> None:
+    async with open_storage(dsn) as storage:
+        queue = AgentQueue(storage, "mp")
+        for start in range(0, 10_000, 2_000):
+            await queue.enqueue_many(list(range(start, start + 2_000)))
+    procs = [
+        Proc(dsn, tmp_path / f"runs{i}", max_workers=50, lease_s=10, hang=False) for i in range(4)
+    ]
+    try:
+        for proc in procs:
+            proc.wait_ready()
+        await _wait_succeeded(dsn, 10_000, timeout_s=120)
+    finally:
+        for proc in procs:
+            proc.stop()
+    runs = Counter(p for proc in procs for p in proc.payloads())
+    assert runs == Counter(range(10_000))  # every task ran, none twice
+    assert sum(1 for proc in procs if proc.payloads()) >= 2  # the work was actually shared
+
+
+async def test_sigkilled_worker_loses_nothing_and_only_its_tasks_rerun(
+    dsn: str, tmp_path: Path
+) -> None:
+    async with open_storage(dsn) as storage:
+        queue = AgentQueue(storage, "mp")
+        tasks = await queue.enqueue_many(list(range(200)))
+        victim = Proc(dsn, tmp_path / "victim", max_workers=5, lease_s=1.0, hang=True)
+        healthy: Proc | None = None
+        try:
+            victim.wait_ready()
+            deadline = time.monotonic() + 30
+            while len(victim.payloads()) < 5:  # five handlers hang mid-run
+                assert time.monotonic() < deadline
+                await _pause()
+            healthy = Proc(dsn, tmp_path / "healthy", max_workers=20, lease_s=1.0, hang=False)
+            healthy.wait_ready()
+            # The victim is alive and renewing: its five tasks stay with it.
+            await _wait_succeeded(dsn, 195, timeout_s=60)
+            os.kill(victim.popen.pid, signal.SIGKILL)
+            victim.popen.wait(timeout=10)
+            await _wait_succeeded(dsn, 200, timeout_s=60)
+        finally:
+            if victim.popen.poll() is None:
+                victim.popen.kill()
+            if healthy is not None:
+                healthy.stop()
+        in_flight = set(victim.payloads())
+        assert len(in_flight) == 5
+        assert Counter(healthy.payloads()) == Counter(range(200))
+        for task in tasks:
+            row = await storage.get_task(task.id)
+            assert row is not None and row.status is TaskStatus.SUCCEEDED
+            assert row.attempts == (2 if task.payload in in_flight else 1)
