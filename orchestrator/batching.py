@@ -38,6 +38,7 @@ __all__ = [
     "DrainReport",
     "Health",
     "OverflowPolicy",
+    "outcome_batches",
 ]
 
 log = logging.getLogger("asyncstore.batching")
@@ -75,12 +76,38 @@ class BatchConfig(BaseModel):
     drain_timeout_s: float = Field(
         default=30.0, gt=0, description="how long aclose() keeps flushing before dead-lettering"
     )
+    eager: bool = Field(
+        default=False,
+        description="group commit: send whatever waits as soon as the previous batch is done "
+        "(thresholds still cap a batch; the interval is not waited for)",
+    )
 
     @model_validator(mode="after")
     def _capacity_holds_a_batch(self) -> Self:
         if self.capacity < self.max_batch:
             raise ValueError(f"capacity ({self.capacity}) must be >= max_batch ({self.max_batch})")
         return self
+
+
+def outcome_batches(max_batch: int) -> BatchConfig:
+    """Settings for small records that must reach storage (task outcomes, delivery results).
+
+    Group commit (``eager``): whatever finished while a write was in flight goes in the next
+    one. Never dropped (``block`` with room for a million), retried for minutes, and drained
+    for up to 10 s at close; what is still unwritten then is dead-lettered, so its lease
+    expires and the work runs again elsewhere.
+    """
+    return BatchConfig(
+        max_batch=max_batch,
+        max_batch_bytes=None,
+        eager=True,
+        capacity=max(1_000_000, max_batch),
+        overflow=OverflowPolicy.BLOCK,
+        max_retries=10_000,
+        retry_base_s=0.05,
+        retry_max_s=2.0,
+        drain_timeout_s=10.0,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +125,7 @@ class DeadLetter(Generic[T]):
     """Items the writer gave up on, with the reason and the last sink error."""
 
     items: list[T]
-    reason: str  # "retries_exhausted" or "shutdown"
+    reason: str  # "retries_exhausted", "not_retryable" or "shutdown"
     error: BaseException | None
 
 
@@ -159,7 +186,8 @@ class BatchWriter(Generic[T]):
     ``key`` groups items (e.g. by session) so the sink gets per-key buckets in arrival
     order; ``size_of`` gives an item's size in bytes for the byte thresholds (callers on a
     hot path can pass ``nbytes=`` to ``put_nowait`` instead). Batches are sent one at a
-    time, so the sink sees items in arrival order, retries included.
+    time, so the sink sees items in arrival order, retries included. ``retry_if`` decides
+    which sink errors are worth retrying (default: all); the others dead-letter at once.
     """
 
     def __init__(
@@ -170,6 +198,7 @@ class BatchWriter(Generic[T]):
         key: Callable[[T], Hashable] | None = None,
         size_of: Callable[[T], int] | None = None,
         on_dead_letter: DeadLetterCallback[T] | None = None,
+        retry_if: Callable[[Exception], bool] | None = None,
         name: str = "batch",
     ) -> None:
         self.config = config or BatchConfig()
@@ -178,6 +207,7 @@ class BatchWriter(Generic[T]):
         self._key = key
         self._size_of = size_of
         self._on_dead_letter = on_dead_letter
+        self._retry_if = retry_if
         self._pending: deque[_Entry[T]] = deque()
         self._in_flight: list[_Entry[T]] = []
         self._bytes = 0
@@ -443,7 +473,7 @@ class BatchWriter(Generic[T]):
 
     def _due(self) -> bool:
         cfg = self.config
-        if self._closing or self._pending[0].number <= self._flush_upto:
+        if cfg.eager or self._closing or self._pending[0].number <= self._flush_upto:
             return True
         if len(self._pending) >= cfg.max_batch:
             return True
@@ -491,6 +521,9 @@ class BatchWriter(Generic[T]):
                 self._last_latency = time.monotonic() - started
                 self._flushed += len(items)
                 self._batches += 1
+                break
+            if self._retry_if is not None and not self._retry_if(error):
+                await self._dead_letter(items, "not_retryable", error)
                 break
             if attempt >= cfg.max_retries:
                 await self._dead_letter(items, "retries_exhausted", error)

@@ -26,13 +26,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 from pydantic import BaseModel, ConfigDict, Field
 
-from orchestrator._coalesce import OutcomeWriter, open_outcome_writer
+from orchestrator.batching import Batch, BatchWriter, DeadLetter, outcome_batches
 from storage import (
     AsyncStorageBackend,
     ChatMessage,
@@ -43,6 +43,7 @@ from storage import (
     NewOutboxMessage,
     OutboxMessage,
     OutboxStatus,
+    StorageClosed,
     StorageError,
 )
 
@@ -168,6 +169,7 @@ class OutboxRelayStatistics:
     stale_writes: int
     send_errors: int
     pending_writes: int
+    undelivered_writes: int  # outcomes given up at shutdown: their leases expire
     notifications: int
     fallback_polls: int
     storage_errors: int
@@ -276,7 +278,8 @@ class OutboxRelay:
         self._lanes_idle = anyio.Event()
         self._lanes_idle.set()
         self._due: list[float] = []
-        self._writer: OutcomeWriter[_Result] | None = None
+        self._writer: BatchWriter[_Result] | None = None
+        self._undelivered = 0
         self._tasks: TaskGroup | None = None
         self._counts = dict.fromkeys(_Kind, 0)
         self._claimed = self._claims = self._sending = self._peak = self._peak_lanes = 0
@@ -300,7 +303,8 @@ class OutboxRelay:
             released=self._counts[_Kind.RELEASE],
             stale_writes=self._stale,
             send_errors=self._send_errors,
-            pending_writes=self._writer.pending if self._writer is not None else 0,
+            pending_writes=_pending(self._writer),
+            undelivered_writes=self._undelivered,
             notifications=self._notifications,
             fallback_polls=self._polls,
             storage_errors=self._errors,
@@ -315,7 +319,13 @@ class OutboxRelay:
 
     async def _serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         async with (
-            open_outcome_writer(self._write_results, self.config.max_write_batch) as writer,
+            BatchWriter(
+                self._write_batch,
+                outcome_batches(self.config.max_write_batch),
+                retry_if=_retryable,
+                on_dead_letter=self._undeliverable,
+                name="outbox-outcomes",
+            ) as writer,
             anyio.create_task_group() as tg,
         ):
             self._writer = writer
@@ -493,7 +503,21 @@ class OutboxRelay:
                 self._rearm.set()
         if self._writer is None:
             raise RuntimeError("relay is not running")
-        self._writer.put_nowait(result)
+        self._writer.put_nowait(result, critical=True)
+
+    async def _write_batch(self, batch: Batch[_Result]) -> None:
+        await self._write_results(batch.items)
+
+    def _undeliverable(self, letter: DeadLetter[_Result]) -> None:
+        """Results that could not be written: their claims expire and the messages are
+        claimed again (at least once, never silently lost)."""
+        self._undelivered += len(letter.items)
+        log.error(
+            "%d delivery results could not be written (%s): %r",
+            len(letter.items),
+            letter.reason,
+            letter.error,
+        )
 
     async def _write_results(self, batch: list[_Result]) -> None:
         """One statement per kind, effective only under current claims (else counted stale).
@@ -580,3 +604,15 @@ async def open_outbox_relay(
             yield relay
         finally:
             relay._stopping.set()
+
+
+def _pending(writer: BatchWriter[Any] | None) -> int:
+    if writer is None:
+        return 0
+    stats = writer.statistics()
+    return stats.pending + stats.in_flight
+
+
+def _retryable(exc: Exception) -> bool:
+    """Storage trouble is retried; a closed storage or a bug is not."""
+    return isinstance(exc, StorageError) and not isinstance(exc, StorageClosed)

@@ -24,19 +24,20 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from orchestrator._coalesce import OutcomeWriter, open_outcome_writer
+from orchestrator.batching import Batch, BatchWriter, DeadLetter, outcome_batches
 from storage import (
     AsyncStorageBackend,
     Claim,
     Failure,
     InvalidInput,
     NewTask,
+    StorageClosed,
     StorageError,
     Task,
 )
@@ -154,6 +155,7 @@ class WorkerStatistics:
     lease_lost: int
     stale_writes: int
     pending_writes: int
+    undelivered_writes: int  # outcomes given up at shutdown: their leases expire
     notifications: int
     fallback_polls: int
     storage_errors: int
@@ -290,7 +292,8 @@ class Worker:
         self._idle = anyio.Event()
         self._idle.set()
         self._due: list[float] = []  # heap of known future run_after timestamps
-        self._writer: OutcomeWriter[_Finished] | None = None
+        self._writer: BatchWriter[_Finished] | None = None
+        self._undelivered = 0
         self._tasks: TaskGroup | None = None
         self._last_renewal = time.monotonic()
         self._running = 0
@@ -323,7 +326,8 @@ class Worker:
             cancelled=self._cancelled,
             lease_lost=self._lease_lost,
             stale_writes=self._stale,
-            pending_writes=self._writer.pending if self._writer is not None else 0,
+            pending_writes=_pending(self._writer),
+            undelivered_writes=self._undelivered,
             notifications=self._notifications,
             fallback_polls=self._polls,
             storage_errors=self._errors,
@@ -358,7 +362,13 @@ class Worker:
         final flush is shielded).
         """
         async with (
-            open_outcome_writer(self._write_outcomes, self.config.max_write_batch) as writer,
+            BatchWriter(
+                self._write_batch,
+                outcome_batches(self.config.max_write_batch),
+                retry_if=_retryable,
+                on_dead_letter=self._undeliverable,
+                name="queue-outcomes",
+            ) as writer,
             anyio.create_task_group() as tg,
         ):
             self._writer = writer
@@ -546,7 +556,27 @@ class Worker:
             self._add_due(finished.retry_at.timestamp())
         if self._writer is None:
             raise RuntimeError("worker is not running")
-        self._writer.put_nowait(finished)
+        self._writer.put_nowait(finished, critical=True)
+
+    async def _write_batch(self, batch: Batch[_Finished]) -> None:
+        await self._write_outcomes(batch.items)
+
+    def _undeliverable(self, letter: DeadLetter[_Finished]) -> None:
+        """Outcomes that could not be written: stop renewing their leases, so they expire
+        and the work runs again elsewhere (at least once, never silently lost)."""
+        self._undelivered += len(letter.items)
+        log.error(
+            "%d outcomes could not be written (%s): %r",
+            len(letter.items),
+            letter.reason,
+            letter.error,
+        )
+        for item in letter.items:
+            self._forget_claim(item.claim)
+
+    def _forget_claim(self, claim: Claim) -> None:
+        if self._held.get(claim.id) == claim.token:
+            del self._held[claim.id]
 
     async def _write_outcomes(self, batch: list[_Finished]) -> None:
         """Write one batch of outcomes: one statement per kind, effective only under live leases.
@@ -683,3 +713,15 @@ async def open_worker(
             yield worker
         finally:
             worker._stopping.set()
+
+
+def _pending(writer: BatchWriter[Any] | None) -> int:
+    if writer is None:
+        return 0
+    stats = writer.statistics()
+    return stats.pending + stats.in_flight
+
+
+def _retryable(exc: Exception) -> bool:
+    """Storage trouble is retried; a closed storage or a bug is not."""
+    return isinstance(exc, StorageError) and not isinstance(exc, StorageClosed)

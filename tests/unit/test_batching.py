@@ -269,3 +269,32 @@ async def test_statistics_track_batches_and_latency() -> None:
 def test_capacity_must_hold_a_batch() -> None:
     with pytest.raises(ValueError, match="capacity"):
         BatchConfig(max_batch=10, capacity=5)
+
+
+async def test_eager_writer_sends_at_once_and_groups_what_waited() -> None:
+    sink = Recorder()
+    sink.gate = anyio.Event()
+    async with BatchWriter(sink, cfg(flush_interval_s=60, eager=True)) as w:
+        w.put_nowait(1)  # goes at once (eager), and is held in the sink
+        await until(lambda: w.statistics().in_flight == 1)
+        for i in range(2, 6):
+            w.put_nowait(i)  # pile up while the first write is in flight
+        sink.gate.set()
+        with anyio.fail_after(2):
+            await w.flush()  # no 60 s wait: the next batch left as soon as the first returned
+    assert [b.items for b in sink.batches] == [[1], [2, 3, 4, 5]]
+
+
+async def test_errors_not_worth_retrying_dead_letter_at_once() -> None:
+    sink = Recorder(fail_times=100)
+    letters: list[DeadLetter[int]] = []
+    config = cfg(max_retries=50, flush_interval_s=0.01)
+    writer = BatchWriter(
+        sink, config, on_dead_letter=letters.append, retry_if=lambda e: not isinstance(e, OSError)
+    )
+    async with writer as w:
+        w.put_nowait(1)
+        with anyio.fail_after(2):
+            await w.flush()
+    assert sink.calls == 1  # ConnectionError is an OSError: not retried
+    assert letters[0].reason == "not_retryable" and letters[0].items == [1]
