@@ -1,0 +1,213 @@
+"""Webhook benchmark: the seed's table, measured (synchronous vs asynchronous batched).
+
+100 tool calls fire ``tool_call_start`` at a local receiver that takes 100 ms per request
+(a real HTTP server on 127.0.0.1, in the same event loop), three ways: synchronous
+webhooks; async batch 10 / interval 1 s; async batch 50 / interval 2 s. Per side: HTTP
+requests made, total time the caller spent blocked in ``fire``, per-call p50/p99, and time
+from the first call until the last event arrived. Separately, the enqueue latency of
+``AsyncWebhookBatcher.send_nowait`` (target p99 < 50 us) over many events with the flusher
+running. Sides alternate within each repetition; medians and spread are reported.
+
+Run: ``python -m benchmarks.webhooks_bench [--repeats N] [--quick] [--json PATH]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+
+from benchmarks.storage_bench import _load_average, environment
+from benchmarks.streams_bench import Results, _percentile, _progress, render
+from orchestrator.webhooks import HooksConfig, open_webhooks, parse_hooks
+from orchestrator.webhooks.testing import Answer, TestReceiver, open_test_receiver
+
+RECEIVER_DELAY_S = 0.1
+SIDES = {
+    "sync": None,
+    "async batch 10 / 1 s": (10, 1000),
+    "async batch 50 / 2 s": (50, 2000),
+}
+
+
+def _config(url: str, side: str) -> HooksConfig:
+    shape = SIDES[side]
+    if shape is None:
+        entry = {"name": "bench", "url": url, "trigger": "tool_call_start", "retries": 0}
+        return parse_hooks({"webhooks": [entry]}, environ={})
+    batch, interval = shape
+    entry = {
+        "name": "bench",
+        "url": url,
+        "trigger": "tool_call_start",
+        "batch_size": batch,
+        "flush_interval_ms": interval,
+    }
+    return parse_hooks({"async_webhooks": [entry]}, environ={})
+
+
+def _arrived(rx: TestReceiver) -> int:
+    total = 0
+    for request in rx.requests:
+        body = request.json()
+        total += len(body["events"]) if "events" in body else 1
+    return total
+
+
+async def _tool_calls(side: str, calls: int) -> dict[str, float]:
+    async with (
+        open_test_receiver(lambda r: Answer(delay_s=RECEIVER_DELAY_S)) as rx,
+        open_webhooks(_config(rx.url, side)) as webhooks,
+    ):
+        per_call: list[float] = []
+        clock = time.perf_counter
+        started = clock()
+        for i in range(calls):
+            t0 = clock()
+            decision = await webhooks.fire("tool_call_start", {"tool_name": "edit", "i": i})
+            per_call.append(clock() - t0)
+            if decision.warnings:
+                raise RuntimeError(f"{side}: {decision.warnings}")
+            await anyio.lowlevel.checkpoint()  # the agent loop yields between calls
+        await rx.wait_until(lambda requests: _arrived(rx) >= calls, timeout_s=60)
+        last = clock() - started
+        requests = len(rx.requests)
+    return {
+        "requests": float(requests),
+        "blocked_ms": sum(per_call) * 1000,
+        "p50_us": _percentile(per_call, 0.5) * 1e6,
+        "p99_us": _percentile(per_call, 0.99) * 1e6,
+        "last_ms": last * 1000,
+    }
+
+
+async def _enqueue_latency(events: int) -> tuple[float, float]:
+    async with open_test_receiver() as rx:
+        config = parse_hooks(
+            {
+                "async_webhooks": [
+                    {
+                        "name": "bench",
+                        "url": rx.url,
+                        "trigger": "tool_call_start",
+                        "batch_size": 500,
+                        "flush_interval_ms": 50,
+                        "capacity": events,
+                    }
+                ]
+            },
+            environ={},
+        )
+        async with open_webhooks(config) as webhooks:
+            batcher = webhooks.batchers["bench"]
+            samples: list[float] = []
+            clock = time.perf_counter_ns
+            for i in range(events):
+                context = {"tool_name": "edit", "i": i}
+                t0 = clock()
+                batcher.send_nowait("tool_call_start", context)
+                samples.append((clock() - t0) / 1000)
+                if i % 100 == 99:
+                    await anyio.lowlevel.checkpoint()
+            await batcher.flush()
+            if batcher.statistics().delivered != events:
+                raise RuntimeError("enqueue benchmark lost events")
+    return _percentile(samples, 0.5), _percentile(samples, 0.99)
+
+
+async def run(args: argparse.Namespace) -> Results:
+    results = Results()
+    calls = 20 if args.quick else 100
+    events = 5_000 if args.quick else 20_000
+    await _tool_calls("async batch 10 / 1 s", 10)  # warm-up
+    for rep in range(args.repeats):
+        order = list(SIDES)
+        if rep % 2:
+            order.reverse()
+        for side in order:
+            _progress(f"{side}: {calls} tool calls, repetition {rep + 1}/{args.repeats}")
+            fig = await _tool_calls(side, calls)
+            section = f"{calls} tool calls"
+            results.add(section, side, "HTTP requests", "n", fig["requests"])
+            results.add(section, side, "caller blocked, total", "ms", fig["blocked_ms"])
+            results.add(section, side, "fire p50", "us", fig["p50_us"])
+            results.add(section, side, "fire p99", "us", fig["p99_us"])
+            results.add(section, side, "last event arrived", "ms", fig["last_ms"])
+        _progress(f"enqueue latency, {events} events, repetition {rep + 1}/{args.repeats}")
+        p50, p99 = await _enqueue_latency(events)
+        results.add("enqueue", "async", "send_nowait p50", "us", p50)
+        results.add("enqueue", "async", "send_nowait p99", "us", p99)
+    return results
+
+
+def targets(results: Results, calls: int) -> list[str]:
+    out = []
+    section = f"{calls} tool calls"
+    p99 = results.median("enqueue", "async", "send_nowait p99")
+    if p99 is not None:
+        verdict = "met" if p99 < 50 else "NOT MET"
+        out.append(f"target: enqueue p99 < 50 us: {p99:.1f} us -> {verdict}")
+    for side, batch in (("async batch 10 / 1 s", 10), ("async batch 50 / 2 s", 50)):
+        requests = results.median(section, side, "HTTP requests")
+        if requests is not None:
+            want = -(-calls // batch)
+            verdict = "met" if requests == want else "NOT MET"
+            out.append(f"target: {side}: {want} requests: {requests:.0f} -> {verdict}")
+    return out
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.webhooks_bench",
+        description="Webhooks: synchronous vs asynchronous batched, the seed's table measured.",
+    )
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="20 tool calls (a smoke run)")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    load_before = _load_average()
+    started = time.perf_counter()
+    results = anyio.run(run, args)
+    elapsed = time.perf_counter() - started
+    load_after = _load_average()
+    calls = 20 if args.quick else 100
+    goals = targets(results, calls)
+    print(render(results))
+    print()
+    print("\n".join(goals))
+    print(f"repeats: {args.repeats}, quick: {args.quick}, run time: {elapsed:.1f} s")
+    if load_before is not None and load_after is not None:
+        print(
+            f"1-minute load average: {load_before:.2f} before, {load_after:.2f} after, "
+            f"on {os.cpu_count()} CPUs (receiver and client share them)"
+        )
+    if args.json is not None:
+        document: dict[str, Any] = {
+            "benchmark": "webhooks_bench",
+            "config": {"repeats": args.repeats, "quick": args.quick},
+            "environment": environment(),
+            "run_time_s": elapsed,
+            "results": [r.as_dict() for r in results.rows.values()],
+            "targets": goals,
+        }
+        args.json.write_text(json.dumps(document, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

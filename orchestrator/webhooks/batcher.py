@@ -1,0 +1,422 @@
+"""AsyncWebhookBatcher: webhook events queued in memory and POSTed in batches.
+
+It is a BatchWriter (``orchestrator.batching``) whose sink POSTs ``{"events": [...]}``: the
+writer flushes at ``batch_size`` events or ``flush_interval_ms`` after the oldest one,
+bounds the queue (overflow policy and drop counters are the writer's) and retries a failing
+batch with exponential backoff and jitter. This module adds what is webhook-specific: a
+stable delivery id per batch (the same on every retry), Retry-After on 429/503, 410 Gone
+disabling the endpoint, and dead-letter records kept with their error. With
+``durable = true`` the sink writes each batch to the storage outbox instead, and an outbox
+relay (see ``orchestrator.webhooks.durable``) POSTs it, so a crash loses nothing written.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import secrets
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType, TracebackType
+from typing import Any, Self
+
+import anyio
+import orjson
+
+from orchestrator.batching import Batch, BatchConfig, BatchWriter, BatchWriterStatistics, DeadLetter
+from orchestrator.webhooks.config import AsyncWebhookConfig
+from orchestrator.webhooks.signing import delivery_id
+from orchestrator.webhooks.transport import DeliveryFailed, Transport
+from orchestrator.webhooks.triggers import ALIASES, EVENT_NAMES
+
+__all__ = [
+    "CRITICAL_TRIGGERS",
+    "AsyncWebhookBatcher",
+    "AsyncWebhookStatistics",
+    "AttemptFailed",
+    "WebhookDeadLetter",
+    "WebhookDrainReport",
+    "WebhookEvent",
+]
+
+log = logging.getLogger("asyncstore.webhooks")
+
+CRITICAL_TRIGGERS = frozenset({"error", "turn_complete", "session_end"})
+"""Events of these triggers are never dropped on overflow (the put waits or raises)."""
+
+_SPELLINGS = {name: name for name in EVENT_NAMES} | dict(ALIASES)
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookEvent:
+    """One queued event, in the seed's batch shape plus its stable ``id``."""
+
+    id: str
+    event: str
+    hook_name: str
+    trigger: str  # the configured trigger value, as in the seed
+    context: Mapping[str, Any]
+    timestamp_ms: int
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "event": self.event,
+            "hook_name": self.hook_name,
+            "trigger": self.trigger,
+            "context": self.context,
+            "timestamp_ms": self.timestamp_ms,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookDeadLetter:
+    """A batch the batcher gave up on: its delivery id, events, reason and last error."""
+
+    endpoint: str
+    delivery_id: str
+    events: tuple[WebhookEvent, ...]
+    reason: str  # retries_exhausted, shutdown, gone, disabled, refused
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookDrainReport:
+    """What closing achieved: delivered events and the ones that could not be delivered."""
+
+    endpoint: str
+    delivered: int
+    undelivered: int
+    dropped: Mapping[str, int]
+
+    @property
+    def complete(self) -> bool:
+        return self.undelivered == 0
+
+
+@dataclass(frozen=True, slots=True)
+class AsyncWebhookStatistics:
+    endpoint: str
+    enabled: bool
+    accepted: int
+    delivered: int  # events the receiver confirmed with 2xx (or persisted, when durable)
+    batches: int  # batches confirmed
+    requests: int  # HTTP requests sent, retries included
+    failed_attempts: int
+    dead_lettered: int  # events
+    dropped: Mapping[str, int]  # overflow (the writer's reasons) and "disabled"
+    writer: BatchWriterStatistics
+
+
+class AttemptFailed(Exception):
+    """One failed delivery attempt (HTTP status or transport error)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        retryable: bool = True,
+        retry_after_s: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retryable = retryable
+        self.retry_after_s = retry_after_s
+
+
+PersistBatch = Callable[[str, str, bytes, int], Awaitable[None]]
+"""Durable mode: (endpoint, delivery id, body, event count) -> persisted."""
+
+
+class AsyncWebhookBatcher:
+    """Queues events for one endpoint and POSTs them in batches; use as ``async with``.
+
+    ``send_nowait`` only enqueues (no I/O). Leaving the block (or ``aclose()``) flushes
+    what remains, bounded by ``shutdown_timeout_secs``, and reports what it could not
+    deliver; those batches are dead-lettered with reason ``shutdown``.
+    """
+
+    def __init__(
+        self,
+        config: AsyncWebhookConfig,
+        transport: Transport,
+        *,
+        on_dead_letter: Callable[[WebhookDeadLetter], None] | None = None,
+        persist: PersistBatch | None = None,
+        keep_dead_letters: int = 1000,
+    ) -> None:
+        if config.durable and persist is None:
+            raise ValueError(f"async webhook {config.name!r} is durable: it needs storage")
+        self.config = config
+        self.name = config.name
+        self._transport = transport
+        self._persist = persist if config.durable else None
+        self._on_dead_letter = on_dead_letter
+        self._writer: BatchWriter[WebhookEvent] = BatchWriter(
+            self._sink,
+            BatchConfig(
+                max_batch=config.batch_size,
+                max_batch_bytes=None,
+                flush_interval_s=config.flush_interval_ms / 1000,
+                capacity=config.capacity,
+                overflow=config.overflow,
+                max_retries=config.retries,
+                retry_base_s=0.1,  # 100 ms, 200 ms, 400 ms, ... with jitter (the writer's)
+                retry_max_s=30.0,
+                drain_timeout_s=config.shutdown_timeout_secs,
+            ),
+            on_dead_letter=self._writer_dead_letter,
+            name=f"webhook:{config.name}",
+        )
+        self._ids = itertools.count(1)
+        self._id_prefix = f"evt_{secrets.token_hex(6)}_"
+        self._keys = config.signing_keys
+        self._headers = config.header_values()
+        self._disabled = False
+        self._not_before = 0.0
+        self._last_error: dict[str, str] = {}  # delivery id -> last error, while retrying
+        self._dead_letters: deque[WebhookDeadLetter] = deque(maxlen=keep_dead_letters)
+        self._accepted = self._delivered = self._batches = 0
+        self._requests = self._failed = self._dead = self._disabled_drops = 0
+
+    async def __aenter__(self) -> Self:
+        await self._writer.__aenter__()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        await self._report(await self._close_writer())
+        # The writer's exit drains (shielded, bounded by shutdown_timeout_secs).
+        return await self._writer.__aexit__(exc_type, exc, tb)
+
+    async def _close_writer(self) -> WebhookDrainReport:
+        with anyio.CancelScope(shield=True):  # the final flush must run even when cancelled
+            await self._writer.aclose()
+        return self._drain_report()
+
+    async def aclose(self) -> WebhookDrainReport:
+        """Stop intake, deliver what is queued, and report what could not be delivered.
+
+        Bounded by ``shutdown_timeout_secs``. Safe to call twice. Shielded: cancelling the
+        caller does not interrupt the drain.
+        """
+        report = await self._close_writer()
+        await self._report(report)
+        return report
+
+    async def _report(self, report: WebhookDrainReport) -> None:
+        if not report.complete:
+            log.error(
+                "async webhook %r: %d event(s) could not be delivered (dead-lettered)",
+                self.name,
+                report.undelivered,
+            )
+
+    def _drain_report(self) -> WebhookDrainReport:
+        dropped = dict(self._writer.statistics().dropped)
+        if self._disabled_drops:
+            dropped["disabled"] = self._disabled_drops
+        return WebhookDrainReport(self.name, self._delivered, self._dead, MappingProxyType(dropped))
+
+    # -- intake -----------------------------------------------------------------------
+
+    def _event(
+        self, trigger: str, context: Mapping[str, Any], hook_name: str | None, label: str | None
+    ) -> tuple[WebhookEvent, bool]:
+        name = _SPELLINGS.get(trigger)
+        if name is None:
+            raise ValueError(f"unknown trigger {trigger!r}")
+        event = WebhookEvent(
+            f"{self._id_prefix}{next(self._ids)}",
+            EVENT_NAMES[name],
+            hook_name or self.name,
+            label or self.config.trigger or name,
+            dict(context),
+            time.time_ns() // 1_000_000,
+        )
+        return event, name in CRITICAL_TRIGGERS
+
+    def send_nowait(
+        self,
+        trigger: str,
+        context: Mapping[str, Any],
+        *,
+        hook_name: str | None = None,
+        trigger_label: str | None = None,
+    ) -> bool:
+        """Queue one event without waiting; True if queued, False if dropped (counted).
+
+        ``trigger`` is a canonical name or alias; ``context`` is copied (shallowly) and
+        must be JSON-serializable. A full queue drops per the overflow policy; an event of a
+        critical trigger is never dropped and raises ``anyio.WouldBlock`` instead (use
+        ``send``). After a 410 the endpoint is disabled and events are dropped as
+        ``disabled``. Raises ``WriterClosed`` once closing.
+        """
+        event, critical = self._event(trigger, context, hook_name, trigger_label)
+        if self._disabled:
+            self._disabled_drops += 1
+            return False
+        if self._writer.put_nowait(event, critical=critical):
+            self._accepted += 1
+            return True
+        return False
+
+    async def send(
+        self,
+        trigger: str,
+        context: Mapping[str, Any],
+        *,
+        hook_name: str | None = None,
+        trigger_label: str | None = None,
+    ) -> bool:
+        """Like ``send_nowait``, but waits for room where the policy (or criticality) says.
+
+        Waits at most the writer's ``block_timeout_s`` (then ``WriterOverloaded``). When
+        ``durable``, also waits until the event's batch is written to the outbox (events
+        sent concurrently share one row). If cancelled while waiting for room, the event
+        was not queued; if cancelled while persisting, it is still persisted.
+        """
+        event, critical = self._event(trigger, context, hook_name, trigger_label)
+        if self._disabled:
+            self._disabled_drops += 1
+            return False
+        if not await self._writer.put(event, critical=critical):
+            return False
+        self._accepted += 1
+        if self._persist is not None:
+            await self._writer.flush()  # durable: return once the event is in the outbox
+        return True
+
+    async def flush(self) -> None:
+        """Barrier: returns once every event queued before the call is delivered or
+        dead-lettered. If cancelled, stops waiting; the delivery still happens."""
+        await self._writer.flush()
+
+    # -- delivery ---------------------------------------------------------------------
+
+    async def _sink(self, batch: Batch[WebhookEvent]) -> None:
+        events = batch.items
+        msg_id = delivery_id(self.name, events[0].id, events[-1].id, str(len(events)))
+        if self._disabled:
+            self._dead_letter(events, msg_id, "disabled", "the endpoint answered 410 Gone")
+            return
+        body = orjson.dumps({"events": [e.as_json() for e in events]})
+        if self._persist is not None:
+            await self._persist(self.name, msg_id, body, len(events))
+            self._delivered += len(events)
+            self._batches += 1
+            return
+        if batch.attempt > 0:
+            # The writer already slept its backoff; a Retry-After asks for at least this.
+            wait = self._not_before - time.monotonic()
+            if wait > 0:
+                await anyio.sleep(wait)
+        try:
+            await self.deliver(msg_id, body)
+        except AttemptFailed as exc:
+            if exc.retryable:
+                self._last_error[msg_id] = str(exc)
+                if exc.retry_after_s is not None:
+                    self._not_before = time.monotonic() + exc.retry_after_s
+                raise
+            self._last_error.pop(msg_id, None)
+            self._dead_letter(events, msg_id, "gone" if exc.status == 410 else "refused", str(exc))
+            return
+        self._last_error.pop(msg_id, None)
+        self._delivered += len(events)
+        self._batches += 1
+
+    async def deliver(self, msg_id: str, body: bytes) -> None:
+        """POST one batch body once; ``AttemptFailed`` unless the receiver answered 2xx.
+
+        A 410 disables the endpoint (``retryable=False``). If cancelled, the request is
+        abandoned.
+        """
+        if self._disabled:
+            raise AttemptFailed("the endpoint answered 410 Gone", status=410, retryable=False)
+        self._requests += 1
+        try:
+            reply = await self._transport.send(
+                self.config.method,
+                self.config.url,
+                body,
+                msg_id=msg_id,
+                headers=self._headers,
+                keys=self._keys,
+                timeout_s=self.config.timeout_secs,
+            )
+        except DeliveryFailed as exc:
+            self._failed += 1
+            log.warning("async webhook %r: delivery %s failed: %s", self.name, msg_id, exc)
+            raise AttemptFailed(str(exc), retryable=exc.retryable) from None
+        if 200 <= reply.status < 300:
+            return
+        self._failed += 1
+        if reply.status == 410:
+            if not self._disabled:
+                log.error("async webhook %r: 410 Gone, endpoint disabled", self.name)
+            self._disabled = True
+            raise AttemptFailed("HTTP 410 Gone", status=410, retryable=False)
+        log.warning("async webhook %r: delivery %s got HTTP %d", self.name, msg_id, reply.status)
+        raise AttemptFailed(
+            f"HTTP {reply.status}", status=reply.status, retry_after_s=reply.retry_after_s
+        )
+
+    def _writer_dead_letter(self, dead: DeadLetter[WebhookEvent]) -> None:
+        events = dead.items
+        msg_id = delivery_id(self.name, events[0].id, events[-1].id, str(len(events)))
+        error = self._last_error.pop(msg_id, None) or (str(dead.error) if dead.error else "")
+        self._dead_letter(events, msg_id, dead.reason, error or dead.reason)
+
+    def _dead_letter(
+        self, events: list[WebhookEvent], msg_id: str, reason: str, error: str
+    ) -> None:
+        self._dead += len(events)
+        record = WebhookDeadLetter(self.name, msg_id, tuple(events), reason, error)
+        self._dead_letters.append(record)
+        log.error(
+            "async webhook %r: dead-lettered %d event(s), delivery %s (%s: %s)",
+            self.name,
+            len(events),
+            msg_id,
+            reason,
+            error,
+        )
+        if self._on_dead_letter is not None:
+            try:
+                self._on_dead_letter(record)
+            except Exception:
+                log.exception("async webhook %r: dead-letter callback failed", self.name)
+
+    # -- observation ------------------------------------------------------------------
+
+    @property
+    def disabled(self) -> bool:
+        """True once the endpoint answered 410 Gone."""
+        return self._disabled
+
+    @property
+    def dead_letters(self) -> tuple[WebhookDeadLetter, ...]:
+        """The most recent dead-letter records (``keep_dead_letters`` of them)."""
+        return tuple(self._dead_letters)
+
+    def statistics(self) -> AsyncWebhookStatistics:
+        return AsyncWebhookStatistics(
+            endpoint=self.name,
+            enabled=not self._disabled,
+            accepted=self._accepted,
+            delivered=self._delivered,
+            batches=self._batches,
+            requests=self._requests,
+            failed_attempts=self._failed,
+            dead_lettered=self._dead,
+            dropped=self._drain_report().dropped,
+            writer=self._writer.statistics(),
+        )
