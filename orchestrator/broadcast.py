@@ -16,6 +16,7 @@ import itertools
 import logging
 import math
 import time
+import weakref
 from collections import OrderedDict, deque
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -195,7 +196,8 @@ class _Ring:
         self.epoch = 0
         self.last_seq: int | None = None  # None: this instance does not know the head
         self.persisted_seq = 0  # events up to here are stored and may leave the ring
-        self.subscribers: set[Subscription] = set()
+        # Weak: a subscription dropped without aclose() must not pin its ring forever.
+        self.subscribers: weakref.WeakSet[Subscription] = weakref.WeakSet()
         self.waiters: list[Subscription] = []
         self.last_used = time.monotonic()
         self.fetching = False

@@ -366,3 +366,16 @@ async def test_session_handle_begins_and_ends(storage: AsyncStorageBackend) -> N
         await w.flush()
         assert [e.kind for e in await storage.load_stream_events("s1")] == ["delta", "tool_result"]
         assert w.statistics().sessions == 0
+
+
+async def test_a_subscription_dropped_without_closing_does_not_pin_its_ring(
+    storage: AsyncStorageBackend,
+) -> None:
+    import gc
+
+    async with instance(storage, HubConfig(ring_idle_ttl_s=0.01)) as (hub, _):
+        sub = hub.subscribe("forgotten")
+        del sub
+        gc.collect()
+        await anyio.sleep(0.02)
+        assert hub.evict_idle() == 1
