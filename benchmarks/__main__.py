@@ -1,8 +1,8 @@
 """``python -m benchmarks [NAME] [ARGS...]``: run one of the component benchmarks.
 
-NAME is ``storage`` (the default), ``streams``, ``locks`` or ``queue``; ARGS go to that
-benchmark (``python -m benchmarks streams --help``). The S1-S4 load-test suite will become
-the default once it exists.
+NAME is ``storage`` (the default), ``streams``, ``locks``, ``queue`` or ``webhooks``; ARGS
+go to that benchmark (``python -m benchmarks streams --help``). The S1-S4 load-test suite
+will become the default once it exists.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ BENCHMARKS = {
     "streams": "benchmarks.streams_bench",
     "locks": "benchmarks.locks_bench",
     "queue": "benchmarks.queue_bench",
+    "webhooks": "benchmarks.webhooks_bench",
 }
 
 
