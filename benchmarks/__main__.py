@@ -1,8 +1,9 @@
 """``python -m benchmarks [NAME] [ARGS...]``: run one of the component benchmarks.
 
-NAME is ``storage`` (the default), ``streams``, ``locks``, ``queue`` or ``webhooks``; ARGS
-go to that benchmark (``python -m benchmarks streams --help``). The S1-S4 load-test suite
-will become the default once it exists.
+NAME is ``storage`` (the default), ``streams``, ``locks``, ``queue``, ``webhooks``,
+``auth``, ``maintenance`` or ``runtime``; ARGS go to that benchmark (``python -m
+benchmarks streams --help``). The S1-S4 load-test suite will become the default once it
+exists.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ BENCHMARKS = {
     "locks": "benchmarks.locks_bench",
     "queue": "benchmarks.queue_bench",
     "webhooks": "benchmarks.webhooks_bench",
+    "auth": "benchmarks.auth_bench",
+    "maintenance": "benchmarks.maintenance_bench",
+    "runtime": "benchmarks.runtime_bench",
 }
 
 

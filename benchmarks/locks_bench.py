@@ -6,9 +6,13 @@ What it measures, on Postgres and SQLite, for ``lock.mode`` ``two_level`` vs ``d
 1. Uncontended acquire+release cycles per second (one task, a new session per cycle) and the
    database statements issued per cycle (from ``storage.statistics()``, by query name).
 2. Contention: 300 sessions with 2 contenders each, one contender on each of two limiter
-   instances (two storage handles on one database, in this process), every hold lasting
-   ``HOLD_S`` (a stand-in for a turn's work), no global cap. Reported:
-   total database statements, statements per acquire, lock wait p50 / p99, wall time.
+   instances (two storage handles on one database, in this process), no global cap, every
+   hold lasting a turn's work: ``HOLDS_S`` = 1 s (an agent turn holds its session for
+   seconds of LLM calls) and 200 ms (a short turn), each reported under its own label.
+   Reported: total database statements, statements and attempts per acquire, lock wait
+   p50 / p99, wall time. Both modes run with ``LimiterConfig``'s defaults: the legacy loop
+   sleeps ``poll_interval_s`` = 200 ms between attempts (the old limiter's
+   ``SESSION_LOCK_POLL_INTERVAL_S``), ``two_level``'s fallback backoff is 0.5 s to 5 s.
 3. Cancellation latency, request to token fired: same instance (the registry that holds the
    token requests the cancel) and cross instance (a second storage handle and registry in
    this process stands for the other instance; on Postgres the notification goes through
@@ -53,7 +57,7 @@ DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 LOCK_MODES: tuple[str, str] = ("two_level", "db_poll")
 CANCEL_MODES: tuple[str, str] = ("notify", "poll")
 SESSIONS = 300
-HOLD_S = 0.2  # a short turn; real turns hold a session for seconds
+HOLDS_S: tuple[float, ...] = (1.0, 0.2)  # a turn of LLM calls; a short turn
 UNCONTENDED_CYCLES = 1_000
 CANCEL_SAMPLES = {"notify": 100, "poll": 15}
 
@@ -119,7 +123,11 @@ async def _uncontended(url: str, mode: str, cycles: int) -> dict[str, float]:
         }
 
 
-async def _contention(url: str, mode: str, sessions: int) -> dict[str, float]:
+def _hold_label(hold_s: float) -> str:
+    return f"{hold_s * 1000:.0f}ms"
+
+
+async def _contention(url: str, mode: str, sessions: int, hold_s: float) -> dict[str, float]:
     config = _config(mode)
     async with AsyncExitStack() as stack:
         storages: list[AsyncStorageBackend] = []
@@ -138,7 +146,7 @@ async def _contention(url: str, mode: str, sessions: int) -> dict[str, float]:
         async def contender(limiter: SessionLimiter, session: str) -> None:
             async with limiter.hold(session) as held:
                 waits.append(held.waited_s)
-                await anyio.sleep(HOLD_S)
+                await anyio.sleep(hold_s)
 
         before = _statements(storages)
         started = time.perf_counter()
@@ -148,12 +156,15 @@ async def _contention(url: str, mode: str, sessions: int) -> dict[str, float]:
                     tg.start_soon(contender, limiter, f"c-{tag}-{i}")
         elapsed = time.perf_counter() - started
         statements = _statements(storages) - before
+        attempts = sum(limiter.statistics().acquire_attempts for limiter in limiters)
+    label = _hold_label(hold_s)
     return {
-        "statements": statements,
-        "statements_per_acquire": statements / (2 * sessions),
-        "wait_p50_ms": _quantile(waits, 0.5) * 1000,
-        "wait_p99_ms": _quantile(waits, 0.99) * 1000,
-        "wall_s": elapsed,
+        f"statements_{label}": statements,
+        f"statements_per_acquire_{label}": statements / (2 * sessions),
+        f"attempts_per_acquire_{label}": attempts / (2 * sessions),
+        f"wait_p50_ms_{label}": _quantile(waits, 0.5) * 1000,
+        f"wait_p99_ms_{label}": _quantile(waits, 0.99) * 1000,
+        f"wall_s_{label}": elapsed,
     }
 
 
@@ -205,7 +216,8 @@ async def _bench_backend(name: str, url: str, repeats: int, quick: bool) -> list
         for mode in LOCK_MODES:
             _progress(f"{name} #{repeat + 1} {mode}: uncontended x{cycles}, {sessions}x2")
             add(mode, await _uncontended(url, mode, cycles))
-            add(mode, await _contention(url, mode, sessions))
+            for hold_s in HOLDS_S:
+                add(mode, await _contention(url, mode, sessions, hold_s))
         for cmode in CANCEL_MODES:
             n = CANCEL_SAMPLES[cmode] // (4 if quick else 1)
             _progress(f"{name} #{repeat + 1} cancel {cmode}: {n} samples x2")
@@ -223,12 +235,18 @@ async def _bench_backend(name: str, url: str, repeats: int, quick: bool) -> list
     metrics = [
         ("cycles_per_s", "uncontended acquire+release", "cycles/s"),
         ("statements_per_cycle", "statements per uncontended acquire+release", "stmts"),
-        ("statements", f"{sessions}x2 contention: statements", "stmts"),
-        ("statements_per_acquire", f"{sessions}x2 contention: statements/acquire", "stmts"),
-        ("wait_p50_ms", f"{sessions}x2 contention: lock wait p50", "ms"),
-        ("wait_p99_ms", f"{sessions}x2 contention: lock wait p99", "ms"),
-        ("wall_s", f"{sessions}x2 contention: wall time", "s"),
     ]
+    for hold_s in HOLDS_S:
+        label = _hold_label(hold_s)
+        scenario = f"{sessions}x2 contention, hold {label}"
+        metrics += [
+            (f"statements_{label}", f"{scenario}: statements", "stmts"),
+            (f"statements_per_acquire_{label}", f"{scenario}: statements/acquire", "stmts"),
+            (f"attempts_per_acquire_{label}", f"{scenario}: attempts/acquire", "attempts"),
+            (f"wait_p50_ms_{label}", f"{scenario}: lock wait p50", "ms"),
+            (f"wait_p99_ms_{label}", f"{scenario}: lock wait p99", "ms"),
+            (f"wall_s_{label}", f"{scenario}: wall time", "s"),
+        ]
     rows = []
     for key, label, unit in metrics:
         a, b = per_mode["two_level"][key], per_mode["db_poll"][key]
@@ -311,23 +329,29 @@ def evaluate_targets(rows: Sequence[Row]) -> list[dict[str, Any]]:
         got = {r.metric.split(" (")[0]: r for r in rows if r.backend == backend}
 
         per_cycle = _find(got, "statements per uncontended").optimized
-        contention = _find(got, "contention: statements")
-        ratio = contention.legacy / contention.optimized
         same = _find(got, "cancel latency same instance p99").optimized
         cross = _find(got, "cancel latency cross instance p99").optimized
-        out += [
+        out.append(
             {
                 "backend": backend,
                 "target": "two_level statements per uncontended cycle <= 2",
                 "value": per_cycle,
                 "met": per_cycle <= STATEMENTS_TARGET,
-            },
-            {
-                "backend": backend,
-                "target": "db_poll / two_level statements under contention >= 5",
-                "value": ratio,
-                "met": ratio >= CONTENTION_RATIO_TARGET,
-            },
+            }
+        )
+        for hold_s in HOLDS_S:
+            label = _hold_label(hold_s)
+            contention = _find(got, f"hold {label}: statements")
+            ratio = contention.legacy / contention.optimized
+            out.append(
+                {
+                    "backend": backend,
+                    "target": f"db_poll / two_level statements under contention >= 5, hold {label}",
+                    "value": ratio,
+                    "met": ratio >= CONTENTION_RATIO_TARGET,
+                }
+            )
+        out += [
             {
                 "backend": backend,
                 "target": "cancel p99 same instance < 5 ms",
@@ -382,14 +406,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     elapsed = time.perf_counter() - started
     load_after = os.getloadavg()[0]
     targets = evaluate_targets(rows)
+    defaults = LimiterConfig()
     print(render_table(rows))
     print()
     for t in targets:
         mark = "met" if t["met"] else "MISSED"
         print(f"- {t['backend']}: {t['target']}: {t['value']:.2f} ({mark})")
     print(
-        f"repeats: {args.repeats}, quick: {args.quick}, hold {HOLD_S * 1000:.0f} ms, "
-        f"legacy poll {LimiterConfig().poll_interval_s * 1000:.0f} ms, run time {elapsed:.1f} s; "
+        f"repeats: {args.repeats}, quick: {args.quick}, "
+        f"holds {', '.join(_hold_label(h) for h in HOLDS_S)}, "
+        f"db_poll sleep {defaults.poll_interval_s * 1000:.0f} ms, two_level fallback backoff "
+        f"{defaults.backoff_initial_s:g}-{defaults.backoff_max_s:g} s, run time {elapsed:.1f} s; "
         "1-minute load "
         f"{load_before:.2f} before, {load_after:.2f} after, on {os.cpu_count()} CPUs"
     )
@@ -401,7 +428,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "repeats": args.repeats,
                 "quick": args.quick,
                 "sessions": SESSIONS,
-                "hold_s": HOLD_S,
+                "holds_s": list(HOLDS_S),
+                "db_poll_sleep_s": defaults.poll_interval_s,
+                "backoff_s": [defaults.backoff_initial_s, defaults.backoff_max_s],
             },
             "run_time_s": elapsed,
             "load_average_1m": {"before": load_before, "after": load_after},

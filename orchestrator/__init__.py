@@ -1,6 +1,11 @@
 """asyncstore's orchestrator: the machinery built on the storage contract.
 
-For now it holds configuration (``orchestrator.config``), the ``asyncstore`` command line
-(``orchestrator.cli``) and the end-to-end storage demo (``orchestrator.demo``). Batching,
-streams, broadcast, locks, cancellation, queue, outbox and webhooks arrive with their issues.
+``orchestrator.runtime.open_runtime(settings)`` builds and runs everything below from one
+``orchestrator.config.Settings`` (environment ``ASYNCSTORE_*`` and an optional TOML file,
+read only there, feature flags included). The components: ``batching`` (BatchWriter),
+``streams`` and ``broadcast`` (stream events and live delivery), ``locks`` and
+``cancellation`` (session leases, cancel tokens), ``queue`` and ``outbox`` (agent tasks,
+deliveries), ``webhooks``, ``maintenance`` (background sweeps), ``metrics`` (Prometheus)
+and ``auth`` (password hashing off the event loop). ``orchestrator.cli`` is the
+``asyncstore`` command (migrate, config, doctor, serve-metrics, demo).
 """

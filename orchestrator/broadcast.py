@@ -182,6 +182,7 @@ class _Ring:
         "last_used",
         "nbytes",
         "persisted_seq",
+        "refetch",
         "session_id",
         "sizes",
         "subscribers",
@@ -201,6 +202,7 @@ class _Ring:
         self.waiters: list[Subscription] = []
         self.last_used = time.monotonic()
         self.fetching = False
+        self.refetch = False
         self.fetch_target = 0
         self.fetch_from: int | None = None
 
@@ -481,7 +483,9 @@ class BroadcastHub:
         ring.fetch_target = max(ring.fetch_target, int(min(target, 2**62)))
         if start is not None and (ring.last_seq is None or from_start):
             ring.fetch_from = start if ring.fetch_from is None else min(ring.fetch_from, start)
-        if not ring.fetching and self._tg is not None:
+        if ring.fetching:
+            ring.refetch = True  # the running fetch reads once more before it stops
+        elif self._tg is not None:
             ring.fetching = True
             self._tg.start_soon(self._fetch, ring)
 
@@ -494,13 +498,16 @@ class BroadcastHub:
                 ring.fetch_from = None
                 if after is None or after >= ring.fetch_target:
                     return
+                ring.refetch = False
                 rows = await self.storage.load_stream_events(
                     ring.session_id, after_seq=after, limit=page
                 )
                 self._count(self._reads, "fan_in")
                 for row in rows:
                     self._publish(ring, row, len(orjson.dumps(row.payload)), True)
-                if len(rows) < page:
+                if not rows and not ring.refetch:
+                    # Nothing more is stored yet. A notification that arrived during the
+                    # read set ``refetch``: its rows may have committed after the read.
                     return
         except Exception:
             self._fetch_errors += 1

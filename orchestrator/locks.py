@@ -4,12 +4,15 @@
 gate per session (so same-process contenders never ask the database who waits) and an
 optional capacity limiter (``max_local``). Level two is the storage contract's session lease
 with its fencing token, taken together with a numbered slot of a shared pool when a global
-cap (``max_running``) is set: one statement, no COUNT(*), no DELETE. Waiters are woken by a
-local release directly and by a remote release through a storage notification; a jittered
-exponential backoff is the fallback. Held leases are renewed in the background; a lost
-lease fires the session's cancel token (``orchestrator.cancellation``). Expired leases are
-swept in the background. ``lock.mode = "db_poll"`` keeps the legacy loop (DELETE expired,
-COUNT(*), INSERT, fixed sleep) as real code for rollback and benchmarks.
+cap (``max_running``) is set: one statement, no COUNT(*), no DELETE. A waiter asks the
+database once, then waits: for the session, a same-process contender waits at the local gate
+and a remote one for the release notification its failed attempt armed; for the pool, only
+the first of this process's cap waiters asks, again after a slot-release notification. A
+jittered exponential backoff is only the fallback that bounds a missed wake-up. Held leases
+are renewed in the background; a lost lease fires the session's cancel token
+(``orchestrator.cancellation``). Expired leases are swept in the background.
+``lock.mode = "db_poll"`` keeps the legacy loop (DELETE expired, COUNT(*), INSERT, fixed
+sleep) as real code for rollback and benchmarks.
 """
 
 from __future__ import annotations
@@ -55,8 +58,11 @@ class LimiterConfig(BaseModel):
     ``mode``: ``two_level`` (default) or ``db_poll`` (legacy loop; ignores ``max_local``).
     ``max_running`` caps running sessions across every instance that shares ``slot_pool``;
     ``max_local`` caps them in this process. ``renew_interval_s`` defaults to a third of
-    ``lease_ttl_s``. Waiters retry after a jittered backoff between ``backoff_initial_s`` and
-    ``backoff_max_s`` when no wake-up came; ``poll_interval_s`` is the legacy fixed sleep.
+    ``lease_ttl_s``. A waiter waits for a wake-up (the release of the session or a slot) and
+    retries without one only after a jittered exponential backoff from ``backoff_initial_s``
+    to ``backoff_max_s``: a fallback that bounds what a missed wake-up (a crashed holder, a
+    lost notification) can cost, not a poll. ``poll_interval_s`` is the legacy loop's fixed
+    sleep; 200 ms is the old limiter's ``SESSION_LOCK_POLL_INTERVAL_S``.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -69,9 +75,9 @@ class LimiterConfig(BaseModel):
     slot_pool: str = Field(default="default", min_length=1, max_length=255)
     sweep_interval_s: float = Field(default=30.0, gt=0)
     sweep_grace_s: float = Field(default=60.0, ge=0)
-    backoff_initial_s: float = Field(default=0.02, gt=0)
-    backoff_max_s: float = Field(default=1.0, gt=0)
-    poll_interval_s: float = Field(default=0.05, gt=0)
+    backoff_initial_s: float = Field(default=0.5, gt=0)
+    backoff_max_s: float = Field(default=5.0, gt=0)
+    poll_interval_s: float = Field(default=0.2, gt=0)
     channel: str = Field(default="asyncstore.lease", min_length=1, max_length=63)
 
     @model_validator(mode="after")
@@ -92,8 +98,10 @@ class LimiterStatistics:
     """A snapshot of a limiter's counters.
 
     ``acquire_statements`` counts the storage calls made on the acquire path (each one
-    statement on Postgres); ``wait_histogram`` maps a bucket's upper bound in seconds (the
-    last is ``inf``) to the number of acquisitions whose wait fell in it.
+    statement on Postgres); ``wakeups`` counts waits ended by a wake-up and
+    ``fallback_retries`` those ended by the fallback backoff; ``wait_histogram`` maps a
+    bucket's upper bound in seconds (the last is ``inf``) to the number of acquisitions whose
+    wait fell in it.
     """
 
     mode: str
@@ -105,6 +113,8 @@ class LimiterStatistics:
     acquire_attempts: int
     acquire_statements: int
     release_statements: int
+    wakeups: int
+    fallback_retries: int
     renewals: int
     leases_lost: int
     sweeps: int
@@ -202,6 +212,8 @@ class SessionLimiter:
         self._attempts = 0
         self._acquire_statements = 0
         self._release_statements = 0
+        self._wakeups = 0
+        self._fallback_retries = 0
         self._renewals = 0
         self._lost = 0
         self._sweeps = 0
@@ -229,6 +241,8 @@ class SessionLimiter:
             acquire_attempts=self._attempts,
             acquire_statements=self._acquire_statements,
             release_statements=self._release_statements,
+            wakeups=self._wakeups,
+            fallback_retries=self._fallback_retries,
             renewals=self._renewals,
             leases_lost=self._lost,
             sweeps=self._sweeps,
@@ -300,10 +314,15 @@ class SessionLimiter:
 
     async def _acquire_two_level(self, session_id: str, state: _Session) -> Lease:
         cfg = self._config
-        capped = self._pool is not None
         waiter: _CapWaiter | None = None
         failures = 0
         try:
+            if self._pool is not None and self._cap_waiters:
+                # The pool was full when the first local cap waiter last asked, and it is
+                # woken when a slot frees: queue behind it rather than ask the database.
+                waiter = _CapWaiter()
+                self._cap_waiters.append(waiter)
+                await waiter.event.wait()
             while True:
                 # Fresh events before the attempt: a release during the attempt is not lost.
                 state.wakeup = anyio.Event()
@@ -322,29 +341,43 @@ class SessionLimiter:
                     return attempt.lease
                 delay = self._backoff(failures)
                 failures += 1
-                if capped and not attempt.slot_ok:
+                if self._pool is not None and not attempt.slot_ok:
+                    # The pool is full; the attempt armed its release notification.
                     if waiter is None:
                         waiter = _CapWaiter()
                         self._cap_waiters.append(waiter)
-                    # Only the first waiter polls; the others wait to be woken in turn.
-                    timeout = delay if self._cap_waiters[0] is waiter else cfg.lease_ttl_s
-                    with anyio.move_on_after(timeout):
+                    if self._cap_waiters[0] is not waiter:
+                        # Only the first cap waiter asks; the others wait for their turn.
                         await waiter.event.wait()
+                        continue
+                    wakeup = waiter.event
                 else:
-                    with anyio.move_on_after(delay):
-                        await state.wakeup.wait()
+                    # The session is busy on another instance; the attempt marked its lease
+                    # contended, so the holder's release notifies. Give up the pool's turn.
+                    if waiter is not None:
+                        self._leave_cap_queue(waiter)
+                        waiter = None
+                    wakeup = state.wakeup
+                with anyio.move_on_after(delay):
+                    await wakeup.wait()
+                if wakeup.is_set():
+                    self._wakeups += 1
+                else:
+                    self._fallback_retries += 1
         finally:
             if waiter is not None:
-                was_first = self._cap_waiters[0] is waiter
-                self._cap_waiters.remove(waiter)
-                if was_first and self._cap_waiters:
-                    self._cap_waiters[0].event.set()
+                self._leave_cap_queue(waiter)
+
+    def _leave_cap_queue(self, waiter: _CapWaiter) -> None:
+        was_first = self._cap_waiters[0] is waiter
+        self._cap_waiters.remove(waiter)
+        if was_first and self._cap_waiters:
+            # The next one asks at once: the slot that served us may not have been the last.
+            self._cap_waiters[0].event.set()
 
     def _wake_cap_waiter(self) -> None:
-        for waiter in self._cap_waiters:
-            if not waiter.event.is_set():
-                waiter.event.set()
-                return
+        if self._cap_waiters:
+            self._cap_waiters[0].event.set()
 
     # -- db_poll (legacy) --------------------------------------------------------------
 
@@ -380,6 +413,9 @@ class SessionLimiter:
                 await self._storage.release_lease(held.session_id, held.token)
         finally:
             if self._pool is not None:
+                # The pool's notification covers most releases, but not one that ran while
+                # our first cap waiter's attempt skipped the locked slot (SKIP LOCKED) and
+                # armed the notification after this release had looked: wake it ourselves.
                 self._wake_cap_waiter()
 
     def _lose(self, held: HeldLease, reason: str) -> None:
@@ -434,8 +470,7 @@ class SessionLimiter:
                     # Releases may have been missed: let every waiter retry now.
                     for state in self._sessions.values():
                         state.wakeup.set()
-                    for waiter in self._cap_waiters:
-                        waiter.event.set()
+                    self._wake_cap_waiter()
                     continue
                 kind, _, name = note.payload.partition(":")
                 if kind == "s":

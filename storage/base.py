@@ -36,6 +36,7 @@ __all__ = [
     "Claim",
     "EncodedJSON",
     "Failure",
+    "Leadership",
     "Lease",
     "LeaseAttempt",
     "NewMessage",
@@ -353,6 +354,30 @@ class NotificationStream(abc.ABC):
         """Wait for the next notification. Cancelling the wait loses nothing."""
 
 
+class Leadership(abc.ABC):
+    """A named role that at most one handle on a database holds: the fleet's one sweeper.
+
+    What ``open_leadership`` yields. ``try_lead()`` keeps the role if this handle holds it
+    and takes it if nobody does; leaving the ``async with`` block gives it up. A holder
+    that dies loses the role on its own: on Postgres with its connection (a session
+    advisory lock), on SQLite when its lease row expires after ``ttl_s``.
+    """
+
+    @property
+    @abc.abstractmethod
+    def leading(self) -> bool:
+        """Whether the last ``try_lead()`` found this handle holding the role."""
+
+    @abc.abstractmethod
+    async def try_lead(self) -> bool:
+        """Keep or take the role; False while another handle holds it.
+
+        Raises ``StorageError`` if the database cannot be asked (the role is then treated
+        as lost). If cancelled, ``leading`` is False and whatever the call may have taken
+        is given up when the ``async with`` block is left.
+        """
+
+
 @dataclass(frozen=True, slots=True)
 class StorageStatistics:
     """A snapshot of a backend's counters (statements by query name, notifications)."""
@@ -488,6 +513,18 @@ class AsyncStorageBackend(abc.ABC):
     @abc.abstractmethod
     async def purge_stream_events(self, older_than_s: float) -> int:
         """Delete events stored more than ``older_than_s`` seconds ago; return the count."""
+
+    @abc.abstractmethod
+    async def purge_stream_events_batch(self, older_than_s: float, *, limit: int) -> int:
+        """Delete at most ``limit`` of the oldest events stored more than ``older_than_s`` ago.
+
+        One statement, so each batch is a short transaction; the background sweeper calls
+        it until it returns fewer than ``limit``. Only expired rows are deleted; which of
+        them go first is roughly oldest first (SQLite: exactly, by its ``created_at`` index;
+        Postgres: heap order, since sorting on its BRIN index would re-read the whole
+        backlog per batch). Rows another transaction has locked are skipped (Postgres), not
+        waited for. Returns the number deleted.
+        """
 
     # -- session leases --------------------------------------------------------
 
@@ -671,6 +708,13 @@ class AsyncStorageBackend(abc.ABC):
     async def get_outbox(self, message_id: int) -> OutboxMessage | None:
         """One outbox message by id."""
 
+    @abc.abstractmethod
+    async def purge_outbox(self, older_than_s: float) -> int:
+        """Delete sent messages last updated more than ``older_than_s`` seconds ago.
+
+        Dead messages are kept for an operator to inspect or redrive. Returns the count.
+        """
+
     # -- cancellation ----------------------------------------------------------
 
     @abc.abstractmethod
@@ -698,6 +742,21 @@ class AsyncStorageBackend(abc.ABC):
         The subscription is registered when the ``async with`` body starts; notifications
         sent after that are delivered in order. After a connection loss or a buffer
         overflow a ``Notification(gap=True)`` is delivered so the caller can catch up.
+        """
+
+    # -- maintenance -----------------------------------------------------------
+
+    @abc.abstractmethod
+    def open_leadership(
+        self, name: str, *, ttl_s: float
+    ) -> AbstractAsyncContextManager[Leadership]:
+        """An exclusive role among every handle on this database: ``async with``.
+
+        Postgres: a session-level advisory lock on a dedicated connection outside the pool,
+        so the role ends with the holder's connection (``ttl_s`` is not used). SQLite: a
+        lease row written in a ``BEGIN IMMEDIATE`` transaction, renewed by each
+        ``try_lead()`` and expiring ``ttl_s`` after the last one. Nothing is taken until
+        ``try_lead()``; leaving the block releases the role, even when cancelled.
         """
 
     # -- single-row conveniences (written once, on top of the batch methods) ---

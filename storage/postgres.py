@@ -28,6 +28,7 @@ from storage.base import (
     ChatMessage,
     Claim,
     Failure,
+    Leadership,
     Lease,
     LeaseAttempt,
     NewMessage,
@@ -314,6 +315,13 @@ class PostgresBackend(AsyncStorageBackend):
         age = v.check_seconds(older_than_s, "older_than_s", minimum=0)
         return _rowcount(await self._execute("purge_stream_events", age))
 
+    @operation
+    async def purge_stream_events_batch(self, older_than_s: float, *, limit: int) -> int:
+        age = v.check_seconds(older_than_s, "older_than_s", minimum=0)
+        return _rowcount(
+            await self._execute("purge_stream_events_batch", age, v.check_limit(limit))
+        )
+
     # -- session leases --------------------------------------------------------
 
     @operation
@@ -556,6 +564,11 @@ class PostgresBackend(AsyncStorageBackend):
         rows = await self._fetch("get_outbox", v.check_int(message_id, "message_id", minimum=1))
         return OutboxMessage.from_row(rows[0]) if rows else None
 
+    @operation
+    async def purge_outbox(self, older_than_s: float) -> int:
+        age = v.check_seconds(older_than_s, "older_than_s", minimum=0)
+        return _rowcount(await self._execute("purge_outbox", age))
+
     # -- cancellation ----------------------------------------------------------
 
     @operation
@@ -674,10 +687,108 @@ class PostgresBackend(AsyncStorageBackend):
             delay = min(0.05 * 2**self._listener_failures, self._settings.listener_reconnect_max_s)
             await anyio.sleep(delay * (0.5 + random.random()))
 
+    # -- maintenance -----------------------------------------------------------
+
+    def open_leadership(
+        self, name: str, *, ttl_s: float
+    ) -> AbstractAsyncContextManager[Leadership]:
+        v.check_id(name, "name")
+        v.check_seconds(ttl_s, "ttl_s")
+        return self._leadership(name)
+
+    @asynccontextmanager
+    async def _leadership(self, name: str) -> AsyncIterator[Leadership]:
+        if self._closed:
+            raise StorageClosed("postgres storage is closed")
+        role = _PostgresLeadership(self, name)
+        try:
+            yield role
+        finally:
+            # Shielded: the lock must be given up even if the owner is being cancelled.
+            with anyio.CancelScope(shield=True):
+                await role.aclose()
+
     async def terminate_listener_for_tests(self) -> None:
         """Drop the LISTEN connection abruptly, as a network failure would."""
         if self._listen_conn is not None:
             self._listen_conn.terminate()
+
+
+class _PostgresLeadership(Leadership):
+    """A session-level advisory lock held on a dedicated connection outside the pool.
+
+    Session level, not transaction level: a sweep is many short transactions (one per
+    purge batch), and a transaction-level lock would force them into one long transaction
+    that holds every deleted row's lock and pins vacuum's horizon until the sweep ends.
+    Outside the pool, because the pool's reset hook sends nothing, so a pooled connection
+    would carry the lock back into the pool. The server drops the lock when the session
+    ends, so a holder that dies or loses its network gives the role up without help.
+    """
+
+    def __init__(self, backend: PostgresBackend, name: str) -> None:
+        self._backend = backend
+        self._name = name
+        self._conn: asyncpg.Connection | None = None
+        self._leading = False
+
+    @property
+    def leading(self) -> bool:
+        return self._leading
+
+    async def try_lead(self) -> bool:
+        backend = self._backend
+        if backend._closed:
+            self._drop()
+            raise StorageClosed("postgres storage is closed")
+        timeout = backend._settings.command_timeout_s
+        try:
+            if self._leading and self._conn is not None and not self._conn.is_closed():
+                try:
+                    # A session lock lasts as long as its session: a live session still has it.
+                    backend._count("ping")
+                    await self._conn.fetchval(Q["ping"], timeout=timeout)
+                    return True
+                except Exception:
+                    self._drop()  # the session is gone or unusable, and the lock with it
+            conn = self._conn
+            if conn is None or conn.is_closed():
+                self._leading = False
+                conn = self._conn = await asyncpg.connect(
+                    backend._dsn, timeout=backend._settings.connect_timeout_s
+                )
+            backend._count("acquire_leadership")
+            self._leading = bool(
+                await conn.fetchval(Q["acquire_leadership"], self._name, timeout=timeout)
+            )
+        except BaseException as exc:
+            # Whether the lock was taken is unknown: ending the session settles it (not held).
+            self._drop()
+            if isinstance(exc, Exception) and (mapped := map_postgres_error(exc)) is not None:
+                raise mapped from exc
+            raise
+        return self._leading
+
+    def _drop(self) -> None:
+        if self._conn is not None:
+            self._conn.terminate()
+        self._conn = None
+        self._leading = False
+
+    async def aclose(self) -> None:
+        """Give the lock up and close the connection; on any trouble, end the session."""
+        conn, leading = self._conn, self._leading
+        if conn is None:
+            return
+        try:
+            with anyio.fail_after(self._backend._settings.connect_timeout_s):
+                if leading and not conn.is_closed():
+                    self._backend._count("release_leadership")
+                    await conn.fetchval(Q["release_leadership"], self._name)
+                await conn.close()
+            self._conn = None
+            self._leading = False
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError):
+            self._drop()
 
 
 def _outbox_columns(rows: list[tuple[str, str, bytes, int]]) -> list[list[Any]]:

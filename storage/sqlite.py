@@ -9,6 +9,7 @@ errors are mapped to ``storage.errors`` in ``map_sqlite_error`` and nowhere else
 
 from __future__ import annotations
 
+import secrets
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
@@ -30,6 +31,7 @@ from storage.base import (
     ChatMessage,
     Claim,
     Failure,
+    Leadership,
     Lease,
     LeaseAttempt,
     NewMessage,
@@ -52,6 +54,7 @@ from storage.errors import (
     LeaseLost,
     MigrationError,
     QueryError,
+    StorageClosed,
     StorageError,
     StorageUnavailable,
 )
@@ -386,6 +389,12 @@ class SqliteBackend(AsyncStorageBackend):
         cutoff = time.time() - v.check_seconds(older_than_s, "older_than_s", minimum=0)
         return await self._write_count("purge_stream_events", {"cutoff": cutoff})
 
+    @operation
+    async def purge_stream_events_batch(self, older_than_s: float, *, limit: int) -> int:
+        cutoff = time.time() - v.check_seconds(older_than_s, "older_than_s", minimum=0)
+        params = {"cutoff": cutoff, "limit": v.check_limit(limit)}
+        return await self._write_count("purge_stream_events_batch", params)
+
     # -- session leases --------------------------------------------------------
 
     @operation
@@ -477,11 +486,10 @@ class SqliteBackend(AsyncStorageBackend):
                     await tx.execute("_pool_waited_on", {"pool": pool})
                     return LeaseAttempt(None, False)
                 slot = free[0]["slot"]
-            token = await tx.next_token("lease_tokens")
+            # The token is allocated inside this statement (see migration 0003).
             params = {
                 "session_id": session_id,
                 "holder": holder,
-                "token": token,
                 "expires_at": now + ttl,
                 "now": now,
             }
@@ -490,6 +498,7 @@ class SqliteBackend(AsyncStorageBackend):
                 await tx.execute("_lease_contended", {"session_id": session_id, "now": now})
                 return LeaseAttempt(None, True)
             if slot is not None:
+                token = rows[0]["token"]
                 bind = {"pool": pool, "slot": slot, "token": token, "expires_at": now + ttl}
                 await tx.execute("_bind_slot", bind)
         return LeaseAttempt(Lease.from_row(rows[0]), True)
@@ -715,6 +724,11 @@ class SqliteBackend(AsyncStorageBackend):
         rows = await self._read("get_outbox", params)
         return OutboxMessage.from_row(rows[0]) if rows else None
 
+    @operation
+    async def purge_outbox(self, older_than_s: float) -> int:
+        cutoff = time.time() - v.check_seconds(older_than_s, "older_than_s", minimum=0)
+        return await self._write_count("purge_outbox", {"cutoff": cutoff})
+
     # -- cancellation ----------------------------------------------------------
 
     @operation
@@ -748,6 +762,65 @@ class SqliteBackend(AsyncStorageBackend):
         if not names:
             raise InvalidInput("listen() needs at least one channel")
         return self._hub.subscribe_local(names)
+
+    # -- maintenance -----------------------------------------------------------
+
+    def open_leadership(
+        self, name: str, *, ttl_s: float
+    ) -> AbstractAsyncContextManager[Leadership]:
+        v.check_id(name, "name")
+        return self._leadership(name, v.check_seconds(ttl_s, "ttl_s"))
+
+    @operation
+    async def _take_role(self, name: str, holder: str, ttl_s: float) -> bool:
+        async with self._transaction() as tx:
+            now = time.time()
+            params = {"name": name, "holder": holder, "expires_at": now + ttl_s, "now": now}
+            return bool(await tx.fetch("acquire_leadership", params))
+
+    @operation
+    async def _drop_role(self, name: str, holder: str) -> None:
+        await self._write_count("release_leadership", {"name": name, "holder": holder})
+
+    @asynccontextmanager
+    async def _leadership(self, name: str, ttl_s: float) -> AsyncIterator[Leadership]:
+        if self._closed:
+            raise StorageClosed("sqlite storage is closed")
+        role = _SqliteLeadership(self, name, ttl_s)
+        try:
+            yield role
+        finally:
+            if not self._closed:
+                # Always, since a cancelled try_lead() may have taken the row unseen.
+                # Shielded: the row must go even if the owner is being cancelled, or the
+                # other handles would wait out its expiry.
+                with anyio.CancelScope(shield=True):
+                    await role.release()
+
+
+class _SqliteLeadership(Leadership):
+    """A lease row in ``maintenance_leaders``, taken or renewed by each ``try_lead()``."""
+
+    def __init__(self, backend: SqliteBackend, name: str, ttl_s: float) -> None:
+        self._backend = backend
+        self._name = name
+        self._ttl_s = ttl_s
+        self._holder = secrets.token_hex(8)
+        self._leading = False
+
+    @property
+    def leading(self) -> bool:
+        return self._leading
+
+    async def try_lead(self) -> bool:
+        self._leading = False
+        self._leading = await self._backend._take_role(self._name, self._holder, self._ttl_s)
+        return self._leading
+
+    async def release(self) -> None:
+        """Delete the row if it is still ours (a shielded write: it completes if cancelled)."""
+        self._leading = False
+        await self._backend._drop_role(self._name, self._holder)
 
 
 def _json(value: Any) -> str:

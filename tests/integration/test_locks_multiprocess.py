@@ -19,7 +19,7 @@ from orchestrator.locks import LimiterConfig, open_session_limiter
 from storage import NewMessage, open_storage
 
 async def main(url, name):
-    config = LimiterConfig(backoff_max_s=0.2)
+    config = LimiterConfig()  # default fallback backoff: release notifications do the waking
     async with open_storage(url) as s, open_session_limiter(s, config) as limiter:
         async def worker(i):
             for round_ in range(4):

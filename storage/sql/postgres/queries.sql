@@ -51,6 +51,20 @@ SELECT coalesce(max(seq), 0) FROM stream_events WHERE session_id = $1;
 -- name: purge_stream_events
 DELETE FROM stream_events WHERE created_at < now() - make_interval(secs => $1);
 
+-- name: purge_stream_events_batch
+-- $1 age in seconds, $2 batch size. At most $2 expired rows, by ctid (the subquery locks them,
+-- so their ctids hold); rows locked by others are skipped. No ORDER BY: created_at has only a
+-- BRIN index, so sorting would read every expired row on every batch (quadratic over a
+-- backlog: 500k rows took 11 s instead of under 1 s). The BRIN bitmap scan returns rows in
+-- heap order, which is roughly insertion order for this append-only table.
+DELETE FROM stream_events
+WHERE ctid = ANY(ARRAY(
+    SELECT ctid FROM stream_events
+    WHERE created_at < now() - make_interval(secs => $1)
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+));
+
 -- name: acquire_lease
 -- One statement: insert, or take over an expired lease; a live lease makes it return nothing.
 INSERT INTO session_leases AS l (session_id, holder, token, expires_at)
@@ -137,12 +151,16 @@ SELECT session_id, holder, token, expires_at FROM renewed;
 -- $1 session, $2 token, $3 channel, $4 pool or NULL. Release the lease and its slot; notify
 -- $3 with 's:<session>' if an acquirer found the lease busy, and with 'p:<pool>' if one found
 -- the pool full (clearing that flag). The NOTIFY is sent only then, in the same statement.
+-- A released lease and slot expire at -infinity, not now(): an acquirer whose statement
+-- started a moment before this one (an earlier now()) still sees them as free, instead of
+-- finding the lease live, marking it contended after this release has looked, and waiting
+-- for a notification that was never sent.
 WITH released AS (
-    UPDATE session_leases SET expires_at = now()
+    UPDATE session_leases SET expires_at = '-infinity'
     WHERE session_id = $1 AND token = $2 AND expires_at > now()
     RETURNING session_id, contended
 ), freed AS (
-    UPDATE lease_slots s SET expires_at = now()
+    UPDATE lease_slots s SET expires_at = '-infinity'
     FROM released WHERE s.pool = $4 AND s.token = $2 AND s.expires_at > now()
     RETURNING s.pool
 ), woken AS (
@@ -322,6 +340,9 @@ RETURNING o.id;
 -- name: get_outbox
 SELECT * FROM outbox WHERE id = $1;
 
+-- name: purge_outbox
+DELETE FROM outbox WHERE status = 'sent' AND updated_at < now() - make_interval(secs => $1);
+
 -- name: request_cancel
 INSERT INTO cancel_requests AS c (session_id, reason) VALUES ($1, $2)
 ON CONFLICT (session_id) DO UPDATE SET session_id = c.session_id
@@ -335,3 +356,12 @@ DELETE FROM cancel_requests WHERE session_id = $1;
 
 -- name: notify
 SELECT pg_notify($1, $2);
+
+-- name: acquire_leadership
+-- $1 role name. A session-level advisory lock, run on a dedicated connection: it is held
+-- until released or until that connection ends. The two-key form keeps these locks apart
+-- from the one-key migration lock; 1634957678 spells "asyn".
+SELECT pg_try_advisory_lock(1634957678, hashtext($1));
+
+-- name: release_leadership
+SELECT pg_advisory_unlock(1634957678, hashtext($1));

@@ -55,6 +55,11 @@ SELECT coalesce(max(seq), 0) FROM stream_events WHERE session_id = :session_id;
 -- name: purge_stream_events
 DELETE FROM stream_events WHERE created_at < :cutoff;
 
+-- name: purge_stream_events_batch
+DELETE FROM stream_events WHERE rowid IN (
+    SELECT rowid FROM stream_events WHERE created_at < :cutoff ORDER BY created_at LIMIT :limit
+);
+
 -- name: acquire_lease
 INSERT INTO session_leases (session_id, holder, token, expires_at)
 VALUES (:session_id, :holder, :token, :expires_at)
@@ -96,8 +101,14 @@ UPDATE lease_slot_pools SET waiting = 1 WHERE pool = :pool AND waiting = 0;
 -- name: acquire_lease_slot
 -- The lease part of the slot-capped acquire; the driver runs it in one IMMEDIATE transaction
 -- with _free_slot and _bind_slot (SQLite serializes writers, so no row locks are needed).
+-- The fencing token is allocated inside this statement: the counter's value + 1, and the
+-- triggers of migration 0003 raise the counter to it as the row is written (as nextval()
+-- does inside the Postgres statement), so an uncapped acquire is this one statement.
 INSERT INTO session_leases (session_id, holder, token, expires_at, contended)
-VALUES (:session_id, :holder, :token, :expires_at, 0)
+VALUES (
+    :session_id, :holder, (SELECT value + 1 FROM counters WHERE name = 'lease_tokens'),
+    :expires_at, 0
+)
 ON CONFLICT (session_id) DO UPDATE
     SET holder = excluded.holder, token = excluded.token, expires_at = excluded.expires_at,
         contended = 0
@@ -296,6 +307,9 @@ RETURNING id;
 -- name: get_outbox
 SELECT * FROM outbox WHERE id = :id;
 
+-- name: purge_outbox
+DELETE FROM outbox WHERE status = 'sent' AND updated_at < :cutoff;
+
 -- name: request_cancel
 INSERT INTO cancel_requests (session_id, reason, requested_at)
 VALUES (:session_id, :reason, :now)
@@ -310,3 +324,14 @@ DELETE FROM cancel_requests WHERE session_id = :session_id;
 
 -- name: notify
 SELECT 1;
+
+-- name: acquire_leadership
+-- Take the role if it is free or expired, or renew it if this holder has it; a row comes
+-- back only then.
+INSERT INTO maintenance_leaders (name, holder, expires_at) VALUES (:name, :holder, :expires_at)
+ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at
+    WHERE maintenance_leaders.holder = excluded.holder OR maintenance_leaders.expires_at <= :now
+RETURNING holder;
+
+-- name: release_leadership
+DELETE FROM maintenance_leaders WHERE name = :name AND holder = :holder;

@@ -1,0 +1,283 @@
+"""Background maintenance: one database sweeper per fleet, one evictor per process.
+
+``open_maintenance(storage, config, evictors=...)`` runs a loop on a jittered schedule. Each
+round, every instance runs its evictors (idle per-process state such as broadcast rings),
+and only the instance that holds the fleet-wide ``storage.open_leadership`` role sweeps the
+database: stream events past their TTL in bounded batches, succeeded tasks and sent outbox
+messages past their retention, expired leases. It relies only on the storage contract and
+never runs on a request path.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from functools import partial
+from types import MappingProxyType
+
+import anyio
+from anyio.abc import TaskStatus
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from storage import AsyncStorageBackend, Leadership
+
+__all__ = [
+    "PURGE_KINDS",
+    "Evictor",
+    "MaintenanceConfig",
+    "MaintenanceStatistics",
+    "MaintenanceSweeper",
+    "open_maintenance",
+]
+
+log = logging.getLogger("asyncstore.maintenance")
+
+Evictor = Callable[[], int | Awaitable[int | None] | None]
+"""Drops idle per-process state and returns how many entries it dropped (or None)."""
+
+PURGE_KINDS = ("stream_events", "tasks", "outbox", "leases")
+
+
+class MaintenanceConfig(BaseModel):
+    """Settings of the maintenance sweeper (``maintenance.*`` in the settings tree).
+
+    A round starts every ``interval_s`` × uniform(1 - ``jitter``, 1 + ``jitter``) seconds.
+    A retention of None switches that purge off. Stream events are deleted
+    ``purge_batch_size`` rows per statement, at most ``purge_max_batches`` statements per
+    round, with ``batch_pause_s`` between statements. ``leader_ttl_s`` (None: three
+    intervals) is how long a SQLite leader that stopped renewing keeps the role; Postgres
+    ends the role with the leader's connection instead. With ``enabled`` False no loop runs
+    (``run_once()`` still works, e.g. from a CLI).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    enabled: bool = True
+    interval_s: float = Field(default=60.0, gt=0)
+    jitter: float = Field(default=0.2, ge=0, lt=1)
+    stream_ttl_s: float | None = Field(default=86_400.0, ge=0)
+    purge_batch_size: int = Field(default=5_000, ge=1, le=10_000)
+    purge_max_batches: int = Field(default=1_000, ge=1)
+    batch_pause_s: float = Field(default=0.0, ge=0)
+    task_retention_s: float | None = Field(default=7 * 86_400.0, ge=0)
+    outbox_retention_s: float | None = Field(default=7 * 86_400.0, ge=0)
+    lease_grace_s: float | None = Field(default=60.0, ge=0)
+    leader_ttl_s: float | None = Field(default=None, gt=0)
+    leadership_name: str = Field(default="asyncstore.maintenance", min_length=1, max_length=255)
+
+    @model_validator(mode="after")
+    def _check(self) -> MaintenanceConfig:
+        if self.effective_leader_ttl_s <= self.interval_s * (1 + self.jitter):
+            raise ValueError("leader_ttl_s must be longer than the longest round interval")
+        return self
+
+    @property
+    def effective_leader_ttl_s(self) -> float:
+        return self.leader_ttl_s or 3 * self.interval_s * (1 + self.jitter)
+
+
+@dataclass(frozen=True, slots=True)
+class MaintenanceStatistics:
+    """A snapshot of a sweeper's counters.
+
+    ``rounds`` counts finished rounds; in each, this instance either swept (``sweeps_run``),
+    found another instance leading (``sweeps_skipped``), or could not tell (an error).
+    ``purged`` maps each kind of ``PURGE_KINDS`` to rows deleted; ``stream_batches`` counts
+    batch statements. ``errors`` counts failed steps (each logged); ``last_error`` is the
+    latest one.
+    """
+
+    rounds: int
+    sweeps_run: int
+    sweeps_skipped: int
+    leading: bool
+    purged: Mapping[str, int]
+    stream_batches: int
+    evictor_runs: int
+    evicted: int
+    errors: int
+    last_error: str | None
+    last_sweep_duration_s: float | None
+
+
+class MaintenanceSweeper:
+    """The maintenance loop's state and one round of work. Build with ``open_maintenance``."""
+
+    def __init__(
+        self,
+        storage: AsyncStorageBackend,
+        config: MaintenanceConfig,
+        role: Leadership,
+        evictors: Sequence[Evictor] = (),
+    ) -> None:
+        self._storage = storage
+        self._config = config
+        self._role = role
+        self._evictors: list[Evictor] = list(evictors)
+        self._round_lock = anyio.Lock()
+        self._round_done = anyio.Event()
+        self._rounds = 0
+        self._sweeps_run = 0
+        self._sweeps_skipped = 0
+        self._purged = dict.fromkeys(PURGE_KINDS, 0)
+        self._stream_batches = 0
+        self._evictor_runs = 0
+        self._evicted = 0
+        self._errors = 0
+        self._last_error: str | None = None
+        self._last_duration: float | None = None
+
+    @property
+    def config(self) -> MaintenanceConfig:
+        return self._config
+
+    def add_evictor(self, evictor: Evictor) -> None:
+        """Run ``evictor`` every round from now on (on every instance, leader or not)."""
+        self._evictors.append(evictor)
+
+    def statistics(self) -> MaintenanceStatistics:
+        return MaintenanceStatistics(
+            rounds=self._rounds,
+            sweeps_run=self._sweeps_run,
+            sweeps_skipped=self._sweeps_skipped,
+            leading=self._role.leading,
+            purged=MappingProxyType(dict(self._purged)),
+            stream_batches=self._stream_batches,
+            evictor_runs=self._evictor_runs,
+            evicted=self._evicted,
+            errors=self._errors,
+            last_error=self._last_error,
+            last_sweep_duration_s=self._last_duration,
+        )
+
+    async def wait_rounds(self, rounds: int) -> None:
+        """Wait until ``rounds`` rounds have finished in total; cancelling the wait is harmless."""
+        while self._rounds < rounds:
+            await self._round_done.wait()
+
+    async def run_once(self) -> bool:
+        """Run one round now: the evictors, then a sweep if this instance leads.
+
+        Returns whether this instance swept. Rounds never overlap (the background loop
+        waits for this one). Failures are logged and counted in ``statistics()``, never
+        raised. If cancelled, the round stops at its next statement boundary: a batch in
+        flight finishes or rolls back as a whole, and the rows purged so far stay purged.
+        """
+        async with self._round_lock:
+            try:
+                await self._evict()
+                return await self._sweep_if_leading()
+            finally:
+                self._rounds += 1
+                self._round_done.set()
+                self._round_done = anyio.Event()
+
+    def _fail(self, step: str, exc: Exception) -> None:
+        self._errors += 1
+        self._last_error = f"{step}: {type(exc).__name__}: {exc}"
+        log.warning("maintenance step %s failed, continuing: %s", step, exc, exc_info=exc)
+
+    async def _evict(self) -> None:
+        for evictor in list(self._evictors):
+            self._evictor_runs += 1
+            try:
+                result = evictor()
+                if inspect.isawaitable(result):
+                    result = await result
+            except Exception as exc:
+                self._fail(f"evictor {getattr(evictor, '__qualname__', evictor)!r}", exc)
+                continue
+            if isinstance(result, int):
+                self._evicted += result
+
+    async def _sweep_if_leading(self) -> bool:
+        try:
+            leading = await self._role.try_lead()
+        except Exception as exc:
+            self._fail("leadership", exc)
+            return False
+        if not leading:
+            self._sweeps_skipped += 1
+            return False
+        started = time.perf_counter()
+        cfg = self._config
+        steps: list[tuple[str, Callable[[], Awaitable[int]]]] = []
+        if cfg.task_retention_s is not None:
+            steps.append(("tasks", partial(self._storage.purge_tasks, cfg.task_retention_s)))
+        if cfg.outbox_retention_s is not None:
+            steps.append(("outbox", partial(self._storage.purge_outbox, cfg.outbox_retention_s)))
+        if cfg.lease_grace_s is not None:
+            steps.append(("leases", partial(self._storage.expire_leases, cfg.lease_grace_s)))
+        try:
+            if cfg.stream_ttl_s is not None:
+                try:
+                    await self._purge_stream_events(cfg.stream_ttl_s)
+                except Exception as exc:
+                    self._fail("stream_events", exc)
+            for kind, step in steps:
+                try:
+                    deleted = await step()
+                except Exception as exc:
+                    self._fail(kind, exc)
+                    continue
+                self._purged[kind] += deleted
+        finally:
+            self._sweeps_run += 1
+            self._last_duration = time.perf_counter() - started
+        return True
+
+    async def _purge_stream_events(self, ttl_s: float) -> None:
+        """Delete expired events batch by batch until a batch comes back short.
+
+        Counted per batch, so ``statistics()`` keeps what a failed or cancelled purge did.
+        """
+        size = self._config.purge_batch_size
+        for _ in range(self._config.purge_max_batches):
+            deleted = await self._storage.purge_stream_events_batch(ttl_s, limit=size)
+            self._stream_batches += 1
+            self._purged["stream_events"] += deleted
+            if deleted < size:
+                break
+            # A checkpoint between batches: other work runs and cancellation gets in.
+            await anyio.sleep(self._config.batch_pause_s)
+
+    async def _run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        cfg = self._config
+        while True:
+            await anyio.sleep(cfg.interval_s * random.uniform(1 - cfg.jitter, 1 + cfg.jitter))
+            await self.run_once()
+
+
+@asynccontextmanager
+async def open_maintenance(
+    storage: AsyncStorageBackend,
+    config: MaintenanceConfig | None = None,
+    *,
+    evictors: Sequence[Evictor] = (),
+) -> AsyncIterator[MaintenanceSweeper]:
+    """Run the maintenance loop for the ``async with`` block.
+
+    The first round starts one jittered interval after entering. Evictors run on every
+    instance; the database sweep runs only on the instance holding the leadership named
+    ``config.leadership_name``. Leaving the block (or cancelling it) stops the loop at its
+    next await, a purge batch in flight included (Postgres cancels the statement; SQLite
+    finishes its short transaction), then gives the leadership up, shielded.
+    """
+    cfg = config or MaintenanceConfig()
+    async with storage.open_leadership(
+        cfg.leadership_name, ttl_s=cfg.effective_leader_ttl_s
+    ) as role:
+        sweeper = MaintenanceSweeper(storage, cfg, role, evictors)
+        async with anyio.create_task_group() as tg:
+            if cfg.enabled:
+                await tg.start(sweeper._run)
+            try:
+                yield sweeper
+            finally:
+                tg.cancel_scope.cancel()

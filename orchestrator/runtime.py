@@ -1,0 +1,739 @@
+"""Runtime: every component built from one ``Settings`` and run under one ``async with``.
+
+``open_runtime(settings)`` opens storage (migrating when ``migrate_on_start``), the
+broadcast hubs, cancellation registries, session limiters, stream writers, webhooks and,
+when given handlers, the queue worker and the outbox relay; each owns its background loops
+(listeners, flushers, sweepers, renewers, relays) in a task group nested in the runtime's
+block, and the runtime's own task group runs the SIGHUP reloader. Per-session feature
+flags are served by holding the optimized and the legacy instance of a component side by
+side (a :class:`Switch`) and picking one per session from the current ``Flags``, so a
+rollout share or a flag change applies to sessions that start after it. Closing stops
+intake, waits for running turns, flushes writers, lets leases be released, closes storage
+and returns a :class:`RuntimeReport` of what could not be delivered.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Generic, TypeVar
+
+import anyio
+import anyio.abc
+
+from orchestrator.auth import LoginAttemptLimiter, PasswordHasher
+from orchestrator.broadcast import (
+    BroadcastHub,
+    DeliveryMode,
+    HubStatistics,
+    Position,
+    Subscription,
+)
+from orchestrator.cancellation import (
+    CancellationConfig,
+    CancellationRegistry,
+    CancellationStatistics,
+    CancelToken,
+    open_cancellation,
+)
+from orchestrator.config import (
+    PER_SESSION_FLAGS,
+    Flags,
+    Settings,
+    load_settings,
+    load_webhooks,
+)
+from orchestrator.errors import OrchestratorError
+from orchestrator.locks import (
+    HeldLease,
+    LimiterStatistics,
+    SessionLimiter,
+    default_instance_id,
+    open_session_limiter,
+)
+from orchestrator.maintenance import MaintenanceSweeper, open_maintenance
+from orchestrator.metrics import Metrics, open_loop_lag_monitor, open_pool_probe
+from orchestrator.outbox import Outbox, OutboxRelay, Sender, open_outbox_relay
+from orchestrator.queue import AgentQueue, Handler, QueueConfig, Worker, open_worker
+from orchestrator.streams import SessionStream, StreamEventWriter, StreamWriterStatistics
+from orchestrator.webhooks import (
+    HookDecision,
+    HooksConfig,
+    WebhookDrainReport,
+    Webhooks,
+    open_webhooks,
+)
+from storage import AsyncStorageBackend, StorageError, StreamEvent, open_storage
+
+__all__ = [
+    "Runtime",
+    "RuntimeClosed",
+    "RuntimeReport",
+    "RuntimeStatistics",
+    "Switch",
+    "Turn",
+    "open_runtime",
+]
+
+log = logging.getLogger("asyncstore.runtime")
+
+T = TypeVar("T")
+
+
+class RuntimeClosed(OrchestratorError):
+    """The runtime is closing or closed: it starts no new turn."""
+
+
+class Switch(Generic[T]):
+    """The optimized and the legacy instance of a component behind a per-session flag.
+
+    ``pick(session_id)`` answers with the instance the current flags choose for the session
+    (see ``Flags.optimized``); ``optimized`` and ``legacy`` are both running, so a flag
+    change needs no restart and sessions already running keep the instance they started on.
+    """
+
+    __slots__ = ("_flags", "flag", "legacy", "optimized")
+
+    def __init__(self, flag: str, optimized: T, legacy: T, flags: Callable[[], Flags]) -> None:
+        self.flag = flag
+        self.optimized = optimized
+        self.legacy = legacy
+        self._flags = flags
+
+    def pick(self, session_id: str) -> T:
+        return self.optimized if self._flags().optimized(self.flag, session_id) else self.legacy
+
+    def uses_optimized(self, session_id: str) -> bool:
+        return self._flags().optimized(self.flag, session_id)
+
+
+class _FanOutCancellation(CancellationRegistry):
+    """What the limiters fire on a lost lease: the session's token in both registries."""
+
+    def __init__(self, storage: AsyncStorageBackend, targets: tuple[CancellationRegistry, ...]):
+        super().__init__(storage, CancellationConfig())
+        self._targets = targets
+
+    def fire_local(self, session_id: str, reason: str) -> bool:
+        fired = [registry.fire_local(session_id, reason) for registry in self._targets]
+        return any(fired)
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeReport:
+    """What closing the runtime could not deliver (all zero: everything was delivered)."""
+
+    stream_events_lost: int
+    webhooks: tuple[WebhookDrainReport, ...]
+    queue_outcomes_undelivered: int
+    outbox_results_undelivered: int
+    turns_cancelled: int
+
+    @property
+    def webhooks_undelivered(self) -> int:
+        return sum(r.undelivered for r in self.webhooks)
+
+    @property
+    def complete(self) -> bool:
+        return not (
+            self.stream_events_lost
+            or self.webhooks_undelivered
+            or self.queue_outcomes_undelivered
+            or self.outbox_results_undelivered
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeStatistics:
+    """A snapshot of the runtime and of both paths of every per-session component.
+
+    The mappings are keyed ``optimized`` / ``legacy``. ``tracked`` adds up the per-session
+    state held in memory (stream sessions, rings, lock sessions, cancel tokens, turns): it
+    must stay flat however many sessions came and went.
+    """
+
+    flags: Flags
+    flags_version: int
+    turns_started: int
+    turns_active: int
+    turns_by_path: Mapping[str, Mapping[str, int]]
+    streams: Mapping[str, StreamWriterStatistics]
+    broadcast: Mapping[str, HubStatistics]
+    limiter: Mapping[str, LimiterStatistics]
+    cancellation: Mapping[str, CancellationStatistics]
+
+    @property
+    def tracked(self) -> int:
+        return (
+            sum(s.sessions for s in self.streams.values())
+            + sum(s.rings for s in self.broadcast.values())
+            + sum(s.sessions_tracked for s in self.limiter.values())
+            + sum(s.tokens for s in self.cancellation.values())
+            + self.turns_active
+        )
+
+
+class Turn:
+    """One agent turn of a session, from ``Runtime.turn``: emit events, fire hooks, stop.
+
+    ``lease`` is the session lease (``lease.token`` is the stream epoch and the fencing
+    token for chat appends); ``token`` the session's cancel token; ``cancel_scope`` the
+    scope the body runs in, cancelled when a cancel request arrives; ``paths`` tells which
+    path (True: optimized) each per-session flag took for this turn.
+    """
+
+    __slots__ = ("_runtime", "cancel_scope", "lease", "paths", "session_id", "stream", "token")
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        session_id: str,
+        lease: HeldLease,
+        token: CancelToken,
+        stream: SessionStream,
+        paths: Mapping[str, bool],
+    ) -> None:
+        self._runtime = runtime
+        self.session_id = session_id
+        self.lease = lease
+        self.token = token
+        self.stream = stream
+        self.paths = paths
+        self.cancel_scope = anyio.CancelScope()
+
+    @property
+    def cancelled(self) -> bool:
+        return self.token.cancelled
+
+    async def emit(
+        self, kind: str, payload: Any, *, critical: bool | None = None
+    ) -> StreamEvent | None:
+        """Emit a stream event of this turn (see ``StreamEventWriter.emit``)."""
+        return await self.stream.emit(kind, payload, critical=critical)
+
+    async def fire(
+        self,
+        trigger: str,
+        context: Mapping[str, Any] | None = None,
+        *,
+        result: Mapping[str, Any] | None = None,
+    ) -> HookDecision | None:
+        """Fire a webhook trigger with ``session_id`` in its context; None without hooks.
+
+        If cancelled, see ``Webhooks.fire``: queued events stay queued.
+        """
+        hooks = self._runtime.webhooks
+        if hooks is None:
+            return None
+        ctx = {"session_id": self.session_id, **(context or {})}
+        return await hooks.fire(trigger, ctx, result=result)
+
+
+class Runtime:
+    """The running components. Build it with ``open_runtime``; see the module docstring.
+
+    ``streams``, ``broadcast``, ``limiter`` and ``cancellation`` are :class:`Switch` es over
+    the optimized and legacy instances; ``subscribe``, ``request_cancel`` and ``turn`` pick
+    for you. ``queue`` and ``outbox`` are the producer sides; ``worker`` and ``relay`` are
+    running when ``open_runtime`` got a handler / senders.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        storage: AsyncStorageBackend,
+        config_file: Path | None,
+    ) -> None:
+        self.settings = settings
+        self.storage = storage
+        self.config_file = config_file
+        self.instance_id = settings.runtime.instance_id or default_instance_id()
+        self._flags = settings.flags
+        self._flags_version = 0
+        self._flags_changed = anyio.Event()
+        self.queue = AgentQueue(storage, settings.queue.name, self._queue_config())
+        self.outbox = Outbox(storage)
+        self.webhooks: Webhooks | None = None
+        self.worker: Worker | None = None
+        self.relay: OutboxRelay | None = None
+        self.report: RuntimeReport | None = None
+        self.metrics = Metrics(settings.metrics)
+        self.passwords = PasswordHasher(settings.auth.hashing)
+        self.login_attempts = LoginAttemptLimiter(settings.auth.attempts)
+        self.maintenance: MaintenanceSweeper
+        # Set by open_runtime once the components run.
+        self.streams: Switch[StreamEventWriter]
+        self.broadcast: Switch[BroadcastHub]
+        self.limiter: Switch[SessionLimiter]
+        self.cancellation: Switch[CancellationRegistry]
+        self._closing = False
+        self._turns_started = 0
+        self._active: dict[int, tuple[CancellationRegistry, str]] = {}
+        self._turn_ids = 0
+        self._no_turns = anyio.Event()
+        self._no_turns.set()
+        self._by_path: dict[str, dict[str, int]] = {
+            flag: {"optimized": 0, "legacy": 0} for flag in PER_SESSION_FLAGS
+        }
+
+    # -- flags -------------------------------------------------------------------------
+
+    @property
+    def flags(self) -> Flags:
+        """The flags in effect for sessions starting now."""
+        return self._flags
+
+    @property
+    def flags_version(self) -> int:
+        """Incremented on every effective flag change."""
+        return self._flags_version
+
+    def update_flags(self, flags: Flags | None = None, /, **changes: Any) -> Flags:
+        """Change feature flags for sessions that start from now on; returns the new flags.
+
+        Takes a whole ``Flags`` or field values (``stream_batching="10%"``, ``lock=
+        "db_poll"``), validated like the settings; an invalid value raises and changes
+        nothing. Every changed flag is logged with its old and new value. Turns already
+        running keep their paths. ``queue`` / ``outbox`` apply to workers and relays opened
+        after the change (``open_worker`` / ``open_outbox_relay``).
+        """
+        new = (
+            flags
+            if flags is not None
+            else Flags.model_validate({**self._flags.model_dump(), **changes})
+        )
+        self._apply_flags(new, "update_flags")
+        return new
+
+    def _apply_flags(self, new: Flags, cause: str) -> None:
+        old = self._flags
+        before, after = old.model_dump(), new.model_dump()
+        changed = [k for k in after if before[k] != after[k]]
+        if not changed:
+            log.info("flags unchanged (%s)", cause)
+            return
+        self._flags = new
+        self.settings = self.settings.model_copy(update={"flags": new})
+        for key in changed:
+            log.warning("flag %s: %r -> %r (%s)", key, before[key], after[key], cause)
+            if key in ("queue", "outbox"):
+                log.warning(
+                    "flag %s is process-wide: it applies to workers/relays opened from now on",
+                    key,
+                )
+        self._flags_version += 1
+        self._flags_changed.set()
+        self._flags_changed = anyio.Event()
+
+    async def wait_flags_changed(self, since_version: int) -> Flags:
+        """Wait until ``flags_version`` exceeds ``since_version``; returns the flags.
+
+        Cancelling the wait is harmless.
+        """
+        while self._flags_version <= since_version:
+            await self._flags_changed.wait()
+        return self._flags
+
+    async def reload(self) -> Flags:
+        """Re-read the environment and the TOML file and apply their ``flags``.
+
+        Other settings that changed are logged as needing a restart. A file that fails
+        to load or validate is logged and changes nothing. If cancelled, nothing changed.
+        """
+        path = self.config_file
+        try:
+            fresh = await anyio.to_thread.run_sync(load_settings, path)
+        except (ValueError, OSError) as exc:
+            log.error("reload of %s failed, flags unchanged: %s", path or "the environment", exc)
+            return self._flags
+        current = self.settings.model_dump(exclude={"flags"})
+        for section, value in fresh.model_dump(exclude={"flags"}).items():
+            if current.get(section) != value:
+                log.warning("setting %s changed: it applies after a restart", section)
+        self._apply_flags(fresh.flags, f"reload of {path or 'the environment'}")
+        return self._flags
+
+    async def _reload_on_sighup(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        with anyio.open_signal_receiver(signal.SIGHUP) as signals:
+            task_status.started()
+            async for _ in signals:
+                log.info("SIGHUP: reloading flags")
+                await self.reload()
+
+    # -- sessions ----------------------------------------------------------------------
+
+    def subscribe(self, session_id: str, after: Position | None = None) -> Subscription:
+        """Subscribe to a session's events through the hub its delivery flag picks.
+
+        See ``BroadcastHub.subscribe``; close it with ``aclose()`` or ``async with``.
+        """
+        return self.broadcast.pick(session_id).subscribe(session_id, after)
+
+    async def request_cancel(self, session_id: str, reason: str = "cancelled") -> None:
+        """Persist a cancel request for the session and wake its tokens on every instance.
+
+        While any session can be on the notify path, the request is also announced (so
+        notify tokens fire at once; poll tokens see it at their next poll); with the flag
+        fully on ``poll`` it is only persisted, as the legacy code did. If cancelled before
+        the request is persisted, nothing happened.
+        """
+        self._check_open()
+        registry = (
+            self.cancellation.optimized
+            if self._flags.share("cancel") > 0
+            else self.cancellation.legacy
+        )
+        await registry.request_cancel(session_id, reason)
+
+    @asynccontextmanager
+    async def turn(self, session_id: str) -> AsyncIterator[Turn]:
+        """Run one turn of ``session_id``: lease, cancel token, stream, webhooks.
+
+        Waits for the session lease (the flags pick the limiter, the cancel registry, the
+        stream writer and so the delivery path, for the whole turn), opens the cancel
+        token, begins the stream with epoch = the lease's fencing token and fires
+        ``turn_start``. The body runs in ``turn.cancel_scope``: a cancel request (or a lost
+        lease, or the runtime's shutdown after its grace) cancels it and the block exits
+        quietly after a critical ``cancelled`` event and clearing the request. At the end
+        ``turn_complete`` (or ``error`` if the body raised) is fired and the turn's events
+        are flushed (bounded by ``runtime.turn_flush_timeout_s``) before the lease is
+        released, shielded from cancellation. Raises ``RuntimeClosed`` once closing began.
+        Cancelling the wait for the lease leaves nothing held.
+        """
+        self._check_open()
+        flags = self._flags
+        paths = {flag: flags.optimized(flag, session_id) for flag in PER_SESSION_FLAGS}
+        limiter = self.limiter.optimized if paths["lock"] else self.limiter.legacy
+        registry = self.cancellation.optimized if paths["cancel"] else self.cancellation.legacy
+        writer = self.streams.optimized if paths["stream_batching"] else self.streams.legacy
+        self._turn_ids += 1
+        turn_id = self._turn_ids
+        self._active[turn_id] = (registry, session_id)
+        self._no_turns = anyio.Event() if len(self._active) == 1 else self._no_turns
+        self._turns_started += 1
+        for flag, optimized in paths.items():
+            self._by_path[flag]["optimized" if optimized else "legacy"] += 1
+        try:
+            async with (
+                limiter.hold(session_id) as held,
+                registry.open_token(session_id) as token,
+                writer.session(session_id, held.token) as stream,
+            ):
+                turn = Turn(self, session_id, held, token, stream, MappingProxyType(paths))
+                await turn.fire("turn_start")
+                failed = False
+                try:
+                    with token.scope() as scope:
+                        turn.cancel_scope = scope
+                        yield turn
+                except Exception:
+                    failed = True
+                    raise
+                finally:
+                    # Shielded: the end of a turn (its last events, its hooks, the flush
+                    # that must precede the lease release) must happen even when the turn
+                    # is being cancelled from outside.
+                    with anyio.CancelScope(shield=True):
+                        await self._end_turn(turn, writer, registry, failed)
+        finally:
+            del self._active[turn_id]
+            if not self._active:
+                self._no_turns.set()
+
+    async def _end_turn(
+        self,
+        turn: Turn,
+        writer: StreamEventWriter,
+        registry: CancellationRegistry,
+        failed: bool,
+    ) -> None:
+        with anyio.move_on_after(self.settings.runtime.turn_flush_timeout_s) as bounded:
+            try:
+                if turn.token.cancelled:
+                    reason = turn.token.reason or "cancelled"
+                    await turn.emit("cancelled", {"reason": reason}, critical=True)
+                    await registry.clear(turn.session_id)
+                await turn.fire("error" if failed else "turn_complete")
+                await writer.flush()
+            except (StorageError, OrchestratorError) as exc:
+                log.error("session %r: ending the turn failed: %s", turn.session_id, exc)
+        if bounded.cancelled_caught:
+            log.error(
+                "session %r: the turn's end took over %.1f s; its events may still be unwritten",
+                turn.session_id,
+                self.settings.runtime.turn_flush_timeout_s,
+            )
+
+    def _check_open(self) -> None:
+        if self._closing:
+            raise RuntimeClosed("the runtime is closing: no new turns")
+
+    # -- workers -----------------------------------------------------------------------
+
+    def _queue_config(self) -> QueueConfig:
+        return self.settings.queue.component().model_copy(update={"mode": self._flags.queue})
+
+    def open_worker(
+        self, handler: Handler, *, max_workers: int | None = None
+    ) -> AbstractAsyncContextManager[Worker]:
+        """``open_worker`` for ``rt.queue`` with the current ``queue`` flag and settings.
+
+        An async context manager; see ``orchestrator.queue.open_worker``.
+        """
+        return open_worker(
+            self.queue,
+            handler,
+            max_workers=max_workers,
+            config=self._queue_config(),
+            worker_id=f"{self._instance_id()}:worker",
+        )
+
+    def open_outbox_relay(
+        self, senders: Mapping[str, Sender]
+    ) -> AbstractAsyncContextManager[OutboxRelay]:
+        """``open_outbox_relay`` with the current ``outbox`` flag, settings and templates."""
+        cfg = self.settings.outbox.component().model_copy(update={"mode": self._flags.outbox})
+        return open_outbox_relay(
+            self.storage,
+            senders,
+            templates=self.settings.outbox.templates,
+            config=cfg,
+            relay_id=f"{self._instance_id()}:relay",
+        )
+
+    def _instance_id(self) -> str:
+        return self.instance_id
+
+    # -- observation -------------------------------------------------------------------
+
+    def metrics_app(self) -> Callable[..., Any]:
+        """An ASGI app serving ``GET /metrics`` (mount it in your web framework)."""
+        return self.metrics.asgi_app()
+
+    def _track_metrics(self) -> None:
+        sources: dict[str, Any] = {
+            "storage": self.storage,
+            "streams": self.streams.optimized,
+            "streams_legacy": self.streams.legacy,
+            "broadcast": self.broadcast.optimized,
+            "broadcast_poll": self.broadcast.legacy,
+            "lock": self.limiter.optimized,
+            "lock_db_poll": self.limiter.legacy,
+            "cancel": self.cancellation.optimized,
+            "cancel_poll": self.cancellation.legacy,
+            "passwords": self.passwords,
+            "login_attempts": self.login_attempts,
+        }
+        if self.webhooks is not None:
+            sources["webhooks"] = self.webhooks
+        if self.worker is not None:
+            sources["queue"] = self.worker
+        if self.relay is not None:
+            sources["outbox"] = self.relay
+        for name, source in sources.items():
+            self.metrics.add_source(name, source)
+
+    def statistics(self) -> RuntimeStatistics:
+        def both(switch: Switch[Any]) -> Mapping[str, Any]:
+            return MappingProxyType(
+                {"optimized": switch.optimized.statistics(), "legacy": switch.legacy.statistics()}
+            )
+
+        return RuntimeStatistics(
+            flags=self._flags,
+            flags_version=self._flags_version,
+            turns_started=self._turns_started,
+            turns_active=len(self._active),
+            turns_by_path=MappingProxyType(
+                {k: MappingProxyType(dict(v)) for k, v in self._by_path.items()}
+            ),
+            streams=both(self.streams),
+            broadcast=both(self.broadcast),
+            limiter=both(self.limiter),
+            cancellation=both(self.cancellation),
+        )
+
+    # -- closing -----------------------------------------------------------------------
+
+    async def _stop_intake(self, *, grace: bool) -> int:
+        """Refuse new turns, give running ones the grace period, then cancel them."""
+        self._closing = True
+        if grace:
+            with anyio.move_on_after(self.settings.runtime.shutdown_grace_s):
+                await self._no_turns.wait()
+        cancelled = 0
+        for registry, session_id in list(self._active.values()):
+            cancelled += registry.fire_local(session_id, "shutdown")
+        if cancelled:
+            log.warning("cancelled %d running turns at shutdown", cancelled)
+        # Their ends are shielded and bounded by turn_flush_timeout_s.
+        with anyio.move_on_after(self.settings.runtime.turn_flush_timeout_s + 1.0):
+            await self._no_turns.wait()
+        return cancelled
+
+
+@dataclass(slots=True)
+class _Drain:
+    webhooks: list[WebhookDrainReport] = field(default_factory=list)
+    turns_cancelled: int = 0
+
+
+@asynccontextmanager
+async def open_runtime(
+    settings: Settings | None = None,
+    *,
+    config_file: str | Path | None = None,
+    hooks: HooksConfig | None = None,
+    queue_handler: Handler | None = None,
+    outbox_senders: Mapping[str, Sender] | None = None,
+) -> AsyncIterator[Runtime]:
+    """Open storage and run every component while the block runs; yields the ``Runtime``.
+
+    ``settings`` defaults to ``load_settings(config_file)``; ``config_file`` (default
+    ``$ASYNCSTORE_CONFIG``) is also what ``reload()`` and SIGHUP re-read. ``hooks``
+    replaces the settings' hooks file. ``queue_handler`` runs a worker for ``rt.queue``
+    and ``outbox_senders`` an outbox relay, both inside the runtime.
+
+    Leaving the block drains in order: new turns are refused and running ones get
+    ``runtime.shutdown_grace_s`` before they are cancelled; the worker and relay stop
+    claiming and write their outcomes; webhooks and stream writers flush; limiters,
+    registries and hubs stop (every lease was released by its turn); storage closes.
+    The closing is shielded by each component where it must finish. ``rt.report`` then
+    says what could not be delivered (also logged). Cancelling the block cancels running
+    turns at once but still runs those drains.
+    """
+    from orchestrator.config import config_path
+
+    path = config_path(config_file)
+    if settings is None:
+        settings = load_settings(path)
+    hooks_config = hooks if hooks is not None else load_webhooks(settings)
+    drain = _Drain()
+    async with AsyncExitStack() as stack:
+        storage = await stack.enter_async_context(
+            open_storage(settings.storage, migrate=settings.migrate_on_start)
+        )
+        rt = Runtime(settings, storage, path)
+        instance = rt._instance_id()
+        flags = rt.flags
+
+        def current() -> Flags:
+            return rt.flags
+
+        memory_hub = await stack.enter_async_context(
+            BroadcastHub(
+                storage, settings.broadcast.model_copy(update={"mode": DeliveryMode.MEMORY})
+            )
+        )
+        poll_hub = await stack.enter_async_context(
+            BroadcastHub(storage, settings.broadcast.model_copy(update={"mode": DeliveryMode.POLL}))
+        )
+        rt.broadcast = Switch("stream_delivery", memory_hub, poll_hub, current)
+        notify_reg = await stack.enter_async_context(
+            open_cancellation(storage, settings.cancel.model_copy(update={"mode": "notify"}))
+        )
+        poll_reg = await stack.enter_async_context(
+            open_cancellation(storage, settings.cancel.model_copy(update={"mode": "poll"}))
+        )
+        rt.cancellation = Switch("cancel", notify_reg, poll_reg, current)
+        on_lost = _FanOutCancellation(storage, (notify_reg, poll_reg))
+        two_level = await stack.enter_async_context(
+            open_session_limiter(
+                storage,
+                settings.lock.model_copy(update={"mode": "two_level"}),
+                cancellation=on_lost,
+                instance_id=instance,
+            )
+        )
+        db_poll = await stack.enter_async_context(
+            open_session_limiter(
+                storage,
+                settings.lock.model_copy(update={"mode": "db_poll"}),
+                cancellation=on_lost,
+                instance_id=f"{instance}/db_poll",
+            )
+        )
+        rt.limiter = Switch("lock", two_level, db_poll, current)
+        # Both writers publish to the memory hub: a session's live subscribers on the
+        # memory path see its events whichever writer the session's flag picked.
+        batched = await stack.enter_async_context(
+            StreamEventWriter(
+                storage, memory_hub, settings.stream.model_copy(update={"batching": True})
+            )
+        )
+        per_event = await stack.enter_async_context(
+            StreamEventWriter(
+                storage, memory_hub, settings.stream.model_copy(update={"batching": False})
+            )
+        )
+        rt.streams = Switch("stream_batching", batched, per_event, current)
+        if hooks_config is not None:
+            rt.webhooks = await stack.enter_async_context(
+                open_webhooks(hooks_config, storage=storage, reports=drain.webhooks)
+            )
+        rt.maintenance = await stack.enter_async_context(
+            open_maintenance(
+                storage,
+                settings.maintenance,
+                evictors=(memory_hub.evict_idle, poll_hub.evict_idle),
+            )
+        )
+        if outbox_senders is not None:
+            rt.relay = await stack.enter_async_context(rt.open_outbox_relay(outbox_senders))
+        if queue_handler is not None:
+            rt.worker = await stack.enter_async_context(rt.open_worker(queue_handler))
+        rt._track_metrics()
+        await stack.enter_async_context(open_loop_lag_monitor(rt.metrics))
+        await stack.enter_async_context(open_pool_probe(rt.metrics, storage))
+        tg = await stack.enter_async_context(anyio.create_task_group())
+        stack.callback(tg.cancel_scope.cancel)
+        if (
+            settings.runtime.reload_on_sighup
+            and hasattr(signal, "SIGHUP")
+            and threading.current_thread() is threading.main_thread()
+        ):
+            await tg.start(rt._reload_on_sighup)
+        log.info(
+            "runtime open on %s (instance %s); flags %s",
+            storage.dialect,
+            instance,
+            flags.model_dump(),
+        )
+        try:
+            yield rt
+        except BaseException:
+            # Shielded: the drain must run even though the block is failing or cancelled;
+            # no grace period then, running turns are cancelled at once.
+            with anyio.CancelScope(shield=True):
+                drain.turns_cancelled = await rt._stop_intake(grace=False)
+            raise
+        else:
+            # Shielded: nothing may cut the drain short once it started.
+            with anyio.CancelScope(shield=True):
+                drain.turns_cancelled = await rt._stop_intake(grace=True)
+    rt.report = _report(rt, drain)
+    if rt.report.complete:
+        log.info("runtime closed; everything was delivered")
+    else:
+        log.error("runtime closed with undelivered work: %s", rt.report)
+
+
+def _report(rt: Runtime, drain: _Drain) -> RuntimeReport:
+    lost = rt.streams.optimized.statistics().lost + rt.streams.legacy.statistics().lost
+    return RuntimeReport(
+        stream_events_lost=lost,
+        webhooks=tuple(drain.webhooks),
+        queue_outcomes_undelivered=(
+            rt.worker.statistics().undelivered_writes if rt.worker is not None else 0
+        ),
+        outbox_results_undelivered=(
+            rt.relay.statistics().undelivered_writes if rt.relay is not None else 0
+        ),
+        turns_cancelled=drain.turns_cancelled,
+    )

@@ -1,0 +1,266 @@
+"""The runtime on both drivers: flags switch paths at runtime, reload, cancel, eviction, drain."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from orchestrator.broadcast import StreamReset
+from orchestrator.config import Settings, load_settings
+from orchestrator.runtime import Runtime, RuntimeClosed, open_runtime
+from storage import StreamEvent
+
+
+def _settings(url: str, **overrides: Any) -> Settings:
+    runtime = {"reload_on_sighup": False, **overrides.pop("runtime", {})}
+    return load_settings(storage={"url": url}, runtime=runtime, **overrides)
+
+
+async def _read_until(rt: Runtime, session_id: str, kind: str) -> list[str]:
+    kinds: list[str] = []
+    async with rt.subscribe(session_id, after=(0, 0)) as sub:
+        with anyio.fail_after(10):
+            async for item in sub:
+                assert not isinstance(item, StreamReset)
+                kinds.append(item.kind)
+                if item.kind == kind:
+                    return kinds
+    return kinds
+
+
+async def test_flags_switch_every_path_at_runtime(
+    storage_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with open_runtime(_settings(storage_url)) as rt:
+        async with rt.turn("fast") as turn:
+            assert all(turn.paths.values())
+            for i in range(5):
+                await turn.emit("delta", i)
+            await turn.emit("turn_completed", {})
+        assert await _read_until(rt, "fast", "turn_completed") == ["delta"] * 5 + ["turn_completed"]
+        stats = rt.statistics()
+        assert stats.streams["optimized"].persisted == 6
+        assert stats.streams["optimized"].insert_statements == 0
+        assert stats.streams["optimized"].writer is not None
+        assert stats.streams["optimized"].writer.batches <= 2
+        assert stats.limiter["optimized"].acquires == 1
+        assert stats.broadcast["optimized"].live_db_reads == 0
+
+        with caplog.at_level(logging.WARNING, logger="asyncstore.runtime"):
+            rt.update_flags(stream_batching=False, stream_delivery="poll", lock="db_poll")
+            rt.update_flags(cancel="poll")
+        logged = caplog.text
+        assert "flag stream_batching: True -> False (update_flags)" in logged
+        assert "flag lock: 'two_level' -> 'db_poll'" in logged
+        assert "flag cancel: 'notify' -> 'poll'" in logged
+        assert rt.flags_version == 2
+
+        seen: list[str] = []
+        got_delta = anyio.Event()
+
+        async def legacy_reader() -> None:
+            async with rt.subscribe("legacy", after=(0, 0)) as sub:
+                async for item in sub:
+                    assert isinstance(item, StreamEvent)
+                    seen.append(item.kind)
+                    got_delta.set()
+                    if item.kind == "turn_completed":
+                        return
+
+        async with anyio.create_task_group() as tg, rt.turn("legacy") as turn:
+            assert not any(turn.paths.values())
+            tg.start_soon(legacy_reader)
+            before = rt.statistics().streams["legacy"].insert_statements
+            await turn.emit("delta", "x")
+            # Legacy write: the emit itself inserted the event, one statement.
+            assert rt.statistics().streams["legacy"].insert_statements == before + 1
+            assert await rt.storage.last_stream_seq("legacy") == 1
+            with anyio.fail_after(5):
+                await got_delta.wait()
+            await turn.emit("turn_completed", {})
+        # Legacy delivery: the live subscriber polled the database for the second event.
+        assert seen == ["delta", "turn_completed"]
+        stats = rt.statistics()
+        assert stats.broadcast["legacy"].db_reads.get("poll", 0) >= 1
+        assert stats.limiter["legacy"].acquires == 1
+        assert stats.limiter["legacy"].acquire_statements >= 3  # DELETE, COUNT(*), INSERT
+        assert stats.turns_by_path["lock"] == {"optimized": 1, "legacy": 1}
+
+        # Cancellation on the legacy path: the poller fires the token.
+        async with rt.turn("stop-me") as turn:
+            assert not turn.paths["cancel"]
+            await rt.request_cancel("stop-me", "stop")
+            with anyio.fail_after(5):
+                await anyio.sleep_forever()
+        assert turn.cancelled and turn.token.reason == "stop"
+        assert rt.statistics().cancellation["legacy"].polls >= 1
+        assert await rt.storage.get_cancel("stop-me") is None  # cleared for the next turn
+    assert rt.report is not None and rt.report.complete
+
+
+async def test_notify_cancel_interrupts_the_turn_and_tells_subscribers(storage_url: str) -> None:
+    async with open_runtime(_settings(storage_url)) as rt:
+        async with anyio.create_task_group() as tg, rt.turn("s") as turn:
+            tg.start_soon(rt.request_cancel, "s", "user pressed stop")
+            await turn.emit("delta", "a")
+            with anyio.fail_after(5):
+                await anyio.sleep_forever()
+        assert turn.token.reason == "user pressed stop"
+        assert await _read_until(rt, "s", "cancelled") == ["delta", "cancelled"]
+        assert rt.statistics().cancellation["optimized"].polls == 0
+
+
+async def test_rollout_share_splits_sessions_between_paths(storage_url: str) -> None:
+    async with open_runtime(_settings(storage_url, flags={"stream_batching": "50%"})) as rt:
+        ids = [f"r{i}" for i in range(40)]
+        for sid in ids:
+            async with rt.turn(sid) as turn:
+                await turn.emit("turn_completed", {})
+                assert turn.paths["stream_batching"] == rt.flags.optimized("stream_batching", sid)
+        stats = rt.statistics()
+        legacy = sum(not rt.flags.optimized("stream_batching", sid) for sid in ids)
+        assert 0 < legacy < len(ids)
+        assert stats.streams["legacy"].insert_statements == legacy
+        assert stats.streams["optimized"].persisted == len(ids) - legacy
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGHUP is POSIX")
+async def test_sighup_reloads_flags_from_the_file(
+    storage_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = tmp_path / "asyncstore.toml"
+    base = f'[storage]\nurl = "{storage_url}"\n'
+    config.write_text(base + '[flags]\nstream_delivery = "memory"\n')
+    previous = signal.getsignal(signal.SIGHUP)
+    try:
+        async with open_runtime(config_file=config) as rt:
+            version = rt.flags_version
+            config.write_text(base + '[flags]\nstream_delivery = "10%"\nlock = "db_poll"\n')
+            with caplog.at_level(logging.WARNING, logger="asyncstore.runtime"):
+                os.kill(os.getpid(), signal.SIGHUP)
+                with anyio.fail_after(10):
+                    flags = await rt.wait_flags_changed(version)
+            assert flags.stream_delivery == 10.0 and flags.lock == 0.0
+            assert "flag stream_delivery: 'memory' -> '10%'" in caplog.text
+            async with rt.turn("after-reload") as turn:
+                assert not turn.paths["lock"]
+            # A broken file changes nothing.
+            config.write_text(base + '[flags]\nlock = "sometimes"\n')
+            assert (await rt.reload()).lock == 0.0
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+
+async def test_per_session_state_stays_flat_across_many_sessions(storage_url: str) -> None:
+    """Full turns leave nothing behind but LRU-capped rings (RSS: benchmarks/runtime_bench)."""
+    settings = _settings(storage_url, broadcast={"max_rings": 200})
+    sizes: list[int] = []
+    async with open_runtime(settings) as rt:
+
+        async def turns(worker: int, count: int, start: int) -> None:
+            for i in range(start + worker, start + count, 25):
+                async with rt.turn(f"t{i}") as turn:
+                    await turn.emit("delta", "x")
+                    await turn.emit("turn_completed", {})
+
+        for start, count in ((0, 300), (300, 900)):
+            async with anyio.create_task_group() as tg:
+                for worker in range(25):
+                    tg.start_soon(turns, worker, count, start)
+            sizes.append(rt.statistics().tracked)
+        stats = rt.statistics()
+        assert stats.turns_started == 1200
+        assert stats.streams["optimized"].sessions == 0
+        assert stats.limiter["optimized"].sessions_tracked == 0
+        assert stats.cancellation["optimized"].tokens == 0
+        assert stats.broadcast["optimized"].rings <= 200
+        assert sizes[0] == sizes[1] == 200
+
+        # 100,000 short live sessions (subscribe, publish, leave) on the memory path.
+        hub = rt.broadcast.optimized
+        now = datetime.now(UTC)
+        for i in range(100_000):
+            sid = f"live-{i}"
+            sub = rt.subscribe(sid)
+            hub.publish(StreamEvent(sid, 1, 1, "delta", "x", now), 1, persisted=True)
+            await sub.aclose()
+            if i == 999:
+                sizes.append(rt.statistics().tracked)
+        sizes.append(rt.statistics().tracked)
+        assert sizes[2] == sizes[3] == 200
+        assert rt.broadcast.optimized.statistics().subscribers == 0
+
+
+async def test_closing_refuses_new_turns_and_cancels_stragglers(storage_url: str) -> None:
+    settings = _settings(storage_url, runtime={"shutdown_grace_s": 0.2})
+    entered = anyio.Event()
+    ended: list[bool] = []
+
+    async def straggler(rt: Runtime) -> None:
+        async with rt.turn("slow") as turn:
+            entered.set()
+            await anyio.sleep_forever()
+        ended.append(turn.cancelled)
+
+    async with anyio.create_task_group() as tg:
+        async with open_runtime(settings) as rt:
+            tg.start_soon(straggler, rt)
+            await entered.wait()
+        assert ended == [True]
+        assert rt.report is not None and rt.report.turns_cancelled == 1
+        with pytest.raises(RuntimeClosed):
+            async with rt.turn("late"):
+                pass
+    lease = None
+    async with open_runtime(settings) as rt2:
+        lease = await rt2.storage.get_lease("slow")
+    assert lease is None  # released by the cancelled turn, not left to expire
+
+
+async def test_metrics_and_maintenance_run_inside_the_runtime(storage_url: str) -> None:
+    async with open_runtime(_settings(storage_url)) as rt:
+        async with rt.turn("m") as turn:
+            await turn.emit("turn_completed", {})
+        body, _ = rt.metrics.render()
+        text = body.decode()
+        assert 'source="streams"' in text and 'source="lock_db_poll"' in text
+        assert "asyncstore_event_loop_lag_seconds" in text
+        assert rt.maintenance.statistics() is not None
+        assert callable(rt.metrics_app())
+
+
+def test_serve_metrics_command_serves_the_runtime_metrics(storage_url: str) -> None:
+    import subprocess
+    import urllib.request
+
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "orchestrator.cli",
+            "serve-metrics",
+            "--url",
+            storage_url,
+            "--port",
+            "0",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        url = line.split("serving metrics at ")[1].split()[0]
+        with urllib.request.urlopen(url, timeout=10) as response:
+            assert b"asyncstore_" in response.read()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=20) == 0

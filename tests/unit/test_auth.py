@@ -1,0 +1,203 @@
+"""PasswordHasher (off-loop argon2, rehash on verify, bounds) and LoginAttemptLimiter."""
+
+from __future__ import annotations
+
+import anyio
+import anyio.lowlevel
+import pytest
+
+from orchestrator.auth import (
+    AttemptLimiterConfig,
+    HashingOverloaded,
+    InvalidHash,
+    LoginAttemptLimiter,
+    LoginLocked,
+    PasswordHasher,
+    PasswordHashingConfig,
+    PasswordTooLong,
+    check_login,
+)
+from orchestrator.metrics import Metrics, open_loop_lag_monitor
+
+FAST = PasswordHashingConfig(time_cost=1, memory_cost=64, parallelism=1, max_concurrent=2)
+# Heavy enough (~25 ms per verify) that running it on the loop is plainly visible.
+MEASURED = PasswordHashingConfig(time_cost=2, memory_cost=16384, parallelism=1, max_concurrent=2)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_verify_accepts_the_password_and_rejects_others() -> None:
+    hasher = PasswordHasher(FAST)
+    stored = await hasher.hash("correct horse")
+    assert stored.startswith("$argon2id$")
+    assert (await hasher.verify(stored, "correct horse")).ok
+    wrong = await hasher.verify(stored, "wrong")
+    assert not wrong.ok and not wrong.needs_rehash
+    stats = hasher.statistics()
+    assert (stats.hashes, stats.verified, stats.mismatched) == (1, 1, 1)
+    assert stats.busy_s > 0
+
+
+async def test_corrupt_hash_and_long_password_are_named_errors() -> None:
+    hasher = PasswordHasher(FAST.model_copy(update={"max_password_bytes": 8}))
+    with pytest.raises(InvalidHash):
+        await hasher.verify("$2b$12$notargon", "pw")
+    with pytest.raises(PasswordTooLong):
+        await hasher.hash("x" * 9)
+    assert hasher.statistics().invalid == 1
+
+
+async def test_verify_returns_a_new_hash_when_parameters_changed() -> None:
+    old = PasswordHasher(FAST)
+    stored = await old.hash("pw")
+    new = PasswordHasher(FAST.model_copy(update={"time_cost": 2}))
+    assert new.needs_rehash(stored) and not old.needs_rehash(stored)
+
+    result = await new.verify(stored, "pw")
+    assert result.ok and result.needs_rehash and result.new_hash is not None
+    assert "t=2" in result.new_hash
+    again = await new.verify(result.new_hash, "pw")
+    assert again.ok and not again.needs_rehash
+    assert not (await new.verify(stored, "other")).needs_rehash  # no rehash on a mismatch
+    assert new.statistics().rehashed == 1
+
+
+async def test_hashing_refuses_when_the_queue_is_full() -> None:
+    hasher = PasswordHasher(FAST.model_copy(update={"max_concurrent": 1, "max_waiting": 0}))
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(hasher.hash, "first")
+        with anyio.fail_after(5):
+            while hasher.statistics().running == 0:
+                await anyio.lowlevel.checkpoint()
+        # The slot cannot be released before this synchronous prefix yields to the loop.
+        with pytest.raises(HashingOverloaded):
+            await hasher.hash("second")
+    assert hasher.statistics().overloaded == 1
+
+
+async def _lag_during_verifies(config: PasswordHashingConfig, n: int = 50) -> float:
+    hasher = PasswordHasher(config)
+    stored = await hasher.hash("pw")
+    async with open_loop_lag_monitor(Metrics(), interval_s=0.005) as monitor:
+        await anyio.sleep(0.02)
+        monitor.reset()
+        async with anyio.create_task_group() as tg:
+            for _ in range(n):
+                tg.start_soon(hasher.verify, stored, "pw")
+        await anyio.sleep(0.02)
+        assert hasher.statistics().verified == n
+        return monitor.statistics().max_s
+
+
+async def test_hashing_off_loop_keeps_the_event_loop_responsive() -> None:
+    off_loop = await _lag_during_verifies(MEASURED)
+    inline = await _lag_during_verifies(MEASURED.model_copy(update={"off_loop": False}))
+    # Generous bound: one verify takes ~25 ms; inline, 50 of them block the loop in a row.
+    assert off_loop < 0.1, off_loop
+    assert inline > 0.3, inline
+    assert inline > 4 * off_loop
+
+
+def _limiter(clock: FakeClock, **overrides: float) -> LoginAttemptLimiter:
+    cfg = AttemptLimiterConfig(
+        max_failures_per_account=3,
+        max_failures_per_address=5,
+        window_s=60,
+        lockout_base_s=10,
+        lockout_max_s=35,
+        **overrides,  # type: ignore[arg-type]
+    )
+    return LoginAttemptLimiter(cfg, clock=clock)
+
+
+def test_limiter_locks_out_and_grows_the_lockout_exponentially() -> None:
+    clock = FakeClock()
+    limiter = _limiter(clock)
+    lockouts = []
+    for _ in range(4):
+        for _ in range(3):
+            limiter.check("alice", f"10.0.0.{clock.now}")
+            limiter.record_failure("alice", f"10.0.0.{clock.now}")
+        with pytest.raises(LoginLocked) as locked:
+            limiter.check("alice", "10.9.9.9")
+        assert locked.value.scope == "account"
+        lockouts.append(locked.value.retry_after_s)
+        clock.now += locked.value.retry_after_s - 0.5
+        with pytest.raises(LoginLocked):
+            limiter.check("alice", "10.9.9.9")
+        clock.now += 0.5  # recovers exactly when the lockout ends
+        limiter.check("alice", "10.9.9.9")
+    assert lockouts == [10, 20, 35, 35]  # doubling, capped at lockout_max_s
+    stats = limiter.statistics()
+    assert stats.lockouts["account"] == 4 and stats.rejected["account"] == 8
+
+
+def test_limiter_window_slides_and_success_resets_the_account() -> None:
+    clock = FakeClock()
+    limiter = _limiter(clock)
+    limiter.record_failure("bob", "a1")
+    limiter.record_failure("bob", "a1")
+    clock.now += 61  # those two fell out of the window
+    limiter.record_failure("bob", "a1")
+    limiter.record_failure("bob", "a1")
+    limiter.check("bob", "a1")
+    limiter.record_success("bob", "a1")
+    limiter.record_failure("bob", "a1")
+    limiter.record_failure("eve", "a1")
+    limiter.record_failure("eve", "a1")  # the fifth for the address within its window
+    with pytest.raises(LoginLocked) as locked:
+        limiter.check("carol", "a1")
+    assert locked.value.scope == "address"  # the address kept its count across the success
+    limiter.check("bob", "a2")  # but bob's own count restarted
+
+
+def test_limiter_forgets_idle_keys_and_bounds_memory() -> None:
+    clock = FakeClock()
+    limiter = _limiter(clock, max_keys=100, forget_after_s=120)
+    for i in range(500):
+        limiter.record_failure(f"user{i}", "spray")
+    assert limiter.statistics().accounts_tracked <= 100
+    clock.now += 121
+    limiter.record_failure("late", "elsewhere")
+    assert limiter.statistics().accounts_tracked == 1
+
+
+async def test_locked_login_is_refused_before_any_hashing() -> None:
+    clock = FakeClock()
+    hasher = PasswordHasher(FAST)
+    limiter = _limiter(clock)
+    stored = await hasher.hash("secret")
+    for _ in range(3):
+        result = await check_login(
+            hasher, limiter, account="dave", address="ip", stored_hash=stored, password="no"
+        )
+        assert not result.ok
+    before = hasher.statistics()
+    with pytest.raises(LoginLocked):
+        await check_login(
+            hasher, limiter, account="dave", address="ip", stored_hash=stored, password="secret"
+        )
+    after = hasher.statistics()
+    assert (after.verified, after.mismatched) == (before.verified, before.mismatched)
+    clock.now += 10
+    ok = await check_login(
+        hasher, limiter, account="dave", address="ip", stored_hash=stored, password="secret"
+    )
+    assert ok.ok
+
+
+async def test_unknown_account_costs_a_verification_and_fails() -> None:
+    hasher = PasswordHasher(FAST)
+    limiter = LoginAttemptLimiter(clock=FakeClock())
+    result = await check_login(
+        hasher, limiter, account="ghost", address="ip", stored_hash=None, password="pw"
+    )
+    assert not result.ok
+    assert hasher.statistics().mismatched == 1
+    assert limiter.statistics().failures == 1
