@@ -271,9 +271,12 @@ RETURNING *;
 
 -- name: claim_outbox
 -- A message waits while an earlier one of its (channel, account) group is in flight under a
--- live claim or waiting for its retry, so each group is delivered in order.
+-- live claim or waiting for its retry, so each group is delivered in order. A claim also
+-- takes a transaction advisory lock per group it picked: a concurrent claim, which cannot
+-- see the first one's uncommitted rows yet, drops the rows of that group instead of taking
+-- the rows behind a head that is being claimed (SKIP LOCKED alone would let it).
 WITH picked AS (
-    SELECT o.id FROM outbox o
+    SELECT o.id, o.channel, o.account FROM outbox o
     WHERE o.status IN ('pending', 'sending') AND o.run_after <= now()
       AND ($3::text[] IS NULL OR o.channel = ANY($3::text[]))
       AND NOT EXISTS (
@@ -284,6 +287,9 @@ WITH picked AS (
     ORDER BY o.id
     LIMIT $2
     FOR UPDATE SKIP LOCKED
+), grouped AS (
+    SELECT id FROM picked
+    WHERE pg_try_advisory_xact_lock(1869575778, hashtext(channel || chr(1) || account))
 ), claimed AS (
     UPDATE outbox o SET
         status = CASE WHEN o.status = 'sending' AND o.attempts >= o.max_attempts
@@ -296,7 +302,7 @@ WITH picked AS (
         lease_token = nextval('claim_tokens'),
         run_after = now() + make_interval(secs => $4),
         updated_at = now()
-    FROM picked WHERE o.id = picked.id
+    FROM grouped WHERE o.id = grouped.id
     RETURNING o.*
 )
 SELECT * FROM claimed WHERE status = 'sending' ORDER BY id;
