@@ -1,0 +1,279 @@
+"""A chat page that streams a simulated agent turn over SSE, with exact resume and a stop button.
+
+One Starlette app on uvicorn, on the SQLite default: ``GET /`` is the page (inline HTML and
+JavaScript, no build step); ``POST /sessions/{id}/turns`` starts a turn (through
+``rt.turn``, like ``examples/agent_turn.py``); ``GET /sessions/{id}/events`` streams it
+(SSE, resumed by the browser's ``Last-Event-ID``) and ``/sessions/{id}/ws`` is the same
+over a WebSocket; ``POST /sessions/{id}/cancel`` is the stop button; ``POST
+/sessions/{id}/drop`` ends the session's open streams as a network drop would, so the
+browser's reconnect can be watched (and tested). Reload the page: it replays the session.
+
+    python examples/chat_app.py [--port 8000] [--url postgresql://...] [--token-delay 0.12]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import re
+import socket
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import anyio
+import anyio.abc
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import HTTPConnection, Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Route, WebSocketRoute
+
+from orchestrator.asgi import EndpointConfig, EventStreams, StreamingServer
+from orchestrator.broadcast import Position, Subscription
+from orchestrator.config import load_settings
+from orchestrator.runtime import Runtime, RuntimeClosed, open_runtime
+
+SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+ANSWER_TEXT = (
+    "Paris is sunny today with a light breeze from the west. The high is twenty two degrees "
+    "and the evening stays mild, so a walk along the Seine after dinner sounds perfect."
+)
+ANSWER = ANSWER_TEXT.split(" ")
+
+
+class ChatApp:
+    """The demo service: the runtime, the stream endpoints, and the turns it runs."""
+
+    def __init__(self, url: str, *, token_delay_s: float) -> None:
+        self.url = url
+        self.token_delay_s = token_delay_s
+        self.rt: Runtime | None = None
+        self.running: set[str] = set()
+        self._tg: anyio.abc.TaskGroup | None = None
+        self.streams = EventStreams(
+            self._subscribe,
+            authorize=self._authorize,
+            cancel=self._cancel,
+            config=EndpointConfig(retry_ms=500),
+        )
+        self.app = Starlette(
+            routes=[
+                Route("/", self.page),
+                Route("/sessions/{session_id}/events", self.streams.sse),
+                WebSocketRoute("/sessions/{session_id}/ws", self.streams.websocket),
+                Route("/sessions/{session_id}/turns", self.start_turn, methods=["POST"]),
+                Route("/sessions/{session_id}/cancel", self.cancel, methods=["POST"]),
+                Route("/sessions/{session_id}/drop", self.drop, methods=["POST"]),
+            ],
+            lifespan=self.lifespan,
+        )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        settings = load_settings(
+            storage={"url": self.url}, migrate_on_start=True, runtime={"shutdown_grace_s": 1.0}
+        )
+        async with open_runtime(settings) as rt, anyio.create_task_group() as tg:
+            self.rt, self._tg = rt, tg
+            print(f"chat app on {rt.storage.dialect}: {self.url}", flush=True)
+            try:
+                yield
+            finally:
+                self._tg = None
+                tg.cancel_scope.cancel()  # running turns end with a "cancelled" event
+        print(f"chat app stopped: {rt.report}", flush=True)
+
+    def _runtime(self) -> Runtime:
+        if self.rt is None:
+            raise RuntimeClosed("the app is not running")
+        return self.rt
+
+    def _subscribe(self, session_id: str, after: Position | None) -> Subscription:
+        return self._runtime().subscribe(session_id, after)
+
+    async def _cancel(self, session_id: str, reason: str) -> None:
+        await self._runtime().request_cancel(session_id, reason)
+
+    @staticmethod
+    def _authorize(conn: HTTPConnection, session_id: str) -> bool:
+        # A real service checks that the caller (cookie, token) owns the session.
+        return SESSION_ID.fullmatch(session_id) is not None
+
+    async def page(self, request: Request) -> Response:
+        return HTMLResponse(PAGE)
+
+    async def start_turn(self, request: Request) -> Response:
+        session_id = request.path_params["session_id"]
+        if not self._authorize(request, session_id):
+            return JSONResponse({"error": "forbidden"}, status_code=403)
+        body = await request.json()
+        prompt = str(body.get("prompt", "")).strip()[:500] if isinstance(body, dict) else ""
+        if not prompt:
+            return JSONResponse({"error": "empty prompt"}, status_code=400)
+        if session_id in self.running:
+            return JSONResponse({"error": "a turn is running"}, status_code=409)
+        if self._tg is None:
+            return JSONResponse({"error": "shutting down"}, status_code=503)
+        self.running.add(session_id)
+        self._tg.start_soon(self._turn, session_id, prompt)
+        return JSONResponse({"started": True}, status_code=202)
+
+    async def _turn(self, session_id: str, prompt: str) -> None:
+        try:
+            async with self._runtime().turn(session_id) as turn:
+                await turn.emit("user", {"text": prompt})
+                await turn.emit("tool_call", {"tool": "weather", "args": {"city": "Paris"}})
+                await anyio.sleep(self.token_delay_s * 3)
+                result = {"sky": "sunny", "c": 22}
+                await turn.emit("tool_result", {"tool": "weather", "result": result})
+                text = ""
+                for i, word in enumerate(ANSWER):
+                    token = word if i == 0 else " " + word
+                    text += token
+                    await turn.emit("delta", {"text": token, "i": i})
+                    await anyio.sleep(self.token_delay_s)
+                await turn.emit("turn_completed", {"text": text, "tokens": len(ANSWER)})
+        finally:
+            self.running.discard(session_id)
+
+    async def cancel(self, request: Request) -> Response:
+        session_id = request.path_params["session_id"]
+        if not self._authorize(request, session_id):
+            return JSONResponse({"error": "forbidden"}, status_code=403)
+        await self._cancel(session_id, "user pressed stop")
+        return JSONResponse({"cancel_requested": True})
+
+    async def drop(self, request: Request) -> Response:
+        session_id = request.path_params["session_id"]
+        if not self._authorize(request, session_id):
+            return JSONResponse({"error": "forbidden"}, status_code=403)
+        return JSONResponse({"dropped": self.streams.drop(session_id)})
+
+
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>asyncstore chat</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+ body{font:15px/1.45 system-ui,sans-serif;max-width:760px;margin:24px auto;padding:0 16px;
+      color:#1d2330;background:#f6f7f9}
+ h1{font-size:20px;margin:0 0 4px} .sub{color:#667;margin:0 0 16px;font-size:13px}
+ #log{background:#fff;border:1px solid #dde;border-radius:10px;padding:12px;min-height:220px}
+ .msg{margin:8px 0;padding:8px 12px;border-radius:8px;white-space:pre-wrap}
+ .user{background:#e8f0ff;margin-left:20%} .agent{background:#f1f3f5;margin-right:10%}
+ .tool{font:12px ui-monospace,monospace;color:#5a4;margin:4px 0}
+ .note{font-size:12px;color:#a60;margin:4px 0}
+ .done{border-left:3px solid #3a3} .stopped{border-left:3px solid #c33}
+ form{display:flex;gap:8px;margin-top:12px} input{flex:1;padding:8px;font-size:15px}
+ button{padding:8px 14px;font-size:15px} #status{font-size:12px;color:#667;margin-top:8px}
+</style></head><body>
+<h1>asyncstore chat</h1>
+<p class="sub">A simulated agent turn streamed over Server-Sent Events. Reload the page or drop
+the connection: the stream resumes exactly where it left off.</p>
+<div id="log"></div>
+<form id="form"><input id="prompt" placeholder="Ask about the weather" autocomplete="off">
+<button id="send" type="submit">Send</button><button id="stop" type="button">Stop</button>
+<button id="drop" type="button" title="end the stream as a network drop would">Drop</button>
+</form>
+<div id="status">connecting…</div>
+<script>
+const params = new URLSearchParams(location.search);
+let session = params.get("session");
+if (!session) {
+  session = "chat-" + Math.random().toString(36).slice(2, 10);
+  params.set("session", session);
+  history.replaceState(null, "", "?" + params);
+}
+const base = "/sessions/" + encodeURIComponent(session);
+const log = document.getElementById("log");
+const state = {session, seqs: [], tokens: [], connects: 0, completed: 0, cancelled: 0,
+               resets: 0, status: "connecting"};
+window.chatState = state;
+let bubble = null;
+function status(text) { state.status = text; document.getElementById("status").textContent =
+  text + " · session " + session + " · connections " + state.connects; }
+function add(cls, text) {
+  const div = document.createElement("div"); div.className = cls; div.textContent = text;
+  log.appendChild(div); return div;
+}
+function agentBubble() { if (!bubble) bubble = add("msg agent", ""); return bubble; }
+function render(ev) {
+  state.seqs.push(ev.seq);
+  const p = ev.payload || {};
+  if (ev.kind === "user") { bubble = null; add("msg user", p.text); }
+  else if (ev.kind === "delta") { state.tokens.push(p.i); agentBubble().textContent += p.text; }
+  else if (ev.kind === "tool_call") add("tool", "→ " + p.tool + " " + JSON.stringify(p.args));
+  else if (ev.kind === "tool_result") add("tool", "← " + JSON.stringify(p.result));
+  else if (ev.kind === "turn_completed") { state.completed++; agentBubble().classList.add("done");
+    bubble = null; }
+  else if (ev.kind === "cancelled") { state.cancelled++;
+    agentBubble().classList.add("stopped"); add("note", "stopped: " + p.reason); bubble = null; }
+  else add("note", ev.kind + " " + JSON.stringify(p));
+}
+let source = null;
+function connect(from) {
+  if (source) source.close();
+  // The query parameter is only the first resume point: on a reconnect the browser sends
+  // Last-Event-ID, which the server prefers.
+  source = new EventSource(base + "/events?last_event_id=" + from);
+  source.addEventListener("ready", () => { state.connects++; status("live"); });
+  source.onmessage = (e) => render(JSON.parse(e.data));
+  source.addEventListener("reset", (e) => {
+    const r = JSON.parse(e.data); state.resets++;
+    add("note", "stream reset (" + r.reason + "): reloading");
+    log.textContent = ""; bubble = null; state.seqs = []; state.tokens = [];
+    connect("0:0");
+  });
+  source.addEventListener("shutdown", () => status("server restarting, reconnecting…"));
+  source.addEventListener("lagged", () => status("too slow, resuming…"));
+  source.onerror = () => status("reconnecting…");
+}
+connect("0:0");
+async function post(path, body) {
+  const r = await fetch(base + path, {method: "POST", headers: {"content-type":
+    "application/json"}, body: JSON.stringify(body || {})});
+  if (!r.ok) add("note", path + ": " + r.status + " " + (await r.text()));
+}
+document.getElementById("form").onsubmit = (e) => {
+  e.preventDefault(); const input = document.getElementById("prompt");
+  const prompt = input.value.trim() || "What is the weather in Paris?"; input.value = "";
+  post("/turns", {prompt});
+};
+document.getElementById("stop").onclick = () => post("/cancel");
+document.getElementById("drop").onclick = () => post("/drop");
+</script></body></html>
+"""
+
+
+def serve(url: str, host: str, port: int, token_delay_s: float) -> None:
+    chat = ChatApp(url, token_delay_s=token_delay_s)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    bound = sock.getsockname()[1]
+    print(f"open http://{host}:{bound}/", flush=True)
+    config = uvicorn.Config(chat.app, log_level="warning", lifespan="on")
+    StreamingServer(config, chat.streams).run(sockets=[sock])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    parser.add_argument("--url", help="postgresql://... (default: a SQLite file in a temp dir)")
+    parser.add_argument("--token-delay", type=float, default=0.12, help="seconds per token")
+    args = parser.parse_args(argv)
+    try:
+        if args.url is not None:
+            serve(args.url, args.host, args.port, args.token_delay)
+            return 0
+        with tempfile.TemporaryDirectory() as tmp:
+            serve(f"sqlite:///{Path(tmp) / 'chat.db'}", args.host, args.port, args.token_delay)
+    except KeyboardInterrupt:
+        pass  # uvicorn re-raises the Ctrl-C it handled, after shutting down cleanly
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,675 @@
+"""SSE and WebSocket endpoints that stream a session's events to browsers, with exact resume.
+
+:class:`EventStreams` turns a subscribe function (``rt.subscribe`` or
+``BroadcastHub.subscribe``) into two Starlette endpoints: ``sse`` (Server-Sent Events, every
+event with ``id: epoch:seq``, resumed from ``Last-Event-ID``) and ``websocket`` (the same as
+JSON messages, plus ``cancel`` and ``ping`` from the client). It owns the open connections:
+``close()`` ends each with a final ``shutdown`` event, and :class:`StreamingServer` calls
+it as soon as uvicorn starts shutting down. Relies on the hub's subscription semantics
+(resets, slow-subscriber policy), Starlette and anyio; install the ``asgi`` extra.
+
+Wire format, SSE (unnamed events are stream events, the named ones control the stream)::
+
+    retry: 2000
+    event: ready            data: {"session_id", "after"}      sent at once on connect
+    id: 3:17                data: {"session_id","epoch","seq","kind","payload","created_at"}
+    event: reset  id: 3:40  data: {"reason","epoch","seq"}     reload up to seq, then go on
+    event: lagged           data: {"reason"}                   too slow; reconnect to resume
+    event: shutdown         data: {"reason"}                   reconnect (elsewhere)
+    : heartbeat                                                 a comment when idle
+
+WebSocket: the client's first message is ``{"type": "subscribe", "after": "3:17" | null}``;
+the server sends ``{"type": "ready" | "event" | "reset" | "lagged" | "shutdown" |
+"heartbeat" | "pong" | "cancel_requested" | "error", ...}`` where an event carries the same
+fields as the SSE data plus ``"id"``. Later client messages: ``{"type": "ping", "id": x}``
+and ``{"type": "cancel", "reason": "..."}``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import re
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+import anyio
+import anyio.abc
+import orjson
+import uvicorn
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.requests import HTTPConnection, Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.types import Receive, Scope, Send
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+
+from orchestrator.broadcast import Position, StreamReset
+from orchestrator.errors import SubscriberLagged
+from orchestrator.runtime import Runtime
+from storage import StreamEvent
+
+__all__ = [
+    "Authorize",
+    "CancelFunction",
+    "EndpointConfig",
+    "EndpointStatistics",
+    "EventStreams",
+    "StreamingServer",
+    "SubscribeFunction",
+    "format_event_id",
+    "parse_event_id",
+]
+
+log = logging.getLogger("asyncstore.asgi")
+
+_EVENT_ID = re.compile(r"(0|[1-9][0-9]{0,17}):(0|[1-9][0-9]{0,17})")
+"""``epoch:seq``, decimal without sign or leading zeros: nothing else is a resume point."""
+
+_FRAME_CACHE = 4096  # recent encoded SSE frames shared by a session's subscribers
+
+# WebSocket close codes (RFC 6455 and the IANA registry).
+WS_POLICY_VIOLATION = 1008
+WS_SERVICE_RESTART = 1012
+WS_TRY_AGAIN_LATER = 1013
+
+
+class _Items(Protocol):
+    """What a subscribe function returns: ``Subscription`` satisfies it."""
+
+    def __aiter__(self) -> AsyncIterator[StreamEvent | StreamReset]: ...
+
+    async def __anext__(self) -> StreamEvent | StreamReset: ...
+
+    async def aclose(self) -> None: ...
+
+
+SubscribeFunction = Callable[[str, Position | None], _Items]
+"""``rt.subscribe`` / ``BroadcastHub.subscribe``: ``(session_id, after) -> Subscription``."""
+
+Authorize = Callable[[HTTPConnection, str], "bool | Awaitable[bool]"]
+"""The application's decision: may this request (its cookies, headers...) use this session?"""
+
+CancelFunction = Callable[[str, str], Awaitable[None]]
+"""``rt.request_cancel``: ``(session_id, reason)``."""
+
+
+class EndpointConfig(BaseModel):
+    """How the endpoints stream; pass one to :class:`EventStreams`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    session_param: str = Field(default="session_id", description="path parameter of the id")
+    resume_query_param: str = Field(
+        default="last_event_id",
+        description="query parameter for clients that cannot set Last-Event-ID",
+    )
+    start: Literal["beginning", "live"] = Field(
+        default="beginning",
+        description="where a client without a resume point starts: all stored events or now",
+    )
+    heartbeat_interval_s: float = Field(default=15.0, gt=0, le=15.0)
+    retry_ms: int = Field(default=2000, ge=0, description="the SSE reconnect delay hint")
+    send_timeout_s: float = Field(
+        default=30.0, gt=0, description="a client that takes longer to accept a frame is dropped"
+    )
+    first_message_timeout_s: float = Field(
+        default=10.0, gt=0, description="WebSocket: wait this long for the subscribe message"
+    )
+    cancel_on_disconnect: bool = Field(
+        default=False, description="a client leaving cancels the session's turn"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointStatistics:
+    open_sse: int
+    open_websockets: int
+    accepted: int
+    resumed: int
+    refused: int  # not authorized, malformed resume point, or closing
+    events_sent: int
+    resets_sent: int
+    heartbeats: int
+    ended_by_client: int
+    ended_lagged: int
+    ended_stalled: int  # a send took over send_timeout_s
+    ended_shutdown: int
+    ended_dropped: int  # drop()
+    cancels_requested: int
+
+
+def format_event_id(epoch: int, seq: int) -> str:
+    return f"{epoch}:{seq}"
+
+
+def parse_event_id(raw: str) -> Position:
+    """``"epoch:seq"`` -> ``(epoch, seq)``; anything else raises ``ValueError``."""
+    if not _EVENT_ID.fullmatch(raw):
+        raise ValueError(f"not an event id (epoch:seq): {raw[:40]!r}")
+    epoch, _, seq = raw.partition(":")
+    return int(epoch), int(seq)
+
+
+class _Refused(Exception):
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class _Connection:
+    """One open stream: how to interrupt its wait, and why it ends (None: it does not)."""
+
+    __slots__ = ("end_reason", "session_id", "wait_scope")
+
+    def __init__(self, session_id: str) -> None:
+        self.session_id = session_id
+        self.end_reason: str | None = None
+        self.wait_scope: anyio.CancelScope | None = None
+
+    def end(self, reason: str) -> None:
+        if self.end_reason is None:
+            self.end_reason = reason
+        if self.wait_scope is not None:
+            self.wait_scope.cancel()
+
+
+def _event_body(event: StreamEvent) -> dict[str, Any]:
+    return {
+        "session_id": event.session_id,
+        "epoch": event.epoch,
+        "seq": event.seq,
+        "kind": event.kind,
+        "payload": event.payload,
+        "created_at": event.created_at.isoformat(),
+    }
+
+
+def _sse(data: Any, *, event: str | None = None, id_: str | None = None) -> bytes:
+    # orjson never emits a raw newline, so one ``data:`` line holds the whole JSON.
+    head = b""
+    if event is not None:
+        head += b"event: " + event.encode() + b"\n"
+    if id_ is not None:
+        head += b"id: " + id_.encode() + b"\n"
+    return head + b"data: " + orjson.dumps(data) + b"\n\n"
+
+
+class EventStreams:
+    """SSE and WebSocket endpoints over a subscribe function; owner of the open streams.
+
+    Mount ``sse`` as an HTTP route and ``websocket`` as a WebSocket route whose path holds
+    ``{session_id}``. ``authorize(connection, session_id)`` (sync or async) is asked before
+    anything is read; a refusal is a 403 (WebSocket: close 1008 before accepting). The
+    resume point only ever applies to the session in the path, which is the one
+    authorized. ``cancel`` (``rt.request_cancel``) serves the WebSocket ``cancel`` message
+    and ``cancel_on_disconnect``; ``authorize_cancel`` defaults to ``authorize``.
+    """
+
+    def __init__(
+        self,
+        subscribe: SubscribeFunction,
+        *,
+        authorize: Authorize,
+        cancel: CancelFunction | None = None,
+        authorize_cancel: Authorize | None = None,
+        config: EndpointConfig | None = None,
+    ) -> None:
+        self._subscribe = subscribe
+        self._authorize = authorize
+        self._cancel = cancel
+        self._authorize_cancel = authorize_cancel or authorize
+        self.config = config or EndpointConfig()
+        self._open: dict[_Connection, Literal["sse", "ws"]] = {}
+        self._closing = False
+        self._counts: dict[str, int] = {}
+        self._frames: OrderedDict[tuple[str, int, int], bytes] = OrderedDict()
+
+    @classmethod
+    def for_runtime(
+        cls,
+        rt: Runtime,
+        *,
+        authorize: Authorize,
+        authorize_cancel: Authorize | None = None,
+        config: EndpointConfig | None = None,
+    ) -> EventStreams:
+        """Endpoints over ``rt.subscribe`` that cancel through ``rt.request_cancel``."""
+        return cls(
+            rt.subscribe,
+            authorize=authorize,
+            cancel=rt.request_cancel,
+            authorize_cancel=authorize_cancel,
+            config=config,
+        )
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def close(self, reason: str = "server shutting down") -> int:
+        """End every open stream with a final ``shutdown`` event; refuse new ones (503).
+
+        Returns how many streams were told. Call it when the server begins to shut down
+        (:class:`StreamingServer` does), before it waits for connections to finish.
+        """
+        self._closing = True
+        for conn in list(self._open):
+            conn.end(f"shutdown:{reason}")
+        return len(self._open)
+
+    def drop(self, session_id: str) -> int:
+        """End the open streams of one session without a final event, as a network drop
+        would; clients reconnect and resume. Returns how many were ended."""
+        ended = [conn for conn in self._open if conn.session_id == session_id]
+        for conn in ended:
+            conn.end("dropped")
+        return len(ended)
+
+    def statistics(self) -> EndpointStatistics:
+        c = self._counts.get
+        kinds = list(self._open.values())
+        return EndpointStatistics(
+            open_sse=kinds.count("sse"),
+            open_websockets=kinds.count("ws"),
+            accepted=c("accepted", 0),
+            resumed=c("resumed", 0),
+            refused=c("refused", 0),
+            events_sent=c("events_sent", 0),
+            resets_sent=c("resets_sent", 0),
+            heartbeats=c("heartbeats", 0),
+            ended_by_client=c("ended_by_client", 0),
+            ended_lagged=c("ended_lagged", 0),
+            ended_stalled=c("ended_stalled", 0),
+            ended_shutdown=c("ended_shutdown", 0),
+            ended_dropped=c("ended_dropped", 0),
+            cancels_requested=c("cancels_requested", 0),
+        )
+
+    def _count(self, key: str, n: int = 1) -> None:
+        self._counts[key] = self._counts.get(key, 0) + n
+
+    # -- shared ----------------------------------------------------------------------------
+
+    async def _admit(self, conn: HTTPConnection) -> str:
+        if self._closing:
+            raise _Refused(503, "server shutting down")
+        session_id = conn.path_params.get(self.config.session_param)
+        if not isinstance(session_id, str) or not session_id:
+            raise _Refused(404, "no session in the path")
+        allowed = self._authorize(conn, session_id)
+        if inspect.isawaitable(allowed):
+            allowed = await allowed
+        if allowed is not True:
+            raise _Refused(403, "not authorized for this session")
+        return session_id
+
+    def _start(self, after: Position | None) -> Position | None:
+        if after is None and self.config.start == "beginning":
+            return (0, 0)
+        return after
+
+    async def _next_item(
+        self, conn: _Connection, items: _Items
+    ) -> StreamEvent | StreamReset | None:
+        """The next item, or None when the heartbeat interval passed (or the stream ends:
+        ``conn.end_reason`` says so). Cancelling the wait loses nothing (the hub's promise)."""
+        with anyio.move_on_after(self.config.heartbeat_interval_s) as scope:
+            conn.wait_scope = scope
+            try:
+                if conn.end_reason is not None:
+                    return None
+                return await items.__anext__()
+            except StopAsyncIteration:
+                conn.end("shutdown:stream closed")  # the hub (the runtime) is closing
+                return None
+            except SubscriberLagged as exc:
+                conn.end(f"lagged:{exc}")
+                return None
+            finally:
+                conn.wait_scope = None
+        return None
+
+    def _tally_end(self, reason: str | None) -> None:
+        kind = (reason or "client").partition(":")[0]
+        self._count(
+            {
+                "shutdown": "ended_shutdown",
+                "lagged": "ended_lagged",
+                "dropped": "ended_dropped",
+                "stalled": "ended_stalled",
+            }.get(kind, "ended_by_client")
+        )
+
+    async def _after_disconnect(self, session_id: str, reason: str | None) -> None:
+        if reason is None and self.config.cancel_on_disconnect and self._cancel is not None:
+            # Shielded: the request handler is being torn down, the cancel must still land.
+            with anyio.CancelScope(shield=True):
+                await self._cancel(session_id, "client disconnected")
+            self._count("cancels_requested")
+
+    # -- SSE -------------------------------------------------------------------------------
+
+    async def sse(self, request: Request) -> Response:
+        """The SSE endpoint (a Starlette HTTP endpoint).
+
+        The resume point is the ``Last-Event-ID`` header, else the query parameter; a
+        malformed one is a 400. The response streams until the client leaves (noticed at
+        once through ``http.disconnect``), the hub disconnects a lagging client, or
+        ``close()`` / ``drop()``. If the handler is cancelled the subscription is closed.
+        """
+        try:
+            session_id = await self._admit(request)
+            raw = request.headers.get("last-event-id")
+            if raw is None:
+                raw = request.query_params.get(self.config.resume_query_param)
+            try:
+                after = parse_event_id(raw) if raw else None
+            except ValueError as exc:
+                raise _Refused(400, str(exc)) from None
+        except _Refused as refused:
+            self._count("refused")
+            headers = {"Retry-After": "1"} if refused.status == 503 else None
+            return PlainTextResponse(refused.reason, status_code=refused.status, headers=headers)
+        return _SSEResponse(self, session_id, after)
+
+    async def _serve_sse(
+        self, session_id: str, after: Position | None, receive: Receive, send: Send
+    ) -> None:
+        conn = _Connection(session_id)
+        start = self._start(after)
+        items = self._subscribe(session_id, start)
+        self._open[conn] = "sse"
+        self._count("accepted")
+        if after is not None:
+            self._count("resumed")
+        try:
+            async with anyio.create_task_group() as tg:
+
+                async def watch_disconnect() -> None:
+                    while (await receive())["type"] != "http.disconnect":
+                        pass
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(watch_disconnect)
+                await self._stream_sse(conn, items, start, send)
+                tg.cancel_scope.cancel()
+        finally:
+            del self._open[conn]
+            # Shielded: the subscription must be released even when the handler is cancelled.
+            with anyio.CancelScope(shield=True):
+                await items.aclose()
+                self._tally_end(conn.end_reason)
+                await self._after_disconnect(session_id, conn.end_reason)
+
+    def _sse_frame(self, event: StreamEvent) -> bytes:
+        # Every subscriber of a session gets the same frame: encode it once, not once each.
+        key = (event.session_id, event.epoch, event.seq)
+        cache = self._frames
+        frame = cache.get(key)
+        if frame is None:
+            frame = _sse(_event_body(event), id_=format_event_id(event.epoch, event.seq))
+            cache[key] = frame
+            if len(cache) > _FRAME_CACHE:
+                cache.popitem(last=False)
+        return frame
+
+    async def _stream_sse(
+        self, conn: _Connection, items: _Items, start: Position | None, send: Send
+    ) -> None:
+        cfg = self.config
+
+        async def write(chunk: bytes) -> bool:
+            with anyio.move_on_after(cfg.send_timeout_s):
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                return True
+            conn.end("stalled")
+            return False
+
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", b"text/event-stream; charset=utf-8"),
+                    (b"cache-control", b"no-cache"),
+                    (b"x-accel-buffering", b"no"),
+                    (b"connection", b"keep-alive"),
+                ],
+            }
+        )
+        after = None if start is None else format_event_id(*start)
+        ready = {"session_id": conn.session_id, "after": after}
+        if not await write(f"retry: {cfg.retry_ms}\n".encode() + _sse(ready, event="ready")):
+            return
+        while True:
+            item = await self._next_item(conn, items)
+            if isinstance(item, StreamEvent):
+                chunk = self._sse_frame(item)
+                self._count("events_sent")
+            elif isinstance(item, StreamReset):
+                body = {"reason": item.reason, "epoch": item.epoch, "seq": item.seq}
+                chunk = _sse(body, event="reset", id_=format_event_id(item.epoch, item.seq))
+                self._count("resets_sent")
+            elif conn.end_reason is None:
+                chunk = b": heartbeat\n\n"
+                self._count("heartbeats")
+            else:
+                kind, _, why = conn.end_reason.partition(":")
+                if kind in ("shutdown", "lagged"):
+                    await write(_sse({"reason": why}, event=kind))
+                break
+            if not await write(chunk):
+                break
+        with anyio.move_on_after(cfg.send_timeout_s):
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    # -- WebSocket -------------------------------------------------------------------------
+
+    async def websocket(self, websocket: WebSocket) -> None:
+        """The WebSocket endpoint (a Starlette WebSocket endpoint); see the module docstring.
+
+        Refusals close before accepting (the handshake answers 403). A malformed first
+        message closes with 1008, ``shutdown`` with 1012, ``lagged`` with 1013. If the
+        handler is cancelled the subscription is closed.
+        """
+        try:
+            session_id = await self._admit(websocket)
+        except _Refused as refused:
+            self._count("refused")
+            code = WS_SERVICE_RESTART if refused.status == 503 else WS_POLICY_VIOLATION
+            await websocket.close(code=code, reason=refused.reason)
+            return
+        await websocket.accept()
+        try:
+            after = await self._first_message(websocket)
+        except _Refused as refused:
+            self._count("refused")
+            await self._ws_close(websocket, WS_POLICY_VIOLATION, refused.reason)
+            return
+        except WebSocketDisconnect:
+            return
+        conn = _Connection(session_id)
+        start = self._start(after)
+        items = self._subscribe(session_id, start)
+        self._open[conn] = "ws"
+        self._count("accepted")
+        if after is not None:
+            self._count("resumed")
+        lock = anyio.Lock()
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._ws_commands, websocket, conn, lock, tg.cancel_scope)
+                await self._stream_ws(websocket, conn, items, start, lock)
+                tg.cancel_scope.cancel()
+        finally:
+            del self._open[conn]
+            # Shielded: the subscription must be released even when the handler is cancelled.
+            with anyio.CancelScope(shield=True):
+                await items.aclose()
+                self._tally_end(conn.end_reason)
+                await self._after_disconnect(session_id, conn.end_reason)
+
+    async def _first_message(self, websocket: WebSocket) -> Position | None:
+        with anyio.move_on_after(self.config.first_message_timeout_s):
+            message = await _receive_message(websocket)
+            try:
+                data = orjson.loads(message)
+            except orjson.JSONDecodeError:
+                raise _Refused(400, "the first message must be JSON") from None
+            if not isinstance(data, dict) or data.get("type") != "subscribe":
+                raise _Refused(400, 'the first message must be {"type": "subscribe"}')
+            raw = data.get("after")
+            if raw is None:
+                return None
+            if not isinstance(raw, str):
+                raise _Refused(400, "after must be an event id string")
+            try:
+                return parse_event_id(raw)
+            except ValueError as exc:
+                raise _Refused(400, str(exc)) from None
+        raise _Refused(408, "no subscribe message in time")
+
+    async def _ws_send(self, websocket: WebSocket, lock: anyio.Lock, data: Any) -> bool:
+        with anyio.move_on_after(self.config.send_timeout_s):
+            async with lock:
+                await websocket.send_text(orjson.dumps(data).decode())
+            return True
+        return False
+
+    async def _ws_close(self, websocket: WebSocket, code: int, reason: str) -> None:
+        if websocket.application_state is WebSocketState.CONNECTED:
+            with anyio.move_on_after(self.config.send_timeout_s):
+                await websocket.close(code=code, reason=reason[:120])
+
+    async def _stream_ws(
+        self,
+        websocket: WebSocket,
+        conn: _Connection,
+        items: _Items,
+        start: Position | None,
+        lock: anyio.Lock,
+    ) -> None:
+        after = None if start is None else format_event_id(*start)
+        ready = {"type": "ready", "session_id": conn.session_id, "after": after}
+        if not await self._ws_send(websocket, lock, ready):
+            conn.end("stalled")
+            return
+        while True:
+            item = await self._next_item(conn, items)
+            data: dict[str, Any]
+            if isinstance(item, StreamEvent):
+                data = {"type": "event", "id": format_event_id(item.epoch, item.seq)}
+                data.update(_event_body(item))
+                self._count("events_sent")
+            elif isinstance(item, StreamReset):
+                data = {
+                    "type": "reset",
+                    "id": format_event_id(item.epoch, item.seq),
+                    "reason": item.reason,
+                    "epoch": item.epoch,
+                    "seq": item.seq,
+                }
+                self._count("resets_sent")
+            elif conn.end_reason is None:
+                data = {"type": "heartbeat"}
+                self._count("heartbeats")
+            else:
+                kind, _, why = conn.end_reason.partition(":")
+                if kind == "shutdown":
+                    await self._ws_send(websocket, lock, {"type": "shutdown", "reason": why})
+                    await self._ws_close(websocket, WS_SERVICE_RESTART, why)
+                elif kind == "lagged":
+                    await self._ws_send(websocket, lock, {"type": "lagged", "reason": why})
+                    await self._ws_close(websocket, WS_TRY_AGAIN_LATER, "lagged")
+                else:
+                    await self._ws_close(websocket, WS_TRY_AGAIN_LATER, kind)
+                return
+            if not await self._ws_send(websocket, lock, data):
+                conn.end("stalled")
+                await self._ws_close(websocket, WS_TRY_AGAIN_LATER, "stalled")
+                return
+
+    async def _ws_commands(
+        self,
+        websocket: WebSocket,
+        conn: _Connection,
+        lock: anyio.Lock,
+        scope: anyio.CancelScope,
+    ) -> None:
+        try:
+            while True:
+                message = await _receive_message(websocket)
+                try:
+                    data = orjson.loads(message)
+                except orjson.JSONDecodeError:
+                    data = None
+                if not isinstance(data, dict):
+                    data = {}
+                kind = data.get("type")
+                if kind == "ping":
+                    await self._ws_send(websocket, lock, {"type": "pong", "id": data.get("id")})
+                elif kind == "cancel":
+                    await self._ws_cancel(websocket, conn, lock, data.get("reason"))
+                else:
+                    error = {"type": "error", "message": "expected ping or cancel"}
+                    await self._ws_send(websocket, lock, error)
+        except WebSocketDisconnect:
+            scope.cancel()  # the client left: stop streaming at once
+
+    async def _ws_cancel(
+        self, websocket: WebSocket, conn: _Connection, lock: anyio.Lock, reason: object
+    ) -> None:
+        allowed = self._authorize_cancel(websocket, conn.session_id)
+        if inspect.isawaitable(allowed):
+            allowed = await allowed
+        if self._cancel is None or allowed is not True:
+            refusal = {"type": "error", "message": "cancel is not allowed here"}
+            await self._ws_send(websocket, lock, refusal)
+            return
+        why = reason if isinstance(reason, str) and reason else "cancelled by the client"
+        await self._cancel(conn.session_id, why[:200])
+        self._count("cancels_requested")
+        await self._ws_send(websocket, lock, {"type": "cancel_requested", "reason": why[:200]})
+
+
+async def _receive_message(websocket: WebSocket) -> str | bytes:
+    """The next text or binary message (JSON either way); raises ``WebSocketDisconnect``."""
+    message = await websocket.receive()
+    if message["type"] == "websocket.disconnect":
+        raise WebSocketDisconnect(message.get("code", 1000), message.get("reason"))
+    text = message.get("text")
+    if isinstance(text, str):
+        return text
+    data = message.get("bytes")
+    return data if isinstance(data, bytes) else b""
+
+
+class _SSEResponse(Response):
+    """The streaming body of one SSE connection (a raw ASGI response)."""
+
+    def __init__(self, streams: EventStreams, session_id: str, after: Position | None) -> None:
+        super().__init__(media_type="text/event-stream")
+        self._streams = streams
+        self._session_id = session_id
+        self._after = after
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._streams._serve_sse(self._session_id, self._after, receive, send)
+
+
+class StreamingServer(uvicorn.Server):
+    """``uvicorn.Server`` that ends open streams (``EventStreams.close``) when it starts
+    shutting down, instead of waiting for them forever."""
+
+    def __init__(self, config: uvicorn.Config, streams: EventStreams) -> None:
+        super().__init__(config)
+        self.streams = streams
+
+    async def shutdown(self, sockets: Any = None) -> None:
+        self.streams.close()
+        await super().shutdown(sockets=sockets)
