@@ -384,6 +384,9 @@ class EventStreams:
         start = self._start(after)
         items = self._subscribe(session_id, start)
         self._open[conn] = "sse"
+        if self._closing:
+            # close() ran while this request was being admitted: it did not see us.
+            conn.end("shutdown:server shutting down")
         self._count("accepted")
         if after is not None:
             self._count("resumed")
@@ -497,6 +500,9 @@ class EventStreams:
         start = self._start(after)
         items = self._subscribe(session_id, start)
         self._open[conn] = "ws"
+        if self._closing:
+            # close() ran while this request was being admitted: it did not see us.
+            conn.end("shutdown:server shutting down")
         self._count("accepted")
         if after is not None:
             self._count("resumed")

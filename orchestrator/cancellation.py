@@ -11,6 +11,8 @@ instance; each registry's listener fires its local token at once. The legacy mod
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
@@ -21,7 +23,9 @@ import orjson
 from anyio.abc import TaskStatus
 from pydantic import BaseModel, ConfigDict, Field
 
-from storage import AsyncStorageBackend, CancelState
+from storage import AsyncStorageBackend, CancelState, StorageError
+
+log = logging.getLogger("asyncstore.cancellation")
 
 __all__ = [
     "CancelToken",
@@ -70,6 +74,7 @@ class CancellationStatistics:
     notifications: int
     catch_up_reads: int
     polls: int
+    storage_errors: int = 0  # catch-up reads that failed (retried, never fatal)
 
 
 class CancelToken:
@@ -143,6 +148,7 @@ class CancellationRegistry:
         self._notifications = 0
         self._catch_up_reads = 0
         self._polls = 0
+        self._storage_errors = 0
 
     @property
     def config(self) -> CancellationConfig:
@@ -219,6 +225,7 @@ class CancellationRegistry:
             notifications=self._notifications,
             catch_up_reads=self._catch_up_reads,
             polls=self._polls,
+            storage_errors=self._storage_errors,
         )
 
     def _fire_token(self, token: CancelToken, reason: str) -> bool:
@@ -226,22 +233,34 @@ class CancellationRegistry:
         self._fired += fired
         return fired
 
-    async def _catch_up(self) -> None:
+    async def _catch_up(self) -> bool:
+        """Read the persisted state of every live token; False if storage failed (retry)."""
         for session_id, token in list(self._tokens.items()):
             if token.cancelled:
                 continue
             self._catch_up_reads += 1
-            state = await self._storage.get_cancel(session_id)
+            try:
+                state = await self._storage.get_cancel(session_id)
+            except StorageError as exc:
+                # A database restart must not take the registry (and its owner) down.
+                self._storage_errors += 1
+                log.warning("cancel catch-up failed, will retry: %s", exc)
+                return False
             if state is not None:
                 self._fire_token(token, state.reason)
+        return True
 
     async def _listen(self, *, task_status: TaskStatus[None]) -> None:
         async with self._storage.listen(self._config.channel) as stream:
             task_status.started()
-            async for note in stream:
-                if note.gap:
+            behind = False  # a catch-up after a gap failed: retry it every half second
+            while True:
+                note = None
+                with anyio.move_on_after(0.5 if behind else math.inf):
+                    note = await stream.receive()  # cancelling this wait loses nothing
+                if note is None or note.gap:
                     # Some requests may have been missed: read the state of every live token.
-                    await self._catch_up()
+                    behind = not await self._catch_up()
                     continue
                 self._notifications += 1
                 session_id, reason = _decode(note.payload)

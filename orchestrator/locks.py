@@ -429,36 +429,54 @@ class SessionLimiter:
             self._cancellation.fire_local(held.session_id, reason)
 
     async def _renew(self, held: HeldLease) -> None:
+        """Renew every ``renew_interval_s`` while held; declare the lease lost in time.
+
+        The lease is treated as ours until the local estimate of its expiry (the start of
+        the last successful renewal plus the TTL) minus a margin. Each renewal call is bounded
+        by that moment, so a call that hangs (a stuck pool, a slow database) cannot keep a
+        holder running past its lease; a failed call is retried after a short pause, never
+        in a tight loop.
+        """
         cfg = self._config
+        ttl = cfg.lease_ttl_s
         interval = cfg.effective_renew_interval_s
-        deadline = time.monotonic() + cfg.lease_ttl_s - interval
+        margin = min(0.1 * ttl, 1.0)
+        expires = time.monotonic() + ttl
+        next_at = time.monotonic() + interval
         with held._renew_scope:
             while True:
-                await anyio.sleep(max(0.0, min(interval, deadline - time.monotonic())))
+                await anyio.sleep(max(0.0, next_at - time.monotonic()))
+                give_up = expires - margin
                 started = time.monotonic()
-                try:
-                    self._renewals += 1
-                    if cfg.mode == "two_level":
-                        lease = await self._storage.renew_lease_slot(
-                            held.session_id, held.token, cfg.lease_ttl_s, pool=self._pool
-                        )
-                    else:
-                        lease = await self._storage.renew_lease(
-                            held.session_id, held.token, cfg.lease_ttl_s
-                        )
-                except LeaseLost:
-                    self._lose(held, "lease lost: superseded or expired")
-                    return
-                except StorageError as exc:
-                    if time.monotonic() >= deadline + interval:
-                        self._lose(held, f"lease lost: could not renew ({exc})")
+                lease: Lease | None = None
+                error: Exception | None = None
+                with anyio.move_on_after(give_up - started):
+                    try:
+                        self._renewals += 1
+                        if cfg.mode == "two_level":
+                            lease = await self._storage.renew_lease_slot(
+                                held.session_id, held.token, ttl, pool=self._pool
+                            )
+                        else:
+                            lease = await self._storage.renew_lease(
+                                held.session_id, held.token, ttl
+                            )
+                    except LeaseLost:
+                        self._lose(held, "lease lost: superseded or expired")
                         return
-                    log.warning("session %r: renewal failed, retrying: %s", held.session_id, exc)
-                    interval = min(interval, 0.5)
+                    except StorageError as exc:
+                        error = exc
+                if lease is None:
+                    if time.monotonic() >= give_up:
+                        why = error or "the renewal did not answer in time"
+                        self._lose(held, f"lease lost: could not renew before expiry ({why})")
+                        return
+                    log.warning("session %r: renewal failed, retrying: %s", held.session_id, error)
+                    next_at = time.monotonic() + min(interval, 0.5)
                     continue
                 held._lease = lease
-                interval = cfg.effective_renew_interval_s
-                deadline = started + cfg.lease_ttl_s - interval
+                expires = started + ttl
+                next_at = started + interval
 
     # -- background --------------------------------------------------------------
 

@@ -442,7 +442,7 @@ class OutboxRelay:
                 msg, claimed_at = queue[0]
                 if time.monotonic() - claimed_at > self.config.lease_s - self.config.send_timeout_s:
                     break  # the claim may run out mid-send: give the rest back, re-claim later
-                result = await self._send(msg)
+                result = await self._send(msg, claimed_at)
                 queue.popleft()
                 self._finish(result)
                 if result.kind is not _Kind.SENT:
@@ -461,10 +461,14 @@ class OutboxRelay:
         self._progress.set()
         self._record(result)
 
-    async def _send(self, msg: OutboxMessage) -> _Result:
+    async def _send(self, msg: OutboxMessage, claimed_at: float) -> _Result:
         sender = self._senders[msg.channel]
         channel_limit = self._channel_semaphore(msg.channel)
         async with self._in_flight, channel_limit:
+            if time.monotonic() - claimed_at > self.config.lease_s - self.config.send_timeout_s:
+                # Waiting for a send slot took so long that the claim could run out mid-send
+                # (another relay may take the message): give it back instead.
+                return _Result(_Kind.RELEASE, msg.claim)
             self._sending += 1
             self._peak = max(self._peak, self._sending)
             try:

@@ -78,6 +78,7 @@ class StreamWriterStatistics:
     lost: int  # dead-lettered after retries or at shutdown: published live, never stored
     notifications: int
     notify_failures: int
+    refused: int  # stored events a newer epoch already held (a superseded writer's)
     insert_statements: int  # legacy path: one per event
     writer: BatchWriterStatistics | None
 
@@ -133,6 +134,7 @@ class StreamEventWriter:
         self._lost = 0
         self._notifications = 0
         self._notify_failures = 0
+        self._refused = 0
         self._advances: dict[str, tuple[int, int, int]] = {}
         self._notes_wake = anyio.Event()
         self._notes_closed = False
@@ -349,7 +351,16 @@ class StreamEventWriter:
     # -- the sink --------------------------------------------------------------------------
 
     async def _persist(self, batch: Batch[NewStreamEvent]) -> None:
-        await self.storage.append_stream_events(batch.items)
+        stored = await self.storage.append_stream_events(batch.items)
+        if stored < len(batch.items) and batch.attempt == 0:
+            # Storage fences by epoch: events refused because a newer holder of the
+            # session already wrote those seqs. (On a retry the shortfall is our own
+            # earlier attempt, which may have committed before its answer was lost.)
+            self._refused += len(batch.items) - stored
+            log.warning(
+                "%d stream events refused: a newer epoch holds their seqs",
+                len(batch.items) - stored,
+            )
         notify = self.config.notify
         advances = self._advances
         for key, events in batch.groups.items():
@@ -403,6 +414,7 @@ class StreamEventWriter:
             lost=self._lost,
             notifications=self._notifications,
             notify_failures=self._notify_failures,
+            refused=self._refused,
             insert_statements=self._inserts,
             writer=writer,
         )

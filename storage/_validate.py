@@ -199,6 +199,7 @@ def prepare_stream_events(events: object) -> list[tuple[str, int, int, str, byte
     out = []
     ok_ids: set[str] = set()
     ok_kinds: set[str] = set()
+    seen: set[tuple[str, int]] = set()
     for i, e in enumerate(_batch(events, "events")):
         if not isinstance(e, NewStreamEvent):
             raise InvalidInput(f"events[{i}] must be a NewStreamEvent")
@@ -213,6 +214,10 @@ def prepare_stream_events(events: object) -> list[tuple[str, int, int, str, byte
         if kind not in ok_kinds:
             check_name(kind, f"events[{i}].kind")
             ok_kinds.add(kind)
+        key = (sid, seq)
+        if key in seen:
+            continue  # the same (session, seq) twice in one batch: the first one counts
+        seen.add(key)
         out.append((sid, seq, epoch, kind, encode_json(e.payload, "payload", i)))
     return out
 

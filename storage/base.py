@@ -497,7 +497,10 @@ class AsyncStorageBackend(abc.ABC):
         """Persist a batch of events for any number of sessions in one round trip.
 
         Idempotent on ``(session_id, seq)``: an event already stored is skipped, so a
-        retried batch is safe. Returns the number of events newly stored.
+        retried batch is safe; fenced by epoch: a stored event is replaced only by one of a
+        newer epoch (a new lease holder), so a superseded holder's late batch can never
+        overwrite the current holder's events. Returns the number of events stored or
+        replaced; the caller can count the shortfall as refused.
         """
 
     @abc.abstractmethod

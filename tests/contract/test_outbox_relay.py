@@ -264,3 +264,32 @@ async def test_serial_mode_sends_one_at_a_time(storage: AsyncStorageBackend) -> 
             await got.done.wait()
     stats = relay.statistics()
     assert stats.peak_in_flight == 1 and stats.claim_statements >= 10
+
+
+async def test_a_message_whose_claim_aged_waiting_for_a_slot_is_given_back(
+    storage: AsyncStorageBackend,
+) -> None:
+    outbox = Outbox(storage)
+    sent: list[str] = []
+    all_sent = anyio.Event()
+
+    async def send(msg: OutboxMessage) -> None:
+        if msg.payload == "slow":
+            await anyio.sleep(0.5)  # within its send timeout, but past the other claim's margin
+        sent.append(msg.payload)
+        if len(sent) == 2:
+            all_sent.set()
+
+    await outbox.enqueue(
+        [NewOutboxMessage("chat", "a", "slow"), NewOutboxMessage("chat", "b", "x")]
+    )
+    config = OutboxConfig(
+        batch_size=10, max_in_flight=1, lease_s=1.0, send_timeout_s=0.6, fallback_poll_s=0.2
+    )
+    async with open_outbox_relay(storage, {"chat": send}, config=config) as relay:
+        with anyio.fail_after(10):
+            await all_sent.wait()
+        await relay.flush()
+        stats = relay.statistics()
+    assert sorted(sent) == ["slow", "x"]  # each sent exactly once
+    assert stats.released >= 1  # "x" waited too long for the slot and was given back first

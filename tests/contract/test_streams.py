@@ -382,3 +382,33 @@ async def test_a_subscription_dropped_without_closing_does_not_pin_its_ring(
         gc.collect()
         await anyio.sleep(0.02)
         assert hub.evict_idle() == 1
+
+
+async def test_a_superseded_writer_never_overwrites_the_new_holders_events(
+    storage: AsyncStorageBackend,
+) -> None:
+    async with (
+        BroadcastHub(storage) as hub_a,
+        BroadcastHub(storage) as hub_b,
+        StreamEventWriter(storage, hub_a, StreamConfig(batch=SLOW_TIMER)) as old,
+        StreamEventWriter(storage, hub_b, StreamConfig(batch=SLOW_TIMER)) as new,
+    ):
+        # A (epoch 1) lost its lease without noticing; B (epoch 2) took the session over.
+        await old.begin("s", epoch=1)
+        await new.begin("s", epoch=2)
+        new.emit_nowait("s", "delta", "B first")
+        await new.flush()
+        old.emit_nowait("s", "delta", "late zombie from A")  # same seq 1, older epoch
+        await old.flush()
+        assert old.statistics().refused == 1
+        # And when the zombie's write lands first, the new holder's replaces it.
+        old.emit_nowait("s", "delta", "zombie from A")  # seq 2, stored first
+        await old.flush()
+        new.emit_nowait("s", "turn_completed", "B's real event")  # seq 2, epoch 2
+        await new.flush()
+        stored = await storage.load_stream_events("s")
+        assert [(e.epoch, e.seq, e.payload) for e in stored] == [
+            (2, 1, "B first"),
+            (2, 2, "B's real event"),
+        ]
+        assert new.statistics().refused == 0 and new.statistics().lost == 0

@@ -155,40 +155,45 @@ def stream_plans(draw: st.DrawFn) -> tuple[dict[int, int], list[list[tuple[int, 
 
 @PROPERTY
 @given(plan=stream_plans())
-async def test_stream_events_are_idempotent_and_first_write_wins(
+async def test_stream_events_are_idempotent_and_fenced_by_epoch(
     storage: AsyncStorageBackend,
     plan: tuple[dict[int, int], list[list[tuple[int, int]]]],
 ) -> None:
+    """Re-sending an event of the same (or an older) epoch changes nothing; an event of a
+    newer epoch (a new lease holder re-using the seq) replaces the stored one."""
     totals, batches = plan
     sessions = {sidx: _fresh("stream") for sidx in totals}
-    first_write: dict[tuple[int, int], NewStreamEvent] = {}
-    stored = 0
+    current: dict[tuple[int, int], NewStreamEvent] = {}
     for b, batch in enumerate(batches):
+        epoch = (b * 7) % 3  # epochs that go up and down between batches
         events = [
-            NewStreamEvent(sessions[sidx], b, seq, f"k{b}", {"batch": b, "pos": pos})
+            NewStreamEvent(sessions[sidx], epoch, seq, f"k{b}", {"batch": b, "pos": pos})
             for pos, (sidx, seq) in enumerate(batch)
         ]
-        expected_new = 0
-        for (sidx, seq), event in zip(batch, events, strict=True):
-            if (sidx, seq) not in first_write:
-                first_write[(sidx, seq)] = event
-                expected_new += 1
+        expected = 0
+        in_batch: set[tuple[int, int]] = set()
+        for key, event in zip(batch, events, strict=True):
+            if key in in_batch:
+                continue  # a duplicate within one batch: the first one counts
+            in_batch.add(key)
+            old = current.get(key)
+            if old is None or old.epoch < event.epoch:
+                current[key] = event
+                expected += 1
         count = await storage.append_stream_events(events)
-        assert count == expected_new, f"batch {b}: {count} stored, {expected_new} were new"
-        stored += count
-    assert stored == sum(totals.values())
+        assert count == expected, f"batch {b}: {count} stored or replaced, expected {expected}"
 
     for sidx, n in totals.items():
         loaded = await storage.load_stream_events(sessions[sidx])
         assert [e.seq for e in loaded] == list(range(1, n + 1))
         for e in loaded:
-            want = first_write[(sidx, e.seq)]
+            want = current[(sidx, e.seq)]
             assert (e.session_id, e.epoch, e.kind, e.payload) == (
                 want.session_id,
                 want.epoch,
                 want.kind,
                 want.payload,
-            ), f"seq {e.seq}: a later write replaced the first one"
+            ), f"seq {e.seq}: not the newest epoch's first write"
         assert await storage.last_stream_seq(sessions[sidx]) == n
         assert [e.seq for e in await storage.load_stream_events(sessions[sidx], after_seq=n)] == []
 

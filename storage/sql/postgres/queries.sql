@@ -37,9 +37,14 @@ SELECT (SELECT count(*) FROM m) + (SELECT count(*) FROM s) + (SELECT count(*) FR
      + (SELECT count(*) FROM c) + (SELECT count(*) FROM l);
 
 -- name: append_stream_events
+-- Fenced by epoch: a stored event is replaced only by one of a newer epoch (a new lease
+-- holder re-using seqs a superseded holder wrote), never by an older one or the same.
 INSERT INTO stream_events (session_id, seq, epoch, kind, payload)
 SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[], $5::jsonb[])
-ON CONFLICT (session_id, seq) DO NOTHING;
+ON CONFLICT (session_id, seq) DO UPDATE SET
+    epoch = EXCLUDED.epoch, kind = EXCLUDED.kind, payload = EXCLUDED.payload,
+    created_at = now()
+WHERE stream_events.epoch < EXCLUDED.epoch;
 
 -- name: load_stream_events
 SELECT session_id, epoch, seq, kind, payload, created_at FROM stream_events

@@ -42,8 +42,13 @@ DELETE FROM cancel_requests WHERE session_id = :session_id;
 DELETE FROM session_leases WHERE session_id = :session_id;
 
 -- name: append_stream_events
-INSERT OR IGNORE INTO stream_events (session_id, seq, epoch, kind, payload, created_at)
-VALUES (?, ?, ?, ?, ?, ?);
+-- Fenced by epoch: a stored event is replaced only by one of a newer epoch.
+INSERT INTO stream_events (session_id, seq, epoch, kind, payload, created_at)
+VALUES (?, ?, ?, ?, ?, ?)
+ON CONFLICT (session_id, seq) DO UPDATE SET
+    epoch = excluded.epoch, kind = excluded.kind, payload = excluded.payload,
+    created_at = excluded.created_at
+WHERE stream_events.epoch < excluded.epoch;
 
 -- name: load_stream_events
 SELECT session_id, epoch, seq, kind, payload, created_at FROM stream_events
