@@ -630,10 +630,13 @@ class Worker:
     async def _heartbeat(self) -> None:
         """Renew every held lease each ``heartbeat_s``; cancel handlers whose lease is gone.
 
-        If renewals keep failing until the lease would run out, the handlers are cancelled
-        (their tasks may be claimed elsewhere soon), so a task is never run twice live.
+        Each renewal is bounded by the time the leases would run out (the last successful
+        renewal plus ``lease_s``, less a margin): if renewals fail, or hang on a stalled
+        pool, until then, the handlers are cancelled (their tasks may be claimed elsewhere
+        soon), so a task is never run twice live.
         """
         cfg = self.config
+        margin = min(0.1 * cfg.lease_s, 1.0)
         while True:
             await anyio.sleep(cfg.heartbeat_s)
             held = [Claim(i, t) for i, t in self._held.items()]
@@ -641,12 +644,16 @@ class Worker:
             if not held:
                 self._last_renewal = started
                 continue
-            try:
-                live = set(await self._storage.heartbeat_tasks(held, cfg.lease_s))
-            except StorageError as exc:
-                self._errors += 1
-                log.warning("heartbeat on %s failed: %s", self.queue.name, exc)
-                if started - self._last_renewal > cfg.lease_s - cfg.heartbeat_s:
+            give_up = self._last_renewal + cfg.lease_s - margin
+            live: set[int] | None = None
+            with anyio.move_on_after(give_up - started):
+                try:
+                    live = set(await self._storage.heartbeat_tasks(held, cfg.lease_s))
+                except StorageError as exc:
+                    self._errors += 1
+                    log.warning("heartbeat on %s failed: %s", self.queue.name, exc)
+            if live is None:
+                if time.monotonic() >= give_up:
                     for claim in held:
                         self._lose(claim)
                 continue
