@@ -458,7 +458,10 @@ class Runtime:
                 if turn.token.cancelled:
                     reason = turn.token.reason or "cancelled"
                     await turn.emit("cancelled", {"reason": reason}, critical=True)
-                    await registry.clear(turn.session_id)
+                    if not turn.lease.lost:
+                        # Only the holder consumes the request: a turn that lost its lease
+                        # must not erase a cancel meant for the session's new holder.
+                        await registry.clear(turn.session_id)
                 await turn.fire("error" if failed else "turn_complete")
                 await writer.flush()
             except (StorageError, OrchestratorError) as exc:
