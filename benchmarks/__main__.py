@@ -1,9 +1,10 @@
-"""``python -m benchmarks [NAME] [ARGS...]``: run one of the component benchmarks.
+"""``python -m benchmarks [NAME] [ARGS...]``: the S1-S4 load-test suite, or one component.
 
-NAME is ``storage`` (the default), ``streams``, ``locks``, ``queue``, ``webhooks``,
-``auth``, ``maintenance`` or ``runtime``; ARGS go to that benchmark (``python -m
-benchmarks streams --help``). The S1-S4 load-test suite will become the default once it
-exists.
+Without NAME (``python -m benchmarks [--url URL] [--scenario S1] [--full] [--json PATH]
+[--plot PATH]``) the S1-S4 suite of ``benchmarks.suite`` runs: optimized vs legacy, a quick
+pass on SQLite by default. NAME is one of the component benchmarks, ``storage``,
+``streams``, ``locks``, ``queue``, ``webhooks``, ``auth``, ``maintenance`` or ``runtime``;
+ARGS go to it (``python -m benchmarks streams --help``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import importlib
 import sys
 
 BENCHMARKS = {
+    "suite": "benchmarks.suite",
     "storage": "benchmarks.storage_bench",
     "streams": "benchmarks.streams_bench",
     "locks": "benchmarks.locks_bench",
@@ -24,7 +26,7 @@ BENCHMARKS = {
 
 
 def main(argv: list[str]) -> int:
-    name = "storage"
+    name = "suite"
     if argv and argv[0] in BENCHMARKS:
         name, argv = argv[0], argv[1:]
     elif argv and not argv[0].startswith("-"):
@@ -33,7 +35,7 @@ def main(argv: list[str]) -> int:
     try:
         module = importlib.import_module(BENCHMARKS[name])
     except ModuleNotFoundError as exc:
-        print(f"benchmark {name!r} is not available: {exc}")
+        print(f"benchmark {name!r} is not available: {exc} (pip install -e '.[bench]')")
         return 2
     result: int = module.main(argv)
     return result

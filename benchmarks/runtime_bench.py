@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import resource
 import sys
 import tempfile
 import time
@@ -24,20 +23,9 @@ from pathlib import Path
 
 import anyio
 
+from benchmarks._common import rss_mb
 from orchestrator.config import load_settings
 from orchestrator.runtime import open_runtime
-
-
-def rss_mb() -> float:
-    """Current resident set size in MiB (peak RSS where /proc is unavailable)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1024 * 1024 if sys.platform == "darwin" else 1024)
 
 
 async def run_one(url: str, sessions: int, concurrency: int) -> dict[str, float]:

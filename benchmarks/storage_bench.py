@@ -27,13 +27,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.metadata
 import json
 import os
-import platform
 import secrets
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,11 +38,16 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import orjson
 
+from benchmarks._common import create_database as _create_database
+from benchmarks._common import drop_database as _drop_database
+from benchmarks._common import environment
+from benchmarks._common import load_average as _load_average
+from benchmarks._common import redact as _redact
+from benchmarks._common import with_database as _with_database
 from storage import AsyncStorageBackend, NewStreamEvent, NewTask, open_storage
 
 DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -393,19 +395,6 @@ class Bench:
 # ---------------------------------------------------------------- Postgres setup
 
 
-def _redact(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
-def _with_database(url: str, database: str) -> str:
-    return urlunsplit(urlsplit(url)._replace(path=f"/{database}"))
-
-
 def _encode_json_text(value: Any) -> str:
     return orjson.dumps(value).decode()
 
@@ -424,32 +413,6 @@ async def _raw_connection(url: str) -> Any:
         format="text",
     )
     return conn
-
-
-async def _create_database(admin_url: str) -> str | None:
-    """Create a throwaway database and return its name, or None if Postgres does not answer."""
-    name = f"asyncstore_bench_{secrets.token_hex(6)}"
-    try:
-        conn = await asyncpg.connect(admin_url, timeout=5)
-    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        print(f"Postgres at {_redact(admin_url)} did not answer ({exc!r}): SQLite only.")
-        return None
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    except asyncpg.PostgresError as exc:
-        print(f"cannot create a database on {_redact(admin_url)} ({exc}): SQLite only.")
-        return None
-    finally:
-        await conn.close()
-    return name
-
-
-async def _drop_database(admin_url: str, name: str) -> None:
-    conn = await asyncpg.connect(admin_url, timeout=5)
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
 
 
 async def _bench_postgres(admin_url: str, repeats: int, scale: float) -> list[Measurement] | None:
@@ -567,52 +530,6 @@ def render_targets(targets: Sequence[dict[str, Any]]) -> str:
                 verdict += f" (claim+complete: {t['claim_plus_complete_ratio'] * 100:.1f}%)"
         lines.append(f"target: {t['target']}: {verdict}")
     return "\n".join(lines)
-
-
-def _load_average() -> float | None:
-    try:
-        return os.getloadavg()[0]
-    except OSError:
-        return None
-
-
-def _version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def _git(*args: str) -> str | None:
-    try:
-        done = subprocess.run(
-            ["git", *args],
-            cwd=Path(__file__).resolve().parent.parent,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout.strip()
-
-
-def environment() -> dict[str, Any]:
-    status = _git("status", "--porcelain")
-    return {
-        "python": platform.python_version(),
-        "implementation": platform.python_implementation(),
-        "asyncpg": _version("asyncpg"),
-        "aiosqlite": _version("aiosqlite"),
-        "orjson": _version("orjson"),
-        "asyncstore": _version("asyncstore"),
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "git_head": _git("rev-parse", "HEAD"),
-        "git_dirty": None if status is None else bool(status),
-    }
 
 
 # ---------------------------------------------------------------- entry point

@@ -38,16 +38,16 @@ from typing import Any
 import aiosqlite
 import anyio
 
+from benchmarks._common import create_database as _create_database
+from benchmarks._common import drop_database as _drop_database
+from benchmarks._common import environment
+from benchmarks._common import load_average as _load_average
+from benchmarks._common import redact as _redact
+from benchmarks._common import with_database as _with_database
 from benchmarks.storage_bench import (
     DEFAULT_URL,
     RAW_APPEND_SQL,
-    _create_database,
-    _drop_database,
-    _load_average,
     _raw_connection,
-    _redact,
-    _with_database,
-    environment,
 )
 from orchestrator.batching import BatchConfig
 from orchestrator.broadcast import BroadcastHub, DeliveryMode, HubConfig, StreamReset

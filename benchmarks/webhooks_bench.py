@@ -24,7 +24,8 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 
-from benchmarks.storage_bench import _load_average, environment
+from benchmarks._common import environment
+from benchmarks._common import load_average as _load_average
 from benchmarks.streams_bench import Results, _percentile, _progress, render
 from orchestrator.webhooks import HooksConfig, open_webhooks, parse_hooks
 from orchestrator.webhooks.testing import Answer, TestReceiver, open_test_receiver

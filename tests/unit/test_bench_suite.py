@@ -1,0 +1,78 @@
+"""The S1-S4 suite's command at a tiny scale: every scenario yields figures for both paths.
+
+A smoke test of ``python -m benchmarks`` on SQLite and on Postgres (peers included when
+installed): it checks the JSON's shape and that the plot is a PNG, never a timing.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SCENARIOS = ("S1", "S2", "S3", "S4")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _run_suite(tmp_path: Path, *extra: str) -> dict[str, object]:
+    out, png = tmp_path / "suite.json", tmp_path / "suite.png"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks",
+            "--scale",
+            "0.03",
+            "--json",
+            str(out),
+            "--plot",
+            str(png),
+            *extra,
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert png.read_bytes()[:8] == PNG_MAGIC
+    assert "opt/legacy" in done.stdout
+    doc: dict[str, object] = json.loads(out.read_text())
+    return doc
+
+
+def _check(doc: dict[str, object]) -> None:
+    scenarios = doc["scenarios"]
+    assert isinstance(scenarios, dict)
+    for name in SCENARIOS:
+        figures = scenarios[name]["figures"]
+        for path in ("optimized", "legacy"):
+            assert figures[path], f"{name} has no {path} figures"
+            assert all(len(values) >= 1 for values in figures[path].values())
+    s3 = scenarios["S3"]["figures"]
+    for path in ("optimized", "legacy"):
+        assert s3[path]["duplicates"] == [0.0] * len(s3[path]["duplicates"])
+        assert s3[path]["lost"] == [0.0] * len(s3[path]["lost"])
+    env = doc["environment"]
+    assert isinstance(env, dict) and "git_head" in env and "cpu_count" in env
+    assert doc["settings"] and doc["table"]
+
+
+def test_quick_pass_on_sqlite_reports_every_scenario_for_both_paths(tmp_path: Path) -> None:
+    doc = _run_suite(tmp_path)
+    assert doc["database"] == "sqlite"
+    _check(doc)
+
+
+@pytest.mark.postgres
+def test_quick_pass_on_postgres_reports_every_scenario_for_both_paths(
+    tmp_path: Path, postgres_dsn: str
+) -> None:
+    doc = _run_suite(tmp_path, "--url", postgres_dsn)
+    assert doc["database"] == "postgres"
+    _check(doc)
+    assert not list(tmp_path.glob("*.log"))
