@@ -46,9 +46,9 @@ from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from orchestrator.broadcast import Position, StreamReset
-from orchestrator.errors import SubscriberLagged
+from orchestrator.errors import OrchestratorError, SubscriberLagged
 from orchestrator.runtime import Runtime
-from storage import StreamEvent
+from storage import StorageError, StreamEvent
 
 __all__ = [
     "Authorize",
@@ -638,7 +638,14 @@ class EventStreams:
             await self._ws_send(websocket, lock, refusal)
             return
         why = reason if isinstance(reason, str) and reason else "cancelled by the client"
-        await self._cancel(conn.session_id, why[:200])
+        try:
+            await self._cancel(conn.session_id, why[:200])
+        except (OrchestratorError, StorageError) as exc:
+            # The runtime is closing or storage is down: answer, keep the stream open.
+            log.warning("cancel of session %r failed: %s", conn.session_id, exc)
+            failure = {"type": "error", "message": f"cancel failed: {exc}"[:300]}
+            await self._ws_send(websocket, lock, failure)
+            return
         self._count("cancels_requested")
         await self._ws_send(websocket, lock, {"type": "cancel_requested", "reason": why[:200]})
 

@@ -33,7 +33,7 @@ from orchestrator.broadcast import Position, StreamReset
 from orchestrator.config import load_settings
 from orchestrator.errors import SubscriberLagged
 from orchestrator.runtime import Runtime, open_runtime
-from storage import StreamEvent
+from storage import StorageUnavailable, StreamEvent
 
 
 class _QuietServer(StreamingServer):
@@ -578,3 +578,24 @@ async def test_ws_shutdown_sends_a_final_message_and_closes(storage_url: str) ->
         await ws.disconnect()
         await ws.done.wait()
         assert srv.subscribers() == 0
+
+
+async def test_ws_cancel_that_fails_answers_an_error_and_keeps_the_stream(storage_url: str) -> None:
+    async def cancel_fails(session_id: str, reason: str) -> None:
+        raise StorageUnavailable("database restarting")
+
+    async with serve(storage_url) as srv, anyio.create_task_group() as tg:
+        streams = EventStreams(
+            srv.rt.subscribe, authorize=_allow_all, cancel=cancel_fails, authorize_cancel=None
+        )
+        app = Starlette(routes=[WebSocketRoute("/s/{session_id}/ws", streams.websocket)])
+        ws = WebSocketSession(app, "/s/s1/ws", tg)
+        await ws.connect()
+        await ws.send_json({"type": "subscribe", "after": "0:0"})
+        assert (await ws.receive_json())["type"] == "ready"
+        await ws.send_json({"type": "cancel", "reason": "stop"})
+        answer = await ws.receive_json()
+        assert answer["type"] == "error" and "database restarting" in answer["message"]
+        await ws.send_json({"type": "ping"})
+        assert (await ws.receive_json())["type"] == "pong"  # the stream is still open
+        await ws.disconnect()
