@@ -273,6 +273,7 @@ class Runtime:
         self.limiter: Switch[SessionLimiter]
         self.cancellation: Switch[CancellationRegistry]
         self._closing = False
+        self._cancelling_turns = False
         self._turns_started = 0
         self._active: dict[int, tuple[CancellationRegistry, str]] = {}
         self._turn_ids = 0
@@ -425,6 +426,9 @@ class Runtime:
                 registry.open_token(session_id) as token,
                 writer.session(session_id, held.token) as stream,
             ):
+                if self._cancelling_turns:
+                    # The lease came after shutdown cancelled the running turns: stop at once.
+                    registry.fire_local(session_id, "shutdown")
                 turn = Turn(self, session_id, held, token, stream, MappingProxyType(paths))
                 await turn.fire("turn_start")
                 failed = False
@@ -571,6 +575,7 @@ class Runtime:
             with anyio.move_on_after(self.settings.runtime.shutdown_grace_s):
                 await self._no_turns.wait()
         cancelled = 0
+        self._cancelling_turns = True  # turns still waiting for their lease stop on arrival
         for registry, session_id in list(self._active.values()):
             cancelled += registry.fire_local(session_id, "shutdown")
         if cancelled:

@@ -264,3 +264,29 @@ def test_serve_metrics_command_serves_the_runtime_metrics(storage_url: str) -> N
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=20) == 0
+
+
+async def test_a_turn_that_gets_its_lease_after_shutdown_began_stops_at_once(
+    storage_url: str,
+) -> None:
+    settings = _settings(storage_url, runtime={"shutdown_grace_s": 0.2})
+    holding = anyio.Event()
+    ended: list[tuple[str, bool]] = []
+
+    async def turn(rt: Runtime, name: str) -> None:
+        async with rt.turn("shared") as t:
+            holding.set()
+            await anyio.sleep_forever()
+        ended.append((name, t.cancelled))
+
+    started = anyio.current_time()
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg, open_runtime(settings) as rt:
+            tg.start_soon(turn, rt, "first")
+            await holding.wait()
+            tg.start_soon(turn, rt, "waiting")  # queued behind the first for the lease
+            await anyio.sleep(0.05)
+    # The waiting turn got the lease only after shutdown cancelled the first: it must not
+    # run its body, so closing does not wait out turn_flush_timeout_s for it.
+    assert sorted(ended) == [("first", True), ("waiting", True)]
+    assert anyio.current_time() - started < settings.runtime.turn_flush_timeout_s
