@@ -813,8 +813,12 @@ class _SqliteLeadership(Leadership):
         return self._leading
 
     async def try_lead(self) -> bool:
-        self._leading = False
-        self._leading = await self._backend._take_role(self._name, self._holder, self._ttl_s)
+        # While a renewal is in flight the last answer stands (the row's TTL covers it).
+        try:
+            self._leading = await self._backend._take_role(self._name, self._holder, self._ttl_s)
+        except BaseException:
+            self._leading = False
+            raise
         return self._leading
 
     async def release(self) -> None:
