@@ -164,6 +164,11 @@ class BatchWriterStatistics:
     oldest_pending_age_s: float
     last_flush_latency_s: float
 
+    @property
+    def unsettled(self) -> int:
+        """Items not yet confirmed by the sink: waiting plus in flight."""
+        return self.pending + self.in_flight
+
 
 class _Entry(Generic[T]):
     __slots__ = ("critical", "item", "nbytes", "number", "t")

@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal, NamedTuple
+from typing import Literal, NamedTuple
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
@@ -43,9 +43,9 @@ from storage import (
     NewOutboxMessage,
     OutboxMessage,
     OutboxStatus,
-    StorageClosed,
     StorageError,
 )
+from storage.errors import is_retryable
 
 __all__ = [
     "Outbox",
@@ -303,7 +303,7 @@ class OutboxRelay:
             released=self._counts[_Kind.RELEASE],
             stale_writes=self._stale,
             send_errors=self._send_errors,
-            pending_writes=_pending(self._writer),
+            pending_writes=self._writer.statistics().unsettled if self._writer else 0,
             undelivered_writes=self._undelivered,
             notifications=self._notifications,
             fallback_polls=self._polls,
@@ -322,7 +322,7 @@ class OutboxRelay:
             BatchWriter(
                 self._write_batch,
                 outcome_batches(self.config.max_write_batch),
-                retry_if=_retryable,
+                retry_if=is_retryable,
                 on_dead_letter=self._undeliverable,
                 name="outbox-outcomes",
             ) as writer,
@@ -609,14 +609,3 @@ async def open_outbox_relay(
         finally:
             relay._stopping.set()
 
-
-def _pending(writer: BatchWriter[Any] | None) -> int:
-    if writer is None:
-        return 0
-    stats = writer.statistics()
-    return stats.pending + stats.in_flight
-
-
-def _retryable(exc: Exception) -> bool:
-    """Storage trouble is retried; a closed storage or a bug is not."""
-    return isinstance(exc, StorageError) and not isinstance(exc, StorageClosed)

@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal, NamedTuple
+from typing import Literal, NamedTuple
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
@@ -37,12 +37,12 @@ from storage import (
     Failure,
     InvalidInput,
     NewTask,
-    StorageClosed,
     StorageError,
     Task,
 )
 from storage import TaskStatus as StoredStatus
 from storage.base import JSON
+from storage.errors import is_retryable
 
 __all__ = [
     "AgentQueue",
@@ -326,7 +326,7 @@ class Worker:
             cancelled=self._cancelled,
             lease_lost=self._lease_lost,
             stale_writes=self._stale,
-            pending_writes=_pending(self._writer),
+            pending_writes=self._writer.statistics().unsettled if self._writer else 0,
             undelivered_writes=self._undelivered,
             notifications=self._notifications,
             fallback_polls=self._polls,
@@ -365,7 +365,7 @@ class Worker:
             BatchWriter(
                 self._write_batch,
                 outcome_batches(self.config.max_write_batch),
-                retry_if=_retryable,
+                retry_if=is_retryable,
                 on_dead_letter=self._undeliverable,
                 name="queue-outcomes",
             ) as writer,
@@ -721,14 +721,3 @@ async def open_worker(
         finally:
             worker._stopping.set()
 
-
-def _pending(writer: BatchWriter[Any] | None) -> int:
-    if writer is None:
-        return 0
-    stats = writer.statistics()
-    return stats.pending + stats.in_flight
-
-
-def _retryable(exc: Exception) -> bool:
-    """Storage trouble is retried; a closed storage or a bug is not."""
-    return isinstance(exc, StorageError) and not isinstance(exc, StorageClosed)

@@ -57,3 +57,9 @@ class MigrationError(StorageError):
 
 class QueryError(StorageError):
     """The database refused a statement for another reason."""
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """Whether retrying a storage call may succeed: storage trouble yes; a closed handle or
+    an error that is not the storage's (a bug) no."""
+    return isinstance(exc, StorageError) and not isinstance(exc, StorageClosed)
