@@ -12,6 +12,7 @@ flag ``stream.batching``) every event is inserted by the caller, one statement e
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -31,9 +32,22 @@ from orchestrator.batching import (
     DeadLetter,
     OverflowPolicy,
 )
-from orchestrator.broadcast import BroadcastHub, encode_advances
+from orchestrator.broadcast import (
+    MAX_NOTIFY_BYTES,
+    BroadcastHub,
+    NoteSegment,
+    encode_advances,
+    encode_stream_notes,
+)
 from orchestrator.errors import StreamNotStarted, WriterClosed
-from storage import AsyncStorageBackend, InvalidInput, NewStreamEvent, StreamEvent, encode_payload
+from storage import (
+    AsyncStorageBackend,
+    EncodedJSON,
+    InvalidInput,
+    NewStreamEvent,
+    StreamEvent,
+    encode_payload,
+)
 
 __all__ = [
     "CRITICAL_KINDS",
@@ -66,6 +80,17 @@ class StreamConfig(BaseModel):
     batch: BatchConfig = _STREAM_BATCH
     critical_kinds: frozenset[str] = CRITICAL_KINDS
     notify: bool = Field(default=True, description="tell other instances what advanced")
+    notify_inline: bool = Field(
+        default=True,
+        description="carry the stored events in the notification when they fit, so other "
+        "instances publish them without a read (off: advances only, receivers fetch)",
+    )
+    notify_inline_max_bytes: int = Field(
+        default=4 * MAX_NOTIFY_BYTES,
+        ge=0,
+        description="events waiting for the notifier carried inline at most; beyond it "
+        "(the notifier lags) their sessions are announced as advances and fetched",
+    )
     channel: str = "asyncstore_stream"
 
 
@@ -91,6 +116,49 @@ class _Session:
         self.next_seq = next_seq
         self.last_persisted = next_seq - 1
         self.ended = False
+
+
+class _Note:
+    """What the notifier will announce for one session: stored seqs ``first..last``.
+
+    ``events`` are those events, to carry inline, until the pending inline bytes exceed
+    the budget: then ``None`` and the session is announced by its advance alone.
+    """
+
+    __slots__ = ("epoch", "events", "first", "last", "nbytes", "stamp")
+
+    def __init__(self, epoch: int, first: int, last: int, stamp: int, inline: bool) -> None:
+        self.epoch = epoch
+        self.first = first
+        self.last = last
+        self.stamp = stamp  # microseconds since the Unix epoch, taken before the insert
+        self.events: list[tuple[int, int, str, bytes]] | None = [] if inline else None
+        self.nbytes = 0
+
+    def segments(self, session_id: str) -> list[NoteSegment]:
+        events = self.events
+        if not events:
+            return [NoteSegment(session_id, self.epoch, self.first, self.last)]
+        out: list[NoteSegment] = []
+        start = 0
+        for i in range(1, len(events) + 1):
+            # One segment per run of contiguous seqs in one epoch (a lost batch leaves a
+            # hole; a new epoch may start mid-way).
+            if i < len(events) and events[i][:2] == (events[i - 1][0], events[i - 1][1] + 1):
+                continue
+            run = events[start:i]
+            out.append(
+                NoteSegment(
+                    session_id,
+                    run[0][0],
+                    run[0][1],
+                    run[-1][1],
+                    self.stamp,
+                    [(kind, data) for _, _, kind, data in run],
+                )
+            )
+            start = i
+        return out
 
 
 def _check_kind(kind: object) -> str:
@@ -135,7 +203,8 @@ class StreamEventWriter:
         self._notifications = 0
         self._notify_failures = 0
         self._refused = 0
-        self._advances: dict[str, tuple[int, int, int]] = {}
+        self._notes: dict[str, _Note] = {}
+        self._inline_bytes = 0
         self._notes_wake = anyio.Event()
         self._notes_closed = False
         self._tg: anyio.abc.TaskGroup | None = None
@@ -185,15 +254,16 @@ class StreamEventWriter:
 
     async def _notify_loop(self) -> None:
         while True:
-            if not self._advances:
+            if not self._notes:
                 if self._notes_closed:
                     return
                 await self._notes_wake.wait()
                 self._notes_wake = anyio.Event()
                 continue
-            advances, self._advances = self._advances, {}
-            payloads = encode_advances(
-                [(sid, epoch, first, last) for sid, (epoch, first, last) in advances.items()]
+            notes, self._notes = self._notes, {}
+            self._inline_bytes = 0
+            payloads = encode_stream_notes(
+                [seg for sid, note in notes.items() for seg in note.segments(sid)]
             )
             for payload in payloads:
                 for attempt in range(3):
@@ -351,6 +421,7 @@ class StreamEventWriter:
     # -- the sink --------------------------------------------------------------------------
 
     async def _persist(self, batch: Batch[NewStreamEvent]) -> None:
+        stamp = time.time_ns() // 1000  # ~ the database's now() for these rows
         stored = await self.storage.append_stream_events(batch.items)
         if stored < len(batch.items) and batch.attempt == 0:
             # Storage fences by epoch: events refused because a newer holder of the
@@ -362,20 +433,41 @@ class StreamEventWriter:
                 len(batch.items) - stored,
             )
         notify = self.config.notify
-        advances = self._advances
         for key, events in batch.groups.items():
             session_id = str(key)
             last = events[-1]
             self._settled(session_id, last.seq)
             if notify:
-                known = advances.get(session_id)
-                first = events[0].seq if known is None else min(known[1], events[0].seq)
-                advances[session_id] = (last.epoch, first, last.seq)
+                self._announce(session_id, events, stamp)
         self._persisted += len(batch.items)
         if notify:
             # At most one notification per flush, sent by the notifier (never per event:
             # Postgres serializes committing NOTIFY transactions on one lock).
             self._notes_wake.set()
+
+    def _announce(self, session_id: str, events: list[NewStreamEvent], stamp: int) -> None:
+        """Queue stored events of a session for the notifier (inline while they fit)."""
+        last = events[-1]
+        note = self._notes.get(session_id)
+        if note is None:
+            note = _Note(last.epoch, events[0].seq, last.seq, stamp, self.config.notify_inline)
+            self._notes[session_id] = note
+        else:
+            note.epoch, note.first, note.last = last.epoch, min(note.first, events[0].seq), last.seq
+        carried = note.events
+        if carried is None:
+            return
+        add = [(e.epoch, e.seq, e.kind, _encoded(e.payload)) for e in events]
+        size = sum(len(kind) + len(data) + 8 for _, _, kind, data in add)
+        if self._inline_bytes + size <= self.config.notify_inline_max_bytes:
+            carried.extend(add)
+            note.nbytes += size
+            self._inline_bytes += size
+        else:
+            # The notifier lags: announce this session's advance and let receivers fetch,
+            # rather than hold (and send) ever more notifications' worth of events.
+            self._inline_bytes -= note.nbytes
+            note.events = None
 
     def _lost_batch(self, letter: DeadLetter[NewStreamEvent]) -> None:
         self._lost += len(letter.items)
@@ -422,6 +514,12 @@ class StreamEventWriter:
 
 def _session_of(event: NewStreamEvent) -> str:
     return event.session_id
+
+
+def _encoded(payload: object) -> bytes:
+    if type(payload) is EncodedJSON:
+        return payload.data
+    return encode_payload(payload).data
 
 
 class SessionStream:
