@@ -255,9 +255,7 @@ def encode_stream_notes(
                 packer.add(orjson.dumps([seg.session_id, seg.epoch, first, seg.first + j - 1]))
                 packer.add(opening + b",".join(items[i:j]) + b"]}")
                 i = j
-            elif packer.entries:
-                packer.close()  # try again in an empty payload
-            else:
+            elif fixed + len(items[i]) + 1 > limit:
                 # Too big for any payload: announce the run of such events, receivers fetch.
                 k = i + 1
                 while k < n and fixed + len(items[k]) + 1 > limit:
@@ -266,6 +264,8 @@ def encode_stream_notes(
                     orjson.dumps([seg.session_id, seg.epoch, seg.first + i, seg.first + k - 1])
                 )
                 i = k
+            else:
+                packer.close()  # it fits an empty payload
     packer.close()
     return packer.payloads
 
