@@ -202,8 +202,10 @@ async def test_a_remote_resume_waiter_is_served_from_an_inline_notification(
                     got.extend(await take(sub, 2))
 
                 tg.start_soon(read)
+                # Its read found nothing once the statistics count it; it registers as a
+                # waiter in the same step, before any notification can be handled.
                 with anyio.fail_after(10):
-                    while hub_b.statistics().db_reads.get("resume", 0) < 1:
+                    while hub_b.statistics().db_reads.get("resume", 0) < 1:  # noqa: ASYNC110
                         await anyio.sleep(0.005)
                 await writer.flush()
             assert view(got) == [(4, 4, 3), (4, 5, 4)]
