@@ -157,7 +157,7 @@ async def test_old_advances_only_payloads_are_fetched(storage_url: str) -> None:
     ):
         # What a writer of the previous release does: store, then announce the advance.
         rows = [NewStreamEvent("s1", 3, s, "delta", encode_payload(s)) for s in range(1, 4)]
-        assert await store_a.append_stream_events(rows) == 3
+        assert (await store_a.append_stream_events(rows)).stored == 3
         (payload,) = encode_advances([("s1", 3, 1, 3)])
         await store_a.notify(CHANNEL, payload)
         got = await take(live, 3)
@@ -172,7 +172,7 @@ async def test_a_malformed_inline_body_falls_back_to_a_fetch(storage_url: str) -
         hub_b.subscribe("s1") as live,
     ):
         rows = [NewStreamEvent("s1", 1, s, "delta", encode_payload(s)) for s in range(1, 3)]
-        assert await store_a.append_stream_events(rows) == 2
+        assert (await store_a.append_stream_events(rows)).stored == 2
         # The body claims one event for an advance of two: it is not trusted.
         await store_a.notify(CHANNEL, '[["s1",1,1,2],{"t":0,"e":[["delta",99]]}]')
         assert view(await take(live, 2)) == [(1, 1, 1), (1, 2, 2)]
