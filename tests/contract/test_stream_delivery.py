@@ -211,3 +211,34 @@ async def test_a_remote_resume_waiter_is_served_from_an_inline_notification(
             assert view(got) == [(4, 4, 3), (4, 5, 4)]
         stats = hub_b.statistics()
         assert stats.inline_events == 5 and "fan_in" not in stats.db_reads
+
+
+async def test_refused_events_are_never_carried_to_other_instances(storage_url: str) -> None:
+    config = StreamConfig(batch=SLOW_TIMER)
+    async with (
+        two_handles(storage_url) as (store_a, store_b),
+        StreamEventWriter(store_a, None, config) as old_holder,
+        StreamEventWriter(store_a, None, config) as new_holder,
+        BroadcastHub(store_b) as hub_b,
+        hub_b.subscribe("s1") as live,
+    ):
+        a = await store_a.acquire_lease("s1", "holder-a", 30)
+        assert a is not None
+        await old_holder.begin("s1", epoch=a.token)
+        old_holder.emit_nowait("s1", "delta", "a1")
+        await old_holder.flush()
+        assert view(await take(live, 1)) == [(a.token, 1, "a1")]
+        assert await store_a.release_lease("s1", a.token)
+        b = await store_a.acquire_lease("s1", "holder-b", 30)
+        assert b is not None and b.token > a.token
+        # The superseded holder's next events are refused by the database: not announced.
+        old_holder.emit_nowait("s1", "delta", "a2")
+        old_holder.emit_nowait("s1", "delta", "a3")
+        await old_holder.flush()
+        assert old_holder.statistics().refused == 2
+        assert await new_holder.begin("s1", epoch=b.token) == 1
+        new_holder.emit_nowait("s1", "delta", "b2")
+        await new_holder.flush()
+        assert view(await take(live, 1)) == [(b.token, 2, "b2")]
+        stats = hub_b.statistics()
+        assert stats.db_reads_total == 0 and stats.inline_events == 2
