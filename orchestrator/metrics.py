@@ -314,7 +314,7 @@ def _emit(out: _Families, name: str, s: object, source: object) -> None:
         out.counters(
             "stream_events_dropped", "Events refused, by reason.", src, "reason", s.dropped
         )
-        out.counter("stream_notifications", "Advance notifications sent.", src, s.notifications)
+        out.counter("stream_notifications", "Stream notifications sent.", src, s.notifications)
         out.counter("stream_notify_failures", "Notifications that failed.", src, s.notify_failures)
         out.counter(
             "stream_insert_statements", "Legacy per-event INSERTs.", src, s.insert_statements
@@ -336,6 +336,12 @@ def _emit(out: _Families, name: str, s: object, source: object) -> None:
             "broadcast_lagged_disconnects", "Slow subscribers cut.", src, s.lagged_disconnects
         )
         out.counter("broadcast_fetch_errors", "Failed event fetches.", src, s.fetch_errors)
+        out.counter(
+            "broadcast_inline_events",
+            "Other instances' events taken from notifications without a read.",
+            src,
+            s.inline_events,
+        )
     elif isinstance(s, LimiterStatistics):
         out.gauge("lock_holders", "Session leases held.", src, s.holders)
         out.gauge("lock_waiters", "Tasks waiting for a session.", src, s.waiters)

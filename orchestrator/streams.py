@@ -267,11 +267,14 @@ class StreamEventWriter:
         return None
 
     async def _notifier(self) -> None:
-        """Send the advances of persisted batches, coalescing whatever piled up meanwhile.
+        """Announce persisted batches, coalescing whatever piled up meanwhile.
 
         Runs beside the flusher so a flush never waits for its notification's round trip;
-        under load several flushes share one notification. A failed send is retried a few
-        times, then counted: other instances catch up at the next notification.
+        under load several flushes share one notification. The events ride inline while
+        they fit (``encode_stream_notes``: one payload per 7800 bytes, as few as possible),
+        else their advance does. A failed send is retried a few times, then counted: other
+        instances catch up at the session's next notification, which then does not
+        continue their ring, so they fetch from where they are.
         """
         # Shielded so the last flushes are still announced when the owner is cancelled;
         # it returns as soon as the writer has closed and nothing is left to send.
