@@ -242,3 +242,46 @@ async def test_refused_events_are_never_carried_to_other_instances(storage_url: 
         assert view(await take(live, 1)) == [(b.token, 2, "b2")]
         stats = hub_b.statistics()
         assert stats.db_reads_total == 0 and stats.inline_events == 2
+
+
+async def test_events_beyond_the_inline_budget_are_announced_and_fetched(
+    storage_url: str,
+) -> None:
+    # A budget for about two events: the rest of what waits for the notifier (as when it
+    # lags) goes as the advance alone.
+    config = StreamConfig(batch=SLOW_TIMER, notify_inline_max_bytes=60)
+    async with (
+        two_handles(storage_url) as (store_a, store_b),
+        StreamEventWriter(store_a, None, config) as writer,
+        BroadcastHub(store_b) as hub_b,
+        hub_b.subscribe("s1") as s1,
+        hub_b.subscribe("s2") as s2,
+    ):
+        await writer.begin("s1", epoch=1)
+        await writer.begin("s2", epoch=1)
+        writer.emit_nowait("s1", "delta", "small")
+        for i in range(10):
+            writer.emit_nowait("s2", "delta", {"i": i, "text": "x" * 20})
+        await writer.flush()
+        assert view(await take(s1, 1)) == [(1, 1, "small")]
+        got = await take(s2, 10)
+        assert [e.payload["i"] for e in got if isinstance(e, StreamEvent)] == list(range(10))
+        stats = hub_b.statistics()
+        assert stats.inline_events == 1 and stats.db_reads.get("fan_in") == 1
+        assert writer.statistics().notifications == 1
+
+
+async def test_advances_only_flag_sends_the_previous_format(storage_url: str) -> None:
+    config = StreamConfig(batch=SLOW_TIMER, notify_inline=False)
+    async with (
+        open_storage(storage_url) as store,
+        store.listen(CHANNEL) as notes,
+        StreamEventWriter(store, None, config) as writer,
+    ):
+        await writer.begin("s1", epoch=2)
+        for i in range(3):
+            writer.emit_nowait("s1", "delta", i)
+        await writer.flush()
+        with anyio.fail_after(5):
+            note = await notes.receive()
+        assert note.payload == '[["s1",2,1,3]]'

@@ -8,6 +8,8 @@ from datetime import UTC, datetime
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from orchestrator.broadcast import (
     MAX_NOTIFY_BYTES,
@@ -163,3 +165,58 @@ def test_malformed_entries_are_skipped(payload: str, expected: list[StreamNote])
 def test_a_body_must_match_its_advance_to_be_encoded() -> None:
     with pytest.raises(ValueError, match="carries 1 events"):
         encode_stream_notes([NoteSegment("s1", 1, 1, 2, STAMP, [("k", b"1")])])
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.text(max_size=40),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    runs=st.lists(
+        st.tuples(
+            st.text(min_size=1, max_size=12),
+            st.integers(1, 2**40),
+            st.integers(1, 2**40),
+            st.lists(st.tuples(st.text(min_size=1, max_size=10), _json_values), max_size=30),
+        ),
+        max_size=6,
+    ),
+    limit=st.integers(200, MAX_NOTIFY_BYTES),
+)
+def test_every_event_is_carried_or_announced_once_within_the_byte_limit(
+    runs: list[tuple[str, int, int, list[tuple[str, object]]]], limit: int
+) -> None:
+    segs = [
+        NoteSegment(
+            sid,
+            epoch,
+            first,
+            first + len(events) - 1,
+            STAMP,
+            [(kind, orjson.dumps(value)) for kind, value in events],
+        )
+        for sid, epoch, first, events in runs
+        if events
+    ]
+    payloads = encode_stream_notes(segs, limit)
+    assert all(nbytes(p) <= limit for p in payloads)
+    notes = decode_all(payloads)
+    # Per segment, the announced ranges tile first..last in order; carried events are exact.
+    cursor = 0
+    for seg, (_, _, _, events) in zip(segs, [r for r in runs if r[3]], strict=True):
+        seq = seg.first
+        while seq <= seg.last:
+            note = notes[cursor]
+            cursor += 1
+            assert (note.session_id, note.epoch, note.first) == (seg.session_id, seg.epoch, seq)
+            if note.events is not None:
+                assert [(e.seq, e.kind, e.payload) for e in note.events] == [
+                    (s, *events[s - seg.first]) for s in range(note.first, note.last + 1)
+                ]
+            seq = note.last + 1
+        assert seq == seg.last + 1
+    assert cursor == len(notes)
