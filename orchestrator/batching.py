@@ -653,8 +653,10 @@ class BatchWriter(Generic[T]):
 
     def statistics(self) -> BatchWriterStatistics:
         now = time.monotonic()
-        oldest = self._in_flight[0].t if self._in_flight else (
-            self._pending[0].t if self._pending else None
+        oldest = (
+            self._in_flight[0].t
+            if self._in_flight
+            else (self._pending[0].t if self._pending else None)
         )
         failing = self._failures > 0
         return BatchWriterStatistics(

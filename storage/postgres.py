@@ -111,6 +111,11 @@ def map_postgres_error(exc: Exception) -> StorageError | None:
         return QueryError(message)
     if isinstance(exc, asyncpg.InterfaceError | OSError | TimeoutError):
         return StorageUnavailable(f"postgres unreachable: {exc}")
+    if isinstance(exc, asyncpg.InternalClientError):
+        # asyncpg's protocol state machine trips ("cannot switch to state 12; another
+        # operation (2) is in progress") when the server ends a session under a statement,
+        # as a restart does: connection trouble, worth retrying on a fresh connection.
+        return StorageUnavailable(f"postgres connection broken: {exc}")
     return None
 
 
