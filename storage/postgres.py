@@ -669,6 +669,10 @@ class PostgresBackend(AsyncStorageBackend):
             except BaseException:
                 conn.terminate()
                 raise
+            if self._closed:
+                # aclose() ran while we connected: it could not close this one, so we do.
+                conn.terminate()
+                raise StorageClosed("postgres storage is closed")
             self._listen_conn = conn
             self._last_ping = time.monotonic()
             self._listener_failures = 0
@@ -703,6 +707,9 @@ class PostgresBackend(AsyncStorageBackend):
         if conn is None or conn.is_closed():
             await self._reconnect()
             return
+        # A live connection: whatever reported a loss is stale (the subscription would
+        # otherwise keep calling this hook without waiting).
+        self._hub.listener_down = False
         if time.monotonic() - self._last_ping < _PING_EVERY_S:
             return
         self._last_ping = time.monotonic()

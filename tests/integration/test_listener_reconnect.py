@@ -112,3 +112,48 @@ async def test_a_subscriber_that_was_busy_when_the_listener_died_reconnects_at_o
             assert backend.statistics().listener_reconnects == 1
     finally:
         await admin.close()
+
+
+async def test_a_cancelled_reconnecting_subscriber_hands_over_to_the_next(
+    postgres_dsn: str, role_dsn: tuple[str, str]
+) -> None:
+    dsn, role = role_dsn
+    admin = await asyncpg.connect(postgres_dsn)
+    try:
+        async with (
+            open_storage(StorageSettings(url=SecretStr(dsn))) as backend,
+            backend.listen("a") as first,
+            backend.listen("b") as second,
+        ):
+            assert isinstance(backend, PostgresBackend)
+            pid = await listener_pid(admin, role)
+            await admin.execute(f'ALTER ROLE "{role}" NOLOGIN')
+            await admin.execute("SELECT pg_terminate_backend($1)", pid)
+            gaps: list[str] = []
+
+            async def wait_gap() -> None:
+                gaps.append((await second.receive()).channel)
+
+            async def failures_reach(n: int) -> None:
+                while backend.statistics().listener_reconnect_failures < n:  # noqa: ASYNC110
+                    await anyio.sleep(0.01)
+
+            with anyio.fail_after(20):
+                async with anyio.create_task_group() as tg:
+                    async with anyio.create_task_group() as driver:
+                        # `first` is the only waiting subscriber: it runs the reconnect loop.
+                        driver.start_soon(first.receive)
+                        await failures_reach(1)
+                        tg.start_soon(wait_gap)  # `second` waits for the loop to end
+                        await failures_reach(3)
+                        driver.cancel_scope.cancel()
+                    # Cancelled mid-loop, `first` hands over: attempts go on through `second`.
+                    await failures_reach(backend.statistics().listener_reconnect_failures + 2)
+                    await admin.execute(f'ALTER ROLE "{role}" LOGIN')
+            assert gaps == ["b"]
+            assert backend.statistics().listener_reconnects == 1
+            with anyio.fail_after(10):
+                marker = await first.receive()  # its gap waited for it
+            assert marker.gap
+    finally:
+        await admin.close()
