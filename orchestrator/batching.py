@@ -106,6 +106,12 @@ class BatchConfig(BaseModel):
         return self
 
 
+# Outcomes used to be retried 10 000 times (hours at the 2 s cap): effectively unbounded. A
+# time budget says the same thing explicitly and keeps "minutes", which outlasts a restart
+# or failover with room to spare; past it the leases expire and the work runs elsewhere.
+OUTCOME_RETRY_BUDGET_S = 300.0
+
+
 def outcome_batches(max_batch: int) -> BatchConfig:
     """Settings for small records that must reach storage (task outcomes, delivery results).
 
@@ -127,12 +133,6 @@ def outcome_batches(max_batch: int) -> BatchConfig:
         retry_max_s=2.0,
         drain_timeout_s=10.0,
     )
-
-
-# Outcomes used to be retried 10 000 times (hours at the 2 s cap): effectively unbounded. A
-# time budget says the same thing explicitly and keeps "minutes", which outlasts a restart
-# or failover with room to spare; past it the leases expire and the work runs elsewhere.
-OUTCOME_RETRY_BUDGET_S = 300.0
 
 
 @dataclass(frozen=True, slots=True)
