@@ -67,7 +67,8 @@ CANCEL_MODES: tuple[str, str] = ("notify", "poll")
 SESSIONS = 300
 HOLDS_S: tuple[float, ...] = (1.0, 0.2)  # a turn of LLM calls; a short turn
 UNCONTENDED_CYCLES = 1_000
-CANCEL_SAMPLES = {"notify": 100, "poll": 15}
+# 500 notify samples, so a p99 is the 5th worst (of 100 it would be the single worst).
+CANCEL_SAMPLES = {"notify": 500, "poll": 15}
 
 STATEMENTS_TARGET = 2.0  # two_level statements per uncontended acquire+release
 CONTENTION_RATIO_TARGET = 5.0  # db_poll statements / two_level statements, 300x2
@@ -100,8 +101,10 @@ def _spread(samples: Sequence[float]) -> float:
 
 
 def _quantile(samples: Sequence[float], q: float) -> float:
+    """Nearest rank: the smallest sample with at least ``q`` of the samples at or below it."""
     ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+    rank = max(1, math.ceil(q * len(ordered)))
+    return ordered[rank - 1] if ordered else float("nan")
 
 
 def _progress(message: str) -> None:
