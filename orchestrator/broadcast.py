@@ -112,7 +112,7 @@ class HubStatistics:
     delivered: int
     db_reads: Mapping[str, int]  # by cause: resume, catch_up, fan_in, head, poll
     resets: Mapping[str, int]
-    dropped: Mapping[str, int]  # publishes refused: stale_epoch, duplicate
+    dropped: Mapping[str, int]  # refused: stale_epoch, duplicate; fetch_untaken (fan-in)
     rings_evicted: int
     lagged_disconnects: int
     fetch_errors: int
@@ -368,6 +368,29 @@ class BroadcastHub:
             ring.events.popleft()
             ring.nbytes -= ring.sizes.popleft()
 
+    def retract(self, session_id: str, epoch: int, from_seq: int) -> None:
+        """The database refused ``epoch``'s events from ``from_seq`` on (a superseded holder).
+
+        They were published live before they were refused: drop them from the ring, and
+        reset the subscribers that saw any of them to the last event before, so live
+        subscribers and a database resume see the same stream.
+        """
+        ring = self._rings.get(session_id)
+        if ring is None or ring.epoch != epoch or ring.last_seq is None:
+            return
+        if ring.last_seq < from_seq:
+            return
+        while ring.events and ring.events[-1].seq >= from_seq:
+            ring.events.pop()
+            ring.nbytes -= ring.sizes.pop()
+        ring.last_seq = from_seq - 1
+        ring.persisted_seq = min(ring.persisted_seq, from_seq - 1)
+        for sub in ring.subscribers:
+            # A subscriber that saw none of them simply waits for the next holder's.
+            if sub._next is not None and sub._next > from_seq:
+                sub._pending_reset = ("epoch_changed", epoch, from_seq - 1)
+        ring.wake()
+
     def note_head(self, session_id: str, epoch: int, last_seq: int) -> None:
         """Tell the hub a session's stored head (the writer's ``begin`` read it anyway)."""
         ring = self._rings.get(session_id)
@@ -467,6 +490,8 @@ class BroadcastHub:
             found = self._rings.get(session_id)
             if found is None:
                 continue  # nobody here reads it
+            if epoch < found.epoch:
+                continue  # a superseded holder's: never stored after the newer epoch's
             newer = epoch > found.epoch
             if found.last_seq is not None and last <= found.last_seq and not newer:
                 continue  # already here: typically this instance's own write
@@ -503,8 +528,14 @@ class BroadcastHub:
                     ring.session_id, after_seq=after, limit=page
                 )
                 self._count(self._reads, "fan_in")
+                taken = 0
                 for row in rows:
-                    self._publish(ring, row, len(orjson.dumps(row.payload)), True)
+                    taken += self._publish(ring, row, len(orjson.dumps(row.payload)), True)
+                if rows and not taken:
+                    # Nothing here continues the ring (rows of a superseded epoch, or seqs
+                    # it holds): reading again would bring the same rows forever.
+                    self._count(self._dropped, "fetch_untaken")
+                    return
                 if not rows and not ring.refetch:
                     # Nothing more is stored yet. A notification that arrived during the
                     # read set ``refetch``: its rows may have committed after the read.
