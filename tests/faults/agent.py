@@ -30,7 +30,7 @@ from orchestrator.batching import BatchConfig
 from orchestrator.broadcast import BroadcastHub
 from orchestrator.locks import HeldLease, LimiterConfig, SessionLimiter, open_session_limiter
 from orchestrator.streams import StreamConfig, StreamEventWriter
-from storage import AsyncStorageBackend, open_storage
+from storage import AsyncStorageBackend, NewMessage, open_storage
 
 
 def out(message: Mapping[str, Any]) -> None:
@@ -82,12 +82,14 @@ class Agent:
                 "lost": w.lost,
                 "dropped": dict(w.dropped),
                 "refused": w.refused,
+                "notifications": w.notifications,
                 "notify_failures": w.notify_failures,
                 "unsettled": w.writer.unsettled if w.writer is not None else 0,
             },
             "hub": {"db_reads": dict(h.db_reads), "notifications": h.notifications},
             "listener_reconnects": s.listener_reconnects,
             "leases_lost": self.limiter.statistics().leases_lost,
+            "renewals": self.limiter.statistics().renewals,
             "lost": {sid: held.lost for sid, (held, _) in self.holds.items()},
         }
 
@@ -121,6 +123,15 @@ class Agent:
             except Exception as exc:
                 error = _error(exc)
             return {"seqs": seqs, "error": error}
+        if op == "append":
+            token = self.holds[session][0].token
+            try:
+                stored = await self.storage.append_messages(
+                    session, [NewMessage("assistant", cmd.get("text", ""))], lease_token=token
+                )
+            except Exception as exc:
+                return {"stored": 0, "error": _error(exc)}
+            return {"stored": len(stored), "error": None}
         if op == "flush":
             with anyio.fail_after(cmd.get("timeout", 120)):
                 await self.writer.flush()

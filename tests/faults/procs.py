@@ -9,6 +9,7 @@ kind of wait.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -71,10 +72,10 @@ class Agent:
         self._changed = anyio.Event()
 
     async def wait_for(
-        self, predicate: Callable[[Message], bool], timeout: float = 60.0, *, start: int = 0
+        self, predicate: Callable[[Message], bool], limit_s: float = 60.0, *, start: int = 0
     ) -> Message:
         """The first message from index ``start`` on that matches; waits for it."""
-        with anyio.fail_after(timeout):
+        with anyio.fail_after(limit_s):
             seen = start
             while True:
                 while seen < len(self.messages):
@@ -93,22 +94,22 @@ class Agent:
         await self.process.stdin.send(line.encode())
         return self._ids
 
-    async def answer(self, ident: int, timeout: float = 60.0) -> Message:
-        message = await self.wait_for(lambda m: m.get("id") == ident, timeout)
+    async def answer(self, ident: int, limit_s: float = 60.0) -> Message:
+        message = await self.wait_for(lambda m: m.get("id") == ident, limit_s)
         return message
 
-    async def call(self, op: str, timeout: float = 60.0, **args: Any) -> Message:
+    async def call(self, op: str, limit_s: float = 60.0, **args: Any) -> Message:
         """Send a command and wait for its answer; an ``error`` answer fails the test."""
-        message = await self.answer(await self.send(op, **args), timeout)
-        if op not in ("emit",) and message.get("error"):
+        message = await self.answer(await self.send(op, **args), limit_s)
+        if op not in ("emit", "append") and message.get("error"):
             raise AssertionError(f"agent {self.name}: {op} failed: {message['error']}")
         return message
 
-    async def close(self, timeout: float = 90.0) -> Message:
+    async def close(self, limit_s: float = 90.0) -> Message:
         """Ask the agent to drain and exit; returns its final statistics."""
         await self.send("close")
-        closed = await self.wait_for(lambda m: m.get("event") == "closed", timeout)
-        with anyio.fail_after(timeout):
+        closed = await self.wait_for(lambda m: m.get("event") == "closed", limit_s)
+        with anyio.fail_after(limit_s):
             await self.process.wait()
         return closed
 
@@ -138,7 +139,7 @@ async def spawn_agent(name: str, url: str, **options: Any) -> AsyncIterator[Agen
         async with anyio.create_task_group() as tg:
             tg.start_soon(agent._read)
             try:
-                await agent.wait_for(lambda m: m.get("event") == "ready", timeout=60)
+                await agent.wait_for(lambda m: m.get("event") == "ready", limit_s=60)
                 yield agent
             finally:
                 # Shielded: a process left running would outlive the test and its database.
@@ -176,22 +177,26 @@ class Collector:
             self._changed = anyio.Event()
 
     async def wait_until(
-        self, predicate: Callable[[Collector], bool], timeout: float = 60.0, what: str = ""
+        self, predicate: Callable[[Collector], bool], limit_s: float = 60.0, what: str = ""
     ) -> None:
         try:
-            with anyio.fail_after(timeout):
+            with anyio.fail_after(limit_s):
                 while not predicate(self):
                     await self._changed.wait()
         except TimeoutError:
             last = self.items[-1] if self.items else None
             raise AssertionError(
-                f"subscriber: {what or 'condition'} not met in {timeout} s "
+                f"subscriber: {what or 'condition'} not met in {limit_s} s "
                 f"({len(self.items)} items, last {last})"
             ) from None
 
     def last_seq(self) -> int:
         events = self.events
         return events[-1].seq if events else 0
+
+    def head(self) -> int:
+        """The seq the subscriber's view reaches: its last event's, or a later reset's."""
+        return max([self.last_seq()] + [r.seq for r in self.resets])
 
 
 @asynccontextmanager
@@ -225,7 +230,7 @@ def check_stored_stream(rows: list[StreamEvent]) -> None:
     seqs = [row.seq for row in rows]
     assert seqs == list(range(1, len(rows) + 1)), f"stored seqs have gaps: {_runs(seqs)}"
     epochs = [(row.seq, row.epoch) for row in rows]
-    for (seq_a, epoch_a), (seq_b, epoch_b) in zip(epochs, epochs[1:], strict=False):
+    for (seq_a, epoch_a), (seq_b, epoch_b) in itertools.pairwise(epochs):
         assert epoch_b >= epoch_a, (
             f"stored epoch goes back: seq {seq_a} has epoch {epoch_a}, seq {seq_b} has "
             f"epoch {epoch_b} (epochs by seq: {_epoch_runs(rows)})"

@@ -41,6 +41,8 @@ class Proxy:
         self.refuse_new = False
         self.connections = 0  # accepted and forwarded, in all
         self.cuts = 0
+        self.refused = 0  # connections closed on accept while refusing
+        self._refusal = anyio.Event()
         self._flowing = anyio.Event()
         self._flowing.set()
         self._links: set[_Link] = set()
@@ -74,8 +76,16 @@ class Proxy:
         self.cuts += len(links)
         return len(links)
 
+    async def wait_refused(self, count: int) -> None:
+        """Wait until ``count`` connection attempts in all were refused."""
+        while self.refused < count:
+            await self._refusal.wait()
+
     async def _serve(self, client: SocketStream) -> None:
         if self.refuse_new:
+            self.refused += 1
+            self._refusal.set()
+            self._refusal = anyio.Event()
             _reset_on_close(client)
             await client.aclose()
             return
@@ -134,11 +144,13 @@ async def open_proxy(upstream_port: int) -> AsyncIterator[Proxy]:
     proxy = Proxy(upstream_port)
     listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
     proxy.port = int(listener.extra(SocketAttribute.local_port))
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(listener.serve, proxy._serve)
-        try:
-            yield proxy
-        finally:
-            proxy.resume()
-            tg.cancel_scope.cancel()
-            await listener.aclose()
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(listener.serve, proxy._serve)
+            try:
+                yield proxy
+            finally:
+                proxy.resume()
+                tg.cancel_scope.cancel()
+    finally:
+        await listener.aclose()
