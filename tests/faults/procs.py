@@ -125,10 +125,12 @@ class Agent:
 
 
 @asynccontextmanager
-async def spawn_agent(name: str, url: str, **options: Any) -> AsyncIterator[Agent]:
+async def spawn_agent(
+    name: str, url: str, *, module: str = "tests.faults.agent", **options: Any
+) -> AsyncIterator[Agent]:
     """Start an agent process and wait for it to be ready; it is killed when the block ends."""
     process = await anyio.open_process(
-        [sys.executable, "-m", "tests.faults.agent", json.dumps({"url": url, **options})],
+        [sys.executable, "-m", module, json.dumps({"url": url, **options})],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=None,  # inherited: pytest shows it with the failure

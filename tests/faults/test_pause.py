@@ -9,19 +9,15 @@ a third process (this one) that hears of A's writes does not re-read the session
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import anyio
 
-from orchestrator.broadcast import BroadcastHub
-from storage import AsyncStorageBackend, StreamEvent, open_storage
+from orchestrator.broadcast import BroadcastHub, StreamReset
+from storage import StreamEvent, open_storage
 from tests.faults.conftest import FaultDB
 from tests.faults.procs import (
-    Agent,
-    Collector,
     check_stored_stream,
     check_view,
     collect,
@@ -39,11 +35,6 @@ LIMITER = {"backoff_initial_s": 0.1, "backoff_max_s": 0.5}
 
 @dataclass
 class Superseded:
-    storage: AsyncStorageBackend
-    hub: BroadcastHub
-    seen: Collector
-    a: Agent
-    b: Agent
     t1: int
     t2: int
     stale_emit: dict[str, Any]  # A's answer to emitting 10 events after it resumed
@@ -51,10 +42,15 @@ class Superseded:
     a_stats: dict[str, Any]
     rows_after_stale: list[StreamEvent]  # the stored stream right after A's stale writes
     fan_in_during_stale: int  # the hub's fan-in reads from A's resume to the window's end
+    db_reads: dict[str, int]  # the hub's reads by cause at the window's end
+    more_emit: dict[str, Any]  # B's answer to emitting 5 more events afterwards
+    b_stats: dict[str, Any]
+    final_rows: list[StreamEvent]
+    seen: list[StreamEvent | StreamReset]  # what the live subscriber in this process got
 
 
-@asynccontextmanager
-async def superseded_holder(fault_db: FaultDB) -> AsyncIterator[Superseded]:
+async def superseded_holder(fault_db: FaultDB) -> Superseded:
+    """Run the scenario of the module docstring; the checks are left to the tests."""
     opts = {"lease_ttl_s": TTL_S, "limiter": LIMITER}
     async with (
         open_storage(fault_db.url) as storage,
@@ -89,55 +85,88 @@ async def superseded_holder(fault_db: FaultDB) -> AsyncIterator[Superseded]:
         # A's flush notified this hub (if it notified at all) well inside this window; a
         # fan-in that loops reads thousands of times in it, a correct one a few times.
         await anyio.sleep(IDLE_WINDOW_S)
-        fan_in = hub.statistics().db_reads.get("fan_in", 0) - reads_before
-        yield Superseded(
-            storage, hub, seen, a, b, t1, t2, stale_emit, next_emit, a_stats,
-            rows_after_stale, fan_in,
+        reads = hub.statistics().db_reads
+        fan_in = reads.get("fan_in", 0) - reads_before
+
+        # B goes on: its next seq is its own, after 8.
+        more_emit = await b.call("emit", session=SESSION, n=5, tag="B")
+        b_stats = await b.call("flush")
+        await seen.wait_until(lambda c: c.last_seq() >= 13, what="B's events 9..13")
+        final_rows = await load_stream(storage, SESSION)
+        return Superseded(
+            t1, t2, stale_emit, next_emit, a_stats, rows_after_stale, fan_in, dict(reads),
+            more_emit, b_stats, final_rows, list(seen.items),
         )  # fmt: skip
 
 
 async def test_superseded_holder_stores_nothing_after_the_new_holders_events(
     fault_db: FaultDB,
 ) -> None:
-    async with superseded_holder(fault_db) as s:
-        # Nothing of the stale epoch is stored after B's events: seqs 1..3 are A's, 4..8 B's.
-        rows = s.rows_after_stale
-        check_stored_stream(rows)
-        assert [(r.seq, r.epoch) for r in rows] == [(i, s.t1) for i in (1, 2, 3)] + [
-            (i, s.t2) for i in range(4, 9)
-        ], rows
-        assert all(r.payload["tag"] == "B" for r in rows[3:])
-        # A was refused by the database and told so: counted, then LeaseLost on its next emit.
-        assert s.a_stats["writer"]["refused"] >= 1, s.a_stats
-        assert s.a_stats["writer"]["lost"] == 0, s.a_stats
-        stale_error = s.stale_emit["error"]
-        assert stale_error is None or stale_error.startswith("LeaseLost"), s.stale_emit
-        assert (s.next_emit["error"] or "").startswith("LeaseLost"), s.next_emit
+    s = await superseded_holder(fault_db)
+    # Nothing of the stale epoch is stored after B's events: seqs 1..3 are A's, 4..8 B's.
+    rows = s.rows_after_stale
+    check_stored_stream(rows)
+    assert [(r.seq, r.epoch) for r in rows] == [(i, s.t1) for i in (1, 2, 3)] + [
+        (i, s.t2) for i in range(4, 9)
+    ], rows
+    assert all(r.payload["tag"] == "B" for r in rows[3:])
+    # A was refused by the database and told so: counted, then LeaseLost on its next emit.
+    assert s.a_stats["writer"]["refused"] >= 1, s.a_stats
+    assert s.a_stats["writer"]["lost"] == 0, s.a_stats
+    stale_error = s.stale_emit["error"]
+    assert stale_error is None or stale_error.startswith("LeaseLost"), s.stale_emit
+    assert (s.next_emit["error"] or "").startswith("LeaseLost"), s.next_emit
 
-        # B goes on at seq 9 and the stream stays one stream, live and stored alike.
-        more = await s.b.call("emit", session=SESSION, n=5, tag="B")
-        assert more["seqs"] == [9, 10, 11, 12, 13], more
-        b_stats = await s.b.call("flush")
-        assert b_stats["writer"]["refused"] == 0 and b_stats["writer"]["lost"] == 0, b_stats
-        await s.seen.wait_until(lambda c: c.last_seq() >= 13, what="B's events 9..13")
-        final = await load_stream(s.storage, SESSION)
-        check_stored_stream(final)
-        assert [r.epoch for r in final] == [s.t1] * 3 + [s.t2] * 10
-        check_view(s.seen.items, final)
+    # B went on at seq 9 and the stream stayed one stream, live and stored alike.
+    assert s.more_emit["seqs"] == [9, 10, 11, 12, 13], s.more_emit
+    assert s.b_stats["writer"]["refused"] == 0 and s.b_stats["writer"]["lost"] == 0, s.b_stats
+    check_stored_stream(s.final_rows)
+    assert [r.epoch for r in s.final_rows] == [s.t1] * 3 + [s.t2] * 10
+    check_view(s.seen, s.final_rows)
 
 
 async def test_hub_in_another_process_does_not_reread_an_idle_session_after_stale_writes(
     fault_db: FaultDB,
 ) -> None:
-    async with superseded_holder(fault_db) as s:
-        assert s.fan_in_during_stale <= 5, (
-            f"{s.fan_in_during_stale} fan-in reads of an idle session within "
-            f"{IDLE_WINDOW_S} s of the stale writes (by cause: {dict(s.hub.statistics().db_reads)})"
-        )
-        # And the reads stay bounded afterwards, once B writes past the stale seqs.
-        await s.b.call("emit", session=SESSION, n=5, tag="B")
-        await s.b.call("flush")
-        await s.seen.wait_until(lambda c: c.last_seq() >= 13, what="B's events 9..13")
-        final = await load_stream(s.storage, SESSION)
-        check_stored_stream(final)
-        check_view(s.seen.items, final)
+    s = await superseded_holder(fault_db)
+    assert s.fan_in_during_stale <= 5, (
+        f"{s.fan_in_during_stale} fan-in reads of an idle session within {IDLE_WINDOW_S} s "
+        f"of the stale writes (reads by cause: {s.db_reads})"
+    )
+    # What the subscriber in that hub saw is still one consistent stream.
+    check_stored_stream(s.final_rows)
+    check_view(s.seen, s.final_rows)
+
+
+async def test_runtime_turn_that_lost_its_lease_emits_nothing_with_the_lost_epoch(
+    fault_db: FaultDB,
+) -> None:
+    session = "paused-turn"
+    turn_opts = {"module": "tests.faults.turn_agent", "session": session, "lease_ttl_s": TTL_S}
+    async with (
+        open_storage(fault_db.url) as storage,
+        spawn_agent("A", fault_db.url, **turn_opts) as a,
+        spawn_agent("B", fault_db.url, lease_ttl_s=TTL_S, limiter=LIMITER) as b,
+    ):
+        t1 = (await a.wait_for(lambda m: m.get("event") == "turn"))["token"]
+        a.pause()
+        t2 = (await b.call("hold", session=session, limit_s=30))["token"]
+        assert t2 > t1
+        assert (await b.call("begin", session=session))["last"] == 3
+        await b.call("emit", session=session, n=5, tag="B")
+        await b.call("flush")
+        a.resume()
+        # A's renewal finds the lease gone; the lost lease cancels the turn, which ends.
+        ended = await a.wait_for(lambda m: m.get("event") == "ended", limit_s=30)
+        more = await b.call("emit", session=session, n=2, tag="B")
+        await b.call("flush")
+        rows = await load_stream(storage, session)
+
+    assert ended["lease_lost"] is True, ended
+    # The turn ended without emitting anything under the epoch it no longer held: no
+    # `cancelled` event of epoch t1, neither published live nor sent to storage.
+    assert ended["emitted"] == 3 and ended["refused"] == 0, ended
+    assert ended["lost"] == 0, ended
+    assert more["seqs"] == [9, 10], more
+    check_stored_stream(rows)
+    assert [(r.epoch, r.payload["tag"]) for r in rows] == [(t1, "turn")] * 3 + [(t2, "B")] * 7
