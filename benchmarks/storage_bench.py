@@ -225,7 +225,7 @@ async def _library_append(
     stored = 0
     start = time.perf_counter()
     for events in batches:
-        stored += await storage.append_stream_events(events)
+        stored += (await storage.append_stream_events(events)).stored
     elapsed = time.perf_counter() - start
     if stored != rows:
         raise RuntimeError(f"library append stored {stored} of {rows} events (conflicts?)")

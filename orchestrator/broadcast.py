@@ -112,7 +112,7 @@ class HubStatistics:
     delivered: int
     db_reads: Mapping[str, int]  # by cause: resume, catch_up, fan_in, head, poll
     resets: Mapping[str, int]
-    dropped: Mapping[str, int]  # publishes refused: stale_epoch, duplicate
+    dropped: Mapping[str, int]  # refused: stale_epoch, duplicate; fetch_untaken (fan-in)
     rings_evicted: int
     lagged_disconnects: int
     fetch_errors: int
@@ -467,6 +467,8 @@ class BroadcastHub:
             found = self._rings.get(session_id)
             if found is None:
                 continue  # nobody here reads it
+            if epoch < found.epoch:
+                continue  # a superseded holder's: never stored after the newer epoch's
             newer = epoch > found.epoch
             if found.last_seq is not None and last <= found.last_seq and not newer:
                 continue  # already here: typically this instance's own write
@@ -503,8 +505,14 @@ class BroadcastHub:
                     ring.session_id, after_seq=after, limit=page
                 )
                 self._count(self._reads, "fan_in")
+                taken = 0
                 for row in rows:
-                    self._publish(ring, row, len(orjson.dumps(row.payload)), True)
+                    taken += self._publish(ring, row, len(orjson.dumps(row.payload)), True)
+                if rows and not taken:
+                    # Nothing here continues the ring (rows of a superseded epoch, or seqs
+                    # it holds): reading again would bring the same rows forever.
+                    self._count(self._dropped, "fetch_untaken")
+                    return
                 if not rows and not ring.refetch:
                     # Nothing more is stored yet. A notification that arrived during the
                     # read set ``refetch``: its rows may have committed after the read.

@@ -54,8 +54,8 @@ async def _walk(storage: AsyncStorageBackend, say: Callable[[str], None]) -> Non
             NewStreamEvent(session, lease.token, seq, "delta", {"text": text})
             for seq, text in enumerate(tokens, start=1)
         ]
-        stored = await storage.append_stream_events(events)
-        retried = await storage.append_stream_events(events)
+        stored = (await storage.append_stream_events(events)).stored
+        retried = (await storage.append_stream_events(events)).stored
         await storage.notify("demo_stream", f"{session}:{len(events)}")
         with anyio.fail_after(5):
             note = await notes.receive()

@@ -69,7 +69,7 @@ from orchestrator.webhooks import (
     Webhooks,
     open_webhooks,
 )
-from storage import AsyncStorageBackend, StorageError, StreamEvent, open_storage
+from storage import AsyncStorageBackend, LeaseLost, StorageError, StreamEvent, open_storage
 
 __all__ = [
     "Runtime",
@@ -233,6 +233,11 @@ class Turn:
             return None
         ctx = {"session_id": self.session_id, **(context or {})}
         return await hooks.fire(trigger, ctx, result=result)
+
+
+def _superseded(turn: Turn, writer: StreamEventWriter) -> bool:
+    """Whether the turn's epoch was superseded: its lease lost, or refused by the database."""
+    return turn.lease.lost or writer.fenced(turn.session_id)
 
 
 class Runtime:
@@ -401,7 +406,9 @@ class Runtime:
         token, begins the stream with epoch = the lease's fencing token and fires
         ``turn_start``. The body runs in ``turn.cancel_scope``: a cancel request (or a lost
         lease, or the runtime's shutdown after its grace) cancels it and the block exits
-        quietly after a critical ``cancelled`` event and clearing the request. At the end
+        quietly after a critical ``cancelled`` event and clearing the request; a turn whose
+        lease was lost (or whose epoch the database refused) emits nothing more, since a
+        superseded holder's events would be refused, and leaves the request alone. At the end
         ``turn_complete`` (or ``error`` if the body raised) is fired and the turn's events
         are flushed (bounded by ``runtime.turn_flush_timeout_s``) before the lease is
         released, shielded from cancellation. Raises ``RuntimeClosed`` once closing began.
@@ -424,7 +431,7 @@ class Runtime:
             async with (
                 limiter.hold(session_id) as held,
                 registry.open_token(session_id) as token,
-                writer.session(session_id, held.token) as stream,
+                writer.session(session_id, held.token, lease=held) as stream,
             ):
                 if self._cancelling_turns:
                     # The lease came after shutdown cancelled the running turns: stop at once.
@@ -436,6 +443,12 @@ class Runtime:
                     with token.scope() as scope:
                         turn.cancel_scope = scope
                         yield turn
+                except LeaseLost:
+                    if not _superseded(turn, writer):
+                        failed = True
+                        raise
+                    # The body emitted after the lease was lost, before the cancellation
+                    # the loss fired reached it: the turn ends quietly, as a cancel would.
                 except Exception:
                     failed = True
                     raise
@@ -459,13 +472,13 @@ class Runtime:
     ) -> None:
         with anyio.move_on_after(self.settings.runtime.turn_flush_timeout_s) as bounded:
             try:
-                if turn.token.cancelled:
+                if turn.token.cancelled and not _superseded(turn, writer):
+                    # A turn that lost its lease neither emits (its epoch belongs to a
+                    # superseded holder, the database would refuse it) nor consumes the
+                    # request: a cancel may be meant for the session's new holder.
                     reason = turn.token.reason or "cancelled"
                     await turn.emit("cancelled", {"reason": reason}, critical=True)
-                    if not turn.lease.lost:
-                        # Only the holder consumes the request: a turn that lost its lease
-                        # must not erase a cancel meant for the session's new holder.
-                        await registry.clear(turn.session_id)
+                    await registry.clear(turn.session_id)
                 await turn.fire("error" if failed else "turn_complete")
                 await writer.flush()
             except (StorageError, OrchestratorError) as exc:

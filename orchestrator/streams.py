@@ -12,12 +12,12 @@ flag ``stream.batching``) every event is inserted by the caller, one statement e
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import MappingProxyType, TracebackType
-from typing import Any, Self
+from typing import Any, Protocol, Self
 
 import anyio
 import anyio.abc
@@ -33,7 +33,15 @@ from orchestrator.batching import (
 )
 from orchestrator.broadcast import BroadcastHub, encode_advances
 from orchestrator.errors import StreamNotStarted, WriterClosed
-from storage import AsyncStorageBackend, InvalidInput, NewStreamEvent, StreamEvent, encode_payload
+from storage import (
+    AsyncStorageBackend,
+    InvalidInput,
+    LeaseLost,
+    NewStreamEvent,
+    StreamAppend,
+    StreamEvent,
+    encode_payload,
+)
 
 __all__ = [
     "CRITICAL_KINDS",
@@ -78,19 +86,35 @@ class StreamWriterStatistics:
     lost: int  # dead-lettered after retries or at shutdown: published live, never stored
     notifications: int
     notify_failures: int
-    refused: int  # stored events a newer epoch already held (a superseded writer's)
+    refused: int  # events the database fence refused: their epoch was superseded
+    fenced_sessions: int  # sessions whose current epoch the database refused (LeaseLost)
     insert_statements: int  # legacy path: one per event
     writer: BatchWriterStatistics | None
 
 
 class _Session:
-    __slots__ = ("ended", "epoch", "last_persisted", "next_seq")
+    __slots__ = ("ended", "epoch", "fenced", "last_persisted", "next_seq")
 
     def __init__(self, epoch: int, next_seq: int) -> None:
         self.epoch = epoch
         self.next_seq = next_seq
         self.last_persisted = next_seq - 1
         self.ended = False
+        self.fenced = False  # the database refused this epoch: a newer holder exists
+
+
+class LeaseView(Protocol):
+    """What a ``SessionStream`` needs of a lease: whether it was lost (``HeldLease``)."""
+
+    @property
+    def lost(self) -> bool: ...
+
+
+def _superseded(session_id: str, epoch: int) -> LeaseLost:
+    return LeaseLost(
+        f"session {session_id!r}: epoch {epoch} is no longer the session's lease "
+        "(a newer holder took over); its events are refused"
+    )
 
 
 def _check_kind(kind: object) -> str:
@@ -135,6 +159,7 @@ class StreamEventWriter:
         self._notifications = 0
         self._notify_failures = 0
         self._refused = 0
+        self._fenced = 0
         self._advances: dict[str, tuple[int, int, int]] = {}
         self._notes_wake = anyio.Event()
         self._notes_closed = False
@@ -215,7 +240,8 @@ class StreamEventWriter:
         """Start (or continue) writing a session under ``epoch``; returns the last seq before.
 
         Reads the highest persisted seq once when this writer has not seen the session.
-        ``epoch`` may not go back. If cancelled, nothing changed.
+        ``epoch`` may not go back; a newer epoch lifts a refusal of the older one. If
+        cancelled, nothing changed.
         """
         if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
             raise InvalidInput(f"epoch must be an int >= 0, got {epoch!r}")
@@ -233,6 +259,8 @@ class StreamEventWriter:
                 f"epoch {epoch} of session {session_id!r} is older than its current epoch "
                 f"{state.epoch}: a superseded holder may not write"
             )
+        if epoch > state.epoch:
+            state.fenced = False
         state.epoch = epoch
         state.ended = False
         return state.next_seq - 1
@@ -246,12 +274,23 @@ class StreamEventWriter:
         if state.last_persisted >= state.next_seq - 1 or self._writer is None:
             del self._sessions[session_id]
 
+    def fenced(self, session_id: str) -> bool:
+        """Whether the database refused the session's current epoch (a newer holder)."""
+        state = self._sessions.get(session_id)
+        return state is not None and state.fenced
+
     @asynccontextmanager
-    async def session(self, session_id: str, epoch: int) -> AsyncIterator[SessionStream]:
-        """``begin`` on entry, ``end`` on exit; yields a handle bound to the session."""
+    async def session(
+        self, session_id: str, epoch: int, *, lease: LeaseView | None = None
+    ) -> AsyncIterator[SessionStream]:
+        """``begin`` on entry, ``end`` on exit; yields a handle bound to the session.
+
+        With ``lease`` (the ``HeldLease`` whose token is ``epoch``), the handle refuses to
+        emit once the lease is lost (``LeaseLost``), before the database would refuse it.
+        """
         await self.begin(session_id, epoch)
         try:
-            yield SessionStream(self, session_id)
+            yield SessionStream(self, session_id, lease)
         finally:
             self.end(session_id)
 
@@ -265,7 +304,9 @@ class StreamEventWriter:
         ``critical`` defaults to ``kind in critical_kinds``. A full buffer drops an
         ephemeral event (counted, before it gets a seq, so nobody sees a gap) and raises
         ``anyio.WouldBlock`` for a critical one: ``emit`` is the waiting variant. Invalid
-        input raises ``InvalidInput`` and changes nothing. Legacy mode: use ``emit``.
+        input raises ``InvalidInput`` and changes nothing. ``LeaseLost`` once the database
+        refused the session's current epoch (a newer lease holder exists). Legacy mode: use
+        ``emit``.
         """
         writer = self._writer
         if writer is None:
@@ -273,6 +314,8 @@ class StreamEventWriter:
         state = self._sessions.get(session_id)
         if state is None or state.ended:
             raise StreamNotStarted(f"session {session_id!r} has no epoch here: begin() first")
+        if state.fenced:
+            raise _superseded(session_id, state.epoch)
         if kind not in self._kinds:
             self._kinds.add(_check_kind(kind))
         encoded = encode_payload(payload)
@@ -314,6 +357,8 @@ class StreamEventWriter:
         state = self._sessions.get(session_id)
         if state is None or state.ended:
             raise StreamNotStarted(f"session {session_id!r} has no epoch here: begin() first")
+        if state.fenced:
+            raise _superseded(session_id, state.epoch)
         _check_kind(kind)
         encoded = encode_payload(payload)
         seq = state.next_seq
@@ -323,13 +368,17 @@ class StreamEventWriter:
         if self.hub is not None:
             self.hub.publish(event, len(encoded.data))
         try:
-            await self.storage.append_stream_events(
+            result = await self.storage.append_stream_events(
                 [NewStreamEvent(session_id, state.epoch, seq, kind, encoded)]
             )
         except BaseException:
             self._lost += 1
             raise
         self._inserts += 1
+        if result.refused:
+            self._note_refused(result, [(session_id, state.epoch)])
+            state.last_persisted = seq
+            raise _superseded(session_id, state.epoch)
         self._persisted += 1
         state.last_persisted = seq
         if self.hub is not None:
@@ -351,22 +400,22 @@ class StreamEventWriter:
     # -- the sink --------------------------------------------------------------------------
 
     async def _persist(self, batch: Batch[NewStreamEvent]) -> None:
-        stored = await self.storage.append_stream_events(batch.items)
-        if stored < len(batch.items) and batch.attempt == 0:
-            # Storage fences by epoch: events refused because a newer holder of the
-            # session already wrote those seqs. (On a retry the shortfall is our own
-            # earlier attempt, which may have committed before its answer was lost.)
-            self._refused += len(batch.items) - stored
-            log.warning(
-                "%d stream events refused: a newer epoch holds their seqs",
-                len(batch.items) - stored,
-            )
+        result = await self.storage.append_stream_events(batch.items)
+        refused = result.refused
+        if refused:
+            self._note_refused(result, ((e.session_id, e.epoch) for e in batch.items))
         notify = self.config.notify
         advances = self._advances
         for key, events in batch.groups.items():
             session_id = str(key)
             last = events[-1]
             self._settled(session_id, last.seq)
+            if refused:
+                # Refused events are not stored: nobody is told about them.
+                events = [e for e in events if (session_id, e.epoch) not in refused]
+                if not events:
+                    continue
+                last = events[-1]
             if notify:
                 known = advances.get(session_id)
                 first = events[0].seq if known is None else min(known[1], events[0].seq)
@@ -376,6 +425,25 @@ class StreamEventWriter:
             # At most one notification per flush, sent by the notifier (never per event:
             # Postgres serializes committing NOTIFY transactions on one lock).
             self._notes_wake.set()
+
+    def _note_refused(
+        self, result: StreamAppend, written: Iterable[tuple[str, int]]
+    ) -> None:
+        """Count what the fence refused and stop the sessions whose current epoch it was."""
+        refused = 0
+        for pair in written:
+            refused += pair in result.refused
+        self._refused += refused
+        for session_id, epoch in result.refused:
+            state = self._sessions.get(session_id)
+            if state is not None and state.epoch == epoch and not state.fenced:
+                state.fenced = True
+                self._fenced += 1
+        log.warning(
+            "%d stream events refused: sessions %s were taken over by a newer lease holder",
+            refused,
+            sorted(sid for sid, _ in result.refused),
+        )
 
     def _lost_batch(self, letter: DeadLetter[NewStreamEvent]) -> None:
         self._lost += len(letter.items)
@@ -415,6 +483,7 @@ class StreamEventWriter:
             notifications=self._notifications,
             notify_failures=self._notify_failures,
             refused=self._refused,
+            fenced_sessions=self._fenced,
             insert_statements=self._inserts,
             writer=writer,
         )
@@ -425,20 +494,36 @@ def _session_of(event: NewStreamEvent) -> str:
 
 
 class SessionStream:
-    """A handle on one session of a ``StreamEventWriter`` (from ``writer.session()``)."""
+    """A handle on one session of a ``StreamEventWriter`` (from ``writer.session()``).
 
-    __slots__ = ("session_id", "writer")
+    Emits raise ``LeaseLost`` once the session's lease (if one was given) is lost or the
+    database refused the epoch: a superseded holder never emits with an epoch it lost.
+    """
 
-    def __init__(self, writer: StreamEventWriter, session_id: str) -> None:
+    __slots__ = ("lease", "session_id", "writer")
+
+    def __init__(
+        self, writer: StreamEventWriter, session_id: str, lease: LeaseView | None = None
+    ) -> None:
         self.writer = writer
         self.session_id = session_id
+        self.lease = lease
+
+    def _check_lease(self) -> None:
+        if self.lease is not None and self.lease.lost:
+            raise LeaseLost(
+                f"session {self.session_id!r}: the lease was lost; a superseded holder "
+                "may not emit"
+            )
 
     async def emit(
         self, kind: str, payload: Any, *, critical: bool | None = None
     ) -> StreamEvent | None:
+        self._check_lease()
         return await self.writer.emit(self.session_id, kind, payload, critical=critical)
 
     def emit_nowait(
         self, kind: str, payload: Any, *, critical: bool | None = None
     ) -> StreamEvent | None:
+        self._check_lease()
         return self.writer.emit_nowait(self.session_id, kind, payload, critical=critical)

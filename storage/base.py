@@ -129,6 +129,21 @@ class NewStreamEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class StreamAppend:
+    """What ``append_stream_events`` did.
+
+    ``stored``: events written or replaced (a retried batch's events already stored with
+    the same epoch are skipped, not counted). ``refused``: the ``(session_id, epoch)`` pairs
+    the fence turned away, every event of which was not written: that epoch is not the
+    session's current lease token (or, for a session without a lease row, it is older than
+    the epoch of the session's last stored event). A writer must stop writing that epoch.
+    """
+
+    stored: int
+    refused: frozenset[tuple[str, int]] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
 class StreamEvent:
     session_id: str
     epoch: int
@@ -493,14 +508,20 @@ class AsyncStorageBackend(abc.ABC):
     # -- stream events ---------------------------------------------------------
 
     @abc.abstractmethod
-    async def append_stream_events(self, events: Sequence[NewStreamEvent]) -> int:
+    async def append_stream_events(self, events: Sequence[NewStreamEvent]) -> StreamAppend:
         """Persist a batch of events for any number of sessions in one round trip.
 
-        Idempotent on ``(session_id, seq)``: an event already stored is skipped, so a
-        retried batch is safe; fenced by epoch: a stored event is replaced only by one of a
-        newer epoch (a new lease holder), so a superseded holder's late batch can never
-        overwrite the current holder's events. Returns the number of events stored or
-        replaced; the caller can count the shortfall as refused.
+        Fenced by the session lease, in the same statement: the events of a
+        ``(session_id, epoch)`` are written only if ``epoch`` is the session's current lease
+        token (the lease row's token, expired or not: a release does not supersede its
+        holder, only a new acquisition does); a session without a lease row accepts an
+        epoch no older than that of its last stored event. Refused pairs are reported in
+        ``StreamAppend.refused`` and nothing of theirs is written, so a superseded holder
+        can never store events after the new holder's. On Postgres the lease row is read
+        ``FOR SHARE``: an acquisition committing concurrently either waits for this append
+        or is seen by it. Idempotent on ``(session_id, seq)``: an event already stored with
+        the same epoch is skipped, so a retried batch is safe; an accepted event replaces a
+        stored one only if that one has an older epoch (a superseded holder's seqs).
         """
 
     @abc.abstractmethod

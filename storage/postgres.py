@@ -40,6 +40,7 @@ from storage.base import (
     OutboxStatus,
     StorageSettings,
     StorageStatistics,
+    StreamAppend,
     StreamEvent,
     Task,
     TaskStatus,
@@ -289,12 +290,15 @@ class PostgresBackend(AsyncStorageBackend):
     # -- stream events ---------------------------------------------------------
 
     @operation
-    async def append_stream_events(self, events: Sequence[NewStreamEvent]) -> int:
+    async def append_stream_events(self, events: Sequence[NewStreamEvent]) -> StreamAppend:
         rows = v.prepare_stream_events(events)
         if not rows:
-            return 0
+            return StreamAppend(0)
         columns = [list(col) for col in zip(*rows, strict=True)]
-        return _rowcount(await self._execute("append_stream_events", *columns))
+        row = (await self._fetch("append_stream_events", *columns))[0]
+        ids, epochs = row["refused_ids"], row["refused_epochs"]
+        refused = frozenset(zip(ids, epochs, strict=True)) if ids else frozenset()
+        return StreamAppend(int(row["stored"]), refused)
 
     @operation
     async def load_stream_events(

@@ -43,6 +43,7 @@ from storage.base import (
     OutboxStatus,
     StorageSettings,
     StorageStatistics,
+    StreamAppend,
     StreamEvent,
     Task,
     TaskStatus,
@@ -357,16 +358,30 @@ class SqliteBackend(AsyncStorageBackend):
     # -- stream events ---------------------------------------------------------
 
     @operation
-    async def append_stream_events(self, events: Sequence[NewStreamEvent]) -> int:
+    async def append_stream_events(self, events: Sequence[NewStreamEvent]) -> StreamAppend:
         rows = v.prepare_stream_events(events)
         if not rows:
-            return 0
+            return StreamAppend(0)
         now = time.time()
-        values = [
-            (sid, seq, epoch, kind, data.decode(), now) for sid, seq, epoch, kind, data in rows
-        ]
+        pairs = {(sid, epoch) for sid, _, epoch, _, _ in rows}
+        ids = orjson.dumps(sorted({sid for sid, _ in pairs})).decode()
         async with self._transaction() as tx:
-            return await tx.execute_many("append_stream_events", values)
+            # The fence is decided for every (session, epoch) against the state before this
+            # batch, in its write transaction, as the Postgres statement does.
+            fence = {
+                r["session_id"]: (r["token"], r["head_epoch"])
+                for r in await tx.fetch("_stream_fence", {"ids": ids})
+            }
+            refused = frozenset(
+                (sid, epoch) for sid, epoch in pairs if not _fence_accepts(fence[sid], epoch)
+            )
+            values = [
+                (sid, seq, epoch, kind, data.decode(), now)
+                for sid, seq, epoch, kind, data in rows
+                if (sid, epoch) not in refused
+            ]
+            stored = await tx.execute_many("append_stream_events", values) if values else 0
+        return StreamAppend(stored, refused)
 
     @operation
     async def load_stream_events(
@@ -829,6 +844,14 @@ class _SqliteLeadership(Leadership):
 
 def _json(value: Any) -> str:
     return orjson.dumps(value).decode()
+
+
+def _fence_accepts(fence: tuple[int | None, int | None], epoch: int) -> bool:
+    """The stream fence: the lease token if the session has a lease row, else the head."""
+    token, head_epoch = fence
+    if token is not None:
+        return epoch == token
+    return head_epoch is None or epoch >= head_epoch
 
 
 class _Tx:

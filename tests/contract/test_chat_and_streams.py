@@ -12,6 +12,7 @@ from storage import (
     NewMessage,
     NewOutboxMessage,
     NewStreamEvent,
+    StreamAppend,
 )
 
 WEIRD_ID = "sess'; DROP TABLE chat_messages; --\u00e9\u4e2d\U0001f600%_\\"
@@ -147,20 +148,19 @@ async def test_negative_or_zero_seq_and_bad_limits_are_rejected(
 
 async def test_stream_batch_for_many_sessions_is_idempotent(storage: AsyncStorageBackend) -> None:
     batch = [NewStreamEvent(f"s{i % 3}", 7, i // 3 + 1, "delta", {"i": i}) for i in range(30)]
-    assert await storage.append_stream_events(batch) == 30
+    assert await storage.append_stream_events(batch) == StreamAppend(30)
     # A retried batch (same seqs, even with other content) stores nothing new.
     retry = [NewStreamEvent(e.session_id, e.epoch, e.seq, e.kind, "changed") for e in batch]
-    assert await storage.append_stream_events(retry) == 0
-    assert (
-        await storage.append_stream_events([*retry[:2], NewStreamEvent("s0", 8, 11, "d", 1)]) == 1
-    )
+    assert await storage.append_stream_events(retry) == StreamAppend(0)
+    appended = await storage.append_stream_events([*retry[:2], NewStreamEvent("s0", 8, 11, "d", 1)])
+    assert appended.stored == 1 and not appended.refused
     events = await storage.load_stream_events("s0")
     assert [e.seq for e in events] == list(range(1, 12))
     assert events[0].payload == {"i": 0} and events[0].epoch == 7
     assert events[-1].epoch == 8
     assert await storage.last_stream_seq("s0") == 11
     assert await storage.last_stream_seq("none") == 0
-    assert await storage.append_stream_events([]) == 0
+    assert await storage.append_stream_events([]) == StreamAppend(0)
 
 
 async def test_stream_load_pages_in_order(storage: AsyncStorageBackend) -> None:

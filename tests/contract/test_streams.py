@@ -21,7 +21,7 @@ from orchestrator.broadcast import (
 )
 from orchestrator.errors import StreamNotStarted, SubscriberLagged
 from orchestrator.streams import StreamConfig, StreamEventWriter
-from storage import AsyncStorageBackend, InvalidInput, StreamEvent, open_storage
+from storage import AsyncStorageBackend, InvalidInput, LeaseLost, StreamEvent, open_storage
 
 SLOW_TIMER = BatchConfig(max_batch=10_000, flush_interval_s=60, capacity=20_000)
 
@@ -401,9 +401,9 @@ async def test_a_superseded_writer_never_overwrites_the_new_holders_events(
         old.emit_nowait("s", "delta", "late zombie from A")  # same seq 1, older epoch
         await old.flush()
         assert old.statistics().refused == 1
-        # And when the zombie's write lands first, the new holder's replaces it.
-        old.emit_nowait("s", "delta", "zombie from A")  # seq 2, stored first
-        await old.flush()
+        # The refused writer stops: it may not emit under its lost epoch any more.
+        with pytest.raises(LeaseLost):
+            old.emit_nowait("s", "delta", "zombie from A")
         new.emit_nowait("s", "turn_completed", "B's real event")  # seq 2, epoch 2
         await new.flush()
         stored = await storage.load_stream_events("s")

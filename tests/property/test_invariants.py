@@ -159,8 +159,9 @@ async def test_stream_events_are_idempotent_and_fenced_by_epoch(
     storage: AsyncStorageBackend,
     plan: tuple[dict[int, int], list[list[tuple[int, int]]]],
 ) -> None:
-    """Re-sending an event of the same (or an older) epoch changes nothing; an event of a
-    newer epoch (a new lease holder re-using the seq) replaces the stored one."""
+    """Without lease rows, a session accepts an epoch no older than that of its last stored
+    event, and refuses the whole (session, epoch) otherwise; re-sending an event of the same
+    epoch changes nothing; an accepted newer epoch replaces the seqs it re-uses."""
     totals, batches = plan
     sessions = {sidx: _fresh("stream") for sidx in totals}
     current: dict[tuple[int, int], NewStreamEvent] = {}
@@ -170,22 +171,32 @@ async def test_stream_events_are_idempotent_and_fenced_by_epoch(
             NewStreamEvent(sessions[sidx], epoch, seq, f"k{b}", {"batch": b, "pos": pos})
             for pos, (sidx, seq) in enumerate(batch)
         ]
+        heads = {
+            sidx: current[max(k for k in current if k[0] == sidx)].epoch
+            for sidx in {k[0] for k in current}
+        }
+        refused = {sidx for sidx, _ in batch if heads.get(sidx, 0) > epoch}
         expected = 0
         in_batch: set[tuple[int, int]] = set()
         for key, event in zip(batch, events, strict=True):
             if key in in_batch:
                 continue  # a duplicate within one batch: the first one counts
             in_batch.add(key)
+            if key[0] in refused:
+                continue
             old = current.get(key)
             if old is None or old.epoch < event.epoch:
                 current[key] = event
                 expected += 1
-        count = await storage.append_stream_events(events)
-        assert count == expected, f"batch {b}: {count} stored or replaced, expected {expected}"
+        result = await storage.append_stream_events(events)
+        assert result.stored == expected, f"batch {b}: {result.stored} stored, want {expected}"
+        assert result.refused == {(sessions[sidx], epoch) for sidx in refused}
 
-    for sidx, n in totals.items():
+    for sidx in totals:
         loaded = await storage.load_stream_events(sessions[sidx])
-        assert [e.seq for e in loaded] == list(range(1, n + 1))
+        stored_seqs = sorted(k[1] for k in current if k[0] == sidx)
+        n = stored_seqs[-1] if stored_seqs else 0
+        assert [e.seq for e in loaded] == stored_seqs
         for e in loaded:
             want = current[(sidx, e.seq)]
             assert (e.session_id, e.epoch, e.kind, e.payload) == (

@@ -37,14 +37,46 @@ SELECT (SELECT count(*) FROM m) + (SELECT count(*) FROM s) + (SELECT count(*) FR
      + (SELECT count(*) FROM c) + (SELECT count(*) FROM l);
 
 -- name: append_stream_events
--- Fenced by epoch: a stored event is replaced only by one of a newer epoch (a new lease
--- holder re-using seqs a superseded holder wrote), never by an older one or the same.
-INSERT INTO stream_events (session_id, seq, epoch, kind, payload)
-SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[], $5::jsonb[])
-ON CONFLICT (session_id, seq) DO UPDATE SET
-    epoch = EXCLUDED.epoch, kind = EXCLUDED.kind, payload = EXCLUDED.payload,
-    created_at = now()
-WHERE stream_events.epoch < EXCLUDED.epoch;
+-- $1..$5 the events' columns. Fenced per (session, epoch), in this statement: an epoch is
+-- accepted only if it is the session's lease token (the lease row is read FOR SHARE, so an
+-- acquisition committing concurrently either waits for this append or is seen by it, and
+-- its new holder reads a head that includes what was accepted here); without a lease row,
+-- only if it is no older than the epoch of the session's last stored event (read through
+-- the primary key, newest seq first). Accepted events replace a stored event only of an
+-- older epoch (a superseded holder's seqs); the same epoch is a retry and is skipped.
+-- Returns the count written and the refused (session, epoch) pairs.
+WITH e AS (
+    SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[], $5::jsonb[])
+        AS e(session_id, seq, epoch, kind, payload)
+), f AS (
+    SELECT DISTINCT session_id, epoch FROM e
+), held AS (
+    SELECT l.session_id, l.token FROM session_leases l
+    WHERE l.session_id IN (SELECT session_id FROM f)
+    ORDER BY l.session_id
+    FOR SHARE
+), ok AS (
+    SELECT f.session_id, f.epoch FROM f LEFT JOIN held h ON h.session_id = f.session_id
+    WHERE CASE WHEN h.session_id IS NOT NULL THEN f.epoch = h.token
+               ELSE f.epoch >= coalesce((
+                   SELECT s.epoch FROM stream_events s WHERE s.session_id = f.session_id
+                   ORDER BY s.seq DESC LIMIT 1), 0)
+          END
+), ins AS (
+    INSERT INTO stream_events (session_id, seq, epoch, kind, payload)
+    SELECT e.session_id, e.seq, e.epoch, e.kind, e.payload FROM e JOIN ok USING (session_id, epoch)
+    ON CONFLICT (session_id, seq) DO UPDATE SET
+        epoch = EXCLUDED.epoch, kind = EXCLUDED.kind, payload = EXCLUDED.payload,
+        created_at = now()
+    WHERE stream_events.epoch < EXCLUDED.epoch
+    RETURNING 1
+), refused AS (
+    SELECT f.session_id, f.epoch FROM f
+    WHERE NOT EXISTS (SELECT 1 FROM ok WHERE ok.session_id = f.session_id AND ok.epoch = f.epoch)
+)
+SELECT (SELECT count(*) FROM ins) AS stored,
+       (SELECT array_agg(session_id ORDER BY session_id, epoch) FROM refused) AS refused_ids,
+       (SELECT array_agg(epoch ORDER BY session_id, epoch) FROM refused) AS refused_epochs;
 
 -- name: load_stream_events
 SELECT session_id, epoch, seq, kind, payload, created_at FROM stream_events

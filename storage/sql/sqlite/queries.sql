@@ -42,13 +42,23 @@ DELETE FROM cancel_requests WHERE session_id = :session_id;
 DELETE FROM session_leases WHERE session_id = :session_id;
 
 -- name: append_stream_events
--- Fenced by epoch: a stored event is replaced only by one of a newer epoch.
+-- Only events whose (session, epoch) passed the fence (_stream_fence, same transaction) are
+-- given. A stored event is replaced only by one of a newer epoch; the same epoch is a retry.
 INSERT INTO stream_events (session_id, seq, epoch, kind, payload, created_at)
 VALUES (?, ?, ?, ?, ?, ?)
 ON CONFLICT (session_id, seq) DO UPDATE SET
     epoch = excluded.epoch, kind = excluded.kind, payload = excluded.payload,
     created_at = excluded.created_at
 WHERE stream_events.epoch < excluded.epoch;
+
+-- name: _stream_fence
+-- :ids a JSON array of session ids: each one's lease token (NULL: no lease row) and the
+-- epoch of its last stored event (NULL: none), read through the primary keys.
+SELECT j.value AS session_id,
+       (SELECT l.token FROM session_leases l WHERE l.session_id = j.value) AS token,
+       (SELECT s.epoch FROM stream_events s WHERE s.session_id = j.value
+        ORDER BY s.seq DESC LIMIT 1) AS head_epoch
+FROM json_each(:ids) AS j;
 
 -- name: load_stream_events
 SELECT session_id, epoch, seq, kind, payload, created_at FROM stream_events
