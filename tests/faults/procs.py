@@ -4,7 +4,7 @@
 the end (a SIGSTOPped one included). ``Agent.call`` sends a command and waits for its answer;
 ``Agent.wait_for`` waits for a line that matches, so tests wait on what the process said,
 never on a sleep. ``Collector`` drains a hub subscription in the background with the same
-kind of wait.
+kind of wait, and ``listening`` records a channel's notifications and gap markers.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -25,7 +26,7 @@ import anyio.abc
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from orchestrator.broadcast import StreamReset, Subscription
-from storage import AsyncStorageBackend, StreamEvent
+from storage import AsyncStorageBackend, Notification, StreamEvent
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -211,6 +212,41 @@ async def collect(subscription: Subscription) -> AsyncIterator[Collector]:
         finally:
             await subscription.aclose()
             tg.cancel_scope.cancel()
+
+
+class Notes:
+    """Every notification one ``listen()`` subscription received, gap markers included."""
+
+    def __init__(self) -> None:
+        self.items: list[Notification] = []
+        self.changed = anyio.Event()
+        self.first_gap_at: float | None = None  # time.monotonic() of the first gap marker
+
+    async def run(self, storage: AsyncStorageBackend, channel: str) -> None:
+        async with storage.listen(channel) as stream:
+            async for note in stream:
+                self.items.append(note)
+                if note.gap and self.first_gap_at is None:
+                    self.first_gap_at = time.monotonic()
+                self.changed.set()
+                self.changed = anyio.Event()
+
+    def gaps(self) -> int:
+        return sum(1 for note in self.items if note.gap)
+
+    async def wait_gap(self, limit_s: float = 60.0) -> None:
+        with anyio.fail_after(limit_s):
+            while not self.gaps():
+                await self.changed.wait()
+
+
+@asynccontextmanager
+async def listening(storage: AsyncStorageBackend, channel: str) -> AsyncIterator[Notes]:
+    notes = Notes()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(notes.run, storage, channel)
+        yield notes
+        tg.cancel_scope.cancel()
 
 
 # -- checks on the stored stream and on what subscribers saw -----------------------------

@@ -13,9 +13,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio
+import asyncpg
 
 from orchestrator.broadcast import BroadcastHub, StreamReset
 from storage import StreamEvent, open_storage
+from storage.postgres import PostgresBackend
 from tests.faults.conftest import FaultDB
 from tests.faults.procs import (
     check_stored_stream,
@@ -103,6 +105,7 @@ async def test_superseded_holder_stores_nothing_after_the_new_holders_events(
     fault_db: FaultDB,
 ) -> None:
     s = await superseded_holder(fault_db)
+    print(f"stale writes: A's answers {s.stale_emit}, {s.next_emit}; A {s.a_stats['writer']}")
     # Nothing of the stale epoch is stored after B's events: seqs 1..3 are A's, 4..8 B's.
     rows = s.rows_after_stale
     check_stored_stream(rows)
@@ -129,6 +132,7 @@ async def test_hub_in_another_process_does_not_reread_an_idle_session_after_stal
     fault_db: FaultDB,
 ) -> None:
     s = await superseded_holder(fault_db)
+    print(f"stale writes: {s.fan_in_during_stale} fan-in reads in the window; {s.db_reads}")
     assert s.fan_in_during_stale <= 5, (
         f"{s.fan_in_during_stale} fan-in reads of an idle session within {IDLE_WINDOW_S} s "
         f"of the stale writes (reads by cause: {s.db_reads})"
@@ -170,3 +174,60 @@ async def test_runtime_turn_that_lost_its_lease_emits_nothing_with_the_lost_epoc
     assert more["seqs"] == [9, 10], more
     check_stored_stream(rows)
     assert [(r.epoch, r.payload["tag"]) for r in rows] == [(t1, "turn")] * 3 + [(t2, "B")] * 7
+
+
+async def test_hub_fan_in_ends_on_stale_rows_it_cannot_take(fault_db: FaultDB) -> None:
+    """Defence in depth: rows of a superseded epoch that are stored anyway (written by a
+    version without the fence, during a rolling upgrade) must not make a hub read forever
+    when a listener reconnect makes it re-read every watched session."""
+    session = "stale-rows"
+    async with (
+        open_storage(fault_db.url) as storage,
+        BroadcastHub(storage) as hub,
+        collect(hub.subscribe(session, after=(0, 0))) as seen,
+        spawn_agent("W", fault_db.url) as w,
+    ):
+        token = (await w.call("hold", session=session))["token"]
+        await w.call("begin", session=session)
+        await w.call("emit", session=session, n=5, tag="W")
+        await w.call("flush")
+        await seen.wait_until(lambda c: c.last_seq() >= 5, what="W's first events")
+        conn = await asyncpg.connect(fault_db.url)
+        try:
+            # Raw SQL on purpose: the library's own append would refuse these rows.
+            await conn.execute(
+                "INSERT INTO stream_events (session_id, seq, epoch, kind, payload)"
+                " SELECT $1, g, $2, 'delta', '{\"tag\": \"pre-fence\"}'::jsonb"
+                " FROM generate_series(6, 10) AS g",
+                session,
+                token - 1,
+            )
+        finally:
+            await conn.close()
+
+        backend = storage
+        assert isinstance(backend, PostgresBackend)
+        reads_before = hub.statistics().db_reads.get("fan_in", 0)
+        await backend.terminate_listener_for_tests()
+        # The reconnect reports a gap; the hub re-reads the watched session once.
+        with anyio.fail_after(30):
+            while True:
+                if hub.statistics().db_reads.get("fan_in", 0) > reads_before:
+                    break
+                await anyio.sleep(0.02)  # no event tells us another task has read
+        await anyio.sleep(IDLE_WINDOW_S)  # the observation window
+        fan_in = hub.statistics().db_reads.get("fan_in", 0) - reads_before
+        reconnects = storage.statistics().listener_reconnects
+
+        # The holder's next events replace the stale rows; the subscriber gets them.
+        more = await w.call("emit", session=session, n=5, tag="W")
+        await w.call("flush")
+        await seen.wait_until(lambda c: c.last_seq() >= 10, what="W's events 6..10")
+        rows = await load_stream(storage, session)
+
+    assert reconnects >= 1
+    assert fan_in <= 5, f"{fan_in} fan-in reads of an idle session in {IDLE_WINDOW_S} s"
+    assert more["seqs"] == [6, 7, 8, 9, 10], more
+    check_stored_stream(rows)
+    assert {(r.epoch, r.payload["tag"]) for r in rows} == {(token, "W")}
+    check_view(seen.items, rows)

@@ -9,8 +9,6 @@ remote subscriber still gets every event exactly once.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 import anyio
 from pydantic import SecretStr
@@ -18,9 +16,7 @@ from pydantic import SecretStr
 from orchestrator.broadcast import BroadcastHub
 from orchestrator.locks import LimiterConfig, open_session_limiter
 from storage import (
-    AsyncStorageBackend,
     NewMessage,
-    Notification,
     StorageSettings,
     open_storage,
 )
@@ -30,6 +26,7 @@ from tests.faults.procs import (
     check_stored_stream,
     check_view,
     collect,
+    listening,
     load_stream,
     spawn_agent,
 )
@@ -109,31 +106,6 @@ async def _notified(agent: Agent, more_than: int, limit_s: float = 30.0) -> None
             await anyio.sleep(0.05)  # another process's progress: no event to wait on
 
 
-class _Notes:
-    def __init__(self) -> None:
-        self.items: list[Notification] = []
-        self.changed = anyio.Event()
-
-    async def run(self, storage: AsyncStorageBackend, channel: str) -> None:
-        async with storage.listen(channel) as stream:
-            async for note in stream:
-                self.items.append(note)
-                self.changed.set()
-                self.changed = anyio.Event()
-
-    def gaps(self) -> int:
-        return sum(1 for note in self.items if note.gap)
-
-
-@asynccontextmanager
-async def _listening(storage: AsyncStorageBackend, channel: str) -> AsyncIterator[_Notes]:
-    notes = _Notes()
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(notes.run, storage, channel)
-        yield notes
-        tg.cancel_scope.cancel()
-
-
 async def test_cut_listen_connection_is_noticed_and_reported_as_a_gap(fault_db: FaultDB) -> None:
     session = "cut-listener"
     async with open_proxy(fault_db.cluster.port) as proxy:
@@ -141,7 +113,7 @@ async def test_cut_listen_connection_is_noticed_and_reported_as_a_gap(fault_db: 
         async with (
             open_storage(settings) as storage,
             BroadcastHub(storage) as hub,
-            _listening(storage, hub.config.channel) as notes,
+            listening(storage, hub.config.channel) as notes,
             collect(hub.subscribe(session, after=(0, 0))) as seen,
             spawn_agent("writer", fault_db.url) as writer,
         ):
@@ -169,9 +141,7 @@ async def test_cut_listen_connection_is_noticed_and_reported_as_a_gap(fault_db: 
             resumed = time.monotonic()
             outage_s = resumed - cut_at
 
-            with anyio.fail_after(30):
-                while notes.gaps() == 0:
-                    await notes.changed.wait()
+            await notes.wait_gap(limit_s=30)
             noticed_s = time.monotonic() - resumed
             await seen.wait_until(lambda c: c.last_seq() >= 30, what="catch-up after the gap")
             await writer.call("emit", session=session, n=10, tag="after")

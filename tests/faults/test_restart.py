@@ -11,7 +11,14 @@ import anyio
 from orchestrator.broadcast import BroadcastHub
 from storage import open_storage
 from tests.faults.conftest import FaultDB
-from tests.faults.procs import check_stored_stream, check_view, collect, load_stream, spawn_agent
+from tests.faults.procs import (
+    check_stored_stream,
+    check_view,
+    collect,
+    listening,
+    load_stream,
+    spawn_agent,
+)
 
 SESSION = "restart-stream"
 DOWN_S = 4.0  # the outage: longer than the stream writer's old ~1.5 s of retries
@@ -28,6 +35,7 @@ async def test_restart_mid_stream_loses_nothing_and_remote_subscriber_catches_up
     async with (
         open_storage(fault_db.url) as storage,
         BroadcastHub(storage) as hub,
+        listening(storage, hub.config.channel) as notes,
         collect(hub.subscribe(SESSION, after=(0, 0))) as seen,
         spawn_agent("writer", fault_db.url) as writer,
     ):
@@ -51,6 +59,8 @@ async def test_restart_mid_stream_loses_nothing_and_remote_subscriber_catches_up
             lambda c: c.last_seq() >= head_at_start, limit_s=90, what="catch-up after the restart"
         )
         caught_up_s = time.monotonic() - started
+        await notes.wait_gap(limit_s=60)  # already there: the catch-up came through it
+        gap_s = notes.first_gap_at - started if notes.first_gap_at else float("nan")
         await writer.wait_for(_progress(during["count"] + 100), start=len(writer.messages))
         halted = await writer.call("halt")
         assert halted["error"] is None, halted
@@ -61,7 +71,10 @@ async def test_restart_mid_stream_loses_nothing_and_remote_subscriber_catches_up
         local_reconnects = storage.statistics().listener_reconnects
         rows = await load_stream(storage, SESSION)
 
-    print(f"restart: subscriber caught up {caught_up_s:.2f} s after the server was back")
+    print(
+        f"restart: {DOWN_S} s down; gap reported {gap_s:.2f} s and subscriber caught up "
+        f"{caught_up_s:.2f} s after the server was back"
+    )
     stats = closed["writer"]
     # Below capacity a restart loses nothing: no dead letter, no drop, all of it stored.
     assert stats["lost"] == 0, f"stream events lost to the restart: {stats}"
@@ -78,4 +91,6 @@ async def test_restart_mid_stream_loses_nothing_and_remote_subscriber_catches_up
     # Both LISTEN connections (this process's hub, the writer's) reconnected after the
     # restart; the subscriber's catch-up above went through the reconnected one.
     assert local_reconnects >= 1
+    # Subscriptions were told they may have missed notifications.
+    assert notes.gaps() >= 1
     assert closed["listener_reconnects"] >= 1
