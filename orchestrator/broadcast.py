@@ -368,6 +368,29 @@ class BroadcastHub:
             ring.events.popleft()
             ring.nbytes -= ring.sizes.popleft()
 
+    def retract(self, session_id: str, epoch: int, from_seq: int) -> None:
+        """The database refused ``epoch``'s events from ``from_seq`` on (a superseded holder).
+
+        They were published live before they were refused: drop them from the ring, and
+        reset the subscribers that saw any of them to the last event before, so live
+        subscribers and a database resume see the same stream.
+        """
+        ring = self._rings.get(session_id)
+        if ring is None or ring.epoch != epoch or ring.last_seq is None:
+            return
+        if ring.last_seq < from_seq:
+            return
+        while ring.events and ring.events[-1].seq >= from_seq:
+            ring.events.pop()
+            ring.nbytes -= ring.sizes.pop()
+        ring.last_seq = from_seq - 1
+        ring.persisted_seq = min(ring.persisted_seq, from_seq - 1)
+        for sub in ring.subscribers:
+            # A subscriber that saw none of them simply waits for the next holder's.
+            if sub._next is not None and sub._next > from_seq:
+                sub._pending_reset = ("epoch_changed", epoch, from_seq - 1)
+        ring.wake()
+
     def note_head(self, session_id: str, epoch: int, last_seq: int) -> None:
         """Tell the hub a session's stored head (the writer's ``begin`` read it anyway)."""
         ring = self._rings.get(session_id)

@@ -376,7 +376,7 @@ class StreamEventWriter:
             raise
         self._inserts += 1
         if result.refused:
-            self._note_refused(result, [(session_id, state.epoch)])
+            self._note_refused(result, [NewStreamEvent(session_id, state.epoch, seq, kind, None)])
             state.last_persisted = seq
             raise _superseded(session_id, state.epoch)
         self._persisted += 1
@@ -403,7 +403,7 @@ class StreamEventWriter:
         result = await self.storage.append_stream_events(batch.items)
         refused = result.refused
         if refused:
-            self._note_refused(result, ((e.session_id, e.epoch) for e in batch.items))
+            self._note_refused(result, batch.items)
         notify = self.config.notify
         advances = self._advances
         for key, events in batch.groups.items():
@@ -426,14 +426,20 @@ class StreamEventWriter:
             # Postgres serializes committing NOTIFY transactions on one lock).
             self._notes_wake.set()
 
-    def _note_refused(
-        self, result: StreamAppend, written: Iterable[tuple[str, int]]
-    ) -> None:
-        """Count what the fence refused and stop the sessions whose current epoch it was."""
+    def _note_refused(self, result: StreamAppend, written: Iterable[NewStreamEvent]) -> None:
+        """Count what the fence refused, stop the sessions whose current epoch it was, and
+        take the refused events back from the hub (they were published before persisting)."""
         refused = 0
-        for pair in written:
-            refused += pair in result.refused
+        first: dict[tuple[str, int], int] = {}
+        for event in written:
+            pair = (event.session_id, event.epoch)
+            if pair in result.refused:
+                refused += 1
+                first[pair] = min(first.get(pair, event.seq), event.seq)
         self._refused += refused
+        if self.hub is not None:
+            for (session_id, epoch), seq in first.items():
+                self.hub.retract(session_id, epoch, seq)
         for session_id, epoch in result.refused:
             state = self._sessions.get(session_id)
             if state is not None and state.epoch == epoch and not state.fenced:

@@ -273,3 +273,47 @@ async def test_a_turn_that_lost_its_lease_emits_nothing_more(storage_url: str) -
         assert stats.refused == 0
         stored = await other.load_stream_events("s")
         assert [(e.epoch, e.kind, e.payload) for e in stored] == [(token, "delta", "before")]
+
+
+async def test_local_subscribers_of_a_refused_writer_are_reset_to_the_stored_stream(
+    storage: AsyncStorageBackend,
+) -> None:
+    """Events published live and then refused by the fence are taken back from the ring."""
+    from orchestrator.batching import BatchConfig
+    from orchestrator.broadcast import BroadcastHub, HubConfig, StreamReset
+    from orchestrator.streams import StreamConfig
+
+    a = await storage.acquire_lease("s", "holder-a", 30)
+    assert a is not None
+    manual = StreamConfig(batch=BatchConfig(flush_interval_s=3600, max_batch=100))
+    async with (
+        BroadcastHub(storage, HubConfig(cross_instance=False)) as hub,
+        StreamEventWriter(storage, hub, manual) as writer,
+    ):
+        sub = hub.subscribe("s", after=(0, 0))
+        seen: list[object] = []
+
+        async def read(n: int) -> None:
+            with anyio.fail_after(10):
+                async for item in sub:
+                    seen.append(item)
+                    if len(seen) == n:
+                        return
+
+        async with writer.session("s", a.token) as stream:
+            await stream.emit("delta", 1)
+            await stream.emit("delta", 2)
+            await writer.flush()
+            await _take_over(storage, "s", a.token)
+            await stream.emit("delta", "refused 3")
+            await stream.emit("delta", "refused 4")
+            await read(4)  # live, before the writer tried to store them
+            await writer.flush()
+        await read(5)
+        assert [getattr(e, "payload", None) for e in seen[:4]] == [1, 2, "refused 3", "refused 4"]
+        reset = seen[4]
+        assert isinstance(reset, StreamReset)
+        assert (reset.reason, reset.epoch, reset.seq) == ("epoch_changed", a.token, 2)
+        await sub.aclose()
+        # A resume from the reset point and the database agree: nothing after seq 2.
+        assert [e.seq for e in await storage.load_stream_events("s")] == [1, 2]
