@@ -27,7 +27,7 @@ import anyio
 import anyio.abc
 
 from orchestrator.batching import BatchConfig
-from orchestrator.broadcast import BroadcastHub
+from orchestrator.broadcast import BroadcastHub, StreamReset, Subscription
 from orchestrator.locks import HeldLease, LimiterConfig, SessionLimiter, open_session_limiter
 from orchestrator.streams import StreamConfig, StreamEventWriter
 from storage import AsyncStorageBackend, NewMessage, open_storage
@@ -44,6 +44,10 @@ def _plain(value: Any) -> Any:
     if is_dataclass(value) and not isinstance(value, type):
         return asdict(value)
     return repr(value)
+
+
+def _head(view: list[dict[str, Any]]) -> int:
+    return max((entry["seq"] for entry in view), default=0)
 
 
 def _error(exc: BaseException) -> str:
@@ -69,6 +73,8 @@ class Agent:
         self.running: anyio.CancelScope | None = None
         self.run_result: dict[str, Any] = {}
         self.run_done = anyio.Event()
+        self.views: dict[str, list[dict[str, Any]]] = {}
+        self.view_changed = anyio.Event()
         self.log = open(log_path, "a", buffering=1) if log_path else None  # noqa: SIM115
 
     def stats(self) -> dict[str, Any]:
@@ -145,6 +151,18 @@ class Agent:
                 self.running.cancel()
             await self.run_done.wait()
             return self.run_result
+        if op == "subscribe":
+            after = cmd.get("after")
+            sub = self.hub.subscribe(session, tuple(after) if after is not None else None)
+            self.views[session] = []
+            self.tg.start_soon(self._view, session, sub)
+            return {}
+        if op == "seen":
+            # Wait until this process's subscriber has reached ``head`` (an event or a reset).
+            with anyio.fail_after(cmd.get("limit_s", 60)):
+                while _head(self.views[session]) < cmd.get("head", 0):
+                    await self.view_changed.wait()
+            return {"items": self.views[session]}
         if op == "stats":
             return self.stats()
         if op == "release":
@@ -174,6 +192,17 @@ class Agent:
         self.running = None
         self.run_result = {"count": count, "last": last, "error": error}
         self.run_done.set()
+
+    async def _view(self, session: str, sub: Subscription) -> None:
+        async with sub:
+            async for item in sub:
+                if isinstance(item, StreamReset):
+                    entry = {"reset": item.reason, "epoch": item.epoch, "seq": item.seq}
+                else:
+                    entry = {"epoch": item.epoch, "seq": item.seq, "payload": item.payload}
+                self.views[session].append(entry)
+                self.view_changed.set()
+                self.view_changed = anyio.Event()
 
     async def _watch(self, held: HeldLease) -> None:
         reason = await held.wait_lost()

@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -299,6 +300,20 @@ def check_view(items: list[StreamEvent | StreamReset], rows: list[StreamEvent]) 
         "subscriber saw events that are not the stored ones and got no reset after them: "
         f"{[(e.epoch, e.seq, e.payload) for e in unconfirmed][:10]}"
     )
+
+
+def view_of(items: list[dict[str, Any]]) -> list[StreamEvent | StreamReset]:
+    """An agent's ``seen`` answer as subscription items (timestamps are not compared)."""
+    out: list[StreamEvent | StreamReset] = []
+    for entry in items:
+        if "reset" in entry:
+            out.append(StreamReset("", entry["reset"], entry["epoch"], entry["seq"]))
+        else:
+            out.append(StreamEvent("", entry["epoch"], entry["seq"], "", entry["payload"], _EPOCH0))
+    return out
+
+
+_EPOCH0 = datetime.fromtimestamp(0, UTC)
 
 
 def _runs(seqs: list[int]) -> str:

@@ -25,6 +25,7 @@ from tests.faults.procs import (
     collect,
     load_stream,
     spawn_agent,
+    view_of,
 )
 
 SESSION = "paused-holder"
@@ -49,6 +50,7 @@ class Superseded:
     b_stats: dict[str, Any]
     final_rows: list[StreamEvent]
     seen: list[StreamEvent | StreamReset]  # what the live subscriber in this process got
+    a_view: list[StreamEvent | StreamReset]  # what a live subscriber in A's process got
 
 
 async def superseded_holder(fault_db: FaultDB) -> Superseded:
@@ -63,6 +65,7 @@ async def superseded_holder(fault_db: FaultDB) -> Superseded:
     ):
         t1 = (await a.call("hold", session=SESSION))["token"]
         await a.call("begin", session=SESSION)
+        await a.call("subscribe", session=SESSION, after=[0, 0])
         await a.call("emit", session=SESSION, n=3, tag="A")
         await a.call("flush")
         await seen.wait_until(lambda c: c.last_seq() >= 3, what="A's first 3 events")
@@ -95,9 +98,10 @@ async def superseded_holder(fault_db: FaultDB) -> Superseded:
         b_stats = await b.call("flush")
         await seen.wait_until(lambda c: c.last_seq() >= 13, what="B's events 9..13")
         final_rows = await load_stream(storage, SESSION)
+        a_view = await a.call("seen", session=SESSION, head=13, limit_s=30)
         return Superseded(
             t1, t2, stale_emit, next_emit, a_stats, rows_after_stale, fan_in, dict(reads),
-            more_emit, b_stats, final_rows, list(seen.items),
+            more_emit, b_stats, final_rows, list(seen.items), view_of(a_view["items"]),
         )  # fmt: skip
 
 
@@ -126,6 +130,9 @@ async def test_superseded_holder_stores_nothing_after_the_new_holders_events(
     check_stored_stream(s.final_rows)
     assert [r.epoch for r in s.final_rows] == [s.t1] * 3 + [s.t2] * 10
     check_view(s.seen, s.final_rows)
+    # A's own live subscriber may have seen A's refused events, but then a reset.
+    print("A's local view:", " ".join(_brief(item) for item in s.a_view))
+    check_view(s.a_view, s.final_rows)
 
 
 async def test_hub_in_another_process_does_not_reread_an_idle_session_after_stale_writes(
@@ -231,3 +238,9 @@ async def test_hub_fan_in_ends_on_stale_rows_it_cannot_take(fault_db: FaultDB) -
     check_stored_stream(rows)
     assert {(r.epoch, r.payload["tag"]) for r in rows} == {(token, "W")}
     check_view(seen.items, rows)
+
+
+def _brief(item: StreamEvent | StreamReset) -> str:
+    if isinstance(item, StreamReset):
+        return f"reset({item.reason},{item.seq}@{item.epoch})"
+    return f"{item.seq}@{item.epoch}"
