@@ -139,7 +139,7 @@ class Agent:
                 return {"stored": 0, "error": _error(exc)}
             return {"stored": len(stored), "error": None}
         if op == "flush":
-            with anyio.fail_after(cmd.get("timeout", 120)):
+            with anyio.fail_after(cmd.get("limit_s", 120)):
                 await self.writer.flush()
             return self.stats()
         if op == "run":
