@@ -50,6 +50,8 @@ async def test_restart_mid_stream_loses_nothing_and_remote_subscriber_catches_up
         # in its memory now.
         during = [m for m in writer.messages if m.get("event") == "progress"][-1]
         assert during["count"] >= stopped["count"] + 100, "no emits during the outage"
+        # ... and it still holds every one of them, buffered, none given up.
+        down = (await writer.call("stats"))["writer"]
         await anyio.to_thread.run_sync(cluster.start)
         started = time.monotonic()
         head_at_start = during["seq"]
@@ -75,6 +77,7 @@ async def test_restart_mid_stream_loses_nothing_and_remote_subscriber_catches_up
         f"restart: {DOWN_S} s down; gap reported {gap_s:.2f} s and subscriber caught up "
         f"{caught_up_s:.2f} s after the server was back"
     )
+    assert down["lost"] == 0 and down["unsettled"] >= 100, f"while the server was down: {down}"
     stats = closed["writer"]
     # Below capacity a restart loses nothing: no dead letter, no drop, all of it stored.
     assert stats["lost"] == 0, f"stream events lost to the restart: {stats}"
