@@ -39,7 +39,9 @@ async def test_restart_mid_stream_loses_nothing_and_remote_subscriber_catches_up
         collect(hub.subscribe(SESSION, after=(0, 0))) as seen,
         spawn_agent("writer", fault_db.url) as writer,
     ):
-        await writer.call("begin", session=SESSION, epoch=1)
+        # The writer holds the session's lease (30 s TTL) and writes under its token.
+        token = (await writer.call("hold", session=SESSION))["token"]
+        await writer.call("begin", session=SESSION)
         await writer.call("run", session=SESSION, every_s=0.005, report_every=20)
         await seen.wait_until(lambda c: c.last_seq() >= 100, what="100 events before the restart")
 
@@ -69,6 +71,7 @@ async def test_restart_mid_stream_loses_nothing_and_remote_subscriber_catches_up
         final = halted["last"]
         await writer.call("flush")
         await seen.wait_until(lambda c: c.last_seq() >= final, limit_s=60, what="the last event")
+        after = await writer.call("stats")
         closed = await writer.close()
         local_reconnects = storage.statistics().listener_reconnects
         rows = await load_stream(storage, SESSION)
@@ -85,7 +88,9 @@ async def test_restart_mid_stream_loses_nothing_and_remote_subscriber_catches_up
     assert stats["emitted"] == stats["persisted"] == final, stats
     check_stored_stream(rows)
     assert len(rows) == final
-    assert {row.epoch for row in rows} == {1}
+    assert {row.epoch for row in rows} == {token}
+    # The lease outlived the outage: its renewals failed for a while, then went through.
+    assert after["leases_lost"] == 0 and after["lost"] == {SESSION: False}, after
     # The remote subscriber saw each event once, in order, as stored, with no reset: the
     # epoch never changed, so nothing justified one.
     assert seen.resets == [], seen.resets
