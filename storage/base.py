@@ -89,7 +89,12 @@ class StorageSettings(BaseModel):
     sqlite_busy_timeout_s: float = Field(default=5.0, ge=0)
     sqlite_readers: int = Field(default=2, ge=1, le=64)
     sqlite_synchronous: str = Field(default="NORMAL", pattern="^(OFF|NORMAL|FULL|EXTRA)$")
-    listener_reconnect_max_s: float = Field(default=5.0, gt=0)
+    listener_reconnect_max_s: float = Field(
+        default=0.5,
+        gt=0,
+        description="backoff cap between LISTEN reconnect attempts while the server is down; "
+        "small, so the listener is back within about this long after the server is",
+    )
     listener_queue_size: int = Field(default=10_000, ge=1)
 
 
@@ -402,6 +407,7 @@ class StorageStatistics:
     notifications_received: int = 0
     notifications_dropped: int = 0
     listener_reconnects: int = 0
+    listener_reconnect_failures: int = 0  # reconnect attempts that failed (server down)
 
     @property
     def total_statements(self) -> int:
