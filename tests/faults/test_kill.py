@@ -42,16 +42,18 @@ async def test_sigkilled_producer_next_holder_continues_at_the_right_seq(
             await a.process.wait()
         # (epoch, seq) of every event A published, written before its next emit.
         published = [tuple(map(int, line.split())) for line in log.read_text().splitlines()]
-        stored_by_a = await load_stream(storage, SESSION)
-        last_stored = stored_by_a[-1].seq
-        last_published = published[-1][1]
         assert {epoch for epoch, _ in published} == {t1}
-        # The kill landed mid-batch: A had published events it never stored.
-        assert last_published > last_stored, (last_published, last_stored)
+        last_published = published[-1][1]
 
         async with spawn_agent("B", fault_db.url, **OPTS) as b:
             t2 = (await b.call("hold", session=SESSION, limit_s=30))["token"]
             assert t2 > t1
+            # Read only now: a batch A sent just before the kill may have committed after it
+            # (the server finishes a statement whose client died); B's lease waited for it.
+            stored_by_a = await load_stream(storage, SESSION)
+            last_stored = stored_by_a[-1].seq
+            # The kill landed mid-batch: A had published events it never stored.
+            assert last_published > last_stored, (last_published, last_stored)
             assert (await b.call("begin", session=SESSION))["last"] == last_stored
             n = last_published - last_stored + 20
             emitted = await b.call("emit", session=SESSION, n=n, tag="B")
