@@ -26,3 +26,13 @@ def test_connection_errors_of_a_restart_are_storage_unavailable() -> None:
         asyncpg.ConnectionDoesNotExistError("connection was closed in the middle of operation"),
     ):
         assert isinstance(map_postgres_error(exc), StorageUnavailable), exc
+
+
+def test_only_storage_trouble_is_retryable() -> None:
+    from storage.errors import ConflictError, InvalidInput, LeaseLost, QueryError, StorageClosed
+
+    assert is_retryable(StorageUnavailable("down"))
+    assert is_retryable(QueryError("deadlock detected")) and is_retryable(ConflictError("dup"))
+    for permanent in (InvalidInput("bad"), LeaseLost("gone"), StorageClosed("closed")):
+        assert not is_retryable(permanent)
+    assert not is_retryable(RuntimeError("a bug"))
