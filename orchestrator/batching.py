@@ -106,6 +106,8 @@ class BatchConfig(BaseModel):
         return self
 
 
+HEALTH_MIN_AGE_S = 1.0
+
 # Outcomes used to be retried 10 000 times (hours at the 2 s cap): effectively unbounded. A
 # time budget says the same thing explicitly and keeps "minutes", which outlasts a restart
 # or failover with room to spare; past it the leases expire and the work runs elsewhere.
@@ -681,7 +683,8 @@ class BatchWriter(Generic[T]):
         )
 
     def health(self) -> Health:
-        """Unhealthy while the sink fails, or when the oldest item waited over twice the interval.
+        """Unhealthy while the sink fails, or when the oldest item waited over twice the
+        interval (at least ``HEALTH_MIN_AGE_S``).
 
         A failing sink reads like ``storage unavailable for 4.2 s: 123 items buffered, oldest
         4.3 s (7 failed attempts; last error: ...)`` ("sink failing" when the error is not
@@ -697,7 +700,9 @@ class BatchWriter(Generic[T]):
                 f"last error: {s.last_error})",
             )
         age = s.oldest_pending_age_s
-        limit = 2 * self.config.flush_interval_s
+        # A floor: with a millisecond flush interval an ordinary write under load would
+        # otherwise read as unhealthy.
+        limit = max(2 * self.config.flush_interval_s, HEALTH_MIN_AGE_S)
         if age > limit:
             return Health(False, f"oldest buffered item is {age:.3f} s old (limit {limit:.3f} s)")
         if self._closed:

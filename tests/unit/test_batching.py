@@ -9,6 +9,7 @@ import anyio
 import pytest
 
 from orchestrator.batching import (
+    HEALTH_MIN_AGE_S,
     Batch,
     BatchConfig,
     BatchWriter,
@@ -248,7 +249,10 @@ async def test_health_fails_when_items_wait_too_long() -> None:
     async with BatchWriter(sink, cfg(flush_interval_s=0.01)) as w:
         assert w.health().ok
         w.put_nowait(1)
-        await anyio.sleep(0.05)
+        # Twice the interval is 20 ms, but the floor is HEALTH_MIN_AGE_S.
+        await until(lambda: w.statistics().oldest_pending_age_s > 0.05)
+        assert w.health().ok
+        await until(lambda: w.statistics().oldest_pending_age_s > HEALTH_MIN_AGE_S + 0.01)
         health = w.health()
         assert not health.ok and "old" in health.reason
         sink.gate.set()
