@@ -42,6 +42,7 @@ async def test_stream_writer_rides_out_an_outage_past_the_old_retry_limit(
                         await anyio.sleep(0.005)
                 assert writer.emit_nowait("s1", "turn_completed", {"ok": True}) is not None
                 during = writer.statistics()
+                health = writer.health()
             finally:
                 locker.execute("COMMIT")
                 locker.close()
@@ -49,10 +50,12 @@ async def test_stream_writer_rides_out_an_outage_past_the_old_retry_limit(
                 await writer.flush()
             after = writer.statistics()
         events = await store.load_stream_events("s1")
+    assert not health.ok and health.reason.startswith("storage unavailable for ")
+    assert "21 items buffered" in health.reason
     assert during.writer is not None and during.writer.sink_unavailable
     assert "locked" in during.writer.last_error and during.persisted == 0
     assert after.lost == 0 and after.persisted == 21
     assert after.writer is not None and after.writer.dead_lettered == 0
-    assert not after.writer.sink_unavailable
+    assert not after.writer.sink_unavailable and writer.health().ok is False  # closed
     assert [e.seq for e in events] == list(range(1, 22))
     assert events[-1].kind == "turn_completed"
