@@ -5,7 +5,10 @@ leases, ``heartbeat_tasks``, ``complete_tasks`` / ``fail_tasks`` / ``dead_letter
 ``release_tasks``) and the storage notifications: a semaphore caps running handlers, the
 runner claims exactly as many tasks as it has free permits in one statement, leases are
 renewed in the background, outcomes are written in batches under the current lease, and
-the runner sleeps until an enqueue notification or a rare jittered fallback poll.
+an idle runner sleeps until an enqueue notification, the next moment a task becomes
+claimable (a delayed task's due time or a running task's lease expiry, read with one cheap
+query when it goes idle, so a dead worker's tasks are re-run as soon as their lease runs
+out), or a rare jittered fallback poll.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from orchestrator.batching import Batch, BatchWriter, DeadLetter, outcome_batches
 from storage import (
+    LEASE_EXPIRED,
     AsyncStorageBackend,
     Claim,
     Failure,
@@ -159,6 +163,9 @@ class WorkerStatistics:
     notifications: int
     fallback_polls: int
     storage_errors: int
+    reruns: int  # tasks claimed because their previous worker's lease expired
+    due_queries: int  # next-due reads made on going idle
+    expiry_wakeups: int  # idle waits ended at the next known due time or lease expiry
 
 
 class _Outcome(enum.Enum):
@@ -307,6 +314,14 @@ class Worker:
         self._notifications = 0
         self._polls = 0
         self._errors = 0
+        self._reruns = 0
+        self._due_queries = 0
+        self._expiry_wakeups = 0
+        # Until this monotonic time no task of the queue can become claimable unannounced:
+        # the earliest due time or lease expiry read by the last next-due query, capped by
+        # that query's time plus lease_s (a lease taken by anyone later expires no sooner).
+        self._horizon = 0.0
+        self._busy_retries = 0  # consecutive idle entries that found due rows locked
 
     def statistics(self) -> WorkerStatistics:
         """A frozen snapshot of this worker's counters."""
@@ -331,6 +346,9 @@ class Worker:
             notifications=self._notifications,
             fallback_polls=self._polls,
             storage_errors=self._errors,
+            reruns=self._reruns,
+            due_queries=self._due_queries,
+            expiry_wakeups=self._expiry_wakeups,
         )
 
     def cancel(self, task_id: int, reason: str = "cancelled") -> bool:
@@ -404,6 +422,8 @@ class Worker:
                 free = self._permits.value
                 self._wake = anyio.Event()
                 tasks = await self._claim(free)
+                if tasks:
+                    self._busy_retries = 0
                 if tasks is None:
                     await self._sleep_or_stop(random.uniform(0.5, 1.5))
                 elif not self._start(tasks) and len(tasks) < free:
@@ -428,9 +448,18 @@ class Worker:
         return tasks
 
     async def _idle_wait(self) -> None:
-        """Sleep until woken, stopped, the next known run_after, or the jittered fallback."""
+        """Sleep until woken, stopped, the next known run_after or lease expiry, or the
+        jittered fallback poll.
+
+        The next due time of the queue as a whole (other workers' leases included) is read
+        when the last reading's horizon has passed, so an idle worker re-runs a dead
+        worker's tasks when their lease runs out, not at its next fallback poll; while
+        workers stay alive that costs one small read per idle worker per lease renewal.
+        """
+        if time.monotonic() >= self._horizon:
+            await self._read_horizon()
         timeout = self.config.fallback_poll_s * random.uniform(0.5, 1.5)
-        deadline = time.monotonic() + timeout
+        deadline = min(time.monotonic() + timeout, self._horizon)
         while True:
             now = time.time()
             while self._due and self._due[0] <= now:
@@ -442,8 +471,35 @@ class Worker:
             if not scope.cancelled_caught and not (self._wake.is_set() or self._stopping.is_set()):
                 continue  # a nearer run_after became known: re-arm the timer
             if scope.cancelled_caught and time.monotonic() >= deadline:
-                self._polls += 1
+                if deadline >= self._horizon:
+                    self._expiry_wakeups += 1
+                else:
+                    self._polls += 1
             return
+
+    async def _read_horizon(self) -> None:
+        """Read when the next task of the queue becomes claimable; set ``_horizon``.
+
+        Assumes every worker of the queue uses a lease no shorter than this one's. A due
+        time of zero right after a claim found nothing means the rows are being claimed by
+        another worker's uncommitted statement: back off briefly instead of spinning.
+        """
+        self._due_queries += 1
+        started = time.monotonic()
+        try:
+            due = await self._storage.next_task_due_s(self.queue.name)
+        except StorageError as exc:
+            self._errors += 1
+            log.warning("next-due read on %s failed: %s", self.queue.name, exc)
+            self._horizon = started + random.uniform(0.5, 1.5)
+            return
+        lease = self.config.lease_s
+        if due is None or due > 0:
+            self._busy_retries = 0
+            self._horizon = started + min(lease, math.inf if due is None else due)
+        else:
+            self._busy_retries += 1
+            self._horizon = started + min(0.005 * 2.0**self._busy_retries, 1.0, lease)
 
     async def _sleep_or_stop(self, seconds: float) -> None:
         with anyio.move_on_after(seconds):
@@ -486,6 +542,8 @@ class Worker:
         self._claimed += len(tasks)
         for task in tasks:
             self._held[task.id] = task.claim.token
+            if task.attempts > 1 and task.last_error == LEASE_EXPIRED:
+                self._reruns += 1
         if self._stopping.is_set():
             for task in tasks:
                 self._record(_Finished(_Outcome.RELEASE, task.claim))

@@ -320,8 +320,11 @@ async def test_cancelling_a_task_dead_letters_it(storage: AsyncStorageBackend) -
     assert worker.statistics().cancelled == 1
 
 
-async def test_expired_lease_of_a_dead_worker_is_reclaimed(storage: AsyncStorageBackend) -> None:
-    queue = AgentQueue(storage, "crash", FAST.model_copy(update={"fallback_poll_s": 0.2}))
+async def test_expired_lease_of_a_dead_worker_is_reclaimed_when_it_expires(
+    storage: AsyncStorageBackend,
+) -> None:
+    # The fallback poll is 30 s: only the idle worker's next-due read can wake it in time.
+    queue = AgentQueue(storage, "crash", FAST)
     await queue.enqueue_many([1, 2, 3])
     # A worker that claims and then dies: its leases simply stop being renewed.
     orphaned = await storage.claim_tasks("crash", "dead-worker", limit=2, lease_s=0.3)
@@ -338,7 +341,8 @@ async def test_expired_lease_of_a_dead_worker_is_reclaimed(storage: AsyncStorage
     for task in orphaned:
         row = await queue.get(task.id)
         assert row is not None and row.status is TaskStatus.SUCCEEDED and row.attempts == 2
-    assert worker.statistics().fallback_polls >= 1
+    stats = worker.statistics()
+    assert stats.reruns == 2 and stats.fallback_polls == 0 and stats.expiry_wakeups >= 1
 
 
 async def test_heartbeat_keeps_a_long_task_leased(storage: AsyncStorageBackend) -> None:

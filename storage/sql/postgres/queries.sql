@@ -229,7 +229,8 @@ ON CONFLICT (queue, idempotency_key)
 RETURNING *;
 
 -- name: claim_tasks
--- A running task whose lease expired with no attempts left is dead-lettered, not re-run.
+-- A running task whose lease expired with no attempts left is dead-lettered, not re-run; one
+-- with attempts left is re-run with last_error 'lease expired' (workers count re-runs by it).
 WITH picked AS (
     SELECT id FROM agent_tasks
     WHERE queue = $1 AND status IN ('queued', 'running') AND run_after <= now()
@@ -241,7 +242,9 @@ WITH picked AS (
         status = CASE WHEN t.status = 'running' AND t.attempts >= t.max_attempts
                       THEN 'dead' ELSE 'running' END,
         last_error = CASE WHEN t.status = 'running' AND t.attempts >= t.max_attempts
-                          THEN 'lease expired on the last attempt' ELSE t.last_error END,
+                          THEN 'lease expired on the last attempt'
+                          WHEN t.status = 'running' THEN 'lease expired'
+                          ELSE t.last_error END,
         attempts = CASE WHEN t.status = 'running' AND t.attempts >= t.max_attempts
                         THEN t.attempts ELSE t.attempts + 1 END,
         worker_id = $2,
@@ -297,6 +300,33 @@ SELECT * FROM agent_tasks WHERE id = $1;
 -- name: purge_tasks
 DELETE FROM agent_tasks
 WHERE status = 'succeeded' AND updated_at < now() - make_interval(secs => $1);
+
+-- name: next_task_due
+-- Read by idle workers: a running task's run_after is its lease expiry, so the minimum is
+-- the next moment a delayed task becomes due or a dead worker's task becomes claimable.
+SELECT extract(epoch FROM min(run_after) - now())::float8 AS due_s
+FROM agent_tasks WHERE queue = $1 AND status IN ('queued', 'running');
+
+-- name: task_backlog
+SELECT queue AS name,
+    count(*) FILTER (WHERE run_after <= now()) AS waiting,
+    count(*) FILTER (WHERE status = 'queued' AND run_after > now()) AS delayed,
+    count(*) FILTER (WHERE status = 'running' AND run_after > now()) AS in_flight,
+    extract(epoch FROM now() - min(run_after) FILTER (WHERE run_after <= now()))::float8
+        AS oldest_wait_s
+FROM agent_tasks WHERE status IN ('queued', 'running')
+GROUP BY queue ORDER BY queue;
+
+-- name: outbox_backlog
+-- Metrics only; kept apart from the outbox claim queries. Rows held back behind an earlier
+-- message of their group count as waiting: they are due, delivery order makes them wait.
+SELECT 'outbox' AS name,
+    count(*) FILTER (WHERE run_after <= now()) AS waiting,
+    count(*) FILTER (WHERE status = 'pending' AND run_after > now()) AS delayed,
+    count(*) FILTER (WHERE status = 'sending' AND run_after > now()) AS in_flight,
+    extract(epoch FROM now() - min(run_after) FILTER (WHERE run_after <= now()))::float8
+        AS oldest_wait_s
+FROM outbox WHERE status IN ('pending', 'sending');
 
 -- name: enqueue_outbox
 INSERT INTO outbox (channel, account, payload, max_attempts)
