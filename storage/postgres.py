@@ -483,7 +483,10 @@ class PostgresBackend(AsyncStorageBackend):
 
     @operation
     async def dead_letter_tasks(self, failures: Sequence[Failure]) -> list[int]:
-        return await self._failed_update("dead_letter_tasks", failures)
+        ids, tokens, errors, _ = v.prepare_failures(failures)  # retry_at does not apply
+        if not ids:
+            return []
+        return sorted(r[0] for r in await self._fetch("dead_letter_tasks", ids, tokens, errors))
 
     @operation
     async def get_task(self, task_id: int) -> Task | None:

@@ -256,42 +256,46 @@ WITH picked AS (
 )
 SELECT * FROM claimed WHERE status = 'running' ORDER BY priority DESC, id;
 
+-- Updates under claims look rows up by primary key (id = ANY) and check each row's token
+-- at its position in the arrays (ids are unique per call), with no join: a join with
+-- unnest() let the planner pick a sequential scan of the whole table (its statistics
+-- rarely see 'running' rows) and rescan the unnest per row, O(table x batch) per write.
+
 -- name: heartbeat_tasks
 UPDATE agent_tasks t SET run_after = now() + make_interval(secs => $3), updated_at = now()
-FROM unnest($1::bigint[], $2::bigint[]) AS c(id, token)
-WHERE t.id = c.id AND t.lease_token = c.token AND t.status = 'running'
+WHERE t.id = ANY($1::bigint[]) AND t.status = 'running'
+  AND t.lease_token = ($2::bigint[])[array_position($1::bigint[], t.id)]
 RETURNING t.id;
 
 -- name: complete_tasks
 UPDATE agent_tasks t SET status = 'succeeded', updated_at = now()
-FROM unnest($1::bigint[], $2::bigint[]) AS c(id, token)
-WHERE t.id = c.id AND t.lease_token = c.token AND t.status = 'running'
+WHERE t.id = ANY($1::bigint[]) AND t.status = 'running'
+  AND t.lease_token = ($2::bigint[])[array_position($1::bigint[], t.id)]
 RETURNING t.id;
 
 -- name: fail_tasks
 UPDATE agent_tasks t SET
     status = CASE WHEN t.attempts >= t.max_attempts THEN 'dead' ELSE 'queued' END,
-    run_after = coalesce(f.retry_at, now()),
-    last_error = f.error,
+    run_after = coalesce(($4::timestamptz[])[array_position($1::bigint[], t.id)], now()),
+    last_error = ($3::text[])[array_position($1::bigint[], t.id)],
     updated_at = now()
-FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::timestamptz[])
-     AS f(id, token, error, retry_at)
-WHERE t.id = f.id AND t.lease_token = f.token AND t.status = 'running'
+WHERE t.id = ANY($1::bigint[]) AND t.status = 'running'
+  AND t.lease_token = ($2::bigint[])[array_position($1::bigint[], t.id)]
 RETURNING t.id, t.status;
 
 -- name: release_tasks
 UPDATE agent_tasks t SET status = 'queued', run_after = now(),
     attempts = greatest(t.attempts - 1, 0), updated_at = now()
-FROM unnest($1::bigint[], $2::bigint[]) AS c(id, token)
-WHERE t.id = c.id AND t.lease_token = c.token AND t.status = 'running'
+WHERE t.id = ANY($1::bigint[]) AND t.status = 'running'
+  AND t.lease_token = ($2::bigint[])[array_position($1::bigint[], t.id)]
 RETURNING t.id;
 
 -- name: dead_letter_tasks
 -- A permanent failure or a cancelled task: dead now, whatever attempts are left.
-UPDATE agent_tasks t SET status = 'dead', last_error = f.error, updated_at = now()
-FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::timestamptz[])
-     AS f(id, token, error, retry_at)
-WHERE t.id = f.id AND t.lease_token = f.token AND t.status = 'running'
+UPDATE agent_tasks t SET status = 'dead',
+    last_error = ($3::text[])[array_position($1::bigint[], t.id)], updated_at = now()
+WHERE t.id = ANY($1::bigint[]) AND t.status = 'running'
+  AND t.lease_token = ($2::bigint[])[array_position($1::bigint[], t.id)]
 RETURNING t.id;
 
 -- name: get_task
