@@ -2,13 +2,14 @@
 
 This module owns the worker loop on top of the storage task contract (``claim_tasks`` with
 leases, ``heartbeat_tasks``, ``complete_tasks`` / ``fail_tasks`` / ``dead_letter_tasks`` /
-``release_tasks``) and the storage notifications: a semaphore caps running handlers, the
-runner claims exactly as many tasks as it has free permits in one statement, leases are
-renewed in the background, outcomes are written in batches under the current lease, and
-an idle runner sleeps until an enqueue notification, the next moment a task becomes
-claimable (a delayed task's due time or a running task's lease expiry, read with one cheap
-query when it goes idle, so a dead worker's tasks are re-run as soon as their lease runs
-out), or a rare jittered fallback poll.
+``release_tasks``) and the storage notifications: at most ``max_workers`` long-lived
+runners run handlers, the claim loop takes as many tasks as there are free slots (at most
+``claim_batch``) in one statement, leases are renewed in the background, outcomes are
+written in batches under the current lease, and an idle worker sleeps until an enqueue
+notification, the next moment a task becomes claimable (a delayed task's due time or a
+running task's lease expiry, read with one cheap query when it goes idle, so a dead
+worker's tasks are re-run as soon as their lease runs out), or a rare jittered fallback
+poll.
 """
 
 from __future__ import annotations

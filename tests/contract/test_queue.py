@@ -75,6 +75,32 @@ async def test_cap_holds_exactly_under_a_burst(storage: AsyncStorageBackend) -> 
     assert storage.statistics().statements["complete_tasks"] < 1000
 
 
+async def test_claim_batch_caps_each_claim_and_the_cap_holds(
+    storage: AsyncStorageBackend,
+) -> None:
+    cfg = FAST.model_copy(update={"max_workers": 8, "claim_batch": 3})
+    queue = AgentQueue(storage, "batched", cfg)
+    rec = Recorder(60)
+    running = peak = 0
+
+    async def handler(task: Task) -> None:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await anyio.lowlevel.checkpoint()
+        running -= 1
+        rec.record(task)
+
+    await queue.enqueue_many(list(range(60)))
+    async with open_worker(queue, handler) as worker:
+        with anyio.fail_after(60):
+            await rec.done.wait()
+    stats = worker.statistics()
+    assert rec.runs == Counter(range(60)) and stats.succeeded == 60
+    assert stats.claim_statements >= 20  # no claim took more than 3 tasks
+    assert peak <= 8 and stats.peak_running <= 8
+
+
 async def test_completed_tasks_are_marked_succeeded(storage: AsyncStorageBackend) -> None:
     queue = AgentQueue(storage, "q", FAST)
     rec = Recorder(20)
