@@ -80,7 +80,7 @@ SECTIONS = ("drain", "latency", "outbox", "kill")
 PGQ_BATCH = 100
 PGQ_POOL = 4
 PGQ_DURABILITY = "balanced"
-DRAIN_POLL_S = 0.01
+DRAIN_POLL_S = 0.02
 PROCRASTINATE_CONCURRENCY = 10
 PROCRASTINATE_SHARE = 5  # procrastinate drains tasks / 5
 LATENCY_SAMPLES = 30
@@ -183,10 +183,10 @@ def _child(argv: Sequence[str]) -> int:
     return asyncio.run(_child_main(system, url, queue, int(batch)))
 
 
-async def _wait_go() -> None:
+async def _wait_go(word: str = "go") -> None:
     line = await asyncio.to_thread(sys.stdin.readline)
-    if line.strip() != "go":
-        raise SystemExit(f"unexpected start line {line!r}")
+    if line.strip() != word:
+        raise SystemExit(f"expected {word!r}, got {line!r}")
 
 
 async def _remaining(conn: asyncpg.Connection, system: str, queue: str) -> int:
@@ -239,15 +239,11 @@ async def _child_main(system: str, url: str, queue: str, batch: int) -> int:
             async def handler(task: Task) -> None:
                 record(task.payload)
 
-            probe = await asyncpg.connect(url)
-            try:
-                print("ready", flush=True)
-                await _wait_go()
-                async with open_worker(AgentQueue(storage, queue, cfg), handler):
-                    while await _remaining(probe, system, queue):  # noqa: ASYNC110 - other processes
-                        await asyncio.sleep(0.05)
-            finally:
-                await probe.close()
+            print("ready", flush=True)
+            await _wait_go()
+            async with open_worker(AgentQueue(storage, queue, cfg), handler):
+                # Workers serve until stopped: the parent says when the queue is drained.
+                await _wait_go("stop")
     elif system == "raw_sql":
         conn = await asyncpg.connect(url)
         try:
@@ -354,7 +350,7 @@ async def _run_processes(system: str, url: str, queue: str, n: int, batch: int) 
         seen: list[int] = []
         first, last = math.inf, go
         for proc in procs:
-            out, _ = await asyncio.to_thread(proc.communicate, None, 600)
+            out, _ = await asyncio.to_thread(proc.communicate, "stop\n", 600)
             if proc.returncode != 0:
                 raise RuntimeError(f"{system} worker exited with {proc.returncode}")
             report = json.loads(out.strip().splitlines()[-1])
