@@ -303,9 +303,10 @@ class Worker:
         self._legacy = config.mode == "poll_spawn"
         self._free = config.max_workers  # claim mode: handler slots not taken
         self._ready: collections.deque[Task] = collections.deque()  # claimed, not started
-        self._ready_event = anyio.Event()
+        self._sleepers: collections.deque[anyio.Event] = collections.deque()  # idle runners
         self._runners = 0
-        self._waiting_runners = 0
+        # One runner at a time is being woken (or started); it wakes the next if work is left.
+        self._wake_pending = False
         self._held: dict[int, int] = {}  # task id -> lease token, until its outcome is written
         self._scopes: dict[int, anyio.CancelScope] = {}
         self._stop_reason: dict[int, tuple[_Stop, str]] = {}
@@ -596,14 +597,25 @@ class Worker:
             return False
         self._free -= len(tasks)  # never below 0: we claimed only free slots
         self._ready.extend(tasks)
-        self._ready_event.set()
-        missing = min(
-            len(self._ready) - self._waiting_runners, self.config.max_workers - self._runners
-        )
-        for _ in range(max(0, missing)):
+        self._wake_one()
+        return False
+
+    def _wake_one(self) -> None:
+        """Wake an idle runner, or start one (up to ``max_workers``), unless one is on its way.
+
+        Runners are woken one after the other, each as the previous one takes a task and
+        sees more waiting, so a batch of handlers that never wait is run by the first runner
+        without waking the others for nothing; handlers that wait still start at once.
+        """
+        if self._wake_pending or self._tasks is None:
+            return
+        if self._sleepers:
+            self._wake_pending = True
+            self._sleepers.popleft().set()
+        elif self._runners < self.config.max_workers:
+            self._wake_pending = True
             self._runners += 1
             self._tasks.start_soon(self._runner)
-        return False
 
     async def _runner(self) -> None:
         """A long-lived handler runner (claim mode): runs queued tasks one at a time.
@@ -612,15 +624,18 @@ class Worker:
         id, so ``cancel`` and a lost lease cancel just that handler; a scope that was
         cancelled is replaced before the next task. Cancelled with the worker's task group.
         """
+        self._wake_pending = False  # this is the runner that was started
         since_yield = 0
         while True:
             with anyio.CancelScope() as scope:
                 while not scope.cancel_called:
                     if not self._ready:
                         since_yield = 0
-                        await self._wait_ready()
+                        await self._sleep()
                         continue
                     task = self._ready.popleft()
+                    if self._ready:
+                        self._wake_one()  # more work: a helper, in case this handler waits
                     if self._held.get(task.id) != task.claim.token:
                         self._finish(None)  # its lease was lost before it started
                         continue
@@ -631,15 +646,17 @@ class Worker:
                         since_yield = 0
                         await anyio.lowlevel.checkpoint()
 
-    async def _wait_ready(self) -> None:
-        self._waiting_runners += 1
+    async def _sleep(self) -> None:
+        """Wait until ``_wake_one`` picks this runner."""
+        woken = anyio.Event()
+        self._sleepers.append(woken)
         try:
-            while not self._ready:
-                if self._ready_event.is_set():
-                    self._ready_event = anyio.Event()
-                await self._ready_event.wait()
+            await woken.wait()
         finally:
-            self._waiting_runners -= 1
+            if woken.is_set():
+                self._wake_pending = False
+            else:  # cancelled while idle
+                self._sleepers.remove(woken)
 
     async def _run_one(self, task: Task) -> None:
         """Legacy ``poll_spawn``: one spawned task per handler."""
