@@ -14,6 +14,7 @@ from pydantic import SecretStr
 
 from storage._validate import encode_payload
 from storage.base import (
+    LEASE_EXPIRED,
     AsyncStorageBackend,
     CancelState,
     ChatMessage,
@@ -30,6 +31,7 @@ from storage.base import (
     NotificationStream,
     OutboxMessage,
     OutboxStatus,
+    QueueDepth,
     StorageSettings,
     StorageStatistics,
     StreamAppend,
@@ -49,6 +51,7 @@ from storage.errors import (
 )
 
 __all__ = [
+    "LEASE_EXPIRED",
     "AsyncStorageBackend",
     "CancelState",
     "ChatMessage",
@@ -70,6 +73,7 @@ __all__ = [
     "OutboxMessage",
     "OutboxStatus",
     "QueryError",
+    "QueueDepth",
     "StorageClosed",
     "StorageError",
     "StorageSettings",

@@ -30,6 +30,7 @@ _B = TypeVar("_B", bound="AsyncStorageBackend")
 
 __all__ = [
     "JSON",
+    "LEASE_EXPIRED",
     "AsyncStorageBackend",
     "CancelState",
     "ChatMessage",
@@ -46,6 +47,7 @@ __all__ = [
     "Notification",
     "NotificationStream",
     "OutboxMessage",
+    "QueueDepth",
     "StorageSettings",
     "StorageStatistics",
     "StreamEvent",
@@ -194,6 +196,10 @@ class LeaseAttempt(NamedTuple):
     slot_ok: bool
 
 
+LEASE_EXPIRED = "lease expired"
+"""``last_error`` of a task re-claimed because its previous worker's lease expired."""
+
+
 class TaskStatus(StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
@@ -320,6 +326,35 @@ class OutboxMessage:
             row["lease_token"],
             row["last_error"],
             row["created_at"],
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class QueueDepth:
+    """The unfinished rows of one task queue, or of the outbox, as ``backlog_depths`` read them.
+
+    ``waiting`` rows can be claimed now: queued (pending) and due, or claimed under a lease
+    that expired (their worker died). ``delayed`` rows wait for a future ``run_after``
+    (scheduled, or a retry's backoff); ``in_flight`` rows are claimed under a live lease.
+    ``oldest_wait_s`` is how long the longest-waiting claimable row has been claimable
+    (since its ``run_after`` or its lease expiry; 0.0 when none waits), by the database's
+    clock.
+    """
+
+    name: str
+    waiting: int
+    delayed: int
+    in_flight: int
+    oldest_wait_s: float
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> QueueDepth:
+        return cls(
+            row["name"],
+            int(row["waiting"]),
+            int(row["delayed"]),
+            int(row["in_flight"]),
+            max(0.0, float(row["oldest_wait_s"] or 0.0)),
         )
 
 
@@ -653,7 +688,9 @@ class AsyncStorageBackend(abc.ABC):
         increments ``attempts`` and gets a new lease token; concurrent claimers never get
         the same row (``FOR UPDATE SKIP LOCKED`` on Postgres, an IMMEDIATE transaction on
         SQLite). If the call is cancelled after the claim committed, the rows stay leased
-        and are re-claimed after ``lease_s``.
+        and are re-claimed after ``lease_s``. A task claimed because its lease expired gets
+        ``last_error`` = ``LEASE_EXPIRED`` (on its last attempt it is dead-lettered with
+        ``lease expired on the last attempt`` instead and not returned).
         """
 
     @abc.abstractmethod
@@ -691,6 +728,25 @@ class AsyncStorageBackend(abc.ABC):
     @abc.abstractmethod
     async def purge_tasks(self, older_than_s: float) -> int:
         """Delete succeeded tasks finished more than ``older_than_s`` seconds ago."""
+
+    @abc.abstractmethod
+    async def next_task_due_s(self, queue: str) -> float | None:
+        """Seconds until the next task of ``queue`` becomes claimable, by the database's clock.
+
+        That is the earliest ``run_after`` of its queued tasks and the earliest lease expiry
+        of its running ones; 0.0 if one is claimable now (or is being claimed by a
+        transaction that has not committed yet), None if the queue has no unfinished task.
+        Idle workers sleep until then, so a dead worker's tasks are re-run as soon as their
+        lease runs out. One read, no lock.
+        """
+
+    @abc.abstractmethod
+    async def backlog_depths(self) -> tuple[list[QueueDepth], QueueDepth]:
+        """Depth and oldest wait of every task queue with unfinished tasks, and of the outbox.
+
+        Returns (one ``QueueDepth`` per queue, sorted by name; the outbox's, named
+        ``outbox``). For metrics: one read of each table's unfinished rows, no lock.
+        """
 
     # -- outbox ----------------------------------------------------------------
 

@@ -39,6 +39,7 @@ from storage.base import (
     NotificationStream,
     OutboxMessage,
     OutboxStatus,
+    QueueDepth,
     StorageSettings,
     StorageStatistics,
     StreamAppend,
@@ -494,7 +495,10 @@ class PostgresBackend(AsyncStorageBackend):
 
     @operation
     async def dead_letter_tasks(self, failures: Sequence[Failure]) -> list[int]:
-        return await self._failed_update("dead_letter_tasks", failures)
+        ids, tokens, errors, _ = v.prepare_failures(failures)  # retry_at does not apply
+        if not ids:
+            return []
+        return sorted(r[0] for r in await self._fetch("dead_letter_tasks", ids, tokens, errors))
 
     @operation
     async def get_task(self, task_id: int) -> Task | None:
@@ -505,6 +509,17 @@ class PostgresBackend(AsyncStorageBackend):
     async def purge_tasks(self, older_than_s: float) -> int:
         age = v.check_seconds(older_than_s, "older_than_s", minimum=0)
         return _rowcount(await self._execute("purge_tasks", age))
+
+    @operation
+    async def next_task_due_s(self, queue: str) -> float | None:
+        rows = await self._fetch("next_task_due", v.check_id(queue, "queue"))
+        due = rows[0]["due_s"] if rows else None
+        return None if due is None else max(0.0, float(due))
+
+    @operation
+    async def backlog_depths(self) -> tuple[list[QueueDepth], QueueDepth]:
+        tasks = [QueueDepth.from_row(r) for r in await self._fetch("task_backlog")]
+        return tasks, QueueDepth.from_row((await self._fetch("outbox_backlog"))[0])
 
     async def _claimed_update(self, name: str, claims: Sequence[Claim]) -> list[int]:
         ids, tokens = v.prepare_claims(claims)

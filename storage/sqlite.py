@@ -41,6 +41,7 @@ from storage.base import (
     NotificationStream,
     OutboxMessage,
     OutboxStatus,
+    QueueDepth,
     StorageSettings,
     StorageStatistics,
     StreamAppend,
@@ -645,6 +646,18 @@ class SqliteBackend(AsyncStorageBackend):
     async def purge_tasks(self, older_than_s: float) -> int:
         cutoff = time.time() - v.check_seconds(older_than_s, "older_than_s", minimum=0)
         return await self._write_count("purge_tasks", {"cutoff": cutoff})
+
+    @operation
+    async def next_task_due_s(self, queue: str) -> float | None:
+        params = {"queue": v.check_id(queue, "queue"), "now": time.time()}
+        due = (await self._read("next_task_due", params))[0]["due_s"]
+        return None if due is None else max(0.0, float(due))
+
+    @operation
+    async def backlog_depths(self) -> tuple[list[QueueDepth], QueueDepth]:
+        now = {"now": time.time()}
+        tasks = [QueueDepth.from_row(r) for r in await self._read("task_backlog", now)]
+        return tasks, QueueDepth.from_row((await self._read("outbox_backlog", now))[0])
 
     async def _claimed_update(
         self, name: str, claims: Sequence[Claim], *, lease_until: float | None = None

@@ -229,7 +229,8 @@ ON CONFLICT (queue, idempotency_key)
 RETURNING *;
 
 -- name: claim_tasks
--- A running task whose lease expired with no attempts left is dead-lettered, not re-run.
+-- A running task whose lease expired with no attempts left is dead-lettered, not re-run; one
+-- with attempts left is re-run with last_error 'lease expired' (workers count re-runs by it).
 WITH picked AS (
     SELECT id FROM agent_tasks
     WHERE queue = $1 AND status IN ('queued', 'running') AND run_after <= now()
@@ -241,7 +242,9 @@ WITH picked AS (
         status = CASE WHEN t.status = 'running' AND t.attempts >= t.max_attempts
                       THEN 'dead' ELSE 'running' END,
         last_error = CASE WHEN t.status = 'running' AND t.attempts >= t.max_attempts
-                          THEN 'lease expired on the last attempt' ELSE t.last_error END,
+                          THEN 'lease expired on the last attempt'
+                          WHEN t.status = 'running' THEN 'lease expired'
+                          ELSE t.last_error END,
         attempts = CASE WHEN t.status = 'running' AND t.attempts >= t.max_attempts
                         THEN t.attempts ELSE t.attempts + 1 END,
         worker_id = $2,
@@ -253,42 +256,46 @@ WITH picked AS (
 )
 SELECT * FROM claimed WHERE status = 'running' ORDER BY priority DESC, id;
 
+-- Updates under claims look rows up by primary key (id = ANY) and check each row's token
+-- at its position in the arrays (ids are unique per call), with no join: a join with
+-- unnest() let the planner pick a sequential scan of the whole table (its statistics
+-- rarely see 'running' rows) and rescan the unnest per row, O(table x batch) per write.
+
 -- name: heartbeat_tasks
 UPDATE agent_tasks t SET run_after = now() + make_interval(secs => $3), updated_at = now()
-FROM unnest($1::bigint[], $2::bigint[]) AS c(id, token)
-WHERE t.id = c.id AND t.lease_token = c.token AND t.status = 'running'
+WHERE t.id = ANY($1::bigint[]) AND t.status = 'running'
+  AND t.lease_token = ($2::bigint[])[array_position($1::bigint[], t.id)]
 RETURNING t.id;
 
 -- name: complete_tasks
 UPDATE agent_tasks t SET status = 'succeeded', updated_at = now()
-FROM unnest($1::bigint[], $2::bigint[]) AS c(id, token)
-WHERE t.id = c.id AND t.lease_token = c.token AND t.status = 'running'
+WHERE t.id = ANY($1::bigint[]) AND t.status = 'running'
+  AND t.lease_token = ($2::bigint[])[array_position($1::bigint[], t.id)]
 RETURNING t.id;
 
 -- name: fail_tasks
 UPDATE agent_tasks t SET
     status = CASE WHEN t.attempts >= t.max_attempts THEN 'dead' ELSE 'queued' END,
-    run_after = coalesce(f.retry_at, now()),
-    last_error = f.error,
+    run_after = coalesce(($4::timestamptz[])[array_position($1::bigint[], t.id)], now()),
+    last_error = ($3::text[])[array_position($1::bigint[], t.id)],
     updated_at = now()
-FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::timestamptz[])
-     AS f(id, token, error, retry_at)
-WHERE t.id = f.id AND t.lease_token = f.token AND t.status = 'running'
+WHERE t.id = ANY($1::bigint[]) AND t.status = 'running'
+  AND t.lease_token = ($2::bigint[])[array_position($1::bigint[], t.id)]
 RETURNING t.id, t.status;
 
 -- name: release_tasks
 UPDATE agent_tasks t SET status = 'queued', run_after = now(),
     attempts = greatest(t.attempts - 1, 0), updated_at = now()
-FROM unnest($1::bigint[], $2::bigint[]) AS c(id, token)
-WHERE t.id = c.id AND t.lease_token = c.token AND t.status = 'running'
+WHERE t.id = ANY($1::bigint[]) AND t.status = 'running'
+  AND t.lease_token = ($2::bigint[])[array_position($1::bigint[], t.id)]
 RETURNING t.id;
 
 -- name: dead_letter_tasks
 -- A permanent failure or a cancelled task: dead now, whatever attempts are left.
-UPDATE agent_tasks t SET status = 'dead', last_error = f.error, updated_at = now()
-FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::timestamptz[])
-     AS f(id, token, error, retry_at)
-WHERE t.id = f.id AND t.lease_token = f.token AND t.status = 'running'
+UPDATE agent_tasks t SET status = 'dead',
+    last_error = ($3::text[])[array_position($1::bigint[], t.id)], updated_at = now()
+WHERE t.id = ANY($1::bigint[]) AND t.status = 'running'
+  AND t.lease_token = ($2::bigint[])[array_position($1::bigint[], t.id)]
 RETURNING t.id;
 
 -- name: get_task
@@ -297,6 +304,33 @@ SELECT * FROM agent_tasks WHERE id = $1;
 -- name: purge_tasks
 DELETE FROM agent_tasks
 WHERE status = 'succeeded' AND updated_at < now() - make_interval(secs => $1);
+
+-- name: next_task_due
+-- Read by idle workers: a running task's run_after is its lease expiry, so the minimum is
+-- the next moment a delayed task becomes due or a dead worker's task becomes claimable.
+SELECT extract(epoch FROM min(run_after) - now())::float8 AS due_s
+FROM agent_tasks WHERE queue = $1 AND status IN ('queued', 'running');
+
+-- name: task_backlog
+SELECT queue AS name,
+    count(*) FILTER (WHERE run_after <= now()) AS waiting,
+    count(*) FILTER (WHERE status = 'queued' AND run_after > now()) AS delayed,
+    count(*) FILTER (WHERE status = 'running' AND run_after > now()) AS in_flight,
+    extract(epoch FROM now() - min(run_after) FILTER (WHERE run_after <= now()))::float8
+        AS oldest_wait_s
+FROM agent_tasks WHERE status IN ('queued', 'running')
+GROUP BY queue ORDER BY queue;
+
+-- name: outbox_backlog
+-- Metrics only; kept apart from the outbox claim queries. Rows held back behind an earlier
+-- message of their group count as waiting: they are due, delivery order makes them wait.
+SELECT 'outbox' AS name,
+    count(*) FILTER (WHERE run_after <= now()) AS waiting,
+    count(*) FILTER (WHERE status = 'pending' AND run_after > now()) AS delayed,
+    count(*) FILTER (WHERE status = 'sending' AND run_after > now()) AS in_flight,
+    extract(epoch FROM now() - min(run_after) FILTER (WHERE run_after <= now()))::float8
+        AS oldest_wait_s
+FROM outbox WHERE status IN ('pending', 'sending');
 
 -- name: enqueue_outbox
 INSERT INTO outbox (channel, account, payload, max_attempts)

@@ -179,12 +179,15 @@ VALUES (?, ?, ?, ?, ?, ?, ?, ?);
 SELECT * FROM agent_tasks WHERE id > :after ORDER BY id;
 
 -- name: claim_tasks
--- A running task whose lease expired with no attempts left is dead-lettered, not re-run.
+-- A running task whose lease expired with no attempts left is dead-lettered, not re-run; one
+-- with attempts left is re-run with last_error 'lease expired' (workers count re-runs by it).
 UPDATE agent_tasks SET
     status = CASE WHEN status = 'running' AND attempts >= max_attempts
                   THEN 'dead' ELSE 'running' END,
     last_error = CASE WHEN status = 'running' AND attempts >= max_attempts
-                      THEN 'lease expired on the last attempt' ELSE last_error END,
+                      THEN 'lease expired on the last attempt'
+                      WHEN status = 'running' THEN 'lease expired'
+                      ELSE last_error END,
     attempts = CASE WHEN status = 'running' AND attempts >= max_attempts
                     THEN attempts ELSE attempts + 1 END,
     worker_id = :worker_id,
@@ -246,6 +249,31 @@ DELETE FROM agent_tasks WHERE status = 'succeeded' AND updated_at < :cutoff;
 
 -- name: _max_outbox_id
 SELECT coalesce(max(id), 0) FROM outbox;
+
+-- name: next_task_due
+-- Read by idle workers: a running task's run_after is its lease expiry, so the minimum is
+-- the next moment a delayed task becomes due or a dead worker's task becomes claimable.
+SELECT min(run_after) - :now AS due_s
+FROM agent_tasks WHERE queue = :queue AND status IN ('queued', 'running');
+
+-- name: task_backlog
+SELECT queue AS name,
+    sum(run_after <= :now) AS waiting,
+    sum(status = 'queued' AND run_after > :now) AS delayed,
+    sum(status = 'running' AND run_after > :now) AS in_flight,
+    :now - min(CASE WHEN run_after <= :now THEN run_after END) AS oldest_wait_s
+FROM agent_tasks WHERE status IN ('queued', 'running')
+GROUP BY queue ORDER BY queue;
+
+-- name: outbox_backlog
+-- Metrics only; kept apart from the outbox claim queries. Rows held back behind an earlier
+-- message of their group count as waiting: they are due, delivery order makes them wait.
+SELECT 'outbox' AS name,
+    coalesce(sum(run_after <= :now), 0) AS waiting,
+    coalesce(sum(status = 'pending' AND run_after > :now), 0) AS delayed,
+    coalesce(sum(status = 'sending' AND run_after > :now), 0) AS in_flight,
+    :now - min(CASE WHEN run_after <= :now THEN run_after END) AS oldest_wait_s
+FROM outbox WHERE status IN ('pending', 'sending');
 
 -- name: enqueue_outbox
 INSERT INTO outbox (channel, account, payload, max_attempts, run_after, created_at, updated_at)
