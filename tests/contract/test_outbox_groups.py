@@ -12,12 +12,21 @@ A (channel, account) group is delivered in id order with at most one claim in fl
 
 from __future__ import annotations
 
+import secrets
 from datetime import UTC, datetime, timedelta
 
 import anyio
+import asyncpg
 
 from orchestrator.outbox import Outbox, OutboxConfig, RetryTemplate, SendError, open_outbox_relay
-from storage import AsyncStorageBackend, Failure, NewOutboxMessage, OutboxMessage, OutboxStatus
+from storage import (
+    AsyncStorageBackend,
+    Failure,
+    NewOutboxMessage,
+    OutboxMessage,
+    OutboxStatus,
+    open_storage,
+)
 
 
 async def _claim(storage: AsyncStorageBackend, limit: int = 10) -> list[object]:
@@ -116,3 +125,26 @@ async def test_relay_dead_letters_a_poison_message_delivers_the_rest_and_redrive
     assert sent == ["m0", "m2", "m3", "m4", "poison"]
     final = await outbox.get(rows[1].id)
     assert final is not None and final.status is OutboxStatus.SENT and final.attempts == 1
+
+
+async def test_postgres_claims_messages_whose_group_has_no_row_yet(postgres_dsn: str) -> None:
+    """Rows written by an older version (no outbox_groups row, e.g. during a rolling
+    upgrade) are claimed at once, and their group gets its row."""
+    channel = f"upgrade{secrets.token_hex(3)}"
+    conn = await asyncpg.connect(postgres_dsn)
+    try:
+        await conn.execute(
+            "INSERT INTO outbox (channel, account, payload, max_attempts)"
+            " SELECT $1, 'a', to_jsonb(i), 5 FROM generate_series(0, 2) AS i",
+            channel,
+        )
+        async with open_storage(postgres_dsn) as storage:
+            first = await storage.claim_outbox("w", limit=10, lease_s=30, channels=[channel])
+            assert [m.payload for m in first] == [0, 1, 2]
+            assert await storage.claim_outbox("w", limit=10, lease_s=30, channels=[channel]) == []
+        version = await conn.fetchval(
+            "SELECT version FROM outbox_groups WHERE channel = $1 AND account = 'a'", channel
+        )
+        assert version == 1
+    finally:
+        await conn.close()

@@ -347,9 +347,23 @@ WITH picked AS MATERIALIZED (
     SELECT g.channel, g.account, g.version FROM outbox_groups g
     WHERE (g.channel, g.account) IN (SELECT channel, account FROM picked)
     FOR UPDATE SKIP LOCKED
+), adopted AS (
+    -- A group without a row (its messages were written by an older version during a
+    -- rolling upgrade) gets one now. This claim holds it: nobody can lock the row before
+    -- this transaction commits, and a concurrent insert makes this one do nothing.
+    INSERT INTO outbox_groups AS g (channel, account, version)
+    SELECT DISTINCT p.channel, p.account, 1 FROM picked p
+    WHERE NOT EXISTS (
+        SELECT 1 FROM seen s WHERE s.channel = p.channel AND s.account = p.account
+    )
+    ORDER BY 1, 2
+    ON CONFLICT DO NOTHING
+    RETURNING g.channel, g.account
 ), held AS MATERIALIZED (
     SELECT l.channel, l.account FROM locked l
     JOIN seen s ON s.channel = l.channel AND s.account = l.account AND s.version = l.version
+    UNION ALL
+    SELECT channel, account FROM adopted
 ), bumped AS (
     UPDATE outbox_groups g SET version = g.version + 1
     FROM held h WHERE g.channel = h.channel AND g.account = h.account

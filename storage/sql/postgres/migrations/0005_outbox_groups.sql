@@ -4,7 +4,8 @@
 -- locked: when another claim (or a redrive) of that group committed after this statement's
 -- snapshot, the versions differ and the group is left for the next claim, so a claim never
 -- decides on a group state older than the last committed claim. Rows are created by
--- enqueue_outbox (ON CONFLICT DO NOTHING) and never deleted: one small row per group.
+-- enqueue_outbox (ON CONFLICT DO NOTHING), or by the first claim of a group whose messages
+-- an older version wrote, and never deleted: one small row per group.
 CREATE TABLE outbox_groups (
     channel  text NOT NULL,
     account  text NOT NULL,
