@@ -321,13 +321,16 @@ RETURNING *;
 -- prefix, in id order, of its groups' due messages.
 -- Concurrent claims (Postgres): `picked` reads this statement's snapshot, which may predate
 -- a claim of the same group that committed since. So the claim locks each picked group's
--- outbox_groups row (SKIP LOCKED: a group being claimed right now is left alone) and keeps
--- the group only if the locked row's version is the one its snapshot saw (`seen`): every
--- claim and every redrive bumps the version of the groups it touches, so a group whose state
--- changed after the snapshot is left for the next claim. Delivery results do not touch the
--- group row: the only result that can land on a row this claim takes is the late result of
--- an expired claim, and the update below re-reads such a row (status check only), so it is
--- taken or dropped by its current state and never skipped while the rows behind it go.
+-- outbox_groups row (SKIP LOCKED: a group being claimed right now is left alone) on the
+-- condition that its version is the one the snapshot saw (`seen`). Every claim and every
+-- redrive bumps the version of the groups it touches, and FOR UPDATE re-checks that
+-- condition against the row's latest committed version, so a group whose state changed after
+-- the snapshot drops out of `locked` and is left for the next claim. (Locking the group row
+-- alone would not do: the outbox rows would still be read from the old snapshot.) Delivery
+-- results do not touch the group row: the only result that can land on a row this claim
+-- takes is the late result of an expired claim, and the update below re-reads such a row
+-- (status check only), so it is taken or dropped by its current state and never skipped
+-- while the rows behind it go.
 WITH picked AS MATERIALIZED (
     SELECT o.id, o.channel, o.account FROM outbox o
     WHERE o.status IN ('pending', 'sending') AND o.run_after <= now()
@@ -343,10 +346,6 @@ WITH picked AS MATERIALIZED (
 ), seen AS MATERIALIZED (
     SELECT g.channel, g.account, g.version FROM outbox_groups g
     WHERE (g.channel, g.account) IN (SELECT channel, account FROM picked)
-), locked AS MATERIALIZED (
-    SELECT g.channel, g.account, g.version FROM outbox_groups g
-    WHERE (g.channel, g.account) IN (SELECT channel, account FROM picked)
-    FOR UPDATE SKIP LOCKED
 ), adopted AS (
     -- A group without a row (its messages were written by an older version during a
     -- rolling upgrade) gets one now. This claim holds it: nobody can lock the row before
@@ -359,9 +358,12 @@ WITH picked AS MATERIALIZED (
     ORDER BY 1, 2
     ON CONFLICT DO NOTHING
     RETURNING g.channel, g.account
+), locked AS MATERIALIZED (
+    SELECT g.channel, g.account FROM outbox_groups g
+    JOIN seen s ON s.channel = g.channel AND s.account = g.account AND s.version = g.version
+    FOR UPDATE OF g SKIP LOCKED
 ), held AS MATERIALIZED (
-    SELECT l.channel, l.account FROM locked l
-    JOIN seen s ON s.channel = l.channel AND s.account = l.account AND s.version = l.version
+    SELECT channel, account FROM locked
     UNION ALL
     SELECT channel, account FROM adopted
 ), bumped AS (
