@@ -338,8 +338,12 @@ WITH picked AS MATERIALIZED (
       AND NOT EXISTS (
           SELECT 1 FROM outbox p
           WHERE p.channel = o.channel AND p.account = o.account
-            AND p.status IN ('pending', 'sending') AND p.run_after > now()
-            AND (p.id < o.id OR p.status = 'sending')
+            AND p.id < o.id AND p.status IN ('pending', 'sending') AND p.run_after > now()
+      )
+      AND NOT EXISTS (  -- any message of the group in flight (outbox_sending_group)
+          SELECT 1 FROM outbox p
+          WHERE p.channel = o.channel AND p.account = o.account
+            AND p.status = 'sending' AND p.run_after > now()
       )
     ORDER BY o.id
     LIMIT $2

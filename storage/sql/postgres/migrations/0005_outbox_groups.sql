@@ -15,3 +15,7 @@ CREATE TABLE outbox_groups (
 INSERT INTO outbox_groups (channel, account)
 SELECT DISTINCT channel, account FROM outbox
 ON CONFLICT DO NOTHING;
+-- A claim leaves a group alone while any of its messages is in flight, whatever its id (a
+-- redriven message behind in-flight ones, or one a concurrent producer committed late): this
+-- index of the in-flight rows answers that per group without walking its pending backlog.
+CREATE INDEX outbox_sending_group ON outbox (channel, account) WHERE status = 'sending';
