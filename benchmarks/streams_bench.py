@@ -13,11 +13,22 @@ paths and against the ceilings they aim at, in one run.
    per subscriber, no persistence); target >= 50%. (b) at a token rate (20 tokens/s per
    session), delivery latency p50/p99 and database reads per second caused by live
    subscribers, memory mode vs the legacy poll mode. Target: zero reads in memory mode.
+4. Cross-process delivery (Postgres only: SQLite's notifications reach only the process
+   that sent them). A producer process (StreamEventWriter + BroadcastHub) emits at 20
+   events/s per session over 50 sessions (and at 100 events/s per session), a subscriber
+   process (its own storage handle and hub, ``cross_instance``) follows every session.
+   Latency is the subscriber's wall clock at receipt minus the emit time in the payload
+   (same machine), next to the in-process figure of subscribers in the producer's own
+   hub; plus the subscriber hub's database reads per event, notifications/s and insert
+   statements per event. Optimized (events inline in the notification, prompt flush) vs
+   legacy (advances only, receivers fetch; 50 ms flush interval). Target: cross-process
+   p99 < 25 ms at 20 events/s per session.
 
 Sides alternate A B A B within each repetition; medians and spread ((max-min)/median) are
 reported, and a spread over 25% is flagged as too noisy to claim a result.
 
-Run: ``python -m benchmarks.streams_bench [--url URL] [--repeats N] [--quick] [--json PATH]``.
+Run: ``python -m benchmarks.streams_bench [--url URL] [--repeats N] [--quick] [--json PATH]``
+(``--sections`` picks some of throughput, latency, fanout, cross).
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ import asyncio
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -38,9 +50,9 @@ from typing import Any
 import aiosqlite
 import anyio
 
+from benchmarks._common import REPO, environment
 from benchmarks._common import create_database as _create_database
 from benchmarks._common import drop_database as _drop_database
-from benchmarks._common import environment
 from benchmarks._common import load_average as _load_average
 from benchmarks._common import redact as _redact
 from benchmarks._common import with_database as _with_database
@@ -52,7 +64,7 @@ from benchmarks.storage_bench import (
 from orchestrator.batching import BatchConfig
 from orchestrator.broadcast import BroadcastHub, DeliveryMode, HubConfig, StreamReset
 from orchestrator.streams import StreamConfig, StreamEventWriter
-from storage import AsyncStorageBackend, open_storage
+from storage import AsyncStorageBackend, StreamEvent, open_storage
 
 SESSIONS_THROUGHPUT = 50
 FANOUT_SESSIONS = 500
@@ -126,8 +138,13 @@ def _percentile(samples: Sequence[float], q: float) -> float:
     return ordered[index]
 
 
-def _batch_config() -> BatchConfig:
-    return BatchConfig(max_batch=WRITER_BATCH, flush_interval_s=0.05, capacity=200_000)
+def _batch_config(timer: bool = False) -> BatchConfig:
+    """The stream writer's shipped flush rule, with room for a whole run; ``timer``: the
+    previous rule (a 50 ms flush interval, no group commit)."""
+    update: dict[str, Any] = {"max_batch": WRITER_BATCH, "capacity": 200_000}
+    if timer:
+        update.update(eager=False, flush_interval_s=0.05)
+    return StreamConfig().batch.model_copy(update=update)
 
 
 # ---------------------------------------------------------------- 1. persistence throughput
@@ -163,9 +180,15 @@ async def _emit_all(
 
 
 async def _library(
-    storage: AsyncStorageBackend, tag: str, events: int, batched: bool, producers: int
-) -> float:
-    config = StreamConfig(batching=batched, batch=_batch_config())
+    storage: AsyncStorageBackend,
+    tag: str,
+    events: int,
+    batched: bool,
+    producers: int,
+    timer: bool = False,
+) -> tuple[float, float]:
+    """Events/s and insert statements per event."""
+    config = StreamConfig(batching=batched, batch=_batch_config(timer))
     async with (
         BroadcastHub(storage, HubConfig(cross_instance=False)) as hub,
         StreamEventWriter(storage, hub, config) as writer,
@@ -174,7 +197,8 @@ async def _library(
         stats = writer.statistics()
         if stats.persisted != events or stats.lost:
             raise RuntimeError(f"persisted {stats.persisted} of {events}, lost {stats.lost}")
-        return rate
+        statements = stats.writer.batches if stats.writer is not None else stats.insert_statements
+        return rate, statements / events
 
 
 def _raw_rows(tag: str, events: int) -> list[list[tuple[str, int, int, str, Any]]]:
@@ -235,19 +259,30 @@ async def bench_throughput(
     await _library(storage, f"warm-{driver}", batched_n // 10, True, many)
     await _library(storage, f"warm-l-{driver}", legacy_n // 10, False, many)
     await raw(f"warm-r-{driver}", batched_n // 10)
+
+    async def raw_rate(tag: str, n: int) -> tuple[float, float]:
+        return await raw(tag, n), 1 / WRITER_BATCH
+
     for rep in range(repeats):
         _progress(f"{driver}: persistence throughput, repetition {rep + 1}/{repeats}")
         tag = f"{rep}-{driver}"
-        sides: list[tuple[str, Awaitable[float]]] = [
+        sides: list[tuple[str, Awaitable[tuple[float, float]]]] = [
             ("batched, 50 producers", _library(storage, f"b{tag}", batched_n, True, many)),
+            (
+                "batched 50 ms timer, 50 producers",
+                _library(storage, f"t{tag}", batched_n, True, many, timer=True),
+            ),
             ("legacy, 50 producers", _library(storage, f"l{tag}", legacy_n, False, many)),
             ("legacy, 1 producer", _library(storage, f"m{tag}", legacy_n, False, 1)),
-            ("raw batched insert", raw(f"r{tag}", batched_n)),
+            ("raw batched insert", raw_rate(f"r{tag}", batched_n)),
         ]
         if rep % 2:
             sides.reverse()
         for name, pending in sides:
-            results.add("throughput", driver, name, "events/s", await pending)
+            rate, statements = await pending
+            results.add("throughput", driver, name, "events/s", rate)
+            if name.startswith("batched"):
+                results.add("throughput", driver, f"{name}: statements/event", "ratio", statements)
 
 
 # ---------------------------------------------------------------- 2. emit latency
@@ -440,6 +475,226 @@ async def bench_fanout(
             )
 
 
+# ---------------------------------------------------------------- 4. cross-process delivery
+
+CROSS_SESSIONS = 50
+CROSS_RATES = (20.0, 100.0)  # events/s per session
+CROSS_SIDES = ("optimized", "eager", "legacy")
+
+
+def _cross_config(side: str) -> StreamConfig:
+    if side == "optimized":
+        return StreamConfig()
+    if side == "eager":
+        # The alternative flush rule: group commit, a flush as soon as the last one is done.
+        return StreamConfig(batch=StreamConfig().batch.model_copy(update={"eager": True}))
+    # The previous release: advances only (every receiving hub fetches) and a 50 ms timer.
+    timer = StreamConfig().batch.model_copy(update={"eager": False, "flush_interval_s": 0.05})
+    return StreamConfig(notify_inline=False, batch=timer)
+
+
+def _summary(latencies_s: list[float]) -> dict[str, float]:
+    return {
+        "p50_ms": _percentile(latencies_s, 0.5) * 1000,
+        "p99_ms": _percentile(latencies_s, 0.99) * 1000,
+        "max_ms": max(latencies_s, default=float("nan")) * 1000,
+        "n": float(len(latencies_s)),
+    }
+
+
+async def _cross_subscriber(url: str, tag: str, sessions: int, events: int) -> dict[str, float]:
+    """The subscriber process: its own storage handle and hub, one subscriber per session."""
+    latencies: list[float] = []
+    resets = 0
+    async with open_storage(url) as storage, BroadcastHub(storage) as hub:
+        subs = [hub.subscribe(f"{tag}-{s}") for s in range(sessions)]
+
+        async def consume(sub: Any) -> None:
+            nonlocal resets
+            got = 0
+            async for item in sub:
+                now = time.time()
+                if isinstance(item, StreamReset):
+                    resets += 1
+                    continue
+                latencies.append(now - item.payload["t"])
+                got += 1
+                if got == events:
+                    break
+
+        print("ready", flush=True)  # every subscription is registered and listening
+        started = time.perf_counter()
+        with anyio.fail_after(events / 5 + 120):
+            async with anyio.create_task_group() as tg:
+                for sub in subs:
+                    tg.start_soon(consume, sub)
+        elapsed = time.perf_counter() - started
+        stats = hub.statistics()
+        for sub in subs:
+            await sub.aclose()
+    return {
+        **_summary(latencies),
+        "db_reads": float(stats.db_reads_total),
+        "notifications_per_s": stats.notifications / elapsed,
+        "inline_events": float(getattr(stats, "inline_events", 0)),
+        "resets": float(resets),
+    }
+
+
+async def _cross_producer(
+    url: str, tag: str, sessions: int, events: int, rate: float, side: str
+) -> dict[str, float]:
+    """The producer process: writer + hub, paced emits, in-process subscribers beside."""
+    latencies: list[float] = []
+    sids = [f"{tag}-{s}" for s in range(sessions)]
+    async with (
+        open_storage(url) as storage,
+        BroadcastHub(storage) as hub,
+        StreamEventWriter(storage, hub, _cross_config(side)) as writer,
+    ):
+        for sid in sids:
+            await writer.begin(sid, epoch=1)
+
+        async def consume(sid: str) -> None:
+            got = 0
+            async with hub.subscribe(sid) as sub:
+                async for item in sub:
+                    now = time.time()
+                    if isinstance(item, StreamEvent):
+                        latencies.append(now - item.payload["t"])
+                        got += 1
+                        if got == events:
+                            break
+
+        async def produce(sid: str, offset: float) -> None:
+            await anyio.sleep(offset)
+            due = time.monotonic()
+            for _ in range(events):
+                writer.emit_nowait(sid, "delta", {"text": TEXT, "t": time.time()})
+                due += 1 / rate
+                await anyio.sleep(max(0.0, due - time.monotonic()))
+
+        started = time.perf_counter()
+        async with anyio.create_task_group() as tg:
+            for sid in sids:
+                tg.start_soon(consume, sid)
+            await anyio.lowlevel.checkpoint()
+            for n, sid in enumerate(sids):
+                tg.start_soon(produce, sid, (n / sessions) / rate)
+        await writer.flush()
+        elapsed = time.perf_counter() - started
+        stats = writer.statistics()
+    batches = stats.writer.batches if stats.writer is not None else 0
+    in_process = _summary(latencies)
+    return {
+        "in_p50_ms": in_process["p50_ms"],
+        "in_p99_ms": in_process["p99_ms"],
+        "statements_per_event": batches / max(1, stats.persisted),
+        "notifications_per_s": stats.notifications / elapsed,
+        "lost": float(stats.lost),
+    }
+
+
+async def _child(argv: list[str]) -> Any:
+    return await anyio.open_process(
+        [sys.executable, "-m", "benchmarks.streams_bench", *argv],
+        stdout=subprocess.PIPE,
+        cwd=REPO,
+    )
+
+
+async def _read_line(stream: Any) -> str:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = await stream.receive(1)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode().strip()
+
+
+async def _cross_once(
+    url: str, tag: str, rate: float, seconds: float, side: str
+) -> dict[str, float]:
+    """One producer process and one subscriber process; their figures merged."""
+    events = max(1, round(rate * seconds))
+    common = [
+        "--url",
+        url,
+        "--tag",
+        tag,
+        "--sessions",
+        str(CROSS_SESSIONS),
+        "--events",
+        str(events),
+    ]
+    limit = seconds + 120
+    with anyio.fail_after(limit):
+        async with await _child(["--role", "subscriber", *common]) as sub:
+            assert sub.stdout is not None
+            ready = await _read_line(sub.stdout)
+            if ready != "ready":
+                raise RuntimeError(f"subscriber process did not start: {ready!r}")
+            argv = ["--role", "producer", *common, "--rate", str(rate), "--side", side]
+            async with await _child(argv) as prod:
+                assert prod.stdout is not None
+                produced = json.loads(await _read_line(prod.stdout))
+                await prod.wait()
+            received = json.loads(await _read_line(sub.stdout))
+            await sub.wait()
+    if received["n"] != CROSS_SESSIONS * events or produced["lost"]:
+        raise RuntimeError(f"cross-process run incomplete: {received} {produced}")
+    return {
+        "cross_p50_ms": received["p50_ms"],
+        "cross_p99_ms": received["p99_ms"],
+        "in_p50_ms": produced["in_p50_ms"],
+        "in_p99_ms": produced["in_p99_ms"],
+        "reads_per_event": received["db_reads"] / received["n"],
+        "notifications_per_s": produced["notifications_per_s"],
+        "statements_per_event": produced["statements_per_event"],
+    }
+
+
+async def bench_cross_process(
+    results: Results,
+    url: str,
+    repeats: int,
+    quick: bool,
+    sides: Sequence[str],
+    rates: Sequence[float] | None = None,
+) -> None:
+    seconds = 3.0 if quick else 8.0
+    if rates is None:
+        rates = CROSS_RATES[:1] if quick else CROSS_RATES
+    for rep in range(repeats):
+        order = list(sides) if rep % 2 == 0 else list(reversed(sides))
+        for rate in rates:
+            for side in order:
+                _progress(
+                    f"postgres: cross-process {side} at {rate:g}/s per session, rep {rep + 1}"
+                )
+                fig = await _cross_once(url, f"x{rep}-{side}-{rate:g}", rate, seconds, side)
+                label = f"{side}, {rate:g}/s x {CROSS_SESSIONS}"
+                for key, name, unit in (
+                    ("cross_p50_ms", "cross-process p50", "ms"),
+                    ("cross_p99_ms", "cross-process p99", "ms"),
+                    ("in_p50_ms", "in-process p50", "ms"),
+                    ("in_p99_ms", "in-process p99", "ms"),
+                    ("reads_per_event", "subscriber db reads/event", "ratio"),
+                    ("notifications_per_s", "notifications/s", "1/s"),
+                    ("statements_per_event", "insert statements/event", "ratio"),
+                ):
+                    results.add("cross-process", "postgres", f"{label}: {name}", unit, fig[key])
+
+
+async def _role(args: argparse.Namespace) -> dict[str, float]:
+    if args.role == "subscriber":
+        return await _cross_subscriber(args.url, args.tag, args.sessions, args.events)
+    return await _cross_producer(
+        args.url, args.tag, args.sessions, args.events, args.rate, args.side
+    )
+
+
 # ---------------------------------------------------------------- drivers and report
 
 
@@ -450,9 +705,11 @@ async def _run_driver(
     raw: Callable[[str, int], Awaitable[float]],
     args: argparse.Namespace,
 ) -> None:
-    await bench_throughput(results, driver, storage, raw, args.repeats, args.quick)
-    await bench_emit_latency(results, driver, storage, args.repeats, args.quick)
-    if driver in args.fanout_on:
+    if "throughput" in args.sections:
+        await bench_throughput(results, driver, storage, raw, args.repeats, args.quick)
+    if "latency" in args.sections:
+        await bench_emit_latency(results, driver, storage, args.repeats, args.quick)
+    if "fanout" in args.sections and driver in args.fanout_on:
         await bench_fanout(results, driver, storage, args.repeats, args.quick)
 
 
@@ -480,6 +737,10 @@ async def run(args: argparse.Namespace, tmp: Path) -> Results:
                 await _run_driver(results, "postgres", storage, raw_pg, args)
             finally:
                 await conn.close()
+        if "cross" in args.sections:
+            await bench_cross_process(
+                results, url, args.repeats, args.quick, args.cross_sides, args.cross_rates
+            )
     finally:
         await _drop_database(args.url, name)
     return results
@@ -490,6 +751,8 @@ def _fmt(value: float | None, unit: str) -> str:
         return "-"
     if unit in ("us", "ms"):
         return f"{value:,.2f} {unit}"
+    if unit == "ratio":
+        return f"{value:.3f}"
     return f"{value:,.0f}"
 
 
@@ -497,7 +760,7 @@ def render(results: Results) -> str:
     header = ("section", "driver", "figure", "median", "spread")
     lines = [header]
     for row in results.rows.values():
-        flag = " (noisy)" if row.spread > NOISY and row.unit not in ("n",) else ""
+        flag = " (noisy)" if row.spread > NOISY and row.unit not in ("n", "ratio") else ""
         lines.append(
             (
                 row.section,
@@ -545,6 +808,13 @@ def targets(results: Results) -> list[dict[str, Any]]:
         reads = results.median("fan-out paced", driver, "memory live-subscriber reads")
         if reads is not None:
             check(f"{driver}: live subscribers cause 0 db reads (memory)", reads, 0.5, False, "n")
+    label = f"optimized, {CROSS_RATES[0]:g}/s x {CROSS_SESSIONS}"
+    p99 = results.median("cross-process", "postgres", f"{label}: cross-process p99")
+    if p99 is not None:
+        check("postgres: cross-instance delivery p99 < 25 ms", p99, 25, False, "ms")
+    reads = results.median("cross-process", "postgres", f"{label}: subscriber db reads/event")
+    if reads is not None:
+        check("postgres: cross-instance subscriber db reads/event < 0.01", reads, 0.01, False, "r")
     return out
 
 
@@ -552,7 +822,14 @@ def render_targets(items: list[dict[str, Any]]) -> str:
     lines = []
     for t in items:
         v = t["value"]
-        shown = {"x": f"{v:.1f}x", "%": f"{v:.0%}", "us": f"{v:.1f} us", "n": f"{v:.0f}"}[t["fmt"]]
+        shown = {
+            "x": f"{v:.1f}x",
+            "%": f"{v:.0%}",
+            "us": f"{v:.1f} us",
+            "ms": f"{v:.1f} ms",
+            "n": f"{v:.0f}",
+            "r": f"{v:.3f}",
+        }[t["fmt"]]
         lines.append(f"target: {t['target']}: {shown} -> {'met' if t['met'] else 'NOT MET'}")
     return "\n".join(lines)
 
@@ -573,7 +850,34 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=["postgres", "sqlite"],
         help="drivers to run the fan-out section on",
     )
+    parser.add_argument(
+        "--sections",
+        nargs="*",
+        default=["throughput", "latency", "fanout", "cross"],
+        choices=["throughput", "latency", "fanout", "cross"],
+        help="sections to run (cross: cross-process delivery, Postgres only)",
+    )
+    parser.add_argument(
+        "--cross-rates",
+        nargs="*",
+        type=float,
+        default=None,
+        help=f"events/s per session of the cross-process section (default {CROSS_RATES})",
+    )
+    parser.add_argument(
+        "--cross-sides",
+        nargs="*",
+        default=["optimized", "legacy"],
+        choices=list(CROSS_SIDES),
+        help="configurations of the cross-process section (eager: group-commit flushes)",
+    )
     parser.add_argument("--json", type=Path, default=None)
+    # The cross-process section runs this module again as its producer and subscriber.
+    for name in ("--role", "--tag", "--side"):
+        parser.add_argument(name, default=None, help=argparse.SUPPRESS)
+    for name in ("--sessions", "--events"):
+        parser.add_argument(name, type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--rate", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
@@ -582,6 +886,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.role is not None:
+        print(json.dumps(asyncio.run(_role(args))), flush=True)
+        return 0
     load_before = _load_average()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="asyncstore-streams-") as tmp:
@@ -592,6 +899,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(render(results))
     print()
     print(render_targets(goals))
+    if "cross" in args.sections:
+        print(
+            "cross-process delivery runs on Postgres only: SQLite's notifications reach only "
+            "the process that sent them (one process: see the fan-out section)"
+        )
     print(f"repeats: {args.repeats}, quick: {args.quick}, run time: {elapsed:.1f} s")
     if load_before is not None and load_after is not None:
         print(

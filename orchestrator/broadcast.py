@@ -3,10 +3,13 @@
 The stream writer publishes every event here before it is persisted; subscribers read the
 ring through their own cursor, so publishing never waits for anyone. The database is read
 only to resume (a resume point older than the ring), to catch up a subscriber that fell
-behind the ring, and to fetch events another instance wrote (one read per session per
-notification, shared by every local subscriber). A resume point that cannot be served
-exactly yields a ``StreamReset`` instead of a silent gap or duplicate. Relies on the storage
-contract (``load_stream_events``, ``last_stream_seq``, ``listen``) and anyio.
+behind the ring, and to fetch events another instance wrote when its notification could not
+carry them (too big, or not continuing the ring; one read per session per notification,
+shared by every local subscriber): notifications carry the stored events inline when they
+fit, so a live remote subscriber reads nothing in the steady state. A resume point that
+cannot be served exactly yields a ``StreamReset`` instead of a silent gap or duplicate.
+Relies on the storage contract (``load_stream_events``, ``last_stream_seq``, ``listen``)
+and anyio.
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ import math
 import time
 import weakref
 from collections import OrderedDict, deque
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from types import MappingProxyType, TracebackType
 from typing import Self
@@ -37,12 +41,16 @@ __all__ = [
     "DeliveryMode",
     "HubConfig",
     "HubStatistics",
+    "NoteSegment",
     "Position",
     "SlowSubscriberPolicy",
+    "StreamNote",
     "StreamReset",
     "Subscription",
     "decode_advance",
+    "decode_stream_notes",
     "encode_advances",
+    "encode_stream_notes",
 ]
 
 log = logging.getLogger("asyncstore.broadcast")
@@ -117,6 +125,7 @@ class HubStatistics:
     lagged_disconnects: int
     fetch_errors: int
     notifications: int
+    inline_events: int = 0  # other instances' events taken from notifications, no read
 
     @property
     def db_reads_total(self) -> int:
@@ -132,40 +141,193 @@ def encode_advances(advances: list[tuple[str, int, int, int]]) -> list[str]:
     """Notification payloads for ``(session_id, epoch, first_seq, last_seq)`` advances.
 
     One payload when it fits, else as few as the size limit allows: a flush sends one
-    notification, not one per event or per session.
+    notification, not one per event or per session. (The advances-only form of
+    :func:`encode_stream_notes`.)
     """
-    payloads: list[str] = []
-    chunk: list[bytes] = []
-    size = 2
-    for advance in advances:
-        item = orjson.dumps(advance)
-        if chunk and size + len(item) + 1 > MAX_NOTIFY_BYTES:
-            payloads.append((b"[" + b",".join(chunk) + b"]").decode())
-            chunk, size = [], 2
-        chunk.append(item)
-        size += len(item) + 1
-    if chunk:
-        payloads.append((b"[" + b",".join(chunk) + b"]").decode())
-    return payloads
+    return encode_stream_notes([NoteSegment(*advance) for advance in advances])
 
 
 def decode_advance(payload: str) -> list[tuple[str, int, int, int]]:
-    """Inverse of :func:`encode_advances` for one payload; malformed entries are skipped."""
-    out: list[tuple[str, int, int, int]] = []
+    """The advances of one payload, old or new format; malformed entries are skipped."""
+    return [(n.session_id, n.epoch, n.first, n.last) for n in decode_stream_notes(payload)]
+
+
+@dataclass(frozen=True, slots=True)
+class NoteSegment:
+    """What a writer announces for one session: seqs ``first..last``, stored, in ``epoch``.
+
+    ``events`` are those events' ``(kind, encoded payload)`` in seq order, to carry inline
+    when they fit; ``None`` announces the advance alone (receivers fetch it).
+    ``created_at_us``: when they were stored, in microseconds since the Unix epoch.
+    """
+
+    session_id: str
+    epoch: int
+    first: int
+    last: int
+    created_at_us: int = 0
+    events: Sequence[tuple[str, bytes]] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StreamNote:
+    """One decoded announcement: seqs ``first..last`` of ``epoch`` are stored.
+
+    ``events`` holds them when the notification carried them inline, else ``None``.
+    """
+
+    session_id: str
+    epoch: int
+    first: int
+    last: int
+    events: tuple[StreamEvent, ...] | None = None
+
+
+_EPOCH_UTC = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+class _Packer:
+    """Fills payloads of at most ``limit`` bytes with entries, in order."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.payloads: list[str] = []
+        self.entries: list[bytes] = []
+        self.size = 1  # "[" + each entry and its "," or "]"
+
+    def room(self) -> int:
+        return self.limit - self.size
+
+    def add(self, entry: bytes) -> None:
+        if self.entries and len(entry) + 1 > self.room():
+            self.close()
+        self.entries.append(entry)
+        self.size += len(entry) + 1
+
+    def close(self) -> None:
+        if self.entries:
+            self.payloads.append((b"[" + b",".join(self.entries) + b"]").decode())
+            self.entries, self.size = [], 1
+
+
+def encode_stream_notes(
+    segments: Iterable[NoteSegment], limit: int = MAX_NOTIFY_BYTES
+) -> list[str]:
+    """Notification payloads announcing ``segments``, their events inline where they fit.
+
+    The payload is a JSON array. Each announcement is the advance entry
+    ``[session_id, epoch, first_seq, last_seq]`` (the format every version reads), and when
+    the events ride along, the object ``{"t": created_at_us, "e": [[kind, payload], ...]}``
+    right after it, holding exactly the events ``first..last``. A receiver that does not
+    know the object skips it (old receivers skip any entry that is not a 4-item list) and
+    fetches the advance from the database as before, so mixed fleets keep working.
+
+    Payloads are filled in order up to ``limit`` bytes of UTF-8 (not characters): a
+    segment's events continue in the next payload when the current one is full, each
+    part announced by its own advance, so every payload stands alone. An event too big to
+    fit even an empty payload is announced by its advance only. A session's seqs keep
+    their order across payloads; the writer sends the payloads in order.
+    """
+    packer = _Packer(limit)
+    for seg in segments:
+        if seg.events is None:
+            packer.add(orjson.dumps([seg.session_id, seg.epoch, seg.first, seg.last]))
+            continue
+        if len(seg.events) != seg.last - seg.first + 1:
+            raise ValueError(
+                f"segment of {seg.session_id!r} announces seqs {seg.first}..{seg.last} but "
+                f"carries {len(seg.events)} events"
+            )
+        items = [b"[" + orjson.dumps(kind) + b"," + data + b"]" for kind, data in seg.events]
+        opening = b'{"t":%d,"e":[' % seg.created_at_us
+        # The advance of any part is at most this long: its seqs are <= last.
+        head_max = len(orjson.dumps([seg.session_id, seg.epoch, seg.last, seg.last]))
+        fixed = head_max + 1 + len(opening) + 2 + 1  # advance, body around the events
+        i, n = 0, len(items)
+        while i < n:
+            room = packer.room() - fixed
+            j, used = i, 0
+            while j < n and used + len(items[j]) + (j > i) <= room:
+                used += len(items[j]) + (j > i)
+                j += 1
+            if j > i:
+                first = seg.first + i
+                packer.add(orjson.dumps([seg.session_id, seg.epoch, first, seg.first + j - 1]))
+                packer.add(opening + b",".join(items[i:j]) + b"]}")
+                i = j
+            elif fixed + len(items[i]) + 1 > limit:
+                # Too big for any payload: announce the run of such events, receivers fetch.
+                k = i + 1
+                while k < n and fixed + len(items[k]) + 1 > limit:
+                    k += 1
+                packer.add(
+                    orjson.dumps([seg.session_id, seg.epoch, seg.first + i, seg.first + k - 1])
+                )
+                i = k
+            else:
+                packer.close()  # it fits an empty payload
+    packer.close()
+    return packer.payloads
+
+
+def _advance_of(entry: object) -> tuple[str, int, int, int] | None:
+    if (
+        isinstance(entry, list)
+        and len(entry) == 4
+        and isinstance(entry[0], str)
+        and all(type(x) is int for x in entry[1:])
+    ):
+        return entry[0], entry[1], entry[2], entry[3]
+    return None
+
+
+def _events_of(head: tuple[str, int, int, int], body: object) -> tuple[StreamEvent, ...] | None:
+    """The events of an inline body, or None if it does not hold exactly the advance's."""
+    session_id, epoch, first, last = head
+    if not isinstance(body, dict):
+        return None
+    stamp, events = body.get("t"), body.get("e")
+    if type(stamp) is not int or not isinstance(events, list):
+        return None
+    if len(events) != last - first + 1 or not events:
+        return None
+    try:
+        created_at = _EPOCH_UTC + timedelta(microseconds=stamp)
+    except OverflowError:
+        return None
+    out: list[StreamEvent] = []
+    for seq, item in enumerate(events, first):
+        if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)):
+            return None
+        out.append(StreamEvent(session_id, epoch, seq, item[0], item[1], created_at))
+    return tuple(out)
+
+
+def decode_stream_notes(payload: str) -> list[StreamNote]:
+    """Inverse of :func:`encode_stream_notes` for one payload; reads the old format too.
+
+    Malformed entries are skipped; an inline body that does not match its advance exactly
+    is ignored, so the advance alone remains (the receiver fetches it).
+    """
+    out: list[StreamNote] = []
     try:
         data = orjson.loads(payload)
     except orjson.JSONDecodeError:
         return out
     if not isinstance(data, list):
         return out
+    head: tuple[str, int, int, int] | None = None  # an advance still waiting for its body
     for entry in data:
-        if (
-            isinstance(entry, list)
-            and len(entry) == 4
-            and isinstance(entry[0], str)
-            and all(isinstance(x, int) for x in entry[1:])
-        ):
-            out.append((entry[0], entry[1], entry[2], entry[3]))
+        advance = _advance_of(entry)
+        if advance is not None:
+            out.append(StreamNote(*advance))
+            head = advance
+            continue
+        if head is not None:
+            events = _events_of(head, entry)
+            if events is not None:
+                out[-1] = StreamNote(*head, events)
+        head = None
     return out
 
 
@@ -260,6 +422,7 @@ class BroadcastHub:
         self._lagged = 0
         self._fetch_errors = 0
         self._notifications = 0
+        self._inline = 0
         self._subscribers = 0
         self._closing = False
         self._listening = anyio.Event()
@@ -486,21 +649,50 @@ class BroadcastHub:
                 if ring.subscribers:
                     self._want(ring, math.inf, ring.last_seq)
             return
-        for session_id, epoch, first, last in decode_advance(note.payload):
-            found = self._rings.get(session_id)
+        for item in decode_stream_notes(note.payload):
+            found = self._rings.get(item.session_id)
             if found is None:
                 continue  # nobody here reads it
-            if epoch < found.epoch:
+            if item.epoch < found.epoch:
                 continue  # a superseded holder's: never stored after the newer epoch's
-            newer = epoch > found.epoch
-            if found.last_seq is not None and last <= found.last_seq and not newer:
+            newer = item.epoch > found.epoch
+            if found.last_seq is not None and item.last <= found.last_seq and not newer:
                 continue  # already here: typically this instance's own write
             if not found.subscribers:
-                del self._rings[session_id]  # its contents are stale now; rebuild on demand
+                del self._rings[item.session_id]  # its contents are stale now; rebuild on demand
                 self._evicted += 1
                 continue
+            if item.events is not None and self._take_inline(found, item.events):
+                continue
             # A newer epoch may replace seqs the ring holds: read from its first event.
-            self._want(found, last, first - 1, from_start=newer)
+            self._want(found, item.last, item.first - 1, from_start=newer)
+
+    def _take_inline(self, ring: _Ring, events: tuple[StreamEvent, ...]) -> bool:
+        """Publish events a notification carried, if they continue the ring exactly.
+
+        They are stored already (the writer announces only what it persisted), so they
+        enter the ring as persisted. Taken when the first one new to the ring follows its
+        head: ``last_seq + 1`` in the ring's epoch or a newer one; or, in a newer epoch,
+        a seq the ring holds, which ``_publish`` turns into the same superseding reset a
+        fetch from that seq would; or any seq when this instance does not know the head
+        (exactly what a fetch from just before them would publish: live subscribers start
+        at the first, a resume waiter finds its point in the ring or reads the database).
+        Anything else (a jump over seqs this ring missed, an older epoch, a read already
+        in flight that orders what arrives) returns False: the caller fetches.
+        """
+        if ring.fetching:
+            return False
+        head = ring.last_seq
+        first = events[0]
+        if head is not None:
+            if first.epoch < ring.epoch or first.seq > head + 1:
+                return False
+            if first.epoch == ring.epoch:
+                events = events[head + 1 - first.seq :]  # the ring has the ones before
+        for event in events:
+            self._publish(ring, event, len(orjson.dumps(event.payload)), True)
+        self._inline += len(events)
+        return True
 
     def _want(
         self, ring: _Ring, target: float, start: int | None, from_start: bool = False
@@ -568,6 +760,7 @@ class BroadcastHub:
             lagged_disconnects=self._lagged,
             fetch_errors=self._fetch_errors,
             notifications=self._notifications,
+            inline_events=self._inline,
         )
 
 
@@ -791,8 +984,10 @@ class Subscription:
         if self._resume_deadline is None and ring is not None:
             self._resume_deadline = now + hub.config.resume_wait_s
         if ring is not None and self._resume_deadline is not None and now < self._resume_deadline:
-            # Registered already, so the notification of its flush fills the ring.
-            await self._wait(ring)
+            # Registered already, so the notification of its flush fills the ring. A
+            # notification that carried it during the read above may have filled it already.
+            if ring.get(seq) is None:
+                await self._wait(ring)
             return
         self._resume = None
         self._resume_deadline = None

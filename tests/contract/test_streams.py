@@ -233,10 +233,12 @@ async def test_idle_rings_are_evicted_and_capped(storage: AsyncStorageBackend) -
 
 
 async def test_two_instances_deliver_each_others_events_in_order(storage_url: str) -> None:
+    # Advances only (the fetch path; inline delivery: tests/contract/test_stream_delivery.py).
+    advances_only = StreamConfig(notify_inline=False)
     async with (
         open_storage(storage_url) as store_a,
         open_storage(storage_url) as store_b,
-        instance(store_a) as (_, writer_a),
+        instance(store_a, stream_config=advances_only) as (_, writer_a),
         instance(store_b) as (hub_b, _),
     ):
         async with hub_b.subscribe("shared") as sub:
