@@ -765,9 +765,11 @@ class AsyncStorageBackend(abc.ABC):
     ) -> list[OutboxMessage]:
         """Claim up to ``limit`` due messages (optionally of some channels), in id order.
 
-        A message is not claimed while an earlier message of its (channel, account) group
-        is in flight under a live claim or waiting for a retry, so one claimer sees each
-        group in order.
+        Group rule, for any number of concurrent claimers: nothing of a (channel, account)
+        group is claimed while one of its messages is in flight under a live claim; a
+        message waiting for its retry holds back the later messages of its group; a dead
+        message holds nothing back. A claim takes a prefix, in id order, of each group's
+        due messages, so one claimer at a time holds a group and sees it in order.
         """
 
     @abc.abstractmethod
@@ -780,7 +782,12 @@ class AsyncStorageBackend(abc.ABC):
 
     @abc.abstractmethod
     async def redrive_outbox(self, ids: Sequence[int]) -> list[int]:
-        """Put dead messages back to pending with a fresh attempt budget; returns those moved."""
+        """Put dead messages back to pending with a fresh attempt budget; returns those moved.
+
+        A redriven message takes its place (its id) among its group's open messages again:
+        it waits while a message of its group is in flight, then goes before the later
+        messages of its group that are still pending.
+        """
 
     @abc.abstractmethod
     async def release_outbox(self, claims: Sequence[Claim]) -> list[int]:

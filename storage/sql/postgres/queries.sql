@@ -333,6 +333,14 @@ SELECT 'outbox' AS name,
 FROM outbox WHERE status IN ('pending', 'sending');
 
 -- name: enqueue_outbox
+-- The group rows (see claim_outbox) are created here, in a stable order so two enqueues that
+-- create the same new groups cannot deadlock; existing ones are left untouched.
+WITH new_groups AS (
+    INSERT INTO outbox_groups (channel, account)
+    SELECT DISTINCT g.channel, g.account FROM unnest($1::text[], $2::text[]) AS g(channel, account)
+    ORDER BY g.channel, g.account
+    ON CONFLICT DO NOTHING
+)
 INSERT INTO outbox (channel, account, payload, max_attempts)
 SELECT x.channel, x.account, x.payload, x.max_attempts
 FROM unnest($1::text[], $2::text[], $3::jsonb[], $4::int[])
@@ -341,26 +349,64 @@ ORDER BY x.ord
 RETURNING *;
 
 -- name: claim_outbox
--- A message waits while an earlier one of its (channel, account) group is in flight under a
--- live claim or waiting for its retry, so each group is delivered in order. A claim also
--- takes a transaction advisory lock per group it picked: a concurrent claim, which cannot
--- see the first one's uncommitted rows yet, drops the rows of that group instead of taking
--- the rows behind a head that is being claimed (SKIP LOCKED alone would let it).
-WITH picked AS (
+-- Group rule (both dialects): nothing of a (channel, account) group is claimed while one of
+-- its messages is in flight under a live claim, and a message waiting for its retry holds
+-- back the later messages of its group; a dead message holds nothing back. A claim takes a
+-- prefix, in id order, of its groups' due messages.
+-- Concurrent claims (Postgres): `picked` reads this statement's snapshot, which may predate
+-- a claim of the same group that committed since. So the claim locks each picked group's
+-- outbox_groups row (SKIP LOCKED: a group being claimed right now is left alone) on the
+-- condition that its version is the one the snapshot saw (`seen`). Every claim and every
+-- redrive bumps the version of the groups it touches, and FOR UPDATE re-checks that
+-- condition against the row's latest committed version, so a group whose state changed after
+-- the snapshot drops out of `locked` and is left for the next claim. (Locking the group row
+-- alone would not do: the outbox rows would still be read from the old snapshot.) Delivery
+-- results do not touch the group row: the only result that can land on a row this claim
+-- takes is the late result of an expired claim, and the update below re-reads such a row
+-- (status check only), so it is taken or dropped by its current state and never skipped
+-- while the rows behind it go.
+WITH picked AS MATERIALIZED (
     SELECT o.id, o.channel, o.account FROM outbox o
     WHERE o.status IN ('pending', 'sending') AND o.run_after <= now()
       AND ($3::text[] IS NULL OR o.channel = ANY($3::text[]))
       AND NOT EXISTS (
           SELECT 1 FROM outbox p
-          WHERE p.channel = o.channel AND p.account = o.account AND p.id < o.id
-            AND p.status IN ('pending', 'sending') AND p.run_after > now()
+          WHERE p.channel = o.channel AND p.account = o.account
+            AND p.id < o.id AND p.status IN ('pending', 'sending') AND p.run_after > now()
+      )
+      AND NOT EXISTS (  -- any message of the group in flight (outbox_sending_group)
+          SELECT 1 FROM outbox p
+          WHERE p.channel = o.channel AND p.account = o.account
+            AND p.status = 'sending' AND p.run_after > now()
       )
     ORDER BY o.id
     LIMIT $2
-    FOR UPDATE SKIP LOCKED
-), grouped AS (
-    SELECT id FROM picked
-    WHERE pg_try_advisory_xact_lock(1869575778, hashtext(channel || chr(1) || account))
+), seen AS MATERIALIZED (
+    SELECT g.channel, g.account, g.version FROM outbox_groups g
+    WHERE (g.channel, g.account) IN (SELECT channel, account FROM picked)
+), adopted AS (
+    -- A group without a row (its messages were written by an older version during a
+    -- rolling upgrade) gets one now. This claim holds it: nobody can lock the row before
+    -- this transaction commits, and a concurrent insert makes this one do nothing.
+    INSERT INTO outbox_groups AS g (channel, account, version)
+    SELECT DISTINCT p.channel, p.account, 1 FROM picked p
+    WHERE NOT EXISTS (
+        SELECT 1 FROM seen s WHERE s.channel = p.channel AND s.account = p.account
+    )
+    ORDER BY 1, 2
+    ON CONFLICT DO NOTHING
+    RETURNING g.channel, g.account
+), locked AS MATERIALIZED (
+    SELECT g.channel, g.account FROM outbox_groups g
+    JOIN seen s ON s.channel = g.channel AND s.account = g.account AND s.version = g.version
+    FOR UPDATE OF g SKIP LOCKED
+), held AS MATERIALIZED (
+    SELECT channel, account FROM locked
+    UNION ALL
+    SELECT channel, account FROM adopted
+), bumped AS (
+    UPDATE outbox_groups g SET version = g.version + 1
+    FROM held h WHERE g.channel = h.channel AND g.account = h.account
 ), claimed AS (
     UPDATE outbox o SET
         status = CASE WHEN o.status = 'sending' AND o.attempts >= o.max_attempts
@@ -373,7 +419,8 @@ WITH picked AS (
         lease_token = nextval('claim_tokens'),
         run_after = now() + make_interval(secs => $4),
         updated_at = now()
-    FROM grouped WHERE o.id = grouped.id
+    FROM picked p JOIN held h ON h.channel = p.channel AND h.account = p.account
+    WHERE o.id = p.id AND o.status IN ('pending', 'sending')
     RETURNING o.*
 )
 SELECT * FROM claimed WHERE status = 'sending' ORDER BY id;
@@ -396,9 +443,20 @@ WHERE o.id = f.id AND o.lease_token = f.token AND o.status = 'sending'
 RETURNING o.id, o.status;
 
 -- name: redrive_outbox
-UPDATE outbox SET status = 'pending', attempts = 0, run_after = now(), updated_at = now()
-WHERE id = ANY($1::bigint[]) AND status = 'dead'
-RETURNING id;
+-- A redriven message goes back to its place (its id) among its group's open messages: it
+-- waits while a message of its group is in flight, then goes before the later ones still
+-- pending. Bumping the group's version makes a claim whose snapshot predates this redrive
+-- leave the group alone (see claim_outbox) instead of taking the messages behind it.
+WITH moved AS (
+    UPDATE outbox SET status = 'pending', attempts = 0, run_after = now(), updated_at = now()
+    WHERE id = ANY($1::bigint[]) AND status = 'dead'
+    RETURNING id, channel, account
+), bumped AS (
+    UPDATE outbox_groups g SET version = g.version + 1
+    FROM (SELECT DISTINCT channel, account FROM moved) m
+    WHERE g.channel = m.channel AND g.account = m.account
+)
+SELECT id FROM moved;
 
 -- name: release_outbox
 UPDATE outbox o SET status = 'pending', run_after = now(),

@@ -283,8 +283,11 @@ VALUES (?, ?, ?, ?, ?, ?, ?);
 SELECT * FROM outbox WHERE id > :after ORDER BY id;
 
 -- name: claim_outbox
--- A message waits while an earlier one of its (channel, account) group is in flight under a
--- live claim or waiting for its retry, so each group is delivered in order.
+-- Group rule (both dialects): nothing of a (channel, account) group is claimed while one of
+-- its messages is in flight under a live claim, and a message waiting for its retry holds
+-- back the later messages of its group; a dead message holds nothing back. A claim takes a
+-- prefix, in id order, of its groups' due messages. One writer: the claim's transaction sees
+-- every committed claim, so no group row is needed here (see the Postgres dialect).
 UPDATE outbox SET
     status = CASE WHEN status = 'sending' AND attempts >= max_attempts
                   THEN 'dead' ELSE 'sending' END,
@@ -302,8 +305,13 @@ WHERE id IN (
       AND (:channels IS NULL OR o.channel IN (SELECT value FROM json_each(:channels)))
       AND NOT EXISTS (
           SELECT 1 FROM outbox p
-          WHERE p.channel = o.channel AND p.account = o.account AND p.id < o.id
-            AND p.status IN ('pending', 'sending') AND p.run_after > :now
+          WHERE p.channel = o.channel AND p.account = o.account
+            AND p.id < o.id AND p.status IN ('pending', 'sending') AND p.run_after > :now
+      )
+      AND NOT EXISTS (  -- any message of the group in flight (outbox_sending_group)
+          SELECT 1 FROM outbox p
+          WHERE p.channel = o.channel AND p.account = o.account
+            AND p.status = 'sending' AND p.run_after > :now
       )
     ORDER BY o.id
     LIMIT :limit
@@ -329,6 +337,9 @@ WHERE o.id = f.fid AND o.lease_token = f.ftoken AND o.status = 'sending'
 RETURNING id, status;
 
 -- name: redrive_outbox
+-- A redriven message goes back to its place (its id) among its group's open messages: it
+-- waits while a message of its group is in flight, then goes before the later ones still
+-- pending.
 UPDATE outbox SET status = 'pending', attempts = 0, run_after = :now, updated_at = :now
 WHERE status = 'dead' AND id IN (SELECT value FROM json_each(:ids))
 RETURNING id;
