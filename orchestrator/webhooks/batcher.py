@@ -4,8 +4,10 @@ It is a BatchWriter (``orchestrator.batching``) whose sink POSTs ``{"events": [.
 writer flushes at ``batch_size`` events or ``flush_interval_ms`` after the oldest one,
 bounds the queue (overflow policy and drop counters are the writer's) and retries a failing
 batch with exponential backoff and jitter. This module adds what is webhook-specific: a
-stable delivery id per batch (the same on every retry), Retry-After on 429/503, 410 Gone
-disabling the endpoint, and dead-letter records kept with their error. With
+stable delivery id per batch (the same on every retry), retries only for what a later
+attempt can fix (408, 425, 429, 5xx, connection errors; any other 4xx dead-letters at once
+with its status), Retry-After on 429/503, 410 Gone disabling the endpoint, and
+dead-letter records kept with their error and status. With
 ``durable = true`` the sink writes each batch to the storage outbox instead, and an outbox
 relay (see ``orchestrator.webhooks.durable``) POSTs it, so a crash loses nothing written.
 """
@@ -33,12 +35,14 @@ from orchestrator.webhooks.triggers import ALIASES, EVENT_NAMES
 
 __all__ = [
     "CRITICAL_TRIGGERS",
+    "RETRYABLE_STATUSES",
     "AsyncWebhookBatcher",
     "AsyncWebhookStatistics",
     "AttemptFailed",
     "WebhookDeadLetter",
     "WebhookDrainReport",
     "WebhookEvent",
+    "is_retryable_status",
 ]
 
 log = logging.getLogger("asyncstore.webhooks")
@@ -80,6 +84,7 @@ class WebhookDeadLetter:
     events: tuple[WebhookEvent, ...]
     reason: str  # retries_exhausted, shutdown, gone, disabled, refused
     error: str
+    status: int | None = None  # the receiver's last HTTP status, if it answered
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +113,16 @@ class AsyncWebhookStatistics:
     dead_lettered: int  # events
     dropped: Mapping[str, int]  # overflow (the writer's reasons) and "disabled"
     writer: BatchWriterStatistics
+
+
+RETRYABLE_STATUSES = frozenset({408, 425, 429})
+"""Besides every 5xx: the statuses that say "try again later". Any other status that is not
+2xx means the receiver refused the request itself, and sending it again cannot help."""
+
+
+def is_retryable_status(status: int) -> bool:
+    """True for 408, 425, 429 and 5xx: the statuses a later attempt can turn into a 2xx."""
+    return status in RETRYABLE_STATUSES or 500 <= status <= 599
 
 
 class AttemptFailed(Exception):
@@ -177,7 +192,8 @@ class AsyncWebhookBatcher:
         self._headers = config.header_values()
         self._disabled = False
         self._not_before = 0.0
-        self._last_error: dict[str, str] = {}  # delivery id -> last error, while retrying
+        # delivery id -> (last error, last status), while the writer retries the batch
+        self._last_error: dict[str, tuple[str, int | None]] = {}
         self._dead_letters: deque[WebhookDeadLetter] = deque(maxlen=keep_dead_letters)
         self._accepted = self._delivered = self._batches = 0
         self._requests = self._failed = self._dead = self._disabled_drops = 0
@@ -322,12 +338,15 @@ class AsyncWebhookBatcher:
             await self.deliver(msg_id, body)
         except AttemptFailed as exc:
             if exc.retryable:
-                self._last_error[msg_id] = str(exc)
+                self._last_error[msg_id] = (str(exc), exc.status)
                 if exc.retry_after_s is not None:
                     self._not_before = time.monotonic() + exc.retry_after_s
                 raise
+            # A 4xx other than 408/425/429 (or a refused destination): no retry can
+            # succeed, so the batch is dead-lettered now, with the status kept.
             self._last_error.pop(msg_id, None)
-            self._dead_letter(events, msg_id, "gone" if exc.status == 410 else "refused", str(exc))
+            reason = "gone" if exc.status == 410 else "refused"
+            self._dead_letter(events, msg_id, reason, str(exc), exc.status)
             return
         self._last_error.pop(msg_id, None)
         self._delivered += len(events)
@@ -366,20 +385,28 @@ class AsyncWebhookBatcher:
             raise AttemptFailed("HTTP 410 Gone", status=410, retryable=False)
         log.warning("async webhook %r: delivery %s got HTTP %d", self.name, msg_id, reply.status)
         raise AttemptFailed(
-            f"HTTP {reply.status}", status=reply.status, retry_after_s=reply.retry_after_s
+            f"HTTP {reply.status}",
+            status=reply.status,
+            retryable=is_retryable_status(reply.status),
+            retry_after_s=reply.retry_after_s,
         )
 
     def _writer_dead_letter(self, dead: DeadLetter[WebhookEvent]) -> None:
         events = dead.items
         msg_id = delivery_id(self.name, events[0].id, events[-1].id, str(len(events)))
-        error = self._last_error.pop(msg_id, None) or (str(dead.error) if dead.error else "")
-        self._dead_letter(events, msg_id, dead.reason, error or dead.reason)
+        error, status = self._last_error.pop(msg_id, (str(dead.error) if dead.error else "", None))
+        self._dead_letter(events, msg_id, dead.reason, error or dead.reason, status)
 
     def _dead_letter(
-        self, events: list[WebhookEvent], msg_id: str, reason: str, error: str
+        self,
+        events: list[WebhookEvent],
+        msg_id: str,
+        reason: str,
+        error: str,
+        status: int | None = None,
     ) -> None:
         self._dead += len(events)
-        record = WebhookDeadLetter(self.name, msg_id, tuple(events), reason, error)
+        record = WebhookDeadLetter(self.name, msg_id, tuple(events), reason, error, status)
         self._dead_letters.append(record)
         log.error(
             "async webhook %r: dead-lettered %d event(s), delivery %s (%s: %s)",

@@ -16,7 +16,7 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, Self
-from urllib.parse import parse_qsl, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -31,6 +31,7 @@ from pydantic import (
 
 from orchestrator.batching import OverflowPolicy
 from orchestrator.webhooks.errors import ConfigProblem, HooksConfigError
+from orchestrator.webhooks.masking import mask_url
 from orchestrator.webhooks.signing import decode_secret
 from orchestrator.webhooks.triggers import TriggerMatch, parse_triggers
 
@@ -44,6 +45,9 @@ __all__ = [
 ]
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# Seed 000's example batch carries tool_call_start and post_tool events: what an audit log
+# batches. Suggested, with the exact line to add, when an async entry receives nothing.
+_SUGGESTED_TRIGGERS = "tool_call_start,post_tool"
 _SENSITIVE = ("auth", "token", "secret", "key", "cookie", "signature", "password", "session")
 
 
@@ -262,8 +266,10 @@ def parse_hooks(
                     source,
                     label,
                     "trigger",
-                    "receives no events: add a [[webhooks]] entry with the same name "
-                    "(it routes through this batcher) or a trigger",
+                    "receives no events. To batch events for it, add the line "
+                    f'trigger = "{_SUGGESTED_TRIGGERS}" (the triggers it should batch, '
+                    "comma-separated) after its name, or add a [[webhooks]] entry with "
+                    f"name = {hook.name!r} and a trigger (it then routes through this batcher)",
                 )
             )
         elif hook.trigger is not None and hook.name in sync_names:
@@ -369,19 +375,10 @@ def _sensitive(header: str) -> bool:
     return any(word in lowered for word in _SENSITIVE)
 
 
-def _mask_url(url: str) -> str:
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if parts.password is not None:
-        netloc = netloc.replace(f":{parts.password}@", ":***@", 1)
-    query = "&".join(f"{k}=***" for k, _ in parse_qsl(parts.query, keep_blank_values=True))
-    return urlunsplit(parts._replace(netloc=netloc, query=query))
-
-
 def _masked_endpoint(hook: _Endpoint) -> dict[str, Any]:
     data = hook.model_dump(mode="json", exclude={"headers", "secret", "url"})
     templates = hook.templates
-    data["url"] = templates.get("url") or _mask_url(hook.url)
+    data["url"] = mask_url(templates.get("url") or hook.url)
     headers: dict[str, str] = {}
     for name, value in hook.headers.items():
         template = templates.get(f"headers.{name}")
@@ -402,7 +399,8 @@ def masked_dump(config: HooksConfig) -> dict[str, Any]:
 
     Header values whose name suggests a credential (Authorization, *token*, *key*, ...)
     and every secret become ``***``; other values show their ``${VAR}`` template, never the
-    value from the environment; URL passwords and query values are masked.
+    value from the environment; URL user info, query values and token-like path segments
+    are masked (``orchestrator.webhooks.masking``).
     """
     return {
         "source": config.source,

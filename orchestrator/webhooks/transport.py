@@ -6,7 +6,8 @@ that resolve to non-public addresses (and then connects to the address it checke
 second DNS answer cannot swap it), bounds the whole attempt by the hook's timeout and reads
 at most ``max_response_bytes`` of the answer. Retrying is the caller's business. Relies
 on httpx and anyio; never logs headers or bodies, and a filter on the ``httpx`` logger
-masks query values and passwords in the request URLs httpx itself logs at INFO.
+masks user info, query values and token-like path segments in the request URLs httpx
+itself logs at INFO.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import anyio
 import httpx
 
 from orchestrator.webhooks.errors import DestinationRefused
+from orchestrator.webhooks.masking import mask_url
 from orchestrator.webhooks.signing import signature_headers
 
 __all__ = ["DeliveryFailed", "Reply", "Transport", "parse_retry_after"]
@@ -66,7 +68,8 @@ def parse_retry_after(value: str | None, ceiling_s: float) -> float | None:
 
 
 class _MaskUrls(logging.Filter):
-    """Masks query values and passwords of URLs in httpx's "HTTP Request: ..." records."""
+    """Masks the secrets of URLs (user info, query, token-like path segments) in httpx's
+    "HTTP Request: ..." records."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.args, tuple) and any(isinstance(a, httpx.URL) for a in record.args):
@@ -75,12 +78,7 @@ class _MaskUrls(logging.Filter):
 
 
 def _mask(url: httpx.URL) -> str:
-    if url.query:
-        pairs = [f"{k}=***" for k in url.params]
-        url = url.copy_with(query="&".join(pairs).encode())
-    if url.password:
-        url = url.copy_with(password="***")
-    return str(url)
+    return mask_url(str(url))
 
 
 _URL_FILTER = _MaskUrls()
