@@ -28,7 +28,9 @@ import anyio
 import orjson
 
 from orchestrator.batching import Batch, BatchConfig, BatchWriter, BatchWriterStatistics, DeadLetter
+from orchestrator.errors import WriterClosed, WriterOverloaded
 from orchestrator.webhooks.config import AsyncWebhookConfig
+from orchestrator.webhooks.errors import NotPersisted
 from orchestrator.webhooks.signing import delivery_id
 from orchestrator.webhooks.transport import DeliveryFailed, Transport
 from orchestrator.webhooks.triggers import ALIASES, EVENT_NAMES
@@ -39,6 +41,7 @@ __all__ = [
     "AsyncWebhookBatcher",
     "AsyncWebhookStatistics",
     "AttemptFailed",
+    "Submission",
     "WebhookDeadLetter",
     "WebhookDrainReport",
     "WebhookEvent",
@@ -48,7 +51,8 @@ __all__ = [
 log = logging.getLogger("asyncstore.webhooks")
 
 CRITICAL_TRIGGERS = frozenset({"error", "turn_complete", "session_end"})
-"""Events of these triggers are never dropped on overflow (the put waits or raises)."""
+"""Events of these triggers are never dropped by the overflow policy: ``submit`` waits at
+most ``block_timeout_ms`` for room, then spills them to the outbox or counts them."""
 
 _SPELLINGS = {name: name for name in EVENT_NAMES} | dict(ALIASES)
 
@@ -111,8 +115,28 @@ class AsyncWebhookStatistics:
     requests: int  # HTTP requests sent, retries included
     failed_attempts: int
     dead_lettered: int  # events
-    dropped: Mapping[str, int]  # overflow (the writer's reasons) and "disabled"
+    dropped: Mapping[str, int]  # overflow (the writer's reasons, overflow_critical...), disabled
     writer: BatchWriterStatistics
+    spilled: int = 0  # events written straight to the outbox because the queue stayed full
+    not_persisted: int = 0  # durable events whose outbox write failed (callers were told)
+
+
+@dataclass(frozen=True, slots=True)
+class Submission:
+    """What became of one event handed to ``submit``.
+
+    ``status``: ``queued`` (in memory; durable: its outbox row committed), ``spilled`` (the
+    queue stayed full, the event's own outbox row committed), ``overflow`` (the queue stayed
+    full and no outbox took it: counted), ``dropped`` (the overflow policy), ``disabled``
+    (after a 410), ``failed`` (durable: the outbox write failed) or ``closed``.
+    """
+
+    status: str
+    error: str = ""
+
+    @property
+    def accepted(self) -> bool:
+        return self.status in ("queued", "spilled")
 
 
 RETRYABLE_STATUSES = frozenset({408, 425, 429})
@@ -169,6 +193,8 @@ class AsyncWebhookBatcher:
         self.name = config.name
         self._transport = transport
         self._persist = persist if config.durable else None
+        # Any endpoint with an outbox at hand spills there what a full queue cannot take.
+        self._spill = persist
         self._on_dead_letter = on_dead_letter
         self._writer: BatchWriter[WebhookEvent] = BatchWriter(
             self._sink,
@@ -178,6 +204,7 @@ class AsyncWebhookBatcher:
                 flush_interval_s=config.flush_interval_ms / 1000,
                 capacity=config.capacity,
                 overflow=config.overflow,
+                block_timeout_s=config.block_timeout_ms / 1000,
                 max_retries=config.retries,
                 retry_base_s=0.1,  # 100 ms, 200 ms, 400 ms, ... with jitter (the writer's)
                 retry_max_s=30.0,
@@ -197,6 +224,11 @@ class AsyncWebhookBatcher:
         self._dead_letters: deque[WebhookDeadLetter] = deque(maxlen=keep_dead_letters)
         self._accepted = self._delivered = self._batches = 0
         self._requests = self._failed = self._dead = self._disabled_drops = 0
+        self._spilled = self._not_persisted = 0
+        self._overflow: dict[str, int] = {}
+        # Durable: event id -> None once its outbox row committed, or the error that kept it
+        # out; only for the events a caller is waiting on (submit / send).
+        self._awaited: dict[str, str | None] = {}
 
     async def __aenter__(self) -> Self:
         await self._writer.__aenter__()
@@ -237,6 +269,8 @@ class AsyncWebhookBatcher:
 
     def _drain_report(self) -> WebhookDrainReport:
         dropped = dict(self._writer.statistics().dropped)
+        for reason, count in self._overflow.items():
+            dropped[reason] = dropped.get(reason, 0) + count
         if self._disabled_drops:
             dropped["disabled"] = self._disabled_drops
         return WebhookDrainReport(self.name, self._delivered, self._dead, MappingProxyType(dropped))
@@ -284,6 +318,81 @@ class AsyncWebhookBatcher:
             return True
         return False
 
+    async def submit(
+        self,
+        trigger: str,
+        context: Mapping[str, Any],
+        *,
+        hook_name: str | None = None,
+        trigger_label: str | None = None,
+    ) -> Submission:
+        """Queue one event and say what became of it; never raises for delivery problems.
+
+        Droppable events are queued without waiting (the overflow policy applies). An event
+        that is never dropped (critical trigger, or ``overflow = "block"``) waits at most
+        ``block_timeout_ms`` for room; past it, it is written to the outbox as its own row
+        when one is configured (``spilled``), else counted as ``overflow_critical`` (or
+        ``overflow_blocked``) and reported. When ``durable``, ``queued`` is answered only
+        once the event's outbox row committed (concurrent callers share one write), and
+        ``failed`` when the write failed. Raises only ``ValueError`` for an unknown trigger.
+        If cancelled while waiting for room the event was not queued; while its outbox
+        write is in flight, the write still completes or fails on its own.
+        """
+        event, critical = self._event(trigger, context, hook_name, trigger_label)
+        if self._disabled:
+            self._disabled_drops += 1
+            return Submission("disabled", "the endpoint answered 410 Gone")
+        try:
+            try:
+                accepted = self._writer.put_nowait(event, critical=critical)
+            except anyio.WouldBlock:
+                accepted = await self._writer.put(event, critical=critical)
+        except WriterOverloaded:
+            return await self._overflowed(event, critical)
+        except WriterClosed:
+            return Submission("closed", "the webhook batcher is closed")
+        if not accepted:
+            return Submission("dropped", "event dropped (queue full)")
+        self._accepted += 1
+        if self._persist is not None:
+            error = await self._wait_persisted(event)
+            if error is not None:
+                return Submission("failed", f"not persisted: {error}")
+        return Submission("queued")
+
+    async def _overflowed(self, event: WebhookEvent, critical: bool) -> Submission:
+        waited = f"queue full for {self.config.block_timeout_ms} ms"
+        if self._spill is not None:
+            body = orjson.dumps({"events": [event.as_json()]})
+            msg_id = delivery_id(self.name, event.id, event.id, "1")
+            try:
+                await self._spill(self.name, msg_id, body, 1)
+            except Exception as exc:  # storage is down too: count it like any overflow
+                error = f"{waited}; the outbox write failed: {type(exc).__name__}"
+            else:
+                self._spilled += 1
+                log.warning("async webhook %r: %s, event spilled to the outbox", self.name, waited)
+                return Submission("spilled")
+        else:
+            error = f"{waited} and no outbox configured"
+        reason = "overflow_critical" if critical else "overflow_blocked"
+        self._overflow[reason] = self._overflow.get(reason, 0) + 1
+        log.error("async webhook %r: event lost to overflow (%s)", self.name, error)
+        return Submission("overflow", error)
+
+    async def _wait_persisted(self, event: WebhookEvent) -> str | None:
+        """Wait until the event's batch is in the outbox; None, or why it is not."""
+        self._awaited[event.id] = "pending"
+        try:
+            await self._writer.flush()
+        finally:
+            outcome = self._awaited.pop(event.id, "pending")
+        if outcome == "pending":
+            outcome = "the batcher closed before the event was written"
+        if outcome is not None:
+            self._not_persisted += 1
+        return outcome
+
     async def send(
         self,
         trigger: str,
@@ -294,10 +403,11 @@ class AsyncWebhookBatcher:
     ) -> bool:
         """Like ``send_nowait``, but waits for room where the policy (or criticality) says.
 
-        Waits at most the writer's ``block_timeout_s`` (then ``WriterOverloaded``). When
-        ``durable``, also waits until the event's batch is written to the outbox (events
-        sent concurrently share one row). If cancelled while waiting for room, the event
-        was not queued; if cancelled while persisting, it is still persisted.
+        Waits at most ``block_timeout_ms`` (then ``WriterOverloaded``). When ``durable``,
+        also waits until the event's batch is written to the outbox (events sent
+        concurrently share one row) and raises ``NotPersisted`` if that write failed.
+        ``submit`` is the variant that never raises. If cancelled while waiting for room,
+        the event was not queued; if cancelled while persisting, it is still persisted.
         """
         event, critical = self._event(trigger, context, hook_name, trigger_label)
         if self._disabled:
@@ -307,7 +417,9 @@ class AsyncWebhookBatcher:
             return False
         self._accepted += 1
         if self._persist is not None:
-            await self._writer.flush()  # durable: return once the event is in the outbox
+            error = await self._wait_persisted(event)
+            if error is not None:
+                raise NotPersisted(f"async webhook {self.name!r}: {error}")
         return True
 
     async def flush(self) -> None:
@@ -326,6 +438,9 @@ class AsyncWebhookBatcher:
         body = orjson.dumps({"events": [e.as_json() for e in events]})
         if self._persist is not None:
             await self._persist(self.name, msg_id, body, len(events))
+            for event in events:
+                if event.id in self._awaited:
+                    self._awaited[event.id] = None  # committed: its caller may say queued
             self._delivered += len(events)
             self._batches += 1
             return
@@ -395,6 +510,10 @@ class AsyncWebhookBatcher:
         events = dead.items
         msg_id = delivery_id(self.name, events[0].id, events[-1].id, str(len(events)))
         error, status = self._last_error.pop(msg_id, (str(dead.error) if dead.error else "", None))
+        if self._persist is not None:
+            for event in events:
+                if event.id in self._awaited:
+                    self._awaited[event.id] = f"{dead.reason}: {error or dead.reason}"
         self._dead_letter(events, msg_id, dead.reason, error or dead.reason, status)
 
     def _dead_letter(
@@ -446,4 +565,6 @@ class AsyncWebhookBatcher:
             dead_lettered=self._dead,
             dropped=self._drain_report().dropped,
             writer=self._writer.statistics(),
+            spilled=self._spilled,
+            not_persisted=self._not_persisted,
         )

@@ -142,6 +142,13 @@ class AsyncWebhookConfig(_Endpoint):
     flush_interval_ms: int = Field(default=1000, ge=1, le=3_600_000)
     capacity: int = Field(default=10_000, ge=1, description="events buffered in memory")
     overflow: OverflowPolicy = OverflowPolicy.DROP_OLDEST
+    block_timeout_ms: int = Field(
+        default=50,
+        ge=0,
+        le=60_000,
+        description="how long fire() waits for room for an event that is never dropped "
+        "(critical triggers, overflow = block); then it spills to the outbox or is counted",
+    )
     shutdown_timeout_secs: float = Field(default=10.0, gt=0)
     durable: bool = Field(default=False, description="persist through the outbox first")
     trigger_match: TriggerMatch = TriggerMatch.EXACT

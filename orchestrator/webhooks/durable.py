@@ -40,17 +40,17 @@ async def open_durable_delivery(
     *,
     retry_after_max_s: float = 60.0,
 ) -> AsyncIterator[PersistBatch]:
-    """Run an outbox relay for the durable ``hooks``; yields the batchers' persist function.
+    """Run an outbox relay for the async ``hooks``; yields the batchers' persist function.
 
     ``batchers`` (filled in by the caller once built) do the POSTs. Leaving the block
     stops the relay: sends in flight finish within its grace period, the rest stay in the
     outbox for the next run. If cancelled, sends are abandoned and their rows released.
     """
-    durable = {h.name: h for h in hooks if h.durable}
+    by_name = {h.name: h for h in hooks}
     outbox = Outbox(storage)
 
     async def persist(endpoint: str, msg_id: str, body: bytes, count: int) -> None:
-        hook = durable[endpoint]
+        hook = by_name[endpoint]
         row = NewOutboxMessage(
             OUTBOX_CHANNEL,
             endpoint,
@@ -76,11 +76,11 @@ async def open_durable_delivery(
 
     template = RetryTemplate(
         delays_s=_DELAYS_S,
-        max_attempts=max((h.retries for h in durable.values()), default=0) + 1,
+        max_attempts=max((h.retries for h in by_name.values()), default=0) + 1,
         jitter=0.5,
         retry_after_max_s=retry_after_max_s,
     )
-    timeout = max((h.timeout_secs for h in durable.values()), default=10.0)
+    timeout = max((h.timeout_secs for h in by_name.values()), default=10.0)
     config = OutboxConfig(
         send_timeout_s=timeout + 1.0,
         lease_s=max(120.0, 4 * timeout),

@@ -43,6 +43,8 @@ class HookOutcome:
     delivery_id: str
     status: int | None = None  # the last HTTP status, if any
     queued: bool = False  # routed through an async batcher: nothing was awaited
+    overflow: bool = False  # the batcher stayed full and no outbox took the event (counted)
+    spilled: bool = False  # the batcher stayed full; the event went to the outbox instead
 
 
 @dataclass(frozen=True, slots=True)

@@ -65,3 +65,20 @@ async def test_durable_without_storage_is_refused() -> None:
     with pytest.raises(ValueError, match="storage"):
         async with open_webhooks(durable("https://example.invalid")):
             pass
+
+
+async def test_durable_fire_reports_a_failed_outbox_write(storage: AsyncStorageBackend) -> None:
+    async with (
+        open_test_receiver() as rx,
+        open_webhooks(durable(rx.url, retries=0), storage=storage) as webhooks,
+    ):
+        # The storage refuses a payload over 8 MB: the write fails for real.
+        decision = await webhooks.fire("error", {"blob": "x" * (9 * 1024 * 1024)})
+        (outcome,) = decision.outcomes
+        assert not outcome.queued and outcome.result == "error"
+        assert "not persisted" in outcome.message and decision.action == "warning"
+        assert webhooks.batchers["ledger"].statistics().not_persisted == 1
+        ok = await webhooks.fire("error", {"n": 1})  # the next event is unaffected
+        assert ok.outcomes[0].queued
+        await rx.wait_for(1)
+    assert [e["context"] for e in rx.events()] == [{"n": 1}]

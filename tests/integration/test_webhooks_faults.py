@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import anyio
 import pytest
 
 from orchestrator.webhooks import HooksConfig, open_webhooks, parse_hooks
@@ -54,3 +55,51 @@ async def test_exhausted_transient_failure_keeps_its_last_status() -> None:
             await webhooks.flush()
     (dead,) = webhooks.dead_letters
     assert (dead.reason, dead.status, len(rx.requests)) == ("retries_exhausted", 503, 2)
+
+
+async def test_critical_fire_on_a_full_queue_neither_blocks_nor_raises() -> None:
+    gate = anyio.Event()
+
+    async def held(request: ReceivedRequest) -> Answer:
+        await gate.wait()
+        return Answer()
+
+    async with open_test_receiver(held) as rx:
+        hooks = config(rx.url, batch_size=1, capacity=2, flush_interval_ms=10)
+        async with open_webhooks(hooks) as webhooks:
+            batcher = webhooks.batchers["audit"]
+            assert batcher.send_nowait("tool_call_start", {"i": 0})
+            assert batcher.send_nowait("tool_call_start", {"i": 1})  # full: 1 sending, 1 waiting
+            with anyio.fail_after(3):  # the old code waited 5 s, then raised WriterOverloaded
+                decision = await webhooks.fire("error", {"critical": True})
+            stats = batcher.statistics()
+            gate.set()
+    (outcome,) = decision.outcomes
+    assert outcome.overflow and not outcome.queued and decision.action == "warning"
+    assert "overflow" in decision.warnings[0]
+    assert stats.dropped["overflow_critical"] == 1
+    assert stats.accepted == 2
+
+
+async def test_critical_fire_on_a_full_queue_spills_to_the_outbox(storage: Any) -> None:
+    gate = anyio.Event()
+
+    async def held(request: ReceivedRequest) -> Answer:
+        await gate.wait()
+        return Answer()
+
+    async with open_test_receiver(held) as rx:
+        hooks = config(rx.url, batch_size=1, capacity=2, flush_interval_ms=10)
+        async with open_webhooks(hooks, storage=storage) as webhooks:
+            batcher = webhooks.batchers["audit"]
+            batcher.send_nowait("tool_call_start", {"i": 0})
+            batcher.send_nowait("tool_call_start", {"i": 1})
+            with anyio.fail_after(3):
+                decision = await webhooks.fire("error", {"critical": True})
+            (outcome,) = decision.outcomes
+            assert outcome.queued and outcome.spilled and not outcome.overflow
+            assert batcher.statistics().spilled == 1
+            gate.set()
+            await rx.wait_until(
+                lambda _: {"critical": True} in [e["context"] for e in rx.events()], 15
+            )
