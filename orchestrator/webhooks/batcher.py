@@ -159,11 +159,13 @@ class AttemptFailed(Exception):
         status: int | None = None,
         retryable: bool = True,
         retry_after_s: float | None = None,
+        circuit_open: bool = False,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.retryable = retryable
         self.retry_after_s = retry_after_s
+        self.circuit_open = circuit_open  # nothing was sent: the receiver's circuit is open
 
 
 PersistBatch = Callable[[str, str, bytes, int], Awaitable[None]]
@@ -449,6 +451,12 @@ class AsyncWebhookBatcher:
             wait = self._not_before - time.monotonic()
             if wait > 0:
                 await anyio.sleep(wait)
+        breaker = self._transport.breakers.for_url(self.config.url)
+        wait = breaker.retry_in_s()
+        if wait > 0:
+            # The receiver is down: wait for the next probe instead of burning a retry
+            # (the queue keeps filling meanwhile, within capacity and the overflow policy).
+            await anyio.sleep(wait)
         try:
             await self.deliver(msg_id, body)
         except AttemptFailed as exc:
@@ -489,7 +497,12 @@ class AsyncWebhookBatcher:
         except DeliveryFailed as exc:
             self._failed += 1
             log.warning("async webhook %r: delivery %s failed: %s", self.name, msg_id, exc)
-            raise AttemptFailed(str(exc), retryable=exc.retryable) from None
+            raise AttemptFailed(
+                str(exc),
+                retryable=exc.retryable,
+                retry_after_s=exc.retry_in_s,
+                circuit_open=exc.retry_in_s is not None,
+            ) from None
         if 200 <= reply.status < 300:
             return
         self._failed += 1

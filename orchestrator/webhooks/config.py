@@ -30,6 +30,7 @@ from pydantic import (
 )
 
 from orchestrator.batching import OverflowPolicy
+from orchestrator.webhooks.breaker import BreakerConfig
 from orchestrator.webhooks.errors import ConfigProblem, HooksConfigError
 from orchestrator.webhooks.masking import mask_url
 from orchestrator.webhooks.signing import decode_secret
@@ -37,6 +38,7 @@ from orchestrator.webhooks.triggers import TriggerMatch, parse_triggers
 
 __all__ = [
     "AsyncWebhookConfig",
+    "DurableRetry",
     "HooksConfig",
     "WebhookConfig",
     "load_hooks",
@@ -174,6 +176,38 @@ class AsyncWebhookConfig(_Endpoint):
         return self
 
 
+class DurableRetry(BaseModel):
+    """``[durable_retry]``: how durable rows (and spilled events) are retried by the relay.
+
+    Capped exponential: ``first_delay_secs``, doubled after each failed attempt up to
+    ``max_delay_secs``, each jittered down by up to ``jitter``; a row is dead after
+    ``max_attempts``. The defaults retry for about two hours (1 s ... 10 min).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    first_delay_secs: float = Field(default=1.0, gt=0, le=3600)
+    max_delay_secs: float = Field(default=600.0, gt=0, le=86_400)
+    max_attempts: int = Field(default=20, ge=1, le=10_000)
+    jitter: float = Field(default=0.2, ge=0, le=1)
+
+    def delays_s(self) -> tuple[float, ...]:
+        """The delay after each failed attempt (the last one repeats)."""
+        delays: list[float] = []
+        delay = self.first_delay_secs
+        while delay < self.max_delay_secs and len(delays) < self.max_attempts:
+            delays.append(delay)
+            delay *= 2
+        delays.append(self.max_delay_secs)
+        return tuple(delays)
+
+    def budget_s(self) -> float:
+        """Seconds from the first attempt to the last, before jitter."""
+        delays = self.delays_s()
+        steps = self.max_attempts - 1
+        return sum(delays[min(i, len(delays) - 1)] for i in range(steps))
+
+
 class HooksConfig(BaseModel):
     """A whole hooks file: its entries in file order and the file-level options."""
 
@@ -187,6 +221,8 @@ class HooksConfig(BaseModel):
     )
     max_response_bytes: int = Field(default=65_536, ge=256, description="response bytes read")
     retry_after_max_secs: float = Field(default=60.0, ge=0, description="Retry-After ceiling")
+    durable_retry: DurableRetry = DurableRetry()
+    circuit_breaker: BreakerConfig = BreakerConfig()
     source: str = "<memory>"
 
 
@@ -415,6 +451,8 @@ def masked_dump(config: HooksConfig) -> dict[str, Any]:
         "refuse_private_destinations": config.refuse_private_destinations,
         "max_response_bytes": config.max_response_bytes,
         "retry_after_max_secs": config.retry_after_max_secs,
+        "durable_retry": config.durable_retry.model_dump(mode="json"),
+        "circuit_breaker": config.circuit_breaker.model_dump(mode="json"),
         "webhooks": [_masked_endpoint(h) for h in config.webhooks],
         "async_webhooks": [_masked_endpoint(h) for h in config.async_webhooks],
     }

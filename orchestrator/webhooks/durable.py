@@ -4,12 +4,16 @@ For ``durable = true`` endpoints the batcher's sink writes each batch as one out
 (channel ``webhook``, account = the endpoint's name; the payload holds the delivery id and
 the exact body) instead of POSTing it, and an outbox relay (``orchestrator.outbox``)
 claims the rows and POSTs them in order per endpoint, with the same signing, Retry-After
-and 410 handling. A crash loses nothing already written; undelivered rows are picked up
-by the next relay. Dead rows stay in the outbox (``redrive`` puts them back).
+and 410 handling; events a full queue spills go the same way. Rows are retried by the
+``[durable_retry]`` policy (capped exponential, minutes); a row that runs out of attempts
+while its receiver is down is redriven automatically by the next successful delivery to
+that endpoint. A crash loses nothing already written; undelivered rows are picked up by
+the next relay. Uses the outbox through its public API only.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 
@@ -21,15 +25,44 @@ from orchestrator.outbox import (
     open_outbox_relay,
 )
 from orchestrator.webhooks.batcher import AsyncWebhookBatcher, AttemptFailed, PersistBatch
-from orchestrator.webhooks.config import AsyncWebhookConfig
+from orchestrator.webhooks.config import AsyncWebhookConfig, DurableRetry
 from storage import AsyncStorageBackend, NewOutboxMessage, OutboxMessage
 
 __all__ = ["OUTBOX_CHANNEL", "open_durable_delivery"]
 
-OUTBOX_CHANNEL = "webhook"
+log = logging.getLogger("asyncstore.webhooks")
 
-# The seed's 100 ms, 200 ms, 400 ms, ... (the relay jitters each step by up to half).
-_DELAYS_S = (0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 12.8, 25.6, 30.0)
+OUTBOX_CHANNEL = "webhook"
+# Dead rows remembered per endpoint for the automatic redrive, and how many successful
+# deliveries may find one not dead yet (its result still being written) before it is
+# forgotten (then an operator redrives it).
+_MAX_REMEMBERED = 10_000
+_REDRIVE_TRIES = 5
+
+
+class _Redrive:
+    """Rows that went dead while their endpoint was failing, redriven once it answers."""
+
+    def __init__(self, outbox: Outbox) -> None:
+        self._outbox = outbox
+        self._dead: dict[str, dict[int, int]] = {}  # endpoint -> row id -> tries left
+
+    def remember(self, endpoint: str, row_id: int) -> None:
+        rows = self._dead.setdefault(endpoint, {})
+        if len(rows) < _MAX_REMEMBERED:
+            rows[row_id] = _REDRIVE_TRIES
+
+    async def recovered(self, endpoint: str) -> None:
+        rows = self._dead.get(endpoint)
+        if not rows:
+            return
+        moved = set(await self._outbox.redrive(sorted(rows)))
+        for row_id in list(rows):
+            rows[row_id] -= 1
+            if row_id in moved or rows[row_id] <= 0:
+                del rows[row_id]
+        if moved:
+            log.info("durable webhook %r recovered: %d dead row(s) redriven", endpoint, len(moved))
 
 
 @asynccontextmanager
@@ -38,6 +71,7 @@ async def open_durable_delivery(
     hooks: Sequence[AsyncWebhookConfig],
     batchers: Mapping[str, AsyncWebhookBatcher],
     *,
+    retry: DurableRetry | None = None,
     retry_after_max_s: float = 60.0,
 ) -> AsyncIterator[PersistBatch]:
     """Run an outbox relay for the async ``hooks``; yields the batchers' persist function.
@@ -46,16 +80,25 @@ async def open_durable_delivery(
     stops the relay: sends in flight finish within its grace period, the rest stay in the
     outbox for the next run. If cancelled, sends are abandoned and their rows released.
     """
+    policy = retry or DurableRetry()
     by_name = {h.name: h for h in hooks}
     outbox = Outbox(storage)
+    redrive = _Redrive(outbox)
+    template = RetryTemplate(
+        delays_s=policy.delays_s(),
+        max_attempts=policy.max_attempts,
+        jitter=policy.jitter,
+        retry_after_max_s=retry_after_max_s,
+    )
 
     async def persist(endpoint: str, msg_id: str, body: bytes, count: int) -> None:
-        hook = by_name[endpoint]
+        if endpoint not in by_name:
+            raise ValueError(f"no async webhook {endpoint!r}")
         row = NewOutboxMessage(
             OUTBOX_CHANNEL,
             endpoint,
             {"delivery_id": msg_id, "events": count, "body": body.decode()},
-            max_attempts=hook.retries + 1,
+            max_attempts=policy.max_attempts,
         )
         await outbox.enqueue([row])
 
@@ -67,19 +110,19 @@ async def open_durable_delivery(
         try:
             await batcher.deliver(str(payload["delivery_id"]), str(payload["body"]).encode())
         except AttemptFailed as exc:
+            budget = min(message.max_attempts, template.max_attempts)
+            if exc.retryable and message.attempts >= budget:
+                redrive.remember(message.account, message.id)
             raise SendError(
                 str(exc),
                 status=exc.status,
                 retryable=exc.retryable,
-                retry_after_s=exc.retry_after_s,
+                # An open circuit's probe time is not the receiver's Retry-After: the
+                # policy's delay applies (minutes, not a burnt attempt every second).
+                retry_after_s=None if exc.circuit_open else exc.retry_after_s,
             ) from None
+        await redrive.recovered(message.account)
 
-    template = RetryTemplate(
-        delays_s=_DELAYS_S,
-        max_attempts=max((h.retries for h in by_name.values()), default=0) + 1,
-        jitter=0.5,
-        retry_after_max_s=retry_after_max_s,
-    )
     timeout = max((h.timeout_secs for h in by_name.values()), default=10.0)
     config = OutboxConfig(
         send_timeout_s=timeout + 1.0,

@@ -25,6 +25,7 @@ from orchestrator.webhooks.batcher import (
     WebhookDeadLetter,
     WebhookDrainReport,
 )
+from orchestrator.webhooks.breaker import Breakers
 from orchestrator.webhooks.config import HooksConfig
 from orchestrator.webhooks.durable import open_durable_delivery
 from orchestrator.webhooks.sync import HookDecision, HookOutcome, WebhookHook, combine
@@ -218,6 +219,7 @@ async def open_webhooks(
             refuse_private=config.refuse_private_destinations,
             max_response_bytes=config.max_response_bytes,
             retry_after_max_s=config.retry_after_max_secs,
+            breakers=Breakers(config.circuit_breaker),
         )
         enabled = [h for h in config.async_webhooks if h.enabled]
         batchers: dict[str, AsyncWebhookBatcher] = {}
@@ -227,7 +229,13 @@ async def open_webhooks(
         if enabled and storage is not None:
             # The outbox takes durable batches, and the events any full queue spills.
             persist = await stack.enter_async_context(
-                open_durable_delivery(storage, enabled, batchers)
+                open_durable_delivery(
+                    storage,
+                    enabled,
+                    batchers,
+                    retry=config.durable_retry,
+                    retry_after_max_s=config.retry_after_max_secs,
+                )
             )
         webhooks = Webhooks(config, transport)
         for hook in enabled:

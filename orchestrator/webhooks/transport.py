@@ -23,6 +23,7 @@ from urllib.parse import urlsplit, urlunsplit
 import anyio
 import httpx
 
+from orchestrator.webhooks.breaker import Breakers
 from orchestrator.webhooks.errors import DestinationRefused
 from orchestrator.webhooks.masking import mask_url
 from orchestrator.webhooks.signing import signature_headers
@@ -43,11 +44,18 @@ class Reply:
 
 
 class DeliveryFailed(Exception):
-    """An attempt that did not end in a usable answer (network error, timeout, refusal)."""
+    """An attempt that did not end in a usable answer (network error, timeout, refusal).
 
-    def __init__(self, message: str, *, retryable: bool = True) -> None:
+    ``retry_in_s`` is set when the receiver's circuit is open: no request was sent, and
+    none will be before that many seconds.
+    """
+
+    def __init__(
+        self, message: str, *, retryable: bool = True, retry_in_s: float | None = None
+    ) -> None:
         super().__init__(message)
         self.retryable = retryable
+        self.retry_in_s = retry_in_s
 
 
 def parse_retry_after(value: str | None, ceiling_s: float) -> float | None:
@@ -102,8 +110,10 @@ class Transport:
         refuse_private: bool = False,
         max_response_bytes: int = 65_536,
         retry_after_max_s: float = 60.0,
+        breakers: Breakers | None = None,
     ) -> None:
         self.client = client
+        self.breakers = breakers if breakers is not None else Breakers()
         httpx_log = logging.getLogger("httpx")
         if _URL_FILTER not in httpx_log.filters:
             httpx_log.addFilter(_URL_FILTER)
@@ -125,9 +135,39 @@ class Transport:
     ) -> Reply:
         """One attempt; ``DeliveryFailed`` if no answer came within ``timeout_s``.
 
-        A refused destination raises ``DeliveryFailed`` (not retryable). If cancelled, the
-        request is abandoned and its connection closed.
+        A refused destination raises ``DeliveryFailed`` (not retryable); so does an open
+        circuit (retryable, with ``retry_in_s``), without sending anything. If cancelled,
+        the request is abandoned and its connection closed.
         """
+        breaker = self.breakers.for_url(url)
+        if not breaker.allow():
+            wait = breaker.retry_in_s()
+            raise DeliveryFailed(
+                f"circuit open: the receiver failed repeatedly; next probe in {wait:.1f} s",
+                retry_in_s=wait,
+            )
+        up: bool | None = None
+        try:
+            reply = await self._attempt(method, url, body, msg_id, headers, keys, timeout_s)
+        except DeliveryFailed as exc:
+            up = None if not exc.retryable else False  # a refused destination says nothing
+            raise
+        else:
+            up = reply.status < 500  # any answer below 500 shows a live receiver
+            return reply
+        finally:
+            breaker.record(up)
+
+    async def _attempt(
+        self,
+        method: str,
+        url: str,
+        body: bytes,
+        msg_id: str,
+        headers: dict[str, str],
+        keys: tuple[bytes, ...],
+        timeout_s: float,
+    ) -> Reply:
         request_headers = {
             "content-type": "application/json",
             "user-agent": _USER_AGENT,

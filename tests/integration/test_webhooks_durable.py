@@ -82,3 +82,81 @@ async def test_durable_fire_reports_a_failed_outbox_write(storage: AsyncStorageB
         assert ok.outcomes[0].queued
         await rx.wait_for(1)
     assert [e["context"] for e in rx.events()] == [{"n": 1}]
+
+
+SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+
+
+async def test_ten_second_outage_loses_nothing_and_retries_keep_the_body(
+    storage: AsyncStorageBackend,
+) -> None:
+    """A real receiver answers 503 for 10 s; the default durable retry policy rides it out."""
+    from standardwebhooks.webhooks import Webhook
+
+    async with open_test_receiver() as rx:
+        down_until = anyio.current_time() + 10.0
+        rx.handler = lambda r: Answer(status=503 if anyio.current_time() < down_until else 200)
+        config = durable(rx.url, batch_size=5, secret=[SECRET])
+        async with open_webhooks(config, storage=storage) as webhooks:
+            for n in range(20):
+                decision = await webhooks.fire("error", {"n": n})
+                assert decision.outcomes[0].queued
+                if n % 5 == 4:
+                    await anyio.sleep(0.5)  # some batches start during the outage
+
+            def delivered(requests: list[Any]) -> set[int]:
+                ok = [r for r in requests if r.at >= down_until - 0.5 and r.json()]
+                return {e["context"]["n"] for r in ok for e in r.json()["events"]}
+
+            await rx.wait_until(lambda rs: delivered(rs) >= set(range(20)), timeout_s=60)
+    bodies: dict[str, set[bytes]] = {}
+    for request in rx.requests:
+        bodies.setdefault(request.headers["webhook-id"], set()).add(request.body)
+    assert any(r.at < down_until for r in rx.requests)  # the outage was seen
+    assert all(len(b) == 1 for b in bodies.values())  # byte-identical across retries
+    last = {}
+    for request in rx.requests:
+        last[request.headers["webhook-id"]] = request
+    for request in last.values():  # every webhook-id's last attempt was accepted and verifies
+        assert request.at >= down_until
+        Webhook(SECRET).verify(request.body, dict(request.headers))
+    assert sorted(e["context"]["n"] for r in last.values() for e in r.json()["events"]) == list(
+        range(20)
+    )
+
+
+async def test_dead_rows_are_redriven_when_the_endpoint_recovers(
+    storage: AsyncStorageBackend,
+) -> None:
+    down = True
+    async with open_test_receiver() as rx:
+        rx.handler = lambda r: Answer(status=503 if down else 200)
+        config = parse_hooks(
+            {
+                "async_webhooks": [
+                    {
+                        "name": "ledger",
+                        "url": rx.url,
+                        "trigger": "error",
+                        "durable": True,
+                        "batch_size": 1,
+                        "flush_interval_ms": 10,
+                    }
+                ],
+                "durable_retry": {"first_delay_secs": 0.05, "max_attempts": 2},
+                # Every attempt reaches the receiver, so the test can count them.
+                "circuit_breaker": {"enabled": False},
+            },
+            environ={},
+        )
+        async with open_webhooks(config, storage=storage) as webhooks:
+            for n in range(3):
+                await webhooks.fire("error", {"n": n})
+            await rx.wait_for(6, timeout_s=30)  # two attempts each: the rows are dead
+            down = False
+            await webhooks.fire("error", {"n": 3})  # its success shows the receiver is back
+            await rx.wait_until(
+                lambda rs: {e["context"]["n"] for r in rs[6:] for e in r.json()["events"]}
+                == {0, 1, 2, 3},
+                timeout_s=30,
+            )
