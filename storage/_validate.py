@@ -298,3 +298,25 @@ def match_enqueued(inputs: list[PreparedTask], rows: list[Task]) -> list[Task]:
     by_key = {(t.queue, t.idempotency_key): t for t in rows if t.idempotency_key is not None}
     unkeyed = iter(sorted((t for t in rows if t.idempotency_key is None), key=lambda t: t.id))
     return [by_key[(r[0], r[4])] if r[4] is not None else next(unkeyed) for r in inputs]
+
+
+def prepare_journal(endpoint: object, owner: object, bodies: object) -> list[str]:
+    """Journaled webhook events: an endpoint, an owner and JSON bodies (bytes)."""
+    check_id(endpoint, "endpoint")
+    check_id(owner, "owner")
+    out: list[str] = []
+    for i, body in enumerate(_batch(bodies, "bodies")):
+        if not isinstance(body, bytes):
+            raise InvalidInput(f"bodies[{i}] must be bytes, got {type(body).__name__}")
+        if len(body) > MAX_PAYLOAD_BYTES:
+            raise InvalidInput(
+                f"bodies[{i}] is {len(body)} bytes; the limit is {MAX_PAYLOAD_BYTES}"
+            )
+        try:
+            text = body.decode()
+        except UnicodeDecodeError:
+            raise InvalidInput(f"bodies[{i}] is not UTF-8") from None
+        if "\x00" in text:
+            raise InvalidInput(f"bodies[{i}] must not contain NUL characters")
+        out.append(text)
+    return out

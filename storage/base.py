@@ -36,6 +36,7 @@ __all__ = [
     "Claim",
     "EncodedJSON",
     "Failure",
+    "JournaledEvent",
     "Leadership",
     "Lease",
     "LeaseAttempt",
@@ -277,6 +278,15 @@ class NewOutboxMessage:
     account: str
     payload: JSON
     max_attempts: int = 5
+
+
+@dataclass(frozen=True, slots=True)
+class JournaledEvent:
+    """A durable webhook event committed to the journal, not yet in an outbox batch."""
+
+    id: int
+    endpoint: str
+    body: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -737,6 +747,31 @@ class AsyncStorageBackend(abc.ABC):
         """Delete sent messages last updated more than ``older_than_s`` seconds ago.
 
         Dead messages are kept for an operator to inspect or redrive. Returns the count.
+        """
+
+    # -- webhook journal --------------------------------------------------------
+
+    @abc.abstractmethod
+    async def journal_webhook_events(
+        self, endpoint: str, owner: str, bodies: Sequence[bytes]
+    ) -> list[int]:
+        """Commit events (JSON bodies) of a durable webhook endpoint in one transaction.
+
+        The rows are held by ``owner`` (one process); returns their ids in order.
+        """
+
+    @abc.abstractmethod
+    async def delete_webhook_events(self, ids: Sequence[int]) -> int:
+        """Delete journaled events once their batch is in the outbox; returns the count."""
+
+    @abc.abstractmethod
+    async def claim_webhook_orphans(
+        self, endpoints: Sequence[str], owner: str, *, older_than_s: float, limit: int
+    ) -> list[JournaledEvent]:
+        """Take over journaled events of ``endpoints`` held for more than ``older_than_s``.
+
+        Their owner did not batch them in time (crashed, or lost its storage). Oldest
+        first; each row is taken by one claimer, and held by ``owner`` from now on.
         """
 
     # -- cancellation ----------------------------------------------------------

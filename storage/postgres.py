@@ -28,6 +28,7 @@ from storage.base import (
     ChatMessage,
     Claim,
     Failure,
+    JournaledEvent,
     Leadership,
     Lease,
     LeaseAttempt,
@@ -572,6 +573,37 @@ class PostgresBackend(AsyncStorageBackend):
     async def purge_outbox(self, older_than_s: float) -> int:
         age = v.check_seconds(older_than_s, "older_than_s", minimum=0)
         return _rowcount(await self._execute("purge_outbox", age))
+
+    # -- webhook journal --------------------------------------------------------
+
+    @operation
+    async def journal_webhook_events(
+        self, endpoint: str, owner: str, bodies: Sequence[bytes]
+    ) -> list[int]:
+        checked = v.prepare_journal(endpoint, owner, bodies)
+        if not checked:
+            return []
+        rows = await self._fetch("journal_webhook_events", endpoint, owner, checked)
+        return [r[0] for r in rows]
+
+    @operation
+    async def delete_webhook_events(self, ids: Sequence[int]) -> int:
+        checked = v.unique_ids(ids)
+        if not checked:
+            return 0
+        return _rowcount(await self._execute("delete_webhook_events", checked))
+
+    @operation
+    async def claim_webhook_orphans(
+        self, endpoints: Sequence[str], owner: str, *, older_than_s: float, limit: int
+    ) -> list[JournaledEvent]:
+        names = [v.check_id(e, "endpoint") for e in endpoints]
+        age = v.check_seconds(older_than_s, "older_than_s", minimum=0)
+        rows = await self._fetch(
+            "claim_webhook_orphans", names, v.check_id(owner, "owner"), age, v.check_limit(limit)
+        )
+        found = [JournaledEvent(r["id"], r["endpoint"], r["body"].encode()) for r in rows]
+        return sorted(found, key=lambda e: e.id)
 
     # -- cancellation ----------------------------------------------------------
 

@@ -31,6 +31,7 @@ from storage.base import (
     ChatMessage,
     Claim,
     Failure,
+    JournaledEvent,
     Leadership,
     Lease,
     LeaseAttempt,
@@ -743,6 +744,47 @@ class SqliteBackend(AsyncStorageBackend):
     async def purge_outbox(self, older_than_s: float) -> int:
         cutoff = time.time() - v.check_seconds(older_than_s, "older_than_s", minimum=0)
         return await self._write_count("purge_outbox", {"cutoff": cutoff})
+
+    # -- webhook journal --------------------------------------------------------
+
+    @operation
+    async def journal_webhook_events(
+        self, endpoint: str, owner: str, bodies: Sequence[bytes]
+    ) -> list[int]:
+        checked = v.prepare_journal(endpoint, owner, bodies)
+        if not checked:
+            return []
+        now = time.time()
+        ids: list[int] = []
+        async with self._transaction() as tx:
+            for body in checked:
+                params = {"endpoint": endpoint, "owner": owner, "body": body, "now": now}
+                ids.append((await tx.fetch("journal_webhook_events", params))[0]["id"])
+        return ids
+
+    @operation
+    async def delete_webhook_events(self, ids: Sequence[int]) -> int:
+        checked = v.unique_ids(ids)
+        if not checked:
+            return 0
+        return await self._write_count("delete_webhook_events", {"ids": _json(checked)})
+
+    @operation
+    async def claim_webhook_orphans(
+        self, endpoints: Sequence[str], owner: str, *, older_than_s: float, limit: int
+    ) -> list[JournaledEvent]:
+        names = [v.check_id(e, "endpoint") for e in endpoints]
+        now = time.time()
+        params = {
+            "endpoints": _json(names),
+            "owner": v.check_id(owner, "owner"),
+            "now": now,
+            "cutoff": now - v.check_seconds(older_than_s, "older_than_s", minimum=0),
+            "limit": v.check_limit(limit),
+        }
+        rows = await self._write("claim_webhook_orphans", params)
+        found = [JournaledEvent(r["id"], r["endpoint"], r["body"].encode()) for r in rows]
+        return sorted(found, key=lambda e: e.id)
 
     # -- cancellation ----------------------------------------------------------
 

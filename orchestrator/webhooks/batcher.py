@@ -14,15 +14,16 @@ relay (see ``orchestrator.webhooks.durable``) POSTs it, so a crash loses nothing
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType, TracebackType
-from typing import Any, Self
+from typing import Any, Protocol, Self
 
 import anyio
 import orjson
@@ -41,6 +42,7 @@ __all__ = [
     "AsyncWebhookBatcher",
     "AsyncWebhookStatistics",
     "AttemptFailed",
+    "DurableStore",
     "Submission",
     "WebhookDeadLetter",
     "WebhookDrainReport",
@@ -67,6 +69,19 @@ class WebhookEvent:
     trigger: str  # the configured trigger value, as in the seed
     context: Mapping[str, Any]
     timestamp_ms: int
+    journal_id: int | None = None  # durable: its row in the journal until it is batched
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], journal_id: int | None = None) -> WebhookEvent:
+        return cls(
+            str(data["id"]),
+            str(data["event"]),
+            str(data["hook_name"]),
+            str(data["trigger"]),
+            dict(data["context"]),
+            int(data["timestamp_ms"]),
+            journal_id,
+        )
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -119,6 +134,8 @@ class AsyncWebhookStatistics:
     writer: BatchWriterStatistics
     spilled: int = 0  # events written straight to the outbox because the queue stayed full
     not_persisted: int = 0  # durable events whose outbox write failed (callers were told)
+    journaled: int = 0  # durable events committed to the journal
+    adopted: int = 0  # orphaned journal events this batcher took over
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,8 +185,16 @@ class AttemptFailed(Exception):
         self.circuit_open = circuit_open  # nothing was sent: the receiver's circuit is open
 
 
-PersistBatch = Callable[[str, str, bytes, int], Awaitable[None]]
-"""Durable mode: (endpoint, delivery id, body, event count) -> persisted."""
+class DurableStore(Protocol):
+    """Where durable events go (``orchestrator.webhooks.durable`` implements it)."""
+
+    async def journal(self, endpoint: str, bodies: Sequence[bytes]) -> list[int]:
+        """Commit single events (group commit); their journal ids, in order."""
+
+    async def persist(
+        self, endpoint: str, msg_id: str, body: bytes, count: int, journal_ids: Sequence[int]
+    ) -> None:
+        """Write one batch as an outbox row, then forget its journaled events."""
 
 
 class AsyncWebhookBatcher:
@@ -186,17 +211,38 @@ class AsyncWebhookBatcher:
         transport: Transport,
         *,
         on_dead_letter: Callable[[WebhookDeadLetter], None] | None = None,
-        persist: PersistBatch | None = None,
+        store: DurableStore | None = None,
         keep_dead_letters: int = 1000,
     ) -> None:
-        if config.durable and persist is None:
+        if config.durable and store is None:
             raise ValueError(f"async webhook {config.name!r} is durable: it needs storage")
         self.config = config
         self.name = config.name
         self._transport = transport
-        self._persist = persist if config.durable else None
+        self._persist = store if config.durable else None
         # Any endpoint with an outbox at hand spills there what a full queue cannot take.
-        self._spill = persist
+        self._spill = store
+        # Durable "journal" mode: each event is committed alone first (group commit, so a
+        # caller waits one write), and batched for HTTP like a non-durable event.
+        self._journal: BatchWriter[WebhookEvent] | None = None
+        if self._persist is not None and config.durable_mode == "journal":
+            self._journal = BatchWriter(
+                self._journal_sink,
+                BatchConfig(
+                    max_batch=1000,
+                    max_batch_bytes=None,
+                    eager=True,
+                    capacity=config.capacity,
+                    overflow=config.overflow,
+                    block_timeout_s=config.block_timeout_ms / 1000,
+                    max_retries=config.retries,
+                    retry_base_s=0.05,
+                    retry_max_s=1.0,
+                    drain_timeout_s=config.shutdown_timeout_secs,
+                ),
+                on_dead_letter=self._journal_dead_letter,
+                name=f"webhook-journal:{config.name}",
+            )
         self._on_dead_letter = on_dead_letter
         self._writer: BatchWriter[WebhookEvent] = BatchWriter(
             self._sink,
@@ -226,7 +272,7 @@ class AsyncWebhookBatcher:
         self._dead_letters: deque[WebhookDeadLetter] = deque(maxlen=keep_dead_letters)
         self._accepted = self._delivered = self._batches = 0
         self._requests = self._failed = self._dead = self._disabled_drops = 0
-        self._spilled = self._not_persisted = 0
+        self._spilled = self._not_persisted = self._journaled = self._adopted = 0
         self._overflow: dict[str, int] = {}
         # Durable: event id -> None once its outbox row committed, or the error that kept it
         # out; only for the events a caller is waiting on (submit / send).
@@ -234,6 +280,12 @@ class AsyncWebhookBatcher:
 
     async def __aenter__(self) -> Self:
         await self._writer.__aenter__()
+        if self._journal is not None:
+            try:
+                await self._journal.__aenter__()
+            except BaseException:
+                await self._writer.__aexit__(None, None, None)
+                raise
         return self
 
     async def __aexit__(
@@ -243,11 +295,15 @@ class AsyncWebhookBatcher:
         tb: TracebackType | None,
     ) -> bool | None:
         await self._report(await self._close_writer())
-        # The writer's exit drains (shielded, bounded by shutdown_timeout_secs).
+        # The writers' exits drain (shielded, bounded by shutdown_timeout_secs).
+        if self._journal is not None:
+            await self._journal.__aexit__(exc_type, exc, tb)
         return await self._writer.__aexit__(exc_type, exc, tb)
 
     async def _close_writer(self) -> WebhookDrainReport:
         with anyio.CancelScope(shield=True):  # the final flush must run even when cancelled
+            if self._journal is not None:
+                await self._journal.aclose()  # first: it feeds the batch writer
             await self._writer.aclose()
         return self._drain_report()
 
@@ -315,7 +371,7 @@ class AsyncWebhookBatcher:
         if self._disabled:
             self._disabled_drops += 1
             return False
-        if self._writer.put_nowait(event, critical=critical):
+        if (self._journal or self._writer).put_nowait(event, critical=critical):
             self._accepted += 1
             return True
         return False
@@ -344,11 +400,12 @@ class AsyncWebhookBatcher:
         if self._disabled:
             self._disabled_drops += 1
             return Submission("disabled", "the endpoint answered 410 Gone")
+        intake = self._journal or self._writer
         try:
             try:
-                accepted = self._writer.put_nowait(event, critical=critical)
+                accepted = intake.put_nowait(event, critical=critical)
             except anyio.WouldBlock:
-                accepted = await self._writer.put(event, critical=critical)
+                accepted = await intake.put(event, critical=critical)
         except WriterOverloaded:
             return await self._overflowed(event, critical)
         except WriterClosed:
@@ -368,7 +425,7 @@ class AsyncWebhookBatcher:
             body = orjson.dumps({"events": [event.as_json()]})
             msg_id = delivery_id(self.name, event.id, event.id, "1")
             try:
-                await self._spill(self.name, msg_id, body, 1)
+                await self._spill.persist(self.name, msg_id, body, 1, ())
             except Exception as exc:  # storage is down too: count it like any overflow
                 error = f"{waited}; the outbox write failed: {type(exc).__name__}"
             else:
@@ -386,7 +443,7 @@ class AsyncWebhookBatcher:
         """Wait until the event's batch is in the outbox; None, or why it is not."""
         self._awaited[event.id] = "pending"
         try:
-            await self._writer.flush()
+            await (self._journal or self._writer).flush()
         finally:
             outcome = self._awaited.pop(event.id, "pending")
         if outcome == "pending":
@@ -415,7 +472,7 @@ class AsyncWebhookBatcher:
         if self._disabled:
             self._disabled_drops += 1
             return False
-        if not await self._writer.put(event, critical=critical):
+        if not await (self._journal or self._writer).put(event, critical=critical):
             return False
         self._accepted += 1
         if self._persist is not None:
@@ -439,7 +496,8 @@ class AsyncWebhookBatcher:
             return
         body = orjson.dumps({"events": [e.as_json() for e in events]})
         if self._persist is not None:
-            await self._persist(self.name, msg_id, body, len(events))
+            journal_ids = [e.journal_id for e in events if e.journal_id is not None]
+            await self._persist.persist(self.name, msg_id, body, len(events), journal_ids)
             for event in events:
                 if event.id in self._awaited:
                     self._awaited[event.id] = None  # committed: its caller may say queued
@@ -474,6 +532,45 @@ class AsyncWebhookBatcher:
         self._last_error.pop(msg_id, None)
         self._delivered += len(events)
         self._batches += 1
+
+    async def _journal_sink(self, batch: Batch[WebhookEvent]) -> None:
+        if self._persist is None:
+            raise RuntimeError("the journal is only built for durable endpoints")
+        events = batch.items
+        ids = await self._persist.journal(self.name, [orjson.dumps(e.as_json()) for e in events])
+        self._journaled += len(events)
+        for event, journal_id in zip(events, ids, strict=True):
+            if event.id in self._awaited:
+                self._awaited[event.id] = None  # committed: its caller may say queued
+            self._feed(dataclasses.replace(event, journal_id=journal_id))
+
+    def _feed(self, event: WebhookEvent) -> bool:
+        """Hand a journaled event to the HTTP batches; never raises.
+
+        Refused only when the batch writer is full or closed: the event stays in the
+        journal, and the orphan scan hands it over again later (this process or another).
+        """
+        try:
+            return self._writer.put_nowait(event, critical=True)
+        except (anyio.WouldBlock, WriterClosed):
+            log.warning("async webhook %r: batch queue full, event left in the journal", self.name)
+            return False
+
+    def adopt(self, journal_id: int, body: bytes) -> bool:
+        """Batch an orphaned journal event (its owner did not batch it in time)."""
+        event = WebhookEvent.from_json(orjson.loads(body), journal_id)
+        if self._feed(event):
+            self._adopted += 1
+            return True
+        return False
+
+    def _journal_dead_letter(self, dead: DeadLetter[WebhookEvent]) -> None:
+        error = f"{dead.reason}: {type(dead.error).__name__ if dead.error else dead.reason}"
+        for event in dead.items:
+            if event.id in self._awaited:
+                self._awaited[event.id] = error
+        msg_id = delivery_id(self.name, dead.items[0].id, dead.items[-1].id, str(len(dead.items)))
+        self._dead_letter(dead.items, msg_id, "not_persisted", error)
 
     async def deliver(self, msg_id: str, body: bytes) -> None:
         """POST one batch body once; ``AttemptFailed`` unless the receiver answered 2xx.
@@ -580,4 +677,6 @@ class AsyncWebhookBatcher:
             writer=self._writer.statistics(),
             spilled=self._spilled,
             not_persisted=self._not_persisted,
+            journaled=self._journaled,
+            adopted=self._adopted,
         )

@@ -153,6 +153,11 @@ class AsyncWebhookConfig(_Endpoint):
     )
     shutdown_timeout_secs: float = Field(default=10.0, gt=0)
     durable: bool = Field(default=False, description="persist through the outbox first")
+    durable_mode: Literal["journal", "direct"] = Field(
+        default="journal",
+        description="journal: each event is committed alone (group commit) and batched for "
+        "HTTP as usual; direct (the previous behaviour): each fire writes its own batch row",
+    )
     trigger_match: TriggerMatch = TriggerMatch.EXACT
     trigger: str | None = Field(
         default=None, description="only when no [[webhooks]] entry of the same name exists"
@@ -190,6 +195,12 @@ class DurableRetry(BaseModel):
     max_delay_secs: float = Field(default=600.0, gt=0, le=86_400)
     max_attempts: int = Field(default=20, ge=1, le=10_000)
     jitter: float = Field(default=0.2, ge=0, le=1)
+    orphan_after_secs: float = Field(
+        default=60.0,
+        gt=0,
+        le=86_400,
+        description="a journaled event not batched by its owner within this is taken over",
+    )
 
     def delays_s(self) -> tuple[float, ...]:
         """The delay after each failed attempt (the last one repeats)."""

@@ -1,8 +1,13 @@
 """Durable async webhooks: batches persisted through the storage outbox, then delivered.
 
-For ``durable = true`` endpoints the batcher's sink writes each batch as one outbox row
-(channel ``webhook``, account = the endpoint's name; the payload holds the delivery id and
-the exact body) instead of POSTing it, and an outbox relay (``orchestrator.outbox``)
+For ``durable = true`` endpoints each fired event is first committed to the webhook
+journal (one write for all events waiting, so a caller waits one round trip and ``fire``
+says queued only then); the batcher then forms HTTP batches as for any endpoint, and writes
+each batch as one outbox row (channel ``webhook``, account = the endpoint's name; the
+payload holds the delivery id and the exact body) before deleting its journaled events.
+Journal rows their owner did not batch within ``orphan_after_secs`` (it crashed) are taken
+over by a live process. ``durable_mode = "direct"`` keeps the previous path (each fire
+writes its own batch row). An outbox relay (``orchestrator.outbox``)
 claims the rows and POSTs them in order per endpoint, with the same signing, Retry-After
 and 410 handling; events a full queue spills go the same way. Rows are retried by the
 ``[durable_retry]`` policy (capped exponential, minutes); a row that runs out of attempts
@@ -14,8 +19,13 @@ the next relay. Uses the outbox through its public API only.
 from __future__ import annotations
 
 import logging
+import os
+import secrets
+import socket
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
+
+import anyio
 
 from orchestrator.outbox import (
     Outbox,
@@ -24,11 +34,11 @@ from orchestrator.outbox import (
     SendError,
     open_outbox_relay,
 )
-from orchestrator.webhooks.batcher import AsyncWebhookBatcher, AttemptFailed, PersistBatch
+from orchestrator.webhooks.batcher import AsyncWebhookBatcher, AttemptFailed
 from orchestrator.webhooks.config import AsyncWebhookConfig, DurableRetry
 from storage import AsyncStorageBackend, NewOutboxMessage, OutboxMessage
 
-__all__ = ["OUTBOX_CHANNEL", "open_durable_delivery"]
+__all__ = ["OUTBOX_CHANNEL", "DurableDelivery", "open_durable_delivery"]
 
 log = logging.getLogger("asyncstore.webhooks")
 
@@ -65,6 +75,69 @@ class _Redrive:
             log.info("durable webhook %r recovered: %d dead row(s) redriven", endpoint, len(moved))
 
 
+class DurableDelivery:
+    """The ``DurableStore`` of the batchers: journal, outbox batch rows, orphan takeover."""
+
+    def __init__(
+        self,
+        storage: AsyncStorageBackend,
+        hooks: Mapping[str, AsyncWebhookConfig],
+        policy: DurableRetry,
+    ) -> None:
+        self._storage = storage
+        self._hooks = hooks
+        self._policy = policy
+        self._outbox = Outbox(storage)
+        self.owner = f"webhooks:{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+
+    async def journal(self, endpoint: str, bodies: Sequence[bytes]) -> list[int]:
+        return await self._storage.journal_webhook_events(endpoint, self.owner, bodies)
+
+    async def persist(
+        self, endpoint: str, msg_id: str, body: bytes, count: int, journal_ids: Sequence[int]
+    ) -> None:
+        if endpoint not in self._hooks:
+            raise ValueError(f"no async webhook {endpoint!r}")
+        row = NewOutboxMessage(
+            OUTBOX_CHANNEL,
+            endpoint,
+            {"delivery_id": msg_id, "events": count, "body": body.decode()},
+            max_attempts=self._policy.max_attempts,
+        )
+        await self._outbox.enqueue([row])
+        if journal_ids:
+            try:
+                await self._storage.delete_webhook_events(journal_ids)
+            except Exception as exc:
+                # The batch is safely in the outbox; left in the journal, its events would
+                # be sent again after orphan_after_secs (receivers de-duplicate on the
+                # event ids). Not raised: a retry would write the batch row twice.
+                log.error("webhook journal: could not forget %d events: %r", len(journal_ids), exc)
+
+    async def adopt_orphans(self, batchers: Mapping[str, AsyncWebhookBatcher]) -> int:
+        """Take over journal events nobody batched in time; returns how many were handed on."""
+        names = [n for n, b in batchers.items() if b.config.durable]
+        if not names:
+            return 0
+        orphans = await self._storage.claim_webhook_orphans(
+            names, self.owner, older_than_s=self._policy.orphan_after_secs, limit=1000
+        )
+        taken = sum(1 for o in orphans if batchers[o.endpoint].adopt(o.id, o.body))
+        if orphans:
+            log.warning("webhook journal: took over %d orphaned event(s)", taken)
+        return taken
+
+    async def scan_orphans(self, batchers: Mapping[str, AsyncWebhookBatcher]) -> None:
+        """Every half ``orphan_after_secs``, adopt orphans; runs until cancelled."""
+        while True:
+            try:
+                while await self.adopt_orphans(batchers) >= 1000:
+                    pass
+            except Exception as exc:  # storage down: the next scan tries again
+                log.warning("webhook journal: orphan scan failed: %r", exc)
+            await anyio.sleep(self._policy.orphan_after_secs / 2)
+
+
 @asynccontextmanager
 async def open_durable_delivery(
     storage: AsyncStorageBackend,
@@ -73,34 +146,24 @@ async def open_durable_delivery(
     *,
     retry: DurableRetry | None = None,
     retry_after_max_s: float = 60.0,
-) -> AsyncIterator[PersistBatch]:
-    """Run an outbox relay for the async ``hooks``; yields the batchers' persist function.
+) -> AsyncIterator[DurableDelivery]:
+    """Run an outbox relay (and the journal's orphan scan) for the async ``hooks``.
 
-    ``batchers`` (filled in by the caller once built) do the POSTs. Leaving the block
-    stops the relay: sends in flight finish within its grace period, the rest stay in the
-    outbox for the next run. If cancelled, sends are abandoned and their rows released.
+    Yields the batchers' ``DurableStore``. ``batchers`` (filled in by the caller once built)
+    do the POSTs. Leaving the block stops the scan and the relay: sends in flight finish
+    within its grace period, the rest stay in the outbox (and the journal) for the next
+    run. If cancelled, sends are abandoned and their rows released.
     """
     policy = retry or DurableRetry()
     by_name = {h.name: h for h in hooks}
-    outbox = Outbox(storage)
-    redrive = _Redrive(outbox)
+    store = DurableDelivery(storage, by_name, policy)
+    redrive = _Redrive(store._outbox)
     template = RetryTemplate(
         delays_s=policy.delays_s(),
         max_attempts=policy.max_attempts,
         jitter=policy.jitter,
         retry_after_max_s=retry_after_max_s,
     )
-
-    async def persist(endpoint: str, msg_id: str, body: bytes, count: int) -> None:
-        if endpoint not in by_name:
-            raise ValueError(f"no async webhook {endpoint!r}")
-        row = NewOutboxMessage(
-            OUTBOX_CHANNEL,
-            endpoint,
-            {"delivery_id": msg_id, "events": count, "body": body.decode()},
-            max_attempts=policy.max_attempts,
-        )
-        await outbox.enqueue([row])
 
     async def send(message: OutboxMessage) -> None:
         batcher = batchers.get(message.account)
@@ -130,7 +193,15 @@ async def open_durable_delivery(
         # Rows left waiting for a retry by a previous run are only found by polling.
         fallback_poll_s=1.0,
     )
-    async with open_outbox_relay(
-        storage, {OUTBOX_CHANNEL: send}, templates={OUTBOX_CHANNEL: template}, config=config
+    async with (
+        open_outbox_relay(
+            storage, {OUTBOX_CHANNEL: send}, templates={OUTBOX_CHANNEL: template}, config=config
+        ),
+        anyio.create_task_group() as tg,
     ):
-        yield persist
+        if any(h.durable for h in hooks):
+            tg.start_soon(store.scan_orphans, batchers)
+        try:
+            yield store
+        finally:
+            tg.cancel_scope.cancel()

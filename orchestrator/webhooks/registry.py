@@ -239,7 +239,7 @@ async def open_webhooks(
             )
         webhooks = Webhooks(config, transport)
         for hook in enabled:
-            batcher = AsyncWebhookBatcher(hook, transport, persist=persist)
+            batcher = AsyncWebhookBatcher(hook, transport, store=persist)
             batchers[hook.name] = await stack.enter_async_context(batcher)
             if reports is not None:
                 stack.push_async_callback(_collect, batcher, reports)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import anyio
+import orjson
 import pytest
 
 from orchestrator.webhooks import HooksConfig, open_webhooks, parse_hooks
@@ -29,11 +30,12 @@ async def test_durable_events_are_persisted_then_delivered(storage: AsyncStorage
         open_test_receiver() as rx,
         open_webhooks(durable(rx.url), storage=storage) as webhooks,
     ):
-        decision = await webhooks.fire("error", {"n": 1})  # returns once persisted
+        decision = await webhooks.fire("error", {"n": 1})  # returns once journaled
         assert decision.outcomes[0].queued
-        row = await storage.get_outbox(1)
-        assert row is not None and row.channel == "webhook" and row.account == "ledger"
+        assert webhooks.batchers["ledger"].statistics().journaled == 1
         (request,) = await rx.wait_for(1)
+        row = await storage.get_outbox(1)  # the batch went through the outbox
+        assert row is not None and row.channel == "webhook" and row.account == "ledger"
         for _ in range(250):  # the relay records results in the background
             sent = await storage.get_outbox(1)
             if sent is not None and sent.status is OutboxStatus.SENT:
@@ -160,3 +162,61 @@ async def test_dead_rows_are_redriven_when_the_endpoint_recovers(
                 == {0, 1, 2, 3},
                 timeout_s=30,
             )
+
+
+@pytest.mark.parametrize(("mode", "requests"), [("journal", 10), ("direct", 100)])
+async def test_hundred_sequential_durable_fires_at_batch_ten(
+    storage: AsyncStorageBackend, mode: str, requests: int
+) -> None:
+    """Seed 000's table in durable mode: each caller waits for its journal commit only."""
+    async with open_test_receiver() as rx:
+        config = durable(rx.url, batch_size=10, flush_interval_ms=60_000, durable_mode=mode)
+        async with open_webhooks(config, storage=storage) as webhooks:
+            for i in range(100):
+                decision = await webhooks.fire("error", {"i": i})
+                assert decision.outcomes[0].queued
+            await rx.wait_until(lambda _: len(rx.events()) >= 100, 30)
+            stats = webhooks.batchers["ledger"].statistics()
+    assert len(rx.requests) == requests  # journal: 10; the legacy direct path: 100
+    assert sorted(e["context"]["i"] for e in rx.events()) == list(range(100))
+    assert stats.batches == requests and stats.journaled == (100 if mode == "journal" else 0)
+    leftovers = await storage.claim_webhook_orphans(["ledger"], "t", older_than_s=0, limit=10)
+    assert leftovers == []  # every batched event left the journal
+
+
+async def test_orphaned_journal_events_are_taken_over(storage: AsyncStorageBackend) -> None:
+    # What a process that crashed after committing two events leaves behind.
+    bodies = [
+        orjson.dumps(
+            {
+                "id": f"evt_dead_{n}",
+                "event": "on_error",
+                "hook_name": "ledger",
+                "trigger": "error",
+                "context": {"n": n},
+                "timestamp_ms": 1,
+            }
+        )
+        for n in range(2)
+    ]
+    await storage.journal_webhook_events("ledger", "crashed-process", bodies)
+    async with open_test_receiver() as rx:
+        config = parse_hooks(
+            {
+                "async_webhooks": [
+                    {
+                        "name": "ledger",
+                        "url": rx.url,
+                        "trigger": "error",
+                        "durable": True,
+                        "flush_interval_ms": 20,
+                    }
+                ],
+                "durable_retry": {"orphan_after_secs": 0.2},
+            },
+            environ={},
+        )
+        async with open_webhooks(config, storage=storage) as webhooks:
+            await rx.wait_until(lambda _: len(rx.events()) >= 2, 15)
+            assert webhooks.batchers["ledger"].statistics().adopted == 2
+    assert sorted(e["id"] for e in rx.events()) == ["evt_dead_0", "evt_dead_1"]

@@ -408,3 +408,24 @@ SELECT pg_try_advisory_lock(1634957678, hashtext($1));
 
 -- name: release_leadership
 SELECT pg_advisory_unlock(1634957678, hashtext($1));
+
+-- name: journal_webhook_events
+INSERT INTO webhook_journal (endpoint, owner, body)
+SELECT $1, $2, x.body FROM unnest($3::text[]) WITH ORDINALITY AS x(body, ord)
+ORDER BY x.ord
+RETURNING id;
+
+-- name: delete_webhook_events
+DELETE FROM webhook_journal WHERE id = ANY($1::bigint[]);
+
+-- name: claim_webhook_orphans
+-- Events their owner did not batch within the age limit (it crashed, or lost its storage):
+-- taken over by this owner, oldest first, skipping rows another claimer holds.
+UPDATE webhook_journal j SET owner = $2, claimed_at = now()
+WHERE j.id IN (
+    SELECT id FROM webhook_journal
+    WHERE endpoint = ANY($1::text[]) AND claimed_at < now() - make_interval(secs => $3)
+    ORDER BY id LIMIT $4
+    FOR UPDATE SKIP LOCKED
+)
+RETURNING j.id, j.endpoint, j.body;

@@ -350,3 +350,22 @@ RETURNING holder;
 
 -- name: release_leadership
 DELETE FROM maintenance_leaders WHERE name = :name AND holder = :holder;
+
+-- name: journal_webhook_events
+INSERT INTO webhook_journal (endpoint, owner, body, claimed_at, created_at)
+VALUES (:endpoint, :owner, :body, :now, :now)
+RETURNING id;
+
+-- name: delete_webhook_events
+DELETE FROM webhook_journal WHERE id IN (SELECT value FROM json_each(:ids));
+
+-- name: claim_webhook_orphans
+-- Events their owner did not batch within the age limit (it crashed, or lost its storage):
+-- taken over by this owner, oldest first (one writer at a time: BEGIN IMMEDIATE).
+UPDATE webhook_journal SET owner = :owner, claimed_at = :now
+WHERE id IN (
+    SELECT id FROM webhook_journal
+    WHERE endpoint IN (SELECT value FROM json_each(:endpoints)) AND claimed_at < :cutoff
+    ORDER BY id LIMIT :limit
+)
+RETURNING id, endpoint, body;

@@ -1,0 +1,15 @@
+-- asyncstore schema, version 6 (Postgres): the journal of durable webhook events. Each
+-- fired event is committed here first (one row per event, group-committed), so fire() can
+-- answer "queued" at once; the batcher then writes whole batches to the outbox and deletes
+-- the events it batched. Rows whose owner did not batch them in time are claimed again.
+
+CREATE TABLE webhook_journal (
+    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    endpoint    text NOT NULL,
+    owner       text NOT NULL,
+    body        text NOT NULL,
+    claimed_at  timestamptz NOT NULL DEFAULT now(),
+    created_at  timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE INDEX webhook_journal_claimed ON webhook_journal (endpoint, claimed_at);
