@@ -37,6 +37,7 @@ from storage.base import (
     StreamEvent,
     Task,
     TaskStatus,
+    WebhookAttempt,
 )
 from storage.errors import (
     ConflictError,
@@ -81,6 +82,7 @@ __all__ = [
     "StreamEvent",
     "Task",
     "TaskStatus",
+    "WebhookAttempt",
     "dialect_of",
     "encode_payload",
     "open_storage",

@@ -21,6 +21,7 @@ from storage.base import (
     NewStreamEvent,
     NewTask,
     Task,
+    WebhookAttempt,
 )
 from storage.errors import InvalidInput
 
@@ -319,4 +320,30 @@ def prepare_journal(endpoint: object, owner: object, bodies: object) -> list[str
         if "\x00" in text:
             raise InvalidInput(f"bodies[{i}] must not contain NUL characters")
         out.append(text)
+    return out
+
+
+def prepare_attempts(
+    attempts: object,
+) -> list[tuple[str, str, int | None, datetime, int | None, str, bool]]:
+    """Delivery-log entries: ids checked, errors cut at 1000 characters, aware times."""
+    out = []
+    for i, a in enumerate(_batch(attempts, "attempts")):
+        if not isinstance(a, WebhookAttempt):
+            raise InvalidInput(f"attempts[{i}] must be a WebhookAttempt")
+        if not isinstance(a.attempted_at, datetime) or a.attempted_at.tzinfo is None:
+            raise InvalidInput(f"attempts[{i}].attempted_at must be an aware datetime")
+        if not isinstance(a.error, str) or "\x00" in a.error:
+            raise InvalidInput(f"attempts[{i}].error must be a str without NUL characters")
+        out.append(
+            (
+                check_id(a.endpoint, f"attempts[{i}].endpoint"),
+                check_id(a.webhook_id, f"attempts[{i}].webhook_id"),
+                None if a.outbox_id is None else check_int(a.outbox_id, "outbox_id", minimum=1),
+                a.attempted_at,
+                None if a.status is None else check_int(a.status, "status", minimum=100),
+                a.error[:1000],
+                bool(a.ok),
+            )
+        )
     return out

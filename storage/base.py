@@ -15,7 +15,7 @@ import functools
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import StrEnum
 from types import MappingProxyType, TracebackType
 from typing import Any, Concatenate, NamedTuple, ParamSpec, Self, TypeVar
@@ -52,6 +52,7 @@ __all__ = [
     "StreamEvent",
     "Task",
     "TaskStatus",
+    "WebhookAttempt",
 ]
 
 JSON = Any
@@ -287,6 +288,36 @@ class JournaledEvent:
     id: int
     endpoint: str
     body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookAttempt:
+    """One delivery attempt of a durable webhook, as kept in the delivery log."""
+
+    endpoint: str
+    webhook_id: str
+    outbox_id: int | None
+    attempted_at: datetime
+    status: int | None  # the receiver's HTTP status, None when no answer came
+    error: str  # "" when delivered
+    ok: bool
+    id: int = 0  # assigned by the log
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> WebhookAttempt:
+        at = row["attempted_at"]
+        if not isinstance(at, datetime):
+            at = datetime.fromtimestamp(float(at), UTC)
+        return cls(
+            row["endpoint"],
+            row["webhook_id"],
+            row["outbox_id"],
+            at,
+            row["status"],
+            row["error"],
+            bool(row["ok"]),
+            row["id"],
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -773,6 +804,25 @@ class AsyncStorageBackend(abc.ABC):
         Their owner did not batch them in time (crashed, or lost its storage). Oldest
         first; each row is taken by one claimer, and held by ``owner`` from now on.
         """
+
+    @abc.abstractmethod
+    async def record_webhook_attempts(self, attempts: Sequence[WebhookAttempt]) -> int:
+        """Append attempts to the delivery log in one transaction; returns the count."""
+
+    @abc.abstractmethod
+    async def list_webhook_attempts(
+        self,
+        *,
+        endpoint: str | None = None,
+        webhook_id: str | None = None,
+        failed: bool = False,
+        limit: int = 100,
+    ) -> list[WebhookAttempt]:
+        """The delivery log, newest first; ``failed``: only webhook-ids never delivered."""
+
+    @abc.abstractmethod
+    async def purge_webhook_attempts(self, older_than_s: float) -> int:
+        """Delete log entries older than ``older_than_s`` seconds; returns the count."""
 
     # -- cancellation ----------------------------------------------------------
 

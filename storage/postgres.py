@@ -45,6 +45,7 @@ from storage.base import (
     StreamEvent,
     Task,
     TaskStatus,
+    WebhookAttempt,
     operation,
 )
 from storage.errors import (
@@ -604,6 +605,36 @@ class PostgresBackend(AsyncStorageBackend):
         )
         found = [JournaledEvent(r["id"], r["endpoint"], r["body"].encode()) for r in rows]
         return sorted(found, key=lambda e: e.id)
+
+    @operation
+    async def record_webhook_attempts(self, attempts: Sequence[WebhookAttempt]) -> int:
+        rows = v.prepare_attempts(attempts)
+        if not rows:
+            return 0
+        columns = [list(c) for c in zip(*rows, strict=True)]
+        await self._execute("record_webhook_attempts", *columns)
+        return len(rows)
+
+    @operation
+    async def list_webhook_attempts(
+        self,
+        *,
+        endpoint: str | None = None,
+        webhook_id: str | None = None,
+        failed: bool = False,
+        limit: int = 100,
+    ) -> list[WebhookAttempt]:
+        name = None if endpoint is None else v.check_id(endpoint, "endpoint")
+        wid = None if webhook_id is None else v.check_id(webhook_id, "webhook_id")
+        rows = await self._fetch(
+            "list_webhook_attempts", name, bool(failed), wid, v.check_limit(limit)
+        )
+        return [WebhookAttempt.from_row(r) for r in rows]
+
+    @operation
+    async def purge_webhook_attempts(self, older_than_s: float) -> int:
+        age = v.check_seconds(older_than_s, "older_than_s", minimum=0)
+        return _rowcount(await self._execute("purge_webhook_attempts", age))
 
     # -- cancellation ----------------------------------------------------------
 

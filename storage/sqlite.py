@@ -48,6 +48,7 @@ from storage.base import (
     StreamEvent,
     Task,
     TaskStatus,
+    WebhookAttempt,
     operation,
 )
 from storage.errors import (
@@ -785,6 +786,43 @@ class SqliteBackend(AsyncStorageBackend):
         rows = await self._write("claim_webhook_orphans", params)
         found = [JournaledEvent(r["id"], r["endpoint"], r["body"].encode()) for r in rows]
         return sorted(found, key=lambda e: e.id)
+
+    @operation
+    async def record_webhook_attempts(self, attempts: Sequence[WebhookAttempt]) -> int:
+        rows = v.prepare_attempts(attempts)
+        if not rows:
+            return 0
+        keys = ("endpoint", "webhook_id", "outbox_id", "attempted_at", "status", "error", "ok")
+        async with self._transaction() as tx:
+            for row in rows:
+                params: dict[str, Any] = dict(zip(keys, row, strict=True))
+                params["attempted_at"] = row[3].timestamp()
+                params["ok"] = int(row[6])
+                await tx.execute("record_webhook_attempts", params)
+        return len(rows)
+
+    @operation
+    async def list_webhook_attempts(
+        self,
+        *,
+        endpoint: str | None = None,
+        webhook_id: str | None = None,
+        failed: bool = False,
+        limit: int = 100,
+    ) -> list[WebhookAttempt]:
+        params = {
+            "endpoint": None if endpoint is None else v.check_id(endpoint, "endpoint"),
+            "webhook_id": None if webhook_id is None else v.check_id(webhook_id, "webhook_id"),
+            "failed": int(bool(failed)),
+            "limit": v.check_limit(limit),
+        }
+        rows = await self._read("list_webhook_attempts", params)
+        return [WebhookAttempt.from_row(r) for r in rows]
+
+    @operation
+    async def purge_webhook_attempts(self, older_than_s: float) -> int:
+        cutoff = time.time() - v.check_seconds(older_than_s, "older_than_s", minimum=0)
+        return await self._write_count("purge_webhook_attempts", {"cutoff": cutoff})
 
     # -- cancellation ----------------------------------------------------------
 

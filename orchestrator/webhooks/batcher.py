@@ -572,8 +572,8 @@ class AsyncWebhookBatcher:
         msg_id = delivery_id(self.name, dead.items[0].id, dead.items[-1].id, str(len(dead.items)))
         self._dead_letter(dead.items, msg_id, "not_persisted", error)
 
-    async def deliver(self, msg_id: str, body: bytes) -> None:
-        """POST one batch body once; ``AttemptFailed`` unless the receiver answered 2xx.
+    async def deliver(self, msg_id: str, body: bytes) -> int:
+        """POST one batch body once; its 2xx status, else ``AttemptFailed``.
 
         A 410 disables the endpoint (``retryable=False``). If cancelled, the request is
         abandoned.
@@ -601,7 +601,7 @@ class AsyncWebhookBatcher:
                 circuit_open=exc.retry_in_s is not None,
             ) from None
         if 200 <= reply.status < 300:
-            return
+            return reply.status
         self._failed += 1
         if reply.status == 410:
             if not self._disabled:

@@ -233,6 +233,9 @@ class HooksConfig(BaseModel):
     max_response_bytes: int = Field(default=65_536, ge=256, description="response bytes read")
     retry_after_max_secs: float = Field(default=60.0, ge=0, description="Retry-After ceiling")
     durable_retry: DurableRetry = DurableRetry()
+    delivery_log: bool = Field(
+        default=True, description="log every durable delivery attempt (webhooks log / resend)"
+    )
     circuit_breaker: BreakerConfig = BreakerConfig()
     source: str = "<memory>"
 
@@ -463,6 +466,7 @@ def masked_dump(config: HooksConfig) -> dict[str, Any]:
         "max_response_bytes": config.max_response_bytes,
         "retry_after_max_secs": config.retry_after_max_secs,
         "durable_retry": config.durable_retry.model_dump(mode="json"),
+        "delivery_log": config.delivery_log,
         "circuit_breaker": config.circuit_breaker.model_dump(mode="json"),
         "webhooks": [_masked_endpoint(h) for h in config.webhooks],
         "async_webhooks": [_masked_endpoint(h) for h in config.async_webhooks],

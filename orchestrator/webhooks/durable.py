@@ -12,7 +12,9 @@ claims the rows and POSTs them in order per endpoint, with the same signing, Ret
 and 410 handling; events a full queue spills go the same way. Rows are retried by the
 ``[durable_retry]`` policy (capped exponential, minutes); a row that runs out of attempts
 while its receiver is down is redriven automatically by the next successful delivery to
-that endpoint. A crash loses nothing already written; undelivered rows are picked up by
+that endpoint. Every attempt (time, status, error) goes to the delivery log
+(``webhook_attempts``, written in batches off the send path) for ``asyncstore webhooks log``
+and ``resend``. A crash loses nothing already written; undelivered rows are picked up by
 the next relay. Uses the outbox through its public API only.
 """
 
@@ -23,10 +25,12 @@ import os
 import secrets
 import socket
 from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
+from datetime import UTC, datetime
 
 import anyio
 
+from orchestrator.batching import Batch, BatchWriter, DeadLetter, outcome_batches
 from orchestrator.outbox import (
     Outbox,
     OutboxConfig,
@@ -36,7 +40,7 @@ from orchestrator.outbox import (
 )
 from orchestrator.webhooks.batcher import AsyncWebhookBatcher, AttemptFailed
 from orchestrator.webhooks.config import AsyncWebhookConfig, DurableRetry
-from storage import AsyncStorageBackend, NewOutboxMessage, OutboxMessage
+from storage import AsyncStorageBackend, NewOutboxMessage, OutboxMessage, WebhookAttempt
 
 __all__ = ["OUTBOX_CHANNEL", "DurableDelivery", "open_durable_delivery"]
 
@@ -89,6 +93,7 @@ class DurableDelivery:
         self._policy = policy
         self._outbox = Outbox(storage)
         self.owner = f"webhooks:{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self.log_dropped = 0  # delivery-log entries that could not be written
 
     async def journal(self, endpoint: str, bodies: Sequence[bytes]) -> list[int]:
         return await self._storage.journal_webhook_events(endpoint, self.owner, bodies)
@@ -146,6 +151,7 @@ async def open_durable_delivery(
     *,
     retry: DurableRetry | None = None,
     retry_after_max_s: float = 60.0,
+    delivery_log: bool = True,
 ) -> AsyncIterator[DurableDelivery]:
     """Run an outbox relay (and the journal's orphan scan) for the async ``hooks``.
 
@@ -165,14 +171,27 @@ async def open_durable_delivery(
         retry_after_max_s=retry_after_max_s,
     )
 
+    def record(message: OutboxMessage, webhook_id: str, status: int | None, error: str) -> None:
+        if attempts is None:
+            return
+        entry = WebhookAttempt(
+            message.account, webhook_id, message.id, datetime.now(UTC), status, error, not error
+        )
+        try:
+            attempts.put_nowait(entry)
+        except anyio.WouldBlock:  # a million entries waiting: storage is down; counted
+            store.log_dropped += 1
+
     async def send(message: OutboxMessage) -> None:
         batcher = batchers.get(message.account)
         payload = message.payload
         if batcher is None or not isinstance(payload, dict):
             raise SendError(f"no durable webhook {message.account!r} here", retryable=True)
+        webhook_id = str(payload["delivery_id"])
         try:
-            await batcher.deliver(str(payload["delivery_id"]), str(payload["body"]).encode())
+            status = await batcher.deliver(webhook_id, str(payload["body"]).encode())
         except AttemptFailed as exc:
+            record(message, webhook_id, exc.status, str(exc))
             budget = min(message.max_attempts, template.max_attempts)
             if exc.retryable and message.attempts >= budget:
                 redrive.remember(message.account, message.id)
@@ -184,6 +203,7 @@ async def open_durable_delivery(
                 # policy's delay applies (minutes, not a burnt attempt every second).
                 retry_after_s=None if exc.circuit_open else exc.retry_after_s,
             ) from None
+        record(message, webhook_id, status, "")
         await redrive.recovered(message.account)
 
     timeout = max((h.timeout_secs for h in by_name.values()), default=10.0)
@@ -193,12 +213,33 @@ async def open_durable_delivery(
         # Rows left waiting for a retry by a previous run are only found by polling.
         fallback_poll_s=1.0,
     )
-    async with (
-        open_outbox_relay(
-            storage, {OUTBOX_CHANNEL: send}, templates={OUTBOX_CHANNEL: template}, config=config
-        ),
-        anyio.create_task_group() as tg,
-    ):
+    async def write_log(batch: Batch[WebhookAttempt]) -> None:
+        await storage.record_webhook_attempts(batch.items)
+
+    def log_lost(dead: DeadLetter[WebhookAttempt]) -> None:
+        store.log_dropped += len(dead.items)
+
+    attempts: BatchWriter[WebhookAttempt] | None = None
+    async with AsyncExitStack() as stack:
+        if delivery_log:
+            # Group commit, off the send path: the log never delays a delivery.
+            attempts = await stack.enter_async_context(
+                BatchWriter(
+                    write_log,
+                    outcome_batches(500),
+                    on_dead_letter=log_lost,
+                    name="webhook-delivery-log",
+                )
+            )
+        await stack.enter_async_context(
+            open_outbox_relay(
+                storage,
+                {OUTBOX_CHANNEL: send},
+                templates={OUTBOX_CHANNEL: template},
+                config=config,
+            )
+        )
+        tg = await stack.enter_async_context(anyio.create_task_group())
         if any(h.durable for h in hooks):
             tg.start_soon(store.scan_orphans, batchers)
         try:

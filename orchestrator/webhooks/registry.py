@@ -235,6 +235,7 @@ async def open_webhooks(
                     batchers,
                     retry=config.durable_retry,
                     retry_after_max_s=config.retry_after_max_secs,
+                    delivery_log=config.delivery_log,
                 )
             )
         webhooks = Webhooks(config, transport)

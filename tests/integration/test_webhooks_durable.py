@@ -220,3 +220,54 @@ async def test_orphaned_journal_events_are_taken_over(storage: AsyncStorageBacke
             await rx.wait_until(lambda _: len(rx.events()) >= 2, 15)
             assert webhooks.batchers["ledger"].statistics().adopted == 2
     assert sorted(e["id"] for e in rx.events()) == ["evt_dead_0", "evt_dead_1"]
+
+
+async def test_delivery_log_records_every_attempt_and_resend_keeps_id_and_body(
+    storage: AsyncStorageBackend,
+) -> None:
+    from standardwebhooks.webhooks import Webhook
+
+    from orchestrator.webhooks.admin import ResendRefused, delivery_log, format_attempt, resend
+
+    async with open_test_receiver() as rx:
+        rx.handler = lambda r: Answer(status=503) if len(rx.requests) == 1 else Answer()
+        config = parse_hooks(
+            {
+                "async_webhooks": [
+                    {
+                        "name": "ledger",
+                        "url": rx.url,
+                        "trigger": "error",
+                        "durable": True,
+                        "flush_interval_ms": 10,
+                        "secret": SECRET,
+                    }
+                ],
+                "durable_retry": {"first_delay_secs": 0.05},
+            },
+            environ={},
+        )
+        async with open_webhooks(config, storage=storage) as webhooks:
+            await webhooks.fire("error", {"n": 1})
+            await rx.wait_for(2)
+        # Leaving the block drained the log writer.
+        first, delivered = rx.requests
+        webhook_id = delivered.headers["webhook-id"]
+        assert first.headers["webhook-id"] == webhook_id and first.body == delivered.body
+        log = await delivery_log(storage, endpoint="ledger")
+        assert [(a.webhook_id, a.status, a.ok) for a in log] == [
+            (webhook_id, 200, True),
+            (webhook_id, 503, False),
+        ]
+        assert log[1].error == "HTTP 503" and "status=503" in format_attempt(log[1])
+        assert await delivery_log(storage, failed=True) == []
+        row = await resend(storage, webhook_id)
+        assert row > (log[0].outbox_id or 0)
+        with pytest.raises(ResendRefused, match="no delivery"):
+            await resend(storage, "msg_unknown")
+        async with open_webhooks(config, storage=storage):  # a running app delivers it
+            await rx.wait_for(3)
+    again = rx.requests[2]
+    assert again.headers["webhook-id"] == webhook_id and again.body == delivered.body
+    assert again.headers["webhook-signature"]  # freshly signed, and it verifies
+    Webhook(SECRET).verify(again.body, dict(again.headers))

@@ -429,3 +429,21 @@ WHERE j.id IN (
     FOR UPDATE SKIP LOCKED
 )
 RETURNING j.id, j.endpoint, j.body;
+
+-- name: record_webhook_attempts
+INSERT INTO webhook_attempts (endpoint, webhook_id, outbox_id, attempted_at, status, error, ok)
+SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::timestamptz[], $5::int[],
+                     $6::text[], $7::boolean[]);
+
+-- name: list_webhook_attempts
+-- Newest first. $2: only webhook-ids that no attempt delivered; $3: one webhook-id.
+SELECT a.* FROM webhook_attempts a
+WHERE ($1::text IS NULL OR a.endpoint = $1)
+  AND ($3::text IS NULL OR a.webhook_id = $3)
+  AND (NOT $2 OR NOT EXISTS (
+        SELECT 1 FROM webhook_attempts s WHERE s.webhook_id = a.webhook_id AND s.ok))
+ORDER BY a.id DESC
+LIMIT $4;
+
+-- name: purge_webhook_attempts
+DELETE FROM webhook_attempts WHERE attempted_at < now() - make_interval(secs => $1);

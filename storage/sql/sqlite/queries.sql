@@ -369,3 +369,20 @@ WHERE id IN (
     ORDER BY id LIMIT :limit
 )
 RETURNING id, endpoint, body;
+
+-- name: record_webhook_attempts
+INSERT INTO webhook_attempts (endpoint, webhook_id, outbox_id, attempted_at, status, error, ok)
+VALUES (:endpoint, :webhook_id, :outbox_id, :attempted_at, :status, :error, :ok);
+
+-- name: list_webhook_attempts
+-- Newest first. :failed: only webhook-ids that no attempt delivered; :webhook_id: one id.
+SELECT a.* FROM webhook_attempts a
+WHERE (:endpoint IS NULL OR a.endpoint = :endpoint)
+  AND (:webhook_id IS NULL OR a.webhook_id = :webhook_id)
+  AND (NOT :failed OR NOT EXISTS (
+        SELECT 1 FROM webhook_attempts s WHERE s.webhook_id = a.webhook_id AND s.ok))
+ORDER BY a.id DESC
+LIMIT :limit;
+
+-- name: purge_webhook_attempts
+DELETE FROM webhook_attempts WHERE attempted_at < :cutoff;
