@@ -3,10 +3,13 @@
 Items are buffered in memory and handed to an async *sink* in batches, flushed when any
 threshold is reached: item count, encoded bytes, or the age of the oldest unflushed item.
 It owns the backpressure policy (block with a timeout, drop the oldest or the newest item;
-critical items are never dropped), retries a failing sink with exponential backoff and
-jitter while the items keep counting against capacity, and hands what it finally cannot
-write to a dead-letter callback. It relies only on anyio; the stream writer, the queue's
-completion writer and the webhook batcher are built on it.
+critical items are never dropped), retries a failing sink with capped exponential backoff
+and jitter, for a number of attempts and/or a time budget that lets a database sink ride
+out an outage while the items keep counting against capacity, and hands what it finally
+cannot write to a dead-letter callback (counted by reason). ``health()`` and
+``statistics()`` say when the sink is failing, for how long, and what waits. It relies on
+anyio (and names a ``StorageUnavailable`` outage as such); the stream writer, the queue's
+and outbox's outcome writers and the webhook batcher are built on it.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from types import MappingProxyType, TracebackType
 from typing import Generic, Self, TypeVar
@@ -28,6 +31,7 @@ import anyio.abc
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from orchestrator.errors import WriterClosed, WriterOverloaded
+from storage.errors import StorageUnavailable
 
 __all__ = [
     "Batch",
@@ -70,9 +74,17 @@ class BatchConfig(BaseModel):
     capacity_bytes: int | None = Field(default=None, ge=1, description="bytes buffered, if bounded")
     overflow: OverflowPolicy = OverflowPolicy.BLOCK
     block_timeout_s: float = Field(default=5.0, ge=0, description="how long a blocking put waits")
-    max_retries: int = Field(default=5, ge=0, description="sink retries before dead-lettering")
-    retry_base_s: float = Field(default=0.05, gt=0)
-    retry_max_s: float = Field(default=5.0, gt=0)
+    max_retries: int | None = Field(
+        default=5, ge=0, description="sink retries of a batch before dead-lettering; None: no limit"
+    )
+    retry_budget_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="how long a failing sink is retried, from the first failure of the current "
+        "outage (not of each batch); None: no time limit (max_retries decides)",
+    )
+    retry_base_s: float = Field(default=0.05, gt=0, description="first backoff step")
+    retry_max_s: float = Field(default=5.0, gt=0, description="backoff cap between attempts")
     drain_timeout_s: float = Field(
         default=30.0, gt=0, description="how long aclose() keeps flushing before dead-lettering"
     )
@@ -86,16 +98,28 @@ class BatchConfig(BaseModel):
     def _capacity_holds_a_batch(self) -> Self:
         if self.capacity < self.max_batch:
             raise ValueError(f"capacity ({self.capacity}) must be >= max_batch ({self.max_batch})")
+        if self.max_retries is None and self.retry_budget_s is None:
+            raise ValueError(
+                "max_retries and retry_budget_s cannot both be None: a failing sink would "
+                "hold its batch (and the whole writer) forever"
+            )
         return self
+
+
+# Outcomes used to be retried 10 000 times (hours at the 2 s cap): effectively unbounded. A
+# time budget says the same thing explicitly and keeps "minutes", which outlasts a restart
+# or failover with room to spare; past it the leases expire and the work runs elsewhere.
+OUTCOME_RETRY_BUDGET_S = 300.0
 
 
 def outcome_batches(max_batch: int) -> BatchConfig:
     """Settings for small records that must reach storage (task outcomes, delivery results).
 
     Group commit (``eager``): whatever finished while a write was in flight goes in the next
-    one. Never dropped (``block`` with room for a million), retried for minutes, and drained
-    for up to 10 s at close; what is still unwritten then is dead-lettered, so its lease
-    expires and the work runs again elsewhere.
+    one. Never dropped (``block`` with room for a million), retried through an outage of up
+    to ``OUTCOME_RETRY_BUDGET_S`` (backoff capped at 2 s), and drained for up to 10 s at
+    close; what is still unwritten then is dead-lettered, so its lease expires and the work
+    runs again elsewhere.
     """
     return BatchConfig(
         max_batch=max_batch,
@@ -103,7 +127,8 @@ def outcome_batches(max_batch: int) -> BatchConfig:
         eager=True,
         capacity=max(1_000_000, max_batch),
         overflow=OverflowPolicy.BLOCK,
-        max_retries=10_000,
+        max_retries=None,
+        retry_budget_s=OUTCOME_RETRY_BUDGET_S,
         retry_base_s=0.05,
         retry_max_s=2.0,
         drain_timeout_s=10.0,
@@ -125,7 +150,9 @@ class DeadLetter(Generic[T]):
     """Items the writer gave up on, with the reason and the last sink error."""
 
     items: list[T]
-    reason: str  # "retries_exhausted", "not_retryable" or "shutdown"
+    # "retries_exhausted" (max_retries), "retry_budget_exhausted" (the outage outlasted
+    # retry_budget_s), "not_retryable" (retry_if said no) or "shutdown" (drain timed out)
+    reason: str
     error: BaseException | None
 
 
@@ -136,6 +163,8 @@ class DrainReport:
     flushed: int
     dead_lettered: int
     dropped: Mapping[str, int]
+    # dead-lettered items by reason
+    dead_letters: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
 
     @property
     def complete(self) -> bool:
@@ -163,11 +192,22 @@ class BatchWriterStatistics:
     blocked_puts: int  # puts waiting for room right now
     oldest_pending_age_s: float
     last_flush_latency_s: float
+    # dead-lettered items by reason
+    dead_letters: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+    consecutive_failures: int = 0  # failed sink calls since the last success
+    failing_for_s: float = 0.0  # since the first of those failures; 0.0 while healthy
+    failing_since: float | None = None  # the same moment as a Unix timestamp
+    last_error: str = ""  # the latest failure's text while failing, else ""
 
     @property
     def unsettled(self) -> int:
         """Items not yet confirmed by the sink: waiting plus in flight."""
         return self.pending + self.in_flight
+
+    @property
+    def sink_unavailable(self) -> bool:
+        """The sink's latest call failed and none has succeeded since."""
+        return self.consecutive_failures > 0
 
 
 class _Entry(Generic[T]):
@@ -193,6 +233,13 @@ class BatchWriter(Generic[T]):
     hot path can pass ``nbytes=`` to ``put_nowait`` instead). Batches are sent one at a
     time, so the sink sees items in arrival order, retries included. ``retry_if`` decides
     which sink errors are worth retrying (default: all); the others dead-letter at once.
+
+    Riding out an outage: while the sink fails, the batch in flight is retried (capped
+    exponential backoff with jitter) and new items keep buffering up to ``capacity``, past
+    which the overflow policy applies (drops counted). A batch is given up when it used
+    ``max_retries``, or when the outage (measured from the first failure since the sink last
+    succeeded, so batches queued behind a failing one get no fresh budget) has lasted
+    ``retry_budget_s``; after that each later batch gets one attempt until one succeeds.
     """
 
     def __init__(
@@ -233,8 +280,14 @@ class BatchWriter(Generic[T]):
         self._batches = 0
         self._retries = 0
         self._dead = 0
+        self._dead_by_reason: dict[str, int] = {}
         self._dropped: dict[str, int] = {}
         self._last_latency = 0.0
+        self._failures = 0  # consecutive failed sink calls
+        self._failing_since = 0.0  # monotonic time of the first of them
+        self._failing_since_wall = 0.0
+        self._last_error = ""
+        self._unavailable_error = False
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -267,9 +320,10 @@ class BatchWriter(Generic[T]):
     async def aclose(self) -> DrainReport:
         """Stop intake, flush everything buffered, and report what could not be written.
 
-        Waits at most ``drain_timeout_s``; items still unwritten then are dead-lettered with
-        reason ``shutdown``. Safe to call twice. If cancelled, the writer stays closing and
-        the flusher keeps draining until the owning ``async with`` exits.
+        Waits at most ``drain_timeout_s``, retrying a failing sink meanwhile as usual; items
+        still unwritten then are dead-lettered with reason ``shutdown``. Safe to call twice.
+        If cancelled, the writer stays closing and the flusher keeps draining until the
+        owning ``async with`` exits.
         """
         self._closing = True
         self._wake.set()
@@ -289,7 +343,12 @@ class BatchWriter(Generic[T]):
             self._bytes = self._pending_bytes = 0
             await self._dead_letter(leftovers, "shutdown", None)
         self._closed = True
-        return DrainReport(self._flushed, self._dead, MappingProxyType(dict(self._dropped)))
+        return DrainReport(
+            self._flushed,
+            self._dead,
+            MappingProxyType(dict(self._dropped)),
+            MappingProxyType(dict(self._dead_by_reason)),
+        )
 
     # -- intake --------------------------------------------------------------------
 
@@ -418,7 +477,7 @@ class BatchWriter(Generic[T]):
     async def flush(self) -> None:
         """A barrier: returns once every item put before the call is settled.
 
-        Settled means confirmed by the sink, or (after ``max_retries``) dead-lettered, or
+        Settled means confirmed by the sink, or (retries or budget spent) dead-lettered, or
         evicted by ``drop_oldest``. If cancelled, stops waiting; the flush still happens.
         """
         target = self._numbered
@@ -508,46 +567,78 @@ class BatchWriter(Generic[T]):
         else:
             groups[None] = items
         attempt = 0
-        error: BaseException | None = None
         while True:
             started = time.monotonic()
             try:
                 await self._sink(Batch(items, MappingProxyType(groups), size, attempt))
             except Exception as exc:
-                error = exc
-                log.warning(
-                    "writer %r: sink failed on attempt %d for %d items: %r",
-                    self.name,
-                    attempt + 1,
-                    len(items),
-                    exc,
-                )
+                error: Exception = exc
+                reason = self._failed(exc, attempt, len(items))
             else:
                 self._last_latency = time.monotonic() - started
                 self._flushed += len(items)
                 self._batches += 1
+                self._failures = 0
+                self._last_error = ""
                 break
-            if self._retry_if is not None and not self._retry_if(error):
-                await self._dead_letter(items, "not_retryable", error)
-                break
-            if attempt >= cfg.max_retries:
-                await self._dead_letter(items, "retries_exhausted", error)
+            if reason is not None:
+                await self._dead_letter(items, reason, error)
                 break
             attempt += 1
             self._retries += 1
-            await anyio.sleep(self._backoff(attempt))
+            await anyio.sleep(self._retry_delay(attempt))
         self._in_flight = []
         self._bytes -= size
         self._notify_settled()
 
+    def _failed(self, exc: Exception, attempt: int, n: int) -> str | None:
+        """Record a failed sink call; the dead-letter reason if the batch is given up."""
+        now = time.monotonic()
+        if self._failures == 0:
+            self._failing_since = now
+            self._failing_since_wall = time.time()
+        self._failures += 1
+        self._last_error = f"{type(exc).__name__}: {exc}"
+        self._unavailable_error = isinstance(exc, StorageUnavailable)
+        # An outage retried for a minute would log a line a second: say it first, then now
+        # and then (health() and statistics() carry the live state).
+        log.log(
+            logging.WARNING if self._failures == 1 or self._failures % 50 == 0 else logging.DEBUG,
+            "writer %r: sink failed (%d in a row) on attempt %d for %d items: %r",
+            self.name,
+            self._failures,
+            attempt + 1,
+            n,
+            exc,
+        )
+        cfg = self.config
+        if self._retry_if is not None and not self._retry_if(exc):
+            return "not_retryable"
+        if cfg.max_retries is not None and attempt >= cfg.max_retries:
+            return "retries_exhausted"
+        if cfg.retry_budget_s is not None and now - self._failing_since >= cfg.retry_budget_s:
+            return "retry_budget_exhausted"
+        return None
+
+    def _retry_delay(self, attempt: int) -> float:
+        delay = self._backoff(attempt)
+        budget = self.config.retry_budget_s
+        if budget is not None:
+            # The last attempt lands when the budget ends, not a whole step after it.
+            delay = min(delay, max(self._failing_since + budget - time.monotonic(), 0.0))
+        return delay
+
     def _backoff(self, attempt: int) -> float:
         cfg = self.config
-        ceiling = min(cfg.retry_max_s, cfg.retry_base_s * math.pow(2, attempt - 1))
+        # The exponent is clamped: a budget-only writer may retry thousands of times, and
+        # 2.0 ** 1024 overflows long after the cap has taken over.
+        ceiling = min(cfg.retry_max_s, cfg.retry_base_s * math.pow(2, min(attempt - 1, 60)))
         # Equal jitter: never less than half the step, so retries spread but still back off.
         return ceiling / 2 + random.uniform(0, ceiling / 2)
 
     async def _dead_letter(self, items: list[T], reason: str, error: BaseException | None) -> None:
         self._dead += len(items)
+        self._dead_by_reason[reason] = self._dead_by_reason.get(reason, 0) + len(items)
         log.error("writer %r: dead-lettering %d items (%s)", self.name, len(items), reason)
         if self._on_dead_letter is None:
             return
@@ -561,9 +652,13 @@ class BatchWriter(Generic[T]):
     # -- observation -----------------------------------------------------------------
 
     def statistics(self) -> BatchWriterStatistics:
-        oldest = self._in_flight[0].t if self._in_flight else (
-            self._pending[0].t if self._pending else None
+        now = time.monotonic()
+        oldest = (
+            self._in_flight[0].t
+            if self._in_flight
+            else (self._pending[0].t if self._pending else None)
         )
+        failing = self._failures > 0
         return BatchWriterStatistics(
             name=self.name,
             pending=len(self._pending),
@@ -576,13 +671,32 @@ class BatchWriter(Generic[T]):
             retries=self._retries,
             dead_lettered=self._dead,
             blocked_puts=self._blocked,
-            oldest_pending_age_s=0.0 if oldest is None else time.monotonic() - oldest,
+            oldest_pending_age_s=0.0 if oldest is None else now - oldest,
             last_flush_latency_s=self._last_latency,
+            dead_letters=MappingProxyType(dict(self._dead_by_reason)),
+            consecutive_failures=self._failures,
+            failing_for_s=now - self._failing_since if failing else 0.0,
+            failing_since=self._failing_since_wall if failing else None,
+            last_error=self._last_error,
         )
 
     def health(self) -> Health:
-        """Unhealthy when the oldest buffered item waited more than twice the interval."""
-        age = self.statistics().oldest_pending_age_s
+        """Unhealthy while the sink fails, or when the oldest item waited over twice the interval.
+
+        A failing sink reads like ``storage unavailable for 4.2 s: 123 items buffered, oldest
+        4.3 s (7 failed attempts; last error: ...)`` ("sink failing" when the error is not
+        ``StorageUnavailable``); healthy again after the next successful write.
+        """
+        s = self.statistics()
+        if s.sink_unavailable:
+            what = "storage unavailable" if self._unavailable_error else "sink failing"
+            return Health(
+                False,
+                f"{what} for {s.failing_for_s:.1f} s: {s.unsettled} items buffered, oldest "
+                f"{s.oldest_pending_age_s:.1f} s ({s.consecutive_failures} failed attempts; "
+                f"last error: {s.last_error})",
+            )
+        age = s.oldest_pending_age_s
         limit = 2 * self.config.flush_interval_s
         if age > limit:
             return Health(False, f"oldest buffered item is {age:.3f} s old (limit {limit:.3f} s)")

@@ -1,9 +1,10 @@
 """Per-session cancel tokens, event driven, across instances.
 
 ``open_cancellation(storage)`` owns a registry of ``CancelToken``s, one per session with a
-live user in this process. ``request_cancel`` persists the request through the storage
-contract (so an instance that starts the session later still sees it) and notifies every
-instance; each registry's listener fires its local token at once. The legacy mode
+live user in this process. ``request_cancel`` fires the local token at once, then persists
+the request through the storage contract (so an instance that starts the session later
+still sees it) with its notification in the same statement (one round trip); each other
+registry's listener fires its token when the notification arrives. The legacy mode
 (``cancel.mode = "poll"``) instead reads the persisted state of every live session every
 200 ms, as the old code did. A token fires only on an explicit request or on lease loss
 (``fire_local``): a subscriber that disconnects does not cancel the turn.
@@ -34,9 +35,6 @@ __all__ = [
     "CancellationStatistics",
     "open_cancellation",
 ]
-
-
-_REASON_CHARS = 200
 
 
 def _decode(payload: str) -> tuple[str, str]:
@@ -185,21 +183,33 @@ class CancellationRegistry:
     async def request_cancel(self, session_id: str, reason: str = "cancelled") -> CancelState:
         """Persist a cancel request and fire the session's tokens on every instance.
 
-        In ``notify`` mode the local token fires at once and other instances are told by a
-        notification; in ``poll`` mode tokens fire on their registry's next poll. If this
-        call is cancelled before the request is persisted, nothing happened; after, the
-        request stands and pollers or a later token open still see it.
+        ``notify`` mode: this process's token fires first, before any await, with the
+        requested ``reason``; then one statement persists the request and notifies the
+        other instances (their tokens fire with the kept reason, carried in the payload).
+        The write is still awaited, so a storage failure is raised here, after the local
+        token has fired: this process stops its work either way, while other instances and
+        later turns see the request only if it was written. The returned state holds the
+        kept reason: the first request's, which differs from ``reason`` only when an
+        earlier request stands that this process's token has not seen yet (it raced this
+        one, or its notification is still on its way).
+
+        ``poll`` mode (legacy): the request is only persisted; tokens, the local one too,
+        fire on their registry's next poll.
+
+        If this call is cancelled (notify mode): the local token has fired; the request is
+        persisted and announced together, or not at all. Poll mode: if cancelled before the
+        request is persisted, nothing happened; after, it stands.
         """
         self._requests += 1
-        state = await self._storage.request_cancel(session_id, reason)
-        if self._config.mode == "notify":
-            token = self._tokens.get(session_id)
-            if token is not None:
-                self._fire_token(token, state.reason)
-            # The id and a short reason, so remote tokens fire without a read.
-            payload = orjson.dumps([session_id, state.reason[:_REASON_CHARS]]).decode()
-            await self._storage.notify(self._config.channel, payload)
-        return state
+        if self._config.mode == "poll":
+            return await self._storage.request_cancel(session_id, reason)
+        token = self._tokens.get(session_id)
+        # A reason the storage refuses (InvalidInput below) must not fire anything either.
+        if token is not None and isinstance(reason, str) and "\x00" not in reason:
+            self._fire_token(token, reason)
+        return await self._storage.request_cancel(
+            session_id, reason, notify_channel=self._config.channel
+        )
 
     async def clear(self, session_id: str) -> bool:
         """Forget a session's persisted cancel request (a new turn starts)."""

@@ -406,6 +406,12 @@ def _emit(out: _Families, name: str, s: object, source: object) -> None:
         out.counter(
             "storage_listener_reconnects", "Listener reconnects.", labels, s.listener_reconnects
         )
+        out.counter(
+            "storage_listener_reconnect_failures",
+            "Listener reconnect attempts that failed.",
+            labels,
+            s.listener_reconnect_failures,
+        )
         _pool(out, labels, source)
     elif isinstance(s, HasherStatistics):
         out.gauge("auth_hashing_running", "Hashes running.", src, s.running)
@@ -455,6 +461,28 @@ def _writer(out: _Families, source: str, s: BatchWriterStatistics) -> None:
     out.counters("writer_dropped", "Items dropped, by reason.", labels, "reason", s.dropped)
     out.counter("writer_retries", "Batch retries.", labels, s.retries)
     out.counter("writer_dead_lettered", "Items dead-lettered.", labels, s.dead_lettered)
+    out.counters(
+        "writer_dead_letters", "Items dead-lettered, by reason.", labels, "reason", s.dead_letters
+    )
+    out.gauge(
+        "writer_sink_unavailable",
+        "1 while the sink's latest write failed (storage unavailable), else 0.",
+        labels,
+        1.0 if s.sink_unavailable else 0.0,
+    )
+    out.gauge(
+        "writer_sink_failing_seconds",
+        "How long the sink has been failing (0 while healthy).",
+        labels,
+        s.failing_for_s,
+    )
+    out.gauge(
+        "writer_sink_consecutive_failures",
+        "Failed sink calls since the last success.",
+        labels,
+        s.consecutive_failures,
+    )
+    out.gauge("writer_buffered", "Items buffered: waiting plus in flight.", labels, s.unsettled)
 
 
 def _webhook(out: _Families, source: str, s: AsyncWebhookStatistics) -> None:

@@ -384,10 +384,13 @@ class Runtime:
     async def request_cancel(self, session_id: str, reason: str = "cancelled") -> None:
         """Persist a cancel request for the session and wake its tokens on every instance.
 
-        While any session can be on the notify path, the request is also announced (so
-        notify tokens fire at once; poll tokens see it at their next poll); with the flag
-        fully on ``poll`` it is only persisted, as the legacy code did. If cancelled before
-        the request is persisted, nothing happened.
+        While any session can be on the notify path, this process's token fires at once and
+        the request is persisted and announced in one statement (other instances' notify
+        tokens fire on the notification; poll tokens see it at their next poll); with the
+        flag fully on ``poll`` it is only persisted, as the legacy code did. If cancelled:
+        on the notify path the local token has fired and the request is written and
+        announced together or not at all; on the poll path, nothing happened unless it was
+        already persisted.
         """
         self._check_open()
         registry = (

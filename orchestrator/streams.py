@@ -21,7 +21,7 @@ from typing import Any, Protocol, Self
 
 import anyio
 import anyio.abc
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from orchestrator.batching import (
     Batch,
@@ -42,6 +42,7 @@ from storage import (
     StreamEvent,
     encode_payload,
 )
+from storage.errors import is_retryable
 
 __all__ = [
     "CRITICAL_KINDS",
@@ -62,11 +63,25 @@ _STREAM_BATCH = BatchConfig(
     capacity=50_000,
     overflow=OverflowPolicy.DROP_NEWEST,  # an ephemeral delta is dropped before it gets a seq
     block_timeout_s=5.0,
+    # Ride out a database restart or failover: retry for 2 minutes of outage (while the
+    # events fit in capacity) rather than a number of attempts, which a 5 s restart used
+    # to exhaust in 1.5 s. Set stream.batch.retry_budget_s to change it.
+    max_retries=None,
+    retry_budget_s=120.0,
+    retry_base_s=0.05,
+    # Capped at 1 s: buffered events reach storage within about a second of its return,
+    # and a process probes a down database at most once a second.
+    retry_max_s=1.0,
 )
 
 
 class StreamConfig(BaseModel):
-    """Stream writer settings (``stream.batching`` is ``batching``)."""
+    """Stream writer settings (``stream.batching`` is ``batching``).
+
+    ``batch`` given as a mapping (TOML ``[stream.batch]``, ``ASYNCSTORE_STREAM__BATCH__*``)
+    changes only the keys it names; the others keep the stream writer's defaults, not the
+    generic ``BatchConfig`` ones.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -75,6 +90,15 @@ class StreamConfig(BaseModel):
     critical_kinds: frozenset[str] = CRITICAL_KINDS
     notify: bool = Field(default=True, description="tell other instances what advanced")
     channel: str = "asyncstore_stream"
+
+    @field_validator("batch", mode="before")
+    @classmethod
+    def _batch_over_stream_defaults(cls, value: object) -> object:
+        # Without this, setting one key (say retry_budget_s) would silently reset the rest
+        # to BatchConfig's defaults: 5 retries, a blocking 10 000-item buffer.
+        if isinstance(value, Mapping):
+            return {**_STREAM_BATCH.model_dump(), **value}
+        return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +174,7 @@ class StreamEventWriter:
                 self.config.batch,
                 key=_session_of,
                 on_dead_letter=self._lost_batch,
+                retry_if=is_retryable,  # a bug or a closed storage is not an outage
                 name="stream-events",
             )
         self._emitted = 0

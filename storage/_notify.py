@@ -4,7 +4,9 @@ A driver feeds the hub (from Postgres LISTEN on its one dedicated connection, or
 in-process ``notify`` calls on SQLite); the hub hands each subscription its notifications
 in order through a bounded buffer. A subscriber that falls a whole buffer behind loses the
 buffered items (counted) and receives one ``gap`` notification, after which it catches up
-from storage. A listener reconnect is reported to every subscription the same way.
+from storage. A listener reconnect is reported to every subscription the same way. While
+the driver reports its listener down, a waiting subscription runs the driver's ``on_idle``
+hook at once (the Postgres driver reconnects there), instead of at its next idle check.
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ import anyio
 
 from storage.base import Notification, NotificationStream
 
+# How long a waiting subscription stays idle before running the driver's hook (the Postgres
+# driver pings its listener there, to notice a connection cut without a reset). A lost
+# connection does not wait for it: the hub wakes every subscription when it is reported.
 IDLE_CHECK_S = 5.0
 
 
@@ -64,9 +69,10 @@ class Subscription(NotificationStream):
     async def receive(self) -> Notification:
         """Wait for the next notification; a gap marker comes before newer items.
 
-        While waiting, the subscription runs the driver's ``on_idle`` hook when it is
-        woken without an item or has been idle for ``IDLE_CHECK_S`` (the Postgres driver
-        reconnects or pings there). Cancelling the wait loses nothing.
+        While waiting, the subscription runs the driver's ``on_idle`` hook at once while the
+        listener is reported down, and otherwise when it is woken without an item or has
+        been idle for ``IDLE_CHECK_S`` (the Postgres driver reconnects or pings there).
+        Cancelling the wait loses nothing.
         """
         while True:
             if self._gap is not None:
@@ -78,10 +84,12 @@ class Subscription(NotificationStream):
             if self._on_idle is None:
                 await self._wakeup.wait()
                 continue
-            with anyio.move_on_after(IDLE_CHECK_S):
-                await self._wakeup.wait()
-            if self._gap is None and not self._buffer:
-                await self._on_idle()
+            if not self._hub.listener_down:
+                with anyio.move_on_after(IDLE_CHECK_S):
+                    await self._wakeup.wait()
+                if self._gap is not None or self._buffer:
+                    continue
+            await self._on_idle()
 
     async def _iterate(self) -> AsyncIterator[Notification]:
         while True:
@@ -99,6 +107,8 @@ class NotificationHub:
         self._by_channel: dict[str, set[Subscription]] = {}
         self.received = 0
         self.dropped = 0
+        # Set by the driver between losing its listener connection and having it back.
+        self.listener_down = False
 
     def channels(self) -> list[str]:
         return list(self._by_channel)
@@ -116,6 +126,11 @@ class NotificationHub:
         for channel, subs in self._by_channel.items():
             for sub in subs:
                 sub._push_gap(channel)
+
+    def listener_lost(self) -> None:
+        """The driver's listener is down: wake every subscription so one reconnects now."""
+        self.listener_down = True
+        self.wake_all()
 
     def wake_all(self) -> None:
         """Wake every waiting subscription so it runs its ``on_idle`` hook now."""

@@ -91,7 +91,12 @@ class StorageSettings(BaseModel):
     sqlite_busy_timeout_s: float = Field(default=5.0, ge=0)
     sqlite_readers: int = Field(default=2, ge=1, le=64)
     sqlite_synchronous: str = Field(default="NORMAL", pattern="^(OFF|NORMAL|FULL|EXTRA)$")
-    listener_reconnect_max_s: float = Field(default=5.0, gt=0)
+    listener_reconnect_max_s: float = Field(
+        default=0.5,
+        gt=0,
+        description="backoff cap between LISTEN reconnect attempts while the server is down; "
+        "small, so the listener is back within about this long after the server is",
+    )
     listener_queue_size: int = Field(default=10_000, ge=1)
 
 
@@ -443,6 +448,7 @@ class StorageStatistics:
     notifications_received: int = 0
     notifications_dropped: int = 0
     listener_reconnects: int = 0
+    listener_reconnect_failures: int = 0  # reconnect attempts that failed (server down)
 
     @property
     def total_statements(self) -> int:
@@ -826,9 +832,29 @@ class AsyncStorageBackend(abc.ABC):
 
     # -- cancellation ----------------------------------------------------------
 
+    CANCEL_NOTIFY_REASON_CHARS = 200
+    """How many characters of the kept reason a ``request_cancel`` notification carries."""
+
     @abc.abstractmethod
-    async def request_cancel(self, session_id: str, reason: str) -> CancelState:
-        """Persist a cancel request (the first request's reason and time are kept)."""
+    async def request_cancel(
+        self, session_id: str, reason: str, *, notify_channel: str | None = None
+    ) -> CancelState:
+        """Persist a cancel request (the first request's reason and time are kept).
+
+        ``reason`` is stored up to its first 1000 characters. With ``notify_channel`` the
+        request is also announced on that channel, together with the write: the payload is
+        the JSON text ``[session_id, kept reason]`` (the reason cut to
+        ``CANCEL_NOTIFY_REASON_CHARS`` characters, encoded as orjson does), so listeners
+        need no read. Postgres sends it with ``pg_notify`` in the same statement as the
+        write (one round trip; delivered on commit, never without the row); SQLite delivers
+        it in-process right after the commit. The channel follows ``notify()``'s rules; a
+        refused input raises ``InvalidInput`` and neither writes nor notifies. Without a
+        channel nothing is sent.
+
+        If cancelled, the request and its notification are either both done or neither
+        (on SQLite the write completes and the notification is delivered, then the
+        cancellation takes effect).
+        """
 
     @abc.abstractmethod
     async def get_cancel(self, session_id: str) -> CancelState | None:

@@ -60,6 +60,11 @@ class QueryError(StorageError):
 
 
 def is_retryable(exc: BaseException) -> bool:
-    """Whether retrying a storage call may succeed: storage trouble yes; a closed handle or
-    an error that is not the storage's (a bug) no."""
-    return isinstance(exc, StorageError) and not isinstance(exc, StorageClosed)
+    """Whether retrying a storage call may succeed: storage trouble yes (unavailable, a
+    conflict or query error that may be transient, such as a deadlock); a closed handle,
+    input the storage refuses, a lost lease or an error that is not the storage's (a bug)
+    no: the same call would fail the same way, and a writer retrying it on an outage budget
+    would hold everything queued behind it for that long."""
+    return isinstance(exc, StorageError) and not isinstance(
+        exc, StorageClosed | InvalidInput | LeaseLost
+    )

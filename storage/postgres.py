@@ -3,7 +3,8 @@
 It owns an asyncpg pool sized from ``StorageSettings``, the named queries of
 ``sql/postgres/queries.sql`` (one round trip per contract call, batches through
 ``unnest``), and one dedicated LISTEN connection per backend, outside the pool, that
-reconnects with backoff, re-LISTENs and reports the gap to subscribers. asyncpg errors are
+reconnects as soon as it is lost (short capped backoff while the server is down),
+re-LISTENs and reports the gap to subscribers. asyncpg errors are
 mapped to ``storage.errors`` in ``_map_error`` and nowhere else.
 """
 
@@ -113,6 +114,11 @@ def map_postgres_error(exc: Exception) -> StorageError | None:
         return QueryError(message)
     if isinstance(exc, asyncpg.InterfaceError | OSError | TimeoutError):
         return StorageUnavailable(f"postgres unreachable: {exc}")
+    if isinstance(exc, asyncpg.InternalClientError):
+        # asyncpg's protocol state machine trips ("cannot switch to state 12; another
+        # operation (2) is in progress") when the server ends a session under a statement,
+        # as a restart does: connection trouble, worth retrying on a fresh connection.
+        return StorageUnavailable(f"postgres connection broken: {exc}")
     return None
 
 
@@ -130,7 +136,11 @@ class PostgresBackend(AsyncStorageBackend):
         self._listen_conn: asyncpg.Connection | None = None
         self._listen_lock = anyio.Lock()
         self._listener_was_up = False
-        self._listener_failures = 0
+        self._listener_failures = 0  # consecutive failed reconnect attempts
+        self._reconnect_failures = 0  # all of them, for statistics()
+        self._next_attempt = 0.0  # monotonic time before which no reconnect is tried
+        self._reconnecting: anyio.Event | None = None  # set when the running loop ends
+        self._listener_kick = anyio.Event()  # set by aclose(): stop any backoff wait
         self._last_ping = 0.0
         self._reconnects = 0
 
@@ -167,6 +177,7 @@ class PostgresBackend(AsyncStorageBackend):
         if self._closed:
             return
         self._closed = True
+        self._listener_kick.set()
         self._hub.wake_all()
         # Shielded: connections must be returned and closed even if our caller is cancelled.
         with anyio.CancelScope(shield=True):
@@ -184,6 +195,7 @@ class PostgresBackend(AsyncStorageBackend):
             notifications_received=self._hub.received,
             notifications_dropped=self._hub.dropped,
             listener_reconnects=self._reconnects,
+            listener_reconnect_failures=self._reconnect_failures,
         )
 
     async def _fetch(self, name: str, *args: Any) -> list[asyncpg.Record]:
@@ -639,11 +651,15 @@ class PostgresBackend(AsyncStorageBackend):
     # -- cancellation ----------------------------------------------------------
 
     @operation
-    async def request_cancel(self, session_id: str, reason: str) -> CancelState:
+    async def request_cancel(
+        self, session_id: str, reason: str, *, notify_channel: str | None = None
+    ) -> CancelState:
         v.check_id(session_id)
         if not isinstance(reason, str) or "\x00" in reason:
             raise InvalidInput("reason must be a str without NUL characters")
-        rows = await self._fetch("request_cancel", session_id, reason[:1000])
+        channel = None if notify_channel is None else v.check_notify_payload(notify_channel, "")[0]
+        chars = self.CANCEL_NOTIFY_REASON_CHARS
+        rows = await self._fetch("request_cancel", session_id, reason[:1000], channel, chars)
         return CancelState.from_row(rows[0])
 
     @operation
@@ -675,7 +691,12 @@ class PostgresBackend(AsyncStorageBackend):
             raise StorageClosed("postgres storage is closed")
         sub, new = self._hub.add(channels, on_idle=self._keep_listening)
         try:
-            await self._ensure_listener(new)
+            try:
+                await self._ensure_listener(new)
+            except Exception as exc:
+                if (mapped := map_postgres_error(exc)) is not None:
+                    raise mapped from exc
+                raise
             yield sub
         finally:
             emptied = self._hub.remove(sub)
@@ -687,9 +708,16 @@ class PostgresBackend(AsyncStorageBackend):
     def _on_notification(self, _conn: object, _pid: int, channel: str, payload: str) -> None:
         self._hub.deliver(channel, payload)
 
-    def _on_lost(self, _conn: object) -> None:
-        # Wake every subscriber: the first one reconnects, then all of them get a gap.
-        self._hub.wake_all()
+    def _on_lost(self, conn: object) -> None:
+        if self._closed:
+            self._hub.wake_all()
+            return
+        current = self._listen_conn
+        if current is not None and conn is not current and not current.is_closed():
+            return  # an older connection's end: the current one is fine
+        # Mark the listener down and wake every subscriber: the first one that is waiting
+        # starts reconnecting now, the others wait for it, then all of them get a gap.
+        self._hub.listener_lost()
 
     async def _ensure_listener(self, new_channels: list[str]) -> None:
         """Connect the LISTEN connection if it is down and LISTEN on ``new_channels``.
@@ -712,8 +740,14 @@ class PostgresBackend(AsyncStorageBackend):
             except BaseException:
                 conn.terminate()
                 raise
+            if self._closed:
+                # aclose() ran while we connected: it could not close this one, so we do.
+                conn.terminate()
+                raise StorageClosed("postgres storage is closed")
             self._listen_conn = conn
             self._last_ping = time.monotonic()
+            self._listener_failures = 0
+            self._hub.listener_down = False
             if self._listener_was_up:
                 self._reconnects += 1
                 self._hub.gap_all()
@@ -731,28 +765,72 @@ class PostgresBackend(AsyncStorageBackend):
                 conn.terminate()
 
     async def _keep_listening(self) -> None:
-        """Run by a subscriber that waited idle: reconnect if needed, else ping now and then.
+        """Run by a waiting subscriber: reconnect if the listener is down, else ping now and then.
 
         The LISTEN connection needs no task of its own: asyncpg delivers notifications from
         its protocol callbacks, and the subscribers' own waits drive reconnects and pings.
+        A lost connection wakes them at once (``_on_lost``), so a reconnect does not wait
+        for an idle check. Raises ``StorageClosed`` once the storage is closed.
         """
         if self._closed:
             raise StorageClosed("postgres storage is closed")
         conn = self._listen_conn
+        if conn is None or conn.is_closed():
+            await self._reconnect()
+            return
+        # A live connection: whatever reported a loss is stale (the subscription would
+        # otherwise keep calling this hook without waiting).
+        self._hub.listener_down = False
+        if time.monotonic() - self._last_ping < _PING_EVERY_S:
+            return
+        self._last_ping = time.monotonic()
         try:
-            if conn is None or conn.is_closed():
-                await self._ensure_listener([])
-            elif time.monotonic() - self._last_ping >= _PING_EVERY_S:
-                self._last_ping = time.monotonic()
-                async with self._listen_lock:
-                    await conn.execute("SELECT 1", timeout=self._settings.connect_timeout_s)
-            self._listener_failures = 0
+            async with self._listen_lock:
+                await conn.execute("SELECT 1", timeout=self._settings.connect_timeout_s)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
-            if conn is not None:
-                conn.terminate()
-            self._listener_failures += 1
-            delay = min(0.05 * 2**self._listener_failures, self._settings.listener_reconnect_max_s)
-            await anyio.sleep(delay * (0.5 + random.random()))
+            # A connection cut without a reset: end it; the subscribers reconnect at once.
+            conn.terminate()
+            self._hub.listener_lost()
+
+    async def _reconnect(self) -> None:
+        """Bring the LISTEN connection back, retrying until it is up or the storage closes.
+
+        One subscriber runs the loop; the others wait for it to end. Attempts start at once
+        and back off exponentially with jitter, capped at ``listener_reconnect_max_s``
+        (sub-second by default: an attempt against a down server is one refused connect,
+        while every second the listener stays down after the server is back is a second of
+        notifications only the gap's catch-up read recovers). If the running subscriber is
+        cancelled, the next one takes over where the backoff schedule stands.
+        """
+        running = self._reconnecting
+        if running is not None:
+            await running.wait()
+            return
+        done = self._reconnecting = anyio.Event()
+        try:
+            while True:
+                if self._closed:
+                    raise StorageClosed("postgres storage is closed")
+                wait = self._next_attempt - time.monotonic()
+                if wait > 0:
+                    with anyio.move_on_after(wait):
+                        await self._listener_kick.wait()
+                    continue
+                try:
+                    await self._ensure_listener([])
+                    return
+                except Exception as exc:
+                    if map_postgres_error(exc) is None:
+                        raise
+                    self._listener_failures += 1
+                    self._reconnect_failures += 1
+                    cap = self._settings.listener_reconnect_max_s
+                    step = min(0.05 * 2 ** min(self._listener_failures - 1, 30), cap)
+                    # Equal jitter: processes restarted together spread their attempts.
+                    self._next_attempt = time.monotonic() + step / 2 + random.uniform(0, step / 2)
+        finally:
+            self._reconnecting = None
+            done.set()
 
     # -- maintenance -----------------------------------------------------------
 

@@ -827,12 +827,24 @@ class SqliteBackend(AsyncStorageBackend):
     # -- cancellation ----------------------------------------------------------
 
     @operation
-    async def request_cancel(self, session_id: str, reason: str) -> CancelState:
+    async def request_cancel(
+        self, session_id: str, reason: str, *, notify_channel: str | None = None
+    ) -> CancelState:
         v.check_id(session_id)
         if not isinstance(reason, str) or "\x00" in reason:
             raise InvalidInput("reason must be a str without NUL characters")
+        channel = None if notify_channel is None else v.check_notify_payload(notify_channel, "")[0]
         params = {"session_id": session_id, "reason": reason[:1000], "now": time.time()}
-        return CancelState.from_row((await self._write("request_cancel", params))[0])
+        state = CancelState.from_row((await self._write("request_cancel", params))[0])
+        if channel is not None:
+            # Delivered after the commit with no await in between (as Postgres delivers on
+            # commit), so a committed request is always announced; the kept reason, as on
+            # Postgres, in the same JSON text.
+            kept = state.reason[: self.CANCEL_NOTIFY_REASON_CHARS]
+            payload = orjson.dumps([state.session_id, kept]).decode()
+            for hub in list(_HUBS.get(self._hub_key, ())):
+                hub.deliver(channel, payload)
+        return state
 
     @operation
     async def get_cancel(self, session_id: str) -> CancelState | None:

@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import sqlite3
 import time
+from collections.abc import Mapping
+from typing import Any
 
 import anyio
+import asyncpg
+import orjson
+import pytest
+from pydantic import SecretStr
 
 from orchestrator.cancellation import CancellationConfig, open_cancellation
-from storage import AsyncStorageBackend, open_storage
+from storage import (
+    AsyncStorageBackend,
+    CancelState,
+    InvalidInput,
+    StorageError,
+    StorageSettings,
+    open_storage,
+)
 
 # No poll in notify mode: a token that fires within this bound fired on the event.
 NOTIFY_BOUND_S = 5.0
@@ -137,3 +151,237 @@ async def test_legacy_poll_mode_fires_within_a_few_polls(storage: AsyncStorageBa
         assert time.monotonic() - started < 1.0
         before = storage.statistics().statements.get("get_cancel", 0)
     assert registry.statistics().polls >= 1 and before >= 2
+
+
+# -- one round trip: the persisted request and its notification together ---------------
+
+CHANNEL = "cancel.contract"
+
+
+def _payload(session_id: str, reason: str) -> str:
+    """What today's instances send and ``_decode`` reads: orjson's ``[id, reason[:200]]``."""
+    return orjson.dumps([session_id, reason[:200]]).decode()
+
+
+def _delta(before: Mapping[str, int], after: Mapping[str, int]) -> dict[str, int]:
+    return {k: n - before.get(k, 0) for k, n in after.items() if n != before.get(k, 0)}
+
+
+async def test_request_cancel_notifies_the_kept_reason_in_one_statement(
+    storage_url: str,
+) -> None:
+    long_reason = 'stop\n\t"quoted" \\ é😀\x01 ' + "x" * 400
+    async with (
+        open_storage(storage_url) as a,
+        open_storage(storage_url) as b,
+        b.listen(CHANNEL) as notes,
+    ):
+        before = a.statistics().statements
+        state = await a.request_cancel("s", "first", notify_channel=CHANNEL)
+        assert _delta(before, a.statistics().statements) == {"request_cancel": 1}
+        assert state.reason == "first"
+        with anyio.fail_after(NOTIFY_BOUND_S):
+            assert (await notes.receive()).payload == _payload("s", "first")
+        # A later request keeps the first reason, and so does its notification.
+        again = await a.request_cancel("s", "second", notify_channel=CHANNEL)
+        assert again.reason == "first" and again.requested_at == state.requested_at
+        with anyio.fail_after(NOTIFY_BOUND_S):
+            assert (await notes.receive()).payload == _payload("s", "first")
+        # The payload is orjson's text, byte for byte, with the reason cut to 200 characters.
+        kept = await a.request_cancel("long", long_reason, notify_channel=CHANNEL)
+        assert kept.reason == long_reason
+        with anyio.fail_after(NOTIFY_BOUND_S):
+            assert (await notes.receive()).payload == _payload("long", long_reason)
+
+
+async def test_request_cancel_without_a_channel_notifies_nothing(
+    storage: AsyncStorageBackend,
+) -> None:
+    async with storage.listen(CHANNEL) as notes:
+        before = storage.statistics().statements
+        await storage.request_cancel("s", "quiet")
+        assert _delta(before, storage.statistics().statements) == {"request_cancel": 1}
+        # Notifications arrive in order: the marker comes first only if nothing came before.
+        await storage.notify(CHANNEL, "marker")
+        with anyio.fail_after(NOTIFY_BOUND_S):
+            assert (await notes.receive()).payload == "marker"
+    assert (await storage.get_cancel("s")) is not None
+
+
+@pytest.mark.parametrize(
+    ("session_id", "reason", "channel"),
+    [
+        ("s", "stop", "bad channel!"),
+        ("s", "stop", ""),
+        ("s", "stop", "c" * 65),
+        ("s", "stop", 5),
+        ("s", "nul \x00 in reason", CHANNEL),
+        ("s", 5, CHANNEL),
+        ("", "stop", CHANNEL),
+        ("s\x00", "stop", CHANNEL),
+    ],
+)
+async def test_a_refused_request_cancel_writes_and_notifies_nothing(
+    storage: AsyncStorageBackend, session_id: Any, reason: Any, channel: Any
+) -> None:
+    async with storage.listen(CHANNEL) as notes:
+        with pytest.raises(InvalidInput):
+            await storage.request_cancel(session_id, reason, notify_channel=channel)
+        await storage.notify(CHANNEL, "marker")
+        with anyio.fail_after(NOTIFY_BOUND_S):
+            assert (await notes.receive()).payload == "marker"
+    assert await storage.get_cancel("s") is None
+    assert storage.statistics().statements.get("request_cancel", 0) == 0
+
+
+async def test_registry_request_is_one_statement_in_both_modes(storage_url: str) -> None:
+    async with open_storage(storage_url) as storage:
+        for mode in ("notify", "poll"):
+            config = CancellationConfig(mode=mode, poll_interval_s=60)
+            async with open_cancellation(storage, config) as registry:
+                before = storage.statistics().statements
+                await registry.request_cancel(f"one-{mode}", "stop")
+                assert _delta(before, storage.statistics().statements) == {"request_cancel": 1}
+
+
+class CancelRowHold:
+    """Another connection's uncommitted cancel request for one session: a real lock.
+
+    Postgres: the uncommitted row holds back every other insert of that session id (its
+    unique key) until this transaction ends. SQLite: the open write transaction holds the
+    database's write lock. ``end(commit=...)`` lets the held-back writes go on.
+    """
+
+    def __init__(self, url: str, session_id: str, reason: str) -> None:
+        self._url, self._session_id, self._reason = url, session_id, reason
+        self._pg: asyncpg.Connection | None = None
+        self._lite: sqlite3.Connection | None = None
+
+    async def __aenter__(self) -> CancelRowHold:
+        if self._url.startswith("postgres"):
+            self._pg = await asyncpg.connect(self._url)
+            await self._pg.execute("BEGIN")
+            await self._pg.execute(
+                "INSERT INTO cancel_requests (session_id, reason) VALUES ($1, $2)",
+                self._session_id,
+                self._reason,
+            )
+        else:
+            self._lite = sqlite3.connect(self._url.removeprefix("sqlite:///"), isolation_level=None)
+            self._lite.execute("BEGIN IMMEDIATE")
+            self._lite.execute(
+                "INSERT INTO cancel_requests (session_id, reason, requested_at) VALUES (?, ?, ?)",
+                (self._session_id, self._reason, time.time()),
+            )
+        return self
+
+    async def end(self, *, commit: bool) -> None:
+        verb = "COMMIT" if commit else "ROLLBACK"
+        if self._pg is not None:
+            await self._pg.execute(verb)
+            await self._pg.close()
+            self._pg = None
+        if self._lite is not None:
+            self._lite.execute(verb)
+            self._lite.close()
+            self._lite = None
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.end(commit=False)
+
+
+@pytest.mark.parametrize("first_commits", [False, True])
+async def test_local_token_fires_while_the_write_is_held_back(
+    storage_url: str, first_commits: bool
+) -> None:
+    async with (
+        open_storage(storage_url) as a,
+        open_storage(storage_url) as b,
+        open_cancellation(a) as here,
+        open_cancellation(b) as there,
+        here.open_token("s") as local,
+        there.open_token("s") as remote,
+        CancelRowHold(storage_url, "s", "raced first") as hold,
+        anyio.create_task_group() as tg,
+    ):
+        results: list[CancelState] = []
+
+        async def request() -> None:
+            results.append(await here.request_cancel("s", "stop"))
+
+        tg.start_soon(request)
+        with anyio.fail_after(NOTIFY_BOUND_S):
+            assert await local.wait() == "stop"
+        # The write cannot have completed: the other transaction still holds its lock.
+        assert results == [] and not remote.cancelled
+        await hold.end(commit=first_commits)
+        # The remote token gets the kept reason: the request that committed first wins.
+        kept = "raced first" if first_commits else "stop"
+        with anyio.fail_after(NOTIFY_BOUND_S):
+            assert await remote.wait() == kept
+    assert [r.reason for r in results] == [kept]
+    assert local.reason == "stop"  # this process fired on its own request, before the write
+
+
+async def test_a_failing_write_still_raises_after_the_local_token_fired(storage_url: str) -> None:
+    # Short timeouts so the held-back write fails instead of waiting.
+    settings = StorageSettings(
+        url=SecretStr(storage_url), command_timeout_s=0.5, sqlite_busy_timeout_s=0.2
+    )
+    async with (
+        open_storage(settings) as storage,
+        open_cancellation(storage) as registry,
+        registry.open_token("s") as token,
+    ):
+        async with CancelRowHold(storage_url, "s", "never committed"):
+            with anyio.fail_after(NOTIFY_BOUND_S), pytest.raises(StorageError):
+                await registry.request_cancel("s", "stop")
+            assert token.cancelled and token.reason == "stop"
+        assert await storage.get_cancel("s") is None  # nothing persisted
+        # A refused input raises too, and fires nothing.
+        async with registry.open_token("other") as other:
+            with pytest.raises(InvalidInput):
+                await registry.request_cancel("other", "nul \x00")
+            assert not other.cancelled
+        assert await storage.get_cancel("other") is None
+
+
+async def _wait_until_no_request_cancel_runs(dsn: str) -> None:
+    """Return once no statement writing cancel_requests is still running.
+
+    A SHARE lock conflicts with the ROW EXCLUSIVE lock a running INSERT holds until its
+    transaction ends, so taking one waits for exactly that.
+    """
+    conn = await asyncpg.connect(dsn)
+    try:
+        async with conn.transaction():
+            await conn.execute("LOCK TABLE cancel_requests IN SHARE MODE")
+    finally:
+        await conn.close()
+
+
+async def test_a_cancelled_request_is_written_and_announced_together_or_not_at_all(
+    postgres_dsn: str,
+) -> None:
+    # Postgres only: SQLite shields its write transactions, so a cancelled request there
+    # completes (and is announced) before the cancellation takes effect.
+    async with (
+        open_storage(postgres_dsn) as a,
+        open_storage(postgres_dsn) as b,
+        b.listen(CHANNEL) as notes,
+        CancelRowHold(postgres_dsn, "cancelled", "held") as hold,
+    ):
+        with anyio.move_on_after(0.2) as scope:  # cancelled while the write is held back
+            await a.request_cancel("cancelled", "stop", notify_channel=CHANNEL)
+        assert scope.cancelled_caught
+        # The server may still run the statement (the cancel request races the lock's
+        # release): then the row and its notification both exist, else neither.
+        await hold.end(commit=False)
+        await _wait_until_no_request_cancel_runs(postgres_dsn)
+        await a.notify(CHANNEL, "marker")  # committed after it, so delivered after it
+        with anyio.fail_after(NOTIFY_BOUND_S):
+            first = (await notes.receive()).payload
+        if await a.get_cancel("cancelled") is None:
+            assert first == "marker"
+        else:
+            assert first == _payload("cancelled", "stop")

@@ -86,8 +86,13 @@ async def test_cancel_reaches_a_token_in_another_process(postgres_dsn: str) -> N
         ready = await asyncio.to_thread(proc.stdout.readline)
         assert ready.strip() == "ready"
         async with open_storage(postgres_dsn) as storage, open_cancellation(storage) as registry:
+            before = storage.statistics().statements
             requested = time.time()
             await registry.request_cancel("remote", "stop from another process")
+            after = storage.statistics().statements
+            issued = {k: n - before.get(k, 0) for k, n in after.items() if n != before.get(k, 0)}
+            # One round trip: the request and its NOTIFY are one statement.
+            assert issued == {"request_cancel": 1}
             out = await asyncio.to_thread(proc.stdout.readline)
             await storage.clear_cancel("remote")
         result = json.loads(out)

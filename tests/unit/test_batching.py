@@ -16,6 +16,7 @@ from orchestrator.batching import (
     OverflowPolicy,
 )
 from orchestrator.errors import WriterClosed, WriterOverloaded
+from storage import StorageUnavailable
 
 
 class Recorder:
@@ -298,3 +299,182 @@ async def test_errors_not_worth_retrying_dead_letter_at_once() -> None:
             await w.flush()
     assert sink.calls == 1  # ConnectionError is an OSError: not retried
     assert letters[0].reason == "not_retryable" and letters[0].items == [1]
+
+
+# -- riding out an outage ----------------------------------------------------------------
+
+
+class Outage:
+    """A sink that raises ``StorageUnavailable`` until ``recover()``; records what it wrote.
+
+    ``failed`` is set once it has failed ``wait_failures`` times in a row, so tests wait on
+    the writer having retried past a point instead of sleeping.
+    """
+
+    def __init__(self, wait_failures: int = 1) -> None:
+        self.down = True
+        self.written: list[int] = []
+        self.attempts: list[tuple[int, int]] = []  # (first item, attempt) per call
+        self.failures = 0
+        self.wait_failures = wait_failures
+        self.failed = anyio.Event()
+
+    def recover(self) -> None:
+        self.down = False
+
+    async def __call__(self, batch: Batch[int]) -> None:
+        self.attempts.append((batch.items[0], batch.attempt))
+        if self.down:
+            self.failures += 1
+            if self.failures >= self.wait_failures:
+                self.failed.set()
+            raise StorageUnavailable("postgres unreachable: connection refused")
+        self.written.extend(batch.items)
+
+
+def budget(**kw: object) -> BatchConfig:
+    base: dict[str, object] = {
+        "max_batch": 5,
+        "flush_interval_s": 0.01,
+        "max_retries": None,
+        "retry_budget_s": 60.0,
+        "retry_base_s": 0.001,
+        "retry_max_s": 0.005,
+    }
+    base.update(kw)
+    return BatchConfig.model_validate(base)
+
+
+async def test_outage_within_the_budget_loses_nothing_and_keeps_order() -> None:
+    sink = Outage(wait_failures=20)  # far past the old default of 5 retries
+    letters: list[DeadLetter[int]] = []
+    async with BatchWriter(sink, budget(), on_dead_letter=letters.append, name="events") as w:
+        for i in range(12):
+            w.put_nowait(i)
+        with anyio.fail_after(10):
+            await sink.failed.wait()
+        for i in range(12, 30):
+            assert w.put_nowait(i)  # intake goes on while the sink is down
+        stats = w.statistics()
+        assert stats.sink_unavailable and stats.consecutive_failures >= 20
+        assert stats.failing_for_s > 0 and stats.failing_since is not None
+        assert "connection refused" in stats.last_error
+        assert stats.unsettled == 30 and stats.dead_lettered == 0
+        health = w.health()
+        assert not health.ok
+        assert health.reason.startswith("storage unavailable for ")
+        assert "30 items buffered, oldest " in health.reason
+        sink.recover()
+        with anyio.fail_after(10):
+            await w.flush()
+        stats = w.statistics()
+        assert w.health().ok
+    assert sink.written == list(range(30))
+    assert letters == [] and stats.dead_lettered == 0 and stats.flushed == 30
+    assert not stats.sink_unavailable and stats.failing_for_s == 0 and stats.last_error == ""
+
+
+async def test_outage_past_the_budget_dead_letters_with_its_own_reason() -> None:
+    sink = Outage()
+    letters: list[DeadLetter[int]] = []
+    config = budget(retry_budget_s=0.2)
+    async with BatchWriter(sink, config, on_dead_letter=letters.append) as w:
+        for i in range(10):
+            w.put_nowait(i)
+        with anyio.fail_after(10):
+            await w.flush()
+        stats = w.statistics()
+    assert sink.written == []
+    assert [d.reason for d in letters] == ["retry_budget_exhausted"] * 2
+    assert [i for d in letters for i in d.items] == list(range(10))
+    assert isinstance(letters[0].error, StorageUnavailable)
+    assert stats.dead_lettered == 10 and stats.dead_letters == {"retry_budget_exhausted": 10}
+    first = [a for item, a in sink.attempts if item == 0]
+    assert len(first) > 1  # the first batch was retried through the budget...
+    # ...and the one queued behind it got no fresh budget: one try, then given up.
+    assert [a for item, a in sink.attempts if item == 5] == [0]
+
+
+async def test_a_sink_that_recovers_gets_a_fresh_budget() -> None:
+    sink = Outage(wait_failures=3)
+    letters: list[DeadLetter[int]] = []
+    async with BatchWriter(sink, budget(), on_dead_letter=letters.append) as w:
+        w.put_nowait(0)
+        with anyio.fail_after(10):
+            await sink.failed.wait()
+        sink.recover()
+        with anyio.fail_after(10):
+            await w.flush()
+        assert w.statistics().consecutive_failures == 0
+        recovered = time.monotonic()
+        sink.down, sink.failures, sink.failed = True, 0, anyio.Event()
+        w.put_nowait(1)
+        with anyio.fail_after(10):
+            await sink.failed.wait()
+        # Measured from this outage's first failure, not the previous outage's.
+        assert w.statistics().failing_for_s <= time.monotonic() - recovered
+        sink.recover()
+    assert sink.written == [0, 1] and letters == []
+
+
+async def test_outage_beyond_capacity_drops_and_counts_the_overflow() -> None:
+    sink = Outage()
+    config = budget(capacity=10, overflow=OverflowPolicy.DROP_NEWEST)
+    w: BatchWriter[int] = BatchWriter(sink, config)
+    async with w:
+        accepted = [w.put_nowait(i) for i in range(15)]
+        with anyio.fail_after(10):
+            await sink.failed.wait()
+        assert accepted == [True] * 10 + [False] * 5
+        assert w.statistics().dropped == {"overflow_newest": 5}
+        with pytest.raises(anyio.WouldBlock):
+            w.put_nowait(99, critical=True)  # critical items wait for room, never dropped
+        sink.recover()
+        with anyio.fail_after(10):
+            assert await w.put(99, critical=True)
+    report = await w.aclose()
+    assert sink.written == [*range(10), 99]
+    assert report.complete and report.dropped == {"overflow_newest": 5}
+
+
+async def test_aclose_during_an_outage_retries_then_reports_what_is_left() -> None:
+    sink = Outage(wait_failures=2)
+    letters: list[DeadLetter[int]] = []
+    config = budget(drain_timeout_s=1.0)
+    w = BatchWriter(sink, config, on_dead_letter=letters.append)
+    async with w:
+        for i in range(7):
+            w.put_nowait(i)
+        with anyio.fail_after(10):
+            await sink.failed.wait()
+        failures_at_close = sink.failures
+    report = await w.aclose()
+    assert sink.failures > failures_at_close  # the drain kept trying until its timeout
+    assert not report.complete and report.flushed == 0
+    assert report.dead_lettered == 7 and report.dead_letters == {"shutdown": 7}
+    assert sorted(i for d in letters for i in d.items) == list(range(7))
+    assert not w.health().ok
+
+
+async def test_a_failing_sink_that_is_not_storage_reads_as_sink_failing() -> None:
+    sink = Recorder(fail_times=1_000)
+    async with BatchWriter(sink, budget(retry_budget_s=0.05)) as w:
+        w.put_nowait(1)
+        with anyio.fail_after(10):
+            while not w.statistics().sink_unavailable:  # noqa: ASYNC110 - no event to wait on
+                await anyio.sleep(0.001)
+        assert w.health().reason.startswith("sink failing for ")
+        await w.flush()
+
+
+def test_a_writer_needs_a_retry_limit_or_a_budget() -> None:
+    with pytest.raises(ValueError, match="cannot both be None"):
+        BatchConfig(max_retries=None)
+    assert BatchConfig(max_retries=None, retry_budget_s=1).max_retries is None
+
+
+async def test_backoff_is_capped_for_any_attempt() -> None:
+    w: BatchWriter[int] = BatchWriter(Recorder(), budget(retry_base_s=0.05, retry_max_s=0.5))
+    delays = [w._backoff(attempt) for attempt in (1, 2, 5, 50, 5_000)]
+    assert 0.025 <= delays[0] <= 0.05
+    assert all(0.25 <= d <= 0.5 for d in delays[3:])

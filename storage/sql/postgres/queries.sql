@@ -387,9 +387,20 @@ SELECT * FROM outbox WHERE id = $1;
 DELETE FROM outbox WHERE status = 'sent' AND updated_at < now() - make_interval(secs => $1);
 
 -- name: request_cancel
-INSERT INTO cancel_requests AS c (session_id, reason) VALUES ($1, $2)
-ON CONFLICT (session_id) DO UPDATE SET session_id = c.session_id
-RETURNING session_id, reason, requested_at;
+-- $3 a channel or NULL, $4 the reason characters the notification carries. The first
+-- request's reason is kept (the no-op update only returns the row). The notification is
+-- built from the kept row, in this same statement, so it is sent on commit together with
+-- the write (one round trip); to_json of a text array writes what orjson writes.
+WITH c AS (
+    INSERT INTO cancel_requests AS c (session_id, reason) VALUES ($1, $2)
+    ON CONFLICT (session_id) DO UPDATE SET session_id = c.session_id
+    RETURNING session_id, reason, requested_at
+)
+SELECT session_id, reason, requested_at,
+       CASE WHEN $3::text IS NOT NULL
+            THEN pg_notify($3, to_json(ARRAY[session_id, left(reason, $4::int)])::text)
+       END AS notified
+FROM c;
 
 -- name: get_cancel
 SELECT session_id, reason, requested_at FROM cancel_requests WHERE session_id = $1;

@@ -1,0 +1,58 @@
+"""The stream writer rides out a storage outage with its default retry budget.
+
+The outage is real: another connection holds SQLite's write lock (``BEGIN EXCLUSIVE``), so
+every append fails with "database is locked" (``StorageUnavailable``) until it commits.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import anyio
+from pydantic import SecretStr
+
+from orchestrator.streams import StreamConfig, StreamEventWriter
+from storage import StorageSettings, open_storage
+
+
+async def test_stream_writer_rides_out_an_outage_past_the_old_retry_limit(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "outage.db"
+    settings = StorageSettings(url=SecretStr(f"sqlite:///{path}"), sqlite_busy_timeout_s=0.01)
+    # Only the backoff is shortened (the test need not wait seconds per attempt); the retry
+    # budget and limits are the stream writer's defaults.
+    config = StreamConfig(batch={"retry_base_s": 0.002, "retry_max_s": 0.01})
+    assert config.batch.retry_budget_s == StreamConfig().batch.retry_budget_s
+    assert config.batch.max_retries is None
+    async with open_storage(settings, migrate=True) as store:
+        async with StreamEventWriter(store, None, config) as writer:
+            await writer.begin("s1", epoch=1)
+            locker = sqlite3.connect(path, isolation_level=None)
+            locker.execute("BEGIN EXCLUSIVE")
+            try:
+                for i in range(20):
+                    assert writer.emit_nowait("s1", "delta", i) is not None
+                with anyio.fail_after(20):
+                    # The old default gave up (and lost the batch) after 6 attempts.
+                    while (s := writer.statistics().writer) is None or (  # noqa: ASYNC110
+                        s.consecutive_failures < 25
+                    ):
+                        await anyio.sleep(0.005)
+                assert writer.emit_nowait("s1", "turn_completed", {"ok": True}) is not None
+                during = writer.statistics()
+            finally:
+                locker.execute("COMMIT")
+                locker.close()
+            with anyio.fail_after(20):
+                await writer.flush()
+            after = writer.statistics()
+        events = await store.load_stream_events("s1")
+    assert during.writer is not None and during.writer.sink_unavailable
+    assert "locked" in during.writer.last_error and during.persisted == 0
+    assert after.lost == 0 and after.persisted == 21
+    assert after.writer is not None and after.writer.dead_lettered == 0
+    assert not after.writer.sink_unavailable
+    assert [e.seq for e in events] == list(range(1, 22))
+    assert events[-1].kind == "turn_completed"
