@@ -4,12 +4,15 @@ It is a BatchWriter (``orchestrator.batching``) whose sink POSTs ``{"events": [.
 writer flushes at ``batch_size`` events or ``flush_interval_ms`` after the oldest one,
 bounds the queue (overflow policy and drop counters are the writer's) and retries a failing
 batch with exponential backoff and jitter. This module adds what is webhook-specific: a
-stable delivery id per batch (the same on every retry), retries only for what a later
+stable delivery id per batch (the same on every retry); retries only for what a later
 attempt can fix (408, 425, 429, 5xx, connection errors; any other 4xx dead-letters at once
-with its status), Retry-After on 429/503, 410 Gone disabling the endpoint, and
-dead-letter records kept with their error and status. With
-``durable = true`` the sink writes each batch to the storage outbox instead, and an outbox
-relay (see ``orchestrator.webhooks.durable``) POSTs it, so a crash loses nothing written.
+with its status); Retry-After on 429/503; waiting out an open circuit instead of burning
+retries; 410 Gone disabling the endpoint; dead-letter records with error and status; and
+``submit``, which never raises and never blocks longer than ``block_timeout_ms`` (a
+critical event then spills to the outbox or is counted as overflow). With ``durable =
+true`` each event is first committed to the storage journal (group commit), then batched
+as usual, and each batch is written to the outbox instead of POSTed; an outbox relay (see
+``orchestrator.webhooks.durable``) POSTs it, so a crash loses nothing committed.
 """
 
 from __future__ import annotations
