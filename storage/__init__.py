@@ -21,6 +21,7 @@ from storage.base import (
     Claim,
     EncodedJSON,
     Failure,
+    JournaledEvent,
     Leadership,
     Lease,
     NewMessage,
@@ -38,6 +39,7 @@ from storage.base import (
     StreamEvent,
     Task,
     TaskStatus,
+    WebhookAttempt,
 )
 from storage.errors import (
     ConflictError,
@@ -60,6 +62,7 @@ __all__ = [
     "EncodedJSON",
     "Failure",
     "InvalidInput",
+    "JournaledEvent",
     "Leadership",
     "Lease",
     "LeaseLost",
@@ -83,6 +86,7 @@ __all__ = [
     "StreamEvent",
     "Task",
     "TaskStatus",
+    "WebhookAttempt",
     "dialect_of",
     "encode_payload",
     "open_storage",

@@ -15,7 +15,7 @@ import functools
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import StrEnum
 from types import MappingProxyType, TracebackType
 from typing import Any, Concatenate, NamedTuple, ParamSpec, Self, TypeVar
@@ -37,6 +37,7 @@ __all__ = [
     "Claim",
     "EncodedJSON",
     "Failure",
+    "JournaledEvent",
     "Leadership",
     "Lease",
     "LeaseAttempt",
@@ -53,6 +54,7 @@ __all__ = [
     "StreamEvent",
     "Task",
     "TaskStatus",
+    "WebhookAttempt",
 ]
 
 JSON = Any
@@ -288,6 +290,45 @@ class NewOutboxMessage:
     account: str
     payload: JSON
     max_attempts: int = 5
+
+
+@dataclass(frozen=True, slots=True)
+class JournaledEvent:
+    """A durable webhook event committed to the journal, not yet in an outbox batch."""
+
+    id: int
+    endpoint: str
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookAttempt:
+    """One delivery attempt of a durable webhook, as kept in the delivery log."""
+
+    endpoint: str
+    webhook_id: str
+    outbox_id: int | None
+    attempted_at: datetime
+    status: int | None  # the receiver's HTTP status, None when no answer came
+    error: str  # "" when delivered
+    ok: bool
+    id: int = 0  # assigned by the log
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> WebhookAttempt:
+        at = row["attempted_at"]
+        if not isinstance(at, datetime):
+            at = datetime.fromtimestamp(float(at), UTC)
+        return cls(
+            row["endpoint"],
+            row["webhook_id"],
+            row["outbox_id"],
+            at,
+            row["status"],
+            row["error"],
+            bool(row["ok"]),
+            row["id"],
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -807,6 +848,50 @@ class AsyncStorageBackend(abc.ABC):
 
         Dead messages are kept for an operator to inspect or redrive. Returns the count.
         """
+
+    # -- webhook journal --------------------------------------------------------
+
+    @abc.abstractmethod
+    async def journal_webhook_events(
+        self, endpoint: str, owner: str, bodies: Sequence[bytes]
+    ) -> list[int]:
+        """Commit events (JSON bodies) of a durable webhook endpoint in one transaction.
+
+        The rows are held by ``owner`` (one process); returns their ids in order.
+        """
+
+    @abc.abstractmethod
+    async def delete_webhook_events(self, ids: Sequence[int]) -> int:
+        """Delete journaled events once their batch is in the outbox; returns the count."""
+
+    @abc.abstractmethod
+    async def claim_webhook_orphans(
+        self, endpoints: Sequence[str], owner: str, *, older_than_s: float, limit: int
+    ) -> list[JournaledEvent]:
+        """Take over journaled events of ``endpoints`` held for more than ``older_than_s``.
+
+        Their owner did not batch them in time (crashed, or lost its storage). Oldest
+        first; each row is taken by one claimer, and held by ``owner`` from now on.
+        """
+
+    @abc.abstractmethod
+    async def record_webhook_attempts(self, attempts: Sequence[WebhookAttempt]) -> int:
+        """Append attempts to the delivery log in one transaction; returns the count."""
+
+    @abc.abstractmethod
+    async def list_webhook_attempts(
+        self,
+        *,
+        endpoint: str | None = None,
+        webhook_id: str | None = None,
+        failed: bool = False,
+        limit: int = 100,
+    ) -> list[WebhookAttempt]:
+        """The delivery log, newest first; ``failed``: only webhook-ids never delivered."""
+
+    @abc.abstractmethod
+    async def purge_webhook_attempts(self, older_than_s: float) -> int:
+        """Delete log entries older than ``older_than_s`` seconds; returns the count."""
 
     # -- cancellation ----------------------------------------------------------
 

@@ -511,3 +511,42 @@ SELECT pg_try_advisory_lock(1634957678, hashtext($1));
 
 -- name: release_leadership
 SELECT pg_advisory_unlock(1634957678, hashtext($1));
+
+-- name: journal_webhook_events
+INSERT INTO webhook_journal (endpoint, owner, body)
+SELECT $1, $2, x.body FROM unnest($3::text[]) WITH ORDINALITY AS x(body, ord)
+ORDER BY x.ord
+RETURNING id;
+
+-- name: delete_webhook_events
+DELETE FROM webhook_journal WHERE id = ANY($1::bigint[]);
+
+-- name: claim_webhook_orphans
+-- Events their owner did not batch within the age limit (it crashed, or lost its storage):
+-- taken over by this owner, oldest first, skipping rows another claimer holds.
+UPDATE webhook_journal j SET owner = $2, claimed_at = now()
+WHERE j.id IN (
+    SELECT id FROM webhook_journal
+    WHERE endpoint = ANY($1::text[]) AND claimed_at < now() - make_interval(secs => $3)
+    ORDER BY id LIMIT $4
+    FOR UPDATE SKIP LOCKED
+)
+RETURNING j.id, j.endpoint, j.body;
+
+-- name: record_webhook_attempts
+INSERT INTO webhook_attempts (endpoint, webhook_id, outbox_id, attempted_at, status, error, ok)
+SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::timestamptz[], $5::int[],
+                     $6::text[], $7::boolean[]);
+
+-- name: list_webhook_attempts
+-- Newest first. $2: only webhook-ids that no attempt delivered; $3: one webhook-id.
+SELECT a.* FROM webhook_attempts a
+WHERE ($1::text IS NULL OR a.endpoint = $1)
+  AND ($3::text IS NULL OR a.webhook_id = $3)
+  AND (NOT $2 OR NOT EXISTS (
+        SELECT 1 FROM webhook_attempts s WHERE s.webhook_id = a.webhook_id AND s.ok))
+ORDER BY a.id DESC
+LIMIT $4;
+
+-- name: purge_webhook_attempts
+DELETE FROM webhook_attempts WHERE attempted_at < now() - make_interval(secs => $1);

@@ -389,3 +389,39 @@ RETURNING holder;
 
 -- name: release_leadership
 DELETE FROM maintenance_leaders WHERE name = :name AND holder = :holder;
+
+-- name: journal_webhook_events
+INSERT INTO webhook_journal (endpoint, owner, body, claimed_at, created_at)
+VALUES (:endpoint, :owner, :body, :now, :now)
+RETURNING id;
+
+-- name: delete_webhook_events
+DELETE FROM webhook_journal WHERE id IN (SELECT value FROM json_each(:ids));
+
+-- name: claim_webhook_orphans
+-- Events their owner did not batch within the age limit (it crashed, or lost its storage):
+-- taken over by this owner, oldest first (one writer at a time: BEGIN IMMEDIATE).
+UPDATE webhook_journal SET owner = :owner, claimed_at = :now
+WHERE id IN (
+    SELECT id FROM webhook_journal
+    WHERE endpoint IN (SELECT value FROM json_each(:endpoints)) AND claimed_at < :cutoff
+    ORDER BY id LIMIT :limit
+)
+RETURNING id, endpoint, body;
+
+-- name: record_webhook_attempts
+INSERT INTO webhook_attempts (endpoint, webhook_id, outbox_id, attempted_at, status, error, ok)
+VALUES (:endpoint, :webhook_id, :outbox_id, :attempted_at, :status, :error, :ok);
+
+-- name: list_webhook_attempts
+-- Newest first. :failed: only webhook-ids that no attempt delivered; :webhook_id: one id.
+SELECT a.* FROM webhook_attempts a
+WHERE (:endpoint IS NULL OR a.endpoint = :endpoint)
+  AND (:webhook_id IS NULL OR a.webhook_id = :webhook_id)
+  AND (NOT :failed OR NOT EXISTS (
+        SELECT 1 FROM webhook_attempts s WHERE s.webhook_id = a.webhook_id AND s.ok))
+ORDER BY a.id DESC
+LIMIT :limit;
+
+-- name: purge_webhook_attempts
+DELETE FROM webhook_attempts WHERE attempted_at < :cutoff;
