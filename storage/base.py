@@ -22,7 +22,7 @@ from typing import Any, Concatenate, NamedTuple, ParamSpec, Self, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from storage.errors import LeaseLost, StorageClosed, StorageError
+from storage.errors import InvalidInput, LeaseLost, StorageClosed, StorageError
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -41,6 +41,8 @@ __all__ = [
     "Leadership",
     "Lease",
     "LeaseAttempt",
+    "LoginPolicy",
+    "LoginSlot",
     "NewMessage",
     "NewOutboxMessage",
     "NewStreamEvent",
@@ -488,6 +490,69 @@ class StorageStatistics:
     @property
     def total_statements(self) -> int:
         return sum(self.statements.values())
+
+
+# ---------------------------------------------------------------- login attempts (records)
+
+LOGIN_SCOPES = ("account", "address")
+"""The scopes a login attempt is counted under (``reserve_login_attempt``)."""
+
+LOGIN_BUSY_RETRY_S = 1.0
+"""The retry-after of a refusal caused by attempts in flight (they end within a verification)."""
+
+
+class LoginPolicy(NamedTuple):
+    """The limits of one scope for ``reserve_login_attempt`` / ``finish_login_attempt``."""
+
+    limit: int  # failures + attempts in flight allowed per window
+    window_s: float
+    lockout_base_s: float
+    lockout_factor: float
+    lockout_max_s: float
+    forget_after_s: float  # without a failure this long, the next lockout is the base again
+
+
+class LoginSlot(NamedTuple):
+    """The answer of ``reserve_login_attempt``.
+
+    ``granted``: one attempt is reserved and must be finished with ``window_start``.
+    Otherwise ``retry_after_s`` says when to retry and ``locked`` whether the key is locked
+    out (else it is full of attempts in flight).
+    """
+
+    granted: bool
+    window_start: float
+    retry_after_s: float
+    locked: bool
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any], window_s: float) -> LoginSlot:
+        now = float(row["now"])
+        locked_until = float(row["locked_until"])
+        window_start = float(row["window_start"])
+        if row["granted"]:
+            return cls(True, window_start, 0.0, False)
+        if locked_until > now:
+            return cls(False, window_start, locked_until - now, True)
+        left = window_start + window_s - now
+        return cls(False, window_start, max(0.0, min(LOGIN_BUSY_RETRY_S, left)), False)
+
+
+def check_login_attempt(scope: object, key: object, policy: object) -> LoginPolicy:
+    """Validate the arguments of the login attempt methods (the same on both drivers)."""
+    from storage import _validate as v  # _validate imports this module's records
+
+    if scope not in LOGIN_SCOPES:
+        raise InvalidInput(f"scope must be one of {LOGIN_SCOPES}, got {scope!r}")
+    v.check_id(key, "key")
+    if not isinstance(policy, LoginPolicy):
+        raise InvalidInput(f"policy must be a LoginPolicy, got {type(policy).__name__}")
+    v.check_int(policy.limit, "policy.limit", minimum=1, maximum=2**31 - 1)
+    for name in ("window_s", "lockout_base_s", "lockout_max_s", "forget_after_s"):
+        v.check_seconds(getattr(policy, name), f"policy.{name}")
+    if v.check_seconds(policy.lockout_factor, "policy.lockout_factor", minimum=1.0) > 1e6:
+        raise InvalidInput("policy.lockout_factor must be <= 1e6")
+    return policy
 
 
 # ---------------------------------------------------------------- the contract
@@ -956,6 +1021,48 @@ class AsyncStorageBackend(abc.ABC):
         ``try_lead()`` and expiring ``ttl_s`` after the last one. Nothing is taken until
         ``try_lead()``; leaving the block releases the role, even when cancelled.
         """
+
+    # -- login attempts (auth limiter, shared by a fleet) -----------------------
+
+    @abc.abstractmethod
+    async def reserve_login_attempt(
+        self, scope: str, key: str, policy: LoginPolicy
+    ) -> LoginSlot:
+        """Reserve one login attempt for ``key`` in ``scope`` ("account" or "address").
+
+        In one statement: refused when the key is locked out or when its failures plus the
+        attempts in flight already reach ``policy.limit`` in the current fixed window of
+        ``policy.window_s`` (a window that ended starts over, dropping what was in flight);
+        otherwise the attempt is counted as in flight. Concurrent callers, in any number of
+        processes, never get more than ``limit`` grants per window between them. A granted
+        attempt must be finished with ``finish_login_attempt``; one never finished (the
+        process died) stays counted until its window ends. Times are the database's clock
+        (Postgres) or the writer's (SQLite). If cancelled, the reservation may or may not
+        have been made; it is then dropped when the window ends.
+        """
+
+    @abc.abstractmethod
+    async def finish_login_attempt(
+        self,
+        scope: str,
+        key: str,
+        window_start: float,
+        outcome: str,
+        policy: LoginPolicy,
+    ) -> bool:
+        """End a granted attempt (``window_start`` from its ``LoginSlot``); one statement.
+
+        ``outcome``: "failure" counts a failed login (the ``limit``-th failure locks the key
+        for the next lockout length: ``lockout_base_s``, growing by ``lockout_factor`` up to
+        ``lockout_max_s``, back to the base after ``forget_after_s`` without failures; a
+        failure while already locked counts nothing); "success" forgets the key's failures,
+        lockout and growth; "release" gives the attempt back uncounted. Returns whether this
+        call locked the key out. Cancellation: the statement is either applied or not.
+        """
+
+    @abc.abstractmethod
+    async def purge_login_attempts(self, older_than_s: float) -> int:
+        """Delete attempt counts idle for ``older_than_s`` seconds and not locked out."""
 
     # -- single-row conveniences (written once, on top of the batch methods) ---
 

@@ -33,6 +33,8 @@ from storage.base import (
     Leadership,
     Lease,
     LeaseAttempt,
+    LoginPolicy,
+    LoginSlot,
     NewMessage,
     NewOutboxMessage,
     NewStreamEvent,
@@ -48,6 +50,7 @@ from storage.base import (
     Task,
     TaskStatus,
     WebhookAttempt,
+    check_login_attempt,
     operation,
 )
 from storage.errors import (
@@ -847,6 +850,54 @@ class PostgresBackend(AsyncStorageBackend):
             self._reconnecting = None
             done.set()
 
+    # -- login attempts (auth limiter, shared by a fleet) -----------------------
+
+    @operation
+    async def reserve_login_attempt(
+        self, scope: str, key: str, policy: LoginPolicy
+    ) -> LoginSlot:
+        p = check_login_attempt(scope, key, policy)
+        row = (await self._fetch("reserve_login_attempt", scope, key, p.limit, p.window_s))[0]
+        return LoginSlot.from_row(row, p.window_s)
+
+    @operation
+    async def finish_login_attempt(
+        self,
+        scope: str,
+        key: str,
+        window_start: float,
+        outcome: str,
+        policy: LoginPolicy,
+    ) -> bool:
+        p = check_login_attempt(scope, key, policy)
+        start = _login_window_start(window_start)
+        if outcome == "release":
+            await self._execute("release_login_attempt", scope, key, start)
+            return False
+        if outcome == "success":
+            await self._execute("succeed_login_attempt", scope, key, start)
+            return False
+        if outcome != "failure":
+            raise InvalidInput(f"outcome must be failure, success or release, got {outcome!r}")
+        rows = await self._fetch(
+            "fail_login_attempt",
+            scope,
+            key,
+            start,
+            p.limit,
+            p.window_s,
+            p.lockout_base_s,
+            p.lockout_factor,
+            p.lockout_max_s,
+            p.forget_after_s,
+        )
+        return bool(rows and rows[0]["tripped"])
+
+    @operation
+    async def purge_login_attempts(self, older_than_s: float) -> int:
+        age = v.check_seconds(older_than_s, "older_than_s", minimum=0)
+        return _rowcount(await self._execute("purge_login_attempts", age))
+
     # -- maintenance -----------------------------------------------------------
 
     def open_leadership(
@@ -953,3 +1004,9 @@ class _PostgresLeadership(Leadership):
 
 def _outbox_columns(rows: list[tuple[str, str, bytes, int]]) -> list[list[Any]]:
     return [list(col) for col in zip(*rows, strict=True)]
+
+
+def _login_window_start(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+        raise InvalidInput(f"window_start must be a number, got {value!r}")
+    return float(value)

@@ -35,6 +35,8 @@ from storage.base import (
     Leadership,
     Lease,
     LeaseAttempt,
+    LoginPolicy,
+    LoginSlot,
     NewMessage,
     NewOutboxMessage,
     NewStreamEvent,
@@ -50,6 +52,7 @@ from storage.base import (
     Task,
     TaskStatus,
     WebhookAttempt,
+    check_login_attempt,
     operation,
 )
 from storage.errors import (
@@ -882,6 +885,68 @@ class SqliteBackend(AsyncStorageBackend):
         if not names:
             raise InvalidInput("listen() needs at least one channel")
         return self._hub.subscribe_local(names)
+
+    # -- login attempts (auth limiter, shared by a host) ------------------------
+
+    @operation
+    async def reserve_login_attempt(
+        self, scope: str, key: str, policy: LoginPolicy
+    ) -> LoginSlot:
+        p = check_login_attempt(scope, key, policy)
+        params = {
+            "scope": scope,
+            "key": key,
+            "limit": p.limit,
+            "window_s": p.window_s,
+            "now": time.time(),
+        }
+        row = (await self._write("reserve_login_attempt", params))[0]
+        return LoginSlot.from_row(row, p.window_s)
+
+    @operation
+    async def finish_login_attempt(
+        self,
+        scope: str,
+        key: str,
+        window_start: float,
+        outcome: str,
+        policy: LoginPolicy,
+    ) -> bool:
+        p = check_login_attempt(scope, key, policy)
+        if isinstance(window_start, bool) or not isinstance(window_start, int | float):
+            raise InvalidInput(f"window_start must be a number, got {window_start!r}")
+        if window_start != window_start:
+            raise InvalidInput("window_start must be a number, got nan")
+        params: dict[str, Any] = {
+            "scope": scope,
+            "key": key,
+            "window_start": float(window_start),
+            "now": time.time(),
+        }
+        if outcome == "release":
+            await self._write_count("release_login_attempt", params)
+            return False
+        if outcome == "success":
+            await self._write_count("succeed_login_attempt", params)
+            return False
+        if outcome != "failure":
+            raise InvalidInput(f"outcome must be failure, success or release, got {outcome!r}")
+        params.update(
+            limit=p.limit,
+            window_s=p.window_s,
+            lockout_base_s=p.lockout_base_s,
+            lockout_factor=p.lockout_factor,
+            lockout_max_s=p.lockout_max_s,
+            forget_after_s=p.forget_after_s,
+        )
+        rows = await self._write("fail_login_attempt", params)
+        return bool(rows and rows[0]["tripped"])
+
+    @operation
+    async def purge_login_attempts(self, older_than_s: float) -> int:
+        now = time.time()
+        cutoff = now - v.check_seconds(older_than_s, "older_than_s", minimum=0)
+        return await self._write_count("purge_login_attempts", {"cutoff": cutoff, "now": now})
 
     # -- maintenance -----------------------------------------------------------
 

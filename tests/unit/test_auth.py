@@ -201,3 +201,102 @@ async def test_unknown_account_costs_a_verification_and_fails() -> None:
     assert not result.ok
     assert hasher.statistics().mismatched == 1
     assert limiter.statistics().failures == 1
+
+
+# Slow enough (~1 ms per verify) that verifications overlap; 50 guesses in flight at once.
+BURST = PasswordHashingConfig(time_cost=1, memory_cost=1024, parallelism=1, max_concurrent=2)
+
+
+async def _burst(
+    hasher: PasswordHasher,
+    limiter: LoginAttemptLimiter,
+    stored: str | None,
+    logins: list[tuple[str, str]],
+) -> int:
+    """Fire every (account, address) login at once with a wrong password; count refusals."""
+    refused = 0
+
+    async def attempt(account: str, address: str) -> None:
+        nonlocal refused
+        try:
+            result = await check_login(
+                hasher, limiter, account=account, address=address, stored_hash=stored, password="x"
+            )
+        except LoginLocked:
+            refused += 1
+        else:
+            assert not result.ok
+
+    async with anyio.create_task_group() as tg:
+        for account, address in logins:
+            tg.start_soon(attempt, account, address)
+    return refused
+
+
+async def test_concurrent_wrong_passwords_cost_at_most_the_limit_in_verifications() -> None:
+    hasher = PasswordHasher(BURST)
+    limiter = LoginAttemptLimiter(AttemptLimiterConfig(max_failures_per_account=5))
+    stored = await hasher.hash("secret")
+    refused = await _burst(hasher, limiter, stored, [("alice", f"10.0.0.{i}") for i in range(50)])
+    verified = hasher.statistics().mismatched
+    assert verified <= 5, verified  # before the fix: 50 verifications, none refused
+    assert refused == 50 - verified
+    stats = limiter.statistics()
+    assert stats.in_flight == 0 and stats.failures == verified
+
+
+async def test_concurrent_wrong_passwords_from_one_address_are_limited_per_address() -> None:
+    hasher = PasswordHasher(BURST)
+    limiter = LoginAttemptLimiter(AttemptLimiterConfig(max_failures_per_address=5))
+    logins = [(f"user{i}", "203.0.113.7") for i in range(50)]
+    refused = await _burst(hasher, limiter, None, logins)  # unknown accounts: dummy verifies
+    assert hasher.statistics().mismatched <= 5
+    assert refused >= 45
+    with pytest.raises(LoginLocked) as locked:
+        await check_login(
+            hasher, limiter, account="new", address="203.0.113.7", stored_hash=None, password="x"
+        )
+    assert locked.value.scope == "address"
+    ok = await check_login(  # the accounts themselves are not locked, from elsewhere
+        hasher, limiter, account="user1", address="198.51.100.1", stored_hash=None, password="x"
+    )
+    assert not ok.ok
+
+
+async def test_cancelled_or_failed_verification_releases_its_attempt() -> None:
+    hasher = PasswordHasher(FAST)
+    limiter = LoginAttemptLimiter(AttemptLimiterConfig(max_failures_per_account=2))
+    stored = await hasher.hash("secret")
+    for _ in range(5):
+        with anyio.CancelScope() as scope:
+            scope.cancel()  # cancelled at the verification's first checkpoint
+            await check_login(
+                hasher, limiter, account="gus", address="ip", stored_hash=stored, password="x"
+            )
+        with pytest.raises(InvalidHash):
+            await check_login(
+                hasher, limiter, account="gus", address="ip", stored_hash="$bad", password="x"
+            )
+    stats = limiter.statistics()
+    assert stats.in_flight == 0 and stats.failures == 0
+    # Nothing was counted: the account still has both of its attempts.
+    for _ in range(2):
+        result = await check_login(
+            hasher, limiter, account="gus", address="ip", stored_hash=stored, password="x"
+        )
+        assert not result.ok
+    with pytest.raises(LoginLocked):
+        await check_login(
+            hasher, limiter, account="gus", address="ip", stored_hash=stored, password="secret"
+        )
+
+
+async def test_dummy_hash_is_made_when_the_hasher_starts() -> None:
+    hasher = PasswordHasher(FAST)
+    # Before any login: the dummy hash exists and uses the configured parameters, so an
+    # unknown account's first login costs one verification like every other login.
+    assert hasher.dummy_hash.startswith("$argon2id$")
+    assert not hasher.needs_rehash(hasher.dummy_hash)
+    await hasher.verify_unknown_account("pw")
+    stats = hasher.statistics()
+    assert (stats.hashes, stats.mismatched) == (0, 1)  # no hash on the login path

@@ -550,3 +550,91 @@ LIMIT $4;
 
 -- name: purge_webhook_attempts
 DELETE FROM webhook_attempts WHERE attempted_at < now() - make_interval(secs => $1);
+
+-- ---------------------------------------------------------------- login attempts (auth)
+-- Every statement reads and writes the row in one UPDATE or upsert, so two logins that
+-- race see each other's reservation (the row lock serializes them); times are the
+-- database's clock, shared by the fleet.
+
+-- name: reserve_login_attempt
+-- $1 scope, $2 key, $3 limit, $4 window_s. Reserves one attempt (in_flight + 1) unless the
+-- key is locked or failures + in_flight already reach the limit; `granted` says which.
+-- A window that ended starts over, its leftover in_flight (crashed holders) included.
+INSERT INTO login_attempts AS a (scope, key, window_start, in_flight, granted, updated_at)
+VALUES ($1, $2, extract(epoch FROM statement_timestamp()), 1, true,
+        extract(epoch FROM statement_timestamp()))
+ON CONFLICT (scope, key) DO UPDATE SET
+    window_start = CASE WHEN a.window_start + $4 <= EXCLUDED.updated_at
+                        THEN EXCLUDED.updated_at ELSE a.window_start END,
+    failures = CASE WHEN a.window_start + $4 <= EXCLUDED.updated_at THEN 0 ELSE a.failures END,
+    in_flight = CASE WHEN a.window_start + $4 <= EXCLUDED.updated_at THEN 0 ELSE a.in_flight END
+        + CASE WHEN a.locked_until <= EXCLUDED.updated_at
+                AND CASE WHEN a.window_start + $4 <= EXCLUDED.updated_at THEN 0
+                         ELSE a.failures + a.in_flight END < $3
+               THEN 1 ELSE 0 END,
+    granted = a.locked_until <= EXCLUDED.updated_at
+        AND CASE WHEN a.window_start + $4 <= EXCLUDED.updated_at THEN 0
+                 ELSE a.failures + a.in_flight END < $3,
+    updated_at = EXCLUDED.updated_at
+RETURNING granted, window_start, locked_until, updated_at AS now;
+
+-- name: release_login_attempt
+-- $1 scope, $2 key, $3 the reservation's window_start: give the attempt back uncounted
+-- (only if its window is still current: a new window already dropped it).
+UPDATE login_attempts
+SET in_flight = GREATEST(in_flight - 1, 0), updated_at = extract(epoch FROM statement_timestamp())
+WHERE scope = $1 AND key = $2 AND window_start = $3;
+
+-- name: succeed_login_attempt
+-- $1 scope, $2 key, $3 window_start: release the attempt and forget the key's failures,
+-- lockout and lockout growth (the other attempts in flight stay counted).
+UPDATE login_attempts
+SET in_flight = CASE WHEN window_start = $3 THEN GREATEST(in_flight - 1, 0) ELSE in_flight END,
+    failures = 0, locked_until = 0, next_lockout_s = 0, last_failure = 0,
+    updated_at = extract(epoch FROM statement_timestamp())
+WHERE scope = $1 AND key = $2;
+
+-- name: fail_login_attempt
+-- $1 scope, $2 key, $3 window_start, $4 limit, $5 window_s, $6 lockout_base_s,
+-- $7 lockout_factor, $8 lockout_max_s, $9 forget_after_s. The attempt turns from in flight
+-- into a failure; the limit-th failure locks the key for next_lockout_s (the base after
+-- forget_after_s without a failure), and the next lockout grows by the factor.
+WITH t AS (SELECT extract(epoch FROM statement_timestamp())::double precision AS n)
+UPDATE login_attempts a SET
+    window_start = CASE WHEN a.window_start + $5 <= t.n THEN t.n ELSE a.window_start END,
+    in_flight = CASE WHEN a.window_start + $5 <= t.n THEN 0
+                     WHEN a.window_start = $3 THEN GREATEST(a.in_flight - 1, 0)
+                     ELSE a.in_flight END,
+    failures = CASE
+        WHEN a.locked_until > t.n
+            THEN CASE WHEN a.window_start + $5 <= t.n THEN 0 ELSE a.failures END
+        WHEN CASE WHEN a.window_start + $5 <= t.n THEN 0 ELSE a.failures END + 1 >= $4 THEN 0
+        ELSE CASE WHEN a.window_start + $5 <= t.n THEN 0 ELSE a.failures END + 1 END,
+    locked_until = CASE
+        WHEN a.locked_until <= t.n
+         AND CASE WHEN a.window_start + $5 <= t.n THEN 0 ELSE a.failures END + 1 >= $4
+        THEN t.n + LEAST($8, CASE WHEN a.next_lockout_s <= 0 OR t.n - a.last_failure > $9
+                                  THEN $6 ELSE a.next_lockout_s END)
+        ELSE a.locked_until END,
+    locked_at = CASE
+        WHEN a.locked_until <= t.n
+         AND CASE WHEN a.window_start + $5 <= t.n THEN 0 ELSE a.failures END + 1 >= $4
+        THEN t.n ELSE a.locked_at END,
+    next_lockout_s = CASE
+        WHEN a.locked_until <= t.n
+         AND CASE WHEN a.window_start + $5 <= t.n THEN 0 ELSE a.failures END + 1 >= $4
+        THEN LEAST($8, $7 * CASE WHEN a.next_lockout_s <= 0 OR t.n - a.last_failure > $9
+                                 THEN $6 ELSE a.next_lockout_s END)
+        WHEN t.n - a.last_failure > $9 THEN 0
+        ELSE a.next_lockout_s END,
+    last_failure = t.n,
+    updated_at = t.n
+FROM t
+WHERE a.scope = $1 AND a.key = $2
+RETURNING a.locked_at = t.n AS tripped;
+
+-- name: purge_login_attempts
+-- Rows idle for $1 seconds whose lockout is over (their growth is forgotten by then).
+DELETE FROM login_attempts
+WHERE updated_at < extract(epoch FROM statement_timestamp()) - $1
+  AND locked_until <= extract(epoch FROM statement_timestamp());

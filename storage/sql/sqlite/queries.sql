@@ -425,3 +425,79 @@ LIMIT :limit;
 
 -- name: purge_webhook_attempts
 DELETE FROM webhook_attempts WHERE attempted_at < :cutoff;
+
+-- ---------------------------------------------------------------- login attempts (auth)
+-- Same statements as the Postgres dialect: each reads and writes the row in one statement
+-- (SQLite runs one writer at a time), times are :now from the writer's clock.
+
+-- name: reserve_login_attempt
+INSERT INTO login_attempts AS a (scope, key, window_start, in_flight, granted, updated_at)
+VALUES (:scope, :key, :now, 1, 1, :now)
+ON CONFLICT (scope, key) DO UPDATE SET
+    window_start = CASE WHEN a.window_start + :window_s <= :now
+                        THEN :now ELSE a.window_start END,
+    failures = CASE WHEN a.window_start + :window_s <= :now THEN 0 ELSE a.failures END,
+    in_flight = CASE WHEN a.window_start + :window_s <= :now THEN 0 ELSE a.in_flight END
+        + CASE WHEN a.locked_until <= :now
+                AND CASE WHEN a.window_start + :window_s <= :now THEN 0
+                         ELSE a.failures + a.in_flight END < :limit
+               THEN 1 ELSE 0 END,
+    granted = a.locked_until <= :now
+        AND CASE WHEN a.window_start + :window_s <= :now THEN 0
+                 ELSE a.failures + a.in_flight END < :limit,
+    updated_at = :now
+RETURNING granted, window_start, locked_until, updated_at AS now;
+
+-- name: release_login_attempt
+UPDATE login_attempts
+SET in_flight = max(in_flight - 1, 0), updated_at = :now
+WHERE scope = :scope AND key = :key AND window_start = :window_start;
+
+-- name: succeed_login_attempt
+UPDATE login_attempts
+SET in_flight = CASE WHEN window_start = :window_start THEN max(in_flight - 1, 0)
+                     ELSE in_flight END,
+    failures = 0, locked_until = 0, next_lockout_s = 0, last_failure = 0, updated_at = :now
+WHERE scope = :scope AND key = :key;
+
+-- name: fail_login_attempt
+UPDATE login_attempts AS a SET
+    window_start = CASE WHEN a.window_start + :window_s <= :now THEN :now ELSE a.window_start END,
+    in_flight = CASE WHEN a.window_start + :window_s <= :now THEN 0
+                     WHEN a.window_start = :window_start THEN max(a.in_flight - 1, 0)
+                     ELSE a.in_flight END,
+    failures = CASE
+        WHEN a.locked_until > :now
+            THEN CASE WHEN a.window_start + :window_s <= :now THEN 0 ELSE a.failures END
+        WHEN CASE WHEN a.window_start + :window_s <= :now THEN 0 ELSE a.failures END + 1
+             >= :limit THEN 0
+        ELSE CASE WHEN a.window_start + :window_s <= :now THEN 0 ELSE a.failures END + 1 END,
+    locked_until = CASE
+        WHEN a.locked_until <= :now
+         AND CASE WHEN a.window_start + :window_s <= :now THEN 0 ELSE a.failures END + 1
+             >= :limit
+        THEN :now + min(:lockout_max_s,
+                        CASE WHEN a.next_lockout_s <= 0 OR :now - a.last_failure > :forget_after_s
+                             THEN :lockout_base_s ELSE a.next_lockout_s END)
+        ELSE a.locked_until END,
+    locked_at = CASE
+        WHEN a.locked_until <= :now
+         AND CASE WHEN a.window_start + :window_s <= :now THEN 0 ELSE a.failures END + 1
+             >= :limit
+        THEN :now ELSE a.locked_at END,
+    next_lockout_s = CASE
+        WHEN a.locked_until <= :now
+         AND CASE WHEN a.window_start + :window_s <= :now THEN 0 ELSE a.failures END + 1
+             >= :limit
+        THEN min(:lockout_max_s, :lockout_factor *
+                 CASE WHEN a.next_lockout_s <= 0 OR :now - a.last_failure > :forget_after_s
+                      THEN :lockout_base_s ELSE a.next_lockout_s END)
+        WHEN :now - a.last_failure > :forget_after_s THEN 0
+        ELSE a.next_lockout_s END,
+    last_failure = :now,
+    updated_at = :now
+WHERE a.scope = :scope AND a.key = :key
+RETURNING locked_at = :now AS tripped;
+
+-- name: purge_login_attempts
+DELETE FROM login_attempts WHERE updated_at < :cutoff AND locked_until <= :now;
