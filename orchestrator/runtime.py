@@ -272,7 +272,7 @@ class Runtime:
         self.report: RuntimeReport | None = None
         self.metrics = Metrics(settings.metrics)
         self.passwords = PasswordHasher(settings.auth.hashing)
-        self.login_attempts = LoginAttemptLimiter(settings.auth.attempts)
+        self.login_attempts = LoginAttemptLimiter(settings.auth.attempts, storage=storage)
         self.maintenance: MaintenanceSweeper
         # Set by open_runtime once the components run.
         self.streams: Switch[StreamEventWriter]
