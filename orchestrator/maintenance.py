@@ -4,8 +4,8 @@
 round, every instance runs its evictors (idle per-process state such as broadcast rings),
 and only the instance that holds the fleet-wide ``storage.open_leadership`` role sweeps the
 database: stream events past their TTL in bounded batches, succeeded tasks and sent outbox
-messages past their retention, expired leases. It relies only on the storage contract and
-never runs on a request path.
+messages past their retention, expired leases, idle login attempt counts. It relies only
+on the storage contract and never runs on a request path.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ log = logging.getLogger("asyncstore.maintenance")
 Evictor = Callable[[], int | Awaitable[int | None] | None]
 """Drops idle per-process state and returns how many entries it dropped (or None)."""
 
-PURGE_KINDS = ("stream_events", "tasks", "outbox", "leases")
+PURGE_KINDS = ("stream_events", "tasks", "outbox", "leases", "login_attempts")
 
 
 class MaintenanceConfig(BaseModel):
@@ -53,6 +53,9 @@ class MaintenanceConfig(BaseModel):
     intervals) is how long a SQLite leader that stopped renewing keeps the role; Postgres
     ends the role with the leader's connection instead. With ``enabled`` False no loop runs
     (``run_once()`` still works, e.g. from a CLI).
+    ``login_attempts_retention_s``: login attempt counts (``auth.attempts.mode = storage``)
+    idle this long and not locked out are deleted; keep it at least
+    ``auth.attempts.forget_after_s`` so a key's lockout growth is not forgotten early.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -67,6 +70,7 @@ class MaintenanceConfig(BaseModel):
     task_retention_s: float | None = Field(default=7 * 86_400.0, ge=0)
     outbox_retention_s: float | None = Field(default=7 * 86_400.0, ge=0)
     lease_grace_s: float | None = Field(default=60.0, ge=0)
+    login_attempts_retention_s: float | None = Field(default=2 * 86_400.0, ge=0)
     leader_ttl_s: float | None = Field(default=None, gt=0)
     leadership_name: str = Field(default="asyncstore.maintenance", min_length=1, max_length=255)
 
@@ -218,6 +222,9 @@ class MaintenanceSweeper:
             steps.append(("outbox", partial(self._purge_outbox, cfg.outbox_retention_s)))
         if cfg.lease_grace_s is not None:
             steps.append(("leases", partial(self._storage.expire_leases, cfg.lease_grace_s)))
+        if cfg.login_attempts_retention_s is not None:
+            purge_logins = self._storage.purge_login_attempts
+            steps.append(("login_attempts", partial(purge_logins, cfg.login_attempts_retention_s)))
         try:
             if cfg.stream_ttl_s is not None:
                 try:

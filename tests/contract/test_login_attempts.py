@@ -129,3 +129,25 @@ async def _reserve_when_open(
                 return slot
             await anyio.sleep(slot.retry_after_s)  # waits for the lockout's own end (50 ms)
 
+
+
+async def test_maintenance_sweep_purges_idle_login_attempts(storage: AsyncStorageBackend) -> None:
+    from orchestrator.maintenance import MaintenanceConfig, open_maintenance
+
+    key = "idle-grace"
+    slot = await storage.reserve_login_attempt("account", key, POLICY)
+    await storage.finish_login_attempt("account", key, slot.window_start, "failure", POLICY)
+    config = MaintenanceConfig(
+        enabled=False,
+        stream_ttl_s=None,
+        task_retention_s=None,
+        outbox_retention_s=None,
+        lease_grace_s=None,
+        login_attempts_retention_s=0,
+    )
+    async with open_maintenance(storage, config) as sweeper:
+        assert await sweeper.run_once()
+        assert sweeper.statistics().purged["login_attempts"] >= 1
+    # The failure was forgotten with its row: the whole limit is available again.
+    grants = [await storage.reserve_login_attempt("account", key, POLICY) for _ in range(3)]
+    assert all(g.granted for g in grants)

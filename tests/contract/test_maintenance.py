@@ -86,7 +86,13 @@ async def test_sweep_expires_leases_and_purges_finished_tasks_and_sent_outbox(
     async with open_maintenance(storage, config) as sweeper:
         assert await sweeper.run_once()
         stats = sweeper.statistics()
-    assert dict(stats.purged) == {"stream_events": 0, "tasks": 1, "outbox": 1, "leases": 1}
+    assert dict(stats.purged) == {
+        "stream_events": 0,
+        "tasks": 1,
+        "outbox": 1,
+        "leases": 1,
+        "login_attempts": 0,
+    }
     assert stats.stream_batches == 0
     assert await storage.get_task(task.id) is None
     assert await storage.get_outbox(message.id) is None
