@@ -12,12 +12,21 @@ Modes alternate A B A B for ``--repeats`` repetitions; figures are medians, with
 ((max - min) / median) of the lag p99. Argon2 parameters default to the library's defaults
 (RFC 9106: t=3, m=64 MiB, p=4) and the pool to ``PasswordHashingConfig().max_concurrent``.
 
-Run: ``python -m benchmarks.auth_bench [--repeats N] [--logins N] [--json PATH]``.
+Burst rows (login limiter): ``--logins`` concurrent wrong passwords for one account, each
+from its own address, through the login path with the account limit at its default (5):
+``before`` is the old flow (``check``, verify, ``record_failure``: attempts in flight are not
+counted), ``memory`` is ``check_login`` with the in-memory limiter, ``storage`` the same with
+``auth.attempts.mode = storage`` on ``--storage-url`` (only when given). Reported per mode:
+verifications run, logins refused, wall time of the burst (medians over ``--repeats``).
+
+Run: ``python -m benchmarks.auth_bench [--repeats N] [--logins N] [--storage-url URL]
+[--json PATH]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -29,8 +38,16 @@ from typing import Any
 
 import anyio
 
-from orchestrator.auth import PasswordHasher, PasswordHashingConfig
+from orchestrator.auth import (
+    AttemptLimiterConfig,
+    LoginAttemptLimiter,
+    LoginLocked,
+    PasswordHasher,
+    PasswordHashingConfig,
+    check_login,
+)
 from orchestrator.metrics import Metrics, MetricsConfig, open_loop_lag_monitor
+from storage import AsyncStorageBackend, open_storage
 
 MODES: tuple[str, str] = ("off_loop", "inline")
 
@@ -105,6 +122,125 @@ async def _run(args: argparse.Namespace) -> list[Run]:
     return runs
 
 
+BURST_MODES: tuple[str, ...] = ("before", "memory", "storage")
+
+
+@dataclass(frozen=True, slots=True)
+class BurstRun:
+    mode: str
+    verifications: int
+    refused: int
+    wall_s: float
+
+
+async def _legacy_login(
+    hasher: PasswordHasher, limiter: LoginAttemptLimiter, account: str, address: str, stored: str
+) -> None:
+    # The flow before the fix: check, verify, record; nothing counts attempts in flight.
+    limiter.check(account, address)
+    result = await hasher.verify(stored, "wrong")
+    if result.ok:
+        limiter.record_success(account, address)
+    else:
+        limiter.record_failure(account, address)
+
+
+async def _burst(
+    mode: str,
+    hasher: PasswordHasher,
+    stored: str,
+    logins: int,
+    storage: AsyncStorageBackend | None,
+    account: str,
+) -> BurstRun:
+    config = AttemptLimiterConfig(mode="storage" if mode == "storage" else "memory")
+    limiter = LoginAttemptLimiter(config, storage=storage)
+    before = hasher.statistics().mismatched
+    refused = 0
+
+    async def login(i: int) -> None:
+        nonlocal refused
+        address = f"198.51.100.{i}"
+        try:
+            if mode == "before":
+                await _legacy_login(hasher, limiter, account, address, stored)
+            else:
+                await check_login(
+                    hasher,
+                    limiter,
+                    account=account,
+                    address=address,
+                    stored_hash=stored,
+                    password="wrong",
+                )
+        except LoginLocked:
+            refused += 1
+
+    start = time.perf_counter()
+    async with anyio.create_task_group() as tg:
+        for i in range(logins):
+            tg.start_soon(login, i)
+    wall = time.perf_counter() - start
+    return BurstRun(mode, hasher.statistics().mismatched - before, refused, wall)
+
+
+async def _run_bursts(args: argparse.Namespace) -> list[BurstRun]:
+    hasher = PasswordHasher(
+        PasswordHashingConfig(
+            time_cost=args.time_cost,
+            memory_cost=args.memory_cost,
+            parallelism=args.parallelism,
+            **({"max_concurrent": args.max_concurrent} if args.max_concurrent else {}),
+        )
+    )
+    stored = await hasher.hash("correct horse battery staple")
+    runs: list[BurstRun] = []
+    storage: AsyncStorageBackend | None = None
+    async with contextlib.AsyncExitStack() as stack:
+        if args.storage_url:
+            storage = await stack.enter_async_context(open_storage(args.storage_url, migrate=True))
+        for repeat in range(args.repeats):
+            for mode in BURST_MODES:
+                if mode == "storage" and storage is None:
+                    continue
+                # A fresh account per run: the storage count outlives the limiter object.
+                account = f"bench-{os.getpid()}-{repeat}-{mode}-{time.time_ns()}"
+                runs.append(await _burst(mode, hasher, stored, args.logins, storage, account))
+    return runs
+
+
+def summarize_bursts(runs: Sequence[BurstRun]) -> list[dict[str, Any]]:
+    rows = []
+    for mode in BURST_MODES:
+        mine = [r for r in runs if r.mode == mode]
+        if not mine:
+            continue
+        rows.append(
+            {
+                "mode": mode,
+                "repeats": len(mine),
+                "verifications": statistics.median(r.verifications for r in mine),
+                "verifications_max": max(r.verifications for r in mine),
+                "refused": statistics.median(r.refused for r in mine),
+                "wall_ms": statistics.median(r.wall_s for r in mine) * 1000,
+            }
+        )
+    return rows
+
+
+def render_burst_table(rows: Sequence[dict[str, Any]]) -> str:
+    lines = [
+        "| burst mode | verifications (max) | refused | wall ms |",
+        "|---|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['mode']} | {r['verifications']:.0f} ({r['verifications_max']}) "
+            f"| {r['refused']:.0f} | {r['wall_ms']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
 def summarize(runs: Sequence[Run]) -> list[dict[str, Any]]:
     rows = []
     for mode in MODES:
@@ -154,6 +290,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-concurrent", type=int, default=0, help="0: the config default")
     parser.add_argument("--lag-interval-ms", type=float, default=2.0)
     parser.add_argument("--json", type=Path, default=None, help="also write results here")
+    parser.add_argument(
+        "--storage-url", default=None, help="also run the burst with the limiter in storage mode"
+    )
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.logins < 1 or args.lag_interval_ms <= 0:
         parser.error("--repeats and --logins must be >= 1, --lag-interval-ms > 0")
@@ -165,10 +304,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     load_before = os.getloadavg()[0]
     started = time.perf_counter()
     runs = anyio.run(_run, args)
-    elapsed = time.perf_counter() - started
     rows = summarize(runs)
+    burst_runs = anyio.run(_run_bursts, args)
+    elapsed = time.perf_counter() - started
+    burst_rows = summarize_bursts(burst_runs)
     pool = args.max_concurrent or PasswordHashingConfig().max_concurrent
     print(render_table(rows))
+    print()
+    print(render_burst_table(burst_rows))
     print(
         f"{args.logins} concurrent verifications, argon2id t={args.time_cost} "
         f"m={args.memory_cost} KiB p={args.parallelism}, hashing pool {pool}, lag probe "
@@ -183,6 +326,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "hashing_pool": pool,
             "summary": rows,
             "runs": [asdict(r) for r in runs],
+            "burst_summary": burst_rows,
+            "burst_runs": [asdict(r) for r in burst_runs],
         }
         args.json.write_text(json.dumps(document, indent=2))
     return 0
