@@ -233,7 +233,13 @@ class WebhooksSettings(BaseModel):
 
 
 class AuthSettings(BaseModel):
-    """``auth.*``: password hashing parameters and the login attempt limiter."""
+    """``auth.*``: password hashing parameters and the login attempt limiter.
+
+    ``auth.attempts.mode`` (env ``ASYNCSTORE_AUTH__ATTEMPTS__MODE``) is ``memory`` (default:
+    counts per process) or ``storage`` (counts in the storage backend, shared by every
+    process on the database; needed for a fleet). The other ``auth.attempts.*`` keys and
+    their defaults are documented on ``AttemptLimiterConfig``.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 

@@ -133,3 +133,29 @@ async def test_storage_mode_success_resets_and_errors_release(
 def test_storage_mode_needs_a_backend() -> None:
     with pytest.raises(AuthError):
         LoginAttemptLimiter(AttemptLimiterConfig(mode="storage"))
+
+
+async def test_runtime_builds_the_limiter_from_auth_attempts_mode(storage_url: str) -> None:
+    from orchestrator.config import load_settings
+    from orchestrator.runtime import open_runtime
+
+    settings = load_settings(
+        storage={"url": storage_url},
+        runtime={"reload_on_sighup": False},
+        auth={
+            "hashing": {"time_cost": 1, "memory_cost": 64, "parallelism": 1},
+            "attempts": {"mode": "storage", "max_failures_per_account": 1},
+        },
+    )
+    account = _key("rt")
+    async with open_runtime(settings) as rt:
+        result = await check_login(
+            rt.passwords, rt.login_attempts, account=account, address="a", stored_hash=None,
+            password="x",
+        )
+        assert not result.ok
+    # The count is in the database: a fresh limiter on another handle sees the lockout.
+    async with open_storage(storage_url) as other:
+        limiter = LoginAttemptLimiter(settings.auth.attempts, storage=other)
+        with pytest.raises(LoginLocked):
+            await limiter.reserve(account, "b")

@@ -300,3 +300,16 @@ async def test_dummy_hash_is_made_when_the_hasher_starts() -> None:
     await hasher.verify_unknown_account("pw")
     stats = hasher.statistics()
     assert (stats.hashes, stats.mismatched) == (0, 1)  # no hash on the login path
+
+
+def test_attempts_mode_is_a_setting_with_memory_by_default(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from orchestrator.config import load_settings
+
+    assert load_settings().auth.attempts.mode == "memory"
+    monkeypatch.setenv("ASYNCSTORE_AUTH__ATTEMPTS__MODE", "storage")
+    assert load_settings().auth.attempts.mode == "storage"
+    monkeypatch.setenv("ASYNCSTORE_AUTH__ATTEMPTS__MODE", "redis")
+    with pytest.raises(ValueError, match="mode"):
+        load_settings()
