@@ -12,6 +12,7 @@ from pathlib import Path
 import asyncpg
 
 from storage import NewTask, open_storage
+from storage._sql import load_migrations
 
 CLAIMER = """
 import asyncio, json, sys
@@ -69,6 +70,10 @@ async def test_two_processes_claim_every_task_exactly_once(storage_url: str) -> 
     assert sorted(seen) == list(range(600))
 
 
+def _dialect(url: str) -> str:
+    return "sqlite" if url.startswith("sqlite") else "postgres"
+
+
 async def test_two_processes_migrating_at_once_apply_each_version_once(
     tmp_path: Path, postgres_dsn: str
 ) -> None:
@@ -82,7 +87,9 @@ async def test_two_processes_migrating_at_once_apply_each_version_once(
             applied = sorted(v for out in outs for v in json.loads(out))
             async with open_storage(url) as storage:
                 version = await storage.schema_version()
-            assert applied == list(range(1, version + 1)), url
+            # Every shipped version once (versions may have gaps while branches land).
+            shipped = [m.version for m in load_migrations(_dialect(url))]
+            assert applied == shipped and version == shipped[-1], url
     finally:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
