@@ -22,6 +22,7 @@ import anyio
 import anyio.abc
 import httpx
 import orjson
+import pytest
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import HTTPConnection
@@ -565,16 +566,19 @@ async def test_ws_refuses_unauthorized_and_malformed_resume_points(storage_url: 
         assert srv.streams.statistics().refused == 4
 
 
-async def test_ws_shutdown_sends_a_final_message_and_closes(storage_url: str) -> None:
+@pytest.mark.parametrize(("restarting", "code"), [(False, 1001), (True, 1012)])
+async def test_ws_shutdown_sends_a_final_message_and_closes(
+    storage_url: str, restarting: bool, code: int
+) -> None:
     async with serve(storage_url) as srv, anyio.create_task_group() as tg:
         ws = WebSocketSession(srv.app, "/s/s1/ws", tg)
         await ws.connect()
         await ws.send_json({"type": "subscribe"})
         assert (await ws.receive_json())["type"] == "ready"
-        assert srv.streams.close("deploy") == 1
+        assert srv.streams.close("deploy", restarting=restarting) == 1
         assert await ws.receive_json() == {"type": "shutdown", "reason": "deploy"}
         closed = await ws.receive_message()
-        assert (closed["type"], closed["code"]) == ("websocket.close", 1012)
+        assert (closed["type"], closed["code"]) == ("websocket.close", code)
         await ws.disconnect()
         await ws.done.wait()
         assert srv.subscribers() == 0
