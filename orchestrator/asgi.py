@@ -847,14 +847,10 @@ class StreamingServer(uvicorn.Server):
                 signal.signal(sig, handler)
 
     def handle_exit(self, sig: int, frame: Any) -> None:
+        # A signal handler: only set flags here (logging could re-enter a held lock).
         if self.exit_signal is None:
             self.exit_signal = sig
             self.restarting = self.restarting or sig in self.restart_signals
-            log.info(
-                "%s: shutting down%s",
-                signal.Signals(sig).name,
-                " for a restart" if self.restarting else "",
-            )
         super().handle_exit(sig, frame)
 
     async def shutdown(self, sockets: Any = None) -> None:
@@ -863,6 +859,8 @@ class StreamingServer(uvicorn.Server):
             server.close()
         for sock in sockets or []:
             sock.close()
+        cause = "" if self.exit_signal is None else f" on {signal.Signals(self.exit_signal).name}"
+        log.info("shutting down%s%s", cause, " for a restart" if self.restarting else "")
         told = self.streams.close(restarting=self.restarting)
         if told:
             log.info("told %d open stream(s) to end; waiting up to %.1f s", told, self.grace_s)
