@@ -1,14 +1,17 @@
 """Webhook benchmark: the seed's table, measured (synchronous vs asynchronous batched).
 
 100 tool calls fire ``tool_call_start`` at a local receiver that takes 100 ms per request
-(a real HTTP server on 127.0.0.1, in the same event loop), three ways: synchronous
-webhooks; async batch 10 / interval 1 s; async batch 50 / interval 2 s. Per side: HTTP
-requests made, total time the caller spent blocked in ``fire``, per-call p50/p99, and time
-from the first call until the last event arrived. Separately, the enqueue latency of
-``AsyncWebhookBatcher.send_nowait`` (target p99 < 50 us) over many events with the flusher
-running. Sides alternate within each repetition; medians and spread are reported.
+(a real HTTP server on 127.0.0.1, in the same event loop), five ways: synchronous
+webhooks; async batch 10 / interval 1 s; async batch 50 / interval 2 s; durable batch 10 /
+1 s through the journal (the default) and through the legacy ``durable_mode = "direct"``
+path, both on a throwaway Postgres database (SQLite when Postgres does not answer). Per
+side: HTTP requests made, total time the caller spent blocked in ``fire``, per-call
+p50/p99, and time from the first call until the last event arrived. Separately, the
+enqueue latency of ``AsyncWebhookBatcher.send_nowait`` (target p99 < 50 us) over many
+events with the flusher running. Sides alternate within each repetition; medians and
+spread are reported.
 
-Run: ``python -m benchmarks.webhooks_bench [--repeats N] [--quick] [--json PATH]``.
+Run: ``python -m benchmarks.webhooks_bench [--url URL] [--repeats N] [--quick] [--json PATH]``.
 """
 
 from __future__ import annotations
@@ -16,41 +19,49 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import anyio
 import anyio.lowlevel
 
-from benchmarks._common import environment
+from benchmarks._common import create_database, drop_database, environment, redact, with_database
 from benchmarks._common import load_average as _load_average
 from benchmarks.streams_bench import Results, _percentile, _progress, render
 from orchestrator.webhooks import HooksConfig, open_webhooks, parse_hooks
 from orchestrator.webhooks.testing import Answer, TestReceiver, open_test_receiver
+from storage import AsyncStorageBackend, open_storage
 
 RECEIVER_DELAY_S = 0.1
-SIDES = {
+DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+SIDES: dict[str, tuple[int, int, str | None] | None] = {
     "sync": None,
-    "async batch 10 / 1 s": (10, 1000),
-    "async batch 50 / 2 s": (50, 2000),
+    "async batch 10 / 1 s": (10, 1000, None),
+    "async batch 50 / 2 s": (50, 2000, None),
+    "durable batch 10 / 1 s (journal)": (10, 1000, "journal"),
+    "durable batch 10 / 1 s (direct, legacy)": (10, 1000, "direct"),
 }
 
 
 def _config(url: str, side: str) -> HooksConfig:
     shape = SIDES[side]
     if shape is None:
-        entry = {"name": "bench", "url": url, "trigger": "tool_call_start", "retries": 0}
-        return parse_hooks({"webhooks": [entry]}, environ={})
-    batch, interval = shape
-    entry = {
+        sync = {"name": "bench", "url": url, "trigger": "tool_call_start", "retries": 0}
+        return parse_hooks({"webhooks": [sync]}, environ={})
+    batch, interval, mode = shape
+    entry: dict[str, Any] = {
         "name": "bench",
         "url": url,
         "trigger": "tool_call_start",
         "batch_size": batch,
         "flush_interval_ms": interval,
     }
+    if mode is not None:
+        entry |= {"durable": True, "durable_mode": mode}
     return parse_hooks({"async_webhooks": [entry]}, environ={})
 
 
@@ -62,10 +73,14 @@ def _arrived(rx: TestReceiver) -> int:
     return total
 
 
-async def _tool_calls(side: str, calls: int) -> dict[str, float]:
+async def _tool_calls(
+    side: str, calls: int, storage: AsyncStorageBackend | None = None
+) -> dict[str, float]:
+    shape = SIDES[side]
+    durable = shape is not None and shape[2] is not None
     async with (
         open_test_receiver(lambda r: Answer(delay_s=RECEIVER_DELAY_S)) as rx,
-        open_webhooks(_config(rx.url, side)) as webhooks,
+        open_webhooks(_config(rx.url, side), storage=storage if durable else None) as webhooks,
     ):
         per_call: list[float] = []
         clock = time.perf_counter
@@ -123,18 +138,41 @@ async def _enqueue_latency(events: int) -> tuple[float, float]:
     return _percentile(samples, 0.5), _percentile(samples, 0.99)
 
 
+@asynccontextmanager
+async def _durable_storage(args: argparse.Namespace) -> AsyncIterator[AsyncStorageBackend]:
+    """A throwaway Postgres database (dropped afterwards), else a temporary SQLite file."""
+    name = await create_database(args.url, "asyncstore_webhooks_bench")
+    if name is not None:
+        try:
+            async with open_storage(with_database(args.url, name), migrate=True) as storage:
+                yield storage
+        finally:
+            await drop_database(args.url, name)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        async with open_storage(f"sqlite:///{tmp}/bench.db", migrate=True) as storage:
+            yield storage
+
+
 async def run(args: argparse.Namespace) -> Results:
+    async with _durable_storage(args) as storage:
+        args.dialect = storage.dialect
+        return await _run(args, storage)
+
+
+async def _run(args: argparse.Namespace, storage: AsyncStorageBackend) -> Results:
     results = Results()
     calls = 20 if args.quick else 100
     events = 5_000 if args.quick else 20_000
     await _tool_calls("async batch 10 / 1 s", 10)  # warm-up
+    await _tool_calls("durable batch 10 / 1 s (journal)", 10, storage)
     for rep in range(args.repeats):
         order = list(SIDES)
         if rep % 2:
             order.reverse()
         for side in order:
             _progress(f"{side}: {calls} tool calls, repetition {rep + 1}/{args.repeats}")
-            fig = await _tool_calls(side, calls)
+            fig = await _tool_calls(side, calls, storage)
             section = f"{calls} tool calls"
             results.add(section, side, "HTTP requests", "n", fig["requests"])
             results.add(section, side, "caller blocked, total", "ms", fig["blocked_ms"])
@@ -155,7 +193,12 @@ def targets(results: Results, calls: int) -> list[str]:
     if p99 is not None:
         verdict = "met" if p99 < 50 else "NOT MET"
         out.append(f"target: enqueue p99 < 50 us: {p99:.1f} us -> {verdict}")
-    for side, batch in (("async batch 10 / 1 s", 10), ("async batch 50 / 2 s", 50)):
+    sides = (
+        ("async batch 10 / 1 s", 10),
+        ("async batch 50 / 2 s", 50),
+        ("durable batch 10 / 1 s (journal)", 10),
+    )
+    for side, batch in sides:
         requests = results.median(section, side, "HTTP requests")
         if requests is not None:
             want = -(-calls // batch)
@@ -168,6 +211,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.webhooks_bench",
         description="Webhooks: synchronous vs asynchronous batched, the seed's table measured.",
+    )
+    parser.add_argument(
+        "--url", default=DEFAULT_URL, help=f"Postgres server (default {DEFAULT_URL})"
     )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="20 tool calls (a smoke run)")
@@ -191,6 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print("\n".join(goals))
     print(f"repeats: {args.repeats}, quick: {args.quick}, run time: {elapsed:.1f} s")
+    print(f"durable sides on {getattr(args, 'dialect', '?')} ({redact(args.url)})")
     if load_before is not None and load_after is not None:
         print(
             f"1-minute load average: {load_before:.2f} before, {load_after:.2f} after, "

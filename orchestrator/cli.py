@@ -1,4 +1,5 @@
-"""The ``asyncstore`` command: ``migrate``, ``config``, ``doctor``, ``serve-metrics``, ``demo``.
+"""The ``asyncstore`` command: ``migrate``, ``config``, ``doctor``, ``serve-metrics``, ``demo``,
+``webhooks log`` and ``webhooks resend``.
 
 ``doctor`` checks what an instance needs from its database and says in plain words what is
 wrong and how to fix it: connectivity, the schema version against the newest migration,
@@ -304,6 +305,31 @@ async def _demo(settings: StorageSettings) -> int:
     return 128 + stopped[0] if stopped else 0
 
 
+async def _webhooks(settings: Settings, args: argparse.Namespace) -> int:
+    from orchestrator.webhooks.admin import ResendRefused, delivery_log, format_attempt, resend
+
+    async with open_storage(settings.storage) as storage:
+        if args.action == "log":
+            attempts = await delivery_log(
+                storage, endpoint=args.endpoint, failed=args.failed, limit=args.limit
+            )
+            for attempt in attempts:
+                print(format_attempt(attempt))
+            if not attempts:
+                print("no delivery attempts" + (" not delivered" if args.failed else ""))
+            return 0
+        try:
+            row = await resend(storage, args.id)
+        except ResendRefused as exc:
+            print(f"asyncstore webhooks resend: {exc}", file=sys.stderr)
+            return 1
+        print(
+            f"{args.id}: queued again as outbox row {row} (same webhook-id and body); the "
+            "application's relay delivers it, signed afresh"
+        )
+        return 0
+
+
 async def _doctor(settings: Settings) -> int:
     findings = await run_doctor(settings)
     failed = [f.check for f in findings if not f.ok]
@@ -329,6 +355,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--port", type=int, help="port (default: settings metrics.port)")
     demo = sub.add_parser("demo", help="walk through the storage API end to end")
     demo.add_argument("--url", help="storage URL (default: settings storage.url)")
+    hooks = sub.add_parser("webhooks", help="durable webhooks: delivery log and resend")
+    hooks_sub = hooks.add_subparsers(dest="action", required=True)
+    hooks_log = hooks_sub.add_parser("log", help="delivery attempts, newest first")
+    hooks_log.add_argument("--endpoint", help="only this endpoint (the webhook's name)")
+    hooks_log.add_argument(
+        "--failed", action="store_true", help="only deliveries no attempt delivered"
+    )
+    hooks_log.add_argument("--limit", type=int, default=100)
+    hooks_log.add_argument("--url", help="storage URL (default: settings storage.url)")
+    hooks_resend = hooks_sub.add_parser(
+        "resend", help="deliver a webhook-id again (same id and body, freshly signed)"
+    )
+    hooks_resend.add_argument("id", help="the webhook-id (msg_...)")
+    hooks_resend.add_argument("--url", help="storage URL (default: settings storage.url)")
     args = parser.parse_args(argv)
     try:
         settings = _settings(args)
@@ -340,6 +380,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return anyio.run(_migrate, settings.storage)
         if args.command == "doctor":
             return anyio.run(_doctor, settings)
+        if args.command == "webhooks":
+            return anyio.run(_webhooks, settings, args)
         if args.command == "serve-metrics":
             try:
                 return anyio.run(_serve_metrics, settings, args.host, args.port)

@@ -195,6 +195,11 @@ class MaintenanceSweeper:
             if isinstance(result, int):
                 self._evicted += result
 
+    async def _purge_outbox(self, retention_s: float) -> int:
+        """Sent outbox rows and the webhook delivery log, under the same retention."""
+        deleted = await self._storage.purge_outbox(retention_s)
+        return deleted + await self._storage.purge_webhook_attempts(retention_s)
+
     async def _sweep_if_leading(self) -> bool:
         try:
             leading = await self._role.try_lead()
@@ -210,7 +215,7 @@ class MaintenanceSweeper:
         if cfg.task_retention_s is not None:
             steps.append(("tasks", partial(self._storage.purge_tasks, cfg.task_retention_s)))
         if cfg.outbox_retention_s is not None:
-            steps.append(("outbox", partial(self._storage.purge_outbox, cfg.outbox_retention_s)))
+            steps.append(("outbox", partial(self._purge_outbox, cfg.outbox_retention_s)))
         if cfg.lease_grace_s is not None:
             steps.append(("leases", partial(self._storage.expire_leases, cfg.lease_grace_s)))
         try:

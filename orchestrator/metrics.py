@@ -45,6 +45,7 @@ from prometheus_client.metrics_core import (
 from pydantic import BaseModel, ConfigDict, Field
 
 from orchestrator.auth import AttemptLimiterStatistics, HasherStatistics
+from orchestrator.backlog import BacklogStatistics
 from orchestrator.batching import BatchWriterStatistics
 from orchestrator.broadcast import HubStatistics
 from orchestrator.cancellation import CancellationStatistics
@@ -86,6 +87,7 @@ KNOWN_STATISTICS: tuple[type, ...] = (
     StorageStatistics,
     HasherStatistics,
     AttemptLimiterStatistics,
+    BacklogStatistics,
 )
 
 
@@ -105,6 +107,9 @@ class MetricsConfig(BaseModel):
     process_metrics: bool = Field(default=True, description="process_*, python_gc_*, python_info")
     loop_lag_interval_s: float = Field(default=0.25, gt=0)
     pool_probe_interval_s: float = Field(default=5.0, gt=0)
+    backlog_interval_s: float = Field(
+        default=5.0, gt=0, description="how often queue/outbox depths are read for the gauges"
+    )
     host: str = "127.0.0.1"
     port: int = Field(default=9464, ge=0, le=65535)
 
@@ -383,6 +388,15 @@ def _emit(out: _Families, name: str, s: object, source: object) -> None:
         out.counters("queue_tasks_finished", "Task outcomes.", src, "outcome", outcomes)
         out.counter("queue_fallback_polls", "Fallback polls.", src, s.fallback_polls)
         out.counter("queue_storage_errors", "Storage errors.", src, s.storage_errors)
+        out.counter(
+            "queue_reruns", "Tasks re-run after their worker's lease expired.", src, s.reruns
+        )
+        out.counter("queue_due_queries", "Next-due reads on going idle.", src, s.due_queries)
+        out.counter(
+            "queue_expiry_wakeups", "Idle waits ended at a due time.", src, s.expiry_wakeups
+        )
+    elif isinstance(s, BacklogStatistics):
+        _backlog(out, name, s)
     elif isinstance(s, OutboxRelayStatistics):
         out.gauge("outbox_in_flight", "Messages being sent.", src, s.in_flight)
         out.gauge("outbox_lanes", "Channels with a send lane.", src, s.lanes)
@@ -444,6 +458,37 @@ def _emit(out: _Families, name: str, s: object, source: object) -> None:
         out.counters("auth_lockouts", "Lockouts started.", src, "scope", s.lockouts)
         out.counter("auth_login_failures", "Failed logins.", src, s.failures)
         out.counter("auth_login_successes", "Successful logins.", src, s.successes)
+
+
+def _backlog(out: _Families, source: str, s: BacklogStatistics) -> None:
+    depth_doc = "Unfinished rows: waiting (claimable now), delayed, in_flight (leased)."
+    age_doc = "Seconds the longest-waiting claimable row has waited."
+    for q in s.queues:
+        labels = {"source": source, "queue": q.name}
+        for state, n in (
+            ("waiting", q.waiting),
+            ("delayed", q.delayed),
+            ("in_flight", q.in_flight),
+        ):
+            out.gauge("queue_depth", depth_doc, {**labels, "state": state}, n)
+        out.gauge("queue_oldest_wait_seconds", age_doc, labels, q.oldest_wait_s)
+    if s.outbox is not None:
+        o, labels = s.outbox, {"source": source}
+        for state, n in (
+            ("waiting", o.waiting),
+            ("delayed", o.delayed),
+            ("in_flight", o.in_flight),
+        ):
+            out.gauge("outbox_depth", depth_doc, {**labels, "state": state}, n)
+        out.gauge("outbox_oldest_wait_seconds", age_doc, labels, o.oldest_wait_s)
+    staleness = s.staleness_s if s.staleness_s != float("inf") else -1.0
+    out.gauge(
+        "backlog_read_age_seconds",
+        "Age of the backlog reading; -1: none.",
+        {"source": source},
+        staleness,
+    )
+    out.counter("backlog_read_errors", "Failed backlog reads.", {"source": source}, s.errors)
 
 
 def _writer(out: _Families, source: str, s: BatchWriterStatistics) -> None:

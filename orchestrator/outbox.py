@@ -7,6 +7,14 @@ account) under an overall and a per-channel concurrency bound, and writes the re
 batches (``mark_outbox_sent`` / ``fail_outbox`` / ``dead_letter_outbox`` /
 ``release_outbox``), each effective only under the current claim. Retries follow a
 per-channel ``RetryTemplate``. It relies on the storage contract and its notifications.
+
+Order, for any number of relays: a (channel, account) group is delivered in id (enqueue)
+order with at most one message in flight. The claim enforces it (see ``claim_outbox``):
+nothing of a group is claimed while one of its messages is in flight, and a message waiting
+for its retry holds back the later ones; a relay then sends a group's claimed messages one
+at a time. A dead-lettered message lets the rest of its group pass (a poison message does
+not block a conversation); ``Outbox.redrive`` puts it back at its place in the group: it is
+sent once nothing of its group is in flight, before the group's later pending messages.
 """
 
 from __future__ import annotations
@@ -213,7 +221,14 @@ class Outbox:
         return stored
 
     async def redrive(self, ids: Sequence[int]) -> list[int]:
-        """Put dead-lettered messages back to pending with a fresh attempt budget; notify."""
+        """Put dead-lettered messages back to pending with a fresh attempt budget; notify.
+
+        Each goes back to its place in its group: it is sent once nothing of its group is in
+        flight, before the group's later messages still pending (messages of its group sent
+        while it was dead stay sent: a dead message lets its group pass). If cancelled, the
+        messages were either moved (the relays' fallback poll finds them if the notification
+        was not sent) or not.
+        """
         moved = await self.storage.redrive_outbox(ids)
         if moved:
             await self._notify()
@@ -406,8 +421,11 @@ class OutboxRelay:
         deadline = time.monotonic() + self.config.fallback_poll_s * random.uniform(0.5, 1.5)
         while True:
             now = time.time()
-            while self._due and self._due[0] <= now:
-                heapq.heappop(self._due)
+            if self._due and self._due[0] <= now:
+                # A retry written since the last claim is due already: claim it now.
+                while self._due and self._due[0] <= now:
+                    heapq.heappop(self._due)
+                return
             known = self._due[0] - now if self._due else math.inf
             self._rearm = anyio.Event()
             with anyio.move_on_after(min(deadline - time.monotonic(), known)) as scope:
@@ -498,13 +516,20 @@ class OutboxRelay:
         at = datetime.fromtimestamp(time.time() + template.delay_s(msg.attempts, exc), UTC)
         return _Result(_Kind.RETRY, msg.claim, error, at)
 
+    def _expect(self, at: float) -> None:
+        """Remember that a written retry becomes due at ``at``: the idle wait ends then.
+
+        Called once the retry is committed, not when it is queued for writing: a claim made
+        at the due time before the write lands would find the row still in flight, and the
+        due time would be forgotten until the fallback poll.
+        """
+        heapq.heappush(self._due, at)
+        if len(self._due) > 1024:
+            self._due = heapq.nsmallest(512, self._due)
+        if self._due[0] == at:
+            self._rearm.set()
+
     def _record(self, result: _Result) -> None:
-        if result.retry_at is not None:
-            heapq.heappush(self._due, result.retry_at.timestamp())
-            if len(self._due) > 1024:
-                self._due = heapq.nsmallest(512, self._due)
-            if self._due[0] == result.retry_at.timestamp():
-                self._rearm.set()
         if self._writer is None:
             raise RuntimeError("relay is not running")
         self._writer.put_nowait(result, critical=True)
@@ -548,6 +573,10 @@ class OutboxRelay:
             else:
                 statuses = await self._storage.fail_outbox(failures)
                 done = list(statuses)
+                for item in items:
+                    if statuses.get(item.claim.id) is OutboxStatus.PENDING:
+                        due = item.retry_at.timestamp() if item.retry_at else time.time()
+                        self._expect(due)
                 dead = sum(1 for s in statuses.values() if s is OutboxStatus.DEAD)
                 self._counts[_Kind.DEAD] += dead
                 self._counts[_Kind.RETRY] -= dead
@@ -608,4 +637,3 @@ async def open_outbox_relay(
             yield relay
         finally:
             relay._stopping.set()
-

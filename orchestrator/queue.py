@@ -2,14 +2,19 @@
 
 This module owns the worker loop on top of the storage task contract (``claim_tasks`` with
 leases, ``heartbeat_tasks``, ``complete_tasks`` / ``fail_tasks`` / ``dead_letter_tasks`` /
-``release_tasks``) and the storage notifications: a semaphore caps running handlers, the
-runner claims exactly as many tasks as it has free permits in one statement, leases are
-renewed in the background, outcomes are written in batches under the current lease, and
-the runner sleeps until an enqueue notification or a rare jittered fallback poll.
+``release_tasks``) and the storage notifications: at most ``max_workers`` long-lived
+runners run handlers, the claim loop takes as many tasks as there are free slots (at most
+``claim_batch``) in one statement, leases are renewed in the background, outcomes are
+written in batches under the current lease, and an idle worker sleeps until an enqueue
+notification, the next moment a task becomes claimable (a delayed task's due time or a
+running task's lease expiry, read with one cheap query when it goes idle, so a dead
+worker's tasks are re-run as soon as their lease runs out), or a rare jittered fallback
+poll.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import enum
 import heapq
@@ -32,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from orchestrator.batching import Batch, BatchWriter, DeadLetter, outcome_batches
 from storage import (
+    LEASE_EXPIRED,
     AsyncStorageBackend,
     Claim,
     Failure,
@@ -74,6 +80,13 @@ class QueueConfig(BaseModel):
 
     mode: Literal["claim", "poll_spawn"] = "claim"
     max_workers: int = Field(default=16, ge=1, le=10_000)
+    claim_batch: int | None = Field(
+        default=None,
+        ge=1,
+        le=10_000,
+        description="claim mode: most tasks one claim statement takes (None: every free slot); "
+        "below max_workers, the next claim runs while the last batch's handlers run",
+    )
     lease_s: float = Field(default=30.0, gt=0)
     heartbeat_interval_s: float | None = Field(
         default=None, gt=0, description="lease renewal period; default lease_s / 3"
@@ -85,6 +98,11 @@ class QueueConfig(BaseModel):
         default=0.5, ge=0, le=1, description="share of each delay that is randomized"
     )
     fallback_poll_s: float = Field(default=10.0, gt=0)
+    expiry_wakeup: bool = Field(
+        default=True,
+        description="claim mode: an idle worker reads the queue's next due time or lease "
+        "expiry and wakes then (False: only notifications and the fallback poll wake it)",
+    )
     poll_interval_s: float = Field(default=1.0, gt=0, description="legacy poll_spawn only")
     poll_batch: int = Field(default=1000, ge=1, le=10_000, description="legacy poll_spawn only")
     shutdown_grace_s: float = Field(default=10.0, ge=0)
@@ -159,6 +177,9 @@ class WorkerStatistics:
     notifications: int
     fallback_polls: int
     storage_errors: int
+    reruns: int  # tasks claimed because their previous worker's lease expired
+    due_queries: int  # next-due reads made on going idle
+    expiry_wakeups: int  # idle waits ended at the next known due time or lease expiry
 
 
 class _Outcome(enum.Enum):
@@ -280,7 +301,12 @@ class Worker:
         self._handler = handler
         self._storage = queue.storage
         self._legacy = config.mode == "poll_spawn"
-        self._permits = anyio.Semaphore(config.max_workers)
+        self._free = config.max_workers  # claim mode: handler slots not taken
+        self._ready: collections.deque[Task] = collections.deque()  # claimed, not started
+        self._sleepers: collections.deque[anyio.Event] = collections.deque()  # idle runners
+        self._runners = 0
+        # One runner at a time is being woken (or started); it wakes the next if work is left.
+        self._wake_pending = False
         self._held: dict[int, int] = {}  # task id -> lease token, until its outcome is written
         self._scopes: dict[int, anyio.CancelScope] = {}
         self._stop_reason: dict[int, tuple[_Stop, str]] = {}
@@ -307,6 +333,14 @@ class Worker:
         self._notifications = 0
         self._polls = 0
         self._errors = 0
+        self._reruns = 0
+        self._due_queries = 0
+        self._expiry_wakeups = 0
+        # Until this monotonic time no task of the queue can become claimable unannounced:
+        # the earliest due time or lease expiry read by the last next-due query, capped by
+        # that query's time plus lease_s (a lease taken by anyone later expires no sooner).
+        self._horizon = 0.0
+        self._busy_retries = 0  # consecutive idle entries that found due rows locked
 
     def statistics(self) -> WorkerStatistics:
         """A frozen snapshot of this worker's counters."""
@@ -331,6 +365,9 @@ class Worker:
             notifications=self._notifications,
             fallback_polls=self._polls,
             storage_errors=self._errors,
+            reruns=self._reruns,
+            due_queries=self._due_queries,
+            expiry_wakeups=self._expiry_wakeups,
         )
 
     def cancel(self, task_id: int, reason: str = "cancelled") -> bool:
@@ -361,29 +398,39 @@ class Worker:
         Cancelling it cancels the handlers; their release is still written (the writer's
         final flush is shielded).
         """
-        async with (
-            BatchWriter(
-                self._write_batch,
-                outcome_batches(self.config.max_write_batch),
-                retry_if=is_retryable,
-                on_dead_letter=self._undeliverable,
-                name="queue-outcomes",
-            ) as writer,
-            anyio.create_task_group() as tg,
-        ):
+        async with BatchWriter(
+            self._write_batch,
+            outcome_batches(self.config.max_write_batch),
+            retry_if=is_retryable,
+            on_dead_letter=self._undeliverable,
+            name="queue-outcomes",
+        ) as writer:
             self._writer = writer
-            self._tasks = tg
-            if not self._legacy:
-                await tg.start(self._listen)
-            tg.start_soon(self._heartbeat)
-            tg.start_soon(self._poll_spawn if self._legacy else self._claim_loop)
-            task_status.started()
-            await self._stopping.wait()
-            await self._loop_done.wait()
-            await self._drain_handlers()
-            tg.cancel_scope.cancel()
+            try:
+                async with anyio.create_task_group() as tg:
+                    self._tasks = tg
+                    if not self._legacy:
+                        await tg.start(self._listen)
+                    tg.start_soon(self._heartbeat)
+                    tg.start_soon(self._poll_spawn if self._legacy else self._claim_loop)
+                    task_status.started()
+                    await self._stopping.wait()
+                    await self._loop_done.wait()
+                    await self._drain_handlers()
+                    tg.cancel_scope.cancel()
+            finally:
+                # Cancelled mid-run: tasks claimed but not started are given back too.
+                self._release_ready()
+
+    def _release_ready(self) -> None:
+        """Release claimed tasks no runner has started (recorded now, written by the writer)."""
+        while self._ready:
+            task = self._ready.popleft()
+            self._finish(_Finished(_Outcome.RELEASE, task.claim))
 
     async def _drain_handlers(self) -> None:
+        # Claimed but not started: given back at once, not started during the grace.
+        self._release_ready()
         with anyio.move_on_after(self.config.shutdown_grace_s):
             await self._idle.wait()
         for task_id, scope in list(self._scopes.items()):
@@ -397,13 +444,17 @@ class Worker:
     async def _claim_loop(self) -> None:
         try:
             while not self._stopping.is_set():
-                if self._permits.value == 0:
+                if self._free == 0:
                     self._freed = anyio.Event()
                     await _first_of(self._freed, self._stopping)
                     continue
-                free = self._permits.value
+                free = self._free
+                if self.config.claim_batch is not None:
+                    free = min(free, self.config.claim_batch)
                 self._wake = anyio.Event()
                 tasks = await self._claim(free)
+                if tasks:
+                    self._busy_retries = 0
                 if tasks is None:
                     await self._sleep_or_stop(random.uniform(0.5, 1.5))
                 elif not self._start(tasks) and len(tasks) < free:
@@ -428,9 +479,20 @@ class Worker:
         return tasks
 
     async def _idle_wait(self) -> None:
-        """Sleep until woken, stopped, the next known run_after, or the jittered fallback."""
+        """Sleep until woken, stopped, the next known run_after or lease expiry, or the
+        jittered fallback poll.
+
+        The next due time of the queue as a whole (other workers' leases included) is read
+        when the last reading's horizon has passed, so an idle worker re-runs a dead
+        worker's tasks when their lease runs out, not at its next fallback poll; while
+        workers stay alive that costs one small read per idle worker per lease renewal.
+        """
+        if not self.config.expiry_wakeup:
+            self._horizon = math.inf
+        elif time.monotonic() >= self._horizon:
+            await self._read_horizon()
         timeout = self.config.fallback_poll_s * random.uniform(0.5, 1.5)
-        deadline = time.monotonic() + timeout
+        deadline = min(time.monotonic() + timeout, self._horizon)
         while True:
             now = time.time()
             while self._due and self._due[0] <= now:
@@ -442,8 +504,35 @@ class Worker:
             if not scope.cancelled_caught and not (self._wake.is_set() or self._stopping.is_set()):
                 continue  # a nearer run_after became known: re-arm the timer
             if scope.cancelled_caught and time.monotonic() >= deadline:
-                self._polls += 1
+                if deadline >= self._horizon:
+                    self._expiry_wakeups += 1
+                else:
+                    self._polls += 1
             return
+
+    async def _read_horizon(self) -> None:
+        """Read when the next task of the queue becomes claimable; set ``_horizon``.
+
+        Assumes every worker of the queue uses a lease no shorter than this one's. A due
+        time of zero right after a claim found nothing means the rows are being claimed by
+        another worker's uncommitted statement: back off briefly instead of spinning.
+        """
+        self._due_queries += 1
+        started = time.monotonic()
+        try:
+            due = await self._storage.next_task_due_s(self.queue.name)
+        except StorageError as exc:
+            self._errors += 1
+            log.warning("next-due read on %s failed: %s", self.queue.name, exc)
+            self._horizon = started + random.uniform(0.5, 1.5)
+            return
+        lease = self.config.lease_s
+        if due is None or due > 0:
+            self._busy_retries = 0
+            self._horizon = started + min(lease, math.inf if due is None else due)
+        else:
+            self._busy_retries += 1
+            self._horizon = started + min(0.005 * 2.0**self._busy_retries, 1.0, lease)
 
     async def _sleep_or_stop(self, seconds: float) -> None:
         with anyio.move_on_after(seconds):
@@ -480,60 +569,143 @@ class Worker:
     # -- running handlers ------------------------------------------------------
 
     def _start(self, tasks: Sequence[Task]) -> bool:
-        """Start handlers for claimed tasks; True if stopping (then they are released)."""
+        """Hand claimed tasks to runners; True if stopping (then they are released).
+
+        Claim mode queues them for the long-lived runners (at most ``max_workers``, started
+        as the work needs them); the legacy mode spawns one task per handler, as it did.
+        """
         if self._tasks is None:
             raise RuntimeError("worker is not running")
         self._claimed += len(tasks)
         for task in tasks:
             self._held[task.id] = task.claim.token
+            if task.attempts > 1 and task.last_error == LEASE_EXPIRED:
+                self._reruns += 1
         if self._stopping.is_set():
             for task in tasks:
                 self._record(_Finished(_Outcome.RELEASE, task.claim))
             return True
-        for task in tasks:
-            if not self._legacy:
-                self._permits.acquire_nowait()  # never blocks: we claimed only free permits
-            if self._running == 0:
-                self._idle = anyio.Event()
-            self._running += 1
-            self._peak = max(self._peak, self._running)
-            self._tasks.start_soon(self._run, task)
+        if not tasks:
+            return False
+        if self._running == 0:
+            self._idle = anyio.Event()
+        self._running += len(tasks)
+        self._peak = max(self._peak, self._running)
+        if self._legacy:
+            for task in tasks:
+                self._tasks.start_soon(self._run_one, task)
+            return False
+        self._free -= len(tasks)  # never below 0: we claimed only free slots
+        self._ready.extend(tasks)
+        self._wake_one()
         return False
 
-    async def _run(self, task: Task) -> None:
+    def _wake_one(self) -> None:
+        """Wake an idle runner, or start one (up to ``max_workers``), unless one is on its way.
+
+        Runners are woken one after the other, each as the previous one takes a task and
+        sees more waiting, so a batch of handlers that never wait is run by the first runner
+        without waking the others for nothing; handlers that wait still start at once.
+        """
+        if self._wake_pending or self._tasks is None:
+            return
+        if self._sleepers:
+            self._wake_pending = True
+            self._sleepers.popleft().set()
+        elif self._runners < self.config.max_workers:
+            self._wake_pending = True
+            self._runners += 1
+            self._tasks.start_soon(self._runner)
+
+    async def _runner(self) -> None:
+        """A long-lived handler runner (claim mode): runs queued tasks one at a time.
+
+        Each task runs under the runner's current cancel scope, registered under the task's
+        id, so ``cancel`` and a lost lease cancel just that handler; a scope that was
+        cancelled is replaced before the next task. Cancelled with the worker's task group.
+        """
+        self._wake_pending = False  # this is the runner that was started
+        since_yield = 0
+        while True:
+            with anyio.CancelScope() as scope:
+                while not scope.cancel_called:
+                    if not self._ready:
+                        since_yield = 0
+                        await self._sleep()
+                        continue
+                    task = self._ready.popleft()
+                    if self._ready:
+                        self._wake_one()  # more work: a helper, in case this handler waits
+                    if self._held.get(task.id) != task.claim.token:
+                        self._finish(None)  # its lease was lost before it started
+                        continue
+                    self._finish(await self._execute(task, scope), slot=True)
+                    since_yield += 1
+                    if since_yield >= 64:
+                        # Handlers that never wait must not starve the claim loop and writer.
+                        since_yield = 0
+                        await anyio.lowlevel.checkpoint()
+
+    async def _sleep(self) -> None:
+        """Wait until ``_wake_one`` picks this runner."""
+        woken = anyio.Event()
+        self._sleepers.append(woken)
+        try:
+            await woken.wait()
+        finally:
+            if woken.is_set():
+                self._wake_pending = False
+            else:  # cancelled while idle
+                self._sleepers.remove(woken)
+
+    async def _run_one(self, task: Task) -> None:
+        """Legacy ``poll_spawn``: one spawned task per handler."""
+        with anyio.CancelScope() as scope:
+            self._finish(await self._execute(task, scope), slot=False)
+
+    async def _execute(self, task: Task, scope: anyio.CancelScope) -> _Finished | None:
+        """Run the handler under ``scope``; the outcome to record (None: nothing to write).
+
+        If ``scope`` (or the worker) is cancelled, the task's release or dead-letter is
+        returned synchronously as the handler unwinds and the cancellation propagates after
+        it is recorded.
+        """
         claim = task.claim
         finished: _Finished | None = None
-        scope = anyio.CancelScope()
         self._scopes[task.id] = scope
         try:
-            with scope:
-                try:
-                    await self._handler(task)
-                    finished = _Finished(_Outcome.SUCCEEDED, claim)
-                except RetryTask as retry:
-                    finished = _Finished(_Outcome.RETRY, claim, retry.reason, retry.at)
-                except PermanentFailure as exc:
-                    finished = _Finished(_Outcome.DEAD, claim, _describe(exc))
-                except Exception as exc:
-                    at = time.time() + self.config.backoff_s(task.attempts)
-                    finished = _Finished(
-                        _Outcome.RETRY, claim, _describe(exc), datetime.fromtimestamp(at, UTC)
-                    )
+            try:
+                await self._handler(task)
+                finished = _Finished(_Outcome.SUCCEEDED, claim)
+            except RetryTask as retry:
+                finished = _Finished(_Outcome.RETRY, claim, retry.reason, retry.at)
+            except PermanentFailure as exc:
+                finished = _Finished(_Outcome.DEAD, claim, _describe(exc))
+            except Exception as exc:
+                at = time.time() + self.config.backoff_s(task.attempts)
+                finished = _Finished(
+                    _Outcome.RETRY, claim, _describe(exc), datetime.fromtimestamp(at, UTC)
+                )
+        except BaseException:
+            # Cancelled (this task, a lost lease, or the worker stopping): record its final
+            # state here, synchronously; the writer's shielded final flush writes it.
+            self._finish(self._after_stop(task.id, claim), slot=not self._legacy)
+            raise
         finally:
-            # Also runs when the worker itself is cancelled: the task's final state is
-            # recorded synchronously here and written by the writer's shielded final flush.
-            if finished is None or scope.cancelled_caught:
-                finished = self._after_stop(task.id, claim)
             del self._scopes[task.id]
             self._stop_reason.pop(task.id, None)
-            self._running -= 1
-            if not self._legacy:
-                self._permits.release()
-                self._freed.set()
-            if self._running == 0:
-                self._idle.set()
-            if finished is not None:
-                self._record(finished)
+        return finished
+
+    def _finish(self, finished: _Finished | None, *, slot: bool = True) -> None:
+        """A claimed task is done here: free its slot, record its outcome."""
+        self._running -= 1
+        if slot and not self._legacy:
+            self._free += 1
+            self._freed.set()
+        if self._running == 0:
+            self._idle.set()
+        if finished is not None:
+            self._record(finished)
 
     def _after_stop(self, task_id: int, claim: Claim) -> _Finished | None:
         reason, why = self._stop_reason.get(task_id, (_Stop.SHUTDOWN, ""))
@@ -720,4 +892,3 @@ async def open_worker(
             yield worker
         finally:
             worker._stopping.set()
-

@@ -28,6 +28,7 @@ import anyio
 import anyio.abc
 
 from orchestrator.auth import LoginAttemptLimiter, PasswordHasher
+from orchestrator.backlog import BacklogMonitor, open_backlog_monitor
 from orchestrator.broadcast import (
     BroadcastHub,
     DeliveryMode,
@@ -267,6 +268,7 @@ class Runtime:
         self.webhooks: Webhooks | None = None
         self.worker: Worker | None = None
         self.relay: OutboxRelay | None = None
+        self.backlog: BacklogMonitor | None = None
         self.report: RuntimeReport | None = None
         self.metrics = Metrics(settings.metrics)
         self.passwords = PasswordHasher(settings.auth.hashing)
@@ -559,6 +561,8 @@ class Runtime:
             sources["queue"] = self.worker
         if self.relay is not None:
             sources["outbox"] = self.relay
+        if self.backlog is not None:
+            sources["backlog"] = self.backlog
         for name, source in sources.items():
             self.metrics.add_source(name, source)
 
@@ -712,6 +716,9 @@ async def open_runtime(
             rt.relay = await stack.enter_async_context(rt.open_outbox_relay(outbox_senders))
         if queue_handler is not None:
             rt.worker = await stack.enter_async_context(rt.open_worker(queue_handler))
+        rt.backlog = await stack.enter_async_context(
+            open_backlog_monitor(storage, interval_s=settings.metrics.backlog_interval_s)
+        )
         rt._track_metrics()
         await stack.enter_async_context(open_loop_lag_monitor(rt.metrics))
         await stack.enter_async_context(open_pool_probe(rt.metrics, storage))

@@ -14,12 +14,14 @@ from pydantic import SecretStr
 
 from storage._validate import encode_payload
 from storage.base import (
+    LEASE_EXPIRED,
     AsyncStorageBackend,
     CancelState,
     ChatMessage,
     Claim,
     EncodedJSON,
     Failure,
+    JournaledEvent,
     Leadership,
     Lease,
     NewMessage,
@@ -30,12 +32,14 @@ from storage.base import (
     NotificationStream,
     OutboxMessage,
     OutboxStatus,
+    QueueDepth,
     StorageSettings,
     StorageStatistics,
     StreamAppend,
     StreamEvent,
     Task,
     TaskStatus,
+    WebhookAttempt,
 )
 from storage.errors import (
     ConflictError,
@@ -49,6 +53,7 @@ from storage.errors import (
 )
 
 __all__ = [
+    "LEASE_EXPIRED",
     "AsyncStorageBackend",
     "CancelState",
     "ChatMessage",
@@ -57,6 +62,7 @@ __all__ = [
     "EncodedJSON",
     "Failure",
     "InvalidInput",
+    "JournaledEvent",
     "Leadership",
     "Lease",
     "LeaseLost",
@@ -70,6 +76,7 @@ __all__ = [
     "OutboxMessage",
     "OutboxStatus",
     "QueryError",
+    "QueueDepth",
     "StorageClosed",
     "StorageError",
     "StorageSettings",
@@ -79,6 +86,7 @@ __all__ = [
     "StreamEvent",
     "Task",
     "TaskStatus",
+    "WebhookAttempt",
     "dialect_of",
     "encode_payload",
     "open_storage",

@@ -21,6 +21,7 @@ from storage.base import (
     NewStreamEvent,
     NewTask,
     Task,
+    WebhookAttempt,
 )
 from storage.errors import InvalidInput
 
@@ -298,3 +299,51 @@ def match_enqueued(inputs: list[PreparedTask], rows: list[Task]) -> list[Task]:
     by_key = {(t.queue, t.idempotency_key): t for t in rows if t.idempotency_key is not None}
     unkeyed = iter(sorted((t for t in rows if t.idempotency_key is None), key=lambda t: t.id))
     return [by_key[(r[0], r[4])] if r[4] is not None else next(unkeyed) for r in inputs]
+
+
+def prepare_journal(endpoint: object, owner: object, bodies: object) -> list[str]:
+    """Journaled webhook events: an endpoint, an owner and JSON bodies (bytes)."""
+    check_id(endpoint, "endpoint")
+    check_id(owner, "owner")
+    out: list[str] = []
+    for i, body in enumerate(_batch(bodies, "bodies")):
+        if not isinstance(body, bytes):
+            raise InvalidInput(f"bodies[{i}] must be bytes, got {type(body).__name__}")
+        if len(body) > MAX_PAYLOAD_BYTES:
+            raise InvalidInput(
+                f"bodies[{i}] is {len(body)} bytes; the limit is {MAX_PAYLOAD_BYTES}"
+            )
+        try:
+            text = body.decode()
+        except UnicodeDecodeError:
+            raise InvalidInput(f"bodies[{i}] is not UTF-8") from None
+        if "\x00" in text:
+            raise InvalidInput(f"bodies[{i}] must not contain NUL characters")
+        out.append(text)
+    return out
+
+
+def prepare_attempts(
+    attempts: object,
+) -> list[tuple[str, str, int | None, datetime, int | None, str, bool]]:
+    """Delivery-log entries: ids checked, errors cut at 1000 characters, aware times."""
+    out = []
+    for i, a in enumerate(_batch(attempts, "attempts")):
+        if not isinstance(a, WebhookAttempt):
+            raise InvalidInput(f"attempts[{i}] must be a WebhookAttempt")
+        if not isinstance(a.attempted_at, datetime) or a.attempted_at.tzinfo is None:
+            raise InvalidInput(f"attempts[{i}].attempted_at must be an aware datetime")
+        if not isinstance(a.error, str) or "\x00" in a.error:
+            raise InvalidInput(f"attempts[{i}].error must be a str without NUL characters")
+        out.append(
+            (
+                check_id(a.endpoint, f"attempts[{i}].endpoint"),
+                check_id(a.webhook_id, f"attempts[{i}].webhook_id"),
+                None if a.outbox_id is None else check_int(a.outbox_id, "outbox_id", minimum=1),
+                a.attempted_at,
+                None if a.status is None else check_int(a.status, "status", minimum=100),
+                a.error[:1000],
+                bool(a.ok),
+            )
+        )
+    return out

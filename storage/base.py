@@ -15,7 +15,7 @@ import functools
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import StrEnum
 from types import MappingProxyType, TracebackType
 from typing import Any, Concatenate, NamedTuple, ParamSpec, Self, TypeVar
@@ -30,12 +30,14 @@ _B = TypeVar("_B", bound="AsyncStorageBackend")
 
 __all__ = [
     "JSON",
+    "LEASE_EXPIRED",
     "AsyncStorageBackend",
     "CancelState",
     "ChatMessage",
     "Claim",
     "EncodedJSON",
     "Failure",
+    "JournaledEvent",
     "Leadership",
     "Lease",
     "LeaseAttempt",
@@ -46,11 +48,13 @@ __all__ = [
     "Notification",
     "NotificationStream",
     "OutboxMessage",
+    "QueueDepth",
     "StorageSettings",
     "StorageStatistics",
     "StreamEvent",
     "Task",
     "TaskStatus",
+    "WebhookAttempt",
 ]
 
 JSON = Any
@@ -194,6 +198,10 @@ class LeaseAttempt(NamedTuple):
     slot_ok: bool
 
 
+LEASE_EXPIRED = "lease expired"
+"""``last_error`` of a task re-claimed because its previous worker's lease expired."""
+
+
 class TaskStatus(StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
@@ -285,6 +293,45 @@ class NewOutboxMessage:
 
 
 @dataclass(frozen=True, slots=True)
+class JournaledEvent:
+    """A durable webhook event committed to the journal, not yet in an outbox batch."""
+
+    id: int
+    endpoint: str
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookAttempt:
+    """One delivery attempt of a durable webhook, as kept in the delivery log."""
+
+    endpoint: str
+    webhook_id: str
+    outbox_id: int | None
+    attempted_at: datetime
+    status: int | None  # the receiver's HTTP status, None when no answer came
+    error: str  # "" when delivered
+    ok: bool
+    id: int = 0  # assigned by the log
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> WebhookAttempt:
+        at = row["attempted_at"]
+        if not isinstance(at, datetime):
+            at = datetime.fromtimestamp(float(at), UTC)
+        return cls(
+            row["endpoint"],
+            row["webhook_id"],
+            row["outbox_id"],
+            at,
+            row["status"],
+            row["error"],
+            bool(row["ok"]),
+            row["id"],
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class OutboxMessage:
     """An outbox row; while ``sending``, ``run_after`` is the claim's lease expiry."""
 
@@ -320,6 +367,35 @@ class OutboxMessage:
             row["lease_token"],
             row["last_error"],
             row["created_at"],
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class QueueDepth:
+    """The unfinished rows of one task queue, or of the outbox, as ``backlog_depths`` read them.
+
+    ``waiting`` rows can be claimed now: queued (pending) and due, or claimed under a lease
+    that expired (their worker died). ``delayed`` rows wait for a future ``run_after``
+    (scheduled, or a retry's backoff); ``in_flight`` rows are claimed under a live lease.
+    ``oldest_wait_s`` is how long the longest-waiting claimable row has been claimable
+    (since its ``run_after`` or its lease expiry; 0.0 when none waits), by the database's
+    clock.
+    """
+
+    name: str
+    waiting: int
+    delayed: int
+    in_flight: int
+    oldest_wait_s: float
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> QueueDepth:
+        return cls(
+            row["name"],
+            int(row["waiting"]),
+            int(row["delayed"]),
+            int(row["in_flight"]),
+            max(0.0, float(row["oldest_wait_s"] or 0.0)),
         )
 
 
@@ -653,7 +729,9 @@ class AsyncStorageBackend(abc.ABC):
         increments ``attempts`` and gets a new lease token; concurrent claimers never get
         the same row (``FOR UPDATE SKIP LOCKED`` on Postgres, an IMMEDIATE transaction on
         SQLite). If the call is cancelled after the claim committed, the rows stay leased
-        and are re-claimed after ``lease_s``.
+        and are re-claimed after ``lease_s``. A task claimed because its lease expired gets
+        ``last_error`` = ``LEASE_EXPIRED`` (on its last attempt it is dead-lettered with
+        ``lease expired on the last attempt`` instead and not returned).
         """
 
     @abc.abstractmethod
@@ -692,6 +770,25 @@ class AsyncStorageBackend(abc.ABC):
     async def purge_tasks(self, older_than_s: float) -> int:
         """Delete succeeded tasks finished more than ``older_than_s`` seconds ago."""
 
+    @abc.abstractmethod
+    async def next_task_due_s(self, queue: str) -> float | None:
+        """Seconds until the next task of ``queue`` becomes claimable, by the database's clock.
+
+        That is the earliest ``run_after`` of its queued tasks and the earliest lease expiry
+        of its running ones; 0.0 if one is claimable now (or is being claimed by a
+        transaction that has not committed yet), None if the queue has no unfinished task.
+        Idle workers sleep until then, so a dead worker's tasks are re-run as soon as their
+        lease runs out. One read, no lock.
+        """
+
+    @abc.abstractmethod
+    async def backlog_depths(self) -> tuple[list[QueueDepth], QueueDepth]:
+        """Depth and oldest wait of every task queue with unfinished tasks, and of the outbox.
+
+        Returns (one ``QueueDepth`` per queue, sorted by name; the outbox's, named
+        ``outbox``). For metrics: one read of each table's unfinished rows, no lock.
+        """
+
     # -- outbox ----------------------------------------------------------------
 
     @abc.abstractmethod
@@ -709,9 +806,11 @@ class AsyncStorageBackend(abc.ABC):
     ) -> list[OutboxMessage]:
         """Claim up to ``limit`` due messages (optionally of some channels), in id order.
 
-        A message is not claimed while an earlier message of its (channel, account) group
-        is in flight under a live claim or waiting for a retry, so one claimer sees each
-        group in order.
+        Group rule, for any number of concurrent claimers: nothing of a (channel, account)
+        group is claimed while one of its messages is in flight under a live claim; a
+        message waiting for its retry holds back the later messages of its group; a dead
+        message holds nothing back. A claim takes a prefix, in id order, of each group's
+        due messages, so one claimer at a time holds a group and sees it in order.
         """
 
     @abc.abstractmethod
@@ -724,7 +823,12 @@ class AsyncStorageBackend(abc.ABC):
 
     @abc.abstractmethod
     async def redrive_outbox(self, ids: Sequence[int]) -> list[int]:
-        """Put dead messages back to pending with a fresh attempt budget; returns those moved."""
+        """Put dead messages back to pending with a fresh attempt budget; returns those moved.
+
+        A redriven message takes its place (its id) among its group's open messages again:
+        it waits while a message of its group is in flight, then goes before the later
+        messages of its group that are still pending.
+        """
 
     @abc.abstractmethod
     async def release_outbox(self, claims: Sequence[Claim]) -> list[int]:
@@ -744,6 +848,50 @@ class AsyncStorageBackend(abc.ABC):
 
         Dead messages are kept for an operator to inspect or redrive. Returns the count.
         """
+
+    # -- webhook journal --------------------------------------------------------
+
+    @abc.abstractmethod
+    async def journal_webhook_events(
+        self, endpoint: str, owner: str, bodies: Sequence[bytes]
+    ) -> list[int]:
+        """Commit events (JSON bodies) of a durable webhook endpoint in one transaction.
+
+        The rows are held by ``owner`` (one process); returns their ids in order.
+        """
+
+    @abc.abstractmethod
+    async def delete_webhook_events(self, ids: Sequence[int]) -> int:
+        """Delete journaled events once their batch is in the outbox; returns the count."""
+
+    @abc.abstractmethod
+    async def claim_webhook_orphans(
+        self, endpoints: Sequence[str], owner: str, *, older_than_s: float, limit: int
+    ) -> list[JournaledEvent]:
+        """Take over journaled events of ``endpoints`` held for more than ``older_than_s``.
+
+        Their owner did not batch them in time (crashed, or lost its storage). Oldest
+        first; each row is taken by one claimer, and held by ``owner`` from now on.
+        """
+
+    @abc.abstractmethod
+    async def record_webhook_attempts(self, attempts: Sequence[WebhookAttempt]) -> int:
+        """Append attempts to the delivery log in one transaction; returns the count."""
+
+    @abc.abstractmethod
+    async def list_webhook_attempts(
+        self,
+        *,
+        endpoint: str | None = None,
+        webhook_id: str | None = None,
+        failed: bool = False,
+        limit: int = 100,
+    ) -> list[WebhookAttempt]:
+        """The delivery log, newest first; ``failed``: only webhook-ids never delivered."""
+
+    @abc.abstractmethod
+    async def purge_webhook_attempts(self, older_than_s: float) -> int:
+        """Delete log entries older than ``older_than_s`` seconds; returns the count."""
 
     # -- cancellation ----------------------------------------------------------
 

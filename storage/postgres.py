@@ -29,6 +29,7 @@ from storage.base import (
     ChatMessage,
     Claim,
     Failure,
+    JournaledEvent,
     Leadership,
     Lease,
     LeaseAttempt,
@@ -39,12 +40,14 @@ from storage.base import (
     NotificationStream,
     OutboxMessage,
     OutboxStatus,
+    QueueDepth,
     StorageSettings,
     StorageStatistics,
     StreamAppend,
     StreamEvent,
     Task,
     TaskStatus,
+    WebhookAttempt,
     operation,
 )
 from storage.errors import (
@@ -494,7 +497,10 @@ class PostgresBackend(AsyncStorageBackend):
 
     @operation
     async def dead_letter_tasks(self, failures: Sequence[Failure]) -> list[int]:
-        return await self._failed_update("dead_letter_tasks", failures)
+        ids, tokens, errors, _ = v.prepare_failures(failures)  # retry_at does not apply
+        if not ids:
+            return []
+        return sorted(r[0] for r in await self._fetch("dead_letter_tasks", ids, tokens, errors))
 
     @operation
     async def get_task(self, task_id: int) -> Task | None:
@@ -505,6 +511,17 @@ class PostgresBackend(AsyncStorageBackend):
     async def purge_tasks(self, older_than_s: float) -> int:
         age = v.check_seconds(older_than_s, "older_than_s", minimum=0)
         return _rowcount(await self._execute("purge_tasks", age))
+
+    @operation
+    async def next_task_due_s(self, queue: str) -> float | None:
+        rows = await self._fetch("next_task_due", v.check_id(queue, "queue"))
+        due = rows[0]["due_s"] if rows else None
+        return None if due is None else max(0.0, float(due))
+
+    @operation
+    async def backlog_depths(self) -> tuple[list[QueueDepth], QueueDepth]:
+        tasks = [QueueDepth.from_row(r) for r in await self._fetch("task_backlog")]
+        return tasks, QueueDepth.from_row((await self._fetch("outbox_backlog"))[0])
 
     async def _claimed_update(self, name: str, claims: Sequence[Claim]) -> list[int]:
         ids, tokens = v.prepare_claims(claims)
@@ -584,6 +601,67 @@ class PostgresBackend(AsyncStorageBackend):
     async def purge_outbox(self, older_than_s: float) -> int:
         age = v.check_seconds(older_than_s, "older_than_s", minimum=0)
         return _rowcount(await self._execute("purge_outbox", age))
+
+    # -- webhook journal --------------------------------------------------------
+
+    @operation
+    async def journal_webhook_events(
+        self, endpoint: str, owner: str, bodies: Sequence[bytes]
+    ) -> list[int]:
+        checked = v.prepare_journal(endpoint, owner, bodies)
+        if not checked:
+            return []
+        rows = await self._fetch("journal_webhook_events", endpoint, owner, checked)
+        return [r[0] for r in rows]
+
+    @operation
+    async def delete_webhook_events(self, ids: Sequence[int]) -> int:
+        checked = v.unique_ids(ids)
+        if not checked:
+            return 0
+        return _rowcount(await self._execute("delete_webhook_events", checked))
+
+    @operation
+    async def claim_webhook_orphans(
+        self, endpoints: Sequence[str], owner: str, *, older_than_s: float, limit: int
+    ) -> list[JournaledEvent]:
+        names = [v.check_id(e, "endpoint") for e in endpoints]
+        age = v.check_seconds(older_than_s, "older_than_s", minimum=0)
+        rows = await self._fetch(
+            "claim_webhook_orphans", names, v.check_id(owner, "owner"), age, v.check_limit(limit)
+        )
+        found = [JournaledEvent(r["id"], r["endpoint"], r["body"].encode()) for r in rows]
+        return sorted(found, key=lambda e: e.id)
+
+    @operation
+    async def record_webhook_attempts(self, attempts: Sequence[WebhookAttempt]) -> int:
+        rows = v.prepare_attempts(attempts)
+        if not rows:
+            return 0
+        columns = [list(c) for c in zip(*rows, strict=True)]
+        await self._execute("record_webhook_attempts", *columns)
+        return len(rows)
+
+    @operation
+    async def list_webhook_attempts(
+        self,
+        *,
+        endpoint: str | None = None,
+        webhook_id: str | None = None,
+        failed: bool = False,
+        limit: int = 100,
+    ) -> list[WebhookAttempt]:
+        name = None if endpoint is None else v.check_id(endpoint, "endpoint")
+        wid = None if webhook_id is None else v.check_id(webhook_id, "webhook_id")
+        rows = await self._fetch(
+            "list_webhook_attempts", name, bool(failed), wid, v.check_limit(limit)
+        )
+        return [WebhookAttempt.from_row(r) for r in rows]
+
+    @operation
+    async def purge_webhook_attempts(self, older_than_s: float) -> int:
+        age = v.check_seconds(older_than_s, "older_than_s", minimum=0)
+        return _rowcount(await self._execute("purge_webhook_attempts", age))
 
     # -- cancellation ----------------------------------------------------------
 

@@ -31,6 +31,7 @@ from storage.base import (
     ChatMessage,
     Claim,
     Failure,
+    JournaledEvent,
     Leadership,
     Lease,
     LeaseAttempt,
@@ -41,12 +42,14 @@ from storage.base import (
     NotificationStream,
     OutboxMessage,
     OutboxStatus,
+    QueueDepth,
     StorageSettings,
     StorageStatistics,
     StreamAppend,
     StreamEvent,
     Task,
     TaskStatus,
+    WebhookAttempt,
     operation,
 )
 from storage.errors import (
@@ -646,6 +649,18 @@ class SqliteBackend(AsyncStorageBackend):
         cutoff = time.time() - v.check_seconds(older_than_s, "older_than_s", minimum=0)
         return await self._write_count("purge_tasks", {"cutoff": cutoff})
 
+    @operation
+    async def next_task_due_s(self, queue: str) -> float | None:
+        params = {"queue": v.check_id(queue, "queue"), "now": time.time()}
+        due = (await self._read("next_task_due", params))[0]["due_s"]
+        return None if due is None else max(0.0, float(due))
+
+    @operation
+    async def backlog_depths(self) -> tuple[list[QueueDepth], QueueDepth]:
+        now = {"now": time.time()}
+        tasks = [QueueDepth.from_row(r) for r in await self._read("task_backlog", now)]
+        return tasks, QueueDepth.from_row((await self._read("outbox_backlog", now))[0])
+
     async def _claimed_update(
         self, name: str, claims: Sequence[Claim], *, lease_until: float | None = None
     ) -> list[int]:
@@ -743,6 +758,84 @@ class SqliteBackend(AsyncStorageBackend):
     async def purge_outbox(self, older_than_s: float) -> int:
         cutoff = time.time() - v.check_seconds(older_than_s, "older_than_s", minimum=0)
         return await self._write_count("purge_outbox", {"cutoff": cutoff})
+
+    # -- webhook journal --------------------------------------------------------
+
+    @operation
+    async def journal_webhook_events(
+        self, endpoint: str, owner: str, bodies: Sequence[bytes]
+    ) -> list[int]:
+        checked = v.prepare_journal(endpoint, owner, bodies)
+        if not checked:
+            return []
+        now = time.time()
+        ids: list[int] = []
+        async with self._transaction() as tx:
+            for body in checked:
+                params = {"endpoint": endpoint, "owner": owner, "body": body, "now": now}
+                ids.append((await tx.fetch("journal_webhook_events", params))[0]["id"])
+        return ids
+
+    @operation
+    async def delete_webhook_events(self, ids: Sequence[int]) -> int:
+        checked = v.unique_ids(ids)
+        if not checked:
+            return 0
+        return await self._write_count("delete_webhook_events", {"ids": _json(checked)})
+
+    @operation
+    async def claim_webhook_orphans(
+        self, endpoints: Sequence[str], owner: str, *, older_than_s: float, limit: int
+    ) -> list[JournaledEvent]:
+        names = [v.check_id(e, "endpoint") for e in endpoints]
+        now = time.time()
+        params = {
+            "endpoints": _json(names),
+            "owner": v.check_id(owner, "owner"),
+            "now": now,
+            "cutoff": now - v.check_seconds(older_than_s, "older_than_s", minimum=0),
+            "limit": v.check_limit(limit),
+        }
+        rows = await self._write("claim_webhook_orphans", params)
+        found = [JournaledEvent(r["id"], r["endpoint"], r["body"].encode()) for r in rows]
+        return sorted(found, key=lambda e: e.id)
+
+    @operation
+    async def record_webhook_attempts(self, attempts: Sequence[WebhookAttempt]) -> int:
+        rows = v.prepare_attempts(attempts)
+        if not rows:
+            return 0
+        keys = ("endpoint", "webhook_id", "outbox_id", "attempted_at", "status", "error", "ok")
+        async with self._transaction() as tx:
+            for row in rows:
+                params: dict[str, Any] = dict(zip(keys, row, strict=True))
+                params["attempted_at"] = row[3].timestamp()
+                params["ok"] = int(row[6])
+                await tx.execute("record_webhook_attempts", params)
+        return len(rows)
+
+    @operation
+    async def list_webhook_attempts(
+        self,
+        *,
+        endpoint: str | None = None,
+        webhook_id: str | None = None,
+        failed: bool = False,
+        limit: int = 100,
+    ) -> list[WebhookAttempt]:
+        params = {
+            "endpoint": None if endpoint is None else v.check_id(endpoint, "endpoint"),
+            "webhook_id": None if webhook_id is None else v.check_id(webhook_id, "webhook_id"),
+            "failed": int(bool(failed)),
+            "limit": v.check_limit(limit),
+        }
+        rows = await self._read("list_webhook_attempts", params)
+        return [WebhookAttempt.from_row(r) for r in rows]
+
+    @operation
+    async def purge_webhook_attempts(self, older_than_s: float) -> int:
+        cutoff = time.time() - v.check_seconds(older_than_s, "older_than_s", minimum=0)
+        return await self._write_count("purge_webhook_attempts", {"cutoff": cutoff})
 
     # -- cancellation ----------------------------------------------------------
 

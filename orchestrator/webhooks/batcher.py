@@ -4,47 +4,60 @@ It is a BatchWriter (``orchestrator.batching``) whose sink POSTs ``{"events": [.
 writer flushes at ``batch_size`` events or ``flush_interval_ms`` after the oldest one,
 bounds the queue (overflow policy and drop counters are the writer's) and retries a failing
 batch with exponential backoff and jitter. This module adds what is webhook-specific: a
-stable delivery id per batch (the same on every retry), Retry-After on 429/503, 410 Gone
-disabling the endpoint, and dead-letter records kept with their error. With
-``durable = true`` the sink writes each batch to the storage outbox instead, and an outbox
-relay (see ``orchestrator.webhooks.durable``) POSTs it, so a crash loses nothing written.
+stable delivery id per batch (the same on every retry); retries only for what a later
+attempt can fix (408, 425, 429, 5xx, connection errors; any other 4xx dead-letters at once
+with its status); Retry-After on 429/503; waiting out an open circuit instead of burning
+retries; 410 Gone disabling the endpoint; dead-letter records with error and status; and
+``submit``, which never raises and never blocks longer than ``block_timeout_ms`` (a
+critical event then spills to the outbox or is counted as overflow). With ``durable =
+true`` each event is first committed to the storage journal (group commit), then batched
+as usual, and each batch is written to the outbox instead of POSTed; an outbox relay (see
+``orchestrator.webhooks.durable``) POSTs it, so a crash loses nothing committed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType, TracebackType
-from typing import Any, Self
+from typing import Any, Protocol, Self
 
 import anyio
 import orjson
 
 from orchestrator.batching import Batch, BatchConfig, BatchWriter, BatchWriterStatistics, DeadLetter
+from orchestrator.errors import WriterClosed, WriterOverloaded
 from orchestrator.webhooks.config import AsyncWebhookConfig
+from orchestrator.webhooks.errors import NotPersisted
 from orchestrator.webhooks.signing import delivery_id
 from orchestrator.webhooks.transport import DeliveryFailed, Transport
 from orchestrator.webhooks.triggers import ALIASES, EVENT_NAMES
 
 __all__ = [
     "CRITICAL_TRIGGERS",
+    "RETRYABLE_STATUSES",
     "AsyncWebhookBatcher",
     "AsyncWebhookStatistics",
     "AttemptFailed",
+    "DurableStore",
+    "Submission",
     "WebhookDeadLetter",
     "WebhookDrainReport",
     "WebhookEvent",
+    "is_retryable_status",
 ]
 
 log = logging.getLogger("asyncstore.webhooks")
 
 CRITICAL_TRIGGERS = frozenset({"error", "turn_complete", "session_end"})
-"""Events of these triggers are never dropped on overflow (the put waits or raises)."""
+"""Events of these triggers are never dropped by the overflow policy: ``submit`` waits at
+most ``block_timeout_ms`` for room, then spills them to the outbox or counts them."""
 
 _SPELLINGS = {name: name for name in EVENT_NAMES} | dict(ALIASES)
 
@@ -59,6 +72,19 @@ class WebhookEvent:
     trigger: str  # the configured trigger value, as in the seed
     context: Mapping[str, Any]
     timestamp_ms: int
+    journal_id: int | None = None  # durable: its row in the journal until it is batched
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], journal_id: int | None = None) -> WebhookEvent:
+        return cls(
+            str(data["id"]),
+            str(data["event"]),
+            str(data["hook_name"]),
+            str(data["trigger"]),
+            dict(data["context"]),
+            int(data["timestamp_ms"]),
+            journal_id,
+        )
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -80,6 +106,7 @@ class WebhookDeadLetter:
     events: tuple[WebhookEvent, ...]
     reason: str  # retries_exhausted, shutdown, gone, disabled, refused
     error: str
+    status: int | None = None  # the receiver's last HTTP status, if it answered
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,8 +133,40 @@ class AsyncWebhookStatistics:
     requests: int  # HTTP requests sent, retries included
     failed_attempts: int
     dead_lettered: int  # events
-    dropped: Mapping[str, int]  # overflow (the writer's reasons) and "disabled"
+    dropped: Mapping[str, int]  # overflow (the writer's reasons, overflow_critical...), disabled
     writer: BatchWriterStatistics
+    spilled: int = 0  # events written straight to the outbox because the queue stayed full
+    not_persisted: int = 0  # durable events whose outbox write failed (callers were told)
+    journaled: int = 0  # durable events committed to the journal
+    adopted: int = 0  # orphaned journal events this batcher took over
+
+
+@dataclass(frozen=True, slots=True)
+class Submission:
+    """What became of one event handed to ``submit``.
+
+    ``status``: ``queued`` (in memory; durable: its outbox row committed), ``spilled`` (the
+    queue stayed full, the event's own outbox row committed), ``overflow`` (the queue stayed
+    full and no outbox took it: counted), ``dropped`` (the overflow policy), ``disabled``
+    (after a 410), ``failed`` (durable: the outbox write failed) or ``closed``.
+    """
+
+    status: str
+    error: str = ""
+
+    @property
+    def accepted(self) -> bool:
+        return self.status in ("queued", "spilled")
+
+
+RETRYABLE_STATUSES = frozenset({408, 425, 429})
+"""Besides every 5xx: the statuses that say "try again later". Any other status that is not
+2xx means the receiver refused the request itself, and sending it again cannot help."""
+
+
+def is_retryable_status(status: int) -> bool:
+    """True for 408, 425, 429 and 5xx: the statuses a later attempt can turn into a 2xx."""
+    return status in RETRYABLE_STATUSES or 500 <= status <= 599
 
 
 class AttemptFailed(Exception):
@@ -120,15 +179,25 @@ class AttemptFailed(Exception):
         status: int | None = None,
         retryable: bool = True,
         retry_after_s: float | None = None,
+        circuit_open: bool = False,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.retryable = retryable
         self.retry_after_s = retry_after_s
+        self.circuit_open = circuit_open  # nothing was sent: the receiver's circuit is open
 
 
-PersistBatch = Callable[[str, str, bytes, int], Awaitable[None]]
-"""Durable mode: (endpoint, delivery id, body, event count) -> persisted."""
+class DurableStore(Protocol):
+    """Where durable events go (``orchestrator.webhooks.durable`` implements it)."""
+
+    async def journal(self, endpoint: str, bodies: Sequence[bytes]) -> list[int]:
+        """Commit single events (group commit); their journal ids, in order."""
+
+    async def persist(
+        self, endpoint: str, msg_id: str, body: bytes, count: int, journal_ids: Sequence[int]
+    ) -> None:
+        """Write one batch as an outbox row, then forget its journaled events."""
 
 
 class AsyncWebhookBatcher:
@@ -145,15 +214,38 @@ class AsyncWebhookBatcher:
         transport: Transport,
         *,
         on_dead_letter: Callable[[WebhookDeadLetter], None] | None = None,
-        persist: PersistBatch | None = None,
+        store: DurableStore | None = None,
         keep_dead_letters: int = 1000,
     ) -> None:
-        if config.durable and persist is None:
+        if config.durable and store is None:
             raise ValueError(f"async webhook {config.name!r} is durable: it needs storage")
         self.config = config
         self.name = config.name
         self._transport = transport
-        self._persist = persist if config.durable else None
+        self._persist = store if config.durable else None
+        # Any endpoint with an outbox at hand spills there what a full queue cannot take.
+        self._spill = store
+        # Durable "journal" mode: each event is committed alone first (group commit, so a
+        # caller waits one write), and batched for HTTP like a non-durable event.
+        self._journal: BatchWriter[WebhookEvent] | None = None
+        if self._persist is not None and config.durable_mode == "journal":
+            self._journal = BatchWriter(
+                self._journal_sink,
+                BatchConfig(
+                    max_batch=1000,
+                    max_batch_bytes=None,
+                    eager=True,
+                    capacity=config.capacity,
+                    overflow=config.overflow,
+                    block_timeout_s=config.block_timeout_ms / 1000,
+                    max_retries=config.retries,
+                    retry_base_s=0.05,
+                    retry_max_s=1.0,
+                    drain_timeout_s=config.shutdown_timeout_secs,
+                ),
+                on_dead_letter=self._journal_dead_letter,
+                name=f"webhook-journal:{config.name}",
+            )
         self._on_dead_letter = on_dead_letter
         self._writer: BatchWriter[WebhookEvent] = BatchWriter(
             self._sink,
@@ -163,6 +255,7 @@ class AsyncWebhookBatcher:
                 flush_interval_s=config.flush_interval_ms / 1000,
                 capacity=config.capacity,
                 overflow=config.overflow,
+                block_timeout_s=config.block_timeout_ms / 1000,
                 max_retries=config.retries,
                 retry_base_s=0.1,  # 100 ms, 200 ms, 400 ms, ... with jitter (the writer's)
                 retry_max_s=30.0,
@@ -177,13 +270,25 @@ class AsyncWebhookBatcher:
         self._headers = config.header_values()
         self._disabled = False
         self._not_before = 0.0
-        self._last_error: dict[str, str] = {}  # delivery id -> last error, while retrying
+        # delivery id -> (last error, last status), while the writer retries the batch
+        self._last_error: dict[str, tuple[str, int | None]] = {}
         self._dead_letters: deque[WebhookDeadLetter] = deque(maxlen=keep_dead_letters)
         self._accepted = self._delivered = self._batches = 0
         self._requests = self._failed = self._dead = self._disabled_drops = 0
+        self._spilled = self._not_persisted = self._journaled = self._adopted = 0
+        self._overflow: dict[str, int] = {}
+        # Durable: event id -> None once its outbox row committed, or the error that kept it
+        # out; only for the events a caller is waiting on (submit / send).
+        self._awaited: dict[str, str | None] = {}
 
     async def __aenter__(self) -> Self:
         await self._writer.__aenter__()
+        if self._journal is not None:
+            try:
+                await self._journal.__aenter__()
+            except BaseException:
+                await self._writer.__aexit__(None, None, None)
+                raise
         return self
 
     async def __aexit__(
@@ -193,11 +298,15 @@ class AsyncWebhookBatcher:
         tb: TracebackType | None,
     ) -> bool | None:
         await self._report(await self._close_writer())
-        # The writer's exit drains (shielded, bounded by shutdown_timeout_secs).
+        # The writers' exits drain (shielded, bounded by shutdown_timeout_secs).
+        if self._journal is not None:
+            await self._journal.__aexit__(exc_type, exc, tb)
         return await self._writer.__aexit__(exc_type, exc, tb)
 
     async def _close_writer(self) -> WebhookDrainReport:
         with anyio.CancelScope(shield=True):  # the final flush must run even when cancelled
+            if self._journal is not None:
+                await self._journal.aclose()  # first: it feeds the batch writer
             await self._writer.aclose()
         return self._drain_report()
 
@@ -221,6 +330,8 @@ class AsyncWebhookBatcher:
 
     def _drain_report(self) -> WebhookDrainReport:
         dropped = dict(self._writer.statistics().dropped)
+        for reason, count in self._overflow.items():
+            dropped[reason] = dropped.get(reason, 0) + count
         if self._disabled_drops:
             dropped["disabled"] = self._disabled_drops
         return WebhookDrainReport(self.name, self._delivered, self._dead, MappingProxyType(dropped))
@@ -263,10 +374,86 @@ class AsyncWebhookBatcher:
         if self._disabled:
             self._disabled_drops += 1
             return False
-        if self._writer.put_nowait(event, critical=critical):
+        if (self._journal or self._writer).put_nowait(event, critical=critical):
             self._accepted += 1
             return True
         return False
+
+    async def submit(
+        self,
+        trigger: str,
+        context: Mapping[str, Any],
+        *,
+        hook_name: str | None = None,
+        trigger_label: str | None = None,
+    ) -> Submission:
+        """Queue one event and say what became of it; never raises for delivery problems.
+
+        Droppable events are queued without waiting (the overflow policy applies). An event
+        that is never dropped (critical trigger, or ``overflow = "block"``) waits at most
+        ``block_timeout_ms`` for room; past it, it is written to the outbox as its own row
+        when one is configured (``spilled``), else counted as ``overflow_critical`` (or
+        ``overflow_blocked``) and reported. When ``durable``, ``queued`` is answered only
+        once the event's outbox row committed (concurrent callers share one write), and
+        ``failed`` when the write failed. Raises only ``ValueError`` for an unknown trigger.
+        If cancelled while waiting for room the event was not queued; while its outbox
+        write is in flight, the write still completes or fails on its own.
+        """
+        event, critical = self._event(trigger, context, hook_name, trigger_label)
+        if self._disabled:
+            self._disabled_drops += 1
+            return Submission("disabled", "the endpoint answered 410 Gone")
+        intake = self._journal or self._writer
+        try:
+            try:
+                accepted = intake.put_nowait(event, critical=critical)
+            except anyio.WouldBlock:
+                accepted = await intake.put(event, critical=critical)
+        except WriterOverloaded:
+            return await self._overflowed(event, critical)
+        except WriterClosed:
+            return Submission("closed", "the webhook batcher is closed")
+        if not accepted:
+            return Submission("dropped", "event dropped (queue full)")
+        self._accepted += 1
+        if self._persist is not None:
+            error = await self._wait_persisted(event)
+            if error is not None:
+                return Submission("failed", f"not persisted: {error}")
+        return Submission("queued")
+
+    async def _overflowed(self, event: WebhookEvent, critical: bool) -> Submission:
+        waited = f"queue full for {self.config.block_timeout_ms} ms"
+        if self._spill is not None:
+            body = orjson.dumps({"events": [event.as_json()]})
+            msg_id = delivery_id(self.name, event.id, event.id, "1")
+            try:
+                await self._spill.persist(self.name, msg_id, body, 1, ())
+            except Exception as exc:  # storage is down too: count it like any overflow
+                error = f"{waited}; the outbox write failed: {type(exc).__name__}"
+            else:
+                self._spilled += 1
+                log.warning("async webhook %r: %s, event spilled to the outbox", self.name, waited)
+                return Submission("spilled")
+        else:
+            error = f"{waited} and no outbox configured"
+        reason = "overflow_critical" if critical else "overflow_blocked"
+        self._overflow[reason] = self._overflow.get(reason, 0) + 1
+        log.error("async webhook %r: event lost to overflow (%s)", self.name, error)
+        return Submission("overflow", error)
+
+    async def _wait_persisted(self, event: WebhookEvent) -> str | None:
+        """Wait until the event's batch is in the outbox; None, or why it is not."""
+        self._awaited[event.id] = "pending"
+        try:
+            await (self._journal or self._writer).flush()
+        finally:
+            outcome = self._awaited.pop(event.id, "pending")
+        if outcome == "pending":
+            outcome = "the batcher closed before the event was written"
+        if outcome is not None:
+            self._not_persisted += 1
+        return outcome
 
     async def send(
         self,
@@ -278,20 +465,23 @@ class AsyncWebhookBatcher:
     ) -> bool:
         """Like ``send_nowait``, but waits for room where the policy (or criticality) says.
 
-        Waits at most the writer's ``block_timeout_s`` (then ``WriterOverloaded``). When
-        ``durable``, also waits until the event's batch is written to the outbox (events
-        sent concurrently share one row). If cancelled while waiting for room, the event
-        was not queued; if cancelled while persisting, it is still persisted.
+        Waits at most ``block_timeout_ms`` (then ``WriterOverloaded``). When ``durable``,
+        also waits until the event's batch is written to the outbox (events sent
+        concurrently share one row) and raises ``NotPersisted`` if that write failed.
+        ``submit`` is the variant that never raises. If cancelled while waiting for room,
+        the event was not queued; if cancelled while persisting, it is still persisted.
         """
         event, critical = self._event(trigger, context, hook_name, trigger_label)
         if self._disabled:
             self._disabled_drops += 1
             return False
-        if not await self._writer.put(event, critical=critical):
+        if not await (self._journal or self._writer).put(event, critical=critical):
             return False
         self._accepted += 1
         if self._persist is not None:
-            await self._writer.flush()  # durable: return once the event is in the outbox
+            error = await self._wait_persisted(event)
+            if error is not None:
+                raise NotPersisted(f"async webhook {self.name!r}: {error}")
         return True
 
     async def flush(self) -> None:
@@ -309,7 +499,11 @@ class AsyncWebhookBatcher:
             return
         body = orjson.dumps({"events": [e.as_json() for e in events]})
         if self._persist is not None:
-            await self._persist(self.name, msg_id, body, len(events))
+            journal_ids = [e.journal_id for e in events if e.journal_id is not None]
+            await self._persist.persist(self.name, msg_id, body, len(events), journal_ids)
+            for event in events:
+                if event.id in self._awaited:
+                    self._awaited[event.id] = None  # committed: its caller may say queued
             self._delivered += len(events)
             self._batches += 1
             return
@@ -318,23 +512,71 @@ class AsyncWebhookBatcher:
             wait = self._not_before - time.monotonic()
             if wait > 0:
                 await anyio.sleep(wait)
+        breaker = self._transport.breakers.for_url(self.config.url)
+        wait = breaker.retry_in_s()
+        if wait > 0:
+            # The receiver is down: wait for the next probe instead of burning a retry
+            # (the queue keeps filling meanwhile, within capacity and the overflow policy).
+            await anyio.sleep(wait)
         try:
             await self.deliver(msg_id, body)
         except AttemptFailed as exc:
             if exc.retryable:
-                self._last_error[msg_id] = str(exc)
+                self._last_error[msg_id] = (str(exc), exc.status)
                 if exc.retry_after_s is not None:
                     self._not_before = time.monotonic() + exc.retry_after_s
                 raise
+            # A 4xx other than 408/425/429 (or a refused destination): no retry can
+            # succeed, so the batch is dead-lettered now, with the status kept.
             self._last_error.pop(msg_id, None)
-            self._dead_letter(events, msg_id, "gone" if exc.status == 410 else "refused", str(exc))
+            reason = "gone" if exc.status == 410 else "refused"
+            self._dead_letter(events, msg_id, reason, str(exc), exc.status)
             return
         self._last_error.pop(msg_id, None)
         self._delivered += len(events)
         self._batches += 1
 
-    async def deliver(self, msg_id: str, body: bytes) -> None:
-        """POST one batch body once; ``AttemptFailed`` unless the receiver answered 2xx.
+    async def _journal_sink(self, batch: Batch[WebhookEvent]) -> None:
+        if self._persist is None:
+            raise RuntimeError("the journal is only built for durable endpoints")
+        events = batch.items
+        ids = await self._persist.journal(self.name, [orjson.dumps(e.as_json()) for e in events])
+        self._journaled += len(events)
+        for event, journal_id in zip(events, ids, strict=True):
+            if event.id in self._awaited:
+                self._awaited[event.id] = None  # committed: its caller may say queued
+            self._feed(dataclasses.replace(event, journal_id=journal_id))
+
+    def _feed(self, event: WebhookEvent) -> bool:
+        """Hand a journaled event to the HTTP batches; never raises.
+
+        Refused only when the batch writer is full or closed: the event stays in the
+        journal, and the orphan scan hands it over again later (this process or another).
+        """
+        try:
+            return self._writer.put_nowait(event, critical=True)
+        except (anyio.WouldBlock, WriterClosed):
+            log.warning("async webhook %r: batch queue full, event left in the journal", self.name)
+            return False
+
+    def adopt(self, journal_id: int, body: bytes) -> bool:
+        """Batch an orphaned journal event (its owner did not batch it in time)."""
+        event = WebhookEvent.from_json(orjson.loads(body), journal_id)
+        if self._feed(event):
+            self._adopted += 1
+            return True
+        return False
+
+    def _journal_dead_letter(self, dead: DeadLetter[WebhookEvent]) -> None:
+        error = f"{dead.reason}: {type(dead.error).__name__ if dead.error else dead.reason}"
+        for event in dead.items:
+            if event.id in self._awaited:
+                self._awaited[event.id] = error
+        msg_id = delivery_id(self.name, dead.items[0].id, dead.items[-1].id, str(len(dead.items)))
+        self._dead_letter(dead.items, msg_id, "not_persisted", error)
+
+    async def deliver(self, msg_id: str, body: bytes) -> int:
+        """POST one batch body once; its 2xx status, else ``AttemptFailed``.
 
         A 410 disables the endpoint (``retryable=False``). If cancelled, the request is
         abandoned.
@@ -355,9 +597,14 @@ class AsyncWebhookBatcher:
         except DeliveryFailed as exc:
             self._failed += 1
             log.warning("async webhook %r: delivery %s failed: %s", self.name, msg_id, exc)
-            raise AttemptFailed(str(exc), retryable=exc.retryable) from None
+            raise AttemptFailed(
+                str(exc),
+                retryable=exc.retryable,
+                retry_after_s=exc.retry_in_s,
+                circuit_open=exc.retry_in_s is not None,
+            ) from None
         if 200 <= reply.status < 300:
-            return
+            return reply.status
         self._failed += 1
         if reply.status == 410:
             if not self._disabled:
@@ -366,20 +613,32 @@ class AsyncWebhookBatcher:
             raise AttemptFailed("HTTP 410 Gone", status=410, retryable=False)
         log.warning("async webhook %r: delivery %s got HTTP %d", self.name, msg_id, reply.status)
         raise AttemptFailed(
-            f"HTTP {reply.status}", status=reply.status, retry_after_s=reply.retry_after_s
+            f"HTTP {reply.status}",
+            status=reply.status,
+            retryable=is_retryable_status(reply.status),
+            retry_after_s=reply.retry_after_s,
         )
 
     def _writer_dead_letter(self, dead: DeadLetter[WebhookEvent]) -> None:
         events = dead.items
         msg_id = delivery_id(self.name, events[0].id, events[-1].id, str(len(events)))
-        error = self._last_error.pop(msg_id, None) or (str(dead.error) if dead.error else "")
-        self._dead_letter(events, msg_id, dead.reason, error or dead.reason)
+        error, status = self._last_error.pop(msg_id, (str(dead.error) if dead.error else "", None))
+        if self._persist is not None:
+            for event in events:
+                if event.id in self._awaited:
+                    self._awaited[event.id] = f"{dead.reason}: {error or dead.reason}"
+        self._dead_letter(events, msg_id, dead.reason, error or dead.reason, status)
 
     def _dead_letter(
-        self, events: list[WebhookEvent], msg_id: str, reason: str, error: str
+        self,
+        events: list[WebhookEvent],
+        msg_id: str,
+        reason: str,
+        error: str,
+        status: int | None = None,
     ) -> None:
         self._dead += len(events)
-        record = WebhookDeadLetter(self.name, msg_id, tuple(events), reason, error)
+        record = WebhookDeadLetter(self.name, msg_id, tuple(events), reason, error, status)
         self._dead_letters.append(record)
         log.error(
             "async webhook %r: dead-lettered %d event(s), delivery %s (%s: %s)",
@@ -419,4 +678,8 @@ class AsyncWebhookBatcher:
             dead_lettered=self._dead,
             dropped=self._drain_report().dropped,
             writer=self._writer.statistics(),
+            spilled=self._spilled,
+            not_persisted=self._not_persisted,
+            journaled=self._journaled,
+            adopted=self._adopted,
         )

@@ -16,7 +16,7 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, Self
-from urllib.parse import parse_qsl, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -30,12 +30,15 @@ from pydantic import (
 )
 
 from orchestrator.batching import OverflowPolicy
+from orchestrator.webhooks.breaker import BreakerConfig
 from orchestrator.webhooks.errors import ConfigProblem, HooksConfigError
+from orchestrator.webhooks.masking import mask_url
 from orchestrator.webhooks.signing import decode_secret
 from orchestrator.webhooks.triggers import TriggerMatch, parse_triggers
 
 __all__ = [
     "AsyncWebhookConfig",
+    "DurableRetry",
     "HooksConfig",
     "WebhookConfig",
     "load_hooks",
@@ -44,6 +47,9 @@ __all__ = [
 ]
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# Seed 000's example batch carries tool_call_start and post_tool events: what an audit log
+# batches. Suggested, with the exact line to add, when an async entry receives nothing.
+_SUGGESTED_TRIGGERS = "tool_call_start,post_tool"
 _SENSITIVE = ("auth", "token", "secret", "key", "cookie", "signature", "password", "session")
 
 
@@ -138,8 +144,20 @@ class AsyncWebhookConfig(_Endpoint):
     flush_interval_ms: int = Field(default=1000, ge=1, le=3_600_000)
     capacity: int = Field(default=10_000, ge=1, description="events buffered in memory")
     overflow: OverflowPolicy = OverflowPolicy.DROP_OLDEST
+    block_timeout_ms: int = Field(
+        default=50,
+        ge=0,
+        le=60_000,
+        description="how long fire() waits for room for an event that is never dropped "
+        "(critical triggers, overflow = block); then it spills to the outbox or is counted",
+    )
     shutdown_timeout_secs: float = Field(default=10.0, gt=0)
     durable: bool = Field(default=False, description="persist through the outbox first")
+    durable_mode: Literal["journal", "direct"] = Field(
+        default="journal",
+        description="journal: each event is committed alone (group commit) and batched for "
+        "HTTP as usual; direct (the previous behaviour): each fire writes its own batch row",
+    )
     trigger_match: TriggerMatch = TriggerMatch.EXACT
     trigger: str | None = Field(
         default=None, description="only when no [[webhooks]] entry of the same name exists"
@@ -163,6 +181,44 @@ class AsyncWebhookConfig(_Endpoint):
         return self
 
 
+class DurableRetry(BaseModel):
+    """``[durable_retry]``: how durable rows (and spilled events) are retried by the relay.
+
+    Capped exponential: ``first_delay_secs``, doubled after each failed attempt up to
+    ``max_delay_secs``, each jittered down by up to ``jitter``; a row is dead after
+    ``max_attempts``. The defaults retry for about two hours (1 s ... 10 min).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    first_delay_secs: float = Field(default=1.0, gt=0, le=3600)
+    max_delay_secs: float = Field(default=600.0, gt=0, le=86_400)
+    max_attempts: int = Field(default=20, ge=1, le=10_000)
+    jitter: float = Field(default=0.2, ge=0, le=1)
+    orphan_after_secs: float = Field(
+        default=60.0,
+        gt=0,
+        le=86_400,
+        description="a journaled event not batched by its owner within this is taken over",
+    )
+
+    def delays_s(self) -> tuple[float, ...]:
+        """The delay after each failed attempt (the last one repeats)."""
+        delays: list[float] = []
+        delay = self.first_delay_secs
+        while delay < self.max_delay_secs and len(delays) < self.max_attempts:
+            delays.append(delay)
+            delay *= 2
+        delays.append(self.max_delay_secs)
+        return tuple(delays)
+
+    def budget_s(self) -> float:
+        """Seconds from the first attempt to the last, before jitter."""
+        delays = self.delays_s()
+        steps = self.max_attempts - 1
+        return sum(delays[min(i, len(delays) - 1)] for i in range(steps))
+
+
 class HooksConfig(BaseModel):
     """A whole hooks file: its entries in file order and the file-level options."""
 
@@ -176,6 +232,11 @@ class HooksConfig(BaseModel):
     )
     max_response_bytes: int = Field(default=65_536, ge=256, description="response bytes read")
     retry_after_max_secs: float = Field(default=60.0, ge=0, description="Retry-After ceiling")
+    durable_retry: DurableRetry = DurableRetry()
+    delivery_log: bool = Field(
+        default=True, description="log every durable delivery attempt (webhooks log / resend)"
+    )
+    circuit_breaker: BreakerConfig = BreakerConfig()
     source: str = "<memory>"
 
 
@@ -262,8 +323,10 @@ def parse_hooks(
                     source,
                     label,
                     "trigger",
-                    "receives no events: add a [[webhooks]] entry with the same name "
-                    "(it routes through this batcher) or a trigger",
+                    "receives no events. To batch events for it, add the line "
+                    f'trigger = "{_SUGGESTED_TRIGGERS}" (the triggers it should batch, '
+                    "comma-separated) after its name, or add a [[webhooks]] entry with "
+                    f"name = {hook.name!r} and a trigger (it then routes through this batcher)",
                 )
             )
         elif hook.trigger is not None and hook.name in sync_names:
@@ -369,19 +432,10 @@ def _sensitive(header: str) -> bool:
     return any(word in lowered for word in _SENSITIVE)
 
 
-def _mask_url(url: str) -> str:
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if parts.password is not None:
-        netloc = netloc.replace(f":{parts.password}@", ":***@", 1)
-    query = "&".join(f"{k}=***" for k, _ in parse_qsl(parts.query, keep_blank_values=True))
-    return urlunsplit(parts._replace(netloc=netloc, query=query))
-
-
 def _masked_endpoint(hook: _Endpoint) -> dict[str, Any]:
     data = hook.model_dump(mode="json", exclude={"headers", "secret", "url"})
     templates = hook.templates
-    data["url"] = templates.get("url") or _mask_url(hook.url)
+    data["url"] = mask_url(templates.get("url") or hook.url)
     headers: dict[str, str] = {}
     for name, value in hook.headers.items():
         template = templates.get(f"headers.{name}")
@@ -402,7 +456,8 @@ def masked_dump(config: HooksConfig) -> dict[str, Any]:
 
     Header values whose name suggests a credential (Authorization, *token*, *key*, ...)
     and every secret become ``***``; other values show their ``${VAR}`` template, never the
-    value from the environment; URL passwords and query values are masked.
+    value from the environment; URL user info, query values and token-like path segments
+    are masked (``orchestrator.webhooks.masking``).
     """
     return {
         "source": config.source,
@@ -410,6 +465,9 @@ def masked_dump(config: HooksConfig) -> dict[str, Any]:
         "refuse_private_destinations": config.refuse_private_destinations,
         "max_response_bytes": config.max_response_bytes,
         "retry_after_max_secs": config.retry_after_max_secs,
+        "durable_retry": config.durable_retry.model_dump(mode="json"),
+        "delivery_log": config.delivery_log,
+        "circuit_breaker": config.circuit_breaker.model_dump(mode="json"),
         "webhooks": [_masked_endpoint(h) for h in config.webhooks],
         "async_webhooks": [_masked_endpoint(h) for h in config.async_webhooks],
     }

@@ -4,6 +4,7 @@ OrchestratorError
 └── WebhookError
     ├── HooksConfigError          hooks.toml is unreadable or invalid (every problem listed)
     ├── WebhookVerificationError  a received request's signature or timestamp is not valid
+    ├── NotPersisted              a durable event's outbox write failed (it is not queued)
     └── DestinationRefused        a URL resolves to a private, loopback or link-local address
 """
 
@@ -17,6 +18,7 @@ __all__ = [
     "ConfigProblem",
     "DestinationRefused",
     "HooksConfigError",
+    "NotPersisted",
     "WebhookError",
     "WebhookVerificationError",
 ]
@@ -55,3 +57,7 @@ class WebhookVerificationError(WebhookError):
 
 class DestinationRefused(WebhookError):
     """The destination resolves to an address the policy refuses (private, loopback, ...)."""
+
+
+class NotPersisted(WebhookError):
+    """A durable webhook's event could not be written to the outbox; it is not queued."""

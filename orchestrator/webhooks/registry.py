@@ -25,6 +25,7 @@ from orchestrator.webhooks.batcher import (
     WebhookDeadLetter,
     WebhookDrainReport,
 )
+from orchestrator.webhooks.breaker import Breakers
 from orchestrator.webhooks.config import HooksConfig
 from orchestrator.webhooks.durable import open_durable_delivery
 from orchestrator.webhooks.sync import HookDecision, HookOutcome, WebhookHook, combine
@@ -107,8 +108,11 @@ class Webhooks:
 
         ``context`` becomes ``hook_context`` (and ``result`` the ``result_context`` of
         post-tool style triggers). Synchronous hooks run concurrently; routed hooks only
-        enqueue. Hook failures never raise here: they are warnings (or denies with
-        ``fail_closed``). An unknown trigger raises ``ValueError``. If cancelled, requests
+        enqueue (a critical event waits at most ``block_timeout_ms`` for room, then spills
+        to the outbox or is reported as ``overflow``; a durable event is ``queued`` once its
+        outbox row committed). Delivery problems never raise here: they are warnings (or
+        denies with ``fail_closed``, or ``error`` when a durable write failed). An unknown
+        trigger raises ``ValueError``. If cancelled, requests
         in flight are abandoned, queued events stay queued, and no decision is returned.
         """
         name = _canonical(trigger)
@@ -146,23 +150,20 @@ class Webhooks:
         result: Mapping[str, Any] | None,
     ) -> HookOutcome:
         merged = {**context, **result} if result else context
-        if batcher.config.durable:
-            queued = await batcher.send(
-                trigger, merged, hook_name=route.name, trigger_label=route.label
-            )
-        else:
-            try:
-                queued = batcher.send_nowait(
-                    trigger, merged, hook_name=route.name, trigger_label=route.label
-                )
-            except anyio.WouldBlock:
-                queued = await batcher.send(
-                    trigger, merged, hook_name=route.name, trigger_label=route.label
-                )
-        if queued:
+        sent = await batcher.submit(
+            trigger, merged, hook_name=route.name, trigger_label=route.label
+        )
+        if sent.status == "queued":
             return HookOutcome(route.name, "ok", "", None, 0, "", queued=True)
-        dropped = "event dropped (queue full or endpoint disabled)"
-        return HookOutcome(route.name, "warning", dropped, None, 0, "")
+        if sent.status == "spilled":
+            message = "queue full: spilled to the outbox"
+            return HookOutcome(route.name, "ok", message, None, 0, "", queued=True, spilled=True)
+        if sent.status == "overflow":
+            message = f"overflow: event not queued ({sent.error})"
+            return HookOutcome(route.name, "warning", message, None, 0, "", overflow=True)
+        if sent.status == "failed":
+            return HookOutcome(route.name, "error", sent.error, None, 0, "")
+        return HookOutcome(route.name, "warning", sent.error or sent.status, None, 0, "")
 
     async def flush(self) -> None:
         """Barrier over every batcher: returns once everything queued before is settled.
@@ -202,7 +203,8 @@ async def open_webhooks(
 ) -> AsyncIterator[Webhooks]:
     """Run the hooks of ``config`` while the block runs; yields the ``Webhooks`` to fire.
 
-    ``storage`` is required when an async webhook is ``durable``. ``client`` is a shared
+    ``storage`` is required when an async webhook is ``durable``; given, it also runs an
+    outbox relay that takes what a full queue spills. ``client`` is a shared
     ``httpx.AsyncClient`` (one is created and closed otherwise). Leaving the block flushes
     every batcher (bounded by its ``shutdown_timeout_secs``, shielded from cancellation)
     and, if ``reports`` is given, appends each batcher's drain report to it.
@@ -217,19 +219,28 @@ async def open_webhooks(
             refuse_private=config.refuse_private_destinations,
             max_response_bytes=config.max_response_bytes,
             retry_after_max_s=config.retry_after_max_secs,
+            breakers=Breakers(config.circuit_breaker),
         )
         enabled = [h for h in config.async_webhooks if h.enabled]
         batchers: dict[str, AsyncWebhookBatcher] = {}
         persist = None
-        if any(h.durable for h in enabled):
-            if storage is None:
-                raise ValueError("durable async webhooks need open_webhooks(storage=...)")
+        if any(h.durable for h in enabled) and storage is None:
+            raise ValueError("durable async webhooks need open_webhooks(storage=...)")
+        if enabled and storage is not None:
+            # The outbox takes durable batches, and the events any full queue spills.
             persist = await stack.enter_async_context(
-                open_durable_delivery(storage, enabled, batchers)
+                open_durable_delivery(
+                    storage,
+                    enabled,
+                    batchers,
+                    retry=config.durable_retry,
+                    retry_after_max_s=config.retry_after_max_secs,
+                    delivery_log=config.delivery_log,
+                )
             )
         webhooks = Webhooks(config, transport)
         for hook in enabled:
-            batcher = AsyncWebhookBatcher(hook, transport, persist=persist)
+            batcher = AsyncWebhookBatcher(hook, transport, store=persist)
             batchers[hook.name] = await stack.enter_async_context(batcher)
             if reports is not None:
                 stack.push_async_callback(_collect, batcher, reports)

@@ -2,8 +2,9 @@
 
 A ``WebhookHook`` POSTs the seed's request JSON and reads the documented answer
 (``{"result": "ok" | "warning" | "deny" | "modify", "message", "modified_content"}``),
-retrying with 100 ms, 200 ms, 400 ms, ... between attempts. A hook that errors, times out
-or answers anything else becomes a warning (fail-open), or a deny on pre_tool /
+retrying with 100 ms, 200 ms, 400 ms, ... between attempts (none while the receiver's
+circuit is open: the call fails at once). A hook that errors, times out or answers
+anything else becomes a warning (fail-open), or a deny on pre_tool /
 tool_call_start when configured ``fail_closed = true``. ``combine`` folds the outcomes of
 one fire into a ``HookDecision``. Relies on the transport; never logs headers or URLs.
 """
@@ -43,6 +44,8 @@ class HookOutcome:
     delivery_id: str
     status: int | None = None  # the last HTTP status, if any
     queued: bool = False  # routed through an async batcher: nothing was awaited
+    overflow: bool = False  # the batcher stayed full and no outbox took the event (counted)
+    spilled: bool = False  # the batcher stayed full; the event went to the outbox instead
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,7 +170,9 @@ class WebhookHook:
             except DeliveryFailed as exc:
                 error = str(exc)
                 log.warning("[Hook Warning] %s: %s at attempt %d", cfg.name, error, attempt)
-                if not exc.retryable:
+                if not exc.retryable or exc.retry_in_s is not None:
+                    # Refused, or the receiver's circuit is open: a caller is waiting, and
+                    # no retry within this call can succeed.
                     break
                 continue
             status = reply.status

@@ -6,7 +6,8 @@ that resolve to non-public addresses (and then connects to the address it checke
 second DNS answer cannot swap it), bounds the whole attempt by the hook's timeout and reads
 at most ``max_response_bytes`` of the answer. Retrying is the caller's business. Relies
 on httpx and anyio; never logs headers or bodies, and a filter on the ``httpx`` logger
-masks query values and passwords in the request URLs httpx itself logs at INFO.
+masks user info, query values and token-like path segments in the request URLs httpx
+itself logs at INFO.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from urllib.parse import urlsplit, urlunsplit
 import anyio
 import httpx
 
+from orchestrator.webhooks.breaker import Breakers
 from orchestrator.webhooks.errors import DestinationRefused
+from orchestrator.webhooks.masking import mask_url
 from orchestrator.webhooks.signing import signature_headers
 
 __all__ = ["DeliveryFailed", "Reply", "Transport", "parse_retry_after"]
@@ -41,11 +44,18 @@ class Reply:
 
 
 class DeliveryFailed(Exception):
-    """An attempt that did not end in a usable answer (network error, timeout, refusal)."""
+    """An attempt that did not end in a usable answer (network error, timeout, refusal).
 
-    def __init__(self, message: str, *, retryable: bool = True) -> None:
+    ``retry_in_s`` is set when the receiver's circuit is open: no request was sent, and
+    none will be before that many seconds.
+    """
+
+    def __init__(
+        self, message: str, *, retryable: bool = True, retry_in_s: float | None = None
+    ) -> None:
         super().__init__(message)
         self.retryable = retryable
+        self.retry_in_s = retry_in_s
 
 
 def parse_retry_after(value: str | None, ceiling_s: float) -> float | None:
@@ -66,7 +76,8 @@ def parse_retry_after(value: str | None, ceiling_s: float) -> float | None:
 
 
 class _MaskUrls(logging.Filter):
-    """Masks query values and passwords of URLs in httpx's "HTTP Request: ..." records."""
+    """Masks the secrets of URLs (user info, query, token-like path segments) in httpx's
+    "HTTP Request: ..." records."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.args, tuple) and any(isinstance(a, httpx.URL) for a in record.args):
@@ -75,12 +86,7 @@ class _MaskUrls(logging.Filter):
 
 
 def _mask(url: httpx.URL) -> str:
-    if url.query:
-        pairs = [f"{k}=***" for k in url.params]
-        url = url.copy_with(query="&".join(pairs).encode())
-    if url.password:
-        url = url.copy_with(password="***")
-    return str(url)
+    return mask_url(str(url))
 
 
 _URL_FILTER = _MaskUrls()
@@ -104,8 +110,10 @@ class Transport:
         refuse_private: bool = False,
         max_response_bytes: int = 65_536,
         retry_after_max_s: float = 60.0,
+        breakers: Breakers | None = None,
     ) -> None:
         self.client = client
+        self.breakers = breakers if breakers is not None else Breakers()
         httpx_log = logging.getLogger("httpx")
         if _URL_FILTER not in httpx_log.filters:
             httpx_log.addFilter(_URL_FILTER)
@@ -127,9 +135,39 @@ class Transport:
     ) -> Reply:
         """One attempt; ``DeliveryFailed`` if no answer came within ``timeout_s``.
 
-        A refused destination raises ``DeliveryFailed`` (not retryable). If cancelled, the
-        request is abandoned and its connection closed.
+        A refused destination raises ``DeliveryFailed`` (not retryable); so does an open
+        circuit (retryable, with ``retry_in_s``), without sending anything. If cancelled,
+        the request is abandoned and its connection closed.
         """
+        breaker = self.breakers.for_url(url)
+        if not breaker.allow():
+            wait = breaker.retry_in_s()
+            raise DeliveryFailed(
+                f"circuit open: the receiver failed repeatedly; next probe in {wait:.1f} s",
+                retry_in_s=wait,
+            )
+        up: bool | None = None
+        try:
+            reply = await self._attempt(method, url, body, msg_id, headers, keys, timeout_s)
+        except DeliveryFailed as exc:
+            up = None if not exc.retryable else False  # a refused destination says nothing
+            raise
+        else:
+            up = reply.status < 500  # any answer below 500 shows a live receiver
+            return reply
+        finally:
+            breaker.record(up)
+
+    async def _attempt(
+        self,
+        method: str,
+        url: str,
+        body: bytes,
+        msg_id: str,
+        headers: dict[str, str],
+        keys: tuple[bytes, ...],
+        timeout_s: float,
+    ) -> Reply:
         request_headers = {
             "content-type": "application/json",
             "user-agent": _USER_AGENT,

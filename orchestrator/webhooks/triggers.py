@@ -93,14 +93,18 @@ def nearest_trigger(word: str) -> str:
 
 
 def _contains(part: str, name: str) -> bool:
-    return bool(part) and any(part in n or n in part for n in _NAMES_OF[name])
+    # Seed 001's rule runs one way: the configured value contains the trigger's name (or
+    # an alias), so "on_turn_start" selects turn_start. The reverse ("tool" inside
+    # "pre_tool") would make a fragment select several triggers.
+    return bool(part) and any(n in part for n in _NAMES_OF[name])
 
 
 def parse_triggers(value: str, match: TriggerMatch) -> tuple[frozenset[str], list[str]]:
     """The canonical triggers a ``trigger`` value selects, and one message per bad part.
 
-    Exact: every part must be a name or an alias. Contains: every part must select at
-    least one trigger by substring (either way round), so a typo still fails loudly.
+    Exact: every part must be a name or an alias. Contains (seed 001): a part selects every
+    trigger whose name or alias it contains; a part that contains none is an error that
+    lists the triggers it was probably meant to be, so a typo or fragment fails loudly.
     """
     selected: set[str] = set()
     problems: list[str] = []
@@ -119,8 +123,15 @@ def parse_triggers(value: str, match: TriggerMatch) -> tuple[frozenset[str], lis
             continue
         found = {name for name in TRIGGER_NAMES if _contains(part, name)}
         if not found:
+            within = [s for s in _SPELLINGS if part in s]
+            hint = (
+                f"triggers containing it: {', '.join(within)}"
+                if within
+                else f"did you mean {nearest_trigger(part)!r}?"
+            )
             problems.append(
-                f"trigger {part!r} matches no trigger; did you mean {nearest_trigger(part)!r}?"
+                f"trigger {part!r} matches no trigger (a value must contain a whole trigger "
+                f"name or alias); {hint}"
             )
         selected |= found
     return frozenset(selected), problems

@@ -75,6 +75,32 @@ async def test_cap_holds_exactly_under_a_burst(storage: AsyncStorageBackend) -> 
     assert storage.statistics().statements["complete_tasks"] < 1000
 
 
+async def test_claim_batch_caps_each_claim_and_the_cap_holds(
+    storage: AsyncStorageBackend,
+) -> None:
+    cfg = FAST.model_copy(update={"max_workers": 8, "claim_batch": 3})
+    queue = AgentQueue(storage, "batched", cfg)
+    rec = Recorder(60)
+    running = peak = 0
+
+    async def handler(task: Task) -> None:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await anyio.lowlevel.checkpoint()
+        running -= 1
+        rec.record(task)
+
+    await queue.enqueue_many(list(range(60)))
+    async with open_worker(queue, handler) as worker:
+        with anyio.fail_after(60):
+            await rec.done.wait()
+    stats = worker.statistics()
+    assert rec.runs == Counter(range(60)) and stats.succeeded == 60
+    assert stats.claim_statements >= 20  # no claim took more than 3 tasks
+    assert peak <= 8 and stats.peak_running <= 8
+
+
 async def test_completed_tasks_are_marked_succeeded(storage: AsyncStorageBackend) -> None:
     queue = AgentQueue(storage, "q", FAST)
     rec = Recorder(20)
@@ -320,8 +346,11 @@ async def test_cancelling_a_task_dead_letters_it(storage: AsyncStorageBackend) -
     assert worker.statistics().cancelled == 1
 
 
-async def test_expired_lease_of_a_dead_worker_is_reclaimed(storage: AsyncStorageBackend) -> None:
-    queue = AgentQueue(storage, "crash", FAST.model_copy(update={"fallback_poll_s": 0.2}))
+async def test_expired_lease_of_a_dead_worker_is_reclaimed_when_it_expires(
+    storage: AsyncStorageBackend,
+) -> None:
+    # The fallback poll is 30 s: only the idle worker's next-due read can wake it in time.
+    queue = AgentQueue(storage, "crash", FAST)
     await queue.enqueue_many([1, 2, 3])
     # A worker that claims and then dies: its leases simply stop being renewed.
     orphaned = await storage.claim_tasks("crash", "dead-worker", limit=2, lease_s=0.3)
@@ -338,7 +367,8 @@ async def test_expired_lease_of_a_dead_worker_is_reclaimed(storage: AsyncStorage
     for task in orphaned:
         row = await queue.get(task.id)
         assert row is not None and row.status is TaskStatus.SUCCEEDED and row.attempts == 2
-    assert worker.statistics().fallback_polls >= 1
+    stats = worker.statistics()
+    assert stats.reruns == 2 and stats.fallback_polls == 0 and stats.expiry_wakeups >= 1
 
 
 async def test_heartbeat_keeps_a_long_task_leased(storage: AsyncStorageBackend) -> None:

@@ -1,12 +1,14 @@
 """Queue workers in separate OS processes on one Postgres database: exactly-once and crashes.
 
-Every worker process appends the payload of each task it starts to its own file (one line,
-flushed to the kernel before the handler goes on, so a SIGKILL loses no record); the test
-reads the files to count runs.
+Every worker process appends the payload of each task it starts, with the wall-clock time,
+to its own file (one line, flushed to the kernel before the handler goes on, so a SIGKILL
+loses no record); the test reads the files to count runs and time re-runs. On ``stop`` a
+worker prints its statistics as one JSON line.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -24,36 +26,47 @@ from storage import TaskStatus, open_storage
 from tests.conftest import truncate
 
 WORKER = """
-import sys
+import dataclasses, json, sys, time
 import anyio
 from orchestrator.queue import AgentQueue, QueueConfig, open_worker
 from storage import open_storage
 
-url, runs, max_workers, lease_s, hang = sys.argv[1:6]
+url, runs, max_workers, lease_s, hang, fallback_poll_s = sys.argv[1:7]
 
 async def main():
     cfg = QueueConfig(
         max_workers=int(max_workers), lease_s=float(lease_s),
-        heartbeat_interval_s=float(lease_s) / 4, fallback_poll_s=0.5, shutdown_grace_s=1.0,
+        heartbeat_interval_s=float(lease_s) / 4, fallback_poll_s=float(fallback_poll_s),
+        shutdown_grace_s=1.0,
     )
     with open(runs, "a", buffering=1) as out:
         async def handler(task):
-            out.write(f"{task.payload}\\n")
+            out.write(f"{task.payload} {time.time()}\\n")
             if hang == "1":
                 await anyio.sleep_forever()
 
         async with open_storage(url) as storage:
             queue = AgentQueue(storage, "mp", cfg)
-            async with open_worker(queue, handler):
+            async with open_worker(queue, handler) as worker:
                 print("ready", flush=True)
                 await anyio.to_thread.run_sync(sys.stdin.readline)
+            print(json.dumps(dataclasses.asdict(worker.statistics())), flush=True)
 
 anyio.run(main)
 """
 
 
 class Proc:
-    def __init__(self, url: str, runs: Path, *, max_workers: int, lease_s: float, hang: bool):
+    def __init__(
+        self,
+        url: str,
+        runs: Path,
+        *,
+        max_workers: int,
+        lease_s: float,
+        hang: bool,
+        fallback_poll_s: float = 0.5,
+    ):
         self.runs = runs
         self.popen = subprocess.Popen(
             [
@@ -65,6 +78,7 @@ class Proc:
                 str(max_workers),
                 str(lease_s),
                 "1" if hang else "0",
+                str(fallback_poll_s),
             ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -76,16 +90,22 @@ class Proc:
         assert self.popen.stdout is not None
         assert self.popen.stdout.readline().strip() == "ready"
 
-    def stop(self) -> None:
-        assert self.popen.stdin is not None
-        self.popen.stdin.write("stop\n")
-        self.popen.stdin.flush()
-        assert self.popen.wait(timeout=60) == 0
+    def stop(self) -> dict[str, object]:
+        """Stop the worker; returns its final statistics."""
+        out, _ = self.popen.communicate("stop\n", timeout=60)
+        assert self.popen.returncode == 0
+        stats: dict[str, object] = json.loads(out.strip().splitlines()[-1])
+        return stats
 
-    def payloads(self) -> list[int]:
+    def starts(self) -> list[tuple[int, float]]:
+        """(payload, wall-clock time) of every handler start, in order."""
         if not self.runs.exists():
             return []
-        return [int(line) for line in self.runs.read_text().split()]
+        lines = self.runs.read_text().splitlines()
+        return [(int(p), float(t)) for p, t in (line.split() for line in lines if line)]
+
+    def payloads(self) -> list[int]:
+        return [p for p, _ in self.starts()]
 
 
 async def _wait_succeeded(dsn: str, expected: int, timeout_s: float) -> None:
@@ -170,3 +190,48 @@ async def test_sigkilled_worker_loses_nothing_and_only_its_tasks_rerun(
             row = await storage.get_task(task.id)
             assert row is not None and row.status is TaskStatus.SUCCEEDED
             assert row.attempts == (2 if task.payload in in_flight else 1)
+
+
+KILL_LEASE_S = 2.0
+RERUN_BOUND_S = 5.0  # generous for a loaded 2-core machine; the fallback poll is 60 s
+
+
+async def test_sigkilled_workers_tasks_rerun_by_an_idle_worker_within_the_lease(
+    dsn: str, tmp_path: Path, record_property: pytest.RecordProperty
+) -> None:
+    """An idle worker re-runs a killed worker's tasks when their lease expires, not at its
+    fallback poll (60 s here), because it reads the next lease expiry on going idle."""
+    async with open_storage(dsn) as storage:
+        queue = AgentQueue(storage, "mp")
+        tasks = await queue.enqueue_many(list(range(5)))
+    slow = {"lease_s": KILL_LEASE_S, "fallback_poll_s": 60.0}
+    victim = Proc(dsn, tmp_path / "victim", max_workers=5, hang=True, **slow)
+    rescuer: Proc | None = None
+    try:
+        victim.wait_ready()
+        deadline = time.monotonic() + 30
+        while len(victim.payloads()) < 5:  # all five handlers hang mid-run
+            assert time.monotonic() < deadline
+            await _pause()
+        # The rescuer starts idle: the claim finds nothing, it learns the lease expiry.
+        rescuer = Proc(dsn, tmp_path / "rescuer", max_workers=5, hang=False, **slow)
+        rescuer.wait_ready()
+        killed_at = time.time()
+        os.kill(victim.popen.pid, signal.SIGKILL)
+        victim.popen.wait(timeout=10)
+        await _wait_succeeded(dsn, 5, timeout_s=KILL_LEASE_S + 60)
+    finally:
+        if victim.popen.poll() is None:
+            victim.popen.kill()
+        stats = rescuer.stop() if rescuer is not None else {}
+    reruns = rescuer.starts()
+    assert sorted(p for p, _ in reruns) == list(range(5))
+    delay = max(t for _, t in reruns) - killed_at
+    record_property("rerun_delay_s", round(delay, 3))
+    print(f"re-run delay after SIGKILL: {delay:.2f} s (lease {KILL_LEASE_S} s)")
+    assert delay <= KILL_LEASE_S + RERUN_BOUND_S
+    assert stats["reruns"] == 5 and stats["fallback_polls"] == 0
+    async with open_storage(dsn) as storage:
+        for task in tasks:
+            row = await storage.get_task(task.id)
+            assert row is not None and row.status is TaskStatus.SUCCEEDED and row.attempts == 2

@@ -191,7 +191,9 @@ async def test_sync_webhook_with_the_same_name_routes_through_the_batcher() -> N
 
 async def test_overflow_drops_are_counted_and_critical_events_kept() -> None:
     async with open_test_receiver(lambda r: Answer(delay_s=0.2)) as rx:
-        hooks = config(rx.url, batch_size=2, capacity=4, flush_interval_ms=60_000)
+        hooks = config(
+            rx.url, batch_size=2, capacity=4, flush_interval_ms=60_000, block_timeout_ms=5000
+        )
         async with open_webhooks(hooks) as webhooks:
             batcher = webhooks.batchers["audit"]
             accepted = [batcher.send_nowait("tool_call_start", {"i": i}) for i in range(6)]

@@ -263,3 +263,27 @@ async def test_cancelled_fire_abandons_requests() -> None:
         with anyio.move_on_after(0.3) as scope:
             await webhooks.fire("pre_tool", {})
     assert scope.cancelled_caught
+
+
+async def test_open_circuit_spares_callers_the_timeout_of_a_down_receiver() -> None:
+    async with open_test_receiver(lambda r: Answer(delay_s=30)) as rx:
+        config = parse_hooks(
+            {
+                "webhooks": [
+                    {
+                        "name": "slow",
+                        "url": rx.url,
+                        "trigger": "post_tool",
+                        "timeout_secs": 0.2,
+                        "retries": 0,
+                    }
+                ],
+                "circuit_breaker": {"failure_threshold": 3, "reset_timeout_secs": 60},
+            },
+            environ={},
+        )
+        async with open_webhooks(config) as webhooks:
+            decisions = [await webhooks.fire("post_tool", {"i": i}) for i in range(8)]
+    assert len(rx.requests) == 3  # the other five calls failed at once, without a request
+    assert all(d.action == "warning" for d in decisions)
+    assert all("circuit open" in d.warnings[0] for d in decisions[3:])

@@ -58,3 +58,12 @@ def test_cli_demo_walks_the_api(tmp_path: Path, capsys: pytest.CaptureFixture[st
     out = capsys.readouterr().out
     assert "streamed 6 events in one batch (retry stored 0)" in out
     assert "session deleted: True" in out
+
+
+def test_cli_webhooks_log_and_resend(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"sqlite:///{tmp_path / 'hooks.db'}"
+    assert main(["migrate", "--url", url]) == 0
+    assert main(["webhooks", "log", "--url", url, "--endpoint", "ledger", "--failed"]) == 0
+    assert "no delivery attempts not delivered" in capsys.readouterr().out
+    assert main(["webhooks", "resend", "msg_nope", "--url", url]) == 1
+    assert "no delivery 'msg_nope'" in capsys.readouterr().err

@@ -229,7 +229,8 @@ ON CONFLICT (queue, idempotency_key)
 RETURNING *;
 
 -- name: claim_tasks
--- A running task whose lease expired with no attempts left is dead-lettered, not re-run.
+-- A running task whose lease expired with no attempts left is dead-lettered, not re-run; one
+-- with attempts left is re-run with last_error 'lease expired' (workers count re-runs by it).
 WITH picked AS (
     SELECT id FROM agent_tasks
     WHERE queue = $1 AND status IN ('queued', 'running') AND run_after <= now()
@@ -241,7 +242,9 @@ WITH picked AS (
         status = CASE WHEN t.status = 'running' AND t.attempts >= t.max_attempts
                       THEN 'dead' ELSE 'running' END,
         last_error = CASE WHEN t.status = 'running' AND t.attempts >= t.max_attempts
-                          THEN 'lease expired on the last attempt' ELSE t.last_error END,
+                          THEN 'lease expired on the last attempt'
+                          WHEN t.status = 'running' THEN 'lease expired'
+                          ELSE t.last_error END,
         attempts = CASE WHEN t.status = 'running' AND t.attempts >= t.max_attempts
                         THEN t.attempts ELSE t.attempts + 1 END,
         worker_id = $2,
@@ -253,42 +256,46 @@ WITH picked AS (
 )
 SELECT * FROM claimed WHERE status = 'running' ORDER BY priority DESC, id;
 
+-- Updates under claims look rows up by primary key (id = ANY) and check each row's token
+-- at its position in the arrays (ids are unique per call), with no join: a join with
+-- unnest() let the planner pick a sequential scan of the whole table (its statistics
+-- rarely see 'running' rows) and rescan the unnest per row, O(table x batch) per write.
+
 -- name: heartbeat_tasks
 UPDATE agent_tasks t SET run_after = now() + make_interval(secs => $3), updated_at = now()
-FROM unnest($1::bigint[], $2::bigint[]) AS c(id, token)
-WHERE t.id = c.id AND t.lease_token = c.token AND t.status = 'running'
+WHERE t.id = ANY($1::bigint[]) AND t.status = 'running'
+  AND t.lease_token = ($2::bigint[])[array_position($1::bigint[], t.id)]
 RETURNING t.id;
 
 -- name: complete_tasks
 UPDATE agent_tasks t SET status = 'succeeded', updated_at = now()
-FROM unnest($1::bigint[], $2::bigint[]) AS c(id, token)
-WHERE t.id = c.id AND t.lease_token = c.token AND t.status = 'running'
+WHERE t.id = ANY($1::bigint[]) AND t.status = 'running'
+  AND t.lease_token = ($2::bigint[])[array_position($1::bigint[], t.id)]
 RETURNING t.id;
 
 -- name: fail_tasks
 UPDATE agent_tasks t SET
     status = CASE WHEN t.attempts >= t.max_attempts THEN 'dead' ELSE 'queued' END,
-    run_after = coalesce(f.retry_at, now()),
-    last_error = f.error,
+    run_after = coalesce(($4::timestamptz[])[array_position($1::bigint[], t.id)], now()),
+    last_error = ($3::text[])[array_position($1::bigint[], t.id)],
     updated_at = now()
-FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::timestamptz[])
-     AS f(id, token, error, retry_at)
-WHERE t.id = f.id AND t.lease_token = f.token AND t.status = 'running'
+WHERE t.id = ANY($1::bigint[]) AND t.status = 'running'
+  AND t.lease_token = ($2::bigint[])[array_position($1::bigint[], t.id)]
 RETURNING t.id, t.status;
 
 -- name: release_tasks
 UPDATE agent_tasks t SET status = 'queued', run_after = now(),
     attempts = greatest(t.attempts - 1, 0), updated_at = now()
-FROM unnest($1::bigint[], $2::bigint[]) AS c(id, token)
-WHERE t.id = c.id AND t.lease_token = c.token AND t.status = 'running'
+WHERE t.id = ANY($1::bigint[]) AND t.status = 'running'
+  AND t.lease_token = ($2::bigint[])[array_position($1::bigint[], t.id)]
 RETURNING t.id;
 
 -- name: dead_letter_tasks
 -- A permanent failure or a cancelled task: dead now, whatever attempts are left.
-UPDATE agent_tasks t SET status = 'dead', last_error = f.error, updated_at = now()
-FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::timestamptz[])
-     AS f(id, token, error, retry_at)
-WHERE t.id = f.id AND t.lease_token = f.token AND t.status = 'running'
+UPDATE agent_tasks t SET status = 'dead',
+    last_error = ($3::text[])[array_position($1::bigint[], t.id)], updated_at = now()
+WHERE t.id = ANY($1::bigint[]) AND t.status = 'running'
+  AND t.lease_token = ($2::bigint[])[array_position($1::bigint[], t.id)]
 RETURNING t.id;
 
 -- name: get_task
@@ -298,7 +305,42 @@ SELECT * FROM agent_tasks WHERE id = $1;
 DELETE FROM agent_tasks
 WHERE status = 'succeeded' AND updated_at < now() - make_interval(secs => $1);
 
+-- name: next_task_due
+-- Read by idle workers: a running task's run_after is its lease expiry, so the minimum is
+-- the next moment a delayed task becomes due or a dead worker's task becomes claimable.
+SELECT extract(epoch FROM min(run_after) - now())::float8 AS due_s
+FROM agent_tasks WHERE queue = $1 AND status IN ('queued', 'running');
+
+-- name: task_backlog
+SELECT queue AS name,
+    count(*) FILTER (WHERE run_after <= now()) AS waiting,
+    count(*) FILTER (WHERE status = 'queued' AND run_after > now()) AS delayed,
+    count(*) FILTER (WHERE status = 'running' AND run_after > now()) AS in_flight,
+    extract(epoch FROM now() - min(run_after) FILTER (WHERE run_after <= now()))::float8
+        AS oldest_wait_s
+FROM agent_tasks WHERE status IN ('queued', 'running')
+GROUP BY queue ORDER BY queue;
+
+-- name: outbox_backlog
+-- Metrics only; kept apart from the outbox claim queries. Rows held back behind an earlier
+-- message of their group count as waiting: they are due, delivery order makes them wait.
+SELECT 'outbox' AS name,
+    count(*) FILTER (WHERE run_after <= now()) AS waiting,
+    count(*) FILTER (WHERE status = 'pending' AND run_after > now()) AS delayed,
+    count(*) FILTER (WHERE status = 'sending' AND run_after > now()) AS in_flight,
+    extract(epoch FROM now() - min(run_after) FILTER (WHERE run_after <= now()))::float8
+        AS oldest_wait_s
+FROM outbox WHERE status IN ('pending', 'sending');
+
 -- name: enqueue_outbox
+-- The group rows (see claim_outbox) are created here, in a stable order so two enqueues that
+-- create the same new groups cannot deadlock; existing ones are left untouched.
+WITH new_groups AS (
+    INSERT INTO outbox_groups (channel, account)
+    SELECT DISTINCT g.channel, g.account FROM unnest($1::text[], $2::text[]) AS g(channel, account)
+    ORDER BY g.channel, g.account
+    ON CONFLICT DO NOTHING
+)
 INSERT INTO outbox (channel, account, payload, max_attempts)
 SELECT x.channel, x.account, x.payload, x.max_attempts
 FROM unnest($1::text[], $2::text[], $3::jsonb[], $4::int[])
@@ -307,26 +349,64 @@ ORDER BY x.ord
 RETURNING *;
 
 -- name: claim_outbox
--- A message waits while an earlier one of its (channel, account) group is in flight under a
--- live claim or waiting for its retry, so each group is delivered in order. A claim also
--- takes a transaction advisory lock per group it picked: a concurrent claim, which cannot
--- see the first one's uncommitted rows yet, drops the rows of that group instead of taking
--- the rows behind a head that is being claimed (SKIP LOCKED alone would let it).
-WITH picked AS (
+-- Group rule (both dialects): nothing of a (channel, account) group is claimed while one of
+-- its messages is in flight under a live claim, and a message waiting for its retry holds
+-- back the later messages of its group; a dead message holds nothing back. A claim takes a
+-- prefix, in id order, of its groups' due messages.
+-- Concurrent claims (Postgres): `picked` reads this statement's snapshot, which may predate
+-- a claim of the same group that committed since. So the claim locks each picked group's
+-- outbox_groups row (SKIP LOCKED: a group being claimed right now is left alone) on the
+-- condition that its version is the one the snapshot saw (`seen`). Every claim and every
+-- redrive bumps the version of the groups it touches, and FOR UPDATE re-checks that
+-- condition against the row's latest committed version, so a group whose state changed after
+-- the snapshot drops out of `locked` and is left for the next claim. (Locking the group row
+-- alone would not do: the outbox rows would still be read from the old snapshot.) Delivery
+-- results do not touch the group row: the only result that can land on a row this claim
+-- takes is the late result of an expired claim, and the update below re-reads such a row
+-- (status check only), so it is taken or dropped by its current state and never skipped
+-- while the rows behind it go.
+WITH picked AS MATERIALIZED (
     SELECT o.id, o.channel, o.account FROM outbox o
     WHERE o.status IN ('pending', 'sending') AND o.run_after <= now()
       AND ($3::text[] IS NULL OR o.channel = ANY($3::text[]))
       AND NOT EXISTS (
           SELECT 1 FROM outbox p
-          WHERE p.channel = o.channel AND p.account = o.account AND p.id < o.id
-            AND p.status IN ('pending', 'sending') AND p.run_after > now()
+          WHERE p.channel = o.channel AND p.account = o.account
+            AND p.id < o.id AND p.status IN ('pending', 'sending') AND p.run_after > now()
+      )
+      AND NOT EXISTS (  -- any message of the group in flight (outbox_sending_group)
+          SELECT 1 FROM outbox p
+          WHERE p.channel = o.channel AND p.account = o.account
+            AND p.status = 'sending' AND p.run_after > now()
       )
     ORDER BY o.id
     LIMIT $2
-    FOR UPDATE SKIP LOCKED
-), grouped AS (
-    SELECT id FROM picked
-    WHERE pg_try_advisory_xact_lock(1869575778, hashtext(channel || chr(1) || account))
+), seen AS MATERIALIZED (
+    SELECT g.channel, g.account, g.version FROM outbox_groups g
+    WHERE (g.channel, g.account) IN (SELECT channel, account FROM picked)
+), adopted AS (
+    -- A group without a row (its messages were written by an older version during a
+    -- rolling upgrade) gets one now. This claim holds it: nobody can lock the row before
+    -- this transaction commits, and a concurrent insert makes this one do nothing.
+    INSERT INTO outbox_groups AS g (channel, account, version)
+    SELECT DISTINCT p.channel, p.account, 1 FROM picked p
+    WHERE NOT EXISTS (
+        SELECT 1 FROM seen s WHERE s.channel = p.channel AND s.account = p.account
+    )
+    ORDER BY 1, 2
+    ON CONFLICT DO NOTHING
+    RETURNING g.channel, g.account
+), locked AS MATERIALIZED (
+    SELECT g.channel, g.account FROM outbox_groups g
+    JOIN seen s ON s.channel = g.channel AND s.account = g.account AND s.version = g.version
+    FOR UPDATE OF g SKIP LOCKED
+), held AS MATERIALIZED (
+    SELECT channel, account FROM locked
+    UNION ALL
+    SELECT channel, account FROM adopted
+), bumped AS (
+    UPDATE outbox_groups g SET version = g.version + 1
+    FROM held h WHERE g.channel = h.channel AND g.account = h.account
 ), claimed AS (
     UPDATE outbox o SET
         status = CASE WHEN o.status = 'sending' AND o.attempts >= o.max_attempts
@@ -339,7 +419,8 @@ WITH picked AS (
         lease_token = nextval('claim_tokens'),
         run_after = now() + make_interval(secs => $4),
         updated_at = now()
-    FROM grouped WHERE o.id = grouped.id
+    FROM picked p JOIN held h ON h.channel = p.channel AND h.account = p.account
+    WHERE o.id = p.id AND o.status IN ('pending', 'sending')
     RETURNING o.*
 )
 SELECT * FROM claimed WHERE status = 'sending' ORDER BY id;
@@ -362,9 +443,20 @@ WHERE o.id = f.id AND o.lease_token = f.token AND o.status = 'sending'
 RETURNING o.id, o.status;
 
 -- name: redrive_outbox
-UPDATE outbox SET status = 'pending', attempts = 0, run_after = now(), updated_at = now()
-WHERE id = ANY($1::bigint[]) AND status = 'dead'
-RETURNING id;
+-- A redriven message goes back to its place (its id) among its group's open messages: it
+-- waits while a message of its group is in flight, then goes before the later ones still
+-- pending. Bumping the group's version makes a claim whose snapshot predates this redrive
+-- leave the group alone (see claim_outbox) instead of taking the messages behind it.
+WITH moved AS (
+    UPDATE outbox SET status = 'pending', attempts = 0, run_after = now(), updated_at = now()
+    WHERE id = ANY($1::bigint[]) AND status = 'dead'
+    RETURNING id, channel, account
+), bumped AS (
+    UPDATE outbox_groups g SET version = g.version + 1
+    FROM (SELECT DISTINCT channel, account FROM moved) m
+    WHERE g.channel = m.channel AND g.account = m.account
+)
+SELECT id FROM moved;
 
 -- name: release_outbox
 UPDATE outbox o SET status = 'pending', run_after = now(),
@@ -419,3 +511,42 @@ SELECT pg_try_advisory_lock(1634957678, hashtext($1));
 
 -- name: release_leadership
 SELECT pg_advisory_unlock(1634957678, hashtext($1));
+
+-- name: journal_webhook_events
+INSERT INTO webhook_journal (endpoint, owner, body)
+SELECT $1, $2, x.body FROM unnest($3::text[]) WITH ORDINALITY AS x(body, ord)
+ORDER BY x.ord
+RETURNING id;
+
+-- name: delete_webhook_events
+DELETE FROM webhook_journal WHERE id = ANY($1::bigint[]);
+
+-- name: claim_webhook_orphans
+-- Events their owner did not batch within the age limit (it crashed, or lost its storage):
+-- taken over by this owner, oldest first, skipping rows another claimer holds.
+UPDATE webhook_journal j SET owner = $2, claimed_at = now()
+WHERE j.id IN (
+    SELECT id FROM webhook_journal
+    WHERE endpoint = ANY($1::text[]) AND claimed_at < now() - make_interval(secs => $3)
+    ORDER BY id LIMIT $4
+    FOR UPDATE SKIP LOCKED
+)
+RETURNING j.id, j.endpoint, j.body;
+
+-- name: record_webhook_attempts
+INSERT INTO webhook_attempts (endpoint, webhook_id, outbox_id, attempted_at, status, error, ok)
+SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::timestamptz[], $5::int[],
+                     $6::text[], $7::boolean[]);
+
+-- name: list_webhook_attempts
+-- Newest first. $2: only webhook-ids that no attempt delivered; $3: one webhook-id.
+SELECT a.* FROM webhook_attempts a
+WHERE ($1::text IS NULL OR a.endpoint = $1)
+  AND ($3::text IS NULL OR a.webhook_id = $3)
+  AND (NOT $2 OR NOT EXISTS (
+        SELECT 1 FROM webhook_attempts s WHERE s.webhook_id = a.webhook_id AND s.ok))
+ORDER BY a.id DESC
+LIMIT $4;
+
+-- name: purge_webhook_attempts
+DELETE FROM webhook_attempts WHERE attempted_at < now() - make_interval(secs => $1);

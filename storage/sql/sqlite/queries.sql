@@ -179,12 +179,15 @@ VALUES (?, ?, ?, ?, ?, ?, ?, ?);
 SELECT * FROM agent_tasks WHERE id > :after ORDER BY id;
 
 -- name: claim_tasks
--- A running task whose lease expired with no attempts left is dead-lettered, not re-run.
+-- A running task whose lease expired with no attempts left is dead-lettered, not re-run; one
+-- with attempts left is re-run with last_error 'lease expired' (workers count re-runs by it).
 UPDATE agent_tasks SET
     status = CASE WHEN status = 'running' AND attempts >= max_attempts
                   THEN 'dead' ELSE 'running' END,
     last_error = CASE WHEN status = 'running' AND attempts >= max_attempts
-                      THEN 'lease expired on the last attempt' ELSE last_error END,
+                      THEN 'lease expired on the last attempt'
+                      WHEN status = 'running' THEN 'lease expired'
+                      ELSE last_error END,
     attempts = CASE WHEN status = 'running' AND attempts >= max_attempts
                     THEN attempts ELSE attempts + 1 END,
     worker_id = :worker_id,
@@ -247,6 +250,31 @@ DELETE FROM agent_tasks WHERE status = 'succeeded' AND updated_at < :cutoff;
 -- name: _max_outbox_id
 SELECT coalesce(max(id), 0) FROM outbox;
 
+-- name: next_task_due
+-- Read by idle workers: a running task's run_after is its lease expiry, so the minimum is
+-- the next moment a delayed task becomes due or a dead worker's task becomes claimable.
+SELECT min(run_after) - :now AS due_s
+FROM agent_tasks WHERE queue = :queue AND status IN ('queued', 'running');
+
+-- name: task_backlog
+SELECT queue AS name,
+    sum(run_after <= :now) AS waiting,
+    sum(status = 'queued' AND run_after > :now) AS delayed,
+    sum(status = 'running' AND run_after > :now) AS in_flight,
+    :now - min(CASE WHEN run_after <= :now THEN run_after END) AS oldest_wait_s
+FROM agent_tasks WHERE status IN ('queued', 'running')
+GROUP BY queue ORDER BY queue;
+
+-- name: outbox_backlog
+-- Metrics only; kept apart from the outbox claim queries. Rows held back behind an earlier
+-- message of their group count as waiting: they are due, delivery order makes them wait.
+SELECT 'outbox' AS name,
+    coalesce(sum(run_after <= :now), 0) AS waiting,
+    coalesce(sum(status = 'pending' AND run_after > :now), 0) AS delayed,
+    coalesce(sum(status = 'sending' AND run_after > :now), 0) AS in_flight,
+    :now - min(CASE WHEN run_after <= :now THEN run_after END) AS oldest_wait_s
+FROM outbox WHERE status IN ('pending', 'sending');
+
 -- name: enqueue_outbox
 INSERT INTO outbox (channel, account, payload, max_attempts, run_after, created_at, updated_at)
 VALUES (?, ?, ?, ?, ?, ?, ?);
@@ -255,8 +283,11 @@ VALUES (?, ?, ?, ?, ?, ?, ?);
 SELECT * FROM outbox WHERE id > :after ORDER BY id;
 
 -- name: claim_outbox
--- A message waits while an earlier one of its (channel, account) group is in flight under a
--- live claim or waiting for its retry, so each group is delivered in order.
+-- Group rule (both dialects): nothing of a (channel, account) group is claimed while one of
+-- its messages is in flight under a live claim, and a message waiting for its retry holds
+-- back the later messages of its group; a dead message holds nothing back. A claim takes a
+-- prefix, in id order, of its groups' due messages. One writer: the claim's transaction sees
+-- every committed claim, so no group row is needed here (see the Postgres dialect).
 UPDATE outbox SET
     status = CASE WHEN status = 'sending' AND attempts >= max_attempts
                   THEN 'dead' ELSE 'sending' END,
@@ -274,8 +305,13 @@ WHERE id IN (
       AND (:channels IS NULL OR o.channel IN (SELECT value FROM json_each(:channels)))
       AND NOT EXISTS (
           SELECT 1 FROM outbox p
-          WHERE p.channel = o.channel AND p.account = o.account AND p.id < o.id
-            AND p.status IN ('pending', 'sending') AND p.run_after > :now
+          WHERE p.channel = o.channel AND p.account = o.account
+            AND p.id < o.id AND p.status IN ('pending', 'sending') AND p.run_after > :now
+      )
+      AND NOT EXISTS (  -- any message of the group in flight (outbox_sending_group)
+          SELECT 1 FROM outbox p
+          WHERE p.channel = o.channel AND p.account = o.account
+            AND p.status = 'sending' AND p.run_after > :now
       )
     ORDER BY o.id
     LIMIT :limit
@@ -301,6 +337,9 @@ WHERE o.id = f.fid AND o.lease_token = f.ftoken AND o.status = 'sending'
 RETURNING id, status;
 
 -- name: redrive_outbox
+-- A redriven message goes back to its place (its id) among its group's open messages: it
+-- waits while a message of its group is in flight, then goes before the later ones still
+-- pending.
 UPDATE outbox SET status = 'pending', attempts = 0, run_after = :now, updated_at = :now
 WHERE status = 'dead' AND id IN (SELECT value FROM json_each(:ids))
 RETURNING id;
@@ -350,3 +389,39 @@ RETURNING holder;
 
 -- name: release_leadership
 DELETE FROM maintenance_leaders WHERE name = :name AND holder = :holder;
+
+-- name: journal_webhook_events
+INSERT INTO webhook_journal (endpoint, owner, body, claimed_at, created_at)
+VALUES (:endpoint, :owner, :body, :now, :now)
+RETURNING id;
+
+-- name: delete_webhook_events
+DELETE FROM webhook_journal WHERE id IN (SELECT value FROM json_each(:ids));
+
+-- name: claim_webhook_orphans
+-- Events their owner did not batch within the age limit (it crashed, or lost its storage):
+-- taken over by this owner, oldest first (one writer at a time: BEGIN IMMEDIATE).
+UPDATE webhook_journal SET owner = :owner, claimed_at = :now
+WHERE id IN (
+    SELECT id FROM webhook_journal
+    WHERE endpoint IN (SELECT value FROM json_each(:endpoints)) AND claimed_at < :cutoff
+    ORDER BY id LIMIT :limit
+)
+RETURNING id, endpoint, body;
+
+-- name: record_webhook_attempts
+INSERT INTO webhook_attempts (endpoint, webhook_id, outbox_id, attempted_at, status, error, ok)
+VALUES (:endpoint, :webhook_id, :outbox_id, :attempted_at, :status, :error, :ok);
+
+-- name: list_webhook_attempts
+-- Newest first. :failed: only webhook-ids that no attempt delivered; :webhook_id: one id.
+SELECT a.* FROM webhook_attempts a
+WHERE (:endpoint IS NULL OR a.endpoint = :endpoint)
+  AND (:webhook_id IS NULL OR a.webhook_id = :webhook_id)
+  AND (NOT :failed OR NOT EXISTS (
+        SELECT 1 FROM webhook_attempts s WHERE s.webhook_id = a.webhook_id AND s.ok))
+ORDER BY a.id DESC
+LIMIT :limit;
+
+-- name: purge_webhook_attempts
+DELETE FROM webhook_attempts WHERE attempted_at < :cutoff;

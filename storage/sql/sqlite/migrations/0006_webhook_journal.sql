@@ -1,0 +1,32 @@
+-- asyncstore schema, version 6 (SQLite): the journal of durable webhook events. Each
+-- fired event is committed here first (one row per event, group-committed), so fire() can
+-- answer "queued" at once; the batcher then writes whole batches to the outbox and deletes
+-- the events it batched. Rows whose owner did not batch them in time are claimed again.
+
+CREATE TABLE webhook_journal (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    endpoint    TEXT NOT NULL,
+    owner       TEXT NOT NULL,
+    body        TEXT NOT NULL,
+    claimed_at  REAL NOT NULL,
+    created_at  REAL NOT NULL
+);
+
+CREATE INDEX webhook_journal_claimed ON webhook_journal (endpoint, claimed_at);
+
+-- Every delivery attempt of a durable webhook (an outbox row of channel 'webhook'): the
+-- delivery log behind `asyncstore webhooks log` and `resend`, purged with the outbox.
+CREATE TABLE webhook_attempts (
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,
+    endpoint      TEXT NOT NULL,
+    webhook_id    TEXT NOT NULL,
+    outbox_id     INTEGER,
+    attempted_at  REAL NOT NULL,
+    status        INTEGER,
+    error         TEXT NOT NULL DEFAULT '',
+    ok            INTEGER NOT NULL
+);
+
+CREATE INDEX webhook_attempts_endpoint ON webhook_attempts (endpoint, id);
+CREATE INDEX webhook_attempts_webhook_id ON webhook_attempts (webhook_id);
+CREATE INDEX webhook_attempts_time ON webhook_attempts (attempted_at);
