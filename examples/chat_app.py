@@ -8,14 +8,29 @@ over a WebSocket; ``POST /sessions/{id}/cancel`` is the stop button; ``POST
 /sessions/{id}/drop`` ends the session's open streams as a network drop would, so the
 browser's reconnect can be watched (and tested). Reload the page: it replays the session.
 
+Who may use a session: the server, never the browser, creates session ids. ``GET /`` gives
+the browser a signed cookie naming its user (HMAC-SHA256 with a server secret, HttpOnly,
+SameSite=Strict) and redirects it to a new session that user owns; every endpoint checks
+the cookie's signature and that its user owns the session in the path, and a WebSocket
+must also come from this site's own page (its Origin). Here the owners are a dict and the
+secret is made at start; a real service keeps the owner beside the session in its
+database, takes the user from its login and the secret from its secret store.
+
+SIGTERM and Ctrl-C stop it cleanly: streams get their final ``shutdown`` event, turns are
+cancelled, the runtime drains and its report is printed.
+
     python examples/chat_app.py [--port 8000] [--url postgresql://...] [--token-delay 0.12]
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
-import re
+import hashlib
+import hmac
+import secrets
+import signal
 import socket
 import sys
 import tempfile
@@ -27,7 +42,7 @@ import anyio.abc
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import HTTPConnection, Request
-from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
 from orchestrator.asgi import EndpointConfig, EventStreams, StreamingServer
@@ -35,7 +50,7 @@ from orchestrator.broadcast import Position, Subscription
 from orchestrator.config import load_settings
 from orchestrator.runtime import Runtime, RuntimeClosed, open_runtime
 
-SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+USER_COOKIE = "chat_user"
 ANSWER_TEXT = (
     "Paris is sunny today with a light breeze from the west. The high is twenty two degrees "
     "and the evening stays mild, so a walk along the Seine after dinner sounds perfect."
@@ -43,14 +58,42 @@ ANSWER_TEXT = (
 ANSWER = ANSWER_TEXT.split(" ")
 
 
+class CookieSigner:
+    """``value.signature`` tokens: HMAC-SHA256 of the value under a server secret."""
+
+    def __init__(self, secret: bytes) -> None:
+        if len(secret) < 32:
+            raise ValueError("the cookie secret must be at least 32 bytes")
+        self._secret = secret
+
+    def _mac(self, value: str) -> str:
+        digest = hmac.new(self._secret, value.encode(), hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+    def sign(self, value: str) -> str:
+        return f"{value}.{self._mac(value)}"
+
+    def verify(self, token: str | None) -> str | None:
+        """The signed value, or None for a missing, malformed or forged token."""
+        if not token:
+            return None
+        value, _, mac = token.rpartition(".")
+        # compare_digest: the time taken does not tell how much of a forgery was right.
+        if not value or not hmac.compare_digest(mac, self._mac(value)):
+            return None
+        return value
+
+
 class ChatApp:
     """The demo service: the runtime, the stream endpoints, and the turns it runs."""
 
-    def __init__(self, url: str, *, token_delay_s: float) -> None:
+    def __init__(self, url: str, *, token_delay_s: float, secret: bytes | None = None) -> None:
         self.url = url
         self.token_delay_s = token_delay_s
         self.rt: Runtime | None = None
         self.running: set[str] = set()
+        self.signer = CookieSigner(secret or secrets.token_bytes(32))
+        self.owners: dict[str, str] = {}  # session id -> user id: your sessions table
         self._tg: anyio.abc.TaskGroup | None = None
         self.streams = EventStreams(
             self._subscribe,
@@ -96,13 +139,40 @@ class ChatApp:
     async def _cancel(self, session_id: str, reason: str) -> None:
         await self._runtime().request_cancel(session_id, reason)
 
-    @staticmethod
-    def _authorize(conn: HTTPConnection, session_id: str) -> bool:
-        # A real service checks that the caller (cookie, token) owns the session.
-        return SESSION_ID.fullmatch(session_id) is not None
+    def _user(self, conn: HTTPConnection) -> str | None:
+        return self.signer.verify(conn.cookies.get(USER_COOKIE))
+
+    def _authorize(self, conn: HTTPConnection, session_id: str) -> bool:
+        """May this request use this session: a valid signed cookie whose user owns it."""
+        user = self._user(conn)
+        if user is None or self.owners.get(session_id) != user:
+            return False
+        if conn.scope["type"] == "websocket":
+            # Browsers send cookies with cross-site WebSocket handshakes that SameSite does
+            # not cover everywhere: accept only this site's own page as the origin.
+            scheme = "https" if conn.url.scheme == "wss" else "http"
+            origin = conn.headers.get("origin")
+            if origin is not None and origin != f"{scheme}://{conn.headers.get('host')}":
+                return False
+        return True
 
     async def page(self, request: Request) -> Response:
-        return HTMLResponse(PAGE)
+        """The page of a session the caller owns; anyone else gets a new session of their own."""
+        user = self._user(request)
+        session_id = request.query_params.get("session")
+        if user is not None and session_id is not None and self.owners.get(session_id) == user:
+            return HTMLResponse(PAGE)
+        if user is None:
+            user = secrets.token_urlsafe(16)  # a real service: the logged-in user's id
+        session_id = "chat-" + secrets.token_urlsafe(12)
+        self.owners[session_id] = user
+        response = RedirectResponse(f"/?session={session_id}", status_code=303)
+        # HttpOnly: page scripts cannot read it; SameSite=Strict: no cross-site request
+        # (a form post from another site) carries it. Add secure=True behind HTTPS.
+        response.set_cookie(
+            USER_COOKIE, self.signer.sign(user), httponly=True, samesite="strict", path="/"
+        )
+        return response
 
     async def start_turn(self, request: Request) -> Response:
         session_id = request.path_params["session_id"]
@@ -178,13 +248,9 @@ the connection: the stream resumes exactly where it left off.</p>
 </form>
 <div id="status">connecting…</div>
 <script>
-const params = new URLSearchParams(location.search);
-let session = params.get("session");
-if (!session) {
-  session = "chat-" + Math.random().toString(36).slice(2, 10);
-  params.set("session", session);
-  history.replaceState(null, "", "?" + params);
-}
+// The server made this session for this browser (its cookie proves the user) and put its
+// id in the address; the page never invents one.
+const session = new URLSearchParams(location.search).get("session");
 const base = "/sessions/" + encodeURIComponent(session);
 const log = document.getElementById("log");
 const state = {session, seqs: [], tokens: [], connects: 0, completed: 0, cancelled: 0,
@@ -254,7 +320,10 @@ def serve(url: str, host: str, port: int, token_delay_s: float) -> None:
     bound = sock.getsockname()[1]
     print(f"open http://{host}:{bound}/", flush=True)
     config = uvicorn.Config(chat.app, log_level="warning", lifespan="on")
-    StreamingServer(config, chat.streams).run(sockets=[sock])
+    server = StreamingServer(config, chat.streams, grace_s=5.0)
+    server.run(sockets=[sock])
+    if server.exit_signal is not None:
+        print(f"stopped by {signal.Signals(server.exit_signal).name}", flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -264,14 +333,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--url", help="postgresql://... (default: a SQLite file in a temp dir)")
     parser.add_argument("--token-delay", type=float, default=0.12, help="seconds per token")
     args = parser.parse_args(argv)
-    try:
-        if args.url is not None:
-            serve(args.url, args.host, args.port, args.token_delay)
-            return 0
-        with tempfile.TemporaryDirectory() as tmp:
-            serve(f"sqlite:///{Path(tmp) / 'chat.db'}", args.host, args.port, args.token_delay)
-    except KeyboardInterrupt:
-        pass  # uvicorn re-raises the Ctrl-C it handled, after shutting down cleanly
+    # StreamingServer handles SIGTERM and SIGINT itself and returns once drained.
+    if args.url is not None:
+        serve(args.url, args.host, args.port, args.token_delay)
+        return 0
+    with tempfile.TemporaryDirectory() as tmp:
+        serve(f"sqlite:///{Path(tmp) / 'chat.db'}", args.host, args.port, args.token_delay)
     return 0
 
 

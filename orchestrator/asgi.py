@@ -4,9 +4,12 @@
 ``BroadcastHub.subscribe``) into two Starlette endpoints: ``sse`` (Server-Sent Events, every
 event with ``id: epoch:seq``, resumed from ``Last-Event-ID``) and ``websocket`` (the same as
 JSON messages, plus ``cancel`` and ``ping`` from the client). It owns the open connections:
-``close()`` ends each with a final ``shutdown`` event, and :class:`StreamingServer` calls
-it as soon as uvicorn starts shutting down. Relies on the hub's subscription semantics
-(resets, slow-subscriber policy), Starlette and anyio; install the ``asgi`` extra.
+``close()`` ends each with a final ``shutdown`` event (WebSockets then close with 1001, or
+1012 when restarting), ``wait_closed()`` bounds how long that may take, and
+:class:`StreamingServer` runs both on SIGTERM / SIGINT before uvicorn closes connections.
+A client that leaves, even in the middle of a send, is an ordinary end: counted, logged at
+debug, never an error. Relies on the hub's subscription semantics (resets, slow-subscriber
+policy), Starlette and anyio; install the ``asgi`` extra.
 
 Wire format, SSE (unnamed events are stream events, the named ones control the stream)::
 
@@ -27,16 +30,20 @@ and ``{"type": "cancel", "reason": "..."}``.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import re
+import signal
+import threading
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 import orjson
 import uvicorn
 from pydantic import BaseModel, ConfigDict, Field
@@ -68,8 +75,10 @@ _EVENT_ID = re.compile(r"(0|[1-9][0-9]{0,17}):(0|[1-9][0-9]{0,17})")
 """``epoch:seq``, decimal without sign or leading zeros: nothing else is a resume point."""
 
 _FRAME_CACHE = 4096  # recent encoded SSE frames shared by a session's subscribers
+_WRITES_PER_YIELD = 4  # below asyncio's 5 writes to a lost socket before it logs a warning
 
 # WebSocket close codes (RFC 6455 and the IANA registry).
+WS_GOING_AWAY = 1001
 WS_POLICY_VIOLATION = 1008
 WS_SERVICE_RESTART = 1012
 WS_TRY_AGAIN_LATER = 1013
@@ -133,9 +142,11 @@ class EndpointStatistics:
     resets_sent: int
     heartbeats: int
     ended_by_client: int
+    disconnected_mid_send: int  # of ended_by_client: the client vanished while being sent to
     ended_lagged: int
     ended_stalled: int  # a send took over send_timeout_s
     ended_shutdown: int
+    shutdown_forced: int  # of ended_shutdown: still open when wait_closed's grace ran out
     ended_dropped: int  # drop()
     cancels_requested: int
 
@@ -160,20 +171,28 @@ class _Refused(Exception):
 
 
 class _Connection:
-    """One open stream: how to interrupt its wait, and why it ends (None: it does not)."""
+    """One open stream: how to interrupt its wait or its whole handler, why it ends (None:
+    it does not) and whether the client is already gone."""
 
-    __slots__ = ("end_reason", "session_id", "wait_scope")
+    __slots__ = ("client_gone", "end_reason", "handler_scope", "session_id", "wait_scope")
 
     def __init__(self, session_id: str) -> None:
         self.session_id = session_id
         self.end_reason: str | None = None
+        self.client_gone = False
         self.wait_scope: anyio.CancelScope | None = None
+        self.handler_scope: anyio.CancelScope | None = None
 
     def end(self, reason: str) -> None:
         if self.end_reason is None:
             self.end_reason = reason
         if self.wait_scope is not None:
             self.wait_scope.cancel()
+
+    def abort(self) -> None:
+        """Stop the handler where it is (a send included); its cleanup still runs."""
+        if self.handler_scope is not None:
+            self.handler_scope.cancel()
 
 
 def _event_body(event: StreamEvent) -> dict[str, Any]:
@@ -224,6 +243,8 @@ class EventStreams:
         self.config = config or EndpointConfig()
         self._open: dict[_Connection, Literal["sse", "ws"]] = {}
         self._closing = False
+        self._restarting = False
+        self._all_closed: anyio.Event | None = None
         self._counts: dict[str, int] = {}
         self._frames: OrderedDict[tuple[str, int, int], bytes] = OrderedDict()
 
@@ -251,16 +272,45 @@ class EventStreams:
     def closing(self) -> bool:
         return self._closing
 
-    def close(self, reason: str = "server shutting down") -> int:
+    def close(self, reason: str = "server shutting down", *, restarting: bool = False) -> int:
         """End every open stream with a final ``shutdown`` event; refuse new ones (503).
 
-        Returns how many streams were told. Call it when the server begins to shut down
-        (:class:`StreamingServer` does), before it waits for connections to finish.
+        WebSockets then close with 1001 (going away), or 1012 (service restart) when
+        ``restarting``: a client may reconnect at once to a restarting server, elsewhere
+        otherwise. Returns how many streams were told. Call it when the server begins to
+        shut down, then ``wait_closed()`` (:class:`StreamingServer` does both).
         """
         self._closing = True
+        self._restarting = restarting
         for conn in list(self._open):
             conn.end(f"shutdown:{reason}")
         return len(self._open)
+
+    async def wait_closed(self, grace_s: float) -> int:
+        """Wait until every stream ended after ``close()``; after ``grace_s`` abort the rest.
+
+        A stream still open when the grace period ends (a client that does not read, so a
+        send is blocked) is cut where it is, without its final message, and counted in
+        ``shutdown_forced``. Returns how many were cut. If cancelled, the streams are left
+        as they are (still told to end).
+        """
+        if not self._closing:
+            raise RuntimeError("wait_closed() needs close() first")
+        if self._open:
+            self._all_closed = anyio.Event()
+            with anyio.move_on_after(grace_s):
+                await self._all_closed.wait()
+        forced = list(self._open)
+        for conn in forced:
+            conn.abort()
+        self._count("shutdown_forced", len(forced))
+        if forced:
+            log.warning("%d stream(s) still open after %.1f s: cut", len(forced), grace_s)
+            self._all_closed = anyio.Event()
+            # The cut handlers only run their (bounded) cleanup now; wait for it.
+            with anyio.move_on_after(5.0):
+                await self._all_closed.wait()
+        return len(forced)
 
     def drop(self, session_id: str) -> int:
         """End the open streams of one session without a final event, as a network drop
@@ -283,15 +333,30 @@ class EventStreams:
             resets_sent=c("resets_sent", 0),
             heartbeats=c("heartbeats", 0),
             ended_by_client=c("ended_by_client", 0),
+            disconnected_mid_send=c("disconnected_mid_send", 0),
             ended_lagged=c("ended_lagged", 0),
             ended_stalled=c("ended_stalled", 0),
             ended_shutdown=c("ended_shutdown", 0),
+            shutdown_forced=c("shutdown_forced", 0),
             ended_dropped=c("ended_dropped", 0),
             cancels_requested=c("cancels_requested", 0),
         )
 
     def _count(self, key: str, n: int = 1) -> None:
         self._counts[key] = self._counts.get(key, 0) + n
+
+    def _forget(self, conn: _Connection) -> None:
+        del self._open[conn]
+        if not self._open and self._all_closed is not None:
+            self._all_closed.set()
+
+    def _client_left_mid_send(self, conn: _Connection, exc: BaseException) -> None:
+        # An ordinary event (a closed tab, a lost network), not an error of the server.
+        conn.client_gone = True
+        self._count("disconnected_mid_send")
+        log.debug("a client of session %r left mid-send: %r", conn.session_id, exc)
+        if conn.end_reason is None:
+            conn.end("client:left mid-send")
 
     # -- shared ----------------------------------------------------------------------------
 
@@ -346,7 +411,8 @@ class EventStreams:
         )
 
     async def _after_disconnect(self, session_id: str, reason: str | None) -> None:
-        if reason is None and self.config.cancel_on_disconnect and self._cancel is not None:
+        by_client = reason is None or reason.startswith("client:")
+        if by_client and self.config.cancel_on_disconnect and self._cancel is not None:
             # Shielded: the request handler is being torn down, the cancel must still land.
             with anyio.CancelScope(shield=True):
                 await self._cancel(session_id, "client disconnected")
@@ -392,17 +458,19 @@ class EventStreams:
             self._count("resumed")
         try:
             async with anyio.create_task_group() as tg:
+                conn.handler_scope = tg.cancel_scope
 
                 async def watch_disconnect() -> None:
                     while (await receive())["type"] != "http.disconnect":
                         pass
+                    conn.client_gone = True
                     tg.cancel_scope.cancel()
 
                 tg.start_soon(watch_disconnect)
                 await self._stream_sse(conn, items, start, send)
                 tg.cancel_scope.cancel()
         finally:
-            del self._open[conn]
+            self._forget(conn)
             # Shielded: the subscription must be released even when the handler is cancelled.
             with anyio.CancelScope(shield=True):
                 await items.aclose()
@@ -426,9 +494,26 @@ class EventStreams:
     ) -> None:
         cfg = self.config
 
-        async def write(chunk: bytes) -> bool:
+        unyielded = 0
+
+        async def write(chunk: bytes, more_body: bool = True) -> bool:
+            nonlocal unyielded
             with anyio.move_on_after(cfg.send_timeout_s):
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                try:
+                    await send(
+                        {"type": "http.response.body", "body": chunk, "more_body": more_body}
+                    )
+                except OSError as exc:  # uvicorn's ClientDisconnected: the client is gone
+                    self._client_left_mid_send(conn, exc)
+                    return False
+                # uvicorn's send does not yield while the socket takes data, so a replay
+                # would run without a pause: it would starve other streams, and writes to
+                # a reset socket go on until its connection_lost runs (asyncio warns from
+                # the 5th such write). Yield every _WRITES_PER_YIELD writes.
+                unyielded += 1
+                if unyielded >= _WRITES_PER_YIELD:
+                    unyielded = 0
+                    await anyio.lowlevel.checkpoint()
                 return True
             conn.end("stalled")
             return False
@@ -468,8 +553,8 @@ class EventStreams:
                 break
             if not await write(chunk):
                 break
-        with anyio.move_on_after(cfg.send_timeout_s):
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        if not conn.client_gone:
+            await write(b"", more_body=False)
 
     # -- WebSocket -------------------------------------------------------------------------
 
@@ -484,19 +569,20 @@ class EventStreams:
             session_id = await self._admit(websocket)
         except _Refused as refused:
             self._count("refused")
-            code = WS_SERVICE_RESTART if refused.status == 503 else WS_POLICY_VIOLATION
-            await websocket.close(code=code, reason=refused.reason)
+            code = self._shutdown_code() if refused.status == 503 else WS_POLICY_VIOLATION
+            with contextlib.suppress(WebSocketDisconnect, OSError):
+                await websocket.close(code=code, reason=refused.reason)
             return
-        await websocket.accept()
+        conn = _Connection(session_id)
         try:
+            await websocket.accept()
             after = await self._first_message(websocket)
         except _Refused as refused:
             self._count("refused")
-            await self._ws_close(websocket, WS_POLICY_VIOLATION, refused.reason)
+            await self._ws_close(websocket, conn, WS_POLICY_VIOLATION, refused.reason)
             return
-        except WebSocketDisconnect:
-            return
-        conn = _Connection(session_id)
+        except (WebSocketDisconnect, OSError):
+            return  # the client left before subscribing: nothing was opened
         start = self._start(after)
         items = self._subscribe(session_id, start)
         self._open[conn] = "ws"
@@ -509,11 +595,12 @@ class EventStreams:
         lock = anyio.Lock()
         try:
             async with anyio.create_task_group() as tg:
+                conn.handler_scope = tg.cancel_scope
                 tg.start_soon(self._ws_commands, websocket, conn, lock, tg.cancel_scope)
                 await self._stream_ws(websocket, conn, items, start, lock)
                 tg.cancel_scope.cancel()
         finally:
-            del self._open[conn]
+            self._forget(conn)
             # Shielded: the subscription must be released even when the handler is cancelled.
             with anyio.CancelScope(shield=True):
                 await items.aclose()
@@ -540,17 +627,48 @@ class EventStreams:
                 raise _Refused(400, str(exc)) from None
         raise _Refused(408, "no subscribe message in time")
 
-    async def _ws_send(self, websocket: WebSocket, lock: anyio.Lock, data: Any) -> bool:
+    def _shutdown_code(self) -> int:
+        return WS_SERVICE_RESTART if self._restarting else WS_GOING_AWAY
+
+    async def _ws_send(
+        self, websocket: WebSocket, conn: _Connection, lock: anyio.Lock, data: Any
+    ) -> bool:
+        """Send one message; False if it took over ``send_timeout_s`` or the client is gone
+        (``conn.client_gone`` then says which)."""
+        if conn.client_gone:
+            return False
         with anyio.move_on_after(self.config.send_timeout_s):
             async with lock:
-                await websocket.send_text(orjson.dumps(data).decode())
+                try:
+                    await websocket.send_text(orjson.dumps(data).decode())
+                except (WebSocketDisconnect, OSError, RuntimeError) as exc:
+                    self._client_gone_or_raise(websocket, conn, exc)
+                    return False
             return True
         return False
 
-    async def _ws_close(self, websocket: WebSocket, code: int, reason: str) -> None:
-        if websocket.application_state is WebSocketState.CONNECTED:
-            with anyio.move_on_after(self.config.send_timeout_s):
+    def _client_gone_or_raise(
+        self, websocket: WebSocket, conn: _Connection, exc: Exception
+    ) -> None:
+        # Starlette turns uvicorn's ClientDisconnected (an OSError) into WebSocketDisconnect;
+        # once the receiving task has seen the disconnect, uvicorn refuses any send with a
+        # RuntimeError instead. Only that RuntimeError means "gone": others are real bugs.
+        if isinstance(exc, RuntimeError) and not (
+            conn.client_gone or websocket.client_state is WebSocketState.DISCONNECTED
+        ):
+            raise exc
+        self._client_left_mid_send(conn, exc)
+
+    async def _ws_close(
+        self, websocket: WebSocket, conn: _Connection, code: int, reason: str
+    ) -> None:
+        if conn.client_gone or websocket.application_state is not WebSocketState.CONNECTED:
+            return
+        with anyio.move_on_after(self.config.send_timeout_s):
+            try:
                 await websocket.close(code=code, reason=reason[:120])
+            except (WebSocketDisconnect, OSError, RuntimeError) as exc:
+                self._client_gone_or_raise(websocket, conn, exc)
 
     async def _stream_ws(
         self,
@@ -562,7 +680,7 @@ class EventStreams:
     ) -> None:
         after = None if start is None else format_event_id(*start)
         ready = {"type": "ready", "session_id": conn.session_id, "after": after}
-        if not await self._ws_send(websocket, lock, ready):
+        if not await self._ws_send(websocket, conn, lock, ready):
             conn.end("stalled")
             return
         while True:
@@ -587,17 +705,19 @@ class EventStreams:
             else:
                 kind, _, why = conn.end_reason.partition(":")
                 if kind == "shutdown":
-                    await self._ws_send(websocket, lock, {"type": "shutdown", "reason": why})
-                    await self._ws_close(websocket, WS_SERVICE_RESTART, why)
+                    final = {"type": "shutdown", "reason": why}
+                    if await self._ws_send(websocket, conn, lock, final):
+                        await self._ws_close(websocket, conn, self._shutdown_code(), why)
                 elif kind == "lagged":
-                    await self._ws_send(websocket, lock, {"type": "lagged", "reason": why})
-                    await self._ws_close(websocket, WS_TRY_AGAIN_LATER, "lagged")
+                    await self._ws_send(websocket, conn, lock, {"type": "lagged", "reason": why})
+                    await self._ws_close(websocket, conn, WS_TRY_AGAIN_LATER, "lagged")
                 else:
-                    await self._ws_close(websocket, WS_TRY_AGAIN_LATER, kind)
+                    await self._ws_close(websocket, conn, WS_TRY_AGAIN_LATER, kind)
                 return
-            if not await self._ws_send(websocket, lock, data):
-                conn.end("stalled")
-                await self._ws_close(websocket, WS_TRY_AGAIN_LATER, "stalled")
+            if not await self._ws_send(websocket, conn, lock, data):
+                if not conn.client_gone:
+                    conn.end("stalled")
+                    await self._ws_close(websocket, conn, WS_TRY_AGAIN_LATER, "stalled")
                 return
 
     async def _ws_commands(
@@ -618,13 +738,15 @@ class EventStreams:
                     data = {}
                 kind = data.get("type")
                 if kind == "ping":
-                    await self._ws_send(websocket, lock, {"type": "pong", "id": data.get("id")})
+                    pong = {"type": "pong", "id": data.get("id")}
+                    await self._ws_send(websocket, conn, lock, pong)
                 elif kind == "cancel":
                     await self._ws_cancel(websocket, conn, lock, data.get("reason"))
                 else:
                     error = {"type": "error", "message": "expected ping or cancel"}
-                    await self._ws_send(websocket, lock, error)
+                    await self._ws_send(websocket, conn, lock, error)
         except WebSocketDisconnect:
+            conn.client_gone = True
             scope.cancel()  # the client left: stop streaming at once
 
     async def _ws_cancel(
@@ -635,7 +757,7 @@ class EventStreams:
             allowed = await allowed
         if self._cancel is None or allowed is not True:
             refusal = {"type": "error", "message": "cancel is not allowed here"}
-            await self._ws_send(websocket, lock, refusal)
+            await self._ws_send(websocket, conn, lock, refusal)
             return
         why = reason if isinstance(reason, str) and reason else "cancelled by the client"
         try:
@@ -644,10 +766,11 @@ class EventStreams:
             # The runtime is closing or storage is down: answer, keep the stream open.
             log.warning("cancel of session %r failed: %s", conn.session_id, exc)
             failure = {"type": "error", "message": f"cancel failed: {exc}"[:300]}
-            await self._ws_send(websocket, lock, failure)
+            await self._ws_send(websocket, conn, lock, failure)
             return
         self._count("cancels_requested")
-        await self._ws_send(websocket, lock, {"type": "cancel_requested", "reason": why[:200]})
+        done = {"type": "cancel_requested", "reason": why[:200]}
+        await self._ws_send(websocket, conn, lock, done)
 
 
 async def _receive_message(websocket: WebSocket) -> str | bytes:
@@ -676,13 +799,70 @@ class _SSEResponse(Response):
 
 
 class StreamingServer(uvicorn.Server):
-    """``uvicorn.Server`` that ends open streams (``EventStreams.close``) when it starts
-    shutting down, instead of waiting for them forever."""
+    """``uvicorn.Server`` that drains open streams before uvicorn closes connections.
 
-    def __init__(self, config: uvicorn.Config, streams: EventStreams) -> None:
+    On SIGTERM or SIGINT (or ``should_exit``) it stops accepting connections, ends every
+    open stream with its final ``shutdown`` message (``EventStreams.close``), gives them
+    ``grace_s`` to be sent and closed (WebSockets with 1001), cuts what is left, and only
+    then lets uvicorn shut down (close idle connections, run the lifespan shutdown, where
+    the runtime drains). A signal in ``restart_signals``, or ``restart()``, does the same
+    as a restart: WebSockets close with 1012 so clients reconnect without backing off.
+    ``serve()`` / ``run()`` return normally after a signal (``exit_signal`` says which)
+    rather than re-raising it as plain uvicorn does, so the caller decides the exit code.
+    A second SIGINT forces the exit, as in uvicorn.
+    """
+
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        streams: EventStreams,
+        *,
+        grace_s: float = 10.0,
+        restart_signals: tuple[int, ...] = (),
+    ) -> None:
         super().__init__(config)
         self.streams = streams
+        self.grace_s = grace_s
+        self.restart_signals = restart_signals
+        self.restarting = False
+        self.exit_signal: int | None = None
+
+    def restart(self) -> None:
+        """Shut down as a restart: streams are told, WebSockets close with 1012."""
+        self.restarting = True
+        self.should_exit = True
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        # Signals can only be handled in the main thread (uvicorn's own rule).
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        handled = (signal.SIGINT, signal.SIGTERM, *self.restart_signals)
+        original = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        # A signal handler: only set flags here (logging could re-enter a held lock).
+        if self.exit_signal is None:
+            self.exit_signal = sig
+            self.restarting = self.restarting or sig in self.restart_signals
+        super().handle_exit(sig, frame)
 
     async def shutdown(self, sockets: Any = None) -> None:
-        self.streams.close()
+        # Stop accepting first: a connection made during the grace period would be refused.
+        for server in self.servers:
+            server.close()
+        for sock in sockets or []:
+            sock.close()
+        cause = "" if self.exit_signal is None else f" on {signal.Signals(self.exit_signal).name}"
+        log.info("shutting down%s%s", cause, " for a restart" if self.restarting else "")
+        told = self.streams.close(restarting=self.restarting)
+        if told:
+            log.info("told %d open stream(s) to end; waiting up to %.1f s", told, self.grace_s)
+        await self.streams.wait_closed(self.grace_s)
         await super().shutdown(sockets=sockets)

@@ -5,6 +5,12 @@
 wrong and how to fix it: connectivity, the schema version against the newest migration,
 a LISTEN/NOTIFY round trip, pool health and the clock skew between this host and the
 database. It exits 1 when a check fails.
+
+The long-running commands (``serve-metrics``, ``demo``) stop the same way on SIGTERM (what
+systemd and Kubernetes send) as on SIGINT (Ctrl-C): the signal is received on the event
+loop, the work stops, and the runtime or storage drains before the process exits.
+``serve-metrics`` prints the runtime's drain report and exits 0 when everything was
+delivered, 1 otherwise; ``demo`` stopped by a signal exits 128 + the signal number.
 """
 
 from __future__ import annotations
@@ -12,9 +18,10 @@ from __future__ import annotations
 import argparse
 import json
 import secrets
+import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -31,6 +38,7 @@ from orchestrator.config import (
 )
 from storage import AsyncStorageBackend, StorageError, StorageSettings, dialect_of, open_storage
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 NOTIFY_TIMEOUT_S = 5.0
 MAX_CLOCK_SKEW_S = 1.0
 SLOW_POOL_S = 1.0
@@ -249,13 +257,52 @@ async def run_doctor(settings: Settings, say: Callable[[str], None] = print) -> 
 
 
 async def _serve_metrics(settings: Settings, host: str | None, port: int | None) -> int:
+    """Serve until SIGTERM or SIGINT, then stop serving and drain the runtime.
+
+    The signal leaves the runtime's block normally, so running turns get the runtime's
+    grace period and everything flushes; the report is printed. Exit status 0 when the
+    report is complete, 1 when something could not be delivered.
+    """
     from orchestrator.metrics import serve_metrics
     from orchestrator.runtime import open_runtime
 
-    async with open_runtime(settings) as rt, anyio.create_task_group() as tg:
-        server = await tg.start(serve_metrics, rt.metrics, host, port)
-        print(f"serving metrics at {server.url} (Ctrl-C to stop)", flush=True)
-    return 0
+    async with open_runtime(settings) as rt:
+        # Listen before announcing: a signal sent as soon as the line is read is handled.
+        with anyio.open_signal_receiver(*STOP_SIGNALS) as signals:
+            async with anyio.create_task_group() as tg:
+                server = await tg.start(serve_metrics, rt.metrics, host, port)
+                print(f"serving metrics at {server.url} (SIGTERM or Ctrl-C stops)", flush=True)
+                received = await _next_signal(signals)
+                tg.cancel_scope.cancel()
+        print(f"serve-metrics: {received.name}: draining the runtime", flush=True)
+    report = rt.report
+    print(f"serve-metrics: drained: {report}", flush=True)
+    return 0 if report is not None and report.complete else 1
+
+
+async def _next_signal(signals: AsyncIterator[int]) -> signal.Signals:
+    async for signum in signals:
+        return signal.Signals(signum)
+    raise RuntimeError("the signal receiver ended")  # it does not: it is infinite
+
+
+async def _demo(settings: StorageSettings) -> int:
+    """The walk-through, stopped (storage closed cleanly) by SIGTERM or SIGINT."""
+    from orchestrator.demo import run_demo
+
+    stopped: list[signal.Signals] = []
+    with anyio.open_signal_receiver(*STOP_SIGNALS) as signals:
+        async with anyio.create_task_group() as tg:
+
+            async def stop_on_signal() -> None:
+                stopped.append(await _next_signal(signals))
+                print(f"demo: {stopped[0].name}: stopping", flush=True)
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(stop_on_signal)
+            await run_demo(settings)
+            tg.cancel_scope.cancel()
+    return 128 + stopped[0] if stopped else 0
 
 
 async def _webhooks(settings: Settings, args: argparse.Namespace) -> int:
@@ -339,11 +386,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             try:
                 return anyio.run(_serve_metrics, settings, args.host, args.port)
             except KeyboardInterrupt:
-                return 0
-        from orchestrator.demo import run_demo
-
-        anyio.run(run_demo, settings.storage)
-        return 0
+                return 130  # Ctrl-C while the runtime was still opening
+        return anyio.run(_demo, settings.storage)
     except (StorageError, ValidationError, FileNotFoundError) as exc:
         print(f"asyncstore {args.command}: {exc}", file=sys.stderr)
         return 2

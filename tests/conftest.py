@@ -24,7 +24,7 @@ DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 TABLES = (
     "chat_sessions, chat_messages, stream_events, session_leases, agent_tasks, outbox,"
     " cancel_requests, lease_slots, lease_slot_pools"
-    ", webhook_journal, webhook_attempts"  # migration 0006 (durable webhooks)
+    ", webhook_journal, webhook_attempts, outbox_groups"  # migrations 0005 and 0006
 )
 
 

@@ -69,7 +69,8 @@ def chat_server() -> Iterator[tuple[str, subprocess.Popen[str]]]:
         deadline = time.monotonic() + 20
         while True:
             try:
-                if httpx.get(url, timeout=1).status_code == 200:
+                # "/" sends a new browser to a new session of its own (303, a cookie).
+                if httpx.get(url, timeout=1, follow_redirects=True).status_code == 200:
                     break
             except httpx.TransportError:
                 pass

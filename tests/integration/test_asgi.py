@@ -22,6 +22,7 @@ import anyio
 import anyio.abc
 import httpx
 import orjson
+import pytest
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import HTTPConnection
@@ -565,16 +566,19 @@ async def test_ws_refuses_unauthorized_and_malformed_resume_points(storage_url: 
         assert srv.streams.statistics().refused == 4
 
 
-async def test_ws_shutdown_sends_a_final_message_and_closes(storage_url: str) -> None:
+@pytest.mark.parametrize(("restarting", "code"), [(False, 1001), (True, 1012)])
+async def test_ws_shutdown_sends_a_final_message_and_closes(
+    storage_url: str, restarting: bool, code: int
+) -> None:
     async with serve(storage_url) as srv, anyio.create_task_group() as tg:
         ws = WebSocketSession(srv.app, "/s/s1/ws", tg)
         await ws.connect()
         await ws.send_json({"type": "subscribe"})
         assert (await ws.receive_json())["type"] == "ready"
-        assert srv.streams.close("deploy") == 1
+        assert srv.streams.close("deploy", restarting=restarting) == 1
         assert await ws.receive_json() == {"type": "shutdown", "reason": "deploy"}
         closed = await ws.receive_message()
-        assert (closed["type"], closed["code"]) == ("websocket.close", 1012)
+        assert (closed["type"], closed["code"]) == ("websocket.close", code)
         await ws.disconnect()
         await ws.done.wait()
         assert srv.subscribers() == 0
@@ -599,3 +603,20 @@ async def test_ws_cancel_that_fails_answers_an_error_and_keeps_the_stream(storag
         await ws.send_json({"type": "ping"})
         assert (await ws.receive_json())["type"] == "pong"  # the stream is still open
         await ws.disconnect()
+
+
+async def test_wait_closed_cuts_a_client_that_does_not_read_after_the_grace_period(
+    storage_url: str,
+) -> None:
+    async with serve(storage_url) as srv, anyio.create_task_group() as tg:
+        await _emit(srv.rt, "s1", 1100)  # more than the test connection buffers (1000)
+        ws = WebSocketSession(srv.app, "/s/s1/ws", tg)
+        await ws.connect()
+        await ws.send_json({"type": "subscribe"})
+        await wait_until(lambda: srv.streams.statistics().events_sent >= 990)
+        assert srv.streams.close() == 1  # the handler is blocked sending: it cannot obey
+        assert await srv.streams.wait_closed(0.2) == 1
+        stats = srv.streams.statistics()
+        assert (stats.open_websockets, stats.ended_shutdown, stats.shutdown_forced) == (0, 1, 1)
+        await ws.done.wait()
+        assert srv.subscribers() == 0
