@@ -466,8 +466,9 @@ class LoginAttemptLimiter:
         ``release`` gives the attempt back uncounted: for a verification that was cancelled
         or raised (overload, corrupt stored hash), which says nothing about the password. A
         second call for the same attempt does nothing. Storage mode runs one statement per
-        scope; if cancelled, the statements in progress complete or not, so call it
-        shielded (``check_login`` does).
+        scope and raises the first storage error after trying both (a scope whose statement
+        failed keeps the attempt in flight until its window ends); if cancelled, the
+        statement in progress completes or not, so call it shielded (``check_login`` does).
         """
         if attempt._finished:
             return
@@ -665,11 +666,20 @@ class LoginAttemptLimiter:
             ("account", attempt.account, windows[0], outcome),
             ("address", attempt.address, windows[1], address_outcome),
         )
+        error: Exception | None = None
         for scope, key, window_start, result in steps:
-            tripped = await storage.finish_login_attempt(
-                scope, key, window_start, result, cfg.policy(scope)
-            )
+            # Both scopes are tried even if one fails, so one storage error leaves at most
+            # one attempt counted as in flight (until its window ends), not two.
+            try:
+                tripped = await storage.finish_login_attempt(
+                    scope, key, window_start, result, cfg.policy(scope)
+                )
+            except Exception as exc:
+                error = error or exc
+                continue
             self._lockouts[scope] += tripped
+        if error is not None:
+            raise error
 
 
 async def check_login(
