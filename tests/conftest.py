@@ -24,7 +24,7 @@ DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 TABLES = (
     "chat_sessions, chat_messages, stream_events, session_leases, agent_tasks, outbox,"
     " cancel_requests, lease_slots, lease_slot_pools"
-    ", webhook_journal, webhook_attempts, outbox_groups"  # migrations 0005 and 0006
+    ", webhook_journal, webhook_attempts, outbox_groups, login_attempts"  # 0005, 0006, 0007
 )
 
 

@@ -1,4 +1,4 @@
--- asyncstore schema, version 8 (Postgres): the fleet-wide login attempt counts behind
+-- asyncstore schema, version 7 (Postgres): the fleet-wide login attempt counts behind
 -- auth.attempts.mode = "storage". One row per (scope, key): scope is 'account' or
 -- 'address'. A fixed window starts at window_start (epoch seconds, database clock);
 -- failures + in_flight never exceed the limit within one window, because a login reserves

@@ -1,4 +1,4 @@
--- asyncstore schema, version 8 (SQLite): the login attempt counts behind
+-- asyncstore schema, version 7 (SQLite): the login attempt counts behind
 -- auth.attempts.mode = "storage", shared by every process on this host. Same columns and
 -- meaning as the Postgres version (times are epoch seconds of the writer's clock).
 CREATE TABLE login_attempts (
