@@ -71,6 +71,14 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+# Label values whose counters exist at zero from the first scrape (the ones the components
+# can produce; others still appear once they occur).
+_DB_READ_CAUSES = ("resume", "catch_up", "fan_in", "head", "poll")
+_RESET_REASONS = ("epoch_changed", "unknown_resume_point", "gap")
+_HUB_DROP_REASONS = ("stale_epoch", "duplicate", "fetch_untaken")
+_WRITER_DROP_REASONS = ("overflow", "overflow_oldest", "overflow_newest")
+_DEAD_LETTER_REASONS = ("retries_exhausted", "retry_budget_exhausted", "not_retryable", "shutdown")
+
 LAG_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 WAIT_BUCKETS_S = (0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0)
 
@@ -145,8 +153,19 @@ class _Families:
         family.add_metric(list(labels.values()), value)  # type: ignore[attr-defined]
 
     def counters(
-        self, name: str, doc: str, labels: Mapping[str, str], key: str, values: Mapping[str, int]
+        self,
+        name: str,
+        doc: str,
+        labels: Mapping[str, str],
+        key: str,
+        values: Mapping[str, int],
+        known: Iterable[str] = (),
     ) -> None:
+        """One sample per label value; ``known`` values are present at zero from the start,
+        so ``rate()`` and alerts see a series before its first increment."""
+        for value_key in known:
+            if value_key not in values:
+                self.counter(name, doc, {**labels, key: value_key}, 0)
         for value_key, value in values.items():
             self.counter(name, doc, {**labels, key: value_key}, value)
 
@@ -332,10 +351,29 @@ def _emit(out: _Families, name: str, s: object, source: object) -> None:
         out.counter("broadcast_published", "Events put in rings.", src, s.published)
         out.counter("broadcast_delivered", "Events handed to subscribers.", src, s.delivered)
         out.counters(
-            "broadcast_db_reads", "Database reads caused by subscribers.", src, "cause", s.db_reads
+            "broadcast_db_reads",
+            "Database reads caused by subscribers.",
+            src,
+            "cause",
+            s.db_reads,
+            known=_DB_READ_CAUSES,
         )
-        out.counters("broadcast_resets", "Resets sent, by reason.", src, "reason", s.resets)
-        out.counters("broadcast_dropped", "Publishes refused.", src, "reason", s.dropped)
+        out.counters(
+            "broadcast_resets",
+            "Resets sent, by reason.",
+            src,
+            "reason",
+            s.resets,
+            known=_RESET_REASONS,
+        )
+        out.counters(
+            "broadcast_dropped",
+            "Publishes refused.",
+            src,
+            "reason",
+            s.dropped,
+            known=_HUB_DROP_REASONS,
+        )
         out.counter("broadcast_rings_evicted", "Idle rings evicted.", src, s.rings_evicted)
         out.counter(
             "broadcast_lagged_disconnects", "Slow subscribers cut.", src, s.lagged_disconnects
@@ -509,11 +547,23 @@ def _writer(out: _Families, source: str, s: BatchWriterStatistics) -> None:
     out.counter("writer_accepted", "Items accepted.", labels, s.accepted)
     out.counter("writer_flushed", "Items the sink confirmed (writes).", labels, s.flushed)
     out.counter("writer_batches", "Batches confirmed.", labels, s.batches)
-    out.counters("writer_dropped", "Items dropped, by reason.", labels, "reason", s.dropped)
+    out.counters(
+        "writer_dropped",
+        "Items dropped, by reason.",
+        labels,
+        "reason",
+        s.dropped,
+        known=_WRITER_DROP_REASONS,
+    )
     out.counter("writer_retries", "Batch retries.", labels, s.retries)
     out.counter("writer_dead_lettered", "Items dead-lettered.", labels, s.dead_lettered)
     out.counters(
-        "writer_dead_letters", "Items dead-lettered, by reason.", labels, "reason", s.dead_letters
+        "writer_dead_letters",
+        "Items dead-lettered, by reason.",
+        labels,
+        "reason",
+        s.dead_letters,
+        known=_DEAD_LETTER_REASONS,
     )
     out.gauge(
         "writer_sink_unavailable",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pathlib
+
 import anyio
 import httpx
 import pytest
@@ -165,3 +167,30 @@ async def test_metrics_server_serves_the_exposition_on_the_loop() -> None:
         assert (await c.post(server.url)).status_code == 405
         head = await c.head(server.url)
         assert head.status_code == 200 and int(head.headers["content-length"]) > 0
+
+
+async def test_known_counters_are_present_at_zero_before_anything_happens(
+    tmp_path: pathlib.Path,
+) -> None:
+    """``rate()`` and alerts need a series before its first increment."""
+    from orchestrator.broadcast import BroadcastHub, HubConfig
+    from orchestrator.metrics import Metrics
+    from orchestrator.streams import StreamEventWriter
+    from storage import open_storage
+
+    async with (
+        open_storage(f"sqlite:///{tmp_path / 'm.db'}", migrate=True) as storage,
+        BroadcastHub(storage, HubConfig(cross_instance=False)) as hub,
+        StreamEventWriter(storage, hub) as writer,
+    ):
+        metrics = Metrics()
+        metrics.add_source("broadcast", hub)
+        metrics.add_source("streams", writer)
+        text = metrics.render()[0].decode()
+    for line in (
+        'asyncstore_broadcast_db_reads_total{cause="fan_in",source="broadcast"} 0.0',
+        'asyncstore_broadcast_resets_total{reason="gap",source="broadcast"} 0.0',
+        'asyncstore_writer_dead_letters_total{reason="retry_budget_exhausted"',
+        'asyncstore_writer_dropped_total{reason="overflow_newest"',
+    ):
+        assert line in text, line
