@@ -9,6 +9,7 @@ errors are mapped to ``storage.errors`` in ``map_sqlite_error`` and nowhere else
 
 from __future__ import annotations
 
+import random
 import secrets
 import sqlite3
 import time
@@ -133,13 +134,39 @@ class SqliteBackend(AsyncStorageBackend):
         conn = await aiosqlite.connect(
             self._path, isolation_level=None, timeout=self._settings.sqlite_busy_timeout_s
         )
-        conn.row_factory = _row_factory  # type: ignore[assignment]
-        busy_ms = int(self._settings.sqlite_busy_timeout_s * 1000)
-        await conn.execute(f"PRAGMA busy_timeout = {busy_ms}")
-        await conn.execute("PRAGMA journal_mode = WAL")
-        await conn.execute(f"PRAGMA synchronous = {self._settings.sqlite_synchronous}")
-        await conn.execute("PRAGMA foreign_keys = ON")
+        try:
+            conn.row_factory = _row_factory  # type: ignore[assignment]
+            busy_ms = int(self._settings.sqlite_busy_timeout_s * 1000)
+            await conn.execute(f"PRAGMA busy_timeout = {busy_ms}")
+            await self._enable_wal(conn)
+            await conn.execute(f"PRAGMA synchronous = {self._settings.sqlite_synchronous}")
+            await conn.execute("PRAGMA foreign_keys = ON")
+        except BaseException:
+            # Shielded: an unclosed connection keeps its worker thread, and with it the
+            # whole process, alive (two processes opening a fresh file hung this way).
+            with anyio.CancelScope(shield=True):
+                await conn.close()
+            raise
         return conn
+
+    async def _enable_wal(self, conn: aiosqlite.Connection) -> None:
+        """Switch to WAL, retrying "database is locked" within the busy timeout.
+
+        Changing the journal mode needs the file's exclusive lock, and SQLite may answer
+        SQLITE_BUSY at once instead of calling the busy handler while another process
+        opens or switches the same fresh file, so the wait is done here.
+        """
+        deadline = time.monotonic() + self._settings.sqlite_busy_timeout_s
+        delay = 0.005
+        while True:
+            try:
+                await conn.execute("PRAGMA journal_mode = WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() + delay > deadline:
+                    raise
+            await anyio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 0.2)
 
     async def open(self) -> None:
         """Open the writer and the readers. Cancelling it closes whatever was opened."""
