@@ -555,6 +555,22 @@ def check_login_attempt(scope: object, key: object, policy: object) -> LoginPoli
     return policy
 
 
+LOGIN_OUTCOMES = ("failure", "success", "release")
+
+
+def check_login_finish(window_start: object, outcome: object) -> float:
+    """Validate ``finish_login_attempt``'s window start and outcome (both drivers)."""
+    if (
+        isinstance(window_start, bool)
+        or not isinstance(window_start, int | float)
+        or window_start != window_start
+    ):
+        raise InvalidInput(f"window_start must be a number, got {window_start!r}")
+    if outcome not in LOGIN_OUTCOMES:
+        raise InvalidInput(f"outcome must be failure, success or release, got {outcome!r}")
+    return float(window_start)
+
+
 # ---------------------------------------------------------------- the contract
 
 

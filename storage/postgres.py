@@ -51,6 +51,7 @@ from storage.base import (
     TaskStatus,
     WebhookAttempt,
     check_login_attempt,
+    check_login_finish,
     operation,
 )
 from storage.errors import (
@@ -870,15 +871,13 @@ class PostgresBackend(AsyncStorageBackend):
         policy: LoginPolicy,
     ) -> bool:
         p = check_login_attempt(scope, key, policy)
-        start = _login_window_start(window_start)
+        start = check_login_finish(window_start, outcome)
         if outcome == "release":
             await self._execute("release_login_attempt", scope, key, start)
             return False
         if outcome == "success":
             await self._execute("succeed_login_attempt", scope, key, start)
             return False
-        if outcome != "failure":
-            raise InvalidInput(f"outcome must be failure, success or release, got {outcome!r}")
         rows = await self._fetch(
             "fail_login_attempt",
             scope,
@@ -1004,9 +1003,3 @@ class _PostgresLeadership(Leadership):
 
 def _outbox_columns(rows: list[tuple[str, str, bytes, int]]) -> list[list[Any]]:
     return [list(col) for col in zip(*rows, strict=True)]
-
-
-def _login_window_start(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
-        raise InvalidInput(f"window_start must be a number, got {value!r}")
-    return float(value)

@@ -54,6 +54,7 @@ from storage.base import (
     TaskStatus,
     WebhookAttempt,
     check_login_attempt,
+    check_login_finish,
     operation,
 )
 from storage.errors import (
@@ -940,14 +941,10 @@ class SqliteBackend(AsyncStorageBackend):
         policy: LoginPolicy,
     ) -> bool:
         p = check_login_attempt(scope, key, policy)
-        if isinstance(window_start, bool) or not isinstance(window_start, int | float):
-            raise InvalidInput(f"window_start must be a number, got {window_start!r}")
-        if window_start != window_start:
-            raise InvalidInput("window_start must be a number, got nan")
         params: dict[str, Any] = {
             "scope": scope,
             "key": key,
-            "window_start": float(window_start),
+            "window_start": check_login_finish(window_start, outcome),
             "now": time.time(),
         }
         if outcome == "release":
@@ -956,8 +953,6 @@ class SqliteBackend(AsyncStorageBackend):
         if outcome == "success":
             await self._write_count("succeed_login_attempt", params)
             return False
-        if outcome != "failure":
-            raise InvalidInput(f"outcome must be failure, success or release, got {outcome!r}")
         params.update(
             limit=p.limit,
             window_s=p.window_s,
