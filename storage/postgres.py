@@ -673,12 +673,9 @@ class PostgresBackend(AsyncStorageBackend):
     async def request_cancel(
         self, session_id: str, reason: str, *, notify_channel: str | None = None
     ) -> CancelState:
-        v.check_id(session_id)
-        if not isinstance(reason, str) or "\x00" in reason:
-            raise InvalidInput("reason must be a str without NUL characters")
-        channel = None if notify_channel is None else v.check_notify_payload(notify_channel, "")[0]
+        session_id, reason, channel = v.prepare_cancel(session_id, reason, notify_channel)
         chars = self.CANCEL_NOTIFY_REASON_CHARS
-        rows = await self._fetch("request_cancel", session_id, reason[:1000], channel, chars)
+        rows = await self._fetch("request_cancel", session_id, reason, channel, chars)
         return CancelState.from_row(rows[0])
 
     @operation

@@ -874,11 +874,8 @@ class SqliteBackend(AsyncStorageBackend):
     async def request_cancel(
         self, session_id: str, reason: str, *, notify_channel: str | None = None
     ) -> CancelState:
-        v.check_id(session_id)
-        if not isinstance(reason, str) or "\x00" in reason:
-            raise InvalidInput("reason must be a str without NUL characters")
-        channel = None if notify_channel is None else v.check_notify_payload(notify_channel, "")[0]
-        params = {"session_id": session_id, "reason": reason[:1000], "now": time.time()}
+        session_id, reason, channel = v.prepare_cancel(session_id, reason, notify_channel)
+        params = {"session_id": session_id, "reason": reason, "now": time.time()}
         state = CancelState.from_row((await self._write("request_cancel", params))[0])
         if channel is not None:
             # Delivered after the commit with no await in between (as Postgres delivers on
