@@ -70,9 +70,19 @@ _MIGRATION_LOCK = 0x6173796E63  # "async": the advisory lock key that serializes
 _PING_EVERY_S = 10.0
 
 
+def _encode_json(data: bytes) -> bytes:
+    # Payloads arrive already encoded by storage._validate; json's binary format is the
+    # text itself, kept as written (migration 0008: exact round-trip of every number).
+    return data
+
+
+def _decode_json(data: bytes) -> Any:
+    return orjson.loads(data)
+
+
 def _encode_jsonb(data: bytes) -> bytes:
-    # Payloads arrive already encoded by storage._validate; jsonb's binary format is a
-    # version byte followed by the text.
+    # jsonb's binary format is a version byte followed by the text. Only a schema older
+    # than 0008 (payload columns still jsonb) reads through this codec.
     return b"\x01" + data
 
 
@@ -81,6 +91,13 @@ def _decode_jsonb(data: bytes) -> Any:
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
+    await conn.set_type_codec(
+        "json",
+        encoder=_encode_json,
+        decoder=_decode_json,
+        schema="pg_catalog",
+        format="binary",
+    )
     await conn.set_type_codec(
         "jsonb",
         encoder=_encode_jsonb,
