@@ -12,6 +12,7 @@ from __future__ import annotations
 import abc
 import collections
 import functools
+import inspect
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
@@ -22,7 +23,13 @@ from typing import Any, Concatenate, NamedTuple, ParamSpec, Self, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from storage.errors import InvalidInput, LeaseLost, StorageClosed, StorageError
+from storage.errors import (
+    InvalidInput,
+    LeaseLost,
+    StorageClosed,
+    StorageError,
+    StorageUnavailable,
+)
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -587,6 +594,21 @@ class AsyncStorageBackend(abc.ABC):
 
     dialect: str = "abstract"
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Refuse, at class creation, a driver whose contract method skips ``operation``.
+
+        Every public async method of the contract passes the ``operation`` wrapper (closed
+        check, error mapping into ``storage.errors``, the one place for per-call
+        instrumentation); a driver cannot forget it on one method.
+        """
+        super().__init_subclass__(**kwargs)
+        for name in _CONTRACT_CALLS:
+            method = cls.__dict__.get(name)
+            if method is not None and not getattr(method, "__storage_operation__", False):
+                raise TypeError(
+                    f"{cls.__name__}.{name} must be decorated with storage.base.operation"
+                )
+
     def __init__(self) -> None:
         self._statements: collections.Counter[str] = collections.Counter()
         self._closed = False
@@ -1114,8 +1136,23 @@ def operation(
             raise
         except Exception as exc:
             mapped = self._map_error(exc)
+            if mapped is None and isinstance(exc, OSError):
+                # The operating system failed the call (a socket, a file): whatever the
+                # driver did not name is still the storage being unreachable.
+                mapped = StorageUnavailable(f"{self.dialect}: {type(exc).__name__}: {exc}")
             if mapped is None:
                 raise
             raise mapped from exc
 
+    wrapper.__storage_operation__ = True  # type: ignore[attr-defined]
     return wrapper
+
+
+_CONTRACT_CALLS = frozenset(
+    name
+    for name, member in vars(AsyncStorageBackend).items()
+    if getattr(member, "__isabstractmethod__", False)
+    and inspect.iscoroutinefunction(member)
+    and name != "aclose"  # completes even when closed; never refused
+)
+"""The contract's abstract async methods: each driver's implementation passes ``operation``."""

@@ -101,7 +101,9 @@ def map_sqlite_error(exc: Exception) -> StorageError | None:
         if "locked" in text or "busy" in text or "unable to open" in text or "disk i/o" in text:
             return StorageUnavailable(f"sqlite: {exc}")
         return QueryError(f"sqlite: {exc}")
-    if isinstance(exc, sqlite3.Error | ValueError) and "closed" in str(exc).lower():
+    if isinstance(exc, sqlite3.Error | ValueError) and (
+        "closed" in str(exc).lower() or "no active connection" in str(exc)  # aiosqlite's words
+    ):
         return StorageUnavailable(f"sqlite: {exc}")
     if isinstance(exc, sqlite3.Error):
         return QueryError(f"sqlite: {exc}")
