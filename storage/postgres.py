@@ -14,6 +14,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from datetime import datetime
 from typing import Any
 
 import anyio
@@ -27,8 +28,6 @@ from storage.base import (
     AsyncStorageBackend,
     CancelState,
     ChatMessage,
-    Claim,
-    Failure,
     JournaledEvent,
     Leadership,
     Lease,
@@ -36,9 +35,6 @@ from storage.base import (
     LoginPolicy,
     LoginSlot,
     NewMessage,
-    NewOutboxMessage,
-    NewStreamEvent,
-    NewTask,
     NotificationStream,
     OutboxMessage,
     OutboxStatus,
@@ -50,14 +46,11 @@ from storage.base import (
     Task,
     TaskStatus,
     WebhookAttempt,
-    check_login_attempt,
-    check_login_finish,
     operation,
 )
 from storage.errors import (
     ConflictError,
     InvalidInput,
-    LeaseLost,
     MigrationError,
     QueryError,
     StorageClosed,
@@ -281,190 +274,121 @@ class PostgresBackend(AsyncStorageBackend):
 
     # -- chat ------------------------------------------------------------------
 
-    @operation
-    async def append_messages(
+    async def _sql_append_messages(
         self,
         session_id: str,
+        rows: list[tuple[str, bytes]],
+        outbox: list[tuple[str, str, bytes, int]],
+        lease_token: int | None,
         messages: Sequence[NewMessage],
-        *,
-        outbox: Sequence[NewOutboxMessage] = (),
-        lease_token: int | None = None,
-    ) -> list[ChatMessage]:
-        rows = v.prepare_messages(session_id, messages)
-        out_rows = v.prepare_outbox(outbox)
-        if lease_token is not None:
-            v.check_int(lease_token, "lease_token", minimum=1)
+    ) -> list[ChatMessage] | None:
         args = (session_id, [r[0] for r in rows], [r[1] for r in rows], lease_token)
-        if out_rows:
+        if outbox:
             async with self.pool.acquire() as conn, conn.transaction():
                 self._count("append_messages")
                 result = await conn.fetch(Q["append_messages"], *args)
                 if result:
                     self._count("enqueue_outbox")
-                    await conn.execute(Q["enqueue_outbox"], *_outbox_columns(out_rows))
+                    await conn.execute(Q["enqueue_outbox"], *_outbox_columns(outbox))
         else:
             result = await self._fetch("append_messages", *args)
         if not result:
-            raise LeaseLost(f"session {session_id!r}: lease token {lease_token} is not current")
+            return None
         return sorted((ChatMessage.from_row(r) for r in result), key=lambda m: m.seq)
 
-    @operation
-    async def load_messages(
-        self, session_id: str, *, after_seq: int = 0, limit: int = 100
+    async def _sql_load_messages(
+        self, session_id: str, after_seq: int, limit: int
     ) -> list[ChatMessage]:
-        v.check_id(session_id)
-        v.check_int(after_seq, "after_seq")
-        rows = await self._fetch("load_messages", session_id, after_seq, v.check_limit(limit))
+        rows = await self._fetch("load_messages", session_id, after_seq, limit)
         return [ChatMessage.from_row(r) for r in rows]
 
-    @operation
-    async def delete_session(self, session_id: str) -> bool:
-        v.check_id(session_id)
+    async def _sql_delete_session(self, session_id: str) -> bool:
         rows = await self._fetch("delete_session", session_id)
         return bool(rows[0][0])
 
     # -- stream events ---------------------------------------------------------
 
-    @operation
-    async def append_stream_events(self, events: Sequence[NewStreamEvent]) -> StreamAppend:
-        rows = v.prepare_stream_events(events)
-        if not rows:
-            return StreamAppend(0)
+    async def _sql_append_stream_events(
+        self, rows: list[tuple[str, int, int, str, bytes]]
+    ) -> StreamAppend:
         columns = [list(col) for col in zip(*rows, strict=True)]
         row = (await self._fetch("append_stream_events", *columns))[0]
         ids, epochs = row["refused_ids"], row["refused_epochs"]
         refused = frozenset(zip(ids, epochs, strict=True)) if ids else frozenset()
         return StreamAppend(int(row["stored"]), refused)
 
-    @operation
-    async def load_stream_events(
-        self, session_id: str, *, after_seq: int = 0, limit: int = 1000
+    async def _sql_load_stream_events(
+        self, session_id: str, after_seq: int, limit: int
     ) -> list[StreamEvent]:
-        v.check_id(session_id)
-        v.check_int(after_seq, "after_seq")
-        rows = await self._fetch("load_stream_events", session_id, after_seq, v.check_limit(limit))
+        rows = await self._fetch("load_stream_events", session_id, after_seq, limit)
         return [StreamEvent.from_row(r) for r in rows]
 
-    @operation
-    async def last_stream_seq(self, session_id: str) -> int:
-        v.check_id(session_id)
+    async def _sql_last_stream_seq(self, session_id: str) -> int:
         return int((await self._fetch("last_stream_seq", session_id))[0][0])
 
-    @operation
-    async def purge_stream_events(self, older_than_s: float) -> int:
-        age = v.check_seconds(older_than_s, "older_than_s", minimum=0)
-        return _rowcount(await self._execute("purge_stream_events", age))
+    async def _sql_purge_stream_events(self, age_s: float) -> int:
+        return _rowcount(await self._execute("purge_stream_events", age_s))
 
-    @operation
-    async def purge_stream_events_batch(self, older_than_s: float, *, limit: int) -> int:
-        age = v.check_seconds(older_than_s, "older_than_s", minimum=0)
-        return _rowcount(
-            await self._execute("purge_stream_events_batch", age, v.check_limit(limit))
-        )
+    async def _sql_purge_stream_events_batch(self, age_s: float, limit: int) -> int:
+        return _rowcount(await self._execute("purge_stream_events_batch", age_s, limit))
 
     # -- session leases --------------------------------------------------------
 
-    @operation
-    async def acquire_lease(self, session_id: str, holder: str, ttl_s: float) -> Lease | None:
-        v.check_id(session_id)
-        v.check_id(holder, "holder")
-        rows = await self._fetch(
-            "acquire_lease", session_id, holder, v.check_seconds(ttl_s, "ttl_s")
-        )
+    async def _sql_acquire_lease(self, session_id: str, holder: str, ttl_s: float) -> Lease | None:
+        rows = await self._fetch("acquire_lease", session_id, holder, ttl_s)
         return Lease.from_row(rows[0]) if rows else None
 
-    @operation
-    async def renew_lease(self, session_id: str, token: int, ttl_s: float) -> Lease:
-        v.check_id(session_id)
-        v.check_int(token, "token", minimum=1)
-        rows = await self._fetch("renew_lease", session_id, token, v.check_seconds(ttl_s, "ttl_s"))
-        if not rows:
-            raise LeaseLost(f"session {session_id!r}: lease token {token} is not current")
-        return Lease.from_row(rows[0])
+    async def _sql_renew_lease(self, session_id: str, token: int, ttl_s: float) -> Lease | None:
+        rows = await self._fetch("renew_lease", session_id, token, ttl_s)
+        return Lease.from_row(rows[0]) if rows else None
 
-    @operation
-    async def release_lease(self, session_id: str, token: int) -> bool:
-        v.check_id(session_id)
-        v.check_int(token, "token", minimum=1)
+    async def _sql_release_lease(self, session_id: str, token: int) -> bool:
         return _rowcount(await self._execute("release_lease", session_id, token)) == 1
 
-    @operation
-    async def get_lease(self, session_id: str) -> Lease | None:
-        v.check_id(session_id)
+    async def _sql_get_lease(self, session_id: str) -> Lease | None:
         rows = await self._fetch("get_lease", session_id)
         return Lease.from_row(rows[0]) if rows else None
 
-    @operation
-    async def expire_leases(self, older_than_s: float = 0.0) -> int:
-        age = v.check_seconds(older_than_s, "older_than_s", minimum=0)
-        return _rowcount(await self._execute("expire_leases", age))
+    async def _sql_expire_leases(self, age_s: float) -> int:
+        return _rowcount(await self._execute("expire_leases", age_s))
 
-    @operation
-    async def ensure_lease_slots(self, pool: str, slots: int) -> None:
-        v.check_id(pool, "pool")
-        await self._execute("ensure_lease_slots", pool, v.check_int(slots, "slots", minimum=1))
+    async def _sql_ensure_lease_slots(self, pool: str, slots: int) -> None:
+        await self._execute("ensure_lease_slots", pool, slots)
 
-    @operation
-    async def acquire_lease_slot(
-        self,
-        session_id: str,
-        holder: str,
-        ttl_s: float,
-        *,
-        pool: str | None = None,
-        slots: int = 0,
+    async def _sql_acquire_lease_slot(
+        self, session_id: str, holder: str, ttl_s: float, pool: str | None, slots: int
     ) -> LeaseAttempt:
-        v.check_id(session_id)
-        v.check_id(holder, "holder")
-        if pool is not None:
-            v.check_id(pool, "pool")
-            v.check_int(slots, "slots", minimum=1)
-        ttl = v.check_seconds(ttl_s, "ttl_s")
         row = (
             await self._fetch(
-                "acquire_lease_slot", session_id, holder, ttl, pool, None if pool is None else slots
+                "acquire_lease_slot",
+                session_id,
+                holder,
+                ttl_s,
+                pool,
+                None if pool is None else slots,
             )
         )[0]
         lease = None if row["token"] is None else Lease.from_row(row)
         return LeaseAttempt(lease, bool(row["slot_ok"]))
 
-    @operation
-    async def renew_lease_slot(
-        self, session_id: str, token: int, ttl_s: float, *, pool: str | None = None
-    ) -> Lease:
-        v.check_id(session_id)
-        v.check_int(token, "token", minimum=1)
-        if pool is not None:
-            v.check_id(pool, "pool")
-        ttl = v.check_seconds(ttl_s, "ttl_s")
-        rows = await self._fetch("renew_lease_slot", session_id, token, ttl, pool)
-        if not rows:
-            raise LeaseLost(f"session {session_id!r}: lease token {token} is not current")
-        return Lease.from_row(rows[0])
+    async def _sql_renew_lease_slot(
+        self, session_id: str, token: int, ttl_s: float, pool: str | None
+    ) -> Lease | None:
+        rows = await self._fetch("renew_lease_slot", session_id, token, ttl_s, pool)
+        return Lease.from_row(rows[0]) if rows else None
 
-    @operation
-    async def release_lease_slot(
-        self, session_id: str, token: int, *, channel: str, pool: str | None = None
+    async def _sql_release_lease_slot(
+        self, session_id: str, token: int, channel: str, pool: str | None
     ) -> bool:
-        v.check_id(session_id)
-        v.check_int(token, "token", minimum=1)
-        name, _ = v.check_notify_payload(channel, "")
-        if pool is not None:
-            v.check_id(pool, "pool")
-        rows = await self._fetch("release_lease_slot", session_id, token, name, pool)
+        rows = await self._fetch("release_lease_slot", session_id, token, channel, pool)
         return bool(rows[0]["released"])
 
-    @operation
-    async def count_leases(self) -> int:
+    async def _sql_count_leases(self) -> int:
         return int((await self._fetch("count_leases"))[0][0])
 
     # -- agent tasks -----------------------------------------------------------
 
-    @operation
-    async def enqueue_tasks(self, tasks: Sequence[NewTask]) -> list[Task]:
-        rows = v.prepare_tasks(tasks)
-        if not rows:
-            return []
+    async def _sql_enqueue_tasks(self, rows: list[v.PreparedTask]) -> list[Task]:
         # Same key twice in one call: send it once (ON CONFLICT cannot touch a row twice).
         first_of_key: dict[tuple[str, str], int] = {}
         send: list[v.PreparedTask] = []
@@ -477,246 +401,169 @@ class PostgresBackend(AsyncStorageBackend):
         result = await self._fetch("enqueue_tasks", *[list(c) for c in zip(*send, strict=True)])
         return v.match_enqueued(rows, [Task.from_row(r) for r in result])
 
-    @operation
-    async def claim_tasks(
-        self, queue: str, worker_id: str, *, limit: int, lease_s: float
+    async def _sql_claim_tasks(
+        self, queue: str, worker_id: str, limit: int, lease_s: float
     ) -> list[Task]:
-        v.check_id(queue, "queue")
-        v.check_id(worker_id, "worker_id")
-        rows = await self._fetch(
-            "claim_tasks",
-            queue,
-            worker_id,
-            v.check_limit(limit),
-            v.check_seconds(lease_s, "lease_s"),
-        )
+        rows = await self._fetch("claim_tasks", queue, worker_id, limit, lease_s)
         return [Task.from_row(r) for r in rows]
 
-    @operation
-    async def heartbeat_tasks(self, claims: Sequence[Claim], lease_s: float) -> list[int]:
-        ids, tokens = v.prepare_claims(claims)
-        seconds = v.check_seconds(lease_s, "lease_s")
-        if not ids:
-            return []
-        return [r[0] for r in await self._fetch("heartbeat_tasks", ids, tokens, seconds)]
+    async def _sql_heartbeat_tasks(
+        self, ids: list[int], tokens: list[int], lease_s: float
+    ) -> list[int]:
+        return [r[0] for r in await self._fetch("heartbeat_tasks", ids, tokens, lease_s)]
 
-    @operation
-    async def complete_tasks(self, claims: Sequence[Claim]) -> list[int]:
-        return await self._claimed_update("complete_tasks", claims)
+    async def _sql_complete_tasks(self, ids: list[int], tokens: list[int]) -> list[int]:
+        return await self._claimed_update("complete_tasks", ids, tokens)
 
-    @operation
-    async def fail_tasks(self, failures: Sequence[Failure]) -> dict[int, TaskStatus]:
-        columns = v.prepare_failures(failures)
-        if not columns[0]:
-            return {}
-        rows = await self._fetch("fail_tasks", *columns)
+    async def _sql_fail_tasks(
+        self,
+        ids: list[int],
+        tokens: list[int],
+        errors: list[str],
+        retry_at: list[datetime | None],
+    ) -> dict[int, TaskStatus]:
+        rows = await self._fetch("fail_tasks", ids, tokens, errors, retry_at)
         return {r[0]: TaskStatus(r[1]) for r in rows}
 
-    @operation
-    async def release_tasks(self, claims: Sequence[Claim]) -> list[int]:
-        return await self._claimed_update("release_tasks", claims)
+    async def _sql_release_tasks(self, ids: list[int], tokens: list[int]) -> list[int]:
+        return await self._claimed_update("release_tasks", ids, tokens)
 
-    @operation
-    async def dead_letter_tasks(self, failures: Sequence[Failure]) -> list[int]:
-        ids, tokens, errors, _ = v.prepare_failures(failures)  # retry_at does not apply
-        if not ids:
-            return []
+    async def _sql_dead_letter_tasks(
+        self,
+        ids: list[int],
+        tokens: list[int],
+        errors: list[str],
+        retry_at: list[datetime | None],
+    ) -> list[int]:
+        # retry_at does not apply
         return sorted(r[0] for r in await self._fetch("dead_letter_tasks", ids, tokens, errors))
 
-    @operation
-    async def get_task(self, task_id: int) -> Task | None:
-        rows = await self._fetch("get_task", v.check_int(task_id, "task_id", minimum=1))
+    async def _sql_get_task(self, task_id: int) -> Task | None:
+        rows = await self._fetch("get_task", task_id)
         return Task.from_row(rows[0]) if rows else None
 
-    @operation
-    async def purge_tasks(self, older_than_s: float) -> int:
-        age = v.check_seconds(older_than_s, "older_than_s", minimum=0)
-        return _rowcount(await self._execute("purge_tasks", age))
+    async def _sql_purge_tasks(self, age_s: float) -> int:
+        return _rowcount(await self._execute("purge_tasks", age_s))
 
-    @operation
-    async def next_task_due_s(self, queue: str) -> float | None:
-        rows = await self._fetch("next_task_due", v.check_id(queue, "queue"))
+    async def _sql_next_task_due_s(self, queue: str) -> float | None:
+        rows = await self._fetch("next_task_due", queue)
         due = rows[0]["due_s"] if rows else None
         return None if due is None else max(0.0, float(due))
 
-    @operation
-    async def backlog_depths(self) -> tuple[list[QueueDepth], QueueDepth]:
+    async def _sql_backlog_depths(self) -> tuple[list[QueueDepth], QueueDepth]:
         tasks = [QueueDepth.from_row(r) for r in await self._fetch("task_backlog")]
         return tasks, QueueDepth.from_row((await self._fetch("outbox_backlog"))[0])
 
-    async def _claimed_update(self, name: str, claims: Sequence[Claim]) -> list[int]:
-        ids, tokens = v.prepare_claims(claims)
-        if not ids:
-            return []
+    async def _claimed_update(self, name: str, ids: list[int], tokens: list[int]) -> list[int]:
         return sorted(r[0] for r in await self._fetch(name, ids, tokens))
-
-    async def _failed_update(self, name: str, failures: Sequence[Failure]) -> list[int]:
-        columns = v.prepare_failures(failures)
-        if not columns[0]:
-            return []
-        return sorted(r[0] for r in await self._fetch(name, *columns))
 
     # -- outbox ----------------------------------------------------------------
 
-    @operation
-    async def enqueue_outbox(self, messages: Sequence[NewOutboxMessage]) -> list[OutboxMessage]:
-        rows = v.prepare_outbox(messages)
-        if not rows:
-            return []
+    async def _sql_enqueue_outbox(
+        self, rows: list[tuple[str, str, bytes, int]]
+    ) -> list[OutboxMessage]:
         result = await self._fetch("enqueue_outbox", *_outbox_columns(rows))
         return sorted((OutboxMessage.from_row(r) for r in result), key=lambda m: m.id)
 
-    @operation
-    async def claim_outbox(
-        self,
-        worker_id: str,
-        *,
-        limit: int,
-        lease_s: float,
-        channels: Sequence[str] | None = None,
+    async def _sql_claim_outbox(
+        self, worker_id: str, limit: int, channels: list[str] | None, lease_s: float
     ) -> list[OutboxMessage]:
-        v.check_id(worker_id, "worker_id")
-        chans = None if channels is None else [v.check_id(c, "channel") for c in channels]
-        rows = await self._fetch(
-            "claim_outbox",
-            worker_id,
-            v.check_limit(limit),
-            chans,
-            v.check_seconds(lease_s, "lease_s"),
-        )
+        rows = await self._fetch("claim_outbox", worker_id, limit, channels, lease_s)
         return [OutboxMessage.from_row(r) for r in rows]
 
-    @operation
-    async def mark_outbox_sent(self, claims: Sequence[Claim]) -> list[int]:
-        return await self._claimed_update("mark_outbox_sent", claims)
+    async def _sql_mark_outbox_sent(self, ids: list[int], tokens: list[int]) -> list[int]:
+        return await self._claimed_update("mark_outbox_sent", ids, tokens)
 
-    @operation
-    async def fail_outbox(self, failures: Sequence[Failure]) -> dict[int, OutboxStatus]:
-        columns = v.prepare_failures(failures)
-        if not columns[0]:
-            return {}
-        rows = await self._fetch("fail_outbox", *columns)
+    async def _sql_fail_outbox(
+        self,
+        ids: list[int],
+        tokens: list[int],
+        errors: list[str],
+        retry_at: list[datetime | None],
+    ) -> dict[int, OutboxStatus]:
+        rows = await self._fetch("fail_outbox", ids, tokens, errors, retry_at)
         return {r[0]: OutboxStatus(r[1]) for r in rows}
 
-    @operation
-    async def redrive_outbox(self, ids: Sequence[int]) -> list[int]:
-        checked = v.unique_ids(ids)
-        if not checked:
-            return []
-        return sorted(r[0] for r in await self._fetch("redrive_outbox", checked))
+    async def _sql_redrive_outbox(self, ids: list[int]) -> list[int]:
+        return sorted(r[0] for r in await self._fetch("redrive_outbox", ids))
 
-    @operation
-    async def release_outbox(self, claims: Sequence[Claim]) -> list[int]:
-        return await self._claimed_update("release_outbox", claims)
+    async def _sql_release_outbox(self, ids: list[int], tokens: list[int]) -> list[int]:
+        return await self._claimed_update("release_outbox", ids, tokens)
 
-    @operation
-    async def dead_letter_outbox(self, failures: Sequence[Failure]) -> list[int]:
-        return await self._failed_update("dead_letter_outbox", failures)
+    async def _sql_dead_letter_outbox(
+        self,
+        ids: list[int],
+        tokens: list[int],
+        errors: list[str],
+        retry_at: list[datetime | None],
+    ) -> list[int]:
+        rows = await self._fetch("dead_letter_outbox", ids, tokens, errors, retry_at)
+        return sorted(r[0] for r in rows)
 
-    @operation
-    async def get_outbox(self, message_id: int) -> OutboxMessage | None:
-        rows = await self._fetch("get_outbox", v.check_int(message_id, "message_id", minimum=1))
+    async def _sql_get_outbox(self, message_id: int) -> OutboxMessage | None:
+        rows = await self._fetch("get_outbox", message_id)
         return OutboxMessage.from_row(rows[0]) if rows else None
 
-    @operation
-    async def purge_outbox(self, older_than_s: float) -> int:
-        age = v.check_seconds(older_than_s, "older_than_s", minimum=0)
-        return _rowcount(await self._execute("purge_outbox", age))
+    async def _sql_purge_outbox(self, age_s: float) -> int:
+        return _rowcount(await self._execute("purge_outbox", age_s))
 
     # -- webhook journal --------------------------------------------------------
 
-    @operation
-    async def journal_webhook_events(
-        self, endpoint: str, owner: str, bodies: Sequence[bytes]
+    async def _sql_journal_webhook_events(
+        self, endpoint: str, owner: str, bodies: list[str]
     ) -> list[int]:
-        checked = v.prepare_journal(endpoint, owner, bodies)
-        if not checked:
-            return []
-        rows = await self._fetch("journal_webhook_events", endpoint, owner, checked)
+        rows = await self._fetch("journal_webhook_events", endpoint, owner, bodies)
         return [r[0] for r in rows]
 
-    @operation
-    async def delete_webhook_events(self, ids: Sequence[int]) -> int:
-        checked = v.unique_ids(ids)
-        if not checked:
-            return 0
-        return _rowcount(await self._execute("delete_webhook_events", checked))
+    async def _sql_delete_webhook_events(self, ids: list[int]) -> int:
+        return _rowcount(await self._execute("delete_webhook_events", ids))
 
-    @operation
-    async def claim_webhook_orphans(
-        self, endpoints: Sequence[str], owner: str, *, older_than_s: float, limit: int
+    async def _sql_claim_webhook_orphans(
+        self, endpoints: list[str], owner: str, age_s: float, limit: int
     ) -> list[JournaledEvent]:
-        names = [v.check_id(e, "endpoint") for e in endpoints]
-        age = v.check_seconds(older_than_s, "older_than_s", minimum=0)
-        rows = await self._fetch(
-            "claim_webhook_orphans", names, v.check_id(owner, "owner"), age, v.check_limit(limit)
-        )
+        rows = await self._fetch("claim_webhook_orphans", endpoints, owner, age_s, limit)
         found = [JournaledEvent(r["id"], r["endpoint"], r["body"].encode()) for r in rows]
         return sorted(found, key=lambda e: e.id)
 
-    @operation
-    async def record_webhook_attempts(self, attempts: Sequence[WebhookAttempt]) -> int:
-        rows = v.prepare_attempts(attempts)
-        if not rows:
-            return 0
+    async def _sql_record_webhook_attempts(
+        self, rows: list[tuple[str, str, int | None, datetime, int | None, str, bool]]
+    ) -> int:
         columns = [list(c) for c in zip(*rows, strict=True)]
         await self._execute("record_webhook_attempts", *columns)
         return len(rows)
 
-    @operation
-    async def list_webhook_attempts(
-        self,
-        *,
-        endpoint: str | None = None,
-        webhook_id: str | None = None,
-        failed: bool = False,
-        limit: int = 100,
+    async def _sql_list_webhook_attempts(
+        self, endpoint: str | None, webhook_id: str | None, failed: bool, limit: int
     ) -> list[WebhookAttempt]:
-        name = None if endpoint is None else v.check_id(endpoint, "endpoint")
-        wid = None if webhook_id is None else v.check_id(webhook_id, "webhook_id")
-        rows = await self._fetch(
-            "list_webhook_attempts", name, bool(failed), wid, v.check_limit(limit)
-        )
+        rows = await self._fetch("list_webhook_attempts", endpoint, failed, webhook_id, limit)
         return [WebhookAttempt.from_row(r) for r in rows]
 
-    @operation
-    async def purge_webhook_attempts(self, older_than_s: float) -> int:
-        age = v.check_seconds(older_than_s, "older_than_s", minimum=0)
-        return _rowcount(await self._execute("purge_webhook_attempts", age))
+    async def _sql_purge_webhook_attempts(self, age_s: float) -> int:
+        return _rowcount(await self._execute("purge_webhook_attempts", age_s))
 
     # -- cancellation ----------------------------------------------------------
 
-    @operation
-    async def request_cancel(
-        self, session_id: str, reason: str, *, notify_channel: str | None = None
+    async def _sql_request_cancel(
+        self, session_id: str, reason: str, channel: str | None
     ) -> CancelState:
-        session_id, reason, channel = v.prepare_cancel(session_id, reason, notify_channel)
         chars = self.CANCEL_NOTIFY_REASON_CHARS
         rows = await self._fetch("request_cancel", session_id, reason, channel, chars)
         return CancelState.from_row(rows[0])
 
-    @operation
-    async def get_cancel(self, session_id: str) -> CancelState | None:
-        v.check_id(session_id)
+    async def _sql_get_cancel(self, session_id: str) -> CancelState | None:
         rows = await self._fetch("get_cancel", session_id)
         return CancelState.from_row(rows[0]) if rows else None
 
-    @operation
-    async def clear_cancel(self, session_id: str) -> bool:
-        v.check_id(session_id)
+    async def _sql_clear_cancel(self, session_id: str) -> bool:
         return _rowcount(await self._execute("clear_cancel", session_id)) > 0
 
     # -- notifications ---------------------------------------------------------
 
-    @operation
-    async def notify(self, channel: str, payload: str) -> None:
-        await self._fetch("notify", *v.check_notify_payload(channel, payload))
+    async def _sql_notify(self, channel: str, payload: str) -> None:
+        await self._fetch("notify", channel, payload)
 
-    def listen(self, *channels: str) -> AbstractAsyncContextManager[NotificationStream]:
-        names = [v.check_notify_payload(c, "")[0] for c in channels]
-        if not names:
-            raise InvalidInput("listen() needs at least one channel")
-        return self._listen(names)
+    def _sql_listen(self, channels: list[str]) -> AbstractAsyncContextManager[NotificationStream]:
+        return self._listen(channels)
 
     @asynccontextmanager
     async def _listen(self, channels: list[str]) -> AsyncIterator[Subscription]:
@@ -867,25 +714,15 @@ class PostgresBackend(AsyncStorageBackend):
 
     # -- login attempts (auth limiter, shared by a fleet) -----------------------
 
-    @operation
-    async def reserve_login_attempt(
-        self, scope: str, key: str, policy: LoginPolicy
+    async def _sql_reserve_login_attempt(
+        self, scope: str, key: str, p: LoginPolicy
     ) -> LoginSlot:
-        p = check_login_attempt(scope, key, policy)
         row = (await self._fetch("reserve_login_attempt", scope, key, p.limit, p.window_s))[0]
         return LoginSlot.from_row(row, p.window_s)
 
-    @operation
-    async def finish_login_attempt(
-        self,
-        scope: str,
-        key: str,
-        window_start: float,
-        outcome: str,
-        policy: LoginPolicy,
+    async def _sql_finish_login_attempt(
+        self, scope: str, key: str, start: float, outcome: str, p: LoginPolicy
     ) -> bool:
-        p = check_login_attempt(scope, key, policy)
-        start = check_login_finish(window_start, outcome)
         if outcome == "release":
             await self._execute("release_login_attempt", scope, key, start)
             return False
@@ -906,19 +743,13 @@ class PostgresBackend(AsyncStorageBackend):
         )
         return bool(rows and rows[0]["tripped"])
 
-    @operation
-    async def purge_login_attempts(self, older_than_s: float) -> int:
-        age = v.check_seconds(older_than_s, "older_than_s", minimum=0)
-        return _rowcount(await self._execute("purge_login_attempts", age))
+    async def _sql_purge_login_attempts(self, age_s: float) -> int:
+        return _rowcount(await self._execute("purge_login_attempts", age_s))
 
     # -- maintenance -----------------------------------------------------------
 
-    def open_leadership(
-        self, name: str, *, ttl_s: float
-    ) -> AbstractAsyncContextManager[Leadership]:
-        v.check_id(name, "name")
-        v.check_seconds(ttl_s, "ttl_s")
-        return self._leadership(name)
+    def _sql_leadership(self, name: str, ttl_s: float) -> AbstractAsyncContextManager[Leadership]:
+        return self._leadership(name)  # ttl_s does not apply: the lock ends with its session
 
     @asynccontextmanager
     async def _leadership(self, name: str) -> AsyncIterator[Leadership]:

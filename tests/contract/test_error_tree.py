@@ -22,17 +22,35 @@ from storage.sqlite import SqliteBackend
 
 
 @pytest.mark.parametrize("driver", [PostgresBackend, SqliteBackend])
-def test_every_contract_call_of_a_driver_passes_the_wrapper(driver: type[Any]) -> None:
-    assert len(_CONTRACT_CALLS) > 40
+def test_every_public_call_is_the_one_contract_layer(driver: type[Any]) -> None:
+    # The dialects implement _sql_* hooks only; every public method is the base class's,
+    # which validates, encodes and maps errors before a dialect sees anything.
+    assert len(_CONTRACT_CALLS) > 50
     for name in _CONTRACT_CALLS:
+        assert getattr(driver, name) is getattr(AsyncStorageBackend, name), name
+    for name in ("migrate", "schema_version", "ping"):
         assert getattr(getattr(driver, name), "__storage_operation__", False), name
 
 
-def test_a_driver_method_outside_the_wrapper_is_refused_at_class_creation() -> None:
-    with pytest.raises(TypeError, match="get_lease must be decorated"):
+def test_a_dialect_overriding_a_public_method_is_refused_at_class_creation() -> None:
+    with pytest.raises(TypeError, match="get_lease: a dialect implements _sql_get_lease"):
+
+        class Bypass(SqliteBackend):
+            async def get_lease(self, session_id: str) -> None:  # type: ignore[override]
+                return None
+
+    with pytest.raises(TypeError, match="listen: a dialect implements"):
+
+        class BypassListen(SqliteBackend):
+            def listen(self, *channels: str) -> Any:
+                return None
+
+
+def test_a_dialect_call_outside_the_wrapper_is_refused_at_class_creation() -> None:
+    with pytest.raises(TypeError, match="ping must be decorated"):
 
         class Forgetful(SqliteBackend):
-            async def get_lease(self, session_id: str) -> None:  # type: ignore[override]
+            async def ping(self) -> None:
                 return None
 
 
