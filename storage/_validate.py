@@ -16,6 +16,7 @@ import orjson
 
 from storage.base import (
     EncodedJSON,
+    FailureColumns,
     NewMessage,
     NewOutboxMessage,
     NewStreamEvent,
@@ -335,9 +336,7 @@ def prepare_claims(claims: object) -> tuple[list[int], list[int]]:
     return ids, tokens
 
 
-def prepare_failures(
-    failures: object,
-) -> tuple[list[int], list[int], list[str], list[datetime | None]]:
+def prepare_failures(failures: object) -> FailureColumns:
     items = _batch(failures, "failures")
     ids, tokens = prepare_claims([tuple(f)[:2] if isinstance(f, tuple) else f for f in items])
     errors: list[str] = []
@@ -349,7 +348,7 @@ def prepare_failures(
             raise InvalidInput(f"failures[{i}].error must be a str")
         errors.append(check_utf8(f[2][:10_000].replace("\x00", ""), f"failures[{i}].error"))
         retry.append(check_when(f[3], f"failures[{i}].retry_at"))
-    return ids, tokens, errors, retry
+    return FailureColumns(ids, tokens, errors, retry)
 
 
 def match_enqueued(inputs: list[PreparedTask], rows: list[Task]) -> list[Task]:

@@ -414,6 +414,15 @@ class Claim(NamedTuple):
     token: int
 
 
+class FailureColumns(NamedTuple):
+    """``Failure`` records checked and split into columns: what the failure hooks receive."""
+
+    ids: list[int]
+    tokens: list[int]
+    errors: list[str]
+    retry_at: list[datetime | None]
+
+
 class Failure(NamedTuple):
     """A failed attempt: retry at ``retry_at`` (None: at once) unless attempts ran out."""
 
@@ -996,7 +1005,7 @@ class AsyncStorageBackend(abc.ABC):
         of every task whose claim was current; stale claims are left out.
         """
         columns = v.prepare_failures(failures)
-        return await self._sql_fail_tasks(*columns) if columns[0] else {}
+        return await self._sql_fail_tasks(columns) if columns.ids else {}
 
     @operation
     async def release_tasks(self, claims: Sequence[Claim]) -> list[int]:
@@ -1011,7 +1020,7 @@ class AsyncStorageBackend(abc.ABC):
         Only under their current claims; ``retry_at`` is ignored. Returns the ids moved.
         """
         columns = v.prepare_failures(failures)  # retry_at does not apply
-        return await self._sql_dead_letter_tasks(*columns) if columns[0] else []
+        return await self._sql_dead_letter_tasks(columns) if columns.ids else []
 
     @operation
     async def get_task(self, task_id: int) -> Task | None:
@@ -1086,7 +1095,7 @@ class AsyncStorageBackend(abc.ABC):
     async def fail_outbox(self, failures: Sequence[Failure]) -> dict[int, OutboxStatus]:
         """Record failed sends: back to pending at ``retry_at``, or dead when attempts ran out."""
         columns = v.prepare_failures(failures)
-        return await self._sql_fail_outbox(*columns) if columns[0] else {}
+        return await self._sql_fail_outbox(columns) if columns.ids else {}
 
     @operation
     async def redrive_outbox(self, ids: Sequence[int]) -> list[int]:
@@ -1109,7 +1118,7 @@ class AsyncStorageBackend(abc.ABC):
     async def dead_letter_outbox(self, failures: Sequence[Failure]) -> list[int]:
         """Dead-letter messages now (a non-retryable error) under their current claims."""
         columns = v.prepare_failures(failures)
-        return await self._sql_dead_letter_outbox(*columns) if columns[0] else []
+        return await self._sql_dead_letter_outbox(columns) if columns.ids else []
 
     @operation
     async def get_outbox(self, message_id: int) -> OutboxMessage | None:
@@ -1412,25 +1421,13 @@ class AsyncStorageBackend(abc.ABC):
     async def _sql_complete_tasks(self, ids: list[int], tokens: list[int]) -> list[int]: ...
 
     @abc.abstractmethod
-    async def _sql_fail_tasks(
-        self,
-        ids: list[int],
-        tokens: list[int],
-        errors: list[str],
-        retry_at: list[datetime | None],
-    ) -> dict[int, TaskStatus]: ...
+    async def _sql_fail_tasks(self, failures: FailureColumns) -> dict[int, TaskStatus]: ...
 
     @abc.abstractmethod
     async def _sql_release_tasks(self, ids: list[int], tokens: list[int]) -> list[int]: ...
 
     @abc.abstractmethod
-    async def _sql_dead_letter_tasks(
-        self,
-        ids: list[int],
-        tokens: list[int],
-        errors: list[str],
-        retry_at: list[datetime | None],
-    ) -> list[int]: ...
+    async def _sql_dead_letter_tasks(self, failures: FailureColumns) -> list[int]: ...
 
     @abc.abstractmethod
     async def _sql_get_task(self, task_id: int) -> Task | None: ...
@@ -1458,13 +1455,7 @@ class AsyncStorageBackend(abc.ABC):
     async def _sql_mark_outbox_sent(self, ids: list[int], tokens: list[int]) -> list[int]: ...
 
     @abc.abstractmethod
-    async def _sql_fail_outbox(
-        self,
-        ids: list[int],
-        tokens: list[int],
-        errors: list[str],
-        retry_at: list[datetime | None],
-    ) -> dict[int, OutboxStatus]: ...
+    async def _sql_fail_outbox(self, failures: FailureColumns) -> dict[int, OutboxStatus]: ...
 
     @abc.abstractmethod
     async def _sql_redrive_outbox(self, ids: list[int]) -> list[int]: ...
@@ -1473,13 +1464,7 @@ class AsyncStorageBackend(abc.ABC):
     async def _sql_release_outbox(self, ids: list[int], tokens: list[int]) -> list[int]: ...
 
     @abc.abstractmethod
-    async def _sql_dead_letter_outbox(
-        self,
-        ids: list[int],
-        tokens: list[int],
-        errors: list[str],
-        retry_at: list[datetime | None],
-    ) -> list[int]: ...
+    async def _sql_dead_letter_outbox(self, failures: FailureColumns) -> list[int]: ...
 
     @abc.abstractmethod
     async def _sql_get_outbox(self, message_id: int) -> OutboxMessage | None: ...

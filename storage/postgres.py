@@ -28,6 +28,7 @@ from storage.base import (
     AsyncStorageBackend,
     CancelState,
     ChatMessage,
+    FailureColumns,
     JournaledEvent,
     Leadership,
     Lease,
@@ -415,27 +416,15 @@ class PostgresBackend(AsyncStorageBackend):
     async def _sql_complete_tasks(self, ids: list[int], tokens: list[int]) -> list[int]:
         return await self._claimed_update("complete_tasks", ids, tokens)
 
-    async def _sql_fail_tasks(
-        self,
-        ids: list[int],
-        tokens: list[int],
-        errors: list[str],
-        retry_at: list[datetime | None],
-    ) -> dict[int, TaskStatus]:
-        rows = await self._fetch("fail_tasks", ids, tokens, errors, retry_at)
+    async def _sql_fail_tasks(self, failures: FailureColumns) -> dict[int, TaskStatus]:
+        rows = await self._fetch("fail_tasks", *failures)
         return {r[0]: TaskStatus(r[1]) for r in rows}
 
     async def _sql_release_tasks(self, ids: list[int], tokens: list[int]) -> list[int]:
         return await self._claimed_update("release_tasks", ids, tokens)
 
-    async def _sql_dead_letter_tasks(
-        self,
-        ids: list[int],
-        tokens: list[int],
-        errors: list[str],
-        retry_at: list[datetime | None],
-    ) -> list[int]:
-        # retry_at does not apply
+    async def _sql_dead_letter_tasks(self, failures: FailureColumns) -> list[int]:
+        ids, tokens, errors, _ = failures  # retry_at does not apply
         return sorted(r[0] for r in await self._fetch("dead_letter_tasks", ids, tokens, errors))
 
     async def _sql_get_task(self, task_id: int) -> Task | None:
@@ -474,14 +463,8 @@ class PostgresBackend(AsyncStorageBackend):
     async def _sql_mark_outbox_sent(self, ids: list[int], tokens: list[int]) -> list[int]:
         return await self._claimed_update("mark_outbox_sent", ids, tokens)
 
-    async def _sql_fail_outbox(
-        self,
-        ids: list[int],
-        tokens: list[int],
-        errors: list[str],
-        retry_at: list[datetime | None],
-    ) -> dict[int, OutboxStatus]:
-        rows = await self._fetch("fail_outbox", ids, tokens, errors, retry_at)
+    async def _sql_fail_outbox(self, failures: FailureColumns) -> dict[int, OutboxStatus]:
+        rows = await self._fetch("fail_outbox", *failures)
         return {r[0]: OutboxStatus(r[1]) for r in rows}
 
     async def _sql_redrive_outbox(self, ids: list[int]) -> list[int]:
@@ -490,14 +473,8 @@ class PostgresBackend(AsyncStorageBackend):
     async def _sql_release_outbox(self, ids: list[int], tokens: list[int]) -> list[int]:
         return await self._claimed_update("release_outbox", ids, tokens)
 
-    async def _sql_dead_letter_outbox(
-        self,
-        ids: list[int],
-        tokens: list[int],
-        errors: list[str],
-        retry_at: list[datetime | None],
-    ) -> list[int]:
-        rows = await self._fetch("dead_letter_outbox", ids, tokens, errors, retry_at)
+    async def _sql_dead_letter_outbox(self, failures: FailureColumns) -> list[int]:
+        rows = await self._fetch("dead_letter_outbox", *failures)
         return sorted(r[0] for r in rows)
 
     async def _sql_get_outbox(self, message_id: int) -> OutboxMessage | None:

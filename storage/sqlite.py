@@ -30,6 +30,7 @@ from storage.base import (
     AsyncStorageBackend,
     CancelState,
     ChatMessage,
+    FailureColumns,
     JournaledEvent,
     Leadership,
     Lease,
@@ -571,27 +572,15 @@ class SqliteBackend(AsyncStorageBackend):
     async def _sql_complete_tasks(self, ids: list[int], tokens: list[int]) -> list[int]:
         return await self._claimed_update("complete_tasks", ids, tokens)
 
-    async def _sql_fail_tasks(
-        self,
-        ids: list[int],
-        tokens: list[int],
-        errors: list[str],
-        retry_at: list[datetime | None],
-    ) -> dict[int, TaskStatus]:
-        rows = await self._failures("fail_tasks", ids, tokens, errors, retry_at)
+    async def _sql_fail_tasks(self, failures: FailureColumns) -> dict[int, TaskStatus]:
+        rows = await self._failures("fail_tasks", failures)
         return {r["id"]: TaskStatus(r["status"]) for r in rows}
 
     async def _sql_release_tasks(self, ids: list[int], tokens: list[int]) -> list[int]:
         return await self._claimed_update("release_tasks", ids, tokens)
 
-    async def _sql_dead_letter_tasks(
-        self,
-        ids: list[int],
-        tokens: list[int],
-        errors: list[str],
-        retry_at: list[datetime | None],
-    ) -> list[int]:
-        rows = await self._failures("dead_letter_tasks", ids, tokens, errors, retry_at)
+    async def _sql_dead_letter_tasks(self, failures: FailureColumns) -> list[int]:
+        rows = await self._failures("dead_letter_tasks", failures)
         return sorted(r["id"] for r in rows)
 
     async def _sql_get_task(self, task_id: int) -> Task | None:
@@ -621,14 +610,8 @@ class SqliteBackend(AsyncStorageBackend):
             params["lease_until"] = now + lease_until
         return sorted(r["id"] for r in await self._write(name, params))
 
-    async def _failures(
-        self,
-        name: str,
-        ids: list[int],
-        tokens: list[int],
-        errors: list[str],
-        retry: list[datetime | None],
-    ) -> list[dict[str, Any]]:
+    async def _failures(self, name: str, failures: FailureColumns) -> list[dict[str, Any]]:
+        ids, tokens, errors, retry = failures
         items = [list(f) for f in zip(ids, tokens, errors, map(_ts, retry), strict=True)]
         return await self._write(name, {"failures": _json(items), "now": time.time()})
 
@@ -668,14 +651,8 @@ class SqliteBackend(AsyncStorageBackend):
     async def _sql_mark_outbox_sent(self, ids: list[int], tokens: list[int]) -> list[int]:
         return await self._claimed_update("mark_outbox_sent", ids, tokens)
 
-    async def _sql_fail_outbox(
-        self,
-        ids: list[int],
-        tokens: list[int],
-        errors: list[str],
-        retry_at: list[datetime | None],
-    ) -> dict[int, OutboxStatus]:
-        rows = await self._failures("fail_outbox", ids, tokens, errors, retry_at)
+    async def _sql_fail_outbox(self, failures: FailureColumns) -> dict[int, OutboxStatus]:
+        rows = await self._failures("fail_outbox", failures)
         return {r["id"]: OutboxStatus(r["status"]) for r in rows}
 
     async def _sql_redrive_outbox(self, ids: list[int]) -> list[int]:
@@ -685,14 +662,8 @@ class SqliteBackend(AsyncStorageBackend):
     async def _sql_release_outbox(self, ids: list[int], tokens: list[int]) -> list[int]:
         return await self._claimed_update("release_outbox", ids, tokens)
 
-    async def _sql_dead_letter_outbox(
-        self,
-        ids: list[int],
-        tokens: list[int],
-        errors: list[str],
-        retry_at: list[datetime | None],
-    ) -> list[int]:
-        rows = await self._failures("dead_letter_outbox", ids, tokens, errors, retry_at)
+    async def _sql_dead_letter_outbox(self, failures: FailureColumns) -> list[int]:
+        rows = await self._failures("dead_letter_outbox", failures)
         return sorted(r["id"] for r in rows)
 
     async def _sql_get_outbox(self, message_id: int) -> OutboxMessage | None:
