@@ -14,7 +14,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from storage._sql import load_migrations
 from storage.base import AsyncStorageBackend
-from storage.errors import MigrationError
+from storage.errors import MigrationError, QueryError
 
 # user:password@ in a URL's authority, found without parsing (the URL may not parse).
 _USERINFO_PASSWORD = re.compile(r"^(?P<scheme>[^:/]*://)(?P<user>[^:@/]*):[^@/]*@")
@@ -45,7 +45,16 @@ async def check_schema(backend: AsyncStorageBackend, where: str) -> int:
     ``where`` names the database in the message (a masked URL). Cancelling it cancels one
     read and changes nothing.
     """
-    version = await backend.schema_version()
+    try:
+        version = await backend.schema_version()
+    except QueryError as exc:
+        if "permission denied" not in str(exc):
+            raise
+        raise QueryError(
+            f"{where}: this user may not read the schema version ({exc}): grant it SELECT on "
+            "schema_migrations (the schema guard reads it when a handle opens) and on the "
+            "asyncstore tables"
+        ) from exc
     latest = latest_version(backend.dialect)
     if version == latest:
         return version

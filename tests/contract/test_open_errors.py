@@ -21,6 +21,7 @@ from storage import (
     ConfigurationError,
     InvalidInput,
     MigrationError,
+    QueryError,
     StorageError,
     StorageUnavailable,
     open_storage,
@@ -249,3 +250,20 @@ async def test_the_guard_can_be_skipped_for_tools_that_inspect_the_schema(
 ) -> None:
     async with open_storage(empty_url, check_schema_version=False) as storage:
         assert await storage.schema_version() == 0
+
+
+@pytest.mark.postgres
+async def test_a_role_that_may_not_read_the_schema_version_is_told_what_to_grant(
+    postgres_dsn: str,
+) -> None:
+    role = f"asyncstore_noread_{secrets.token_hex(4)}"
+    admin = await asyncpg.connect(postgres_dsn)
+    try:
+        await admin.execute(f'CREATE ROLE "{role}" LOGIN')
+        database = postgres_dsn.rpartition("/")[2]
+        with pytest.raises(QueryError) as caught:
+            await _open(f"postgresql://{role}@{_server(postgres_dsn)}/{database}")
+        assert "grant it SELECT on schema_migrations" in str(caught.value)
+    finally:
+        await admin.execute(f'DROP ROLE IF EXISTS "{role}"')
+        await admin.close()
