@@ -106,7 +106,7 @@ def dialect_of(url: str) -> str:
         return "postgres"
     if colon and scheme == "sqlite":
         return "sqlite"
-    shown = f"scheme {scheme!r}" if colon else f"URL {mask_url(url)!r} (no scheme)"
+    shown = f"URL scheme {scheme!r}" if colon else f"URL {mask_url(url)!r} (no scheme)"
     raise ConfigurationError(
         f"unsupported storage {shown}: use postgresql://user@host/db or sqlite:///path.db"
     )
