@@ -7,7 +7,6 @@ whose message names the thing to fix and never shows the password.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import secrets
@@ -167,21 +166,7 @@ def empty_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'empty.db'}"
         return
-    dsn: str = request.getfixturevalue("postgres_dsn")
-    name = f"asyncstore_empty_{os.getpid()}_{secrets.token_hex(4)}"
-
-    async def admin(sql: str) -> None:
-        conn = await asyncpg.connect(dsn)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
-    try:
-        yield f"{dsn.rpartition('/')[0]}/{name}"
-    finally:
-        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    yield request.getfixturevalue("empty_postgres_url")
 
 
 async def _set_versions(url: str, sql: str) -> None:

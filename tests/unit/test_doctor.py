@@ -87,25 +87,6 @@ def test_doctor_reports_a_listener_that_cannot_run(
     assert "LISTEN needs its own session connection" in out
 
 
-@pytest.fixture
-def empty_postgres_url(postgres_dsn: str) -> Iterator[str]:
-    """A Postgres database with no asyncstore schema (not even schema_migrations)."""
-    name = f"asyncstore_doctor_empty_{secrets.token_hex(4)}"
-
-    async def admin(sql: str) -> None:
-        conn = await asyncpg.connect(postgres_dsn)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
-    try:
-        yield f"{postgres_dsn.rpartition('/')[0]}/{name}"
-    finally:
-        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-
-
 @pytest.mark.postgres
 def test_doctor_tells_to_migrate_an_empty_postgres_database(
     empty_postgres_url: str, capsys: pytest.CaptureFixture[str]
