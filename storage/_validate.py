@@ -33,6 +33,9 @@ MAX_PAYLOAD_BYTES = 8 * 1024 * 1024
 MAX_NOTIFY_PAYLOAD_BYTES = 7900  # Postgres refuses NOTIFY payloads of 8000 bytes or more
 MAX_LIMIT = 10_000
 INT64_MAX = 2**63 - 1
+# Durations beyond this would put a lease expiry or a cutoff outside years 1-9999, which
+# one driver's datetime conversion could not represent (SQLite raised a raw OverflowError).
+MAX_SECONDS = 1000 * 365 * 86400.0
 
 
 def check_utf8(value: str, what: str) -> str:
@@ -111,6 +114,8 @@ def check_seconds(value: object, what: str, *, minimum: float = 0.001) -> float:
     seconds = float(value)
     if not math.isfinite(seconds) or seconds < minimum:
         raise InvalidInput(f"{what} must be a finite number of seconds >= {minimum}, got {value}")
+    if seconds > MAX_SECONDS:
+        raise InvalidInput(f"{what} must be at most {MAX_SECONDS:g} s (1000 years), got {value}")
     return seconds
 
 

@@ -5,17 +5,21 @@ place (``map_error`` in the driver module) to this tree and raises ``from`` the 
 
     StorageError
     ├── InvalidInput          bad argument, rejected before anything is written
+    │   └── ConfigurationError  the storage URL or path cannot be used as given
     ├── StorageClosed         the backend was used after ``aclose()``
     ├── StorageUnavailable    the database cannot be reached (connect, network, pool)
     ├── ConflictError         a uniqueness or integrity rule refused the write
     ├── LeaseLost             a lease or claim token is no longer the current one (fencing)
-    ├── MigrationError        the schema could not be brought to the expected version
+    ├── MigrationError        the schema is not at this code's version (behind: run
+    │                         ``asyncstore migrate``; ahead: newer code migrated it) or a
+    │                         migration failed
     └── QueryError            anything else the database refused
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "ConfigurationError",
     "ConflictError",
     "InvalidInput",
     "LeaseLost",
@@ -35,6 +39,15 @@ class InvalidInput(StorageError, ValueError):
     """An argument is invalid; nothing was written."""
 
 
+class ConfigurationError(InvalidInput):
+    """The storage URL (or SQLite path) is malformed or names something that cannot be used.
+
+    A subclass of ``InvalidInput`` (and so of ``ValueError``): the URL is an argument, it is
+    refused before anything is written, and retrying the same URL cannot succeed. The
+    message never contains the URL's password.
+    """
+
+
 class StorageClosed(StorageError):
     """The backend is closed (or was never opened)."""
 
@@ -52,7 +65,11 @@ class LeaseLost(StorageError):
 
 
 class MigrationError(StorageError):
-    """The schema could not be migrated."""
+    """The schema is not the one this code expects, or a migration failed.
+
+    Raised when a handle is opened on a database whose schema is behind (run
+    ``asyncstore migrate``, or open with ``migrate=True``) or ahead of this version.
+    """
 
 
 class QueryError(StorageError):

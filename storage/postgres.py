@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import datetime
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import anyio
 import asyncpg
@@ -23,6 +24,7 @@ import orjson
 
 from storage import _validate as v
 from storage._notify import NotificationHub, Subscription
+from storage._schema import mask_url
 from storage._sql import load_migrations, load_queries
 from storage.base import (
     AsyncStorageBackend,
@@ -50,6 +52,7 @@ from storage.base import (
     operation,
 )
 from storage.errors import (
+    ConfigurationError,
     ConflictError,
     InvalidInput,
     MigrationError,
@@ -116,6 +119,54 @@ def _rowcount(status: str) -> int:
     return int(status.rsplit(" ", 1)[-1])
 
 
+def _login_target(dsn: str) -> str:
+    """``user 'u' on database 'd' at host:port`` as far as the DSN says (for messages)."""
+    try:
+        parts = urlsplit(dsn)
+        user = unquote(parts.username) if parts.username else None
+        database = unquote(parts.path.lstrip("/")) or None
+        host = parts.netloc.rpartition("@")[2] or None
+    except ValueError:
+        return f"with {mask_url(dsn)}"
+    return (
+        f"as user {user or '(default: $PGUSER or the OS user)'!r} "
+        f"to database {database or '(default: the user name)'!r} at {host or 'localhost'}"
+    )
+
+
+# SQLSTATEs that refuse the session itself: the login (class 28) or the database (3D000).
+_LOGIN_REFUSED = ("28", "3D000")
+
+
+def map_connect_error(exc: Exception, dsn: str) -> StorageError | None:
+    """Map what ``asyncpg.connect`` raised, naming the user and database but no password.
+
+    A malformed DSN (asyncpg raises ``ValueError``, ``OverflowError`` or its
+    ``ClientConfigurationError``) is a ``ConfigurationError``; a refused login or a missing
+    database is ``StorageUnavailable`` (the database cannot be used from here, and an
+    operator may fix it while we retry); anything else is mapped as any other call's error.
+    """
+    if isinstance(exc, asyncpg.ClientConfigurationError | ValueError | OverflowError):
+        return ConfigurationError(f"invalid postgres URL {mask_url(dsn)}: {exc}")
+    if isinstance(exc, asyncpg.PostgresError):
+        state = getattr(exc, "sqlstate", "") or ""
+        if state.startswith(_LOGIN_REFUSED):
+            return StorageUnavailable(
+                f"postgres refused the connection {_login_target(dsn)}: {exc} (SQLSTATE {state})"
+            )
+    return map_postgres_error(exc)
+
+
+async def _connect(dsn: str, **kwargs: Any) -> asyncpg.Connection:
+    """``asyncpg.connect`` with its failures mapped by ``map_connect_error``."""
+    try:
+        return await asyncpg.connect(dsn, **kwargs)
+    except Exception as exc:
+        if (mapped := map_connect_error(exc, dsn)) is not None:
+            raise mapped from exc
+        raise
+
+
 def map_postgres_error(exc: Exception) -> StorageError | None:
     """Map an asyncpg or network exception to the library's tree, keyed on SQLSTATE."""
     if isinstance(exc, asyncpg.PostgresError):
@@ -125,9 +176,11 @@ def map_postgres_error(exc: Exception) -> StorageError | None:
             return ConflictError(message)
         if state.startswith("22"):
             return InvalidInput(message)
-        if state.startswith(("08", "57P", "53")):
+        if state.startswith(("08", "57P", "53", *_LOGIN_REFUSED)):
             return StorageUnavailable(message)
         return QueryError(message)
+    if isinstance(exc, asyncpg.ClientConfigurationError):
+        return ConfigurationError(f"postgres client configuration: {exc}")
     if isinstance(exc, asyncpg.InterfaceError | OSError | TimeoutError):
         return StorageUnavailable(f"postgres unreachable: {exc}")
     if isinstance(exc, asyncpg.InternalClientError):
@@ -169,6 +222,7 @@ class PostgresBackend(AsyncStorageBackend):
         try:
             self._pool = await asyncpg.create_pool(
                 self._dsn,
+                connect=self._connect_mapped,
                 min_size=min(s.pool_min_size, s.pool_max_size),
                 max_size=s.pool_max_size,
                 statement_cache_size=s.statement_cache_size,
@@ -182,6 +236,11 @@ class PostgresBackend(AsyncStorageBackend):
             if isinstance(exc, Exception) and (mapped := map_postgres_error(exc)) is not None:
                 raise mapped from exc
             raise
+
+    async def _connect_mapped(self, dsn: str | None = None, **kwargs: Any) -> asyncpg.Connection:
+        # The pool's connect hook: called with the pool's DSN and options, for every new
+        # pool connection (at open and later, when the pool grows or replaces one).
+        return await _connect(dsn or self._dsn, **kwargs)
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -263,10 +322,15 @@ class PostgresBackend(AsyncStorageBackend):
 
     @operation
     async def schema_version(self) -> int:
-        version = await self.pool.fetchval(
-            "SELECT CASE WHEN to_regclass('schema_migrations') IS NULL THEN 0"
-            " ELSE (SELECT coalesce(max(version), 0) FROM schema_migrations) END"
-        )
+        # One round trip when migrated. (A CASE on to_regclass() cannot guard the subquery:
+        # the table name is resolved when the statement is parsed, so it failed with
+        # "relation does not exist" on an empty database.)
+        try:
+            version = await self.pool.fetchval(
+                "SELECT coalesce(max(version), 0) FROM schema_migrations"
+            )
+        except asyncpg.UndefinedTableError:
+            return 0
         return int(version)
 
     @operation
@@ -589,7 +653,7 @@ class PostgresBackend(AsyncStorageBackend):
                     await conn.add_listener(channel, self._on_notification)
                 return
             self._listen_conn = None
-            conn = await asyncpg.connect(self._dsn, timeout=self._settings.connect_timeout_s)
+            conn = await _connect(self._dsn, timeout=self._settings.connect_timeout_s)
             conn.add_termination_listener(self._on_lost)
             try:
                 for channel in self._hub.channels():
@@ -677,7 +741,8 @@ class PostgresBackend(AsyncStorageBackend):
                     await self._ensure_listener([])
                     return
                 except Exception as exc:
-                    if map_postgres_error(exc) is None:
+                    # _ensure_listener's connect raises mapped errors; the rest are raw.
+                    if not isinstance(exc, StorageError) and map_postgres_error(exc) is None:
                         raise
                     self._listener_failures += 1
                     self._reconnect_failures += 1
@@ -785,7 +850,7 @@ class _PostgresLeadership(Leadership):
             conn = self._conn
             if conn is None or conn.is_closed():
                 self._leading = False
-                conn = self._conn = await asyncpg.connect(
+                conn = self._conn = await _connect(
                     backend._dsn, timeout=backend._settings.connect_timeout_s
                 )
             backend._count("acquire_leadership")

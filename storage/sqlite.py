@@ -9,6 +9,9 @@ errors are mapped to ``storage.errors`` in ``map_sqlite_error`` and nowhere else
 
 from __future__ import annotations
 
+import errno
+import logging
+import os
 import random
 import secrets
 import sqlite3
@@ -52,6 +55,7 @@ from storage.base import (
     operation,
 )
 from storage.errors import (
+    ConfigurationError,
     ConflictError,
     MigrationError,
     QueryError,
@@ -61,6 +65,12 @@ from storage.errors import (
 )
 
 Q = load_queries("sqlite")
+log = logging.getLogger("asyncstore.storage")
+# Errors creating or opening a path that retrying cannot fix: the URL names a bad path.
+_BAD_PATH_ERRNOS = frozenset(
+    {errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM, errno.EROFS,
+     errno.ENOENT, errno.ENAMETOOLONG, errno.ELOOP}
+)  # fmt: skip
 _TIME_COLUMNS = frozenset({"created_at", "updated_at", "run_after", "expires_at", "requested_at"})
 _JSON_COLUMNS = frozenset({"payload", "content"})
 
@@ -102,6 +112,15 @@ def map_sqlite_error(exc: Exception) -> StorageError | None:
     return None
 
 
+def _why_unopenable(path: Path) -> str:
+    """A hint for SQLite's bare "unable to open database file", when the cause is visible."""
+    if path.is_dir():
+        return " (the path is a directory)"
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        return f" (the directory {str(path.parent)!r} is not writable)"
+    return " (the directory refuses new files, or too many files are open)"
+
+
 class SqliteBackend(AsyncStorageBackend):
     """``AsyncStorageBackend`` on one SQLite file. Build with ``storage.open_storage``."""
 
@@ -111,7 +130,14 @@ class SqliteBackend(AsyncStorageBackend):
         super().__init__()
         self._settings = settings
         url = settings.url.get_secret_value()
-        path = url.removeprefix("sqlite://").removeprefix("/") if url != "sqlite://" else ""
+        if not url.startswith("sqlite://"):
+            raise ConfigurationError(
+                f"invalid sqlite URL {url!r}: use sqlite:///relative/path.db, "
+                "sqlite:////absolute/path.db or sqlite:///:memory:"
+            )
+        path = url.removeprefix("sqlite://").removeprefix("/")
+        if "\x00" in path:
+            raise ConfigurationError(f"invalid sqlite URL {url!r}: the path contains a NUL byte")
         self._memory = path in ("", ":memory:")
         self._path = ":memory:" if self._memory else path
         self._writer: aiosqlite.Connection | None = None
@@ -126,9 +152,19 @@ class SqliteBackend(AsyncStorageBackend):
         return map_sqlite_error(exc)
 
     async def _connect(self) -> aiosqlite.Connection:
-        conn = await aiosqlite.connect(
+        pending = aiosqlite.connect(
             self._path, isolation_level=None, timeout=self._settings.sqlite_busy_timeout_s
         )
+        try:
+            conn = await pending
+        except BaseException:
+            # A failed connect stops its worker thread asynchronously; wait for it, shielded,
+            # so it does not outlive the event loop (it then prints "Event loop is closed").
+            thread = getattr(pending, "_thread", None)
+            if thread is not None:
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(thread.join, 5.0)
+            raise
         try:
             conn.row_factory = _row_factory  # type: ignore[assignment]
             busy_ms = int(self._settings.sqlite_busy_timeout_s * 1000)
@@ -167,18 +203,57 @@ class SqliteBackend(AsyncStorageBackend):
         """Open the writer and the readers. Cancelling it closes whatever was opened."""
         try:
             if not self._memory:
-                Path(self._path).parent.mkdir(parents=True, exist_ok=True)
+                self._prepare_directory()
             self._writer = await self._connect()
             # An in-memory database exists only on its one connection: it reads there too.
             for _ in range(0 if self._memory else self._settings.sqlite_readers):
                 self._readers.append(await self._connect())
         except BaseException as exc:
             await self.aclose()
+            if isinstance(exc, sqlite3.OperationalError) and "unable to open" in str(exc):
+                raise StorageUnavailable(
+                    f"sqlite: cannot open the database file {self._path!r}: {exc}"
+                    f"{_why_unopenable(Path(self._path))}"
+                ) from exc
             if isinstance(exc, Exception) and (mapped := map_sqlite_error(exc)) is not None:
                 raise mapped from exc
             raise
         self._free_readers = list(self._readers)
         _HUBS.setdefault(self._hub_key, set()).add(self._hub)
+
+    def _prepare_directory(self) -> None:
+        """Create the database file's missing directories, saying so at INFO.
+
+        A typo in the path would otherwise put the database somewhere unexpected without
+        a word; refusing instead would break the common ``sqlite:///data/app.db`` start.
+        A path that cannot be used raises an error naming the path and the cause.
+        """
+        parent = Path(self._path).parent
+        try:
+            if parent.is_dir():
+                return
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            cause = os.strerror(exc.errno) if exc.errno else str(exc)
+            if exc.errno in (errno.EEXIST, errno.ENOTDIR):
+                blocker = next(
+                    (p for p in (parent, *parent.parents) if p.exists() and not p.is_dir()),
+                    None,
+                )
+                if blocker is not None:
+                    cause = f"{str(blocker)!r} is a file, not a directory"
+            elif exc.filename:
+                cause = f"{cause} ({exc.filename!r})"
+            message = (
+                f"sqlite: cannot create the directory {str(parent)!r} for the database "
+                f"{self._path!r}: {cause}"
+            )
+            if exc.errno in _BAD_PATH_ERRNOS:
+                raise ConfigurationError(message) from exc
+            raise StorageUnavailable(message) from exc
+        log.info(
+            "created the directory %s for the sqlite database %s", parent.resolve(), self._path
+        )
 
     async def aclose(self) -> None:
         if self._closed:
