@@ -183,7 +183,7 @@ class PostgresBackend(AsyncStorageBackend):
             return
         self._closed = True
         self._listener_kick.set()
-        self._hub.wake_all()
+        self._hub.close("postgres storage is closed")
         # Shielded: connections must be returned and closed even if our caller is cancelled.
         with anyio.CancelScope(shield=True):
             if self._listen_conn is not None:

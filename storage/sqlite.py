@@ -9,6 +9,7 @@ errors are mapped to ``storage.errors`` in ``map_sqlite_error`` and nowhere else
 
 from __future__ import annotations
 
+import collections
 import random
 import secrets
 import sqlite3
@@ -25,6 +26,7 @@ import orjson
 
 from storage import _validate as v
 from storage._notify import NotificationHub
+from storage._shield import complete
 from storage._sql import load_migrations, load_queries
 from storage.base import (
     AsyncStorageBackend,
@@ -123,7 +125,7 @@ class SqliteBackend(AsyncStorageBackend):
         self._writer: aiosqlite.Connection | None = None
         self._readers: list[aiosqlite.Connection] = []
         self._free_readers: list[aiosqlite.Connection] = []
-        self._reader_available = anyio.Condition()
+        self._reader_waiters: collections.deque[anyio.Event] = collections.deque()
         self._write_lock = anyio.Lock()
         self._hub = NotificationHub(settings.listener_queue_size)
         self._hub_key = f"memory:{id(self)}" if self._memory else str(Path(path).resolve())
@@ -190,6 +192,7 @@ class SqliteBackend(AsyncStorageBackend):
         if self._closed:
             return
         self._closed = True
+        self._hub.close("sqlite storage is closed")
         hubs = _HUBS.get(self._hub_key)
         if hubs is not None:
             hubs.discard(self._hub)
@@ -227,16 +230,35 @@ class SqliteBackend(AsyncStorageBackend):
             async with self._write_lock:
                 yield self._conn
             return
-        async with self._reader_available:
-            while not self._free_readers:
-                await self._reader_available.wait()
-            conn = self._free_readers.pop()
+        conn = await self._take_reader()
         try:
             yield conn
         finally:
+            # No await here: a wakeup that a cancellation could skip would leave a waiter
+            # asleep until some unrelated read returned a reader. A statement the caller
+            # abandoned still runs first (each connection runs its statements in order).
             self._free_readers.append(conn)
-            async with self._reader_available:
-                self._reader_available.notify()
+            self._wake_reader_waiter()
+
+    async def _take_reader(self) -> aiosqlite.Connection:
+        """A free reader connection, waiting in line while all of them are in use."""
+        while not self._free_readers:
+            woken = anyio.Event()
+            self._reader_waiters.append(woken)
+            try:
+                await woken.wait()
+            except BaseException:
+                if woken.is_set():
+                    # Woken and cancelled before taking the reader: pass the wakeup on.
+                    self._wake_reader_waiter()
+                else:
+                    self._reader_waiters.remove(woken)
+                raise
+        return self._free_readers.pop()
+
+    def _wake_reader_waiter(self) -> None:
+        if self._reader_waiters and self._free_readers:
+            self._reader_waiters.popleft().set()
 
     async def _read(self, name: str, params: Mapping[str, Any]) -> list[dict[str, Any]]:
         self._count(name)
@@ -245,23 +267,20 @@ class SqliteBackend(AsyncStorageBackend):
 
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[_Tx]:
-        """One ``BEGIN IMMEDIATE`` write transaction on the writer connection.
+        """One ``BEGIN IMMEDIATE`` write transaction on the writer connection, all or nothing.
 
-        The whole transaction is shielded from cancellation: aiosqlite runs each statement
-        in a thread that a cancelled await cannot stop, so abandoning it half-way would
-        leave the writer inside an open transaction. A cancelled caller's write therefore
-        completes (or rolls back on error) and the cancellation takes effect right after.
+        Shielded from anyio cancellation: aiosqlite runs each statement in a thread that a
+        cancelled await cannot stop, so a cancelled caller's write completes (or rolls back
+        on error) and the cancellation takes effect right after. A plain asyncio
+        cancellation (``wait_for``, ``Task.cancel()``) cannot be shielded that way: it
+        rolls the transaction back instead. A failed COMMIT rolls back too. Either way the
+        writer leaves this block outside any transaction.
         """
         async with self._write_lock:
             with anyio.CancelScope(shield=True):
                 conn = self._conn
-                await conn.execute("BEGIN IMMEDIATE")
-                try:
+                async with _immediate(conn):
                     yield _Tx(self, conn)
-                except BaseException:
-                    await conn.execute("ROLLBACK")
-                    raise
-                await conn.execute("COMMIT")
 
     async def _write(self, name: str, params: Mapping[str, Any]) -> list[dict[str, Any]]:
         async with self._transaction() as tx:
@@ -285,26 +304,25 @@ class SqliteBackend(AsyncStorageBackend):
             for migration in load_migrations(self.dialect):
                 # Shielded for the reason given in _transaction.
                 with anyio.CancelScope(shield=True):
-                    await conn.execute("BEGIN IMMEDIATE")
                     try:
-                        rows = await conn.execute_fetchall(
-                            "SELECT 1 FROM schema_migrations WHERE version = ?",
-                            (migration.version,),
-                        )
-                        if not rows:
-                            for statement in migration.statements():
-                                await conn.execute(statement)
-                            await conn.execute(
-                                "INSERT INTO schema_migrations VALUES (?, ?, ?)",
-                                (migration.version, migration.name, time.time()),
+                        async with _immediate(conn):
+                            rows = await conn.execute_fetchall(
+                                "SELECT 1 FROM schema_migrations WHERE version = ?",
+                                (migration.version,),
                             )
-                            applied.append(migration.version)
+                            if not rows:
+                                for statement in migration.statements():
+                                    await conn.execute(statement)
+                                await conn.execute(
+                                    "INSERT INTO schema_migrations VALUES (?, ?, ?)",
+                                    (migration.version, migration.name, time.time()),
+                                )
                     except sqlite3.Error as exc:
-                        await conn.execute("ROLLBACK")
                         raise MigrationError(
                             f"migration {migration.version:04d}_{migration.name} failed: {exc}"
                         ) from exc
-                    await conn.execute("COMMIT")
+                if not rows:
+                    applied.append(migration.version)
         return applied
 
     @operation
@@ -1044,6 +1062,33 @@ def _fence_accepts(fence: tuple[int | None, int | None], epoch: int) -> bool:
     if token is not None:
         return epoch == token
     return head_epoch is None or epoch >= head_epoch
+
+
+@asynccontextmanager
+async def _immediate(conn: aiosqlite.Connection) -> AsyncIterator[None]:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT``, rolled back on any exception or cancellation.
+
+    The ROLLBACK runs even if BEGIN itself was the await that got cancelled (the thread
+    still runs it), and a COMMIT that fails (a deferred constraint, SQLITE_BUSY) is
+    rolled back as well, so the connection never stays inside a transaction.
+    """
+    try:
+        await conn.execute("BEGIN IMMEDIATE")
+        yield
+        await complete(conn.execute("COMMIT"))
+    except BaseException:
+        await complete(_rollback(conn))
+        raise
+
+
+async def _rollback(conn: aiosqlite.Connection) -> None:
+    try:
+        await conn.execute("ROLLBACK")
+    except sqlite3.Error:
+        # "no transaction is active": BEGIN failed, or COMMIT went through before a
+        # cancellation; anything else that leaves a transaction open is raised.
+        if conn.in_transaction:
+            raise
 
 
 class _Tx:
