@@ -997,8 +997,13 @@ class _PostgresLeadership(Leadership):
                 await conn.close()
             self._conn = None
             self._leading = False
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError):
+        except BaseException as exc:
+            # Trouble, or a plain asyncio cancellation the shield above does not stop:
+            # ending the session gives the lock up at once.
             self._drop()
+            trouble = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+            if not isinstance(exc, trouble):
+                raise
 
 
 def _outbox_columns(rows: list[tuple[str, str, bytes, int]]) -> list[list[Any]]:

@@ -1017,10 +1017,9 @@ class SqliteBackend(AsyncStorageBackend):
         finally:
             if not self._closed:
                 # Always, since a cancelled try_lead() may have taken the row unseen.
-                # Shielded: the row must go even if the owner is being cancelled, or the
-                # other handles would wait out its expiry.
-                with anyio.CancelScope(shield=True):
-                    await role.release()
+                # Completed even if the owner is being cancelled (by anyio or asyncio), or
+                # the other handles would wait out its expiry.
+                await complete(role.release())
 
 
 class _SqliteLeadership(Leadership):
