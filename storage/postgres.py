@@ -22,6 +22,7 @@ import orjson
 
 from storage import _validate as v
 from storage._notify import NotificationHub, Subscription
+from storage._shield import complete
 from storage._sql import load_migrations, load_queries
 from storage.base import (
     AsyncStorageBackend,
@@ -184,13 +185,16 @@ class PostgresBackend(AsyncStorageBackend):
         self._closed = True
         self._listener_kick.set()
         self._hub.close("postgres storage is closed")
-        # Shielded: connections must be returned and closed even if our caller is cancelled.
-        with anyio.CancelScope(shield=True):
-            if self._listen_conn is not None:
-                await self._listen_conn.close(timeout=5)
-                self._listen_conn = None
-            if self._pool is not None:
-                await self._pool.close()
+        # Completed even if our caller is cancelled (by anyio or asyncio): connections must
+        # be returned and closed.
+        await complete(self._close_connections())
+
+    async def _close_connections(self) -> None:
+        if self._listen_conn is not None:
+            await self._listen_conn.close(timeout=5)
+            self._listen_conn = None
+        if self._pool is not None:
+            await self._pool.close()
 
     def statistics(self) -> StorageStatistics:
         base = super().statistics()
@@ -217,8 +221,8 @@ class PostgresBackend(AsyncStorageBackend):
     async def migrate(self) -> list[int]:
         applied: list[int] = []
         async with self.pool.acquire() as conn:
-            await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
             try:
+                await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
                 await conn.execute(
                     "CREATE TABLE IF NOT EXISTS schema_migrations ("
                     " version integer PRIMARY KEY, name text NOT NULL,"
@@ -242,9 +246,7 @@ class PostgresBackend(AsyncStorageBackend):
                         ) from exc
                     applied.append(migration.version)
             finally:
-                # Shielded so the advisory lock is released even if we are being cancelled.
-                with anyio.CancelScope(shield=True):
-                    await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
+                await _unlock_migrations(conn)
             if applied:
                 # New tables and types: cached plans of other pool connections are stale.
                 await self.pool.expire_connections()
@@ -1004,6 +1006,21 @@ class _PostgresLeadership(Leadership):
             trouble = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
             if not isinstance(exc, trouble):
                 raise
+
+
+async def _unlock_migrations(conn: asyncpg.Connection) -> None:
+    """Give the migration lock up, even if the caller is being cancelled (anyio or asyncio).
+
+    The lock is session level and the pool's reset sends nothing, so a lock left behind
+    would ride back into the pool and block every later migration. Unlocking a lock this
+    session does not hold (a cancelled lock call) only warns; if the unlock cannot run,
+    ending the session frees the lock.
+    """
+    try:
+        await complete(conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK))
+    except BaseException:
+        conn.terminate()
+        raise
 
 
 def _outbox_columns(rows: list[tuple[str, str, bytes, int]]) -> list[list[Any]]:

@@ -198,14 +198,17 @@ class SqliteBackend(AsyncStorageBackend):
             hubs.discard(self._hub)
             if not hubs:
                 del _HUBS[self._hub_key]
-        # Shielded: the connection threads must be stopped even if our caller is cancelled.
-        with anyio.CancelScope(shield=True):
-            async with self._write_lock:
-                for conn in [*self._readers, self._writer]:
-                    if conn is not None:
-                        await conn.close()
+        # Completed even if our caller is cancelled (by anyio or asyncio): a connection
+        # left open keeps its thread, and with it the process, alive.
+        await complete(self._close_connections())
         self._readers.clear()
         self._writer = None
+
+    async def _close_connections(self) -> None:
+        async with self._write_lock:
+            for conn in [*self._readers, self._writer]:
+                if conn is not None:
+                    await conn.close()
 
     def statistics(self) -> StorageStatistics:
         base = super().statistics()

@@ -17,6 +17,7 @@ import inspect
 import os
 import random
 import sqlite3
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -436,6 +437,7 @@ async def test_cancel_any_method_anywhere_leaves_the_handle_usable_and_consisten
 
 
 async def test_cancelled_aclose_still_closes(storage_url: str) -> None:
+    before = threading.active_count()
     for turns in range(0, 12, 3):
         storage = await open_storage(storage_url).__aenter__()
         task = asyncio.ensure_future(storage.aclose())
@@ -448,3 +450,7 @@ async def test_cancelled_aclose_still_closes(storage_url: str) -> None:
         await storage.aclose()
         with pytest.raises(StorageClosed):
             await storage.ping()
+    # Every SQLite connection thread is gone: a cancelled close stopped none half-way.
+    with anyio.fail_after(SETTLE_S):
+        while threading.active_count() > before:  # noqa: ASYNC110 - threads have no event
+            await anyio.sleep(0.01)

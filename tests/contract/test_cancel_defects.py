@@ -263,3 +263,19 @@ async def test_run_after_outside_years_1_to_9999_is_refused(
     assert (await storage.get_task(ok[0].id)) is not None
     depths, _ = await storage.backlog_depths()
     assert depths
+
+
+async def test_cancelled_migrate_leaves_no_migration_lock_behind(storage_url: str) -> None:
+    async with open_storage(storage_url) as first, open_storage(storage_url) as second:
+        for k in range(0, 120, 2):
+            done = await _cancel_after(first.migrate, k)
+            # Another handle (another pool connection) can still take the migration lock.
+            with anyio.fail_after(BOUND_S):
+                assert await second.migrate() == []
+            if done:
+                break
+        for timeout in (0.0, 1e-5, 1e-4, 1e-3, 1e-2):
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(first.migrate(), timeout)
+            with anyio.fail_after(BOUND_S):
+                assert await second.migrate() == []
