@@ -207,6 +207,22 @@ class PostgresBackend(AsyncStorageBackend):
             listener_reconnect_failures=self._reconnect_failures,
         )
 
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[asyncpg.Connection]:
+        """A transaction on a pooled connection, all or nothing under any cancellation.
+
+        Shielded from anyio cancellation, as the SQLite driver's writes are: a cancel scope
+        would otherwise cancel the ROLLBACK of asyncpg's transaction block too and leave
+        it to the pool's reset. So a cancelled caller's transaction completes (or rolls
+        back on error) and the cancellation takes effect right after. A plain asyncio
+        cancellation lands in the body and rolls the transaction back. A failed COMMIT
+        has already ended the transaction on the server.
+        """
+        async with self.pool.acquire() as conn:
+            with anyio.CancelScope(shield=True):
+                async with conn.transaction():
+                    yield conn
+
     async def _fetch(self, name: str, *args: Any) -> list[asyncpg.Record]:
         self._count(name)
         return await self.pool.fetch(Q[name], *args)  # type: ignore[no-any-return]
@@ -281,7 +297,7 @@ class PostgresBackend(AsyncStorageBackend):
             v.check_int(lease_token, "lease_token", minimum=1)
         args = (session_id, [r[0] for r in rows], [r[1] for r in rows], lease_token)
         if out_rows:
-            async with self.pool.acquire() as conn, conn.transaction():
+            async with self._transaction() as conn:
                 self._count("append_messages")
                 result = await conn.fetch(Q["append_messages"], *args)
                 if result:
@@ -305,7 +321,11 @@ class PostgresBackend(AsyncStorageBackend):
     @operation
     async def delete_session(self, session_id: str) -> bool:
         v.check_id(session_id)
-        rows = await self._fetch("delete_session", session_id)
+        async with self._transaction() as conn:
+            self._count("_lock_chat_session")
+            await conn.execute(Q["_lock_chat_session"], session_id)
+            self._count("delete_session")
+            rows = await conn.fetch(Q["delete_session"], session_id)
         return bool(rows[0][0])
 
     # -- stream events ---------------------------------------------------------

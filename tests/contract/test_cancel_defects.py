@@ -279,3 +279,41 @@ async def test_cancelled_migrate_leaves_no_migration_lock_behind(storage_url: st
                 await asyncio.wait_for(first.migrate(), timeout)
             with anyio.fail_after(BOUND_S):
                 assert await second.migrate() == []
+
+
+async def test_delete_session_racing_an_append_leaves_no_orphan_messages(
+    postgres_dsn: str,
+) -> None:
+    # A cancelled call's statement may still run on the server while the next call starts,
+    # so a delete_session and an append of the same session can overlap: here an append's
+    # transaction (messages 2-4) commits while delete_session waits for its row lock.
+    async with open_storage(postgres_dsn) as storage:
+        await storage.delete_session("race")
+        await storage.append_messages("race", [NewMessage("user", 1)])
+        raw = await asyncpg.connect(postgres_dsn)
+        try:
+            tx = raw.transaction()
+            await tx.start()
+            await raw.execute(
+                "UPDATE chat_sessions SET last_seq = last_seq + 3 WHERE session_id = 'race'"
+            )
+            await raw.execute(
+                "INSERT INTO chat_messages (session_id, seq, role, content)"
+                " SELECT 'race', g, 'user', '0'::jsonb FROM generate_series(2, 4) g"
+            )
+            deleting = asyncio.ensure_future(storage.delete_session("race"))
+            waiting = (
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND wait_event_type = 'Lock'"
+            )
+            with anyio.fail_after(BOUND_S):
+                while not await raw.fetchval(waiting):  # noqa: ASYNC110 - no event for it
+                    await anyio.sleep(0.01)
+                await tx.commit()
+                assert await deleting
+        finally:
+            await raw.close()
+        assert await storage.load_messages("race") == []
+        again = await storage.append_messages("race", [NewMessage("user", "new")])
+        assert [m.seq for m in again] == [1]
+        assert [m.seq for m in await storage.load_messages("race")] == [1]
