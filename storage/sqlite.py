@@ -14,7 +14,7 @@ import random
 import secrets
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -277,13 +277,14 @@ class SqliteBackend(AsyncStorageBackend):
         on error) and the cancellation takes effect right after. A plain asyncio
         cancellation (``wait_for``, ``Task.cancel()``) cannot be shielded that way: it
         rolls the transaction back instead. A failed COMMIT rolls back too. Either way the
-        writer leaves this block outside any transaction.
+        writer leaves this block outside any transaction. Notifications queued with
+        ``notify_on_commit`` are delivered right after a successful COMMIT, cancelled or not.
         """
         async with self._write_lock:
             with anyio.CancelScope(shield=True):
-                conn = self._conn
-                async with _immediate(conn):
-                    yield _Tx(self, conn)
+                tx = _Tx(self, self._conn)
+                async with _immediate(tx._conn, on_commit=tx._deliver):
+                    yield tx
 
     async def _write(self, name: str, params: Mapping[str, Any]) -> list[dict[str, Any]]:
         async with self._transaction() as tx:
@@ -602,21 +603,18 @@ class SqliteBackend(AsyncStorageBackend):
         name, _ = v.check_notify_payload(channel, "")
         if pool is not None:
             v.check_id(pool, "pool")
-        wake: list[str] = []
         async with self._transaction() as tx:
             now = time.time()
             params = {"session_id": session_id, "token": token, "now": now}
             rows = await tx.fetch("release_lease_slot", params)
+            # Delivered on commit, as Postgres delivers NOTIFY.
             if rows and rows[0]["contended"]:
-                wake.append(f"s:{session_id}")
+                tx.notify_on_commit(name, f"s:{session_id}")
             if rows and pool is not None:
                 slot = {"pool": pool, "token": token, "now": now}
                 if await tx.fetch("_release_slot", slot):
-                    wake.extend(f"p:{r['pool']}" for r in await tx.fetch("_pool_woken", slot))
-        # Delivered after the commit, as Postgres delivers NOTIFY on commit.
-        for payload in wake:
-            for hub in list(_HUBS.get(self._hub_key, ())):
-                hub.deliver(name, payload)
+                    for r in await tx.fetch("_pool_woken", slot):
+                        tx.notify_on_commit(name, f"p:{r['pool']}")
         return bool(rows)
 
     @operation
@@ -900,15 +898,14 @@ class SqliteBackend(AsyncStorageBackend):
             raise InvalidInput("reason must be a str without NUL characters")
         channel = None if notify_channel is None else v.check_notify_payload(notify_channel, "")[0]
         params = {"session_id": session_id, "reason": reason[:1000], "now": time.time()}
-        state = CancelState.from_row((await self._write("request_cancel", params))[0])
-        if channel is not None:
-            # Delivered after the commit with no await in between (as Postgres delivers on
-            # commit), so a committed request is always announced; the kept reason, as on
-            # Postgres, in the same JSON text.
-            kept = state.reason[: self.CANCEL_NOTIFY_REASON_CHARS]
-            payload = orjson.dumps([state.session_id, kept]).decode()
-            for hub in list(_HUBS.get(self._hub_key, ())):
-                hub.deliver(channel, payload)
+        async with self._transaction() as tx:
+            state = CancelState.from_row((await tx.fetch("request_cancel", params))[0])
+            if channel is not None:
+                # Delivered on commit (as Postgres delivers NOTIFY), even if the caller is
+                # cancelled meanwhile, so a committed request is always announced; the kept
+                # reason, as on Postgres, in the same JSON text.
+                kept = state.reason[: self.CANCEL_NOTIFY_REASON_CHARS]
+                tx.notify_on_commit(channel, orjson.dumps([state.session_id, kept]).decode())
         return state
 
     @operation
@@ -1067,7 +1064,9 @@ def _fence_accepts(fence: tuple[int | None, int | None], epoch: int) -> bool:
 
 
 @asynccontextmanager
-async def _immediate(conn: aiosqlite.Connection) -> AsyncIterator[None]:
+async def _immediate(
+    conn: aiosqlite.Connection, *, on_commit: Callable[[], None] | None = None
+) -> AsyncIterator[None]:
     """``BEGIN IMMEDIATE`` ... ``COMMIT``, rolled back on any exception or cancellation.
 
     The ROLLBACK runs even if BEGIN itself was the await that got cancelled (the thread
@@ -1077,10 +1076,16 @@ async def _immediate(conn: aiosqlite.Connection) -> AsyncIterator[None]:
     try:
         await conn.execute("BEGIN IMMEDIATE")
         yield
-        await complete(conn.execute("COMMIT"))
+        await complete(_commit(conn, on_commit))
     except BaseException:
         await complete(_rollback(conn))
         raise
+
+
+async def _commit(conn: aiosqlite.Connection, on_commit: Callable[[], None] | None) -> None:
+    await conn.execute("COMMIT")
+    if on_commit is not None:
+        on_commit()  # no await between COMMIT and this, whatever happens to the caller
 
 
 async def _rollback(conn: aiosqlite.Connection) -> None:
@@ -1096,11 +1101,21 @@ async def _rollback(conn: aiosqlite.Connection) -> None:
 class _Tx:
     """Statements inside one write transaction of the SQLite driver (counted by name)."""
 
-    __slots__ = ("_backend", "_conn")
+    __slots__ = ("_backend", "_conn", "_notices")
 
     def __init__(self, backend: SqliteBackend, conn: aiosqlite.Connection) -> None:
         self._backend = backend
         self._conn = conn
+        self._notices: list[tuple[str, str]] = []
+
+    def notify_on_commit(self, channel: str, payload: str) -> None:
+        """Deliver a notification in process once (and only if) this transaction commits."""
+        self._notices.append((channel, payload))
+
+    def _deliver(self) -> None:
+        for channel, payload in self._notices:
+            for hub in list(_HUBS.get(self._backend._hub_key, ())):
+                hub.deliver(channel, payload)
 
     async def fetch(self, name: str, params: Mapping[str, Any]) -> list[dict[str, Any]]:
         self._backend._count(name)

@@ -317,3 +317,23 @@ async def test_delete_session_racing_an_append_leaves_no_orphan_messages(
         again = await storage.append_messages("race", [NewMessage("user", "new")])
         assert [m.seq for m in again] == [1]
         assert [m.seq for m in await storage.load_messages("race")] == [1]
+
+
+async def test_a_committed_cancel_request_is_announced_even_if_its_caller_is_cancelled(
+    storage: AsyncStorageBackend,
+) -> None:
+    async with storage.listen("cc") as stream:
+        for k in range(0, 200):
+            sid = f"s{k}"
+            done = await _cancel_after(
+                lambda sid=sid: storage.request_cancel(sid, "stop", notify_channel="cc"), k
+            )
+            if await storage.get_cancel(sid) is not None:
+                # Committed (whether or not the caller saw it): the announcement went out.
+                with anyio.fail_after(BOUND_S):
+                    note = await stream.receive()
+                assert sid in note.payload
+            if done:
+                break
+        else:
+            pytest.fail("request_cancel never finished before its cancellation")
