@@ -13,6 +13,7 @@ import contextlib
 import sqlite3
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import anyio
 import asyncpg
@@ -337,3 +338,40 @@ async def test_a_committed_cancel_request_is_announced_even_if_its_caller_is_can
                 break
         else:
             pytest.fail("request_cancel never finished before its cancellation")
+
+
+@pytest.mark.parametrize("mode", ["task", "scope"])
+async def test_cancelled_postgres_transaction_returns_a_clean_connection(
+    postgres_dsn: str, mode: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One pooled connection: every call after a cancelled transaction reuses it."""
+    settings = StorageSettings(url=SecretStr(postgres_dsn), pool_min_size=1, pool_max_size=1)
+    outbox = [NewOutboxMessage("c", "a", {"i": i}) for i in range(3)]
+    batch = [NewMessage("user", i) for i in range(3)]
+    raw = await asyncpg.connect(postgres_dsn)
+    try:
+        async with open_storage(settings) as storage:
+            await storage.delete_session("tx")
+            await raw.execute("DELETE FROM outbox WHERE channel = 'c'")
+            for k in range(0, 80, 2):
+
+                def call() -> Any:
+                    return storage.append_messages("tx", batch, outbox=outbox)
+
+                if mode == "task":
+                    await _cancel_after(call, k)
+                else:
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(call)
+                        for _ in range(k):
+                            await anyio.lowlevel.checkpoint()
+                        tg.cancel_scope.cancel()
+                # The same connection serves the next call, outside any transaction, and the
+                # messages and their outbox rows were written together or not at all.
+                n = await _assert_gap_free(storage, "tx", len(batch))
+                sql = "SELECT count(*) FROM outbox WHERE channel = 'c'"
+                assert await raw.fetchval(sql) == n
+    finally:
+        await raw.close()
+    resets = [r for r in caplog.records if "active transaction" in r.getMessage()]
+    assert not resets, "a cancelled transaction was left for the pool's reset to roll back"
