@@ -1076,26 +1076,32 @@ async def _immediate(
     try:
         await conn.execute("BEGIN IMMEDIATE")
         yield
-        await complete(_commit(conn, on_commit))
     except BaseException:
         await complete(_rollback(conn))
         raise
-
-
-async def _commit(conn: aiosqlite.Connection, on_commit: Callable[[], None] | None) -> None:
-    await conn.execute("COMMIT")
+    try:
+        await conn.execute("COMMIT")
+    except BaseException:
+        # COMMIT failed, or its caller was cancelled while the thread still runs it: the
+        # ROLLBACK queued behind it settles which (it finds no transaction if COMMIT went
+        # through), and a committed transaction's notifications still go out.
+        if not await complete(_rollback(conn)) and on_commit is not None:
+            on_commit()
+        raise
     if on_commit is not None:
-        on_commit()  # no await between COMMIT and this, whatever happens to the caller
+        on_commit()
 
 
-async def _rollback(conn: aiosqlite.Connection) -> None:
+async def _rollback(conn: aiosqlite.Connection) -> bool:
+    """Roll back; False if there was no transaction (BEGIN failed, or COMMIT went through)."""
     try:
         await conn.execute("ROLLBACK")
     except sqlite3.Error:
-        # "no transaction is active": BEGIN failed, or COMMIT went through before a
-        # cancellation; anything else that leaves a transaction open is raised.
+        # "no transaction is active"; anything that leaves a transaction open is raised.
         if conn.in_transaction:
             raise
+        return False
+    return True
 
 
 class _Tx:
