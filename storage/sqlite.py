@@ -9,6 +9,7 @@ errors are mapped to ``storage.errors`` in ``map_sqlite_error`` and nowhere else
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import secrets
 import sqlite3
@@ -205,10 +206,8 @@ class SqliteBackend(AsyncStorageBackend):
         self._writer = None
 
     def statistics(self) -> StorageStatistics:
-        base = super().statistics()
-        return StorageStatistics(
-            self.dialect,
-            base.statements,
+        return dataclasses.replace(
+            super().statistics(),
             notifications_received=self._hub.received,
             notifications_dropped=self._hub.dropped,
         )
