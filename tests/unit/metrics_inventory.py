@@ -15,11 +15,16 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from prometheus_client.parser import text_string_to_metric_families
+
+if TYPE_CHECKING:
+    from orchestrator.runtime import Runtime
 
 Inventory = dict[str, dict[str, Any]]
 
@@ -30,7 +35,9 @@ async def _nothing(_item: object) -> None:
     return None
 
 
-async def inventory(url: str) -> Inventory:
+@asynccontextmanager
+async def open_full_runtime(url: str) -> AsyncIterator[Runtime]:
+    """A runtime with every optional component: webhooks, queue worker, outbox relay."""
     from orchestrator.config import load_settings
     from orchestrator.runtime import open_runtime
     from orchestrator.webhooks import parse_hooks
@@ -46,6 +53,11 @@ async def inventory(url: str) -> Inventory:
     async with open_runtime(
         settings, hooks=hooks, queue_handler=_nothing, outbox_senders={"mail": _nothing}
     ) as rt:
+        yield rt
+
+
+async def inventory(url: str) -> Inventory:
+    async with open_full_runtime(url) as rt:
         text = rt.metrics.render()[0].decode()
     return parse(text)
 
