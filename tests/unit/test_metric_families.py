@@ -102,3 +102,13 @@ class _OwnStatistics:
 class _Own:
     def statistics(self) -> _OwnStatistics:
         return _OwnStatistics()
+
+
+def test_the_slow_query_threshold_is_a_storage_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    from orchestrator.config import load_settings
+
+    assert load_settings().storage.slow_query_threshold_s == 0.1
+    given = load_settings(storage={"slow_query_threshold_s": 0.25})
+    assert given.storage.slow_query_threshold_s == 0.25
+    monkeypatch.setenv("ASYNCSTORE_STORAGE__SLOW_QUERY_THRESHOLD_S", "0.5")
+    assert load_settings().storage.slow_query_threshold_s == 0.5
