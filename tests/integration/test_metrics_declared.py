@@ -40,6 +40,9 @@ NEW_FAMILIES = {
     "asyncstore_storage_slow_query_threshold_seconds",
     "asyncstore_stream_events_dropped",
     "asyncstore_stream_events_refused",
+    "asyncstore_turn_duration_seconds",
+    "asyncstore_turns",
+    "asyncstore_turns_active",
     "asyncstore_webhook_events_dropped",
     "asyncstore_webhook_events_not_persisted",
     "asyncstore_webhook_events_spilled",
@@ -179,6 +182,25 @@ async def test_endpoint_counters_move_with_real_requests(storage_url: str) -> No
     assert _endpoint(after, "open_streams", transport="sse") == 0
     assert _endpoint(after, "streams_ended", reason="client") == 1
     assert _endpoint(after, "streams_ended", reason="shutdown") == 0
+
+
+async def test_turns_are_counted_by_outcome_with_their_durations(storage_url: str) -> None:
+    async with open_full_runtime(storage_url) as rt:
+        async with rt.turn("done") as turn:
+            await turn.emit("turn_completed", {})
+        with pytest.raises(RuntimeError, match="boom"):
+            async with rt.turn("broken"):
+                raise RuntimeError("boom")
+        async with rt.turn("stopped"):
+            await rt.request_cancel("stopped", "timeout")
+            with anyio.fail_after(10):
+                await anyio.sleep_forever()
+        text = rt.metrics.render()[0].decode()
+    for outcome, n in (("completed", 1), ("failed", 1), ("cancelled", 1), ("abandoned", 0)):
+        line = f'asyncstore_turns_total{{outcome="{outcome}",source="turns"}} {n}.0'
+        assert line in text, line
+    assert 'asyncstore_turn_duration_seconds_count{source="turns"} 3.0' in text
+    assert 'asyncstore_turns_active{source="turns"} 0.0' in text
 
 
 # -- slow queries ---------------------------------------------------------------------
