@@ -39,7 +39,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 import anyio
 import anyio.abc
@@ -56,6 +56,7 @@ from orchestrator.broadcast import Position, StreamReset
 from orchestrator.errors import OrchestratorError, SubscriberLagged
 from orchestrator.runtime import Runtime
 from storage import StorageError, StreamEvent
+from storage.families import Family, MetricSink
 
 __all__ = [
     "Authorize",
@@ -149,6 +150,68 @@ class EndpointStatistics:
     shutdown_forced: int  # of ended_shutdown: still open when wait_closed's grace ran out
     ended_dropped: int  # drop()
     cancels_requested: int
+
+    METRIC_FAMILIES: ClassVar[tuple[Family, ...]] = (
+        Family(
+            "endpoint_open_streams",
+            "gauge",
+            "Open SSE and WebSocket streams, by transport.",
+            ("transport",),
+            known=("sse", "websocket"),
+        ),
+        Family("endpoint_streams_accepted", "counter", "Streams accepted (SSE and WebSocket)."),
+        Family("endpoint_streams_resumed", "counter", "Accepted streams that resumed from an id."),
+        Family(
+            "endpoint_streams_refused",
+            "counter",
+            "Streams refused: not authorized, malformed resume point, or shutting down.",
+        ),
+        Family(
+            "endpoint_streams_ended",
+            "counter",
+            "Streams ended, by reason: client (left), lagged (too slow for the hub), stalled "
+            "(a send outlasted send_timeout_s), shutdown, dropped (drop()).",
+            ("reason",),
+            known=("client", "lagged", "stalled", "shutdown", "dropped"),
+        ),
+        Family(
+            "endpoint_disconnects_mid_send",
+            "counter",
+            "Of the streams ended by the client: those that vanished while being sent to.",
+        ),
+        Family(
+            "endpoint_shutdown_forced",
+            "counter",
+            "Streams still open when the shutdown grace ran out, cut without a final message.",
+        ),
+        Family("endpoint_events_sent", "counter", "Stream events sent to clients."),
+        Family("endpoint_resets_sent", "counter", "Resets sent to clients."),
+        Family("endpoint_heartbeats", "counter", "Heartbeats sent to idle streams."),
+        Family(
+            "endpoint_cancels_requested", "counter", "Cancels requested through the endpoints."
+        ),
+    )
+
+    def export(self, out: MetricSink) -> None:
+        open_ = {"sse": self.open_sse, "websocket": self.open_websockets}
+        out.samples("endpoint_open_streams", {}, open_)
+        out.sample("endpoint_streams_accepted", {}, self.accepted)
+        out.sample("endpoint_streams_resumed", {}, self.resumed)
+        out.sample("endpoint_streams_refused", {}, self.refused)
+        ended = {
+            "client": self.ended_by_client,
+            "lagged": self.ended_lagged,
+            "stalled": self.ended_stalled,
+            "shutdown": self.ended_shutdown,
+            "dropped": self.ended_dropped,
+        }
+        out.samples("endpoint_streams_ended", {}, ended)
+        out.sample("endpoint_disconnects_mid_send", {}, self.disconnected_mid_send)
+        out.sample("endpoint_shutdown_forced", {}, self.shutdown_forced)
+        out.sample("endpoint_events_sent", {}, self.events_sent)
+        out.sample("endpoint_resets_sent", {}, self.resets_sent)
+        out.sample("endpoint_heartbeats", {}, self.heartbeats)
+        out.sample("endpoint_cancels_requested", {}, self.cancels_requested)
 
 
 def format_event_id(epoch: int, seq: int) -> str:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from types import MappingProxyType, TracebackType
-from typing import Self
+from typing import ClassVar, Self
 
 import anyio
 import anyio.abc
@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from orchestrator.errors import SubscriberLagged
 from storage import AsyncStorageBackend, Notification, StreamEvent
+from storage.families import Family, MetricSink
 
 __all__ = [
     "BroadcastHub",
@@ -111,6 +112,12 @@ class StreamReset:
     seq: int
 
 
+DB_READ_CAUSES = ("resume", "catch_up", "fan_in", "head", "poll")
+"""Why a subscriber caused a database read (``HubStatistics.db_reads``)."""
+RESET_REASONS = ("epoch_changed", "unknown_resume_point", "gap")
+HUB_DROP_REASONS = ("stale_epoch", "duplicate", "fetch_untaken")
+
+
 @dataclass(frozen=True, slots=True)
 class HubStatistics:
     mode: str
@@ -135,6 +142,47 @@ class HubStatistics:
     def live_db_reads(self) -> int:
         """Reads caused by subscribers that were live (not resuming): catch-up and polling."""
         return self.db_reads.get("catch_up", 0) + self.db_reads.get("poll", 0)
+
+    METRIC_FAMILIES: ClassVar[tuple[Family, ...]] = (
+        Family("broadcast_rings", "gauge", "Per-session ring buffers."),
+        Family("broadcast_subscribers", "gauge", "Live stream subscribers (WS/SSE)."),
+        Family("broadcast_published", "counter", "Events put in rings."),
+        Family("broadcast_delivered", "counter", "Events handed to subscribers."),
+        Family(
+            "broadcast_db_reads",
+            "counter",
+            "Database reads caused by subscribers.",
+            ("cause",),
+            known=DB_READ_CAUSES,
+        ),
+        Family(
+            "broadcast_resets", "counter", "Resets sent, by reason.", ("reason",), RESET_REASONS
+        ),
+        Family(
+            "broadcast_dropped", "counter", "Publishes refused.", ("reason",), HUB_DROP_REASONS
+        ),
+        Family("broadcast_rings_evicted", "counter", "Idle rings evicted."),
+        Family("broadcast_lagged_disconnects", "counter", "Slow subscribers cut."),
+        Family("broadcast_fetch_errors", "counter", "Failed event fetches."),
+        Family(
+            "broadcast_inline_events",
+            "counter",
+            "Other instances' events taken from notifications without a read.",
+        ),
+    )
+
+    def export(self, out: MetricSink) -> None:
+        out.sample("broadcast_rings", {}, self.rings)
+        out.sample("broadcast_subscribers", {}, self.subscribers)
+        out.sample("broadcast_published", {}, self.published)
+        out.sample("broadcast_delivered", {}, self.delivered)
+        out.samples("broadcast_db_reads", {}, self.db_reads)
+        out.samples("broadcast_resets", {}, self.resets)
+        out.samples("broadcast_dropped", {}, self.dropped)
+        out.sample("broadcast_rings_evicted", {}, self.rings_evicted)
+        out.sample("broadcast_lagged_disconnects", {}, self.lagged_disconnects)
+        out.sample("broadcast_fetch_errors", {}, self.fetch_errors)
+        out.sample("broadcast_inline_events", {}, self.inline_events)
 
 
 def encode_advances(advances: list[tuple[str, int, int, int]]) -> list[str]:

@@ -30,7 +30,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Literal
+from typing import ClassVar, Literal
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
@@ -38,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from orchestrator.cancellation import CancellationRegistry
 from storage import AsyncStorageBackend, Lease, LeaseLost, StorageError
+from storage.families import Family, MetricSink
 
 __all__ = [
     "HeldLease",
@@ -124,6 +125,31 @@ class LimiterStatistics:
     @property
     def statements_per_acquire(self) -> float:
         return self.acquire_statements / self.acquires if self.acquires else 0.0
+
+    METRIC_FAMILIES: ClassVar[tuple[Family, ...]] = (
+        Family("lock_holders", "gauge", "Session leases held."),
+        Family("lock_waiters", "gauge", "Tasks waiting for a session."),
+        Family("lock_cap_waiters", "gauge", "Tasks waiting for a global slot."),
+        Family("lock_acquires", "counter", "Leases acquired."),
+        Family("lock_acquire_attempts", "counter", "Acquire attempts."),
+        Family("lock_acquire_statements", "counter", "Statements on the acquire path."),
+        Family("lock_wakeups", "counter", "Waits ended by a wake-up."),
+        Family("lock_fallback_retries", "counter", "Waits ended by the backoff."),
+        Family("lock_leases_lost", "counter", "Held leases lost."),
+        Family("lock_wait_seconds", "histogram", "Wait to acquire a session."),
+    )
+
+    def export(self, out: MetricSink) -> None:
+        out.sample("lock_holders", {}, self.holders)
+        out.sample("lock_waiters", {}, self.waiters)
+        out.sample("lock_cap_waiters", {}, self.cap_waiters)
+        out.sample("lock_acquires", {}, self.acquires)
+        out.sample("lock_acquire_attempts", {}, self.acquire_attempts)
+        out.sample("lock_acquire_statements", {}, self.acquire_statements)
+        out.sample("lock_wakeups", {}, self.wakeups)
+        out.sample("lock_fallback_retries", {}, self.fallback_retries)
+        out.sample("lock_leases_lost", {}, self.leases_lost)
+        out.histogram("lock_wait_seconds", {}, self.wait_histogram, self.wait_total_s)
 
 
 class HeldLease:

@@ -34,7 +34,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Literal, NamedTuple
+from typing import ClassVar, Literal, NamedTuple
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
@@ -54,6 +54,7 @@ from storage import (
     StorageError,
 )
 from storage.errors import is_retryable
+from storage.families import Family, MetricSink
 
 __all__ = [
     "Outbox",
@@ -181,6 +182,31 @@ class OutboxRelayStatistics:
     notifications: int
     fallback_polls: int
     storage_errors: int
+
+    METRIC_FAMILIES: ClassVar[tuple[Family, ...]] = (
+        Family("outbox_in_flight", "gauge", "Messages being sent."),
+        Family("outbox_lanes", "gauge", "Channels with a send lane."),
+        Family("outbox_pending_writes", "gauge", "Outcomes not yet stored."),
+        Family("outbox_claimed", "counter", "Messages claimed."),
+        Family("outbox_messages_finished", "counter", "Message outcomes.", ("outcome",)),
+        Family("outbox_send_errors", "counter", "Failed sends."),
+        Family("outbox_fallback_polls", "counter", "Fallback polls."),
+    )
+
+    def export(self, out: MetricSink) -> None:
+        out.sample("outbox_in_flight", {}, self.in_flight)
+        out.sample("outbox_lanes", {}, self.lanes)
+        out.sample("outbox_pending_writes", {}, self.pending_writes)
+        out.sample("outbox_claimed", {}, self.claimed)
+        outcomes = {
+            "sent": self.sent,
+            "retried": self.retried,
+            "dead": self.dead,
+            "released": self.released,
+        }
+        out.samples("outbox_messages_finished", {}, outcomes)
+        out.sample("outbox_send_errors", {}, self.send_errors)
+        out.sample("outbox_fallback_polls", {}, self.fallback_polls)
 
 
 class Outbox:

@@ -29,7 +29,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Literal, NamedTuple
+from typing import ClassVar, Literal, NamedTuple
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
@@ -49,6 +49,7 @@ from storage import (
 from storage import TaskStatus as StoredStatus
 from storage.base import JSON
 from storage.errors import is_retryable
+from storage.families import Family, MetricSink
 
 __all__ = [
     "AgentQueue",
@@ -180,6 +181,41 @@ class WorkerStatistics:
     reruns: int  # tasks claimed because their previous worker's lease expired
     due_queries: int  # next-due reads made on going idle
     expiry_wakeups: int  # idle waits ended at the next known due time or lease expiry
+
+    METRIC_FAMILIES: ClassVar[tuple[Family, ...]] = (
+        Family("queue_running", "gauge", "Tasks running."),
+        Family("queue_max_workers", "gauge", "The worker's concurrency cap."),
+        Family("queue_pending_writes", "gauge", "Outcomes not yet stored."),
+        Family("queue_claimed", "counter", "Tasks claimed."),
+        Family("queue_claim_statements", "counter", "Claim statements."),
+        Family("queue_tasks_finished", "counter", "Task outcomes.", ("outcome",)),
+        Family("queue_fallback_polls", "counter", "Fallback polls."),
+        Family("queue_storage_errors", "counter", "Storage errors."),
+        Family("queue_reruns", "counter", "Tasks re-run after their worker's lease expired."),
+        Family("queue_due_queries", "counter", "Next-due reads on going idle."),
+        Family("queue_expiry_wakeups", "counter", "Idle waits ended at a due time."),
+    )
+
+    def export(self, out: MetricSink) -> None:
+        out.sample("queue_running", {}, self.running)
+        out.sample("queue_max_workers", {}, self.max_workers)
+        out.sample("queue_pending_writes", {}, self.pending_writes)
+        out.sample("queue_claimed", {}, self.claimed)
+        out.sample("queue_claim_statements", {}, self.claim_statements)
+        outcomes = {
+            "succeeded": self.succeeded,
+            "retried": self.retried,
+            "dead": self.dead,
+            "released": self.released,
+            "cancelled": self.cancelled,
+            "lease_lost": self.lease_lost,
+        }
+        out.samples("queue_tasks_finished", {}, outcomes)
+        out.sample("queue_fallback_polls", {}, self.fallback_polls)
+        out.sample("queue_storage_errors", {}, self.storage_errors)
+        out.sample("queue_reruns", {}, self.reruns)
+        out.sample("queue_due_queries", {}, self.due_queries)
+        out.sample("queue_expiry_wakeups", {}, self.expiry_wakeups)
 
 
 class _Outcome(enum.Enum):

@@ -63,6 +63,7 @@ from orchestrator.metrics import Metrics, open_loop_lag_monitor, open_pool_probe
 from orchestrator.outbox import Outbox, OutboxRelay, Sender, open_outbox_relay
 from orchestrator.queue import AgentQueue, Handler, QueueConfig, Worker, open_worker
 from orchestrator.streams import SessionStream, StreamEventWriter, StreamWriterStatistics
+from orchestrator.turn_metrics import TurnOutcome, TurnRecorder
 from orchestrator.webhooks import (
     HookDecision,
     HooksConfig,
@@ -282,6 +283,7 @@ class Runtime:
         self._closing = False
         self._cancelling_turns = False
         self._turns_started = 0
+        self.turn_metrics = TurnRecorder()  # exported as source "turns"
         self._active: dict[int, tuple[CancellationRegistry, str]] = {}
         self._turn_ids = 0
         self._no_turns = anyio.Event()
@@ -432,6 +434,8 @@ class Runtime:
         self._turns_started += 1
         for flag, optimized in paths.items():
             self._by_path[flag]["optimized" if optimized else "legacy"] += 1
+        started = self.turn_metrics.start()
+        outcome: TurnOutcome = "abandoned"  # until the turn has its lease
         try:
             async with (
                 limiter.hold(session_id) as held,
@@ -458,12 +462,16 @@ class Runtime:
                     failed = True
                     raise
                 finally:
+                    outcome = (
+                        "failed" if failed else "cancelled" if token.cancelled else "completed"
+                    )
                     # Shielded: the end of a turn (its last events, its hooks, the flush
                     # that must precede the lease release) must happen even when the turn
                     # is being cancelled from outside.
                     with anyio.CancelScope(shield=True):
                         await self._end_turn(turn, writer, registry, failed)
         finally:
+            self.turn_metrics.end(started, outcome)
             del self._active[turn_id]
             if not self._active:
                 self._no_turns.set()
@@ -554,6 +562,7 @@ class Runtime:
             "cancel_poll": self.cancellation.legacy,
             "passwords": self.passwords,
             "login_attempts": self.login_attempts,
+            "turns": self.turn_metrics,
         }
         if self.webhooks is not None:
             sources["webhooks"] = self.webhooks

@@ -10,6 +10,7 @@ mapped to ``storage.errors`` in ``_map_error`` and nowhere else.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -267,14 +268,16 @@ class PostgresBackend(AsyncStorageBackend):
             await self._pool.close()
 
     def statistics(self) -> StorageStatistics:
-        base = super().statistics()
-        return StorageStatistics(
-            self.dialect,
-            base.statements,
+        pool = self._pool
+        return dataclasses.replace(
+            super().statistics(),
             notifications_received=self._hub.received,
             notifications_dropped=self._hub.dropped,
             listener_reconnects=self._reconnects,
             listener_reconnect_failures=self._reconnect_failures,
+            pool=None
+            if pool is None
+            else (pool.get_size(), pool.get_idle_size(), pool.get_max_size()),
         )
 
     @asynccontextmanager

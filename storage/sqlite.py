@@ -10,6 +10,7 @@ errors are mapped to ``storage.errors`` in ``map_sqlite_error`` and nowhere else
 from __future__ import annotations
 
 import collections
+import dataclasses
 import errno
 import logging
 import os
@@ -280,10 +281,8 @@ class SqliteBackend(AsyncStorageBackend):
                     await conn.close()
 
     def statistics(self) -> StorageStatistics:
-        base = super().statistics()
-        return StorageStatistics(
-            self.dialect,
-            base.statements,
+        return dataclasses.replace(
+            super().statistics(),
             notifications_received=self._hub.received,
             notifications_dropped=self._hub.dropped,
         )
