@@ -308,12 +308,6 @@ class Settings(BaseSettings):
                 )
         if self.stream.channel != self.broadcast.channel:
             raise ValueError("stream.channel and broadcast.channel must be the same channel")
-        share = self.flags.lock
-        if 0.0 < share < 100.0 and self.lock.max_running is not None:
-            raise ValueError(
-                "flags.lock as a rollout share needs lock.max_running unset: the two paths "
-                "count running sessions differently (slot pool vs COUNT(*))"
-            )
         return self
 
     @classmethod
