@@ -554,8 +554,8 @@ async def s4_once(
             while True:
                 if rt.webhooks is not None:
                     await rt.webhooks.flush()
-                await rt.streams.optimized.flush()
-                await rt.streams.legacy.flush()
+                for writer in rt.streams.built().values():
+                    await writer.flush()
                 d = _depths(rt, enqueued[0])
                 if d["stream_writer"] == 0 and d["webhooks"] == 0 and d["agent_queue"] == 0:
                     drained_at = time.perf_counter() - started - elapsed
