@@ -151,7 +151,8 @@ class Flags(BaseModel):
     optimized path, chosen by :func:`in_rollout` (a stable hash of the flag name and the
     session id: the same session always gets the same answer for a given share, and raising
     the share only moves sessions from legacy to optimized). Internally each is stored as
-    that share (0..100). ``queue`` and ``outbox`` are process-wide modes.
+    that share (0..100). ``queue`` and ``outbox`` are process-wide modes. Any share of
+    ``lock`` keeps ``lock.max_running``: both lock paths take slots of one pool.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")

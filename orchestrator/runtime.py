@@ -103,7 +103,7 @@ class ComponentNotBuilt(OrchestratorError):
     """
 
 
-PATHS: tuple[tuple[bool, str], ...] = ((True, "optimized"), (False, "legacy"))
+_PATHS: tuple[tuple[bool, str], ...] = ((True, "optimized"), (False, "legacy"))
 
 
 class Switch(Generic[T]):
@@ -139,7 +139,6 @@ class Switch(Generic[T]):
         self._built: dict[bool, T] = {}
         self._building: dict[bool, _Build[T]] = {}
         self._closing = anyio.Event()
-        self.builds = 0
 
     @property
     def optimized(self) -> T | None:
@@ -151,7 +150,7 @@ class Switch(Generic[T]):
 
     def built(self) -> Mapping[str, T]:
         """The running instances, keyed ``optimized`` / ``legacy``."""
-        return MappingProxyType({name: self._built[o] for o, name in PATHS if o in self._built})
+        return MappingProxyType({name: self._built[o] for o, name in _PATHS if o in self._built})
 
     def uses_optimized(self, session_id: str) -> bool:
         return self._flags().optimized(self.flag, session_id)
@@ -164,7 +163,7 @@ class Switch(Generic[T]):
             wanted.add(True)
         if share < 100.0:
             wanted.add(False)
-        return tuple(o for o, _ in PATHS if o in wanted)
+        return tuple(o for o, _ in _PATHS if o in wanted)
 
     def pick(self, session_id: str) -> T:
         """The running instance the current flags choose for the session.
@@ -219,7 +218,6 @@ class Switch(Generic[T]):
         try:
             async with self._builders[optimized]() as instance:
                 self._built[optimized] = instance
-                self.builds += 1
                 self._on_built(optimized, instance)
                 build.done.set()
                 await self._closing.wait()
