@@ -212,7 +212,8 @@ async def s2_once(
     go = anyio.Event()
     epochs: dict[str, int] = {}
     all_ready = anyio.Event()
-    hub = rt.broadcast.pick(sessions[0])
+    # choose(), not pick(): the flags were just changed, the hub may still be starting.
+    hub = await rt.broadcast.choose(sessions[0])
     live = hub is rt.broadcast.optimized
 
     async def stream(sid: str, offset: float) -> None:

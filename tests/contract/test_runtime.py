@@ -378,3 +378,23 @@ async def test_one_lease_sweeper_for_two_runtimes(
     for rt in (a, b):
         for limiter in rt.limiter.built().values():
             assert limiter.statistics().sweeps == 0
+
+
+async def test_subscribe_right_after_a_live_change_is_served(storage_url: str) -> None:
+    """The poll hub starts in the background after the change; until it runs, the memory
+    hub (every writer publishes to it) serves ``subscribe``; ``choose`` waits for it."""
+    from orchestrator.runtime import ComponentNotBuilt
+
+    async with open_runtime(_settings(storage_url)) as rt:
+        rt.update_flags(stream_delivery="poll")
+        assert rt.broadcast.legacy is None  # nothing awaited since the change
+        with pytest.raises(ComponentNotBuilt):
+            rt.broadcast.pick("early")
+        sub = rt.subscribe("early", after=(0, 0))  # no error: the memory hub serves it
+        async with sub, rt.turn("early") as turn:
+            await turn.emit("turn_completed", {})
+            with anyio.fail_after(10):
+                item = await sub.__anext__()
+        assert isinstance(item, StreamEvent) and item.kind == "turn_completed"
+        poll_hub = await rt.broadcast.choose("later")
+        assert poll_hub is rt.broadcast.legacy is rt.broadcast.pick("later")
