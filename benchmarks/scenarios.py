@@ -212,7 +212,8 @@ async def s2_once(
     go = anyio.Event()
     epochs: dict[str, int] = {}
     all_ready = anyio.Event()
-    hub = rt.broadcast.pick(sessions[0])
+    # choose(), not pick(): the flags were just changed, the hub may still be starting.
+    hub = await rt.broadcast.choose(sessions[0])
     live = hub is rt.broadcast.optimized
 
     async def stream(sid: str, offset: float) -> None:
@@ -554,8 +555,8 @@ async def s4_once(
             while True:
                 if rt.webhooks is not None:
                     await rt.webhooks.flush()
-                await rt.streams.optimized.flush()
-                await rt.streams.legacy.flush()
+                for writer in rt.streams.built().values():
+                    await writer.flush()
                 d = _depths(rt, enqueued[0])
                 if d["stream_writer"] == 0 and d["webhooks"] == 0 and d["agent_queue"] == 0:
                     drained_at = time.perf_counter() - started - elapsed
