@@ -76,6 +76,7 @@ _EVENT_ID = re.compile(r"(0|[1-9][0-9]{0,17}):(0|[1-9][0-9]{0,17})")
 
 _FRAME_CACHE = 4096  # recent encoded SSE frames shared by a session's subscribers
 _WRITES_PER_YIELD = 4  # below asyncio's 5 writes to a lost socket before it logs a warning
+_WS_BATCH = _WRITES_PER_YIELD  # ready events sent under one timeout and lock, then a yield
 
 # WebSocket close codes (RFC 6455 and the IANA registry).
 WS_GOING_AWAY = 1001
@@ -129,6 +130,13 @@ class EndpointConfig(BaseModel):
     cancel_on_disconnect: bool = Field(
         default=False, description="a client leaving cancels the session's turn"
     )
+    ws_send: Literal["batched", "per_frame"] = Field(
+        default="batched",
+        description="WebSocket delivery: batched sends the events that are ready together "
+        "(one timeout and lock per batch, frames encoded once per session and shared by its "
+        "subscribers, a timer instead of a cancel scope per wait); per_frame is the legacy "
+        "path (each frame encoded, timed and locked on its own)",
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,7 +182,14 @@ class _Connection:
     """One open stream: how to interrupt its wait or its whole handler, why it ends (None:
     it does not) and whether the client is already gone."""
 
-    __slots__ = ("client_gone", "end_reason", "handler_scope", "session_id", "wait_scope")
+    __slots__ = (
+        "client_gone",
+        "end_reason",
+        "handler_scope",
+        "interrupt",
+        "session_id",
+        "wait_scope",
+    )
 
     def __init__(self, session_id: str) -> None:
         self.session_id = session_id
@@ -182,12 +197,15 @@ class _Connection:
         self.client_gone = False
         self.wait_scope: anyio.CancelScope | None = None
         self.handler_scope: anyio.CancelScope | None = None
+        self.interrupt: Callable[[], None] | None = None  # ends a ``next_within`` wait
 
     def end(self, reason: str) -> None:
         if self.end_reason is None:
             self.end_reason = reason
         if self.wait_scope is not None:
             self.wait_scope.cancel()
+        if self.interrupt is not None:
+            self.interrupt()
 
     def abort(self) -> None:
         """Stop the handler where it is (a send included); its cleanup still runs."""
@@ -247,6 +265,7 @@ class EventStreams:
         self._all_closed: anyio.Event | None = None
         self._counts: dict[str, int] = {}
         self._frames: OrderedDict[tuple[str, int, int], bytes] = OrderedDict()
+        self._ws_frames: OrderedDict[tuple[str, int, int], str] = OrderedDict()
 
     @classmethod
     def for_runtime(
@@ -683,6 +702,11 @@ class EventStreams:
         if not await self._ws_send(websocket, conn, lock, ready):
             conn.end("stalled")
             return
+        next_within = getattr(items, "next_within", None)
+        take_ready = getattr(items, "take_ready", None)
+        if self.config.ws_send == "batched" and next_within and take_ready:
+            await self._stream_ws_batched(websocket, conn, items, lock)
+            return
         while True:
             item = await self._next_item(conn, items)
             data: dict[str, Any]
@@ -719,6 +743,98 @@ class EventStreams:
                     conn.end("stalled")
                     await self._ws_close(websocket, conn, WS_TRY_AGAIN_LATER, "stalled")
                 return
+
+    async def _stream_ws_batched(
+        self, websocket: WebSocket, conn: _Connection, items: Any, lock: anyio.Lock
+    ) -> None:
+        """``_stream_ws`` with batches: the events ready now go out under one timeout and
+        one lock, as frames shared by every subscriber of the session."""
+        conn.interrupt = items.interrupt
+        next_within = items.next_within
+        take_ready = items.take_ready
+        interval = self.config.heartbeat_interval_s
+        try:
+            while True:
+                item: StreamEvent | StreamReset | None = None
+                if conn.end_reason is None:
+                    try:
+                        item = await next_within(interval)
+                    except StopAsyncIteration:
+                        conn.end("shutdown:stream closed")  # the hub (the runtime) is closing
+                    except SubscriberLagged as exc:
+                        conn.end(f"lagged:{exc}")
+                if item is None:
+                    if conn.end_reason is not None:
+                        await self._ws_end(websocket, conn, lock)
+                        return
+                    texts = ['{"type":"heartbeat"}']
+                    self._count("heartbeats")
+                else:
+                    batch = [item, *take_ready(_WS_BATCH - 1)]
+                    texts = [self._ws_text(x) for x in batch]
+                if not await self._ws_send_texts(websocket, conn, lock, texts):
+                    if not conn.client_gone:
+                        conn.end("stalled")
+                        await self._ws_close(websocket, conn, WS_TRY_AGAIN_LATER, "stalled")
+                    return
+                await anyio.lowlevel.checkpoint()  # uvicorn's send may not yield
+        finally:
+            conn.interrupt = None
+
+    def _ws_text(self, item: StreamEvent | StreamReset) -> str:
+        if isinstance(item, StreamReset):
+            self._count("resets_sent")
+            reset = {
+                "type": "reset",
+                "id": format_event_id(item.epoch, item.seq),
+                "reason": item.reason,
+                "epoch": item.epoch,
+                "seq": item.seq,
+            }
+            return orjson.dumps(reset).decode()
+        self._count("events_sent")
+        # Every subscriber of a session gets the same frame: encode it once, not once each.
+        key = (item.session_id, item.epoch, item.seq)
+        cache = self._ws_frames
+        text = cache.get(key)
+        if text is None:
+            data = {"type": "event", "id": format_event_id(item.epoch, item.seq)}
+            data.update(_event_body(item))
+            text = orjson.dumps(data).decode()
+            cache[key] = text
+            if len(cache) > _FRAME_CACHE:
+                cache.popitem(last=False)
+        return text
+
+    async def _ws_send_texts(
+        self, websocket: WebSocket, conn: _Connection, lock: anyio.Lock, texts: list[str]
+    ) -> bool:
+        """Send encoded messages under one timeout and one lock; False as ``_ws_send``."""
+        if conn.client_gone:
+            return False
+        with anyio.move_on_after(self.config.send_timeout_s):
+            async with lock:
+                try:
+                    for text in texts:
+                        await websocket.send({"type": "websocket.send", "text": text})
+                except (WebSocketDisconnect, OSError, RuntimeError) as exc:
+                    self._client_gone_or_raise(websocket, conn, exc)
+                    return False
+            return True
+        return False
+
+    async def _ws_end(self, websocket: WebSocket, conn: _Connection, lock: anyio.Lock) -> None:
+        """The stream ends (``conn.end_reason``): its final message, then the close."""
+        kind, _, why = (conn.end_reason or "").partition(":")
+        if kind == "shutdown":
+            final = {"type": "shutdown", "reason": why}
+            if await self._ws_send(websocket, conn, lock, final):
+                await self._ws_close(websocket, conn, self._shutdown_code(), why)
+        elif kind == "lagged":
+            await self._ws_send(websocket, conn, lock, {"type": "lagged", "reason": why})
+            await self._ws_close(websocket, conn, WS_TRY_AGAIN_LATER, "lagged")
+        else:
+            await self._ws_close(websocket, conn, WS_TRY_AGAIN_LATER, kind)
 
     async def _ws_commands(
         self,

@@ -794,6 +794,8 @@ class Subscription:
         self._waiter: asyncio.Future[None] | None = None
         self._closed = False
         self._released = False
+        self._interrupted = False
+        self._interrupt_scope: anyio.CancelScope | None = None
 
     @property
     def position(self) -> Position | None:
@@ -825,6 +827,73 @@ class Subscription:
         return self
 
     async def __anext__(self) -> StreamEvent | StreamReset:
+        item = await self._advance(False)
+        assert item is not None  # only an interruptible wait returns None
+        return item
+
+    async def next_within(self, timeout_s: float) -> StreamEvent | StreamReset | None:
+        """The next item, or None once ``timeout_s`` passed or ``interrupt()`` was called.
+
+        ``__anext__`` under a cancel scope does the same; this is the cheaper way for a
+        caller that waits once per item (a timer instead of a scope per wait). Nothing is
+        lost either way: the next call continues where this one stopped.
+        """
+        self._interrupted = False
+        if self._ring is None:
+            # Legacy poll mode: its reads and sleeps are cancelled, as a scope would.
+            with anyio.move_on_after(timeout_s) as scope:
+                self._interrupt_scope = scope
+                try:
+                    return await self._advance(True)
+                finally:
+                    self._interrupt_scope = None
+            return None
+        handle = asyncio.get_running_loop().call_later(timeout_s, self.interrupt)
+        try:
+            return await self._advance(True)
+        finally:
+            handle.cancel()
+
+    def interrupt(self) -> None:
+        """End the current (or next) ``next_within`` wait with None."""
+        self._interrupted = True
+        if self._interrupt_scope is not None:
+            self._interrupt_scope.cancel()
+        self._signal()
+
+    def take_ready(self, limit: int) -> list[StreamEvent | StreamReset]:
+        """Up to ``limit`` items that are ready now, in the order iteration would yield
+        them, without waiting or reading the database (a batch for one write)."""
+        hub = self._hub
+        out: list[StreamEvent | StreamReset] = []
+        buffer = self._buffer
+        while len(out) < limit:
+            if not buffer:
+                ring, nxt = self._ring, self._next
+                if (
+                    ring is None
+                    or nxt is None
+                    or not ring.events
+                    or self._closed
+                    or hub._closing
+                    or self._pending_reset is not None
+                    or self._resume is not None
+                ):
+                    break
+                first = ring.events[0].seq
+                if not first <= nxt <= ring.events[-1].seq:
+                    break
+                take = min(ring.events[-1].seq - nxt + 1, hub.config.page_size)
+                buffer.extend(itertools.islice(ring.events, nxt - first, nxt - first + take))
+                self._next = nxt + take
+            item = buffer.popleft()
+            if type(item) is StreamEvent:
+                self._last = (item.epoch, item.seq)
+                hub._delivered += 1
+            out.append(item)
+        return out
+
+    async def _advance(self, interruptible: bool) -> StreamEvent | StreamReset | None:
         hub = self._hub
         while True:
             if self._buffer:
@@ -833,6 +902,8 @@ class Subscription:
                     self._last = (item.epoch, item.seq)
                     hub._delivered += 1
                 return item
+            if interruptible and self._interrupted:
+                return None
             if self._closed or hub._closing:
                 await self.aclose()
                 raise StopAsyncIteration
