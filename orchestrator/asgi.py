@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import math
 import re
 import signal
 import threading
@@ -611,7 +612,9 @@ class EventStreams:
         self._count("accepted")
         if after is not None:
             self._count("resumed")
-        lock = anyio.Lock()
+        # Uncontended (the usual case) a fast lock does not yield: one task switch less per
+        # batch. The legacy path keeps its lock as it was.
+        lock = anyio.Lock(fast_acquire=self.config.ws_send == "batched")
         try:
             async with anyio.create_task_group() as tg:
                 conn.handler_scope = tg.cancel_scope
@@ -747,39 +750,62 @@ class EventStreams:
     async def _stream_ws_batched(
         self, websocket: WebSocket, conn: _Connection, items: Any, lock: anyio.Lock
     ) -> None:
-        """``_stream_ws`` with batches: the events ready now go out under one timeout and
-        one lock, as frames shared by every subscriber of the session."""
+        """``_stream_ws`` with batches: the events ready now go out under one lock, as frames
+        shared by every subscriber of the session, and without a cancel scope per frame.
+
+        One scope covers the whole loop; its deadline is set only while a batch is being
+        sent, so a client that takes over ``send_timeout_s`` to accept one is dropped as
+        before (``stalled``). A wait ends through a timer (the heartbeat) or
+        ``conn.end`` (``interrupt``), never by cancelling it.
+        """
         conn.interrupt = items.interrupt
         next_within = items.next_within
         take_ready = items.take_ready
         interval = self.config.heartbeat_interval_s
+        send_timeout = self.config.send_timeout_s
+        send_scope = anyio.CancelScope()
         try:
-            while True:
-                item: StreamEvent | StreamReset | None = None
-                if conn.end_reason is None:
-                    try:
-                        item = await next_within(interval)
-                    except StopAsyncIteration:
-                        conn.end("shutdown:stream closed")  # the hub (the runtime) is closing
-                    except SubscriberLagged as exc:
-                        conn.end(f"lagged:{exc}")
-                if item is None:
-                    if conn.end_reason is not None:
-                        await self._ws_end(websocket, conn, lock)
+            with send_scope:
+                while True:
+                    item: StreamEvent | StreamReset | None = None
+                    if conn.end_reason is None:
+                        try:
+                            item = await next_within(interval)
+                        except StopAsyncIteration:
+                            conn.end("shutdown:stream closed")  # the hub is closing
+                        except SubscriberLagged as exc:
+                            conn.end(f"lagged:{exc}")
+                    if item is None:
+                        if conn.end_reason is not None:
+                            break
+                        texts = ['{"type":"heartbeat"}']
+                        self._count("heartbeats")
+                    else:
+                        batch = [item, *take_ready(_WS_BATCH - 1)]
+                        texts = [self._ws_text(x) for x in batch]
+                    if conn.client_gone:
                         return
-                    texts = ['{"type":"heartbeat"}']
-                    self._count("heartbeats")
-                else:
-                    batch = [item, *take_ready(_WS_BATCH - 1)]
-                    texts = [self._ws_text(x) for x in batch]
-                if not await self._ws_send_texts(websocket, conn, lock, texts):
-                    if not conn.client_gone:
-                        conn.end("stalled")
-                        await self._ws_close(websocket, conn, WS_TRY_AGAIN_LATER, "stalled")
-                    return
-                await anyio.lowlevel.checkpoint()  # uvicorn's send may not yield
+                    send_scope.deadline = anyio.current_time() + send_timeout
+                    async with lock:
+                        try:
+                            for text in texts:
+                                await websocket.send({"type": "websocket.send", "text": text})
+                        except (WebSocketDisconnect, OSError, RuntimeError) as exc:
+                            self._client_gone_or_raise(websocket, conn, exc)
+                            return
+                    send_scope.deadline = math.inf
+                    if len(texts) == _WS_BATCH:
+                        # A backlog: uvicorn's send does not yield while the socket takes
+                        # data, so yield here (other streams; a reset socket's close). A
+                        # shorter batch took all there was: the next wait yields.
+                        await anyio.lowlevel.checkpoint()
         finally:
             conn.interrupt = None
+        if send_scope.cancelled_caught:
+            conn.end("stalled")
+            await self._ws_close(websocket, conn, WS_TRY_AGAIN_LATER, "stalled")
+            return
+        await self._ws_end(websocket, conn, lock)
 
     def _ws_text(self, item: StreamEvent | StreamReset) -> str:
         if isinstance(item, StreamReset):
@@ -805,23 +831,6 @@ class EventStreams:
             if len(cache) > _FRAME_CACHE:
                 cache.popitem(last=False)
         return text
-
-    async def _ws_send_texts(
-        self, websocket: WebSocket, conn: _Connection, lock: anyio.Lock, texts: list[str]
-    ) -> bool:
-        """Send encoded messages under one timeout and one lock; False as ``_ws_send``."""
-        if conn.client_gone:
-            return False
-        with anyio.move_on_after(self.config.send_timeout_s):
-            async with lock:
-                try:
-                    for text in texts:
-                        await websocket.send({"type": "websocket.send", "text": text})
-                except (WebSocketDisconnect, OSError, RuntimeError) as exc:
-                    self._client_gone_or_raise(websocket, conn, exc)
-                    return False
-            return True
-        return False
 
     async def _ws_end(self, websocket: WebSocket, conn: _Connection, lock: anyio.Lock) -> None:
         """The stream ends (``conn.end_reason``): its final message, then the close."""
