@@ -287,10 +287,11 @@ def _serve(kind: str, url: str) -> None:
 class _Seen:
     """One subscriber's record: seqs in order, once each, and the latency of each delta."""
 
-    __slots__ = ("count", "last_seq", "latencies", "violations")
+    __slots__ = ("count", "last_at", "last_seq", "latencies", "violations")
 
     def __init__(self) -> None:
         self.count = 0
+        self.last_at = 0.0
         self.last_seq = 0
         self.violations = 0
         self.latencies: list[float] = []
@@ -302,6 +303,7 @@ class _Seen:
         self.last_seq = seq
         if event["kind"] == "delta":
             self.count += 1
+            self.last_at = now
             self.latencies.append(now - event["payload"]["t"])
 
 
@@ -396,6 +398,7 @@ async def _client(spec: dict[str, Any]) -> dict[str, Any]:
         "expected": events * len(conns),
         "violations": sum(s.violations for s in seen) + sum(s.count != events for s in seen),
         "latencies_ms": latencies,
+        "last_at": max((s.last_at for s in seen), default=0.0),
         "cpu_s": cpu,
         "wall_s": wall,
         "errors": errors[:5],
@@ -498,7 +501,7 @@ async def _run_case(
     async with httpx.AsyncClient(timeout=30) as http:
         before = [(await http.get(s.base + "/stats")).json() for s in servers]
         cpu0 = {pid: _cpu_s(pid) for pid in pids}
-        started = time.monotonic()
+        started = time.time()
         body = {"sessions": sessions, "events": case.events, "rate": case.rate}
         (await http.post(producer.base + "/start", json=body)).raise_for_status()
         results = []
@@ -507,7 +510,8 @@ async def _run_case(
             line = await anyio.to_thread.run_sync(proc.stdout.readline)
             results.append(json.loads(line))
             await anyio.to_thread.run_sync(proc.wait)
-        elapsed = time.monotonic() - started
+        # Until the last delivery (not the clients' teardown), as the clients' clock says.
+        elapsed = max(r["last_at"] for r in results) - started
         cpu = sum(_cpu_s(pid) - cpu0[pid] for pid in pids)
         after = [(await http.get(s.base + "/stats")).json() for s in servers]
     received = sum(r["received"] for r in results)

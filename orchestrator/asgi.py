@@ -30,10 +30,10 @@ and ``{"type": "cancel", "reason": "..."}``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import inspect
 import logging
-import math
 import re
 import signal
 import threading
@@ -751,26 +751,51 @@ class EventStreams:
         self, websocket: WebSocket, conn: _Connection, items: Any, lock: anyio.Lock
     ) -> None:
         """``_stream_ws`` with batches: the events ready now go out under one lock, as frames
-        shared by every subscriber of the session, and without a cancel scope per frame.
+        shared by every subscriber of the session, with no cancel scope or timer per frame.
 
-        One scope covers the whole loop; its deadline is set only while a batch is being
-        sent, so a client that takes over ``send_timeout_s`` to accept one is dropped as
-        before (``stalled``). A wait ends through a timer (the heartbeat) or
-        ``conn.end`` (``interrupt``), never by cancelling it.
+        One timer per connection serves both deadlines: it interrupts the wait when the
+        heartbeat is due, and cancels the send scope (``stalled``) when a batch has been
+        sending for ``send_timeout_s``. It is re-armed only when it fires (or when a send
+        needs an earlier check), not on every event.
         """
+        loop = asyncio.get_running_loop()
+        heartbeat_s = self.config.heartbeat_interval_s
+        send_timeout = self.config.send_timeout_s
+        send_scope = anyio.CancelScope()
+        last = loop.time()  # the start of the last send
+        sending = False
+        timer: asyncio.TimerHandle | None = None
+        timer_at = 0.0
+
+        def arm(when: float) -> None:
+            nonlocal timer, timer_at
+            timer_at = when
+            timer = loop.call_at(when, check)
+
+        def check() -> None:
+            now = loop.time()
+            if sending:
+                if now - last >= send_timeout:
+                    send_scope.cancel()
+                    return
+                arm(last + send_timeout)
+            elif now - last >= heartbeat_s:
+                items.interrupt()  # the wait ends with None: a heartbeat
+                arm(now + heartbeat_s)
+            else:
+                arm(last + heartbeat_s)
+
         conn.interrupt = items.interrupt
         next_within = items.next_within
         take_ready = items.take_ready
-        interval = self.config.heartbeat_interval_s
-        send_timeout = self.config.send_timeout_s
-        send_scope = anyio.CancelScope()
+        arm(last + heartbeat_s)
         try:
             with send_scope:
                 while True:
                     item: StreamEvent | StreamReset | None = None
                     if conn.end_reason is None:
                         try:
-                            item = await next_within(interval)
+                            item = await next_within(None)
                         except StopAsyncIteration:
                             conn.end("shutdown:stream closed")  # the hub is closing
                         except SubscriberLagged as exc:
@@ -785,15 +810,24 @@ class EventStreams:
                         texts = [self._ws_text(x) for x in batch]
                     if conn.client_gone:
                         return
-                    send_scope.deadline = anyio.current_time() + send_timeout
-                    async with lock:
-                        try:
-                            for text in texts:
-                                await websocket.send({"type": "websocket.send", "text": text})
-                        except (WebSocketDisconnect, OSError, RuntimeError) as exc:
-                            self._client_gone_or_raise(websocket, conn, exc)
-                            return
-                    send_scope.deadline = math.inf
+                    last = loop.time()
+                    sending = True
+                    if timer_at > last + send_timeout and timer is not None:
+                        timer.cancel()  # a heartbeat longer than the send timeout
+                        arm(last + send_timeout)
+                    try:
+                        lock.acquire_nowait()
+                    except anyio.WouldBlock:
+                        await lock.acquire()  # a command's answer is being sent
+                    try:
+                        for text in texts:
+                            await websocket.send({"type": "websocket.send", "text": text})
+                    except (WebSocketDisconnect, OSError, RuntimeError) as exc:
+                        self._client_gone_or_raise(websocket, conn, exc)
+                        return
+                    finally:
+                        lock.release()
+                        sending = False
                     if len(texts) == _WS_BATCH:
                         # A backlog: uvicorn's send does not yield while the socket takes
                         # data, so yield here (other streams; a reset socket's close). A
@@ -801,6 +835,8 @@ class EventStreams:
                         await anyio.lowlevel.checkpoint()
         finally:
             conn.interrupt = None
+            if timer is not None:
+                timer.cancel()
         if send_scope.cancelled_caught:
             conn.end("stalled")
             await self._ws_close(websocket, conn, WS_TRY_AGAIN_LATER, "stalled")

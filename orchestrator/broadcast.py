@@ -831,23 +831,28 @@ class Subscription:
         assert item is not None  # only an interruptible wait returns None
         return item
 
-    async def next_within(self, timeout_s: float) -> StreamEvent | StreamReset | None:
-        """The next item, or None once ``timeout_s`` passed or ``interrupt()`` was called.
+    async def next_within(self, timeout_s: float | None) -> StreamEvent | StreamReset | None:
+        """The next item, or None once ``timeout_s`` passed (None: no limit) or
+        ``interrupt()`` was called (an interrupt while not waiting ends the next wait).
 
         ``__anext__`` under a cancel scope does the same; this is the cheaper way for a
-        caller that waits once per item (a timer instead of a scope per wait). Nothing is
-        lost either way: the next call continues where this one stopped.
+        caller that waits once per item (no scope per wait). Nothing is lost either way:
+        the next call continues where this one stopped.
         """
-        self._interrupted = False
         if self._ring is None:
             # Legacy poll mode: its reads and sleeps are cancelled, as a scope would.
-            with anyio.move_on_after(timeout_s) as scope:
+            limit = math.inf if timeout_s is None else timeout_s
+            with anyio.move_on_after(limit) as scope:
                 self._interrupt_scope = scope
                 try:
-                    return await self._advance(True)
+                    if not self._interrupted:
+                        return await self._advance(True)
                 finally:
                     self._interrupt_scope = None
+            self._interrupted = False
             return None
+        if timeout_s is None:
+            return await self._advance(True)
         handle = asyncio.get_running_loop().call_later(timeout_s, self.interrupt)
         try:
             return await self._advance(True)
@@ -903,6 +908,7 @@ class Subscription:
                     hub._delivered += 1
                 return item
             if interruptible and self._interrupted:
+                self._interrupted = False
                 return None
             if self._closed or hub._closing:
                 await self.aclose()

@@ -650,3 +650,20 @@ async def test_ws_subscribers_of_a_session_share_one_encoded_frame_per_event(
         shared = all(a is b for a, b in zip(texts[0], texts[1], strict=True))
         assert shared is (send == "batched")
         assert srv.streams.statistics().events_sent == 120
+
+
+@pytest.mark.parametrize("send", ["batched", "per_frame"])
+async def test_ws_client_that_stops_reading_is_dropped_after_the_send_timeout(
+    storage_url: str, send: str
+) -> None:
+    config = EndpointConfig(ws_send=send, send_timeout_s=0.3)  # type: ignore[arg-type]
+    async with serve(storage_url, config=config) as srv, anyio.create_task_group() as tg:
+        await _emit(srv.rt, "s1", 1100)  # more than the test connection buffers (1000)
+        ws = WebSocketSession(srv.app, "/s/s1/ws", tg)
+        await ws.connect()
+        await ws.send_json({"type": "subscribe"})
+        await wait_until(lambda: srv.streams.statistics().ended_stalled == 1, timeout_s=20)
+        stats = srv.streams.statistics()
+        assert stats.open_websockets == 0 and stats.events_sent >= 990
+        await ws.done.wait()
+        assert srv.subscribers() == 0
