@@ -3,7 +3,7 @@
 The suite's S2. Servers run in their own processes on uvicorn (127.0.0.1):
 
 * ``library``: the runtime and ``EventStreams`` (``orchestrator/asgi.py``); producers are
-  agent turns (``rt.turn`` / ``turn.emit``) at ``S2_RATE`` tokens/s per stream. Its flags
+  agent turns (``rt.turn`` / ``turn.emit``) at 20 tokens/s per stream (the seed's). Its flags
   switch between the optimized path (memory delivery) and the legacy one (poll).
 * ``bare``: the ceiling: Starlette on uvicorn, per-session in-memory fan-out to the
   connected sockets (the frame encoded once per event), no storage, no library.
@@ -46,7 +46,7 @@ import orjson
 
 from benchmarks._common import percentile
 
-__all__ = ["S2Case", "extra_rows", "main", "run_cases"]
+__all__ = ["S2Case", "extra_rows", "main", "notes", "run_cases"]
 
 RATE = 20.0  # tokens/s per stream (the seed's)
 SSE_EVERY = 10  # one subscriber in this many is an SSE client
@@ -118,7 +118,11 @@ def _bare_app() -> Any:
                 await send({"type": "http.response.body", "body": body, "more_body": True})
 
             await send(
-                {"type": "http.response.body", "body": b"event: ready\ndata: {}\n\n", "more_body": True}
+                {
+                    "type": "http.response.body",
+                    "body": b"event: ready\ndata: {}\n\n",
+                    "more_body": True,
+                }
             )
             sinks.setdefault(self.sid, set()).add(sink)
             try:
@@ -130,7 +134,10 @@ def _bare_app() -> Any:
     async def sse(request: Request) -> Response:
         return _SSE(request.path_params["session_id"])
 
+    go = asyncio.Event()
+
     async def produce(sid: str, events: int, rate: float, offset: float) -> None:
+        await go.wait()
         await asyncio.sleep(offset)
         start = time.monotonic()
         created = datetime.now(UTC).isoformat()
@@ -153,12 +160,17 @@ def _bare_app() -> Any:
 
     async def start(request: Request) -> Response:
         body = await request.json()
+        go.clear()
         for i, sid in enumerate(body["sessions"]):
             offset = (i / len(body["sessions"])) / body["rate"]
             task = asyncio.ensure_future(produce(sid, body["events"], body["rate"], offset))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
         return JSONResponse({"started": len(body["sessions"])})
+
+    async def start_go(request: Request) -> Response:
+        go.set()
+        return JSONResponse({})
 
     async def stats(request: Request) -> Response:
         return JSONResponse({"live_db_reads": 0, "db_reads": 0})
@@ -168,6 +180,7 @@ def _bare_app() -> Any:
             WebSocketRoute("/s/{session_id}/ws", ws),
             Route("/s/{session_id}/events", sse),
             Route("/start", start, methods=["POST"]),
+            Route("/go", start_go, methods=["POST"]),
             Route("/stats", stats),
         ]
     )
@@ -208,22 +221,43 @@ def _library_app(url: str) -> tuple[Any, Any]:
             yield
             tg.cancel_scope.cancel()
 
-    async def turn(sid: str, events: int, rate: float, offset: float) -> None:
+    async def turn(
+        sid: str, events: int, rate: float, offset: float, ready: Callable[[], None]
+    ) -> None:
         rt: Runtime = state["rt"]
-        await anyio.sleep(offset)
         async with rt.turn(sid) as t:
+            ready()
+            await state["go"].wait()
+            await anyio.sleep(offset)
             start = time.monotonic()
             for i in range(events):
                 await t.emit("delta", {"t": time.time()})
                 await anyio.sleep(max(0.0, start + (i + 1) / rate - time.monotonic()))
 
     async def start(request: Request) -> Response:
+        """Open every producer's turn (lease, epoch); they stream on /go."""
         body = await request.json()
         tg: anyio.abc.TaskGroup = state["tg"]
-        for i, sid in enumerate(body["sessions"]):
-            offset = (i / len(body["sessions"])) / body["rate"]
-            tg.start_soon(turn, sid, body["events"], body["rate"], offset)
-        return JSONResponse({"started": len(body["sessions"])})
+        state["go"] = anyio.Event()
+        sessions = body["sessions"]
+        all_in = anyio.Event()
+        count = [0]
+
+        def ready() -> None:
+            count[0] += 1
+            if count[0] == len(sessions):
+                all_in.set()
+
+        for i, sid in enumerate(sessions):
+            offset = (i / len(sessions)) / body["rate"]
+            tg.start_soon(turn, sid, body["events"], body["rate"], offset, ready)
+        with anyio.fail_after(120):
+            await all_in.wait()
+        return JSONResponse({"started": len(sessions)})
+
+    async def go(request: Request) -> Response:
+        state["go"].set()
+        return JSONResponse({})
 
     async def flags(request: Request) -> Response:
         body = await request.json()
@@ -246,6 +280,7 @@ def _library_app(url: str) -> tuple[Any, Any]:
             WebSocketRoute("/s/{session_id}/ws", streams.websocket),
             Route("/s/{session_id}/events", streams.sse),
             Route("/start", start, methods=["POST"]),
+            Route("/go", go, methods=["POST"]),
             Route("/flags", flags, methods=["POST"]),
             Route("/stats", stats),
         ],
@@ -287,9 +322,10 @@ def _serve(kind: str, url: str) -> None:
 class _Seen:
     """One subscriber's record: seqs in order, once each, and the latency of each delta."""
 
-    __slots__ = ("count", "last_at", "last_seq", "latencies", "violations")
+    __slots__ = ("count", "done", "last_at", "last_seq", "latencies", "violations")
 
     def __init__(self) -> None:
+        self.done = False
         self.count = 0
         self.last_at = 0.0
         self.last_seq = 0
@@ -308,7 +344,7 @@ class _Seen:
 
 
 async def _ws_subscriber(
-    base: str, sid: str, events: int, seen: _Seen, ready: Callable[[], None]
+    base: str, sid: str, events: int, seen: _Seen, ready: Callable[[], None], close: asyncio.Event
 ) -> None:
     from websockets.asyncio.client import connect
 
@@ -324,10 +360,12 @@ async def _ws_subscriber(
             data = loads(message)
             if data["type"] == "event":
                 seen.event(data, now)
+        seen.done = True
+        await close.wait()  # closing is not part of the measured run
 
 
 async def _sse_subscriber(
-    base: str, sid: str, events: int, seen: _Seen, ready: Callable[[], None]
+    base: str, sid: str, events: int, seen: _Seen, ready: Callable[[], None], close: asyncio.Event
 ) -> None:
     host, port = base.removeprefix("http://").split(":")
     reader, writer = await asyncio.open_connection(host, int(port), limit=1 << 20)
@@ -346,6 +384,8 @@ async def _sse_subscriber(
                 data = orjson.loads(line[6:])
                 if "seq" in data and "payload" in data:
                     seen.event(data, now)
+        seen.done = True
+        await close.wait()
     finally:
         writer.close()
 
@@ -357,6 +397,7 @@ async def _client(spec: dict[str, Any]) -> dict[str, Any]:
     seen = [_Seen() for _ in conns]
     left = len(conns)
     all_ready = asyncio.Event()
+    close = asyncio.Event()
     errors: list[str] = []
 
     def one_ready() -> None:
@@ -369,8 +410,8 @@ async def _client(spec: dict[str, Any]) -> dict[str, Any]:
         base, sid, sse = conns[i]
         fn = _sse_subscriber if sse else _ws_subscriber
         try:
-            await fn(base, sid, events, seen[i], one_ready)
-        except Exception as exc:  # noqa: BLE001 - counted and reported, never hidden
+            await fn(base, sid, events, seen[i], one_ready, close)
+        except Exception as exc:
             errors.append(repr(exc)[:200])
 
     tasks = []
@@ -379,21 +420,24 @@ async def _client(spec: dict[str, Any]) -> dict[str, Any]:
         if i % 50 == 49:
             await asyncio.sleep(0)  # let handshakes progress rather than queue thousands
     try:
-        await asyncio.wait_for(all_ready.wait(), spec["timeout_s"])
+        await asyncio.wait_for(all_ready.wait(), spec["connect_timeout_s"])
     except TimeoutError:
         errors.append(f"{left} connection(s) not ready in time")
     print("ready", flush=True)
     cpu0 = time.process_time()
     wall0 = time.monotonic()
-    done, pending = await asyncio.wait(tasks, timeout=spec["timeout_s"])
-    for task in pending:
-        task.cancel()
-    if pending:
-        errors.append(f"{len(pending)} subscriber(s) did not receive everything in time")
+    deadline = wall0 + spec["timeout_s"]
+    while not all(s.done for s in seen) and time.monotonic() < deadline:
+        if all(t.done() for t in tasks):
+            break
+        await asyncio.sleep(0.05)  # a progress poll of this process's own counters
+    late = sum(not s.done for s in seen)
+    if late:
+        errors.append(f"{late} subscriber(s) did not receive everything in time")
     cpu = time.process_time() - cpu0
     wall = time.monotonic() - wall0
     latencies = [round(x * 1000, 3) for s in seen for x in s.latencies]
-    return {
+    result = {
         "received": sum(s.count for s in seen),
         "expected": events * len(conns),
         "violations": sum(s.violations for s in seen) + sum(s.count != events for s in seen),
@@ -404,13 +448,20 @@ async def _client(spec: dict[str, Any]) -> dict[str, Any]:
         "errors": errors[:5],
         "error_count": len(errors),
     }
+    # Report first: the driver reads the servers' CPU now, before the connections close.
+    sys.stdout.write(json.dumps(result) + "\n")
+    sys.stdout.flush()
+    close.set()
+    for task in tasks:
+        if not task.done():
+            task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    return result
 
 
 def _client_main() -> int:
     spec = json.loads(sys.stdin.readline())
-    result = asyncio.run(_client(spec))
-    sys.stdout.write(json.dumps(result) + "\n")
-    sys.stdout.flush()
+    asyncio.run(_client(spec))
     return 0
 
 
@@ -473,21 +524,32 @@ async def _run_case(
     producer: _Server,
     servers: Sequence[_Server],
     case: S2Case,
+    fresh: set[int],
 ) -> dict[str, float]:
+    """One run; ``fresh``: the server pids no run used yet (RSS per connection is measured
+    on a fresh server only: a used one has grown its heap already)."""
     sessions = [f"{tag}-{i}" for i in range(case.streams)]
     conns = [
         (servers[j % len(servers)].base, sessions[j % case.streams], j % SSE_EVERY == SSE_EVERY - 1)
         for j in range(case.subscribers)
     ]
     rss0 = {s.proc.pid: _rss(s.proc.pid) for s in servers}
-    timeout = 60 + 3 * case.events / case.rate
+    timeout = 15 + 3 * case.events / case.rate
     clients = []
     for k in range(case.clients):
         mine = conns[k :: case.clients]
         proc = _spawn(["--client"])
         assert proc.stdin is not None
         proc.stdin.write(
-            json.dumps({"connections": mine, "events": case.events, "timeout_s": timeout}) + "\n"
+            json.dumps(
+                {
+                    "connections": mine,
+                    "events": case.events,
+                    "timeout_s": timeout,
+                    "connect_timeout_s": 120,
+                }
+            )
+            + "\n"
         )
         proc.stdin.flush()
         clients.append(proc)
@@ -499,28 +561,30 @@ async def _run_case(
     rss_per_conn = sum(_rss(pid) - before for pid, before in rss0.items()) / case.subscribers
     pids = {s.proc.pid for s in (producer, *servers)}
     async with httpx.AsyncClient(timeout=30) as http:
+        body = {"sessions": sessions, "events": case.events, "rate": case.rate}
+        (await http.post(producer.base + "/start", json=body)).raise_for_status()
         before = [(await http.get(s.base + "/stats")).json() for s in servers]
         cpu0 = {pid: _cpu_s(pid) for pid in pids}
         started = time.time()
-        body = {"sessions": sessions, "events": case.events, "rate": case.rate}
-        (await http.post(producer.base + "/start", json=body)).raise_for_status()
+        (await http.post(producer.base + "/go")).raise_for_status()
         results = []
         for proc in clients:
             assert proc.stdout is not None
             line = await anyio.to_thread.run_sync(proc.stdout.readline)
             results.append(json.loads(line))
-            await anyio.to_thread.run_sync(proc.wait)
-        # Until the last delivery (not the clients' teardown), as the clients' clock says.
-        elapsed = max(r["last_at"] for r in results) - started
         cpu = sum(_cpu_s(pid) - cpu0[pid] for pid in pids)
         after = [(await http.get(s.base + "/stats")).json() for s in servers]
+        for proc in clients:
+            await anyio.to_thread.run_sync(proc.wait)
+        # Until the last delivery, as the clients' clock says (one clock on this machine).
+        elapsed = max(max(r["last_at"] for r in results) - started, 1e-3)
     received = sum(r["received"] for r in results)
     expected = sum(r["expected"] for r in results)
     latencies = sorted(x for r in results for x in r["latencies_ms"])
     errors = [e for r in results for e in r["errors"]]
     if errors:
         print(f"S2 {tag}: client errors: {errors[:3]}", file=sys.stderr)
-    return {
+    figures = {
         "deliveries_per_s": received / elapsed,
         "offered_per_s": case.subscribers * case.rate,
         "p50_ms": percentile(latencies, 0.50),
@@ -528,12 +592,20 @@ async def _run_case(
         "server_us_per_delivery": cpu / max(1, received) * 1e6,
         "server_cpu_pct": 100 * cpu / elapsed,
         "client_cpu_pct_max": max(100 * r["cpu_s"] / max(1e-9, r["wall_s"]) for r in results),
-        "live_reads": float(sum(a["live_db_reads"] - b["live_db_reads"] for a, b in zip(after, before, strict=True))),
-        "db_reads_per_s": sum(a["db_reads"] - b["db_reads"] for a, b in zip(after, before, strict=True)) / elapsed,
+        "live_reads": float(
+            sum(a["live_db_reads"] - b["live_db_reads"] for a, b in zip(after, before, strict=True))
+        ),
+        "db_reads_per_s": sum(
+            a["db_reads"] - b["db_reads"] for a, b in zip(after, before, strict=True)
+        )
+        / elapsed,
         "lost_or_misordered": float(expected - received + sum(r["violations"] for r in results)),
-        "rss_per_conn_kib": rss_per_conn / 1024,
         "client_errors": float(sum(r["error_count"] for r in results)),
     }
+    if all(s.proc.pid in fresh for s in servers):
+        figures["rss_per_conn_kib"] = rss_per_conn / 1024
+    fresh.difference_update(s.proc.pid for s in servers)
+    return figures
 
 
 async def run_cases(
@@ -559,6 +631,7 @@ async def run_cases(
         lib2 = await _start_server("library", url) if "cross" in cases else None
         if lib2 is not None:
             servers.append(lib2)
+        fresh = {s.proc.pid for s in servers}
         async with httpx.AsyncClient(timeout=30) as http:
             for rep in range(repeats):
                 order = list(cases) if rep % 2 == 0 else list(reversed(cases))
@@ -566,19 +639,37 @@ async def run_cases(
                     tag = f"s2{name[:3]}{rep}{os.getpid()}{time.monotonic_ns() % 100000}"
                     if name == "bare":
                         assert bare is not None
-                        figures = await _run_case(tag, bare, [bare], case)
+                        figures = await _run_case(tag, bare, [bare], case, fresh)
                     else:
                         assert lib is not None
                         path = "legacy" if name == "legacy" else "optimized"
                         await http.post(lib.base + "/flags", json={"path": path})
                         targets = [lib, lib2] if name == "cross" and lib2 is not None else [lib]
-                        figures = await _run_case(tag, lib, targets, case)
+                        figures = await _run_case(tag, lib, targets, case, fresh)
                     for key, value in figures.items():
                         out[name].setdefault(key, []).append(value)
                     tick(name)
     finally:
         for server in servers:
             await _stop(server)
+    return out
+
+
+def notes(case: S2Case, url: str, repeats: int) -> list[str]:
+    """What the S2 table's figures are, for the suite's notes."""
+    out = [
+        f"over sockets: {case.subscribers} subscribers ({case.subscribers // SSE_EVERY} SSE, "
+        f"the rest WebSocket) on {case.streams} streams at {case.rate:g} tokens/s, "
+        f"{case.events} tokens each: {case.subscribers * case.rate:,.0f} deliveries/s offered; "
+        f"{case.clients} client processes; uvicorn, one server process; "
+        f"{repeats} run(s) per case, interleaved",
+        "bare = Starlette broadcast server (in-memory fan-out, no storage, no library); "
+        "server CPU includes the producers (turns and persistence for the library)",
+    ]
+    if url.startswith("sqlite"):
+        out.append("two-server row: Postgres only (skipped on SQLite)")
+    else:
+        out.append("two servers on one Postgres: producers on one, subscribers on both")
     return out
 
 
@@ -606,9 +697,20 @@ def extra_rows(res: dict[str, Any]) -> list[tuple[str, str, str, str, str, str]]
                 capacity = bare_us / lib_us if lib_us else 0.0
                 ratio = f"{capacity:.2f} cap."
                 verdict = "met" if capacity >= 0.7 else "NOT met"
-            rows.append((label, f"{o:,.1f} {unit}", f"bare {b:,.1f} {unit}", ratio, target, verdict))
+            rows.append(
+                (label, f"{o:,.1f} {unit}", f"bare {b:,.1f} {unit}", ratio, target, verdict)
+            )
         cpu = max(bare["client_cpu_pct_max"])
-        rows.append(("busiest client process CPU (bare)", f"{cpu:.0f}%", "", "", "< 90%", "met" if cpu < 90 else "NOT met"))
+        rows.append(
+            (
+                "busiest client process CPU (bare)",
+                f"{cpu:.0f}%",
+                "",
+                "",
+                "< 90%",
+                "met" if cpu < 90 else "NOT met",
+            )
+        )
     cross = res.get("cross") or {}
     if cross.get("deliveries_per_s"):
         for key, label, unit in (
