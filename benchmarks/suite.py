@@ -367,7 +367,8 @@ FIGURES: dict[str, list[tuple[str, str, str]]] = {
         ("server_us_per_delivery", "server CPU per delivery", "us"),
         ("db_reads_per_s", "db reads/s by subscribers", "/s"),
         ("live_reads", "reads by live subscribers", "n"),
-        ("lost_or_misordered", "lost/duplicate/out-of-order", "n"),
+        ("undelivered", "not delivered within the run's limit", "n"),
+        ("misordered", "gaps/duplicates/out of order", "n"),
         ("rss_per_conn_kib", "server RSS per connection", "KiB"),
     ],
     "S3": [
@@ -394,7 +395,8 @@ MAX_FIGURES = {
     ("S3", "duplicates"),
     ("S3", "lost"),
     ("S4", "events_lost"),
-    ("S2", "lost_or_misordered"),
+    ("S2", "undelivered"),
+    ("S2", "misordered"),
 }
 
 
@@ -465,9 +467,11 @@ def _target(
         return ">= 70% lower (seed 30%)", _compare(o, lg, lambda a, b: a <= 0.3 * b)
     if name == "S2" and key == "live_reads":
         return "0 live reads", "met" if max(o) == 0 else "NOT met"
-    if name == "S2" and key == "lost_or_misordered":
+    if name == "S2" and key == "misordered":
         both = list(o) + list(lg or [])
         return "0 (both paths)", "met" if max(both) == 0 else "NOT met"
+    if name == "S2" and key == "undelivered":
+        return "0", "met" if max(o) == 0 else "NOT met"
     if name == "S2" and key == "db_reads_per_s" and lg:
         return "seed: >= 60% lower", _compare(o, lg, lambda a, b: a <= 0.4 * b)
     if name == "S3" and key in ("duplicates", "lost"):

@@ -619,8 +619,13 @@ class EventStreams:
             async with anyio.create_task_group() as tg:
                 conn.handler_scope = tg.cancel_scope
                 tg.start_soon(self._ws_commands, websocket, conn, lock, tg.cancel_scope)
-                await self._stream_ws(websocket, conn, items, start, lock)
-                tg.cancel_scope.cancel()
+                if self.config.ws_send == "batched":
+                    # A task of its own: its every wake-up (one per event) resumes a short
+                    # stack, not the whole ASGI middleware chain above this handler.
+                    tg.start_soon(self._ws_streamer, websocket, conn, items, start, lock, tg)
+                else:
+                    await self._stream_ws(websocket, conn, items, start, lock)
+                    tg.cancel_scope.cancel()
         finally:
             self._forget(conn)
             # Shielded: the subscription must be released even when the handler is cancelled.
@@ -746,6 +751,18 @@ class EventStreams:
                     conn.end("stalled")
                     await self._ws_close(websocket, conn, WS_TRY_AGAIN_LATER, "stalled")
                 return
+
+    async def _ws_streamer(
+        self,
+        websocket: WebSocket,
+        conn: _Connection,
+        items: _Items,
+        start: Position | None,
+        lock: anyio.Lock,
+        tg: anyio.abc.TaskGroup,
+    ) -> None:
+        await self._stream_ws(websocket, conn, items, start, lock)
+        tg.cancel_scope.cancel()
 
     async def _stream_ws_batched(
         self, websocket: WebSocket, conn: _Connection, items: Any, lock: anyio.Lock
