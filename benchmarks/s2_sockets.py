@@ -574,7 +574,9 @@ async def _run_case(
     pids = {s.proc.pid for s in (producer, *servers)}
     async with httpx.AsyncClient(timeout=30) as http:
         body = {"sessions": sessions, "events": case.events, "rate": case.rate}
-        (await http.post(producer.base + "/start", json=body)).raise_for_status()
+        # Opening hundreds of turns on a saturated server (legacy polling) takes a while.
+        start = await http.post(producer.base + "/start", json=body, timeout=300)
+        start.raise_for_status()
         before = [(await http.get(s.base + "/stats")).json() for s in servers]
         cpu0 = {pid: _cpu_s(pid) for pid in pids}
         started = time.time()
