@@ -19,7 +19,11 @@ process CPU (the load generator must not be the bottleneck), live database reads
 connection, and the exactness violations.
 
     python -m benchmarks.s2_sockets [--url URL] [--streams 40] [--subscribers 240]
-        [--events 40] [--clients 2] [--cases bare,library,legacy,cross]
+        [--events 40] [--clients 2] [--cases bare,library,legacy,cross,per_frame]
+
+``per_frame`` (this command only) runs the WebSocket endpoint's legacy send path
+(``EndpointConfig(ws_send="per_frame")``) on a server of its own. With
+``ASYNCSTORE_S2_PROFILE=FILE`` the library servers run under cProfile and write FILE.
 """
 
 from __future__ import annotations
@@ -186,7 +190,7 @@ def _bare_app() -> Any:
     )
 
 
-def _library_app(url: str) -> tuple[Any, Any]:
+def _library_app(url: str, ws_send: str = "batched") -> tuple[Any, Any]:
     """The runtime's endpoints, producers as agent turns, and /flags to switch paths."""
     from starlette.applications import Starlette
     from starlette.requests import HTTPConnection, Request
@@ -207,7 +211,11 @@ def _library_app(url: str) -> tuple[Any, Any]:
     def allow(conn: HTTPConnection, session_id: str) -> bool:
         return True
 
-    streams = EventStreams(subscribe, authorize=allow, config=EndpointConfig(start="live"))
+    streams = EventStreams(
+        subscribe,
+        authorize=allow,
+        config=EndpointConfig(start="live", ws_send=ws_send),  # type: ignore[arg-type]
+    )
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -289,7 +297,7 @@ def _library_app(url: str) -> tuple[Any, Any]:
     return app, streams
 
 
-def _serve(kind: str, url: str) -> None:
+def _serve(kind: str, url: str, ws_send: str = "batched") -> None:
     import logging
 
     import uvicorn
@@ -304,7 +312,7 @@ def _serve(kind: str, url: str) -> None:
         config = uvicorn.Config(_bare_app(), log_level="error", lifespan="off", backlog=4096)
         uvicorn.Server(config).run(sockets=[sock])
         return
-    app, streams = _library_app(url)
+    app, streams = _library_app(url, ws_send)
     config = uvicorn.Config(app, log_level="error", lifespan="on", backlog=4096)
     server = StreamingServer(config, streams, grace_s=2.0)
     profile = os.environ.get("ASYNCSTORE_S2_PROFILE")
@@ -491,8 +499,8 @@ def _spawn(args: list[str]) -> subprocess.Popen[str]:
     )
 
 
-async def _start_server(kind: str, url: str) -> _Server:
-    proc = _spawn(["--serve", kind, "--url", url])
+async def _start_server(kind: str, url: str, ws_send: str = "batched") -> _Server:
+    proc = _spawn(["--serve", kind, "--url", url, "--ws-send", ws_send])
     assert proc.stdout is not None
     base = (await anyio.to_thread.run_sync(proc.stdout.readline)).strip()
     if not base:
@@ -650,6 +658,11 @@ async def run_cases(
         lib2 = await _start_server("library", url) if "cross" in cases else None
         if lib2 is not None:
             servers.append(lib2)
+        # The WebSocket endpoint's legacy send path (EndpointConfig.ws_send="per_frame").
+        per_frame = None
+        if "per_frame" in cases:
+            per_frame = await _start_server("library", url, "per_frame")
+            servers.append(per_frame)
         fresh = {s.proc.pid for s in servers}
         async with httpx.AsyncClient(timeout=30) as http:
             for rep in range(repeats):
@@ -659,6 +672,9 @@ async def run_cases(
                     if name == "bare":
                         assert bare is not None
                         figures = await _run_case(tag, bare, [bare], case, fresh)
+                    elif name == "per_frame":
+                        assert per_frame is not None
+                        figures = await _run_case(tag, per_frame, [per_frame], case, fresh)
                     else:
                         assert lib is not None
                         path = "legacy" if name == "legacy" else "optimized"
@@ -761,12 +777,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--serve", choices=("bare", "library"), help=argparse.SUPPRESS)
+    parser.add_argument("--ws-send", default="batched", help=argparse.SUPPRESS)
     parser.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.client:
         return _client_main()
     if args.serve:
-        _serve(args.serve, args.url or "")
+        _serve(args.serve, args.url or "", args.ws_send)
         return 0
     import tempfile
 
