@@ -27,7 +27,7 @@ from typing import Any
 import anyio
 
 from benchmarks._common import REPO, percentile, rss_mb
-from orchestrator.broadcast import Position, StreamReset, Subscription
+from orchestrator.broadcast import StreamReset, Subscription
 from orchestrator.queue import AgentQueue, QueueConfig, open_worker
 from orchestrator.runtime import Runtime
 from orchestrator.webhooks.testing import open_test_receiver
@@ -80,6 +80,8 @@ class Sizes:
     s2_streams: int
     s2_subscribers: int
     s2_events: int
+    s2_clients: int  # subscriber client processes
+    s2_repeats: int
     s3_tasks: int
     s3_workers: int
     s3_lease_s: float
@@ -101,6 +103,8 @@ class Sizes:
                 s2_streams=n(500, 2),
                 s2_subscribers=n(3000, 4),
                 s2_events=n(60, 3),
+                s2_clients=4,
+                s2_repeats=3,
                 s3_tasks=n(10_000, 50),
                 s3_workers=4,
                 s3_lease_s=5.0,
@@ -115,7 +119,9 @@ class Sizes:
             s1_deltas=10,
             s2_streams=n(100, 2),
             s2_subscribers=n(600, 4),
-            s2_events=n(15, 3),
+            s2_events=n(40, 3),
+            s2_clients=2,
+            s2_repeats=1,
             s3_tasks=n(2000, 50),
             s3_workers=3,
             s3_lease_s=1.5,
@@ -188,88 +194,7 @@ async def s1_once(rt: Runtime, tag: str, turns: int, deltas: int, tick: Tick) ->
 
 
 # ---------------------------------------------------------------- S2: fan-out
-
-
-async def s2_once(
-    rt: Runtime, tag: str, streams: int, subscribers: int, events: int, tick: Tick
-) -> dict[str, Any]:
-    """``subscribers`` live subscribers spread over ``streams`` streams, paced producers.
-
-    Each stream is a running turn emitting ``events`` deltas at ``S2_RATE`` per second;
-    subscribers attach before the first event (memory path: live, no position; poll path:
-    from the turn's epoch, as the legacy pollers did). Figures: database reads/s of the
-    delivery hub while streaming, reads by live subscribers (catch-up and polls, resumes
-    excluded), delivery latency p50/p99 and deliveries/s.
-    """
-    sessions = [f"{tag}-{s}" for s in range(streams)]
-    per_stream = [
-        subscribers // streams + (1 if s < subscribers % streams else 0) for s in range(streams)
-    ]
-    total = subscribers * events
-    latencies: list[float] = []
-    delivered = 0
-    done = anyio.Event()
-    go = anyio.Event()
-    epochs: dict[str, int] = {}
-    all_ready = anyio.Event()
-    # choose(), not pick(): the flags were just changed, the hub may still be starting.
-    hub = await rt.broadcast.choose(sessions[0])
-    live = hub is rt.broadcast.optimized
-
-    async def stream(sid: str, offset: float) -> None:
-        async with rt.turn(sid) as turn:
-            epochs[sid] = turn.lease.token
-            if len(epochs) == streams:
-                all_ready.set()
-            await go.wait()
-            await anyio.sleep(offset)
-            for _ in range(events):
-                await turn.emit("delta", {"t": time.perf_counter()})
-                await anyio.sleep(1 / S2_RATE)
-
-    async def consume(sid: str) -> None:
-        nonlocal delivered
-        after: Position | None = None if live else (epochs[sid], 0)
-        async with rt.subscribe(sid, after) as sub:
-            got = 0
-            async for item in sub:
-                if isinstance(item, StreamReset):
-                    raise RuntimeError(f"S2: unexpected reset {item}")
-                if item.kind != "delta":
-                    continue
-                latencies.append(time.perf_counter() - item.payload["t"])
-                got += 1
-                delivered += 1
-                if delivered % max(1, total // 50) == 0:
-                    tick(delivered / total)
-                if got == events:
-                    break
-        if delivered == total:
-            done.set()
-
-    async with anyio.create_task_group() as tg:
-        for n, sid in enumerate(sessions):
-            tg.start_soon(stream, sid, (n / streams) / S2_RATE)
-        with anyio.fail_after(60):
-            await all_ready.wait()
-        for sid, count in zip(sessions, per_stream, strict=True):
-            for _ in range(count):
-                tg.start_soon(consume, sid)
-        await anyio.sleep(0.1)  # every subscriber registered
-        before = hub.statistics()
-        started = time.perf_counter()
-        go.set()
-        with anyio.fail_after(600):
-            await done.wait()
-        elapsed = time.perf_counter() - started
-        after_stats = hub.statistics()
-    return {
-        "db_reads_per_s": (after_stats.db_reads_total - before.db_reads_total) / elapsed,
-        "live_reads": float(after_stats.live_db_reads - before.live_db_reads),
-        "p50_ms": percentile(latencies, 0.50) * 1000,
-        "p99_ms": percentile(latencies, 0.99) * 1000,
-        "deliveries_per_s": total / elapsed,
-    }
+# Over real sockets, in processes of their own: benchmarks.s2_sockets.
 
 
 # ---------------------------------------------------------------- S3: queue drain

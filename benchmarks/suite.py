@@ -35,9 +35,9 @@ from benchmarks.scenarios import (
     LEGACY,
     OPTIMIZED,
     PATHS,
+    S2_RATE,
     Sizes,
     s1_once,
-    s2_once,
     s3_once,
     s4_once,
     spawn_receiver,
@@ -152,11 +152,6 @@ async def _with_runtime(
             if name == "S1":
                 turns = max(4, sizes.s1_turns // 5) if warm else sizes.s1_turns
                 return await s1_once(rt, tag, turns, sizes.s1_deltas, bar.tick)
-            if name == "S2":
-                streams = max(2, sizes.s2_streams // 5) if warm else sizes.s2_streams
-                subs = streams * max(1, sizes.s2_subscribers // sizes.s2_streams)
-                events = max(3, sizes.s2_events // 4) if warm else sizes.s2_events
-                return await s2_once(rt, tag, streams, subs, events, bar.tick)
             seconds = min(1.0, sizes.s4_segment_s) if warm else sizes.s4_segment_s
             return await s4_once(rt, tag, seconds, sizes.s4_concurrency, enqueued, bar.tick)
 
@@ -170,6 +165,28 @@ async def _with_runtime(
         res["notes"].append(f"closing the runtime left work undelivered: {report}")
     if name == "S4":
         res["notes"].append("the agent-queue worker is process-wide: both paths use claim mode")
+    return res
+
+
+async def _s2(url: str, sizes: Sizes, progress: Any) -> dict[str, Any]:
+    """S2 over sockets (``benchmarks.s2_sockets``): the library's optimized path against
+    its legacy (poll) path, a bare broadcast server as the ceiling, two servers on Postgres."""
+    from benchmarks import s2_sockets
+
+    res = _result()
+    case = s2_sockets.S2Case(
+        sizes.s2_streams, sizes.s2_subscribers, sizes.s2_events, sizes.s2_clients, S2_RATE
+    )
+    bar = _Bar(progress, "S2", sizes.s2_repeats * len(s2_sockets.CASES))
+    out = await s2_sockets.run_cases(
+        url, case, s2_sockets.CASES, sizes.s2_repeats, lambda done: bar.next(f"S2 {done}")
+    )
+    bar.done()
+    res["figures"]["optimized"] = out["library"]
+    res["figures"]["legacy"] = out["legacy"]
+    res["ceiling"] = out.get("bare", {})
+    res["cross"] = out.get("cross", {})
+    res["notes"].extend(s2_sockets.notes(case, url, sizes.s2_repeats))
     return res
 
 
@@ -268,6 +285,8 @@ async def run_suite(
             started = time.perf_counter()
             if name == "S3":
                 res = await _s3(url, dialect, sizes, tmp, progress)
+            elif name == "S2":
+                res = await _s2(url, sizes, progress)
             else:
                 res = await _with_runtime(name, settings, hooks, sizes, progress)
                 if name == "S4" and dialect == "sqlite":
@@ -342,11 +361,15 @@ FIGURES: dict[str, list[tuple[str, str, str]]] = {
         ("statements_per_turn", "db statements/turn", ""),
     ],
     "S2": [
-        ("db_reads_per_s", "db reads/s by subscribers", "/s"),
-        ("live_reads", "reads by live subscribers", "n"),
+        ("deliveries_per_s", "deliveries/s (sockets)", "/s"),
         ("p50_ms", "delivery latency p50", "ms"),
         ("p99_ms", "delivery latency p99", "ms"),
-        ("deliveries_per_s", "deliveries/s", "/s"),
+        ("server_us_per_delivery", "server CPU per delivery", "us"),
+        ("db_reads_per_s", "db reads/s by subscribers", "/s"),
+        ("live_reads", "reads by live subscribers", "n"),
+        ("undelivered", "not delivered within the run's limit", "n"),
+        ("misordered", "gaps/duplicates/out of order", "n"),
+        ("rss_per_conn_kib", "server RSS per connection", "KiB"),
     ],
     "S3": [
         ("tasks_per_s", "drain rate (1 worker killed)", "/s"),
@@ -372,6 +395,8 @@ MAX_FIGURES = {
     ("S3", "duplicates"),
     ("S3", "lost"),
     ("S4", "events_lost"),
+    ("S2", "undelivered"),
+    ("S2", "misordered"),
 }
 
 
@@ -420,6 +445,10 @@ def judge(results: dict[str, Any]) -> list[Row]:
                     verdict,
                 )
             )
+        if name == "S2":
+            from benchmarks.s2_sockets import extra_rows
+
+            rows.extend(Row(name, *row) for row in extra_rows(res))
         if name == "S3" and "pgqueuer" not in res["peers"]:
             rows.append(Row(name, "vs pgqueuer", "", "", "", ">= 1.5x pgqueuer", "skipped"))
     return rows
@@ -438,6 +467,11 @@ def _target(
         return ">= 70% lower (seed 30%)", _compare(o, lg, lambda a, b: a <= 0.3 * b)
     if name == "S2" and key == "live_reads":
         return "0 live reads", "met" if max(o) == 0 else "NOT met"
+    if name == "S2" and key == "misordered":
+        both = list(o) + list(lg or [])
+        return "0 (both paths)", "met" if max(both) == 0 else "NOT met"
+    if name == "S2" and key == "undelivered":
+        return "0", "met" if max(o) == 0 else "NOT met"
     if name == "S2" and key == "db_reads_per_s" and lg:
         return "seed: >= 60% lower", _compare(o, lg, lambda a, b: a <= 0.4 * b)
     if name == "S3" and key in ("duplicates", "lost"):

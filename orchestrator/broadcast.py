@@ -842,6 +842,8 @@ class Subscription:
         self._waiter: asyncio.Future[None] | None = None
         self._closed = False
         self._released = False
+        self._interrupted = False
+        self._interrupt_scope: anyio.CancelScope | None = None
 
     @property
     def position(self) -> Position | None:
@@ -873,6 +875,78 @@ class Subscription:
         return self
 
     async def __anext__(self) -> StreamEvent | StreamReset:
+        item = await self._advance(False)
+        assert item is not None  # only an interruptible wait returns None
+        return item
+
+    async def next_within(self, timeout_s: float | None) -> StreamEvent | StreamReset | None:
+        """The next item, or None once ``timeout_s`` passed (None: no limit) or
+        ``interrupt()`` was called (an interrupt while not waiting ends the next wait).
+
+        ``__anext__`` under a cancel scope does the same; this is the cheaper way for a
+        caller that waits once per item (no scope per wait). Nothing is lost either way:
+        the next call continues where this one stopped.
+        """
+        if self._ring is None:
+            # Legacy poll mode: its reads and sleeps are cancelled, as a scope would.
+            limit = math.inf if timeout_s is None else timeout_s
+            with anyio.move_on_after(limit) as scope:
+                self._interrupt_scope = scope
+                try:
+                    if not self._interrupted:
+                        return await self._advance(True)
+                finally:
+                    self._interrupt_scope = None
+            self._interrupted = False
+            return None
+        if timeout_s is None:
+            return await self._advance(True)
+        handle = asyncio.get_running_loop().call_later(timeout_s, self.interrupt)
+        try:
+            return await self._advance(True)
+        finally:
+            handle.cancel()
+
+    def interrupt(self) -> None:
+        """End the current (or next) ``next_within`` wait with None."""
+        self._interrupted = True
+        if self._interrupt_scope is not None:
+            self._interrupt_scope.cancel()
+        self._signal()
+
+    def take_ready(self, limit: int) -> list[StreamEvent | StreamReset]:
+        """Up to ``limit`` items that are ready now, in the order iteration would yield
+        them, without waiting or reading the database (a batch for one write)."""
+        hub = self._hub
+        out: list[StreamEvent | StreamReset] = []
+        buffer = self._buffer
+        while len(out) < limit:
+            if not buffer:
+                ring, nxt = self._ring, self._next
+                if (
+                    ring is None
+                    or nxt is None
+                    or not ring.events
+                    or self._closed
+                    or hub._closing
+                    or self._pending_reset is not None
+                    or self._resume is not None
+                ):
+                    break
+                first = ring.events[0].seq
+                if not first <= nxt <= ring.events[-1].seq:
+                    break
+                take = min(ring.events[-1].seq - nxt + 1, hub.config.page_size)
+                buffer.extend(itertools.islice(ring.events, nxt - first, nxt - first + take))
+                self._next = nxt + take
+            item = buffer.popleft()
+            if type(item) is StreamEvent:
+                self._last = (item.epoch, item.seq)
+                hub._delivered += 1
+            out.append(item)
+        return out
+
+    async def _advance(self, interruptible: bool) -> StreamEvent | StreamReset | None:
         hub = self._hub
         while True:
             if self._buffer:
@@ -881,6 +955,9 @@ class Subscription:
                     self._last = (item.epoch, item.seq)
                     hub._delivered += 1
                 return item
+            if interruptible and self._interrupted:
+                self._interrupted = False
+                return None
             if self._closed or hub._closing:
                 await self.aclose()
                 raise StopAsyncIteration
