@@ -11,6 +11,7 @@ one per queue worker, so a worker can be killed mid-drain. The peers' drains com
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import gc
 import logging
 import os
@@ -19,10 +20,11 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 
@@ -46,6 +48,7 @@ LEGACY: dict[str, str] = {
     "cancel": "poll",
 }
 PATHS = ("optimized", "legacy")
+T = TypeVar("T")
 
 # S1: a simulated model. Time to first token, a tool's run time, and one token every
 # DELTA_S (50 tokens/s): all of it is think time, subtracted from the figure.
@@ -77,6 +80,8 @@ class Sizes:
 
     s1_turns: int
     s1_deltas: int
+    s1_low_turns: int
+    s1_low_concurrency: int
     s2_streams: int
     s2_subscribers: int
     s2_events: int
@@ -98,6 +103,8 @@ class Sizes:
             return cls(
                 s1_turns=n(300, 4),
                 s1_deltas=30,
+                s1_low_turns=n(100, 4),
+                s1_low_concurrency=n(20, 2),
                 s2_streams=n(500, 2),
                 s2_subscribers=n(3000, 4),
                 s2_events=n(60, 3),
@@ -111,8 +118,12 @@ class Sizes:
                 s4_repeats=2,
             )
         return cls(
-            s1_turns=n(100, 4),
-            s1_deltas=10,
+            # Fewer concurrent turns than the seed's 300, but the same turn: the ratio of the
+            # two paths depends on the events per turn (legacy: one INSERT each).
+            s1_turns=n(60, 4),
+            s1_deltas=30,
+            s1_low_turns=n(20, 2),
+            s1_low_concurrency=n(20, 2),
             s2_streams=n(100, 2),
             s2_subscribers=n(600, 4),
             s2_events=n(15, 3),
@@ -133,58 +144,213 @@ Tick = Callable[[float], None]
 
 # ---------------------------------------------------------------- S1: agent turns
 
+# Library time of the turn running in this task, by phase (see ``_Probes``).
+_PHASES: contextvars.ContextVar[dict[str, float] | None] = contextvars.ContextVar(
+    "s1_phases", default=None
+)
+S1_PHASES = ("lease", "appends", "emits", "hooks", "flush", "release", "other")
+"""The parts of a turn's library time: ``other`` is the rest of entering and leaving the
+turn (cancel token, stream begin with its one read of the last seq, bookkeeping)."""
 
-async def s1_once(rt: Runtime, tag: str, turns: int, deltas: int, tick: Tick) -> dict[str, Any]:
-    """``turns`` concurrent simulated turns; non-LLM overhead per turn in ms.
+
+def _add(phase: str, seconds: float) -> None:
+    phases = _PHASES.get()
+    if phases is not None:
+        phases[phase] = phases.get(phase, 0.0) + seconds
+
+
+class _Probes:
+    """Timers around the runtime components' entry points, for S1's breakdown.
+
+    Wraps, on the instances and only while the block runs, ``hold`` of both limiters (its
+    entry is the lease acquire, its exit the release), ``flush`` of both stream writers
+    (the end-of-turn barrier) and ``Webhooks.fire`` (every hook of the turn, the ones
+    ``Runtime.turn`` fires on entry and exit too). Time goes to the turn running in the
+    calling task (a context variable), so background loops are never counted.
+    """
+
+    def __init__(self, rt: Runtime) -> None:
+        self._patched: list[tuple[object, str]] = []
+        for limiter in (rt.limiter.optimized, rt.limiter.legacy):
+            self._patch(limiter, "hold", _timed_hold(limiter.hold))
+        for writer in (rt.streams.optimized, rt.streams.legacy):
+            self._patch(writer, "flush", _timed_call(writer.flush, "flush"))
+        if rt.webhooks is not None:
+            self._patch(rt.webhooks, "fire", _timed_call(rt.webhooks.fire, "hooks"))
+
+    def _patch(self, obj: object, name: str, wrapper: object) -> None:
+        setattr(obj, name, wrapper)
+        self._patched.append((obj, name))
+
+    def __enter__(self) -> _Probes:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for obj, name in self._patched:
+            delattr(obj, name)
+
+
+def _timed_hold(hold: Callable[[str], Any]) -> Callable[[str], Any]:
+    @asynccontextmanager
+    async def timed(session_id: str) -> AsyncIterator[Any]:
+        started = time.perf_counter()
+        leaving = 0.0
+        try:
+            async with hold(session_id) as held:
+                _add("lease", time.perf_counter() - started)
+                try:
+                    yield held
+                finally:
+                    leaving = time.perf_counter()
+        finally:
+            if leaving:
+                _add("release", time.perf_counter() - leaving)
+
+    return timed
+
+
+def _timed_call(call: Callable[..., Awaitable[T]], phase: str) -> Callable[..., Awaitable[T]]:
+    async def timed(*args: Any, **kwargs: Any) -> T:
+        started = time.perf_counter()
+        try:
+            return await call(*args, **kwargs)
+        finally:
+            _add(phase, time.perf_counter() - started)
+
+    return timed
+
+
+async def _lag_monitor(samples: list[float], interval_s: float = 0.005) -> None:
+    """Event-loop lag: how late a ``interval_s`` sleep wakes up, sampled until cancelled."""
+    while True:
+        started = time.perf_counter()
+        await anyio.sleep(interval_s)
+        samples.append(time.perf_counter() - started - interval_s)
+
+
+def _quantiles(prefix: str, samples: Sequence[float]) -> dict[str, float]:
+    return {f"{prefix}p{q}_ms": percentile(samples, q / 100) * 1000 for q in (50, 95, 99)}
+
+
+async def s1_once(
+    rt: Runtime, tag: str, turns: int, deltas: int, tick: Tick, concurrency: int | None = None
+) -> dict[str, Any]:
+    """``turns`` simulated turns, at most ``concurrency`` at once (default: all of them).
+
+    Figures: overhead, library time and loop lag per turn.
 
     Half the turns call a tool (a synchronous ``pre_tool`` webhook, two events, an
     asynchronous ``post_tool`` webhook); every turn appends the user and the assistant
     message under the lease's fencing token, streams ``deltas`` token deltas and a
     ``turn_completed``. Overhead = wall time from asking for the turn to its release, minus
-    the simulated think time.
+    the simulated think time. It splits into:
+
+    * library time: the time the turn spent inside the library's calls (entering the turn,
+      appends, emits, hooks, leaving the turn with its flush and release), each timed
+      around the call; its parts by phase come from ``_Probes``;
+    * loop lag of the turn: how much later than asked its think-time sleeps woke up (an
+      event loop busy with other turns), plus the gaps between calls.
+
+    Also the event loop's lag sampled every 5 ms during the run, and the CPU time of the
+    process (the SQLite driver's thread included, the Postgres server not) per turn. A
+    library call's time includes the loop lag it met while waiting: at a concurrency that
+    saturates the machine the two cannot be told apart, hence a second, lower concurrency.
     """
     overheads: list[float] = []
+    library: list[float] = []
+    lags: list[float] = []
+    parts: dict[str, list[float]] = {phase: [] for phase in S1_PHASES}
+    loop: list[float] = []
     statements = rt.storage.statistics().total_statements
 
+    slots = anyio.CapacityLimiter(concurrency or turns)
+
     async def one(i: int) -> None:
+        async with slots:
+            await turn(i)
+
+    async def turn(i: int) -> None:
         sid = f"{tag}-{i}"
-        think = 0.0
+        phases: dict[str, float] = {}
+        _PHASES.set(phases)
+        inside = 0.0
+
+        async def call(phase: str, awaitable: Awaitable[Any]) -> None:
+            nonlocal inside
+            t0 = time.perf_counter()
+            await awaitable
+            spent = time.perf_counter() - t0
+            inside += spent
+            if phase != "hooks":  # the probe on Webhooks.fire counts hooks
+                phases[phase] = phases.get(phase, 0.0) + spent
+
         started = time.perf_counter()
-        async with rt.turn(sid) as turn:
-            token = turn.lease.token
-            await rt.storage.append_messages(
-                sid, [NewMessage("user", {"text": "weather?"})], lease_token=token
-            )
+        turn_cm = rt.turn(sid)
+        running = await turn_cm.__aenter__()
+        entered = time.perf_counter()
+        try:
+            token = running.lease.token
+            user = [NewMessage("user", {"text": "weather?"})]
+            await call("appends", rt.storage.append_messages(sid, user, lease_token=token))
             await anyio.sleep(FIRST_TOKEN_S)
-            think += FIRST_TOKEN_S
             if i % 2 == 0:
-                await turn.fire("pre_tool", {"tool": "weather", "args": {"city": "Paris"}})
-                await turn.emit("tool_call", {"tool": "weather"})
+                pre = {"tool": "weather", "args": {"city": "Paris"}}
+                await call("hooks", running.fire("pre_tool", pre))
+                await call("emits", running.emit("tool_call", {"tool": "weather"}))
                 await anyio.sleep(TOOL_S)
-                think += TOOL_S
-                await turn.emit("tool_result", {"tool": "weather", "result": {"c": 22}})
-                await turn.fire("post_tool", {"tool": "weather"}, result={"c": 22})
+                result = {"tool": "weather", "result": {"c": 22}}
+                await call("emits", running.emit("tool_result", result))
+                post = running.fire("post_tool", {"tool": "weather"}, result={"c": 22})
+                await call("hooks", post)
             for _ in range(deltas):
-                await turn.emit("delta", {"text": "tok "})
+                await call("emits", running.emit("delta", {"text": "tok "}))
                 await anyio.sleep(DELTA_S)
-                think += DELTA_S
-            await rt.storage.append_messages(
-                sid, [NewMessage("assistant", {"text": "tok " * deltas})], lease_token=token
-            )
-            await turn.emit("turn_completed", {"text": "done"})
-        overheads.append(time.perf_counter() - started - think)
+            answer = [NewMessage("assistant", {"text": "tok " * deltas})]
+            await call("appends", rt.storage.append_messages(sid, answer, lease_token=token))
+            await call("emits", running.emit("turn_completed", {"text": "done"}))
+        except BaseException as exc:
+            if not await turn_cm.__aexit__(type(exc), exc, exc.__traceback__):
+                raise
+        else:
+            leaving = time.perf_counter()
+            await turn_cm.__aexit__(None, None, None)
+            inside += time.perf_counter() - leaving
+        ended = time.perf_counter()
+        inside += entered - started
+        think_s = FIRST_TOKEN_S + deltas * DELTA_S + (TOOL_S if i % 2 == 0 else 0.0)
+        overhead = ended - started - think_s
+        overheads.append(overhead)
+        library.append(inside)
+        lags.append(overhead - inside)
+        known = sum(v for k, v in phases.items() if k != "other")
+        phases["other"] = max(0.0, inside - known)
+        for phase in S1_PHASES:
+            parts[phase].append(phases.get(phase, 0.0))
         tick(len(overheads) / turns)
 
-    async with anyio.create_task_group() as tg:
-        for i in range(turns):
-            tg.start_soon(one, i)
+    cpu = time.process_time()
+    with _Probes(rt):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_lag_monitor, loop)
+            async with anyio.create_task_group() as turns_tg:
+                for i in range(turns):
+                    turns_tg.start_soon(one, i)
+            tg.cancel_scope.cancel()
+    cpu = time.process_time() - cpu
     used = rt.storage.statistics().total_statements - statements
-    return {
-        "p50_ms": percentile(overheads, 0.50) * 1000,
-        "p95_ms": percentile(overheads, 0.95) * 1000,
-        "p99_ms": percentile(overheads, 0.99) * 1000,
+    out: dict[str, Any] = {
+        **_quantiles("", overheads),
+        **_quantiles("lib_", library),
+        **_quantiles("lag_", lags),
+        "loop_lag_p50_ms": percentile(loop, 0.50) * 1000,
+        "loop_lag_p99_ms": percentile(loop, 0.99) * 1000,
+        "cpu_ms_per_turn": cpu / turns * 1000,
         "statements_per_turn": used / turns,
     }
+    for phase, values in parts.items():
+        out[f"{phase}_p50_ms"] = percentile(values, 0.50) * 1000
+        out[f"{phase}_p95_ms"] = percentile(values, 0.95) * 1000
+    return out
 
 
 # ---------------------------------------------------------------- S2: fan-out
