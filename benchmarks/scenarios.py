@@ -88,6 +88,7 @@ class Sizes:
     s3_tasks: int
     s3_workers: int
     s3_lease_s: float
+    s3_procrastinate: bool
     s4_segment_s: float
     s4_concurrency: int
     repeats: int
@@ -111,6 +112,7 @@ class Sizes:
                 s3_tasks=n(10_000, 50),
                 s3_workers=4,
                 s3_lease_s=5.0,
+                s3_procrastinate=True,
                 s4_segment_s=max(1.0, 150.0 * scale),
                 s4_concurrency=n(50, 2),
                 repeats=3,
@@ -130,6 +132,7 @@ class Sizes:
             s3_tasks=n(2000, 50),
             s3_workers=3,
             s3_lease_s=1.5,
+            s3_procrastinate=False,
             s4_segment_s=max(1.0, 3.0 * scale),
             s4_concurrency=n(20, 2),
             repeats=3 if scale >= 0.1 else 2,
@@ -451,34 +454,65 @@ def s3_config(mode: str, lease_s: float) -> QueueConfig:
 
 
 async def _s3_child(url: str, queue: str, mode: str, lease_s: float, record: str) -> int:
+    """One S3 worker process, driven by its stdin: ``go``, ``hold N`` (optional), ``stop``.
+
+    Each run appends ``payload time`` to ``record`` (one unbuffered write: what a SIGKILL
+    cannot take back). After ``hold N``, once it ran N tasks, the handler appends ``H
+    payload time`` and never returns: the worker holds every claim it starts from then on,
+    until it is killed.
+    """
     fd = os.open(record, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    hold_after: int | None = None
+    ran = 0
 
     async def handler(task: Task) -> None:
-        # One unbuffered write per run: what a SIGKILL cannot take back.
-        os.write(fd, f"{task.payload}\n".encode())
+        nonlocal ran
+        if hold_after is not None and ran >= hold_after:
+            os.write(fd, f"H {task.payload} {time.time()}\n".encode())
+            await anyio.sleep_forever()
+        ran += 1
+        os.write(fd, f"{task.payload} {time.time()}\n".encode())
 
-    async def expect(word: str) -> None:
-        line = await asyncio.to_thread(sys.stdin.readline)
-        if line.strip() != word:
-            raise SystemExit(f"expected {word!r}, got {line!r}")
+    async def read() -> str:
+        line: str = await asyncio.to_thread(sys.stdin.readline)
+        return line.strip()
 
     try:
         async with open_storage(url) as storage:
             print("ready", flush=True)
-            await expect("go")
+            if (line := await read()) != "go":
+                raise SystemExit(f"expected 'go', got {line!r}")
             async with open_worker(AgentQueue(storage, queue, s3_config(mode, lease_s)), handler):
-                await expect("stop")
+                while (line := await read()) != "stop":
+                    word, _, count = line.partition(" ")
+                    if word != "hold" or not count.isdigit():
+                        raise SystemExit(f"expected 'hold N' or 'stop', got {line!r}")
+                    hold_after = int(count)
     finally:
         os.close(fd)
     return 0
 
 
-def _read_records(path: Path) -> list[int]:
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return []
-    return [int(x) for x in text.split("\n")[:-1]]
+class _Records:
+    """What one S3 worker's record file says: its runs (payload, time) and held tasks."""
+
+    def __init__(self, path: Path) -> None:
+        self.runs: list[tuple[int, float]] = []
+        self.held: list[int] = []
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            return
+        for line in text.split("\n")[:-1]:
+            parts = line.split()
+            if parts[0] == "H":
+                self.held.append(int(parts[1]))
+            else:
+                self.runs.append((int(parts[0]), float(parts[1])))
+
+    @property
+    def ran(self) -> list[int]:
+        return [payload for payload, _ in self.runs]
 
 
 def _spawn(url: str, queue: str, mode: str, lease_s: float, record: Path) -> subprocess.Popen[str]:
@@ -492,6 +526,16 @@ def _spawn(url: str, queue: str, mode: str, lease_s: float, record: Path) -> sub
     )
 
 
+def _say(proc: subprocess.Popen[str], word: str) -> None:
+    assert proc.stdin is not None
+    proc.stdin.write(f"{word}\n")
+    proc.stdin.flush()
+
+
+HOLD_SETTLE_S = 0.1
+"""The victim is killed once the claims it holds stopped growing for this long."""
+
+
 async def s3_once(
     url: str,
     mode: str,
@@ -503,17 +547,22 @@ async def s3_once(
     *,
     kill: bool = True,
 ) -> dict[str, Any]:
-    """Drain ``tasks`` queued tasks with ``workers`` processes; SIGKILL one at half-way.
-
-    With ``kill=False`` nobody is killed: the plain drain rate, comparable to the peers'.
+    """Drain ``tasks`` queued tasks with ``workers`` processes; kill one holding claims.
 
     The workers connect, report ready and are released together: the clock starts at
-    that release (each worker's start, its first claim, is inside the figure) and
-    stops when every task ran in a live worker or is ``succeeded`` in
-    the database. Duplicates: runs beyond one per task among live workers (must be 0).
-    Lost: tasks neither. Re-runs after the kill (the killed worker's unfinished claims,
-    taken again once their lease expired) are counted apart: they are the at-least-once
-    recovery, not duplicates.
+    that release and stops when every task ran in a live worker or is ``succeeded`` in the
+    database. The victim starts first and holds: every task it starts blocks, so it holds
+    those claims (renewing their leases); once they stop growing the others start, and
+    when they ran half of the rest, mid-drain, the victim is SIGKILLed.
+    The figure is the delay from the kill until the last of those claims ran again in a
+    live worker (their lease expires, a live worker claims them again), measured from a
+    kill that always finds claims held. With ``kill=False`` nobody is held or killed: the
+    plain drain rate, comparable to the peers'.
+
+    Duplicates: runs beyond one per task among live workers (must be 0). Lost: tasks
+    neither run by a live worker nor succeeded. Re-runs after the kill (the held claims,
+    and any task the victim ran but could not mark done) are counted apart: they are the
+    at-least-once recovery, not duplicates.
     """
     queue = f"s3{secrets.token_hex(4)}"
     ids: dict[int, int] = {}
@@ -526,45 +575,61 @@ async def s3_once(
         procs = [
             await asyncio.to_thread(_spawn, url, queue, mode, lease_s, record) for record in records
         ]
+        held: set[int] = set()
+        killed_at: float | None = None
         try:
-            started = time.perf_counter()
             for proc in procs:
                 assert proc.stdout is not None
                 line = await asyncio.to_thread(proc.stdout.readline)
                 if line.strip() != "ready":
                     raise RuntimeError(f"S3 worker did not start ({proc.poll()})")
             started = time.perf_counter()
-            for proc in procs:
-                assert proc.stdin is not None
-                proc.stdin.write("go\n")
-                proc.stdin.flush()
             victim = procs[0]
-            killed = False
+            waiting = procs[1:] if kill else []
+            for proc in procs[:1] if kill else procs:
+                _say(proc, "go")
+            hold_at: float | None = None
+            if kill:
+                _say(victim, "hold 0")
+                hold_at = time.perf_counter()
+            last_held = (0, 0.0)
             finished = None
             deadline = started + max(60.0, tasks / 20)
             confirmed: set[int] = set()
             while time.perf_counter() < deadline:
                 await asyncio.sleep(0.02)
-                seen = [_read_records(r) for r in records]
-                ran = sum(len(s) for s in seen)
-                if kill and not killed and ran >= tasks // 2:
-                    victim.kill()
-                    killed = True
-                live = set().union(*seen[1:]) if killed else set().union(*seen)
+                seen = [_Records(r) for r in records]
+                ran = sum(len(s.runs) for s in seen)
+                now = time.perf_counter()
+                if hold_at is not None and killed_at is None:
+                    count = len(seen[0].held)
+                    if count != last_held[0]:
+                        last_held = (count, now)
+                    if waiting and (
+                        (count and now - last_held[1] >= HOLD_SETTLE_S) or now - hold_at > 10
+                    ):
+                        for proc in waiting:
+                            _say(proc, "go")
+                        waiting = []
+                    elif not waiting and ran >= (tasks - count) // 2:
+                        victim.kill()
+                        killed_at = time.time()
+                        held = set(_Records(records[0]).held)
+                live = set().union(*(s.ran for s in (seen[1:] if killed_at else seen)))
                 tick(min(1.0, len(live) / tasks))
-                if len(live | set(seen[0])) < tasks:
+                if killed_at is None and hold_at is not None:
                     continue
-                for payload in set(seen[0]) - live - confirmed:
+                if len(live | set(seen[0].ran)) < tasks:
+                    continue
+                for payload in set(seen[0].ran) - live - confirmed:
                     row = await storage.get_task(ids[payload])
                     if row is not None and row.status is TaskStatus.SUCCEEDED:
                         confirmed.add(payload)
                 if len(live | confirmed) == tasks:
                     finished = time.perf_counter()
                     break
-            for proc in procs[1:] if killed else procs:
-                assert proc.stdin is not None
-                proc.stdin.write("stop\n")
-                proc.stdin.flush()
+            for proc in procs[1:] if killed_at else procs:
+                _say(proc, "stop")
             for proc in procs:
                 await asyncio.to_thread(proc.wait, 60)
         finally:
@@ -572,22 +637,31 @@ async def s3_once(
                 if proc.poll() is None:
                     proc.kill()
                     proc.wait()
-    seen = [_read_records(r) for r in records]
+    seen = [_Records(r) for r in records]
     live_counts: Counter[int] = Counter()
-    for s in seen[1:] if killed else seen:
-        live_counts.update(s)
-    killed_set = set(seen[0]) if killed else set()
+    first_live: dict[int, float] = {}
+    for rec in seen[1:] if killed_at else seen:
+        live_counts.update(rec.ran)
+        for payload, at in rec.runs:
+            first_live[payload] = min(at, first_live.get(payload, at))
+    killed_set = (set(seen[0].ran) | held) if killed_at else set()
     elapsed = (finished or time.perf_counter()) - started
     covered = set(live_counts) | confirmed
     for r in records:
         r.unlink(missing_ok=True)
-    return {
+    out = {
         "tasks_per_s": tasks / elapsed,
         "drain_s": elapsed,
         "duplicates": float(sum(c - 1 for c in live_counts.values() if c > 1)),
         "lost": float(tasks - len(covered & set(range(tasks)))),
         "rerun_after_kill": float(len(killed_set & set(live_counts))),
     }
+    if killed_at is not None:
+        out["held_at_kill"] = float(len(held))
+        rerun = [first_live[p] for p in held if p in first_live]
+        if held and len(rerun) == len(held):
+            out["kill_rerun_s"] = max(rerun) - killed_at
+    return out
 
 
 # ---------------------------------------------------------------- S4: soak
