@@ -242,7 +242,8 @@ async def s1_once(
 
     Figures: overhead, library time and loop lag per turn.
 
-    Half the turns call a tool (a synchronous ``pre_tool`` webhook, two events, an
+    Turns arrive spread evenly over ``FIRST_TOKEN_S``. Half the turns call a tool (a
+    synchronous ``pre_tool`` webhook, two events, an
     asynchronous ``post_tool`` webhook); every turn appends the user and the assistant
     message under the lease's fencing token, streams ``deltas`` token deltas and a
     ``turn_completed``. Overhead = wall time from asking for the turn to its release, minus
@@ -269,6 +270,9 @@ async def s1_once(
     slots = anyio.CapacityLimiter(concurrency or turns)
 
     async def one(i: int) -> None:
+        # Turns arrive spread over one first-token time, as users do (S2 staggers its
+        # producers the same way): all of them run at once, none in lockstep with another.
+        await anyio.sleep(FIRST_TOKEN_S * i / turns)
         async with slots:
             await turn(i)
 
