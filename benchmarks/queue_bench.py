@@ -826,6 +826,11 @@ def render(result: dict[str, Any]) -> str:
                     f"target >= 0.5x raw SQL loop, {cell}: {ratio:.2f}x -> "
                     f"{'met' if ratio >= 0.5 else 'NOT MET'}"
                 )
+        if any(d.system == "procrastinate" for d in drains):
+            lines.append(
+                "\nprocrastinate runs at the claim worker's concurrency (2 x batch per process, "
+                "its `concurrency`) on the same number of tasks"
+            )
         dup = sum(d.duplicates for d in drains if d.system == "claim")
         targets.append(
             f"target zero duplicates (claim mode): {dup} -> {'met' if dup == 0 else 'NOT MET'}"

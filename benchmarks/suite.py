@@ -439,7 +439,8 @@ def judge(results: dict[str, Any]) -> list[Row]:
             else:
                 o_cell, l_cell = _cell(o, unit), _cell(lg, unit)
             om, lm = _med(o), _med(lg)
-            ratio = f"{om / lm:.2f}x" if om is not None and lm else "-"
+            # A part the legacy path does not have (the end-of-turn flush) has no ratio.
+            ratio = f"{om / lm:.2f}x" if om is not None and lm and om / lm < 1000 else "-"
             target, verdict = _target(name, key, o, lg, res)
             rows.append(Row(name, label, o_cell, l_cell, ratio, target, verdict))
         for peer in PEERS:
