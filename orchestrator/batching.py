@@ -786,3 +786,15 @@ class BatchWriter(Generic[T]):
         if self._closed:
             return Health(False, "writer is closed")
         return Health(True)
+
+
+def describe_failure(exc: BaseException) -> str:
+    """The text stored as a task's or message's last error: ``Type: message``.
+
+    Text that cannot be stored as UTF-8 (a lone surrogate, e.g. a file name decoded with
+    ``surrogateescape``) is escaped, so a handler's odd exception never fails the outcome
+    write that records it.
+    """
+    text = str(exc)
+    line = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return line.encode("utf-8", "backslashreplace").decode("utf-8")

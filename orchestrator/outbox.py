@@ -40,7 +40,13 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus
 from pydantic import BaseModel, ConfigDict, Field
 
-from orchestrator.batching import Batch, BatchWriter, DeadLetter, outcome_batches
+from orchestrator.batching import (
+    Batch,
+    BatchWriter,
+    DeadLetter,
+    describe_failure,
+    outcome_batches,
+)
 from storage import (
     AsyncStorageBackend,
     ChatMessage,
@@ -535,7 +541,7 @@ class OutboxRelay:
 
     def _failure(self, msg: OutboxMessage, exc: Exception) -> _Result:
         template = self._templates.get(msg.channel, self._default_template)
-        error = _describe(exc)
+        error = describe_failure(exc)
         budget = min(msg.max_attempts, template.max_attempts)
         if not template.is_retryable(exc) or msg.attempts >= budget:
             return _Result(_Kind.DEAD, msg.claim, error)
@@ -612,10 +618,6 @@ class OutboxRelay:
                 # Finished rows unblock the next rows of their groups: claim again.
                 self._wake.set()
 
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 async def _first_of(*events: anyio.Event) -> None:

@@ -35,7 +35,13 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from orchestrator.batching import Batch, BatchWriter, DeadLetter, outcome_batches
+from orchestrator.batching import (
+    Batch,
+    BatchWriter,
+    DeadLetter,
+    describe_failure,
+    outcome_batches,
+)
 from storage import (
     LEASE_EXPIRED,
     AsyncStorageBackend,
@@ -47,6 +53,7 @@ from storage import (
     Task,
 )
 from storage import TaskStatus as StoredStatus
+from storage._validate import check_channel
 from storage.base import JSON
 from storage.errors import is_retryable
 from storage.families import Family, MetricSink
@@ -258,6 +265,10 @@ class AgentQueue:
         self.name = name
         self.config = config or QueueConfig()
         self.channel = f"asyncstore.queue.{name}"
+        try:  # refused now, not at the first enqueue's notification
+            check_channel(self.channel)
+        except InvalidInput as exc:
+            raise InvalidInput(f"queue name {name!r} does not make a channel name: {exc}") from None
 
     async def enqueue(
         self,
@@ -716,11 +727,11 @@ class Worker:
             except RetryTask as retry:
                 finished = _Finished(_Outcome.RETRY, claim, retry.reason, retry.at)
             except PermanentFailure as exc:
-                finished = _Finished(_Outcome.DEAD, claim, _describe(exc))
+                finished = _Finished(_Outcome.DEAD, claim, describe_failure(exc))
             except Exception as exc:
                 at = time.time() + self.config.backoff_s(task.attempts)
                 finished = _Finished(
-                    _Outcome.RETRY, claim, _describe(exc), datetime.fromtimestamp(at, UTC)
+                    _Outcome.RETRY, claim, describe_failure(exc), datetime.fromtimestamp(at, UTC)
                 )
         except BaseException:
             # Cancelled (this task, a lost lease, or the worker stopping): record its final
@@ -894,10 +905,6 @@ async def _first_of(*events: anyio.Event) -> None:
         for event in events:
             tg.start_soon(wait, event)
 
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 @asynccontextmanager
