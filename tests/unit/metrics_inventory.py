@@ -53,6 +53,11 @@ async def open_full_runtime(url: str) -> AsyncIterator[Runtime]:
     async with open_runtime(
         settings, hooks=hooks, queue_handler=_nothing, outbox_senders={"mail": _nothing}
     ) as rt:
+        # Both paths of every flag, as main built them: a process now builds a flag's
+        # legacy component only while the flag's share is below 100% (issue 15 item 6).
+        for switch in (rt.broadcast, rt.cancellation, rt.limiter, rt.streams):
+            await switch.get(True)
+            await switch.get(False)
         yield rt
 
 
