@@ -42,6 +42,7 @@ from storage.base import (
     WebhookAttempt,
 )
 from storage.errors import (
+    ConfigurationError,
     ConflictError,
     InvalidInput,
     LeaseLost,
@@ -58,6 +59,7 @@ __all__ = [
     "CancelState",
     "ChatMessage",
     "Claim",
+    "ConfigurationError",
     "ConflictError",
     "EncodedJSON",
     "Failure",

@@ -10,12 +10,14 @@ place (``map_error`` in the driver module) to this tree and raises ``from`` the 
     ├── ConflictError         a uniqueness or integrity rule refused the write
     ├── LeaseLost             a lease or claim token is no longer the current one (fencing)
     ├── MigrationError        the schema could not be brought to the expected version
+    ├── ConfigurationError    the settings do not fit the database topology (e.g. a pooler)
     └── QueryError            anything else the database refused
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "ConfigurationError",
     "ConflictError",
     "InvalidInput",
     "LeaseLost",
@@ -55,6 +57,11 @@ class MigrationError(StorageError):
     """The schema could not be migrated."""
 
 
+class ConfigurationError(StorageError):
+    """The settings do not fit the database topology (for example LISTEN through a
+    transaction pooler); retrying cannot help, the configuration must change."""
+
+
 class QueryError(StorageError):
     """The database refused a statement for another reason."""
 
@@ -66,5 +73,5 @@ def is_retryable(exc: BaseException) -> bool:
     no: the same call would fail the same way, and a writer retrying it on an outage budget
     would hold everything queued behind it for that long."""
     return isinstance(exc, StorageError) and not isinstance(
-        exc, StorageClosed | InvalidInput | LeaseLost
+        exc, StorageClosed | InvalidInput | LeaseLost | ConfigurationError
     )
