@@ -138,9 +138,11 @@ def direct_dsn(url: str) -> str:
 
 
 # The modules whose ``storage_url`` tests also run through PgBouncer (issue 17): the
-# contract suite's streams, limiter, queue and outbox modules (and the rest of the contract
-# suite), not the integration or unit tests.
-POOLED_MODULE_PREFIX = "tests/contract/"
+# contract suite's chat, stream, lease/task, limiter, queue and outbox modules.
+POOLED_MODULES = tuple(
+    f"tests/contract/test_{name}"
+    for name in ("chat_and_streams", "stream", "leases_and_tasks", "limiter", "queue", "outbox")
+)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -148,7 +150,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         callspec = getattr(item, "callspec", None)
         through_pooler = callspec is not None and callspec.params.get("storage_url") == "pgbouncer"
-        if through_pooler and not item.nodeid.startswith(POOLED_MODULE_PREFIX):
+        if through_pooler and not item.nodeid.startswith(POOLED_MODULES):
             dropped.append(item)
         else:
             kept.append(item)
