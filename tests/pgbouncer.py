@@ -82,6 +82,8 @@ class PgBouncer:
             f"logfile = {self.log}\n"
             f"pidfile = {self.pidfile}\n"
             "admin_users = postgres\n"
+            "log_connections = 0\n"
+            "log_disconnections = 0\n"
             "ignore_startup_parameters = extra_float_digits\n"
         )
         if self.run_as is not None:
@@ -96,16 +98,19 @@ class PgBouncer:
         command = [self.binary, str(self.root / "pgbouncer.ini")]
         if self.run_as is not None:
             command = ["runuser", "-u", self.run_as, "--", *command]
+        # Output to nowhere: PgBouncer also writes its log to stderr, and a pipe nobody
+        # reads fills up and blocks it (every client then hangs). The log file has it all.
         self.process = subprocess.Popen(
-            command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+            command,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
         deadline = time.monotonic() + 30
         while not _accepts(self.port):
             if self.process.poll() is not None:
-                err = self.process.stderr.read() if self.process.stderr else b""
                 raise RuntimeError(
-                    f"pgbouncer exited ({self.process.returncode}): "
-                    f"{err.decode(errors='replace')}\n{self.log_tail()}"
+                    f"pgbouncer exited ({self.process.returncode}):\n{self.log_tail()}"
                 )
             if time.monotonic() > deadline:
                 raise RuntimeError(f"pgbouncer did not listen within 30 s\n{self.log_tail()}")
@@ -127,6 +132,4 @@ class PgBouncer:
                     os.killpg(self.process.pid, signal.SIGKILL)
                     self.process.wait(timeout=10)
         finally:
-            if self.process is not None and self.process.stderr is not None:
-                self.process.stderr.close()
             shutil.rmtree(self.root, ignore_errors=True)
