@@ -176,3 +176,16 @@ async def test_every_call_works_with_statement_cache_off(
         for _ in range(30):  # more calls than server connections: they move between them
             await store.ping()
             assert await store.last_stream_seq(f"nobody_{quote('x')}") == 0
+
+
+async def test_a_multi_host_dsn_finds_the_writable_server(postgres_dsn: str) -> None:
+    # The first host refuses; target_session_attrs=read-write takes the next that accepts writes.
+    parts = urlsplit(postgres_dsn)
+    url = (
+        f"postgresql://postgres@127.0.0.1:1,{parts.hostname}:{parts.port or 5432}{parts.path}"
+        "?target_session_attrs=read-write"
+    )
+    async with open_storage(url) as store, store.listen("multi_host") as sub:
+        await store.notify("multi_host", "x")
+        with anyio.fail_after(30):
+            assert (await sub.receive()).payload == "x"
