@@ -67,7 +67,7 @@ CLAIM_TARGET = 0.60  # library claim of 100 vs the raw claim
 
 RAW_APPEND_SQL = """
 INSERT INTO stream_events (session_id, seq, epoch, kind, payload)
-SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[], $5::jsonb[])
+SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[], $5::json[])
 ON CONFLICT DO NOTHING
 """
 
@@ -272,7 +272,7 @@ async def _raw_claim(conn: Any, queue: str, rows: int, batch: int) -> Timing:
         t0 = time.perf_counter()
         claimed = await conn.fetch(RAW_CLAIM_SQL, queue, WORKER_ID, batch, LEASE_S)
         # A worker needs the payload as a value, as the library hands it over: the
-        # connection's jsonb codec decodes it (with orjson) while the rows are read.
+        # connection's json codec decodes it (with orjson) while the rows are read.
         _payloads = [r[3] for r in claimed]
         t1 = time.perf_counter()
         claim_s += t1 - t0
@@ -405,13 +405,14 @@ def _decode_json_text(text: str) -> Any:
 
 async def _raw_connection(url: str) -> Any:
     conn = await asyncpg.connect(url)
-    await conn.set_type_codec(
-        "jsonb",
-        encoder=_encode_json_text,
-        decoder=_decode_json_text,
-        schema="pg_catalog",
-        format="text",
-    )
+    for name in ("json", "jsonb"):  # payloads are json since migration 0008
+        await conn.set_type_codec(
+            name,
+            encoder=_encode_json_text,
+            decoder=_decode_json_text,
+            schema="pg_catalog",
+            format="text",
+        )
     return conn
 
 

@@ -36,7 +36,15 @@ from orchestrator.config import (
     masked_dump,
     setting_sources,
 )
-from storage import AsyncStorageBackend, StorageError, StorageSettings, dialect_of, open_storage
+from storage import (
+    AsyncStorageBackend,
+    ConfigurationError,
+    StorageError,
+    StorageSettings,
+    check_schema,
+    dialect_of,
+    open_storage,
+)
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 NOTIFY_TIMEOUT_S = 5.0
@@ -53,9 +61,10 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 async def _migrate(storage_settings: StorageSettings) -> int:
-    async with open_storage(storage_settings) as storage:
+    # The schema guard runs after migrating: a database ahead of this code is refused.
+    async with open_storage(storage_settings, check_schema_version=False) as storage:
         applied = await storage.migrate()
-        version = await storage.schema_version()
+        version = await check_schema(storage, mask_url(storage_settings.url.get_secret_value()))
     url = mask_url(storage_settings.url.get_secret_value())
     if applied:
         print(f"{url}: applied migrations {applied}; schema version {version}")
@@ -220,9 +229,23 @@ async def run_doctor(settings: Settings, say: Callable[[str], None] = print) -> 
     async with AsyncExitStack() as stack:
         try:
             with anyio.fail_after(settings.storage.connect_timeout_s + 5):
-                storage = await stack.enter_async_context(open_storage(settings.storage))
+                # No schema guard here: the schema check below reports it with the others.
+                storage = await stack.enter_async_context(
+                    open_storage(settings.storage, check_schema_version=False)
+                )
                 started = time.perf_counter()
                 await storage.ping()
+        except ConfigurationError as exc:
+            report(
+                Finding(
+                    "connectivity",
+                    False,
+                    f"the storage URL cannot be used: {exc}",
+                    "fix storage.url (ASYNCSTORE_STORAGE__URL): postgresql://user@host:port/db "
+                    "or sqlite:///path/to/file.db",
+                )
+            )
+            return findings
         except (StorageError, OSError, TimeoutError) as exc:
             report(
                 Finding(

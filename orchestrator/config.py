@@ -49,6 +49,7 @@ from orchestrator.queue import QueueConfig
 from orchestrator.streams import StreamConfig
 from orchestrator.webhooks import HooksConfig, load_hooks
 from storage import StorageSettings
+from storage import mask_url as _mask_url
 
 __all__ = [
     "PER_SESSION_FLAGS",
@@ -367,17 +368,8 @@ def load_webhooks(settings: Settings) -> HooksConfig | None:
 
 
 def mask_url(url: str) -> str:
-    """Hide the password of a URL (``postgresql://user:***@host/db``)."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    netloc = f"{parts.username}:***@{host}" if parts.username else f"***@{host}"
-    return urlunsplit(parts._replace(netloc=netloc))
+    """Hide the password of a URL (``postgresql://user:***@host/db``), even a malformed one."""
+    return _mask_url(url)  # one masker for the storage errors and the CLI
 
 
 def _flatten(data: Mapping[str, Any], prefix: str = "") -> list[str]:

@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 
 from pydantic import SecretStr
 
+from storage._schema import check_schema, mask_url
 from storage._validate import encode_payload
 from storage.base import (
     LEASE_EXPIRED,
@@ -89,32 +90,51 @@ __all__ = [
     "Task",
     "TaskStatus",
     "WebhookAttempt",
+    "check_schema",
     "dialect_of",
     "encode_payload",
+    "mask_url",
     "open_storage",
 ]
 
 
 def dialect_of(url: str) -> str:
-    """``postgres`` or ``sqlite`` for a storage URL; ``InvalidInput`` for anything else."""
-    scheme = url.split(":", 1)[0].lower()
-    if scheme in ("postgresql", "postgres"):
+    """``postgres`` or ``sqlite`` for a storage URL; ``ConfigurationError`` for anything else."""
+    scheme, colon, _ = url.partition(":")
+    scheme = scheme.lower()
+    if colon and scheme in ("postgresql", "postgres"):
         return "postgres"
-    if scheme == "sqlite":
+    if colon and scheme == "sqlite":
         return "sqlite"
-    raise InvalidInput(
-        f"unsupported storage URL scheme {scheme!r}: use postgresql://... or sqlite:///path.db"
+    shown = f"URL scheme {scheme!r}" if colon else f"URL {mask_url(url)!r} (no scheme)"
+    raise ConfigurationError(
+        f"unsupported storage {shown}: use postgresql://user@host/db or sqlite:///path.db"
     )
 
 
 @asynccontextmanager
 async def open_storage(
-    target: str | StorageSettings = "sqlite:///asyncstore.db", *, migrate: bool = False
+    target: str | StorageSettings = "sqlite:///asyncstore.db",
+    *,
+    migrate: bool = False,
+    check_schema_version: bool = True,
 ) -> AsyncIterator[AsyncStorageBackend]:
     """Open a backend for a URL or settings; ``migrate=True`` applies pending migrations.
 
+    Every failure to open is a ``StorageError`` whose message never shows the URL's
+    password: a malformed URL is a ``ConfigurationError``; a server that cannot be reached,
+    refuses the login or has no such database is ``StorageUnavailable``; a SQLite path that
+    cannot be created or opened names the path and the cause. A missing SQLite directory
+    is created (logged at INFO on the ``asyncstore.storage`` logger, naming it).
+
+    The schema guard: unless ``check_schema_version=False`` (``asyncstore migrate`` and
+    ``doctor`` inspect the schema themselves), a database whose schema is behind this code
+    (or empty) raises ``MigrationError`` naming ``asyncstore migrate``, and one ahead of it
+    raises ``MigrationError`` too, after ``migrate=True`` has applied what it could.
+
     The backend starts no background task (the Postgres LISTEN connection is driven by its
-    subscribers' waits); leaving this context closes it, shielded from cancellation.
+    subscribers' waits); leaving this context closes it, shielded from cancellation, as
+    does a failure or a cancellation while opening.
     """
     settings = (
         target if isinstance(target, StorageSettings) else StorageSettings(url=SecretStr(target))
@@ -135,6 +155,8 @@ async def open_storage(
     try:
         if migrate:
             await backend.migrate()
+        if check_schema_version:
+            await check_schema(backend, mask_url(settings.url.get_secret_value()))
         yield backend
     finally:
         await backend.aclose()

@@ -16,6 +16,7 @@ import orjson
 
 from storage.base import (
     EncodedJSON,
+    FailureColumns,
     NewMessage,
     NewOutboxMessage,
     NewStreamEvent,
@@ -27,14 +28,53 @@ from storage.errors import InvalidInput
 
 MAX_ID_CHARS = 255
 MAX_NAME_CHARS = 64
+MAX_CHANNEL_BYTES = 63  # Postgres truncates identifiers (LISTEN/NOTIFY channels) at 63 bytes
 MAX_PAYLOAD_BYTES = 8 * 1024 * 1024
 MAX_NOTIFY_PAYLOAD_BYTES = 7900  # Postgres refuses NOTIFY payloads of 8000 bytes or more
 MAX_LIMIT = 10_000
 INT64_MAX = 2**63 - 1
+# Durations beyond this would put a lease expiry or a cutoff outside years 1-9999, which
+# one driver's datetime conversion could not represent (SQLite raised a raw OverflowError).
+MAX_SECONDS = 1000 * 365 * 86400.0
+
+
+def check_utf8(value: str, what: str) -> str:
+    """Return ``value`` if it can be encoded to UTF-8 (no lone surrogate), else raise.
+
+    Both databases store UTF-8; a str holding a lone surrogate (``"\\ud800"``, as
+    ``os.fsdecode`` or ``surrogateescape`` make) has no UTF-8 form, so it is refused here
+    instead of failing differently inside each driver.
+    """
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidInput(
+                f"{what} is not valid Unicode text: lone surrogate at index {exc.start}"
+            ) from None
+    return value
+
+
+def check_text(value: object, what: str, *, max_chars: int | None = None) -> str:
+    """A free text (a reason, an error message): a str without NUL or lone surrogates.
+
+    With ``max_chars`` the text is cut to that many characters first (what is kept is
+    what is checked).
+    """
+    if not isinstance(value, str):
+        raise InvalidInput(f"{what} must be a str, got {type(value).__name__}")
+    if max_chars is not None:
+        value = value[:max_chars]
+    if "\x00" in value:
+        raise InvalidInput(f"{what} must not contain NUL characters")
+    return check_utf8(value, what)
 
 
 def check_id(value: object, what: str = "session_id") -> str:
-    """Return ``value`` if it is a usable identifier (1..255 chars, no NUL), else raise."""
+    """Return ``value`` if it is a usable identifier, else raise.
+
+    1..255 characters, no NUL, and valid Unicode (no lone surrogate: it has no UTF-8 form).
+    """
     if not isinstance(value, str):
         raise InvalidInput(f"{what} must be a str, got {type(value).__name__}")
     if not value:
@@ -43,7 +83,7 @@ def check_id(value: object, what: str = "session_id") -> str:
         raise InvalidInput(f"{what} is {len(value)} characters long; the limit is {MAX_ID_CHARS}")
     if "\x00" in value:
         raise InvalidInput(f"{what} must not contain NUL characters")
-    return value
+    return check_utf8(value, what)
 
 
 def check_name(value: object, what: str) -> str:
@@ -74,6 +114,8 @@ def check_seconds(value: object, what: str, *, minimum: float = 0.001) -> float:
     seconds = float(value)
     if not math.isfinite(seconds) or seconds < minimum:
         raise InvalidInput(f"{what} must be a finite number of seconds >= {minimum}, got {value}")
+    if seconds > MAX_SECONDS:
+        raise InvalidInput(f"{what} must be at most {MAX_SECONDS:g} s (1000 years), got {value}")
     return seconds
 
 
@@ -131,22 +173,48 @@ def decode_json(data: bytes | str) -> Any:
     return orjson.loads(data)
 
 
-def check_notify_payload(channel: object, payload: object) -> tuple[str, str]:
-    """Validate a notification: channel is an identifier-like name, payload small text."""
-    name = check_name(channel, "channel")
+def check_channel(channel: object) -> str:
+    """A notification channel: letters, digits, ``_ . : -``; at most 63 UTF-8 bytes.
+
+    Postgres truncates identifiers at 63 bytes, so a longer name would share a channel
+    with its prefix there; the limit is counted in bytes, not characters.
+    """
+    name = check_id(channel, "channel")
     if not name.replace("_", "").replace(".", "").replace(":", "").replace("-", "").isalnum():
         raise InvalidInput(f"channel {name!r} may contain only letters, digits and _ . : -")
-    if not isinstance(payload, str):
-        raise InvalidInput(f"notification payload must be a str, got {type(payload).__name__}")
-    size = len(payload.encode("utf-8", "surrogatepass"))
+    size = len(name) if name.isascii() else len(name.encode("utf-8"))
+    if size > MAX_CHANNEL_BYTES:
+        raise InvalidInput(
+            f"channel is {size} bytes in UTF-8; the limit is {MAX_CHANNEL_BYTES} "
+            "(Postgres truncates longer identifiers)"
+        )
+    return name
+
+
+def check_notify_payload(channel: object, payload: object) -> tuple[str, str]:
+    """Validate a notification: channel is an identifier-like name, payload small text."""
+    name = check_channel(channel)
+    text = check_text(payload, "notification payload")
+    size = len(text) if text.isascii() else len(text.encode("utf-8"))
     if size > MAX_NOTIFY_PAYLOAD_BYTES:
         raise InvalidInput(
             f"notification payload is {size} bytes; the limit is {MAX_NOTIFY_PAYLOAD_BYTES} "
             "(send ids, not data)"
         )
-    if "\x00" in payload:
-        raise InvalidInput("notification payload must not contain NUL characters")
-    return name, payload
+    return name, text
+
+
+MAX_REASON_CHARS = 1000
+
+
+def prepare_cancel(
+    session_id: object, reason: object, notify_channel: object
+) -> tuple[str, str, str | None]:
+    """``request_cancel``'s arguments: the reason cut to 1000 characters, then checked."""
+    check_id(session_id)
+    kept = check_text(reason, "reason", max_chars=MAX_REASON_CHARS)
+    channel = None if notify_channel is None else check_channel(notify_channel)
+    return session_id, kept, channel  # type: ignore[return-value]
 
 
 def unique_ids(ids: Iterable[int], what: str = "id") -> list[int]:
@@ -273,9 +341,7 @@ def prepare_claims(claims: object) -> tuple[list[int], list[int]]:
     return ids, tokens
 
 
-def prepare_failures(
-    failures: object,
-) -> tuple[list[int], list[int], list[str], list[datetime | None]]:
+def prepare_failures(failures: object) -> FailureColumns:
     items = _batch(failures, "failures")
     ids, tokens = prepare_claims([tuple(f)[:2] if isinstance(f, tuple) else f for f in items])
     errors: list[str] = []
@@ -285,9 +351,9 @@ def prepare_failures(
             raise InvalidInput(f"failures[{i}] must be a Failure(id, token, error, retry_at)")
         if not isinstance(f[2], str):
             raise InvalidInput(f"failures[{i}].error must be a str")
-        errors.append(f[2][:10_000].replace("\x00", ""))
+        errors.append(check_utf8(f[2][:10_000].replace("\x00", ""), f"failures[{i}].error"))
         retry.append(check_when(f[3], f"failures[{i}].retry_at"))
-    return ids, tokens, errors, retry
+    return FailureColumns(ids, tokens, errors, retry)
 
 
 def match_enqueued(inputs: list[PreparedTask], rows: list[Task]) -> list[Task]:
@@ -335,6 +401,7 @@ def prepare_attempts(
             raise InvalidInput(f"attempts[{i}].attempted_at must be an aware datetime")
         if not isinstance(a.error, str) or "\x00" in a.error:
             raise InvalidInput(f"attempts[{i}].error must be a str without NUL characters")
+        check_utf8(a.error[:1000], f"attempts[{i}].error")
         out.append(
             (
                 check_id(a.endpoint, f"attempts[{i}].endpoint"),

@@ -2,9 +2,9 @@
 
 This module owns the one async API that the orchestrator builds on (chat, stream events,
 session leases, agent tasks, outbox, cancellation state, notifications) and the immutable
-records it returns. Drivers (``storage.postgres``, ``storage.sqlite``) subclass the backend
-explicitly and must pass the shared contract suite in ``tests/contract/``; input checks live
-in ``storage._validate`` so both drivers refuse exactly the same inputs.
+records it returns. The public methods validate, encode and map errors once, here; drivers
+(``storage.postgres``, ``storage.sqlite``) implement only the ``_sql_*`` hooks that run SQL
+on prepared arguments, and must pass the shared contract suite in ``tests/contract/``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,13 @@ from typing import Any, Concatenate, NamedTuple, ParamSpec, Self, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from storage.errors import InvalidInput, LeaseLost, StorageClosed, StorageError
+from storage.errors import (
+    InvalidInput,
+    LeaseLost,
+    StorageClosed,
+    StorageError,
+    StorageUnavailable,
+)
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -419,6 +425,15 @@ class Claim(NamedTuple):
     token: int
 
 
+class FailureColumns(NamedTuple):
+    """``Failure`` records checked and split into columns: what the failure hooks receive."""
+
+    ids: list[int]
+    tokens: list[int]
+    errors: list[str]
+    retry_at: list[datetime | None]
+
+
 class Failure(NamedTuple):
     """A failed attempt: retry at ``retry_at`` (None: at once) unless attempts ran out."""
 
@@ -582,6 +597,34 @@ def check_login_finish(window_start: object, outcome: object) -> float:
     return float(window_start)
 
 
+def operation(
+    method: Callable[Concatenate[_B, _P], Coroutine[Any, Any, _R]],
+) -> Callable[Concatenate[_B, _P], Coroutine[Any, Any, _R]]:
+    """Decorate a driver method: refuse calls after close, map driver errors to the tree."""
+
+    @functools.wraps(method)
+    async def wrapper(self: _B, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        if self._closed:
+            raise StorageClosed(f"{self.dialect} storage is closed")
+        try:
+            return await method(self, *args, **kwargs)
+        except StorageError:
+            raise
+        except Exception as exc:
+            mapped = self._map_error(exc)
+            if mapped is None and isinstance(exc, OSError):
+                # The operating system failed the call (a socket, a file): whatever the
+                # driver did not name is still the storage being unreachable.
+                mapped = StorageUnavailable(f"{self.dialect}: {type(exc).__name__}: {exc}")
+            if mapped is None:
+                raise
+            raise mapped from exc
+
+    wrapper.__storage_operation__ = True  # type: ignore[attr-defined]
+    return wrapper
+
+
+
 # ---------------------------------------------------------------- the contract
 
 
@@ -594,9 +637,60 @@ class AsyncStorageBackend(abc.ABC):
     ``storage.errors``. Unless a method says otherwise, cancelling a call leaves the
     database as if the call either completed or never started; the retry-safe methods
     (``append_stream_events``, enqueue with an idempotency key) can simply be repeated.
+
+    One contract by construction: the public methods are implemented here, once. Each
+    refuses a closed handle, validates and encodes its arguments (``storage._validate``),
+    then calls a ``_sql_*`` hook of the dialect, which only runs SQL on prepared values,
+    inside the ``operation`` wrapper that maps every driver or OS exception into
+    ``storage.errors``. A dialect that overrides a public method is refused when its class
+    is created.
+
+    Input rules (the same on both drivers; ``InvalidInput`` otherwise):
+
+    - ids and names (session id, holder, worker id, queue, pool, account, outbox channel,
+      endpoint, owner, webhook id, idempotency key, login key, leadership name): a str of
+      1..255 characters, without NUL, encodable to UTF-8 (no lone surrogate); role and
+      stream-event kind at most 64 characters.
+    - notification channels (``notify``, ``listen``, ``notify_channel``, ``channel``):
+      letters, digits and ``_ . : -``, at most 63 bytes in UTF-8 (Postgres truncates longer
+      identifiers, so two longer names could share a channel).
+    - free texts (cancel reason, failure and attempt errors, notification payloads): a str
+      encodable to UTF-8; the reason is kept to 1000 characters, a failure error to 10,000
+      (NUL removed), an attempt error to 1000 (NUL refused); a notification payload without
+      NUL and under 7900 bytes.
+    - JSON payloads: what orjson encodes (no NaN or infinity, no lone surrogate, integers
+      within [-2**63, 2**64 - 1]), no NUL character, at most 8 MiB encoded.
+
+    Number policy: JSON values round-trip exactly on both drivers. Payloads are kept as
+    the JSON text orjson wrote (``TEXT`` on SQLite, ``json`` on Postgres since migration
+    0008, not ``jsonb``), so ``1e16`` comes back a float, ``-0.0`` keeps its sign, integers
+    keep every digit and object keys keep their order.
     """
 
     dialect: str = "abstract"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Refuse, at class creation, a dialect that bypasses the contract layer.
+
+        The public methods below validate, encode, check closed and map errors, then call
+        the ``_sql_*`` hooks a dialect implements; a dialect that overrode one of them
+        could see unvalidated input, so that is refused. The few calls a dialect does
+        implement itself (``migrate``, ``schema_version``, ``ping``) must pass the
+        ``operation`` wrapper.
+        """
+        super().__init_subclass__(**kwargs)
+        for name in _CONTRACT_CALLS:
+            if name in cls.__dict__:
+                raise TypeError(
+                    f"{cls.__name__}.{name}: a dialect implements _sql_{name} hooks, not the "
+                    "public contract methods (they validate its input)"
+                )
+        for name in _DIALECT_CALLS:
+            method = cls.__dict__.get(name)
+            if method is not None and not getattr(method, "__storage_operation__", False):
+                raise TypeError(
+                    f"{cls.__name__}.{name} must be decorated with storage.base.operation"
+                )
 
     def __init__(self) -> None:
         self._statements: collections.Counter[str] = collections.Counter()
@@ -648,7 +742,7 @@ class AsyncStorageBackend(abc.ABC):
 
     # -- chat ------------------------------------------------------------------
 
-    @abc.abstractmethod
+    @operation
     async def append_messages(
         self,
         session_id: str,
@@ -665,23 +759,35 @@ class AsyncStorageBackend(abc.ABC):
         ``lease_token`` the append succeeds only while that token is the session's current,
         unexpired lease (fencing); otherwise ``LeaseLost`` and nothing is written.
         """
+        rows = v.prepare_messages(session_id, messages)
+        out_rows = v.prepare_outbox(outbox)
+        if lease_token is not None:
+            v.check_int(lease_token, "lease_token", minimum=1)
+        result = await self._sql_append_messages(session_id, rows, out_rows, lease_token, messages)
+        if result is None:
+            raise LeaseLost(f"session {session_id!r}: lease token {lease_token} is not current")
+        return result
 
-    @abc.abstractmethod
+    @operation
     async def load_messages(
         self, session_id: str, *, after_seq: int = 0, limit: int = 100
     ) -> list[ChatMessage]:
         """Messages with ``seq > after_seq`` in order, at most ``limit``."""
+        v.check_id(session_id)
+        v.check_int(after_seq, "after_seq")
+        return await self._sql_load_messages(session_id, after_seq, v.check_limit(limit))
 
-    @abc.abstractmethod
+    @operation
     async def delete_session(self, session_id: str) -> bool:
         """Delete a session's messages, stream events, cancel state and lease.
 
         Returns whether anything existed. Outbox rows and tasks are not touched.
         """
+        return await self._sql_delete_session(v.check_id(session_id))
 
     # -- stream events ---------------------------------------------------------
 
-    @abc.abstractmethod
+    @operation
     async def append_stream_events(self, events: Sequence[NewStreamEvent]) -> StreamAppend:
         """Persist a batch of events for any number of sessions in one round trip.
 
@@ -697,22 +803,32 @@ class AsyncStorageBackend(abc.ABC):
         the same epoch is skipped, so a retried batch is safe; an accepted event replaces a
         stored one only if that one has an older epoch (a superseded holder's seqs).
         """
+        rows = v.prepare_stream_events(events)
+        if not rows:
+            return StreamAppend(0)
+        return await self._sql_append_stream_events(rows)
 
-    @abc.abstractmethod
+    @operation
     async def load_stream_events(
         self, session_id: str, *, after_seq: int = 0, limit: int = 1000
     ) -> list[StreamEvent]:
         """Events with ``seq > after_seq`` in seq order, at most ``limit``."""
+        v.check_id(session_id)
+        v.check_int(after_seq, "after_seq")
+        return await self._sql_load_stream_events(session_id, after_seq, v.check_limit(limit))
 
-    @abc.abstractmethod
+    @operation
     async def last_stream_seq(self, session_id: str) -> int:
         """The highest persisted seq of a session (0 if none): where a new epoch continues."""
+        return await self._sql_last_stream_seq(v.check_id(session_id))
 
-    @abc.abstractmethod
+    @operation
     async def purge_stream_events(self, older_than_s: float) -> int:
         """Delete events stored more than ``older_than_s`` seconds ago; return the count."""
+        age = v.check_seconds(older_than_s, "older_than_s", minimum=0)
+        return await self._sql_purge_stream_events(age)
 
-    @abc.abstractmethod
+    @operation
     async def purge_stream_events_batch(self, older_than_s: float, *, limit: int) -> int:
         """Delete at most ``limit`` of the oldest events stored more than ``older_than_s`` ago.
 
@@ -723,44 +839,63 @@ class AsyncStorageBackend(abc.ABC):
         backlog per batch). Rows another transaction has locked are skipped (Postgres), not
         waited for. Returns the number deleted.
         """
+        age = v.check_seconds(older_than_s, "older_than_s", minimum=0)
+        return await self._sql_purge_stream_events_batch(age, v.check_limit(limit))
 
     # -- session leases --------------------------------------------------------
 
-    @abc.abstractmethod
+    @operation
     async def acquire_lease(self, session_id: str, holder: str, ttl_s: float) -> Lease | None:
         """Take the session's lease if it is free or expired; None if someone holds it.
 
         One statement, with no COUNT(*) and no DELETE. Every successful acquisition gets a
         fencing token larger than any token issued before it.
         """
+        v.check_id(session_id)
+        v.check_id(holder, "holder")
+        return await self._sql_acquire_lease(session_id, holder, v.check_seconds(ttl_s, "ttl_s"))
 
-    @abc.abstractmethod
+    @operation
     async def renew_lease(self, session_id: str, token: int, ttl_s: float) -> Lease:
         """Extend a lease held with ``token``; ``LeaseLost`` if it is not current any more."""
+        v.check_id(session_id)
+        v.check_int(token, "token", minimum=1)
+        lease = await self._sql_renew_lease(session_id, token, v.check_seconds(ttl_s, "ttl_s"))
+        if lease is None:
+            raise LeaseLost(f"session {session_id!r}: lease token {token} is not current")
+        return lease
 
-    @abc.abstractmethod
+    @operation
     async def release_lease(self, session_id: str, token: int) -> bool:
         """Release a lease held with ``token``. False if it was not current (nothing done)."""
+        v.check_id(session_id)
+        v.check_int(token, "token", minimum=1)
+        return await self._sql_release_lease(session_id, token)
 
-    @abc.abstractmethod
+    @operation
     async def get_lease(self, session_id: str) -> Lease | None:
         """The session's current, unexpired lease, if any."""
+        return await self._sql_get_lease(v.check_id(session_id))
 
-    @abc.abstractmethod
+    @operation
     async def expire_leases(self, older_than_s: float = 0.0) -> int:
         """Background sweep: delete leases expired for more than ``older_than_s`` seconds."""
+        age = v.check_seconds(older_than_s, "older_than_s", minimum=0)
+        return await self._sql_expire_leases(age)
 
     # -- lease slots (global cap on running sessions) and limiter wake-ups ------
 
-    @abc.abstractmethod
+    @operation
     async def ensure_lease_slots(self, pool: str, slots: int) -> None:
         """Create the numbered slots ``1..slots`` of ``pool`` that do not exist yet.
 
         Run once when a limiter starts, never on the acquire path. A pool's slots are shared
         by every instance; each acquirer passes its cap as ``slots`` and uses slots up to it.
         """
+        v.check_id(pool, "pool")
+        await self._sql_ensure_lease_slots(pool, v.check_int(slots, "slots", minimum=1))
 
-    @abc.abstractmethod
+    @operation
     async def acquire_lease_slot(
         self,
         session_id: str,
@@ -778,14 +913,30 @@ class AsyncStorageBackend(abc.ABC):
         attempt records that someone is waiting (on the session's lease, or on the pool when
         it was full) so that ``release_lease_slot`` notifies only when there are waiters.
         """
+        v.check_id(session_id)
+        v.check_id(holder, "holder")
+        if pool is not None:
+            v.check_id(pool, "pool")
+            v.check_int(slots, "slots", minimum=1)
+        ttl = v.check_seconds(ttl_s, "ttl_s")
+        return await self._sql_acquire_lease_slot(session_id, holder, ttl, pool, slots)
 
-    @abc.abstractmethod
+    @operation
     async def renew_lease_slot(
         self, session_id: str, token: int, ttl_s: float, *, pool: str | None = None
     ) -> Lease:
         """Extend a lease and its slot; ``LeaseLost`` if ``token`` is not current any more."""
+        v.check_id(session_id)
+        v.check_int(token, "token", minimum=1)
+        if pool is not None:
+            v.check_id(pool, "pool")
+        ttl = v.check_seconds(ttl_s, "ttl_s")
+        lease = await self._sql_renew_lease_slot(session_id, token, ttl, pool)
+        if lease is None:
+            raise LeaseLost(f"session {session_id!r}: lease token {token} is not current")
+        return lease
 
-    @abc.abstractmethod
+    @operation
     async def release_lease_slot(
         self, session_id: str, token: int, *, channel: str, pool: str | None = None
     ) -> bool:
@@ -795,22 +946,33 @@ class AsyncStorageBackend(abc.ABC):
         ``s:<session_id>``; if one found the pool full, with ``p:<pool>``. Both are sent in
         the same statement (Postgres) or right after the commit (SQLite).
         """
+        v.check_id(session_id)
+        v.check_int(token, "token", minimum=1)
+        name = v.check_channel(channel)
+        if pool is not None:
+            v.check_id(pool, "pool")
+        return await self._sql_release_lease_slot(session_id, token, name, pool)
 
-    @abc.abstractmethod
+    @operation
     async def count_leases(self) -> int:
         """The number of live leases (a COUNT(*): only the legacy limiter loop uses it)."""
+        return await self._sql_count_leases()
 
     # -- agent tasks -----------------------------------------------------------
 
-    @abc.abstractmethod
+    @operation
     async def enqueue_tasks(self, tasks: Sequence[NewTask]) -> list[Task]:
         """Enqueue tasks in one transaction; returns one row per input, in input order.
 
         An input whose idempotency key matches an unfinished task of the same queue (or an
         earlier input of the same call) returns that task instead of a new row.
         """
+        rows = v.prepare_tasks(tasks)
+        if not rows:
+            return []
+        return await self._sql_enqueue_tasks(rows)
 
-    @abc.abstractmethod
+    @operation
     async def claim_tasks(
         self, queue: str, worker_id: str, *, limit: int, lease_s: float
     ) -> list[Task]:
@@ -825,16 +987,27 @@ class AsyncStorageBackend(abc.ABC):
         ``last_error`` = ``LEASE_EXPIRED`` (on its last attempt it is dead-lettered with
         ``lease expired on the last attempt`` instead and not returned).
         """
+        v.check_id(queue, "queue")
+        v.check_id(worker_id, "worker_id")
+        n = v.check_limit(limit)
+        return await self._sql_claim_tasks(queue, worker_id, n, v.check_seconds(lease_s, "lease_s"))
 
-    @abc.abstractmethod
+    @operation
     async def heartbeat_tasks(self, claims: Sequence[Claim], lease_s: float) -> list[int]:
         """Extend the leases of running tasks; returns the ids whose claim was still current."""
+        ids, tokens = v.prepare_claims(claims)
+        seconds = v.check_seconds(lease_s, "lease_s")
+        if not ids:
+            return []
+        return await self._sql_heartbeat_tasks(ids, tokens, seconds)
 
-    @abc.abstractmethod
+    @operation
     async def complete_tasks(self, claims: Sequence[Claim]) -> list[int]:
         """Mark tasks succeeded; returns the ids whose claim was current (others untouched)."""
+        ids, tokens = v.prepare_claims(claims)
+        return await self._sql_complete_tasks(ids, tokens) if ids else []
 
-    @abc.abstractmethod
+    @operation
     async def fail_tasks(self, failures: Sequence[Failure]) -> dict[int, TaskStatus]:
         """Record failed attempts under their current claims.
 
@@ -842,27 +1015,36 @@ class AsyncStorageBackend(abc.ABC):
         otherwise it becomes ``dead`` (kept, with its last error). Returns the new status
         of every task whose claim was current; stale claims are left out.
         """
+        columns = v.prepare_failures(failures)
+        return await self._sql_fail_tasks(columns) if columns.ids else {}
 
-    @abc.abstractmethod
+    @operation
     async def release_tasks(self, claims: Sequence[Claim]) -> list[int]:
         """Give claimed tasks back (shutdown): queued, due now, this attempt not counted."""
+        ids, tokens = v.prepare_claims(claims)
+        return await self._sql_release_tasks(ids, tokens) if ids else []
 
-    @abc.abstractmethod
+    @operation
     async def dead_letter_tasks(self, failures: Sequence[Failure]) -> list[int]:
         """Dead-letter running tasks now (permanent error, cancelled), attempts left or not.
 
         Only under their current claims; ``retry_at`` is ignored. Returns the ids moved.
         """
+        columns = v.prepare_failures(failures)  # retry_at does not apply
+        return await self._sql_dead_letter_tasks(columns) if columns.ids else []
 
-    @abc.abstractmethod
+    @operation
     async def get_task(self, task_id: int) -> Task | None:
         """One task by id."""
+        return await self._sql_get_task(v.check_int(task_id, "task_id", minimum=1))
 
-    @abc.abstractmethod
+    @operation
     async def purge_tasks(self, older_than_s: float) -> int:
         """Delete succeeded tasks finished more than ``older_than_s`` seconds ago."""
+        age = v.check_seconds(older_than_s, "older_than_s", minimum=0)
+        return await self._sql_purge_tasks(age)
 
-    @abc.abstractmethod
+    @operation
     async def next_task_due_s(self, queue: str) -> float | None:
         """Seconds until the next task of ``queue`` becomes claimable, by the database's clock.
 
@@ -872,22 +1054,26 @@ class AsyncStorageBackend(abc.ABC):
         Idle workers sleep until then, so a dead worker's tasks are re-run as soon as their
         lease runs out. One read, no lock.
         """
+        return await self._sql_next_task_due_s(v.check_id(queue, "queue"))
 
-    @abc.abstractmethod
+    @operation
     async def backlog_depths(self) -> tuple[list[QueueDepth], QueueDepth]:
         """Depth and oldest wait of every task queue with unfinished tasks, and of the outbox.
 
         Returns (one ``QueueDepth`` per queue, sorted by name; the outbox's, named
         ``outbox``). For metrics: one read of each table's unfinished rows, no lock.
         """
+        return await self._sql_backlog_depths()
 
     # -- outbox ----------------------------------------------------------------
 
-    @abc.abstractmethod
+    @operation
     async def enqueue_outbox(self, messages: Sequence[NewOutboxMessage]) -> list[OutboxMessage]:
         """Enqueue outbox messages in one transaction, in order."""
+        rows = v.prepare_outbox(messages)
+        return await self._sql_enqueue_outbox(rows) if rows else []
 
-    @abc.abstractmethod
+    @operation
     async def claim_outbox(
         self,
         worker_id: str,
@@ -904,16 +1090,25 @@ class AsyncStorageBackend(abc.ABC):
         message holds nothing back. A claim takes a prefix, in id order, of each group's
         due messages, so one claimer at a time holds a group and sees it in order.
         """
+        v.check_id(worker_id, "worker_id")
+        chans = None if channels is None else [v.check_id(c, "channel") for c in channels]
+        n = v.check_limit(limit)
+        lease = v.check_seconds(lease_s, "lease_s")
+        return await self._sql_claim_outbox(worker_id, n, chans, lease)
 
-    @abc.abstractmethod
+    @operation
     async def mark_outbox_sent(self, claims: Sequence[Claim]) -> list[int]:
         """Mark messages sent; returns the ids whose claim was current."""
+        ids, tokens = v.prepare_claims(claims)
+        return await self._sql_mark_outbox_sent(ids, tokens) if ids else []
 
-    @abc.abstractmethod
+    @operation
     async def fail_outbox(self, failures: Sequence[Failure]) -> dict[int, OutboxStatus]:
         """Record failed sends: back to pending at ``retry_at``, or dead when attempts ran out."""
+        columns = v.prepare_failures(failures)
+        return await self._sql_fail_outbox(columns) if columns.ids else {}
 
-    @abc.abstractmethod
+    @operation
     async def redrive_outbox(self, ids: Sequence[int]) -> list[int]:
         """Put dead messages back to pending with a fresh attempt budget; returns those moved.
 
@@ -921,29 +1116,39 @@ class AsyncStorageBackend(abc.ABC):
         it waits while a message of its group is in flight, then goes before the later
         messages of its group that are still pending.
         """
+        checked = v.unique_ids(ids)
+        return await self._sql_redrive_outbox(checked) if checked else []
 
-    @abc.abstractmethod
+    @operation
     async def release_outbox(self, claims: Sequence[Claim]) -> list[int]:
         """Give claimed messages back unsent: pending, due now, this attempt not counted."""
+        ids, tokens = v.prepare_claims(claims)
+        return await self._sql_release_outbox(ids, tokens) if ids else []
 
-    @abc.abstractmethod
+    @operation
     async def dead_letter_outbox(self, failures: Sequence[Failure]) -> list[int]:
         """Dead-letter messages now (a non-retryable error) under their current claims."""
+        columns = v.prepare_failures(failures)
+        return await self._sql_dead_letter_outbox(columns) if columns.ids else []
 
-    @abc.abstractmethod
+    @operation
     async def get_outbox(self, message_id: int) -> OutboxMessage | None:
         """One outbox message by id."""
+        checked = v.check_int(message_id, "message_id", minimum=1)
+        return await self._sql_get_outbox(checked)
 
-    @abc.abstractmethod
+    @operation
     async def purge_outbox(self, older_than_s: float) -> int:
         """Delete sent messages last updated more than ``older_than_s`` seconds ago.
 
         Dead messages are kept for an operator to inspect or redrive. Returns the count.
         """
+        age = v.check_seconds(older_than_s, "older_than_s", minimum=0)
+        return await self._sql_purge_outbox(age)
 
     # -- webhook journal --------------------------------------------------------
 
-    @abc.abstractmethod
+    @operation
     async def journal_webhook_events(
         self, endpoint: str, owner: str, bodies: Sequence[bytes]
     ) -> list[int]:
@@ -951,12 +1156,16 @@ class AsyncStorageBackend(abc.ABC):
 
         The rows are held by ``owner`` (one process); returns their ids in order.
         """
+        checked = v.prepare_journal(endpoint, owner, bodies)
+        return await self._sql_journal_webhook_events(endpoint, owner, checked) if checked else []
 
-    @abc.abstractmethod
+    @operation
     async def delete_webhook_events(self, ids: Sequence[int]) -> int:
         """Delete journaled events once their batch is in the outbox; returns the count."""
+        checked = v.unique_ids(ids)
+        return await self._sql_delete_webhook_events(checked) if checked else 0
 
-    @abc.abstractmethod
+    @operation
     async def claim_webhook_orphans(
         self, endpoints: Sequence[str], owner: str, *, older_than_s: float, limit: int
     ) -> list[JournaledEvent]:
@@ -965,12 +1174,18 @@ class AsyncStorageBackend(abc.ABC):
         Their owner did not batch them in time (crashed, or lost its storage). Oldest
         first; each row is taken by one claimer, and held by ``owner`` from now on.
         """
+        names = [v.check_id(e, "endpoint") for e in endpoints]
+        age = v.check_seconds(older_than_s, "older_than_s", minimum=0)
+        v.check_id(owner, "owner")
+        return await self._sql_claim_webhook_orphans(names, owner, age, v.check_limit(limit))
 
-    @abc.abstractmethod
+    @operation
     async def record_webhook_attempts(self, attempts: Sequence[WebhookAttempt]) -> int:
         """Append attempts to the delivery log in one transaction; returns the count."""
+        rows = v.prepare_attempts(attempts)
+        return await self._sql_record_webhook_attempts(rows) if rows else 0
 
-    @abc.abstractmethod
+    @operation
     async def list_webhook_attempts(
         self,
         *,
@@ -980,17 +1195,23 @@ class AsyncStorageBackend(abc.ABC):
         limit: int = 100,
     ) -> list[WebhookAttempt]:
         """The delivery log, newest first; ``failed``: only webhook-ids never delivered."""
+        name = None if endpoint is None else v.check_id(endpoint, "endpoint")
+        wid = None if webhook_id is None else v.check_id(webhook_id, "webhook_id")
+        n = v.check_limit(limit)
+        return await self._sql_list_webhook_attempts(name, wid, bool(failed), n)
 
-    @abc.abstractmethod
+    @operation
     async def purge_webhook_attempts(self, older_than_s: float) -> int:
         """Delete log entries older than ``older_than_s`` seconds; returns the count."""
+        age = v.check_seconds(older_than_s, "older_than_s", minimum=0)
+        return await self._sql_purge_webhook_attempts(age)
 
     # -- cancellation ----------------------------------------------------------
 
     CANCEL_NOTIFY_REASON_CHARS = 200
     """How many characters of the kept reason a ``request_cancel`` notification carries."""
 
-    @abc.abstractmethod
+    @operation
     async def request_cancel(
         self, session_id: str, reason: str, *, notify_channel: str | None = None
     ) -> CancelState:
@@ -1010,22 +1231,26 @@ class AsyncStorageBackend(abc.ABC):
         (on SQLite the write completes and the notification is delivered, then the
         cancellation takes effect).
         """
+        session_id, reason, channel = v.prepare_cancel(session_id, reason, notify_channel)
+        return await self._sql_request_cancel(session_id, reason, channel)
 
-    @abc.abstractmethod
+    @operation
     async def get_cancel(self, session_id: str) -> CancelState | None:
         """The session's cancel request, if any."""
+        return await self._sql_get_cancel(v.check_id(session_id))
 
-    @abc.abstractmethod
+    @operation
     async def clear_cancel(self, session_id: str) -> bool:
         """Forget a session's cancel request (a new turn starts); whether one existed."""
+        return await self._sql_clear_cancel(v.check_id(session_id))
 
     # -- notifications ---------------------------------------------------------
 
-    @abc.abstractmethod
+    @operation
     async def notify(self, channel: str, payload: str) -> None:
         """Send a small notification (ids, not data) to every listener of ``channel``."""
+        await self._sql_notify(*v.check_notify_payload(channel, payload))
 
-    @abc.abstractmethod
     def listen(self, *channels: str) -> AbstractAsyncContextManager[NotificationStream]:
         """Subscribe to channels: ``async with storage.listen("a", "b") as stream:``.
 
@@ -1033,10 +1258,13 @@ class AsyncStorageBackend(abc.ABC):
         sent after that are delivered in order. After a connection loss or a buffer
         overflow a ``Notification(gap=True)`` is delivered so the caller can catch up.
         """
+        names = [v.check_channel(c) for c in channels]
+        if not names:
+            raise InvalidInput("listen() needs at least one channel")
+        return self._sql_listen(names)
 
     # -- maintenance -----------------------------------------------------------
 
-    @abc.abstractmethod
     def open_leadership(
         self, name: str, *, ttl_s: float
     ) -> AbstractAsyncContextManager[Leadership]:
@@ -1048,10 +1276,12 @@ class AsyncStorageBackend(abc.ABC):
         ``try_lead()`` and expiring ``ttl_s`` after the last one. Nothing is taken until
         ``try_lead()``; leaving the block releases the role, even when cancelled.
         """
+        v.check_id(name, "name")
+        return self._sql_leadership(name, v.check_seconds(ttl_s, "ttl_s"))
 
     # -- login attempts (auth limiter, shared by a fleet) -----------------------
 
-    @abc.abstractmethod
+    @operation
     async def reserve_login_attempt(
         self, scope: str, key: str, policy: LoginPolicy
     ) -> LoginSlot:
@@ -1067,8 +1297,10 @@ class AsyncStorageBackend(abc.ABC):
         (Postgres) or the writer's (SQLite). If cancelled, the reservation may or may not
         have been made; it is then dropped when the window ends.
         """
+        p = check_login_attempt(scope, key, policy)
+        return await self._sql_reserve_login_attempt(scope, key, p)
 
-    @abc.abstractmethod
+    @operation
     async def finish_login_attempt(
         self,
         scope: str,
@@ -1086,10 +1318,232 @@ class AsyncStorageBackend(abc.ABC):
         lockout and growth; "release" gives the attempt back uncounted. Returns whether this
         call locked the key out. Cancellation: the statement is either applied or not.
         """
+        p = check_login_attempt(scope, key, policy)
+        start = check_login_finish(window_start, outcome)
+        return await self._sql_finish_login_attempt(scope, key, start, outcome, p)
 
-    @abc.abstractmethod
+    @operation
     async def purge_login_attempts(self, older_than_s: float) -> int:
         """Delete attempt counts idle for ``older_than_s`` seconds and not locked out."""
+        age = v.check_seconds(older_than_s, "older_than_s", minimum=0)
+        return await self._sql_purge_login_attempts(age)
+
+    # -- dialect hooks ---------------------------------------------------------
+    # What a dialect implements: SQL only. Each hook receives arguments the public method
+    # above has already validated and encoded (``storage._validate``), is called inside
+    # the ``operation`` wrapper (closed check, error mapping), and is never called with an
+    # empty batch. A dialect overrides these, never the public methods.
+
+    @abc.abstractmethod
+    async def _sql_append_messages(
+        self,
+        session_id: str,
+        rows: list[tuple[str, bytes]],
+        outbox: list[tuple[str, str, bytes, int]],
+        lease_token: int | None,
+        messages: Sequence[NewMessage],
+    ) -> list[ChatMessage] | None:
+        """The appended messages in seq order; None if ``lease_token`` was not current."""
+
+    @abc.abstractmethod
+    async def _sql_load_messages(
+        self, session_id: str, after_seq: int, limit: int
+    ) -> list[ChatMessage]: ...
+
+    @abc.abstractmethod
+    async def _sql_delete_session(self, session_id: str) -> bool: ...
+
+    @abc.abstractmethod
+    async def _sql_append_stream_events(
+        self, rows: list[tuple[str, int, int, str, bytes]]
+    ) -> StreamAppend: ...
+
+    @abc.abstractmethod
+    async def _sql_load_stream_events(
+        self, session_id: str, after_seq: int, limit: int
+    ) -> list[StreamEvent]: ...
+
+    @abc.abstractmethod
+    async def _sql_last_stream_seq(self, session_id: str) -> int: ...
+
+    @abc.abstractmethod
+    async def _sql_purge_stream_events(self, age_s: float) -> int: ...
+
+    @abc.abstractmethod
+    async def _sql_purge_stream_events_batch(self, age_s: float, limit: int) -> int: ...
+
+    @abc.abstractmethod
+    async def _sql_acquire_lease(
+        self, session_id: str, holder: str, ttl_s: float
+    ) -> Lease | None: ...
+
+    @abc.abstractmethod
+    async def _sql_renew_lease(self, session_id: str, token: int, ttl_s: float) -> Lease | None:
+        """The renewed lease; None if ``token`` is not current."""
+
+    @abc.abstractmethod
+    async def _sql_release_lease(self, session_id: str, token: int) -> bool: ...
+
+    @abc.abstractmethod
+    async def _sql_get_lease(self, session_id: str) -> Lease | None: ...
+
+    @abc.abstractmethod
+    async def _sql_expire_leases(self, age_s: float) -> int: ...
+
+    @abc.abstractmethod
+    async def _sql_ensure_lease_slots(self, pool: str, slots: int) -> None: ...
+
+    @abc.abstractmethod
+    async def _sql_acquire_lease_slot(
+        self, session_id: str, holder: str, ttl_s: float, pool: str | None, slots: int
+    ) -> LeaseAttempt: ...
+
+    @abc.abstractmethod
+    async def _sql_renew_lease_slot(
+        self, session_id: str, token: int, ttl_s: float, pool: str | None
+    ) -> Lease | None:
+        """The renewed lease; None if ``token`` is not current."""
+
+    @abc.abstractmethod
+    async def _sql_release_lease_slot(
+        self, session_id: str, token: int, channel: str, pool: str | None
+    ) -> bool: ...
+
+    @abc.abstractmethod
+    async def _sql_count_leases(self) -> int: ...
+
+    @abc.abstractmethod
+    async def _sql_enqueue_tasks(
+        self, rows: list[tuple[str, bytes, int, datetime | None, str | None, int]]
+    ) -> list[Task]:
+        """One task per row, in row order (``_validate.match_enqueued`` puts them so)."""
+
+    @abc.abstractmethod
+    async def _sql_claim_tasks(
+        self, queue: str, worker_id: str, limit: int, lease_s: float
+    ) -> list[Task]: ...
+
+    @abc.abstractmethod
+    async def _sql_heartbeat_tasks(
+        self, ids: list[int], tokens: list[int], lease_s: float
+    ) -> list[int]: ...
+
+    @abc.abstractmethod
+    async def _sql_complete_tasks(self, ids: list[int], tokens: list[int]) -> list[int]: ...
+
+    @abc.abstractmethod
+    async def _sql_fail_tasks(self, failures: FailureColumns) -> dict[int, TaskStatus]: ...
+
+    @abc.abstractmethod
+    async def _sql_release_tasks(self, ids: list[int], tokens: list[int]) -> list[int]: ...
+
+    @abc.abstractmethod
+    async def _sql_dead_letter_tasks(self, failures: FailureColumns) -> list[int]: ...
+
+    @abc.abstractmethod
+    async def _sql_get_task(self, task_id: int) -> Task | None: ...
+
+    @abc.abstractmethod
+    async def _sql_purge_tasks(self, age_s: float) -> int: ...
+
+    @abc.abstractmethod
+    async def _sql_next_task_due_s(self, queue: str) -> float | None: ...
+
+    @abc.abstractmethod
+    async def _sql_backlog_depths(self) -> tuple[list[QueueDepth], QueueDepth]: ...
+
+    @abc.abstractmethod
+    async def _sql_enqueue_outbox(
+        self, rows: list[tuple[str, str, bytes, int]]
+    ) -> list[OutboxMessage]: ...
+
+    @abc.abstractmethod
+    async def _sql_claim_outbox(
+        self, worker_id: str, limit: int, channels: list[str] | None, lease_s: float
+    ) -> list[OutboxMessage]: ...
+
+    @abc.abstractmethod
+    async def _sql_mark_outbox_sent(self, ids: list[int], tokens: list[int]) -> list[int]: ...
+
+    @abc.abstractmethod
+    async def _sql_fail_outbox(self, failures: FailureColumns) -> dict[int, OutboxStatus]: ...
+
+    @abc.abstractmethod
+    async def _sql_redrive_outbox(self, ids: list[int]) -> list[int]: ...
+
+    @abc.abstractmethod
+    async def _sql_release_outbox(self, ids: list[int], tokens: list[int]) -> list[int]: ...
+
+    @abc.abstractmethod
+    async def _sql_dead_letter_outbox(self, failures: FailureColumns) -> list[int]: ...
+
+    @abc.abstractmethod
+    async def _sql_get_outbox(self, message_id: int) -> OutboxMessage | None: ...
+
+    @abc.abstractmethod
+    async def _sql_purge_outbox(self, age_s: float) -> int: ...
+
+    @abc.abstractmethod
+    async def _sql_journal_webhook_events(
+        self, endpoint: str, owner: str, bodies: list[str]
+    ) -> list[int]: ...
+
+    @abc.abstractmethod
+    async def _sql_delete_webhook_events(self, ids: list[int]) -> int: ...
+
+    @abc.abstractmethod
+    async def _sql_claim_webhook_orphans(
+        self, endpoints: list[str], owner: str, age_s: float, limit: int
+    ) -> list[JournaledEvent]: ...
+
+    @abc.abstractmethod
+    async def _sql_record_webhook_attempts(
+        self, rows: list[tuple[str, str, int | None, datetime, int | None, str, bool]]
+    ) -> int: ...
+
+    @abc.abstractmethod
+    async def _sql_list_webhook_attempts(
+        self, endpoint: str | None, webhook_id: str | None, failed: bool, limit: int
+    ) -> list[WebhookAttempt]: ...
+
+    @abc.abstractmethod
+    async def _sql_purge_webhook_attempts(self, age_s: float) -> int: ...
+
+    @abc.abstractmethod
+    async def _sql_request_cancel(
+        self, session_id: str, reason: str, channel: str | None
+    ) -> CancelState: ...
+
+    @abc.abstractmethod
+    async def _sql_get_cancel(self, session_id: str) -> CancelState | None: ...
+
+    @abc.abstractmethod
+    async def _sql_clear_cancel(self, session_id: str) -> bool: ...
+
+    @abc.abstractmethod
+    async def _sql_notify(self, channel: str, payload: str) -> None: ...
+
+    @abc.abstractmethod
+    def _sql_listen(self, channels: list[str]) -> AbstractAsyncContextManager[NotificationStream]:
+        """Subscribe to checked channel names (at least one)."""
+
+    @abc.abstractmethod
+    def _sql_leadership(
+        self, name: str, ttl_s: float
+    ) -> AbstractAsyncContextManager[Leadership]: ...
+
+    @abc.abstractmethod
+    async def _sql_reserve_login_attempt(
+        self, scope: str, key: str, policy: LoginPolicy
+    ) -> LoginSlot: ...
+
+    @abc.abstractmethod
+    async def _sql_finish_login_attempt(
+        self, scope: str, key: str, window_start: float, outcome: str, policy: LoginPolicy
+    ) -> bool: ...
+
+    @abc.abstractmethod
+    async def _sql_purge_login_attempts(self, age_s: float) -> int: ...
 
     # -- single-row conveniences (written once, on top of the batch methods) ---
 
@@ -1110,23 +1564,16 @@ class AsyncStorageBackend(abc.ABC):
         return (await self.enqueue_tasks([task]))[0]
 
 
-def operation(
-    method: Callable[Concatenate[_B, _P], Coroutine[Any, Any, _R]],
-) -> Callable[Concatenate[_B, _P], Coroutine[Any, Any, _R]]:
-    """Decorate a driver method: refuse calls after close, map driver errors to the tree."""
+_CONTRACT_CALLS = frozenset(
+    name
+    for name, member in vars(AsyncStorageBackend).items()
+    if not name.startswith("_")
+    and (getattr(member, "__storage_operation__", False) or name in ("listen", "open_leadership"))
+)
+"""The public contract methods the base class implements once for every dialect."""
 
-    @functools.wraps(method)
-    async def wrapper(self: _B, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
-        if self._closed:
-            raise StorageClosed(f"{self.dialect} storage is closed")
-        try:
-            return await method(self, *args, **kwargs)
-        except StorageError:
-            raise
-        except Exception as exc:
-            mapped = self._map_error(exc)
-            if mapped is None:
-                raise
-            raise mapped from exc
+_DIALECT_CALLS = frozenset(("migrate", "schema_version", "ping"))
+"""The calls each dialect implements itself, under the ``operation`` wrapper."""
 
-    return wrapper
+# Imported last: _validate imports the records defined above.
+from storage import _validate as v  # noqa: E402

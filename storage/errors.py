@@ -5,12 +5,15 @@ place (``map_error`` in the driver module) to this tree and raises ``from`` the 
 
     StorageError
     ├── InvalidInput          bad argument, rejected before anything is written
+    │   └── ConfigurationError  the storage URL or path cannot be used as given, or the
+    │                             settings do not fit the topology (LISTEN through a pooler)
     ├── StorageClosed         the backend was used after ``aclose()``
     ├── StorageUnavailable    the database cannot be reached (connect, network, pool)
     ├── ConflictError         a uniqueness or integrity rule refused the write
     ├── LeaseLost             a lease or claim token is no longer the current one (fencing)
-    ├── MigrationError        the schema could not be brought to the expected version
-    ├── ConfigurationError    the settings do not fit the database topology (e.g. a pooler)
+    ├── MigrationError        the schema is not at this code's version (behind: run
+    │                         ``asyncstore migrate``; ahead: newer code migrated it) or a
+    │                         migration failed
     └── QueryError            anything else the database refused
 """
 
@@ -37,6 +40,17 @@ class InvalidInput(StorageError, ValueError):
     """An argument is invalid; nothing was written."""
 
 
+class ConfigurationError(InvalidInput):
+    """The storage URL (or SQLite path) is malformed or names something that cannot be used,
+    or the settings do not fit the topology (LISTEN or a session lock through a transaction
+    pooler, an undeclared pooler: see ``storage._topology``).
+
+    A subclass of ``InvalidInput`` (and so of ``ValueError``): the URL is an argument, it is
+    refused before anything is written, and retrying the same URL cannot succeed. The
+    message never contains the URL's password.
+    """
+
+
 class StorageClosed(StorageError):
     """The backend is closed (or was never opened)."""
 
@@ -54,12 +68,11 @@ class LeaseLost(StorageError):
 
 
 class MigrationError(StorageError):
-    """The schema could not be migrated."""
+    """The schema is not the one this code expects, or a migration failed.
 
-
-class ConfigurationError(StorageError):
-    """The settings do not fit the database topology (for example LISTEN through a
-    transaction pooler); retrying cannot help, the configuration must change."""
+    Raised when a handle is opened on a database whose schema is behind (run
+    ``asyncstore migrate``, or open with ``migrate=True``) or ahead of this version.
+    """
 
 
 class QueryError(StorageError):
@@ -73,5 +86,5 @@ def is_retryable(exc: BaseException) -> bool:
     no: the same call would fail the same way, and a writer retrying it on an outage budget
     would hold everything queued behind it for that long."""
     return isinstance(exc, StorageError) and not isinstance(
-        exc, StorageClosed | InvalidInput | LeaseLost | ConfigurationError
+        exc, StorageClosed | InvalidInput | LeaseLost
     )

@@ -15,7 +15,9 @@ import sys
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from datetime import datetime
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import anyio
 import asyncpg
@@ -24,13 +26,13 @@ import orjson
 from storage import _topology
 from storage import _validate as v
 from storage._notify import NotificationHub, Subscription
+from storage._schema import mask_url
 from storage._sql import load_migrations, load_queries
 from storage.base import (
     AsyncStorageBackend,
     CancelState,
     ChatMessage,
-    Claim,
-    Failure,
+    FailureColumns,
     JournaledEvent,
     Leadership,
     Lease,
@@ -38,9 +40,6 @@ from storage.base import (
     LoginPolicy,
     LoginSlot,
     NewMessage,
-    NewOutboxMessage,
-    NewStreamEvent,
-    NewTask,
     NotificationStream,
     OutboxMessage,
     OutboxStatus,
@@ -52,19 +51,18 @@ from storage.base import (
     Task,
     TaskStatus,
     WebhookAttempt,
-    check_login_attempt,
-    check_login_finish,
     operation,
 )
 from storage.errors import (
+    ConfigurationError,
     ConflictError,
     InvalidInput,
-    LeaseLost,
     MigrationError,
     QueryError,
     StorageClosed,
     StorageError,
     StorageUnavailable,
+    is_retryable,
 )
 
 Q = load_queries("postgres")
@@ -72,9 +70,19 @@ _MIGRATION_LOCK = 0x6173796E63  # "async": the advisory lock key that serializes
 _PING_EVERY_S = 10.0
 
 
+def _encode_json(data: bytes) -> bytes:
+    # Payloads arrive already encoded by storage._validate; json's binary format is the
+    # text itself, kept as written (migration 0008: exact round-trip of every number).
+    return data
+
+
+def _decode_json(data: bytes) -> Any:
+    return orjson.loads(data)
+
+
 def _encode_jsonb(data: bytes) -> bytes:
-    # Payloads arrive already encoded by storage._validate; jsonb's binary format is a
-    # version byte followed by the text.
+    # jsonb's binary format is a version byte followed by the text. Only a schema older
+    # than 0008 (payload columns still jsonb) reads through this codec.
     return b"\x01" + data
 
 
@@ -83,6 +91,13 @@ def _decode_jsonb(data: bytes) -> Any:
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
+    await conn.set_type_codec(
+        "json",
+        encoder=_encode_json,
+        decoder=_decode_json,
+        schema="pg_catalog",
+        format="binary",
+    )
     await conn.set_type_codec(
         "jsonb",
         encoder=_encode_jsonb,
@@ -130,6 +145,54 @@ def _rowcount(status: str) -> int:
     return int(status.rsplit(" ", 1)[-1])
 
 
+def _login_target(dsn: str) -> str:
+    """``user 'u' on database 'd' at host:port`` as far as the DSN says (for messages)."""
+    try:
+        parts = urlsplit(dsn)
+        user = unquote(parts.username) if parts.username else None
+        database = unquote(parts.path.lstrip("/")) or None
+        host = parts.netloc.rpartition("@")[2] or None
+    except ValueError:
+        return f"with {mask_url(dsn)}"
+    return (
+        f"as user {user or '(default: $PGUSER or the OS user)'!r} "
+        f"to database {database or '(default: the user name)'!r} at {host or 'localhost'}"
+    )
+
+
+# SQLSTATEs that refuse the session itself: the login (class 28) or the database (3D000).
+_LOGIN_REFUSED = ("28", "3D000")
+
+
+def map_connect_error(exc: Exception, dsn: str) -> StorageError | None:
+    """Map what ``asyncpg.connect`` raised, naming the user and database but no password.
+
+    A malformed DSN (asyncpg raises ``ValueError``, ``OverflowError`` or its
+    ``ClientConfigurationError``) is a ``ConfigurationError``; a refused login or a missing
+    database is ``StorageUnavailable`` (the database cannot be used from here, and an
+    operator may fix it while we retry); anything else is mapped as any other call's error.
+    """
+    if isinstance(exc, asyncpg.ClientConfigurationError | ValueError | OverflowError):
+        return ConfigurationError(f"invalid postgres URL {mask_url(dsn)}: {exc}")
+    if isinstance(exc, asyncpg.PostgresError):
+        state = getattr(exc, "sqlstate", "") or ""
+        if state.startswith(_LOGIN_REFUSED):
+            return StorageUnavailable(
+                f"postgres refused the connection {_login_target(dsn)}: {exc} (SQLSTATE {state})"
+            )
+    return map_postgres_error(exc)
+
+
+async def _connect(dsn: str, **kwargs: Any) -> asyncpg.Connection:
+    """``asyncpg.connect`` with its failures mapped by ``map_connect_error``."""
+    try:
+        return await asyncpg.connect(dsn, **kwargs)
+    except Exception as exc:
+        if (mapped := map_connect_error(exc, dsn)) is not None:
+            raise mapped from exc
+        raise
+
+
 def map_postgres_error(exc: Exception) -> StorageError | None:
     """Map an asyncpg or network exception to the library's tree, keyed on SQLSTATE."""
     if isinstance(exc, asyncpg.PostgresError):
@@ -139,9 +202,11 @@ def map_postgres_error(exc: Exception) -> StorageError | None:
             return ConflictError(message)
         if state.startswith("22"):
             return InvalidInput(message)
-        if state.startswith(("08", "57P", "53")):
+        if state.startswith(("08", "57P", "53", *_LOGIN_REFUSED)):
             return StorageUnavailable(message)
         return QueryError(message)
+    if isinstance(exc, asyncpg.ClientConfigurationError):
+        return ConfigurationError(f"postgres client configuration: {exc}")
     if isinstance(exc, asyncpg.InterfaceError | OSError | TimeoutError):
         return StorageUnavailable(f"postgres unreachable: {exc}")
     if isinstance(exc, asyncpg.InternalClientError):
@@ -185,6 +250,7 @@ class PostgresBackend(AsyncStorageBackend):
         try:
             self._pool = await asyncpg.create_pool(
                 self._dsn,
+                connect=self._connect_mapped,
                 min_size=min(s.pool_min_size, s.pool_max_size),
                 max_size=s.pool_max_size,
                 # A transaction pooler cannot keep named prepared statements: none there.
@@ -199,6 +265,11 @@ class PostgresBackend(AsyncStorageBackend):
             if isinstance(exc, Exception) and (mapped := map_postgres_error(exc)) is not None:
                 raise mapped from exc
             raise
+
+    async def _connect_mapped(self, dsn: str | None = None, **kwargs: Any) -> asyncpg.Connection:
+        # The pool's connect hook: called with the pool's DSN and options, for every new
+        # pool connection (at open and later, when the pool grows or replaces one).
+        return await _connect(dsn or self._dsn, **kwargs)
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -288,10 +359,15 @@ class PostgresBackend(AsyncStorageBackend):
 
     @operation
     async def schema_version(self) -> int:
-        version = await self.pool.fetchval(
-            "SELECT CASE WHEN to_regclass('schema_migrations') IS NULL THEN 0"
-            " ELSE (SELECT coalesce(max(version), 0) FROM schema_migrations) END"
-        )
+        # One round trip when migrated. (A CASE on to_regclass() cannot guard the subquery:
+        # the table name is resolved when the statement is parsed, so it failed with
+        # "relation does not exist" on an empty database.)
+        try:
+            version = await self.pool.fetchval(
+                "SELECT coalesce(max(version), 0) FROM schema_migrations"
+            )
+        except asyncpg.UndefinedTableError:
+            return 0
         return int(version)
 
     @operation
@@ -300,190 +376,121 @@ class PostgresBackend(AsyncStorageBackend):
 
     # -- chat ------------------------------------------------------------------
 
-    @operation
-    async def append_messages(
+    async def _sql_append_messages(
         self,
         session_id: str,
+        rows: list[tuple[str, bytes]],
+        outbox: list[tuple[str, str, bytes, int]],
+        lease_token: int | None,
         messages: Sequence[NewMessage],
-        *,
-        outbox: Sequence[NewOutboxMessage] = (),
-        lease_token: int | None = None,
-    ) -> list[ChatMessage]:
-        rows = v.prepare_messages(session_id, messages)
-        out_rows = v.prepare_outbox(outbox)
-        if lease_token is not None:
-            v.check_int(lease_token, "lease_token", minimum=1)
+    ) -> list[ChatMessage] | None:
         args = (session_id, [r[0] for r in rows], [r[1] for r in rows], lease_token)
-        if out_rows:
+        if outbox:
             async with self.pool.acquire() as conn, conn.transaction():
                 self._count("append_messages")
                 result = await conn.fetch(Q["append_messages"], *args)
                 if result:
                     self._count("enqueue_outbox")
-                    await conn.execute(Q["enqueue_outbox"], *_outbox_columns(out_rows))
+                    await conn.execute(Q["enqueue_outbox"], *_outbox_columns(outbox))
         else:
             result = await self._fetch("append_messages", *args)
         if not result:
-            raise LeaseLost(f"session {session_id!r}: lease token {lease_token} is not current")
+            return None
         return sorted((ChatMessage.from_row(r) for r in result), key=lambda m: m.seq)
 
-    @operation
-    async def load_messages(
-        self, session_id: str, *, after_seq: int = 0, limit: int = 100
+    async def _sql_load_messages(
+        self, session_id: str, after_seq: int, limit: int
     ) -> list[ChatMessage]:
-        v.check_id(session_id)
-        v.check_int(after_seq, "after_seq")
-        rows = await self._fetch("load_messages", session_id, after_seq, v.check_limit(limit))
+        rows = await self._fetch("load_messages", session_id, after_seq, limit)
         return [ChatMessage.from_row(r) for r in rows]
 
-    @operation
-    async def delete_session(self, session_id: str) -> bool:
-        v.check_id(session_id)
+    async def _sql_delete_session(self, session_id: str) -> bool:
         rows = await self._fetch("delete_session", session_id)
         return bool(rows[0][0])
 
     # -- stream events ---------------------------------------------------------
 
-    @operation
-    async def append_stream_events(self, events: Sequence[NewStreamEvent]) -> StreamAppend:
-        rows = v.prepare_stream_events(events)
-        if not rows:
-            return StreamAppend(0)
+    async def _sql_append_stream_events(
+        self, rows: list[tuple[str, int, int, str, bytes]]
+    ) -> StreamAppend:
         columns = [list(col) for col in zip(*rows, strict=True)]
         row = (await self._fetch("append_stream_events", *columns))[0]
         ids, epochs = row["refused_ids"], row["refused_epochs"]
         refused = frozenset(zip(ids, epochs, strict=True)) if ids else frozenset()
         return StreamAppend(int(row["stored"]), refused)
 
-    @operation
-    async def load_stream_events(
-        self, session_id: str, *, after_seq: int = 0, limit: int = 1000
+    async def _sql_load_stream_events(
+        self, session_id: str, after_seq: int, limit: int
     ) -> list[StreamEvent]:
-        v.check_id(session_id)
-        v.check_int(after_seq, "after_seq")
-        rows = await self._fetch("load_stream_events", session_id, after_seq, v.check_limit(limit))
+        rows = await self._fetch("load_stream_events", session_id, after_seq, limit)
         return [StreamEvent.from_row(r) for r in rows]
 
-    @operation
-    async def last_stream_seq(self, session_id: str) -> int:
-        v.check_id(session_id)
+    async def _sql_last_stream_seq(self, session_id: str) -> int:
         return int((await self._fetch("last_stream_seq", session_id))[0][0])
 
-    @operation
-    async def purge_stream_events(self, older_than_s: float) -> int:
-        age = v.check_seconds(older_than_s, "older_than_s", minimum=0)
-        return _rowcount(await self._execute("purge_stream_events", age))
+    async def _sql_purge_stream_events(self, age_s: float) -> int:
+        return _rowcount(await self._execute("purge_stream_events", age_s))
 
-    @operation
-    async def purge_stream_events_batch(self, older_than_s: float, *, limit: int) -> int:
-        age = v.check_seconds(older_than_s, "older_than_s", minimum=0)
-        return _rowcount(
-            await self._execute("purge_stream_events_batch", age, v.check_limit(limit))
-        )
+    async def _sql_purge_stream_events_batch(self, age_s: float, limit: int) -> int:
+        return _rowcount(await self._execute("purge_stream_events_batch", age_s, limit))
 
     # -- session leases --------------------------------------------------------
 
-    @operation
-    async def acquire_lease(self, session_id: str, holder: str, ttl_s: float) -> Lease | None:
-        v.check_id(session_id)
-        v.check_id(holder, "holder")
-        rows = await self._fetch(
-            "acquire_lease", session_id, holder, v.check_seconds(ttl_s, "ttl_s")
-        )
+    async def _sql_acquire_lease(self, session_id: str, holder: str, ttl_s: float) -> Lease | None:
+        rows = await self._fetch("acquire_lease", session_id, holder, ttl_s)
         return Lease.from_row(rows[0]) if rows else None
 
-    @operation
-    async def renew_lease(self, session_id: str, token: int, ttl_s: float) -> Lease:
-        v.check_id(session_id)
-        v.check_int(token, "token", minimum=1)
-        rows = await self._fetch("renew_lease", session_id, token, v.check_seconds(ttl_s, "ttl_s"))
-        if not rows:
-            raise LeaseLost(f"session {session_id!r}: lease token {token} is not current")
-        return Lease.from_row(rows[0])
+    async def _sql_renew_lease(self, session_id: str, token: int, ttl_s: float) -> Lease | None:
+        rows = await self._fetch("renew_lease", session_id, token, ttl_s)
+        return Lease.from_row(rows[0]) if rows else None
 
-    @operation
-    async def release_lease(self, session_id: str, token: int) -> bool:
-        v.check_id(session_id)
-        v.check_int(token, "token", minimum=1)
+    async def _sql_release_lease(self, session_id: str, token: int) -> bool:
         return _rowcount(await self._execute("release_lease", session_id, token)) == 1
 
-    @operation
-    async def get_lease(self, session_id: str) -> Lease | None:
-        v.check_id(session_id)
+    async def _sql_get_lease(self, session_id: str) -> Lease | None:
         rows = await self._fetch("get_lease", session_id)
         return Lease.from_row(rows[0]) if rows else None
 
-    @operation
-    async def expire_leases(self, older_than_s: float = 0.0) -> int:
-        age = v.check_seconds(older_than_s, "older_than_s", minimum=0)
-        return _rowcount(await self._execute("expire_leases", age))
+    async def _sql_expire_leases(self, age_s: float) -> int:
+        return _rowcount(await self._execute("expire_leases", age_s))
 
-    @operation
-    async def ensure_lease_slots(self, pool: str, slots: int) -> None:
-        v.check_id(pool, "pool")
-        await self._execute("ensure_lease_slots", pool, v.check_int(slots, "slots", minimum=1))
+    async def _sql_ensure_lease_slots(self, pool: str, slots: int) -> None:
+        await self._execute("ensure_lease_slots", pool, slots)
 
-    @operation
-    async def acquire_lease_slot(
-        self,
-        session_id: str,
-        holder: str,
-        ttl_s: float,
-        *,
-        pool: str | None = None,
-        slots: int = 0,
+    async def _sql_acquire_lease_slot(
+        self, session_id: str, holder: str, ttl_s: float, pool: str | None, slots: int
     ) -> LeaseAttempt:
-        v.check_id(session_id)
-        v.check_id(holder, "holder")
-        if pool is not None:
-            v.check_id(pool, "pool")
-            v.check_int(slots, "slots", minimum=1)
-        ttl = v.check_seconds(ttl_s, "ttl_s")
         row = (
             await self._fetch(
-                "acquire_lease_slot", session_id, holder, ttl, pool, None if pool is None else slots
+                "acquire_lease_slot",
+                session_id,
+                holder,
+                ttl_s,
+                pool,
+                None if pool is None else slots,
             )
         )[0]
         lease = None if row["token"] is None else Lease.from_row(row)
         return LeaseAttempt(lease, bool(row["slot_ok"]))
 
-    @operation
-    async def renew_lease_slot(
-        self, session_id: str, token: int, ttl_s: float, *, pool: str | None = None
-    ) -> Lease:
-        v.check_id(session_id)
-        v.check_int(token, "token", minimum=1)
-        if pool is not None:
-            v.check_id(pool, "pool")
-        ttl = v.check_seconds(ttl_s, "ttl_s")
-        rows = await self._fetch("renew_lease_slot", session_id, token, ttl, pool)
-        if not rows:
-            raise LeaseLost(f"session {session_id!r}: lease token {token} is not current")
-        return Lease.from_row(rows[0])
+    async def _sql_renew_lease_slot(
+        self, session_id: str, token: int, ttl_s: float, pool: str | None
+    ) -> Lease | None:
+        rows = await self._fetch("renew_lease_slot", session_id, token, ttl_s, pool)
+        return Lease.from_row(rows[0]) if rows else None
 
-    @operation
-    async def release_lease_slot(
-        self, session_id: str, token: int, *, channel: str, pool: str | None = None
+    async def _sql_release_lease_slot(
+        self, session_id: str, token: int, channel: str, pool: str | None
     ) -> bool:
-        v.check_id(session_id)
-        v.check_int(token, "token", minimum=1)
-        name, _ = v.check_notify_payload(channel, "")
-        if pool is not None:
-            v.check_id(pool, "pool")
-        rows = await self._fetch("release_lease_slot", session_id, token, name, pool)
+        rows = await self._fetch("release_lease_slot", session_id, token, channel, pool)
         return bool(rows[0]["released"])
 
-    @operation
-    async def count_leases(self) -> int:
+    async def _sql_count_leases(self) -> int:
         return int((await self._fetch("count_leases"))[0][0])
 
     # -- agent tasks -----------------------------------------------------------
 
-    @operation
-    async def enqueue_tasks(self, tasks: Sequence[NewTask]) -> list[Task]:
-        rows = v.prepare_tasks(tasks)
-        if not rows:
-            return []
+    async def _sql_enqueue_tasks(self, rows: list[v.PreparedTask]) -> list[Task]:
         # Same key twice in one call: send it once (ON CONFLICT cannot touch a row twice).
         first_of_key: dict[tuple[str, str], int] = {}
         send: list[v.PreparedTask] = []
@@ -496,249 +503,145 @@ class PostgresBackend(AsyncStorageBackend):
         result = await self._fetch("enqueue_tasks", *[list(c) for c in zip(*send, strict=True)])
         return v.match_enqueued(rows, [Task.from_row(r) for r in result])
 
-    @operation
-    async def claim_tasks(
-        self, queue: str, worker_id: str, *, limit: int, lease_s: float
+    async def _sql_claim_tasks(
+        self, queue: str, worker_id: str, limit: int, lease_s: float
     ) -> list[Task]:
-        v.check_id(queue, "queue")
-        v.check_id(worker_id, "worker_id")
-        rows = await self._fetch(
-            "claim_tasks",
-            queue,
-            worker_id,
-            v.check_limit(limit),
-            v.check_seconds(lease_s, "lease_s"),
-        )
+        rows = await self._fetch("claim_tasks", queue, worker_id, limit, lease_s)
         return [Task.from_row(r) for r in rows]
 
-    @operation
-    async def heartbeat_tasks(self, claims: Sequence[Claim], lease_s: float) -> list[int]:
-        ids, tokens = v.prepare_claims(claims)
-        seconds = v.check_seconds(lease_s, "lease_s")
-        if not ids:
-            return []
-        return [r[0] for r in await self._fetch("heartbeat_tasks", ids, tokens, seconds)]
+    async def _sql_heartbeat_tasks(
+        self, ids: list[int], tokens: list[int], lease_s: float
+    ) -> list[int]:
+        return [r[0] for r in await self._fetch("heartbeat_tasks", ids, tokens, lease_s)]
 
-    @operation
-    async def complete_tasks(self, claims: Sequence[Claim]) -> list[int]:
-        return await self._claimed_update("complete_tasks", claims)
+    async def _sql_complete_tasks(self, ids: list[int], tokens: list[int]) -> list[int]:
+        return await self._claimed_update("complete_tasks", ids, tokens)
 
-    @operation
-    async def fail_tasks(self, failures: Sequence[Failure]) -> dict[int, TaskStatus]:
-        columns = v.prepare_failures(failures)
-        if not columns[0]:
-            return {}
-        rows = await self._fetch("fail_tasks", *columns)
+    async def _sql_fail_tasks(self, failures: FailureColumns) -> dict[int, TaskStatus]:
+        rows = await self._fetch("fail_tasks", *failures)
         return {r[0]: TaskStatus(r[1]) for r in rows}
 
-    @operation
-    async def release_tasks(self, claims: Sequence[Claim]) -> list[int]:
-        return await self._claimed_update("release_tasks", claims)
+    async def _sql_release_tasks(self, ids: list[int], tokens: list[int]) -> list[int]:
+        return await self._claimed_update("release_tasks", ids, tokens)
 
-    @operation
-    async def dead_letter_tasks(self, failures: Sequence[Failure]) -> list[int]:
-        ids, tokens, errors, _ = v.prepare_failures(failures)  # retry_at does not apply
-        if not ids:
-            return []
+    async def _sql_dead_letter_tasks(self, failures: FailureColumns) -> list[int]:
+        ids, tokens, errors, _ = failures  # retry_at does not apply
         return sorted(r[0] for r in await self._fetch("dead_letter_tasks", ids, tokens, errors))
 
-    @operation
-    async def get_task(self, task_id: int) -> Task | None:
-        rows = await self._fetch("get_task", v.check_int(task_id, "task_id", minimum=1))
+    async def _sql_get_task(self, task_id: int) -> Task | None:
+        rows = await self._fetch("get_task", task_id)
         return Task.from_row(rows[0]) if rows else None
 
-    @operation
-    async def purge_tasks(self, older_than_s: float) -> int:
-        age = v.check_seconds(older_than_s, "older_than_s", minimum=0)
-        return _rowcount(await self._execute("purge_tasks", age))
+    async def _sql_purge_tasks(self, age_s: float) -> int:
+        return _rowcount(await self._execute("purge_tasks", age_s))
 
-    @operation
-    async def next_task_due_s(self, queue: str) -> float | None:
-        rows = await self._fetch("next_task_due", v.check_id(queue, "queue"))
+    async def _sql_next_task_due_s(self, queue: str) -> float | None:
+        rows = await self._fetch("next_task_due", queue)
         due = rows[0]["due_s"] if rows else None
         return None if due is None else max(0.0, float(due))
 
-    @operation
-    async def backlog_depths(self) -> tuple[list[QueueDepth], QueueDepth]:
+    async def _sql_backlog_depths(self) -> tuple[list[QueueDepth], QueueDepth]:
         tasks = [QueueDepth.from_row(r) for r in await self._fetch("task_backlog")]
         return tasks, QueueDepth.from_row((await self._fetch("outbox_backlog"))[0])
 
-    async def _claimed_update(self, name: str, claims: Sequence[Claim]) -> list[int]:
-        ids, tokens = v.prepare_claims(claims)
-        if not ids:
-            return []
+    async def _claimed_update(self, name: str, ids: list[int], tokens: list[int]) -> list[int]:
         return sorted(r[0] for r in await self._fetch(name, ids, tokens))
-
-    async def _failed_update(self, name: str, failures: Sequence[Failure]) -> list[int]:
-        columns = v.prepare_failures(failures)
-        if not columns[0]:
-            return []
-        return sorted(r[0] for r in await self._fetch(name, *columns))
 
     # -- outbox ----------------------------------------------------------------
 
-    @operation
-    async def enqueue_outbox(self, messages: Sequence[NewOutboxMessage]) -> list[OutboxMessage]:
-        rows = v.prepare_outbox(messages)
-        if not rows:
-            return []
+    async def _sql_enqueue_outbox(
+        self, rows: list[tuple[str, str, bytes, int]]
+    ) -> list[OutboxMessage]:
         result = await self._fetch("enqueue_outbox", *_outbox_columns(rows))
         return sorted((OutboxMessage.from_row(r) for r in result), key=lambda m: m.id)
 
-    @operation
-    async def claim_outbox(
-        self,
-        worker_id: str,
-        *,
-        limit: int,
-        lease_s: float,
-        channels: Sequence[str] | None = None,
+    async def _sql_claim_outbox(
+        self, worker_id: str, limit: int, channels: list[str] | None, lease_s: float
     ) -> list[OutboxMessage]:
-        v.check_id(worker_id, "worker_id")
-        chans = None if channels is None else [v.check_id(c, "channel") for c in channels]
-        rows = await self._fetch(
-            "claim_outbox",
-            worker_id,
-            v.check_limit(limit),
-            chans,
-            v.check_seconds(lease_s, "lease_s"),
-        )
+        rows = await self._fetch("claim_outbox", worker_id, limit, channels, lease_s)
         return [OutboxMessage.from_row(r) for r in rows]
 
-    @operation
-    async def mark_outbox_sent(self, claims: Sequence[Claim]) -> list[int]:
-        return await self._claimed_update("mark_outbox_sent", claims)
+    async def _sql_mark_outbox_sent(self, ids: list[int], tokens: list[int]) -> list[int]:
+        return await self._claimed_update("mark_outbox_sent", ids, tokens)
 
-    @operation
-    async def fail_outbox(self, failures: Sequence[Failure]) -> dict[int, OutboxStatus]:
-        columns = v.prepare_failures(failures)
-        if not columns[0]:
-            return {}
-        rows = await self._fetch("fail_outbox", *columns)
+    async def _sql_fail_outbox(self, failures: FailureColumns) -> dict[int, OutboxStatus]:
+        rows = await self._fetch("fail_outbox", *failures)
         return {r[0]: OutboxStatus(r[1]) for r in rows}
 
-    @operation
-    async def redrive_outbox(self, ids: Sequence[int]) -> list[int]:
-        checked = v.unique_ids(ids)
-        if not checked:
-            return []
-        return sorted(r[0] for r in await self._fetch("redrive_outbox", checked))
+    async def _sql_redrive_outbox(self, ids: list[int]) -> list[int]:
+        return sorted(r[0] for r in await self._fetch("redrive_outbox", ids))
 
-    @operation
-    async def release_outbox(self, claims: Sequence[Claim]) -> list[int]:
-        return await self._claimed_update("release_outbox", claims)
+    async def _sql_release_outbox(self, ids: list[int], tokens: list[int]) -> list[int]:
+        return await self._claimed_update("release_outbox", ids, tokens)
 
-    @operation
-    async def dead_letter_outbox(self, failures: Sequence[Failure]) -> list[int]:
-        return await self._failed_update("dead_letter_outbox", failures)
+    async def _sql_dead_letter_outbox(self, failures: FailureColumns) -> list[int]:
+        rows = await self._fetch("dead_letter_outbox", *failures)
+        return sorted(r[0] for r in rows)
 
-    @operation
-    async def get_outbox(self, message_id: int) -> OutboxMessage | None:
-        rows = await self._fetch("get_outbox", v.check_int(message_id, "message_id", minimum=1))
+    async def _sql_get_outbox(self, message_id: int) -> OutboxMessage | None:
+        rows = await self._fetch("get_outbox", message_id)
         return OutboxMessage.from_row(rows[0]) if rows else None
 
-    @operation
-    async def purge_outbox(self, older_than_s: float) -> int:
-        age = v.check_seconds(older_than_s, "older_than_s", minimum=0)
-        return _rowcount(await self._execute("purge_outbox", age))
+    async def _sql_purge_outbox(self, age_s: float) -> int:
+        return _rowcount(await self._execute("purge_outbox", age_s))
 
     # -- webhook journal --------------------------------------------------------
 
-    @operation
-    async def journal_webhook_events(
-        self, endpoint: str, owner: str, bodies: Sequence[bytes]
+    async def _sql_journal_webhook_events(
+        self, endpoint: str, owner: str, bodies: list[str]
     ) -> list[int]:
-        checked = v.prepare_journal(endpoint, owner, bodies)
-        if not checked:
-            return []
-        rows = await self._fetch("journal_webhook_events", endpoint, owner, checked)
+        rows = await self._fetch("journal_webhook_events", endpoint, owner, bodies)
         return [r[0] for r in rows]
 
-    @operation
-    async def delete_webhook_events(self, ids: Sequence[int]) -> int:
-        checked = v.unique_ids(ids)
-        if not checked:
-            return 0
-        return _rowcount(await self._execute("delete_webhook_events", checked))
+    async def _sql_delete_webhook_events(self, ids: list[int]) -> int:
+        return _rowcount(await self._execute("delete_webhook_events", ids))
 
-    @operation
-    async def claim_webhook_orphans(
-        self, endpoints: Sequence[str], owner: str, *, older_than_s: float, limit: int
+    async def _sql_claim_webhook_orphans(
+        self, endpoints: list[str], owner: str, age_s: float, limit: int
     ) -> list[JournaledEvent]:
-        names = [v.check_id(e, "endpoint") for e in endpoints]
-        age = v.check_seconds(older_than_s, "older_than_s", minimum=0)
-        rows = await self._fetch(
-            "claim_webhook_orphans", names, v.check_id(owner, "owner"), age, v.check_limit(limit)
-        )
+        rows = await self._fetch("claim_webhook_orphans", endpoints, owner, age_s, limit)
         found = [JournaledEvent(r["id"], r["endpoint"], r["body"].encode()) for r in rows]
         return sorted(found, key=lambda e: e.id)
 
-    @operation
-    async def record_webhook_attempts(self, attempts: Sequence[WebhookAttempt]) -> int:
-        rows = v.prepare_attempts(attempts)
-        if not rows:
-            return 0
+    async def _sql_record_webhook_attempts(
+        self, rows: list[tuple[str, str, int | None, datetime, int | None, str, bool]]
+    ) -> int:
         columns = [list(c) for c in zip(*rows, strict=True)]
         await self._execute("record_webhook_attempts", *columns)
         return len(rows)
 
-    @operation
-    async def list_webhook_attempts(
-        self,
-        *,
-        endpoint: str | None = None,
-        webhook_id: str | None = None,
-        failed: bool = False,
-        limit: int = 100,
+    async def _sql_list_webhook_attempts(
+        self, endpoint: str | None, webhook_id: str | None, failed: bool, limit: int
     ) -> list[WebhookAttempt]:
-        name = None if endpoint is None else v.check_id(endpoint, "endpoint")
-        wid = None if webhook_id is None else v.check_id(webhook_id, "webhook_id")
-        rows = await self._fetch(
-            "list_webhook_attempts", name, bool(failed), wid, v.check_limit(limit)
-        )
+        rows = await self._fetch("list_webhook_attempts", endpoint, failed, webhook_id, limit)
         return [WebhookAttempt.from_row(r) for r in rows]
 
-    @operation
-    async def purge_webhook_attempts(self, older_than_s: float) -> int:
-        age = v.check_seconds(older_than_s, "older_than_s", minimum=0)
-        return _rowcount(await self._execute("purge_webhook_attempts", age))
+    async def _sql_purge_webhook_attempts(self, age_s: float) -> int:
+        return _rowcount(await self._execute("purge_webhook_attempts", age_s))
 
     # -- cancellation ----------------------------------------------------------
 
-    @operation
-    async def request_cancel(
-        self, session_id: str, reason: str, *, notify_channel: str | None = None
+    async def _sql_request_cancel(
+        self, session_id: str, reason: str, channel: str | None
     ) -> CancelState:
-        v.check_id(session_id)
-        if not isinstance(reason, str) or "\x00" in reason:
-            raise InvalidInput("reason must be a str without NUL characters")
-        channel = None if notify_channel is None else v.check_notify_payload(notify_channel, "")[0]
         chars = self.CANCEL_NOTIFY_REASON_CHARS
-        rows = await self._fetch("request_cancel", session_id, reason[:1000], channel, chars)
+        rows = await self._fetch("request_cancel", session_id, reason, channel, chars)
         return CancelState.from_row(rows[0])
 
-    @operation
-    async def get_cancel(self, session_id: str) -> CancelState | None:
-        v.check_id(session_id)
+    async def _sql_get_cancel(self, session_id: str) -> CancelState | None:
         rows = await self._fetch("get_cancel", session_id)
         return CancelState.from_row(rows[0]) if rows else None
 
-    @operation
-    async def clear_cancel(self, session_id: str) -> bool:
-        v.check_id(session_id)
+    async def _sql_clear_cancel(self, session_id: str) -> bool:
         return _rowcount(await self._execute("clear_cancel", session_id)) > 0
 
     # -- notifications ---------------------------------------------------------
 
-    @operation
-    async def notify(self, channel: str, payload: str) -> None:
-        await self._fetch("notify", *v.check_notify_payload(channel, payload))
+    async def _sql_notify(self, channel: str, payload: str) -> None:
+        await self._fetch("notify", channel, payload)
 
-    def listen(self, *channels: str) -> AbstractAsyncContextManager[NotificationStream]:
-        names = [v.check_notify_payload(c, "")[0] for c in channels]
-        if not names:
-            raise InvalidInput("listen() needs at least one channel")
-        return self._listen(names)
+    def _sql_listen(self, channels: list[str]) -> AbstractAsyncContextManager[NotificationStream]:
+        return self._listen(channels)
 
     @asynccontextmanager
     async def _listen(self, channels: list[str]) -> AsyncIterator[Subscription]:
@@ -816,9 +719,7 @@ class PostgresBackend(AsyncStorageBackend):
         ``storage.pooled=false`` asserts that the pooler keeps sessions.
         """
         dsn = self._topology.require_session_dsn(what)
-        conn = await asyncpg.connect(
-            dsn, timeout=self._settings.connect_timeout_s, statement_cache_size=0
-        )
+        conn = await _connect(dsn, timeout=self._settings.connect_timeout_s, statement_cache_size=0)
         if self._topology.pooled is False:
             return conn
         try:
@@ -895,7 +796,11 @@ class PostgresBackend(AsyncStorageBackend):
                     await self._ensure_listener([])
                     return
                 except Exception as exc:
-                    if map_postgres_error(exc) is None:
+                    # _ensure_listener's connect raises mapped errors; the rest are raw. A
+                    # ConfigurationError (LISTEN through a pooler) is raised, not retried.
+                    if isinstance(exc, StorageError) and not is_retryable(exc):
+                        raise
+                    if not isinstance(exc, StorageError) and map_postgres_error(exc) is None:
                         raise
                     self._listener_failures += 1
                     self._reconnect_failures += 1
@@ -909,25 +814,15 @@ class PostgresBackend(AsyncStorageBackend):
 
     # -- login attempts (auth limiter, shared by a fleet) -----------------------
 
-    @operation
-    async def reserve_login_attempt(
-        self, scope: str, key: str, policy: LoginPolicy
+    async def _sql_reserve_login_attempt(
+        self, scope: str, key: str, p: LoginPolicy
     ) -> LoginSlot:
-        p = check_login_attempt(scope, key, policy)
         row = (await self._fetch("reserve_login_attempt", scope, key, p.limit, p.window_s))[0]
         return LoginSlot.from_row(row, p.window_s)
 
-    @operation
-    async def finish_login_attempt(
-        self,
-        scope: str,
-        key: str,
-        window_start: float,
-        outcome: str,
-        policy: LoginPolicy,
+    async def _sql_finish_login_attempt(
+        self, scope: str, key: str, start: float, outcome: str, p: LoginPolicy
     ) -> bool:
-        p = check_login_attempt(scope, key, policy)
-        start = check_login_finish(window_start, outcome)
         if outcome == "release":
             await self._execute("release_login_attempt", scope, key, start)
             return False
@@ -948,19 +843,13 @@ class PostgresBackend(AsyncStorageBackend):
         )
         return bool(rows and rows[0]["tripped"])
 
-    @operation
-    async def purge_login_attempts(self, older_than_s: float) -> int:
-        age = v.check_seconds(older_than_s, "older_than_s", minimum=0)
-        return _rowcount(await self._execute("purge_login_attempts", age))
+    async def _sql_purge_login_attempts(self, age_s: float) -> int:
+        return _rowcount(await self._execute("purge_login_attempts", age_s))
 
     # -- maintenance -----------------------------------------------------------
 
-    def open_leadership(
-        self, name: str, *, ttl_s: float
-    ) -> AbstractAsyncContextManager[Leadership]:
-        v.check_id(name, "name")
-        v.check_seconds(ttl_s, "ttl_s")
-        return self._leadership(name)
+    def _sql_leadership(self, name: str, ttl_s: float) -> AbstractAsyncContextManager[Leadership]:
+        return self._leadership(name)  # ttl_s does not apply: the lock ends with its session
 
     @asynccontextmanager
     async def _leadership(self, name: str) -> AsyncIterator[Leadership]:

@@ -9,6 +9,9 @@ errors are mapped to ``storage.errors`` in ``map_sqlite_error`` and nowhere else
 
 from __future__ import annotations
 
+import errno
+import logging
+import os
 import random
 import secrets
 import sqlite3
@@ -30,8 +33,7 @@ from storage.base import (
     AsyncStorageBackend,
     CancelState,
     ChatMessage,
-    Claim,
-    Failure,
+    FailureColumns,
     JournaledEvent,
     Leadership,
     Lease,
@@ -39,9 +41,6 @@ from storage.base import (
     LoginPolicy,
     LoginSlot,
     NewMessage,
-    NewOutboxMessage,
-    NewStreamEvent,
-    NewTask,
     NotificationStream,
     OutboxMessage,
     OutboxStatus,
@@ -53,14 +52,11 @@ from storage.base import (
     Task,
     TaskStatus,
     WebhookAttempt,
-    check_login_attempt,
-    check_login_finish,
     operation,
 )
 from storage.errors import (
+    ConfigurationError,
     ConflictError,
-    InvalidInput,
-    LeaseLost,
     MigrationError,
     QueryError,
     StorageClosed,
@@ -69,6 +65,12 @@ from storage.errors import (
 )
 
 Q = load_queries("sqlite")
+log = logging.getLogger("asyncstore.storage")
+# Errors creating or opening a path that retrying cannot fix: the URL names a bad path.
+_BAD_PATH_ERRNOS = frozenset(
+    {errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM, errno.EROFS,
+     errno.ENOENT, errno.ENAMETOOLONG, errno.ELOOP}
+)  # fmt: skip
 _TIME_COLUMNS = frozenset({"created_at", "updated_at", "run_after", "expires_at", "requested_at"})
 _JSON_COLUMNS = frozenset({"payload", "content"})
 
@@ -101,11 +103,22 @@ def map_sqlite_error(exc: Exception) -> StorageError | None:
         if "locked" in text or "busy" in text or "unable to open" in text or "disk i/o" in text:
             return StorageUnavailable(f"sqlite: {exc}")
         return QueryError(f"sqlite: {exc}")
-    if isinstance(exc, sqlite3.Error | ValueError) and "closed" in str(exc).lower():
+    if isinstance(exc, sqlite3.Error | ValueError) and (
+        "closed" in str(exc).lower() or "no active connection" in str(exc)  # aiosqlite's words
+    ):
         return StorageUnavailable(f"sqlite: {exc}")
     if isinstance(exc, sqlite3.Error):
         return QueryError(f"sqlite: {exc}")
     return None
+
+
+def _why_unopenable(path: Path) -> str:
+    """A hint for SQLite's bare "unable to open database file", when the cause is visible."""
+    if path.is_dir():
+        return " (the path is a directory)"
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        return f" (the directory {str(path.parent)!r} is not writable)"
+    return " (the directory refuses new files, or too many files are open)"
 
 
 class SqliteBackend(AsyncStorageBackend):
@@ -117,7 +130,14 @@ class SqliteBackend(AsyncStorageBackend):
         super().__init__()
         self._settings = settings
         url = settings.url.get_secret_value()
-        path = url.removeprefix("sqlite://").removeprefix("/") if url != "sqlite://" else ""
+        if not url.startswith("sqlite://"):
+            raise ConfigurationError(
+                f"invalid sqlite URL {url!r}: use sqlite:///relative/path.db, "
+                "sqlite:////absolute/path.db or sqlite:///:memory:"
+            )
+        path = url.removeprefix("sqlite://").removeprefix("/")
+        if "\x00" in path:
+            raise ConfigurationError(f"invalid sqlite URL {url!r}: the path contains a NUL byte")
         self._memory = path in ("", ":memory:")
         self._path = ":memory:" if self._memory else path
         self._writer: aiosqlite.Connection | None = None
@@ -132,9 +152,19 @@ class SqliteBackend(AsyncStorageBackend):
         return map_sqlite_error(exc)
 
     async def _connect(self) -> aiosqlite.Connection:
-        conn = await aiosqlite.connect(
+        pending = aiosqlite.connect(
             self._path, isolation_level=None, timeout=self._settings.sqlite_busy_timeout_s
         )
+        try:
+            conn = await pending
+        except BaseException:
+            # A failed connect stops its worker thread asynchronously; wait for it, shielded,
+            # so it does not outlive the event loop (it then prints "Event loop is closed").
+            thread = getattr(pending, "_thread", None)
+            if thread is not None:
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(thread.join, 5.0)
+            raise
         try:
             conn.row_factory = _row_factory  # type: ignore[assignment]
             busy_ms = int(self._settings.sqlite_busy_timeout_s * 1000)
@@ -173,18 +203,57 @@ class SqliteBackend(AsyncStorageBackend):
         """Open the writer and the readers. Cancelling it closes whatever was opened."""
         try:
             if not self._memory:
-                Path(self._path).parent.mkdir(parents=True, exist_ok=True)
+                self._prepare_directory()
             self._writer = await self._connect()
             # An in-memory database exists only on its one connection: it reads there too.
             for _ in range(0 if self._memory else self._settings.sqlite_readers):
                 self._readers.append(await self._connect())
         except BaseException as exc:
             await self.aclose()
+            if isinstance(exc, sqlite3.OperationalError) and "unable to open" in str(exc):
+                raise StorageUnavailable(
+                    f"sqlite: cannot open the database file {self._path!r}: {exc}"
+                    f"{_why_unopenable(Path(self._path))}"
+                ) from exc
             if isinstance(exc, Exception) and (mapped := map_sqlite_error(exc)) is not None:
                 raise mapped from exc
             raise
         self._free_readers = list(self._readers)
         _HUBS.setdefault(self._hub_key, set()).add(self._hub)
+
+    def _prepare_directory(self) -> None:
+        """Create the database file's missing directories, saying so at INFO.
+
+        A typo in the path would otherwise put the database somewhere unexpected without
+        a word; refusing instead would break the common ``sqlite:///data/app.db`` start.
+        A path that cannot be used raises an error naming the path and the cause.
+        """
+        parent = Path(self._path).parent
+        try:
+            if parent.is_dir():
+                return
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            cause = os.strerror(exc.errno) if exc.errno else str(exc)
+            if exc.errno in (errno.EEXIST, errno.ENOTDIR):
+                blocker = next(
+                    (p for p in (parent, *parent.parents) if p.exists() and not p.is_dir()),
+                    None,
+                )
+                if blocker is not None:
+                    cause = f"{str(blocker)!r} is a file, not a directory"
+            elif exc.filename:
+                cause = f"{cause} ({exc.filename!r})"
+            message = (
+                f"sqlite: cannot create the directory {str(parent)!r} for the database "
+                f"{self._path!r}: {cause}"
+            )
+            if exc.errno in _BAD_PATH_ERRNOS:
+                raise ConfigurationError(message) from exc
+            raise StorageUnavailable(message) from exc
+        log.info(
+            "created the directory %s for the sqlite database %s", parent.resolve(), self._path
+        )
 
     async def aclose(self) -> None:
         if self._closed:
@@ -326,27 +395,20 @@ class SqliteBackend(AsyncStorageBackend):
 
     # -- chat ------------------------------------------------------------------
 
-    @operation
-    async def append_messages(
+    async def _sql_append_messages(
         self,
         session_id: str,
+        rows: list[tuple[str, bytes]],
+        outbox: list[tuple[str, str, bytes, int]],
+        lease_token: int | None,
         messages: Sequence[NewMessage],
-        *,
-        outbox: Sequence[NewOutboxMessage] = (),
-        lease_token: int | None = None,
-    ) -> list[ChatMessage]:
-        rows = v.prepare_messages(session_id, messages)
-        out_rows = v.prepare_outbox(outbox)
-        if lease_token is not None:
-            v.check_int(lease_token, "lease_token", minimum=1)
+    ) -> list[ChatMessage] | None:
         async with self._transaction() as tx:
             now = time.time()
             if lease_token is not None:
                 fence = {"session_id": session_id, "token": lease_token, "now": now}
                 if not await tx.fetch("_fence", fence):
-                    raise LeaseLost(
-                        f"session {session_id!r}: lease token {lease_token} is not current"
-                    )
+                    return None
             params = {"session_id": session_id, "n": len(rows), "now": now}
             last = (await tx.fetch("append_messages", params))[0]["last_seq"]
             first = last - len(rows) + 1
@@ -355,28 +417,22 @@ class SqliteBackend(AsyncStorageBackend):
                 for i, (role, content) in enumerate(rows)
             ]
             await tx.execute_many("_insert_message", values)
-            if out_rows:
-                await self._insert_outbox(tx, out_rows, now)
+            if outbox:
+                await self._insert_outbox(tx, outbox, now)
         created = datetime.fromtimestamp(now, UTC)
         return [
             ChatMessage(session_id, first + i, m.role, m.content, created)
             for i, m in enumerate(messages)
         ]
 
-    @operation
-    async def load_messages(
-        self, session_id: str, *, after_seq: int = 0, limit: int = 100
+    async def _sql_load_messages(
+        self, session_id: str, after_seq: int, limit: int
     ) -> list[ChatMessage]:
-        params = {
-            "session_id": v.check_id(session_id),
-            "after": v.check_int(after_seq, "after_seq"),
-            "limit": v.check_limit(limit),
-        }
+        params = {"session_id": session_id, "after": after_seq, "limit": limit}
         return [ChatMessage.from_row(r) for r in await self._read("load_messages", params)]
 
-    @operation
-    async def delete_session(self, session_id: str) -> bool:
-        params = {"session_id": v.check_id(session_id)}
+    async def _sql_delete_session(self, session_id: str) -> bool:
+        params = {"session_id": session_id}
         removed = 0
         async with self._transaction() as tx:
             for name in (
@@ -391,11 +447,9 @@ class SqliteBackend(AsyncStorageBackend):
 
     # -- stream events ---------------------------------------------------------
 
-    @operation
-    async def append_stream_events(self, events: Sequence[NewStreamEvent]) -> StreamAppend:
-        rows = v.prepare_stream_events(events)
-        if not rows:
-            return StreamAppend(0)
+    async def _sql_append_stream_events(
+        self, rows: list[tuple[str, int, int, str, bytes]]
+    ) -> StreamAppend:
         now = time.time()
         pairs = {(sid, epoch) for sid, _, epoch, _, _ in rows}
         ids = orjson.dumps(sorted({sid for sid, _ in pairs})).decode()
@@ -417,40 +471,27 @@ class SqliteBackend(AsyncStorageBackend):
             stored = await tx.execute_many("append_stream_events", values) if values else 0
         return StreamAppend(stored, refused)
 
-    @operation
-    async def load_stream_events(
-        self, session_id: str, *, after_seq: int = 0, limit: int = 1000
+    async def _sql_load_stream_events(
+        self, session_id: str, after_seq: int, limit: int
     ) -> list[StreamEvent]:
-        params = {
-            "session_id": v.check_id(session_id),
-            "after": v.check_int(after_seq, "after_seq"),
-            "limit": v.check_limit(limit),
-        }
+        params = {"session_id": session_id, "after": after_seq, "limit": limit}
         return [StreamEvent.from_row(r) for r in await self._read("load_stream_events", params)]
 
-    @operation
-    async def last_stream_seq(self, session_id: str) -> int:
-        rows = await self._read("last_stream_seq", {"session_id": v.check_id(session_id)})
+    async def _sql_last_stream_seq(self, session_id: str) -> int:
+        rows = await self._read("last_stream_seq", {"session_id": session_id})
         return int(next(iter(rows[0].values())))
 
-    @operation
-    async def purge_stream_events(self, older_than_s: float) -> int:
-        cutoff = time.time() - v.check_seconds(older_than_s, "older_than_s", minimum=0)
+    async def _sql_purge_stream_events(self, age_s: float) -> int:
+        cutoff = time.time() - age_s
         return await self._write_count("purge_stream_events", {"cutoff": cutoff})
 
-    @operation
-    async def purge_stream_events_batch(self, older_than_s: float, *, limit: int) -> int:
-        cutoff = time.time() - v.check_seconds(older_than_s, "older_than_s", minimum=0)
-        params = {"cutoff": cutoff, "limit": v.check_limit(limit)}
+    async def _sql_purge_stream_events_batch(self, age_s: float, limit: int) -> int:
+        params = {"cutoff": time.time() - age_s, "limit": limit}
         return await self._write_count("purge_stream_events_batch", params)
 
     # -- session leases --------------------------------------------------------
 
-    @operation
-    async def acquire_lease(self, session_id: str, holder: str, ttl_s: float) -> Lease | None:
-        v.check_id(session_id)
-        v.check_id(holder, "holder")
-        ttl = v.check_seconds(ttl_s, "ttl_s")
+    async def _sql_acquire_lease(self, session_id: str, holder: str, ttl: float) -> Lease | None:
         async with self._transaction() as tx:
             now = time.time()
             token = await tx.next_token("lease_tokens")
@@ -466,11 +507,7 @@ class SqliteBackend(AsyncStorageBackend):
             )
         return Lease.from_row(rows[0]) if rows else None
 
-    @operation
-    async def renew_lease(self, session_id: str, token: int, ttl_s: float) -> Lease:
-        v.check_id(session_id)
-        v.check_int(token, "token", minimum=1)
-        ttl = v.check_seconds(ttl_s, "ttl_s")
+    async def _sql_renew_lease(self, session_id: str, token: int, ttl: float) -> Lease | None:
         now = time.time()
         rows = await self._write(
             "renew_lease",
@@ -481,51 +518,30 @@ class SqliteBackend(AsyncStorageBackend):
                 "now": now,
             },
         )
-        if not rows:
-            raise LeaseLost(f"session {session_id!r}: lease token {token} is not current")
-        return Lease.from_row(rows[0])
+        return Lease.from_row(rows[0]) if rows else None
 
-    @operation
-    async def release_lease(self, session_id: str, token: int) -> bool:
-        v.check_id(session_id)
-        v.check_int(token, "token", minimum=1)
+    async def _sql_release_lease(self, session_id: str, token: int) -> bool:
         params = {"session_id": session_id, "token": token, "now": time.time()}
         return await self._write_count("release_lease", params) == 1
 
-    @operation
-    async def get_lease(self, session_id: str) -> Lease | None:
-        params = {"session_id": v.check_id(session_id), "now": time.time()}
+    async def _sql_get_lease(self, session_id: str) -> Lease | None:
+        params = {"session_id": session_id, "now": time.time()}
         rows = await self._read("get_lease", params)
         return Lease.from_row(rows[0]) if rows else None
 
-    @operation
-    async def expire_leases(self, older_than_s: float = 0.0) -> int:
-        cutoff = time.time() - v.check_seconds(older_than_s, "older_than_s", minimum=0)
+    async def _sql_expire_leases(self, age_s: float) -> int:
+        cutoff = time.time() - age_s
         return await self._write_count("expire_leases", {"cutoff": cutoff})
 
-    @operation
-    async def ensure_lease_slots(self, pool: str, slots: int) -> None:
-        params = {"pool": v.check_id(pool, "pool"), "count": v.check_int(slots, "slots", minimum=1)}
+    async def _sql_ensure_lease_slots(self, pool: str, slots: int) -> None:
+        params = {"pool": pool, "count": slots}
         async with self._transaction() as tx:
             await tx.execute("_ensure_slot_pool", params)
             await tx.execute("ensure_lease_slots", params)
 
-    @operation
-    async def acquire_lease_slot(
-        self,
-        session_id: str,
-        holder: str,
-        ttl_s: float,
-        *,
-        pool: str | None = None,
-        slots: int = 0,
+    async def _sql_acquire_lease_slot(
+        self, session_id: str, holder: str, ttl: float, pool: str | None, slots: int
     ) -> LeaseAttempt:
-        v.check_id(session_id)
-        v.check_id(holder, "holder")
-        if pool is not None:
-            v.check_id(pool, "pool")
-            v.check_int(slots, "slots", minimum=1)
-        ttl = v.check_seconds(ttl_s, "ttl_s")
         async with self._transaction() as tx:
             now = time.time()
             slot: int | None = None
@@ -552,15 +568,9 @@ class SqliteBackend(AsyncStorageBackend):
                 await tx.execute("_bind_slot", bind)
         return LeaseAttempt(Lease.from_row(rows[0]), True)
 
-    @operation
-    async def renew_lease_slot(
-        self, session_id: str, token: int, ttl_s: float, *, pool: str | None = None
-    ) -> Lease:
-        v.check_id(session_id)
-        v.check_int(token, "token", minimum=1)
-        if pool is not None:
-            v.check_id(pool, "pool")
-        ttl = v.check_seconds(ttl_s, "ttl_s")
+    async def _sql_renew_lease_slot(
+        self, session_id: str, token: int, ttl: float, pool: str | None
+    ) -> Lease | None:
         async with self._transaction() as tx:
             now = time.time()
             params = {"session_id": session_id, "token": token, "expires_at": now + ttl, "now": now}
@@ -568,19 +578,11 @@ class SqliteBackend(AsyncStorageBackend):
             if rows and pool is not None:
                 slot = {"pool": pool, "token": token, "expires_at": now + ttl}
                 await tx.execute("_renew_slot", slot)
-        if not rows:
-            raise LeaseLost(f"session {session_id!r}: lease token {token} is not current")
-        return Lease.from_row(rows[0])
+        return Lease.from_row(rows[0]) if rows else None
 
-    @operation
-    async def release_lease_slot(
-        self, session_id: str, token: int, *, channel: str, pool: str | None = None
+    async def _sql_release_lease_slot(
+        self, session_id: str, token: int, name: str, pool: str | None
     ) -> bool:
-        v.check_id(session_id)
-        v.check_int(token, "token", minimum=1)
-        name, _ = v.check_notify_payload(channel, "")
-        if pool is not None:
-            v.check_id(pool, "pool")
         wake: list[str] = []
         async with self._transaction() as tx:
             now = time.time()
@@ -598,18 +600,13 @@ class SqliteBackend(AsyncStorageBackend):
                 hub.deliver(name, payload)
         return bool(rows)
 
-    @operation
-    async def count_leases(self) -> int:
+    async def _sql_count_leases(self) -> int:
         rows = await self._read("count_leases", {"now": time.time()})
         return int(rows[0]["n"])
 
     # -- agent tasks -----------------------------------------------------------
 
-    @operation
-    async def enqueue_tasks(self, tasks: Sequence[NewTask]) -> list[Task]:
-        rows = v.prepare_tasks(tasks)
-        if not rows:
-            return []
+    async def _sql_enqueue_tasks(self, rows: list[v.PreparedTask]) -> list[Task]:
         now = time.time()
         keys = sorted({(r[0], r[4]) for r in rows if r[4] is not None})
         async with self._transaction() as tx:
@@ -630,16 +627,10 @@ class SqliteBackend(AsyncStorageBackend):
             new = await tx.fetch("_tasks_after", {"after": before})
         return v.match_enqueued(rows, [Task.from_row(r) for r in [*existing, *new]])
 
-    @operation
-    async def claim_tasks(
-        self, queue: str, worker_id: str, *, limit: int, lease_s: float
+    async def _sql_claim_tasks(
+        self, queue: str, worker_id: str, limit: int, lease: float
     ) -> list[Task]:
-        params: dict[str, Any] = {
-            "queue": v.check_id(queue, "queue"),
-            "worker_id": v.check_id(worker_id, "worker_id"),
-            "limit": v.check_limit(limit),
-        }
-        lease = v.check_seconds(lease_s, "lease_s")
+        params: dict[str, Any] = {"queue": queue, "worker_id": worker_id, "limit": limit}
         async with self._transaction() as tx:
             now = time.time()
             token = await tx.next_token("claim_tokens")
@@ -648,66 +639,54 @@ class SqliteBackend(AsyncStorageBackend):
         tasks = [Task.from_row(r) for r in rows if r["status"] == "running"]
         return sorted(tasks, key=lambda t: (-t.priority, t.id))
 
-    @operation
-    async def heartbeat_tasks(self, claims: Sequence[Claim], lease_s: float) -> list[int]:
-        lease = v.check_seconds(lease_s, "lease_s")
-        return await self._claimed_update("heartbeat_tasks", claims, lease_until=lease)
+    async def _sql_heartbeat_tasks(
+        self, ids: list[int], tokens: list[int], lease_s: float
+    ) -> list[int]:
+        return await self._claimed_update("heartbeat_tasks", ids, tokens, lease_until=lease_s)
 
-    @operation
-    async def complete_tasks(self, claims: Sequence[Claim]) -> list[int]:
-        return await self._claimed_update("complete_tasks", claims)
+    async def _sql_complete_tasks(self, ids: list[int], tokens: list[int]) -> list[int]:
+        return await self._claimed_update("complete_tasks", ids, tokens)
 
-    @operation
-    async def fail_tasks(self, failures: Sequence[Failure]) -> dict[int, TaskStatus]:
+    async def _sql_fail_tasks(self, failures: FailureColumns) -> dict[int, TaskStatus]:
         rows = await self._failures("fail_tasks", failures)
         return {r["id"]: TaskStatus(r["status"]) for r in rows}
 
-    @operation
-    async def release_tasks(self, claims: Sequence[Claim]) -> list[int]:
-        return await self._claimed_update("release_tasks", claims)
+    async def _sql_release_tasks(self, ids: list[int], tokens: list[int]) -> list[int]:
+        return await self._claimed_update("release_tasks", ids, tokens)
 
-    @operation
-    async def dead_letter_tasks(self, failures: Sequence[Failure]) -> list[int]:
-        return sorted(r["id"] for r in await self._failures("dead_letter_tasks", failures))
+    async def _sql_dead_letter_tasks(self, failures: FailureColumns) -> list[int]:
+        rows = await self._failures("dead_letter_tasks", failures)
+        return sorted(r["id"] for r in rows)
 
-    @operation
-    async def get_task(self, task_id: int) -> Task | None:
-        rows = await self._read("get_task", {"id": v.check_int(task_id, "task_id", minimum=1)})
+    async def _sql_get_task(self, task_id: int) -> Task | None:
+        rows = await self._read("get_task", {"id": task_id})
         return Task.from_row(rows[0]) if rows else None
 
-    @operation
-    async def purge_tasks(self, older_than_s: float) -> int:
-        cutoff = time.time() - v.check_seconds(older_than_s, "older_than_s", minimum=0)
+    async def _sql_purge_tasks(self, age_s: float) -> int:
+        cutoff = time.time() - age_s
         return await self._write_count("purge_tasks", {"cutoff": cutoff})
 
-    @operation
-    async def next_task_due_s(self, queue: str) -> float | None:
-        params = {"queue": v.check_id(queue, "queue"), "now": time.time()}
+    async def _sql_next_task_due_s(self, queue: str) -> float | None:
+        params = {"queue": queue, "now": time.time()}
         due = (await self._read("next_task_due", params))[0]["due_s"]
         return None if due is None else max(0.0, float(due))
 
-    @operation
-    async def backlog_depths(self) -> tuple[list[QueueDepth], QueueDepth]:
+    async def _sql_backlog_depths(self) -> tuple[list[QueueDepth], QueueDepth]:
         now = {"now": time.time()}
         tasks = [QueueDepth.from_row(r) for r in await self._read("task_backlog", now)]
         return tasks, QueueDepth.from_row((await self._read("outbox_backlog", now))[0])
 
     async def _claimed_update(
-        self, name: str, claims: Sequence[Claim], *, lease_until: float | None = None
+        self, name: str, ids: list[int], tokens: list[int], *, lease_until: float | None = None
     ) -> list[int]:
-        ids, tokens = v.prepare_claims(claims)
-        if not ids:
-            return []
         now = time.time()
         params: dict[str, Any] = {"claims": _json(list(zip(ids, tokens, strict=True))), "now": now}
         if lease_until is not None:
             params["lease_until"] = now + lease_until
         return sorted(r["id"] for r in await self._write(name, params))
 
-    async def _failures(self, name: str, failures: Sequence[Failure]) -> list[dict[str, Any]]:
-        ids, tokens, errors, retry = v.prepare_failures(failures)
-        if not ids:
-            return []
+    async def _failures(self, name: str, failures: FailureColumns) -> list[dict[str, Any]]:
+        ids, tokens, errors, retry = failures
         items = [list(f) for f in zip(ids, tokens, errors, map(_ts, retry), strict=True)]
         return await self._write(name, {"failures": _json(items), "now": time.time()})
 
@@ -721,31 +700,21 @@ class SqliteBackend(AsyncStorageBackend):
         await tx.execute_many("enqueue_outbox", values)
         return await tx.fetch("_outbox_after", {"after": before})
 
-    @operation
-    async def enqueue_outbox(self, messages: Sequence[NewOutboxMessage]) -> list[OutboxMessage]:
-        rows = v.prepare_outbox(messages)
-        if not rows:
-            return []
+    async def _sql_enqueue_outbox(
+        self, rows: list[tuple[str, str, bytes, int]]
+    ) -> list[OutboxMessage]:
         async with self._transaction() as tx:
             new = await self._insert_outbox(tx, rows, time.time())
         return [OutboxMessage.from_row(r) for r in new]
 
-    @operation
-    async def claim_outbox(
-        self,
-        worker_id: str,
-        *,
-        limit: int,
-        lease_s: float,
-        channels: Sequence[str] | None = None,
+    async def _sql_claim_outbox(
+        self, worker_id: str, limit: int, channels: list[str] | None, lease: float
     ) -> list[OutboxMessage]:
-        chans = None if channels is None else [v.check_id(c, "channel") for c in channels]
         params: dict[str, Any] = {
-            "worker_id": v.check_id(worker_id, "worker_id"),
-            "limit": v.check_limit(limit),
-            "channels": None if chans is None else _json(chans),
+            "worker_id": worker_id,
+            "limit": limit,
+            "channels": None if channels is None else _json(channels),
         }
-        lease = v.check_seconds(lease_s, "lease_s")
         async with self._transaction() as tx:
             now = time.time()
             token = await tx.next_token("claim_tokens")
@@ -754,51 +723,38 @@ class SqliteBackend(AsyncStorageBackend):
         msgs = [OutboxMessage.from_row(r) for r in rows if r["status"] == "sending"]
         return sorted(msgs, key=lambda m: m.id)
 
-    @operation
-    async def mark_outbox_sent(self, claims: Sequence[Claim]) -> list[int]:
-        return await self._claimed_update("mark_outbox_sent", claims)
+    async def _sql_mark_outbox_sent(self, ids: list[int], tokens: list[int]) -> list[int]:
+        return await self._claimed_update("mark_outbox_sent", ids, tokens)
 
-    @operation
-    async def fail_outbox(self, failures: Sequence[Failure]) -> dict[int, OutboxStatus]:
+    async def _sql_fail_outbox(self, failures: FailureColumns) -> dict[int, OutboxStatus]:
         rows = await self._failures("fail_outbox", failures)
         return {r["id"]: OutboxStatus(r["status"]) for r in rows}
 
-    @operation
-    async def redrive_outbox(self, ids: Sequence[int]) -> list[int]:
-        checked = v.unique_ids(ids)
-        if not checked:
-            return []
-        rows = await self._write("redrive_outbox", {"ids": _json(checked), "now": time.time()})
+    async def _sql_redrive_outbox(self, ids: list[int]) -> list[int]:
+        rows = await self._write("redrive_outbox", {"ids": _json(ids), "now": time.time()})
         return sorted(r["id"] for r in rows)
 
-    @operation
-    async def release_outbox(self, claims: Sequence[Claim]) -> list[int]:
-        return await self._claimed_update("release_outbox", claims)
+    async def _sql_release_outbox(self, ids: list[int], tokens: list[int]) -> list[int]:
+        return await self._claimed_update("release_outbox", ids, tokens)
 
-    @operation
-    async def dead_letter_outbox(self, failures: Sequence[Failure]) -> list[int]:
-        return sorted(r["id"] for r in await self._failures("dead_letter_outbox", failures))
+    async def _sql_dead_letter_outbox(self, failures: FailureColumns) -> list[int]:
+        rows = await self._failures("dead_letter_outbox", failures)
+        return sorted(r["id"] for r in rows)
 
-    @operation
-    async def get_outbox(self, message_id: int) -> OutboxMessage | None:
-        params = {"id": v.check_int(message_id, "message_id", minimum=1)}
+    async def _sql_get_outbox(self, message_id: int) -> OutboxMessage | None:
+        params = {"id": message_id}
         rows = await self._read("get_outbox", params)
         return OutboxMessage.from_row(rows[0]) if rows else None
 
-    @operation
-    async def purge_outbox(self, older_than_s: float) -> int:
-        cutoff = time.time() - v.check_seconds(older_than_s, "older_than_s", minimum=0)
+    async def _sql_purge_outbox(self, age_s: float) -> int:
+        cutoff = time.time() - age_s
         return await self._write_count("purge_outbox", {"cutoff": cutoff})
 
     # -- webhook journal --------------------------------------------------------
 
-    @operation
-    async def journal_webhook_events(
-        self, endpoint: str, owner: str, bodies: Sequence[bytes]
+    async def _sql_journal_webhook_events(
+        self, endpoint: str, owner: str, checked: list[str]
     ) -> list[int]:
-        checked = v.prepare_journal(endpoint, owner, bodies)
-        if not checked:
-            return []
         now = time.time()
         ids: list[int] = []
         async with self._transaction() as tx:
@@ -807,35 +763,27 @@ class SqliteBackend(AsyncStorageBackend):
                 ids.append((await tx.fetch("journal_webhook_events", params))[0]["id"])
         return ids
 
-    @operation
-    async def delete_webhook_events(self, ids: Sequence[int]) -> int:
-        checked = v.unique_ids(ids)
-        if not checked:
-            return 0
-        return await self._write_count("delete_webhook_events", {"ids": _json(checked)})
+    async def _sql_delete_webhook_events(self, ids: list[int]) -> int:
+        return await self._write_count("delete_webhook_events", {"ids": _json(ids)})
 
-    @operation
-    async def claim_webhook_orphans(
-        self, endpoints: Sequence[str], owner: str, *, older_than_s: float, limit: int
+    async def _sql_claim_webhook_orphans(
+        self, endpoints: list[str], owner: str, age_s: float, limit: int
     ) -> list[JournaledEvent]:
-        names = [v.check_id(e, "endpoint") for e in endpoints]
         now = time.time()
         params = {
-            "endpoints": _json(names),
-            "owner": v.check_id(owner, "owner"),
+            "endpoints": _json(endpoints),
+            "owner": owner,
             "now": now,
-            "cutoff": now - v.check_seconds(older_than_s, "older_than_s", minimum=0),
-            "limit": v.check_limit(limit),
+            "cutoff": now - age_s,
+            "limit": limit,
         }
         rows = await self._write("claim_webhook_orphans", params)
         found = [JournaledEvent(r["id"], r["endpoint"], r["body"].encode()) for r in rows]
         return sorted(found, key=lambda e: e.id)
 
-    @operation
-    async def record_webhook_attempts(self, attempts: Sequence[WebhookAttempt]) -> int:
-        rows = v.prepare_attempts(attempts)
-        if not rows:
-            return 0
+    async def _sql_record_webhook_attempts(
+        self, rows: list[tuple[str, str, int | None, datetime, int | None, str, bool]]
+    ) -> int:
         keys = ("endpoint", "webhook_id", "outbox_id", "attempted_at", "status", "error", "ok")
         async with self._transaction() as tx:
             for row in rows:
@@ -845,40 +793,28 @@ class SqliteBackend(AsyncStorageBackend):
                 await tx.execute("record_webhook_attempts", params)
         return len(rows)
 
-    @operation
-    async def list_webhook_attempts(
-        self,
-        *,
-        endpoint: str | None = None,
-        webhook_id: str | None = None,
-        failed: bool = False,
-        limit: int = 100,
+    async def _sql_list_webhook_attempts(
+        self, endpoint: str | None, webhook_id: str | None, failed: bool, limit: int
     ) -> list[WebhookAttempt]:
         params = {
-            "endpoint": None if endpoint is None else v.check_id(endpoint, "endpoint"),
-            "webhook_id": None if webhook_id is None else v.check_id(webhook_id, "webhook_id"),
-            "failed": int(bool(failed)),
-            "limit": v.check_limit(limit),
+            "endpoint": endpoint,
+            "webhook_id": webhook_id,
+            "failed": int(failed),
+            "limit": limit,
         }
         rows = await self._read("list_webhook_attempts", params)
         return [WebhookAttempt.from_row(r) for r in rows]
 
-    @operation
-    async def purge_webhook_attempts(self, older_than_s: float) -> int:
-        cutoff = time.time() - v.check_seconds(older_than_s, "older_than_s", minimum=0)
+    async def _sql_purge_webhook_attempts(self, age_s: float) -> int:
+        cutoff = time.time() - age_s
         return await self._write_count("purge_webhook_attempts", {"cutoff": cutoff})
 
     # -- cancellation ----------------------------------------------------------
 
-    @operation
-    async def request_cancel(
-        self, session_id: str, reason: str, *, notify_channel: str | None = None
+    async def _sql_request_cancel(
+        self, session_id: str, reason: str, channel: str | None
     ) -> CancelState:
-        v.check_id(session_id)
-        if not isinstance(reason, str) or "\x00" in reason:
-            raise InvalidInput("reason must be a str without NUL characters")
-        channel = None if notify_channel is None else v.check_notify_payload(notify_channel, "")[0]
-        params = {"session_id": session_id, "reason": reason[:1000], "now": time.time()}
+        params = {"session_id": session_id, "reason": reason, "now": time.time()}
         state = CancelState.from_row((await self._write("request_cancel", params))[0])
         if channel is not None:
             # Delivered after the commit with no await in between (as Postgres delivers on
@@ -890,37 +826,26 @@ class SqliteBackend(AsyncStorageBackend):
                 hub.deliver(channel, payload)
         return state
 
-    @operation
-    async def get_cancel(self, session_id: str) -> CancelState | None:
-        rows = await self._read("get_cancel", {"session_id": v.check_id(session_id)})
+    async def _sql_get_cancel(self, session_id: str) -> CancelState | None:
+        rows = await self._read("get_cancel", {"session_id": session_id})
         return CancelState.from_row(rows[0]) if rows else None
 
-    @operation
-    async def clear_cancel(self, session_id: str) -> bool:
-        return await self._write_count("clear_cancel", {"session_id": v.check_id(session_id)}) > 0
+    async def _sql_clear_cancel(self, session_id: str) -> bool:
+        return await self._write_count("clear_cancel", {"session_id": session_id}) > 0
 
     # -- notifications ---------------------------------------------------------
 
-    @operation
-    async def notify(self, channel: str, payload: str) -> None:
-        name, text = v.check_notify_payload(channel, payload)
+    async def _sql_notify(self, name: str, text: str) -> None:
         self._count("notify")
         for hub in list(_HUBS.get(self._hub_key, ())):
             hub.deliver(name, text)
 
-    def listen(self, *channels: str) -> AbstractAsyncContextManager[NotificationStream]:
-        names = [v.check_notify_payload(c, "")[0] for c in channels]
-        if not names:
-            raise InvalidInput("listen() needs at least one channel")
+    def _sql_listen(self, names: list[str]) -> AbstractAsyncContextManager[NotificationStream]:
         return self._hub.subscribe_local(names)
 
     # -- login attempts (auth limiter, shared by a host) ------------------------
 
-    @operation
-    async def reserve_login_attempt(
-        self, scope: str, key: str, policy: LoginPolicy
-    ) -> LoginSlot:
-        p = check_login_attempt(scope, key, policy)
+    async def _sql_reserve_login_attempt(self, scope: str, key: str, p: LoginPolicy) -> LoginSlot:
         params = {
             "scope": scope,
             "key": key,
@@ -931,20 +856,13 @@ class SqliteBackend(AsyncStorageBackend):
         row = (await self._write("reserve_login_attempt", params))[0]
         return LoginSlot.from_row(row, p.window_s)
 
-    @operation
-    async def finish_login_attempt(
-        self,
-        scope: str,
-        key: str,
-        window_start: float,
-        outcome: str,
-        policy: LoginPolicy,
+    async def _sql_finish_login_attempt(
+        self, scope: str, key: str, window_start: float, outcome: str, p: LoginPolicy
     ) -> bool:
-        p = check_login_attempt(scope, key, policy)
         params: dict[str, Any] = {
             "scope": scope,
             "key": key,
-            "window_start": check_login_finish(window_start, outcome),
+            "window_start": window_start,
             "now": time.time(),
         }
         if outcome == "release":
@@ -964,19 +882,15 @@ class SqliteBackend(AsyncStorageBackend):
         rows = await self._write("fail_login_attempt", params)
         return bool(rows and rows[0]["tripped"])
 
-    @operation
-    async def purge_login_attempts(self, older_than_s: float) -> int:
+    async def _sql_purge_login_attempts(self, age_s: float) -> int:
         now = time.time()
-        cutoff = now - v.check_seconds(older_than_s, "older_than_s", minimum=0)
+        cutoff = now - age_s
         return await self._write_count("purge_login_attempts", {"cutoff": cutoff, "now": now})
 
     # -- maintenance -----------------------------------------------------------
 
-    def open_leadership(
-        self, name: str, *, ttl_s: float
-    ) -> AbstractAsyncContextManager[Leadership]:
-        v.check_id(name, "name")
-        return self._leadership(name, v.check_seconds(ttl_s, "ttl_s"))
+    def _sql_leadership(self, name: str, ttl_s: float) -> AbstractAsyncContextManager[Leadership]:
+        return self._leadership(name, ttl_s)
 
     @operation
     async def _take_role(self, name: str, holder: str, ttl_s: float) -> bool:

@@ -98,6 +98,25 @@ def postgres_dsn() -> Iterator[str]:
             container.stop()
 
 
+@pytest.fixture
+def empty_postgres_url(postgres_dsn: str) -> Iterator[str]:
+    """A Postgres database with no asyncstore schema (not even schema_migrations)."""
+    name = f"asyncstore_empty_{os.getpid()}_{secrets.token_hex(4)}"
+
+    async def admin(sql: str) -> None:
+        conn = await asyncpg.connect(postgres_dsn)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+    try:
+        yield _with_database(postgres_dsn, name)
+    finally:
+        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
 async def truncate(dsn: str) -> None:
     conn = await asyncpg.connect(dsn)
     try:

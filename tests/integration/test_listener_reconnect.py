@@ -34,6 +34,8 @@ async def role_dsn(postgres_dsn: str) -> AsyncIterator[tuple[str, str]]:
     admin = await asyncpg.connect(postgres_dsn)
     try:
         await admin.execute(f'CREATE ROLE "{role}" LOGIN')
+        # Opening a handle reads the schema version (the schema guard).
+        await admin.execute(f'GRANT SELECT ON schema_migrations TO "{role}"')
         parts = urlsplit(postgres_dsn)
         host = parts.netloc.rpartition("@")[2]
         yield urlunsplit(parts._replace(netloc=f"{role}@{host}")), role
@@ -41,6 +43,7 @@ async def role_dsn(postgres_dsn: str) -> AsyncIterator[tuple[str, str]]:
         await admin.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1", role
         )
+        await admin.execute(f'DROP OWNED BY "{role}"')
         await admin.execute(f'DROP ROLE IF EXISTS "{role}"')
         await admin.close()
 

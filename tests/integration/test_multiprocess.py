@@ -41,7 +41,8 @@ import asyncio, json, sys
 from storage import open_storage
 
 async def main(url):
-    async with open_storage(url) as s:
+    # As `asyncstore migrate` does: no schema guard before migrating by hand.
+    async with open_storage(url, check_schema_version=False) as s:
         print(json.dumps(await s.migrate()))
 
 asyncio.run(main(sys.argv[1]))

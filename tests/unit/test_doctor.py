@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -84,3 +85,43 @@ def test_doctor_reports_a_listener_that_cannot_run(
     assert "ok   connectivity" in out and "ok   schema" in out
     assert "FAIL notifications: the notification listener could not start" in out
     assert "LISTEN needs its own session connection" in out
+
+
+@pytest.mark.postgres
+def test_doctor_tells_to_migrate_an_empty_postgres_database(
+    empty_postgres_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["doctor", "--url", empty_postgres_url]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL schema: the database has no asyncstore schema" in out
+    assert "fix: run `asyncstore migrate`" in out
+    assert "the check failed" not in out
+
+
+def test_doctor_reports_a_schema_ahead_of_this_code(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"sqlite:///{tmp_path / 'ahead.db'}"
+    assert main(["migrate", "--url", url]) == 0
+    ahead = latest_migration(url) + 1
+    conn = sqlite3.connect(tmp_path / "ahead.db")
+    with conn:
+        conn.execute("INSERT INTO schema_migrations VALUES (?, 'future', 0)", (ahead,))
+    conn.close()
+    capsys.readouterr()
+    assert main(["doctor", "--url", url]) == 1
+    out = capsys.readouterr().out
+    assert f"FAIL schema: the database (version {ahead}) is newer than this code" in out
+    # `asyncstore migrate` refuses it too instead of calling it up to date.
+    assert main(["migrate", "--url", url]) == 2
+    err = capsys.readouterr().err
+    assert f"schema version {ahead}, newer than this code" in err
+
+
+def test_doctor_reports_a_malformed_url_without_the_password(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["doctor", "--url", "postgresql://app:hunter2@db.example:port/app"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL connectivity: the storage URL cannot be used" in out
+    assert "hunter2" not in out and "app:***@" in out

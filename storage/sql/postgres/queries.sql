@@ -20,7 +20,7 @@ WITH s AS (
 )
 INSERT INTO chat_messages (session_id, seq, role, content)
 SELECT $1, s.last_seq - cardinality($2::text[]) + m.ord, m.role, m.content
-FROM s, unnest($2::text[], $3::jsonb[]) WITH ORDINALITY AS m(role, content, ord)
+FROM s, unnest($2::text[], $3::json[]) WITH ORDINALITY AS m(role, content, ord)
 RETURNING session_id, seq, role, content, created_at;
 
 -- name: load_messages
@@ -46,7 +46,7 @@ SELECT (SELECT count(*) FROM m) + (SELECT count(*) FROM s) + (SELECT count(*) FR
 -- older epoch (a superseded holder's seqs); the same epoch is a retry and is skipped.
 -- Returns the count written and the refused (session, epoch) pairs.
 WITH e AS (
-    SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[], $5::jsonb[])
+    SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[], $5::json[])
         AS e(session_id, seq, epoch, kind, payload)
 ), f AS (
     SELECT DISTINCT session_id, epoch FROM e
@@ -220,7 +220,7 @@ SELECT count(*) FROM session_leases WHERE expires_at > now();
 INSERT INTO agent_tasks (queue, payload, priority, run_after, idempotency_key, max_attempts)
 SELECT x.queue, x.payload, x.priority, coalesce(x.run_after, now()), x.idempotency_key,
        x.max_attempts
-FROM unnest($1::text[], $2::jsonb[], $3::int[], $4::timestamptz[], $5::text[], $6::int[])
+FROM unnest($1::text[], $2::json[], $3::int[], $4::timestamptz[], $5::text[], $6::int[])
      WITH ORDINALITY AS x(queue, payload, priority, run_after, idempotency_key, max_attempts, ord)
 ORDER BY x.ord
 ON CONFLICT (queue, idempotency_key)
@@ -343,7 +343,7 @@ WITH new_groups AS (
 )
 INSERT INTO outbox (channel, account, payload, max_attempts)
 SELECT x.channel, x.account, x.payload, x.max_attempts
-FROM unnest($1::text[], $2::text[], $3::jsonb[], $4::int[])
+FROM unnest($1::text[], $2::text[], $3::json[], $4::int[])
      WITH ORDINALITY AS x(channel, account, payload, max_attempts, ord)
 ORDER BY x.ord
 RETURNING *;

@@ -1,0 +1,3 @@
+-- asyncstore schema, version 8 (SQLite): nothing to change. Payloads were always kept as
+-- the JSON text orjson wrote (TEXT columns), which is what Postgres now keeps too (0008
+-- there turns its jsonb payload columns into json). The version keeps both dialects level.
