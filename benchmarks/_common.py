@@ -15,7 +15,7 @@ import secrets
 import statistics
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -23,6 +23,8 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 
 REPO = Path(__file__).resolve().parent.parent
+NOISY = 0.25
+"""A figure whose repetitions spread more than this ((max - min) / median) is noisy."""
 
 
 def percentile(samples: Sequence[float], q: float) -> float:
@@ -45,6 +47,39 @@ def spread(samples: Sequence[float]) -> float:
     if mid == 0:
         return 0.0 if max(samples) == min(samples) else float("inf")
     return (max(samples) - min(samples)) / abs(mid)
+
+
+def noisy(*series: Sequence[float] | None) -> bool:
+    """Whether any of ``series`` (repetitions of one figure) spreads more than ``NOISY``."""
+    return any(v is not None and len(v) > 1 and spread(v) > NOISY for v in series)
+
+
+def compare(
+    subject: Sequence[float], reference: Sequence[float], meets: Callable[[float, float], bool]
+) -> str:
+    """The noise rule of every comparison target: ``met``, ``NOT met`` or ``too noisy``.
+
+    The verdict comes from the medians. When either side's spread exceeds ``NOISY`` the
+    medians are not trusted: the verdict stands only if both extreme pairings (the highest
+    subject repetition against the lowest reference one, and the lowest against the
+    highest) agree with it; otherwise the result is "too noisy".
+    """
+    verdict = meets(median(subject), median(reference))
+    if noisy(subject, reference):
+        worst = meets(max(subject), min(reference))
+        best = meets(min(subject), max(reference))
+        if not worst == best == verdict:
+            return "too noisy"
+    return "met" if verdict else "NOT met"
+
+
+def check(values: Sequence[float], meets: Callable[[float], bool]) -> str:
+    """``compare`` for a figure against a fixed bound: a noisy figure must meet (or miss)
+    it with its highest and its lowest repetition alike."""
+    verdict = meets(median(values))
+    if noisy(values) and not meets(max(values)) == meets(min(values)) == verdict:
+        return "too noisy"
+    return "met" if verdict else "NOT met"
 
 
 def rss_mb() -> float:

@@ -81,8 +81,6 @@ PGQ_BATCH = 100
 PGQ_POOL = 4
 PGQ_DURABILITY = "balanced"
 DRAIN_POLL_S = 0.02
-PROCRASTINATE_CONCURRENCY = 10
-PROCRASTINATE_SHARE = 5  # procrastinate drains tasks / 5
 LATENCY_SAMPLES = 30
 LEGACY_LATENCY_SAMPLES = 8
 OUTBOX_CHANNELS = 50
@@ -175,6 +173,12 @@ class KillRecovery:
 # ---------------------------------------------------------------- worker processes
 
 
+def concurrency(batch: int) -> int:
+    """Tasks one worker process runs at once at claim batch ``batch``: asyncstore's claim
+    worker (``max_workers``) and procrastinate (``concurrency``) alike."""
+    return 2 * batch
+
+
 def _child(argv: Sequence[str]) -> int:
     """Entry point of one worker process: ``--child SYSTEM URL QUEUE BATCH``."""
     system, url, queue, batch = argv
@@ -233,7 +237,7 @@ async def _child_main(system: str, url: str, queue: str, batch: int) -> int:
         if system == "claim":
             # Claims of `batch` tasks, and room for the next claim while a batch runs
             # (pgqueuer's own rule: concurrency at least twice its batch; it runs unlimited).
-            cfg = cfg.model_copy(update={"max_workers": 2 * batch, "claim_batch": batch})
+            cfg = cfg.model_copy(update={"max_workers": concurrency(batch), "claim_batch": batch})
         async with open_storage(url) as storage:
 
             async def handler(task: Task) -> None:
@@ -290,9 +294,7 @@ async def _child_main(system: str, url: str, queue: str, batch: int) -> int:
         async with app.open_async():
             print("ready", flush=True)
             await _wait_go()
-            await app.run_worker_async(
-                queues=[queue], concurrency=PROCRASTINATE_CONCURRENCY, wait=False
-            )
+            await app.run_worker_async(queues=[queue], concurrency=concurrency(batch), wait=False)
     else:
         raise SystemExit(f"unknown system {system}")
     print(json.dumps({"seen": seen, "first": first[0], "last": last[0]}), flush=True)
@@ -703,15 +705,7 @@ async def _drains(args: argparse.Namespace, url: str, systems: list[str]) -> lis
     drains: list[Drain] = []
     for processes in args.processes:
         for batch in args.batches:
-            cell = [
-                Drain(
-                    system,
-                    processes,
-                    args.tasks // PROCRASTINATE_SHARE if system == "procrastinate" else args.tasks,
-                    batch,
-                )
-                for system in systems
-            ]
+            cell = [Drain(system, processes, args.tasks, batch) for system in systems]
             for _ in range(args.repeats):
                 for d in cell:
                     run = await _drain_run(d.system, url, d.tasks, processes, batch)
@@ -832,6 +826,11 @@ def render(result: dict[str, Any]) -> str:
                     f"target >= 0.5x raw SQL loop, {cell}: {ratio:.2f}x -> "
                     f"{'met' if ratio >= 0.5 else 'NOT MET'}"
                 )
+        if any(d.system == "procrastinate" for d in drains):
+            lines.append(
+                "\nprocrastinate runs at the claim worker's concurrency (2 x batch per process, "
+                "its `concurrency`) on the same number of tasks"
+            )
         dup = sum(d.duplicates for d in drains if d.system == "claim")
         targets.append(
             f"target zero duplicates (claim mode): {dup} -> {'met' if dup == 0 else 'NOT MET'}"

@@ -11,6 +11,7 @@ one per queue worker, so a worker can be killed mid-drain. The peers' drains com
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import gc
 import logging
 import os
@@ -19,15 +20,16 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 
 from benchmarks._common import REPO, percentile, rss_mb
-from orchestrator.broadcast import Position, StreamReset, Subscription
+from orchestrator.broadcast import StreamReset, Subscription
 from orchestrator.queue import AgentQueue, QueueConfig, open_worker
 from orchestrator.runtime import Runtime
 from orchestrator.webhooks.testing import open_test_receiver
@@ -46,6 +48,7 @@ LEGACY: dict[str, str] = {
     "cancel": "poll",
 }
 PATHS = ("optimized", "legacy")
+T = TypeVar("T")
 
 # S1: a simulated model. Time to first token, a tool's run time, and one token every
 # DELTA_S (50 tokens/s): all of it is think time, subtracted from the figure.
@@ -77,12 +80,17 @@ class Sizes:
 
     s1_turns: int
     s1_deltas: int
+    s1_low_turns: int
+    s1_low_concurrency: int
     s2_streams: int
     s2_subscribers: int
     s2_events: int
+    s2_clients: int  # subscriber client processes
+    s2_repeats: int
     s3_tasks: int
     s3_workers: int
     s3_lease_s: float
+    s3_procrastinate: bool
     s4_segment_s: float
     s4_concurrency: int
     repeats: int
@@ -98,12 +106,17 @@ class Sizes:
             return cls(
                 s1_turns=n(300, 4),
                 s1_deltas=30,
+                s1_low_turns=n(100, 4),
+                s1_low_concurrency=n(20, 2),
                 s2_streams=n(500, 2),
                 s2_subscribers=n(3000, 4),
                 s2_events=n(60, 3),
+                s2_clients=4,
+                s2_repeats=3,
                 s3_tasks=n(10_000, 50),
                 s3_workers=4,
                 s3_lease_s=5.0,
+                s3_procrastinate=True,
                 s4_segment_s=max(1.0, 150.0 * scale),
                 s4_concurrency=n(50, 2),
                 repeats=3,
@@ -111,14 +124,21 @@ class Sizes:
                 s4_repeats=2,
             )
         return cls(
-            s1_turns=n(100, 4),
-            s1_deltas=10,
+            # Fewer concurrent turns than the seed's 300, but the same turn: the ratio of the
+            # two paths depends on the events per turn (legacy: one INSERT each).
+            s1_turns=n(60, 4),
+            s1_deltas=30,
+            s1_low_turns=n(20, 2),
+            s1_low_concurrency=n(20, 2),
             s2_streams=n(100, 2),
             s2_subscribers=n(600, 4),
-            s2_events=n(15, 3),
+            s2_events=n(40, 3),
+            s2_clients=2,
+            s2_repeats=1,
             s3_tasks=n(2000, 50),
             s3_workers=3,
             s3_lease_s=1.5,
+            s3_procrastinate=False,
             s4_segment_s=max(1.0, 3.0 * scale),
             s4_concurrency=n(20, 2),
             repeats=3 if scale >= 0.1 else 2,
@@ -133,142 +153,223 @@ Tick = Callable[[float], None]
 
 # ---------------------------------------------------------------- S1: agent turns
 
+# Library time of the turn running in this task, by phase (see ``_Probes``).
+_PHASES: contextvars.ContextVar[dict[str, float] | None] = contextvars.ContextVar(
+    "s1_phases", default=None
+)
+S1_PHASES = ("lease", "appends", "emits", "hooks", "flush", "release", "other")
+"""The parts of a turn's library time: ``other`` is the rest of entering and leaving the
+turn (cancel token, stream begin with its one read of the last seq, bookkeeping)."""
 
-async def s1_once(rt: Runtime, tag: str, turns: int, deltas: int, tick: Tick) -> dict[str, Any]:
-    """``turns`` concurrent simulated turns; non-LLM overhead per turn in ms.
 
-    Half the turns call a tool (a synchronous ``pre_tool`` webhook, two events, an
+def _add(phase: str, seconds: float) -> None:
+    phases = _PHASES.get()
+    if phases is not None:
+        phases[phase] = phases.get(phase, 0.0) + seconds
+
+
+class _Probes:
+    """Timers around the runtime components' entry points, for S1's breakdown.
+
+    Wraps, on the instances and only while the block runs, ``hold`` of both limiters (its
+    entry is the lease acquire, its exit the release), ``flush`` of both stream writers
+    (the end-of-turn barrier) and ``Webhooks.fire`` (every hook of the turn, the ones
+    ``Runtime.turn`` fires on entry and exit too). Time goes to the turn running in the
+    calling task (a context variable), so background loops are never counted.
+    """
+
+    def __init__(self, rt: Runtime) -> None:
+        self._patched: list[tuple[object, str]] = []
+        for limiter in (rt.limiter.optimized, rt.limiter.legacy):
+            if limiter is not None:  # a path not built is never timed
+                self._patch(limiter, "hold", _timed_hold(limiter.hold))
+        for writer in (rt.streams.optimized, rt.streams.legacy):
+            if writer is not None:
+                self._patch(writer, "flush", _timed_call(writer.flush, "flush"))
+        if rt.webhooks is not None:
+            self._patch(rt.webhooks, "fire", _timed_call(rt.webhooks.fire, "hooks"))
+
+    def _patch(self, obj: object, name: str, wrapper: object) -> None:
+        setattr(obj, name, wrapper)
+        self._patched.append((obj, name))
+
+    def __enter__(self) -> _Probes:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for obj, name in self._patched:
+            delattr(obj, name)
+
+
+def _timed_hold(hold: Callable[[str], Any]) -> Callable[[str], Any]:
+    @asynccontextmanager
+    async def timed(session_id: str) -> AsyncIterator[Any]:
+        started = time.perf_counter()
+        leaving = 0.0
+        try:
+            async with hold(session_id) as held:
+                _add("lease", time.perf_counter() - started)
+                try:
+                    yield held
+                finally:
+                    leaving = time.perf_counter()
+        finally:
+            if leaving:
+                _add("release", time.perf_counter() - leaving)
+
+    return timed
+
+
+def _timed_call(call: Callable[..., Awaitable[T]], phase: str) -> Callable[..., Awaitable[T]]:
+    async def timed(*args: Any, **kwargs: Any) -> T:
+        started = time.perf_counter()
+        try:
+            return await call(*args, **kwargs)
+        finally:
+            _add(phase, time.perf_counter() - started)
+
+    return timed
+
+
+async def _lag_monitor(samples: list[float], interval_s: float = 0.005) -> None:
+    """Event-loop lag: how late a ``interval_s`` sleep wakes up, sampled until cancelled."""
+    while True:
+        started = time.perf_counter()
+        await anyio.sleep(interval_s)
+        samples.append(time.perf_counter() - started - interval_s)
+
+
+def _quantiles(prefix: str, samples: Sequence[float]) -> dict[str, float]:
+    return {f"{prefix}p{q}_ms": percentile(samples, q / 100) * 1000 for q in (50, 95, 99)}
+
+
+async def s1_once(
+    rt: Runtime, tag: str, turns: int, deltas: int, tick: Tick, concurrency: int | None = None
+) -> dict[str, Any]:
+    """``turns`` simulated turns, at most ``concurrency`` at once (default: all of them).
+
+    Figures: overhead, library time and loop lag per turn.
+
+    Turns arrive spread evenly over ``FIRST_TOKEN_S``. Half the turns call a tool (a
+    synchronous ``pre_tool`` webhook, two events, an
     asynchronous ``post_tool`` webhook); every turn appends the user and the assistant
     message under the lease's fencing token, streams ``deltas`` token deltas and a
     ``turn_completed``. Overhead = wall time from asking for the turn to its release, minus
-    the simulated think time.
+    the simulated think time. It splits into:
+
+    * library time: the time the turn spent inside the library's calls (entering the turn,
+      appends, emits, hooks, leaving the turn with its flush and release), each timed
+      around the call; its parts by phase come from ``_Probes``;
+    * loop lag of the turn: how much later than asked its think-time sleeps woke up (an
+      event loop busy with other turns), plus the gaps between calls.
+
+    Also the event loop's lag sampled every 5 ms during the run, and the CPU time of the
+    process (the SQLite driver's thread included, the Postgres server not) per turn. A
+    library call's time includes the loop lag it met while waiting: at a concurrency that
+    saturates the machine the two cannot be told apart, hence a second, lower concurrency.
     """
     overheads: list[float] = []
+    library: list[float] = []
+    lags: list[float] = []
+    parts: dict[str, list[float]] = {phase: [] for phase in S1_PHASES}
+    loop: list[float] = []
     statements = rt.storage.statistics().total_statements
 
+    slots = anyio.CapacityLimiter(concurrency or turns)
+
     async def one(i: int) -> None:
+        # Turns arrive spread over one first-token time, as users do (S2 staggers its
+        # producers the same way): all of them run at once, none in lockstep with another.
+        await anyio.sleep(FIRST_TOKEN_S * i / turns)
+        async with slots:
+            await turn(i)
+
+    async def turn(i: int) -> None:
         sid = f"{tag}-{i}"
-        think = 0.0
+        phases: dict[str, float] = {}
+        _PHASES.set(phases)
+        inside = 0.0
+
+        async def call(phase: str, awaitable: Awaitable[Any]) -> None:
+            nonlocal inside
+            t0 = time.perf_counter()
+            await awaitable
+            spent = time.perf_counter() - t0
+            inside += spent
+            if phase != "hooks":  # the probe on Webhooks.fire counts hooks
+                phases[phase] = phases.get(phase, 0.0) + spent
+
         started = time.perf_counter()
-        async with rt.turn(sid) as turn:
-            token = turn.lease.token
-            await rt.storage.append_messages(
-                sid, [NewMessage("user", {"text": "weather?"})], lease_token=token
-            )
+        turn_cm = rt.turn(sid)
+        running = await turn_cm.__aenter__()
+        entered = time.perf_counter()
+        try:
+            token = running.lease.token
+            user = [NewMessage("user", {"text": "weather?"})]
+            await call("appends", rt.storage.append_messages(sid, user, lease_token=token))
             await anyio.sleep(FIRST_TOKEN_S)
-            think += FIRST_TOKEN_S
             if i % 2 == 0:
-                await turn.fire("pre_tool", {"tool": "weather", "args": {"city": "Paris"}})
-                await turn.emit("tool_call", {"tool": "weather"})
+                pre = {"tool": "weather", "args": {"city": "Paris"}}
+                await call("hooks", running.fire("pre_tool", pre))
+                await call("emits", running.emit("tool_call", {"tool": "weather"}))
                 await anyio.sleep(TOOL_S)
-                think += TOOL_S
-                await turn.emit("tool_result", {"tool": "weather", "result": {"c": 22}})
-                await turn.fire("post_tool", {"tool": "weather"}, result={"c": 22})
+                result = {"tool": "weather", "result": {"c": 22}}
+                await call("emits", running.emit("tool_result", result))
+                post = running.fire("post_tool", {"tool": "weather"}, result={"c": 22})
+                await call("hooks", post)
             for _ in range(deltas):
-                await turn.emit("delta", {"text": "tok "})
+                await call("emits", running.emit("delta", {"text": "tok "}))
                 await anyio.sleep(DELTA_S)
-                think += DELTA_S
-            await rt.storage.append_messages(
-                sid, [NewMessage("assistant", {"text": "tok " * deltas})], lease_token=token
-            )
-            await turn.emit("turn_completed", {"text": "done"})
-        overheads.append(time.perf_counter() - started - think)
+            answer = [NewMessage("assistant", {"text": "tok " * deltas})]
+            await call("appends", rt.storage.append_messages(sid, answer, lease_token=token))
+            await call("emits", running.emit("turn_completed", {"text": "done"}))
+        except BaseException as exc:
+            if not await turn_cm.__aexit__(type(exc), exc, exc.__traceback__):
+                raise
+        else:
+            leaving = time.perf_counter()
+            await turn_cm.__aexit__(None, None, None)
+            inside += time.perf_counter() - leaving
+        ended = time.perf_counter()
+        inside += entered - started
+        think_s = FIRST_TOKEN_S + deltas * DELTA_S + (TOOL_S if i % 2 == 0 else 0.0)
+        overhead = ended - started - think_s
+        overheads.append(overhead)
+        library.append(inside)
+        lags.append(overhead - inside)
+        known = sum(v for k, v in phases.items() if k != "other")
+        phases["other"] = max(0.0, inside - known)
+        for phase in S1_PHASES:
+            parts[phase].append(phases.get(phase, 0.0))
         tick(len(overheads) / turns)
 
-    async with anyio.create_task_group() as tg:
-        for i in range(turns):
-            tg.start_soon(one, i)
+    cpu = time.process_time()
+    with _Probes(rt):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_lag_monitor, loop)
+            async with anyio.create_task_group() as turns_tg:
+                for i in range(turns):
+                    turns_tg.start_soon(one, i)
+            tg.cancel_scope.cancel()
+    cpu = time.process_time() - cpu
     used = rt.storage.statistics().total_statements - statements
-    return {
-        "p50_ms": percentile(overheads, 0.50) * 1000,
-        "p95_ms": percentile(overheads, 0.95) * 1000,
-        "p99_ms": percentile(overheads, 0.99) * 1000,
+    out: dict[str, Any] = {
+        **_quantiles("", overheads),
+        **_quantiles("lib_", library),
+        **_quantiles("lag_", lags),
+        "loop_lag_p50_ms": percentile(loop, 0.50) * 1000,
+        "loop_lag_p99_ms": percentile(loop, 0.99) * 1000,
+        "cpu_ms_per_turn": cpu / turns * 1000,
         "statements_per_turn": used / turns,
     }
+    for phase, values in parts.items():
+        out[f"{phase}_p50_ms"] = percentile(values, 0.50) * 1000
+        out[f"{phase}_p95_ms"] = percentile(values, 0.95) * 1000
+    return out
 
 
 # ---------------------------------------------------------------- S2: fan-out
-
-
-async def s2_once(
-    rt: Runtime, tag: str, streams: int, subscribers: int, events: int, tick: Tick
-) -> dict[str, Any]:
-    """``subscribers`` live subscribers spread over ``streams`` streams, paced producers.
-
-    Each stream is a running turn emitting ``events`` deltas at ``S2_RATE`` per second;
-    subscribers attach before the first event (memory path: live, no position; poll path:
-    from the turn's epoch, as the legacy pollers did). Figures: database reads/s of the
-    delivery hub while streaming, reads by live subscribers (catch-up and polls, resumes
-    excluded), delivery latency p50/p99 and deliveries/s.
-    """
-    sessions = [f"{tag}-{s}" for s in range(streams)]
-    per_stream = [
-        subscribers // streams + (1 if s < subscribers % streams else 0) for s in range(streams)
-    ]
-    total = subscribers * events
-    latencies: list[float] = []
-    delivered = 0
-    done = anyio.Event()
-    go = anyio.Event()
-    epochs: dict[str, int] = {}
-    all_ready = anyio.Event()
-    hub = rt.broadcast.pick(sessions[0])
-    live = hub is rt.broadcast.optimized
-
-    async def stream(sid: str, offset: float) -> None:
-        async with rt.turn(sid) as turn:
-            epochs[sid] = turn.lease.token
-            if len(epochs) == streams:
-                all_ready.set()
-            await go.wait()
-            await anyio.sleep(offset)
-            for _ in range(events):
-                await turn.emit("delta", {"t": time.perf_counter()})
-                await anyio.sleep(1 / S2_RATE)
-
-    async def consume(sid: str) -> None:
-        nonlocal delivered
-        after: Position | None = None if live else (epochs[sid], 0)
-        async with rt.subscribe(sid, after) as sub:
-            got = 0
-            async for item in sub:
-                if isinstance(item, StreamReset):
-                    raise RuntimeError(f"S2: unexpected reset {item}")
-                if item.kind != "delta":
-                    continue
-                latencies.append(time.perf_counter() - item.payload["t"])
-                got += 1
-                delivered += 1
-                if delivered % max(1, total // 50) == 0:
-                    tick(delivered / total)
-                if got == events:
-                    break
-        if delivered == total:
-            done.set()
-
-    async with anyio.create_task_group() as tg:
-        for n, sid in enumerate(sessions):
-            tg.start_soon(stream, sid, (n / streams) / S2_RATE)
-        with anyio.fail_after(60):
-            await all_ready.wait()
-        for sid, count in zip(sessions, per_stream, strict=True):
-            for _ in range(count):
-                tg.start_soon(consume, sid)
-        await anyio.sleep(0.1)  # every subscriber registered
-        before = hub.statistics()
-        started = time.perf_counter()
-        go.set()
-        with anyio.fail_after(600):
-            await done.wait()
-        elapsed = time.perf_counter() - started
-        after_stats = hub.statistics()
-    return {
-        "db_reads_per_s": (after_stats.db_reads_total - before.db_reads_total) / elapsed,
-        "live_reads": float(after_stats.live_db_reads - before.live_db_reads),
-        "p50_ms": percentile(latencies, 0.50) * 1000,
-        "p99_ms": percentile(latencies, 0.99) * 1000,
-        "deliveries_per_s": total / elapsed,
-    }
+# Over real sockets, in processes of their own: benchmarks.s2_sockets.
 
 
 # ---------------------------------------------------------------- S3: queue drain
@@ -285,34 +386,65 @@ def s3_config(mode: str, lease_s: float) -> QueueConfig:
 
 
 async def _s3_child(url: str, queue: str, mode: str, lease_s: float, record: str) -> int:
+    """One S3 worker process, driven by its stdin: ``go``, ``hold N`` (optional), ``stop``.
+
+    Each run appends ``payload time`` to ``record`` (one unbuffered write: what a SIGKILL
+    cannot take back). After ``hold N``, once it ran N tasks, the handler appends ``H
+    payload time`` and never returns: the worker holds every claim it starts from then on,
+    until it is killed.
+    """
     fd = os.open(record, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    hold_after: int | None = None
+    ran = 0
 
     async def handler(task: Task) -> None:
-        # One unbuffered write per run: what a SIGKILL cannot take back.
-        os.write(fd, f"{task.payload}\n".encode())
+        nonlocal ran
+        if hold_after is not None and ran >= hold_after:
+            os.write(fd, f"H {task.payload} {time.time()}\n".encode())
+            await anyio.sleep_forever()
+        ran += 1
+        os.write(fd, f"{task.payload} {time.time()}\n".encode())
 
-    async def expect(word: str) -> None:
-        line = await asyncio.to_thread(sys.stdin.readline)
-        if line.strip() != word:
-            raise SystemExit(f"expected {word!r}, got {line!r}")
+    async def read() -> str:
+        line: str = await asyncio.to_thread(sys.stdin.readline)
+        return line.strip()
 
     try:
         async with open_storage(url) as storage:
             print("ready", flush=True)
-            await expect("go")
+            if (line := await read()) != "go":
+                raise SystemExit(f"expected 'go', got {line!r}")
             async with open_worker(AgentQueue(storage, queue, s3_config(mode, lease_s)), handler):
-                await expect("stop")
+                while (line := await read()) != "stop":
+                    word, _, count = line.partition(" ")
+                    if word != "hold" or not count.isdigit():
+                        raise SystemExit(f"expected 'hold N' or 'stop', got {line!r}")
+                    hold_after = int(count)
     finally:
         os.close(fd)
     return 0
 
 
-def _read_records(path: Path) -> list[int]:
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return []
-    return [int(x) for x in text.split("\n")[:-1]]
+class _Records:
+    """What one S3 worker's record file says: its runs (payload, time) and held tasks."""
+
+    def __init__(self, path: Path) -> None:
+        self.runs: list[tuple[int, float]] = []
+        self.held: list[int] = []
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            return
+        for line in text.split("\n")[:-1]:
+            parts = line.split()
+            if parts[0] == "H":
+                self.held.append(int(parts[1]))
+            else:
+                self.runs.append((int(parts[0]), float(parts[1])))
+
+    @property
+    def ran(self) -> list[int]:
+        return [payload for payload, _ in self.runs]
 
 
 def _spawn(url: str, queue: str, mode: str, lease_s: float, record: Path) -> subprocess.Popen[str]:
@@ -326,6 +458,16 @@ def _spawn(url: str, queue: str, mode: str, lease_s: float, record: Path) -> sub
     )
 
 
+def _say(proc: subprocess.Popen[str], word: str) -> None:
+    assert proc.stdin is not None
+    proc.stdin.write(f"{word}\n")
+    proc.stdin.flush()
+
+
+HOLD_SETTLE_S = 0.1
+"""The victim is killed once the claims it holds stopped growing for this long."""
+
+
 async def s3_once(
     url: str,
     mode: str,
@@ -337,17 +479,22 @@ async def s3_once(
     *,
     kill: bool = True,
 ) -> dict[str, Any]:
-    """Drain ``tasks`` queued tasks with ``workers`` processes; SIGKILL one at half-way.
-
-    With ``kill=False`` nobody is killed: the plain drain rate, comparable to the peers'.
+    """Drain ``tasks`` queued tasks with ``workers`` processes; kill one holding claims.
 
     The workers connect, report ready and are released together: the clock starts at
-    that release (each worker's start, its first claim, is inside the figure) and
-    stops when every task ran in a live worker or is ``succeeded`` in
-    the database. Duplicates: runs beyond one per task among live workers (must be 0).
-    Lost: tasks neither. Re-runs after the kill (the killed worker's unfinished claims,
-    taken again once their lease expired) are counted apart: they are the at-least-once
-    recovery, not duplicates.
+    that release and stops when every task ran in a live worker or is ``succeeded`` in the
+    database. The victim starts first and holds: every task it starts blocks, so it holds
+    those claims (renewing their leases); once they stop growing the others start, and
+    when they ran half of the rest, mid-drain, the victim is SIGKILLed.
+    The figure is the delay from the kill until the last of those claims ran again in a
+    live worker (their lease expires, a live worker claims them again), measured from a
+    kill that always finds claims held. With ``kill=False`` nobody is held or killed: the
+    plain drain rate, comparable to the peers'.
+
+    Duplicates: runs beyond one per task among live workers (must be 0). Lost: tasks
+    neither run by a live worker nor succeeded. Re-runs after the kill (the held claims,
+    and any task the victim ran but could not mark done) are counted apart: they are the
+    at-least-once recovery, not duplicates.
     """
     queue = f"s3{secrets.token_hex(4)}"
     ids: dict[int, int] = {}
@@ -360,45 +507,61 @@ async def s3_once(
         procs = [
             await asyncio.to_thread(_spawn, url, queue, mode, lease_s, record) for record in records
         ]
+        held: set[int] = set()
+        killed_at: float | None = None
         try:
-            started = time.perf_counter()
             for proc in procs:
                 assert proc.stdout is not None
                 line = await asyncio.to_thread(proc.stdout.readline)
                 if line.strip() != "ready":
                     raise RuntimeError(f"S3 worker did not start ({proc.poll()})")
             started = time.perf_counter()
-            for proc in procs:
-                assert proc.stdin is not None
-                proc.stdin.write("go\n")
-                proc.stdin.flush()
             victim = procs[0]
-            killed = False
+            waiting = procs[1:] if kill else []
+            for proc in procs[:1] if kill else procs:
+                _say(proc, "go")
+            hold_at: float | None = None
+            if kill:
+                _say(victim, "hold 0")
+                hold_at = time.perf_counter()
+            last_held = (0, 0.0)
             finished = None
             deadline = started + max(60.0, tasks / 20)
             confirmed: set[int] = set()
             while time.perf_counter() < deadline:
                 await asyncio.sleep(0.02)
-                seen = [_read_records(r) for r in records]
-                ran = sum(len(s) for s in seen)
-                if kill and not killed and ran >= tasks // 2:
-                    victim.kill()
-                    killed = True
-                live = set().union(*seen[1:]) if killed else set().union(*seen)
+                seen = [_Records(r) for r in records]
+                ran = sum(len(s.runs) for s in seen)
+                now = time.perf_counter()
+                if hold_at is not None and killed_at is None:
+                    count = len(seen[0].held)
+                    if count != last_held[0]:
+                        last_held = (count, now)
+                    if waiting and (
+                        (count and now - last_held[1] >= HOLD_SETTLE_S) or now - hold_at > 10
+                    ):
+                        for proc in waiting:
+                            _say(proc, "go")
+                        waiting = []
+                    elif not waiting and ran >= (tasks - count) // 2:
+                        victim.kill()
+                        killed_at = time.time()
+                        held = set(_Records(records[0]).held)
+                live = set().union(*(s.ran for s in (seen[1:] if killed_at else seen)))
                 tick(min(1.0, len(live) / tasks))
-                if len(live | set(seen[0])) < tasks:
+                if killed_at is None and hold_at is not None:
                     continue
-                for payload in set(seen[0]) - live - confirmed:
+                if len(live | set(seen[0].ran)) < tasks:
+                    continue
+                for payload in set(seen[0].ran) - live - confirmed:
                     row = await storage.get_task(ids[payload])
                     if row is not None and row.status is TaskStatus.SUCCEEDED:
                         confirmed.add(payload)
                 if len(live | confirmed) == tasks:
                     finished = time.perf_counter()
                     break
-            for proc in procs[1:] if killed else procs:
-                assert proc.stdin is not None
-                proc.stdin.write("stop\n")
-                proc.stdin.flush()
+            for proc in procs[1:] if killed_at else procs:
+                _say(proc, "stop")
             for proc in procs:
                 await asyncio.to_thread(proc.wait, 60)
         finally:
@@ -406,22 +569,31 @@ async def s3_once(
                 if proc.poll() is None:
                     proc.kill()
                     proc.wait()
-    seen = [_read_records(r) for r in records]
+    seen = [_Records(r) for r in records]
     live_counts: Counter[int] = Counter()
-    for s in seen[1:] if killed else seen:
-        live_counts.update(s)
-    killed_set = set(seen[0]) if killed else set()
+    first_live: dict[int, float] = {}
+    for rec in seen[1:] if killed_at else seen:
+        live_counts.update(rec.ran)
+        for payload, at in rec.runs:
+            first_live[payload] = min(at, first_live.get(payload, at))
+    killed_set = (set(seen[0].ran) | held) if killed_at else set()
     elapsed = (finished or time.perf_counter()) - started
     covered = set(live_counts) | confirmed
     for r in records:
         r.unlink(missing_ok=True)
-    return {
+    out = {
         "tasks_per_s": tasks / elapsed,
         "drain_s": elapsed,
         "duplicates": float(sum(c - 1 for c in live_counts.values() if c > 1)),
         "lost": float(tasks - len(covered & set(range(tasks)))),
         "rerun_after_kill": float(len(killed_set & set(live_counts))),
     }
+    if killed_at is not None:
+        out["held_at_kill"] = float(len(held))
+        rerun = [first_live[p] for p in held if p in first_live]
+        if held and len(rerun) == len(held):
+            out["kill_rerun_s"] = max(rerun) - killed_at
+    return out
 
 
 # ---------------------------------------------------------------- S4: soak
@@ -554,8 +726,8 @@ async def s4_once(
             while True:
                 if rt.webhooks is not None:
                     await rt.webhooks.flush()
-                await rt.streams.optimized.flush()
-                await rt.streams.legacy.flush()
+                for writer in rt.streams.built().values():
+                    await writer.flush()
                 d = _depths(rt, enqueued[0])
                 if d["stream_writer"] == 0 and d["webhooks"] == 0 and d["agent_queue"] == 0:
                     drained_at = time.perf_counter() - started - elapsed

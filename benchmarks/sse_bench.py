@@ -105,7 +105,7 @@ class _BenchServer:
     async def stats(self, request: Request) -> Response:
         if self.rt is None:
             return JSONResponse({"error": "not running"}, status_code=503)
-        hub = self.rt.broadcast.optimized.statistics()
+        hub = (await self.rt.broadcast.get(True)).statistics()  # the memory hub, always running
         ends = self.streams.statistics()
         return JSONResponse(
             {

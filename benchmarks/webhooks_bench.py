@@ -7,9 +7,10 @@ webhooks; async batch 10 / interval 1 s; async batch 50 / interval 2 s; durable 
 path, both on a throwaway Postgres database (SQLite when Postgres does not answer). Per
 side: HTTP requests made, total time the caller spent blocked in ``fire``, per-call
 p50/p99, and time from the first call until the last event arrived. Separately, the
-enqueue latency of ``AsyncWebhookBatcher.send_nowait`` (target p99 < 50 us) over many
-events with the flusher running. Sides alternate within each repetition; medians and
-spread are reported.
+enqueue latency of ``AsyncWebhookBatcher.send_nowait`` (target p99 < 50 us) on a hook
+configured by default (capacity 10,000, batch 10), events offered at 2,000/s while the
+batches flow to the receiver. Sides alternate within each repetition; medians and spread
+are reported.
 
 Run: ``python -m benchmarks.webhooks_bench [--url URL] [--repeats N] [--quick] [--json PATH]``.
 """
@@ -29,7 +30,14 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 
-from benchmarks._common import create_database, drop_database, environment, redact, with_database
+from benchmarks._common import (
+    check,
+    create_database,
+    drop_database,
+    environment,
+    redact,
+    with_database,
+)
 from benchmarks._common import load_average as _load_average
 from benchmarks.streams_bench import Results, _percentile, _progress, render
 from orchestrator.webhooks import HooksConfig, open_webhooks, parse_hooks
@@ -104,38 +112,49 @@ async def _tool_calls(
     }
 
 
-async def _enqueue_latency(events: int) -> tuple[float, float]:
+ENQUEUE_RATE = 2_000.0
+"""Events/s offered in the enqueue measurement: a busy server's hooks, well within what the
+default batch (10 events per request) delivers to a local receiver."""
+
+
+async def _enqueue_latency(events: int) -> dict[str, float]:
+    """``send_nowait`` cost on a batcher as configured by default, batches flowing.
+
+    The hook has the default ``capacity`` (10,000), ``batch_size`` (10) and flush
+    interval; a real receiver on 127.0.0.1 takes every batch while events are offered at
+    ``ENQUEUE_RATE`` (chunks every 10 ms), so the queue works as it does in a server: never
+    sized to the test, flushing all along. Every event must arrive; none may be dropped.
+    """
     async with open_test_receiver() as rx:
-        config = parse_hooks(
-            {
-                "async_webhooks": [
-                    {
-                        "name": "bench",
-                        "url": rx.url,
-                        "trigger": "tool_call_start",
-                        "batch_size": 500,
-                        "flush_interval_ms": 50,
-                        "capacity": events,
-                    }
-                ]
-            },
-            environ={},
-        )
+        hook = {"name": "bench", "url": rx.url, "trigger": "tool_call_start"}
+        config = parse_hooks({"async_webhooks": [hook]}, environ={})
         async with open_webhooks(config) as webhooks:
             batcher = webhooks.batchers["bench"]
             samples: list[float] = []
             clock = time.perf_counter_ns
+            chunk = max(1, round(ENQUEUE_RATE / 100))
+            due = time.monotonic()
             for i in range(events):
                 context = {"tool_name": "edit", "i": i}
                 t0 = clock()
                 batcher.send_nowait("tool_call_start", context)
                 samples.append((clock() - t0) / 1000)
-                if i % 100 == 99:
-                    await anyio.lowlevel.checkpoint()
+                if i % chunk == chunk - 1:
+                    due += chunk / ENQUEUE_RATE
+                    await anyio.sleep(max(0.0, due - time.monotonic()))
             await batcher.flush()
-            if batcher.statistics().delivered != events:
-                raise RuntimeError("enqueue benchmark lost events")
-    return _percentile(samples, 0.5), _percentile(samples, 0.99)
+            stats = batcher.statistics()
+            if stats.delivered != events or any(stats.dropped.values()):
+                raise RuntimeError(f"enqueue benchmark lost events: {stats}")
+        arrived = _arrived(rx)
+    if arrived != events:
+        raise RuntimeError(f"enqueue benchmark: {arrived} of {events} events arrived")
+    return {
+        "p50_us": _percentile(samples, 0.5),
+        "p99_us": _percentile(samples, 0.99),
+        "requests": float(stats.requests),
+        "capacity": float(batcher.config.capacity),
+    }
 
 
 @asynccontextmanager
@@ -163,7 +182,7 @@ async def run(args: argparse.Namespace) -> Results:
 async def _run(args: argparse.Namespace, storage: AsyncStorageBackend) -> Results:
     results = Results()
     calls = 20 if args.quick else 100
-    events = 5_000 if args.quick else 20_000
+    events = 4_000 if args.quick else 20_000
     await _tool_calls("async batch 10 / 1 s", 10)  # warm-up
     await _tool_calls("durable batch 10 / 1 s (journal)", 10, storage)
     for rep in range(args.repeats):
@@ -180,9 +199,11 @@ async def _run(args: argparse.Namespace, storage: AsyncStorageBackend) -> Result
             results.add(section, side, "fire p99", "us", fig["p99_us"])
             results.add(section, side, "last event arrived", "ms", fig["last_ms"])
         _progress(f"enqueue latency, {events} events, repetition {rep + 1}/{args.repeats}")
-        p50, p99 = await _enqueue_latency(events)
-        results.add("enqueue", "async", "send_nowait p50", "us", p50)
-        results.add("enqueue", "async", "send_nowait p99", "us", p99)
+        fig = await _enqueue_latency(events)
+        results.add("enqueue", "async", "send_nowait p50", "us", fig["p50_us"])
+        results.add("enqueue", "async", "send_nowait p99", "us", fig["p99_us"])
+        results.add("enqueue", "async", "HTTP requests (batches)", "n", fig["requests"])
+        results.add("enqueue", "async", "queue capacity (default)", "n", fig["capacity"])
     return results
 
 
@@ -191,8 +212,13 @@ def targets(results: Results, calls: int) -> list[str]:
     section = f"{calls} tool calls"
     p99 = results.median("enqueue", "async", "send_nowait p99")
     if p99 is not None:
-        verdict = "met" if p99 < 50 else "NOT MET"
-        out.append(f"target: enqueue p99 < 50 us: {p99:.1f} us -> {verdict}")
+        verdict = check(
+            results.rows[("enqueue", "async", "send_nowait p99")].samples, lambda v: v < 50
+        )
+        out.append(
+            "target: enqueue p99 < 50 us (default queue, batches flowing): "
+            f"{p99:.1f} us -> {verdict}"
+        )
     sides = (
         ("async batch 10 / 1 s", 10),
         ("async batch 50 / 2 s", 50),

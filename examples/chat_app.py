@@ -109,6 +109,7 @@ class ChatApp:
                 Route("/sessions/{session_id}/turns", self.start_turn, methods=["POST"]),
                 Route("/sessions/{session_id}/cancel", self.cancel, methods=["POST"]),
                 Route("/sessions/{session_id}/drop", self.drop, methods=["POST"]),
+                Route("/metrics", self.metrics),
             ],
             lifespan=self.lifespan,
         )
@@ -120,6 +121,7 @@ class ChatApp:
         )
         async with open_runtime(settings) as rt, anyio.create_task_group() as tg:
             self.rt, self._tg = rt, tg
+            rt.metrics.add_source("endpoints", self.streams)  # asyncstore_endpoint_*
             print(f"chat app on {rt.storage.dialect}: {self.url}", flush=True)
             try:
                 yield
@@ -155,6 +157,11 @@ class ChatApp:
             if origin is not None and origin != f"{scheme}://{conn.headers.get('host')}":
                 return False
         return True
+
+    async def metrics(self, request: Request) -> Response:
+        """Prometheus exposition of the runtime, the stream endpoints included."""
+        body, content_type = self._runtime().metrics.render(request.headers.get("accept", ""))
+        return Response(body, headers={"Content-Type": content_type})
 
     async def page(self, request: Request) -> Response:
         """The page of a session the caller owns; anyone else gets a new session of their own."""

@@ -30,6 +30,7 @@ and ``{"type": "cancel", "reason": "..."}``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import inspect
 import logging
@@ -39,7 +40,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 import anyio
 import anyio.abc
@@ -56,6 +57,7 @@ from orchestrator.broadcast import Position, StreamReset
 from orchestrator.errors import OrchestratorError, SubscriberLagged
 from orchestrator.runtime import Runtime
 from storage import StorageError, StreamEvent
+from storage.families import Family, MetricSink
 
 __all__ = [
     "Authorize",
@@ -76,6 +78,7 @@ _EVENT_ID = re.compile(r"(0|[1-9][0-9]{0,17}):(0|[1-9][0-9]{0,17})")
 
 _FRAME_CACHE = 4096  # recent encoded SSE frames shared by a session's subscribers
 _WRITES_PER_YIELD = 4  # below asyncio's 5 writes to a lost socket before it logs a warning
+_WS_BATCH = _WRITES_PER_YIELD  # ready events sent under one timeout and lock, then a yield
 
 # WebSocket close codes (RFC 6455 and the IANA registry).
 WS_GOING_AWAY = 1001
@@ -129,6 +132,13 @@ class EndpointConfig(BaseModel):
     cancel_on_disconnect: bool = Field(
         default=False, description="a client leaving cancels the session's turn"
     )
+    ws_send: Literal["batched", "per_frame"] = Field(
+        default="batched",
+        description="WebSocket delivery: batched sends the events that are ready together "
+        "(one timeout and lock per batch, frames encoded once per session and shared by its "
+        "subscribers, a timer instead of a cancel scope per wait); per_frame is the legacy "
+        "path (each frame encoded, timed and locked on its own)",
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +159,68 @@ class EndpointStatistics:
     shutdown_forced: int  # of ended_shutdown: still open when wait_closed's grace ran out
     ended_dropped: int  # drop()
     cancels_requested: int
+
+    METRIC_FAMILIES: ClassVar[tuple[Family, ...]] = (
+        Family(
+            "endpoint_open_streams",
+            "gauge",
+            "Open SSE and WebSocket streams, by transport.",
+            ("transport",),
+            known=("sse", "websocket"),
+        ),
+        Family("endpoint_streams_accepted", "counter", "Streams accepted (SSE and WebSocket)."),
+        Family("endpoint_streams_resumed", "counter", "Accepted streams that resumed from an id."),
+        Family(
+            "endpoint_streams_refused",
+            "counter",
+            "Streams refused: not authorized, malformed resume point, or shutting down.",
+        ),
+        Family(
+            "endpoint_streams_ended",
+            "counter",
+            "Streams ended, by reason: client (left), lagged (too slow for the hub), stalled "
+            "(a send outlasted send_timeout_s), shutdown, dropped (drop()).",
+            ("reason",),
+            known=("client", "lagged", "stalled", "shutdown", "dropped"),
+        ),
+        Family(
+            "endpoint_disconnects_mid_send",
+            "counter",
+            "Of the streams ended by the client: those that vanished while being sent to.",
+        ),
+        Family(
+            "endpoint_shutdown_forced",
+            "counter",
+            "Streams still open when the shutdown grace ran out, cut without a final message.",
+        ),
+        Family("endpoint_events_sent", "counter", "Stream events sent to clients."),
+        Family("endpoint_resets_sent", "counter", "Resets sent to clients."),
+        Family("endpoint_heartbeats", "counter", "Heartbeats sent to idle streams."),
+        Family(
+            "endpoint_cancels_requested", "counter", "Cancels requested through the endpoints."
+        ),
+    )
+
+    def export(self, out: MetricSink) -> None:
+        open_ = {"sse": self.open_sse, "websocket": self.open_websockets}
+        out.samples("endpoint_open_streams", {}, open_)
+        out.sample("endpoint_streams_accepted", {}, self.accepted)
+        out.sample("endpoint_streams_resumed", {}, self.resumed)
+        out.sample("endpoint_streams_refused", {}, self.refused)
+        ended = {
+            "client": self.ended_by_client,
+            "lagged": self.ended_lagged,
+            "stalled": self.ended_stalled,
+            "shutdown": self.ended_shutdown,
+            "dropped": self.ended_dropped,
+        }
+        out.samples("endpoint_streams_ended", {}, ended)
+        out.sample("endpoint_disconnects_mid_send", {}, self.disconnected_mid_send)
+        out.sample("endpoint_shutdown_forced", {}, self.shutdown_forced)
+        out.sample("endpoint_events_sent", {}, self.events_sent)
+        out.sample("endpoint_resets_sent", {}, self.resets_sent)
+        out.sample("endpoint_heartbeats", {}, self.heartbeats)
+        out.sample("endpoint_cancels_requested", {}, self.cancels_requested)
 
 
 def format_event_id(epoch: int, seq: int) -> str:
@@ -174,7 +246,14 @@ class _Connection:
     """One open stream: how to interrupt its wait or its whole handler, why it ends (None:
     it does not) and whether the client is already gone."""
 
-    __slots__ = ("client_gone", "end_reason", "handler_scope", "session_id", "wait_scope")
+    __slots__ = (
+        "client_gone",
+        "end_reason",
+        "handler_scope",
+        "interrupt",
+        "session_id",
+        "wait_scope",
+    )
 
     def __init__(self, session_id: str) -> None:
         self.session_id = session_id
@@ -182,12 +261,15 @@ class _Connection:
         self.client_gone = False
         self.wait_scope: anyio.CancelScope | None = None
         self.handler_scope: anyio.CancelScope | None = None
+        self.interrupt: Callable[[], None] | None = None  # ends a ``next_within`` wait
 
     def end(self, reason: str) -> None:
         if self.end_reason is None:
             self.end_reason = reason
         if self.wait_scope is not None:
             self.wait_scope.cancel()
+        if self.interrupt is not None:
+            self.interrupt()
 
     def abort(self) -> None:
         """Stop the handler where it is (a send included); its cleanup still runs."""
@@ -247,6 +329,7 @@ class EventStreams:
         self._all_closed: anyio.Event | None = None
         self._counts: dict[str, int] = {}
         self._frames: OrderedDict[tuple[str, int, int], bytes] = OrderedDict()
+        self._ws_frames: OrderedDict[tuple[str, int, int], str] = OrderedDict()
 
     @classmethod
     def for_runtime(
@@ -592,13 +675,20 @@ class EventStreams:
         self._count("accepted")
         if after is not None:
             self._count("resumed")
-        lock = anyio.Lock()
+        # Uncontended (the usual case) a fast lock does not yield: one task switch less per
+        # batch. The legacy path keeps its lock as it was.
+        lock = anyio.Lock(fast_acquire=self.config.ws_send == "batched")
         try:
             async with anyio.create_task_group() as tg:
                 conn.handler_scope = tg.cancel_scope
                 tg.start_soon(self._ws_commands, websocket, conn, lock, tg.cancel_scope)
-                await self._stream_ws(websocket, conn, items, start, lock)
-                tg.cancel_scope.cancel()
+                if self.config.ws_send == "batched":
+                    # A task of its own: its every wake-up (one per event) resumes a short
+                    # stack, not the whole ASGI middleware chain above this handler.
+                    tg.start_soon(self._ws_streamer, websocket, conn, items, start, lock, tg)
+                else:
+                    await self._stream_ws(websocket, conn, items, start, lock)
+                    tg.cancel_scope.cancel()
         finally:
             self._forget(conn)
             # Shielded: the subscription must be released even when the handler is cancelled.
@@ -683,6 +773,11 @@ class EventStreams:
         if not await self._ws_send(websocket, conn, lock, ready):
             conn.end("stalled")
             return
+        next_within = getattr(items, "next_within", None)
+        take_ready = getattr(items, "take_ready", None)
+        if self.config.ws_send == "batched" and next_within and take_ready:
+            await self._stream_ws_batched(websocket, conn, items, lock)
+            return
         while True:
             item = await self._next_item(conn, items)
             data: dict[str, Any]
@@ -719,6 +814,152 @@ class EventStreams:
                     conn.end("stalled")
                     await self._ws_close(websocket, conn, WS_TRY_AGAIN_LATER, "stalled")
                 return
+
+    async def _ws_streamer(
+        self,
+        websocket: WebSocket,
+        conn: _Connection,
+        items: _Items,
+        start: Position | None,
+        lock: anyio.Lock,
+        tg: anyio.abc.TaskGroup,
+    ) -> None:
+        await self._stream_ws(websocket, conn, items, start, lock)
+        tg.cancel_scope.cancel()
+
+    async def _stream_ws_batched(
+        self, websocket: WebSocket, conn: _Connection, items: Any, lock: anyio.Lock
+    ) -> None:
+        """``_stream_ws`` with batches: the events ready now go out under one lock, as frames
+        shared by every subscriber of the session, with no cancel scope or timer per frame.
+
+        One timer per connection serves both deadlines: it interrupts the wait when the
+        heartbeat is due, and cancels the send scope (``stalled``) when a batch has been
+        sending for ``send_timeout_s``. It is re-armed only when it fires (or when a send
+        needs an earlier check), not on every event.
+        """
+        loop = asyncio.get_running_loop()
+        heartbeat_s = self.config.heartbeat_interval_s
+        send_timeout = self.config.send_timeout_s
+        send_scope = anyio.CancelScope()
+        last = loop.time()  # the start of the last send
+        sending = False
+        timer: asyncio.TimerHandle | None = None
+        timer_at = 0.0
+
+        def arm(when: float) -> None:
+            nonlocal timer, timer_at
+            timer_at = when
+            timer = loop.call_at(when, check)
+
+        def check() -> None:
+            now = loop.time()
+            if sending:
+                if now - last >= send_timeout:
+                    send_scope.cancel()
+                    return
+                arm(last + send_timeout)
+            elif now - last >= heartbeat_s:
+                items.interrupt()  # the wait ends with None: a heartbeat
+                arm(now + heartbeat_s)
+            else:
+                arm(last + heartbeat_s)
+
+        conn.interrupt = items.interrupt
+        next_within = items.next_within
+        take_ready = items.take_ready
+        arm(last + heartbeat_s)
+        try:
+            with send_scope:
+                while True:
+                    item: StreamEvent | StreamReset | None = None
+                    if conn.end_reason is None:
+                        try:
+                            item = await next_within(None)
+                        except StopAsyncIteration:
+                            conn.end("shutdown:stream closed")  # the hub is closing
+                        except SubscriberLagged as exc:
+                            conn.end(f"lagged:{exc}")
+                    if item is None:
+                        if conn.end_reason is not None:
+                            break
+                        texts = ['{"type":"heartbeat"}']
+                        self._count("heartbeats")
+                    else:
+                        batch = [item, *take_ready(_WS_BATCH - 1)]
+                        texts = [self._ws_text(x) for x in batch]
+                    if conn.client_gone:
+                        return
+                    last = loop.time()
+                    sending = True
+                    if timer_at > last + send_timeout and timer is not None:
+                        timer.cancel()  # a heartbeat longer than the send timeout
+                        arm(last + send_timeout)
+                    try:
+                        lock.acquire_nowait()
+                    except anyio.WouldBlock:
+                        await lock.acquire()  # a command's answer is being sent
+                    try:
+                        for text in texts:
+                            await websocket.send({"type": "websocket.send", "text": text})
+                    except (WebSocketDisconnect, OSError, RuntimeError) as exc:
+                        self._client_gone_or_raise(websocket, conn, exc)
+                        return
+                    finally:
+                        lock.release()
+                        sending = False
+                    if len(texts) == _WS_BATCH:
+                        # A backlog: uvicorn's send does not yield while the socket takes
+                        # data, so yield here (other streams; a reset socket's close). A
+                        # shorter batch took all there was: the next wait yields.
+                        await anyio.lowlevel.checkpoint()
+        finally:
+            conn.interrupt = None
+            if timer is not None:
+                timer.cancel()
+        if send_scope.cancelled_caught:
+            conn.end("stalled")
+            await self._ws_close(websocket, conn, WS_TRY_AGAIN_LATER, "stalled")
+            return
+        await self._ws_end(websocket, conn, lock)
+
+    def _ws_text(self, item: StreamEvent | StreamReset) -> str:
+        if isinstance(item, StreamReset):
+            self._count("resets_sent")
+            reset = {
+                "type": "reset",
+                "id": format_event_id(item.epoch, item.seq),
+                "reason": item.reason,
+                "epoch": item.epoch,
+                "seq": item.seq,
+            }
+            return orjson.dumps(reset).decode()
+        self._count("events_sent")
+        # Every subscriber of a session gets the same frame: encode it once, not once each.
+        key = (item.session_id, item.epoch, item.seq)
+        cache = self._ws_frames
+        text = cache.get(key)
+        if text is None:
+            data = {"type": "event", "id": format_event_id(item.epoch, item.seq)}
+            data.update(_event_body(item))
+            text = orjson.dumps(data).decode()
+            cache[key] = text
+            if len(cache) > _FRAME_CACHE:
+                cache.popitem(last=False)
+        return text
+
+    async def _ws_end(self, websocket: WebSocket, conn: _Connection, lock: anyio.Lock) -> None:
+        """The stream ends (``conn.end_reason``): its final message, then the close."""
+        kind, _, why = (conn.end_reason or "").partition(":")
+        if kind == "shutdown":
+            final = {"type": "shutdown", "reason": why}
+            if await self._ws_send(websocket, conn, lock, final):
+                await self._ws_close(websocket, conn, self._shutdown_code(), why)
+        elif kind == "lagged":
+            await self._ws_send(websocket, conn, lock, {"type": "lagged", "reason": why})
+            await self._ws_close(websocket, conn, WS_TRY_AGAIN_LATER, "lagged")
+        else:
+            await self._ws_close(websocket, conn, WS_TRY_AGAIN_LATER, kind)
 
     async def _ws_commands(
         self,

@@ -31,7 +31,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Literal, TypeVar
+from typing import ClassVar, Literal, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -41,6 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from orchestrator.errors import OrchestratorError
 from storage.base import AsyncStorageBackend, LoginPolicy
+from storage.families import Family, MetricSink
 
 __all__ = [
     "AttemptLimiterConfig",
@@ -142,6 +143,31 @@ class HasherStatistics:
     waiting: int  # waiting for a slot
     max_concurrent: int
     busy_s: float  # total time spent hashing, over all slots
+
+    METRIC_FAMILIES: ClassVar[tuple[Family, ...]] = (
+        Family("auth_hashing_running", "gauge", "Hashes running."),
+        Family("auth_hashing_waiting", "gauge", "Hashes waiting for a slot."),
+        Family("auth_hashing_slots", "gauge", "Hashing pool size."),
+        Family("auth_hashes", "counter", "Passwords hashed."),
+        Family("auth_verifications", "counter", "Verifications.", ("result",)),
+        Family("auth_rehashes", "counter", "Rehashes on verify."),
+        Family("auth_hashing_busy_seconds", "counter", "Time spent hashing."),
+    )
+
+    def export(self, out: MetricSink) -> None:
+        out.sample("auth_hashing_running", {}, self.running)
+        out.sample("auth_hashing_waiting", {}, self.waiting)
+        out.sample("auth_hashing_slots", {}, self.max_concurrent)
+        out.sample("auth_hashes", {}, self.hashes)
+        results = {
+            "ok": self.verified,
+            "mismatch": self.mismatched,
+            "invalid_hash": self.invalid,
+            "overloaded": self.overloaded,
+        }
+        out.samples("auth_verifications", {}, results)
+        out.sample("auth_rehashes", {}, self.rehashed)
+        out.sample("auth_hashing_busy_seconds", {}, self.busy_s)
 
 
 class PasswordHasher:
@@ -351,6 +377,38 @@ class AttemptLimiterStatistics:
     lockouts: Mapping[str, int]  # by scope (storage mode: the lockouts this process started)
     evicted: int
     in_flight: int  # attempts this process reserved and has not finished
+
+    METRIC_FAMILIES: ClassVar[tuple[Family, ...]] = (
+        Family("auth_limiter_keys", "gauge", "Tracked keys.", ("scope",)),
+        Family(
+            "auth_limiter_in_flight",
+            "gauge",
+            "Login attempts this process reserved and has not finished (verifying now).",
+        ),
+        Family(
+            "auth_logins_allowed", "counter", "Login attempts the limiter let through."
+        ),
+        Family("auth_logins_rejected", "counter", "Refused: locked out.", ("scope",)),
+        Family("auth_lockouts", "counter", "Lockouts started.", ("scope",)),
+        Family("auth_login_failures", "counter", "Failed logins."),
+        Family("auth_login_successes", "counter", "Successful logins."),
+        Family(
+            "auth_limiter_evicted",
+            "counter",
+            "Memory mode: tracked keys forgotten (idle, or beyond max_keys).",
+        ),
+    )
+
+    def export(self, out: MetricSink) -> None:
+        keys = {"account": self.accounts_tracked, "address": self.addresses_tracked}
+        out.samples("auth_limiter_keys", {}, keys)
+        out.sample("auth_limiter_in_flight", {}, self.in_flight)
+        out.sample("auth_logins_allowed", {}, self.allowed)
+        out.samples("auth_logins_rejected", {}, self.rejected)
+        out.samples("auth_lockouts", {}, self.lockouts)
+        out.sample("auth_login_failures", {}, self.failures)
+        out.sample("auth_login_successes", {}, self.successes)
+        out.sample("auth_limiter_evicted", {}, self.evicted)
 
 
 class _Key:

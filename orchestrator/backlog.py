@@ -14,15 +14,20 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import ClassVar
 
 import anyio
 from anyio.abc import TaskStatus
 
 from storage import AsyncStorageBackend, InvalidInput, QueueDepth, StorageError
+from storage.families import Family, MetricSink
 
 __all__ = ["BacklogMonitor", "BacklogStatistics", "open_backlog_monitor"]
 
 log = logging.getLogger("asyncstore.backlog")
+
+_DEPTH_DOC = "Unfinished rows: waiting (claimable now), delayed, in_flight (leased)."
+_AGE_DOC = "Seconds the longest-waiting claimable row has waited."
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +40,48 @@ class BacklogStatistics:
     staleness_s: float  # seconds since the last successful read; inf before the first
     reads: int
     errors: int
+
+    METRIC_FAMILIES: ClassVar[tuple[Family, ...]] = (
+        Family(
+            "queue_depth",
+            "gauge",
+            _DEPTH_DOC,
+            ("queue", "state"),
+            where="per task queue with unfinished tasks",
+        ),
+        Family(
+            "queue_oldest_wait_seconds",
+            "gauge",
+            _AGE_DOC,
+            ("queue",),
+            where="per task queue with unfinished tasks",
+        ),
+        Family(
+            "outbox_depth", "gauge", _DEPTH_DOC, ("state",), where="after the first reading"
+        ),
+        Family(
+            "outbox_oldest_wait_seconds", "gauge", _AGE_DOC, where="after the first reading"
+        ),
+        Family("backlog_read_age_seconds", "gauge", "Age of the backlog reading; -1: none."),
+        Family("backlog_read_errors", "counter", "Failed backlog reads."),
+    )
+
+    def export(self, out: MetricSink) -> None:
+        for q in self.queues:
+            for state, n in _states(q):
+                out.sample("queue_depth", {"queue": q.name, "state": state}, n)
+            out.sample("queue_oldest_wait_seconds", {"queue": q.name}, q.oldest_wait_s)
+        if self.outbox is not None:
+            for state, n in _states(self.outbox):
+                out.sample("outbox_depth", {"state": state}, n)
+            out.sample("outbox_oldest_wait_seconds", {}, self.outbox.oldest_wait_s)
+        staleness = self.staleness_s if self.staleness_s != float("inf") else -1.0
+        out.sample("backlog_read_age_seconds", {}, staleness)
+        out.sample("backlog_read_errors", {}, self.errors)
+
+
+def _states(depth: QueueDepth) -> tuple[tuple[str, int], ...]:
+    return (("waiting", depth.waiting), ("delayed", depth.delayed), ("in_flight", depth.in_flight))
 
 
 class BacklogMonitor:

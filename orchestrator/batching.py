@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from types import MappingProxyType, TracebackType
-from typing import Generic, Self, TypeVar
+from typing import ClassVar, Generic, Self, TypeVar
 
 import anyio
 import anyio.abc
@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from orchestrator.errors import WriterClosed, WriterOverloaded
 from storage.errors import StorageUnavailable
+from storage.families import Family, MetricSink
 
 __all__ = [
     "Batch",
@@ -137,6 +138,12 @@ def outcome_batches(max_batch: int) -> BatchConfig:
     )
 
 
+DROP_REASONS = ("overflow", "overflow_oldest", "overflow_newest")
+"""Why an item is dropped: a full buffer under the policy raise/drop-newest/drop-oldest."""
+DEAD_LETTER_REASONS = ("retries_exhausted", "retry_budget_exhausted", "not_retryable", "shutdown")
+"""Why items are dead-lettered (``DeadLetter.reason``)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Batch(Generic[T]):
     """What the sink receives: the items in arrival order, and the same items per key."""
@@ -210,6 +217,77 @@ class BatchWriterStatistics:
     def sink_unavailable(self) -> bool:
         """The sink's latest call failed and none has succeeded since."""
         return self.consecutive_failures > 0
+
+    METRIC_FAMILIES: ClassVar[tuple[Family, ...]] = (
+        Family("writer_pending", "gauge", "Items waiting for a flush.", ("writer",)),
+        Family("writer_in_flight", "gauge", "Items handed to the sink.", ("writer",)),
+        Family("writer_buffered_bytes", "gauge", "Bytes buffered.", ("writer",)),
+        Family("writer_blocked_puts", "gauge", "Puts waiting for room.", ("writer",)),
+        Family(
+            "writer_oldest_pending_age_seconds", "gauge", "Age of the oldest item.", ("writer",)
+        ),
+        Family(
+            "writer_last_flush_latency_seconds", "gauge", "Last flush duration.", ("writer",)
+        ),
+        Family("writer_accepted", "counter", "Items accepted.", ("writer",)),
+        Family("writer_flushed", "counter", "Items the sink confirmed (writes).", ("writer",)),
+        Family("writer_batches", "counter", "Batches confirmed.", ("writer",)),
+        Family(
+            "writer_dropped",
+            "counter",
+            "Items dropped, by reason.",
+            ("writer", "reason"),
+            known=DROP_REASONS,
+        ),
+        Family("writer_retries", "counter", "Batch retries.", ("writer",)),
+        Family("writer_dead_lettered", "counter", "Items dead-lettered.", ("writer",)),
+        Family(
+            "writer_dead_letters",
+            "counter",
+            "Items dead-lettered, by reason.",
+            ("writer", "reason"),
+            known=DEAD_LETTER_REASONS,
+        ),
+        Family(
+            "writer_sink_unavailable",
+            "gauge",
+            "1 while the sink's latest write failed (storage unavailable), else 0.",
+            ("writer",),
+        ),
+        Family(
+            "writer_sink_failing_seconds",
+            "gauge",
+            "How long the sink has been failing (0 while healthy).",
+            ("writer",),
+        ),
+        Family(
+            "writer_sink_consecutive_failures",
+            "gauge",
+            "Failed sink calls since the last success.",
+            ("writer",),
+        ),
+        Family("writer_buffered", "gauge", "Items buffered: waiting plus in flight.", ("writer",)),
+    )
+
+    def export(self, out: MetricSink) -> None:
+        labels = {"writer": self.name}
+        out.sample("writer_pending", labels, self.pending)
+        out.sample("writer_in_flight", labels, self.in_flight)
+        out.sample("writer_buffered_bytes", labels, self.buffered_bytes)
+        out.sample("writer_blocked_puts", labels, self.blocked_puts)
+        out.sample("writer_oldest_pending_age_seconds", labels, self.oldest_pending_age_s)
+        out.sample("writer_last_flush_latency_seconds", labels, self.last_flush_latency_s)
+        out.sample("writer_accepted", labels, self.accepted)
+        out.sample("writer_flushed", labels, self.flushed)
+        out.sample("writer_batches", labels, self.batches)
+        out.samples("writer_dropped", labels, self.dropped)
+        out.sample("writer_retries", labels, self.retries)
+        out.sample("writer_dead_lettered", labels, self.dead_lettered)
+        out.samples("writer_dead_letters", labels, self.dead_letters)
+        out.sample("writer_sink_unavailable", labels, 1.0 if self.sink_unavailable else 0.0)
+        out.sample("writer_sink_failing_seconds", labels, self.failing_for_s)
+        out.sample("writer_sink_consecutive_failures", labels, self.consecutive_failures)
+        out.sample("writer_buffered", labels, self.unsettled)
 
 
 class _Entry(Generic[T]):
@@ -708,3 +786,15 @@ class BatchWriter(Generic[T]):
         if self._closed:
             return Health(False, "writer is closed")
         return Health(True)
+
+
+def describe_failure(exc: BaseException) -> str:
+    """The text stored as a task's or message's last error: ``Type: message``.
+
+    Text that cannot be stored as UTF-8 (a lone surrogate, e.g. a file name decoded with
+    ``surrogateescape``) is escaped, so a handler's odd exception never fails the outcome
+    write that records it.
+    """
+    text = str(exc)
+    line = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return line.encode("utf-8", "backslashreplace").decode("utf-8")

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from types import MappingProxyType, TracebackType
-from typing import Self
+from typing import ClassVar, Self
 
 import anyio
 import anyio.abc
@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from orchestrator.errors import SubscriberLagged
 from storage import AsyncStorageBackend, Notification, StreamEvent
+from storage.families import Family, MetricSink
 
 __all__ = [
     "BroadcastHub",
@@ -111,6 +112,12 @@ class StreamReset:
     seq: int
 
 
+DB_READ_CAUSES = ("resume", "catch_up", "fan_in", "head", "poll")
+"""Why a subscriber caused a database read (``HubStatistics.db_reads``)."""
+RESET_REASONS = ("epoch_changed", "unknown_resume_point", "gap")
+HUB_DROP_REASONS = ("stale_epoch", "duplicate", "fetch_untaken")
+
+
 @dataclass(frozen=True, slots=True)
 class HubStatistics:
     mode: str
@@ -135,6 +142,47 @@ class HubStatistics:
     def live_db_reads(self) -> int:
         """Reads caused by subscribers that were live (not resuming): catch-up and polling."""
         return self.db_reads.get("catch_up", 0) + self.db_reads.get("poll", 0)
+
+    METRIC_FAMILIES: ClassVar[tuple[Family, ...]] = (
+        Family("broadcast_rings", "gauge", "Per-session ring buffers."),
+        Family("broadcast_subscribers", "gauge", "Live stream subscribers (WS/SSE)."),
+        Family("broadcast_published", "counter", "Events put in rings."),
+        Family("broadcast_delivered", "counter", "Events handed to subscribers."),
+        Family(
+            "broadcast_db_reads",
+            "counter",
+            "Database reads caused by subscribers.",
+            ("cause",),
+            known=DB_READ_CAUSES,
+        ),
+        Family(
+            "broadcast_resets", "counter", "Resets sent, by reason.", ("reason",), RESET_REASONS
+        ),
+        Family(
+            "broadcast_dropped", "counter", "Publishes refused.", ("reason",), HUB_DROP_REASONS
+        ),
+        Family("broadcast_rings_evicted", "counter", "Idle rings evicted."),
+        Family("broadcast_lagged_disconnects", "counter", "Slow subscribers cut."),
+        Family("broadcast_fetch_errors", "counter", "Failed event fetches."),
+        Family(
+            "broadcast_inline_events",
+            "counter",
+            "Other instances' events taken from notifications without a read.",
+        ),
+    )
+
+    def export(self, out: MetricSink) -> None:
+        out.sample("broadcast_rings", {}, self.rings)
+        out.sample("broadcast_subscribers", {}, self.subscribers)
+        out.sample("broadcast_published", {}, self.published)
+        out.sample("broadcast_delivered", {}, self.delivered)
+        out.samples("broadcast_db_reads", {}, self.db_reads)
+        out.samples("broadcast_resets", {}, self.resets)
+        out.samples("broadcast_dropped", {}, self.dropped)
+        out.sample("broadcast_rings_evicted", {}, self.rings_evicted)
+        out.sample("broadcast_lagged_disconnects", {}, self.lagged_disconnects)
+        out.sample("broadcast_fetch_errors", {}, self.fetch_errors)
+        out.sample("broadcast_inline_events", {}, self.inline_events)
 
 
 def encode_advances(advances: list[tuple[str, int, int, int]]) -> list[str]:
@@ -794,6 +842,8 @@ class Subscription:
         self._waiter: asyncio.Future[None] | None = None
         self._closed = False
         self._released = False
+        self._interrupted = False
+        self._interrupt_scope: anyio.CancelScope | None = None
 
     @property
     def position(self) -> Position | None:
@@ -825,6 +875,78 @@ class Subscription:
         return self
 
     async def __anext__(self) -> StreamEvent | StreamReset:
+        item = await self._advance(False)
+        assert item is not None  # only an interruptible wait returns None
+        return item
+
+    async def next_within(self, timeout_s: float | None) -> StreamEvent | StreamReset | None:
+        """The next item, or None once ``timeout_s`` passed (None: no limit) or
+        ``interrupt()`` was called (an interrupt while not waiting ends the next wait).
+
+        ``__anext__`` under a cancel scope does the same; this is the cheaper way for a
+        caller that waits once per item (no scope per wait). Nothing is lost either way:
+        the next call continues where this one stopped.
+        """
+        if self._ring is None:
+            # Legacy poll mode: its reads and sleeps are cancelled, as a scope would.
+            limit = math.inf if timeout_s is None else timeout_s
+            with anyio.move_on_after(limit) as scope:
+                self._interrupt_scope = scope
+                try:
+                    if not self._interrupted:
+                        return await self._advance(True)
+                finally:
+                    self._interrupt_scope = None
+            self._interrupted = False
+            return None
+        if timeout_s is None:
+            return await self._advance(True)
+        handle = asyncio.get_running_loop().call_later(timeout_s, self.interrupt)
+        try:
+            return await self._advance(True)
+        finally:
+            handle.cancel()
+
+    def interrupt(self) -> None:
+        """End the current (or next) ``next_within`` wait with None."""
+        self._interrupted = True
+        if self._interrupt_scope is not None:
+            self._interrupt_scope.cancel()
+        self._signal()
+
+    def take_ready(self, limit: int) -> list[StreamEvent | StreamReset]:
+        """Up to ``limit`` items that are ready now, in the order iteration would yield
+        them, without waiting or reading the database (a batch for one write)."""
+        hub = self._hub
+        out: list[StreamEvent | StreamReset] = []
+        buffer = self._buffer
+        while len(out) < limit:
+            if not buffer:
+                ring, nxt = self._ring, self._next
+                if (
+                    ring is None
+                    or nxt is None
+                    or not ring.events
+                    or self._closed
+                    or hub._closing
+                    or self._pending_reset is not None
+                    or self._resume is not None
+                ):
+                    break
+                first = ring.events[0].seq
+                if not first <= nxt <= ring.events[-1].seq:
+                    break
+                take = min(ring.events[-1].seq - nxt + 1, hub.config.page_size)
+                buffer.extend(itertools.islice(ring.events, nxt - first, nxt - first + take))
+                self._next = nxt + take
+            item = buffer.popleft()
+            if type(item) is StreamEvent:
+                self._last = (item.epoch, item.seq)
+                hub._delivered += 1
+            out.append(item)
+        return out
+
+    async def _advance(self, interruptible: bool) -> StreamEvent | StreamReset | None:
         hub = self._hub
         while True:
             if self._buffer:
@@ -833,6 +955,9 @@ class Subscription:
                     self._last = (item.epoch, item.seq)
                     hub._delivered += 1
                 return item
+            if interruptible and self._interrupted:
+                self._interrupted = False
+                return None
             if self._closed or hub._closing:
                 await self.aclose()
                 raise StopAsyncIteration

@@ -17,7 +17,7 @@ import math
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import anyio
 import orjson
@@ -25,6 +25,7 @@ from anyio.abc import TaskStatus
 from pydantic import BaseModel, ConfigDict, Field
 
 from storage import AsyncStorageBackend, CancelState, StorageError
+from storage.families import Family, MetricSink
 
 log = logging.getLogger("asyncstore.cancellation")
 
@@ -73,6 +74,21 @@ class CancellationStatistics:
     catch_up_reads: int
     polls: int
     storage_errors: int = 0  # catch-up reads that failed (retried, never fatal)
+
+    METRIC_FAMILIES: ClassVar[tuple[Family, ...]] = (
+        Family("cancel_tokens", "gauge", "Live cancel tokens."),
+        Family("cancel_requests", "counter", "Cancel requests made here."),
+        Family("cancel_fired", "counter", "Tokens fired."),
+        Family("cancel_notifications", "counter", "Cancel notifications received."),
+        Family("cancel_db_reads", "counter", "Catch-up reads.", ("cause",)),
+    )
+
+    def export(self, out: MetricSink) -> None:
+        out.sample("cancel_tokens", {}, self.tokens)
+        out.sample("cancel_requests", {}, self.requests)
+        out.sample("cancel_fired", {}, self.fired)
+        out.sample("cancel_notifications", {}, self.notifications)
+        out.samples("cancel_db_reads", {}, {"catch_up": self.catch_up_reads, "poll": self.polls})
 
 
 class CancelToken:

@@ -152,7 +152,8 @@ class Flags(BaseModel):
     optimized path, chosen by :func:`in_rollout` (a stable hash of the flag name and the
     session id: the same session always gets the same answer for a given share, and raising
     the share only moves sessions from legacy to optimized). Internally each is stored as
-    that share (0..100). ``queue`` and ``outbox`` are process-wide modes.
+    that share (0..100). ``queue`` and ``outbox`` are process-wide modes. Any share of
+    ``lock`` keeps ``lock.max_running``: both lock paths take slots of one pool.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -309,12 +310,6 @@ class Settings(BaseSettings):
                 )
         if self.stream.channel != self.broadcast.channel:
             raise ValueError("stream.channel and broadcast.channel must be the same channel")
-        share = self.flags.lock
-        if 0.0 < share < 100.0 and self.lock.max_running is not None:
-            raise ValueError(
-                "flags.lock as a rollout share needs lock.max_running unset: the two paths "
-                "count running sessions differently (slot pool vs COUNT(*))"
-            )
         return self
 
     @classmethod

@@ -12,7 +12,8 @@ jittered exponential backoff is only the fallback that bounds a missed wake-up. 
 are renewed in the background; a lost lease fires the session's cancel token
 (``orchestrator.cancellation``). Expired leases are swept in the background.
 ``lock.mode = "db_poll"`` keeps the legacy loop (DELETE expired, COUNT(*), INSERT, fixed
-sleep) as real code for rollback and benchmarks.
+sleep) as real code for rollback and benchmarks; under a global cap its INSERT takes a slot
+of the same pool, so both modes count the same thing and may run side by side.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Literal
+from typing import ClassVar, Literal
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
@@ -38,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from orchestrator.cancellation import CancellationRegistry
 from storage import AsyncStorageBackend, Lease, LeaseLost, StorageError
+from storage.families import Family, MetricSink
 
 __all__ = [
     "HeldLease",
@@ -63,6 +65,14 @@ class LimiterConfig(BaseModel):
     to ``backoff_max_s``: a fallback that bounds what a missed wake-up (a crashed holder, a
     lost notification) can cost, not a poll. ``poll_interval_s`` is the legacy loop's fixed
     sleep; 200 ms is the old limiter's ``SESSION_LOCK_POLL_INTERVAL_S``.
+
+    ``max_running`` is held by the pool's numbered slots in both modes: ``db_poll`` keeps
+    its DELETE / COUNT(*) pre-check and fixed sleep but takes its lease together with a slot
+    (``acquire_lease_slot``), so a partial rollout of the lock flag, where both modes run
+    side by side, never runs more than ``max_running`` sessions. ``sweep_leases``: a
+    ``two_level`` limiter deletes leases expired for ``sweep_grace_s`` every
+    ``sweep_interval_s``; the runtime turns it off and leaves that sweep to the maintenance
+    leader, one sweeper per fleet (``orchestrator.maintenance``).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -73,6 +83,7 @@ class LimiterConfig(BaseModel):
     max_running: int | None = Field(default=None, ge=1)
     max_local: int | None = Field(default=None, ge=1)
     slot_pool: str = Field(default="default", min_length=1, max_length=255)
+    sweep_leases: bool = True
     sweep_interval_s: float = Field(default=30.0, gt=0)
     sweep_grace_s: float = Field(default=60.0, ge=0)
     backoff_initial_s: float = Field(default=0.5, gt=0)
@@ -124,6 +135,31 @@ class LimiterStatistics:
     @property
     def statements_per_acquire(self) -> float:
         return self.acquire_statements / self.acquires if self.acquires else 0.0
+
+    METRIC_FAMILIES: ClassVar[tuple[Family, ...]] = (
+        Family("lock_holders", "gauge", "Session leases held."),
+        Family("lock_waiters", "gauge", "Tasks waiting for a session."),
+        Family("lock_cap_waiters", "gauge", "Tasks waiting for a global slot."),
+        Family("lock_acquires", "counter", "Leases acquired."),
+        Family("lock_acquire_attempts", "counter", "Acquire attempts."),
+        Family("lock_acquire_statements", "counter", "Statements on the acquire path."),
+        Family("lock_wakeups", "counter", "Waits ended by a wake-up."),
+        Family("lock_fallback_retries", "counter", "Waits ended by the backoff."),
+        Family("lock_leases_lost", "counter", "Held leases lost."),
+        Family("lock_wait_seconds", "histogram", "Wait to acquire a session."),
+    )
+
+    def export(self, out: MetricSink) -> None:
+        out.sample("lock_holders", {}, self.holders)
+        out.sample("lock_waiters", {}, self.waiters)
+        out.sample("lock_cap_waiters", {}, self.cap_waiters)
+        out.sample("lock_acquires", {}, self.acquires)
+        out.sample("lock_acquire_attempts", {}, self.acquire_attempts)
+        out.sample("lock_acquire_statements", {}, self.acquire_statements)
+        out.sample("lock_wakeups", {}, self.wakeups)
+        out.sample("lock_fallback_retries", {}, self.fallback_retries)
+        out.sample("lock_leases_lost", {}, self.leases_lost)
+        out.histogram("lock_wait_seconds", {}, self.wait_histogram, self.wait_total_s)
 
 
 class HeldLease:
@@ -389,14 +425,25 @@ class SessionLimiter:
             await self._storage.expire_leases(0)
             running = await self._storage.count_leases()
             if cfg.max_running is None or running < cfg.max_running:
-                lease = await self._storage.acquire_lease(
-                    session_id, self._holder(), cfg.lease_ttl_s
-                )
+                lease = await self._take_db_poll(session_id)
                 if lease is not None:
                     return lease
             else:
                 self._acquire_statements -= 1  # the INSERT was not sent
             await anyio.sleep(cfg.poll_interval_s)
+
+    async def _take_db_poll(self, session_id: str) -> Lease | None:
+        cfg = self._config
+        if self._pool is None:
+            return await self._storage.acquire_lease(session_id, self._holder(), cfg.lease_ttl_s)
+        # With a global cap the legacy loop takes a slot of the same pool as two_level, in
+        # the same statement as the lease: the COUNT(*) above is only its old pre-check (it
+        # races with other instances' INSERTs), the slot is what holds the cap, so legacy
+        # and optimized sessions of a partial rollout are counted against one pool.
+        attempt = await self._storage.acquire_lease_slot(
+            session_id, self._holder(), cfg.lease_ttl_s, pool=self._pool, slots=cfg.max_running or 0
+        )
+        return attempt.lease
 
     # -- holding -------------------------------------------------------------------
 
@@ -405,7 +452,9 @@ class SessionLimiter:
             return
         self._release_statements += 1
         try:
-            if self._config.mode == "two_level":
+            if self._config.mode == "two_level" or self._pool is not None:
+                # A capped legacy hold frees its slot too, and its release wakes the
+                # two_level waiters (of any instance) that found the pool full.
                 await self._storage.release_lease_slot(
                     held.session_id, held.token, channel=self._config.channel, pool=self._pool
                 )
@@ -453,7 +502,7 @@ class SessionLimiter:
                 with anyio.move_on_after(give_up - started):
                     try:
                         self._renewals += 1
-                        if cfg.mode == "two_level":
+                        if cfg.mode == "two_level" or self._pool is not None:
                             lease = await self._storage.renew_lease_slot(
                                 held.session_id, held.token, ttl, pool=self._pool
                             )
@@ -542,11 +591,13 @@ async def open_session_limiter(
             cancellation=cancellation,
             instance_id=instance_id or default_instance_id(),
         )
+        if cfg.max_running is not None:
+            # Both modes take slots of the pool when capped (see ``_take_db_poll``).
+            await storage.ensure_lease_slots(cfg.slot_pool, cfg.max_running)
         if cfg.mode == "two_level":
-            if cfg.max_running is not None:
-                await storage.ensure_lease_slots(cfg.slot_pool, cfg.max_running)
             await tg.start(limiter._listen)
-            tg.start_soon(limiter._sweep)
+            if cfg.sweep_leases:
+                tg.start_soon(limiter._sweep)
         try:
             yield limiter
         finally:

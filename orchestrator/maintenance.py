@@ -5,7 +5,10 @@ round, every instance runs its evictors (idle per-process state such as broadcas
 and only the instance that holds the fleet-wide ``storage.open_leadership`` role sweeps the
 database: stream events past their TTL in bounded batches, succeeded tasks and sent outbox
 messages past their retention, expired leases, idle login attempt counts. It relies only
-on the storage contract and never runs on a request path.
+on the storage contract and never runs on a request path. It is also the fleet's one lease
+sweeper: the runtime's session limiters sweep nothing themselves, and when the rounds do
+not expire leases (maintenance disabled, or ``lease_grace_s`` unset) a ``LeaseSweep``
+keeps a lease-only loop running, still on the leader only.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from storage import AsyncStorageBackend, Leadership
 __all__ = [
     "PURGE_KINDS",
     "Evictor",
+    "LeaseSweep",
     "MaintenanceConfig",
     "MaintenanceStatistics",
     "MaintenanceSweeper",
@@ -86,6 +90,23 @@ class MaintenanceConfig(BaseModel):
 
 
 @dataclass(frozen=True, slots=True)
+class LeaseSweep:
+    """The session limiter's lease expiry, handed to the maintenance leader.
+
+    Every ``interval_s`` (jittered like the rounds) the instance holding the maintenance
+    leadership deletes leases expired for more than ``grace_s`` seconds. It runs only when
+    the rounds do not already do it (``enabled`` False or ``lease_grace_s`` None).
+    """
+
+    interval_s: float
+    grace_s: float
+
+    def __post_init__(self) -> None:
+        if not self.interval_s > 0 or not self.grace_s >= 0:
+            raise ValueError("LeaseSweep needs interval_s > 0 and grace_s >= 0")
+
+
+@dataclass(frozen=True, slots=True)
 class MaintenanceStatistics:
     """A snapshot of a sweeper's counters.
 
@@ -93,7 +114,9 @@ class MaintenanceStatistics:
     found another instance leading (``sweeps_skipped``), or could not tell (an error).
     ``purged`` maps each kind of ``PURGE_KINDS`` to rows deleted; ``stream_batches`` counts
     batch statements. ``errors`` counts failed steps (each logged); ``last_error`` is the
-    latest one.
+    latest one. With a ``LeaseSweep`` running (rounds disabled), its lease-only rounds are
+    rounds too: ``lease_sweeps`` counts those this instance swept as leader (their rows are
+    in ``purged["leases"]``), ``sweeps_skipped`` those another instance led.
     """
 
     rounds: int
@@ -107,6 +130,7 @@ class MaintenanceStatistics:
     errors: int
     last_error: str | None
     last_sweep_duration_s: float | None
+    lease_sweeps: int = 0
 
 
 class MaintenanceSweeper:
@@ -135,6 +159,7 @@ class MaintenanceSweeper:
         self._errors = 0
         self._last_error: str | None = None
         self._last_duration: float | None = None
+        self._lease_sweeps = 0
 
     @property
     def config(self) -> MaintenanceConfig:
@@ -157,6 +182,7 @@ class MaintenanceSweeper:
             errors=self._errors,
             last_error=self._last_error,
             last_sweep_duration_s=self._last_duration,
+            lease_sweeps=self._lease_sweeps,
         )
 
     async def wait_rounds(self, rounds: int) -> None:
@@ -258,6 +284,50 @@ class MaintenanceSweeper:
             # A checkpoint between batches: other work runs and cancellation gets in.
             await anyio.sleep(self._config.batch_pause_s)
 
+    def sweeps_leases(self) -> bool:
+        """Whether this sweeper's rounds expire leases (enabled, ``lease_grace_s`` set)."""
+        return self._config.enabled and self._config.lease_grace_s is not None
+
+    async def sweep_leases_once(self, grace_s: float) -> bool:
+        """A lease-only round: expire leases past ``grace_s`` if this instance leads.
+
+        Returns whether it swept. Counted as a round (``sweeps_skipped`` when another
+        instance leads, ``lease_sweeps`` when this one swept); never overlaps a round.
+        Failures are logged and counted, never raised. If cancelled, the statement runs to
+        completion or not at all.
+        """
+        async with self._round_lock:
+            try:
+                return await self._expire_leases_if_leading(grace_s)
+            finally:
+                self._rounds += 1
+                self._round_done.set()
+                self._round_done = anyio.Event()
+
+    async def _expire_leases_if_leading(self, grace_s: float) -> bool:
+        try:
+            leading = await self._role.try_lead()
+        except Exception as exc:
+            self._fail("leadership", exc)
+            return False
+        if not leading:
+            self._sweeps_skipped += 1
+            return False
+        try:
+            deleted = await self._storage.expire_leases(grace_s)
+        except Exception as exc:
+            self._fail("leases", exc)
+            return True
+        self._lease_sweeps += 1
+        self._purged["leases"] += deleted
+        return True
+
+    async def _run_lease_sweeps(self, sweep: LeaseSweep) -> None:
+        jitter = self._config.jitter
+        while True:
+            await anyio.sleep(sweep.interval_s * random.uniform(1 - jitter, 1 + jitter))
+            await self.sweep_leases_once(sweep.grace_s)
+
     async def _run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         cfg = self._config
@@ -272,14 +342,18 @@ async def open_maintenance(
     config: MaintenanceConfig | None = None,
     *,
     evictors: Sequence[Evictor] = (),
+    lease_sweep: LeaseSweep | None = None,
 ) -> AsyncIterator[MaintenanceSweeper]:
     """Run the maintenance loop for the ``async with`` block.
 
     The first round starts one jittered interval after entering. Evictors run on every
     instance; the database sweep runs only on the instance holding the leadership named
-    ``config.leadership_name``. Leaving the block (or cancelling it) stops the loop at its
-    next await, a purge batch in flight included (Postgres cancels the statement; SQLite
-    finishes its short transaction), then gives the leadership up, shielded.
+    ``config.leadership_name``. ``lease_sweep`` (the session limiters' lease expiry) adds a
+    lease-only loop, also leader-only, when the rounds do not expire leases themselves:
+    so a fleet has one lease sweeper even with ``enabled`` False. Leaving the block (or
+    cancelling it) stops the loop at its next await, a purge batch in flight included
+    (Postgres cancels the statement; SQLite finishes its short transaction), then gives
+    the leadership up, shielded.
     """
     cfg = config or MaintenanceConfig()
     async with storage.open_leadership(
@@ -289,6 +363,8 @@ async def open_maintenance(
         async with anyio.create_task_group() as tg:
             if cfg.enabled:
                 await tg.start(sweeper._run)
+            if lease_sweep is not None and not sweeper.sweeps_leases():
+                tg.start_soon(sweeper._run_lease_sweeps, lease_sweep)
             try:
                 yield sweeper
             finally:

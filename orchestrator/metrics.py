@@ -2,8 +2,11 @@
 
 A ``Metrics`` object owns its own ``CollectorRegistry``. Components are added as sources
 (``metrics.add_source("streams", writer)``) and read through their ``statistics()``
-snapshots at scrape time by one custom collector, so the hot paths pay nothing. What a
-snapshot cannot give is observed directly into histograms: event-loop lag (fed by
+snapshots at scrape time by one custom collector, so the hot paths pay nothing. Each
+snapshot type declares its own families next to its fields (``METRIC_FAMILIES`` and
+``export()``, the protocol of ``storage.families``): this module knows no component, and
+any object whose snapshot follows the protocol can be exported. What a snapshot cannot
+give is observed directly into histograms: event-loop lag (fed by
 ``open_loop_lag_monitor``), connection-pool acquire wait (``open_pool_probe``) and
 cancellation latency. ``metrics.asgi_app()`` serves the registry to an ASGI server;
 ``serve_metrics`` / ``open_metrics_server`` serve it on the event loop for a process with
@@ -44,17 +47,7 @@ from prometheus_client.metrics_core import (
 )
 from pydantic import BaseModel, ConfigDict, Field
 
-from orchestrator.auth import AttemptLimiterStatistics, HasherStatistics
-from orchestrator.backlog import BacklogStatistics
-from orchestrator.batching import BatchWriterStatistics
-from orchestrator.broadcast import HubStatistics
-from orchestrator.cancellation import CancellationStatistics
-from orchestrator.locks import LimiterStatistics
-from orchestrator.outbox import OutboxRelayStatistics
-from orchestrator.queue import WorkerStatistics
-from orchestrator.streams import StreamWriterStatistics
-from orchestrator.webhooks import AsyncWebhookStatistics, WebhooksStatistics
-from storage import StorageStatistics
+from storage.families import Exportable, Family
 
 __all__ = [
     "LoopLagMonitor",
@@ -71,32 +64,35 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# Label values whose counters exist at zero from the first scrape (the ones the components
-# can produce; others still appear once they occur).
-_DB_READ_CAUSES = ("resume", "catch_up", "fan_in", "head", "poll")
-_RESET_REASONS = ("epoch_changed", "unknown_resume_point", "gap")
-_HUB_DROP_REASONS = ("stale_epoch", "duplicate", "fetch_untaken")
-_WRITER_DROP_REASONS = ("overflow", "overflow_oldest", "overflow_newest")
-_DEAD_LETTER_REASONS = ("retries_exhausted", "retry_budget_exhausted", "not_retryable", "shutdown")
-
 LAG_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 WAIT_BUCKETS_S = (0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0)
 
-KNOWN_STATISTICS: tuple[type, ...] = (
-    BatchWriterStatistics,
-    StreamWriterStatistics,
-    HubStatistics,
-    LimiterStatistics,
-    CancellationStatistics,
-    WorkerStatistics,
-    OutboxRelayStatistics,
-    WebhooksStatistics,
-    AsyncWebhookStatistics,
-    StorageStatistics,
-    HasherStatistics,
-    AttemptLimiterStatistics,
-    BacklogStatistics,
+# The families this module produces itself (no ``source`` label).
+OWN_FAMILIES: tuple[Family, ...] = (
+    Family(
+        "event_loop_lag_seconds",
+        "histogram",
+        "How late the event loop woke a sleeping monitor task (scheduling delay).",
+    ),
+    Family(
+        "cancellation_latency_seconds",
+        "histogram",
+        "From a cancel request to the cancelled work having stopped.",
+    ),
+    Family(
+        "storage_pool_acquire_wait_seconds",
+        "histogram",
+        "Time a probe waited to acquire a pooled connection (sampled).",
+        ("source",),
+        where="Postgres (a pool), once probed",
+    ),
+    Family("worker_threads_busy", "gauge", "anyio worker-thread tokens in use."),
+    Family("worker_threads_limit", "gauge", "anyio default thread limiter size."),
+    Family("worker_threads_waiting", "gauge", "Tasks waiting for a worker thread."),
+    Family("process_threads", "gauge", "Threads alive in this process."),
+    Family("metrics_collect_errors", "counter", "Sources whose statistics() raised."),
 )
+_OWN = {f.name: f for f in OWN_FAMILIES}
 
 
 class HasStatistics(Protocol):
@@ -129,6 +125,13 @@ class MetricsStatistics:
     collect_errors: int
 
 
+_KINDS = {
+    "counter": CounterMetricFamily,
+    "gauge": GaugeMetricFamily,
+    "histogram": HistogramMetricFamily,
+}
+
+
 class _Families:
     """Metric families of one collection, created on first use; samples accumulate."""
 
@@ -136,60 +139,77 @@ class _Families:
         self._ns = namespace
         self._families: dict[str, Metric] = {}
 
-    def gauge(self, name: str, doc: str, labels: Mapping[str, str], value: float) -> None:
-        family = self._families.get(name)
-        if family is None:
-            family = self._families[name] = GaugeMetricFamily(
-                f"{self._ns}_{name}", doc, labels=list(labels)
+    def add(self, family: Family, labels: Mapping[str, str], value: Any) -> None:
+        metric = self._families.get(family.name)
+        if metric is None:
+            metric = self._families[family.name] = _KINDS[family.kind](
+                f"{self._ns}_{family.name}", family.help, labels=list(labels)
             )
-        family.add_metric(list(labels.values()), value)  # type: ignore[attr-defined]
+        if family.kind == "histogram":
+            buckets, sum_value = value
+            metric.add_metric(list(labels.values()), buckets, sum_value)  # type: ignore[union-attr]
+        else:
+            metric.add_metric(list(labels.values()), value)  # type: ignore[union-attr]
 
-    def counter(self, name: str, doc: str, labels: Mapping[str, str], value: float) -> None:
-        family = self._families.get(name)
+    def merge(self, other: _Families) -> None:
+        for name, metric in other._families.items():
+            mine = self._families.setdefault(name, metric)
+            if mine is not metric:
+                mine.samples.extend(metric.samples)
+
+    def __iter__(self) -> Iterator[Metric]:
+        return iter(self._families.values())
+
+
+class _SourceSink:
+    """The ``MetricSink`` one source's snapshot exports into: adds ``source`` and checks
+    every sample against the snapshot's declared families (an undeclared name or other
+    labels raise, so a declaration cannot drift from what is exported)."""
+
+    __slots__ = ("_declared", "_out", "_source")
+
+    def __init__(self, out: _Families, source: str, declared: Mapping[str, Family]) -> None:
+        self._out = out
+        self._source = source
+        self._declared = declared
+
+    def _family(self, name: str, labels: Mapping[str, str], extra: int = 0) -> Family:
+        family = self._declared.get(name)
         if family is None:
-            family = self._families[name] = CounterMetricFamily(
-                f"{self._ns}_{name}", doc, labels=list(labels)
-            )
-        family.add_metric(list(labels.values()), value)  # type: ignore[attr-defined]
+            raise ValueError(f"metric family {name!r} is not declared")
+        if len(labels) + extra != len(family.labels) or any(
+            k != f for k, f in zip(labels, family.labels, strict=False)
+        ):
+            raise ValueError(f"{name}: labels {list(labels)} do not match {family.labels}")
+        return family
 
-    def counters(
-        self,
-        name: str,
-        doc: str,
-        labels: Mapping[str, str],
-        key: str,
-        values: Mapping[str, int],
-        known: Iterable[str] = (),
-    ) -> None:
-        """One sample per label value; ``known`` values are present at zero from the start,
-        so ``rate()`` and alerts see a series before its first increment."""
-        for value_key in known:
-            if value_key not in values:
-                self.counter(name, doc, {**labels, key: value_key}, 0)
+    def sample(self, name: str, labels: Mapping[str, str], value: float) -> None:
+        family = self._family(name, labels)
+        self._out.add(family, {"source": self._source, **labels}, value)
+
+    def samples(self, name: str, labels: Mapping[str, str], values: Mapping[str, float]) -> None:
+        family = self._family(name, labels, extra=1)
+        key = family.labels[-1]
+        base = {"source": self._source, **labels}
+        for known in family.known:
+            if known not in values:
+                self._out.add(family, {**base, key: known}, 0)
         for value_key, value in values.items():
-            self.counter(name, doc, {**labels, key: value_key}, value)
+            self._out.add(family, {**base, key: value_key}, value)
 
     def histogram(
         self,
         name: str,
-        doc: str,
         labels: Mapping[str, str],
         buckets: Iterable[tuple[float, int]],
-        sum_value: float,
+        total: float,
     ) -> None:
-        family = self._families.get(name)
-        if family is None:
-            family = self._families[name] = HistogramMetricFamily(
-                f"{self._ns}_{name}", doc, labels=list(labels)
-            )
-        cumulative, total = [], 0
-        for bound, count in buckets:
-            total += count
-            cumulative.append(("+Inf" if bound == float("inf") else repr(bound), float(total)))
-        family.add_metric(list(labels.values()), cumulative, sum_value)  # type: ignore[attr-defined]
-
-    def __iter__(self) -> Iterator[Metric]:
-        return iter(self._families.values())
+        family = self._family(name, labels)
+        cumulative, count = [], 0
+        for bound, n in buckets:
+            count += n
+            cumulative.append(("+Inf" if bound == float("inf") else repr(bound), float(count)))
+        self._out.add(family, {"source": self._source, **labels}, (cumulative, total))
 
 
 class _SourceCollector:
@@ -202,15 +222,25 @@ class _SourceCollector:
         return self._metrics._collect()
 
 
+def _declarations(snapshot: object) -> tuple[Family, ...] | None:
+    if not isinstance(snapshot, Exportable):
+        return None
+    families = type(snapshot).METRIC_FAMILIES
+    if not isinstance(families, tuple) or not all(isinstance(f, Family) for f in families):
+        return None
+    return families
+
+
 class Metrics:
     """The process's metrics: a private registry, the sources it reads, direct histograms.
 
-    Sources are components with a ``statistics()`` method returning one of the library's
-    snapshot types (``KNOWN_STATISTICS``): BatchWriter, StreamEventWriter, BroadcastHub,
-    SessionLimiter, CancellationRegistry, queue Worker, OutboxRelay, Webhooks (or one
-    AsyncWebhookBatcher), a storage backend, PasswordHasher, LoginAttemptLimiter. Scrape
-    from the event loop's thread (``asgi_app`` under an ASGI server, or ``serve_metrics``):
-    the snapshots read state the loop mutates.
+    A source is any object with a ``statistics()`` method whose snapshot declares its
+    families (``storage.families.Exportable``): the library's BatchWriter,
+    StreamEventWriter, BroadcastHub, SessionLimiter, CancellationRegistry, queue Worker,
+    OutboxRelay, Webhooks (or one AsyncWebhookBatcher), a storage backend, PasswordHasher,
+    LoginAttemptLimiter, BacklogMonitor and ``asgi.EventStreams``, or an application's own.
+    Scrape from the event loop's thread (``asgi_app`` under an ASGI server, or
+    ``serve_metrics``): the snapshots read state the loop mutates.
     """
 
     def __init__(self, config: MetricsConfig | None = None) -> None:
@@ -218,27 +248,24 @@ class Metrics:
         self.registry = CollectorRegistry()
         ns = cfg.namespace
         self._sources: dict[str, HasStatistics] = {}
+        self._source_families: dict[str, Mapping[str, Family]] = {}
+        self._declared: dict[str, Family] = dict(_OWN)
         self._collections = 0
         self._errors = 0
-        self.loop_lag = Histogram(
-            f"{ns}_event_loop_lag_seconds",
-            "How late the event loop woke a sleeping monitor task (scheduling delay).",
-            buckets=LAG_BUCKETS_S,
-            registry=self.registry,
-        )
-        self.cancellation_latency = Histogram(
-            f"{ns}_cancellation_latency_seconds",
-            "From a cancel request to the cancelled work having stopped.",
-            buckets=LAG_BUCKETS_S,
-            registry=self.registry,
-        )
-        self.pool_acquire_wait = Histogram(
-            f"{ns}_storage_pool_acquire_wait_seconds",
-            "Time a probe waited to acquire a pooled connection (sampled).",
-            ["source"],
-            buckets=WAIT_BUCKETS_S,
-            registry=self.registry,
-        )
+
+        def histogram(name: str, buckets: tuple[float, ...]) -> Histogram:
+            family = _OWN[name]
+            return Histogram(
+                f"{ns}_{name}",
+                family.help,
+                list(family.labels),
+                buckets=buckets,
+                registry=self.registry,
+            )
+
+        self.loop_lag = histogram("event_loop_lag_seconds", LAG_BUCKETS_S)
+        self.cancellation_latency = histogram("cancellation_latency_seconds", LAG_BUCKETS_S)
+        self.pool_acquire_wait = histogram("storage_pool_acquire_wait_seconds", WAIT_BUCKETS_S)
         self._thread_pool: tuple[float, float, int] = (0.0, 0.0, 0)
         self.registry.register(_SourceCollector(self))
         if cfg.process_metrics:
@@ -252,8 +279,9 @@ class Metrics:
         """Read ``source.statistics()`` at every scrape, labelled ``source=name``.
 
         ``name`` is a component name ("streams", "queue"), never a per-session value.
-        Raises ``ValueError`` for a name already in use and ``TypeError`` for an object
-        whose statistics this module does not understand.
+        Raises ``ValueError`` for a name already in use or for families that clash with
+        ones already declared (same name, another type or other labels), and
+        ``TypeError`` for an object whose snapshot declares no families.
         """
         if not name or len(name) > 64:
             raise ValueError("source name must be 1 to 64 characters")
@@ -263,11 +291,25 @@ class Metrics:
         if not callable(stats):
             raise TypeError(f"{type(source).__name__} has no statistics() method")
         snapshot = stats()
-        if not isinstance(snapshot, KNOWN_STATISTICS):
+        families = _declarations(snapshot)
+        if families is None:
             raise TypeError(
                 f"metrics do not understand {type(snapshot).__name__} "
-                f"(from {type(source).__name__}.statistics())"
+                f"(from {type(source).__name__}.statistics()): it declares no "
+                "METRIC_FAMILIES / export() (see storage.families)"
             )
+        declared = dict(self._declared)
+        for family in families:
+            seen = declared.setdefault(family.name, family)
+            if (seen.kind, seen.labels) != (family.kind, family.labels) or "source" in (
+                family.labels
+            ):
+                raise ValueError(
+                    f"metric family {family.name!r} of {type(snapshot).__name__} clashes "
+                    f"with one already declared ({seen.kind} {seen.labels})"
+                )
+        self._declared = declared
+        self._source_families[name] = {f.name: f for f in families}
         self._sources[name] = source
 
     def track(self, name: str, source: S) -> S:
@@ -278,6 +320,14 @@ class Metrics:
     def remove_source(self, name: str) -> None:
         """Stop reading a source (e.g. a component that closed). Unknown names are ignored."""
         self._sources.pop(name, None)
+        self._source_families.pop(name, None)
+
+    def families(self) -> dict[str, tuple[Family, ...]]:
+        """The families each source declares (and this object's own, under ``""``)."""
+        out = {"": OWN_FAMILIES}
+        for name, families in self._source_families.items():
+            out[name] = tuple(families.values())
+        return out
 
     def statistics(self) -> MetricsStatistics:
         return MetricsStatistics(tuple(self._sources), self._collections, self._errors)
@@ -307,295 +357,27 @@ class Metrics:
     def _collect(self) -> Iterator[Metric]:
         self._collections += 1
         out = _Families(self.config.namespace)
-        errors: dict[str, int] = {}
         for name, source in list(self._sources.items()):
             try:
-                _emit(out, name, source.statistics(), source)
+                snapshot = source.statistics()
+                if not isinstance(snapshot, Exportable) or _declarations(snapshot) is None:
+                    raise TypeError(f"{type(snapshot).__name__} declares no metric families")
+                # Collected apart first: a source that fails half-way adds nothing.
+                part = _Families(self.config.namespace)
+                snapshot.export(_SourceSink(part, name, self._source_families[name]))
             except Exception:
                 self._errors += 1
-                errors[name] = errors.get(name, 0) + 1
                 log.exception("metrics: reading statistics of %r failed", name)
+                continue
+            out.merge(part)
         borrowed, total, waiting = self._thread_pool
-        out.gauge("worker_threads_busy", "anyio worker-thread tokens in use.", {}, borrowed)
-        out.gauge("worker_threads_limit", "anyio default thread limiter size.", {}, total)
-        out.gauge("worker_threads_waiting", "Tasks waiting for a worker thread.", {}, waiting)
-        out.gauge("process_threads", "Threads alive in this process.", {}, threading.active_count())
-        out.counter(
-            "metrics_collect_errors", "Sources whose statistics() raised.", {}, self._errors
-        )
+        own = _OWN
+        out.add(own["worker_threads_busy"], {}, borrowed)
+        out.add(own["worker_threads_limit"], {}, total)
+        out.add(own["worker_threads_waiting"], {}, waiting)
+        out.add(own["process_threads"], {}, threading.active_count())
+        out.add(own["metrics_collect_errors"], {}, self._errors)
         yield from out
-
-
-def _emit(out: _Families, name: str, s: object, source: object) -> None:
-    src = {"source": name}
-    if isinstance(s, BatchWriterStatistics):
-        _writer(out, name, s)
-    elif isinstance(s, StreamWriterStatistics):
-        out.gauge("stream_sessions", "Sessions with a live stream writer state.", src, s.sessions)
-        out.counter("stream_events_emitted", "Events published.", src, s.emitted)
-        out.counter("stream_events_persisted", "Events stored.", src, s.persisted)
-        out.counter("stream_events_lost", "Events published but never stored.", src, s.lost)
-        out.counters(
-            "stream_events_dropped", "Events refused, by reason.", src, "reason", s.dropped
-        )
-        out.counter("stream_notifications", "Stream notifications sent.", src, s.notifications)
-        out.counter("stream_notify_failures", "Notifications that failed.", src, s.notify_failures)
-        out.counter(
-            "stream_insert_statements", "Legacy per-event INSERTs.", src, s.insert_statements
-        )
-        if s.writer is not None:
-            _writer(out, name, s.writer)
-    elif isinstance(s, HubStatistics):
-        out.gauge("broadcast_rings", "Per-session ring buffers.", src, s.rings)
-        out.gauge("broadcast_subscribers", "Live stream subscribers (WS/SSE).", src, s.subscribers)
-        out.counter("broadcast_published", "Events put in rings.", src, s.published)
-        out.counter("broadcast_delivered", "Events handed to subscribers.", src, s.delivered)
-        out.counters(
-            "broadcast_db_reads",
-            "Database reads caused by subscribers.",
-            src,
-            "cause",
-            s.db_reads,
-            known=_DB_READ_CAUSES,
-        )
-        out.counters(
-            "broadcast_resets",
-            "Resets sent, by reason.",
-            src,
-            "reason",
-            s.resets,
-            known=_RESET_REASONS,
-        )
-        out.counters(
-            "broadcast_dropped",
-            "Publishes refused.",
-            src,
-            "reason",
-            s.dropped,
-            known=_HUB_DROP_REASONS,
-        )
-        out.counter("broadcast_rings_evicted", "Idle rings evicted.", src, s.rings_evicted)
-        out.counter(
-            "broadcast_lagged_disconnects", "Slow subscribers cut.", src, s.lagged_disconnects
-        )
-        out.counter("broadcast_fetch_errors", "Failed event fetches.", src, s.fetch_errors)
-        out.counter(
-            "broadcast_inline_events",
-            "Other instances' events taken from notifications without a read.",
-            src,
-            s.inline_events,
-        )
-    elif isinstance(s, LimiterStatistics):
-        out.gauge("lock_holders", "Session leases held.", src, s.holders)
-        out.gauge("lock_waiters", "Tasks waiting for a session.", src, s.waiters)
-        out.gauge("lock_cap_waiters", "Tasks waiting for a global slot.", src, s.cap_waiters)
-        out.counter("lock_acquires", "Leases acquired.", src, s.acquires)
-        out.counter("lock_acquire_attempts", "Acquire attempts.", src, s.acquire_attempts)
-        out.counter(
-            "lock_acquire_statements", "Statements on the acquire path.", src, s.acquire_statements
-        )
-        out.counter("lock_wakeups", "Waits ended by a wake-up.", src, s.wakeups)
-        out.counter("lock_fallback_retries", "Waits ended by the backoff.", src, s.fallback_retries)
-        out.counter("lock_leases_lost", "Held leases lost.", src, s.leases_lost)
-        out.histogram(
-            "lock_wait_seconds", "Wait to acquire a session.", src, s.wait_histogram, s.wait_total_s
-        )
-    elif isinstance(s, CancellationStatistics):
-        out.gauge("cancel_tokens", "Live cancel tokens.", src, s.tokens)
-        out.counter("cancel_requests", "Cancel requests made here.", src, s.requests)
-        out.counter("cancel_fired", "Tokens fired.", src, s.fired)
-        out.counter("cancel_notifications", "Cancel notifications received.", src, s.notifications)
-        out.counter(
-            "cancel_db_reads", "Catch-up reads.", {**src, "cause": "catch_up"}, s.catch_up_reads
-        )
-        out.counter("cancel_db_reads", "Catch-up reads.", {**src, "cause": "poll"}, s.polls)
-    elif isinstance(s, WorkerStatistics):
-        out.gauge("queue_running", "Tasks running.", src, s.running)
-        out.gauge("queue_max_workers", "The worker's concurrency cap.", src, s.max_workers)
-        out.gauge("queue_pending_writes", "Outcomes not yet stored.", src, s.pending_writes)
-        out.counter("queue_claimed", "Tasks claimed.", src, s.claimed)
-        out.counter("queue_claim_statements", "Claim statements.", src, s.claim_statements)
-        outcomes = {
-            "succeeded": s.succeeded,
-            "retried": s.retried,
-            "dead": s.dead,
-            "released": s.released,
-            "cancelled": s.cancelled,
-            "lease_lost": s.lease_lost,
-        }
-        out.counters("queue_tasks_finished", "Task outcomes.", src, "outcome", outcomes)
-        out.counter("queue_fallback_polls", "Fallback polls.", src, s.fallback_polls)
-        out.counter("queue_storage_errors", "Storage errors.", src, s.storage_errors)
-        out.counter(
-            "queue_reruns", "Tasks re-run after their worker's lease expired.", src, s.reruns
-        )
-        out.counter("queue_due_queries", "Next-due reads on going idle.", src, s.due_queries)
-        out.counter(
-            "queue_expiry_wakeups", "Idle waits ended at a due time.", src, s.expiry_wakeups
-        )
-    elif isinstance(s, BacklogStatistics):
-        _backlog(out, name, s)
-    elif isinstance(s, OutboxRelayStatistics):
-        out.gauge("outbox_in_flight", "Messages being sent.", src, s.in_flight)
-        out.gauge("outbox_lanes", "Channels with a send lane.", src, s.lanes)
-        out.gauge("outbox_pending_writes", "Outcomes not yet stored.", src, s.pending_writes)
-        out.counter("outbox_claimed", "Messages claimed.", src, s.claimed)
-        outcomes = {"sent": s.sent, "retried": s.retried, "dead": s.dead, "released": s.released}
-        out.counters("outbox_messages_finished", "Message outcomes.", src, "outcome", outcomes)
-        out.counter("outbox_send_errors", "Failed sends.", src, s.send_errors)
-        out.counter("outbox_fallback_polls", "Fallback polls.", src, s.fallback_polls)
-    elif isinstance(s, WebhooksStatistics):
-        out.counter("webhook_fires", "Trigger firings.", src, s.fires)
-        out.counter("webhook_sync_requests", "Synchronous hook requests.", src, s.sync_requests)
-        out.counters("webhook_decisions", "Sync hook decisions.", src, "decision", s.decisions)
-        for batcher in s.batchers.values():
-            _webhook(out, name, batcher)
-    elif isinstance(s, AsyncWebhookStatistics):
-        _webhook(out, name, s)
-    elif isinstance(s, StorageStatistics):
-        labels = {**src, "dialect": s.dialect}
-        out.counters(
-            "storage_statements", "Statements by operation.", labels, "operation", s.statements
-        )
-        out.counter(
-            "storage_notifications_received", "Notifications.", labels, s.notifications_received
-        )
-        out.counter("storage_notifications_dropped", "Dropped.", labels, s.notifications_dropped)
-        out.counter(
-            "storage_listener_reconnects", "Listener reconnects.", labels, s.listener_reconnects
-        )
-        out.counter(
-            "storage_listener_reconnect_failures",
-            "Listener reconnect attempts that failed.",
-            labels,
-            s.listener_reconnect_failures,
-        )
-        _pool(out, labels, source)
-    elif isinstance(s, HasherStatistics):
-        out.gauge("auth_hashing_running", "Hashes running.", src, s.running)
-        out.gauge("auth_hashing_waiting", "Hashes waiting for a slot.", src, s.waiting)
-        out.gauge("auth_hashing_slots", "Hashing pool size.", src, s.max_concurrent)
-        out.counter("auth_hashes", "Passwords hashed.", src, s.hashes)
-        results = {
-            "ok": s.verified,
-            "mismatch": s.mismatched,
-            "invalid_hash": s.invalid,
-            "overloaded": s.overloaded,
-        }
-        out.counters("auth_verifications", "Verifications.", src, "result", results)
-        out.counter("auth_rehashes", "Rehashes on verify.", src, s.rehashed)
-        out.counter("auth_hashing_busy_seconds", "Time spent hashing.", src, s.busy_s)
-    elif isinstance(s, AttemptLimiterStatistics):
-        out.gauge(
-            "auth_limiter_keys", "Tracked keys.", {**src, "scope": "account"}, s.accounts_tracked
-        )
-        out.gauge(
-            "auth_limiter_keys", "Tracked keys.", {**src, "scope": "address"}, s.addresses_tracked
-        )
-        out.counters("auth_logins_rejected", "Refused: locked out.", src, "scope", s.rejected)
-        out.counters("auth_lockouts", "Lockouts started.", src, "scope", s.lockouts)
-        out.counter("auth_login_failures", "Failed logins.", src, s.failures)
-        out.counter("auth_login_successes", "Successful logins.", src, s.successes)
-
-
-def _backlog(out: _Families, source: str, s: BacklogStatistics) -> None:
-    depth_doc = "Unfinished rows: waiting (claimable now), delayed, in_flight (leased)."
-    age_doc = "Seconds the longest-waiting claimable row has waited."
-    for q in s.queues:
-        labels = {"source": source, "queue": q.name}
-        for state, n in (
-            ("waiting", q.waiting),
-            ("delayed", q.delayed),
-            ("in_flight", q.in_flight),
-        ):
-            out.gauge("queue_depth", depth_doc, {**labels, "state": state}, n)
-        out.gauge("queue_oldest_wait_seconds", age_doc, labels, q.oldest_wait_s)
-    if s.outbox is not None:
-        o, labels = s.outbox, {"source": source}
-        for state, n in (
-            ("waiting", o.waiting),
-            ("delayed", o.delayed),
-            ("in_flight", o.in_flight),
-        ):
-            out.gauge("outbox_depth", depth_doc, {**labels, "state": state}, n)
-        out.gauge("outbox_oldest_wait_seconds", age_doc, labels, o.oldest_wait_s)
-    staleness = s.staleness_s if s.staleness_s != float("inf") else -1.0
-    out.gauge(
-        "backlog_read_age_seconds",
-        "Age of the backlog reading; -1: none.",
-        {"source": source},
-        staleness,
-    )
-    out.counter("backlog_read_errors", "Failed backlog reads.", {"source": source}, s.errors)
-
-
-def _writer(out: _Families, source: str, s: BatchWriterStatistics) -> None:
-    labels = {"source": source, "writer": s.name}
-    out.gauge("writer_pending", "Items waiting for a flush.", labels, s.pending)
-    out.gauge("writer_in_flight", "Items handed to the sink.", labels, s.in_flight)
-    out.gauge("writer_buffered_bytes", "Bytes buffered.", labels, s.buffered_bytes)
-    out.gauge("writer_blocked_puts", "Puts waiting for room.", labels, s.blocked_puts)
-    out.gauge(
-        "writer_oldest_pending_age_seconds",
-        "Age of the oldest item.",
-        labels,
-        s.oldest_pending_age_s,
-    )
-    out.gauge(
-        "writer_last_flush_latency_seconds", "Last flush duration.", labels, s.last_flush_latency_s
-    )
-    out.counter("writer_accepted", "Items accepted.", labels, s.accepted)
-    out.counter("writer_flushed", "Items the sink confirmed (writes).", labels, s.flushed)
-    out.counter("writer_batches", "Batches confirmed.", labels, s.batches)
-    out.counters(
-        "writer_dropped",
-        "Items dropped, by reason.",
-        labels,
-        "reason",
-        s.dropped,
-        known=_WRITER_DROP_REASONS,
-    )
-    out.counter("writer_retries", "Batch retries.", labels, s.retries)
-    out.counter("writer_dead_lettered", "Items dead-lettered.", labels, s.dead_lettered)
-    out.counters(
-        "writer_dead_letters",
-        "Items dead-lettered, by reason.",
-        labels,
-        "reason",
-        s.dead_letters,
-        known=_DEAD_LETTER_REASONS,
-    )
-    out.gauge(
-        "writer_sink_unavailable",
-        "1 while the sink's latest write failed (storage unavailable), else 0.",
-        labels,
-        1.0 if s.sink_unavailable else 0.0,
-    )
-    out.gauge(
-        "writer_sink_failing_seconds",
-        "How long the sink has been failing (0 while healthy).",
-        labels,
-        s.failing_for_s,
-    )
-    out.gauge(
-        "writer_sink_consecutive_failures",
-        "Failed sink calls since the last success.",
-        labels,
-        s.consecutive_failures,
-    )
-    out.gauge("writer_buffered", "Items buffered: waiting plus in flight.", labels, s.unsettled)
-
-
-def _webhook(out: _Families, source: str, s: AsyncWebhookStatistics) -> None:
-    labels = {"source": source, "endpoint": s.endpoint}
-    out.gauge("webhook_enabled", "1 while the endpoint is enabled.", labels, float(s.enabled))
-    out.counter("webhook_events_accepted", "Events queued.", labels, s.accepted)
-    out.counter("webhook_events_delivered", "Events confirmed.", labels, s.delivered)
-    out.counter("webhook_requests", "HTTP requests, retries included.", labels, s.requests)
-    out.counter("webhook_failed_attempts", "Failed attempts.", labels, s.failed_attempts)
-    out.counter("webhook_events_dead_lettered", "Events given up.", labels, s.dead_lettered)
-    out.counters("webhook_events_dropped", "Events dropped.", labels, "reason", s.dropped)
-    _writer(out, source, s.writer)
 
 
 def _pool_of(source: object) -> Any:
@@ -607,18 +389,6 @@ def _pool_of(source: object) -> Any:
     if pool is None or not callable(getattr(pool, "get_size", None)):
         return None
     return pool
-
-
-def _pool(out: _Families, labels: Mapping[str, str], source: object) -> None:
-    pool = _pool_of(source)
-    if pool is None:
-        return
-    size, idle = pool.get_size(), pool.get_idle_size()
-    out.gauge("storage_pool_connections", "Pool connections.", {**labels, "state": "idle"}, idle)
-    out.gauge(
-        "storage_pool_connections", "Pool connections.", {**labels, "state": "in_use"}, size - idle
-    )
-    out.gauge("storage_pool_max_connections", "Pool maximum size.", labels, pool.get_max_size())
 
 
 # -- event-loop lag ----------------------------------------------------------------------

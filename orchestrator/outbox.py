@@ -34,13 +34,19 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Literal, NamedTuple
+from typing import ClassVar, Literal, NamedTuple
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 from pydantic import BaseModel, ConfigDict, Field
 
-from orchestrator.batching import Batch, BatchWriter, DeadLetter, outcome_batches
+from orchestrator.batching import (
+    Batch,
+    BatchWriter,
+    DeadLetter,
+    describe_failure,
+    outcome_batches,
+)
 from storage import (
     AsyncStorageBackend,
     ChatMessage,
@@ -54,6 +60,7 @@ from storage import (
     StorageError,
 )
 from storage.errors import is_retryable
+from storage.families import Family, MetricSink
 
 __all__ = [
     "Outbox",
@@ -181,6 +188,31 @@ class OutboxRelayStatistics:
     notifications: int
     fallback_polls: int
     storage_errors: int
+
+    METRIC_FAMILIES: ClassVar[tuple[Family, ...]] = (
+        Family("outbox_in_flight", "gauge", "Messages being sent."),
+        Family("outbox_lanes", "gauge", "Channels with a send lane."),
+        Family("outbox_pending_writes", "gauge", "Outcomes not yet stored."),
+        Family("outbox_claimed", "counter", "Messages claimed."),
+        Family("outbox_messages_finished", "counter", "Message outcomes.", ("outcome",)),
+        Family("outbox_send_errors", "counter", "Failed sends."),
+        Family("outbox_fallback_polls", "counter", "Fallback polls."),
+    )
+
+    def export(self, out: MetricSink) -> None:
+        out.sample("outbox_in_flight", {}, self.in_flight)
+        out.sample("outbox_lanes", {}, self.lanes)
+        out.sample("outbox_pending_writes", {}, self.pending_writes)
+        out.sample("outbox_claimed", {}, self.claimed)
+        outcomes = {
+            "sent": self.sent,
+            "retried": self.retried,
+            "dead": self.dead,
+            "released": self.released,
+        }
+        out.samples("outbox_messages_finished", {}, outcomes)
+        out.sample("outbox_send_errors", {}, self.send_errors)
+        out.sample("outbox_fallback_polls", {}, self.fallback_polls)
 
 
 class Outbox:
@@ -509,7 +541,7 @@ class OutboxRelay:
 
     def _failure(self, msg: OutboxMessage, exc: Exception) -> _Result:
         template = self._templates.get(msg.channel, self._default_template)
-        error = _describe(exc)
+        error = describe_failure(exc)
         budget = min(msg.max_attempts, template.max_attempts)
         if not template.is_retryable(exc) or msg.attempts >= budget:
             return _Result(_Kind.DEAD, msg.claim, error)
@@ -586,10 +618,6 @@ class OutboxRelay:
                 # Finished rows unblock the next rows of their groups: claim again.
                 self._wake.set()
 
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 async def _first_of(*events: anyio.Event) -> None:

@@ -29,13 +29,19 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Literal, NamedTuple
+from typing import ClassVar, Literal, NamedTuple
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from orchestrator.batching import Batch, BatchWriter, DeadLetter, outcome_batches
+from orchestrator.batching import (
+    Batch,
+    BatchWriter,
+    DeadLetter,
+    describe_failure,
+    outcome_batches,
+)
 from storage import (
     LEASE_EXPIRED,
     AsyncStorageBackend,
@@ -47,8 +53,10 @@ from storage import (
     Task,
 )
 from storage import TaskStatus as StoredStatus
+from storage._validate import check_channel
 from storage.base import JSON
 from storage.errors import is_retryable
+from storage.families import Family, MetricSink
 
 __all__ = [
     "AgentQueue",
@@ -181,6 +189,41 @@ class WorkerStatistics:
     due_queries: int  # next-due reads made on going idle
     expiry_wakeups: int  # idle waits ended at the next known due time or lease expiry
 
+    METRIC_FAMILIES: ClassVar[tuple[Family, ...]] = (
+        Family("queue_running", "gauge", "Tasks running."),
+        Family("queue_max_workers", "gauge", "The worker's concurrency cap."),
+        Family("queue_pending_writes", "gauge", "Outcomes not yet stored."),
+        Family("queue_claimed", "counter", "Tasks claimed."),
+        Family("queue_claim_statements", "counter", "Claim statements."),
+        Family("queue_tasks_finished", "counter", "Task outcomes.", ("outcome",)),
+        Family("queue_fallback_polls", "counter", "Fallback polls."),
+        Family("queue_storage_errors", "counter", "Storage errors."),
+        Family("queue_reruns", "counter", "Tasks re-run after their worker's lease expired."),
+        Family("queue_due_queries", "counter", "Next-due reads on going idle."),
+        Family("queue_expiry_wakeups", "counter", "Idle waits ended at a due time."),
+    )
+
+    def export(self, out: MetricSink) -> None:
+        out.sample("queue_running", {}, self.running)
+        out.sample("queue_max_workers", {}, self.max_workers)
+        out.sample("queue_pending_writes", {}, self.pending_writes)
+        out.sample("queue_claimed", {}, self.claimed)
+        out.sample("queue_claim_statements", {}, self.claim_statements)
+        outcomes = {
+            "succeeded": self.succeeded,
+            "retried": self.retried,
+            "dead": self.dead,
+            "released": self.released,
+            "cancelled": self.cancelled,
+            "lease_lost": self.lease_lost,
+        }
+        out.samples("queue_tasks_finished", {}, outcomes)
+        out.sample("queue_fallback_polls", {}, self.fallback_polls)
+        out.sample("queue_storage_errors", {}, self.storage_errors)
+        out.sample("queue_reruns", {}, self.reruns)
+        out.sample("queue_due_queries", {}, self.due_queries)
+        out.sample("queue_expiry_wakeups", {}, self.expiry_wakeups)
+
 
 class _Outcome(enum.Enum):
     SUCCEEDED = "succeeded"
@@ -222,6 +265,10 @@ class AgentQueue:
         self.name = name
         self.config = config or QueueConfig()
         self.channel = f"asyncstore.queue.{name}"
+        try:  # refused now, not at the first enqueue's notification
+            check_channel(self.channel)
+        except InvalidInput as exc:
+            raise InvalidInput(f"queue name {name!r} does not make a channel name: {exc}") from None
 
     async def enqueue(
         self,
@@ -680,11 +727,11 @@ class Worker:
             except RetryTask as retry:
                 finished = _Finished(_Outcome.RETRY, claim, retry.reason, retry.at)
             except PermanentFailure as exc:
-                finished = _Finished(_Outcome.DEAD, claim, _describe(exc))
+                finished = _Finished(_Outcome.DEAD, claim, describe_failure(exc))
             except Exception as exc:
                 at = time.time() + self.config.backoff_s(task.attempts)
                 finished = _Finished(
-                    _Outcome.RETRY, claim, _describe(exc), datetime.fromtimestamp(at, UTC)
+                    _Outcome.RETRY, claim, describe_failure(exc), datetime.fromtimestamp(at, UTC)
                 )
         except BaseException:
             # Cancelled (this task, a lost lease, or the worker stopping): record its final
@@ -858,10 +905,6 @@ async def _first_of(*events: anyio.Event) -> None:
         for event in events:
             tg.start_soon(wait, event)
 
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 @asynccontextmanager

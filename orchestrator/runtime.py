@@ -5,11 +5,14 @@ broadcast hubs, cancellation registries, session limiters, stream writers, webho
 when given handlers, the queue worker and the outbox relay; each owns its background loops
 (listeners, flushers, sweepers, renewers, relays) in a task group nested in the runtime's
 block, and the runtime's own task group runs the SIGHUP reloader. Per-session feature
-flags are served by holding the optimized and the legacy instance of a component side by
-side (a :class:`Switch`) and picking one per session from the current ``Flags``, so a
-rollout share or a flag change applies to sessions that start after it. Closing stops
-intake, waits for running turns, flushes writers, lets leases be released, closes storage
-and returns a :class:`RuntimeReport` of what could not be delivered.
+flags are served by a :class:`Switch` over the optimized and the legacy instance of a
+component, picking one per session from the current ``Flags``, so a rollout share or a flag
+change applies to sessions that start after it. An instance is built only when some session
+can take its path: at open for the shares in effect, later (flags change at runtime, by
+``update_flags`` or SIGHUP) in the background right after the change and in any case on
+first use. The session limiters sweep no leases: the maintenance leader does, one sweeper
+per fleet. Closing stops intake, waits for running turns, flushes writers, lets leases be
+released, closes storage and returns a :class:`RuntimeReport` of what could not be delivered.
 """
 
 from __future__ import annotations
@@ -58,11 +61,12 @@ from orchestrator.locks import (
     default_instance_id,
     open_session_limiter,
 )
-from orchestrator.maintenance import MaintenanceSweeper, open_maintenance
+from orchestrator.maintenance import LeaseSweep, MaintenanceSweeper, open_maintenance
 from orchestrator.metrics import Metrics, open_loop_lag_monitor, open_pool_probe
 from orchestrator.outbox import Outbox, OutboxRelay, Sender, open_outbox_relay
 from orchestrator.queue import AgentQueue, Handler, QueueConfig, Worker, open_worker
 from orchestrator.streams import SessionStream, StreamEventWriter, StreamWriterStatistics
+from orchestrator.turn_metrics import TurnOutcome, TurnRecorder
 from orchestrator.webhooks import (
     HookDecision,
     HooksConfig,
@@ -73,6 +77,7 @@ from orchestrator.webhooks import (
 from storage import AsyncStorageBackend, LeaseLost, StorageError, StreamEvent, open_storage
 
 __all__ = [
+    "ComponentNotBuilt",
     "Runtime",
     "RuntimeClosed",
     "RuntimeReport",
@@ -91,38 +96,185 @@ class RuntimeClosed(OrchestratorError):
     """The runtime is closing or closed: it starts no new turn."""
 
 
+class ComponentNotBuilt(OrchestratorError):
+    """The path a session takes has no running instance yet (``Switch.pick``).
+
+    Only between a live flag change and the end of the build it started; ``Switch.choose``
+    and ``Switch.get`` wait for (or start) the build instead.
+    """
+
+
+_PATHS: tuple[tuple[bool, str], ...] = ((True, "optimized"), (False, "legacy"))
+
+
 class Switch(Generic[T]):
     """The optimized and the legacy instance of a component behind a per-session flag.
 
-    ``pick(session_id)`` answers with the instance the current flags choose for the session
-    (see ``Flags.optimized``); ``optimized`` and ``legacy`` are both running, so a flag
-    change needs no restart and sessions already running keep the instance they started on.
+    An instance is built only when a session can take its path: ``open_runtime`` builds
+    the optimized one when the flag's share is above 0 and the legacy one when it is below
+    100 (plus any path in ``always``); after a live flag change ``prepare`` starts the
+    newly needed build in the background, and ``get`` / ``choose`` build on first use in
+    any case. A built instance runs until the runtime closes, so sessions already running
+    keep theirs. ``optimized`` / ``legacy`` are None while not built; ``built()`` maps the
+    built ones by path name. Each build runs in a task of the switch's own task group, so
+    the instance is entered and exited by one task, at the switch's place in the runtime's
+    closing order.
     """
 
-    __slots__ = ("_flags", "flag", "legacy", "optimized")
-
-    def __init__(self, flag: str, optimized: T, legacy: T, flags: Callable[[], Flags]) -> None:
+    def __init__(
+        self,
+        flag: str,
+        flags: Callable[[], Flags],
+        builders: Mapping[bool, Callable[[], AbstractAsyncContextManager[T]]],
+        tg: anyio.abc.TaskGroup,
+        *,
+        on_built: Callable[[bool, T], None] = lambda optimized, instance: None,
+        always: tuple[bool, ...] = (),
+    ) -> None:
         self.flag = flag
-        self.optimized = optimized
-        self.legacy = legacy
         self._flags = flags
+        self._builders = dict(builders)
+        self._tg = tg
+        self._on_built = on_built
+        self._always = always
+        self._built: dict[bool, T] = {}
+        self._building: dict[bool, _Build[T]] = {}
+        self._closing = anyio.Event()
 
-    def pick(self, session_id: str) -> T:
-        return self.optimized if self._flags().optimized(self.flag, session_id) else self.legacy
+    @property
+    def optimized(self) -> T | None:
+        return self._built.get(True)
+
+    @property
+    def legacy(self) -> T | None:
+        return self._built.get(False)
+
+    def built(self) -> Mapping[str, T]:
+        """The running instances, keyed ``optimized`` / ``legacy``."""
+        return MappingProxyType({name: self._built[o] for o, name in _PATHS if o in self._built})
 
     def uses_optimized(self, session_id: str) -> bool:
         return self._flags().optimized(self.flag, session_id)
 
+    def needed(self, flags: Flags) -> tuple[bool, ...]:
+        """The paths some session can take under ``flags`` (and those always built)."""
+        share = flags.share(self.flag)
+        wanted = set(self._always)
+        if share > 0.0:
+            wanted.add(True)
+        if share < 100.0:
+            wanted.add(False)
+        return tuple(o for o, _ in _PATHS if o in wanted)
+
+    def pick(self, session_id: str) -> T:
+        """The running instance the current flags choose for the session.
+
+        Raises ``ComponentNotBuilt`` if that path was never built (only right after a live
+        flag change); ``await choose(session_id)`` builds it instead.
+        """
+        optimized = self.uses_optimized(session_id)
+        instance = self._built.get(optimized)
+        if instance is None:
+            name = "optimized" if optimized else "legacy"
+            raise ComponentNotBuilt(f"the {name} path of {self.flag!r} is not running yet")
+        return instance
+
+    async def choose(self, session_id: str) -> T:
+        """The instance the current flags choose for the session, built on first use."""
+        return await self.get(self.uses_optimized(session_id))
+
+    async def get(self, optimized: bool) -> T:
+        """The instance of one path, built now if it is not running yet.
+
+        Concurrent callers share one build; a failed build raises its error to them and
+        the next call tries again. Cancelling the wait leaves the build running.
+        """
+        while True:
+            instance = self._built.get(optimized)
+            if instance is not None:
+                return instance
+            if self._closing.is_set():
+                raise RuntimeClosed(f"the runtime is closing: {self.flag!r} builds nothing")
+            build = self._start(optimized)
+            await build.done.wait()
+            if build.error is not None:
+                raise build.error
+
+    def prepare(self, flags: Flags) -> None:
+        """Start building, in the background, every path ``flags`` need that is missing."""
+        if self._closing.is_set():
+            return
+        for optimized in self.needed(flags):
+            if optimized not in self._built:
+                self._start(optimized)
+
+    def _start(self, optimized: bool) -> _Build[T]:
+        build = self._building.get(optimized)
+        if build is None:
+            build = self._building[optimized] = _Build()
+            self._tg.start_soon(self._host, optimized, build)
+        return build
+
+    async def _host(self, optimized: bool, build: _Build[T]) -> None:
+        try:
+            async with self._builders[optimized]() as instance:
+                self._built[optimized] = instance
+                self._on_built(optimized, instance)
+                build.done.set()
+                await self._closing.wait()
+        except Exception as exc:
+            if build.done.is_set():
+                raise  # the running instance failed (or failed to close): as before
+            log.error("building the %s path of %r failed: %s", optimized, self.flag, exc)
+            build.error = exc
+        finally:
+            if self._building.get(optimized) is build and not build.done.is_set():
+                del self._building[optimized]
+            build.done.set()
+
+
+class _Build(Generic[T]):
+    __slots__ = ("done", "error")
+
+    def __init__(self) -> None:
+        self.done = anyio.Event()
+        self.error: Exception | None = None
+
+
+@asynccontextmanager
+async def _open_switch(
+    flag: str,
+    flags: Callable[[], Flags],
+    builders: Mapping[bool, Callable[[], AbstractAsyncContextManager[T]]],
+    *,
+    on_built: Callable[[bool, T], None],
+    always: tuple[bool, ...] = (),
+) -> AsyncIterator[Switch[T]]:
+    """A ``Switch`` whose instances run while the block runs; the needed ones are built."""
+    async with anyio.create_task_group() as tg:
+        switch = Switch(flag, flags, builders, tg, on_built=on_built, always=always)
+        try:
+            for optimized in switch.needed(flags()):
+                await switch.get(optimized)
+            yield switch
+        finally:
+            # Each instance leaves its block in its own task now, draining as it does.
+            switch._closing.set()
+
 
 class _FanOutCancellation(CancellationRegistry):
-    """What the limiters fire on a lost lease: the session's token in both registries."""
+    """What the limiters fire on a lost lease: the session's token in every running registry."""
 
-    def __init__(self, storage: AsyncStorageBackend, targets: tuple[CancellationRegistry, ...]):
+    def __init__(
+        self,
+        storage: AsyncStorageBackend,
+        targets: Callable[[], tuple[CancellationRegistry, ...]],
+    ):
         super().__init__(storage, CancellationConfig())
         self._targets = targets
 
     def fire_local(self, session_id: str, reason: str) -> bool:
-        fired = [registry.fire_local(session_id, reason) for registry in self._targets]
+        fired = [registry.fire_local(session_id, reason) for registry in self._targets()]
         return any(fired)
 
 
@@ -152,11 +304,12 @@ class RuntimeReport:
 
 @dataclass(frozen=True, slots=True)
 class RuntimeStatistics:
-    """A snapshot of the runtime and of both paths of every per-session component.
+    """A snapshot of the runtime and of the running paths of every per-session component.
 
-    The mappings are keyed ``optimized`` / ``legacy``. ``tracked`` adds up the per-session
-    state held in memory (stream sessions, rings, lock sessions, cancel tokens, turns): it
-    must stay flat however many sessions came and went.
+    The mappings are keyed ``optimized`` / ``legacy``, for the instances built so far (a
+    path no session could take under the flags so far is absent). ``tracked`` adds up the
+    per-session state held in memory (stream sessions, rings, lock sessions, cancel tokens,
+    turns): it must stay flat however many sessions came and went.
     """
 
     flags: Flags
@@ -282,6 +435,7 @@ class Runtime:
         self._closing = False
         self._cancelling_turns = False
         self._turns_started = 0
+        self.turn_metrics = TurnRecorder()  # exported as source "turns"
         self._active: dict[int, tuple[CancellationRegistry, str]] = {}
         self._turn_ids = 0
         self._no_turns = anyio.Event()
@@ -336,6 +490,9 @@ class Runtime:
                     key,
                 )
         self._flags_version += 1
+        for switch in self._switches():
+            # Build what the new flags need now, before its first session asks for it.
+            switch.prepare(new)
         self._flags_changed.set()
         self._flags_changed = anyio.Event()
 
@@ -379,9 +536,18 @@ class Runtime:
     def subscribe(self, session_id: str, after: Position | None = None) -> Subscription:
         """Subscribe to a session's events through the hub its delivery flag picks.
 
-        See ``BroadcastHub.subscribe``; close it with ``aclose()`` or ``async with``.
+        See ``BroadcastHub.subscribe``; close it with ``aclose()`` or ``async with``. Right
+        after a live flag change moved the session to the poll path, while that hub is still
+        starting, the memory hub (always running: every writer publishes to it) serves it.
         """
-        return self.broadcast.pick(session_id).subscribe(session_id, after)
+        try:
+            hub = self.broadcast.pick(session_id)
+        except ComponentNotBuilt:
+            memory = self.broadcast.optimized
+            if memory is None:
+                raise
+            hub = memory
+        return hub.subscribe(session_id, after)
 
     async def request_cancel(self, session_id: str, reason: str = "cancelled") -> None:
         """Persist a cancel request for the session and wake its tokens on every instance.
@@ -395,11 +561,7 @@ class Runtime:
         already persisted.
         """
         self._check_open()
-        registry = (
-            self.cancellation.optimized
-            if self._flags.share("cancel") > 0
-            else self.cancellation.legacy
-        )
+        registry = await self.cancellation.get(self._flags.share("cancel") > 0)
         await registry.request_cancel(session_id, reason)
 
     @asynccontextmanager
@@ -422,9 +584,10 @@ class Runtime:
         self._check_open()
         flags = self._flags
         paths = {flag: flags.optimized(flag, session_id) for flag in PER_SESSION_FLAGS}
-        limiter = self.limiter.optimized if paths["lock"] else self.limiter.legacy
-        registry = self.cancellation.optimized if paths["cancel"] else self.cancellation.legacy
-        writer = self.streams.optimized if paths["stream_batching"] else self.streams.legacy
+        limiter = await self.limiter.get(paths["lock"])
+        registry = await self.cancellation.get(paths["cancel"])
+        writer = await self.streams.get(paths["stream_batching"])
+        self._check_open()
         self._turn_ids += 1
         turn_id = self._turn_ids
         self._active[turn_id] = (registry, session_id)
@@ -432,6 +595,8 @@ class Runtime:
         self._turns_started += 1
         for flag, optimized in paths.items():
             self._by_path[flag]["optimized" if optimized else "legacy"] += 1
+        started = self.turn_metrics.start()
+        outcome: TurnOutcome = "abandoned"  # until the turn has its lease
         try:
             async with (
                 limiter.hold(session_id) as held,
@@ -458,12 +623,16 @@ class Runtime:
                     failed = True
                     raise
                 finally:
+                    outcome = (
+                        "failed" if failed else "cancelled" if token.cancelled else "completed"
+                    )
                     # Shielded: the end of a turn (its last events, its hooks, the flush
                     # that must precede the lease release) must happen even when the turn
                     # is being cancelled from outside.
                     with anyio.CancelScope(shield=True):
                         await self._end_turn(turn, writer, registry, failed)
         finally:
+            self.turn_metrics.end(started, outcome)
             del self._active[turn_id]
             if not self._active:
                 self._no_turns.set()
@@ -535,25 +704,36 @@ class Runtime:
     def _instance_id(self) -> str:
         return self.instance_id
 
+    def _evict_idle_rings(self) -> int:
+        return sum(hub.evict_idle() for hub in self.broadcast.built().values())
+
     # -- observation -------------------------------------------------------------------
 
     def metrics_app(self) -> Callable[..., Any]:
         """An ASGI app serving ``GET /metrics`` (mount it in your web framework)."""
         return self.metrics.asgi_app()
 
+    def _switches(self) -> tuple[Switch[Any], ...]:
+        return tuple(
+            getattr(self, name)
+            for name in ("broadcast", "cancellation", "limiter", "streams")
+            if hasattr(self, name)
+        )
+
+    def _metrics_on_build(self, names: tuple[str, str]) -> Callable[[bool, Any], None]:
+        """Export a switch's instance from its build on (a path never built exports nothing)."""
+
+        def track(optimized: bool, instance: Any) -> None:
+            self.metrics.add_source(names[0] if optimized else names[1], instance)
+
+        return track
+
     def _track_metrics(self) -> None:
         sources: dict[str, Any] = {
             "storage": self.storage,
-            "streams": self.streams.optimized,
-            "streams_legacy": self.streams.legacy,
-            "broadcast": self.broadcast.optimized,
-            "broadcast_poll": self.broadcast.legacy,
-            "lock": self.limiter.optimized,
-            "lock_db_poll": self.limiter.legacy,
-            "cancel": self.cancellation.optimized,
-            "cancel_poll": self.cancellation.legacy,
             "passwords": self.passwords,
             "login_attempts": self.login_attempts,
+            "turns": self.turn_metrics,
         }
         if self.webhooks is not None:
             sources["webhooks"] = self.webhooks
@@ -569,7 +749,7 @@ class Runtime:
     def statistics(self) -> RuntimeStatistics:
         def both(switch: Switch[Any]) -> Mapping[str, Any]:
             return MappingProxyType(
-                {"optimized": switch.optimized.statistics(), "legacy": switch.legacy.statistics()}
+                {path: instance.statistics() for path, instance in switch.built().items()}
             )
 
         return RuntimeStatistics(
@@ -654,53 +834,81 @@ async def open_runtime(
         def current() -> Flags:
             return rt.flags
 
-        memory_hub = await stack.enter_async_context(
-            BroadcastHub(
-                storage, settings.broadcast.model_copy(update={"mode": DeliveryMode.MEMORY})
+        broadcast: Switch[BroadcastHub] = await stack.enter_async_context(
+            _open_switch(
+                "stream_delivery",
+                current,
+                {
+                    True: lambda: BroadcastHub(
+                        storage, settings.broadcast.model_copy(update={"mode": DeliveryMode.MEMORY})
+                    ),
+                    False: lambda: BroadcastHub(
+                        storage, settings.broadcast.model_copy(update={"mode": DeliveryMode.POLL})
+                    ),
+                },
+                on_built=rt._metrics_on_build(("broadcast", "broadcast_poll")),
+                # Always: both stream writers publish to it, whatever the delivery flag.
+                always=(True,),
             )
         )
-        poll_hub = await stack.enter_async_context(
-            BroadcastHub(storage, settings.broadcast.model_copy(update={"mode": DeliveryMode.POLL}))
-        )
-        rt.broadcast = Switch("stream_delivery", memory_hub, poll_hub, current)
-        notify_reg = await stack.enter_async_context(
-            open_cancellation(storage, settings.cancel.model_copy(update={"mode": "notify"}))
-        )
-        poll_reg = await stack.enter_async_context(
-            open_cancellation(storage, settings.cancel.model_copy(update={"mode": "poll"}))
-        )
-        rt.cancellation = Switch("cancel", notify_reg, poll_reg, current)
-        on_lost = _FanOutCancellation(storage, (notify_reg, poll_reg))
-        two_level = await stack.enter_async_context(
-            open_session_limiter(
-                storage,
-                settings.lock.model_copy(update={"mode": "two_level"}),
-                cancellation=on_lost,
-                instance_id=instance,
+        rt.broadcast = broadcast
+        memory_hub = await broadcast.get(True)
+        rt.cancellation = await stack.enter_async_context(
+            _open_switch(
+                "cancel",
+                current,
+                {
+                    True: lambda: open_cancellation(
+                        storage, settings.cancel.model_copy(update={"mode": "notify"})
+                    ),
+                    False: lambda: open_cancellation(
+                        storage, settings.cancel.model_copy(update={"mode": "poll"})
+                    ),
+                },
+                on_built=rt._metrics_on_build(("cancel", "cancel_poll")),
             )
         )
-        db_poll = await stack.enter_async_context(
-            open_session_limiter(
-                storage,
-                settings.lock.model_copy(update={"mode": "db_poll"}),
-                cancellation=on_lost,
-                instance_id=f"{instance}/db_poll",
+        on_lost = _FanOutCancellation(storage, lambda: tuple(rt.cancellation.built().values()))
+        # The maintenance leader sweeps expired leases for the fleet, not every limiter.
+        lock = settings.lock.model_copy(update={"sweep_leases": False})
+        rt.limiter = await stack.enter_async_context(
+            _open_switch(
+                "lock",
+                current,
+                {
+                    True: lambda: open_session_limiter(
+                        storage,
+                        lock.model_copy(update={"mode": "two_level"}),
+                        cancellation=on_lost,
+                        instance_id=instance,
+                    ),
+                    False: lambda: open_session_limiter(
+                        storage,
+                        lock.model_copy(update={"mode": "db_poll"}),
+                        cancellation=on_lost,
+                        instance_id=f"{instance}/db_poll",
+                    ),
+                },
+                on_built=rt._metrics_on_build(("lock", "lock_db_poll")),
             )
         )
-        rt.limiter = Switch("lock", two_level, db_poll, current)
         # Both writers publish to the memory hub: a session's live subscribers on the
         # memory path see its events whichever writer the session's flag picked.
-        batched = await stack.enter_async_context(
-            StreamEventWriter(
-                storage, memory_hub, settings.stream.model_copy(update={"batching": True})
+        rt.streams = await stack.enter_async_context(
+            _open_switch(
+                "stream_batching",
+                current,
+                {
+                    True: lambda: StreamEventWriter(
+                        storage, memory_hub, settings.stream.model_copy(update={"batching": True})
+                    ),
+                    False: lambda: StreamEventWriter(
+                        storage, memory_hub, settings.stream.model_copy(update={"batching": False})
+                    ),
+                },
+                on_built=rt._metrics_on_build(("streams", "streams_legacy")),
             )
         )
-        per_event = await stack.enter_async_context(
-            StreamEventWriter(
-                storage, memory_hub, settings.stream.model_copy(update={"batching": False})
-            )
-        )
-        rt.streams = Switch("stream_batching", batched, per_event, current)
         if hooks_config is not None:
             rt.webhooks = await stack.enter_async_context(
                 open_webhooks(hooks_config, storage=storage, reports=drain.webhooks)
@@ -709,7 +917,8 @@ async def open_runtime(
             open_maintenance(
                 storage,
                 settings.maintenance,
-                evictors=(memory_hub.evict_idle, poll_hub.evict_idle),
+                evictors=(rt._evict_idle_rings,),
+                lease_sweep=LeaseSweep(settings.lock.sweep_interval_s, settings.lock.sweep_grace_s),
             )
         )
         if outbox_senders is not None:
@@ -756,7 +965,7 @@ async def open_runtime(
 
 
 def _report(rt: Runtime, drain: _Drain) -> RuntimeReport:
-    lost = rt.streams.optimized.statistics().lost + rt.streams.legacy.statistics().lost
+    lost = sum(writer.statistics().lost for writer in rt.streams.built().values())
     return RuntimeReport(
         stream_events_lost=lost,
         webhooks=tuple(drain.webhooks),

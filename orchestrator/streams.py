@@ -17,16 +17,17 @@ import logging
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from types import MappingProxyType, TracebackType
-from typing import Any, Protocol, Self
+from typing import Any, ClassVar, Protocol, Self
 
 import anyio
 import anyio.abc
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from orchestrator.batching import (
+    DROP_REASONS,
     Batch,
     BatchConfig,
     BatchWriter,
@@ -54,6 +55,7 @@ from storage import (
     encode_payload,
 )
 from storage.errors import is_retryable
+from storage.families import Family, MetricSink
 
 __all__ = [
     "CRITICAL_KINDS",
@@ -141,6 +143,45 @@ class StreamWriterStatistics:
     fenced_sessions: int  # sessions whose current epoch the database refused (LeaseLost)
     insert_statements: int  # legacy path: one per event
     writer: BatchWriterStatistics | None
+
+    METRIC_FAMILIES: ClassVar[tuple[Family, ...]] = (
+        Family("stream_sessions", "gauge", "Sessions with a live stream writer state."),
+        Family("stream_events_emitted", "counter", "Events published."),
+        Family("stream_events_persisted", "counter", "Events stored."),
+        Family("stream_events_lost", "counter", "Events published but never stored."),
+        Family(
+            "stream_events_dropped",
+            "counter",
+            "Events refused, by reason.",
+            ("reason",),
+            known=DROP_REASONS,
+        ),
+        Family(
+            "stream_events_refused",
+            "counter",
+            "Events the database fence refused: their epoch was superseded.",
+        ),
+        Family("stream_notifications", "counter", "Stream notifications sent."),
+        Family("stream_notify_failures", "counter", "Notifications that failed."),
+        Family("stream_insert_statements", "counter", "Legacy per-event INSERTs."),
+        *(
+            replace(f, where=f.where or "the batching writer")
+            for f in BatchWriterStatistics.METRIC_FAMILIES
+        ),
+    )
+
+    def export(self, out: MetricSink) -> None:
+        out.sample("stream_sessions", {}, self.sessions)
+        out.sample("stream_events_emitted", {}, self.emitted)
+        out.sample("stream_events_persisted", {}, self.persisted)
+        out.sample("stream_events_lost", {}, self.lost)
+        out.samples("stream_events_dropped", {}, self.dropped)
+        out.sample("stream_events_refused", {}, self.refused)
+        out.sample("stream_notifications", {}, self.notifications)
+        out.sample("stream_notify_failures", {}, self.notify_failures)
+        out.sample("stream_insert_statements", {}, self.insert_statements)
+        if self.writer is not None:
+            self.writer.export(out)
 
 
 class _Session:

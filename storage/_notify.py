@@ -18,6 +18,7 @@ from contextlib import asynccontextmanager
 import anyio
 
 from storage.base import Notification, NotificationStream
+from storage.errors import StorageClosed
 
 # How long a waiting subscription stays idle before running the driver's hook (the Postgres
 # driver pings its listener there, to notice a connection cut without a reset). A lost
@@ -72,7 +73,8 @@ class Subscription(NotificationStream):
         While waiting, the subscription runs the driver's ``on_idle`` hook at once while the
         listener is reported down, and otherwise when it is woken without an item or has
         been idle for ``IDLE_CHECK_S`` (the Postgres driver reconnects or pings there).
-        Cancelling the wait loses nothing.
+        Cancelling the wait loses nothing. Once the backend is closed, what was buffered is
+        still returned, then ``StorageClosed`` is raised instead of waiting.
         """
         while True:
             if self._gap is not None:
@@ -80,6 +82,8 @@ class Subscription(NotificationStream):
                 return gap
             if self._buffer:
                 return self._buffer.popleft()
+            if self._hub.closed is not None:
+                raise StorageClosed(self._hub.closed)
             self._wakeup = anyio.Event()
             if self._on_idle is None:
                 await self._wakeup.wait()
@@ -109,6 +113,13 @@ class NotificationHub:
         self.dropped = 0
         # Set by the driver between losing its listener connection and having it back.
         self.listener_down = False
+        # The StorageClosed message once the backend is closed; None while it is open.
+        self.closed: str | None = None
+
+    def close(self, message: str) -> None:
+        """The backend closed: waiting subscriptions raise ``StorageClosed``, new ones too."""
+        self.closed = message
+        self.wake_all()
 
     def channels(self) -> list[str]:
         return list(self._by_channel)
@@ -167,6 +178,8 @@ class NotificationHub:
     @asynccontextmanager
     async def subscribe_local(self, channels: Iterable[str]) -> AsyncIterator[Subscription]:
         """Subscribe with no external listener (in-process delivery)."""
+        if self.closed is not None:
+            raise StorageClosed(self.closed)
         sub, _ = self.add(channels)
         try:
             yield sub

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -236,6 +236,12 @@ def check_when(value: object, what: str) -> datetime | None:
         raise InvalidInput(f"{what} must be a datetime, got {type(value).__name__}")
     if value.tzinfo is None or value.utcoffset() is None:
         raise InvalidInput(f"{what} must be timezone-aware (naive datetimes are ambiguous)")
+    try:
+        # Stored as UTC (a float of seconds on SQLite): a time that has no UTC datetime in
+        # years 1-9999, or whose float rounds past it, would make its row unreadable.
+        datetime.fromtimestamp(value.astimezone(UTC).timestamp(), UTC)
+    except (OverflowError, ValueError, OSError) as exc:
+        raise InvalidInput(f"{what} must fall within years 1-9999 in UTC, got {value}") from exc
     return value
 
 
@@ -399,6 +405,7 @@ def prepare_attempts(
             raise InvalidInput(f"attempts[{i}] must be a WebhookAttempt")
         if not isinstance(a.attempted_at, datetime) or a.attempted_at.tzinfo is None:
             raise InvalidInput(f"attempts[{i}].attempted_at must be an aware datetime")
+        check_when(a.attempted_at, f"attempts[{i}].attempted_at")
         if not isinstance(a.error, str) or "\x00" in a.error:
             raise InvalidInput(f"attempts[{i}].error must be a str without NUL characters")
         check_utf8(a.error[:1000], f"attempts[{i}].error")

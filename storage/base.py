@@ -10,15 +10,17 @@ on prepared arguments, and must pass the shared contract suite in ``tests/contra
 from __future__ import annotations
 
 import abc
+import bisect
 import collections
 import functools
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 from types import MappingProxyType, TracebackType
-from typing import Any, Concatenate, NamedTuple, ParamSpec, Self, TypeVar
+from typing import Any, ClassVar, Concatenate, NamedTuple, ParamSpec, Self, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
@@ -29,6 +31,7 @@ from storage.errors import (
     StorageError,
     StorageUnavailable,
 )
+from storage.families import Family, MetricSink
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -118,6 +121,11 @@ class StorageSettings(BaseModel):
         default=None,
         description="direct Postgres DSN for what needs a session (LISTEN, leadership "
         "locks); required with pooled=true, defaults to url otherwise",
+    )
+    slow_query_threshold_s: float = Field(
+        default=0.1,
+        gt=0,
+        description="a storage call that takes longer (pool wait included) counts as slow",
     )
 
 
@@ -502,6 +510,12 @@ class Leadership(abc.ABC):
         """
 
 
+QUERY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+"""Upper bounds of ``storage_query_duration_seconds``'s buckets (+Inf follows)."""
+_DIALECT = ("dialect",)
+_OP = ("dialect", "operation")
+
+
 @dataclass(frozen=True, slots=True)
 class StorageStatistics:
     """A snapshot of a backend's counters (statements by query name, notifications)."""
@@ -512,10 +526,84 @@ class StorageStatistics:
     notifications_dropped: int = 0
     listener_reconnects: int = 0
     listener_reconnect_failures: int = 0  # reconnect attempts that failed (server down)
+    # storage calls slower than slow_query_threshold_s, by operation (a method's name)
+    slow_queries: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+    slow_query_threshold_s: float = 0.1
+    # per operation: calls by QUERY_BUCKETS_S bucket (the last one is +Inf) and their sum
+    durations: Mapping[str, tuple[tuple[int, ...], float]] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
+    pool: tuple[int, int, int] | None = None  # Postgres: (size, idle, max_size)
 
     @property
     def total_statements(self) -> int:
         return sum(self.statements.values())
+
+    METRIC_FAMILIES: ClassVar[tuple[Family, ...]] = (
+        Family("storage_statements", "counter", "Statements by operation.", _OP),
+        Family("storage_notifications_received", "counter", "Notifications.", _DIALECT),
+        Family("storage_notifications_dropped", "counter", "Dropped.", _DIALECT),
+        Family("storage_listener_reconnects", "counter", "Listener reconnects.", _DIALECT),
+        Family(
+            "storage_listener_reconnect_failures",
+            "counter",
+            "Listener reconnect attempts that failed.",
+            _DIALECT,
+        ),
+        Family(
+            "storage_slow_queries",
+            "counter",
+            "Storage calls slower than the slow-query threshold, by operation "
+            "(at zero for every operation called).",
+            _OP,
+        ),
+        Family(
+            "storage_slow_query_threshold_seconds",
+            "gauge",
+            "The slow-query threshold (storage.slow_query_threshold_s).",
+            _DIALECT,
+        ),
+        Family(
+            "storage_query_duration_seconds",
+            "histogram",
+            "Duration of storage calls (pool wait included), by operation.",
+            _OP,
+            where="once an operation was called",
+        ),
+        Family(
+            "storage_pool_connections",
+            "gauge",
+            "Pool connections.",
+            (*_DIALECT, "state"),
+            where="Postgres (a pool)",
+        ),
+        Family(
+            "storage_pool_max_connections",
+            "gauge",
+            "Pool maximum size.",
+            _DIALECT,
+            where="Postgres (a pool)",
+        ),
+    )
+
+    def export(self, out: MetricSink) -> None:
+        d = {"dialect": self.dialect}
+        out.samples("storage_statements", d, self.statements)
+        out.sample("storage_notifications_received", d, self.notifications_received)
+        out.sample("storage_notifications_dropped", d, self.notifications_dropped)
+        out.sample("storage_listener_reconnects", d, self.listener_reconnects)
+        out.sample("storage_listener_reconnect_failures", d, self.listener_reconnect_failures)
+        slow = {name: self.slow_queries.get(name, 0) for name in self.durations}
+        out.samples("storage_slow_queries", d, slow)
+        out.sample("storage_slow_query_threshold_seconds", d, self.slow_query_threshold_s)
+        for name, (counts, total) in self.durations.items():
+            buckets = zip((*QUERY_BUCKETS_S, float("inf")), counts, strict=True)
+            labels = {**d, "operation": name}
+            out.histogram("storage_query_duration_seconds", labels, buckets, total)
+        if self.pool is not None:
+            size, idle, max_size = self.pool
+            out.samples("storage_pool_connections", d, {"idle": idle, "in_use": size - idle})
+            out.sample("storage_pool_max_connections", d, max_size)
 
 
 # ---------------------------------------------------------------- login attempts (records)
@@ -606,6 +694,7 @@ def operation(
     async def wrapper(self: _B, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
         if self._closed:
             raise StorageClosed(f"{self.dialect} storage is closed")
+        start = time.perf_counter()
         try:
             return await method(self, *args, **kwargs)
         except StorageError:
@@ -619,10 +708,11 @@ def operation(
             if mapped is None:
                 raise
             raise mapped from exc
+        finally:
+            self._observe(method.__name__, time.perf_counter() - start)
 
     wrapper.__storage_operation__ = True  # type: ignore[attr-defined]
     return wrapper
-
 
 
 # ---------------------------------------------------------------- the contract
@@ -668,6 +758,7 @@ class AsyncStorageBackend(abc.ABC):
     """
 
     dialect: str = "abstract"
+    _settings: StorageSettings = StorageSettings()  # drivers set theirs
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Refuse, at class creation, a dialect that bypasses the contract layer.
@@ -694,6 +785,8 @@ class AsyncStorageBackend(abc.ABC):
 
     def __init__(self) -> None:
         self._statements: collections.Counter[str] = collections.Counter()
+        self._slow: collections.Counter[str] = collections.Counter()
+        self._durations: dict[str, tuple[list[int], list[float]]] = {}
         self._closed = False
 
     def _map_error(self, exc: Exception) -> StorageError | None:
@@ -702,6 +795,16 @@ class AsyncStorageBackend(abc.ABC):
 
     def _count(self, name: str, n: int = 1) -> None:
         self._statements[name] += n
+
+    def _observe(self, name: str, seconds: float) -> None:
+        """Time one storage call (``operation`` does): histogram bucket, sum, slow count."""
+        counts, total = self._durations.get(name) or self._durations.setdefault(
+            name, ([0] * (len(QUERY_BUCKETS_S) + 1), [0.0])
+        )
+        counts[bisect.bisect_left(QUERY_BUCKETS_S, seconds)] += 1
+        total[0] += seconds
+        if seconds > self._settings.slow_query_threshold_s:
+            self._slow[name] += 1
 
     async def __aenter__(self) -> Self:
         return self
@@ -737,8 +840,17 @@ class AsyncStorageBackend(abc.ABC):
         """Round-trip to the database; raises ``StorageUnavailable`` if it does not answer."""
 
     def statistics(self) -> StorageStatistics:
-        """Counters of this handle: statements issued by query name, listener activity."""
-        return StorageStatistics(self.dialect, MappingProxyType(dict(self._statements)))
+        """Counters of this handle: statements issued by query name, listener activity,
+        calls timed per operation and the slow ones."""
+        return StorageStatistics(
+            self.dialect,
+            MappingProxyType(dict(self._statements)),
+            slow_queries=MappingProxyType(dict(self._slow)),
+            slow_query_threshold_s=self._settings.slow_query_threshold_s,
+            durations=MappingProxyType(
+                {name: (tuple(c), t[0]) for name, (c, t) in self._durations.items()}
+            ),
+        )
 
     # -- chat ------------------------------------------------------------------
 

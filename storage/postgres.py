@@ -10,6 +10,7 @@ mapped to ``storage.errors`` in ``_map_error`` and nowhere else.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import sys
 import time
@@ -27,6 +28,7 @@ from storage import _topology
 from storage import _validate as v
 from storage._notify import NotificationHub, Subscription
 from storage._schema import mask_url
+from storage._shield import complete
 from storage._sql import load_migrations, load_queries
 from storage.base import (
     AsyncStorageBackend,
@@ -282,25 +284,46 @@ class PostgresBackend(AsyncStorageBackend):
             return
         self._closed = True
         self._listener_kick.set()
-        self._hub.wake_all()
-        # Shielded: connections must be returned and closed even if our caller is cancelled.
-        with anyio.CancelScope(shield=True):
-            if self._listen_conn is not None:
-                await self._listen_conn.close(timeout=5)
-                self._listen_conn = None
-            if self._pool is not None:
-                await self._pool.close()
+        self._hub.close("postgres storage is closed")
+        # Completed even if our caller is cancelled (by anyio or asyncio): connections must
+        # be returned and closed.
+        await complete(self._close_connections())
+
+    async def _close_connections(self) -> None:
+        if self._listen_conn is not None:
+            await self._listen_conn.close(timeout=5)
+            self._listen_conn = None
+        if self._pool is not None:
+            await self._pool.close()
 
     def statistics(self) -> StorageStatistics:
-        base = super().statistics()
-        return StorageStatistics(
-            self.dialect,
-            base.statements,
+        pool = self._pool
+        return dataclasses.replace(
+            super().statistics(),
             notifications_received=self._hub.received,
             notifications_dropped=self._hub.dropped,
             listener_reconnects=self._reconnects,
             listener_reconnect_failures=self._reconnect_failures,
+            pool=None
+            if pool is None
+            else (pool.get_size(), pool.get_idle_size(), pool.get_max_size()),
         )
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[asyncpg.Connection]:
+        """A transaction on a pooled connection, all or nothing under any cancellation.
+
+        Shielded from anyio cancellation, as the SQLite driver's writes are: a cancel scope
+        would otherwise cancel the ROLLBACK of asyncpg's transaction block too and leave
+        it to the pool's reset. So a cancelled caller's transaction completes (or rolls
+        back on error) and the cancellation takes effect right after. A plain asyncio
+        cancellation lands in the body and rolls the transaction back. A failed COMMIT
+        has already ended the transaction on the server.
+        """
+        async with self.pool.acquire() as conn:
+            with anyio.CancelScope(shield=True):
+                async with conn.transaction():
+                    yield conn
 
     async def _fetch(self, name: str, *args: Any) -> list[asyncpg.Record]:
         self._count(name)
@@ -386,7 +409,7 @@ class PostgresBackend(AsyncStorageBackend):
     ) -> list[ChatMessage] | None:
         args = (session_id, [r[0] for r in rows], [r[1] for r in rows], lease_token)
         if outbox:
-            async with self.pool.acquire() as conn, conn.transaction():
+            async with self._transaction() as conn:
                 self._count("append_messages")
                 result = await conn.fetch(Q["append_messages"], *args)
                 if result:
@@ -405,7 +428,11 @@ class PostgresBackend(AsyncStorageBackend):
         return [ChatMessage.from_row(r) for r in rows]
 
     async def _sql_delete_session(self, session_id: str) -> bool:
-        rows = await self._fetch("delete_session", session_id)
+        async with self._transaction() as conn:
+            self._count("_lock_chat_session")
+            await conn.execute(Q["_lock_chat_session"], session_id)
+            self._count("delete_session")
+            rows = await conn.fetch(Q["delete_session"], session_id)
         return bool(rows[0][0])
 
     # -- stream events ---------------------------------------------------------
@@ -940,8 +967,13 @@ class _PostgresLeadership(Leadership):
                 await conn.close()
             self._conn = None
             self._leading = False
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError):
+        except BaseException as exc:
+            # Trouble, or a plain asyncio cancellation the shield above does not stop:
+            # ending the session gives the lock up at once.
             self._drop()
+            trouble = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+            if not isinstance(exc, trouble):
+                raise
 
 
 def _outbox_columns(rows: list[tuple[str, str, bytes, int]]) -> list[list[Any]]:

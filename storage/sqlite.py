@@ -9,6 +9,8 @@ errors are mapped to ``storage.errors`` in ``map_sqlite_error`` and nowhere else
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import errno
 import logging
 import os
@@ -16,7 +18,7 @@ import random
 import secrets
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,6 +30,7 @@ import orjson
 
 from storage import _validate as v
 from storage._notify import NotificationHub
+from storage._shield import complete
 from storage._sql import load_migrations, load_queries
 from storage.base import (
     AsyncStorageBackend,
@@ -143,7 +146,7 @@ class SqliteBackend(AsyncStorageBackend):
         self._writer: aiosqlite.Connection | None = None
         self._readers: list[aiosqlite.Connection] = []
         self._free_readers: list[aiosqlite.Connection] = []
-        self._reader_available = anyio.Condition()
+        self._reader_waiters: collections.deque[anyio.Event] = collections.deque()
         self._write_lock = anyio.Lock()
         self._hub = NotificationHub(settings.listener_queue_size)
         self._hub_key = f"memory:{id(self)}" if self._memory else str(Path(path).resolve())
@@ -259,25 +262,27 @@ class SqliteBackend(AsyncStorageBackend):
         if self._closed:
             return
         self._closed = True
+        self._hub.close("sqlite storage is closed")
         hubs = _HUBS.get(self._hub_key)
         if hubs is not None:
             hubs.discard(self._hub)
             if not hubs:
                 del _HUBS[self._hub_key]
-        # Shielded: the connection threads must be stopped even if our caller is cancelled.
-        with anyio.CancelScope(shield=True):
-            async with self._write_lock:
-                for conn in [*self._readers, self._writer]:
-                    if conn is not None:
-                        await conn.close()
+        # Completed even if our caller is cancelled (by anyio or asyncio): a connection
+        # left open keeps its thread, and with it the process, alive.
+        await complete(self._close_connections())
         self._readers.clear()
         self._writer = None
 
+    async def _close_connections(self) -> None:
+        async with self._write_lock:
+            for conn in [*self._readers, self._writer]:
+                if conn is not None:
+                    await conn.close()
+
     def statistics(self) -> StorageStatistics:
-        base = super().statistics()
-        return StorageStatistics(
-            self.dialect,
-            base.statements,
+        return dataclasses.replace(
+            super().statistics(),
             notifications_received=self._hub.received,
             notifications_dropped=self._hub.dropped,
         )
@@ -296,16 +301,35 @@ class SqliteBackend(AsyncStorageBackend):
             async with self._write_lock:
                 yield self._conn
             return
-        async with self._reader_available:
-            while not self._free_readers:
-                await self._reader_available.wait()
-            conn = self._free_readers.pop()
+        conn = await self._take_reader()
         try:
             yield conn
         finally:
+            # No await here: a wakeup that a cancellation could skip would leave a waiter
+            # asleep until some unrelated read returned a reader. A statement the caller
+            # abandoned still runs first (each connection runs its statements in order).
             self._free_readers.append(conn)
-            async with self._reader_available:
-                self._reader_available.notify()
+            self._wake_reader_waiter()
+
+    async def _take_reader(self) -> aiosqlite.Connection:
+        """A free reader connection, waiting in line while all of them are in use."""
+        while not self._free_readers:
+            woken = anyio.Event()
+            self._reader_waiters.append(woken)
+            try:
+                await woken.wait()
+            except BaseException:
+                if woken.is_set():
+                    # Woken and cancelled before taking the reader: pass the wakeup on.
+                    self._wake_reader_waiter()
+                else:
+                    self._reader_waiters.remove(woken)
+                raise
+        return self._free_readers.pop()
+
+    def _wake_reader_waiter(self) -> None:
+        if self._reader_waiters and self._free_readers:
+            self._reader_waiters.popleft().set()
 
     async def _read(self, name: str, params: Mapping[str, Any]) -> list[dict[str, Any]]:
         self._count(name)
@@ -314,23 +338,21 @@ class SqliteBackend(AsyncStorageBackend):
 
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[_Tx]:
-        """One ``BEGIN IMMEDIATE`` write transaction on the writer connection.
+        """One ``BEGIN IMMEDIATE`` write transaction on the writer connection, all or nothing.
 
-        The whole transaction is shielded from cancellation: aiosqlite runs each statement
-        in a thread that a cancelled await cannot stop, so abandoning it half-way would
-        leave the writer inside an open transaction. A cancelled caller's write therefore
-        completes (or rolls back on error) and the cancellation takes effect right after.
+        Shielded from anyio cancellation: aiosqlite runs each statement in a thread that a
+        cancelled await cannot stop, so a cancelled caller's write completes (or rolls back
+        on error) and the cancellation takes effect right after. A plain asyncio
+        cancellation (``wait_for``, ``Task.cancel()``) cannot be shielded that way: it
+        rolls the transaction back instead. A failed COMMIT rolls back too. Either way the
+        writer leaves this block outside any transaction. Notifications queued with
+        ``notify_on_commit`` are delivered right after a successful COMMIT, cancelled or not.
         """
         async with self._write_lock:
             with anyio.CancelScope(shield=True):
-                conn = self._conn
-                await conn.execute("BEGIN IMMEDIATE")
-                try:
-                    yield _Tx(self, conn)
-                except BaseException:
-                    await conn.execute("ROLLBACK")
-                    raise
-                await conn.execute("COMMIT")
+                tx = _Tx(self, self._conn)
+                async with _immediate(tx._conn, on_commit=tx._deliver):
+                    yield tx
 
     async def _write(self, name: str, params: Mapping[str, Any]) -> list[dict[str, Any]]:
         async with self._transaction() as tx:
@@ -354,26 +376,25 @@ class SqliteBackend(AsyncStorageBackend):
             for migration in load_migrations(self.dialect):
                 # Shielded for the reason given in _transaction.
                 with anyio.CancelScope(shield=True):
-                    await conn.execute("BEGIN IMMEDIATE")
                     try:
-                        rows = await conn.execute_fetchall(
-                            "SELECT 1 FROM schema_migrations WHERE version = ?",
-                            (migration.version,),
-                        )
-                        if not rows:
-                            for statement in migration.statements():
-                                await conn.execute(statement)
-                            await conn.execute(
-                                "INSERT INTO schema_migrations VALUES (?, ?, ?)",
-                                (migration.version, migration.name, time.time()),
+                        async with _immediate(conn):
+                            rows = await conn.execute_fetchall(
+                                "SELECT 1 FROM schema_migrations WHERE version = ?",
+                                (migration.version,),
                             )
-                            applied.append(migration.version)
+                            if not rows:
+                                for statement in migration.statements():
+                                    await conn.execute(statement)
+                                await conn.execute(
+                                    "INSERT INTO schema_migrations VALUES (?, ?, ?)",
+                                    (migration.version, migration.name, time.time()),
+                                )
                     except sqlite3.Error as exc:
-                        await conn.execute("ROLLBACK")
                         raise MigrationError(
                             f"migration {migration.version:04d}_{migration.name} failed: {exc}"
                         ) from exc
-                    await conn.execute("COMMIT")
+                if not rows:
+                    applied.append(migration.version)
         return applied
 
     @operation
@@ -583,21 +604,18 @@ class SqliteBackend(AsyncStorageBackend):
     async def _sql_release_lease_slot(
         self, session_id: str, token: int, name: str, pool: str | None
     ) -> bool:
-        wake: list[str] = []
         async with self._transaction() as tx:
             now = time.time()
             params = {"session_id": session_id, "token": token, "now": now}
             rows = await tx.fetch("release_lease_slot", params)
+            # Delivered on commit, as Postgres delivers NOTIFY.
             if rows and rows[0]["contended"]:
-                wake.append(f"s:{session_id}")
+                tx.notify_on_commit(name, f"s:{session_id}")
             if rows and pool is not None:
                 slot = {"pool": pool, "token": token, "now": now}
                 if await tx.fetch("_release_slot", slot):
-                    wake.extend(f"p:{r['pool']}" for r in await tx.fetch("_pool_woken", slot))
-        # Delivered after the commit, as Postgres delivers NOTIFY on commit.
-        for payload in wake:
-            for hub in list(_HUBS.get(self._hub_key, ())):
-                hub.deliver(name, payload)
+                    for r in await tx.fetch("_pool_woken", slot):
+                        tx.notify_on_commit(name, f"p:{r['pool']}")
         return bool(rows)
 
     async def _sql_count_leases(self) -> int:
@@ -815,15 +833,14 @@ class SqliteBackend(AsyncStorageBackend):
         self, session_id: str, reason: str, channel: str | None
     ) -> CancelState:
         params = {"session_id": session_id, "reason": reason, "now": time.time()}
-        state = CancelState.from_row((await self._write("request_cancel", params))[0])
-        if channel is not None:
-            # Delivered after the commit with no await in between (as Postgres delivers on
-            # commit), so a committed request is always announced; the kept reason, as on
-            # Postgres, in the same JSON text.
-            kept = state.reason[: self.CANCEL_NOTIFY_REASON_CHARS]
-            payload = orjson.dumps([state.session_id, kept]).decode()
-            for hub in list(_HUBS.get(self._hub_key, ())):
-                hub.deliver(channel, payload)
+        async with self._transaction() as tx:
+            state = CancelState.from_row((await tx.fetch("request_cancel", params))[0])
+            if channel is not None:
+                # Delivered on commit (as Postgres delivers NOTIFY), even if the caller is
+                # cancelled meanwhile, so a committed request is always announced; the kept
+                # reason, as on Postgres, in the same JSON text.
+                kept = state.reason[: self.CANCEL_NOTIFY_REASON_CHARS]
+                tx.notify_on_commit(channel, orjson.dumps([state.session_id, kept]).decode())
         return state
 
     async def _sql_get_cancel(self, session_id: str) -> CancelState | None:
@@ -913,10 +930,9 @@ class SqliteBackend(AsyncStorageBackend):
         finally:
             if not self._closed:
                 # Always, since a cancelled try_lead() may have taken the row unseen.
-                # Shielded: the row must go even if the owner is being cancelled, or the
-                # other handles would wait out its expiry.
-                with anyio.CancelScope(shield=True):
-                    await role.release()
+                # Completed even if the owner is being cancelled (by anyio or asyncio), or
+                # the other handles would wait out its expiry.
+                await complete(role.release())
 
 
 class _SqliteLeadership(Leadership):
@@ -960,14 +976,65 @@ def _fence_accepts(fence: tuple[int | None, int | None], epoch: int) -> bool:
     return head_epoch is None or epoch >= head_epoch
 
 
+@asynccontextmanager
+async def _immediate(
+    conn: aiosqlite.Connection, *, on_commit: Callable[[], None] | None = None
+) -> AsyncIterator[None]:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT``, rolled back on any exception or cancellation.
+
+    The ROLLBACK runs even if BEGIN itself was the await that got cancelled (the thread
+    still runs it), and a COMMIT that fails (a deferred constraint, SQLITE_BUSY) is
+    rolled back as well, so the connection never stays inside a transaction.
+    """
+    try:
+        await conn.execute("BEGIN IMMEDIATE")
+        yield
+    except BaseException:
+        await complete(_rollback(conn))
+        raise
+    try:
+        await conn.execute("COMMIT")
+    except BaseException:
+        # COMMIT failed, or its caller was cancelled while the thread still runs it: the
+        # ROLLBACK queued behind it settles which (it finds no transaction if COMMIT went
+        # through), and a committed transaction's notifications still go out.
+        if not await complete(_rollback(conn)) and on_commit is not None:
+            on_commit()
+        raise
+    if on_commit is not None:
+        on_commit()
+
+
+async def _rollback(conn: aiosqlite.Connection) -> bool:
+    """Roll back; False if there was no transaction (BEGIN failed, or COMMIT went through)."""
+    try:
+        await conn.execute("ROLLBACK")
+    except sqlite3.Error:
+        # "no transaction is active"; anything that leaves a transaction open is raised.
+        if conn.in_transaction:
+            raise
+        return False
+    return True
+
+
 class _Tx:
     """Statements inside one write transaction of the SQLite driver (counted by name)."""
 
-    __slots__ = ("_backend", "_conn")
+    __slots__ = ("_backend", "_conn", "_notices")
 
     def __init__(self, backend: SqliteBackend, conn: aiosqlite.Connection) -> None:
         self._backend = backend
         self._conn = conn
+        self._notices: list[tuple[str, str]] = []
+
+    def notify_on_commit(self, channel: str, payload: str) -> None:
+        """Deliver a notification in process once (and only if) this transaction commits."""
+        self._notices.append((channel, payload))
+
+    def _deliver(self) -> None:
+        for channel, payload in self._notices:
+            for hub in list(_HUBS.get(self._backend._hub_key, ())):
+                hub.deliver(channel, payload)
 
     async def fetch(self, name: str, params: Mapping[str, Any]) -> list[dict[str, Any]]:
         self._backend._count(name)

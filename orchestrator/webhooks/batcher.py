@@ -26,18 +26,26 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType, TracebackType
-from typing import Any, Protocol, Self
+from typing import Any, ClassVar, Protocol, Self
 
 import anyio
 import orjson
 
-from orchestrator.batching import Batch, BatchConfig, BatchWriter, BatchWriterStatistics, DeadLetter
+from orchestrator.batching import (
+    DROP_REASONS,
+    Batch,
+    BatchConfig,
+    BatchWriter,
+    BatchWriterStatistics,
+    DeadLetter,
+)
 from orchestrator.errors import WriterClosed, WriterOverloaded
 from orchestrator.webhooks.config import AsyncWebhookConfig
 from orchestrator.webhooks.errors import NotPersisted
 from orchestrator.webhooks.signing import delivery_id
 from orchestrator.webhooks.transport import DeliveryFailed, Transport
 from orchestrator.webhooks.triggers import ALIASES, EVENT_NAMES
+from storage.families import Family, MetricSink
 
 __all__ = [
     "CRITICAL_TRIGGERS",
@@ -139,6 +147,50 @@ class AsyncWebhookStatistics:
     not_persisted: int = 0  # durable events whose outbox write failed (callers were told)
     journaled: int = 0  # durable events committed to the journal
     adopted: int = 0  # orphaned journal events this batcher took over
+
+    METRIC_FAMILIES: ClassVar[tuple[Family, ...]] = (
+        Family("webhook_enabled", "gauge", "1 while the endpoint is enabled.", ("endpoint",)),
+        Family("webhook_events_accepted", "counter", "Events queued.", ("endpoint",)),
+        Family("webhook_events_delivered", "counter", "Events confirmed.", ("endpoint",)),
+        Family(
+            "webhook_requests", "counter", "HTTP requests, retries included.", ("endpoint",)
+        ),
+        Family("webhook_failed_attempts", "counter", "Failed attempts.", ("endpoint",)),
+        Family("webhook_events_dead_lettered", "counter", "Events given up.", ("endpoint",)),
+        Family(
+            "webhook_events_dropped",
+            "counter",
+            "Events dropped.",
+            ("endpoint", "reason"),
+            known=(*DROP_REASONS, "overflow_critical", "overflow_blocked", "disabled"),
+        ),
+        Family(
+            "webhook_events_spilled",
+            "counter",
+            "Events written straight to the outbox because the queue stayed full.",
+            ("endpoint",),
+        ),
+        Family(
+            "webhook_events_not_persisted",
+            "counter",
+            "Durable events whose outbox write failed (the caller was told).",
+            ("endpoint",),
+        ),
+        *BatchWriterStatistics.METRIC_FAMILIES,
+    )
+
+    def export(self, out: MetricSink) -> None:
+        labels = {"endpoint": self.endpoint}
+        out.sample("webhook_enabled", labels, float(self.enabled))
+        out.sample("webhook_events_accepted", labels, self.accepted)
+        out.sample("webhook_events_delivered", labels, self.delivered)
+        out.sample("webhook_requests", labels, self.requests)
+        out.sample("webhook_failed_attempts", labels, self.failed_attempts)
+        out.sample("webhook_events_dead_lettered", labels, self.dead_lettered)
+        out.samples("webhook_events_dropped", labels, self.dropped)
+        out.sample("webhook_events_spilled", labels, self.spilled)
+        out.sample("webhook_events_not_persisted", labels, self.not_persisted)
+        self.writer.export(out)
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,9 +12,9 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import MappingProxyType
-from typing import Any
+from typing import Any, ClassVar
 
 import anyio
 import httpx
@@ -32,6 +32,7 @@ from orchestrator.webhooks.sync import HookDecision, HookOutcome, WebhookHook, c
 from orchestrator.webhooks.transport import Transport
 from orchestrator.webhooks.triggers import canonical
 from storage import AsyncStorageBackend
+from storage.families import Family, MetricSink
 
 __all__ = ["Webhooks", "WebhooksStatistics", "open_webhooks"]
 
@@ -44,6 +45,23 @@ class WebhooksStatistics:
     sync_requests: int  # HTTP requests of synchronous hooks, retries included
     decisions: Mapping[str, int]  # deny / modify / warning / ok
     batchers: Mapping[str, AsyncWebhookStatistics]
+
+    METRIC_FAMILIES: ClassVar[tuple[Family, ...]] = (
+        Family("webhook_fires", "counter", "Trigger firings."),
+        Family("webhook_sync_requests", "counter", "Synchronous hook requests."),
+        Family("webhook_decisions", "counter", "Sync hook decisions.", ("decision",)),
+        *(
+            replace(f, where=f.where or "per asynchronous endpoint")
+            for f in AsyncWebhookStatistics.METRIC_FAMILIES
+        ),
+    )
+
+    def export(self, out: MetricSink) -> None:
+        out.sample("webhook_fires", {}, self.fires)
+        out.sample("webhook_sync_requests", {}, self.sync_requests)
+        out.samples("webhook_decisions", {}, self.decisions)
+        for batcher in self.batchers.values():
+            batcher.export(out)
 
 
 class _Route:

@@ -74,22 +74,20 @@ async def test_an_os_error_inside_a_call_is_storage_unavailable(tmp_path: Any) -
         await backend.aclose()
 
 
+@pytest.mark.parametrize("storage_url", ["sqlite"], indirect=True)
 async def test_a_killed_sqlite_connection_is_storage_unavailable(
-    storage: AsyncStorageBackend, storage_url: str
+    storage: AsyncStorageBackend,
 ) -> None:
-    if not storage_url.startswith("sqlite"):
-        pytest.skip("the SQLite writer connection")
     writer = storage._writer  # type: ignore[attr-defined]
     await writer.close()  # the connection dies under the handle
     with pytest.raises(StorageUnavailable):
         await storage.append_messages("s", [NewMessage("user", 1)])
 
 
+@pytest.mark.parametrize("storage_url", ["postgres"], indirect=True)
 async def test_killed_postgres_connections_stay_in_the_tree(
     storage: AsyncStorageBackend, storage_url: str
 ) -> None:
-    if storage_url.startswith("sqlite"):
-        pytest.skip("Postgres server sessions")
     await storage.append_messages("s", [NewMessage("user", 1)])
     conn = await asyncpg.connect(storage_url)
     try:

@@ -407,3 +407,49 @@ async def test_cap_waiters_wait_for_a_slot_release_without_asking(storage_url: s
     # After the release each hold asked at most twice: once on its turn (the pool may still
     # be full) and once woken by the release that freed a slot.
     assert stats.acquire_attempts <= 5 + 2 * 6
+
+
+async def test_capped_db_poll_takes_a_slot_of_the_shared_pool(storage: AsyncStorageBackend) -> None:
+    """Both modes count the same thing: a legacy hold fills the slot a two_level one needs."""
+    pool = f"pool-{uuid.uuid4().hex[:10]}"
+    legacy_config = _config(mode="db_poll", max_running=1, slot_pool=pool)
+    optimized_config = _config(
+        max_running=1, slot_pool=pool, backoff_initial_s=30, backoff_max_s=30
+    )
+    async with (
+        open_session_limiter(storage, legacy_config, instance_id="legacy") as legacy,
+        open_session_limiter(storage, optimized_config, instance_id="new") as optimized,
+    ):
+        release = anyio.Event()
+        held_legacy = anyio.Event()
+        order: list[str] = []
+
+        async def old_path() -> None:
+            before = storage.statistics().statements
+            async with legacy.hold("a"):
+                taken = _delta(before, storage.statistics().statements)
+                assert taken["acquire_lease_slot"] == 1 and "acquire_lease" not in taken
+                order.append("legacy in")
+                held_legacy.set()
+                await release.wait()
+                order.append("legacy out")
+
+        async def new_path() -> None:
+            await held_legacy.wait()
+            async with optimized.hold("b"):
+                order.append("optimized in")
+
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(old_path)
+                tg.start_soon(new_path)
+                await held_legacy.wait()
+                # b's attempt finds the only slot taken (one attempt, then it waits).
+                # The limiter has no event for a failed attempt: watch its statistics.
+                while optimized.statistics().acquire_attempts < 1:  # noqa: ASYNC110
+                    await anyio.sleep(0.01)
+                assert order == ["legacy in"]
+                release.set()
+        # The legacy release notified the pool's waiter (its backoff is 30 s).
+        assert order == ["legacy in", "legacy out", "optimized in"]
+        assert optimized.statistics().wakeups >= 1

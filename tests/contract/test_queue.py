@@ -424,3 +424,36 @@ async def test_legacy_poll_spawn_spawns_everything_found(
     # One write per finished task, as the old loop did.
     assert storage.statistics().statements["complete_tasks"] - before == 30
     assert worker.statistics().notifications == 0
+
+
+async def test_an_error_text_storage_cannot_hold_is_escaped_not_lost(
+    storage: AsyncStorageBackend,
+) -> None:
+    # A file name decoded with surrogateescape makes an exception text no database can
+    # store; the outcome write must still record the failure (escaped), not fail itself.
+    queue = AgentQueue(storage, "odd", FAST)
+    ran = anyio.Event()
+
+    async def handler(task: Task) -> None:
+        ran.set()
+        raise PermanentFailure(b"no such file: \xff.txt".decode("utf-8", "surrogateescape"))
+
+    task = await queue.enqueue("x")
+    async with open_worker(queue, handler, max_workers=1):
+        with anyio.fail_after(10):
+            await ran.wait()
+    row = await queue.get(task.id)
+    assert row is not None and row.status is TaskStatus.DEAD
+    assert row.last_error == "PermanentFailure: no such file: \\udcff.txt"
+
+
+@pytest.mark.parametrize("name", ["é" * 24, "my queue", "a\ud800"])
+def test_a_queue_name_that_makes_no_channel_name_is_refused_at_once(name: str) -> None:
+    # The queue's notification channel is "asyncstore.queue.<name>": 63 UTF-8 bytes at most
+    # (Postgres truncates identifiers), letters, digits and "_ . : -" only.
+    from storage.errors import InvalidInput
+
+    with pytest.raises(InvalidInput, match="does not make a channel name"):
+        AgentQueue(None, name)  # type: ignore[arg-type]
+    for fits in ("q" * 40, "é" * 23):  # 57 and 63 bytes of channel name
+        assert AgentQueue(None, fits).channel.endswith(fits)  # type: ignore[arg-type]

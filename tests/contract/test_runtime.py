@@ -231,7 +231,14 @@ async def test_metrics_and_maintenance_run_inside_the_runtime(storage_url: str) 
             await turn.emit("turn_completed", {})
         body, _ = rt.metrics.render()
         text = body.decode()
-        assert 'source="streams"' in text and 'source="lock_db_poll"' in text
+        assert 'source="streams"' in text and 'source="lock"' in text
+        # No session can take a legacy path: no legacy component runs, none is exported.
+        assert 'source="lock_db_poll"' not in text
+        rt.update_flags(lock="db_poll")
+        async with rt.turn("m2"):
+            pass
+        body, _ = rt.metrics.render()
+        assert 'source="lock_db_poll"' in body.decode()
         assert "asyncstore_event_loop_lag_seconds" in text
         assert rt.maintenance.statistics() is not None
         assert callable(rt.metrics_app())
@@ -290,3 +297,104 @@ async def test_a_turn_that_gets_its_lease_after_shutdown_began_stops_at_once(
     # run its body, so closing does not wait out turn_flush_timeout_s for it.
     assert sorted(ended) == [("first", True), ("waiting", True)]
     assert anyio.current_time() - started < settings.runtime.turn_flush_timeout_s
+
+
+async def test_a_path_no_session_can_take_is_not_built(storage_url: str) -> None:
+    """Share 100%: no legacy component; share 0%: no optimized one (but the memory hub,
+    which every writer publishes to); a live change builds the newly needed path."""
+    async with open_runtime(_settings(storage_url)) as rt:
+        for switch in (rt.streams, rt.broadcast, rt.limiter, rt.cancellation):
+            assert switch.optimized is not None and switch.legacy is None, switch.flag
+        stats = rt.statistics()
+        for per_path in (stats.streams, stats.broadcast, stats.limiter, stats.cancellation):
+            assert set(per_path) == {"optimized"}
+        # Behaviour unchanged: a turn on the optimized paths, delivered from memory.
+        async with rt.turn("only-new") as turn:
+            assert all(turn.paths.values())
+            await turn.emit("turn_completed", {})
+        assert await _read_until(rt, "only-new", "turn_completed") == ["turn_completed"]
+        assert rt.limiter.legacy is None and rt.streams.legacy is None
+
+        # A live change to a share: the legacy paths are built (in the background at once,
+        # on first use at the latest) and sessions split between the two.
+        rt.update_flags(lock="50%", stream_batching="50%", cancel="50%", stream_delivery="50%")
+        paths: dict[str, bool] = {}
+        for i in range(20):
+            async with rt.turn(f"mixed-{i}") as turn:
+                paths[f"mixed-{i}"] = turn.paths["lock"]
+                await turn.emit("turn_completed", {})
+        assert set(paths.values()) == {True, False}
+        for switch in (rt.streams, rt.broadcast, rt.limiter, rt.cancellation):
+            assert switch.optimized is not None and switch.legacy is not None, switch.flag
+        stats = rt.statistics()
+        assert stats.limiter["legacy"].acquires == sum(not p for p in paths.values())
+        assert stats.limiter["optimized"].acquires == 1 + sum(paths.values())
+
+    settings = _settings(
+        storage_url,
+        flags={"lock": "db_poll", "stream_batching": False, "cancel": "poll",
+               "stream_delivery": "poll"},
+    )  # fmt: skip
+    async with open_runtime(settings) as rt:
+        for switch in (rt.streams, rt.limiter, rt.cancellation):
+            assert switch.optimized is None and switch.legacy is not None, switch.flag
+        # Every writer publishes to the memory hub, so it runs whatever the flag says.
+        assert rt.broadcast.optimized is not None and rt.broadcast.legacy is not None
+        async with rt.turn("only-old") as turn:
+            assert not any(turn.paths.values())
+            await turn.emit("turn_completed", {})
+        assert await _read_until(rt, "only-old", "turn_completed") == ["turn_completed"]
+        # Delivered by the poll hub: its reads, none by the memory hub.
+        assert sum(rt.statistics().broadcast["legacy"].db_reads.values()) >= 1
+        assert sum(rt.statistics().broadcast["optimized"].db_reads.values()) == 0
+        assert set(rt.statistics().limiter) == {"legacy"}
+    assert rt.report is not None and rt.report.complete
+
+
+@pytest.mark.parametrize("maintenance_enabled", [True, False])
+async def test_one_lease_sweeper_for_two_runtimes(
+    storage_url: str, maintenance_enabled: bool
+) -> None:
+    """The limiters sweep no leases themselves: the maintenance leader does, for the fleet,
+    and still does (lease-only rounds) when maintenance is disabled."""
+    settings = _settings(
+        storage_url,
+        lock={"sweep_interval_s": 0.05, "sweep_grace_s": 0},
+        maintenance={"enabled": maintenance_enabled, "interval_s": 0.1, "lease_grace_s": 0},
+    )
+    async with open_runtime(settings) as a, open_runtime(settings) as b:
+        with anyio.fail_after(60):
+            await a.maintenance.wait_rounds(6)
+            await b.maintenance.wait_rounds(6)
+        counts = [rt.storage.statistics().statements.get("expire_leases", 0) for rt in (a, b)]
+        stats = [rt.maintenance.statistics() for rt in (a, b)]
+    sweepers = [n for n in counts if n > 0]
+    assert len(sweepers) == 1, f"expire_leases statements per runtime: {counts}"
+    leader = stats[counts.index(sweepers[0])]
+    follower = stats[1 - counts.index(sweepers[0])]
+    led = leader.sweeps_run if maintenance_enabled else leader.lease_sweeps
+    assert led >= 6 and follower.sweeps_skipped >= 6
+    assert follower.sweeps_run == follower.lease_sweeps == 0
+    for rt in (a, b):
+        for limiter in rt.limiter.built().values():
+            assert limiter.statistics().sweeps == 0
+
+
+async def test_subscribe_right_after_a_live_change_is_served(storage_url: str) -> None:
+    """The poll hub starts in the background after the change; until it runs, the memory
+    hub (every writer publishes to it) serves ``subscribe``; ``choose`` waits for it."""
+    from orchestrator.runtime import ComponentNotBuilt
+
+    async with open_runtime(_settings(storage_url)) as rt:
+        rt.update_flags(stream_delivery="poll")
+        assert rt.broadcast.legacy is None  # nothing awaited since the change
+        with pytest.raises(ComponentNotBuilt):
+            rt.broadcast.pick("early")
+        sub = rt.subscribe("early", after=(0, 0))  # no error: the memory hub serves it
+        async with sub, rt.turn("early") as turn:
+            await turn.emit("turn_completed", {})
+            with anyio.fail_after(10):
+                item = await sub.__anext__()
+        assert isinstance(item, StreamEvent) and item.kind == "turn_completed"
+        poll_hub = await rt.broadcast.choose("later")
+        assert poll_hub is rt.broadcast.legacy is rt.broadcast.pick("later")

@@ -620,3 +620,50 @@ async def test_wait_closed_cuts_a_client_that_does_not_read_after_the_grace_peri
         assert (stats.open_websockets, stats.ended_shutdown, stats.shutdown_forced) == (0, 1, 1)
         await ws.done.wait()
         assert srv.subscribers() == 0
+
+
+@pytest.mark.parametrize("send", ["batched", "per_frame"])
+async def test_ws_subscribers_of_a_session_share_one_encoded_frame_per_event(
+    storage_url: str, send: str
+) -> None:
+    # Batched (the default): every subscriber of a session is sent the same encoded frame,
+    # so the JSON is encoded once per event, not once per subscriber; per_frame (the
+    # legacy path) encodes each frame again. Either way: every event once, in order.
+    config = EndpointConfig(ws_send=send)  # type: ignore[arg-type]
+    async with serve(storage_url, config=config) as srv, anyio.create_task_group() as tg:
+        epoch = await _emit(srv.rt, "s1", 40)
+        texts: list[list[str]] = []
+        for _ in range(3):
+            ws = WebSocketSession(srv.app, "/s/s1/ws", tg)
+            await ws.connect()
+            await ws.send_json({"type": "subscribe", "after": "0:0"})
+            assert (await ws.receive_json())["type"] == "ready"
+            got = [await ws.receive_message() for _ in range(40)]
+            assert {m["type"] for m in got} == {"websocket.send"}
+            texts.append([m["text"] for m in got])
+            await ws.disconnect()
+            await ws.done.wait()
+        events = [orjson.loads(t) for t in texts[0]]
+        assert [e["id"] for e in events] == [f"{epoch}:{seq}" for seq in range(1, 41)]
+        assert [e["payload"] for e in events] == [{"i": i} for i in range(40)]
+        assert texts[0] == texts[1] == texts[2]
+        shared = all(a is b for a, b in zip(texts[0], texts[1], strict=True))
+        assert shared is (send == "batched")
+        assert srv.streams.statistics().events_sent == 120
+
+
+@pytest.mark.parametrize("send", ["batched", "per_frame"])
+async def test_ws_client_that_stops_reading_is_dropped_after_the_send_timeout(
+    storage_url: str, send: str
+) -> None:
+    config = EndpointConfig(ws_send=send, send_timeout_s=0.3)  # type: ignore[arg-type]
+    async with serve(storage_url, config=config) as srv, anyio.create_task_group() as tg:
+        await _emit(srv.rt, "s1", 1100)  # more than the test connection buffers (1000)
+        ws = WebSocketSession(srv.app, "/s/s1/ws", tg)
+        await ws.connect()
+        await ws.send_json({"type": "subscribe"})
+        await wait_until(lambda: srv.streams.statistics().ended_stalled == 1, timeout_s=20)
+        stats = srv.streams.statistics()
+        assert stats.open_websockets == 0 and stats.events_sent >= 990
+        await ws.done.wait()
+        assert srv.subscribers() == 0

@@ -108,6 +108,14 @@ async def test_only_the_user_a_session_was_made_for_can_stream_or_drive_it(
                 async with connect(ws_url, additional_headers=headers, origin=Origin(origin)):
                     pass
             assert refused_ws.value.response.status_code == 403
+        # The endpoints are a metrics source: the refusals above are counted.
+        exposition = (await owner.get("/metrics")).text
+        refused_line = next(
+            line
+            for line in exposition.splitlines()
+            if line.startswith('asyncstore_endpoint_streams_refused_total{source="endpoints"}')
+        )
+        assert float(refused_line.split()[-1]) >= 3
 
 
 async def test_sigterm_ends_open_streams_with_a_final_event_and_drains_the_runtime(

@@ -9,8 +9,8 @@ numbers compared with their type) and the error types must be equal call by call
 every error must be a ``StorageError``. Every example uses fresh names (sessions, queues,
 channels, keys), so one pair of databases serves a whole test.
 
-The inputs the ``contract`` branch of issue 14 makes identical (lone surrogates, channel
-names by bytes, numbers jsonb would change) are in separate tests marked ``xfail(strict)``.
+The inputs issue 14 made identical (lone surrogates, channel names by bytes, numbers jsonb
+would change) have their own tests at the end.
 """
 
 from __future__ import annotations
@@ -394,9 +394,8 @@ def test_both_drivers_answer_every_call_alike(pair: Pair, calls: list[tuple[Any,
     _differ(pair, calls)
 
 
-# -- inputs the contract branch (issue 14) makes identical ---------------------------------
+# -- inputs issue 14 made identical ---------------------------------
 
-CONTRACT = pytest.mark.xfail(strict=True, reason="issue 14 contract branch")
 SURROGATE = st.sampled_from(["\ud800", "a\udfffb", "\udc00" * 3])
 ONCE = settings(SETTINGS, max_examples=5)
 
@@ -419,14 +418,12 @@ def _surrogate_calls() -> st.SearchStrategy[list[tuple[Any, ...]]]:
     )
 
 
-@CONTRACT
 @ONCE
 @given(calls=_surrogate_calls())
 def test_lone_surrogates_are_refused_alike(pair: Pair, calls: list[tuple[Any, ...]]) -> None:
     _differ(pair, calls)
 
 
-@CONTRACT
 @ONCE
 @given(
     channel=st.sampled_from(["c" * 64, "é" * 32, "x" * 62 + "é"]),
@@ -436,7 +433,6 @@ def test_channel_names_are_limited_by_bytes_alike(pair: Pair, channel: str, payl
     _differ(pair, [("notify", channel, payload)])
 
 
-@CONTRACT
 @ONCE
 @given(number=st.sampled_from([1e16, 5.942375405004405e16, -0.0, 1e300]))
 def test_numbers_round_trip_alike(pair: Pair, number: float) -> None:

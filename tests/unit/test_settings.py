@@ -53,9 +53,10 @@ def test_flags_come_from_env_and_file_and_section_modes_are_refused(
     config.write_text("[stream]\nbatching = false\n")
     with pytest.raises(ValueError, match=r"set flags\.stream_batching instead"):
         load_settings(config)
+    # A partial lock rollout with a global cap is valid: both paths take the pool's slots.
     config.write_text('[flags]\nlock = "50%"\n[lock]\nmax_running = 4\n')
-    with pytest.raises(ValueError, match="max_running"):
-        load_settings(config)
+    capped = load_settings(config)
+    assert capped.flags.lock == 50.0 and capped.lock.max_running == 4
 
 
 def test_rollout_is_stable_and_close_to_the_share() -> None:

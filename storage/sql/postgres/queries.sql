@@ -27,6 +27,11 @@ RETURNING session_id, seq, role, content, created_at;
 SELECT session_id, seq, role, content, created_at FROM chat_messages
 WHERE session_id = $1 AND seq > $2 ORDER BY seq LIMIT $3;
 
+-- name: _lock_chat_session
+-- delete_session's first statement: waits for an append in flight to commit, so the delete
+-- that follows (a new snapshot) sees its messages too and none is left behind.
+SELECT 1 FROM chat_sessions WHERE session_id = $1 FOR UPDATE;
+
 -- name: delete_session
 WITH m AS (DELETE FROM chat_messages WHERE session_id = $1 RETURNING 1),
      s AS (DELETE FROM chat_sessions WHERE session_id = $1 RETURNING 1),
