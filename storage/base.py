@@ -111,6 +111,17 @@ class StorageSettings(BaseModel):
         "small, so the listener is back within about this long after the server is",
     )
     listener_queue_size: int = Field(default=10_000, ge=1)
+    pooled: bool | None = Field(
+        default=None,
+        description="url reaches a transaction-mode pooler (PgBouncer): no named prepared "
+        "statements on pool connections, session work on listen_url; None detects a pooler "
+        "and refuses it with a clear error; false asserts session semantics (no check)",
+    )
+    listen_url: SecretStr | None = Field(
+        default=None,
+        description="direct Postgres DSN for what needs a session (LISTEN, leadership "
+        "locks); required with pooled=true, defaults to url otherwise",
+    )
     slow_query_threshold_s: float = Field(
         default=0.1,
         gt=0,

@@ -5,7 +5,8 @@ place (``map_error`` in the driver module) to this tree and raises ``from`` the 
 
     StorageError
     ├── InvalidInput          bad argument, rejected before anything is written
-    │   └── ConfigurationError  the storage URL or path cannot be used as given
+    │   └── ConfigurationError  the storage URL or path cannot be used as given, or the
+    │                             settings do not fit the topology (LISTEN through a pooler)
     ├── StorageClosed         the backend was used after ``aclose()``
     ├── StorageUnavailable    the database cannot be reached (connect, network, pool)
     ├── ConflictError         a uniqueness or integrity rule refused the write
@@ -40,7 +41,9 @@ class InvalidInput(StorageError, ValueError):
 
 
 class ConfigurationError(InvalidInput):
-    """The storage URL (or SQLite path) is malformed or names something that cannot be used.
+    """The storage URL (or SQLite path) is malformed or names something that cannot be used,
+    or the settings do not fit the topology (LISTEN or a session lock through a transaction
+    pooler, an undeclared pooler: see ``storage._topology``).
 
     A subclass of ``InvalidInput`` (and so of ``ValueError``): the URL is an argument, it is
     refused before anything is written, and retrying the same URL cannot succeed. The

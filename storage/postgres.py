@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import sys
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -23,6 +24,7 @@ import anyio
 import asyncpg
 import orjson
 
+from storage import _topology
 from storage import _validate as v
 from storage._notify import NotificationHub, Subscription
 from storage._schema import mask_url
@@ -62,6 +64,7 @@ from storage.errors import (
     StorageClosed,
     StorageError,
     StorageUnavailable,
+    is_retryable,
 )
 
 Q = load_queries("postgres")
@@ -106,14 +109,37 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     )
 
 
+async def _init_checked_connection(conn: asyncpg.Connection) -> None:
+    # ``storage.pooled`` unset: refuse a pooler the settings did not declare, with a clear
+    # error, rather than lose notifications or locks to it later.
+    await _topology.check_pool_connection(conn)
+    await _init_connection(conn)
+
+
 async def _keep_session(conn: asyncpg.Connection) -> None:
-    """Pool reset hook that sends nothing.
+    """Pool reset hook that sends nothing, and discards a connection a call broke.
 
     asyncpg's default reset runs ``RESET ALL; UNLISTEN *; ...`` on every release, an extra
     round trip per call. Pool connections never carry session state here (no SET; LISTEN
-    lives on its own connection; the migration lock is released in a ``finally``), and
-    asyncpg still rolls back any open transaction and drops listeners before this hook.
+    and leadership live on their own connections; the migration lock is transaction-scoped),
+    so they also work through a transaction pooler, and asyncpg still rolls back any open
+    transaction and drops listeners before this hook.
+
+    A connection released while a connection-level error leaves the call (the server ended
+    the session under it, or the protocol tripped: ``InternalClientError``) is not returned
+    to the pool: raising here makes asyncpg terminate it, so the next call gets a fresh one
+    instead of tripping on the same broken protocol state (as during a switchover).
     """
+    exc = sys.exc_info()[1]
+    if isinstance(exc, _BROKEN_CONNECTION) or (
+        isinstance(exc, asyncpg.PostgresError)
+        and (getattr(exc, "sqlstate", "") or "").startswith(("08", "57P"))
+    ):
+        raise exc
+
+
+# Errors after which a connection cannot be trusted with another call.
+_BROKEN_CONNECTION = (asyncpg.InternalClientError, asyncpg.InterfaceError, OSError, TimeoutError)
 
 
 def _rowcount(status: str) -> int:
@@ -201,7 +227,8 @@ class PostgresBackend(AsyncStorageBackend):
     def __init__(self, settings: StorageSettings) -> None:
         super().__init__()
         self._settings = settings
-        self._dsn = settings.url.get_secret_value()
+        self._topology = _topology.resolve(settings)
+        self._dsn = self._topology.dsn
         self._pool: asyncpg.Pool | None = None
         self._hub = NotificationHub(settings.listener_queue_size)
         self._listen_conn: asyncpg.Connection | None = None
@@ -221,16 +248,18 @@ class PostgresBackend(AsyncStorageBackend):
     async def open(self) -> None:
         """Create the pool. Cancelling it closes whatever was opened."""
         s = self._settings
+        pooled = self._topology.pooled
         try:
             self._pool = await asyncpg.create_pool(
                 self._dsn,
                 connect=self._connect_mapped,
                 min_size=min(s.pool_min_size, s.pool_max_size),
                 max_size=s.pool_max_size,
-                statement_cache_size=s.statement_cache_size,
+                # A transaction pooler cannot keep named prepared statements: none there.
+                statement_cache_size=0 if pooled else s.statement_cache_size,
                 command_timeout=s.command_timeout_s,
                 timeout=s.connect_timeout_s,
-                init=_init_connection,
+                init=_init_connection if pooled is not None else _init_checked_connection,
                 reset=_keep_session,
             )
         except BaseException as exc:
@@ -308,34 +337,44 @@ class PostgresBackend(AsyncStorageBackend):
 
     @operation
     async def migrate(self) -> list[int]:
+        """Apply pending migrations, one transaction each, safe with many instances at once.
+
+        Each transaction first takes a transaction-scoped advisory lock, then (re)reads what
+        is applied: instances starting together apply every migration once, in order, and
+        the lock ends with its transaction, so it is never left held on a connection (which
+        a transaction pooler would hand to someone else) and works through PgBouncer.
+        """
         applied: list[int] = []
+        pending = load_migrations(self.dialect)
         async with self.pool.acquire() as conn:
-            try:
-                await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
-                await conn.execute(
-                    "CREATE TABLE IF NOT EXISTS schema_migrations ("
-                    " version integer PRIMARY KEY, name text NOT NULL,"
-                    " applied_at timestamptz NOT NULL DEFAULT now())"
-                )
-                done = {r[0] for r in await conn.fetch("SELECT version FROM schema_migrations")}
-                for migration in load_migrations(self.dialect):
-                    if migration.version in done:
-                        continue
+            while pending:
+                async with conn.transaction():
+                    await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+                    await conn.execute(
+                        "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                        " version integer PRIMARY KEY, name text NOT NULL,"
+                        " applied_at timestamptz NOT NULL DEFAULT now())"
+                    )
+                    done = {
+                        r[0] for r in await conn.fetch("SELECT version FROM schema_migrations")
+                    }
+                    pending = [m for m in pending if m.version not in done]
+                    if not pending:
+                        break
+                    migration = pending.pop(0)
                     try:
-                        async with conn.transaction():
+                        async with conn.transaction():  # a savepoint: a clear error below
                             await conn.execute(migration.sql)
-                            await conn.execute(
-                                "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
-                                migration.version,
-                                migration.name,
-                            )
                     except asyncpg.PostgresError as exc:
                         raise MigrationError(
                             f"migration {migration.version:04d}_{migration.name} failed: {exc}"
                         ) from exc
+                    await conn.execute(
+                        "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                        migration.version,
+                        migration.name,
+                    )
                     applied.append(migration.version)
-            finally:
-                await _unlock_migrations(conn)
             if applied:
                 # New tables and types: cached plans of other pool connections are stale.
                 await self.pool.expire_connections()
@@ -678,7 +717,7 @@ class PostgresBackend(AsyncStorageBackend):
                     await conn.add_listener(channel, self._on_notification)
                 return
             self._listen_conn = None
-            conn = await _connect(self._dsn, timeout=self._settings.connect_timeout_s)
+            conn = await self._connect_session("listen()")
             conn.add_termination_listener(self._on_lost)
             try:
                 for channel in self._hub.channels():
@@ -698,6 +737,24 @@ class PostgresBackend(AsyncStorageBackend):
                 self._reconnects += 1
                 self._hub.gap_all()
             self._listener_was_up = True
+
+    async def _connect_session(self, what: str) -> asyncpg.Connection:
+        """A connection outside the pool that keeps its session (LISTEN, session locks).
+
+        It goes to ``storage.listen_url`` (else ``storage.url`` when that is not pooled) and
+        is refused with ``ConfigurationError`` if it turns out to go through a pooler, unless
+        ``storage.pooled=false`` asserts that the pooler keeps sessions.
+        """
+        dsn = self._topology.require_session_dsn(what)
+        conn = await _connect(dsn, timeout=self._settings.connect_timeout_s, statement_cache_size=0)
+        if self._topology.pooled is False:
+            return conn
+        try:
+            await _topology.check_session(conn, what)
+        except BaseException:
+            conn.terminate()
+            raise
+        return conn
 
     async def _unlisten(self, channels: list[str]) -> None:
         async with self._listen_lock:
@@ -766,7 +823,10 @@ class PostgresBackend(AsyncStorageBackend):
                     await self._ensure_listener([])
                     return
                 except Exception as exc:
-                    # _ensure_listener's connect raises mapped errors; the rest are raw.
+                    # _ensure_listener's connect raises mapped errors; the rest are raw. A
+                    # ConfigurationError (LISTEN through a pooler) is raised, not retried.
+                    if isinstance(exc, StorageError) and not is_retryable(exc):
+                        raise
                     if not isinstance(exc, StorageError) and map_postgres_error(exc) is None:
                         raise
                     self._listener_failures += 1
@@ -875,9 +935,7 @@ class _PostgresLeadership(Leadership):
             conn = self._conn
             if conn is None or conn.is_closed():
                 self._leading = False
-                conn = self._conn = await _connect(
-                    backend._dsn, timeout=backend._settings.connect_timeout_s
-                )
+                conn = self._conn = await backend._connect_session("open_leadership()")
             backend._count("acquire_leadership")
             self._leading = bool(
                 await conn.fetchval(Q["acquire_leadership"], self._name, timeout=timeout)
@@ -916,21 +974,6 @@ class _PostgresLeadership(Leadership):
             trouble = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
             if not isinstance(exc, trouble):
                 raise
-
-
-async def _unlock_migrations(conn: asyncpg.Connection) -> None:
-    """Give the migration lock up, even if the caller is being cancelled (anyio or asyncio).
-
-    The lock is session level and the pool's reset sends nothing, so a lock left behind
-    would ride back into the pool and block every later migration. Unlocking a lock this
-    session does not hold (a cancelled lock call) only warns; if the unlock cannot run,
-    ending the session frees the lock.
-    """
-    try:
-        await complete(conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK))
-    except BaseException:
-        conn.terminate()
-        raise
 
 
 def _outbox_columns(rows: list[tuple[str, str, bytes, int]]) -> list[list[Any]]:

@@ -14,11 +14,14 @@ import secrets
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlsplit
 
 import asyncpg
 import pytest
 
 from storage import AsyncStorageBackend, open_storage
+from storage._topology import split_dsn
+from tests.pgbouncer import PgBouncer, PgBouncerUnavailable
 
 DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 TABLES = (
@@ -122,13 +125,70 @@ async def truncate(dsn: str) -> None:
         await conn.close()
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(scope="session")
+def pgbouncer(postgres_dsn: str) -> Iterator[PgBouncer]:
+    """A PgBouncer in transaction pooling mode in front of the test server (session scope)."""
+    parts = urlsplit(postgres_dsn)
+    try:
+        bouncer = PgBouncer(parts.hostname or "127.0.0.1", parts.port or 5432)
+    except PgBouncerUnavailable as exc:
+        if os.environ.get("ASYNCSTORE_REQUIRE_POSTGRES") == "1":
+            pytest.fail(f"PgBouncer is required with ASYNCSTORE_REQUIRE_POSTGRES=1: {exc}")
+        pytest.skip(str(exc))
+    try:
+        bouncer.start()
+        yield bouncer
+    finally:
+        bouncer.stop()
+
+
+def pooled_url(bouncer: PgBouncer, direct_dsn: str) -> str:
+    """The storage URL of ``direct_dsn``'s database through ``bouncer``, declared pooled,
+    with LISTEN and leadership on the direct DSN (the documented PgBouncer setup)."""
+    database = urlsplit(direct_dsn).path.lstrip("/")
+    return f"{bouncer.url(database)}?pooled=true&listen_url={quote(direct_dsn, safe='')}"
+
+
+def direct_dsn(url: str) -> str:
+    """A DSN for a raw asyncpg connection to ``url``'s database: a pooled storage URL's
+    ``listen_url`` (its direct DSN), else the URL itself."""
+    dsn, _, listen = split_dsn(url)
+    return listen or dsn
+
+
+# The modules whose ``storage_url`` tests also run through PgBouncer (issue 17): the
+# contract suite's chat, stream, lease/task, limiter, queue and outbox modules.
+POOLED_MODULES = tuple(
+    f"tests/contract/test_{name}"
+    for name in ("chat_and_streams", "stream", "leases_and_tasks", "limiter", "queue", "outbox")
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    kept, dropped = [], []
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        through_pooler = callspec is not None and callspec.params.get("storage_url") == "pgbouncer"
+        if through_pooler and not item.nodeid.startswith(POOLED_MODULES):
+            dropped.append(item)
+        else:
+            kept.append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
+
+
+@pytest.fixture(params=["sqlite", "postgres", "pgbouncer"])
 def storage_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A storage URL for an empty, migrated database of each dialect."""
-    if request.param == "postgres":
+    """A storage URL for an empty, migrated database of each dialect, and (contract suite
+    only) the Postgres one through PgBouncer in transaction mode."""
+    if request.param in ("postgres", "pgbouncer"):
         dsn: str = request.getfixturevalue("postgres_dsn")
         asyncio.run(truncate(dsn))
-        yield dsn
+        if request.param == "pgbouncer":
+            yield pooled_url(request.getfixturevalue("pgbouncer"), dsn)
+        else:
+            yield dsn
     else:
         url = f"sqlite:///{tmp_path / 'test.db'}"
 

@@ -22,6 +22,7 @@ from storage import (
     StorageSettings,
     open_storage,
 )
+from tests.conftest import direct_dsn
 
 # No poll in notify mode: a token that fires within this bound fired on the event.
 NOTIFY_BOUND_S = 5.0
@@ -259,7 +260,7 @@ class CancelRowHold:
 
     async def __aenter__(self) -> CancelRowHold:
         if self._url.startswith("postgres"):
-            self._pg = await asyncpg.connect(self._url)
+            self._pg = await asyncpg.connect(direct_dsn(self._url))
             await self._pg.execute("BEGIN")
             await self._pg.execute(
                 "INSERT INTO cancel_requests (session_id, reason) VALUES ($1, $2)",
@@ -352,7 +353,7 @@ async def _wait_until_no_request_cancel_runs(dsn: str) -> None:
     A SHARE lock conflicts with the ROW EXCLUSIVE lock a running INSERT holds until its
     transaction ends, so taking one waits for exactly that.
     """
-    conn = await asyncpg.connect(dsn)
+    conn = await asyncpg.connect(direct_dsn(dsn))
     try:
         async with conn.transaction():
             await conn.execute("LOCK TABLE cancel_requests IN SHARE MODE")

@@ -15,6 +15,7 @@ from storage import (
     NewTask,
     open_storage,
 )
+from tests.conftest import direct_dsn
 
 
 def _events(session_id: str, first: int, last: int) -> list[NewStreamEvent]:
@@ -110,7 +111,7 @@ async def test_leadership_passes_on_when_its_holder_dies(
         assert not await heir.try_lead()
         if storage.dialect == "postgres":
             # A crashed process: the server ends its session and, with it, the lock.
-            conn = await asyncpg.connect(storage_url)
+            conn = await asyncpg.connect(direct_dsn(storage_url))
             try:
                 killed = await conn.fetchval(
                     "SELECT count(pg_terminate_backend(pid)) FROM pg_locks"

@@ -19,6 +19,7 @@ from storage import (
     StreamAppend,
     open_storage,
 )
+from tests.conftest import direct_dsn
 
 
 def _events(session: str, epoch: int, seqs: range) -> list[NewStreamEvent]:
@@ -196,7 +197,7 @@ async def _insert_raw(url: str, rows: list[tuple[str, int, int]]) -> None:
             )
         conn.close()
         return
-    pg = await asyncpg.connect(url)
+    pg = await asyncpg.connect(direct_dsn(url))
     try:
         await pg.executemany(
             "INSERT INTO stream_events (session_id, seq, epoch, kind, payload)"
