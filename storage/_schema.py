@@ -10,7 +10,7 @@ migration files shipped beside the drivers.
 from __future__ import annotations
 
 import re
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from storage._sql import load_migrations
 from storage.base import AsyncStorageBackend
@@ -20,15 +20,23 @@ from storage.errors import MigrationError, QueryError
 _USERINFO_PASSWORD = re.compile(r"^(?P<scheme>[^:/]*://)(?P<user>[^:@/]*):[^@/]*@")
 
 
+_SECRET_PARAMS = frozenset({"password", "sslpassword"})
+
+
 def mask_url(url: str) -> str:
     """The URL with its password replaced by ``***``, even when the URL does not parse."""
     try:
         parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        host = parts.netloc.rpartition("@")[2]
-        user = parts.username or ""
-        return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+        if parts.query:  # e.g. ?listen_url=<a DSN with its own password>&password=...
+            query = [
+                (k, "***" if k in _SECRET_PARAMS else mask_url(v) if "://" in v else v)
+                for k, v in parse_qsl(parts.query, keep_blank_values=True)
+            ]
+            parts = parts._replace(query=urlencode(query, safe="/:@*"))
+        if parts.password is not None:
+            host = parts.netloc.rpartition("@")[2]
+            parts = parts._replace(netloc=f"{parts.username or ''}:***@{host}")
+        return urlunsplit(parts) if parts.query or parts.password is not None else url
     except ValueError:
         return _USERINFO_PASSWORD.sub(r"\g<scheme>\g<user>:***@", url, count=1)
 

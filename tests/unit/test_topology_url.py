@@ -43,3 +43,21 @@ def test_settings_win_over_the_url_and_pooled_needs_a_listen_url() -> None:
     plan = resolve(StorageSettings(url=SecretStr(f"{BOUNCER}?pooled=true")))
     assert plan.session_dsn is None
     assert resolve(StorageSettings(url=SecretStr(DIRECT))).session_dsn == DIRECT
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://app:secret@bouncer:6432/db?pooled=true"
+        "&listen_url=postgresql%3A%2F%2Fapp%3Asecret%40pg%3A5432%2Fdb",
+        "postgresql://bouncer/db?password=secret&sslmode=require",
+        "postgresql://app:secret@h:notaport/db",
+    ],
+)
+def test_a_password_anywhere_in_the_url_is_masked_in_messages(url: str) -> None:
+    # The schema guard and doctor name the database by its URL; with listen_url in the
+    # query string the direct DSN's password must not leak either.
+    from storage._schema import mask_url
+
+    masked = mask_url(url)
+    assert "secret" not in masked and "***" in masked
