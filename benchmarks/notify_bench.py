@@ -182,9 +182,9 @@ async def _one(
     return flushes, sent, latencies, time.perf_counter() - started
 
 
-async def _drain(counter: _Counter, target: int, timeout: float) -> None:
-    """Wait until the listener has received ``target`` notifications (or ``timeout``)."""
-    end = time.perf_counter() + timeout
+async def _drain(counter: _Counter, target: int, within: float) -> None:
+    """Wait until the listener has received ``target`` notifications (at most ``within`` s)."""
+    end = time.perf_counter() + within
     while counter.received < target:
         left = end - time.perf_counter()
         if left <= 0:
@@ -281,8 +281,6 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             f"{spread(c.flushes_per_s):8.0%}{notif}{lost}"
             f"{median(c.p50_ms):8.1f}{median(c.p99_ms):8.1f}"
         )
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
     return report
 
 
@@ -297,7 +295,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
-    asyncio.run(run(args))
+    report = asyncio.run(run(args))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
     return 0
 
 
