@@ -1,4 +1,21 @@
 -- Named queries of the Postgres driver. Values are always bind parameters.
+--
+-- DESIGN (scaling past one primary, issue 17). Every hot statement below touches one
+-- session (its WHERE / ON CONFLICT names session_id) or one other key: a queue, an outbox
+-- (channel, account) group, a slot pool, a webhook endpoint, a login (scope, key). So the
+-- session tables (chat_sessions, chat_messages, stream_events, session_leases,
+-- cancel_requests) can be distributed by session_id, each statement routed to one shard;
+-- the keyed tables stay on one node or are distributed by their own key. Cold statements
+-- (purges, backlogs, count_leases, list_webhook_attempts) scan across keys on purpose and
+-- would run on every node. append_stream_events carries the sessions of one flush: on a
+-- sharded deployment that is one statement per shard unless the writer batches by shard.
+-- Global state that sharding must replace: the sequences lease_tokens (fencing: per
+-- session only, so per shard is enough while a session never moves) and claim_tokens,
+-- the advisory locks (acquire_leadership, the migration lock), and LISTEN/NOTIFY, which
+-- is per server. Every committing transaction that sent a NOTIFY takes one database-wide
+-- lock: notify once per flush, never per event (python -m benchmarks notify measures it).
+-- tests/contract/test_shard_keys.py holds the classification; a new query or unique key
+-- fails it until classified there.
 
 -- name: ping
 SELECT 1;
@@ -506,6 +523,7 @@ SELECT session_id, reason, requested_at FROM cancel_requests WHERE session_id = 
 DELETE FROM cancel_requests WHERE session_id = $1;
 
 -- name: notify
+-- A notifying commit: serialized with every other one on the server (see the header).
 SELECT pg_notify($1, $2);
 
 -- name: acquire_leadership
