@@ -452,14 +452,13 @@ class SessionLimiter:
             return
         self._release_statements += 1
         try:
-            if self._config.mode == "two_level" or self._pool is not None:
-                # A capped legacy hold frees its slot too, and its release wakes the
-                # two_level waiters (of any instance) that found the pool full.
-                await self._storage.release_lease_slot(
-                    held.session_id, held.token, channel=self._config.channel, pool=self._pool
-                )
-            else:
-                await self._storage.release_lease(held.session_id, held.token)
+            # Both modes release through the notifying statement (one statement either
+            # way): a legacy hold's release must wake the two_level waiters of a mixed
+            # rollout (of any instance) that wait for this session or, when capped, for a
+            # slot; it notifies only when someone waits.
+            await self._storage.release_lease_slot(
+                held.session_id, held.token, channel=self._config.channel, pool=self._pool
+            )
         finally:
             if self._pool is not None:
                 # The pool's notification covers most releases, but not one that ran while

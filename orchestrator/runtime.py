@@ -226,6 +226,9 @@ class Switch(Generic[T]):
             if build.done.is_set():
                 raise  # the running instance failed (or failed to close): as before
             log.error("building the %s path of %r failed: %s", optimized, self.flag, exc)
+            # Built but not registered (e.g. its metrics clashed): it closed on the way out,
+            # so the next get() builds again instead of returning a closed instance.
+            self._built.pop(optimized, None)
             build.error = exc
         finally:
             if self._building.get(optimized) is build and not build.done.is_set():

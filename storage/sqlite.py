@@ -994,10 +994,16 @@ async def _immediate(
         raise
     try:
         await conn.execute("COMMIT")
+    except Exception:
+        # COMMIT itself failed: nothing was committed, whatever the ROLLBACK finds (SQLite
+        # rolls back by itself on some COMMIT errors, e.g. a full disk), so nothing is
+        # announced.
+        await complete(_rollback(conn))
+        raise
     except BaseException:
-        # COMMIT failed, or its caller was cancelled while the thread still runs it: the
-        # ROLLBACK queued behind it settles which (it finds no transaction if COMMIT went
-        # through), and a committed transaction's notifications still go out.
+        # Cancelled while the thread still runs COMMIT: the ROLLBACK queued behind it
+        # settles whether it went through (it finds no transaction if so), and a committed
+        # transaction's notifications still go out.
         if not await complete(_rollback(conn)) and on_commit is not None:
             on_commit()
         raise

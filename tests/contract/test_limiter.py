@@ -453,3 +453,42 @@ async def test_capped_db_poll_takes_a_slot_of_the_shared_pool(storage: AsyncStor
         # The legacy release notified the pool's waiter (its backoff is 30 s).
         assert order == ["legacy in", "legacy out", "optimized in"]
         assert optimized.statistics().wakeups >= 1
+
+
+async def test_an_uncapped_db_poll_release_wakes_a_two_level_waiter(
+    storage: AsyncStorageBackend,
+) -> None:
+    """Mixed rollout, no cap: a session held on the legacy path and wanted on the optimized
+    one. The waiter's fallback backoff is 30 s, so only the release's notification can
+    hand it the lease within the test's bound."""
+    legacy_config = _config(mode="db_poll")
+    optimized_config = _config(backoff_initial_s=30, backoff_max_s=30)
+    async with (
+        open_session_limiter(storage, legacy_config, instance_id="legacy") as legacy,
+        open_session_limiter(storage, optimized_config, instance_id="new") as optimized,
+    ):
+        release = anyio.Event()
+        held_legacy = anyio.Event()
+        got_it = anyio.Event()
+
+        async def old_path() -> None:
+            async with legacy.hold("shared"):
+                held_legacy.set()
+                await release.wait()
+
+        async def new_path() -> None:
+            await held_legacy.wait()
+            async with optimized.hold("shared"):
+                got_it.set()
+
+        with anyio.fail_after(15):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(old_path)
+                tg.start_soon(new_path)
+                await held_legacy.wait()
+                # The waiter's one attempt marks the lease contended, then it waits.
+                while optimized.statistics().acquire_attempts < 1:  # noqa: ASYNC110
+                    await anyio.sleep(0.01)
+                assert not got_it.is_set()
+                release.set()
+                await got_it.wait()
