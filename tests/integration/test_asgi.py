@@ -613,7 +613,10 @@ async def test_wait_closed_cuts_a_client_that_does_not_read_after_the_grace_peri
         ws = WebSocketSession(srv.app, "/s/s1/ws", tg)
         await ws.connect()
         await ws.send_json({"type": "subscribe"})
-        await wait_until(lambda: srv.streams.statistics().events_sent >= 990)
+        # The client buffer holds 1000 messages (accept, ready, 998 events): once 998 events
+        # are in it, every further send blocks, the final shutdown message included. (At
+        # 990 the handler could still be between sends, see the close and obey at once.)
+        await wait_until(lambda: srv.streams.statistics().events_sent >= 998)
         assert srv.streams.close() == 1  # the handler is blocked sending: it cannot obey
         assert await srv.streams.wait_closed(0.2) == 1
         stats = srv.streams.statistics()
