@@ -798,16 +798,7 @@ class EventStreams:
                 data = {"type": "heartbeat"}
                 self._count("heartbeats")
             else:
-                kind, _, why = conn.end_reason.partition(":")
-                if kind == "shutdown":
-                    final = {"type": "shutdown", "reason": why}
-                    if await self._ws_send(websocket, conn, lock, final):
-                        await self._ws_close(websocket, conn, self._shutdown_code(), why)
-                elif kind == "lagged":
-                    await self._ws_send(websocket, conn, lock, {"type": "lagged", "reason": why})
-                    await self._ws_close(websocket, conn, WS_TRY_AGAIN_LATER, "lagged")
-                else:
-                    await self._ws_close(websocket, conn, WS_TRY_AGAIN_LATER, kind)
+                await self._ws_end(websocket, conn, lock)
                 return
             if not await self._ws_send(websocket, conn, lock, data):
                 if not conn.client_gone:
