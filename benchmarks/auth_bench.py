@@ -38,7 +38,7 @@ from typing import Any
 
 import anyio
 
-from orchestrator.auth import (
+from asyncstore.orchestrator.auth import (
     AttemptLimiterConfig,
     LoginAttemptLimiter,
     LoginLocked,
@@ -46,8 +46,8 @@ from orchestrator.auth import (
     PasswordHashingConfig,
     check_login,
 )
-from orchestrator.metrics import Metrics, MetricsConfig, open_loop_lag_monitor
-from storage import AsyncStorageBackend, open_storage
+from asyncstore.orchestrator.metrics import Metrics, MetricsConfig, open_loop_lag_monitor
+from asyncstore.storage import AsyncStorageBackend, open_storage
 
 MODES: tuple[str, str] = ("off_loop", "inline")
 

@@ -57,9 +57,9 @@ import anyio.lowlevel
 import asyncpg
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from orchestrator.cancellation import CancellationConfig, open_cancellation
-from orchestrator.locks import LimiterConfig, SessionLimiter, open_session_limiter
-from storage import AsyncStorageBackend, open_storage
+from asyncstore.orchestrator.cancellation import CancellationConfig, open_cancellation
+from asyncstore.orchestrator.locks import LimiterConfig, SessionLimiter, open_session_limiter
+from asyncstore.storage import AsyncStorageBackend, open_storage
 
 DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 LOCK_MODES: tuple[str, str] = ("two_level", "db_poll")

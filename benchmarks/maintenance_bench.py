@@ -32,7 +32,7 @@ from collections.abc import Sequence
 
 import asyncpg
 
-from storage import open_storage
+from asyncstore.storage import open_storage
 
 DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 

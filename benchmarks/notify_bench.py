@@ -43,6 +43,10 @@ from typing import Any
 import asyncpg
 from pydantic import SecretStr
 
+from asyncstore.orchestrator.broadcast import NoteSegment, encode_stream_notes
+from asyncstore.storage import AsyncStorageBackend, NewStreamEvent, StorageSettings, open_storage
+from asyncstore.storage._sql import load_queries
+from asyncstore.storage._validate import encode_payload
 from benchmarks._common import (
     create_database,
     drop_database,
@@ -53,10 +57,6 @@ from benchmarks._common import (
     spread,
     with_database,
 )
-from orchestrator.broadcast import NoteSegment, encode_stream_notes
-from storage import AsyncStorageBackend, NewStreamEvent, StorageSettings, open_storage
-from storage._sql import load_queries
-from storage._validate import encode_payload
 
 DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 CHANNEL = "asyncstore_stream_bench"

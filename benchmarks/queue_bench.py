@@ -65,9 +65,9 @@ from typing import Any
 import anyio
 import asyncpg
 
-from orchestrator.outbox import Outbox, OutboxConfig, open_outbox_relay
-from orchestrator.queue import AgentQueue, QueueConfig, open_worker
-from storage import NewOutboxMessage, OutboxMessage, Task, open_storage
+from asyncstore.orchestrator.outbox import Outbox, OutboxConfig, open_outbox_relay
+from asyncstore.orchestrator.queue import AgentQueue, QueueConfig, open_worker
+from asyncstore.storage import NewOutboxMessage, OutboxMessage, Task, open_storage
 
 DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 CLAIM = QueueConfig(max_workers=200, lease_s=30.0, fallback_poll_s=10.0)

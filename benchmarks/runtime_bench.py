@@ -23,9 +23,9 @@ from pathlib import Path
 
 import anyio
 
+from asyncstore.orchestrator.config import load_settings
+from asyncstore.orchestrator.runtime import open_runtime
 from benchmarks._common import rss_mb
-from orchestrator.config import load_settings
-from orchestrator.runtime import open_runtime
 
 
 async def run_one(url: str, sessions: int, concurrency: int) -> dict[str, float]:

@@ -197,10 +197,10 @@ def _library_app(url: str, ws_send: str = "batched") -> tuple[Any, Any]:
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route, WebSocketRoute
 
-    from orchestrator.asgi import EndpointConfig, EventStreams
-    from orchestrator.broadcast import Position, Subscription
-    from orchestrator.config import load_settings
-    from orchestrator.runtime import Runtime, open_runtime
+    from asyncstore.orchestrator.asgi import EndpointConfig, EventStreams
+    from asyncstore.orchestrator.broadcast import Position, Subscription
+    from asyncstore.orchestrator.config import load_settings
+    from asyncstore.orchestrator.runtime import Runtime, open_runtime
 
     state: dict[str, Any] = {}
 
@@ -303,7 +303,7 @@ def _serve(kind: str, url: str, ws_send: str = "batched") -> None:
 
     import uvicorn
 
-    from orchestrator.asgi import StreamingServer
+    from asyncstore.orchestrator.asgi import StreamingServer
 
     logging.getLogger("asyncstore").setLevel(logging.ERROR)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

@@ -28,12 +28,12 @@ from typing import Any, TypeVar
 
 import anyio
 
+from asyncstore.orchestrator.broadcast import StreamReset, Subscription
+from asyncstore.orchestrator.queue import AgentQueue, QueueConfig, open_worker
+from asyncstore.orchestrator.runtime import Runtime
+from asyncstore.orchestrator.webhooks.testing import open_test_receiver
+from asyncstore.storage import NewMessage, Task, TaskStatus, open_storage
 from benchmarks._common import REPO, percentile, rss_mb
-from orchestrator.broadcast import StreamReset, Subscription
-from orchestrator.queue import AgentQueue, QueueConfig, open_worker
-from orchestrator.runtime import Runtime
-from orchestrator.webhooks.testing import open_test_receiver
-from storage import NewMessage, Task, TaskStatus, open_storage
 
 OPTIMIZED: dict[str, str] = {
     "stream_batching": "batched",

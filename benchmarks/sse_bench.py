@@ -38,10 +38,10 @@ from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from orchestrator.asgi import EndpointConfig, EventStreams, StreamingServer
-from orchestrator.broadcast import Position, Subscription
-from orchestrator.config import load_settings
-from orchestrator.runtime import Runtime, open_runtime
+from asyncstore.orchestrator.asgi import EndpointConfig, EventStreams, StreamingServer
+from asyncstore.orchestrator.broadcast import Position, Subscription
+from asyncstore.orchestrator.config import load_settings
+from asyncstore.orchestrator.runtime import Runtime, open_runtime
 
 __all__ = ["main"]
 

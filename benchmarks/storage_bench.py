@@ -42,13 +42,13 @@ from typing import Any
 import asyncpg
 import orjson
 
+from asyncstore.storage import AsyncStorageBackend, NewStreamEvent, NewTask, open_storage
 from benchmarks._common import create_database as _create_database
 from benchmarks._common import drop_database as _drop_database
 from benchmarks._common import environment
 from benchmarks._common import load_average as _load_average
 from benchmarks._common import redact as _redact
 from benchmarks._common import with_database as _with_database
-from storage import AsyncStorageBackend, NewStreamEvent, NewTask, open_storage
 
 DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 

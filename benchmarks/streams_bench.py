@@ -50,6 +50,10 @@ from typing import Any
 import aiosqlite
 import anyio
 
+from asyncstore.orchestrator.batching import BatchConfig
+from asyncstore.orchestrator.broadcast import BroadcastHub, DeliveryMode, HubConfig, StreamReset
+from asyncstore.orchestrator.streams import StreamConfig, StreamEventWriter
+from asyncstore.storage import AsyncStorageBackend, StreamEvent, open_storage
 from benchmarks._common import NOISY, REPO, check, compare, environment, median
 from benchmarks._common import create_database as _create_database
 from benchmarks._common import drop_database as _drop_database
@@ -61,10 +65,6 @@ from benchmarks.storage_bench import (
     RAW_APPEND_SQL,
     _raw_connection,
 )
-from orchestrator.batching import BatchConfig
-from orchestrator.broadcast import BroadcastHub, DeliveryMode, HubConfig, StreamReset
-from orchestrator.streams import StreamConfig, StreamEventWriter
-from storage import AsyncStorageBackend, StreamEvent, open_storage
 
 SESSIONS_THROUGHPUT = 50
 FANOUT_SESSIONS = 500

@@ -29,6 +29,10 @@ from typing import Any
 import anyio
 import orjson
 
+from asyncstore.orchestrator.config import Settings, load_settings, masked_dump
+from asyncstore.orchestrator.runtime import Runtime, open_runtime
+from asyncstore.orchestrator.webhooks import load_hooks
+from asyncstore.storage import Task, open_storage
 from benchmarks import _common
 from benchmarks.scenarios import (
     HOOKS_TOML,
@@ -43,10 +47,6 @@ from benchmarks.scenarios import (
     s4_once,
     spawn_receiver,
 )
-from orchestrator.config import Settings, load_settings, masked_dump
-from orchestrator.runtime import Runtime, open_runtime
-from orchestrator.webhooks import load_hooks
-from storage import Task, open_storage
 
 SCENARIOS = ("S1", "S2", "S3", "S4")
 NOISY = _common.NOISY

@@ -30,6 +30,9 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 
+from asyncstore.orchestrator.webhooks import HooksConfig, open_webhooks, parse_hooks
+from asyncstore.orchestrator.webhooks.testing import Answer, TestReceiver, open_test_receiver
+from asyncstore.storage import AsyncStorageBackend, open_storage
 from benchmarks._common import (
     check,
     create_database,
@@ -40,9 +43,6 @@ from benchmarks._common import (
 )
 from benchmarks._common import load_average as _load_average
 from benchmarks.streams_bench import Results, _percentile, _progress, render
-from orchestrator.webhooks import HooksConfig, open_webhooks, parse_hooks
-from orchestrator.webhooks.testing import Answer, TestReceiver, open_test_receiver
-from storage import AsyncStorageBackend, open_storage
 
 RECEIVER_DELAY_S = 0.1
 DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/postgres"

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import anyio
 
-from orchestrator.broadcast import StreamReset
-from orchestrator.config import load_settings
-from orchestrator.runtime import Runtime, Turn, open_runtime
-from orchestrator.webhooks import load_hooks
-from orchestrator.webhooks.testing import open_test_receiver
-from storage import StreamEvent
+from asyncstore.orchestrator.broadcast import StreamReset
+from asyncstore.orchestrator.config import load_settings
+from asyncstore.orchestrator.runtime import Runtime, Turn, open_runtime
+from asyncstore.orchestrator.webhooks import load_hooks
+from asyncstore.orchestrator.webhooks.testing import open_test_receiver
+from asyncstore.storage import StreamEvent
 
 HOOKS = Path(__file__).with_name("hooks.toml")
 ANSWER = ["The ", "weather ", "in ", "Paris ", "is ", "sunny, ", "22", "°C."]

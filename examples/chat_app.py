@@ -45,10 +45,10 @@ from starlette.requests import HTTPConnection, Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
-from orchestrator.asgi import EndpointConfig, EventStreams, StreamingServer
-from orchestrator.broadcast import Position, Subscription
-from orchestrator.config import load_settings
-from orchestrator.runtime import Runtime, RuntimeClosed, open_runtime
+from asyncstore.orchestrator.asgi import EndpointConfig, EventStreams, StreamingServer
+from asyncstore.orchestrator.broadcast import Position, Subscription
+from asyncstore.orchestrator.config import load_settings
+from asyncstore.orchestrator.runtime import Runtime, RuntimeClosed, open_runtime
 
 USER_COOKIE = "chat_user"
 ANSWER_TEXT = (

@@ -53,11 +53,11 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from orchestrator.broadcast import Position, StreamReset
-from orchestrator.errors import OrchestratorError, SubscriberLagged
-from orchestrator.runtime import Runtime
-from storage import StorageError, StreamEvent
-from storage.families import Family, MetricSink
+from asyncstore.orchestrator.broadcast import Position, StreamReset
+from asyncstore.orchestrator.errors import OrchestratorError, SubscriberLagged
+from asyncstore.orchestrator.runtime import Runtime
+from asyncstore.storage import StorageError, StreamEvent
+from asyncstore.storage.families import Family, MetricSink
 
 __all__ = [
     "Authorize",

@@ -39,9 +39,9 @@ import argon2
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 from pydantic import BaseModel, ConfigDict, Field
 
-from orchestrator.errors import OrchestratorError
-from storage.base import AsyncStorageBackend, LoginPolicy
-from storage.families import Family, MetricSink
+from asyncstore.orchestrator.errors import OrchestratorError
+from asyncstore.storage.base import AsyncStorageBackend, LoginPolicy
+from asyncstore.storage.families import Family, MetricSink
 
 __all__ = [
     "AttemptLimiterConfig",

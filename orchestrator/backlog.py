@@ -19,8 +19,8 @@ from typing import ClassVar
 import anyio
 from anyio.abc import TaskStatus
 
-from storage import AsyncStorageBackend, InvalidInput, QueueDepth, StorageError
-from storage.families import Family, MetricSink
+from asyncstore.storage import AsyncStorageBackend, InvalidInput, QueueDepth, StorageError
+from asyncstore.storage.families import Family, MetricSink
 
 __all__ = ["BacklogMonitor", "BacklogStatistics", "open_backlog_monitor"]
 

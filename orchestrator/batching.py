@@ -30,9 +30,9 @@ import anyio
 import anyio.abc
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from orchestrator.errors import WriterClosed, WriterOverloaded
-from storage.errors import StorageUnavailable
-from storage.families import Family, MetricSink
+from asyncstore.orchestrator.errors import WriterClosed, WriterOverloaded
+from asyncstore.storage.errors import StorageUnavailable
+from asyncstore.storage.families import Family, MetricSink
 
 __all__ = [
     "Batch",

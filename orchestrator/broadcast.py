@@ -33,9 +33,9 @@ import anyio.abc
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
-from orchestrator.errors import SubscriberLagged
-from storage import AsyncStorageBackend, Notification, StreamEvent
-from storage.families import Family, MetricSink
+from asyncstore.orchestrator.errors import SubscriberLagged
+from asyncstore.storage import AsyncStorageBackend, Notification, StreamEvent
+from asyncstore.storage.families import Family, MetricSink
 
 __all__ = [
     "BroadcastHub",

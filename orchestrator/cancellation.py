@@ -24,8 +24,8 @@ import orjson
 from anyio.abc import TaskStatus
 from pydantic import BaseModel, ConfigDict, Field
 
-from storage import AsyncStorageBackend, CancelState, StorageError
-from storage.families import Family, MetricSink
+from asyncstore.storage import AsyncStorageBackend, CancelState, StorageError
+from asyncstore.storage.families import Family, MetricSink
 
 log = logging.getLogger("asyncstore.cancellation")
 

@@ -29,14 +29,14 @@ from datetime import UTC, datetime
 import anyio
 from pydantic import SecretStr, ValidationError
 
-from orchestrator.config import (
+from asyncstore.orchestrator.config import (
     Settings,
     load_settings,
     mask_url,
     masked_dump,
     setting_sources,
 )
-from storage import (
+from asyncstore.storage import (
     AsyncStorageBackend,
     ConfigurationError,
     StorageError,
@@ -88,7 +88,7 @@ class Finding:
 
 def latest_migration(url: str) -> int:
     """The newest migration version this code ships for the URL's dialect."""
-    from storage._sql import load_migrations  # the drivers' own list, not a copy of it
+    from asyncstore.storage._sql import load_migrations  # the drivers' own list, not a copy of it
 
     migrations = load_migrations(dialect_of(url))
     return migrations[-1].version if migrations else 0
@@ -286,8 +286,8 @@ async def _serve_metrics(settings: Settings, host: str | None, port: int | None)
     grace period and everything flushes; the report is printed. Exit status 0 when the
     report is complete, 1 when something could not be delivered.
     """
-    from orchestrator.metrics import serve_metrics
-    from orchestrator.runtime import open_runtime
+    from asyncstore.orchestrator.metrics import serve_metrics
+    from asyncstore.orchestrator.runtime import open_runtime
 
     async with open_runtime(settings) as rt:
         # Listen before announcing: a signal sent as soon as the line is read is handled.
@@ -311,7 +311,7 @@ async def _next_signal(signals: AsyncIterator[int]) -> signal.Signals:
 
 async def _demo(settings: StorageSettings) -> int:
     """The walk-through, stopped (storage closed cleanly) by SIGTERM or SIGINT."""
-    from orchestrator.demo import run_demo
+    from asyncstore.orchestrator.demo import run_demo
 
     stopped: list[signal.Signals] = []
     with anyio.open_signal_receiver(*STOP_SIGNALS) as signals:
@@ -329,7 +329,12 @@ async def _demo(settings: StorageSettings) -> int:
 
 
 async def _webhooks(settings: Settings, args: argparse.Namespace) -> int:
-    from orchestrator.webhooks.admin import ResendRefused, delivery_log, format_attempt, resend
+    from asyncstore.orchestrator.webhooks.admin import (
+        ResendRefused,
+        delivery_log,
+        format_attempt,
+        resend,
+    )
 
     async with open_storage(settings.storage) as storage:
         if args.action == "log":

@@ -38,18 +38,18 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from orchestrator.auth import AttemptLimiterConfig, PasswordHashingConfig
-from orchestrator.broadcast import DeliveryMode, HubConfig
-from orchestrator.cancellation import CancellationConfig
-from orchestrator.locks import LimiterConfig
-from orchestrator.maintenance import MaintenanceConfig
-from orchestrator.metrics import MetricsConfig
-from orchestrator.outbox import OutboxConfig, RetryTemplate
-from orchestrator.queue import QueueConfig
-from orchestrator.streams import StreamConfig
-from orchestrator.webhooks import HooksConfig, load_hooks
-from storage import StorageSettings
-from storage import mask_url as _mask_url
+from asyncstore.orchestrator.auth import AttemptLimiterConfig, PasswordHashingConfig
+from asyncstore.orchestrator.broadcast import DeliveryMode, HubConfig
+from asyncstore.orchestrator.cancellation import CancellationConfig
+from asyncstore.orchestrator.locks import LimiterConfig
+from asyncstore.orchestrator.maintenance import MaintenanceConfig
+from asyncstore.orchestrator.metrics import MetricsConfig
+from asyncstore.orchestrator.outbox import OutboxConfig, RetryTemplate
+from asyncstore.orchestrator.queue import QueueConfig
+from asyncstore.orchestrator.streams import StreamConfig
+from asyncstore.orchestrator.webhooks import HooksConfig, load_hooks
+from asyncstore.storage import StorageSettings
+from asyncstore.storage import mask_url as _mask_url
 
 __all__ = [
     "PER_SESSION_FLAGS",

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import anyio
 
-from storage import (
+from asyncstore.storage import (
     AsyncStorageBackend,
     NewMessage,
     NewOutboxMessage,

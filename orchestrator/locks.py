@@ -37,9 +37,9 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from orchestrator.cancellation import CancellationRegistry
-from storage import AsyncStorageBackend, Lease, LeaseLost, StorageError
-from storage.families import Family, MetricSink
+from asyncstore.orchestrator.cancellation import CancellationRegistry
+from asyncstore.storage import AsyncStorageBackend, Lease, LeaseLost, StorageError
+from asyncstore.storage.families import Family, MetricSink
 
 __all__ = [
     "HeldLease",

@@ -27,7 +27,7 @@ import anyio
 from anyio.abc import TaskStatus
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from storage import AsyncStorageBackend, Leadership
+from asyncstore.storage import AsyncStorageBackend, Leadership
 
 __all__ = [
     "PURGE_KINDS",

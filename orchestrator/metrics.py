@@ -47,7 +47,7 @@ from prometheus_client.metrics_core import (
 )
 from pydantic import BaseModel, ConfigDict, Field
 
-from storage.families import Exportable, Family
+from asyncstore.storage.families import Exportable, Family
 
 __all__ = [
     "LoopLagMonitor",

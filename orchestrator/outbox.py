@@ -40,14 +40,14 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus
 from pydantic import BaseModel, ConfigDict, Field
 
-from orchestrator.batching import (
+from asyncstore.orchestrator.batching import (
     Batch,
     BatchWriter,
     DeadLetter,
     describe_failure,
     outcome_batches,
 )
-from storage import (
+from asyncstore.storage import (
     AsyncStorageBackend,
     ChatMessage,
     Claim,
@@ -59,8 +59,8 @@ from storage import (
     OutboxStatus,
     StorageError,
 )
-from storage.errors import is_retryable
-from storage.families import Family, MetricSink
+from asyncstore.storage.errors import is_retryable
+from asyncstore.storage.families import Family, MetricSink
 
 __all__ = [
     "Outbox",

@@ -35,14 +35,14 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from orchestrator.batching import (
+from asyncstore.orchestrator.batching import (
     Batch,
     BatchWriter,
     DeadLetter,
     describe_failure,
     outcome_batches,
 )
-from storage import (
+from asyncstore.storage import (
     LEASE_EXPIRED,
     AsyncStorageBackend,
     Claim,
@@ -52,11 +52,11 @@ from storage import (
     StorageError,
     Task,
 )
-from storage import TaskStatus as StoredStatus
-from storage._validate import check_channel
-from storage.base import JSON
-from storage.errors import is_retryable
-from storage.families import Family, MetricSink
+from asyncstore.storage import TaskStatus as StoredStatus
+from asyncstore.storage._validate import check_channel
+from asyncstore.storage.base import JSON
+from asyncstore.storage.errors import is_retryable
+from asyncstore.storage.families import Family, MetricSink
 
 __all__ = [
     "AgentQueue",

@@ -30,51 +30,57 @@ from typing import Any, Generic, TypeVar
 import anyio
 import anyio.abc
 
-from orchestrator.auth import LoginAttemptLimiter, PasswordHasher
-from orchestrator.backlog import BacklogMonitor, open_backlog_monitor
-from orchestrator.broadcast import (
+from asyncstore.orchestrator.auth import LoginAttemptLimiter, PasswordHasher
+from asyncstore.orchestrator.backlog import BacklogMonitor, open_backlog_monitor
+from asyncstore.orchestrator.broadcast import (
     BroadcastHub,
     DeliveryMode,
     HubStatistics,
     Position,
     Subscription,
 )
-from orchestrator.cancellation import (
+from asyncstore.orchestrator.cancellation import (
     CancellationConfig,
     CancellationRegistry,
     CancellationStatistics,
     CancelToken,
     open_cancellation,
 )
-from orchestrator.config import (
+from asyncstore.orchestrator.config import (
     PER_SESSION_FLAGS,
     Flags,
     Settings,
     load_settings,
     load_webhooks,
 )
-from orchestrator.errors import OrchestratorError
-from orchestrator.locks import (
+from asyncstore.orchestrator.errors import OrchestratorError
+from asyncstore.orchestrator.locks import (
     HeldLease,
     LimiterStatistics,
     SessionLimiter,
     default_instance_id,
     open_session_limiter,
 )
-from orchestrator.maintenance import LeaseSweep, MaintenanceSweeper, open_maintenance
-from orchestrator.metrics import Metrics, open_loop_lag_monitor, open_pool_probe
-from orchestrator.outbox import Outbox, OutboxRelay, Sender, open_outbox_relay
-from orchestrator.queue import AgentQueue, Handler, QueueConfig, Worker, open_worker
-from orchestrator.streams import SessionStream, StreamEventWriter, StreamWriterStatistics
-from orchestrator.turn_metrics import TurnOutcome, TurnRecorder
-from orchestrator.webhooks import (
+from asyncstore.orchestrator.maintenance import LeaseSweep, MaintenanceSweeper, open_maintenance
+from asyncstore.orchestrator.metrics import Metrics, open_loop_lag_monitor, open_pool_probe
+from asyncstore.orchestrator.outbox import Outbox, OutboxRelay, Sender, open_outbox_relay
+from asyncstore.orchestrator.queue import AgentQueue, Handler, QueueConfig, Worker, open_worker
+from asyncstore.orchestrator.streams import SessionStream, StreamEventWriter, StreamWriterStatistics
+from asyncstore.orchestrator.turn_metrics import TurnOutcome, TurnRecorder
+from asyncstore.orchestrator.webhooks import (
     HookDecision,
     HooksConfig,
     WebhookDrainReport,
     Webhooks,
     open_webhooks,
 )
-from storage import AsyncStorageBackend, LeaseLost, StorageError, StreamEvent, open_storage
+from asyncstore.storage import (
+    AsyncStorageBackend,
+    LeaseLost,
+    StorageError,
+    StreamEvent,
+    open_storage,
+)
 
 __all__ = [
     "ComponentNotBuilt",
@@ -819,7 +825,7 @@ async def open_runtime(
     says what could not be delivered (also logged). Cancelling the block cancels running
     turns at once but still runs those drains.
     """
-    from orchestrator.config import config_path
+    from asyncstore.orchestrator.config import config_path
 
     path = config_path(config_file)
     if settings is None:

@@ -26,7 +26,7 @@ import anyio
 import anyio.abc
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from orchestrator.batching import (
+from asyncstore.orchestrator.batching import (
     DROP_REASONS,
     Batch,
     BatchConfig,
@@ -36,15 +36,15 @@ from orchestrator.batching import (
     Health,
     OverflowPolicy,
 )
-from orchestrator.broadcast import (
+from asyncstore.orchestrator.broadcast import (
     MAX_NOTIFY_BYTES,
     BroadcastHub,
     NoteSegment,
     encode_advances,
     encode_stream_notes,
 )
-from orchestrator.errors import StreamNotStarted, WriterClosed
-from storage import (
+from asyncstore.orchestrator.errors import StreamNotStarted, WriterClosed
+from asyncstore.storage import (
     AsyncStorageBackend,
     EncodedJSON,
     InvalidInput,
@@ -54,8 +54,8 @@ from storage import (
     StreamEvent,
     encode_payload,
 )
-from storage.errors import is_retryable
-from storage.families import Family, MetricSink
+from asyncstore.storage.errors import is_retryable
+from asyncstore.storage.families import Family, MetricSink
 
 __all__ = [
     "CRITICAL_KINDS",

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import ClassVar, Literal
 
-from storage.families import Family, MetricSink
+from asyncstore.storage.families import Family, MetricSink
 
 __all__ = ["TURN_BUCKETS_S", "TurnOutcome", "TurnRecorder", "TurnStatistics"]
 

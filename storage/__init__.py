@@ -12,9 +12,9 @@ from contextlib import asynccontextmanager
 
 from pydantic import SecretStr
 
-from storage._schema import check_schema, mask_url
-from storage._validate import encode_payload
-from storage.base import (
+from asyncstore.storage._schema import check_schema, mask_url
+from asyncstore.storage._validate import encode_payload
+from asyncstore.storage.base import (
     LEASE_EXPIRED,
     AsyncStorageBackend,
     CancelState,
@@ -42,7 +42,7 @@ from storage.base import (
     TaskStatus,
     WebhookAttempt,
 )
-from storage.errors import (
+from asyncstore.storage.errors import (
     ConfigurationError,
     ConflictError,
     InvalidInput,
@@ -141,13 +141,13 @@ async def open_storage(
     )
     backend: AsyncStorageBackend
     if dialect_of(settings.url.get_secret_value()) == "postgres":
-        from storage.postgres import PostgresBackend
+        from asyncstore.storage.postgres import PostgresBackend
 
         pg = PostgresBackend(settings)
         await pg.open()
         backend = pg
     else:
-        from storage.sqlite import SqliteBackend
+        from asyncstore.storage.sqlite import SqliteBackend
 
         lite = SqliteBackend(settings)
         await lite.open()

@@ -17,8 +17,8 @@ from contextlib import asynccontextmanager
 
 import anyio
 
-from storage.base import Notification, NotificationStream
-from storage.errors import StorageClosed
+from asyncstore.storage.base import Notification, NotificationStream
+from asyncstore.storage.errors import StorageClosed
 
 # How long a waiting subscription stays idle before running the driver's hook (the Postgres
 # driver pings its listener there, to notice a connection cut without a reset). A lost

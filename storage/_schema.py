@@ -12,9 +12,9 @@ from __future__ import annotations
 import re
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from storage._sql import load_migrations
-from storage.base import AsyncStorageBackend
-from storage.errors import MigrationError, QueryError
+from asyncstore.storage._sql import load_migrations
+from asyncstore.storage.base import AsyncStorageBackend
+from asyncstore.storage.errors import MigrationError, QueryError
 
 # user:password@ in a URL's authority, found without parsing (the URL may not parse).
 _USERINFO_PASSWORD = re.compile(r"^(?P<scheme>[^:/]*://)(?P<user>[^:@/]*):[^@/]*@")

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from importlib import resources
 
-from storage.errors import MigrationError
+from asyncstore.storage.errors import MigrationError
 
 _NAME = re.compile(r"^--\s*name:\s*(\w+)\s*$", re.MULTILINE)
 _MIGRATION = re.compile(r"^(\d{4})_(\w+)\.sql$")
@@ -48,12 +48,13 @@ def parse_queries(text: str) -> dict[str, str]:
 
 
 def load_queries(dialect: str) -> dict[str, str]:
-    text = resources.files("storage").joinpath("sql", dialect, "queries.sql").read_text("utf-8")
+    folder = resources.files("asyncstore.storage").joinpath("sql", dialect)
+    text = folder.joinpath("queries.sql").read_text("utf-8")
     return parse_queries(text)
 
 
 def load_migrations(dialect: str) -> list[Migration]:
-    folder = resources.files("storage").joinpath("sql", dialect, "migrations")
+    folder = resources.files("asyncstore.storage").joinpath("sql", dialect, "migrations")
     found: list[Migration] = []
     for entry in folder.iterdir():
         match = _MIGRATION.match(entry.name)

@@ -25,8 +25,8 @@ from urllib.parse import parse_qsl, urlencode
 
 import asyncpg
 
-from storage.base import StorageSettings
-from storage.errors import ConfigurationError, InvalidInput
+from asyncstore.storage.base import StorageSettings
+from asyncstore.storage.errors import ConfigurationError, InvalidInput
 
 POOLED_PARAM = "pooled"
 LISTEN_PARAM = "listen_url"

@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from storage.base import (
+from asyncstore.storage.base import (
     EncodedJSON,
     FailureColumns,
     NewMessage,
@@ -24,7 +24,7 @@ from storage.base import (
     Task,
     WebhookAttempt,
 )
-from storage.errors import InvalidInput
+from asyncstore.storage.errors import InvalidInput
 
 MAX_ID_CHARS = 255
 MAX_NAME_CHARS = 64

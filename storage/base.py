@@ -24,14 +24,14 @@ from typing import Any, ClassVar, Concatenate, NamedTuple, ParamSpec, Self, Type
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from storage.errors import (
+from asyncstore.storage.errors import (
     InvalidInput,
     LeaseLost,
     StorageClosed,
     StorageError,
     StorageUnavailable,
 )
-from storage.families import Family, MetricSink
+from asyncstore.storage.families import Family, MetricSink
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -654,7 +654,7 @@ class LoginSlot(NamedTuple):
 
 def check_login_attempt(scope: object, key: object, policy: object) -> LoginPolicy:
     """Validate the arguments of the login attempt methods (the same on both drivers)."""
-    from storage import _validate as v  # _validate imports this module's records
+    from asyncstore.storage import _validate as v  # _validate imports this module's records
 
     if scope not in LOGIN_SCOPES:
         raise InvalidInput(f"scope must be one of {LOGIN_SCOPES}, got {scope!r}")
@@ -1688,4 +1688,4 @@ _DIALECT_CALLS = frozenset(("migrate", "schema_version", "ping"))
 """The calls each dialect implements itself, under the ``operation`` wrapper."""
 
 # Imported last: _validate imports the records defined above.
-from storage import _validate as v  # noqa: E402
+from asyncstore.storage import _validate as v  # noqa: E402

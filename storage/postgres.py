@@ -24,13 +24,13 @@ import anyio
 import asyncpg
 import orjson
 
-from storage import _topology
-from storage import _validate as v
-from storage._notify import NotificationHub, Subscription
-from storage._schema import mask_url
-from storage._shield import complete
-from storage._sql import load_migrations, load_queries
-from storage.base import (
+from asyncstore.storage import _topology
+from asyncstore.storage import _validate as v
+from asyncstore.storage._notify import NotificationHub, Subscription
+from asyncstore.storage._schema import mask_url
+from asyncstore.storage._shield import complete
+from asyncstore.storage._sql import load_migrations, load_queries
+from asyncstore.storage.base import (
     AsyncStorageBackend,
     CancelState,
     ChatMessage,
@@ -55,7 +55,7 @@ from storage.base import (
     WebhookAttempt,
     operation,
 )
-from storage.errors import (
+from asyncstore.storage.errors import (
     ConfigurationError,
     ConflictError,
     InvalidInput,

@@ -28,11 +28,11 @@ import aiosqlite
 import anyio
 import orjson
 
-from storage import _validate as v
-from storage._notify import NotificationHub
-from storage._shield import complete
-from storage._sql import load_migrations, load_queries
-from storage.base import (
+from asyncstore.storage import _validate as v
+from asyncstore.storage._notify import NotificationHub
+from asyncstore.storage._shield import complete
+from asyncstore.storage._sql import load_migrations, load_queries
+from asyncstore.storage.base import (
     AsyncStorageBackend,
     CancelState,
     ChatMessage,
@@ -57,7 +57,7 @@ from storage.base import (
     WebhookAttempt,
     operation,
 )
-from storage.errors import (
+from asyncstore.storage.errors import (
     ConfigurationError,
     ConflictError,
     MigrationError,

@@ -19,8 +19,8 @@ from urllib.parse import quote, urlsplit
 import asyncpg
 import pytest
 
-from storage import AsyncStorageBackend, open_storage
-from storage._topology import split_dsn
+from asyncstore.storage import AsyncStorageBackend, open_storage
+from asyncstore.storage._topology import split_dsn
 from tests.pgbouncer import PgBouncer, PgBouncerUnavailable
 
 DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"

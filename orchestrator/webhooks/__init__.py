@@ -8,7 +8,7 @@ POSTs them in batches. ``verify`` checks Standard Webhooks signatures on the rec
 
 from __future__ import annotations
 
-from orchestrator.webhooks.batcher import (
+from asyncstore.orchestrator.webhooks.batcher import (
     CRITICAL_TRIGGERS,
     AsyncWebhookBatcher,
     AsyncWebhookStatistics,
@@ -17,7 +17,7 @@ from orchestrator.webhooks.batcher import (
     WebhookDrainReport,
     WebhookEvent,
 )
-from orchestrator.webhooks.config import (
+from asyncstore.orchestrator.webhooks.config import (
     AsyncWebhookConfig,
     HooksConfig,
     WebhookConfig,
@@ -25,7 +25,7 @@ from orchestrator.webhooks.config import (
     masked_dump,
     parse_hooks,
 )
-from orchestrator.webhooks.errors import (
+from asyncstore.orchestrator.webhooks.errors import (
     ConfigProblem,
     DestinationRefused,
     HooksConfigError,
@@ -33,11 +33,16 @@ from orchestrator.webhooks.errors import (
     WebhookError,
     WebhookVerificationError,
 )
-from orchestrator.webhooks.registry import Webhooks, WebhooksStatistics, open_webhooks
-from orchestrator.webhooks.signing import generate_secret, sign, signature_headers, verify
-from orchestrator.webhooks.sync import HookDecision, HookOutcome, WebhookHook
-from orchestrator.webhooks.transport import Transport
-from orchestrator.webhooks.triggers import (
+from asyncstore.orchestrator.webhooks.registry import Webhooks, WebhooksStatistics, open_webhooks
+from asyncstore.orchestrator.webhooks.signing import (
+    generate_secret,
+    sign,
+    signature_headers,
+    verify,
+)
+from asyncstore.orchestrator.webhooks.sync import HookDecision, HookOutcome, WebhookHook
+from asyncstore.orchestrator.webhooks.transport import Transport
+from asyncstore.orchestrator.webhooks.triggers import (
     ALIASES,
     DENY_TRIGGERS,
     EVENT_NAMES,

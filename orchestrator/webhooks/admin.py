@@ -9,10 +9,10 @@ storage contract and the outbox's public API only; ``asyncstore webhooks`` wraps
 
 from __future__ import annotations
 
-from orchestrator.outbox import Outbox
-from orchestrator.webhooks.durable import OUTBOX_CHANNEL
-from orchestrator.webhooks.errors import WebhookError
-from storage import AsyncStorageBackend, NewOutboxMessage, WebhookAttempt
+from asyncstore.orchestrator.outbox import Outbox
+from asyncstore.orchestrator.webhooks.durable import OUTBOX_CHANNEL
+from asyncstore.orchestrator.webhooks.errors import WebhookError
+from asyncstore.storage import AsyncStorageBackend, NewOutboxMessage, WebhookAttempt
 
 __all__ = ["ResendRefused", "delivery_log", "format_attempt", "resend"]
 

@@ -31,7 +31,7 @@ from typing import Any, ClassVar, Protocol, Self
 import anyio
 import orjson
 
-from orchestrator.batching import (
+from asyncstore.orchestrator.batching import (
     DROP_REASONS,
     Batch,
     BatchConfig,
@@ -39,13 +39,13 @@ from orchestrator.batching import (
     BatchWriterStatistics,
     DeadLetter,
 )
-from orchestrator.errors import WriterClosed, WriterOverloaded
-from orchestrator.webhooks.config import AsyncWebhookConfig
-from orchestrator.webhooks.errors import NotPersisted
-from orchestrator.webhooks.signing import delivery_id
-from orchestrator.webhooks.transport import DeliveryFailed, Transport
-from orchestrator.webhooks.triggers import ALIASES, EVENT_NAMES
-from storage.families import Family, MetricSink
+from asyncstore.orchestrator.errors import WriterClosed, WriterOverloaded
+from asyncstore.orchestrator.webhooks.config import AsyncWebhookConfig
+from asyncstore.orchestrator.webhooks.errors import NotPersisted
+from asyncstore.orchestrator.webhooks.signing import delivery_id
+from asyncstore.orchestrator.webhooks.transport import DeliveryFailed, Transport
+from asyncstore.orchestrator.webhooks.triggers import ALIASES, EVENT_NAMES
+from asyncstore.storage.families import Family, MetricSink
 
 __all__ = [
     "CRITICAL_TRIGGERS",

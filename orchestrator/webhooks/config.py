@@ -29,12 +29,12 @@ from pydantic import (
     model_validator,
 )
 
-from orchestrator.batching import OverflowPolicy
-from orchestrator.webhooks.breaker import BreakerConfig
-from orchestrator.webhooks.errors import ConfigProblem, HooksConfigError
-from orchestrator.webhooks.masking import mask_url
-from orchestrator.webhooks.signing import decode_secret
-from orchestrator.webhooks.triggers import TriggerMatch, parse_triggers
+from asyncstore.orchestrator.batching import OverflowPolicy
+from asyncstore.orchestrator.webhooks.breaker import BreakerConfig
+from asyncstore.orchestrator.webhooks.errors import ConfigProblem, HooksConfigError
+from asyncstore.orchestrator.webhooks.masking import mask_url
+from asyncstore.orchestrator.webhooks.signing import decode_secret
+from asyncstore.orchestrator.webhooks.triggers import TriggerMatch, parse_triggers
 
 __all__ = [
     "AsyncWebhookConfig",

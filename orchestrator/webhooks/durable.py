@@ -30,17 +30,17 @@ from datetime import UTC, datetime
 
 import anyio
 
-from orchestrator.batching import Batch, BatchWriter, DeadLetter, outcome_batches
-from orchestrator.outbox import (
+from asyncstore.orchestrator.batching import Batch, BatchWriter, DeadLetter, outcome_batches
+from asyncstore.orchestrator.outbox import (
     Outbox,
     OutboxConfig,
     RetryTemplate,
     SendError,
     open_outbox_relay,
 )
-from orchestrator.webhooks.batcher import AsyncWebhookBatcher, AttemptFailed
-from orchestrator.webhooks.config import AsyncWebhookConfig, DurableRetry
-from storage import AsyncStorageBackend, NewOutboxMessage, OutboxMessage, WebhookAttempt
+from asyncstore.orchestrator.webhooks.batcher import AsyncWebhookBatcher, AttemptFailed
+from asyncstore.orchestrator.webhooks.config import AsyncWebhookConfig, DurableRetry
+from asyncstore.storage import AsyncStorageBackend, NewOutboxMessage, OutboxMessage, WebhookAttempt
 
 __all__ = ["OUTBOX_CHANNEL", "DurableDelivery", "open_durable_delivery"]
 

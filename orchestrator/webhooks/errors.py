@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from orchestrator.errors import OrchestratorError
+from asyncstore.orchestrator.errors import OrchestratorError
 
 __all__ = [
     "ConfigProblem",

@@ -19,20 +19,20 @@ from typing import Any, ClassVar
 import anyio
 import httpx
 
-from orchestrator.webhooks.batcher import (
+from asyncstore.orchestrator.webhooks.batcher import (
     AsyncWebhookBatcher,
     AsyncWebhookStatistics,
     WebhookDeadLetter,
     WebhookDrainReport,
 )
-from orchestrator.webhooks.breaker import Breakers
-from orchestrator.webhooks.config import HooksConfig
-from orchestrator.webhooks.durable import open_durable_delivery
-from orchestrator.webhooks.sync import HookDecision, HookOutcome, WebhookHook, combine
-from orchestrator.webhooks.transport import Transport
-from orchestrator.webhooks.triggers import canonical
-from storage import AsyncStorageBackend
-from storage.families import Family, MetricSink
+from asyncstore.orchestrator.webhooks.breaker import Breakers
+from asyncstore.orchestrator.webhooks.config import HooksConfig
+from asyncstore.orchestrator.webhooks.durable import open_durable_delivery
+from asyncstore.orchestrator.webhooks.sync import HookDecision, HookOutcome, WebhookHook, combine
+from asyncstore.orchestrator.webhooks.transport import Transport
+from asyncstore.orchestrator.webhooks.triggers import canonical
+from asyncstore.storage import AsyncStorageBackend
+from asyncstore.storage.families import Family, MetricSink
 
 __all__ = ["Webhooks", "WebhooksStatistics", "open_webhooks"]
 

@@ -17,7 +17,7 @@ import secrets
 import time
 from collections.abc import Iterable, Mapping, Sequence
 
-from orchestrator.webhooks.errors import WebhookVerificationError
+from asyncstore.orchestrator.webhooks.errors import WebhookVerificationError
 
 __all__ = [
     "SECRET_PREFIX",

@@ -19,10 +19,10 @@ from typing import Any
 import anyio
 import orjson
 
-from orchestrator.webhooks.config import WebhookConfig
-from orchestrator.webhooks.signing import delivery_id
-from orchestrator.webhooks.transport import DeliveryFailed, Transport
-from orchestrator.webhooks.triggers import DENY_TRIGGERS, EVENT_NAMES
+from asyncstore.orchestrator.webhooks.config import WebhookConfig
+from asyncstore.orchestrator.webhooks.signing import delivery_id
+from asyncstore.orchestrator.webhooks.transport import DeliveryFailed, Transport
+from asyncstore.orchestrator.webhooks.triggers import DENY_TRIGGERS, EVENT_NAMES
 
 __all__ = ["HookDecision", "HookOutcome", "WebhookHook", "combine"]
 

@@ -23,10 +23,10 @@ from urllib.parse import urlsplit, urlunsplit
 import anyio
 import httpx
 
-from orchestrator.webhooks.breaker import Breakers
-from orchestrator.webhooks.errors import DestinationRefused
-from orchestrator.webhooks.masking import mask_url
-from orchestrator.webhooks.signing import signature_headers
+from asyncstore.orchestrator.webhooks.breaker import Breakers
+from asyncstore.orchestrator.webhooks.errors import DestinationRefused
+from asyncstore.orchestrator.webhooks.masking import mask_url
+from asyncstore.orchestrator.webhooks.signing import signature_headers
 
 __all__ = ["DeliveryFailed", "Reply", "Transport", "parse_retry_after"]
 

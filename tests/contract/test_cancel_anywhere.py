@@ -28,7 +28,7 @@ import anyio.lowlevel
 import asyncpg
 import pytest
 
-from storage import (
+from asyncstore.storage import (
     AsyncStorageBackend,
     Claim,
     Failure,
@@ -41,7 +41,7 @@ from storage import (
     WebhookAttempt,
     open_storage,
 )
-from storage.base import LoginPolicy
+from asyncstore.storage.base import LoginPolicy
 
 BATCH = 3
 ROUNDS = int(os.environ.get("ASYNCSTORE_CANCEL_ROUNDS", "2"))

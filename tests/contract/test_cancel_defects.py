@@ -20,7 +20,7 @@ import asyncpg
 import pytest
 from pydantic import SecretStr
 
-from storage import (
+from asyncstore.storage import (
     AsyncStorageBackend,
     Failure,
     InvalidInput,

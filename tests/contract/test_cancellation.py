@@ -13,8 +13,8 @@ import orjson
 import pytest
 from pydantic import SecretStr
 
-from orchestrator.cancellation import CancellationConfig, open_cancellation
-from storage import (
+from asyncstore.orchestrator.cancellation import CancellationConfig, open_cancellation
+from asyncstore.storage import (
     AsyncStorageBackend,
     CancelState,
     InvalidInput,
@@ -127,7 +127,7 @@ async def test_poll_mode_catches_persisted_requests(storage: AsyncStorageBackend
 
 
 async def test_listener_gap_makes_the_registry_catch_up(postgres_dsn: str) -> None:
-    from storage.postgres import PostgresBackend
+    from asyncstore.storage.postgres import PostgresBackend
 
     async with open_storage(postgres_dsn) as backend, open_cancellation(backend) as registry:
         assert isinstance(backend, PostgresBackend)

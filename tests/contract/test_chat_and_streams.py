@@ -5,7 +5,7 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from storage import (
+from asyncstore.storage import (
     AsyncStorageBackend,
     InvalidInput,
     LeaseLost,

@@ -15,10 +15,10 @@ import anyio
 import asyncpg
 import pytest
 
-from storage import AsyncStorageBackend, NewMessage, StorageError, StorageUnavailable
-from storage.base import _CONTRACT_CALLS, operation
-from storage.postgres import PostgresBackend
-from storage.sqlite import SqliteBackend
+from asyncstore.storage import AsyncStorageBackend, NewMessage, StorageError, StorageUnavailable
+from asyncstore.storage.base import _CONTRACT_CALLS, operation
+from asyncstore.storage.postgres import PostgresBackend
+from asyncstore.storage.sqlite import SqliteBackend
 
 
 @pytest.mark.parametrize("driver", [PostgresBackend, SqliteBackend])
@@ -63,7 +63,7 @@ class _DiskFull(SqliteBackend):
 
 
 async def test_an_os_error_inside_a_call_is_storage_unavailable(tmp_path: Any) -> None:
-    from storage.base import StorageSettings
+    from asyncstore.storage.base import StorageSettings
 
     backend = _DiskFull(StorageSettings(url=f"sqlite:///{tmp_path / 'x.db'}"))
     await backend.open()

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 import anyio
 import pytest
 
-from storage import (
+from asyncstore.storage import (
     AsyncStorageBackend,
     Claim,
     Failure,
@@ -24,7 +24,7 @@ from storage import (
     NewStreamEvent,
     NewTask,
 )
-from storage.base import LoginPolicy, WebhookAttempt
+from asyncstore.storage.base import LoginPolicy, WebhookAttempt
 
 BAD = "a\ud800b"  # a lone surrogate: valid str, not encodable to UTF-8
 POLICY = LoginPolicy(5, 60.0, 1.0, 2.0, 60.0, 600.0)

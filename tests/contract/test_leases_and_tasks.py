@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 import anyio
 import pytest
 
-from storage import (
+from asyncstore.storage import (
     AsyncStorageBackend,
     Claim,
     Failure,

@@ -15,9 +15,9 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from orchestrator.cancellation import open_cancellation
-from orchestrator.locks import LimiterConfig, SessionLimiter, open_session_limiter
-from storage import AsyncStorageBackend, LeaseLost, NewMessage, open_storage
+from asyncstore.orchestrator.cancellation import open_cancellation
+from asyncstore.orchestrator.locks import LimiterConfig, SessionLimiter, open_session_limiter
+from asyncstore.storage import AsyncStorageBackend, LeaseLost, NewMessage, open_storage
 
 MODES = ["two_level", "db_poll"]
 FAST = {"backoff_initial_s": 0.01, "backoff_max_s": 0.1, "poll_interval_s": 0.01}

@@ -11,8 +11,8 @@ from typing import Any
 
 import anyio
 
-from orchestrator.locks import LimiterConfig, open_session_limiter
-from storage import AsyncStorageBackend, Lease, StorageUnavailable
+from asyncstore.orchestrator.locks import LimiterConfig, open_session_limiter
+from asyncstore.storage import AsyncStorageBackend, Lease, StorageUnavailable
 
 
 class StalledRenewals:

@@ -22,9 +22,14 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
-from orchestrator.cancellation import CancellationRegistry, open_cancellation
-from orchestrator.locks import HeldLease, LimiterConfig, SessionLimiter, open_session_limiter
-from storage import AsyncStorageBackend, open_storage
+from asyncstore.orchestrator.cancellation import CancellationRegistry, open_cancellation
+from asyncstore.orchestrator.locks import (
+    HeldLease,
+    LimiterConfig,
+    SessionLimiter,
+    open_session_limiter,
+)
+from asyncstore.storage import AsyncStorageBackend, open_storage
 
 SESSIONS = 3
 SETTLE_S = 0.03

@@ -10,7 +10,7 @@ import uuid
 import anyio
 import pytest
 
-from storage import AsyncStorageBackend, InvalidInput, LeaseLost, NewMessage
+from asyncstore.storage import AsyncStorageBackend, InvalidInput, LeaseLost, NewMessage
 
 CHANNEL = "asyncstore.lease"
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from storage import AsyncStorageBackend, InvalidInput
-from storage.base import LoginPolicy, LoginSlot
+from asyncstore.storage import AsyncStorageBackend, InvalidInput
+from asyncstore.storage.base import LoginPolicy, LoginSlot
 
 POLICY = LoginPolicy(
     limit=3,
@@ -132,7 +132,7 @@ async def _reserve_when_open(
 
 
 async def test_maintenance_sweep_purges_idle_login_attempts(storage: AsyncStorageBackend) -> None:
-    from orchestrator.maintenance import MaintenanceConfig, open_maintenance
+    from asyncstore.orchestrator.maintenance import MaintenanceConfig, open_maintenance
 
     key = "idle-grace"
     slot = await storage.reserve_login_attempt("account", key, POLICY)

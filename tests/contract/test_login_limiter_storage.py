@@ -8,7 +8,7 @@ import secrets
 import anyio
 import pytest
 
-from orchestrator.auth import (
+from asyncstore.orchestrator.auth import (
     AttemptLimiterConfig,
     AuthError,
     InvalidHash,
@@ -18,7 +18,7 @@ from orchestrator.auth import (
     PasswordHashingConfig,
     check_login,
 )
-from storage import AsyncStorageBackend, open_storage
+from asyncstore.storage import AsyncStorageBackend, open_storage
 
 BURST = PasswordHashingConfig(time_cost=1, memory_cost=1024, parallelism=1, max_concurrent=2)
 STORED = AttemptLimiterConfig(mode="storage", max_failures_per_account=5)
@@ -136,8 +136,8 @@ def test_storage_mode_needs_a_backend() -> None:
 
 
 async def test_runtime_builds_the_limiter_from_auth_attempts_mode(storage_url: str) -> None:
-    from orchestrator.config import load_settings
-    from orchestrator.runtime import open_runtime
+    from asyncstore.orchestrator.config import load_settings
+    from asyncstore.orchestrator.runtime import open_runtime
 
     settings = load_settings(
         storage={"url": storage_url},

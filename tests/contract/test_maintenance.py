@@ -6,8 +6,18 @@ import anyio
 import pytest
 from pydantic import ValidationError
 
-from orchestrator.maintenance import MaintenanceConfig, MaintenanceSweeper, open_maintenance
-from storage import AsyncStorageBackend, NewOutboxMessage, NewStreamEvent, NewTask, open_storage
+from asyncstore.orchestrator.maintenance import (
+    MaintenanceConfig,
+    MaintenanceSweeper,
+    open_maintenance,
+)
+from asyncstore.storage import (
+    AsyncStorageBackend,
+    NewOutboxMessage,
+    NewStreamEvent,
+    NewTask,
+    open_storage,
+)
 
 FAST = MaintenanceConfig(interval_s=0.03, leader_ttl_s=10.0)
 ONLY_EVENTS = FAST.model_copy(

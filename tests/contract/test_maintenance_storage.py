@@ -6,7 +6,7 @@ import anyio
 import asyncpg
 import pytest
 
-from storage import (
+from asyncstore.storage import (
     AsyncStorageBackend,
     Failure,
     InvalidInput,

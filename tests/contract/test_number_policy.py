@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from storage import (
+from asyncstore.storage import (
     AsyncStorageBackend,
     InvalidInput,
     NewMessage,

@@ -16,7 +16,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from storage import (
+from asyncstore.storage import (
     ConfigurationError,
     InvalidInput,
     MigrationError,
@@ -25,7 +25,7 @@ from storage import (
     StorageUnavailable,
     open_storage,
 )
-from storage._schema import latest_version
+from asyncstore.storage._schema import latest_version
 
 PASSWORD = "s3cr3t-Pa55"
 

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 import anyio
 import pytest
 
-from storage import (
+from asyncstore.storage import (
     AsyncStorageBackend,
     Failure,
     InvalidInput,
@@ -136,7 +136,7 @@ async def test_notify_rejects_large_or_bad_payloads(storage: AsyncStorageBackend
 
 
 async def test_slow_listener_gets_a_gap_instead_of_unbounded_memory(storage_url: str) -> None:
-    from storage import StorageSettings
+    from asyncstore.storage import StorageSettings
 
     settings = StorageSettings(url=storage_url, listener_queue_size=3)
     async with open_storage(settings) as backend, backend.listen("c") as stream:
@@ -152,7 +152,7 @@ async def test_slow_listener_gets_a_gap_instead_of_unbounded_memory(storage_url:
 
 
 async def test_postgres_listener_reconnects_and_reports_a_gap(postgres_dsn: str) -> None:
-    from storage.postgres import PostgresBackend
+    from asyncstore.storage.postgres import PostgresBackend
 
     async with open_storage(postgres_dsn) as backend:
         assert isinstance(backend, PostgresBackend)

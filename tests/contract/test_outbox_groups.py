@@ -18,8 +18,14 @@ from datetime import UTC, datetime, timedelta
 import anyio
 import asyncpg
 
-from orchestrator.outbox import Outbox, OutboxConfig, RetryTemplate, SendError, open_outbox_relay
-from storage import (
+from asyncstore.orchestrator.outbox import (
+    Outbox,
+    OutboxConfig,
+    RetryTemplate,
+    SendError,
+    open_outbox_relay,
+)
+from asyncstore.storage import (
     AsyncStorageBackend,
     Failure,
     NewOutboxMessage,

@@ -8,14 +8,20 @@ from collections import defaultdict
 import anyio
 import anyio.lowlevel
 
-from orchestrator.outbox import (
+from asyncstore.orchestrator.outbox import (
     Outbox,
     OutboxConfig,
     RetryTemplate,
     SendError,
     open_outbox_relay,
 )
-from storage import AsyncStorageBackend, NewMessage, NewOutboxMessage, OutboxMessage, OutboxStatus
+from asyncstore.storage import (
+    AsyncStorageBackend,
+    NewMessage,
+    NewOutboxMessage,
+    OutboxMessage,
+    OutboxStatus,
+)
 
 CFG = OutboxConfig(batch_size=50, max_in_flight=8, fallback_poll_s=30.0, shutdown_grace_s=5.0)
 QUICK = RetryTemplate(delays_s=(0.05,), jitter=0.0, max_attempts=5)

@@ -10,14 +10,14 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from orchestrator.queue import (
+from asyncstore.orchestrator.queue import (
     AgentQueue,
     PermanentFailure,
     QueueConfig,
     RetryTask,
     open_worker,
 )
-from storage import AsyncStorageBackend, Task, TaskStatus
+from asyncstore.storage import AsyncStorageBackend, Task, TaskStatus
 
 FAST = QueueConfig(
     lease_s=5.0,
@@ -451,7 +451,7 @@ async def test_an_error_text_storage_cannot_hold_is_escaped_not_lost(
 def test_a_queue_name_that_makes_no_channel_name_is_refused_at_once(name: str) -> None:
     # The queue's notification channel is "asyncstore.queue.<name>": 63 UTF-8 bytes at most
     # (Postgres truncates identifiers), letters, digits and "_ . : -" only.
-    from storage.errors import InvalidInput
+    from asyncstore.storage.errors import InvalidInput
 
     with pytest.raises(InvalidInput, match="does not make a channel name"):
         AgentQueue(None, name)  # type: ignore[arg-type]

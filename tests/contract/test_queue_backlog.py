@@ -13,10 +13,10 @@ import anyio
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from orchestrator.backlog import open_backlog_monitor
-from orchestrator.metrics import Metrics
-from orchestrator.queue import AgentQueue, QueueConfig, open_worker
-from storage import (
+from asyncstore.orchestrator.backlog import open_backlog_monitor
+from asyncstore.orchestrator.metrics import Metrics
+from asyncstore.orchestrator.queue import AgentQueue, QueueConfig, open_worker
+from asyncstore.storage import (
     LEASE_EXPIRED,
     AsyncStorageBackend,
     InvalidInput,

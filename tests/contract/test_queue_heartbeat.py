@@ -11,8 +11,8 @@ from typing import Any
 
 import anyio
 
-from orchestrator.queue import AgentQueue, QueueConfig, open_worker
-from storage import AsyncStorageBackend, Claim, Task
+from asyncstore.orchestrator.queue import AgentQueue, QueueConfig, open_worker
+from asyncstore.storage import AsyncStorageBackend, Claim, Task
 
 
 class StalledHeartbeats:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from storage import (
+from asyncstore.storage import (
     AsyncStorageBackend,
     Claim,
     Failure,

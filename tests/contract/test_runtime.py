@@ -13,10 +13,10 @@ from typing import Any
 import anyio
 import pytest
 
-from orchestrator.broadcast import StreamReset
-from orchestrator.config import Settings, load_settings
-from orchestrator.runtime import Runtime, RuntimeClosed, open_runtime
-from storage import StreamEvent
+from asyncstore.orchestrator.broadcast import StreamReset
+from asyncstore.orchestrator.config import Settings, load_settings
+from asyncstore.orchestrator.runtime import Runtime, RuntimeClosed, open_runtime
+from asyncstore.storage import StreamEvent
 
 
 def _settings(url: str, **overrides: Any) -> Settings:
@@ -252,7 +252,7 @@ def test_serve_metrics_command_serves_the_runtime_metrics(storage_url: str) -> N
         [
             sys.executable,
             "-m",
-            "orchestrator.cli",
+            "asyncstore.orchestrator.cli",
             "serve-metrics",
             "--url",
             storage_url,
@@ -383,7 +383,7 @@ async def test_one_lease_sweeper_for_two_runtimes(
 async def test_subscribe_right_after_a_live_change_is_served(storage_url: str) -> None:
     """The poll hub starts in the background after the change; until it runs, the memory
     hub (every writer publishes to it) serves ``subscribe``; ``choose`` waits for it."""
-    from orchestrator.runtime import ComponentNotBuilt
+    from asyncstore.orchestrator.runtime import ComponentNotBuilt
 
     async with open_runtime(_settings(storage_url)) as rt:
         rt.update_flags(stream_delivery="poll")

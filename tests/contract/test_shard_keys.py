@@ -18,8 +18,8 @@ import re
 import asyncpg
 import pytest
 
-from storage import open_storage
-from storage._sql import load_queries
+from asyncstore.storage import open_storage
+from asyncstore.storage._sql import load_queries
 
 pytestmark = pytest.mark.postgres
 

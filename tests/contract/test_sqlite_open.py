@@ -10,7 +10,7 @@ import anyio
 import pytest
 from pydantic import SecretStr
 
-from storage import StorageSettings, StorageUnavailable, open_storage
+from asyncstore.storage import StorageSettings, StorageUnavailable, open_storage
 
 
 def _locked(path: Path) -> sqlite3.Connection:

@@ -12,10 +12,16 @@ from datetime import timedelta
 import anyio
 import pytest
 
-from orchestrator.batching import BatchConfig
-from orchestrator.broadcast import BroadcastHub, HubConfig, StreamReset, encode_advances
-from orchestrator.streams import StreamConfig, StreamEventWriter
-from storage import AsyncStorageBackend, NewStreamEvent, StreamEvent, encode_payload, open_storage
+from asyncstore.orchestrator.batching import BatchConfig
+from asyncstore.orchestrator.broadcast import BroadcastHub, HubConfig, StreamReset, encode_advances
+from asyncstore.orchestrator.streams import StreamConfig, StreamEventWriter
+from asyncstore.storage import (
+    AsyncStorageBackend,
+    NewStreamEvent,
+    StreamEvent,
+    encode_payload,
+    open_storage,
+)
 
 SLOW_TIMER = BatchConfig(max_batch=10_000, flush_interval_s=60, capacity=20_000)
 CHANNEL = StreamConfig().channel

@@ -11,8 +11,8 @@ import anyio
 import asyncpg
 import pytest
 
-from orchestrator.streams import StreamEventWriter
-from storage import (
+from asyncstore.orchestrator.streams import StreamEventWriter
+from asyncstore.storage import (
     AsyncStorageBackend,
     LeaseLost,
     NewStreamEvent,
@@ -128,7 +128,7 @@ async def test_writer_raises_lease_lost_after_its_epoch_is_refused(
 async def test_legacy_writer_raises_lease_lost_on_a_refused_insert(
     storage: AsyncStorageBackend,
 ) -> None:
-    from orchestrator.streams import StreamConfig
+    from asyncstore.orchestrator.streams import StreamConfig
 
     a = await storage.acquire_lease("s", "holder-a", 30)
     assert a is not None
@@ -210,7 +210,7 @@ async def _insert_raw(url: str, rows: list[tuple[str, int, int]]) -> None:
 
 async def test_fan_in_of_rows_the_ring_refuses_ends_instead_of_looping(storage_url: str) -> None:
     """A notified hub whose fetch brings only rows its ring cannot take reads once, not forever."""
-    from orchestrator.broadcast import BroadcastHub, encode_advances
+    from asyncstore.orchestrator.broadcast import BroadcastHub, encode_advances
 
     async with (
         open_storage(storage_url) as storage,
@@ -249,8 +249,8 @@ async def test_fan_in_of_rows_the_ring_refuses_ends_instead_of_looping(storage_u
 
 async def test_a_turn_that_lost_its_lease_emits_nothing_more(storage_url: str) -> None:
     """No ``cancelled`` event (nor any other) under an epoch the runtime no longer holds."""
-    from orchestrator.config import load_settings
-    from orchestrator.runtime import open_runtime
+    from asyncstore.orchestrator.config import load_settings
+    from asyncstore.orchestrator.runtime import open_runtime
 
     settings = load_settings(
         storage={"url": storage_url},
@@ -280,9 +280,9 @@ async def test_local_subscribers_of_a_refused_writer_are_reset_to_the_stored_str
     storage: AsyncStorageBackend,
 ) -> None:
     """Events published live and then refused by the fence are taken back from the ring."""
-    from orchestrator.batching import BatchConfig
-    from orchestrator.broadcast import BroadcastHub, HubConfig, StreamReset
-    from orchestrator.streams import StreamConfig
+    from asyncstore.orchestrator.batching import BatchConfig
+    from asyncstore.orchestrator.broadcast import BroadcastHub, HubConfig, StreamReset
+    from asyncstore.orchestrator.streams import StreamConfig
 
     a = await storage.acquire_lease("s", "holder-a", 30)
     assert a is not None

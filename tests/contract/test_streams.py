@@ -9,8 +9,8 @@ from contextlib import asynccontextmanager
 import anyio
 import pytest
 
-from orchestrator.batching import BatchConfig, OverflowPolicy
-from orchestrator.broadcast import (
+from asyncstore.orchestrator.batching import BatchConfig, OverflowPolicy
+from asyncstore.orchestrator.broadcast import (
     BroadcastHub,
     DeliveryMode,
     HubConfig,
@@ -19,9 +19,15 @@ from orchestrator.broadcast import (
     Subscription,
     decode_advance,
 )
-from orchestrator.errors import StreamNotStarted, SubscriberLagged
-from orchestrator.streams import StreamConfig, StreamEventWriter
-from storage import AsyncStorageBackend, InvalidInput, LeaseLost, StreamEvent, open_storage
+from asyncstore.orchestrator.errors import StreamNotStarted, SubscriberLagged
+from asyncstore.orchestrator.streams import StreamConfig, StreamEventWriter
+from asyncstore.storage import (
+    AsyncStorageBackend,
+    InvalidInput,
+    LeaseLost,
+    StreamEvent,
+    open_storage,
+)
 
 SLOW_TIMER = BatchConfig(max_batch=10_000, flush_interval_s=60, capacity=20_000)
 

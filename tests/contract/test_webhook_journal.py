@@ -8,7 +8,7 @@ from typing import Any
 import anyio
 import pytest
 
-from storage import AsyncStorageBackend, InvalidInput, WebhookAttempt
+from asyncstore.storage import AsyncStorageBackend, InvalidInput, WebhookAttempt
 
 
 async def test_journal_commit_delete_and_orphan_takeover(storage: AsyncStorageBackend) -> None:

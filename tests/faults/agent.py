@@ -26,11 +26,16 @@ from typing import Any
 import anyio
 import anyio.abc
 
-from orchestrator.batching import BatchConfig
-from orchestrator.broadcast import BroadcastHub, StreamReset, Subscription
-from orchestrator.locks import HeldLease, LimiterConfig, SessionLimiter, open_session_limiter
-from orchestrator.streams import StreamConfig, StreamEventWriter
-from storage import AsyncStorageBackend, NewMessage, open_storage
+from asyncstore.orchestrator.batching import BatchConfig
+from asyncstore.orchestrator.broadcast import BroadcastHub, StreamReset, Subscription
+from asyncstore.orchestrator.locks import (
+    HeldLease,
+    LimiterConfig,
+    SessionLimiter,
+    open_session_limiter,
+)
+from asyncstore.orchestrator.streams import StreamConfig, StreamEventWriter
+from asyncstore.storage import AsyncStorageBackend, NewMessage, open_storage
 
 
 def out(message: Mapping[str, Any]) -> None:

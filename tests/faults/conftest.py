@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import asyncpg
 import pytest
 
-from storage import open_storage
+from asyncstore.storage import open_storage
 from tests.faults.cluster import Cluster, ClusterUnavailable, find_bindir
 
 TEMPLATE = "asyncstore_faults_template"

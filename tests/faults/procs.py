@@ -26,8 +26,8 @@ import anyio
 import anyio.abc
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from orchestrator.broadcast import StreamReset, Subscription
-from storage import AsyncStorageBackend, Notification, StreamEvent
+from asyncstore.orchestrator.broadcast import StreamReset, Subscription
+from asyncstore.storage import AsyncStorageBackend, Notification, StreamEvent
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from orchestrator.broadcast import BroadcastHub, StreamReset
-from storage import StreamEvent, open_storage
+from asyncstore.orchestrator.broadcast import BroadcastHub, StreamReset
+from asyncstore.storage import StreamEvent, open_storage
 from tests.faults.conftest import FaultDB
 from tests.faults.procs import check_stored_stream, check_view, collect, load_stream, spawn_agent
 

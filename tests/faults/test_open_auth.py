@@ -12,7 +12,7 @@ import secrets
 import asyncpg
 import pytest
 
-from storage import StorageUnavailable, open_storage
+from asyncstore.storage import StorageUnavailable, open_storage
 from tests.faults.cluster import Cluster
 from tests.faults.conftest import FaultDB
 

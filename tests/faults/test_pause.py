@@ -15,9 +15,9 @@ from typing import Any
 import anyio
 import asyncpg
 
-from orchestrator.broadcast import BroadcastHub, StreamReset
-from storage import StreamEvent, open_storage
-from storage.postgres import PostgresBackend
+from asyncstore.orchestrator.broadcast import BroadcastHub, StreamReset
+from asyncstore.storage import StreamEvent, open_storage
+from asyncstore.storage.postgres import PostgresBackend
 from tests.faults.conftest import FaultDB
 from tests.faults.procs import (
     check_stored_stream,

@@ -13,9 +13,9 @@ import time
 import anyio
 from pydantic import SecretStr
 
-from orchestrator.broadcast import BroadcastHub
-from orchestrator.locks import LimiterConfig, open_session_limiter
-from storage import (
+from asyncstore.orchestrator.broadcast import BroadcastHub
+from asyncstore.orchestrator.locks import LimiterConfig, open_session_limiter
+from asyncstore.storage import (
     NewMessage,
     StorageSettings,
     open_storage,

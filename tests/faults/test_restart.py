@@ -11,9 +11,9 @@ from collections.abc import Callable
 
 import anyio
 
-from orchestrator.broadcast import BroadcastHub
-from storage import NewStreamEvent, StorageError, encode_payload, open_storage
-from storage.errors import is_retryable
+from asyncstore.orchestrator.broadcast import BroadcastHub
+from asyncstore.storage import NewStreamEvent, StorageError, encode_payload, open_storage
+from asyncstore.storage.errors import is_retryable
 from tests.faults.conftest import FaultDB
 from tests.faults.procs import (
     check_stored_stream,

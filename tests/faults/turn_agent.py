@@ -16,8 +16,8 @@ from typing import Any
 
 import anyio
 
-from orchestrator.config import load_settings
-from orchestrator.runtime import open_runtime
+from asyncstore.orchestrator.config import load_settings
+from asyncstore.orchestrator.runtime import open_runtime
 from tests.faults.agent import out
 
 

@@ -22,8 +22,8 @@ from typing import Any
 
 import anyio
 
-from orchestrator.config import load_settings
-from orchestrator.runtime import Runtime, open_runtime
+from asyncstore.orchestrator.config import load_settings
+from asyncstore.orchestrator.runtime import Runtime, open_runtime
 from tests.faults.agent import out
 
 

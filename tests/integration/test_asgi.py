@@ -29,12 +29,12 @@ from starlette.requests import HTTPConnection
 from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp, Message
 
-from orchestrator.asgi import EndpointConfig, EventStreams, StreamingServer
-from orchestrator.broadcast import Position, StreamReset
-from orchestrator.config import load_settings
-from orchestrator.errors import SubscriberLagged
-from orchestrator.runtime import Runtime, open_runtime
-from storage import StorageUnavailable, StreamEvent
+from asyncstore.orchestrator.asgi import EndpointConfig, EventStreams, StreamingServer
+from asyncstore.orchestrator.broadcast import Position, StreamReset
+from asyncstore.orchestrator.config import load_settings
+from asyncstore.orchestrator.errors import SubscriberLagged
+from asyncstore.orchestrator.runtime import Runtime, open_runtime
+from asyncstore.storage import StorageUnavailable, StreamEvent
 
 
 class _QuietServer(StreamingServer):

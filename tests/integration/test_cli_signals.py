@@ -21,7 +21,7 @@ EXIT_BOUND_S = 30.0
 
 @pytest.fixture
 def serve_metrics(storage_url: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
-    command = ["-m", "orchestrator.cli", "serve-metrics", "--url", storage_url]
+    command = ["-m", "asyncstore.orchestrator.cli", "serve-metrics", "--url", storage_url]
     proc = subprocess.Popen(
         [sys.executable, *command, "--host", "127.0.0.1", "--port", "0"],
         stdout=subprocess.PIPE,

@@ -18,8 +18,8 @@ import asyncpg
 import pytest
 from pydantic import SecretStr
 
-from storage import StorageSettings, _notify, open_storage
-from storage.postgres import PostgresBackend
+from asyncstore.storage import StorageSettings, _notify, open_storage
+from asyncstore.storage.postgres import PostgresBackend
 
 
 @pytest.fixture(autouse=True)

@@ -10,13 +10,13 @@ import time
 
 import anyio
 
-from orchestrator.cancellation import open_cancellation
-from storage import open_storage
+from asyncstore.orchestrator.cancellation import open_cancellation
+from asyncstore.storage import open_storage
 
 HOLDER = """
 import anyio, sys
-from orchestrator.locks import LimiterConfig, open_session_limiter
-from storage import NewMessage, open_storage
+from asyncstore.orchestrator.locks import LimiterConfig, open_session_limiter
+from asyncstore.storage import NewMessage, open_storage
 
 async def main(url, name):
     config = LimiterConfig()  # default fallback backoff: release notifications do the waking
@@ -39,8 +39,8 @@ anyio.run(main, sys.argv[1], sys.argv[2])
 
 WAITER = """
 import anyio, json, sys, time
-from orchestrator.cancellation import open_cancellation
-from storage import open_storage
+from asyncstore.orchestrator.cancellation import open_cancellation
+from asyncstore.storage import open_storage
 
 async def main(url):
     async with open_storage(url) as s, open_cancellation(s) as registry:

@@ -13,9 +13,9 @@ import pytest
 
 ATTACKER = """
 import anyio, json, sys
-from orchestrator.auth import (AttemptLimiterConfig, LoginAttemptLimiter, LoginLocked,
+from asyncstore.orchestrator.auth import (AttemptLimiterConfig, LoginAttemptLimiter, LoginLocked,
                                PasswordHasher, PasswordHashingConfig, check_login)
-from storage import open_storage
+from asyncstore.storage import open_storage
 
 async def main(url, mode, account):
     hasher = PasswordHasher(PasswordHashingConfig(

@@ -10,13 +10,13 @@ import httpx
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
-from orchestrator.batching import BatchConfig
-from orchestrator.broadcast import BroadcastHub, HubConfig
-from orchestrator.cancellation import open_cancellation
-from orchestrator.locks import open_session_limiter
-from orchestrator.metrics import Metrics, MetricsConfig, open_pool_probe
-from orchestrator.streams import StreamConfig, StreamEventWriter
-from storage import AsyncStorageBackend, StreamEvent
+from asyncstore.orchestrator.batching import BatchConfig
+from asyncstore.orchestrator.broadcast import BroadcastHub, HubConfig
+from asyncstore.orchestrator.cancellation import open_cancellation
+from asyncstore.orchestrator.locks import open_session_limiter
+from asyncstore.orchestrator.metrics import Metrics, MetricsConfig, open_pool_probe
+from asyncstore.orchestrator.streams import StreamConfig, StreamEventWriter
+from asyncstore.storage import AsyncStorageBackend, StreamEvent
 
 SESSIONS = [f"sess-{i}-7f3a" for i in range(3)]
 SLOW_TIMER = BatchConfig(max_batch=10_000, flush_interval_s=60, capacity=20_000)

@@ -22,9 +22,9 @@ from starlette.applications import Starlette
 from starlette.requests import HTTPConnection
 from starlette.routing import Mount, Route
 
-from orchestrator.asgi import EventStreams, StreamingServer
-from orchestrator.runtime import Runtime
-from storage import StorageSettings, open_storage
+from asyncstore.orchestrator.asgi import EventStreams, StreamingServer
+from asyncstore.orchestrator.runtime import Runtime
+from asyncstore.storage import StorageSettings, open_storage
 from tests.unit.metrics_inventory import inventory, open_full_runtime
 
 MAIN_INVENTORY = Path(__file__).parent.parent / "unit" / "metrics_families_main.json"
@@ -265,7 +265,7 @@ async def test_a_storage_call_blocked_past_the_threshold_counts_as_slow(storage_
 
 
 async def test_slow_queries_are_exported_per_operation_at_zero_first(storage_url: str) -> None:
-    from orchestrator.metrics import Metrics, MetricsConfig
+    from asyncstore.orchestrator.metrics import Metrics, MetricsConfig
 
     settings = StorageSettings(url=storage_url, slow_query_threshold_s=60.0)
     async with open_storage(settings) as storage:

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import asyncpg
 
-from storage import NewTask, open_storage
-from storage._sql import load_migrations
+from asyncstore.storage import NewTask, open_storage
+from asyncstore.storage._sql import load_migrations
 
 CLAIMER = """
 import asyncio, json, sys
-from storage import open_storage
+from asyncstore.storage import open_storage
 
 async def main(url):
     seen = []
@@ -38,7 +38,7 @@ asyncio.run(main(sys.argv[1]))
 
 MIGRATOR = """
 import asyncio, json, sys
-from storage import open_storage
+from asyncstore.storage import open_storage
 
 async def main(url):
     # As `asyncstore migrate` does: no schema guard before migrating by hand.

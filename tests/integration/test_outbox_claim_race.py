@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import asyncpg
 
-from storage import NewOutboxMessage, open_storage
-from storage._sql import load_queries
+from asyncstore.storage import NewOutboxMessage, open_storage
+from asyncstore.storage._sql import load_queries
 
 CLAIM = load_queries("postgres")["claim_outbox"]
 

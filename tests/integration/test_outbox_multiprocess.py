@@ -30,8 +30,8 @@ import anyio
 import asyncpg
 import pytest
 
-from orchestrator.outbox import Outbox
-from storage import NewOutboxMessage, OutboxStatus, open_storage
+from asyncstore.orchestrator.outbox import Outbox
+from asyncstore.storage import NewOutboxMessage, OutboxStatus, open_storage
 from tests.conftest import truncate
 
 GROUPS = [(f"ch{c}", f"acct{a}") for c in range(4) for a in range(10)]  # 40 groups
@@ -41,8 +41,8 @@ MAX_ATTEMPTS = 3
 RELAY = """
 import json, os, random, sys, time
 import anyio
-from orchestrator.outbox import OutboxConfig, RetryTemplate, SendError, open_outbox_relay
-from storage import open_storage
+from asyncstore.orchestrator.outbox import OutboxConfig, RetryTemplate, SendError, open_outbox_relay
+from asyncstore.storage import open_storage
 
 url, out_path, channels, batch, healed = sys.argv[1:6]
 channels = channels.split(",")

@@ -21,15 +21,15 @@ import anyio
 import asyncpg
 import pytest
 
-from orchestrator.queue import AgentQueue
-from storage import TaskStatus, open_storage
+from asyncstore.orchestrator.queue import AgentQueue
+from asyncstore.storage import TaskStatus, open_storage
 from tests.conftest import truncate
 
 WORKER = """
 import dataclasses, json, sys, time
 import anyio
-from orchestrator.queue import AgentQueue, QueueConfig, open_worker
-from storage import open_storage
+from asyncstore.orchestrator.queue import AgentQueue, QueueConfig, open_worker
+from asyncstore.storage import open_storage
 
 url, runs, max_workers, lease_s, hang, fallback_poll_s = sys.argv[1:7]
 

@@ -16,8 +16,8 @@ import anyio
 import anyio.lowlevel
 import asyncpg
 
-from orchestrator.config import in_rollout, load_settings
-from orchestrator.runtime import open_runtime
+from asyncstore.orchestrator.config import in_rollout, load_settings
+from asyncstore.orchestrator.runtime import open_runtime
 from tests.faults.procs import spawn_agent
 
 CAP = 5

@@ -12,8 +12,8 @@ from pathlib import Path
 import anyio
 from pydantic import SecretStr
 
-from orchestrator.streams import StreamConfig, StreamEventWriter
-from storage import StorageSettings, open_storage
+from asyncstore.orchestrator.streams import StreamConfig, StreamEventWriter
+from asyncstore.storage import StorageSettings, open_storage
 
 
 async def test_stream_writer_rides_out_an_outage_past_the_old_retry_limit(

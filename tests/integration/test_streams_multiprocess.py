@@ -8,14 +8,14 @@ import sys
 
 import anyio
 
-from orchestrator.broadcast import BroadcastHub, HubConfig, StreamReset
-from storage import StreamEvent, open_storage
+from asyncstore.orchestrator.broadcast import BroadcastHub, HubConfig, StreamReset
+from asyncstore.storage import StreamEvent, open_storage
 
 WRITER = """
 import asyncio, sys
-from orchestrator.broadcast import BroadcastHub
-from orchestrator.streams import StreamEventWriter
-from storage import open_storage
+from asyncstore.orchestrator.broadcast import BroadcastHub
+from asyncstore.orchestrator.streams import StreamEventWriter
+from asyncstore.storage import open_storage
 
 async def main(url, n):
     async with open_storage(url) as s, BroadcastHub(s) as hub:

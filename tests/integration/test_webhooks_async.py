@@ -9,14 +9,14 @@ import anyio
 import pytest
 from standardwebhooks.webhooks import Webhook
 
-from orchestrator.webhooks import (
+from asyncstore.orchestrator.webhooks import (
     AsyncWebhookBatcher,
     HooksConfig,
     WebhookDrainReport,
     open_webhooks,
     parse_hooks,
 )
-from orchestrator.webhooks.testing import Answer, ReceivedRequest, open_test_receiver
+from asyncstore.orchestrator.webhooks.testing import Answer, ReceivedRequest, open_test_receiver
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
@@ -222,7 +222,7 @@ async def test_batches_are_signed_and_verify_with_standardwebhooks() -> None:
 async def test_batcher_used_directly() -> None:
     import httpx
 
-    from orchestrator.webhooks import Transport
+    from asyncstore.orchestrator.webhooks import Transport
 
     async with open_test_receiver() as rx, httpx.AsyncClient() as client:
         hook = config(rx.url, batch_size=2, flush_interval_ms=1000).async_webhooks[0]

@@ -9,9 +9,9 @@ import anyio
 import orjson
 import pytest
 
-from orchestrator.webhooks import HooksConfig, open_webhooks, parse_hooks
-from orchestrator.webhooks.testing import Answer, open_test_receiver
-from storage import AsyncStorageBackend, OutboxStatus
+from asyncstore.orchestrator.webhooks import HooksConfig, open_webhooks, parse_hooks
+from asyncstore.orchestrator.webhooks.testing import Answer, open_test_receiver
+from asyncstore.storage import AsyncStorageBackend, OutboxStatus
 
 
 def durable(url: str, **extra: Any) -> HooksConfig:
@@ -229,7 +229,12 @@ async def test_delivery_log_records_every_attempt_and_resend_keeps_id_and_body(
 ) -> None:
     from standardwebhooks.webhooks import Webhook
 
-    from orchestrator.webhooks.admin import ResendRefused, delivery_log, format_attempt, resend
+    from asyncstore.orchestrator.webhooks.admin import (
+        ResendRefused,
+        delivery_log,
+        format_attempt,
+        resend,
+    )
 
     async with open_test_receiver() as rx:
         rx.handler = lambda r: Answer(status=503) if len(rx.requests) == 1 else Answer()

@@ -9,8 +9,8 @@ from typing import Any
 import anyio
 import pytest
 
-from orchestrator.webhooks import HooksConfig, masked_dump, open_webhooks, parse_hooks
-from orchestrator.webhooks.testing import Answer, ReceivedRequest, open_test_receiver
+from asyncstore.orchestrator.webhooks import HooksConfig, masked_dump, open_webhooks, parse_hooks
+from asyncstore.orchestrator.webhooks.testing import Answer, ReceivedRequest, open_test_receiver
 
 
 def hooks(*entries: dict[str, Any], **options: Any) -> HooksConfig:

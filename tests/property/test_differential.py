@@ -29,7 +29,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from storage import (
+from asyncstore.storage import (
     AsyncStorageBackend,
     Claim,
     Failure,
@@ -40,7 +40,7 @@ from storage import (
     StorageError,
     open_storage,
 )
-from storage.base import LoginPolicy
+from asyncstore.storage.base import LoginPolicy
 
 pytestmark = pytest.mark.postgres
 

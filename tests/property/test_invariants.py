@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from storage import (
+from asyncstore.storage import (
     AsyncStorageBackend,
     ChatMessage,
     Claim,

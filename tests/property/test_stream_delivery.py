@@ -7,10 +7,10 @@ import anyio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from orchestrator.batching import BatchConfig
-from orchestrator.broadcast import BroadcastHub, HubConfig, StreamReset, Subscription
-from orchestrator.streams import StreamConfig, StreamEventWriter
-from storage import StreamEvent, open_storage
+from asyncstore.orchestrator.batching import BatchConfig
+from asyncstore.orchestrator.broadcast import BroadcastHub, HubConfig, StreamReset, Subscription
+from asyncstore.orchestrator.streams import StreamConfig, StreamEventWriter
+from asyncstore.storage import StreamEvent, open_storage
 
 SUBSCRIBERS = 3
 

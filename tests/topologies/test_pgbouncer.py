@@ -18,8 +18,8 @@ import asyncpg
 import pytest
 from pydantic import SecretStr
 
-from storage import ConfigurationError, StorageSettings, open_storage
-from storage._sql import load_migrations
+from asyncstore.storage import ConfigurationError, StorageSettings, open_storage
+from asyncstore.storage._sql import load_migrations
 from tests.conftest import pooled_url
 from tests.pgbouncer import PgBouncer
 

@@ -22,8 +22,8 @@ import anyio
 import asyncpg
 import pytest
 
-from orchestrator.broadcast import BroadcastHub
-from storage import (
+from asyncstore.orchestrator.broadcast import BroadcastHub
+from asyncstore.storage import (
     Claim,
     NewTask,
     StorageError,
@@ -32,7 +32,7 @@ from storage import (
     encode_payload,
     open_storage,
 )
-from storage.errors import is_retryable
+from asyncstore.storage.errors import is_retryable
 from tests.faults.cluster import ClusterUnavailable, find_bindir
 from tests.faults.procs import (
     check_stored_stream,
@@ -126,7 +126,7 @@ class _Workers:
             self.leaked.append(exc)
 
     async def run(self, storage: object, worker: str) -> None:
-        from storage import AsyncStorageBackend
+        from asyncstore.storage import AsyncStorageBackend
 
         assert isinstance(storage, AsyncStorageBackend)
         while len(self.completed) < TASKS:
@@ -173,7 +173,7 @@ async def _every_task_finished(storage: object, queue: str, limit_s: float = 90)
     replicated) just as the primary stopped is done although its worker never got the
     reply, so no worker will ever count it.
     """
-    from storage import AsyncStorageBackend
+    from asyncstore.storage import AsyncStorageBackend
 
     assert isinstance(storage, AsyncStorageBackend)
     with anyio.fail_after(limit_s):

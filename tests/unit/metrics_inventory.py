@@ -24,7 +24,7 @@ import anyio
 from prometheus_client.parser import text_string_to_metric_families
 
 if TYPE_CHECKING:
-    from orchestrator.runtime import Runtime
+    from asyncstore.orchestrator.runtime import Runtime
 
 Inventory = dict[str, dict[str, Any]]
 
@@ -38,9 +38,9 @@ async def _nothing(_item: object) -> None:
 @asynccontextmanager
 async def open_full_runtime(url: str) -> AsyncIterator[Runtime]:
     """A runtime with every optional component: webhooks, queue worker, outbox relay."""
-    from orchestrator.config import load_settings
-    from orchestrator.runtime import open_runtime
-    from orchestrator.webhooks import parse_hooks
+    from asyncstore.orchestrator.config import load_settings
+    from asyncstore.orchestrator.runtime import open_runtime
+    from asyncstore.orchestrator.webhooks import parse_hooks
 
     settings = load_settings(
         storage={"url": url},

@@ -6,7 +6,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from orchestrator.auth import (
+from asyncstore.orchestrator.auth import (
     AttemptLimiterConfig,
     HashingOverloaded,
     InvalidHash,
@@ -17,7 +17,7 @@ from orchestrator.auth import (
     PasswordTooLong,
     check_login,
 )
-from orchestrator.metrics import Metrics, open_loop_lag_monitor
+from asyncstore.orchestrator.metrics import Metrics, open_loop_lag_monitor
 
 FAST = PasswordHashingConfig(time_cost=1, memory_cost=64, parallelism=1, max_concurrent=2)
 # Heavy enough (~25 ms per verify) that running it on the loop is plainly visible.
@@ -305,7 +305,7 @@ async def test_dummy_hash_is_made_when_the_hasher_starts() -> None:
 def test_attempts_mode_is_a_setting_with_memory_by_default(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from orchestrator.config import load_settings
+    from asyncstore.orchestrator.config import load_settings
 
     assert load_settings().auth.attempts.mode == "memory"
     monkeypatch.setenv("ASYNCSTORE_AUTH__ATTEMPTS__MODE", "storage")

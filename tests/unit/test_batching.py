@@ -8,7 +8,7 @@ from collections.abc import Callable
 import anyio
 import pytest
 
-from orchestrator.batching import (
+from asyncstore.orchestrator.batching import (
     HEALTH_MIN_AGE_S,
     Batch,
     BatchConfig,
@@ -16,8 +16,8 @@ from orchestrator.batching import (
     DeadLetter,
     OverflowPolicy,
 )
-from orchestrator.errors import WriterClosed, WriterOverloaded
-from storage import StorageUnavailable
+from asyncstore.orchestrator.errors import WriterClosed, WriterOverloaded
+from asyncstore.storage import StorageUnavailable
 
 
 class Recorder:

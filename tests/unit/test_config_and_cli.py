@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.cli import main
-from orchestrator.config import load_settings, mask_url, masked_dump
+from asyncstore.orchestrator.cli import main
+from asyncstore.orchestrator.config import load_settings, mask_url, masked_dump
 
 
 def test_env_overrides_toml_which_overrides_defaults(

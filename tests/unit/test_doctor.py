@@ -11,8 +11,8 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from orchestrator.cli import latest_migration, main
-from storage import open_storage
+from asyncstore.orchestrator.cli import latest_migration, main
+from asyncstore.storage import open_storage
 
 
 def test_doctor_passes_on_a_migrated_database(

@@ -9,8 +9,8 @@ from typing import ClassVar
 
 import pytest
 
-from orchestrator.metrics import Metrics, MetricsConfig
-from storage.families import Family, MetricSink
+from asyncstore.orchestrator.metrics import Metrics, MetricsConfig
+from asyncstore.storage.families import Family, MetricSink
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,7 @@ class _Own:
 
 
 def test_the_slow_query_threshold_is_a_storage_setting(monkeypatch: pytest.MonkeyPatch) -> None:
-    from orchestrator.config import load_settings
+    from asyncstore.orchestrator.config import load_settings
 
     assert load_settings().storage.slow_query_threshold_s == 0.1
     given = load_settings(storage={"slow_query_threshold_s": 0.25})

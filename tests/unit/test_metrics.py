@@ -10,9 +10,9 @@ import pytest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
-from orchestrator.auth import LoginAttemptLimiter, PasswordHasher, PasswordHashingConfig
-from orchestrator.batching import Batch, BatchConfig, BatchWriter, OverflowPolicy
-from orchestrator.metrics import (
+from asyncstore.orchestrator.auth import LoginAttemptLimiter, PasswordHasher, PasswordHashingConfig
+from asyncstore.orchestrator.batching import Batch, BatchConfig, BatchWriter, OverflowPolicy
+from asyncstore.orchestrator.metrics import (
     Metrics,
     MetricsConfig,
     open_loop_lag_monitor,
@@ -173,10 +173,10 @@ async def test_known_counters_are_present_at_zero_before_anything_happens(
     tmp_path: pathlib.Path,
 ) -> None:
     """``rate()`` and alerts need a series before its first increment."""
-    from orchestrator.broadcast import BroadcastHub, HubConfig
-    from orchestrator.metrics import Metrics
-    from orchestrator.streams import StreamEventWriter
-    from storage import open_storage
+    from asyncstore.orchestrator.broadcast import BroadcastHub, HubConfig
+    from asyncstore.orchestrator.metrics import Metrics
+    from asyncstore.orchestrator.streams import StreamEventWriter
+    from asyncstore.storage import open_storage
 
     async with (
         open_storage(f"sqlite:///{tmp_path / 'm.db'}", migrate=True) as storage,

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from orchestrator.broadcast import (
+from asyncstore.orchestrator.broadcast import (
     MAX_NOTIFY_BYTES,
     NoteSegment,
     StreamNote,
@@ -20,7 +20,7 @@ from orchestrator.broadcast import (
     encode_advances,
     encode_stream_notes,
 )
-from storage import StreamEvent
+from asyncstore.storage import StreamEvent
 
 STAMP = 1_780_000_000_123_456  # microseconds since the Unix epoch
 WHEN = datetime.fromtimestamp(STAMP // 1_000_000, UTC).replace(microsecond=STAMP % 1_000_000)

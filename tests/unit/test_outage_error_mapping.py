@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncpg
 
-from storage.errors import StorageUnavailable, is_retryable
-from storage.postgres import map_postgres_error
+from asyncstore.storage.errors import StorageUnavailable, is_retryable
+from asyncstore.storage.postgres import map_postgres_error
 
 
 def test_a_protocol_state_error_from_a_restart_is_storage_unavailable() -> None:
@@ -29,7 +29,13 @@ def test_connection_errors_of_a_restart_are_storage_unavailable() -> None:
 
 
 def test_only_storage_trouble_is_retryable() -> None:
-    from storage.errors import ConflictError, InvalidInput, LeaseLost, QueryError, StorageClosed
+    from asyncstore.storage.errors import (
+        ConflictError,
+        InvalidInput,
+        LeaseLost,
+        QueryError,
+        StorageClosed,
+    )
 
     assert is_retryable(StorageUnavailable("down"))
     assert is_retryable(QueryError("deadlock detected")) and is_retryable(ConflictError("dup"))

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.cli import main
-from orchestrator.config import Flags, in_rollout, load_settings, masked_dump
+from asyncstore.orchestrator.cli import main
+from asyncstore.orchestrator.config import Flags, in_rollout, load_settings, masked_dump
 
 
 def test_flags_default_to_the_optimized_paths() -> None:

@@ -7,7 +7,7 @@ import sqlite3
 import asyncpg
 import pytest
 
-from storage import (
+from asyncstore.storage import (
     ConflictError,
     InvalidInput,
     QueryError,
@@ -15,9 +15,9 @@ from storage import (
     StorageUnavailable,
     dialect_of,
 )
-from storage._sql import load_migrations, load_queries, parse_queries
-from storage.postgres import map_postgres_error
-from storage.sqlite import map_sqlite_error
+from asyncstore.storage._sql import load_migrations, load_queries, parse_queries
+from asyncstore.storage.postgres import map_postgres_error
+from asyncstore.storage.sqlite import map_sqlite_error
 
 
 def test_both_dialects_define_the_same_public_queries() -> None:

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.batching import OverflowPolicy, outcome_batches
-from orchestrator.config import load_settings
-from orchestrator.streams import StreamConfig
+from asyncstore.orchestrator.batching import OverflowPolicy, outcome_batches
+from asyncstore.orchestrator.config import load_settings
+from asyncstore.orchestrator.streams import StreamConfig
 
 
 def test_stream_writer_defaults_ride_out_a_minute_of_outage() -> None:

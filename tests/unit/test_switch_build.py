@@ -8,8 +8,8 @@ from contextlib import asynccontextmanager
 import anyio
 import pytest
 
-from orchestrator.config import Flags
-from orchestrator.runtime import _open_switch
+from asyncstore.orchestrator.config import Flags
+from asyncstore.orchestrator.runtime import _open_switch
 
 
 class _Component:

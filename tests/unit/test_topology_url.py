@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from pydantic import SecretStr
 
-from storage import InvalidInput, StorageSettings
-from storage._topology import resolve, split_dsn
+from asyncstore.storage import InvalidInput, StorageSettings
+from asyncstore.storage._topology import resolve, split_dsn
 
 DIRECT = "postgresql://app@pg:5432/db"
 BOUNCER = "postgresql://app@bouncer:6432/db"
@@ -57,7 +57,7 @@ def test_settings_win_over_the_url_and_pooled_needs_a_listen_url() -> None:
 def test_a_password_anywhere_in_the_url_is_masked_in_messages(url: str) -> None:
     # The schema guard and doctor name the database by its URL; with listen_url in the
     # query string the direct DSN's password must not leak either.
-    from storage._schema import mask_url
+    from asyncstore.storage._schema import mask_url
 
     masked = mask_url(url)
     assert "secret" not in masked and "***" in masked

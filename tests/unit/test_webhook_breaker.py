@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from orchestrator.webhooks.breaker import BreakerConfig, Breakers, CircuitBreaker
+from asyncstore.orchestrator.webhooks.breaker import BreakerConfig, Breakers, CircuitBreaker
 
 
 class Clock:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.webhooks import (
+from asyncstore.orchestrator.webhooks import (
     ALIASES,
     EVENT_NAMES,
     TRIGGER_NAMES,
@@ -15,7 +15,7 @@ from orchestrator.webhooks import (
     masked_dump,
     parse_hooks,
 )
-from orchestrator.webhooks.triggers import TriggerMatch, parse_triggers
+from asyncstore.orchestrator.webhooks.triggers import TriggerMatch, parse_triggers
 
 SEED = """
 [[webhooks]]

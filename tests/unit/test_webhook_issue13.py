@@ -8,10 +8,10 @@ import re
 import httpx
 import pytest
 
-from orchestrator.webhooks import HooksConfigError, masked_dump, parse_hooks
-from orchestrator.webhooks.masking import mask_url
-from orchestrator.webhooks.transport import Transport
-from orchestrator.webhooks.triggers import TriggerMatch, parse_triggers
+from asyncstore.orchestrator.webhooks import HooksConfigError, masked_dump, parse_hooks
+from asyncstore.orchestrator.webhooks.masking import mask_url
+from asyncstore.orchestrator.webhooks.transport import Transport
+from asyncstore.orchestrator.webhooks.triggers import TriggerMatch, parse_triggers
 
 SLACK = "https://hooks.slack.com/services/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"
 

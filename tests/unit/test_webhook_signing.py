@@ -9,8 +9,8 @@ import pytest
 from standardwebhooks.webhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError as RefError
 
-from orchestrator.webhooks import WebhookVerificationError, generate_secret, sign, verify
-from orchestrator.webhooks.signing import decode_secret, delivery_id, signature_headers
+from asyncstore.orchestrator.webhooks import WebhookVerificationError, generate_secret, sign, verify
+from asyncstore.orchestrator.webhooks.signing import decode_secret, delivery_id, signature_headers
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 MSG_ID = "msg_p5jXN8AQM9LWM0D4loKWxJek"

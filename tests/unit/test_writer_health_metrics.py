@@ -5,9 +5,9 @@ from __future__ import annotations
 import anyio
 from prometheus_client.parser import text_string_to_metric_families
 
-from orchestrator.batching import Batch, BatchConfig, BatchWriter, DeadLetter
-from orchestrator.metrics import Metrics, MetricsConfig
-from storage import StorageUnavailable
+from asyncstore.orchestrator.batching import Batch, BatchConfig, BatchWriter, DeadLetter
+from asyncstore.orchestrator.metrics import Metrics, MetricsConfig
+from asyncstore.storage import StorageUnavailable
 
 
 def sample(metrics: Metrics, name: str, **labels: str) -> float:
