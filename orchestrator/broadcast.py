@@ -21,7 +21,7 @@ import math
 import time
 import weakref
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -394,6 +394,7 @@ class _Ring:
         "persisted_seq",
         "refetch",
         "session_id",
+        "sinks",
         "sizes",
         "subscribers",
         "waiters",
@@ -410,6 +411,8 @@ class _Ring:
         # Weak: a subscription dropped without aclose() must not pin its ring forever.
         self.subscribers: weakref.WeakSet[Subscription] = weakref.WeakSet()
         self.waiters: list[Subscription] = []
+        # Subscribers written to by whoever publishes (``Subscription.set_sink``).
+        self.sinks: dict[Subscription, Callable[[], None]] = {}
         self.last_used = time.monotonic()
         self.fetching = False
         self.refetch = False
@@ -431,6 +434,21 @@ class _Ring:
         waiters, self.waiters = self.waiters, []
         for sub in waiters:
             sub._signal()
+        if self.sinks:
+            for sink in list(self.sinks.values()):
+                sink()
+
+
+def _span(events: deque[StreamEvent], start: int, stop: int) -> Iterable[StreamEvent]:
+    """``events[start:stop]`` of a ring, walking it from the nearer end: live subscribers
+    read at the head of the ring, and ``islice`` from the left would step over every event
+    before (thousands per take in a full ring)."""
+    n = len(events)
+    if start <= n - stop:
+        return itertools.islice(events, start, stop)
+    tail = list(itertools.islice(reversed(events), n - stop, n - start))
+    tail.reverse()
+    return tail
 
 
 def _adopt_head(ring: _Ring, next_seq: int) -> None:
@@ -547,7 +565,7 @@ class BroadcastHub:
             ring.persisted_seq = event.seq
         self._published += 1
         self._trim(ring)
-        if ring.waiters:
+        if ring.waiters or ring.sinks:
             ring.wake()
         return True
 
@@ -648,6 +666,7 @@ class BroadcastHub:
         ring = sub._ring
         if ring is not None:
             ring.subscribers.discard(sub)
+            ring.sinks.pop(sub, None)
             ring.last_used = time.monotonic()
 
     # -- rings -------------------------------------------------------------------------
@@ -937,7 +956,7 @@ class Subscription:
                 if not first <= nxt <= ring.events[-1].seq:
                     break
                 take = min(ring.events[-1].seq - nxt + 1, hub.config.page_size)
-                buffer.extend(itertools.islice(ring.events, nxt - first, nxt - first + take))
+                buffer.extend(_span(ring.events, nxt - first, nxt - first + take))
                 self._next = nxt + take
             item = buffer.popleft()
             if type(item) is StreamEvent:
@@ -945,6 +964,80 @@ class Subscription:
                 hub._delivered += 1
             out.append(item)
         return out
+
+    def set_sink(self, sink: Callable[[], None] | None) -> None:
+        """Have ``sink()`` called synchronously by whoever publishes to the session or wakes
+        its subscribers (memory mode), until ``set_sink(None)`` or ``aclose()``.
+
+        For a fan-out that writes what :meth:`take_live` gives straight to a connection
+        from the publisher's task, rather than waking a task per subscriber per event.
+        ``sink`` must not raise or block. Without a ring (poll mode) it is never called.
+        """
+        ring = self._ring
+        if ring is None:
+            return
+        if sink is None:
+            ring.sinks.pop(self, None)
+        elif not self._released:
+            ring.sinks[self] = sink
+
+    def take_live(self, limit: int) -> list[StreamEvent | StreamReset] | None:
+        """:meth:`take_ready` for a subscriber at the live head: the items ready now (none
+        when it has them all), or None when the next one needs iteration (``next_within``):
+        a reset, a resume, a catch-up from the database, an interrupt, the end."""
+        if self._buffer:
+            return self.take_ready(limit)
+        ring = self._ring
+        if (
+            ring is None
+            or self._closed
+            or self._hub._closing
+            or self._interrupted
+            or self._pending_reset is not None
+            or self._resume is not None
+        ):
+            return None
+        nxt = self._next
+        if nxt is None:
+            return []  # the head is not known yet: the first publish tells
+        events = ring.events
+        if events:
+            newest = events[-1]
+            if newest.seq == nxt and limit > 0:
+                # The usual case: one event was published and this subscriber is at the head.
+                self._next = nxt + 1
+                self._last = (newest.epoch, nxt)
+                self._hub._delivered += 1
+                return [newest]
+            if nxt < events[0].seq:
+                return None  # fell behind the ring
+            if nxt > newest.seq:
+                return []
+            return self.take_ready(limit)
+        if ring.last_seq is not None and nxt <= ring.last_seq:
+            return None
+        return []
+
+    def lagged(self) -> SubscriberLagged | None:
+        """Under the ``disconnect`` policy, for a subscriber that fell behind the ring while
+        busy elsewhere (a send blocked on a slow client): close it, count the lagged
+        disconnect, and return the error iteration would raise. Otherwise None."""
+        hub, ring, nxt = self._hub, self._ring, self._next
+        if (
+            hub.config.slow_subscriber is not SlowSubscriberPolicy.DISCONNECT
+            or ring is None
+            or nxt is None
+            or self._closed
+            or not ring.events
+            or nxt >= ring.events[0].seq
+        ):
+            return None
+        hub._lagged += 1
+        self._closed = True
+        return SubscriberLagged(
+            f"subscriber of session {self.session_id!r} fell behind the ring while sending "
+            f"(wanted seq {nxt}); reconnect with its last position to resume"
+        )
 
     async def _advance(self, interruptible: bool) -> StreamEvent | StreamReset | None:
         hub = self._hub
@@ -992,7 +1085,7 @@ class Subscription:
             if first <= nxt <= last:
                 take = min(last - nxt + 1, self._hub.config.page_size)
                 start = nxt - first
-                self._buffer.extend(itertools.islice(ring.events, start, start + take))
+                self._buffer.extend(_span(ring.events, start, start + take))
                 self._next = nxt + take
                 return
             if nxt < first:
