@@ -68,10 +68,10 @@ _OPTIMIZED_FLAGS = {"stream_batching": "batched", "stream_delivery": "memory"}
 Sink = Callable[[str], Awaitable[None]]
 
 
-def _cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process (Linux /proc)."""
+def _cpu_s(pid: int, part: slice = slice(11, 13)) -> float:
+    """User + system CPU seconds of a process (Linux /proc); ``part``: user or system only."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return sum(int(x) for x in fields[part]) / os.sysconf("SC_CLK_TCK")
 
 
 def _rss(pid: int) -> int:
@@ -624,6 +624,7 @@ async def _run_case(
         start.raise_for_status()
         before = [(await http.get(s.base + "/stats")).json() for s in servers]
         cpu0 = {pid: _cpu_s(pid) for pid in pids}
+        sys0 = {pid: _cpu_s(pid, slice(12, 13)) for pid in pids}
         spy = _sample(producer.proc.pid, tag)
         started = time.time()
         (await http.post(producer.base + "/go")).raise_for_status()
@@ -633,6 +634,7 @@ async def _run_case(
             line = await anyio.to_thread.run_sync(proc.stdout.readline)
             results.append(json.loads(line))
         cpu = sum(_cpu_s(pid) - cpu0[pid] for pid in pids)
+        kernel = sum(_cpu_s(pid, slice(12, 13)) - sys0[pid] for pid in pids)
         if spy is not None:
             spy.send_signal(signal.SIGINT)
             await anyio.to_thread.run_sync(spy.wait)
@@ -656,6 +658,7 @@ async def _run_case(
         "p99_ms": percentile(latencies, 0.99),
         "server_us_per_delivery": cpu / max(1, received) * 1e6,
         "server_cpu_pct": 100 * cpu / elapsed,
+        "server_kernel_share": kernel / cpu if cpu else 0.0,  # of its CPU: in the kernel
         "client_cpu_pct_max": max(100 * r["cpu_s"] / max(1e-9, r["wall_s"]) for r in results),
         "live_reads": float(
             sum(a["live_db_reads"] - b["live_db_reads"] for a, b in zip(after, before, strict=True))

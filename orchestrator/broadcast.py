@@ -351,11 +351,15 @@ def _events_of(head: tuple[str, int, int, int], body: object) -> tuple[StreamEve
     return tuple(out)
 
 
-def decode_stream_notes(payload: str) -> list[StreamNote]:
+def decode_stream_notes(
+    payload: str, skip: Callable[[str, int, int, int], bool] | None = None
+) -> list[StreamNote]:
     """Inverse of :func:`encode_stream_notes` for one payload; reads the old format too.
 
     Malformed entries are skipped; an inline body that does not match its advance exactly
-    is ignored, so the advance alone remains (the receiver fetches it).
+    is ignored, so the advance alone remains (the receiver fetches it). ``skip(session_id,
+    epoch, first, last)``: advances the receiver has no use for, left out with their events
+    (which are then never built: an instance hears its own writes too).
     """
     out: list[StreamNote] = []
     try:
@@ -368,6 +372,9 @@ def decode_stream_notes(payload: str) -> list[StreamNote]:
     for entry in data:
         advance = _advance_of(entry)
         if advance is not None:
+            if skip is not None and skip(*advance):
+                head = None  # and its body, if one follows, is passed over
+                continue
             out.append(StreamNote(*advance))
             head = advance
             continue
@@ -716,7 +723,19 @@ class BroadcastHub:
                 if ring.subscribers:
                     self._want(ring, math.inf, ring.last_seq)
             return
-        for item in decode_stream_notes(note.payload):
+        rings = self._rings
+
+        def stale(session_id: str, epoch: int, first: int, last: int) -> bool:
+            # Nobody here reads it, a superseded holder's, or already here (typically this
+            # instance's own write): the checks below, made before any event is built.
+            ring = rings.get(session_id)
+            return (
+                ring is None
+                or epoch < ring.epoch
+                or (epoch == ring.epoch and ring.last_seq is not None and last <= ring.last_seq)
+            )
+
+        for item in decode_stream_notes(note.payload, stale):
             found = self._rings.get(item.session_id)
             if found is None:
                 continue  # nobody here reads it
