@@ -479,6 +479,6 @@ def test_a_writer_needs_a_retry_limit_or_a_budget() -> None:
 
 async def test_backoff_is_capped_for_any_attempt() -> None:
     w: BatchWriter[int] = BatchWriter(Recorder(), budget(retry_base_s=0.05, retry_max_s=0.5))
-    delays = [w._backoff(attempt) for attempt in (1, 2, 5, 50, 5_000)]
+    delays = [w._backoff.delay(attempt) for attempt in (1, 2, 5, 50, 5_000)]
     assert 0.025 <= delays[0] <= 0.05
     assert all(0.25 <= d <= 0.5 for d in delays[3:])
