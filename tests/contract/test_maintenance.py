@@ -38,10 +38,10 @@ async def test_sweep_purges_expired_events_in_bounded_batches(
     storage: AsyncStorageBackend,
 ) -> None:
     await storage.append_stream_events(_events("old-a", 6) + _events("old-b", 4))
-    await anyio.sleep(0.6)
+    await anyio.sleep(1.2)  # database time: these rows age past the 1 s TTL below
     await storage.append_stream_events(_events("fresh", 3))
     config = ONLY_EVENTS.model_copy(
-        update={"enabled": False, "stream_ttl_s": 0.4, "purge_batch_size": 4}
+        update={"enabled": False, "stream_ttl_s": 1.0, "purge_batch_size": 4}
     )
     async with open_maintenance(storage, config) as sweeper:
         before = storage.statistics().statements.get("purge_stream_events_batch", 0)
