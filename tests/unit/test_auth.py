@@ -313,3 +313,12 @@ def test_attempts_mode_is_a_setting_with_memory_by_default(
     monkeypatch.setenv("ASYNCSTORE_AUTH__ATTEMPTS__MODE", "redis")
     with pytest.raises(ValueError, match="mode"):
         load_settings()
+
+
+def test_the_auth_module_still_names_the_hashing_objects_that_moved() -> None:
+    from asyncstore.orchestrator import auth, passwords
+
+    for name in passwords.__all__:
+        if name != "Scope":
+            assert getattr(auth, name) is getattr(passwords, name), name
+            assert name in auth.__all__, name
