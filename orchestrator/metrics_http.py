@@ -1,9 +1,11 @@
 """The metrics endpoint of a process with no web server: prometheus-client's own WSGI app.
 
 ``serve_metrics`` / ``open_metrics_server`` serve a ``Metrics`` registry with
-``prometheus_client.make_wsgi_app`` (content negotiation, OpenMetrics, gzip, ``name[]``
-filters) on the standard library's threading WSGI server, in threads of their own. An
-application that runs an ASGI server mounts ``Metrics.asgi_app()`` instead.
+``prometheus_client.make_wsgi_app`` (content negotiation, OpenMetrics, gzip, ``OPTIONS``,
+``name[]`` filters, which reach the collectors that describe themselves: the direct
+histograms and process families, not the sources' families) on the standard library's
+threading WSGI server, in threads of their own. An application that runs an ASGI server
+mounts ``Metrics.asgi_app()`` instead.
 
 Why WSGI in a thread rather than the ASGI app: the core install has no ASGI server (uvicorn
 is in the ``asgi`` extra) and ``asyncstore serve-metrics`` must work without one. The
