@@ -7,8 +7,15 @@ burst of concurrent guesses gets at most the limit in verifications. Its ``memor
 counts in this process (sliding window); its ``storage`` mode counts in the database
 (``login_attempts``, fixed windows, one atomic statement per reservation), so a fleet
 sharing one Postgres (or the processes of one host sharing one SQLite file) share one count.
-Password hashing (``PasswordHasher``, off the event loop) and the ``AuthError`` tree live in
-``orchestrator.passwords`` and are re-exported here, the auth module's public surface.
+Password hashing (``PasswordHasher``, off the event loop) lives in ``orchestrator.passwords``
+and the errors in ``orchestrator.errors``; both are re-exported here, the auth module's
+public surface.
+
+    AuthError (OrchestratorError; defined in ``orchestrator.errors``)
+    ├── InvalidHash          the stored hash is not an argon2 hash this library can read
+    ├── PasswordTooLong      the password exceeds ``max_password_bytes``
+    ├── HashingOverloaded    ``max_waiting`` callers already wait for a hashing slot
+    └── LoginLocked          the account or the address is locked out (``retry_after_s``)
 """
 
 from __future__ import annotations
@@ -24,16 +31,17 @@ from typing import ClassVar, Literal
 import anyio
 from pydantic import BaseModel, ConfigDict, Field
 
-from asyncstore.orchestrator.passwords import (
+from asyncstore.orchestrator.errors import (
     AuthError,
-    HasherStatistics,
     HashingOverloaded,
     InvalidHash,
     LoginLocked,
+    PasswordTooLong,
+)
+from asyncstore.orchestrator.passwords import (
+    HasherStatistics,
     PasswordHasher,
     PasswordHashingConfig,
-    PasswordTooLong,
-    Scope,
     VerifyResult,
 )
 from asyncstore.storage.base import AsyncStorageBackend, LoginPolicy
@@ -56,6 +64,7 @@ __all__ = [
     "check_login",
 ]
 
+Scope = Literal["account", "address"]
 Outcome = Literal["failure", "success", "release"]
 _BUSY_RETRY_S = 1.0  # attempts in flight end within one verification
 

@@ -8,9 +8,9 @@ dedicated limiter (not anyio's shared default) bounds CPU and memory (``memory_c
 running hash) and keeps hashing from starving other ``to_thread`` users. ``off_loop=False``
 is the legacy path that hashes on the loop, kept for rollback and the benchmark. Login
 throttling and ``check_login`` build on it in ``orchestrator.auth``, which re-exports
-everything here.
+everything here and the errors below.
 
-    AuthError (OrchestratorError)
+    AuthError (OrchestratorError; defined in ``orchestrator.errors``)
     ├── InvalidHash          the stored hash is not an argon2 hash this library can read
     ├── PasswordTooLong      the password exceeds ``max_password_bytes``
     ├── HashingOverloaded    ``max_waiting`` callers already wait for a hashing slot
@@ -23,7 +23,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar, Literal, TypeVar
+from typing import ClassVar, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -31,49 +31,12 @@ import argon2
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 from pydantic import BaseModel, ConfigDict, Field
 
-from asyncstore.orchestrator.errors import OrchestratorError
+from asyncstore.orchestrator.errors import HashingOverloaded, InvalidHash, PasswordTooLong
 from asyncstore.storage.families import Family, MetricSink
 
-__all__ = [
-    "AuthError",
-    "HasherStatistics",
-    "HashingOverloaded",
-    "InvalidHash",
-    "LoginLocked",
-    "PasswordHasher",
-    "PasswordHashingConfig",
-    "PasswordTooLong",
-    "Scope",
-    "VerifyResult",
-]
+__all__ = ["HasherStatistics", "PasswordHasher", "PasswordHashingConfig", "VerifyResult"]
 
 T = TypeVar("T")
-Scope = Literal["account", "address"]
-
-
-class AuthError(OrchestratorError):
-    """Base class of the errors raised by ``orchestrator.auth``."""
-
-
-class InvalidHash(AuthError):
-    """The stored hash cannot be parsed or verified (corrupt, or not argon2)."""
-
-
-class PasswordTooLong(AuthError):
-    """The password is longer than ``max_password_bytes``; nothing was hashed."""
-
-
-class HashingOverloaded(AuthError):
-    """Too many callers already wait for a hashing slot; nothing was hashed. Retry later."""
-
-
-class LoginLocked(AuthError):
-    """The account or the client address is locked out; no hashing was done."""
-
-    def __init__(self, scope: Scope, retry_after_s: float) -> None:
-        super().__init__(f"too many failed logins for this {scope}; retry in {retry_after_s:.0f} s")
-        self.scope: Scope = scope
-        self.retry_after_s = retry_after_s
 
 
 def _default_concurrency() -> int:
