@@ -316,3 +316,14 @@ def test_attempts_mode_is_a_setting_with_memory_by_default(
     monkeypatch.setenv("ASYNCSTORE_AUTH__ATTEMPTS__MODE", "redis")
     with pytest.raises(ValueError, match="mode"):
         load_settings()
+
+
+def test_the_auth_module_still_names_the_hashing_objects_that_moved() -> None:
+    from asyncstore.orchestrator import auth, errors, passwords
+
+    for name in passwords.__all__:
+        assert getattr(auth, name) is getattr(passwords, name), name
+        assert name in auth.__all__, name
+    for name in ("AuthError", "InvalidHash", "PasswordTooLong", "HashingOverloaded", "LoginLocked"):
+        assert getattr(auth, name) is getattr(errors, name), name
+        assert name in auth.__all__, name

@@ -1,4 +1,5 @@
-"""Metrics: names and movement from statistics snapshots, isolation, the HTTP and ASGI paths."""
+"""Metrics: names and movement from statistics snapshots, isolation, the HTTP and ASGI paths
+(the HTTP server itself: test_metrics_http.py)."""
 
 from __future__ import annotations
 
@@ -156,7 +157,7 @@ async def test_loop_lag_monitor_feeds_the_histogram() -> None:
     assert value(families, "asyncstore_worker_threads_limit") > 0
 
 
-async def test_metrics_server_serves_the_exposition_on_the_loop() -> None:
+async def test_metrics_server_negotiates_the_format_and_refuses_other_paths_and_methods() -> None:
     metrics = Metrics(MetricsConfig(process_metrics=False))
     metrics.observe_cancellation_latency(0.01)
     async with open_metrics_server(metrics, "127.0.0.1", 0) as server, httpx.AsyncClient() as c:
