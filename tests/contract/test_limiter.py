@@ -116,6 +116,7 @@ async def test_global_cap_holds_exactly_across_instances(storage_url: str) -> No
 async def test_local_cap_limits_this_process(storage: AsyncStorageBackend) -> None:
     running = 0
     peak = 0
+    both_in = anyio.Event()  # the first two holders wait for each other: the cap is reached
     async with open_session_limiter(storage, _config(max_local=2)) as limiter:
 
         async def worker(i: int) -> None:
@@ -123,7 +124,10 @@ async def test_local_cap_limits_this_process(storage: AsyncStorageBackend) -> No
             async with limiter.hold(f"s{i}"):
                 running += 1
                 peak = max(peak, running)
-                await anyio.sleep(0.005)
+                if running == 2:
+                    both_in.set()
+                await both_in.wait()  # a third holder here would push the peak to 3
+                await anyio.sleep(0)
                 running -= 1
 
         with anyio.fail_after(30):
