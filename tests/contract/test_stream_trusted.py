@@ -11,8 +11,10 @@ what the trusted path stores is exactly what was emitted, and that it is the pat
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -28,6 +30,7 @@ from asyncstore.storage import (
     NewStreamEvent,
     StreamEvent,
     _validate,
+    open_storage,
 )
 
 SLOW_TIMER = BatchConfig(max_batch=10_000, flush_interval_s=60, capacity=20_000)
@@ -206,3 +209,33 @@ async def test_the_batched_writer_does_not_validate_its_rows_twice(
             await w.emit("l", "delta", i)
     assert calls == [1, 1, 1]
     assert len(await storage.load_stream_events("b")) == 20
+
+
+async def test_a_failed_sqlite_append_writes_nothing_and_leaves_no_transaction(
+    tmp_path: Path,
+) -> None:
+    """SQLite runs the whole append transaction in one call on its thread: a statement that
+    fails half-way through the batch rolls all of it back, and the writer connection is
+    free for the next write (a real failure: a trigger refuses one row)."""
+    path = tmp_path / "fail.db"
+    async with open_storage(f"sqlite:///{path}", migrate=True) as store:
+        other = sqlite3.connect(path)
+        other.execute(
+            "CREATE TRIGGER boom BEFORE INSERT ON stream_events WHEN NEW.kind = 'boom' "
+            "BEGIN SELECT RAISE(ABORT, 'boom refused'); END"
+        )
+        other.commit()
+        async with writer(store) as (_, w):
+            await w.begin("s", epoch=1)
+            w.emit_nowait("s", "delta", "stored with the batch or not at all")
+            w.emit_nowait("s", "boom", "refused by the trigger")
+            await w.flush()
+            stats = w.statistics()
+            assert (stats.persisted, stats.lost) == (0, 2)
+            assert await store.load_stream_events("s") == []
+        other.execute("DROP TRIGGER boom")
+        other.commit()
+        other.close()
+        result = await store.append_stream_events([NewStreamEvent("s", 1, 1, "delta", "again")])
+        assert result.stored == 1
+        assert [e.payload for e in await store.load_stream_events("s")] == ["again"]
