@@ -233,15 +233,11 @@ class _Note:
         events = self.events
         if not events:
             return [NoteSegment(session_id, self.epoch, self.first, self.last)]
-        # One segment per run of contiguous seqs in one epoch (a lost batch leaves a hole;
-        # a new epoch may start mid-way). Seqs only grow and epochs never go back, so equal
-        # epochs at both ends and a seq span of len - 1 mean one run: the common case.
-        first, last = events[0], events[-1]
-        if first[2] == last[2] and last[1] - first[1] == len(events) - 1:
-            return [self._segment(session_id, events)]
         out: list[NoteSegment] = []
         start = 0
         for i in range(1, len(events) + 1):
+            # One segment per run of contiguous seqs in one epoch (a lost batch leaves a
+            # hole; a new epoch may start mid-way).
             if i < len(events) and events[i][1:3] == (events[i - 1][1] + 1, events[i - 1][2]):
                 continue
             out.append(self._segment(session_id, events[start:i]))
