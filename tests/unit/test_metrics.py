@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pathlib
 
-import anyio
 import httpx
 import pytest
 from prometheus_client.metrics_core import Metric
@@ -19,6 +18,7 @@ from asyncstore.orchestrator.metrics import (
     open_loop_lag_monitor,
     open_metrics_server,
 )
+from tests.waiting import wait_for
 
 
 async def scrape(metrics: Metrics) -> dict[str, Metric]:
@@ -150,9 +150,7 @@ async def test_a_failing_source_does_not_break_the_scrape() -> None:
 async def test_loop_lag_monitor_feeds_the_histogram() -> None:
     metrics = Metrics(MetricsConfig(process_metrics=False))
     async with open_loop_lag_monitor(metrics, interval_s=0.005) as monitor:
-        with anyio.fail_after(5):
-            while monitor.statistics().samples < 3:  # noqa: ASYNC110 - waits for samples
-                await anyio.sleep(0.005)
+        await wait_for(lambda: monitor.statistics().samples >= 3, what="3 samples")
     families = await scrape(metrics)
     assert value(families, "asyncstore_event_loop_lag_seconds_count") >= 3
     assert value(families, "asyncstore_worker_threads_limit") > 0
