@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from operator import itemgetter
 from types import MappingProxyType, TracebackType
 from typing import Any, ClassVar, Protocol, Self
 
@@ -52,8 +53,9 @@ from asyncstore.storage import (
     NewStreamEvent,
     StreamAppend,
     StreamEvent,
-    encode_payload,
 )
+from asyncstore.storage._validate import INT64_MAX, check_int, check_name, encode_json
+from asyncstore.storage.base import StreamRow
 from asyncstore.storage.errors import UsageError, is_retryable
 from asyncstore.storage.families import Family, MetricSink
 
@@ -213,8 +215,9 @@ def _superseded(session_id: str, epoch: int) -> LeaseLost:
 class _Note:
     """What the notifier will announce for one session: stored seqs ``first..last``.
 
-    ``events`` are those events, to carry inline, until the pending inline bytes exceed
-    the budget: then ``None`` and the session is announced by its advance alone.
+    ``events`` are the stored rows themselves (``StreamRow``, in seq order), to carry
+    inline, until the pending inline bytes exceed the budget: then ``None`` and the
+    session is announced by its advance alone.
     """
 
     __slots__ = ("epoch", "events", "first", "last", "nbytes", "stamp")
@@ -224,7 +227,7 @@ class _Note:
         self.first = first
         self.last = last
         self.stamp = stamp  # microseconds since the Unix epoch, taken before the insert
-        self.events: list[tuple[int, int, str, bytes]] | None = [] if inline else None
+        self.events: list[StreamRow] | None = [] if inline else None
         self.nbytes = 0
 
     def segments(self, session_id: str) -> list[NoteSegment]:
@@ -236,27 +239,16 @@ class _Note:
         for i in range(1, len(events) + 1):
             # One segment per run of contiguous seqs in one epoch (a lost batch leaves a
             # hole; a new epoch may start mid-way).
-            if i < len(events) and events[i][:2] == (events[i - 1][0], events[i - 1][1] + 1):
+            if i < len(events) and events[i][1:3] == (events[i - 1][1] + 1, events[i - 1][2]):
                 continue
-            run = events[start:i]
-            out.append(
-                NoteSegment(
-                    session_id,
-                    run[0][0],
-                    run[0][1],
-                    run[-1][1],
-                    self.stamp,
-                    [(kind, data) for _, _, kind, data in run],
-                )
-            )
+            out.append(self._segment(session_id, events[start:i]))
             start = i
         return out
 
-
-def _check_kind(kind: object) -> str:
-    if not isinstance(kind, str) or not 0 < len(kind) <= 64 or "\x00" in kind:
-        raise InvalidInput(f"kind must be a non-empty str of at most 64 characters, got {kind!r}")
-    return kind
+    def _segment(self, session_id: str, run: list[StreamRow]) -> NoteSegment:
+        return NoteSegment(
+            session_id, run[0][2], run[0][1], run[-1][1], self.stamp, [(r[3], r[4]) for r in run]
+        )
 
 
 class StreamEventWriter:
@@ -279,12 +271,12 @@ class StreamEventWriter:
         self.config = config or StreamConfig()
         self._sessions: dict[str, _Session] = {}
         self._kinds: set[str] = set()
-        self._writer: BatchWriter[NewStreamEvent] | None = None
+        self._writer: BatchWriter[StreamRow] | None = None
         if self.config.batching:
             self._writer = BatchWriter(
                 self._persist,
                 self.config.batch,
-                key=_session_of,
+                key=itemgetter(0),  # the row's session_id
                 on_dead_letter=self._lost_batch,
                 retry_if=is_retryable,  # a bug or a closed storage is not an outage
                 name="stream-events",
@@ -385,8 +377,7 @@ class StreamEventWriter:
         ``epoch`` may not go back; a newer epoch lifts a refusal of the older one. If
         cancelled, nothing changed.
         """
-        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
-            raise InvalidInput(f"epoch must be an int >= 0, got {epoch!r}")
+        check_int(epoch, "epoch")  # what the database can store (a row's epoch)
         state = self._sessions.get(session_id)
         if state is None:
             last = await self.storage.last_stream_seq(session_id)
@@ -451,6 +442,14 @@ class StreamEventWriter:
         input raises ``InvalidInput`` and changes nothing. ``LeaseLost`` once the database
         refused the session's current epoch (a newer lease holder exists). Legacy mode: use
         ``emit``.
+
+        The row buffered here is stored as it is, not validated again
+        (``storage._append_stream_rows``), so everything the public ``append_stream_events``
+        would refuse is refused here or in ``begin``, by the same checks: the session id
+        (``check_id``, through ``begin``'s ``last_stream_seq``), the epoch (``check_int`` in
+        ``begin``), the seq (at most ``2**63 - 1``), the kind (``check_name``, once per
+        distinct kind) and the payload (``encode_json``, which also encodes it, once). Seqs
+        only grow within a session, so a batch never holds one ``(session_id, seq)`` twice.
         """
         writer = self._writer
         if writer is None:
@@ -461,15 +460,17 @@ class StreamEventWriter:
         if state.fenced:
             raise _superseded(session_id, state.epoch)
         if kind not in self._kinds:
-            self._kinds.add(_check_kind(kind))
-        encoded = encode_payload(payload)
-        is_critical = kind in self.config.critical_kinds if critical is None else critical
+            self._kinds.add(check_name(kind, "kind"))
+        data = encode_json(payload)
         seq = state.next_seq
-        size = len(encoded.data)
-        item = NewStreamEvent(session_id, state.epoch, seq, kind, encoded)
-        writer.put_nowait(item, critical=is_critical, nbytes=size)
+        if seq > INT64_MAX:
+            raise _seq_overflow(session_id)
+        epoch = state.epoch
+        is_critical = kind in self.config.critical_kinds if critical is None else critical
+        size = len(data)
+        writer.put_nowait((session_id, seq, epoch, kind, data), critical=is_critical, nbytes=size)
         state.next_seq = seq + 1
-        event = StreamEvent(session_id, state.epoch, seq, kind, payload, datetime.now(UTC))
+        event = StreamEvent(session_id, epoch, seq, kind, payload, datetime.now(UTC))
         self._emitted += 1
         if self.hub is not None:
             self.hub.publish(event, size)
@@ -495,7 +496,7 @@ class StreamEventWriter:
             except Dropped:
                 return None
             except anyio.WouldBlock:
-                await self._writer.wait_for_room(len(encode_payload(payload).data))
+                await self._writer.wait_for_room(len(encode_json(payload)))
 
     async def _emit_legacy(self, session_id: str, kind: str, payload: Any) -> StreamEvent:
         if self._closed:
@@ -505,24 +506,26 @@ class StreamEventWriter:
             raise StreamNotStarted(f"session {session_id!r} has no epoch here: begin() first")
         if state.fenced:
             raise _superseded(session_id, state.epoch)
-        _check_kind(kind)
-        encoded = encode_payload(payload)
+        check_name(kind, "kind")
+        data = encode_json(payload)
         seq = state.next_seq
+        if seq > INT64_MAX:
+            raise _seq_overflow(session_id)
         state.next_seq = seq + 1
         event = StreamEvent(session_id, state.epoch, seq, kind, payload, datetime.now(UTC))
         self._emitted += 1
         if self.hub is not None:
-            self.hub.publish(event, len(encoded.data))
+            self.hub.publish(event, len(data))
         try:
             result = await self.storage.append_stream_events(
-                [NewStreamEvent(session_id, state.epoch, seq, kind, encoded)]
+                [NewStreamEvent(session_id, state.epoch, seq, kind, EncodedJSON(data))]
             )
         except BaseException:
             self._lost += 1
             raise
         self._inserts += 1
         if result.refused:
-            self._note_refused(result, [NewStreamEvent(session_id, state.epoch, seq, kind, None)])
+            self._note_refused(result, [(session_id, seq, state.epoch, kind, data)])
             state.last_persisted = seq
             raise _superseded(session_id, state.epoch)
         self._persisted += 1
@@ -545,20 +548,20 @@ class StreamEventWriter:
 
     # -- the sink --------------------------------------------------------------------------
 
-    async def _persist(self, batch: Batch[NewStreamEvent]) -> None:
+    async def _persist(self, batch: Batch[StreamRow]) -> None:
         stamp = time.time_ns() // 1000  # ~ the database's now() for these rows
-        result = await self.storage.append_stream_events(batch.items)
+        # Trusted: every row was built and checked by emit_nowait (see its docstring).
+        result = await self.storage._append_stream_rows(batch.items)
         refused = result.refused
         if refused:
             self._note_refused(result, batch.items)
         notify = self.config.notify
         for key, events in batch.groups.items():
             session_id = str(key)
-            last = events[-1]
-            self._settled(session_id, last.seq)
+            self._settled(session_id, events[-1][1])
             if refused:
                 # Refused events are not stored: nobody is told about them.
-                events = [e for e in events if (session_id, e.epoch) not in refused]
+                events = [e for e in events if (session_id, e[2]) not in refused]
                 if not events:
                     continue
             if notify:
@@ -569,22 +572,24 @@ class StreamEventWriter:
             # Postgres serializes committing NOTIFY transactions on one lock).
             self._notes_wake.set()
 
-    def _announce(self, session_id: str, events: list[NewStreamEvent], stamp: int) -> None:
+    def _announce(self, session_id: str, events: list[StreamRow], stamp: int) -> None:
         """Queue stored events of a session for the notifier (inline while they fit)."""
-        last = events[-1]
+        _, first, _, _, _ = events[0]
+        _, last, epoch, _, _ = events[-1]
         note = self._notes.get(session_id)
         if note is None:
-            note = _Note(last.epoch, events[0].seq, last.seq, stamp, self.config.notify_inline)
+            note = _Note(epoch, first, last, stamp, self.config.notify_inline)
             self._notes[session_id] = note
         else:
-            note.epoch, note.first, note.last = last.epoch, min(note.first, events[0].seq), last.seq
+            note.epoch, note.first, note.last = epoch, min(note.first, first), last
         carried = note.events
         if carried is None:
             return
-        add = [(e.epoch, e.seq, e.kind, _encoded(e.payload)) for e in events]
-        size = sum(len(kind) + len(data) + 8 for _, _, kind, data in add)
+        size = 8 * len(events)
+        for row in events:
+            size += len(row[3]) + len(row[4])
         if self._inline_bytes + size <= self.config.notify_inline_max_bytes:
-            carried.extend(add)
+            carried.extend(events)
             note.nbytes += size
             self._inline_bytes += size
         else:
@@ -593,16 +598,16 @@ class StreamEventWriter:
             self._inline_bytes -= note.nbytes
             note.events = None
 
-    def _note_refused(self, result: StreamAppend, written: Iterable[NewStreamEvent]) -> None:
+    def _note_refused(self, result: StreamAppend, written: Iterable[StreamRow]) -> None:
         """Count what the fence refused, stop the sessions whose current epoch it was, and
         take the refused events back from the hub (they were published before persisting)."""
         refused = 0
         first: dict[tuple[str, int], int] = {}
-        for event in written:
-            pair = (event.session_id, event.epoch)
+        for session_id, seq, epoch, _, _ in written:
+            pair = (session_id, epoch)
             if pair in result.refused:
                 refused += 1
-                first[pair] = min(first.get(pair, event.seq), event.seq)
+                first[pair] = min(first.get(pair, seq), seq)
         self._refused += refused
         if self.hub is not None:
             for (session_id, epoch), seq in first.items():
@@ -618,7 +623,7 @@ class StreamEventWriter:
             sorted(sid for sid, _ in result.refused),
         )
 
-    def _lost_batch(self, letter: DeadLetter[NewStreamEvent]) -> None:
+    def _lost_batch(self, letter: DeadLetter[StreamRow]) -> None:
         self._lost += len(letter.items)
         log.error(
             "%d stream events could not be persisted (%s): %r",
@@ -627,8 +632,8 @@ class StreamEventWriter:
             letter.error,
         )
         last: dict[str, int] = {}
-        for item in letter.items:
-            last[item.session_id] = item.seq
+        for session_id, seq, _, _, _ in letter.items:
+            last[session_id] = seq
         for session_id, seq in last.items():
             self._settled(session_id, seq)
 
@@ -669,14 +674,10 @@ class StreamEventWriter:
         )
 
 
-def _session_of(event: NewStreamEvent) -> str:
-    return event.session_id
-
-
-def _encoded(payload: object) -> bytes:
-    if type(payload) is EncodedJSON:
-        return payload.data
-    return encode_payload(payload).data
+def _seq_overflow(session_id: str) -> InvalidInput:
+    return InvalidInput(
+        f"session {session_id!r} has used every seq up to {INT64_MAX}: no seq is left to store"
+    )
 
 
 class SessionStream:

@@ -21,6 +21,7 @@ from asyncstore.storage.base import (
     NewOutboxMessage,
     NewStreamEvent,
     NewTask,
+    StreamRow,
     Task,
     WebhookAttempt,
 )
@@ -268,7 +269,7 @@ def prepare_messages(session_id: object, messages: object) -> list[tuple[str, by
     return out
 
 
-def prepare_stream_events(events: object) -> list[tuple[str, int, int, str, bytes]]:
+def prepare_stream_events(events: object) -> list[StreamRow]:
     # The hottest validation path: plain checks inline, messages built only on failure,
     # and each distinct session id and kind checked once per batch.
     out = []

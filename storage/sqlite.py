@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
 import anyio
@@ -52,6 +52,7 @@ from asyncstore.storage.base import (
     StorageStatistics,
     StreamAppend,
     StreamEvent,
+    StreamRow,
     Task,
     TaskStatus,
     WebhookAttempt,
@@ -74,6 +75,7 @@ _BAD_PATH_ERRNOS = frozenset(
     {errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM, errno.EROFS,
      errno.ENOENT, errno.ENAMETOOLONG, errno.ELOOP}
 )  # fmt: skip
+_T = TypeVar("_T")
 _TIME_COLUMNS = frozenset({"created_at", "updated_at", "run_after", "expires_at", "requested_at"})
 _JSON_COLUMNS = frozenset({"payload", "content"})
 # "database is locked" while switching to WAL: 5 ms doubling to 200 ms, equal jitter.
@@ -471,29 +473,48 @@ class SqliteBackend(AsyncStorageBackend):
 
     # -- stream events ---------------------------------------------------------
 
-    async def _sql_append_stream_events(
-        self, rows: list[tuple[str, int, int, str, bytes]]
-    ) -> StreamAppend:
+    async def _sql_append_stream_events(self, rows: list[StreamRow]) -> StreamAppend:
         now = time.time()
-        pairs = {(sid, epoch) for sid, _, epoch, _, _ in rows}
-        ids = orjson.dumps(sorted({sid for sid, _ in pairs})).decode()
-        async with self._transaction() as tx:
-            # The fence is decided for every (session, epoch) against the state before this
-            # batch, in its write transaction, as the Postgres statement does.
-            fence = {
-                r["session_id"]: (r["token"], r["head_epoch"])
-                for r in await tx.fetch("_stream_fence", {"ids": ids})
-            }
-            refused = frozenset(
-                (sid, epoch) for sid, epoch in pairs if not _fence_accepts(fence[sid], epoch)
-            )
-            values = [
-                (sid, seq, epoch, kind, data.decode(), now)
-                for sid, seq, epoch, kind, data in rows
-                if (sid, epoch) not in refused
-            ]
-            stored = await tx.execute_many("append_stream_events", values) if values else 0
-        return StreamAppend(stored, refused)
+        ids = orjson.dumps(sorted({row[0] for row in rows})).decode()
+        fence_sql, insert_sql = Q["_stream_fence"], Q["append_stream_events"]
+
+        def append(conn: sqlite3.Connection) -> StreamAppend:
+            # The whole write transaction in one call on the writer's thread: one hand-off
+            # instead of five (BEGIN, fence, insert, cursor close, COMMIT), each of which
+            # waits for a busy event loop to come round. The fence is decided for every
+            # (session, epoch) against the state before this batch, in its transaction, as
+            # the Postgres statement does.
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                fence = {
+                    r["session_id"]: (r["token"], r["head_epoch"])
+                    for r in conn.execute(fence_sql, {"ids": ids}).fetchall()
+                }
+                refused = frozenset(
+                    (sid, epoch)
+                    for sid, epoch in {(row[0], row[2]) for row in rows}
+                    if not _fence_accepts(fence[sid], epoch)
+                )
+                values = [
+                    (sid, seq, epoch, kind, data.decode(), now)
+                    for sid, seq, epoch, kind, data in rows
+                    if (sid, epoch) not in refused
+                ]
+                stored = conn.executemany(insert_sql, values).rowcount if values else 0
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            return StreamAppend(stored, refused)
+
+        self._count("_stream_fence")
+        self._count("append_stream_events")
+        async with self._write_lock:
+            # Shielded like _transaction: the thread runs the call to its end regardless.
+            with anyio.CancelScope(shield=True):
+                result = await _on_writer_thread(self._conn, append)
+        return result
 
     async def _sql_load_stream_events(
         self, session_id: str, after_seq: int, limit: int
@@ -969,6 +990,20 @@ class _SqliteLeadership(Leadership):
 
 def _json(value: Any) -> str:
     return orjson.dumps(value).decode()
+
+
+async def _on_writer_thread(
+    conn: aiosqlite.Connection, call: Callable[[sqlite3.Connection], _T]
+) -> _T:
+    """Run ``call`` with the underlying ``sqlite3`` connection on aiosqlite's own thread.
+
+    aiosqlite has no public call for this: ``_execute`` queues a function on the thread
+    that owns the connection (the one every statement of it runs on, in order), and
+    ``_conn`` is its ``sqlite3.Connection``; both exist since aiosqlite 0.17.
+    """
+    raw: sqlite3.Connection = conn._conn
+    result: _T = await conn._execute(call, raw)  # type: ignore[no-untyped-call]
+    return result
 
 
 def _fence_accepts(fence: tuple[int | None, int | None], epoch: int) -> bool:
