@@ -127,7 +127,7 @@ async def test_local_cap_limits_this_process(storage: AsyncStorageBackend) -> No
                 if running == 2:
                     both_in.set()
                 await both_in.wait()  # a third holder here would push the peak to 3
-                await anyio.sleep(0)
+                await anyio.lowlevel.checkpoint()
                 running -= 1
 
         with anyio.fail_after(30):
