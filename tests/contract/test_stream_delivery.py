@@ -22,6 +22,7 @@ from asyncstore.storage import (
     encode_payload,
     open_storage,
 )
+from tests.waiting import wait_for
 
 SLOW_TIMER = BatchConfig(max_batch=10_000, flush_interval_s=60, capacity=20_000)
 CHANNEL = StreamConfig().channel
@@ -78,7 +79,11 @@ async def test_remote_subscriber_reads_nothing_when_notifications_carry_the_even
         stats = hub_b.statistics()
         assert stats.db_reads_total == 0, stats.db_reads
         assert stats.inline_events == 120
-        assert writer.statistics().notifications == 3
+        # At most one notification per flush: the notifier merges the notes of flushes that
+        # wait while it sends, so under load two flushes may share one (never more than 3).
+        # The counter moves when the writer's NOTIFY returns, maybe after hub_b got it.
+        await wait_for(lambda: writer.statistics().notifications >= 1)
+        assert 1 <= writer.statistics().notifications <= 3
 
 
 async def test_an_event_too_big_to_carry_is_fetched_once(storage_url: str) -> None:
