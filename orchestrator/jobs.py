@@ -90,7 +90,8 @@ class ConsumerSpec:
     """
 
     kind: JobKind[Any, Any, Any]
-    name: str
+    name: str  # in log messages
+    writer_name: str  # the outcome BatchWriter's name (its statistics and logs)
     queues: Sequence[str] | None
     channel: str | None
     lease_s: float
@@ -185,7 +186,7 @@ class JobConsumer(abc.ABC, Generic[J]):
             outcome_batches(spec.max_write_batch),
             retry_if=is_retryable,
             on_dead_letter=self._undeliverable,
-            name=f"{spec.name}-outcomes",
+            name=spec.writer_name,
         ) as writer:
             self._writer = writer
             try:

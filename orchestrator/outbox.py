@@ -295,6 +295,7 @@ class OutboxRelay(JobConsumer[OutboxMessage]):
         spec = ConsumerSpec(
             kind=OUTBOX,
             name="outbox",
+            writer_name="outbox-outcomes",
             queues=sorted(senders),
             channel=OUTBOX_CHANNEL,
             lease_s=config.lease_s,

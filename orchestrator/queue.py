@@ -344,6 +344,7 @@ class Worker(JobConsumer[Task]):
         spec = ConsumerSpec(
             kind=TASKS,
             name=f"queue {queue.name}",
+            writer_name="queue-outcomes",
             queues=(queue.name,),
             channel=None if legacy else queue.channel,
             lease_s=config.lease_s,
@@ -469,7 +470,7 @@ class Worker(JobConsumer[Task]):
         cfg = self.config
         while not self._stopping.is_set():
             tasks = await self._claim(cfg.poll_batch) or []
-            if self._take(tasks) or not tasks:
+            if not self._take(tasks):
                 await self._sleep_or_stop(cfg.poll_interval_s)
 
     # -- running handlers ------------------------------------------------------

@@ -112,3 +112,25 @@ def test_retry_schedules_are_backoffs_with_their_settings() -> None:
             assert step * 0.8 <= template.delay_s(attempt, error) <= step
     # The provider's Retry-After still wins, clamped.
     assert template.delay_s(1, SendError("429", status=429, retry_after_s=7.0)) == 7.0
+
+
+async def test_the_legacy_poll_loop_claims_once_per_interval(storage: AsyncStorageBackend) -> None:
+    # poll_spawn runs on the shared consumer too: one poll, spawn all it returned, sleep.
+    config = QueueConfig(mode="poll_spawn", poll_interval_s=60, lease_s=60)
+    queue = AgentQueue(storage, "legacy-poll", config)
+    await queue.enqueue_many(list(range(5)))
+    done = anyio.Event()
+    seen: list[int] = []
+
+    async def handler(task: Task) -> None:
+        seen.append(task.payload)
+        if len(seen) == 5:
+            done.set()
+
+    async with open_worker(queue, handler) as worker:
+        with anyio.fail_after(10):
+            await done.wait()
+        await worker.flush()
+        stats = worker.statistics()
+    assert sorted(seen) == [0, 1, 2, 3, 4]
+    assert stats.claim_statements == 1 and stats.succeeded == 5
