@@ -1580,7 +1580,9 @@ class AsyncStorageBackend(abc.ABC):
     # -- login attempts (auth limiter, shared by a fleet) -----------------------
 
     @operation
-    async def reserve_login_attempt(self, scope: str, key: str, policy: LoginPolicy) -> LoginSlot:
+    async def reserve_login_attempt(
+        self, scope: str, key: str, policy: LoginPolicy
+    ) -> LoginSlot:
         """Reserve one login attempt for ``key`` in ``scope`` ("account" or "address").
 
         In one statement: refused when the key is locked out or when its failures plus the

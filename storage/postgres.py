@@ -354,7 +354,9 @@ class PostgresBackend(AsyncStorageBackend):
                         " version integer PRIMARY KEY, name text NOT NULL,"
                         " applied_at timestamptz NOT NULL DEFAULT now())"
                     )
-                    done = {r[0] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+                    done = {
+                        r[0] for r in await conn.fetch("SELECT version FROM schema_migrations")
+                    }
                     pending = [m for m in pending if m.version not in done]
                     if not pending:
                         break
@@ -824,7 +826,9 @@ class PostgresBackend(AsyncStorageBackend):
 
     # -- login attempts (auth limiter, shared by a fleet) -----------------------
 
-    async def _sql_reserve_login_attempt(self, scope: str, key: str, p: LoginPolicy) -> LoginSlot:
+    async def _sql_reserve_login_attempt(
+        self, scope: str, key: str, p: LoginPolicy
+    ) -> LoginSlot:
         row = (await self._fetch("reserve_login_attempt", scope, key, p.limit, p.window_s))[0]
         return LoginSlot.from_row(row, p.window_s)
 

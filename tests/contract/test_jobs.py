@@ -53,9 +53,7 @@ async def test_enqueue_and_its_notification_are_one_call(storage: AsyncStorageBa
         assert float(note.payload) == pytest.approx(min(r.run_after for r in rows).timestamp())
         assert float(note.payload) < later.timestamp()
 
-        msgs = await storage.enqueue_jobs(
-            OUTBOX, [NewOutboxMessage("tg", "a", 1)], notify=channel
-        )
+        msgs = await storage.enqueue_jobs(OUTBOX, [NewOutboxMessage("tg", "a", 1)], notify=channel)
         with anyio.fail_after(10):
             note = await stream.receive()
         assert float(note.payload) == pytest.approx(msgs[0].run_after.timestamp())
@@ -159,6 +157,6 @@ def test_templates_fill_only_the_kinds_fields() -> None:
 def test_a_dialect_cannot_override_the_per_kind_aliases() -> None:
     with pytest.raises(TypeError, match="claim_tasks"):
 
-        class Bypass(PostgresBackend):  # noqa: F841 - refused at class creation
+        class Bypass(PostgresBackend):
             async def claim_tasks(self, *args: Any, **kwargs: Any) -> Any:
                 return []
