@@ -34,7 +34,7 @@ from asyncstore.orchestrator.batching import Batch, BatchWriter, DeadLetter, out
 from asyncstore.orchestrator.timing import Backoff
 from asyncstore.storage import AsyncStorageBackend, Claim, Failure, StorageError
 from asyncstore.storage.base import JobKind
-from asyncstore.storage.errors import is_retryable
+from asyncstore.storage.errors import UsageError, is_retryable
 
 __all__ = ["Claimed", "ConsumerSpec", "JobConsumer", "Outcome", "OutcomeKind", "first_of"]
 
@@ -253,8 +253,6 @@ class JobConsumer(abc.ABC, Generic[J]):
 
     def _take(self, jobs: Sequence[J]) -> bool:
         """Hold the claimed rows and dispatch them; True if stopping (then they are released)."""
-        if self._tasks is None:
-            raise RuntimeError(f"{self._spec.name} is not running")
         self._claimed += len(jobs)
         for job in jobs:
             self._held[job.claim.id] = job.claim.token
@@ -280,7 +278,7 @@ class JobConsumer(abc.ABC, Generic[J]):
         if self._spec.next_due is None:
             self._horizon = math.inf
         elif time.monotonic() >= self._horizon:
-            await self._read_horizon()
+            await self._read_horizon(self._spec.next_due)
         timeout = self._spec.fallback_poll_s * random.uniform(0.5, 1.5)
         deadline = min(time.monotonic() + timeout, self._horizon)
         while True:
@@ -302,19 +300,17 @@ class JobConsumer(abc.ABC, Generic[J]):
                     self._polls += 1
             return
 
-    async def _read_horizon(self) -> None:
+    async def _read_horizon(self, next_due: Callable[[], Awaitable[float | None]]) -> None:
         """Read when the next row becomes claimable; set ``_horizon``.
 
         Assumes every consumer of the rows uses a lease no shorter than this one's. A due
         time of zero right after a claim found nothing means the rows are being claimed by
         another consumer's uncommitted statement: back off briefly instead of spinning.
         """
-        if self._spec.next_due is None:
-            raise RuntimeError("no next_due reader")
         self._due_queries += 1
         started = time.monotonic()
         try:
-            due = await self._spec.next_due()
+            due = await next_due()
         except StorageError as exc:
             self._errors += 1
             log.warning("next-due read on %s failed: %s", self._spec.name, exc)
@@ -373,7 +369,7 @@ class JobConsumer(abc.ABC, Generic[J]):
 
     def _record(self, outcome: Outcome) -> None:
         if self._writer is None:
-            raise RuntimeError(f"{self._spec.name} is not running")
+            raise UsageError(f"{self._spec.name} is not running: use its open_* first")
         self._writer.put_nowait(outcome, critical=True)
 
     async def _write_batch(self, batch: Batch[Outcome]) -> None:

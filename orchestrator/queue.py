@@ -45,6 +45,7 @@ from asyncstore.storage import (
 from asyncstore.storage import TaskStatus as StoredStatus
 from asyncstore.storage._validate import check_channel
 from asyncstore.storage.base import JSON, TASKS
+from asyncstore.storage.errors import UsageError
 from asyncstore.storage.families import Family, MetricSink
 
 __all__ = [
@@ -482,7 +483,7 @@ class Worker(JobConsumer[Task]):
         as the work needs them); the legacy mode spawns one task per handler, as it did.
         """
         if self._tasks is None:
-            raise RuntimeError("worker is not running")
+            raise UsageError("worker is not running: use open_worker first")
         for task in jobs:
             if task.attempts > 1 and task.last_error == LEASE_EXPIRED:
                 self._reruns += 1

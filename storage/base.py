@@ -35,6 +35,7 @@ from typing import (
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from asyncstore.storage.errors import (
+    InvalidArgument,
     InvalidInput,
     InvalidType,
     LeaseLost,
@@ -529,7 +530,7 @@ class JobKind(Generic[_J, _N, _S]):
 
         def fill(match: re.Match[str]) -> str:
             if match.group(1) not in fields:
-                raise ValueError(f"unknown field {{{match.group(1)}}} in a job template")
+                raise InvalidArgument(f"unknown field {{{match.group(1)}}} in a job template")
             return fields[match.group(1)]
 
         return _TEMPLATE_FIELD.sub(fill, template)
