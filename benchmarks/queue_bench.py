@@ -26,6 +26,9 @@ What it measures, in one run on one throwaway Postgres database:
    runs tasks whose handler blocks, an idle worker process waits, the first is SIGKILLed;
    the delay from the kill to the last of its tasks starting again in the idle worker,
    with ``expiry_wakeup`` on (the default) and off (the old behaviour).
+5. Enqueue round trip: one-task ``AgentQueue.enqueue`` calls with the wakeup notification
+   sent by the enqueue statement itself (the default) and by a second statement after it
+   (the legacy ``enqueue_notify="separate"``), alternating; p50 and p90 per mode.
 
 pgqueuer's configuration (its strongest found for this drain, from its own docs and
 source): an asyncpg pool (so dequeues, completion-log flushes and heartbeats do not queue
@@ -34,7 +37,7 @@ drain mode, background log aggregation off, and the ``balanced`` durability (its
 logged like asyncstore's, its log and statistics tables unlogged).
 
 Run: ``python -m benchmarks.queue_bench [--url URL] [--repeats N] [--tasks N]
-[--sections drain,latency,outbox,kill] [--systems claim,pgqueuer,raw_sql] [--json PATH]
+[--sections drain,latency,outbox,kill,enqueue] [--systems claim,pgqueuer,raw_sql] [--json PATH]
 [--quick]``. The peers are driven through their documented public APIs only.
 """
 
@@ -76,7 +79,8 @@ PROCESSES = (1, 2, 4)
 BATCHES = (100, 200)
 DEFAULT_SYSTEMS = ("claim", "pgqueuer", "raw_sql")
 ALL_SYSTEMS = ("claim", "pgqueuer", "raw_sql", "pgqueuer_conn", "poll_spawn", "procrastinate")
-SECTIONS = ("drain", "latency", "outbox", "kill")
+SECTIONS = ("drain", "latency", "outbox", "kill", "enqueue")
+ENQUEUE_SAMPLES = 200
 PGQ_BATCH = 100
 PGQ_POOL = 4
 PGQ_DURABILITY = "balanced"
@@ -467,6 +471,26 @@ async def _latency_asyncstore(url: str, cfg: QueueConfig, samples: int) -> list[
     return out
 
 
+async def _enqueue_calls(url: str, samples: int) -> dict[str, list[float]]:
+    """Milliseconds per one-task ``AgentQueue.enqueue`` call (rows and wakeup), with the
+    notification in the enqueue statement (the default) and sent after it (the legacy
+    ``separate``), alternating call by call on one storage handle, a listener attached."""
+    out: dict[str, list[float]] = {"in_statement": [], "separate": []}
+    name = f"e{secrets.token_hex(4)}"
+    async with open_storage(url) as storage:
+        queues = {
+            mode: AgentQueue(storage, name, QueueConfig(enqueue_notify=mode))  # type: ignore[arg-type]
+            for mode in out
+        }
+        async with storage.listen(queues["separate"].channel):
+            for i in range(samples * 2):
+                mode = "in_statement" if i % 2 == 0 else "separate"
+                t0 = time.perf_counter()
+                await queues[mode].enqueue(i)
+                out[mode].append((time.perf_counter() - t0) * 1000)
+    return out
+
+
 async def _latency_pgqueuer(url: str, samples: int) -> list[float]:
     pgqueuer = importlib.import_module("pgqueuer")
     out: list[float] = []
@@ -736,6 +760,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     latencies: list[Latency] = []
     outbox: dict[str, OutboxRate] = {}
     kills: list[KillRecovery] = []
+    enqueue: dict[str, list[float]] = {}
     try:
         if "drain" in args.sections:
             drains = await _drains(args, url, systems)
@@ -763,6 +788,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             for _ in range(args.repeats):
                 for mode, rec in outbox.items():
                     rec.rates.append(await _outbox_once(url, mode, rec.messages))
+        if "enqueue" in args.sections:
+            enqueue = await _enqueue_calls(url, 20 if args.quick else ENQUEUE_SAMPLES)
         if "kill" in args.sections:
             kills = [KillRecovery(True), KillRecovery(False)]
             for _ in range(args.kill_repeats):
@@ -781,6 +808,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "latencies": latencies,
         "outbox": outbox,
         "kills": kills,
+        "enqueue": enqueue,
         "notes": notes,
     }
 
@@ -857,6 +885,18 @@ def render(result: dict[str, Any]) -> str:
                 "\noutbox speed-up grouped vs serial: "
                 f"{out['grouped'].median / out['serial'].median:.1f}x"
             )
+    enqueue: dict[str, list[float]] = result["enqueue"]
+    if enqueue:
+        lines += [
+            "",
+            "| enqueue call (1 task, rows + wakeup) | calls | p50 ms | p90 ms |",
+            "|---|---|---|---|",
+        ]
+        for mode, ms in enqueue.items():
+            p90 = sorted(ms)[min(len(ms) - 1, int(len(ms) * 0.9))]
+            lines.append(f"| {mode} | {len(ms)} | {statistics.median(ms):.2f} | {p90:.2f} |")
+        fused, separate = (statistics.median(enqueue[m]) for m in ("in_statement", "separate"))
+        lines.append(f"\nenqueue in one statement vs separate notify: {separate / fused:.2f}x")
     kills: list[KillRecovery] = result["kills"]
     if kills:
         lines += [
@@ -973,6 +1013,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ("expiry_wakeup" if k.expiry_wakeup else "no_expiry_wakeup"): k.delays_s
                 for k in result["kills"]
             },
+            "enqueue_ms": result["enqueue"],
             "notes": result["notes"],
             "load_average_1m": {"before": load_before, "after": load_after},
             "run_time_s": elapsed,

@@ -1,15 +1,16 @@
 """OutboxRelay: deliver outbox rows to channel senders, grouped, bounded and in order.
 
 This module owns the producer side (``Outbox``: enqueue, or append chat messages and their
-deliveries in one transaction, then notify once) and the relay (``open_outbox_relay``): it
-claims rows in batches through ``claim_outbox``, runs one in-order lane per (channel,
-account) under an overall and a per-channel concurrency bound, and writes the results in
-batches (``mark_outbox_sent`` / ``fail_outbox`` / ``dead_letter_outbox`` /
-``release_outbox``), each effective only under the current claim. Retries follow a
-per-channel ``RetryTemplate``. It relies on the storage contract and its notifications.
+deliveries in one transaction, with one notification) and the relay's sending side
+(``open_outbox_relay``): one in-order lane per (channel, account) under an overall and a
+per-channel concurrency bound, and each send's result (sent, a retry at its
+``RetryTemplate`` delay, dead, released). Claiming in batches (kind ``OUTBOX`` of the
+storage job engine), the idle wait on notifications and writing the results in batches,
+each effective only under the current claim, are the shared consumer loop's
+(``orchestrator.jobs.JobConsumer``), the same one the agent queue's worker runs.
 
 Order, for any number of relays: a (channel, account) group is delivered in id (enqueue)
-order with at most one message in flight. The claim enforces it (see ``claim_outbox``):
+order with at most one message in flight. The claim enforces it (see ``claim_jobs``):
 nothing of a group is claimed while one of its messages is in flight, and a message waiting
 for its retry holds back the later ones; a relay then sends a group's claimed messages one
 at a time. A dead-lettered message lets the rest of its group pass (a poison message does
@@ -21,12 +22,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import enum
-import heapq
-import logging
-import math
 import os
-import random
 import secrets
 import socket
 import time
@@ -34,32 +30,23 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import ClassVar, Literal, NamedTuple
+from typing import ClassVar, Literal
 
 import anyio
-from anyio.abc import TaskGroup, TaskStatus
 from pydantic import BaseModel, ConfigDict, Field
 
-from asyncstore.orchestrator.batching import (
-    Batch,
-    BatchWriter,
-    DeadLetter,
-    describe_failure,
-    outcome_batches,
-)
+from asyncstore.orchestrator.batching import describe_failure
+from asyncstore.orchestrator.jobs import ConsumerSpec, JobConsumer, Outcome, OutcomeKind
+from asyncstore.orchestrator.timing import Backoff
 from asyncstore.storage import (
     AsyncStorageBackend,
     ChatMessage,
-    Claim,
-    Failure,
     InvalidInput,
     NewMessage,
     NewOutboxMessage,
     OutboxMessage,
-    OutboxStatus,
-    StorageError,
 )
-from asyncstore.storage.errors import is_retryable
+from asyncstore.storage.base import OUTBOX
 from asyncstore.storage.families import Family, MetricSink
 
 __all__ = [
@@ -72,8 +59,6 @@ __all__ = [
     "Sender",
     "open_outbox_relay",
 ]
-
-log = logging.getLogger("asyncstore.outbox")
 
 OUTBOX_CHANNEL = "asyncstore.outbox"
 
@@ -138,8 +123,13 @@ class RetryTemplate(BaseModel):
         after = exc.retry_after_s if isinstance(exc, SendError) else None
         if after is not None and self.honour_retry_after:
             return min(max(after, self.retry_after_min_s), self.retry_after_max_s)
-        base = self.delays_s[min(max(attempt, 1), len(self.delays_s)) - 1]
-        return base * (1.0 - self.jitter * random.random())
+        return self.backoff(attempt).delay(1)
+
+    def backoff(self, attempt: int) -> Backoff:
+        """The ``Backoff`` of failed attempt ``attempt``: its ``delays_s`` step (the last one
+        repeats), a share ``jitter`` of it random."""
+        step = self.delays_s[min(max(attempt, 1), len(self.delays_s)) - 1]
+        return Backoff(base_s=step, max_s=step, jitter=self.jitter)
 
 
 class OutboxConfig(BaseModel):
@@ -218,16 +208,21 @@ class OutboxRelayStatistics:
 class Outbox:
     """The producer side: write outbox rows (alone or with chat messages), then notify once."""
 
-    def __init__(self, storage: AsyncStorageBackend) -> None:
+    def __init__(self, storage: AsyncStorageBackend, *, notify_in_enqueue: bool = True) -> None:
         self.storage = storage
+        self.notify_in_enqueue = notify_in_enqueue
 
     async def enqueue(self, messages: Sequence[NewOutboxMessage]) -> list[OutboxMessage]:
         """Enqueue messages in one transaction and wake the relays with one notification.
 
-        If cancelled, the rows were either committed (the relays' fallback poll finds them
-        if the notification was not sent) or not written.
+        The rows and the notification are one statement (``notify_in_enqueue``, the
+        default) or, the legacy way, a notification after the commit. If cancelled, the
+        rows were either committed (announced; the legacy way maybe not, and the relays'
+        fallback poll finds them) or not written.
         """
-        rows = await self.storage.enqueue_outbox(messages)
+        if self.notify_in_enqueue:
+            return await self.storage.enqueue_jobs(OUTBOX, messages, notify=OUTBOX_CHANNEL)
+        rows = await self.storage.enqueue_jobs(OUTBOX, messages)  # legacy: a second round trip
         if rows:
             await self._notify()
         return rows
@@ -261,30 +256,16 @@ class Outbox:
         messages were either moved (the relays' fallback poll finds them if the notification
         was not sent) or not.
         """
-        moved = await self.storage.redrive_outbox(ids)
+        moved = await self.storage.redrive_jobs(OUTBOX, ids)
         if moved:
             await self._notify()
         return moved
 
     async def get(self, message_id: int) -> OutboxMessage | None:
-        return await self.storage.get_outbox(message_id)
+        return await self.storage.get_job(OUTBOX, message_id)
 
     async def _notify(self) -> None:
         await self.storage.notify(OUTBOX_CHANNEL, "")
-
-
-class _Kind(enum.Enum):
-    SENT = "sent"
-    RETRY = "retry"
-    DEAD = "dead"
-    RELEASE = "release"
-
-
-class _Result(NamedTuple):
-    kind: _Kind
-    claim: Claim
-    error: str = ""
-    retry_at: datetime | None = None
 
 
 class _Lane:
@@ -294,8 +275,12 @@ class _Lane:
         self.messages: collections.deque[tuple[OutboxMessage, float]] = collections.deque()
 
 
-class OutboxRelay:
-    """Claims and delivers outbox rows. Build it with ``open_outbox_relay``."""
+class OutboxRelay(JobConsumer[OutboxMessage]):
+    """Claims and delivers outbox rows. Build it with ``open_outbox_relay``.
+
+    The claim loop, idle wait and result writes are the shared ``JobConsumer``'s; this
+    class runs one in-order lane per (channel, account) group under the concurrency bounds.
+    """
 
     def __init__(
         self,
@@ -307,9 +292,20 @@ class OutboxRelay:
     ) -> None:
         if not senders:
             raise InvalidInput("an outbox relay needs at least one sender")
+        spec = ConsumerSpec(
+            kind=OUTBOX,
+            name="outbox",
+            writer_name="outbox-outcomes",
+            queues=sorted(senders),
+            channel=OUTBOX_CHANNEL,
+            lease_s=config.lease_s,
+            fallback_poll_s=config.fallback_poll_s,
+            max_write_batch=config.max_write_batch,
+            wake_on_finish=True,
+        )
+        super().__init__(storage, spec, relay_id)
         self.config = config
         self.relay_id = relay_id
-        self._storage = storage
         self._senders = dict(senders)
         self._templates = dict(templates)
         self._default_template = RetryTemplate()
@@ -317,21 +313,9 @@ class OutboxRelay:
         self._per_channel: dict[str, anyio.Semaphore] = {}
         self._lanes: dict[tuple[str, str], _Lane] = {}
         self._pending = 0  # claimed and not yet finished
-        self._progress = anyio.Event()
-        self._wake = anyio.Event()
-        self._rearm = anyio.Event()
-        self._stopping = anyio.Event()
-        self._loop_done = anyio.Event()
         self._lanes_idle = anyio.Event()
         self._lanes_idle.set()
-        self._due: list[float] = []
-        self._writer: BatchWriter[_Result] | None = None
-        self._undelivered = 0
-        self._tasks: TaskGroup | None = None
-        self._counts = dict.fromkeys(_Kind, 0)
-        self._claimed = self._claims = self._sending = self._peak = self._peak_lanes = 0
-        self._send_errors = self._stale = self._notifications = self._polls = 0
-        self._errors = 0
+        self._sending = self._peak = self._peak_lanes = self._send_errors = 0
 
     def statistics(self) -> OutboxRelayStatistics:
         """A frozen snapshot of this relay's counters."""
@@ -344,10 +328,10 @@ class OutboxRelay:
             peak_in_flight=self._peak,
             lanes=len(self._lanes),
             peak_lanes=self._peak_lanes,
-            sent=self._counts[_Kind.SENT],
-            retried=self._counts[_Kind.RETRY],
-            dead=self._counts[_Kind.DEAD],
-            released=self._counts[_Kind.RELEASE],
+            sent=self._counts[OutcomeKind.DONE],
+            retried=self._counts[OutcomeKind.RETRY],
+            dead=self._counts[OutcomeKind.DEAD],
+            released=self._counts[OutcomeKind.RELEASE],
             stale_writes=self._stale,
             send_errors=self._send_errors,
             pending_writes=self._writer.statistics().unsettled if self._writer else 0,
@@ -359,84 +343,27 @@ class OutboxRelay:
 
     async def flush(self) -> None:
         """Wait until every delivery result so far is written. Cancelling loses nothing."""
-        if self._writer is not None:
-            await self._writer.flush()
+        await super().flush()
 
-    # -- lifecycle -------------------------------------------------------------
+    # -- the consumer's part ---------------------------------------------------
 
-    async def _serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        async with (
-            BatchWriter(
-                self._write_batch,
-                outcome_batches(self.config.max_write_batch),
-                retry_if=is_retryable,
-                on_dead_letter=self._undeliverable,
-                name="outbox-outcomes",
-            ) as writer,
-            anyio.create_task_group() as tg,
-        ):
-            self._writer = writer
-            self._tasks = tg
-            await tg.start(self._listen)
-            tg.start_soon(self._claim_loop)
-            task_status.started()
-            await self._stopping.wait()
-            await self._loop_done.wait()
-            with anyio.move_on_after(self.config.shutdown_grace_s):
-                await self._lanes_idle.wait()
-            tg.cancel_scope.cancel()
+    def _room(self) -> int:
+        limit_to = 1 if self.config.mode == "serial" else self.config.batch_size
+        room = limit_to - self._pending
+        if room <= 0 or (self._pending and room < limit_to // 2):
+            return 0  # claim again when half a batch has finished: fewer, fuller claims
+        return room
 
-    # -- claiming --------------------------------------------------------------
+    async def _drain(self) -> None:
+        with anyio.move_on_after(self.config.shutdown_grace_s):
+            await self._lanes_idle.wait()
+        # Cancelling the task group next cancels the lanes; each releases what it holds.
 
-    async def _claim_loop(self) -> None:
-        cfg = self.config
-        limit_to = 1 if cfg.mode == "serial" else cfg.batch_size
-        try:
-            while not self._stopping.is_set():
-                room = limit_to - self._pending
-                if room <= 0 or (self._pending and room < limit_to // 2):
-                    # Claim again when half a batch has finished: fewer, fuller claims.
-                    self._progress = anyio.Event()
-                    await _first_of(self._progress, self._stopping)
-                    continue
-                self._wake = anyio.Event()
-                msgs = await self._claim(room)
-                if msgs is None:
-                    await self._sleep_or_stop(random.uniform(0.5, 1.5))
-                    continue
-                self._dispatch(msgs)
-                if len(msgs) < room and not self._stopping.is_set():
-                    await self._idle_wait()
-        finally:
-            self._loop_done.set()
-
-    async def _claim(self, limit: int) -> list[OutboxMessage] | None:
-        self._claims += 1
-        try:
-            # Shielded: rows a committed claim leased must reach a lane (or be released).
-            with anyio.CancelScope(shield=True):
-                msgs = await self._storage.claim_outbox(
-                    self.relay_id,
-                    limit=limit,
-                    lease_s=self.config.lease_s,
-                    channels=sorted(self._senders),
-                )
-        except StorageError as exc:
-            self._errors += 1
-            log.warning("outbox claim failed: %s", exc)
-            return None
-        return msgs
-
-    def _dispatch(self, msgs: Sequence[OutboxMessage]) -> None:
+    def _dispatch(self, jobs: Sequence[OutboxMessage]) -> None:
         if self._tasks is None:
             raise RuntimeError("relay is not running")
-        self._claimed += len(msgs)
-        if self._stopping.is_set():
-            for msg in msgs:
-                self._record(_Result(_Kind.RELEASE, msg.claim))
-            return
         now = time.monotonic()
-        for msg in msgs:  # id order: each lane receives its group's rows in order
+        for msg in jobs:  # id order: each lane receives its group's rows in order
             key = (msg.channel, msg.account)
             lane = self._lanes.get(key)
             self._pending += 1
@@ -448,36 +375,6 @@ class OutboxRelay:
             else:
                 lane.messages.append((msg, now))
         self._peak_lanes = max(self._peak_lanes, len(self._lanes))
-
-    async def _idle_wait(self) -> None:
-        deadline = time.monotonic() + self.config.fallback_poll_s * random.uniform(0.5, 1.5)
-        while True:
-            now = time.time()
-            if self._due and self._due[0] <= now:
-                # A retry written since the last claim is due already: claim it now.
-                while self._due and self._due[0] <= now:
-                    heapq.heappop(self._due)
-                return
-            known = self._due[0] - now if self._due else math.inf
-            self._rearm = anyio.Event()
-            with anyio.move_on_after(min(deadline - time.monotonic(), known)) as scope:
-                await _first_of(self._wake, self._stopping, self._rearm)
-            if not scope.cancelled_caught and not (self._wake.is_set() or self._stopping.is_set()):
-                continue
-            if scope.cancelled_caught and time.monotonic() >= deadline:
-                self._polls += 1
-            return
-
-    async def _sleep_or_stop(self, seconds: float) -> None:
-        with anyio.move_on_after(seconds):
-            await self._stopping.wait()
-
-    async def _listen(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        async with self._storage.listen(OUTBOX_CHANNEL) as stream:
-            task_status.started()
-            async for _ in stream:
-                self._notifications += 1
-                self._wake.set()
 
     # -- sending ---------------------------------------------------------------
 
@@ -495,30 +392,30 @@ class OutboxRelay:
                 result = await self._send(msg, claimed_at)
                 queue.popleft()
                 self._finish(result)
-                if result.kind is not _Kind.SENT:
+                if result.kind is not OutcomeKind.DONE:
                     break
         finally:
             # Runs on cancellation too: every message still in the lane gets a final state.
             while queue:
                 msg, _ = queue.popleft()
-                self._finish(_Result(_Kind.RELEASE, msg.claim))
+                self._finish(Outcome(OutcomeKind.RELEASE, msg.claim))
             del self._lanes[key]
             if not self._lanes:
                 self._lanes_idle.set()
 
-    def _finish(self, result: _Result) -> None:
+    def _finish(self, result: Outcome) -> None:
         self._pending -= 1
         self._progress.set()
         self._record(result)
 
-    async def _send(self, msg: OutboxMessage, claimed_at: float) -> _Result:
+    async def _send(self, msg: OutboxMessage, claimed_at: float) -> Outcome:
         sender = self._senders[msg.channel]
         channel_limit = self._channel_semaphore(msg.channel)
         async with self._in_flight, channel_limit:
             if time.monotonic() - claimed_at > self.config.lease_s - self.config.send_timeout_s:
                 # Waiting for a send slot took so long that the claim could run out mid-send
                 # (another relay may take the message): give it back instead.
-                return _Result(_Kind.RELEASE, msg.claim)
+                return Outcome(OutcomeKind.RELEASE, msg.claim)
             self._sending += 1
             self._peak = max(self._peak, self._sending)
             try:
@@ -529,7 +426,7 @@ class OutboxRelay:
                 return self._failure(msg, exc)
             finally:
                 self._sending -= 1
-        return _Result(_Kind.SENT, msg.claim)
+        return Outcome(OutcomeKind.DONE, msg.claim)
 
     def _channel_semaphore(self, channel: str) -> anyio.Semaphore | contextlib.nullcontext[None]:
         if self.config.max_per_channel is None:
@@ -539,99 +436,14 @@ class OutboxRelay:
             sem = self._per_channel[channel] = anyio.Semaphore(self.config.max_per_channel)
         return sem
 
-    def _failure(self, msg: OutboxMessage, exc: Exception) -> _Result:
+    def _failure(self, msg: OutboxMessage, exc: Exception) -> Outcome:
         template = self._templates.get(msg.channel, self._default_template)
         error = describe_failure(exc)
         budget = min(msg.max_attempts, template.max_attempts)
         if not template.is_retryable(exc) or msg.attempts >= budget:
-            return _Result(_Kind.DEAD, msg.claim, error)
+            return Outcome(OutcomeKind.DEAD, msg.claim, error)
         at = datetime.fromtimestamp(time.time() + template.delay_s(msg.attempts, exc), UTC)
-        return _Result(_Kind.RETRY, msg.claim, error, at)
-
-    def _expect(self, at: float) -> None:
-        """Remember that a written retry becomes due at ``at``: the idle wait ends then.
-
-        Called once the retry is committed, not when it is queued for writing: a claim made
-        at the due time before the write lands would find the row still in flight, and the
-        due time would be forgotten until the fallback poll.
-        """
-        heapq.heappush(self._due, at)
-        if len(self._due) > 1024:
-            self._due = heapq.nsmallest(512, self._due)
-        if self._due[0] == at:
-            self._rearm.set()
-
-    def _record(self, result: _Result) -> None:
-        if self._writer is None:
-            raise RuntimeError("relay is not running")
-        self._writer.put_nowait(result, critical=True)
-
-    async def _write_batch(self, batch: Batch[_Result]) -> None:
-        await self._write_results(batch.items)
-
-    def _undeliverable(self, letter: DeadLetter[_Result]) -> None:
-        """Results that could not be written: their claims expire and the messages are
-        claimed again (at least once, never silently lost)."""
-        self._undelivered += len(letter.items)
-        log.error(
-            "%d delivery results could not be written (%s): %r",
-            len(letter.items),
-            letter.reason,
-            letter.error,
-        )
-
-    async def _write_results(self, batch: list[_Result]) -> None:
-        """One statement per kind, effective only under current claims (else counted stale).
-
-        Sent, dead or released rows wake the claim loop: the rows behind them in their
-        groups can be claimed now. Sent and failed rows are written before released ones,
-        so a released row never overtakes the failed row ahead of it in its group.
-        """
-        groups: dict[_Kind, list[_Result]] = {k: [] for k in _Kind}
-        for item in batch:
-            groups[item.kind].append(item)
-        for kind in (_Kind.SENT, _Kind.RETRY, _Kind.DEAD, _Kind.RELEASE):
-            items = groups[kind]
-            if not items:
-                continue
-            claims = [i.claim for i in items]
-            failures = [Failure(i.claim.id, i.claim.token, i.error, i.retry_at) for i in items]
-            if kind is _Kind.SENT:
-                done: Sequence[int] = await self._storage.mark_outbox_sent(claims)
-            elif kind is _Kind.RELEASE:
-                done = await self._storage.release_outbox(claims)
-            elif kind is _Kind.DEAD:
-                done = await self._storage.dead_letter_outbox(failures)
-            else:
-                statuses = await self._storage.fail_outbox(failures)
-                done = list(statuses)
-                for item in items:
-                    if statuses.get(item.claim.id) is OutboxStatus.PENDING:
-                        due = item.retry_at.timestamp() if item.retry_at else time.time()
-                        self._expect(due)
-                dead = sum(1 for s in statuses.values() if s is OutboxStatus.DEAD)
-                self._counts[_Kind.DEAD] += dead
-                self._counts[_Kind.RETRY] -= dead
-            self._counts[kind] += len(done)
-            self._stale += len(items) - len(done)
-            if done and kind is not _Kind.RETRY:
-                # Finished rows unblock the next rows of their groups: claim again.
-                self._wake.set()
-
-
-
-async def _first_of(*events: anyio.Event) -> None:
-    """Return as soon as any of ``events`` is set."""
-    if any(e.is_set() for e in events):
-        return
-    async with anyio.create_task_group() as tg:
-
-        async def wait(event: anyio.Event) -> None:
-            await event.wait()
-            tg.cancel_scope.cancel()
-
-        for event in events:
-            tg.start_soon(wait, event)
+        return Outcome(OutcomeKind.RETRY, msg.claim, error, at)
 
 
 def _default_relay_id() -> str:
@@ -664,4 +476,4 @@ async def open_outbox_relay(
         try:
             yield relay
         finally:
-            relay._stopping.set()
+            relay.stop()

@@ -1,27 +1,24 @@
 """AgentQueue: enqueue agent tasks and run them with a capped, leased, event-driven worker.
 
-This module owns the worker loop on top of the storage task contract (``claim_tasks`` with
-leases, ``heartbeat_tasks``, ``complete_tasks`` / ``fail_tasks`` / ``dead_letter_tasks`` /
-``release_tasks``) and the storage notifications: at most ``max_workers`` long-lived
-runners run handlers, the claim loop takes as many tasks as there are free slots (at most
-``claim_batch``) in one statement, leases are renewed in the background, outcomes are
-written in batches under the current lease, and an idle worker sleeps until an enqueue
-notification, the next moment a task becomes claimable (a delayed task's due time or a
-running task's lease expiry, read with one cheap query when it goes idle, so a dead
-worker's tasks are re-run as soon as their lease runs out), or a rare jittered fallback
-poll.
+This module owns the agent queue on top of the storage job engine (kind ``TASKS``): the
+producer (``AgentQueue``: enqueue, the rows and their wakeup notification in one statement)
+and the worker's handler side (``Worker``, ``open_worker``): at most ``max_workers``
+long-lived runners run handlers, and a handler's outcome (done, a retry at its
+``Backoff`` delay, dead, released) is recorded for the shared consumer loop
+(``orchestrator.jobs.JobConsumer``), which claims as many tasks as there are free slots
+(at most ``claim_batch``) in one statement, renews leases, writes outcomes in batches under
+the current lease, and sleeps while idle until an enqueue notification, the next moment a
+task becomes claimable (a delayed task's due time or a running task's lease expiry, read
+with one cheap query when it goes idle, so a dead worker's tasks are re-run as soon as
+their lease runs out), or a rare jittered fallback poll.
 """
 
 from __future__ import annotations
 
 import collections
-import contextlib
 import enum
-import heapq
-import logging
-import math
+import functools
 import os
-import random
 import secrets
 import socket
 import time
@@ -29,33 +26,26 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import ClassVar, Literal, NamedTuple
+from typing import ClassVar, Literal
 
 import anyio
-from anyio.abc import TaskGroup, TaskStatus
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from asyncstore.orchestrator.batching import (
-    Batch,
-    BatchWriter,
-    DeadLetter,
-    describe_failure,
-    outcome_batches,
-)
+from asyncstore.orchestrator.batching import describe_failure
+from asyncstore.orchestrator.jobs import ConsumerSpec, JobConsumer, Outcome, OutcomeKind
+from asyncstore.orchestrator.timing import Backoff
 from asyncstore.storage import (
     LEASE_EXPIRED,
     AsyncStorageBackend,
     Claim,
-    Failure,
     InvalidInput,
     NewTask,
-    StorageError,
     Task,
 )
 from asyncstore.storage import TaskStatus as StoredStatus
 from asyncstore.storage._validate import check_channel
-from asyncstore.storage.base import JSON
-from asyncstore.storage.errors import is_retryable
+from asyncstore.storage.base import JSON, TASKS
+from asyncstore.storage.errors import UsageError
 from asyncstore.storage.families import Family, MetricSink
 
 __all__ = [
@@ -69,7 +59,6 @@ __all__ = [
     "open_worker",
 ]
 
-log = logging.getLogger("asyncstore.queue")
 
 Handler = Callable[[Task], Awaitable[None]]
 """A task handler: an async callable that receives the claimed ``Task``."""
@@ -113,6 +102,11 @@ class QueueConfig(BaseModel):
     )
     poll_interval_s: float = Field(default=1.0, gt=0, description="legacy poll_spawn only")
     poll_batch: int = Field(default=1000, ge=1, le=10_000, description="legacy poll_spawn only")
+    enqueue_notify: Literal["in_statement", "separate"] = Field(
+        default="in_statement",
+        description="in_statement: the enqueue statement sends the wakeup notification "
+        "itself (one round trip); separate: the legacy notify after the commit",
+    )
     shutdown_grace_s: float = Field(default=10.0, ge=0)
     max_write_batch: int = Field(default=1000, ge=1, le=10_000)
 
@@ -126,11 +120,19 @@ class QueueConfig(BaseModel):
     def heartbeat_s(self) -> float:
         return self.heartbeat_interval_s or self.lease_s / 3
 
+    @property
+    def backoff(self) -> Backoff:
+        """The retry schedule: ``backoff_base_s`` doubling up to ``backoff_max_s``, a share
+        ``backoff_jitter`` of each step random (a base above the cap means the cap)."""
+        return Backoff(
+            base_s=min(self.backoff_base_s, self.backoff_max_s),
+            max_s=self.backoff_max_s,
+            jitter=self.backoff_jitter,
+        )
+
     def backoff_s(self, attempt: int) -> float:
         """Delay before retrying after failed attempt number ``attempt`` (1-based), jittered."""
-        exp = min(max(attempt - 1, 0), 62)
-        delay = min(self.backoff_max_s, self.backoff_base_s * 2.0**exp)
-        return delay * (1.0 - self.backoff_jitter * random.random())
+        return self.backoff.delay(max(attempt, 1))
 
 
 class RetryTask(Exception):
@@ -225,20 +227,6 @@ class WorkerStatistics:
         out.sample("queue_expiry_wakeups", {}, self.expiry_wakeups)
 
 
-class _Outcome(enum.Enum):
-    SUCCEEDED = "succeeded"
-    RETRY = "retry"
-    DEAD = "dead"
-    RELEASE = "release"
-
-
-class _Finished(NamedTuple):
-    kind: _Outcome
-    claim: Claim
-    error: str = ""
-    retry_at: datetime | None = None
-
-
 class _Stop(enum.Enum):
     SHUTDOWN = "shutdown"
     CANCELLED = "cancelled"
@@ -248,9 +236,11 @@ class _Stop(enum.Enum):
 class AgentQueue:
     """A named task queue on a storage backend: enqueue here, run with ``open_worker``.
 
-    Every enqueue call commits its rows and then sends one notification on the queue's
-    channel (payload: the earliest ``run_after`` of the batch as a Unix timestamp), so idle
-    workers wake at once for due tasks and know when delayed ones become due.
+    Every enqueue call sends one notification on the queue's channel with its rows
+    (payload: the earliest ``run_after`` of the batch as a Unix timestamp), so idle workers
+    wake at once for due tasks and know when delayed ones become due. By default the rows
+    and the notification are one statement (``enqueue_notify="in_statement"``); the legacy
+    ``separate`` sends the notification in a second round trip after the commit.
     """
 
     def __init__(
@@ -302,8 +292,9 @@ class AgentQueue:
         """Enqueue a batch in one transaction and send one notification; one row per payload.
 
         A payload whose idempotency key matches an unfinished task of this queue returns that
-        task instead of a new one. If cancelled, the batch was either committed (and maybe
-        not announced: the workers' fallback poll finds it) or not written at all.
+        task instead of a new one. If cancelled, the batch was either committed (announced
+        with it; with the legacy ``separate`` notify maybe not, and the workers' fallback
+        poll finds it) or not written at all.
         """
         keys = list(idempotency_keys) if idempotency_keys is not None else [None] * len(payloads)
         if len(keys) != len(payloads):
@@ -321,7 +312,9 @@ class AgentQueue:
         for task in tasks:
             if task.queue != self.name:
                 raise InvalidInput(f"task for queue {task.queue!r} given to queue {self.name!r}")
-        rows = await self.storage.enqueue_tasks(tasks)
+        if self.config.enqueue_notify == "in_statement":
+            return await self.storage.enqueue_jobs(TASKS, tasks, notify=self.channel)
+        rows = await self.storage.enqueue_jobs(TASKS, tasks)  # legacy: a second round trip
         queued = [t.run_after for t in rows if t.status is StoredStatus.QUEUED]
         if queued:
             await self.storage.notify(self.channel, f"{min(queued).timestamp():.6f}")
@@ -329,65 +322,64 @@ class AgentQueue:
 
     async def get(self, task_id: int) -> Task | None:
         """One task of any state by id."""
-        return await self.storage.get_task(task_id)
+        return await self.storage.get_job(TASKS, task_id)
 
 
 def _default_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
 
 
-class Worker:
-    """Runs handlers for claimed tasks. Build it with ``open_worker``; read ``statistics()``."""
+class Worker(JobConsumer[Task]):
+    """Runs handlers for claimed tasks. Build it with ``open_worker``; read ``statistics()``.
+
+    The claim loop, idle wait, lease renewal and outcome writes are the shared
+    ``JobConsumer``'s; this class runs the handlers: claim mode hands claimed tasks to at
+    most ``max_workers`` long-lived runners, the legacy ``poll_spawn`` mode spawns one task
+    per handler.
+    """
 
     def __init__(
         self, queue: AgentQueue, handler: Handler, config: QueueConfig, worker_id: str
     ) -> None:
+        legacy = config.mode == "poll_spawn"
+        spec = ConsumerSpec(
+            kind=TASKS,
+            name=f"queue {queue.name}",
+            writer_name="queue-outcomes",
+            queues=(queue.name,),
+            channel=None if legacy else queue.channel,
+            lease_s=config.lease_s,
+            fallback_poll_s=config.fallback_poll_s,
+            max_write_batch=config.max_write_batch,
+            heartbeat_s=config.heartbeat_s,
+            next_due=(
+                functools.partial(queue.storage.next_task_due_s, queue.name)
+                if config.expiry_wakeup
+                else None
+            ),
+            notify_on_release=not legacy,
+            write_each=legacy,
+        )
+        super().__init__(queue.storage, spec, worker_id)
         self.queue = queue
         self.config = config
         self.worker_id = worker_id
         self._handler = handler
-        self._storage = queue.storage
-        self._legacy = config.mode == "poll_spawn"
+        self._legacy = legacy
         self._free = config.max_workers  # claim mode: handler slots not taken
         self._ready: collections.deque[Task] = collections.deque()  # claimed, not started
         self._sleepers: collections.deque[anyio.Event] = collections.deque()  # idle runners
         self._runners = 0
         # One runner at a time is being woken (or started); it wakes the next if work is left.
         self._wake_pending = False
-        self._held: dict[int, int] = {}  # task id -> lease token, until its outcome is written
         self._scopes: dict[int, anyio.CancelScope] = {}
         self._stop_reason: dict[int, tuple[_Stop, str]] = {}
-        self._wake = anyio.Event()
-        self._rearm = anyio.Event()
-        self._freed = anyio.Event()
-        self._stopping = anyio.Event()
-        self._loop_done = anyio.Event()
         self._idle = anyio.Event()
         self._idle.set()
-        self._due: list[float] = []  # heap of known future run_after timestamps
-        self._writer: BatchWriter[_Finished] | None = None
-        self._undelivered = 0
-        self._tasks: TaskGroup | None = None
-        self._last_renewal = time.monotonic()
         self._running = 0
         self._peak = 0
-        self._claimed = 0
-        self._claims = 0
-        self._counts = dict.fromkeys(_Outcome, 0)
         self._cancelled = 0
-        self._lease_lost = 0
-        self._stale = 0
-        self._notifications = 0
-        self._polls = 0
-        self._errors = 0
         self._reruns = 0
-        self._due_queries = 0
-        self._expiry_wakeups = 0
-        # Until this monotonic time no task of the queue can become claimable unannounced:
-        # the earliest due time or lease expiry read by the last next-due query, capped by
-        # that query's time plus lease_s (a lease taken by anyone later expires no sooner).
-        self._horizon = 0.0
-        self._busy_retries = 0  # consecutive idle entries that found due rows locked
 
     def statistics(self) -> WorkerStatistics:
         """A frozen snapshot of this worker's counters."""
@@ -400,10 +392,10 @@ class Worker:
             held_leases=len(self._held),
             claimed=self._claimed,
             claim_statements=self._claims,
-            succeeded=self._counts[_Outcome.SUCCEEDED],
-            retried=self._counts[_Outcome.RETRY],
-            dead=self._counts[_Outcome.DEAD],
-            released=self._counts[_Outcome.RELEASE],
+            succeeded=self._counts[OutcomeKind.DONE],
+            retried=self._counts[OutcomeKind.RETRY],
+            dead=self._counts[OutcomeKind.DEAD],
+            released=self._counts[OutcomeKind.RELEASE],
             cancelled=self._cancelled,
             lease_lost=self._lease_lost,
             stale_writes=self._stale,
@@ -434,50 +426,24 @@ class Worker:
 
         Cancelling the wait leaves them queued; they are still written.
         """
-        if self._writer is not None:
-            await self._writer.flush()
+        await super().flush()
 
-    # -- lifecycle -------------------------------------------------------------
+    # -- the consumer's part ---------------------------------------------------
 
-    async def _serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """The worker's own task group: listener, heartbeat, claim or poll loop, handlers.
+    def _room(self) -> int:
+        if self.config.claim_batch is not None:
+            return min(self._free, self.config.claim_batch)
+        return self._free
 
-        Cancelling it cancels the handlers; their release is still written (the writer's
-        final flush is shielded).
-        """
-        async with BatchWriter(
-            self._write_batch,
-            outcome_batches(self.config.max_write_batch),
-            retry_if=is_retryable,
-            on_dead_letter=self._undeliverable,
-            name="queue-outcomes",
-        ) as writer:
-            self._writer = writer
-            try:
-                async with anyio.create_task_group() as tg:
-                    self._tasks = tg
-                    if not self._legacy:
-                        await tg.start(self._listen)
-                    tg.start_soon(self._heartbeat)
-                    tg.start_soon(self._poll_spawn if self._legacy else self._claim_loop)
-                    task_status.started()
-                    await self._stopping.wait()
-                    await self._loop_done.wait()
-                    await self._drain_handlers()
-                    tg.cancel_scope.cancel()
-            finally:
-                # Cancelled mid-run: tasks claimed but not started are given back too.
-                self._release_ready()
-
-    def _release_ready(self) -> None:
+    def _release_unstarted(self) -> None:
         """Release claimed tasks no runner has started (recorded now, written by the writer)."""
         while self._ready:
             task = self._ready.popleft()
-            self._finish(_Finished(_Outcome.RELEASE, task.claim))
+            self._finish(Outcome(OutcomeKind.RELEASE, task.claim))
 
-    async def _drain_handlers(self) -> None:
+    async def _drain(self) -> None:
         # Claimed but not started: given back at once, not started during the grace.
-        self._release_ready()
+        self._release_unstarted()
         with anyio.move_on_after(self.config.shutdown_grace_s):
             await self._idle.wait()
         for task_id, scope in list(self._scopes.items()):
@@ -486,166 +452,52 @@ class Worker:
         # Cancelled handlers record their release synchronously as they unwind.
         await self._idle.wait()
 
-    # -- the claim loop --------------------------------------------------------
+    def _on_lease_lost(self, job_id: int) -> None:
+        scope = self._scopes.get(job_id)
+        if scope is not None:
+            self._stop_reason[job_id] = (_Stop.LEASE_LOST, "")
+            scope.cancel()
 
-    async def _claim_loop(self) -> None:
-        try:
-            while not self._stopping.is_set():
-                if self._free == 0:
-                    self._freed = anyio.Event()
-                    await _first_of(self._freed, self._stopping)
-                    continue
-                free = self._free
-                if self.config.claim_batch is not None:
-                    free = min(free, self.config.claim_batch)
-                self._wake = anyio.Event()
-                tasks = await self._claim(free)
-                if tasks:
-                    self._busy_retries = 0
-                if tasks is None:
-                    await self._sleep_or_stop(random.uniform(0.5, 1.5))
-                elif not self._start(tasks) and len(tasks) < free:
-                    await self._idle_wait()
-        finally:
-            self._loop_done.set()
-
-    async def _claim(self, limit: int) -> list[Task] | None:
-        """One claim statement; None after a storage error (logged and counted)."""
-        self._claims += 1
-        try:
-            # Shielded: a claim that commits must hand its rows to us, not strand them
-            # under a lease nobody renews (shutdown releases them instead).
-            with anyio.CancelScope(shield=True):
-                tasks = await self._storage.claim_tasks(
-                    self.queue.name, self.worker_id, limit=limit, lease_s=self.config.lease_s
-                )
-        except StorageError as exc:
-            self._errors += 1
-            log.warning("claim on %s failed: %s", self.queue.name, exc)
-            return None
-        return tasks
-
-    async def _idle_wait(self) -> None:
-        """Sleep until woken, stopped, the next known run_after or lease expiry, or the
-        jittered fallback poll.
-
-        The next due time of the queue as a whole (other workers' leases included) is read
-        when the last reading's horizon has passed, so an idle worker re-runs a dead
-        worker's tasks when their lease runs out, not at its next fallback poll; while
-        workers stay alive that costs one small read per idle worker per lease renewal.
-        """
-        if not self.config.expiry_wakeup:
-            self._horizon = math.inf
-        elif time.monotonic() >= self._horizon:
-            await self._read_horizon()
-        timeout = self.config.fallback_poll_s * random.uniform(0.5, 1.5)
-        deadline = min(time.monotonic() + timeout, self._horizon)
-        while True:
-            now = time.time()
-            while self._due and self._due[0] <= now:
-                heapq.heappop(self._due)
-            known = self._due[0] - now if self._due else math.inf
-            self._rearm = anyio.Event()
-            with anyio.move_on_after(min(deadline - time.monotonic(), known)) as scope:
-                await _first_of(self._wake, self._stopping, self._rearm)
-            if not scope.cancelled_caught and not (self._wake.is_set() or self._stopping.is_set()):
-                continue  # a nearer run_after became known: re-arm the timer
-            if scope.cancelled_caught and time.monotonic() >= deadline:
-                if deadline >= self._horizon:
-                    self._expiry_wakeups += 1
-                else:
-                    self._polls += 1
-            return
-
-    async def _read_horizon(self) -> None:
-        """Read when the next task of the queue becomes claimable; set ``_horizon``.
-
-        Assumes every worker of the queue uses a lease no shorter than this one's. A due
-        time of zero right after a claim found nothing means the rows are being claimed by
-        another worker's uncommitted statement: back off briefly instead of spinning.
-        """
-        self._due_queries += 1
-        started = time.monotonic()
-        try:
-            due = await self._storage.next_task_due_s(self.queue.name)
-        except StorageError as exc:
-            self._errors += 1
-            log.warning("next-due read on %s failed: %s", self.queue.name, exc)
-            self._horizon = started + random.uniform(0.5, 1.5)
-            return
-        lease = self.config.lease_s
-        if due is None or due > 0:
-            self._busy_retries = 0
-            self._horizon = started + min(lease, math.inf if due is None else due)
+    async def _loop(self) -> None:
+        if self._legacy:
+            await self._poll_spawn()
         else:
-            self._busy_retries += 1
-            self._horizon = started + min(0.005 * 2.0**self._busy_retries, 1.0, lease)
-
-    async def _sleep_or_stop(self, seconds: float) -> None:
-        with anyio.move_on_after(seconds):
-            await self._stopping.wait()
-
-    async def _listen(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Turn queue notifications into wakeups; reconnects are the storage's job."""
-        async with self._storage.listen(self.queue.channel) as stream:
-            task_status.started()
-            async for note in stream:
-                self._notifications += 1
-                due = 0.0
-                if not note.gap:
-                    with contextlib.suppress(ValueError):
-                        due = float(note.payload)
-                if due > time.time():
-                    self._add_due(due)
-                else:
-                    self._wake.set()
+            await self._claim_loop()
 
     # -- the legacy loop -------------------------------------------------------
 
     async def _poll_spawn(self) -> None:
         """Legacy ``poll_spawn``: every ``poll_interval_s``, spawn all that the poll returns."""
         cfg = self.config
-        try:
-            while not self._stopping.is_set():
-                tasks = await self._claim(cfg.poll_batch) or []
-                if not self._start(tasks):
-                    await self._sleep_or_stop(cfg.poll_interval_s)
-        finally:
-            self._loop_done.set()
+        while not self._stopping.is_set():
+            tasks = await self._claim(cfg.poll_batch) or []
+            if not self._take(tasks):
+                await self._sleep_or_stop(cfg.poll_interval_s)
 
     # -- running handlers ------------------------------------------------------
 
-    def _start(self, tasks: Sequence[Task]) -> bool:
-        """Hand claimed tasks to runners; True if stopping (then they are released).
+    def _dispatch(self, jobs: Sequence[Task]) -> None:
+        """Hand claimed tasks to runners.
 
         Claim mode queues them for the long-lived runners (at most ``max_workers``, started
         as the work needs them); the legacy mode spawns one task per handler, as it did.
         """
         if self._tasks is None:
-            raise RuntimeError("worker is not running")
-        self._claimed += len(tasks)
-        for task in tasks:
-            self._held[task.id] = task.claim.token
+            raise UsageError("worker is not running: use open_worker first")
+        for task in jobs:
             if task.attempts > 1 and task.last_error == LEASE_EXPIRED:
                 self._reruns += 1
-        if self._stopping.is_set():
-            for task in tasks:
-                self._record(_Finished(_Outcome.RELEASE, task.claim))
-            return True
-        if not tasks:
-            return False
         if self._running == 0:
             self._idle = anyio.Event()
-        self._running += len(tasks)
+        self._running += len(jobs)
         self._peak = max(self._peak, self._running)
         if self._legacy:
-            for task in tasks:
+            for task in jobs:
                 self._tasks.start_soon(self._run_one, task)
-            return False
-        self._free -= len(tasks)  # never below 0: we claimed only free slots
-        self._ready.extend(tasks)
+            return
+        self._free -= len(jobs)  # never below 0: we claimed only free slots
+        self._ready.extend(jobs)
         self._wake_one()
-        return False
 
     def _wake_one(self) -> None:
         """Wake an idle runner, or start one (up to ``max_workers``), unless one is on its way.
@@ -710,7 +562,7 @@ class Worker:
         with anyio.CancelScope() as scope:
             self._finish(await self._execute(task, scope), slot=False)
 
-    async def _execute(self, task: Task, scope: anyio.CancelScope) -> _Finished | None:
+    async def _execute(self, task: Task, scope: anyio.CancelScope) -> Outcome | None:
         """Run the handler under ``scope``; the outcome to record (None: nothing to write).
 
         If ``scope`` (or the worker) is cancelled, the task's release or dead-letter is
@@ -718,20 +570,20 @@ class Worker:
         it is recorded.
         """
         claim = task.claim
-        finished: _Finished | None = None
+        finished: Outcome | None = None
         self._scopes[task.id] = scope
         try:
             try:
                 await self._handler(task)
-                finished = _Finished(_Outcome.SUCCEEDED, claim)
+                finished = Outcome(OutcomeKind.DONE, claim)
             except RetryTask as retry:
-                finished = _Finished(_Outcome.RETRY, claim, retry.reason, retry.at)
+                finished = Outcome(OutcomeKind.RETRY, claim, retry.reason, retry.at)
             except PermanentFailure as exc:
-                finished = _Finished(_Outcome.DEAD, claim, describe_failure(exc))
+                finished = Outcome(OutcomeKind.DEAD, claim, describe_failure(exc))
             except Exception as exc:
                 at = time.time() + self.config.backoff_s(task.attempts)
-                finished = _Finished(
-                    _Outcome.RETRY, claim, describe_failure(exc), datetime.fromtimestamp(at, UTC)
+                finished = Outcome(
+                    OutcomeKind.RETRY, claim, describe_failure(exc), datetime.fromtimestamp(at, UTC)
                 )
         except BaseException:
             # Cancelled (this task, a lost lease, or the worker stopping): record its final
@@ -743,168 +595,25 @@ class Worker:
             self._stop_reason.pop(task.id, None)
         return finished
 
-    def _finish(self, finished: _Finished | None, *, slot: bool = True) -> None:
+    def _finish(self, finished: Outcome | None, *, slot: bool = True) -> None:
         """A claimed task is done here: free its slot, record its outcome."""
         self._running -= 1
         if slot and not self._legacy:
             self._free += 1
-            self._freed.set()
+            self._progress.set()
         if self._running == 0:
             self._idle.set()
         if finished is not None:
             self._record(finished)
 
-    def _after_stop(self, task_id: int, claim: Claim) -> _Finished | None:
+    def _after_stop(self, task_id: int, claim: Claim) -> Outcome | None:
         reason, why = self._stop_reason.get(task_id, (_Stop.SHUTDOWN, ""))
         if reason is _Stop.LEASE_LOST:
             return None  # another worker holds the task now; its state is theirs to write
         if reason is _Stop.CANCELLED:
             self._cancelled += 1
-            return _Finished(_Outcome.DEAD, claim, f"cancelled: {why}")
-        return _Finished(_Outcome.RELEASE, claim)
-
-    def _add_due(self, when: float) -> None:
-        heapq.heappush(self._due, when)
-        if len(self._due) > 1024:
-            self._due = heapq.nsmallest(512, self._due)
-        if self._due[0] == when:
-            self._rearm.set()
-
-    def _record(self, finished: _Finished) -> None:
-        if finished.retry_at is not None:
-            self._add_due(finished.retry_at.timestamp())
-        if self._writer is None:
-            raise RuntimeError("worker is not running")
-        self._writer.put_nowait(finished, critical=True)
-
-    async def _write_batch(self, batch: Batch[_Finished]) -> None:
-        await self._write_outcomes(batch.items)
-
-    def _undeliverable(self, letter: DeadLetter[_Finished]) -> None:
-        """Outcomes that could not be written: stop renewing their leases, so they expire
-        and the work runs again elsewhere (at least once, never silently lost)."""
-        self._undelivered += len(letter.items)
-        log.error(
-            "%d outcomes could not be written (%s): %r",
-            len(letter.items),
-            letter.reason,
-            letter.error,
-        )
-        for item in letter.items:
-            self._forget_claim(item.claim)
-
-    def _forget_claim(self, claim: Claim) -> None:
-        if self._held.get(claim.id) == claim.token:
-            del self._held[claim.id]
-
-    async def _write_outcomes(self, batch: list[_Finished]) -> None:
-        """Write one batch of outcomes: one statement per kind, effective only under live leases.
-
-        In legacy mode each item is written by its own statement, as the old loop did.
-        A ``StorageError`` makes the writer retry the batch; the leases stay held (and
-        renewed) until the write succeeds.
-        """
-        groups: dict[_Outcome, list[_Finished]] = {}
-        for item in batch:
-            groups.setdefault(item.kind, []).append(item)
-        for kind, items in groups.items():
-            chunks = [[i] for i in items] if self._legacy else [items]
-            for chunk in chunks:
-                await self._write_kind(kind, chunk)
-        if groups.get(_Outcome.RELEASE) and not self._legacy:
-            # Released tasks are due now: one notification lets other workers take them.
-            await self._notify_quietly()
-
-    async def _write_kind(self, kind: _Outcome, items: list[_Finished]) -> None:
-        claims = [i.claim for i in items]
-        failures = [Failure(i.claim.id, i.claim.token, i.error, i.retry_at) for i in items]
-        if kind is _Outcome.SUCCEEDED:
-            done: Sequence[int] = await self._storage.complete_tasks(claims)
-            self._counts[kind] += len(done)
-        elif kind is _Outcome.RELEASE:
-            done = await self._storage.release_tasks(claims)
-            self._counts[kind] += len(done)
-        elif kind is _Outcome.DEAD:
-            done = await self._storage.dead_letter_tasks(failures)
-            self._counts[kind] += len(done)
-        else:
-            statuses = await self._storage.fail_tasks(failures)
-            done = list(statuses)
-            dead = sum(1 for s in statuses.values() if s is StoredStatus.DEAD)
-            self._counts[_Outcome.DEAD] += dead
-            self._counts[_Outcome.RETRY] += len(done) - dead
-        self._stale += len(items) - len(done)
-        for claim in claims:
-            if self._held.get(claim.id) == claim.token:
-                del self._held[claim.id]
-
-    async def _notify_quietly(self) -> None:
-        try:
-            await self._storage.notify(self.queue.channel, "0")
-        except StorageError as exc:
-            log.warning("notify on %s failed: %s", self.queue.name, exc)
-
-    # -- leases ----------------------------------------------------------------
-
-    async def _heartbeat(self) -> None:
-        """Renew every held lease each ``heartbeat_s``; cancel handlers whose lease is gone.
-
-        Each renewal is bounded by the time the leases would run out (the last successful
-        renewal plus ``lease_s``, less a margin): if renewals fail, or hang on a stalled
-        pool, until then, the handlers are cancelled (their tasks may be claimed elsewhere
-        soon), so a task is never run twice live.
-        """
-        cfg = self.config
-        margin = min(0.1 * cfg.lease_s, 1.0)
-        while True:
-            await anyio.sleep(cfg.heartbeat_s)
-            held = [Claim(i, t) for i, t in self._held.items()]
-            started = time.monotonic()
-            if not held:
-                self._last_renewal = started
-                continue
-            give_up = self._last_renewal + cfg.lease_s - margin
-            live: set[int] | None = None
-            with anyio.move_on_after(give_up - started):
-                try:
-                    live = set(await self._storage.heartbeat_tasks(held, cfg.lease_s))
-                except StorageError as exc:
-                    self._errors += 1
-                    log.warning("heartbeat on %s failed: %s", self.queue.name, exc)
-            if live is None:
-                if time.monotonic() >= give_up:
-                    for claim in held:
-                        self._lose(claim)
-                continue
-            self._last_renewal = started
-            for claim in held:
-                if claim.id not in live:
-                    self._lose(claim)
-
-    def _lose(self, claim: Claim) -> None:
-        if self._held.get(claim.id) != claim.token:
-            return  # its outcome was written meanwhile
-        self._lease_lost += 1
-        del self._held[claim.id]
-        scope = self._scopes.get(claim.id)
-        if scope is not None:
-            self._stop_reason[claim.id] = (_Stop.LEASE_LOST, "")
-            scope.cancel()
-
-
-async def _first_of(*events: anyio.Event) -> None:
-    """Return as soon as any of ``events`` is set."""
-    if any(e.is_set() for e in events):
-        return
-    async with anyio.create_task_group() as tg:
-
-        async def wait(event: anyio.Event) -> None:
-            await event.wait()
-            tg.cancel_scope.cancel()
-
-        for event in events:
-            tg.start_soon(wait, event)
-
+            return Outcome(OutcomeKind.DEAD, claim, f"cancelled: {why}")
+        return Outcome(OutcomeKind.RELEASE, claim)
 
 
 @asynccontextmanager
@@ -934,4 +643,4 @@ async def open_worker(
         try:
             yield worker
         finally:
-            worker._stopping.set()
+            worker.stop()

@@ -15,8 +15,10 @@ from typing import Any
 import orjson
 
 from asyncstore.storage.base import (
+    JOB_KINDS,
     EncodedJSON,
     FailureColumns,
+    JobKind,
     NewMessage,
     NewOutboxMessage,
     NewStreamEvent,
@@ -334,6 +336,19 @@ def prepare_outbox(messages: object) -> list[tuple[str, str, bytes, int]]:
             )
         )
     return out
+
+
+def check_job_kind(kind: object) -> JobKind[Any, Any, Any]:
+    """One of the closed set of job kinds (``TASKS``, ``OUTBOX``), by identity."""
+    for known in JOB_KINDS:
+        if kind is known:
+            return known
+    raise InvalidInput(f"kind must be one of the storage job kinds (TASKS, OUTBOX), got {kind!r}")
+
+
+def check_names(values: object, what: str) -> list[str]:
+    """A list of ids (a sequence, not a str), each checked by ``check_id``."""
+    return [check_id(n, what) for n in _batch(values, f"{what}s")]
 
 
 def prepare_claims(claims: object) -> tuple[list[int], list[int]]:

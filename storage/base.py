@@ -13,6 +13,7 @@ import abc
 import bisect
 import collections
 import functools
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -20,11 +21,21 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 from types import MappingProxyType, TracebackType
-from typing import Any, ClassVar, Concatenate, NamedTuple, ParamSpec, Self, TypeVar
+from typing import (
+    Any,
+    ClassVar,
+    Concatenate,
+    Generic,
+    NamedTuple,
+    ParamSpec,
+    Self,
+    TypeVar,
+)
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from asyncstore.storage.errors import (
+    InvalidArgument,
     InvalidInput,
     InvalidType,
     LeaseLost,
@@ -39,14 +50,18 @@ _R = TypeVar("_R")
 _B = TypeVar("_B", bound="AsyncStorageBackend")
 
 __all__ = [
+    "JOB_KINDS",
     "JSON",
     "LEASE_EXPIRED",
+    "OUTBOX",
+    "TASKS",
     "AsyncStorageBackend",
     "CancelState",
     "ChatMessage",
     "Claim",
     "EncodedJSON",
     "Failure",
+    "JobKind",
     "JournaledEvent",
     "Leadership",
     "Lease",
@@ -464,6 +479,117 @@ class Failure(NamedTuple):
     token: int
     error: str
     retry_at: datetime | None = None
+
+
+# ---------------------------------------------------------------- the leased-job engine
+
+_J = TypeVar("_J")  # the record of a kind (Task, OutboxMessage)
+_N = TypeVar("_N")  # what enqueuing takes (NewTask, NewOutboxMessage)
+_S = TypeVar("_S", bound=StrEnum)  # the status enum of a kind
+
+_TEMPLATE_FIELD = re.compile(r"\{(\w+)\}")
+
+
+@dataclass(frozen=True, eq=False, slots=True)
+class JobKind(Generic[_J, _N, _S]):
+    """One kind of leased job: the table its rows live in and the names of its states.
+
+    Agent tasks (``TASKS``) and outbox messages (``OUTBOX``) are two kinds of one engine:
+    rows enqueued ``waiting``, claimed into ``running`` under a lease token (``run_after``
+    is then the lease expiry), and finished ``done`` or ``dead``; failing puts a row back to
+    ``waiting`` at its ``retry_at`` until its attempts run out. The ``*_jobs`` methods of the
+    storage contract take the kind as their first argument. The set of kinds is closed:
+    only the two instances below exist, and SQL templates are rendered from their fields
+    (never from caller input), so a table name cannot be injected.
+
+    ``grouped`` kinds carry an ordering group (an outbox message's (channel, account)): the
+    claim takes a group's messages in id order, at most one in flight per group.
+    """
+
+    name: str
+    table: str
+    suffix: str  # statement names: "<op>_<suffix>" (complete_tasks, claim_outbox, ...)
+    waiting: str
+    running: str
+    done: str
+    grouped: bool
+    queue_label: str  # what claim_jobs' ``queues`` filter names for this kind
+    record: Callable[[Mapping[str, Any]], _J]
+    status: Callable[[str], _S]
+    prepare: Callable[[object], list[Any]]
+    dead: str = "dead"
+
+    def __repr__(self) -> str:
+        return f"JobKind({self.name!r})"
+
+    def statement(self, operation: str) -> str:
+        """The name of this kind's statement for ``operation`` (e.g. ``claim_tasks``)."""
+        return f"{operation}_{self.suffix}"
+
+    def render(self, template: str) -> str:
+        """Fill a ``*_jobs`` SQL template: ``{jobs}`` the table, ``{waiting}``, ``{running}``,
+        ``{done}``, ``{dead}`` the status names; any other field is an error."""
+        fields = {
+            "jobs": self.table,
+            "waiting": self.waiting,
+            "running": self.running,
+            "done": self.done,
+            "dead": self.dead,
+        }
+
+        def fill(match: re.Match[str]) -> str:
+            if match.group(1) not in fields:
+                raise InvalidArgument(f"unknown field {{{match.group(1)}}} in a job template")
+            return fields[match.group(1)]
+
+        return _TEMPLATE_FIELD.sub(fill, template)
+
+
+TASKS: JobKind[Task, NewTask, TaskStatus] = JobKind(
+    "task",
+    "agent_tasks",
+    "tasks",
+    TaskStatus.QUEUED,
+    TaskStatus.RUNNING,
+    TaskStatus.SUCCEEDED,
+    grouped=False,
+    queue_label="queue",
+    record=Task.from_row,
+    status=TaskStatus,
+    prepare=lambda jobs: v.prepare_tasks(jobs),
+)
+"""Agent tasks: per queue, by priority then due time; idempotency keys; no groups."""
+
+OUTBOX: JobKind[OutboxMessage, NewOutboxMessage, OutboxStatus] = JobKind(
+    "outbox",
+    "outbox",
+    "outbox",
+    OutboxStatus.PENDING,
+    OutboxStatus.SENDING,
+    OutboxStatus.SENT,
+    grouped=True,
+    queue_label="channel",
+    record=OutboxMessage.from_row,
+    status=OutboxStatus,
+    prepare=lambda jobs: v.prepare_outbox(jobs),
+)
+"""Outbox messages: in id order per (channel, account) group, one in flight per group."""
+
+JOB_KINDS: tuple[JobKind[Any, Any, Any], ...] = (TASKS, OUTBOX)
+
+
+def render_job_queries(queries: Mapping[str, str]) -> dict[str, str]:
+    """Expand each ``<op>_jobs`` template into one statement per kind, ``<op>_<suffix>``.
+
+    A statement the dialect writes for one kind under that name (a kind-specific rule, such
+    as a grouped kind's claim) takes the template's place for that kind.
+    """
+    out = {name: sql for name, sql in queries.items() if not name.endswith("_jobs")}
+    for name, sql in queries.items():
+        if name.endswith("_jobs"):
+            for kind in JOB_KINDS:
+                out.setdefault(kind.statement(name.removesuffix("_jobs")), kind.render(sql))
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -1124,91 +1250,148 @@ class AsyncStorageBackend(abc.ABC):
         """The number of live leases (a COUNT(*): only the legacy limiter loop uses it)."""
         return await self._sql_count_leases()
 
-    # -- agent tasks -----------------------------------------------------------
+    # -- leased jobs (agent tasks, outbox) ---------------------------------------
+    # One engine for both kinds (``JobKind``): each method takes the kind first. The
+    # ``*_tasks`` / ``*_outbox`` methods further down are one-line aliases kept for callers.
 
     @operation
-    async def enqueue_tasks(self, tasks: Sequence[NewTask]) -> list[Task]:
-        """Enqueue tasks in one transaction; returns one row per input, in input order.
+    async def enqueue_jobs(
+        self, kind: JobKind[_J, _N, _S], jobs: Sequence[_N], *, notify: str | None = None
+    ) -> list[_J]:
+        """Enqueue jobs of ``kind`` in one transaction; one row per input, in input order.
 
-        An input whose idempotency key matches an unfinished task of the same queue (or an
-        earlier input of the same call) returns that task instead of a new row.
+        Tasks: an input whose idempotency key matches an unfinished task of the same queue
+        (or an earlier input of the same call) returns that task instead of a new row.
+        With ``notify``, the same statement (Postgres) or the same call right after the
+        commit (SQLite, in process) sends one notification on that channel when a returned
+        row is waiting, its payload the earliest ``run_after`` of those rows as a Unix
+        timestamp: the enqueue and its wakeup are one round trip.
         """
-        rows = v.prepare_tasks(tasks)
+        k = v.check_job_kind(kind)
+        rows = k.prepare(jobs)
+        channel = None if notify is None else v.check_channel(notify)
         if not rows:
             return []
-        return await self._sql_enqueue_tasks(rows)
+        return await self._sql_enqueue_jobs(k, rows, channel)
 
     @operation
-    async def claim_tasks(
-        self, queue: str, worker_id: str, *, limit: int, lease_s: float
-    ) -> list[Task]:
-        """Claim up to ``limit`` claimable tasks of ``queue`` in one statement.
+    async def claim_jobs(
+        self,
+        kind: JobKind[_J, _N, _S],
+        worker_id: str,
+        *,
+        limit: int,
+        lease_s: float,
+        queues: Sequence[str] | None = None,
+    ) -> list[_J]:
+        """Claim up to ``limit`` claimable jobs of ``kind`` in one statement.
 
-        Claimable: queued with ``run_after`` due, or running with an expired lease (its
-        worker died). Order: priority descending, then ``run_after``, then id. Each claim
-        increments ``attempts`` and gets a new lease token; concurrent claimers never get
-        the same row (``FOR UPDATE SKIP LOCKED`` on Postgres, an IMMEDIATE transaction on
-        SQLite). If the call is cancelled after the claim committed, the rows stay leased
-        and are re-claimed after ``lease_s``. A task claimed because its lease expired gets
-        ``last_error`` = ``LEASE_EXPIRED`` (on its last attempt it is dead-lettered with
-        ``lease expired on the last attempt`` instead and not returned).
+        Claimable: waiting with ``run_after`` due, or running with an expired lease (its
+        worker died). Each claim counts an attempt and gets a new lease token; concurrent
+        claimers never get the same row. A row whose lease expired on its last attempt is
+        dead-lettered (``lease expired on the last attempt``) and not returned; a task
+        re-claimed after its lease expired gets ``last_error`` = ``LEASE_EXPIRED``. If the
+        call is cancelled after the claim committed, the rows stay leased and are claimed
+        again after ``lease_s``.
+
+        ``queues`` filters by the kind's queue column (``kind.queue_label``): a task claim
+        names exactly one queue and takes its tasks by priority descending, then
+        ``run_after``, then id. An outbox claim takes any channels (None) or those listed,
+        in id order under the group rule: nothing of a (channel, account) group is claimed
+        while one of its messages is in flight under a live claim; a message waiting for
+        its retry holds back the later messages of its group; a dead message holds nothing
+        back. A claim takes a prefix, in id order, of each group's due messages.
         """
-        v.check_id(queue, "queue")
+        k = v.check_job_kind(kind)
         v.check_id(worker_id, "worker_id")
+        label = k.queue_label
+        names = None if queues is None else v.check_names(queues, label)
+        if not k.grouped and (names is None or len(names) != 1):
+            raise InvalidInput(f"a {k.name} claim names exactly one {label}")
         n = v.check_limit(limit)
-        return await self._sql_claim_tasks(queue, worker_id, n, v.check_seconds(lease_s, "lease_s"))
+        lease = v.check_seconds(lease_s, "lease_s")
+        return await self._sql_claim_jobs(k, worker_id, n, lease, names)
 
     @operation
-    async def heartbeat_tasks(self, claims: Sequence[Claim], lease_s: float) -> list[int]:
-        """Extend the leases of running tasks; returns the ids whose claim was still current."""
+    async def heartbeat_jobs(
+        self, kind: JobKind[_J, _N, _S], claims: Sequence[Claim], lease_s: float
+    ) -> list[int]:
+        """Extend the leases of running jobs; returns the ids whose claim was still current."""
+        k = v.check_job_kind(kind)
         ids, tokens = v.prepare_claims(claims)
         seconds = v.check_seconds(lease_s, "lease_s")
-        if not ids:
-            return []
-        return await self._sql_heartbeat_tasks(ids, tokens, seconds)
+        return await self._sql_heartbeat_jobs(k, ids, tokens, seconds) if ids else []
 
     @operation
-    async def complete_tasks(self, claims: Sequence[Claim]) -> list[int]:
-        """Mark tasks succeeded; returns the ids whose claim was current (others untouched)."""
+    async def complete_jobs(self, kind: JobKind[_J, _N, _S], claims: Sequence[Claim]) -> list[int]:
+        """Mark jobs done; returns the ids whose claim was current (others untouched)."""
+        k = v.check_job_kind(kind)
         ids, tokens = v.prepare_claims(claims)
-        return await self._sql_complete_tasks(ids, tokens) if ids else []
+        return await self._sql_complete_jobs(k, ids, tokens) if ids else []
 
     @operation
-    async def fail_tasks(self, failures: Sequence[Failure]) -> dict[int, TaskStatus]:
+    async def fail_jobs(
+        self, kind: JobKind[_J, _N, _S], failures: Sequence[Failure]
+    ) -> dict[int, _S]:
         """Record failed attempts under their current claims.
 
-        A task with attempts left goes back to ``queued`` with ``run_after`` = ``retry_at``;
-        otherwise it becomes ``dead`` (kept, with its last error). Returns the new status
-        of every task whose claim was current; stale claims are left out.
+        A job with attempts left goes back to waiting with ``run_after`` = ``retry_at``
+        (None: now); otherwise it becomes ``dead`` (kept, with its last error). Returns the
+        new status of every job whose claim was current; stale claims are left out.
         """
+        k = v.check_job_kind(kind)
         columns = v.prepare_failures(failures)
-        return await self._sql_fail_tasks(columns) if columns.ids else {}
+        if not columns.ids:
+            return {}
+        return {i: k.status(s) for i, s in (await self._sql_fail_jobs(k, columns)).items()}
 
     @operation
-    async def release_tasks(self, claims: Sequence[Claim]) -> list[int]:
-        """Give claimed tasks back (shutdown): queued, due now, this attempt not counted."""
+    async def release_jobs(self, kind: JobKind[_J, _N, _S], claims: Sequence[Claim]) -> list[int]:
+        """Give claimed jobs back (shutdown): waiting, due now, this attempt not counted."""
+        k = v.check_job_kind(kind)
         ids, tokens = v.prepare_claims(claims)
-        return await self._sql_release_tasks(ids, tokens) if ids else []
+        return await self._sql_release_jobs(k, ids, tokens) if ids else []
 
     @operation
-    async def dead_letter_tasks(self, failures: Sequence[Failure]) -> list[int]:
-        """Dead-letter running tasks now (permanent error, cancelled), attempts left or not.
+    async def dead_letter_jobs(
+        self, kind: JobKind[_J, _N, _S], failures: Sequence[Failure]
+    ) -> list[int]:
+        """Dead-letter running jobs now (permanent error, cancelled), attempts left or not.
 
         Only under their current claims; ``retry_at`` is ignored. Returns the ids moved.
         """
+        k = v.check_job_kind(kind)
         columns = v.prepare_failures(failures)  # retry_at does not apply
-        return await self._sql_dead_letter_tasks(columns) if columns.ids else []
+        return await self._sql_dead_letter_jobs(k, columns) if columns.ids else []
 
     @operation
-    async def get_task(self, task_id: int) -> Task | None:
-        """One task by id."""
-        return await self._sql_get_task(v.check_int(task_id, "task_id", minimum=1))
+    async def redrive_jobs(self, kind: JobKind[_J, _N, _S], ids: Sequence[int]) -> list[int]:
+        """Put dead jobs back to waiting, due now, with a fresh attempt budget; returns those
+        moved.
+
+        A redriven outbox message takes its place (its id) among its group's open messages
+        again: it waits while a message of its group is in flight, then goes before the
+        later messages of its group that are still pending.
+        """
+        k = v.check_job_kind(kind)
+        checked = v.unique_ids(ids)
+        return await self._sql_redrive_jobs(k, checked) if checked else []
 
     @operation
-    async def purge_tasks(self, older_than_s: float) -> int:
-        """Delete succeeded tasks finished more than ``older_than_s`` seconds ago."""
+    async def get_job(self, kind: JobKind[_J, _N, _S], job_id: int) -> _J | None:
+        """One job of ``kind`` by id, in any state."""
+        k = v.check_job_kind(kind)
+        return await self._sql_get_job(k, v.check_int(job_id, "id", minimum=1))  # type: ignore[no-any-return]
+
+    @operation
+    async def purge_jobs(self, kind: JobKind[_J, _N, _S], older_than_s: float) -> int:
+        """Delete done jobs finished more than ``older_than_s`` seconds ago.
+
+        Dead jobs are kept for an operator to inspect or redrive. Returns the count.
+        """
+        k = v.check_job_kind(kind)
         age = v.check_seconds(older_than_s, "older_than_s", minimum=0)
-        return await self._sql_purge_tasks(age)
+        return await self._sql_purge_jobs(k, age)
 
     @operation
     async def next_task_due_s(self, queue: str) -> float | None:
@@ -1231,15 +1414,50 @@ class AsyncStorageBackend(abc.ABC):
         """
         return await self._sql_backlog_depths()
 
-    # -- outbox ----------------------------------------------------------------
+    # -- the engine's per-kind names (aliases of the *_jobs methods) --------------
 
-    @operation
+    async def enqueue_tasks(self, tasks: Sequence[NewTask]) -> list[Task]:
+        """``enqueue_jobs(TASKS, tasks)``."""
+        return await self.enqueue_jobs(TASKS, tasks)
+
+    async def claim_tasks(
+        self, queue: str, worker_id: str, *, limit: int, lease_s: float
+    ) -> list[Task]:
+        """``claim_jobs(TASKS, worker_id, queues=[queue], ...)``."""
+        return await self.claim_jobs(TASKS, worker_id, limit=limit, lease_s=lease_s, queues=[queue])
+
+    async def heartbeat_tasks(self, claims: Sequence[Claim], lease_s: float) -> list[int]:
+        """``heartbeat_jobs(TASKS, claims, lease_s)``."""
+        return await self.heartbeat_jobs(TASKS, claims, lease_s)
+
+    async def complete_tasks(self, claims: Sequence[Claim]) -> list[int]:
+        """``complete_jobs(TASKS, claims)``."""
+        return await self.complete_jobs(TASKS, claims)
+
+    async def fail_tasks(self, failures: Sequence[Failure]) -> dict[int, TaskStatus]:
+        """``fail_jobs(TASKS, failures)``."""
+        return await self.fail_jobs(TASKS, failures)
+
+    async def release_tasks(self, claims: Sequence[Claim]) -> list[int]:
+        """``release_jobs(TASKS, claims)``."""
+        return await self.release_jobs(TASKS, claims)
+
+    async def dead_letter_tasks(self, failures: Sequence[Failure]) -> list[int]:
+        """``dead_letter_jobs(TASKS, failures)``."""
+        return await self.dead_letter_jobs(TASKS, failures)
+
+    async def get_task(self, task_id: int) -> Task | None:
+        """``get_job(TASKS, task_id)``."""
+        return await self.get_job(TASKS, task_id)
+
+    async def purge_tasks(self, older_than_s: float) -> int:
+        """``purge_jobs(TASKS, older_than_s)``."""
+        return await self.purge_jobs(TASKS, older_than_s)
+
     async def enqueue_outbox(self, messages: Sequence[NewOutboxMessage]) -> list[OutboxMessage]:
-        """Enqueue outbox messages in one transaction, in order."""
-        rows = v.prepare_outbox(messages)
-        return await self._sql_enqueue_outbox(rows) if rows else []
+        """``enqueue_jobs(OUTBOX, messages)``."""
+        return await self.enqueue_jobs(OUTBOX, messages)
 
-    @operation
     async def claim_outbox(
         self,
         worker_id: str,
@@ -1248,69 +1466,38 @@ class AsyncStorageBackend(abc.ABC):
         lease_s: float,
         channels: Sequence[str] | None = None,
     ) -> list[OutboxMessage]:
-        """Claim up to ``limit`` due messages (optionally of some channels), in id order.
+        """``claim_jobs(OUTBOX, worker_id, queues=channels, ...)``."""
+        return await self.claim_jobs(
+            OUTBOX, worker_id, limit=limit, lease_s=lease_s, queues=channels
+        )
 
-        Group rule, for any number of concurrent claimers: nothing of a (channel, account)
-        group is claimed while one of its messages is in flight under a live claim; a
-        message waiting for its retry holds back the later messages of its group; a dead
-        message holds nothing back. A claim takes a prefix, in id order, of each group's
-        due messages, so one claimer at a time holds a group and sees it in order.
-        """
-        v.check_id(worker_id, "worker_id")
-        chans = None if channels is None else [v.check_id(c, "channel") for c in channels]
-        n = v.check_limit(limit)
-        lease = v.check_seconds(lease_s, "lease_s")
-        return await self._sql_claim_outbox(worker_id, n, chans, lease)
-
-    @operation
     async def mark_outbox_sent(self, claims: Sequence[Claim]) -> list[int]:
-        """Mark messages sent; returns the ids whose claim was current."""
-        ids, tokens = v.prepare_claims(claims)
-        return await self._sql_mark_outbox_sent(ids, tokens) if ids else []
+        """``complete_jobs(OUTBOX, claims)``."""
+        return await self.complete_jobs(OUTBOX, claims)
 
-    @operation
     async def fail_outbox(self, failures: Sequence[Failure]) -> dict[int, OutboxStatus]:
-        """Record failed sends: back to pending at ``retry_at``, or dead when attempts ran out."""
-        columns = v.prepare_failures(failures)
-        return await self._sql_fail_outbox(columns) if columns.ids else {}
+        """``fail_jobs(OUTBOX, failures)``."""
+        return await self.fail_jobs(OUTBOX, failures)
 
-    @operation
     async def redrive_outbox(self, ids: Sequence[int]) -> list[int]:
-        """Put dead messages back to pending with a fresh attempt budget; returns those moved.
+        """``redrive_jobs(OUTBOX, ids)``."""
+        return await self.redrive_jobs(OUTBOX, ids)
 
-        A redriven message takes its place (its id) among its group's open messages again:
-        it waits while a message of its group is in flight, then goes before the later
-        messages of its group that are still pending.
-        """
-        checked = v.unique_ids(ids)
-        return await self._sql_redrive_outbox(checked) if checked else []
-
-    @operation
     async def release_outbox(self, claims: Sequence[Claim]) -> list[int]:
-        """Give claimed messages back unsent: pending, due now, this attempt not counted."""
-        ids, tokens = v.prepare_claims(claims)
-        return await self._sql_release_outbox(ids, tokens) if ids else []
+        """``release_jobs(OUTBOX, claims)``."""
+        return await self.release_jobs(OUTBOX, claims)
 
-    @operation
     async def dead_letter_outbox(self, failures: Sequence[Failure]) -> list[int]:
-        """Dead-letter messages now (a non-retryable error) under their current claims."""
-        columns = v.prepare_failures(failures)
-        return await self._sql_dead_letter_outbox(columns) if columns.ids else []
+        """``dead_letter_jobs(OUTBOX, failures)``."""
+        return await self.dead_letter_jobs(OUTBOX, failures)
 
-    @operation
     async def get_outbox(self, message_id: int) -> OutboxMessage | None:
-        """One outbox message by id."""
-        checked = v.check_int(message_id, "message_id", minimum=1)
-        return await self._sql_get_outbox(checked)
+        """``get_job(OUTBOX, message_id)``."""
+        return await self.get_job(OUTBOX, message_id)
 
-    @operation
     async def purge_outbox(self, older_than_s: float) -> int:
-        """Delete sent messages last updated more than ``older_than_s`` seconds ago.
-
-        Dead messages are kept for an operator to inspect or redrive. Returns the count.
-        """
-        age = v.check_seconds(older_than_s, "older_than_s", minimum=0)
-        return await self._sql_purge_outbox(age)
+        """``purge_jobs(OUTBOX, older_than_s)``: sent messages; dead ones are kept."""
+        return await self.purge_jobs(OUTBOX, older_than_s)
 
     # -- webhook journal --------------------------------------------------------
 
@@ -1577,75 +1764,64 @@ class AsyncStorageBackend(abc.ABC):
     async def _sql_count_leases(self) -> int: ...
 
     @abc.abstractmethod
-    async def _sql_enqueue_tasks(
-        self, rows: list[tuple[str, bytes, int, datetime | None, str | None, int]]
-    ) -> list[Task]:
-        """One task per row, in row order (``_validate.match_enqueued`` puts them so)."""
+    async def _sql_enqueue_jobs(
+        self, kind: JobKind[Any, Any, Any], rows: list[Any], notify: str | None
+    ) -> list[Any]:
+        """One record per row, in row order (``_validate.match_enqueued`` puts tasks so);
+        with ``notify``, one notification when a returned row is waiting (see
+        ``enqueue_jobs``)."""
 
     @abc.abstractmethod
-    async def _sql_claim_tasks(
-        self, queue: str, worker_id: str, limit: int, lease_s: float
-    ) -> list[Task]: ...
+    async def _sql_claim_jobs(
+        self,
+        kind: JobKind[Any, Any, Any],
+        worker_id: str,
+        limit: int,
+        lease_s: float,
+        queues: list[str] | None,
+    ) -> list[Any]: ...
 
     @abc.abstractmethod
-    async def _sql_heartbeat_tasks(
-        self, ids: list[int], tokens: list[int], lease_s: float
+    async def _sql_heartbeat_jobs(
+        self, kind: JobKind[Any, Any, Any], ids: list[int], tokens: list[int], lease_s: float
     ) -> list[int]: ...
 
     @abc.abstractmethod
-    async def _sql_complete_tasks(self, ids: list[int], tokens: list[int]) -> list[int]: ...
+    async def _sql_complete_jobs(
+        self, kind: JobKind[Any, Any, Any], ids: list[int], tokens: list[int]
+    ) -> list[int]: ...
 
     @abc.abstractmethod
-    async def _sql_fail_tasks(self, failures: FailureColumns) -> dict[int, TaskStatus]: ...
+    async def _sql_fail_jobs(
+        self, kind: JobKind[Any, Any, Any], failures: FailureColumns
+    ) -> dict[int, str]: ...
 
     @abc.abstractmethod
-    async def _sql_release_tasks(self, ids: list[int], tokens: list[int]) -> list[int]: ...
+    async def _sql_release_jobs(
+        self, kind: JobKind[Any, Any, Any], ids: list[int], tokens: list[int]
+    ) -> list[int]: ...
 
     @abc.abstractmethod
-    async def _sql_dead_letter_tasks(self, failures: FailureColumns) -> list[int]: ...
+    async def _sql_dead_letter_jobs(
+        self, kind: JobKind[Any, Any, Any], failures: FailureColumns
+    ) -> list[int]: ...
 
     @abc.abstractmethod
-    async def _sql_get_task(self, task_id: int) -> Task | None: ...
+    async def _sql_redrive_jobs(
+        self, kind: JobKind[Any, Any, Any], ids: list[int]
+    ) -> list[int]: ...
 
     @abc.abstractmethod
-    async def _sql_purge_tasks(self, age_s: float) -> int: ...
+    async def _sql_get_job(self, kind: JobKind[Any, Any, Any], job_id: int) -> Any: ...
+
+    @abc.abstractmethod
+    async def _sql_purge_jobs(self, kind: JobKind[Any, Any, Any], age_s: float) -> int: ...
 
     @abc.abstractmethod
     async def _sql_next_task_due_s(self, queue: str) -> float | None: ...
 
     @abc.abstractmethod
     async def _sql_backlog_depths(self) -> tuple[list[QueueDepth], QueueDepth]: ...
-
-    @abc.abstractmethod
-    async def _sql_enqueue_outbox(
-        self, rows: list[tuple[str, str, bytes, int]]
-    ) -> list[OutboxMessage]: ...
-
-    @abc.abstractmethod
-    async def _sql_claim_outbox(
-        self, worker_id: str, limit: int, channels: list[str] | None, lease_s: float
-    ) -> list[OutboxMessage]: ...
-
-    @abc.abstractmethod
-    async def _sql_mark_outbox_sent(self, ids: list[int], tokens: list[int]) -> list[int]: ...
-
-    @abc.abstractmethod
-    async def _sql_fail_outbox(self, failures: FailureColumns) -> dict[int, OutboxStatus]: ...
-
-    @abc.abstractmethod
-    async def _sql_redrive_outbox(self, ids: list[int]) -> list[int]: ...
-
-    @abc.abstractmethod
-    async def _sql_release_outbox(self, ids: list[int], tokens: list[int]) -> list[int]: ...
-
-    @abc.abstractmethod
-    async def _sql_dead_letter_outbox(self, failures: FailureColumns) -> list[int]: ...
-
-    @abc.abstractmethod
-    async def _sql_get_outbox(self, message_id: int) -> OutboxMessage | None: ...
-
-    @abc.abstractmethod
-    async def _sql_purge_outbox(self, age_s: float) -> int: ...
 
     @abc.abstractmethod
     async def _sql_journal_webhook_events(
@@ -1728,11 +1904,27 @@ class AsyncStorageBackend(abc.ABC):
         return (await self.enqueue_tasks([task]))[0]
 
 
+_JOB_ALIASES = frozenset(
+    (
+        *(f"{op}_tasks" for op in ("enqueue", "claim", "heartbeat", "complete", "fail")),
+        *(f"{op}_tasks" for op in ("release", "dead_letter", "purge")),
+        "get_task",
+        *(f"{op}_outbox" for op in ("enqueue", "claim", "fail", "redrive", "release")),
+        *(f"{op}_outbox" for op in ("dead_letter", "get", "purge")),
+        "mark_outbox_sent",
+    )
+)
+"""The per-kind names of the job engine: aliases, refused in a dialect like the rest."""
+
 _CONTRACT_CALLS = frozenset(
     name
     for name, member in vars(AsyncStorageBackend).items()
     if not name.startswith("_")
-    and (getattr(member, "__storage_operation__", False) or name in ("listen", "open_leadership"))
+    and (
+        getattr(member, "__storage_operation__", False)
+        or name in ("listen", "open_leadership")
+        or name in _JOB_ALIASES
+    )
 )
 """The public contract methods the base class implements once for every dialect."""
 

@@ -31,10 +31,12 @@ from asyncstore.storage._schema import mask_url
 from asyncstore.storage._shield import complete
 from asyncstore.storage._sql import load_migrations, load_queries
 from asyncstore.storage.base import (
+    TASKS,
     AsyncStorageBackend,
     CancelState,
     ChatMessage,
     FailureColumns,
+    JobKind,
     JournaledEvent,
     Leadership,
     Lease,
@@ -43,17 +45,14 @@ from asyncstore.storage.base import (
     LoginSlot,
     NewMessage,
     NotificationStream,
-    OutboxMessage,
-    OutboxStatus,
     QueueDepth,
     StorageSettings,
     StorageStatistics,
     StreamAppend,
     StreamEvent,
-    Task,
-    TaskStatus,
     WebhookAttempt,
     operation,
+    render_job_queries,
 )
 from asyncstore.storage.errors import (
     ConfigurationError,
@@ -67,7 +66,7 @@ from asyncstore.storage.errors import (
     is_retryable,
 )
 
-Q = load_queries("postgres")
+Q = render_job_queries(load_queries("postgres"))
 _MIGRATION_LOCK = 0x6173796E63  # "async": the advisory lock key that serializes migrations
 _PING_EVERY_S = 10.0
 _RECONNECT_BASE_S = 0.05  # first LISTEN reconnect backoff step (capped by the settings)
@@ -417,7 +416,7 @@ class PostgresBackend(AsyncStorageBackend):
                 result = await conn.fetch(Q["append_messages"], *args)
                 if result:
                     self._count("enqueue_outbox")
-                    await conn.execute(Q["enqueue_outbox"], *_outbox_columns(outbox))
+                    await conn.execute(Q["enqueue_outbox"], *_outbox_columns(outbox), None)
         else:
             result = await self._fetch("append_messages", *args)
         if not result:
@@ -518,52 +517,79 @@ class PostgresBackend(AsyncStorageBackend):
     async def _sql_count_leases(self) -> int:
         return int((await self._fetch("count_leases"))[0][0])
 
-    # -- agent tasks -----------------------------------------------------------
+    # -- leased jobs (agent tasks, outbox) ---------------------------------------
 
-    async def _sql_enqueue_tasks(self, rows: list[v.PreparedTask]) -> list[Task]:
-        # Same key twice in one call: send it once (ON CONFLICT cannot touch a row twice).
-        first_of_key: dict[tuple[str, str], int] = {}
-        send: list[v.PreparedTask] = []
-        for row in rows:
-            if row[4] is not None:
-                if (row[0], row[4]) in first_of_key:
-                    continue
-                first_of_key[(row[0], row[4])] = len(send)
-            send.append(row)
-        result = await self._fetch("enqueue_tasks", *[list(c) for c in zip(*send, strict=True)])
-        return v.match_enqueued(rows, [Task.from_row(r) for r in result])
+    async def _sql_enqueue_jobs(
+        self, kind: JobKind[Any, Any, Any], rows: list[Any], notify: str | None
+    ) -> list[Any]:
+        send = rows
+        if kind is TASKS:
+            # Same key twice in one call: send it once (ON CONFLICT cannot touch a row twice).
+            first_of_key: set[tuple[str, str]] = set()
+            send = []
+            for row in rows:
+                if row[4] is not None:
+                    if (row[0], row[4]) in first_of_key:
+                        continue
+                    first_of_key.add((row[0], row[4]))
+                send.append(row)
+        columns = [list(c) for c in zip(*send, strict=True)]
+        result = await self._fetch(kind.statement("enqueue"), *columns, notify)
+        if result and result[0]["notified"]:
+            self._count("notify")  # sent by the enqueue statement itself, on its commit
+        records = [kind.record(r) for r in result]
+        if kind is TASKS:
+            return v.match_enqueued(rows, records)
+        return sorted(records, key=lambda m: m.id)
 
-    async def _sql_claim_tasks(
-        self, queue: str, worker_id: str, limit: int, lease_s: float
-    ) -> list[Task]:
-        rows = await self._fetch("claim_tasks", queue, worker_id, limit, lease_s)
-        return [Task.from_row(r) for r in rows]
+    async def _sql_claim_jobs(
+        self,
+        kind: JobKind[Any, Any, Any],
+        worker_id: str,
+        limit: int,
+        lease_s: float,
+        queues: list[str] | None,
+    ) -> list[Any]:
+        rows = await self._fetch(kind.statement("claim"), worker_id, limit, queues, lease_s)
+        return [kind.record(r) for r in rows]
 
-    async def _sql_heartbeat_tasks(
-        self, ids: list[int], tokens: list[int], lease_s: float
+    async def _sql_heartbeat_jobs(
+        self, kind: JobKind[Any, Any, Any], ids: list[int], tokens: list[int], lease_s: float
     ) -> list[int]:
-        return [r[0] for r in await self._fetch("heartbeat_tasks", ids, tokens, lease_s)]
+        return [r[0] for r in await self._fetch(kind.statement("heartbeat"), ids, tokens, lease_s)]
 
-    async def _sql_complete_tasks(self, ids: list[int], tokens: list[int]) -> list[int]:
-        return await self._claimed_update("complete_tasks", ids, tokens)
+    async def _sql_complete_jobs(
+        self, kind: JobKind[Any, Any, Any], ids: list[int], tokens: list[int]
+    ) -> list[int]:
+        return sorted(r[0] for r in await self._fetch(kind.statement("complete"), ids, tokens))
 
-    async def _sql_fail_tasks(self, failures: FailureColumns) -> dict[int, TaskStatus]:
-        rows = await self._fetch("fail_tasks", *failures)
-        return {r[0]: TaskStatus(r[1]) for r in rows}
+    async def _sql_fail_jobs(
+        self, kind: JobKind[Any, Any, Any], failures: FailureColumns
+    ) -> dict[int, str]:
+        rows = await self._fetch(kind.statement("fail"), *failures)
+        return {r[0]: r[1] for r in rows}
 
-    async def _sql_release_tasks(self, ids: list[int], tokens: list[int]) -> list[int]:
-        return await self._claimed_update("release_tasks", ids, tokens)
+    async def _sql_release_jobs(
+        self, kind: JobKind[Any, Any, Any], ids: list[int], tokens: list[int]
+    ) -> list[int]:
+        return sorted(r[0] for r in await self._fetch(kind.statement("release"), ids, tokens))
 
-    async def _sql_dead_letter_tasks(self, failures: FailureColumns) -> list[int]:
+    async def _sql_dead_letter_jobs(
+        self, kind: JobKind[Any, Any, Any], failures: FailureColumns
+    ) -> list[int]:
         ids, tokens, errors, _ = failures  # retry_at does not apply
-        return sorted(r[0] for r in await self._fetch("dead_letter_tasks", ids, tokens, errors))
+        rows = await self._fetch(kind.statement("dead_letter"), ids, tokens, errors)
+        return sorted(r[0] for r in rows)
 
-    async def _sql_get_task(self, task_id: int) -> Task | None:
-        rows = await self._fetch("get_task", task_id)
-        return Task.from_row(rows[0]) if rows else None
+    async def _sql_redrive_jobs(self, kind: JobKind[Any, Any, Any], ids: list[int]) -> list[int]:
+        return sorted(r[0] for r in await self._fetch(kind.statement("redrive"), ids))
 
-    async def _sql_purge_tasks(self, age_s: float) -> int:
-        return _rowcount(await self._execute("purge_tasks", age_s))
+    async def _sql_get_job(self, kind: JobKind[Any, Any, Any], job_id: int) -> Any:
+        rows = await self._fetch(kind.statement("get"), job_id)
+        return kind.record(rows[0]) if rows else None
+
+    async def _sql_purge_jobs(self, kind: JobKind[Any, Any, Any], age_s: float) -> int:
+        return _rowcount(await self._execute(kind.statement("purge"), age_s))
 
     async def _sql_next_task_due_s(self, queue: str) -> float | None:
         rows = await self._fetch("next_task_due", queue)
@@ -573,47 +599,6 @@ class PostgresBackend(AsyncStorageBackend):
     async def _sql_backlog_depths(self) -> tuple[list[QueueDepth], QueueDepth]:
         tasks = [QueueDepth.from_row(r) for r in await self._fetch("task_backlog")]
         return tasks, QueueDepth.from_row((await self._fetch("outbox_backlog"))[0])
-
-    async def _claimed_update(self, name: str, ids: list[int], tokens: list[int]) -> list[int]:
-        return sorted(r[0] for r in await self._fetch(name, ids, tokens))
-
-    # -- outbox ----------------------------------------------------------------
-
-    async def _sql_enqueue_outbox(
-        self, rows: list[tuple[str, str, bytes, int]]
-    ) -> list[OutboxMessage]:
-        result = await self._fetch("enqueue_outbox", *_outbox_columns(rows))
-        return sorted((OutboxMessage.from_row(r) for r in result), key=lambda m: m.id)
-
-    async def _sql_claim_outbox(
-        self, worker_id: str, limit: int, channels: list[str] | None, lease_s: float
-    ) -> list[OutboxMessage]:
-        rows = await self._fetch("claim_outbox", worker_id, limit, channels, lease_s)
-        return [OutboxMessage.from_row(r) for r in rows]
-
-    async def _sql_mark_outbox_sent(self, ids: list[int], tokens: list[int]) -> list[int]:
-        return await self._claimed_update("mark_outbox_sent", ids, tokens)
-
-    async def _sql_fail_outbox(self, failures: FailureColumns) -> dict[int, OutboxStatus]:
-        rows = await self._fetch("fail_outbox", *failures)
-        return {r[0]: OutboxStatus(r[1]) for r in rows}
-
-    async def _sql_redrive_outbox(self, ids: list[int]) -> list[int]:
-        return sorted(r[0] for r in await self._fetch("redrive_outbox", ids))
-
-    async def _sql_release_outbox(self, ids: list[int], tokens: list[int]) -> list[int]:
-        return await self._claimed_update("release_outbox", ids, tokens)
-
-    async def _sql_dead_letter_outbox(self, failures: FailureColumns) -> list[int]:
-        rows = await self._fetch("dead_letter_outbox", *failures)
-        return sorted(r[0] for r in rows)
-
-    async def _sql_get_outbox(self, message_id: int) -> OutboxMessage | None:
-        rows = await self._fetch("get_outbox", message_id)
-        return OutboxMessage.from_row(rows[0]) if rows else None
-
-    async def _sql_purge_outbox(self, age_s: float) -> int:
-        return _rowcount(await self._execute("purge_outbox", age_s))
 
     # -- webhook journal --------------------------------------------------------
 

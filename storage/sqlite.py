@@ -33,10 +33,12 @@ from asyncstore.storage._notify import NotificationHub
 from asyncstore.storage._shield import complete
 from asyncstore.storage._sql import load_migrations, load_queries
 from asyncstore.storage.base import (
+    TASKS,
     AsyncStorageBackend,
     CancelState,
     ChatMessage,
     FailureColumns,
+    JobKind,
     JournaledEvent,
     Leadership,
     Lease,
@@ -46,7 +48,6 @@ from asyncstore.storage.base import (
     NewMessage,
     NotificationStream,
     OutboxMessage,
-    OutboxStatus,
     QueueDepth,
     StorageSettings,
     StorageStatistics,
@@ -54,9 +55,9 @@ from asyncstore.storage.base import (
     StreamEvent,
     StreamRow,
     Task,
-    TaskStatus,
     WebhookAttempt,
     operation,
+    render_job_queries,
 )
 from asyncstore.storage.errors import (
     ConfigurationError,
@@ -68,7 +69,7 @@ from asyncstore.storage.errors import (
     StorageUnavailable,
 )
 
-Q = load_queries("sqlite")
+Q = render_job_queries(load_queries("sqlite"))
 log = logging.getLogger("asyncstore.storage")
 # Errors creating or opening a path that retrying cannot fix: the URL names a bad path.
 _BAD_PATH_ERRNOS = frozenset(
@@ -646,67 +647,109 @@ class SqliteBackend(AsyncStorageBackend):
         rows = await self._read("count_leases", {"now": time.time()})
         return int(rows[0]["n"])
 
-    # -- agent tasks -----------------------------------------------------------
+    # -- leased jobs (agent tasks, outbox) ---------------------------------------
 
-    async def _sql_enqueue_tasks(self, rows: list[v.PreparedTask]) -> list[Task]:
+    async def _sql_enqueue_jobs(
+        self, kind: JobKind[Any, Any, Any], rows: list[Any], notify: str | None
+    ) -> list[Any]:
         now = time.time()
-        keys = sorted({(r[0], r[4]) for r in rows if r[4] is not None})
         async with self._transaction() as tx:
-            existing: list[dict[str, Any]] = []
-            if keys:
-                existing = await tx.fetch("_existing_keyed_tasks", {"keys": _json(keys)})
-            taken = {(e["queue"], e["idempotency_key"]) for e in existing}
-            values = []
-            for queue, payload, priority, run_after, key, max_attempts in rows:
-                if key is not None:
-                    if (queue, key) in taken:
-                        continue
-                    taken.add((queue, key))
-                at = now if run_after is None else run_after.timestamp()
-                values.append((queue, payload.decode(), priority, at, key, max_attempts, now, now))
-            before = await tx.scalar("_max_task_id", {})
-            await tx.execute_many("enqueue_tasks", values)
-            new = await tx.fetch("_tasks_after", {"after": before})
+            if kind is TASKS:
+                records: list[Any] = await self._insert_tasks(tx, rows, now)
+            else:
+                records = [
+                    OutboxMessage.from_row(r) for r in await self._insert_outbox(tx, rows, now)
+                ]
+            waiting = [r.run_after for r in records if r.status == kind.waiting]
+            if notify is not None and waiting:
+                # Delivered in process on commit, as Postgres delivers the NOTIFY that its
+                # enqueue statement sends: the same payload, the earliest due time.
+                self._count("notify")
+                tx.notify_on_commit(notify, f"{min(waiting).timestamp():.6f}")
+        return records
+
+    async def _insert_tasks(self, tx: _Tx, rows: list[v.PreparedTask], now: float) -> list[Task]:
+        keys = sorted({(r[0], r[4]) for r in rows if r[4] is not None})
+        existing: list[dict[str, Any]] = []
+        if keys:
+            existing = await tx.fetch("_existing_keyed_tasks", {"keys": _json(keys)})
+        taken = {(e["queue"], e["idempotency_key"]) for e in existing}
+        values = []
+        for queue, payload, priority, run_after, key, max_attempts in rows:
+            if key is not None:
+                if (queue, key) in taken:
+                    continue
+                taken.add((queue, key))
+            at = now if run_after is None else run_after.timestamp()
+            values.append((queue, payload.decode(), priority, at, key, max_attempts, now, now))
+        before = await tx.scalar("_max_task_id", {})
+        await tx.execute_many("enqueue_tasks", values)
+        new = await tx.fetch("_tasks_after", {"after": before})
         return v.match_enqueued(rows, [Task.from_row(r) for r in [*existing, *new]])
 
-    async def _sql_claim_tasks(
-        self, queue: str, worker_id: str, limit: int, lease: float
-    ) -> list[Task]:
-        params: dict[str, Any] = {"queue": queue, "worker_id": worker_id, "limit": limit}
+    async def _sql_claim_jobs(
+        self,
+        kind: JobKind[Any, Any, Any],
+        worker_id: str,
+        limit: int,
+        lease: float,
+        queues: list[str] | None,
+    ) -> list[Any]:
+        params: dict[str, Any] = {
+            "worker_id": worker_id,
+            "limit": limit,
+            "queue": queues[0] if queues else None,  # a task claim names one queue
+            "channels": None if queues is None else _json(queues),
+        }
         async with self._transaction() as tx:
             now = time.time()
             token = await tx.next_token("claim_tokens")
             params.update(token=token, now=now, lease_until=now + lease)
-            rows = await tx.fetch("claim_tasks", params)
-        tasks = [Task.from_row(r) for r in rows if r["status"] == "running"]
-        return sorted(tasks, key=lambda t: (-t.priority, t.id))
+            rows = await tx.fetch(kind.statement("claim"), params)
+        jobs = [kind.record(r) for r in rows if r["status"] == kind.running]
+        if kind is TASKS:
+            return sorted(jobs, key=lambda t: (-t.priority, t.id))
+        return sorted(jobs, key=lambda m: m.id)
 
-    async def _sql_heartbeat_tasks(
-        self, ids: list[int], tokens: list[int], lease_s: float
+    async def _sql_heartbeat_jobs(
+        self, kind: JobKind[Any, Any, Any], ids: list[int], tokens: list[int], lease_s: float
     ) -> list[int]:
-        return await self._claimed_update("heartbeat_tasks", ids, tokens, lease_until=lease_s)
+        name = kind.statement("heartbeat")
+        return await self._claimed_update(name, ids, tokens, lease_until=lease_s)
 
-    async def _sql_complete_tasks(self, ids: list[int], tokens: list[int]) -> list[int]:
-        return await self._claimed_update("complete_tasks", ids, tokens)
+    async def _sql_complete_jobs(
+        self, kind: JobKind[Any, Any, Any], ids: list[int], tokens: list[int]
+    ) -> list[int]:
+        return await self._claimed_update(kind.statement("complete"), ids, tokens)
 
-    async def _sql_fail_tasks(self, failures: FailureColumns) -> dict[int, TaskStatus]:
-        rows = await self._failures("fail_tasks", failures)
-        return {r["id"]: TaskStatus(r["status"]) for r in rows}
+    async def _sql_fail_jobs(
+        self, kind: JobKind[Any, Any, Any], failures: FailureColumns
+    ) -> dict[int, str]:
+        rows = await self._failures(kind.statement("fail"), failures)
+        return {r["id"]: r["status"] for r in rows}
 
-    async def _sql_release_tasks(self, ids: list[int], tokens: list[int]) -> list[int]:
-        return await self._claimed_update("release_tasks", ids, tokens)
+    async def _sql_release_jobs(
+        self, kind: JobKind[Any, Any, Any], ids: list[int], tokens: list[int]
+    ) -> list[int]:
+        return await self._claimed_update(kind.statement("release"), ids, tokens)
 
-    async def _sql_dead_letter_tasks(self, failures: FailureColumns) -> list[int]:
-        rows = await self._failures("dead_letter_tasks", failures)
+    async def _sql_dead_letter_jobs(
+        self, kind: JobKind[Any, Any, Any], failures: FailureColumns
+    ) -> list[int]:
+        rows = await self._failures(kind.statement("dead_letter"), failures)
         return sorted(r["id"] for r in rows)
 
-    async def _sql_get_task(self, task_id: int) -> Task | None:
-        rows = await self._read("get_task", {"id": task_id})
-        return Task.from_row(rows[0]) if rows else None
+    async def _sql_redrive_jobs(self, kind: JobKind[Any, Any, Any], ids: list[int]) -> list[int]:
+        params = {"ids": _json(ids), "now": time.time()}
+        return sorted(r["id"] for r in await self._write(kind.statement("redrive"), params))
 
-    async def _sql_purge_tasks(self, age_s: float) -> int:
+    async def _sql_get_job(self, kind: JobKind[Any, Any, Any], job_id: int) -> Any:
+        rows = await self._read(kind.statement("get"), {"id": job_id})
+        return kind.record(rows[0]) if rows else None
+
+    async def _sql_purge_jobs(self, kind: JobKind[Any, Any, Any], age_s: float) -> int:
         cutoff = time.time() - age_s
-        return await self._write_count("purge_tasks", {"cutoff": cutoff})
+        return await self._write_count(kind.statement("purge"), {"cutoff": cutoff})
 
     async def _sql_next_task_due_s(self, queue: str) -> float | None:
         params = {"queue": queue, "now": time.time()}
@@ -732,8 +775,6 @@ class SqliteBackend(AsyncStorageBackend):
         items = [list(f) for f in zip(ids, tokens, errors, map(_ts, retry), strict=True)]
         return await self._write(name, {"failures": _json(items), "now": time.time()})
 
-    # -- outbox ----------------------------------------------------------------
-
     async def _insert_outbox(
         self, tx: _Tx, rows: list[tuple[str, str, bytes, int]], now: float
     ) -> list[dict[str, Any]]:
@@ -741,56 +782,6 @@ class SqliteBackend(AsyncStorageBackend):
         values = [(c, a, p.decode(), m, now, now, now) for c, a, p, m in rows]
         await tx.execute_many("enqueue_outbox", values)
         return await tx.fetch("_outbox_after", {"after": before})
-
-    async def _sql_enqueue_outbox(
-        self, rows: list[tuple[str, str, bytes, int]]
-    ) -> list[OutboxMessage]:
-        async with self._transaction() as tx:
-            new = await self._insert_outbox(tx, rows, time.time())
-        return [OutboxMessage.from_row(r) for r in new]
-
-    async def _sql_claim_outbox(
-        self, worker_id: str, limit: int, channels: list[str] | None, lease: float
-    ) -> list[OutboxMessage]:
-        params: dict[str, Any] = {
-            "worker_id": worker_id,
-            "limit": limit,
-            "channels": None if channels is None else _json(channels),
-        }
-        async with self._transaction() as tx:
-            now = time.time()
-            token = await tx.next_token("claim_tokens")
-            params.update(token=token, now=now, lease_until=now + lease)
-            rows = await tx.fetch("claim_outbox", params)
-        msgs = [OutboxMessage.from_row(r) for r in rows if r["status"] == "sending"]
-        return sorted(msgs, key=lambda m: m.id)
-
-    async def _sql_mark_outbox_sent(self, ids: list[int], tokens: list[int]) -> list[int]:
-        return await self._claimed_update("mark_outbox_sent", ids, tokens)
-
-    async def _sql_fail_outbox(self, failures: FailureColumns) -> dict[int, OutboxStatus]:
-        rows = await self._failures("fail_outbox", failures)
-        return {r["id"]: OutboxStatus(r["status"]) for r in rows}
-
-    async def _sql_redrive_outbox(self, ids: list[int]) -> list[int]:
-        rows = await self._write("redrive_outbox", {"ids": _json(ids), "now": time.time()})
-        return sorted(r["id"] for r in rows)
-
-    async def _sql_release_outbox(self, ids: list[int], tokens: list[int]) -> list[int]:
-        return await self._claimed_update("release_outbox", ids, tokens)
-
-    async def _sql_dead_letter_outbox(self, failures: FailureColumns) -> list[int]:
-        rows = await self._failures("dead_letter_outbox", failures)
-        return sorted(r["id"] for r in rows)
-
-    async def _sql_get_outbox(self, message_id: int) -> OutboxMessage | None:
-        params = {"id": message_id}
-        rows = await self._read("get_outbox", params)
-        return OutboxMessage.from_row(rows[0]) if rows else None
-
-    async def _sql_purge_outbox(self, age_s: float) -> int:
-        cutoff = time.time() - age_s
-        return await self._write_count("purge_outbox", {"cutoff": cutoff})
 
     # -- webhook journal --------------------------------------------------------
 

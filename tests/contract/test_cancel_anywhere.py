@@ -41,7 +41,7 @@ from asyncstore.storage import (
     WebhookAttempt,
     open_storage,
 )
-from asyncstore.storage.base import LoginPolicy
+from asyncstore.storage.base import OUTBOX, TASKS, LoginPolicy
 from tests.waiting import wait_for
 
 BATCH = 3
@@ -200,6 +200,31 @@ async def _prep_claim(s: AsyncStorageBackend, run: str) -> Call:
     return lambda: s.claim_tasks(f"q{run}", "w", limit=BATCH, lease_s=60)
 
 
+async def _prep_jobs(s: AsyncStorageBackend, run: str, op: str) -> Call:
+    """The engine's own names: tasks, except the outbox for heartbeats (new for the outbox)."""
+    if op == "heartbeat_jobs":
+        claims = await _claimed_outbox(s, run)
+        return lambda: s.heartbeat_jobs(OUTBOX, claims, 60)
+    claims = await _claimed_tasks(s, run)
+    if op in ("fail_jobs", "dead_letter_jobs"):
+        return lambda: getattr(s, op)(TASKS, _fails(claims))
+    if op == "redrive_jobs":
+        await s.dead_letter_jobs(TASKS, _fails(claims))
+        return lambda: s.redrive_jobs(TASKS, [c.id for c in claims])
+    if op == "get_job":
+        return lambda: s.get_job(TASKS, claims[0].id)
+    return lambda: getattr(s, op)(TASKS, claims)
+
+
+def _jobs_op(op: str) -> Prepare:
+    return lambda s, run: _prep_jobs(s, run, op)
+
+
+async def _prep_claim_jobs(s: AsyncStorageBackend, run: str) -> Call:
+    await s.enqueue_outbox(_outbox(run))
+    return lambda: s.claim_jobs(OUTBOX, "w", limit=BATCH, lease_s=60, queues=[f"ch{run}"])
+
+
 def _tasks_op(op: str) -> Prepare:
     return lambda s, run: _prep_tasks(s, run, op)
 
@@ -256,6 +281,16 @@ CALLS: dict[str, Prepare] = {
     "next_task_due_s": _p(lambda s, r: s.next_task_due_s(f"q{r}")),
     "backlog_depths": _p(lambda s, r: s.backlog_depths()),
     "enqueue_outbox": _p(lambda s, r: s.enqueue_outbox(_outbox(r))),
+    "enqueue_jobs": _p(lambda s, r: s.enqueue_jobs(TASKS, _tasks(r), notify=f"n{r}")),
+    "claim_jobs": _prep_claim_jobs,
+    "heartbeat_jobs": _jobs_op("heartbeat_jobs"),
+    "complete_jobs": _jobs_op("complete_jobs"),
+    "fail_jobs": _jobs_op("fail_jobs"),
+    "release_jobs": _jobs_op("release_jobs"),
+    "dead_letter_jobs": _jobs_op("dead_letter_jobs"),
+    "redrive_jobs": _jobs_op("redrive_jobs"),
+    "get_job": _jobs_op("get_job"),
+    "purge_jobs": _p(lambda s, r: s.purge_jobs(OUTBOX, 3600)),
     "claim_outbox": _p(lambda s, r: s.claim_outbox("w", limit=BATCH, lease_s=60)),
     "mark_outbox_sent": _outbox_op("mark_outbox_sent"),
     "fail_outbox": _outbox_op("fail_outbox"),

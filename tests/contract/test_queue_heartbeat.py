@@ -23,10 +23,10 @@ class StalledHeartbeats:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    async def heartbeat_tasks(self, claims: Sequence[Claim], lease_s: float) -> list[int]:
+    async def heartbeat_jobs(self, kind: Any, claims: Sequence[Claim], lease_s: float) -> list[int]:
         if self.hang:
             await anyio.sleep(3600)
-        return await self.inner.heartbeat_tasks(claims, lease_s)
+        return await self.inner.heartbeat_jobs(kind, claims, lease_s)
 
 
 async def test_a_hanging_heartbeat_cancels_the_handler_before_the_lease_ends(

@@ -16,13 +16,16 @@ from asyncstore.storage import (
     dialect_of,
 )
 from asyncstore.storage._sql import load_migrations, load_queries, parse_queries
+from asyncstore.storage.base import render_job_queries
 from asyncstore.storage.postgres import map_postgres_error
 from asyncstore.storage.sqlite import map_sqlite_error
 
 
 def test_both_dialects_define_the_same_public_queries() -> None:
-    pg = {n for n in load_queries("postgres") if not n.startswith("_")}
-    lite = {n for n in load_queries("sqlite") if not n.startswith("_")}
+    # As the drivers load them: the job templates rendered per kind (a dialect may write a
+    # kind's own statement where the other renders the template).
+    pg = {n for n in render_job_queries(load_queries("postgres")) if not n.startswith("_")}
+    lite = {n for n in render_job_queries(load_queries("sqlite")) if not n.startswith("_")}
     assert pg == lite
     assert "acquire_lease" in pg and "claim_tasks" in pg
 

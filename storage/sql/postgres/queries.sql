@@ -235,29 +235,50 @@ SELECT EXISTS (SELECT 1 FROM released) AS released,
 -- Legacy limiter only (lock.mode = db_poll): the global COUNT(*) the old loop ran per attempt.
 SELECT count(*) FROM session_leases WHERE expires_at > now();
 
+-- ---------------------------------------------------------------- leased jobs
+-- One engine, two kinds (storage.base.JobKind): agent_tasks (queued / running / succeeded /
+-- dead) and outbox (pending / sending / sent / dead). A statement named <op>_jobs is a
+-- template written once for both: {jobs} is the kind's table and {waiting}, {running},
+-- {done}, {dead} its status names, filled from the closed set of kinds when the queries
+-- are loaded (render_job_queries), never from input; it becomes <op>_tasks and
+-- <op>_outbox. A statement named <op>_tasks or <op>_outbox is that kind's own rule (its
+-- enqueue, its claim order, a grouped kind's redrive) and takes the template's place.
+-- While a job is running, run_after is its lease expiry.
+
 -- name: enqueue_tasks
 -- Rows with an idempotency key that matches an unfinished task return that task (the no-op
 -- update makes RETURNING include it). Identity values follow the ORDER BY, so new rows'
--- ids are in input order.
-INSERT INTO agent_tasks (queue, payload, priority, run_after, idempotency_key, max_attempts)
-SELECT x.queue, x.payload, x.priority, coalesce(x.run_after, now()), x.idempotency_key,
-       x.max_attempts
-FROM unnest($1::text[], $2::json[], $3::int[], $4::timestamptz[], $5::text[], $6::int[])
-     WITH ORDINALITY AS x(queue, payload, priority, run_after, idempotency_key, max_attempts, ord)
-ORDER BY x.ord
-ON CONFLICT (queue, idempotency_key)
-    WHERE idempotency_key IS NOT NULL AND status IN ('queued', 'running')
-    DO UPDATE SET idempotency_key = EXCLUDED.idempotency_key
-RETURNING *;
+-- ids are in input order. $7 a channel or NULL: when a returned task is queued, one
+-- notification carries the earliest run_after of those (Unix seconds), in this statement,
+-- sent on commit with the rows (no second round trip).
+WITH ins AS (
+    INSERT INTO agent_tasks (queue, payload, priority, run_after, idempotency_key, max_attempts)
+    SELECT x.queue, x.payload, x.priority, coalesce(x.run_after, now()), x.idempotency_key,
+           x.max_attempts
+    FROM unnest($1::text[], $2::json[], $3::int[], $4::timestamptz[], $5::text[], $6::int[])
+         WITH ORDINALITY AS x(queue, payload, priority, run_after, idempotency_key, max_attempts,
+                              ord)
+    ORDER BY x.ord
+    ON CONFLICT (queue, idempotency_key)
+        WHERE idempotency_key IS NOT NULL AND status IN ('queued', 'running')
+        DO UPDATE SET idempotency_key = EXCLUDED.idempotency_key
+    RETURNING *
+), woken AS (
+    SELECT pg_notify($7, extract(epoch FROM min(run_after))::text) AS sent
+    FROM ins WHERE $7::text IS NOT NULL AND status = 'queued'
+    HAVING count(*) > 0
+)
+SELECT ins.*, (SELECT count(*) FROM woken) AS notified FROM ins;
 
 -- name: claim_tasks
+-- $1 worker, $2 limit, $3 the one queue (an array, as every kind's claim), $4 lease seconds.
 -- A running task whose lease expired with no attempts left is dead-lettered, not re-run; one
 -- with attempts left is re-run with last_error 'lease expired' (workers count re-runs by it).
 WITH picked AS (
     SELECT id FROM agent_tasks
-    WHERE queue = $1 AND status IN ('queued', 'running') AND run_after <= now()
+    WHERE queue = ($3::text[])[1] AND status IN ('queued', 'running') AND run_after <= now()
     ORDER BY priority DESC, run_after, id
-    LIMIT $3
+    LIMIT $2
     FOR UPDATE SKIP LOCKED
 ), claimed AS (
     UPDATE agent_tasks t SET
@@ -269,7 +290,7 @@ WITH picked AS (
                           ELSE t.last_error END,
         attempts = CASE WHEN t.status = 'running' AND t.attempts >= t.max_attempts
                         THEN t.attempts ELSE t.attempts + 1 END,
-        worker_id = $2,
+        worker_id = $1,
         lease_token = nextval('claim_tokens'),
         run_after = now() + make_interval(secs => $4),
         updated_at = now()
@@ -281,51 +302,56 @@ SELECT * FROM claimed WHERE status = 'running' ORDER BY priority DESC, id;
 -- Updates under claims look rows up by primary key (id = ANY) and check each row's token
 -- at its position in the arrays (ids are unique per call), with no join: a join with
 -- unnest() let the planner pick a sequential scan of the whole table (its statistics
--- rarely see 'running' rows) and rescan the unnest per row, O(table x batch) per write.
+-- rarely see running rows) and rescan the unnest per row, O(table x batch) per write.
 
--- name: heartbeat_tasks
-UPDATE agent_tasks t SET run_after = now() + make_interval(secs => $3), updated_at = now()
-WHERE t.id = ANY($1::bigint[]) AND t.status = 'running'
+-- name: heartbeat_jobs
+UPDATE {jobs} t SET run_after = now() + make_interval(secs => $3), updated_at = now()
+WHERE t.id = ANY($1::bigint[]) AND t.status = '{running}'
   AND t.lease_token = ($2::bigint[])[array_position($1::bigint[], t.id)]
 RETURNING t.id;
 
--- name: complete_tasks
-UPDATE agent_tasks t SET status = 'succeeded', updated_at = now()
-WHERE t.id = ANY($1::bigint[]) AND t.status = 'running'
+-- name: complete_jobs
+UPDATE {jobs} t SET status = '{done}', updated_at = now()
+WHERE t.id = ANY($1::bigint[]) AND t.status = '{running}'
   AND t.lease_token = ($2::bigint[])[array_position($1::bigint[], t.id)]
 RETURNING t.id;
 
--- name: fail_tasks
-UPDATE agent_tasks t SET
-    status = CASE WHEN t.attempts >= t.max_attempts THEN 'dead' ELSE 'queued' END,
+-- name: fail_jobs
+UPDATE {jobs} t SET
+    status = CASE WHEN t.attempts >= t.max_attempts THEN '{dead}' ELSE '{waiting}' END,
     run_after = coalesce(($4::timestamptz[])[array_position($1::bigint[], t.id)], now()),
     last_error = ($3::text[])[array_position($1::bigint[], t.id)],
     updated_at = now()
-WHERE t.id = ANY($1::bigint[]) AND t.status = 'running'
+WHERE t.id = ANY($1::bigint[]) AND t.status = '{running}'
   AND t.lease_token = ($2::bigint[])[array_position($1::bigint[], t.id)]
 RETURNING t.id, t.status;
 
--- name: release_tasks
-UPDATE agent_tasks t SET status = 'queued', run_after = now(),
+-- name: release_jobs
+UPDATE {jobs} t SET status = '{waiting}', run_after = now(),
     attempts = greatest(t.attempts - 1, 0), updated_at = now()
-WHERE t.id = ANY($1::bigint[]) AND t.status = 'running'
+WHERE t.id = ANY($1::bigint[]) AND t.status = '{running}'
   AND t.lease_token = ($2::bigint[])[array_position($1::bigint[], t.id)]
 RETURNING t.id;
 
--- name: dead_letter_tasks
--- A permanent failure or a cancelled task: dead now, whatever attempts are left.
-UPDATE agent_tasks t SET status = 'dead',
+-- name: dead_letter_jobs
+-- A permanent failure or a cancelled job: dead now, whatever attempts are left.
+UPDATE {jobs} t SET status = '{dead}',
     last_error = ($3::text[])[array_position($1::bigint[], t.id)], updated_at = now()
-WHERE t.id = ANY($1::bigint[]) AND t.status = 'running'
+WHERE t.id = ANY($1::bigint[]) AND t.status = '{running}'
   AND t.lease_token = ($2::bigint[])[array_position($1::bigint[], t.id)]
 RETURNING t.id;
 
--- name: get_task
-SELECT * FROM agent_tasks WHERE id = $1;
+-- name: redrive_jobs
+UPDATE {jobs} SET status = '{waiting}', attempts = 0, run_after = now(), updated_at = now()
+WHERE id = ANY($1::bigint[]) AND status = '{dead}'
+RETURNING id;
 
--- name: purge_tasks
-DELETE FROM agent_tasks
-WHERE status = 'succeeded' AND updated_at < now() - make_interval(secs => $1);
+-- name: get_jobs
+SELECT * FROM {jobs} WHERE id = $1;
+
+-- name: purge_jobs
+DELETE FROM {jobs}
+WHERE status = '{done}' AND updated_at < now() - make_interval(secs => $1);
 
 -- name: next_task_due
 -- Read by idle workers: a running task's run_after is its lease expiry, so the minimum is
@@ -356,21 +382,29 @@ FROM outbox WHERE status IN ('pending', 'sending');
 
 -- name: enqueue_outbox
 -- The group rows (see claim_outbox) are created here, in a stable order so two enqueues that
--- create the same new groups cannot deadlock; existing ones are left untouched.
+-- create the same new groups cannot deadlock; existing ones are left untouched. $5 a channel
+-- or NULL: one notification, as enqueue_tasks sends it, in this statement.
 WITH new_groups AS (
     INSERT INTO outbox_groups (channel, account)
     SELECT DISTINCT g.channel, g.account FROM unnest($1::text[], $2::text[]) AS g(channel, account)
     ORDER BY g.channel, g.account
     ON CONFLICT DO NOTHING
+), ins AS (
+    INSERT INTO outbox (channel, account, payload, max_attempts)
+    SELECT x.channel, x.account, x.payload, x.max_attempts
+    FROM unnest($1::text[], $2::text[], $3::json[], $4::int[])
+         WITH ORDINALITY AS x(channel, account, payload, max_attempts, ord)
+    ORDER BY x.ord
+    RETURNING *
+), woken AS (
+    SELECT pg_notify($5, extract(epoch FROM min(run_after))::text) AS sent
+    FROM ins WHERE $5::text IS NOT NULL
+    HAVING count(*) > 0
 )
-INSERT INTO outbox (channel, account, payload, max_attempts)
-SELECT x.channel, x.account, x.payload, x.max_attempts
-FROM unnest($1::text[], $2::text[], $3::json[], $4::int[])
-     WITH ORDINALITY AS x(channel, account, payload, max_attempts, ord)
-ORDER BY x.ord
-RETURNING *;
+SELECT ins.*, (SELECT count(*) FROM woken) AS notified FROM ins;
 
 -- name: claim_outbox
+-- $1 worker, $2 limit, $3 channels or NULL (any), $4 lease seconds.
 -- Group rule (both dialects): nothing of a (channel, account) group is claimed while one of
 -- its messages is in flight under a live claim, and a message waiting for its retry holds
 -- back the later messages of its group; a dead message holds nothing back. A claim takes a
@@ -447,28 +481,12 @@ WITH picked AS MATERIALIZED (
 )
 SELECT * FROM claimed WHERE status = 'sending' ORDER BY id;
 
--- name: mark_outbox_sent
-UPDATE outbox o SET status = 'sent', updated_at = now()
-FROM unnest($1::bigint[], $2::bigint[]) AS c(id, token)
-WHERE o.id = c.id AND o.lease_token = c.token AND o.status = 'sending'
-RETURNING o.id;
-
--- name: fail_outbox
-UPDATE outbox o SET
-    status = CASE WHEN o.attempts >= o.max_attempts THEN 'dead' ELSE 'pending' END,
-    run_after = coalesce(f.retry_at, now()),
-    last_error = f.error,
-    updated_at = now()
-FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::timestamptz[])
-     AS f(id, token, error, retry_at)
-WHERE o.id = f.id AND o.lease_token = f.token AND o.status = 'sending'
-RETURNING o.id, o.status;
-
 -- name: redrive_outbox
 -- A redriven message goes back to its place (its id) among its group's open messages: it
 -- waits while a message of its group is in flight, then goes before the later ones still
 -- pending. Bumping the group's version makes a claim whose snapshot predates this redrive
--- leave the group alone (see claim_outbox) instead of taking the messages behind it.
+-- leave the group alone (see claim_outbox) instead of taking the messages behind it. The grouped
+-- kind's own redrive: it takes the place of redrive_jobs for the outbox.
 WITH moved AS (
     UPDATE outbox SET status = 'pending', attempts = 0, run_after = now(), updated_at = now()
     WHERE id = ANY($1::bigint[]) AND status = 'dead'
@@ -479,26 +497,6 @@ WITH moved AS (
     WHERE g.channel = m.channel AND g.account = m.account
 )
 SELECT id FROM moved;
-
--- name: release_outbox
-UPDATE outbox o SET status = 'pending', run_after = now(),
-    attempts = greatest(o.attempts - 1, 0), updated_at = now()
-FROM unnest($1::bigint[], $2::bigint[]) AS c(id, token)
-WHERE o.id = c.id AND o.lease_token = c.token AND o.status = 'sending'
-RETURNING o.id;
-
--- name: dead_letter_outbox
-UPDATE outbox o SET status = 'dead', last_error = f.error, updated_at = now()
-FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::timestamptz[])
-     AS f(id, token, error, retry_at)
-WHERE o.id = f.id AND o.lease_token = f.token AND o.status = 'sending'
-RETURNING o.id;
-
--- name: get_outbox
-SELECT * FROM outbox WHERE id = $1;
-
--- name: purge_outbox
-DELETE FROM outbox WHERE status = 'sent' AND updated_at < now() - make_interval(secs => $1);
 
 -- name: request_cancel
 -- $3 a channel or NULL, $4 the reason characters the notification carries. The first

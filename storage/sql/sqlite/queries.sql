@@ -162,6 +162,65 @@ UPDATE lease_slot_pools SET waiting = 0 WHERE pool = :pool AND waiting = 1 RETUR
 -- Legacy limiter only (lock.mode = db_poll): the global COUNT(*) the old loop ran per attempt.
 SELECT count(*) AS n FROM session_leases WHERE expires_at > :now;
 
+-- ---------------------------------------------------------------- leased jobs
+-- One engine, two kinds (storage.base.JobKind): see the Postgres dialect's header. A
+-- statement named <op>_jobs is written once for both kinds ({jobs} the table, {waiting},
+-- {running}, {done}, {dead} the status names, filled from the closed set of kinds); a
+-- statement named <op>_tasks or <op>_outbox is that kind's own rule.
+
+-- name: heartbeat_jobs
+UPDATE {jobs} SET run_after = :lease_until, updated_at = :now
+WHERE status = '{running}'
+  AND (id, lease_token) IN (SELECT value ->> 0, value ->> 1 FROM json_each(:claims))
+RETURNING id;
+
+-- name: complete_jobs
+UPDATE {jobs} SET status = '{done}', updated_at = :now
+WHERE status = '{running}'
+  AND (id, lease_token) IN (SELECT value ->> 0, value ->> 1 FROM json_each(:claims))
+RETURNING id;
+
+-- name: fail_jobs
+UPDATE {jobs} AS t SET
+    status = CASE WHEN t.attempts >= t.max_attempts THEN '{dead}' ELSE '{waiting}' END,
+    run_after = coalesce(f.retry_at, :now),
+    last_error = f.error,
+    updated_at = :now
+FROM (SELECT value ->> 0 AS fid, value ->> 1 AS ftoken, value ->> 2 AS error,
+             value ->> 3 AS retry_at
+      FROM json_each(:failures)) AS f
+WHERE t.id = f.fid AND t.lease_token = f.ftoken AND t.status = '{running}'
+RETURNING id, status;
+
+-- name: release_jobs
+UPDATE {jobs} SET status = '{waiting}', run_after = :now,
+    attempts = max(attempts - 1, 0), updated_at = :now
+WHERE status = '{running}'
+  AND (id, lease_token) IN (SELECT value ->> 0, value ->> 1 FROM json_each(:claims))
+RETURNING id;
+
+-- name: dead_letter_jobs
+-- A permanent failure or a cancelled job: dead now, whatever attempts are left.
+UPDATE {jobs} AS t SET status = '{dead}', last_error = f.error, updated_at = :now
+FROM (SELECT value ->> 0 AS fid, value ->> 1 AS ftoken, value ->> 2 AS error
+      FROM json_each(:failures)) AS f
+WHERE t.id = f.fid AND t.lease_token = f.ftoken AND t.status = '{running}'
+RETURNING id;
+
+-- name: redrive_jobs
+-- A redriven outbox message goes back to its place (its id) among its group's open
+-- messages: it waits while a message of its group is in flight, then goes before the later
+-- ones still pending (one writer: no group version to bump here).
+UPDATE {jobs} SET status = '{waiting}', attempts = 0, run_after = :now, updated_at = :now
+WHERE status = '{dead}' AND id IN (SELECT value FROM json_each(:ids))
+RETURNING id;
+
+-- name: get_jobs
+SELECT * FROM {jobs} WHERE id = :id;
+
+-- name: purge_jobs
+DELETE FROM {jobs} WHERE status = '{done}' AND updated_at < :cutoff;
+
 -- name: _existing_keyed_tasks
 SELECT * FROM agent_tasks
 WHERE idempotency_key IS NOT NULL AND status IN ('queued', 'running')
@@ -201,51 +260,6 @@ WHERE id IN (
     LIMIT :limit
 )
 RETURNING *;
-
--- name: heartbeat_tasks
-UPDATE agent_tasks SET run_after = :lease_until, updated_at = :now
-WHERE status = 'running'
-  AND (id, lease_token) IN (SELECT value ->> 0, value ->> 1 FROM json_each(:claims))
-RETURNING id;
-
--- name: complete_tasks
-UPDATE agent_tasks SET status = 'succeeded', updated_at = :now
-WHERE status = 'running'
-  AND (id, lease_token) IN (SELECT value ->> 0, value ->> 1 FROM json_each(:claims))
-RETURNING id;
-
--- name: fail_tasks
-UPDATE agent_tasks AS t SET
-    status = CASE WHEN t.attempts >= t.max_attempts THEN 'dead' ELSE 'queued' END,
-    run_after = coalesce(f.retry_at, :now),
-    last_error = f.error,
-    updated_at = :now
-FROM (SELECT value ->> 0 AS fid, value ->> 1 AS ftoken, value ->> 2 AS error,
-             value ->> 3 AS retry_at
-      FROM json_each(:failures)) AS f
-WHERE t.id = f.fid AND t.lease_token = f.ftoken AND t.status = 'running'
-RETURNING id, status;
-
--- name: release_tasks
-UPDATE agent_tasks SET status = 'queued', run_after = :now,
-    attempts = max(attempts - 1, 0), updated_at = :now
-WHERE status = 'running'
-  AND (id, lease_token) IN (SELECT value ->> 0, value ->> 1 FROM json_each(:claims))
-RETURNING id;
-
--- name: dead_letter_tasks
--- A permanent failure or a cancelled task: dead now, whatever attempts are left.
-UPDATE agent_tasks AS t SET status = 'dead', last_error = f.error, updated_at = :now
-FROM (SELECT value ->> 0 AS fid, value ->> 1 AS ftoken, value ->> 2 AS error
-      FROM json_each(:failures)) AS f
-WHERE t.id = f.fid AND t.lease_token = f.ftoken AND t.status = 'running'
-RETURNING id;
-
--- name: get_task
-SELECT * FROM agent_tasks WHERE id = :id;
-
--- name: purge_tasks
-DELETE FROM agent_tasks WHERE status = 'succeeded' AND updated_at < :cutoff;
 
 -- name: _max_outbox_id
 SELECT coalesce(max(id), 0) FROM outbox;
@@ -317,52 +331,6 @@ WHERE id IN (
     LIMIT :limit
 )
 RETURNING *;
-
--- name: mark_outbox_sent
-UPDATE outbox SET status = 'sent', updated_at = :now
-WHERE status = 'sending'
-  AND (id, lease_token) IN (SELECT value ->> 0, value ->> 1 FROM json_each(:claims))
-RETURNING id;
-
--- name: fail_outbox
-UPDATE outbox AS o SET
-    status = CASE WHEN o.attempts >= o.max_attempts THEN 'dead' ELSE 'pending' END,
-    run_after = coalesce(f.retry_at, :now),
-    last_error = f.error,
-    updated_at = :now
-FROM (SELECT value ->> 0 AS fid, value ->> 1 AS ftoken, value ->> 2 AS error,
-             value ->> 3 AS retry_at
-      FROM json_each(:failures)) AS f
-WHERE o.id = f.fid AND o.lease_token = f.ftoken AND o.status = 'sending'
-RETURNING id, status;
-
--- name: redrive_outbox
--- A redriven message goes back to its place (its id) among its group's open messages: it
--- waits while a message of its group is in flight, then goes before the later ones still
--- pending.
-UPDATE outbox SET status = 'pending', attempts = 0, run_after = :now, updated_at = :now
-WHERE status = 'dead' AND id IN (SELECT value FROM json_each(:ids))
-RETURNING id;
-
--- name: release_outbox
-UPDATE outbox SET status = 'pending', run_after = :now,
-    attempts = max(attempts - 1, 0), updated_at = :now
-WHERE status = 'sending'
-  AND (id, lease_token) IN (SELECT value ->> 0, value ->> 1 FROM json_each(:claims))
-RETURNING id;
-
--- name: dead_letter_outbox
-UPDATE outbox AS o SET status = 'dead', last_error = f.error, updated_at = :now
-FROM (SELECT value ->> 0 AS fid, value ->> 1 AS ftoken, value ->> 2 AS error
-      FROM json_each(:failures)) AS f
-WHERE o.id = f.fid AND o.lease_token = f.ftoken AND o.status = 'sending'
-RETURNING id;
-
--- name: get_outbox
-SELECT * FROM outbox WHERE id = :id;
-
--- name: purge_outbox
-DELETE FROM outbox WHERE status = 'sent' AND updated_at < :cutoff;
 
 -- name: request_cancel
 INSERT INTO cancel_requests (session_id, reason, requested_at)
