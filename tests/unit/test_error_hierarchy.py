@@ -133,10 +133,7 @@ def test_the_old_roots_still_catch_what_they_caught() -> None:
 INTERNAL_GUARDS = {
     ("orchestrator/cli.py", "_next_signal"): "unreachable: the signal receiver is infinite",
     ("orchestrator/demo.py", "_walk"): "the demo's own precondition, not the API's",
-    ("orchestrator/queue.py", "_start"): "private, only called while the worker runs",
-    ("orchestrator/queue.py", "_record"): "private, only called while the worker runs",
     ("orchestrator/outbox.py", "_dispatch"): "private, only called while the relay runs",
-    ("orchestrator/outbox.py", "_record"): "private, only called while the relay runs",
     ("orchestrator/webhooks/batcher.py", "_journal_sink"): "private, built only when durable",
     # Functions pydantic calls as validators (pydantic turns ValueError into its error).
     ("orchestrator/config.py", "parse"): "a BeforeValidator",
@@ -170,12 +167,15 @@ def test_misuse_raises_named_errors_not_bare_builtins() -> None:
     files = sorted((ROOT / "storage").rglob("*.py")) + sorted((ROOT / "orchestrator").rglob("*.py"))
     assert len(files) > 40
     offenders = []
+    used = set()
     for path in files:
         rel = path.relative_to(ROOT).as_posix()
         for func, line in _builtin_raises(path):
             if (rel, func) not in INTERNAL_GUARDS:
                 offenders.append(f"{rel}:{line} in {func}")
+            used.add((rel, func))
     assert offenders == []
+    assert set(INTERNAL_GUARDS) - used == set(), "stale exceptions: the guard is gone"
 
 
 def test_named_misuse_errors_at_the_former_bare_sites() -> None:
