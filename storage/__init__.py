@@ -16,12 +16,15 @@ from asyncstore.storage._schema import check_schema, mask_url
 from asyncstore.storage._validate import encode_payload
 from asyncstore.storage.base import (
     LEASE_EXPIRED,
+    OUTBOX,
+    TASKS,
     AsyncStorageBackend,
     CancelState,
     ChatMessage,
     Claim,
     EncodedJSON,
     Failure,
+    JobKind,
     JournaledEvent,
     Leadership,
     Lease,
@@ -56,6 +59,8 @@ from asyncstore.storage.errors import (
 
 __all__ = [
     "LEASE_EXPIRED",
+    "OUTBOX",
+    "TASKS",
     "AsyncStorageBackend",
     "CancelState",
     "ChatMessage",
@@ -65,6 +70,7 @@ __all__ = [
     "EncodedJSON",
     "Failure",
     "InvalidInput",
+    "JobKind",
     "JournaledEvent",
     "Leadership",
     "Lease",
