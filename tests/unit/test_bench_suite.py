@@ -33,7 +33,7 @@ def _run_suite(tmp_path: Path, *extra: str) -> dict[str, object]:
             str(png),
             *extra,
         ],
-        cwd=tmp_path,
+        cwd=REPO,  # benchmarks/ runs from a checkout; it is not installed
         capture_output=True,
         text=True,
         timeout=300,  # a hang guard on a loaded machine, not a timing
