@@ -530,7 +530,10 @@ class PostgresBackend(AsyncStorageBackend):
 
     async def _create_stream_partition(self, lower: int, upper: int) -> int:
         """One partition in one transaction: created detached, filled with the default
-        partition's rows of its range, then attached (which finds none left there)."""
+        partition's rows of its range, then attached (which finds none left there). It
+        holds the default partition exclusively throughout: appends wait for it (a few
+        milliseconds while the default partition is empty, as it is when the leader keeps
+        partitions ahead), at most ``_LOCK_TIMEOUT`` for its lock."""
         name = _partitions.partition_name(lower, upper)
         bounds = {"lower": _iso(lower), "upper": _iso(upper)}
         async with self._transaction() as conn:
@@ -539,6 +542,11 @@ class PostgresBackend(AsyncStorageBackend):
                 return 0  # another rotation made it
             self._count("_create_stream_partition")
             await conn.execute(f"SET LOCAL lock_timeout = '{_LOCK_TIMEOUT}'")
+            # ATTACH needs the default partition exclusively: taken first, so no append
+            # adds a row of this range there between the move and the attach, and the
+            # lock order (default, then the parent) cannot deadlock with an append's.
+            default = _partitions.DEFAULT_PARTITION
+            await conn.execute(f"LOCK TABLE {default} IN ACCESS EXCLUSIVE MODE")
             await conn.execute(f"CREATE TABLE {name} (LIKE stream_events INCLUDING DEFAULTS)")
             await conn.execute(Q["_move_into_partition"].format(name=name, **bounds))
             await conn.execute(
