@@ -3,14 +3,14 @@
 ``open_maintenance(storage, config, evictors=...)`` runs a loop on a jittered schedule. Each
 round, every instance runs its evictors (idle per-process state such as broadcast rings),
 and only the instance that holds the fleet-wide ``storage.open_leadership`` role sweeps the
-database: stream events past their TTL in bounded batches, or, when ``stream_events`` is
-partitioned (``storage.stream_partitioning``, Postgres), by rotating its partitions:
-creating them ahead and dropping those whose sessions have all expired; succeeded tasks and
-sent outbox messages past their retention, expired leases, idle login attempt counts. It relies only
-on the storage contract and never runs on a request path. It is also the fleet's one lease
-sweeper: the runtime's session limiters sweep nothing themselves, and when the rounds do
-not expire leases (maintenance disabled, or ``lease_grace_s`` unset) a ``LeaseSweep``
-keeps a lease-only loop running, still on the leader only.
+database: stream events past their TTL in bounded batches (or, when ``stream_events`` is
+partitioned, ``storage.stream_partitioning`` on Postgres, by rotating its partitions:
+creating them ahead, dropping those whose sessions have all expired), succeeded tasks and
+sent outbox messages past their retention, expired leases, idle login attempt counts. It
+relies only on the storage contract and never runs on a request path. It is also the
+fleet's one lease sweeper: the runtime's session limiters sweep nothing themselves, and
+when the rounds do not expire leases (maintenance disabled, or ``lease_grace_s`` unset) a
+``LeaseSweep`` keeps a lease-only loop running, still on the leader only.
 """
 
 from __future__ import annotations
@@ -302,22 +302,30 @@ class MaintenanceSweeper:
         """Create the partitions ahead (and for sessions waiting in the default one), then
         drop the expired ones, oldest first, one transaction each.
 
-        Counted per partition, so ``statistics()`` keeps what a failed, cancelled or killed
-        rotation did; whatever it did not finish, the next round (of any leader) does.
+        A failed creation (say, a lock wait that timed out) is counted and the drops still
+        run; a failed drop is counted and the next partition tried. Drops are counted one
+        by one, so ``statistics()`` keeps what a failed, cancelled or killed rotation did;
+        whatever it did not finish, the next round (of any leader) does.
         """
         cfg = self._config
         ahead_s = float(cfg.stream_partition_s * cfg.stream_partitions_ahead)
-        created = await self._storage.create_stream_partitions(
-            cfg.stream_partition_s, ahead_s=ahead_s
-        )
-        self._partitions["created"] += created
+        try:
+            self._partitions["created"] += await self._storage.create_stream_partitions(
+                cfg.stream_partition_s, ahead_s=ahead_s
+            )
+        except Exception as exc:
+            self._fail("stream_partitions", exc)
         if ttl_s is None:
             return
         cutoff = time.time() - ttl_s
         for partition in await self._storage.list_stream_partitions():
             if partition.upper is None or partition.upper.timestamp() > cutoff:
                 continue  # the default partition, or a range still taking new sessions
-            rows = await self._storage.drop_stream_partition(partition.name, ttl_s)
+            try:
+                rows = await self._storage.drop_stream_partition(partition.name, ttl_s)
+            except Exception as exc:
+                self._fail(f"stream_partitions {partition.name}", exc)
+                continue
             if rows is None:
                 self._partitions["kept"] += 1
             else:

@@ -574,10 +574,11 @@ class PostgresBackend(AsyncStorageBackend):
                 self._count("_drop_stream_partition")
                 rows = int(await conn.fetchval(f"SELECT count(*) FROM {name}"))
                 # Anchors first (row locks, in the appends' order), then the table locks
-                # in the appends' order too: the parent, then the partition (by DROP).
+                # in the appends' order too: the parent, then (by DROP) the partition and
+                # the default one, whose implicit range grows.
                 await conn.execute(Q["_delete_partition_anchors"], partition.lower, partition.upper)
                 await conn.execute(f"SET LOCAL lock_timeout = '{_LOCK_TIMEOUT}'")
-                await conn.execute("LOCK TABLE stream_events IN ACCESS EXCLUSIVE MODE")
+                await conn.execute("LOCK TABLE ONLY stream_events IN ACCESS EXCLUSIVE MODE")
                 if await conn.fetchval(Q["_partition_is_live"].format(name=name), age_s):
                     raise _Kept  # a session came back: roll the anchors back, keep it all
                 await conn.execute(f"DROP TABLE {name}")

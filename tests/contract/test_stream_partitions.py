@@ -325,3 +325,49 @@ async def test_sqlite_keeps_the_plain_table_and_says_so(
                 await storage.partition_stream_events()
             assert len(await storage.load_stream_events("s")) == 3
     assert "plain table purged by batched DELETE" in caplog.text
+
+
+async def test_rotation_steps_that_cannot_get_their_locks_are_counted_and_finished_later(
+    parted: AsyncStorageBackend, sql: asyncpg.Connection, empty_postgres_url: str
+) -> None:
+    """A long reader of the default partition holds up both steps (a creation moves rows
+    out of it, a drop widens its range): each gives up after its lock timeout, counted,
+    with nothing half done, and the next round does both."""
+    await _age_session(sql, "gone", 4)
+    await parted.append_stream_events(_events("gone", 1, 2))
+    await parted.create_stream_partitions(DAY, ahead_s=DAY)
+    (gone_home,) = await _partition_of(sql, "gone")
+    await _expire(sql, "gone", 4)
+    await _age_session(sql, "waiting", 2)  # its partition does not exist: the default one
+    await parted.append_stream_events(_events("waiting", 1, 2))
+    config = MaintenanceConfig(
+        enabled=False,
+        stream_ttl_s=3600,
+        task_retention_s=None,
+        outbox_retention_s=None,
+        lease_grace_s=None,
+        login_attempts_retention_s=None,
+    )
+    async with open_maintenance(parted, config) as sweeper:
+        reader = await asyncpg.connect(empty_postgres_url)
+        try:
+            async with reader.transaction():
+                await reader.execute("LOCK TABLE stream_events_default IN ACCESS SHARE MODE")
+                assert await sweeper.run_once()  # both steps wait out their lock timeout
+                stats = sweeper.statistics()
+        finally:
+            await reader.close()
+        assert stats.errors == 2 and "lock timeout" in (stats.last_error or "")
+        assert (stats.partitions_created, stats.partitions_dropped) == (0, 0)
+        assert await _partition_of(sql, "waiting") == {"stream_events_default"}
+        assert await _partition_of(sql, "gone") == {gone_home}
+        assert await sql.fetchval("SELECT count(*) FROM stream_anchors") == 2  # rolled back
+
+        assert await sweeper.run_once()
+        stats = sweeper.statistics()
+    assert stats.errors == 2  # none more
+    # The waiting session's day and the second day ahead; its day is kept (live events).
+    assert (stats.partitions_created, stats.partitions_dropped, stats.partitions_kept) == (2, 1, 1)
+    assert await parted.load_stream_events("gone") == []
+    assert [e.seq for e in await parted.load_stream_events("waiting")] == [1, 2]
+    assert await _partition_of(sql, "waiting") != {"stream_events_default"}
