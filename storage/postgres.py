@@ -497,18 +497,22 @@ class PostgresBackend(AsyncStorageBackend):
         return _partitions.sort_partitions([p for p in found if p is not None])
 
     async def _sql_partition_stream_events(self) -> bool:
-        async with self._transaction() as conn:
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
-            if await conn.fetchval(Q["_stream_layout"]) == "p":
-                converted = False
-            else:
+        try:
+            async with self._transaction() as conn:
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+                if await conn.fetchval(Q["_stream_layout"]) == "p":
+                    return False
                 self._count("_partition_stream_events")
                 await conn.execute(Q["_partition_stream_events"])
-                converted = True
-        # The table was replaced: plans cached on other pool connections are stale.
+            return True
+        finally:
+            # Whether it committed or not (a cancellation may land after the commit):
+            # plans cached on pool connections may be stale, and the layout is re-read.
+            await complete(self._refresh_stream_layout())
+
+    async def _refresh_stream_layout(self) -> None:
         await self.pool.expire_connections()
         await self._use_stream_layout()
-        return converted
 
     async def _sql_create_stream_partitions(self, width_s: int, ahead_s: float) -> int:
         partitions = await self._sql_list_stream_partitions()

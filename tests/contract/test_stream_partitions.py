@@ -9,6 +9,8 @@ database, no clock is mocked. SQLite keeps the plain table; its test checks it s
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -371,3 +373,31 @@ async def test_rotation_steps_that_cannot_get_their_locks_are_counted_and_finish
     assert await parted.load_stream_events("gone") == []
     assert [e.seq for e in await parted.load_stream_events("waiting")] == [1, 2]
     assert await _partition_of(sql, "waiting") != {"stream_events_default"}
+
+
+async def test_a_cancelled_conversion_leaves_the_table_plain_or_converted_whole(
+    empty_postgres_url: str,
+) -> None:
+    """``partition_stream_events`` cancelled after k event-loop turns (k from 0 on, until
+    one completes): each time the table is either still plain or partitioned, with every
+    row, and the handle keeps working."""
+    async with open_storage(empty_postgres_url, migrate=True) as storage:
+        await storage.append_stream_events(_events("a", 1, 20))
+        before = await storage.load_stream_events("a")
+        for turns in range(10_000):
+            task = asyncio.ensure_future(storage.partition_stream_events())
+            for _ in range(turns):
+                if task.done():
+                    break
+                await asyncio.sleep(0)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            converted = bool(await storage.list_stream_partitions())
+            async with open_storage(empty_postgres_url) as fresh:  # the layout from scratch
+                assert await fresh.load_stream_events("a") == before
+            if converted:
+                break
+        assert converted, "the conversion never completed"
+        assert await storage.load_stream_events("a") == before
+        assert (await storage.append_stream_events(_events("a", 20, 21))).stored == 1
