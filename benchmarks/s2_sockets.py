@@ -275,7 +275,7 @@ def _library_app(url: str, ws_send: str = "batched") -> tuple[Any, Any]:
 
     async def stats(request: Request) -> Response:
         rt: Runtime = state["rt"]
-        built = (rt.broadcast.optimized, rt.broadcast.legacy)  # a path not built read nothing
+        built = (rt._broadcast.optimized, rt._broadcast.legacy)  # a path not built read nothing
         hubs = [h.statistics() for h in built if h is not None]
         return JSONResponse(
             {

@@ -180,10 +180,10 @@ class _Probes:
 
     def __init__(self, rt: Runtime) -> None:
         self._patched: list[tuple[object, str]] = []
-        for limiter in (rt.limiter.optimized, rt.limiter.legacy):
+        for limiter in (rt._limiter.optimized, rt._limiter.legacy):
             if limiter is not None:  # a path not built is never timed
                 self._patch(limiter, "hold", _timed_hold(limiter.hold))
-        for writer in (rt.streams.optimized, rt.streams.legacy):
+        for writer in (rt._streams.optimized, rt._streams.legacy):
             if writer is not None:
                 self._patch(writer, "flush", _timed_call(writer.flush, "flush"))
         if rt.webhooks is not None:
@@ -726,7 +726,7 @@ async def s4_once(
             while True:
                 if rt.webhooks is not None:
                     await rt.webhooks.flush()
-                for writer in rt.streams.built().values():
+                for writer in rt._streams.built().values():
                     await writer.flush()
                 d = _depths(rt, enqueued[0])
                 if d["stream_writer"] == 0 and d["webhooks"] == 0 and d["agent_queue"] == 0:

@@ -105,7 +105,7 @@ class _BenchServer:
     async def stats(self, request: Request) -> Response:
         if self.rt is None:
             return JSONResponse({"error": "not running"}, status_code=503)
-        hub = (await self.rt.broadcast.get(True)).statistics()  # the memory hub, always running
+        hub = (await self.rt._broadcast.get(True)).statistics()  # the memory hub, always running
         ends = self.streams.statistics()
         return JSONResponse(
             {

@@ -136,7 +136,7 @@ def _seed_legacy(rt: Runtime) -> None:
     instances; none listens here (one process; the legacy path delivers by polling), so
     that notification is work the seed never did and is switched off for the comparison.
     """
-    legacy = rt.streams.legacy
+    legacy = rt._streams.legacy
     assert legacy is not None, "built by _with_runtime"
     legacy.config = legacy.config.model_copy(update={"notify": False})
 
@@ -166,7 +166,7 @@ async def _with_runtime(
     async with open_runtime(settings, hooks=hooks, queue_handler=_noop) as rt:
         # Both paths of every flag run from the start: the suite switches between them
         # each repetition, and S1's probes wrap the components of both.
-        for switch in (rt.broadcast, rt.cancellation, rt.limiter, rt.streams):
+        for switch in (rt._broadcast, rt._cancellation, rt._limiter, rt._streams):
             await switch.get(True)
             await switch.get(False)
         _seed_legacy(rt)

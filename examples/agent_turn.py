@@ -17,36 +17,40 @@ import tempfile
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import anyio
 
-from asyncstore.orchestrator.broadcast import StreamReset
-from asyncstore.orchestrator.config import load_settings
-from asyncstore.orchestrator.runtime import Runtime, Turn, open_runtime
-from asyncstore.orchestrator.webhooks import load_hooks
-from asyncstore.orchestrator.webhooks.testing import open_test_receiver
-from asyncstore.storage import StreamEvent
+import asyncstore
 
 HOOKS = Path(__file__).with_name("hooks.toml")
 ANSWER = ["The ", "weather ", "in ", "Paris ", "is ", "sunny, ", "22", "°C."]
 
 
-async def client(rt: Runtime, session_id: str, done: anyio.Event) -> None:
+async def client(rt: asyncstore.Runtime, session_id: str, done: anyio.Event) -> None:
     """A live subscriber (an SSE / WebSocket handler in a real service)."""
     async with rt.subscribe(session_id, after=(0, 0)) as events:
         async for item in events:
-            if isinstance(item, StreamReset):
+            if isinstance(item, asyncstore.StreamReset):
                 print(f"  client: reset ({item.reason}), reload up to seq {item.seq}")
                 continue
-            assert isinstance(item, StreamEvent)
+            assert isinstance(item, asyncstore.StreamEvent)
             print(f"  client: {item.epoch}/{item.seq} {item.kind} {item.payload}")
             if item.kind in ("turn_completed", "cancelled"):
                 break
     done.set()
 
 
-async def agent(turn: Turn, *, slow: bool = False) -> None:
-    """The turn's work: stream a few tokens, call a tool, stream the answer."""
+async def agent(turn: asyncstore.Turn, *, slow: bool = False) -> None:
+    """The turn's work: store the question, stream tokens, call a tool, store the answer.
+
+    ``turn.append_messages`` writes the chat history under the turn's session lease: a
+    turn whose lease was lost (another instance took the session over) cannot append.
+    """
+    [question] = await turn.append_messages(
+        [asyncstore.NewMessage("user", {"text": "What is the weather in Paris?"})]
+    )
+    print(f"  stored message {question.seq} ({question.role})")
     await turn.emit("delta", {"text": "Let me check. "})
     decision = await turn.fire("pre_tool", {"tool": "weather", "args": {"city": "Paris"}})
     if decision is not None and decision.denied:
@@ -59,17 +63,21 @@ async def agent(turn: Turn, *, slow: bool = False) -> None:
     for token in ANSWER:
         await turn.emit("delta", {"text": token})
         await anyio.sleep(0.2 if slow else 0.005)  # the model streams
+    [answer] = await turn.append_messages(
+        [asyncstore.NewMessage("assistant", {"text": "".join(ANSWER)})]
+    )
+    print(f"  stored message {answer.seq} ({answer.role})")
     await turn.emit("turn_completed", {"text": "".join(ANSWER)})
 
 
 async def run(url: str | None) -> int:
-    overrides = {"migrate_on_start": True}
+    overrides: dict[str, Any] = {"migrate_on_start": True}
     if url is not None:
-        overrides["storage"] = {"url": url}  # type: ignore[assignment]
-    settings = load_settings(**overrides)
-    async with open_test_receiver() as receiver:
-        hooks = load_hooks(HOOKS, environ={"AGENT_TURN_RECEIVER": receiver.url})
-        async with open_runtime(settings, hooks=hooks) as rt:
+        overrides["storage"] = {"url": url}
+    settings = asyncstore.load_settings(**overrides)
+    async with asyncstore.open_test_receiver() as receiver:
+        hooks = asyncstore.load_hooks(HOOKS, environ={"AGENT_TURN_RECEIVER": receiver.url})
+        async with asyncstore.open_runtime(settings, hooks=hooks) as rt:
             print(f"runtime on {rt.storage.dialect}, flags {rt.flags.model_dump()}")
 
             session = f"chat-{uuid.uuid4().hex[:8]}"
@@ -102,7 +110,7 @@ async def run(url: str | None) -> int:
     return 0 if report is not None and report.complete else 1
 
 
-async def _stop_after(rt: Runtime, session_id: str, delay_s: float) -> None:
+async def _stop_after(rt: asyncstore.Runtime, session_id: str, delay_s: float) -> None:
     await anyio.sleep(delay_s)
     await rt.request_cancel(session_id, "user pressed stop")
 

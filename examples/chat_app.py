@@ -45,10 +45,7 @@ from starlette.requests import HTTPConnection, Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
-from asyncstore.orchestrator.asgi import EndpointConfig, EventStreams, StreamingServer
-from asyncstore.orchestrator.broadcast import Position, Subscription
-from asyncstore.orchestrator.config import load_settings
-from asyncstore.orchestrator.runtime import Runtime, RuntimeClosed, open_runtime
+import asyncstore
 
 USER_COOKIE = "chat_user"
 ANSWER_TEXT = (
@@ -90,16 +87,16 @@ class ChatApp:
     def __init__(self, url: str, *, token_delay_s: float, secret: bytes | None = None) -> None:
         self.url = url
         self.token_delay_s = token_delay_s
-        self.rt: Runtime | None = None
+        self.rt: asyncstore.Runtime | None = None
         self.running: set[str] = set()
         self.signer = CookieSigner(secret or secrets.token_bytes(32))
         self.owners: dict[str, str] = {}  # session id -> user id: your sessions table
         self._tg: anyio.abc.TaskGroup | None = None
-        self.streams = EventStreams(
+        self.streams = asyncstore.EventStreams(
             self._subscribe,
             authorize=self._authorize,
             cancel=self._cancel,
-            config=EndpointConfig(retry_ms=500),
+            config=asyncstore.EndpointConfig(retry_ms=500),
         )
         self.app = Starlette(
             routes=[
@@ -116,10 +113,10 @@ class ChatApp:
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
-        settings = load_settings(
+        settings = asyncstore.load_settings(
             storage={"url": self.url}, migrate_on_start=True, runtime={"shutdown_grace_s": 1.0}
         )
-        async with open_runtime(settings) as rt, anyio.create_task_group() as tg:
+        async with asyncstore.open_runtime(settings) as rt, anyio.create_task_group() as tg:
             self.rt, self._tg = rt, tg
             rt.metrics.add_source("endpoints", self.streams)  # asyncstore_endpoint_*
             print(f"chat app on {rt.storage.dialect}: {self.url}", flush=True)
@@ -130,12 +127,12 @@ class ChatApp:
                 tg.cancel_scope.cancel()  # running turns end with a "cancelled" event
         print(f"chat app stopped: {rt.report}", flush=True)
 
-    def _runtime(self) -> Runtime:
+    def _runtime(self) -> asyncstore.Runtime:
         if self.rt is None:
-            raise RuntimeClosed("the app is not running")
+            raise asyncstore.RuntimeClosed("the app is not running")
         return self.rt
 
-    def _subscribe(self, session_id: str, after: Position | None) -> Subscription:
+    def _subscribe(self, session_id: str, after: tuple[int, int] | None) -> asyncstore.Subscription:
         return self._runtime().subscribe(session_id, after)
 
     async def _cancel(self, session_id: str, reason: str) -> None:
@@ -200,6 +197,8 @@ class ChatApp:
     async def _turn(self, session_id: str, prompt: str) -> None:
         try:
             async with self._runtime().turn(session_id) as turn:
+                # The chat history, written under the turn's session lease (fenced).
+                await turn.append_messages([asyncstore.NewMessage("user", {"text": prompt})])
                 await turn.emit("user", {"text": prompt})
                 await turn.emit("tool_call", {"tool": "weather", "args": {"city": "Paris"}})
                 await anyio.sleep(self.token_delay_s * 3)
@@ -211,6 +210,7 @@ class ChatApp:
                     text += token
                     await turn.emit("delta", {"text": token, "i": i})
                     await anyio.sleep(self.token_delay_s)
+                await turn.append_messages([asyncstore.NewMessage("assistant", {"text": text})])
                 await turn.emit("turn_completed", {"text": text, "tokens": len(ANSWER)})
         finally:
             self.running.discard(session_id)
@@ -327,7 +327,7 @@ def serve(url: str, host: str, port: int, token_delay_s: float) -> None:
     bound = sock.getsockname()[1]
     print(f"open http://{host}:{bound}/", flush=True)
     config = uvicorn.Config(chat.app, log_level="warning", lifespan="on")
-    server = StreamingServer(config, chat.streams, grace_s=5.0)
+    server = asyncstore.StreamingServer(config, chat.streams, grace_s=5.0)
     server.run(sockets=[sock])
     if server.exit_signal is not None:
         print(f"stopped by {signal.Signals(server.exit_signal).name}", flush=True)

@@ -57,6 +57,7 @@ from asyncstore.orchestrator.broadcast import Position, StreamReset
 from asyncstore.orchestrator.errors import OrchestratorError, SubscriberLagged
 from asyncstore.orchestrator.runtime import Runtime
 from asyncstore.storage import StorageError, StreamEvent
+from asyncstore.storage.errors import InvalidArgument, UsageError
 from asyncstore.storage.families import Family, MetricSink
 
 __all__ = [
@@ -230,7 +231,7 @@ def format_event_id(epoch: int, seq: int) -> str:
 def parse_event_id(raw: str) -> Position:
     """``"epoch:seq"`` -> ``(epoch, seq)``; anything else raises ``ValueError``."""
     if not _EVENT_ID.fullmatch(raw):
-        raise ValueError(f"not an event id (epoch:seq): {raw[:40]!r}")
+        raise InvalidArgument(f"not an event id (epoch:seq): {raw[:40]!r}")
     epoch, _, seq = raw.partition(":")
     return int(epoch), int(seq)
 
@@ -378,7 +379,7 @@ class EventStreams:
         as they are (still told to end).
         """
         if not self._closing:
-            raise RuntimeError("wait_closed() needs close() first")
+            raise UsageError("wait_closed() needs close() first")
         if self._open:
             self._all_closed = anyio.Event()
             with anyio.move_on_after(grace_s):

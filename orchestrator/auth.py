@@ -15,7 +15,7 @@ counts in this process (sliding window); its ``storage`` mode counts in the data
 (``login_attempts``, fixed windows, one atomic statement per reservation), so a fleet
 sharing one Postgres (or the processes of one host sharing one SQLite file) share one count.
 
-    AuthError (OrchestratorError)
+    AuthError (OrchestratorError; defined in ``orchestrator.errors``)
     ├── InvalidHash          the stored hash is not an argon2 hash this library can read
     ├── PasswordTooLong      the password exceeds ``max_password_bytes``
     ├── HashingOverloaded    ``max_waiting`` callers already wait for a hashing slot
@@ -39,7 +39,13 @@ import argon2
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 from pydantic import BaseModel, ConfigDict, Field
 
-from asyncstore.orchestrator.errors import OrchestratorError
+from asyncstore.orchestrator.errors import (
+    AuthError,
+    HashingOverloaded,
+    InvalidHash,
+    LoginLocked,
+    PasswordTooLong,
+)
 from asyncstore.storage.base import AsyncStorageBackend, LoginPolicy
 from asyncstore.storage.families import Family, MetricSink
 
@@ -64,31 +70,6 @@ T = TypeVar("T")
 Scope = Literal["account", "address"]
 Outcome = Literal["failure", "success", "release"]
 _BUSY_RETRY_S = 1.0  # attempts in flight end within one verification
-
-
-class AuthError(OrchestratorError):
-    """Base class of the errors raised by ``orchestrator.auth``."""
-
-
-class InvalidHash(AuthError):
-    """The stored hash cannot be parsed or verified (corrupt, or not argon2)."""
-
-
-class PasswordTooLong(AuthError):
-    """The password is longer than ``max_password_bytes``; nothing was hashed."""
-
-
-class HashingOverloaded(AuthError):
-    """Too many callers already wait for a hashing slot; nothing was hashed. Retry later."""
-
-
-class LoginLocked(AuthError):
-    """The account or the client address is locked out; no hashing was done."""
-
-    def __init__(self, scope: Scope, retry_after_s: float) -> None:
-        super().__init__(f"too many failed logins for this {scope}; retry in {retry_after_s:.0f} s")
-        self.scope: Scope = scope
-        self.retry_after_s = retry_after_s
 
 
 def _default_concurrency() -> int:

@@ -20,7 +20,8 @@ import math
 import random
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Hashable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
 from types import MappingProxyType, TracebackType
@@ -30,8 +31,8 @@ import anyio
 import anyio.abc
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from asyncstore.orchestrator.errors import WriterClosed, WriterOverloaded
-from asyncstore.storage.errors import StorageUnavailable
+from asyncstore.orchestrator.errors import Dropped, WriterClosed, WriterOverloaded
+from asyncstore.storage.errors import InvalidArgument, StorageUnavailable, UsageError
 from asyncstore.storage.families import Family, MetricSink
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "DrainReport",
     "Health",
     "OverflowPolicy",
+    "open_batch_writer",
     "outcome_batches",
 ]
 
@@ -373,7 +375,7 @@ class BatchWriter(Generic[T]):
 
     async def __aenter__(self) -> Self:
         if self._started:
-            raise RuntimeError(f"writer {self.name!r} was already started")
+            raise UsageError(f"writer {self.name!r} was already started")
         self._started = True
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
@@ -432,12 +434,16 @@ class BatchWriter(Generic[T]):
 
     # -- intake --------------------------------------------------------------------
 
-    def put_nowait(self, item: T, *, critical: bool = False, nbytes: int | None = None) -> bool:
-        """Buffer ``item`` without waiting; True if accepted, False if dropped (counted).
+    def put_nowait(self, item: T, *, critical: bool = False, nbytes: int | None = None) -> None:
+        """Buffer ``item`` without waiting; returns once it is buffered, else raises.
 
-        When the writer is full: ``drop_newest`` drops this item, ``drop_oldest`` evicts the
-        oldest waiting non-critical item instead, and ``block`` (or a critical item under
-        any policy) raises ``anyio.WouldBlock``; ``put()`` is the waiting variant.
+        The ``*_nowait`` rule (``orchestrator.errors``): when the writer is full,
+        ``drop_oldest`` evicts the oldest waiting non-critical items to make room (each
+        counted in ``dropped`` as ``overflow_oldest``: an accepted outcome, this item is
+        buffered); ``drop_newest`` drops this item, counts it (``overflow_newest``) and
+        raises ``Dropped``, an ``anyio.WouldBlock``; ``block``, or a critical item under
+        any policy (never dropped), raises plain ``anyio.WouldBlock``: ``put()`` is the
+        waiting variant. ``WriterClosed`` once closing.
         """
         if self._closing:
             raise WriterClosed(f"writer {self.name!r} is closed")
@@ -451,20 +457,24 @@ class BatchWriter(Generic[T]):
                 raise anyio.WouldBlock
             else:
                 newest = policy is OverflowPolicy.DROP_NEWEST
-                self._drop("overflow_newest" if newest else "overflow")
-                return False
+                reason = "overflow_newest" if newest else "overflow"
+                self._drop(reason)
+                raise Dropped(f"writer {self.name!r} is full: item dropped", reason=reason)
         self._accept(item, size, critical)
-        return True
 
     async def put(self, item: T, *, critical: bool = False, nbytes: int | None = None) -> bool:
         """Buffer ``item``, waiting for room where the policy (or ``critical``) says so.
 
-        Returns like ``put_nowait``. A wait longer than ``block_timeout_s`` raises
+        True once buffered; False if the policy dropped it (counted; where ``put_nowait``
+        raises ``Dropped``). A wait longer than ``block_timeout_s`` raises
         ``WriterOverloaded``. If cancelled while waiting, the item is not buffered.
         """
         size = nbytes if nbytes is not None else (self._size_of(item) if self._size_of else 0)
         try:
-            return self.put_nowait(item, critical=critical, nbytes=size)
+            self.put_nowait(item, critical=critical, nbytes=size)
+            return True
+        except Dropped:
+            return False
         except anyio.WouldBlock:
             pass
         await self.wait_for_room(size)
@@ -504,7 +514,7 @@ class BatchWriter(Generic[T]):
     def _check_fits(self, nbytes: int) -> None:
         limit = self.config.capacity_bytes
         if limit is not None and nbytes > limit:
-            raise ValueError(f"an item of {nbytes} bytes can never fit in {limit} bytes")
+            raise InvalidArgument(f"an item of {nbytes} bytes can never fit in {limit} bytes")
 
     def _accept(self, item: T, nbytes: int, critical: bool) -> None:
         if self._closing:
@@ -798,3 +808,32 @@ def describe_failure(exc: BaseException) -> str:
     text = str(exc)
     line = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
     return line.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+@asynccontextmanager
+async def open_batch_writer(
+    sink: Sink[T],
+    config: BatchConfig | None = None,
+    *,
+    key: Callable[[T], Hashable] | None = None,
+    size_of: Callable[[T], int] | None = None,
+    on_dead_letter: DeadLetterCallback[T] | None = None,
+    retry_if: Callable[[Exception], bool] | None = None,
+    name: str = "batch",
+) -> AsyncIterator[BatchWriter[T]]:
+    """Run a ``BatchWriter`` (arguments as its constructor's) while the block runs.
+
+    Leaving the block drains it (``aclose()``, shielded, bounded by ``drain_timeout_s``).
+    ``async with BatchWriter(...)`` does the same.
+    """
+    writer = BatchWriter(
+        sink,
+        config,
+        key=key,
+        size_of=size_of,
+        on_dead_letter=on_dead_letter,
+        retry_if=retry_if,
+        name=name,
+    )
+    async with writer:
+        yield writer

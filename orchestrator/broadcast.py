@@ -21,7 +21,8 @@ import math
 import time
 import weakref
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -35,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from asyncstore.orchestrator.errors import SubscriberLagged
 from asyncstore.storage import AsyncStorageBackend, Notification, StreamEvent
+from asyncstore.storage.errors import InvalidArgument
 from asyncstore.storage.families import Family, MetricSink
 
 __all__ = [
@@ -52,6 +54,7 @@ __all__ = [
     "decode_stream_notes",
     "encode_advances",
     "encode_stream_notes",
+    "open_broadcast_hub",
 ]
 
 log = logging.getLogger("asyncstore.broadcast")
@@ -282,7 +285,7 @@ def encode_stream_notes(
             packer.add(orjson.dumps([seg.session_id, seg.epoch, seg.first, seg.last]))
             continue
         if len(seg.events) != seg.last - seg.first + 1:
-            raise ValueError(
+            raise InvalidArgument(
                 f"segment of {seg.session_id!r} announces seqs {seg.first}..{seg.last} but "
                 f"carries {len(seg.events)} events"
             )
@@ -629,7 +632,7 @@ class BroadcastHub:
             or len(after) != 2
             or not all(type(x) is int and x >= 0 for x in after)
         ):
-            raise ValueError(f"after must be (epoch, seq) with ints >= 0, got {after!r}")
+            raise InvalidArgument(f"after must be (epoch, seq) with ints >= 0, got {after!r}")
         ring: _Ring | None = None
         if self.config.mode is DeliveryMode.MEMORY:
             ring = self._rings.get(session_id)
@@ -1144,3 +1147,15 @@ class Subscription:
             self._next = head + 1
         if not await self._read_db("poll") and not self._buffer:
             await anyio.sleep(self._hub.config.poll_interval_s)
+
+
+@asynccontextmanager
+async def open_broadcast_hub(
+    storage: AsyncStorageBackend, config: HubConfig | None = None
+) -> AsyncIterator[BroadcastHub]:
+    """Run a ``BroadcastHub`` (its listener and sweeper) while the block runs.
+
+    Leaving the block ends its subscriptions. ``async with BroadcastHub(...)`` does the same.
+    """
+    async with BroadcastHub(storage, config) as hub:
+        yield hub

@@ -50,6 +50,7 @@ from asyncstore.orchestrator.streams import StreamConfig
 from asyncstore.orchestrator.webhooks import HooksConfig, load_hooks
 from asyncstore.storage import StorageSettings
 from asyncstore.storage import mask_url as _mask_url
+from asyncstore.storage.errors import InvalidArgument
 
 __all__ = [
     "PER_SESSION_FLAGS",
@@ -180,7 +181,7 @@ class Flags(BaseModel):
     def share(self, flag: str) -> float:
         """The share (0..100) of sessions on the optimized path of a per-session flag."""
         if flag not in PER_SESSION_FLAGS:
-            raise ValueError(f"{flag!r} is not a per-session flag: one of {PER_SESSION_FLAGS}")
+            raise InvalidArgument(f"{flag!r} is not a per-session flag: one of {PER_SESSION_FLAGS}")
         value: float = getattr(self, flag)
         return value
 

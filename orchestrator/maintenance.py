@@ -30,6 +30,7 @@ from anyio.abc import TaskStatus
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from asyncstore.storage import AsyncStorageBackend, Leadership
+from asyncstore.storage.errors import InvalidArgument
 
 __all__ = [
     "PURGE_KINDS",
@@ -114,7 +115,7 @@ class LeaseSweep:
 
     def __post_init__(self) -> None:
         if not self.interval_s > 0 or not self.grace_s >= 0:
-            raise ValueError("LeaseSweep needs interval_s > 0 and grace_s >= 0")
+            raise InvalidArgument("LeaseSweep needs interval_s > 0 and grace_s >= 0")
 
 
 @dataclass(frozen=True, slots=True)

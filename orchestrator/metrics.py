@@ -47,6 +47,7 @@ from prometheus_client.metrics_core import (
 )
 from pydantic import BaseModel, ConfigDict, Field
 
+from asyncstore.storage.errors import InvalidArgument, InvalidType
 from asyncstore.storage.families import Exportable, Family
 
 __all__ = [
@@ -176,11 +177,11 @@ class _SourceSink:
     def _family(self, name: str, labels: Mapping[str, str], extra: int = 0) -> Family:
         family = self._declared.get(name)
         if family is None:
-            raise ValueError(f"metric family {name!r} is not declared")
+            raise InvalidArgument(f"metric family {name!r} is not declared")
         if len(labels) + extra != len(family.labels) or any(
             k != f for k, f in zip(labels, family.labels, strict=False)
         ):
-            raise ValueError(f"{name}: labels {list(labels)} do not match {family.labels}")
+            raise InvalidArgument(f"{name}: labels {list(labels)} do not match {family.labels}")
         return family
 
     def sample(self, name: str, labels: Mapping[str, str], value: float) -> None:
@@ -284,16 +285,16 @@ class Metrics:
         ``TypeError`` for an object whose snapshot declares no families.
         """
         if not name or len(name) > 64:
-            raise ValueError("source name must be 1 to 64 characters")
+            raise InvalidArgument("source name must be 1 to 64 characters")
         if name in self._sources:
-            raise ValueError(f"metrics source {name!r} is already registered")
+            raise InvalidArgument(f"metrics source {name!r} is already registered")
         stats = getattr(source, "statistics", None)
         if not callable(stats):
-            raise TypeError(f"{type(source).__name__} has no statistics() method")
+            raise InvalidType(f"{type(source).__name__} has no statistics() method")
         snapshot = stats()
         families = _declarations(snapshot)
         if families is None:
-            raise TypeError(
+            raise InvalidType(
                 f"metrics do not understand {type(snapshot).__name__} "
                 f"(from {type(source).__name__}.statistics()): it declares no "
                 "METRIC_FAMILIES / export() (see storage.families)"
@@ -304,7 +305,7 @@ class Metrics:
             if (seen.kind, seen.labels) != (family.kind, family.labels) or "source" in (
                 family.labels
             ):
-                raise ValueError(
+                raise InvalidArgument(
                     f"metric family {family.name!r} of {type(snapshot).__name__} clashes "
                     f"with one already declared ({seen.kind} {seen.labels})"
                 )
@@ -361,7 +362,7 @@ class Metrics:
             try:
                 snapshot = source.statistics()
                 if not isinstance(snapshot, Exportable) or _declarations(snapshot) is None:
-                    raise TypeError(f"{type(snapshot).__name__} declares no metric families")
+                    raise InvalidType(f"{type(snapshot).__name__} declares no metric families")
                 # Collected apart first: a source that fails half-way adds nothing.
                 part = _Families(self.config.namespace)
                 snapshot.export(_SourceSink(part, name, self._source_families[name]))

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +38,7 @@ from asyncstore.orchestrator.broadcast import (
     HubStatistics,
     Position,
     Subscription,
+    open_broadcast_hub,
 )
 from asyncstore.orchestrator.cancellation import (
     CancellationConfig,
@@ -53,7 +54,7 @@ from asyncstore.orchestrator.config import (
     load_settings,
     load_webhooks,
 )
-from asyncstore.orchestrator.errors import OrchestratorError
+from asyncstore.orchestrator.errors import ComponentNotBuilt, OrchestratorError, RuntimeClosed
 from asyncstore.orchestrator.locks import (
     HeldLease,
     LimiterStatistics,
@@ -65,7 +66,12 @@ from asyncstore.orchestrator.maintenance import LeaseSweep, MaintenanceSweeper, 
 from asyncstore.orchestrator.metrics import Metrics, open_loop_lag_monitor, open_pool_probe
 from asyncstore.orchestrator.outbox import Outbox, OutboxRelay, Sender, open_outbox_relay
 from asyncstore.orchestrator.queue import AgentQueue, Handler, QueueConfig, Worker, open_worker
-from asyncstore.orchestrator.streams import SessionStream, StreamEventWriter, StreamWriterStatistics
+from asyncstore.orchestrator.streams import (
+    SessionStream,
+    StreamEventWriter,
+    StreamWriterStatistics,
+    open_stream_writer,
+)
 from asyncstore.orchestrator.turn_metrics import TurnOutcome, TurnRecorder
 from asyncstore.orchestrator.webhooks import (
     HookDecision,
@@ -76,7 +82,10 @@ from asyncstore.orchestrator.webhooks import (
 )
 from asyncstore.storage import (
     AsyncStorageBackend,
+    ChatMessage,
     LeaseLost,
+    NewMessage,
+    NewOutboxMessage,
     StorageError,
     StreamEvent,
     open_storage,
@@ -96,18 +105,6 @@ __all__ = [
 log = logging.getLogger("asyncstore.runtime")
 
 T = TypeVar("T")
-
-
-class RuntimeClosed(OrchestratorError):
-    """The runtime is closing or closed: it starts no new turn."""
-
-
-class ComponentNotBuilt(OrchestratorError):
-    """The path a session takes has no running instance yet (``Switch.pick``).
-
-    Only between a live flag change and the end of the build it started; ``Switch.choose``
-    and ``Switch.get`` wait for (or start) the build instead.
-    """
 
 
 _PATHS: tuple[tuple[bool, str], ...] = ((True, "optimized"), (False, "legacy"))
@@ -346,9 +343,9 @@ class Turn:
     """One agent turn of a session, from ``Runtime.turn``: emit events, fire hooks, stop.
 
     ``lease`` is the session lease (``lease.token`` is the stream epoch and the fencing
-    token for chat appends); ``token`` the session's cancel token; ``cancel_scope`` the
-    scope the body runs in, cancelled when a cancel request arrives; ``paths`` tells which
-    path (True: optimized) each per-session flag took for this turn.
+    token of ``append_messages``); ``token`` the session's cancel token; ``cancel_scope``
+    the scope the body runs in, cancelled when a cancel request arrives; ``paths`` tells
+    which path (True: optimized) each per-session flag took for this turn.
     """
 
     __slots__ = ("_runtime", "cancel_scope", "lease", "paths", "session_id", "stream", "token")
@@ -380,6 +377,32 @@ class Turn:
         """Emit a stream event of this turn (see ``StreamEventWriter.emit``)."""
         return await self.stream.emit(kind, payload, critical=critical)
 
+    async def append_messages(
+        self,
+        messages: Sequence[NewMessage],
+        *,
+        deliveries: Sequence[NewOutboxMessage] = (),
+    ) -> list[ChatMessage]:
+        """Append chat messages to the turn's session under its lease; the stored messages.
+
+        Fenced by ``lease.token``: the database writes them only while it is the session's
+        current, unexpired lease, so a turn whose lease was lost (expired and taken over,
+        even before this process noticed) gets ``LeaseLost`` and nothing is written.
+        ``deliveries`` are outbox rows committed in the same transaction (then the relays
+        are woken, see ``Outbox.append_messages``). If cancelled, the messages (and their
+        deliveries) were either all committed or not written.
+        """
+        if self.lease.lost:
+            raise LeaseLost(f"session {self.session_id!r}: the turn's lease was lost")
+        token = self.lease.token
+        if deliveries:
+            return await self._runtime.outbox.append_messages(
+                self.session_id, messages, deliveries=deliveries, lease_token=token
+            )
+        return await self._runtime.storage.append_messages(
+            self.session_id, messages, lease_token=token
+        )
+
     async def fire(
         self,
         trigger: str,
@@ -406,10 +429,15 @@ def _superseded(turn: Turn, writer: StreamEventWriter) -> bool:
 class Runtime:
     """The running components. Build it with ``open_runtime``; see the module docstring.
 
-    ``streams``, ``broadcast``, ``limiter`` and ``cancellation`` are :class:`Switch` es over
-    the optimized and legacy instances; ``subscribe``, ``request_cancel`` and ``turn`` pick
-    for you. ``queue`` and ``outbox`` are the producer sides; ``worker`` and ``relay`` are
-    running when ``open_runtime`` got a handler / senders.
+    ``turn``, ``subscribe`` and ``request_cancel`` pick the per-session path (optimized or
+    legacy) of the stream writer, broadcast hub, session limiter and cancel registry for
+    you, and ``statistics()`` reports every running path. ``queue`` and ``outbox`` are the
+    producer sides; ``worker`` and ``relay`` are running when ``open_runtime`` got a
+    handler / senders.
+
+    Internal, for this package's tests and benchmarks only (they may change without
+    notice): ``_streams``, ``_broadcast``, ``_limiter`` and ``_cancellation`` are the
+    :class:`Switch` es over those components' optimized and legacy instances.
     """
 
     def __init__(
@@ -437,10 +465,10 @@ class Runtime:
         self.login_attempts = LoginAttemptLimiter(settings.auth.attempts, storage=storage)
         self.maintenance: MaintenanceSweeper
         # Set by open_runtime once the components run.
-        self.streams: Switch[StreamEventWriter]
-        self.broadcast: Switch[BroadcastHub]
-        self.limiter: Switch[SessionLimiter]
-        self.cancellation: Switch[CancellationRegistry]
+        self._streams: Switch[StreamEventWriter]
+        self._broadcast: Switch[BroadcastHub]
+        self._limiter: Switch[SessionLimiter]
+        self._cancellation: Switch[CancellationRegistry]
         self._closing = False
         self._cancelling_turns = False
         self._turns_started = 0
@@ -550,9 +578,9 @@ class Runtime:
         starting, the memory hub (always running: every writer publishes to it) serves it.
         """
         try:
-            hub = self.broadcast.pick(session_id)
+            hub = self._broadcast.pick(session_id)
         except ComponentNotBuilt:
-            memory = self.broadcast.optimized
+            memory = self._broadcast.optimized
             if memory is None:
                 raise
             hub = memory
@@ -570,7 +598,7 @@ class Runtime:
         already persisted.
         """
         self._check_open()
-        registry = await self.cancellation.get(self._flags.share("cancel") > 0)
+        registry = await self._cancellation.get(self._flags.share("cancel") > 0)
         await registry.request_cancel(session_id, reason)
 
     @asynccontextmanager
@@ -593,9 +621,9 @@ class Runtime:
         self._check_open()
         flags = self._flags
         paths = {flag: flags.optimized(flag, session_id) for flag in PER_SESSION_FLAGS}
-        limiter = await self.limiter.get(paths["lock"])
-        registry = await self.cancellation.get(paths["cancel"])
-        writer = await self.streams.get(paths["stream_batching"])
+        limiter = await self._limiter.get(paths["lock"])
+        registry = await self._cancellation.get(paths["cancel"])
+        writer = await self._streams.get(paths["stream_batching"])
         self._check_open()
         self._turn_ids += 1
         turn_id = self._turn_ids
@@ -714,7 +742,7 @@ class Runtime:
         return self.instance_id
 
     def _evict_idle_rings(self) -> int:
-        return sum(hub.evict_idle() for hub in self.broadcast.built().values())
+        return sum(hub.evict_idle() for hub in self._broadcast.built().values())
 
     # -- observation -------------------------------------------------------------------
 
@@ -725,7 +753,7 @@ class Runtime:
     def _switches(self) -> tuple[Switch[Any], ...]:
         return tuple(
             getattr(self, name)
-            for name in ("broadcast", "cancellation", "limiter", "streams")
+            for name in ("_broadcast", "_cancellation", "_limiter", "_streams")
             if hasattr(self, name)
         )
 
@@ -769,10 +797,10 @@ class Runtime:
             turns_by_path=MappingProxyType(
                 {k: MappingProxyType(dict(v)) for k, v in self._by_path.items()}
             ),
-            streams=both(self.streams),
-            broadcast=both(self.broadcast),
-            limiter=both(self.limiter),
-            cancellation=both(self.cancellation),
+            streams=both(self._streams),
+            broadcast=both(self._broadcast),
+            limiter=both(self._limiter),
+            cancellation=both(self._cancellation),
         )
 
     # -- closing -----------------------------------------------------------------------
@@ -848,10 +876,10 @@ async def open_runtime(
                 "stream_delivery",
                 current,
                 {
-                    True: lambda: BroadcastHub(
+                    True: lambda: open_broadcast_hub(
                         storage, settings.broadcast.model_copy(update={"mode": DeliveryMode.MEMORY})
                     ),
-                    False: lambda: BroadcastHub(
+                    False: lambda: open_broadcast_hub(
                         storage, settings.broadcast.model_copy(update={"mode": DeliveryMode.POLL})
                     ),
                 },
@@ -860,9 +888,9 @@ async def open_runtime(
                 always=(True,),
             )
         )
-        rt.broadcast = broadcast
+        rt._broadcast = broadcast
         memory_hub = await broadcast.get(True)
-        rt.cancellation = await stack.enter_async_context(
+        rt._cancellation = await stack.enter_async_context(
             _open_switch(
                 "cancel",
                 current,
@@ -877,10 +905,10 @@ async def open_runtime(
                 on_built=rt._metrics_on_build(("cancel", "cancel_poll")),
             )
         )
-        on_lost = _FanOutCancellation(storage, lambda: tuple(rt.cancellation.built().values()))
+        on_lost = _FanOutCancellation(storage, lambda: tuple(rt._cancellation.built().values()))
         # The maintenance leader sweeps expired leases for the fleet, not every limiter.
         lock = settings.lock.model_copy(update={"sweep_leases": False})
-        rt.limiter = await stack.enter_async_context(
+        rt._limiter = await stack.enter_async_context(
             _open_switch(
                 "lock",
                 current,
@@ -903,15 +931,15 @@ async def open_runtime(
         )
         # Both writers publish to the memory hub: a session's live subscribers on the
         # memory path see its events whichever writer the session's flag picked.
-        rt.streams = await stack.enter_async_context(
+        rt._streams = await stack.enter_async_context(
             _open_switch(
                 "stream_batching",
                 current,
                 {
-                    True: lambda: StreamEventWriter(
+                    True: lambda: open_stream_writer(
                         storage, memory_hub, settings.stream.model_copy(update={"batching": True})
                     ),
-                    False: lambda: StreamEventWriter(
+                    False: lambda: open_stream_writer(
                         storage, memory_hub, settings.stream.model_copy(update={"batching": False})
                     ),
                 },
@@ -974,7 +1002,7 @@ async def open_runtime(
 
 
 def _report(rt: Runtime, drain: _Drain) -> RuntimeReport:
-    lost = sum(writer.statistics().lost for writer in rt.streams.built().values())
+    lost = sum(writer.statistics().lost for writer in rt._streams.built().values())
     return RuntimeReport(
         stream_events_lost=lost,
         webhooks=tuple(drain.webhooks),

@@ -43,7 +43,7 @@ from asyncstore.orchestrator.broadcast import (
     encode_advances,
     encode_stream_notes,
 )
-from asyncstore.orchestrator.errors import StreamNotStarted, WriterClosed
+from asyncstore.orchestrator.errors import Dropped, StreamNotStarted, WriterClosed
 from asyncstore.storage import (
     AsyncStorageBackend,
     EncodedJSON,
@@ -54,7 +54,7 @@ from asyncstore.storage import (
     StreamEvent,
     encode_payload,
 )
-from asyncstore.storage.errors import is_retryable
+from asyncstore.storage.errors import UsageError, is_retryable
 from asyncstore.storage.families import Family, MetricSink
 
 __all__ = [
@@ -63,6 +63,7 @@ __all__ = [
     "StreamConfig",
     "StreamEventWriter",
     "StreamWriterStatistics",
+    "open_stream_writer",
 ]
 
 log = logging.getLogger("asyncstore.streams")
@@ -439,19 +440,21 @@ class StreamEventWriter:
 
     def emit_nowait(
         self, session_id: str, kind: str, payload: Any, *, critical: bool | None = None
-    ) -> StreamEvent | None:
-        """Assign, publish and buffer an event without waiting; None if it was dropped.
+    ) -> StreamEvent:
+        """Assign, publish and buffer an event without waiting; the event, else raises.
 
-        ``critical`` defaults to ``kind in critical_kinds``. A full buffer drops an
-        ephemeral event (counted, before it gets a seq, so nobody sees a gap) and raises
-        ``anyio.WouldBlock`` for a critical one: ``emit`` is the waiting variant. Invalid
+        ``critical`` defaults to ``kind in critical_kinds``. The ``*_nowait`` rule
+        (``orchestrator.errors``): a full buffer drops an ephemeral event (counted, before
+        it gets a seq, so nobody sees a gap) and raises ``Dropped``, an
+        ``anyio.WouldBlock``; a critical one (never dropped), or any under the ``block``
+        policy, raises plain ``anyio.WouldBlock``: ``emit`` is the waiting variant. Invalid
         input raises ``InvalidInput`` and changes nothing. ``LeaseLost`` once the database
         refused the session's current epoch (a newer lease holder exists). Legacy mode: use
         ``emit``.
         """
         writer = self._writer
         if writer is None:
-            raise RuntimeError("stream.batching is off: use `await emit(...)`")
+            raise UsageError("stream.batching is off: use `await emit(...)`")
         state = self._sessions.get(session_id)
         if state is None or state.ended:
             raise StreamNotStarted(f"session {session_id!r} has no epoch here: begin() first")
@@ -464,8 +467,7 @@ class StreamEventWriter:
         seq = state.next_seq
         size = len(encoded.data)
         item = NewStreamEvent(session_id, state.epoch, seq, kind, encoded)
-        if not writer.put_nowait(item, critical=is_critical, nbytes=size):
-            return None
+        writer.put_nowait(item, critical=is_critical, nbytes=size)
         state.next_seq = seq + 1
         event = StreamEvent(session_id, state.epoch, seq, kind, payload, datetime.now(UTC))
         self._emitted += 1
@@ -480,15 +482,18 @@ class StreamEventWriter:
     ) -> StreamEvent | None:
         """Like ``emit_nowait``, but a critical event waits for room instead of raising.
 
-        Waits at most the batch ``block_timeout_s`` (then ``WriterOverloaded``). In legacy
-        mode (``batching=False``) it inserts the event and waits for the insert. If
-        cancelled while waiting for room, the event was not emitted.
+        None when the overflow policy dropped the event (where ``emit_nowait`` raises
+        ``Dropped``). Waits at most the batch ``block_timeout_s`` (then
+        ``WriterOverloaded``). In legacy mode (``batching=False``) it inserts the event and
+        waits for the insert. If cancelled while waiting for room, the event was not emitted.
         """
         if self._writer is None:
             return await self._emit_legacy(session_id, kind, payload)
         while True:
             try:
                 return self.emit_nowait(session_id, kind, payload, critical=critical)
+            except Dropped:
+                return None
             except anyio.WouldBlock:
                 await self._writer.wait_for_room(len(encode_payload(payload).data))
 
@@ -703,8 +708,21 @@ class SessionStream:
         self._check_lease()
         return await self.writer.emit(self.session_id, kind, payload, critical=critical)
 
-    def emit_nowait(
-        self, kind: str, payload: Any, *, critical: bool | None = None
-    ) -> StreamEvent | None:
+    def emit_nowait(self, kind: str, payload: Any, *, critical: bool | None = None) -> StreamEvent:
         self._check_lease()
         return self.writer.emit_nowait(self.session_id, kind, payload, critical=critical)
+
+
+@asynccontextmanager
+async def open_stream_writer(
+    storage: AsyncStorageBackend,
+    hub: BroadcastHub | None = None,
+    config: StreamConfig | None = None,
+) -> AsyncIterator[StreamEventWriter]:
+    """Run a ``StreamEventWriter`` while the block runs; leaving it flushes what is buffered.
+
+    ``hub`` (optional) receives every emitted event for live subscribers. ``async with
+    StreamEventWriter(...)`` does the same.
+    """
+    async with StreamEventWriter(storage, hub, config) as writer:
+        yield writer

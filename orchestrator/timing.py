@@ -25,6 +25,8 @@ from typing import Protocol, runtime_checkable
 
 import anyio
 
+from asyncstore.storage.errors import InvalidArgument
+
 __all__ = ["SYSTEM_CLOCK", "Backoff", "Clock", "ManualClock", "SystemClock"]
 
 
@@ -43,18 +45,18 @@ class Backoff:
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.base_s) and self.base_s >= 0):
-            raise ValueError(f"base_s must be a finite number >= 0, not {self.base_s!r}")
+            raise InvalidArgument(f"base_s must be a finite number >= 0, not {self.base_s!r}")
         if not (math.isfinite(self.max_s) and self.max_s >= self.base_s):
-            raise ValueError(f"max_s must be finite and >= base_s, not {self.max_s!r}")
+            raise InvalidArgument(f"max_s must be finite and >= base_s, not {self.max_s!r}")
         if not (math.isfinite(self.factor) and self.factor >= 1):
-            raise ValueError(f"factor must be finite and >= 1, not {self.factor!r}")
+            raise InvalidArgument(f"factor must be finite and >= 1, not {self.factor!r}")
         if not 0 <= self.jitter <= 1:
-            raise ValueError(f"jitter must be between 0 and 1, not {self.jitter!r}")
+            raise InvalidArgument(f"jitter must be between 0 and 1, not {self.jitter!r}")
 
     def step(self, attempt: int) -> float:
         """The un-jittered ceiling of attempt ``attempt`` (1-based)."""
         if attempt < 1:
-            raise ValueError(f"attempt is 1-based, not {attempt!r}")
+            raise InvalidArgument(f"attempt is 1-based, not {attempt!r}")
         # Cap the exponent before the power so a huge attempt count cannot overflow.
         exponent = min(attempt - 1, 1024)
         try:
@@ -140,7 +142,7 @@ class ManualClock:
     def advance(self, seconds: float) -> None:
         """Move time forward by ``seconds`` and wake every sleeper whose deadline passed."""
         if seconds < 0:
-            raise ValueError("a clock does not go backwards")
+            raise InvalidArgument("a clock does not go backwards")
         self.now += seconds
         while self._heap and self._heap[0][0] <= self.now:
             _, _, event = heapq.heappop(self._heap)

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from importlib import resources
 
-from asyncstore.storage.errors import MigrationError
+from asyncstore.storage.errors import InvalidArgument, MigrationError
 
 _NAME = re.compile(r"^--\s*name:\s*(\w+)\s*$", re.MULTILINE)
 _MIGRATION = re.compile(r"^(\d{4})_(\w+)\.sql$")
@@ -42,7 +42,7 @@ def parse_queries(text: str) -> dict[str, str]:
         body = text[match.end() : end].strip().rstrip(";").strip()
         name = match.group(1)
         if name in queries:
-            raise ValueError(f"query {name!r} is defined twice")
+            raise InvalidArgument(f"query {name!r} is defined twice")
         queries[name] = body
     return queries
 

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from asyncstore.storage.errors import (
     InvalidInput,
+    InvalidType,
     LeaseLost,
     StorageClosed,
     StorageError,
@@ -150,6 +151,8 @@ class NewMessage:
 
 @dataclass(frozen=True, slots=True)
 class ChatMessage:
+    """A stored chat message: its per-session ``seq`` (from 1, gap-free) and content."""
+
     session_id: str
     seq: int
     role: str
@@ -189,6 +192,8 @@ class StreamAppend:
 
 @dataclass(frozen=True, slots=True)
 class StreamEvent:
+    """A stored (or live) stream event, identified by ``(epoch, seq)`` within its session."""
+
     session_id: str
     epoch: int
     seq: int
@@ -249,6 +254,7 @@ LEASE_EXPIRED = "lease expired"
 
 
 class TaskStatus(StrEnum):
+    """Where an agent task is: waiting (``queued``), claimed by a worker, done, or dead-lettered."""
     QUEUED = "queued"
     RUNNING = "running"
     SUCCEEDED = "succeeded"
@@ -472,6 +478,8 @@ class Failure(NamedTuple):
 
 @dataclass(frozen=True, slots=True)
 class CancelState:
+    """A persisted cancel request of a session: why, and when it was requested."""
+
     session_id: str
     reason: str
     requested_at: datetime
@@ -791,14 +799,14 @@ class AsyncStorageBackend(abc.ABC):
         super().__init_subclass__(**kwargs)
         for name in _CONTRACT_CALLS:
             if name in cls.__dict__:
-                raise TypeError(
+                raise InvalidType(
                     f"{cls.__name__}.{name}: a dialect implements _sql_{name} hooks, not the "
                     "public contract methods (they validate its input)"
                 )
         for name in _DIALECT_CALLS:
             method = cls.__dict__.get(name)
             if method is not None and not getattr(method, "__storage_operation__", False):
-                raise TypeError(
+                raise InvalidType(
                     f"{cls.__name__}.{name} must be decorated with storage.base.operation"
                 )
 

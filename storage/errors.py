@@ -1,43 +1,103 @@
-"""The error tree of asyncstore's storage layer.
+"""asyncstore's error tree: one root, the misuse errors, and the storage layer's errors.
 
+Every error asyncstore raises itself derives from ``AsyncstoreError``; ``except
+asyncstore.AsyncstoreError`` catches them all, and nothing else. Misuse of the API raises
+a named error (``UsageError``: the call does not fit the component's state;
+``InvalidArgument``: an argument is refused), which keeps ``RuntimeError`` / ``ValueError``
+/ ``TypeError`` as an extra base, so code written against the builtin still catches it.
 Driver exceptions (asyncpg, sqlite3) never leave a driver: each driver maps them in one
-place (``map_error`` in the driver module) to this tree and raises ``from`` the original::
+place (``map_error`` in the driver module) to this tree and raises ``from`` the original.
+The root and the storage branch are defined here (storage is the lower layer); the
+orchestrator branch in ``asyncstore.orchestrator.errors``. ``(+X)`` names an extra base::
 
-    StorageError
-    ├── InvalidInput          bad argument, rejected before anything is written
-    │   └── ConfigurationError  the storage URL or path cannot be used as given, or the
-    │                             settings do not fit the topology (LISTEN through a pooler)
-    ├── StorageClosed         the backend was used after ``aclose()``
-    ├── StorageUnavailable    the database cannot be reached (connect, network, pool)
-    ├── ConflictError         a uniqueness or integrity rule refused the write
-    ├── LeaseLost             a lease or claim token is no longer the current one (fencing)
-    ├── MigrationError        the schema is not at this code's version (behind: run
-    │                         ``asyncstore migrate``; ahead: newer code migrated it) or a
-    │                         migration failed
-    └── QueryError            anything else the database refused
+    AsyncstoreError                  every error asyncstore raises itself
+    ├── UsageError                   (+RuntimeError) the call does not fit the state (closed,
+    │                                  entered twice, not started)
+    ├── InvalidArgument              (+ValueError) an argument is refused; nothing was done
+    │   └── InvalidType              (+TypeError) an argument, or a driver class, of a type the
+    │                                  library cannot use
+    ├── StorageError                 the storage layer (this module)
+    │   ├── InvalidInput             (+InvalidArgument) a storage call's argument is refused,
+    │   │   │                          before anything is written
+    │   │   └── ConfigurationError   the storage URL or path cannot be used as given, or the
+    │   │                              settings do not fit the topology (LISTEN through a pooler)
+    │   ├── StorageClosed            (+UsageError) the backend was used after ``aclose()``
+    │   ├── StorageUnavailable       the database cannot be reached (connect, network, pool)
+    │   ├── ConflictError            a uniqueness or integrity rule refused the write
+    │   ├── LeaseLost                a lease or claim token is no longer the current one
+    │   ├── MigrationError           the schema is not at this code's version (behind: run
+    │   │                              ``asyncstore migrate``; ahead: newer code migrated it)
+    │   └── QueryError               anything else the database refused
+    └── OrchestratorError            the orchestrator (``asyncstore.orchestrator.errors``)
+        ├── RuntimeClosed            (+UsageError) the runtime is closing: no new turn
+        ├── ComponentNotBuilt        a flag's path has no running instance yet
+        ├── WriterClosed             (+UsageError) put on a writer that is closing or closed
+        ├── WriterOverloaded         a blocking put waited ``block_timeout_s`` in vain
+        ├── Dropped                  (+anyio.WouldBlock) a ``*_nowait`` item the overflow
+        │                              policy dropped (counted)
+        ├── StreamNotStarted         (+UsageError) emit for a session not begun on the writer
+        ├── SubscriberLagged         a slow subscriber was disconnected (``disconnect`` policy)
+        ├── AuthError                password hashing and login limiting
+        │   ├── InvalidHash          the stored hash is not an argon2 hash this can read
+        │   ├── PasswordTooLong      the password exceeds ``max_password_bytes``
+        │   ├── HashingOverloaded    ``max_waiting`` callers already wait for a hashing slot
+        │   └── LoginLocked          the account or address is locked out (``retry_after_s``)
+        └── WebhookError             the webhook package
+            ├── HooksConfigError     hooks.toml is unreadable or invalid (every problem listed)
+            ├── WebhookVerificationError  a received request's signature or timestamp is bad
+            ├── NotPersisted         a durable event's outbox write failed (it is not queued)
+            ├── DestinationRefused   a URL resolves to a private, loopback or link-local address
+            ├── ResendRefused        a delivery cannot be re-sent (unknown, or body purged)
+            ├── DeliveryFailed       one HTTP attempt got no usable answer
+            └── AttemptFailed        one batch POST failed (status or transport error)
+
+A test (``tests/unit/test_error_hierarchy.py``) checks this drawing against the classes.
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "AsyncstoreError",
     "ConfigurationError",
     "ConflictError",
+    "InvalidArgument",
     "InvalidInput",
+    "InvalidType",
     "LeaseLost",
     "MigrationError",
     "QueryError",
     "StorageClosed",
     "StorageError",
     "StorageUnavailable",
+    "UsageError",
 ]
 
 
-class StorageError(Exception):
+class AsyncstoreError(Exception):
+    """The root of every error asyncstore raises itself (storage and orchestrator)."""
+
+
+class UsageError(AsyncstoreError, RuntimeError):
+    """The call does not fit the component's state: it is closed, not started, entered
+    twice, or the call needs another one first. Fix the calling code; retrying the same
+    call cannot succeed. Also a ``RuntimeError``."""
+
+
+class InvalidArgument(AsyncstoreError, ValueError):
+    """An argument is refused; nothing was done or written. Also a ``ValueError``."""
+
+
+class InvalidType(InvalidArgument, TypeError):
+    """An argument (or a driver class handed to the library) is of a type it cannot use.
+    Also a ``TypeError``."""
+
+
+class StorageError(AsyncstoreError):
     """Base class of every error raised by the storage layer."""
 
 
-class InvalidInput(StorageError, ValueError):
-    """An argument is invalid; nothing was written."""
+class InvalidInput(StorageError, InvalidArgument):
+    """An argument of a storage call is invalid; nothing was written."""
 
 
 class ConfigurationError(InvalidInput):
@@ -51,7 +111,7 @@ class ConfigurationError(InvalidInput):
     """
 
 
-class StorageClosed(StorageError):
+class StorageClosed(StorageError, UsageError):
     """The backend is closed (or was never opened)."""
 
 

@@ -16,6 +16,7 @@ from asyncstore.orchestrator.webhooks.batcher import (
     WebhookDeadLetter,
     WebhookDrainReport,
     WebhookEvent,
+    open_webhook_batcher,
 )
 from asyncstore.orchestrator.webhooks.config import (
     AsyncWebhookConfig,
@@ -81,6 +82,7 @@ __all__ = [
     "generate_secret",
     "load_hooks",
     "masked_dump",
+    "open_webhook_batcher",
     "open_webhooks",
     "parse_hooks",
     "sign",

@@ -9,16 +9,12 @@ storage contract and the outbox's public API only; ``asyncstore webhooks`` wraps
 
 from __future__ import annotations
 
+from asyncstore.orchestrator.errors import ResendRefused
 from asyncstore.orchestrator.outbox import Outbox
 from asyncstore.orchestrator.webhooks.durable import OUTBOX_CHANNEL
-from asyncstore.orchestrator.webhooks.errors import WebhookError
 from asyncstore.storage import AsyncStorageBackend, NewOutboxMessage, WebhookAttempt
 
 __all__ = ["ResendRefused", "delivery_log", "format_attempt", "resend"]
-
-
-class ResendRefused(WebhookError):
-    """The delivery cannot be re-sent (unknown webhook-id, or its body was purged)."""
 
 
 async def delivery_log(

@@ -23,7 +23,8 @@ import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from types import MappingProxyType, TracebackType
 from typing import Any, ClassVar, Protocol, Self
@@ -39,12 +40,18 @@ from asyncstore.orchestrator.batching import (
     BatchWriterStatistics,
     DeadLetter,
 )
-from asyncstore.orchestrator.errors import WriterClosed, WriterOverloaded
+from asyncstore.orchestrator.errors import (
+    AttemptFailed,
+    Dropped,
+    WriterClosed,
+    WriterOverloaded,
+)
 from asyncstore.orchestrator.webhooks.config import AsyncWebhookConfig
 from asyncstore.orchestrator.webhooks.errors import NotPersisted
 from asyncstore.orchestrator.webhooks.signing import delivery_id
 from asyncstore.orchestrator.webhooks.transport import DeliveryFailed, Transport
 from asyncstore.orchestrator.webhooks.triggers import ALIASES, EVENT_NAMES
+from asyncstore.storage.errors import InvalidArgument
 from asyncstore.storage.families import Family, MetricSink
 
 __all__ = [
@@ -59,6 +66,7 @@ __all__ = [
     "WebhookDrainReport",
     "WebhookEvent",
     "is_retryable_status",
+    "open_webhook_batcher",
 ]
 
 log = logging.getLogger("asyncstore.webhooks")
@@ -221,25 +229,6 @@ def is_retryable_status(status: int) -> bool:
     return status in RETRYABLE_STATUSES or 500 <= status <= 599
 
 
-class AttemptFailed(Exception):
-    """One failed delivery attempt (HTTP status or transport error)."""
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        status: int | None = None,
-        retryable: bool = True,
-        retry_after_s: float | None = None,
-        circuit_open: bool = False,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.retryable = retryable
-        self.retry_after_s = retry_after_s
-        self.circuit_open = circuit_open  # nothing was sent: the receiver's circuit is open
-
-
 class DurableStore(Protocol):
     """Where durable events go (``orchestrator.webhooks.durable`` implements it)."""
 
@@ -270,7 +259,7 @@ class AsyncWebhookBatcher:
         keep_dead_letters: int = 1000,
     ) -> None:
         if config.durable and store is None:
-            raise ValueError(f"async webhook {config.name!r} is durable: it needs storage")
+            raise InvalidArgument(f"async webhook {config.name!r} is durable: it needs storage")
         self.config = config
         self.name = config.name
         self._transport = transport
@@ -395,7 +384,7 @@ class AsyncWebhookBatcher:
     ) -> tuple[WebhookEvent, bool]:
         name = _SPELLINGS.get(trigger)
         if name is None:
-            raise ValueError(f"unknown trigger {trigger!r}")
+            raise InvalidArgument(f"unknown trigger {trigger!r}")
         event = WebhookEvent(
             f"{self._id_prefix}{next(self._ids)}",
             EVENT_NAMES[name],
@@ -413,23 +402,25 @@ class AsyncWebhookBatcher:
         *,
         hook_name: str | None = None,
         trigger_label: str | None = None,
-    ) -> bool:
-        """Queue one event without waiting; True if queued, False if dropped (counted).
+    ) -> None:
+        """Queue one event without waiting; returns once it is queued, else raises.
 
         ``trigger`` is a canonical name or alias; ``context`` is copied (shallowly) and
-        must be JSON-serializable. A full queue drops per the overflow policy; an event of a
-        critical trigger is never dropped and raises ``anyio.WouldBlock`` instead (use
-        ``send``). After a 410 the endpoint is disabled and events are dropped as
-        ``disabled``. Raises ``WriterClosed`` once closing.
+        must be JSON-serializable. The ``*_nowait`` rule (``orchestrator.errors``): a full
+        queue applies the overflow policy (``drop_oldest``, the default, evicts older
+        events, counted, and queues this one); an event the policy drops itself
+        (``drop_newest``) is counted and raises ``Dropped``, an ``anyio.WouldBlock``; an
+        event of a critical trigger is never dropped and raises plain ``anyio.WouldBlock``
+        (use ``send``), as does any event under ``block``. After a 410 the endpoint is
+        disabled: events are counted as ``disabled`` and raise ``Dropped``. Raises
+        ``WriterClosed`` once closing.
         """
         event, critical = self._event(trigger, context, hook_name, trigger_label)
         if self._disabled:
             self._disabled_drops += 1
-            return False
-        if (self._journal or self._writer).put_nowait(event, critical=critical):
-            self._accepted += 1
-            return True
-        return False
+            raise Dropped(f"async webhook {self.name!r} is disabled (410 Gone)", reason="disabled")
+        (self._journal or self._writer).put_nowait(event, critical=critical)
+        self._accepted += 1
 
     async def submit(
         self,
@@ -458,7 +449,10 @@ class AsyncWebhookBatcher:
         intake = self._journal or self._writer
         try:
             try:
-                accepted = intake.put_nowait(event, critical=critical)
+                intake.put_nowait(event, critical=critical)
+                accepted = True
+            except Dropped:
+                accepted = False
             except anyio.WouldBlock:
                 accepted = await intake.put(event, critical=critical)
         except WriterOverloaded:
@@ -606,10 +600,11 @@ class AsyncWebhookBatcher:
         journal, and the orphan scan hands it over again later (this process or another).
         """
         try:
-            return self._writer.put_nowait(event, critical=True)
+            self._writer.put_nowait(event, critical=True)
         except (anyio.WouldBlock, WriterClosed):
             log.warning("async webhook %r: batch queue full, event left in the journal", self.name)
             return False
+        return True
 
     def adopt(self, journal_id: int, body: bytes) -> bool:
         """Batch an orphaned journal event (its owner did not batch it in time)."""
@@ -735,3 +730,28 @@ class AsyncWebhookBatcher:
             journaled=self._journaled,
             adopted=self._adopted,
         )
+
+
+@asynccontextmanager
+async def open_webhook_batcher(
+    config: AsyncWebhookConfig,
+    transport: Transport,
+    *,
+    on_dead_letter: Callable[[WebhookDeadLetter], None] | None = None,
+    store: DurableStore | None = None,
+    keep_dead_letters: int = 1000,
+) -> AsyncIterator[AsyncWebhookBatcher]:
+    """Run an ``AsyncWebhookBatcher`` for one endpoint while the block runs.
+
+    Leaving the block flushes what remains (bounded by ``shutdown_timeout_secs``). ``async
+    with AsyncWebhookBatcher(...)`` does the same.
+    """
+    batcher = AsyncWebhookBatcher(
+        config,
+        transport,
+        on_dead_letter=on_dead_letter,
+        store=store,
+        keep_dead_letters=keep_dead_letters,
+    )
+    async with batcher:
+        yield batcher

@@ -41,6 +41,7 @@ from asyncstore.orchestrator.outbox import (
 from asyncstore.orchestrator.webhooks.batcher import AsyncWebhookBatcher, AttemptFailed
 from asyncstore.orchestrator.webhooks.config import AsyncWebhookConfig, DurableRetry
 from asyncstore.storage import AsyncStorageBackend, NewOutboxMessage, OutboxMessage, WebhookAttempt
+from asyncstore.storage.errors import InvalidArgument
 
 __all__ = ["OUTBOX_CHANNEL", "DurableDelivery", "open_durable_delivery"]
 
@@ -102,7 +103,7 @@ class DurableDelivery:
         self, endpoint: str, msg_id: str, body: bytes, count: int, journal_ids: Sequence[int]
     ) -> None:
         if endpoint not in self._hooks:
-            raise ValueError(f"no async webhook {endpoint!r}")
+            raise InvalidArgument(f"no async webhook {endpoint!r}")
         row = NewOutboxMessage(
             OUTBOX_CHANNEL,
             endpoint,

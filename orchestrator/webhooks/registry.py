@@ -32,6 +32,7 @@ from asyncstore.orchestrator.webhooks.sync import HookDecision, HookOutcome, Web
 from asyncstore.orchestrator.webhooks.transport import Transport
 from asyncstore.orchestrator.webhooks.triggers import canonical
 from asyncstore.storage import AsyncStorageBackend
+from asyncstore.storage.errors import InvalidArgument
 from asyncstore.storage.families import Family, MetricSink
 
 __all__ = ["Webhooks", "WebhooksStatistics", "open_webhooks"]
@@ -207,7 +208,7 @@ class Webhooks:
 def _canonical(trigger: str) -> str:
     name = canonical(trigger)
     if name is None:
-        raise ValueError(f"unknown trigger {trigger!r}")
+        raise InvalidArgument(f"unknown trigger {trigger!r}")
     return name
 
 
@@ -243,7 +244,7 @@ async def open_webhooks(
         batchers: dict[str, AsyncWebhookBatcher] = {}
         persist = None
         if any(h.durable for h in enabled) and storage is None:
-            raise ValueError("durable async webhooks need open_webhooks(storage=...)")
+            raise InvalidArgument("durable async webhooks need open_webhooks(storage=...)")
         if enabled and storage is not None:
             # The outbox takes durable batches, and the events any full queue spills.
             persist = await stack.enter_async_context(

@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 
 from asyncstore.orchestrator.webhooks.errors import WebhookVerificationError
+from asyncstore.storage.errors import InvalidArgument
 
 __all__ = [
     "SECRET_PREFIX",
@@ -40,9 +41,9 @@ def decode_secret(secret: str) -> bytes:
     try:
         key = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
-        raise ValueError("a webhook secret must be 'whsec_' followed by base64") from None
+        raise InvalidArgument("a webhook secret must be 'whsec_' followed by base64") from None
     if not 1 <= len(key) <= 64:
-        raise ValueError(f"a webhook secret's key must be 1-64 bytes, got {len(key)}")
+        raise InvalidArgument(f"a webhook secret's key must be 1-64 bytes, got {len(key)}")
     return key
 
 

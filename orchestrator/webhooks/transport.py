@@ -23,8 +23,8 @@ from urllib.parse import urlsplit, urlunsplit
 import anyio
 import httpx
 
+from asyncstore.orchestrator.errors import DeliveryFailed, DestinationRefused
 from asyncstore.orchestrator.webhooks.breaker import Breakers
-from asyncstore.orchestrator.webhooks.errors import DestinationRefused
 from asyncstore.orchestrator.webhooks.masking import mask_url
 from asyncstore.orchestrator.webhooks.signing import signature_headers
 
@@ -41,21 +41,6 @@ class Reply:
     body: bytes
     truncated: bool
     retry_after_s: float | None  # parsed and clamped Retry-After, if any
-
-
-class DeliveryFailed(Exception):
-    """An attempt that did not end in a usable answer (network error, timeout, refusal).
-
-    ``retry_in_s`` is set when the receiver's circuit is open: no request was sent, and
-    none will be before that many seconds.
-    """
-
-    def __init__(
-        self, message: str, *, retryable: bool = True, retry_in_s: float | None = None
-    ) -> None:
-        super().__init__(message)
-        self.retryable = retryable
-        self.retry_in_s = retry_in_s
 
 
 def parse_retry_after(value: str | None, ceiling_s: float) -> float | None:

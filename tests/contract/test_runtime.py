@@ -185,7 +185,7 @@ async def test_per_session_state_stays_flat_across_many_sessions(storage_url: st
         assert sizes[0] == sizes[1] == 200
 
         # 100,000 short live sessions (subscribe, publish, leave) on the memory path.
-        hub = rt.broadcast.optimized
+        hub = rt._broadcast.optimized
         now = datetime.now(UTC)
         for i in range(100_000):
             sid = f"live-{i}"
@@ -196,7 +196,7 @@ async def test_per_session_state_stays_flat_across_many_sessions(storage_url: st
                 sizes.append(rt.statistics().tracked)
         sizes.append(rt.statistics().tracked)
         assert sizes[2] == sizes[3] == 200
-        assert rt.broadcast.optimized.statistics().subscribers == 0
+        assert rt._broadcast.optimized.statistics().subscribers == 0
 
 
 async def test_closing_refuses_new_turns_and_cancels_stragglers(storage_url: str) -> None:
@@ -303,7 +303,7 @@ async def test_a_path_no_session_can_take_is_not_built(storage_url: str) -> None
     """Share 100%: no legacy component; share 0%: no optimized one (but the memory hub,
     which every writer publishes to); a live change builds the newly needed path."""
     async with open_runtime(_settings(storage_url)) as rt:
-        for switch in (rt.streams, rt.broadcast, rt.limiter, rt.cancellation):
+        for switch in (rt._streams, rt._broadcast, rt._limiter, rt._cancellation):
             assert switch.optimized is not None and switch.legacy is None, switch.flag
         stats = rt.statistics()
         for per_path in (stats.streams, stats.broadcast, stats.limiter, stats.cancellation):
@@ -313,7 +313,7 @@ async def test_a_path_no_session_can_take_is_not_built(storage_url: str) -> None
             assert all(turn.paths.values())
             await turn.emit("turn_completed", {})
         assert await _read_until(rt, "only-new", "turn_completed") == ["turn_completed"]
-        assert rt.limiter.legacy is None and rt.streams.legacy is None
+        assert rt._limiter.legacy is None and rt._streams.legacy is None
 
         # A live change to a share: the legacy paths are built (in the background at once,
         # on first use at the latest) and sessions split between the two.
@@ -324,7 +324,7 @@ async def test_a_path_no_session_can_take_is_not_built(storage_url: str) -> None
                 paths[f"mixed-{i}"] = turn.paths["lock"]
                 await turn.emit("turn_completed", {})
         assert set(paths.values()) == {True, False}
-        for switch in (rt.streams, rt.broadcast, rt.limiter, rt.cancellation):
+        for switch in (rt._streams, rt._broadcast, rt._limiter, rt._cancellation):
             assert switch.optimized is not None and switch.legacy is not None, switch.flag
         stats = rt.statistics()
         assert stats.limiter["legacy"].acquires == sum(not p for p in paths.values())
@@ -336,10 +336,10 @@ async def test_a_path_no_session_can_take_is_not_built(storage_url: str) -> None
                "stream_delivery": "poll"},
     )  # fmt: skip
     async with open_runtime(settings) as rt:
-        for switch in (rt.streams, rt.limiter, rt.cancellation):
+        for switch in (rt._streams, rt._limiter, rt._cancellation):
             assert switch.optimized is None and switch.legacy is not None, switch.flag
         # Every writer publishes to the memory hub, so it runs whatever the flag says.
-        assert rt.broadcast.optimized is not None and rt.broadcast.legacy is not None
+        assert rt._broadcast.optimized is not None and rt._broadcast.legacy is not None
         async with rt.turn("only-old") as turn:
             assert not any(turn.paths.values())
             await turn.emit("turn_completed", {})
@@ -376,7 +376,7 @@ async def test_one_lease_sweeper_for_two_runtimes(
     assert led >= 6 and follower.sweeps_skipped >= 6
     assert follower.sweeps_run == follower.lease_sweeps == 0
     for rt in (a, b):
-        for limiter in rt.limiter.built().values():
+        for limiter in rt._limiter.built().values():
             assert limiter.statistics().sweeps == 0
 
 
@@ -387,14 +387,14 @@ async def test_subscribe_right_after_a_live_change_is_served(storage_url: str) -
 
     async with open_runtime(_settings(storage_url)) as rt:
         rt.update_flags(stream_delivery="poll")
-        assert rt.broadcast.legacy is None  # nothing awaited since the change
+        assert rt._broadcast.legacy is None  # nothing awaited since the change
         with pytest.raises(ComponentNotBuilt):
-            rt.broadcast.pick("early")
+            rt._broadcast.pick("early")
         sub = rt.subscribe("early", after=(0, 0))  # no error: the memory hub serves it
         async with sub, rt.turn("early") as turn:
             await turn.emit("turn_completed", {})
             with anyio.fail_after(10):
                 item = await sub.__anext__()
         assert isinstance(item, StreamEvent) and item.kind == "turn_completed"
-        poll_hub = await rt.broadcast.choose("later")
-        assert poll_hub is rt.broadcast.legacy is rt.broadcast.pick("later")
+        poll_hub = await rt._broadcast.choose("later")
+        assert poll_hub is rt._broadcast.legacy is rt._broadcast.pick("later")

@@ -273,7 +273,7 @@ async def test_a_turn_that_lost_its_lease_emits_nothing_more(storage_url: str) -
         async with rt.turn("s") as turn:
             token = turn.lease.token
             await turn.emit("delta", "before")
-            await rt.streams.optimized.flush()
+            await rt._streams.optimized.flush()
             # Another holder takes the session over (as after an expiry).
             assert await other.release_lease("s", token)
             assert await other.acquire_lease("s", "thief", 30) is not None

@@ -31,7 +31,7 @@ async def main(options: dict[str, Any]) -> None:
     stdin = anyio.wrap_file(sys.stdin)
     async with open_runtime(settings) as rt:
         out({"event": "ready", "pid": os.getpid()})
-        writer = rt.streams.optimized
+        writer = rt._streams.optimized
         async with rt.turn(session) as turn:
             for i in range(3):
                 await turn.emit("delta", {"tag": "turn", "i": i})

@@ -52,7 +52,7 @@ class Served:
     app: Starlette
 
     def subscribers(self) -> int:
-        return self.rt.broadcast.optimized.statistics().subscribers
+        return self.rt._broadcast.optimized.statistics().subscribers
 
 
 def _allow_all(conn: HTTPConnection, session_id: str) -> bool:

@@ -9,8 +9,8 @@ import anyio
 import pytest
 from standardwebhooks.webhooks import Webhook
 
+from asyncstore.orchestrator.errors import Dropped
 from asyncstore.orchestrator.webhooks import (
-    AsyncWebhookBatcher,
     HooksConfig,
     WebhookDrainReport,
     open_webhooks,
@@ -28,6 +28,15 @@ def config(url: str, **extra: Any) -> HooksConfig:
 
 def events(requests: list[ReceivedRequest]) -> list[dict[str, Any]]:
     return [e for r in requests for e in r.json()["events"]]
+
+def queued(batcher: Any, trigger: str, context: dict[str, Any]) -> bool:
+    """``send_nowait``'s outcome: True if queued, False if the policy dropped it (``Dropped``)."""
+    try:
+        batcher.send_nowait(trigger, context)
+    except Dropped:
+        return False
+    return True
+
 
 
 async def test_timer_flush_delivers_lone_event() -> None:
@@ -54,7 +63,7 @@ async def test_hundred_events_batch_ten_make_exactly_ten_requests() -> None:
         async with open_webhooks(hooks) as webhooks:
             batcher = webhooks.batchers["audit"]
             for i in range(100):
-                assert batcher.send_nowait("tool_call_start", {"i": i})
+                assert queued(batcher, "tool_call_start", {"i": i})
             await rx.wait_for(10)
             await batcher.flush()  # the tenth answer may still be on its way
             stats = batcher.statistics()
@@ -97,7 +106,10 @@ async def test_gone_disables_the_endpoint_and_dead_letters() -> None:
             batcher.send_nowait("tool_call_start", {"n": 1})
             await batcher.flush()
             assert batcher.disabled
-            assert not batcher.send_nowait("tool_call_start", {"n": 2})
+            with pytest.raises(Dropped) as dropped:  # a WouldBlock: the *_nowait rule
+                batcher.send_nowait("tool_call_start", {"n": 2})
+            assert dropped.value.reason == "disabled"
+            assert isinstance(dropped.value, anyio.WouldBlock)
             decision = await webhooks.fire("tool_call_start", {"n": 3})
             stats = batcher.statistics()
     assert len(rx.requests) == 1
@@ -196,7 +208,7 @@ async def test_overflow_drops_are_counted_and_critical_events_kept() -> None:
         )
         async with open_webhooks(hooks) as webhooks:
             batcher = webhooks.batchers["audit"]
-            accepted = [batcher.send_nowait("tool_call_start", {"i": i}) for i in range(6)]
+            accepted = [queued(batcher, "tool_call_start", {"i": i}) for i in range(6)]
             with pytest.raises(anyio.WouldBlock):  # critical: never dropped, never evicts
                 batcher.send_nowait("error", {"critical": True})
             assert await batcher.send("error", {"critical": True})  # waits for room
@@ -222,11 +234,11 @@ async def test_batches_are_signed_and_verify_with_standardwebhooks() -> None:
 async def test_batcher_used_directly() -> None:
     import httpx
 
-    from asyncstore.orchestrator.webhooks import Transport
+    from asyncstore.orchestrator.webhooks import Transport, open_webhook_batcher
 
     async with open_test_receiver() as rx, httpx.AsyncClient() as client:
         hook = config(rx.url, batch_size=2, flush_interval_ms=1000).async_webhooks[0]
-        async with AsyncWebhookBatcher(hook, Transport(client)) as batcher:
+        async with open_webhook_batcher(hook, Transport(client)) as batcher:
             batcher.send_nowait("error", {"e": 1})
             batcher.send_nowait("error", {"e": 2})
             await rx.wait_for(1)

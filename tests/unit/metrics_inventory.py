@@ -55,7 +55,7 @@ async def open_full_runtime(url: str) -> AsyncIterator[Runtime]:
     ) as rt:
         # Both paths of every flag, as main built them: a process now builds a flag's
         # legacy component only while the flag's share is below 100% (issue 15 item 6).
-        for switch in (rt.broadcast, rt.cancellation, rt.limiter, rt.streams):
+        for switch in (rt._broadcast, rt._cancellation, rt._limiter, rt._streams):
             await switch.get(True)
             await switch.get(False)
         yield rt

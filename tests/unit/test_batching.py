@@ -15,8 +15,9 @@ from asyncstore.orchestrator.batching import (
     BatchWriter,
     DeadLetter,
     OverflowPolicy,
+    open_batch_writer,
 )
-from asyncstore.orchestrator.errors import WriterClosed, WriterOverloaded
+from asyncstore.orchestrator.errors import Dropped, WriterClosed, WriterOverloaded
 from asyncstore.storage import StorageUnavailable
 
 
@@ -52,6 +53,15 @@ async def until(condition: Callable[[], bool]) -> None:
             await anyio.sleep(0.001)
 
 
+def offer(w: BatchWriter[int], item: int, **kw: bool) -> bool:
+    """``put_nowait``'s outcome: True if buffered, False if the policy dropped it (``Dropped``)."""
+    try:
+        w.put_nowait(item, **kw)
+    except Dropped:
+        return False
+    return True
+
+
 def cfg(**kw: object) -> BatchConfig:
     base: dict[str, object] = {"max_batch": 100, "flush_interval_s": 0.05, "retry_base_s": 0.001}
     base.update(kw)
@@ -62,7 +72,7 @@ async def test_timer_flush_delivers_lone_item() -> None:
     sink = Recorder()
     async with BatchWriter(sink, cfg()) as w:
         started = time.monotonic()
-        assert w.put_nowait(7)
+        assert offer(w, 7)
         with anyio.fail_after(2):
             await sink.arrived.wait()
         waited = time.monotonic() - started
@@ -126,7 +136,7 @@ async def test_drop_newest_counts_and_keeps_critical() -> None:
     sink.gate = anyio.Event()  # hold the sink so the writer fills up
     config = cfg(max_batch=2, capacity=4, overflow=OverflowPolicy.DROP_NEWEST)
     async with BatchWriter(sink, config) as w:
-        accepted = [w.put_nowait(i) for i in range(6)]
+        accepted = [offer(w, i) for i in range(6)]
         assert accepted == [True, True, True, True, False, False]
         assert w.statistics().dropped == {"overflow_newest": 2}
         with pytest.raises(anyio.WouldBlock):
@@ -152,7 +162,7 @@ async def test_drop_oldest_evicts_waiting_non_critical_only() -> None:
         await until(lambda: w.statistics().in_flight == 1)
         w.put_nowait(1, critical=True)
         w.put_nowait(2)
-        assert w.put_nowait(3)  # evicts 2, the oldest waiting non-critical item
+        assert offer(w, 3)  # evicts 2, the oldest waiting non-critical item
         assert w.statistics().dropped == {"overflow_oldest": 1}
         sink.gate.set()
         await w.flush()
@@ -358,7 +368,7 @@ async def test_outage_within_the_budget_loses_nothing_and_keeps_order() -> None:
         with anyio.fail_after(10):
             await sink.failed.wait()
         for i in range(12, 30):
-            assert w.put_nowait(i)  # intake goes on while the sink is down
+            assert offer(w, i)  # intake goes on while the sink is down
         stats = w.statistics()
         assert stats.sink_unavailable and stats.consecutive_failures >= 20
         assert stats.failing_for_s > 0 and stats.failing_since is not None
@@ -426,7 +436,7 @@ async def test_outage_beyond_capacity_drops_and_counts_the_overflow() -> None:
     config = budget(capacity=10, overflow=OverflowPolicy.DROP_NEWEST)
     w: BatchWriter[int] = BatchWriter(sink, config)
     async with w:
-        accepted = [w.put_nowait(i) for i in range(15)]
+        accepted = [offer(w, i) for i in range(15)]
         with anyio.fail_after(10):
             await sink.failed.wait()
         assert accepted == [True] * 10 + [False] * 5
@@ -482,3 +492,38 @@ async def test_backoff_is_capped_for_any_attempt() -> None:
     delays = [w._backoff(attempt) for attempt in (1, 2, 5, 50, 5_000)]
     assert 0.025 <= delays[0] <= 0.05
     assert all(0.25 <= d <= 0.5 for d in delays[3:])
+
+
+async def test_nowait_signals_a_policy_drop_and_a_full_buffer_as_would_block() -> None:
+    """The ``*_nowait`` rule: return only once buffered; ``Dropped`` (a ``WouldBlock``) for an
+    item the policy dropped (counted), plain ``WouldBlock`` where waiting would help."""
+    sink = Recorder()
+    sink.gate = anyio.Event()
+    newest = cfg(max_batch=1, capacity=2, overflow=OverflowPolicy.DROP_NEWEST, flush_interval_s=60)
+    async with open_batch_writer(sink, newest) as w:
+        assert w.put_nowait(0) is None
+        await until(lambda: w.statistics().in_flight == 1)
+        w.put_nowait(1)
+        with pytest.raises(Dropped) as dropped:
+            w.put_nowait(2)
+        assert isinstance(dropped.value, anyio.WouldBlock)
+        assert dropped.value.reason == "overflow_newest"
+        assert w.statistics().dropped == {"overflow_newest": 1}
+        with pytest.raises(anyio.WouldBlock) as full:
+            w.put_nowait(3, critical=True)
+        assert not isinstance(full.value, Dropped)  # waiting helps: put() would wait
+        assert w.statistics().dropped == {"overflow_newest": 1}  # and it is not counted
+        sink.gate.set()
+    assert sink.items == [0, 1]
+
+    sink = Recorder()
+    sink.gate = anyio.Event()
+    oldest = cfg(max_batch=1, capacity=2, overflow=OverflowPolicy.DROP_OLDEST, flush_interval_s=60)
+    async with open_batch_writer(sink, oldest, name="oldest") as w:
+        w.put_nowait(0)
+        await until(lambda: w.statistics().in_flight == 1)
+        w.put_nowait(1)
+        w.put_nowait(2)  # evicts 1: an accepted outcome, counted, no exception
+        assert w.statistics().dropped == {"overflow_oldest": 1}
+        sink.gate.set()
+    assert sink.items == [0, 2]

@@ -12,6 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from asyncstore.orchestrator.auth import LoginAttemptLimiter, PasswordHasher, PasswordHashingConfig
 from asyncstore.orchestrator.batching import Batch, BatchConfig, BatchWriter, OverflowPolicy
+from asyncstore.orchestrator.errors import Dropped
 from asyncstore.orchestrator.metrics import (
     Metrics,
     MetricsConfig,
@@ -52,8 +53,13 @@ async def test_batch_writer_metrics_move_with_work() -> None:
     )
     async with BatchWriter(sink, config, name="events") as writer:
         metrics.add_source("events", writer)
+        dropped = 0
         for i in range(12):
-            writer.put_nowait(i, nbytes=5)
+            try:
+                writer.put_nowait(i, nbytes=5)
+            except Dropped:  # the *_nowait rule: a policy drop raises, and is counted
+                dropped += 1
+        assert dropped == 2
         before = await scrape(metrics)
         await writer.flush()
         after = await scrape(metrics)
