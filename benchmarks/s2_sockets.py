@@ -19,11 +19,14 @@ process CPU (the load generator must not be the bottleneck), live database reads
 connection, and the exactness violations.
 
     python -m benchmarks.s2_sockets [--url URL] [--streams 40] [--subscribers 240]
-        [--events 40] [--clients 2] [--cases bare,library,legacy,cross,per_frame]
+        [--events 40] [--clients 2] [--cases bare,library,legacy,cross,batched,per_frame]
 
-``per_frame`` (this command only) runs the WebSocket endpoint's legacy send path
-(``EndpointConfig(ws_send="per_frame")``) on a server of its own. With
-``ASYNCSTORE_S2_PROFILE=FILE`` the library servers run under cProfile and write FILE.
+``library`` serves WebSockets with the fan-out (``EndpointConfig(ws_send="fanout")``, the
+default); ``batched`` and ``per_frame`` (this command only) run the endpoint's earlier send
+paths, each on a server of its own. The producers' turns close after the measured window
+(as they open before it). With ``ASYNCSTORE_S2_PROFILE=FILE`` the library servers run
+under cProfile and write FILE; with ``ASYNCSTORE_S2_SAMPLE=DIR`` py-spy (when installed)
+samples the producing server over each measured window only.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -55,6 +59,7 @@ __all__ = ["S2Case", "extra_rows", "main", "notes", "run_cases"]
 RATE = 20.0  # tokens/s per stream (the seed's)
 SSE_EVERY = 10  # one subscriber in this many is an SSE client
 CASES = ("bare", "library", "legacy", "cross")
+SEND_CASES = ("batched", "per_frame")  # this command only: the WebSocket endpoint's older paths
 _LEGACY_FLAGS = {"stream_batching": "per_event", "stream_delivery": "poll"}
 _OPTIMIZED_FLAGS = {"stream_batching": "batched", "stream_delivery": "memory"}
 
@@ -63,10 +68,10 @@ _OPTIMIZED_FLAGS = {"stream_batching": "batched", "stream_delivery": "memory"}
 Sink = Callable[[str], Awaitable[None]]
 
 
-def _cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process (Linux /proc)."""
+def _cpu_s(pid: int, part: slice = slice(11, 13)) -> float:
+    """User + system CPU seconds of a process (Linux /proc); ``part``: user or system only."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return sum(int(x) for x in fields[part]) / os.sysconf("SC_CLK_TCK")
 
 
 def _rss(pid: int) -> int:
@@ -185,12 +190,13 @@ def _bare_app() -> Any:
             Route("/s/{session_id}/events", sse),
             Route("/start", start, methods=["POST"]),
             Route("/go", start_go, methods=["POST"]),
+            Route("/finish", stats, methods=["POST"]),
             Route("/stats", stats),
         ]
     )
 
 
-def _library_app(url: str, ws_send: str = "batched") -> tuple[Any, Any]:
+def _library_app(url: str, ws_send: str = "fanout") -> tuple[Any, Any]:
     """The runtime's endpoints, producers as agent turns, and /flags to switch paths."""
     from starlette.applications import Starlette
     from starlette.requests import HTTPConnection, Request
@@ -241,13 +247,22 @@ def _library_app(url: str, ws_send: str = "batched") -> tuple[Any, Any]:
             for i in range(events):
                 await t.emit("delta", {"t": time.time()})
                 await anyio.sleep(max(0.0, start + (i + 1) / rate - time.monotonic()))
+            # Closing the turn (final flush, lease release) waits for /finish: the measured
+            # window is the streaming, as opening the turns and the connections is not.
+            await state["finish"].wait()
+        state["open"] -= 1
+        if state["open"] == 0:
+            state["closed"].set()
 
     async def start(request: Request) -> Response:
         """Open every producer's turn (lease, epoch); they stream on /go."""
         body = await request.json()
         tg: anyio.abc.TaskGroup = state["tg"]
         state["go"] = anyio.Event()
+        state["finish"] = anyio.Event()
+        state["closed"] = anyio.Event()
         sessions = body["sessions"]
+        state["open"] = len(sessions)
         all_in = anyio.Event()
         count = [0]
 
@@ -265,6 +280,13 @@ def _library_app(url: str, ws_send: str = "batched") -> tuple[Any, Any]:
 
     async def go(request: Request) -> Response:
         state["go"].set()
+        return JSONResponse({})
+
+    async def finish(request: Request) -> Response:
+        """Close every turn of the run, and answer once they are closed."""
+        state["finish"].set()
+        with anyio.fail_after(120):
+            await state["closed"].wait()
         return JSONResponse({})
 
     async def flags(request: Request) -> Response:
@@ -290,6 +312,7 @@ def _library_app(url: str, ws_send: str = "batched") -> tuple[Any, Any]:
             Route("/s/{session_id}/events", streams.sse),
             Route("/start", start, methods=["POST"]),
             Route("/go", go, methods=["POST"]),
+            Route("/finish", finish, methods=["POST"]),
             Route("/flags", flags, methods=["POST"]),
             Route("/stats", stats),
         ],
@@ -298,7 +321,7 @@ def _library_app(url: str, ws_send: str = "batched") -> tuple[Any, Any]:
     return app, streams
 
 
-def _serve(kind: str, url: str, ws_send: str = "batched") -> None:
+def _serve(kind: str, url: str, ws_send: str = "fanout") -> None:
     import logging
 
     import uvicorn
@@ -500,7 +523,7 @@ def _spawn(args: list[str]) -> subprocess.Popen[str]:
     )
 
 
-async def _start_server(kind: str, url: str, ws_send: str = "batched") -> _Server:
+async def _start_server(kind: str, url: str, ws_send: str = "fanout") -> _Server:
     proc = _spawn(["--serve", kind, "--url", url, "--ws-send", ws_send])
     assert proc.stdout is not None
     base = (await anyio.to_thread.run_sync(proc.stdout.readline)).strip()
@@ -522,6 +545,19 @@ async def _stop(server: _Server) -> None:
         await anyio.to_thread.run_sync(lambda: server.proc.wait(timeout=30))
     except subprocess.TimeoutExpired:
         server.proc.kill()
+
+
+def _sample(pid: int, tag: str) -> subprocess.Popen[bytes] | None:
+    """With ``ASYNCSTORE_S2_SAMPLE=DIR``: py-spy (if installed) samples the producing server
+    over the measured window only, into ``DIR/TAG.txt`` (collapsed stacks)."""
+    folder = os.environ.get("ASYNCSTORE_S2_SAMPLE")
+    if not folder:
+        return None
+    out = Path(folder) / f"{tag}.txt"
+    args = ["py-spy", "record", "-p", str(pid), "-r", "250", "-f", "raw", "-o", str(out)]
+    return subprocess.Popen(
+        [*args, "--nonblocking"], stdout=subprocess.DEVNULL
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -588,6 +624,8 @@ async def _run_case(
         start.raise_for_status()
         before = [(await http.get(s.base + "/stats")).json() for s in servers]
         cpu0 = {pid: _cpu_s(pid) for pid in pids}
+        sys0 = {pid: _cpu_s(pid, slice(12, 13)) for pid in pids}
+        spy = _sample(producer.proc.pid, tag)
         started = time.time()
         (await http.post(producer.base + "/go")).raise_for_status()
         results = []
@@ -596,7 +634,12 @@ async def _run_case(
             line = await anyio.to_thread.run_sync(proc.stdout.readline)
             results.append(json.loads(line))
         cpu = sum(_cpu_s(pid) - cpu0[pid] for pid in pids)
+        kernel = sum(_cpu_s(pid, slice(12, 13)) - sys0[pid] for pid in pids)
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            await anyio.to_thread.run_sync(spy.wait)
         after = [(await http.get(s.base + "/stats")).json() for s in servers]
+        (await http.post(producer.base + "/finish", timeout=150)).raise_for_status()
         for proc in clients:
             await anyio.to_thread.run_sync(proc.wait)
         # Until the last delivery, as the clients' clock says (one clock on this machine).
@@ -615,6 +658,7 @@ async def _run_case(
         "p99_ms": percentile(latencies, 0.99),
         "server_us_per_delivery": cpu / max(1, received) * 1e6,
         "server_cpu_pct": 100 * cpu / elapsed,
+        "server_kernel_share": kernel / cpu if cpu else 0.0,  # of its CPU: in the kernel
         "client_cpu_pct_max": max(100 * r["cpu_s"] / max(1e-9, r["wall_s"]) for r in results),
         "live_reads": float(
             sum(a["live_db_reads"] - b["live_db_reads"] for a, b in zip(after, before, strict=True))
@@ -659,11 +703,13 @@ async def run_cases(
         lib2 = await _start_server("library", url) if "cross" in cases else None
         if lib2 is not None:
             servers.append(lib2)
-        # The WebSocket endpoint's legacy send path (EndpointConfig.ws_send="per_frame").
-        per_frame = None
-        if "per_frame" in cases:
-            per_frame = await _start_server("library", url, "per_frame")
-            servers.append(per_frame)
+        # The WebSocket endpoint's earlier send paths (EndpointConfig.ws_send), each on a
+        # server of its own: batched (a task wake-up per subscriber per event) and per_frame.
+        sends: dict[str, _Server] = {}
+        for name in SEND_CASES:
+            if name in cases:
+                sends[name] = await _start_server("library", url, name)
+                servers.append(sends[name])
         fresh = {s.proc.pid for s in servers}
         async with httpx.AsyncClient(timeout=30) as http:
             for rep in range(repeats):
@@ -673,9 +719,8 @@ async def run_cases(
                     if name == "bare":
                         assert bare is not None
                         figures = await _run_case(tag, bare, [bare], case, fresh)
-                    elif name == "per_frame":
-                        assert per_frame is not None
-                        figures = await _run_case(tag, per_frame, [per_frame], case, fresh)
+                    elif name in sends:
+                        figures = await _run_case(tag, sends[name], [sends[name]], case, fresh)
                     else:
                         assert lib is not None
                         path = "legacy" if name == "legacy" else "optimized"
@@ -778,7 +823,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--serve", choices=("bare", "library"), help=argparse.SUPPRESS)
-    parser.add_argument("--ws-send", default="batched", help=argparse.SUPPRESS)
+    parser.add_argument("--ws-send", default="fanout", help=argparse.SUPPRESS)
     parser.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.client:

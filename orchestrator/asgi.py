@@ -32,13 +32,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import inspect
 import logging
 import re
 import signal
 import threading
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Generator, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Protocol
 
@@ -133,12 +134,15 @@ class EndpointConfig(BaseModel):
     cancel_on_disconnect: bool = Field(
         default=False, description="a client leaving cancels the session's turn"
     )
-    ws_send: Literal["batched", "per_frame"] = Field(
-        default="batched",
-        description="WebSocket delivery: batched sends the events that are ready together "
-        "(one timeout and lock per batch, frames encoded once per session and shared by its "
-        "subscribers, a timer instead of a cancel scope per wait); per_frame is the legacy "
-        "path (each frame encoded, timed and locked on its own)",
+    ws_send: Literal["fanout", "batched", "per_frame"] = Field(
+        default="fanout",
+        description="WebSocket delivery: fanout writes each event from the publisher's task "
+        "straight to every connection that is idle at the live head (no task wake-up per "
+        "subscriber; a busy or slow connection's own task takes over, under the send "
+        "timeout and the lag policy); batched wakes each connection's task, which sends the "
+        "events that are ready together (one timeout and lock per batch, frames encoded "
+        "once per session and shared by its subscribers); per_frame is the legacy path "
+        "(each frame encoded, timed and locked on its own)",
     )
 
 
@@ -150,6 +154,7 @@ class EndpointStatistics:
     resumed: int
     refused: int  # not authorized, malformed resume point, or closing
     events_sent: int
+    events_pushed: int  # of events_sent: written by the publisher's task (ws_send="fanout")
     resets_sent: int
     heartbeats: int
     ended_by_client: int
@@ -195,6 +200,12 @@ class EndpointStatistics:
             "Streams still open when the shutdown grace ran out, cut without a final message.",
         ),
         Family("endpoint_events_sent", "counter", "Stream events sent to clients."),
+        Family(
+            "endpoint_events_pushed",
+            "counter",
+            "Of the events sent: those the publishing task wrote straight to an idle "
+            "WebSocket (fan-out), with no task woken for the subscriber.",
+        ),
         Family("endpoint_resets_sent", "counter", "Resets sent to clients."),
         Family("endpoint_heartbeats", "counter", "Heartbeats sent to idle streams."),
         Family(
@@ -219,6 +230,7 @@ class EndpointStatistics:
         out.sample("endpoint_disconnects_mid_send", {}, self.disconnected_mid_send)
         out.sample("endpoint_shutdown_forced", {}, self.shutdown_forced)
         out.sample("endpoint_events_sent", {}, self.events_sent)
+        out.sample("endpoint_events_pushed", {}, self.events_pushed)
         out.sample("endpoint_resets_sent", {}, self.resets_sent)
         out.sample("endpoint_heartbeats", {}, self.heartbeats)
         out.sample("endpoint_cancels_requested", {}, self.cancels_requested)
@@ -299,6 +311,157 @@ def _sse(data: Any, *, event: str | None = None, id_: str | None = None) -> byte
     return head + b"data: " + orjson.dumps(data) + b"\n\n"
 
 
+class _Rest:
+    """Awaits, in the awaiting task, the rest of a coroutine that another task ran up to its
+    first suspension (``pending``: what it yielded there). Cancellation is thrown into it."""
+
+    __slots__ = ("coro", "pending")
+
+    def __init__(self, coro: Coroutine[Any, Any, None], pending: Any) -> None:
+        self.coro = coro
+        self.pending = pending
+
+    def close(self) -> None:
+        self.coro.close()
+
+    def __await__(self) -> Generator[Any, Any, None]:
+        coro, pending = self.coro, self.pending
+        while True:
+            try:
+                sent = yield pending
+            except GeneratorExit:
+                coro.close()
+                raise
+            except BaseException as exc:  # a cancellation: the coroutine decides
+                try:
+                    pending = coro.throw(exc)
+                except StopIteration:
+                    return
+            else:
+                try:
+                    pending = coro.send(sent)
+                except StopIteration:
+                    return
+
+
+class _Pusher:
+    """The fan-out side of one WebSocket stream (``ws_send="fanout"``).
+
+    While the stream's task is parked at the live head, the hub calls :meth:`push` from
+    whichever task publishes to the session, and it writes the frames that are ready
+    straight to the socket: one task wake-up per event for the session, not one per
+    subscriber. A send that completes without waiting (the usual case: the socket takes
+    the data) is done there; one that would wait (a slow or stalled client) is handed to the
+    stream's task with the frames after it (:class:`_Rest`), so a slow socket never holds up
+    the others. The task also takes over when a command's answer holds the lock, or when
+    the next item needs iteration (a reset, a resume, a catch-up, the end). While that task
+    is blocked in a send, a publish that finds the subscriber fallen behind the ring under
+    the ``disconnect`` policy ends the stream as ``lagged`` at once.
+    """
+
+    __slots__ = (
+        "conn",
+        "ctx",
+        "failure",
+        "handoff",
+        "items",
+        "last",
+        "lock",
+        "loop",
+        "parked",
+        "send",
+        "send_scope",
+        "sending",
+        "streams",
+        "text_of",
+    )
+
+    def __init__(
+        self,
+        streams: EventStreams,
+        websocket: WebSocket,
+        conn: _Connection,
+        items: Any,
+        lock: anyio.Lock,
+        send_scope: anyio.CancelScope,
+    ) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.conn = conn
+        self.items = items
+        self.lock = lock
+        self.send_scope = send_scope
+        self.send = websocket.send
+        self.streams = streams
+        self.text_of = streams._ws_text
+        # Sends run in this stream's context, not the publisher's (middleware may read it).
+        self.ctx = contextvars.copy_context()
+        self.last = self.loop.time()  # the start of the last send
+        self.sending = False  # the stream's task is in a send
+        self.parked: asyncio.Future[None] | None = None
+        self.handoff: tuple[_Rest, list[str]] | None = None
+        self.failure: Exception | None = None  # a publisher's send failed: the task decides
+
+    async def park(self) -> None:
+        """Wait until a publisher or the timer needs the stream's task. If cancelled: the
+        stream is no longer parked (a handoff made before stays for the caller)."""
+        fut = self.loop.create_future()
+        self.parked = fut
+        try:
+            await fut
+        finally:
+            self.parked = None
+
+    def unpark(self) -> None:
+        fut, self.parked = self.parked, None
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    def interrupt(self) -> None:
+        """End the task's current or next wait (heartbeat due, stream ending)."""
+        self.items.interrupt()
+        self.unpark()
+
+    def push(self) -> None:
+        """The hub's sink: called synchronously on every publish to the session."""
+        if self.parked is None:
+            if self.sending:
+                lagged = self.items.lagged()
+                if lagged is not None:
+                    self.conn.end(f"lagged:{lagged}")
+                    self.send_scope.cancel()
+            return
+        if self.lock.locked() or self.conn.client_gone:
+            self.unpark()
+            return
+        batch = self.items.take_live(_WS_BATCH)
+        if batch is None:
+            self.unpark()
+            return
+        if not batch:
+            return
+        text_of = self.text_of
+        texts = [text_of(x) for x in batch]
+        self.last = self.loop.time()
+        send, run = self.send, self.ctx.run
+        for i, text in enumerate(texts):
+            coro = send({"type": "websocket.send", "text": text})
+            try:
+                pending = run(coro.send, None)
+            except StopIteration:
+                continue
+            except Exception as exc:
+                self.failure = exc
+            else:
+                self.handoff = (_Rest(coro, pending), texts[i + 1 :])
+            if i:
+                self.streams._count("events_pushed", i)
+            self.unpark()
+            return
+        self.streams._count("events_pushed", len(texts))
+        if len(texts) == _WS_BATCH:
+            self.unpark()  # a backlog: the task sends the rest, yielding between batches
+
+
 class EventStreams:
     """SSE and WebSocket endpoints over a subscribe function; owner of the open streams.
 
@@ -331,6 +494,7 @@ class EventStreams:
         self._counts: dict[str, int] = {}
         self._frames: OrderedDict[tuple[str, int, int], bytes] = OrderedDict()
         self._ws_frames: OrderedDict[tuple[str, int, int], str] = OrderedDict()
+        self._ws_last: tuple[StreamEvent | None, str] = (None, "")
 
     @classmethod
     def for_runtime(
@@ -414,6 +578,7 @@ class EventStreams:
             resumed=c("resumed", 0),
             refused=c("refused", 0),
             events_sent=c("events_sent", 0),
+            events_pushed=c("events_pushed", 0),
             resets_sent=c("resets_sent", 0),
             heartbeats=c("heartbeats", 0),
             ended_by_client=c("ended_by_client", 0),
@@ -678,12 +843,12 @@ class EventStreams:
             self._count("resumed")
         # Uncontended (the usual case) a fast lock does not yield: one task switch less per
         # batch. The legacy path keeps its lock as it was.
-        lock = anyio.Lock(fast_acquire=self.config.ws_send == "batched")
+        lock = anyio.Lock(fast_acquire=self.config.ws_send != "per_frame")
         try:
             async with anyio.create_task_group() as tg:
                 conn.handler_scope = tg.cancel_scope
                 tg.start_soon(self._ws_commands, websocket, conn, lock, tg.cancel_scope)
-                if self.config.ws_send == "batched":
+                if self.config.ws_send != "per_frame":
                     # A task of its own: its every wake-up (one per event) resumes a short
                     # stack, not the whole ASGI middleware chain above this handler.
                     tg.start_soon(self._ws_streamer, websocket, conn, items, start, lock, tg)
@@ -776,7 +941,7 @@ class EventStreams:
             return
         next_within = getattr(items, "next_within", None)
         take_ready = getattr(items, "take_ready", None)
-        if self.config.ws_send == "batched" and next_within and take_ready:
+        if self.config.ws_send != "per_frame" and next_within and take_ready:
             await self._stream_ws_batched(websocket, conn, items, lock)
             return
         while True:
@@ -824,6 +989,9 @@ class EventStreams:
     ) -> None:
         """``_stream_ws`` with batches: the events ready now go out under one lock, as frames
         shared by every subscriber of the session, with no cancel scope or timer per frame.
+        With ``ws_send="fanout"`` the task parks while the stream is at the live head, and
+        whoever publishes writes to the socket (:class:`_Pusher`); it runs again only for
+        what a publisher cannot do at once (a busy socket, a reset, a catch-up, the end).
 
         One timer per connection serves both deadlines: it interrupts the wait when the
         heartbeat is due, and cancels the send scope (``stalled``) when a batch has been
@@ -834,8 +1002,8 @@ class EventStreams:
         heartbeat_s = self.config.heartbeat_interval_s
         send_timeout = self.config.send_timeout_s
         send_scope = anyio.CancelScope()
-        last = loop.time()  # the start of the last send
-        sending = False
+        push = _Pusher(self, websocket, conn, items, lock, send_scope)
+        fanout = self.config.ws_send == "fanout" and hasattr(items, "take_live")
         timer: asyncio.TimerHandle | None = None
         timer_at = 0.0
 
@@ -846,52 +1014,76 @@ class EventStreams:
 
         def check() -> None:
             now = loop.time()
-            if sending:
+            last = push.last
+            if push.sending:
                 if now - last >= send_timeout:
                     send_scope.cancel()
                     return
                 arm(last + send_timeout)
             elif now - last >= heartbeat_s:
-                items.interrupt()  # the wait ends with None: a heartbeat
+                push.interrupt()  # the wait ends with None: a heartbeat
                 arm(now + heartbeat_s)
             else:
                 arm(last + heartbeat_s)
 
-        conn.interrupt = items.interrupt
+        conn.interrupt = push.interrupt
         next_within = items.next_within
         take_ready = items.take_ready
-        arm(last + heartbeat_s)
+        take_live = items.take_live if fanout else None
+        arm(push.last + heartbeat_s)
+        if fanout:
+            items.set_sink(push.push)
         try:
             with send_scope:
                 while True:
-                    item: StreamEvent | StreamReset | None = None
-                    if conn.end_reason is None:
-                        try:
-                            item = await next_within(None)
-                        except StopAsyncIteration:
-                            conn.end("shutdown:stream closed")  # the hub is closing
-                        except SubscriberLagged as exc:
-                            conn.end(f"lagged:{exc}")
-                    if item is None:
-                        if conn.end_reason is not None:
-                            break
-                        texts = ['{"type":"heartbeat"}']
-                        self._count("heartbeats")
+                    rest: _Rest | None = None
+                    texts: list[str] | None = None
+                    if push.failure is not None:
+                        failure, push.failure = push.failure, None
+                        self._client_gone_or_raise(websocket, conn, failure)
+                        return
+                    if push.handoff is not None:
+                        rest, texts = push.handoff  # a publisher's send that must wait
+                        push.handoff = None
                     else:
-                        batch = [item, *take_ready(_WS_BATCH - 1)]
-                        texts = [self._ws_text(x) for x in batch]
+                        batch = None
+                        if take_live is not None and conn.end_reason is None:
+                            batch = take_live(_WS_BATCH)
+                            if batch is not None and not batch:
+                                await push.park()  # publishers write until something else
+                                continue
+                        if batch is None:
+                            item: StreamEvent | StreamReset | None = None
+                            if conn.end_reason is None:
+                                try:
+                                    item = await next_within(None)
+                                except StopAsyncIteration:
+                                    conn.end("shutdown:stream closed")  # the hub is closing
+                                except SubscriberLagged as exc:
+                                    conn.end(f"lagged:{exc}")
+                            if item is None:
+                                if conn.end_reason is not None:
+                                    break
+                                texts = ['{"type":"heartbeat"}']
+                                self._count("heartbeats")
+                            else:
+                                batch = [item, *take_ready(_WS_BATCH - 1)]
+                        if texts is None:
+                            texts = [self._ws_text(x) for x in batch or ()]
                     if conn.client_gone:
                         return
-                    last = loop.time()
-                    sending = True
-                    if timer_at > last + send_timeout and timer is not None:
+                    push.last = loop.time()
+                    push.sending = True
+                    if timer_at > push.last + send_timeout and timer is not None:
                         timer.cancel()  # a heartbeat longer than the send timeout
-                        arm(last + send_timeout)
+                        arm(push.last + send_timeout)
                     try:
                         lock.acquire_nowait()
                     except anyio.WouldBlock:
                         await lock.acquire()  # a command's answer is being sent
                     try:
+                        if rest is not None:
+                            await rest
                         for text in texts:
                             await websocket.send({"type": "websocket.send", "text": text})
                     except (WebSocketDisconnect, OSError, RuntimeError) as exc:
@@ -899,19 +1091,26 @@ class EventStreams:
                         return
                     finally:
                         lock.release()
-                        sending = False
-                    if len(texts) == _WS_BATCH:
+                        push.sending = False
+                    if rest is None and len(texts) == _WS_BATCH:
                         # A backlog: uvicorn's send does not yield while the socket takes
                         # data, so yield here (other streams; a reset socket's close). A
                         # shorter batch took all there was: the next wait yields.
                         await anyio.lowlevel.checkpoint()
         finally:
+            if fanout:
+                items.set_sink(None)
             conn.interrupt = None
             if timer is not None:
                 timer.cancel()
+            if push.handoff is not None:
+                push.handoff[0].close()
         if send_scope.cancelled_caught:
-            conn.end("stalled")
-            await self._ws_close(websocket, conn, WS_TRY_AGAIN_LATER, "stalled")
+            conn.end("stalled")  # unless a publisher found it lagging first
+            if conn.end_reason == "stalled":
+                await self._ws_close(websocket, conn, WS_TRY_AGAIN_LATER, "stalled")
+            # Lagging while blocked in a send: the socket takes nothing, not even a close
+            # frame; the handler ends and the server closes the connection.
             return
         await self._ws_end(websocket, conn, lock)
 
@@ -927,6 +1126,8 @@ class EventStreams:
             }
             return orjson.dumps(reset).decode()
         self._count("events_sent")
+        if item is self._ws_last[0]:
+            return self._ws_last[1]  # the event being fanned out to its session right now
         # Every subscriber of a session gets the same frame: encode it once, not once each.
         key = (item.session_id, item.epoch, item.seq)
         cache = self._ws_frames
@@ -938,6 +1139,7 @@ class EventStreams:
             cache[key] = text
             if len(cache) > _FRAME_CACHE:
                 cache.popitem(last=False)
+        self._ws_last = (item, text)
         return text
 
     async def _ws_end(self, websocket: WebSocket, conn: _Connection, lock: anyio.Lock) -> None:

@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import math
-import random
-import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Mapping
 from contextlib import asynccontextmanager
@@ -32,6 +29,7 @@ import anyio.abc
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from asyncstore.orchestrator.errors import Dropped, WriterClosed, WriterOverloaded
+from asyncstore.orchestrator.timing import SYSTEM_CLOCK, Backoff, Clock
 from asyncstore.storage.errors import InvalidArgument, StorageUnavailable, UsageError
 from asyncstore.storage.families import Family, MetricSink
 
@@ -107,6 +105,11 @@ class BatchConfig(BaseModel):
                 "hold its batch (and the whole writer) forever"
             )
         return self
+
+    @property
+    def backoff(self) -> Backoff:
+        """The retry policy: ``retry_base_s`` doubling up to ``retry_max_s``, equal jitter."""
+        return Backoff(min(self.retry_base_s, self.retry_max_s), self.retry_max_s, jitter=0.5)
 
 
 HEALTH_MIN_AGE_S = 1.0
@@ -334,9 +337,12 @@ class BatchWriter(Generic[T]):
         on_dead_letter: DeadLetterCallback[T] | None = None,
         retry_if: Callable[[Exception], bool] | None = None,
         name: str = "batch",
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.config = config or BatchConfig()
         self.name = name
+        self._clock = clock
+        self._backoff = self.config.backoff
         self._sink = sink
         self._key = key
         self._size_of = size_of
@@ -411,7 +417,7 @@ class BatchWriter(Generic[T]):
         self._wake.set()
         self._room.set()
         if self._started and not self._closed:
-            with anyio.move_on_after(self.config.drain_timeout_s):
+            with self._clock.move_on_after(self.config.drain_timeout_s):
                 await self._flusher_done.wait()
             if not self._flusher_done.is_set():
                 if self._flusher_scope is not None:
@@ -490,7 +496,7 @@ class BatchWriter(Generic[T]):
         self._check_fits(nbytes)
         self._blocked += 1
         try:
-            with anyio.move_on_after(self.config.block_timeout_s):
+            with self._clock.move_on_after(self.config.block_timeout_s):
                 while not self._has_room(nbytes):
                     if self._closing:
                         raise WriterClosed(f"writer {self.name!r} is closed")
@@ -523,7 +529,8 @@ class BatchWriter(Generic[T]):
             # Without its flusher nothing would ever be written: refuse rather than hoard.
             raise WriterClosed(f"writer {self.name!r} is not running: use `async with` first")
         self._numbered += 1
-        self._pending.append(_Entry(item, nbytes, critical, self._numbered, time.monotonic()))
+        now = self._clock.monotonic()
+        self._pending.append(_Entry(item, nbytes, critical, self._numbered, now))
         self._bytes += nbytes
         self._pending_bytes += nbytes
         pending = len(self._pending)
@@ -619,8 +626,8 @@ class BatchWriter(Generic[T]):
                     if self._due():
                         await self._send_batch()
                     continue
-                delay = self._pending[0].t + cfg.flush_interval_s - time.monotonic()
-                with anyio.move_on_after(max(delay, 0.0)):
+                delay = self._pending[0].t + cfg.flush_interval_s - self._clock.monotonic()
+                with self._clock.move_on_after(max(delay, 0.0)):
                     await self._wake.wait()
                 continue
             await self._send_batch()
@@ -633,7 +640,7 @@ class BatchWriter(Generic[T]):
             return True
         if cfg.max_batch_bytes is not None and self._pending_bytes >= cfg.max_batch_bytes:
             return True
-        return time.monotonic() - self._pending[0].t >= cfg.flush_interval_s
+        return self._clock.monotonic() - self._pending[0].t >= cfg.flush_interval_s
 
     async def _send_batch(self) -> None:
         cfg = self.config
@@ -658,14 +665,14 @@ class BatchWriter(Generic[T]):
             groups[None] = items
         attempt = 0
         while True:
-            started = time.monotonic()
+            started = self._clock.monotonic()
             try:
                 await self._sink(Batch(items, MappingProxyType(groups), size, attempt))
             except Exception as exc:
                 error: Exception = exc
                 reason = self._failed(exc, attempt, len(items))
             else:
-                self._last_latency = time.monotonic() - started
+                self._last_latency = self._clock.monotonic() - started
                 self._flushed += len(items)
                 self._batches += 1
                 self._failures = 0
@@ -676,17 +683,17 @@ class BatchWriter(Generic[T]):
                 break
             attempt += 1
             self._retries += 1
-            await anyio.sleep(self._retry_delay(attempt))
+            await self._clock.sleep(self._retry_delay(attempt))
         self._in_flight = []
         self._bytes -= size
         self._notify_settled()
 
     def _failed(self, exc: Exception, attempt: int, n: int) -> str | None:
         """Record a failed sink call; the dead-letter reason if the batch is given up."""
-        now = time.monotonic()
+        now = self._clock.monotonic()
         if self._failures == 0:
             self._failing_since = now
-            self._failing_since_wall = time.time()
+            self._failing_since_wall = self._clock.time()
         self._failures += 1
         self._last_error = f"{type(exc).__name__}: {exc}"
         self._unavailable_error = isinstance(exc, StorageUnavailable)
@@ -711,20 +718,12 @@ class BatchWriter(Generic[T]):
         return None
 
     def _retry_delay(self, attempt: int) -> float:
-        delay = self._backoff(attempt)
+        delay = self._backoff.delay(attempt)
         budget = self.config.retry_budget_s
         if budget is not None:
             # The last attempt lands when the budget ends, not a whole step after it.
-            delay = min(delay, max(self._failing_since + budget - time.monotonic(), 0.0))
+            delay = min(delay, max(self._failing_since + budget - self._clock.monotonic(), 0.0))
         return delay
-
-    def _backoff(self, attempt: int) -> float:
-        cfg = self.config
-        # The exponent is clamped: a budget-only writer may retry thousands of times, and
-        # 2.0 ** 1024 overflows long after the cap has taken over.
-        ceiling = min(cfg.retry_max_s, cfg.retry_base_s * math.pow(2, min(attempt - 1, 60)))
-        # Equal jitter: never less than half the step, so retries spread but still back off.
-        return ceiling / 2 + random.uniform(0, ceiling / 2)
 
     async def _dead_letter(self, items: list[T], reason: str, error: BaseException | None) -> None:
         self._dead += len(items)
@@ -742,7 +741,7 @@ class BatchWriter(Generic[T]):
     # -- observation -----------------------------------------------------------------
 
     def statistics(self) -> BatchWriterStatistics:
-        now = time.monotonic()
+        now = self._clock.monotonic()
         oldest = (
             self._in_flight[0].t
             if self._in_flight

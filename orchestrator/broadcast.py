@@ -21,7 +21,7 @@ import math
 import time
 import weakref
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -354,11 +354,15 @@ def _events_of(head: tuple[str, int, int, int], body: object) -> tuple[StreamEve
     return tuple(out)
 
 
-def decode_stream_notes(payload: str) -> list[StreamNote]:
+def decode_stream_notes(
+    payload: str, skip: Callable[[str, int, int, int], bool] | None = None
+) -> list[StreamNote]:
     """Inverse of :func:`encode_stream_notes` for one payload; reads the old format too.
 
     Malformed entries are skipped; an inline body that does not match its advance exactly
-    is ignored, so the advance alone remains (the receiver fetches it).
+    is ignored, so the advance alone remains (the receiver fetches it). ``skip(session_id,
+    epoch, first, last)``: advances the receiver has no use for, left out with their events
+    (which are then never built: an instance hears its own writes too).
     """
     out: list[StreamNote] = []
     try:
@@ -371,6 +375,9 @@ def decode_stream_notes(payload: str) -> list[StreamNote]:
     for entry in data:
         advance = _advance_of(entry)
         if advance is not None:
+            if skip is not None and skip(*advance):
+                head = None  # and its body, if one follows, is passed over
+                continue
             out.append(StreamNote(*advance))
             head = advance
             continue
@@ -397,6 +404,7 @@ class _Ring:
         "persisted_seq",
         "refetch",
         "session_id",
+        "sinks",
         "sizes",
         "subscribers",
         "waiters",
@@ -413,6 +421,8 @@ class _Ring:
         # Weak: a subscription dropped without aclose() must not pin its ring forever.
         self.subscribers: weakref.WeakSet[Subscription] = weakref.WeakSet()
         self.waiters: list[Subscription] = []
+        # Subscribers written to by whoever publishes (``Subscription.set_sink``).
+        self.sinks: dict[Subscription, Callable[[], None]] = {}
         self.last_used = time.monotonic()
         self.fetching = False
         self.refetch = False
@@ -434,6 +444,21 @@ class _Ring:
         waiters, self.waiters = self.waiters, []
         for sub in waiters:
             sub._signal()
+        if self.sinks:
+            for sink in list(self.sinks.values()):
+                sink()
+
+
+def _span(events: deque[StreamEvent], start: int, stop: int) -> Iterable[StreamEvent]:
+    """``events[start:stop]`` of a ring, walking it from the nearer end: live subscribers
+    read at the head of the ring, and ``islice`` from the left would step over every event
+    before (thousands per take in a full ring)."""
+    n = len(events)
+    if start <= n - stop:
+        return itertools.islice(events, start, stop)
+    tail = list(itertools.islice(reversed(events), n - stop, n - start))
+    tail.reverse()
+    return tail
 
 
 def _adopt_head(ring: _Ring, next_seq: int) -> None:
@@ -550,7 +575,7 @@ class BroadcastHub:
             ring.persisted_seq = event.seq
         self._published += 1
         self._trim(ring)
-        if ring.waiters:
+        if ring.waiters or ring.sinks:
             ring.wake()
         return True
 
@@ -651,6 +676,7 @@ class BroadcastHub:
         ring = sub._ring
         if ring is not None:
             ring.subscribers.discard(sub)
+            ring.sinks.pop(sub, None)
             ring.last_used = time.monotonic()
 
     # -- rings -------------------------------------------------------------------------
@@ -700,7 +726,19 @@ class BroadcastHub:
                 if ring.subscribers:
                     self._want(ring, math.inf, ring.last_seq)
             return
-        for item in decode_stream_notes(note.payload):
+        rings = self._rings
+
+        def stale(session_id: str, epoch: int, first: int, last: int) -> bool:
+            # Nobody here reads it, a superseded holder's, or already here (typically this
+            # instance's own write): the checks below, made before any event is built.
+            ring = rings.get(session_id)
+            return (
+                ring is None
+                or epoch < ring.epoch
+                or (epoch == ring.epoch and ring.last_seq is not None and last <= ring.last_seq)
+            )
+
+        for item in decode_stream_notes(note.payload, stale):
             found = self._rings.get(item.session_id)
             if found is None:
                 continue  # nobody here reads it
@@ -940,7 +978,7 @@ class Subscription:
                 if not first <= nxt <= ring.events[-1].seq:
                     break
                 take = min(ring.events[-1].seq - nxt + 1, hub.config.page_size)
-                buffer.extend(itertools.islice(ring.events, nxt - first, nxt - first + take))
+                buffer.extend(_span(ring.events, nxt - first, nxt - first + take))
                 self._next = nxt + take
             item = buffer.popleft()
             if type(item) is StreamEvent:
@@ -948,6 +986,80 @@ class Subscription:
                 hub._delivered += 1
             out.append(item)
         return out
+
+    def set_sink(self, sink: Callable[[], None] | None) -> None:
+        """Have ``sink()`` called synchronously by whoever publishes to the session or wakes
+        its subscribers (memory mode), until ``set_sink(None)`` or ``aclose()``.
+
+        For a fan-out that writes what :meth:`take_live` gives straight to a connection
+        from the publisher's task, rather than waking a task per subscriber per event.
+        ``sink`` must not raise or block. Without a ring (poll mode) it is never called.
+        """
+        ring = self._ring
+        if ring is None:
+            return
+        if sink is None:
+            ring.sinks.pop(self, None)
+        elif not self._released:
+            ring.sinks[self] = sink
+
+    def take_live(self, limit: int) -> list[StreamEvent | StreamReset] | None:
+        """:meth:`take_ready` for a subscriber at the live head: the items ready now (none
+        when it has them all), or None when the next one needs iteration (``next_within``):
+        a reset, a resume, a catch-up from the database, an interrupt, the end."""
+        if self._buffer:
+            return self.take_ready(limit)
+        ring = self._ring
+        if (
+            ring is None
+            or self._closed
+            or self._hub._closing
+            or self._interrupted
+            or self._pending_reset is not None
+            or self._resume is not None
+        ):
+            return None
+        nxt = self._next
+        if nxt is None:
+            return []  # the head is not known yet: the first publish tells
+        events = ring.events
+        if events:
+            newest = events[-1]
+            if newest.seq == nxt and limit > 0:
+                # The usual case: one event was published and this subscriber is at the head.
+                self._next = nxt + 1
+                self._last = (newest.epoch, nxt)
+                self._hub._delivered += 1
+                return [newest]
+            if nxt < events[0].seq:
+                return None  # fell behind the ring
+            if nxt > newest.seq:
+                return []
+            return self.take_ready(limit)
+        if ring.last_seq is not None and nxt <= ring.last_seq:
+            return None
+        return []
+
+    def lagged(self) -> SubscriberLagged | None:
+        """Under the ``disconnect`` policy, for a subscriber that fell behind the ring while
+        busy elsewhere (a send blocked on a slow client): close it, count the lagged
+        disconnect, and return the error iteration would raise. Otherwise None."""
+        hub, ring, nxt = self._hub, self._ring, self._next
+        if (
+            hub.config.slow_subscriber is not SlowSubscriberPolicy.DISCONNECT
+            or ring is None
+            or nxt is None
+            or self._closed
+            or not ring.events
+            or nxt >= ring.events[0].seq
+        ):
+            return None
+        hub._lagged += 1
+        self._closed = True
+        return SubscriberLagged(
+            f"subscriber of session {self.session_id!r} fell behind the ring while sending "
+            f"(wanted seq {nxt}); reconnect with its last position to resume"
+        )
 
     async def _advance(self, interruptible: bool) -> StreamEvent | StreamReset | None:
         hub = self._hub
@@ -995,7 +1107,7 @@ class Subscription:
             if first <= nxt <= last:
                 take = min(last - nxt + 1, self._hub.config.page_size)
                 start = nxt - first
-                self._buffer.extend(itertools.islice(ring.events, start, start + take))
+                self._buffer.extend(_span(ring.events, start, start + take))
                 self._next = nxt + take
                 return
             if nxt < first:

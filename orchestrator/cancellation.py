@@ -24,6 +24,7 @@ import orjson
 from anyio.abc import TaskStatus
 from pydantic import BaseModel, ConfigDict, Field
 
+from asyncstore.orchestrator.timing import SYSTEM_CLOCK, Clock
 from asyncstore.storage import AsyncStorageBackend, CancelState, StorageError
 from asyncstore.storage.families import Family, MetricSink
 
@@ -153,9 +154,16 @@ class CancelToken:
 class CancellationRegistry:
     """Cancel tokens of the sessions live in this process. Build with ``open_cancellation``."""
 
-    def __init__(self, storage: AsyncStorageBackend, config: CancellationConfig) -> None:
+    def __init__(
+        self,
+        storage: AsyncStorageBackend,
+        config: CancellationConfig,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
         self._storage = storage
         self._config = config
+        self._clock = clock
         self._tokens: dict[str, CancelToken] = {}
         self._fired = 0
         self._requests = 0
@@ -282,7 +290,7 @@ class CancellationRegistry:
             behind = False  # a catch-up after a gap failed: retry it every half second
             while True:
                 note = None
-                with anyio.move_on_after(0.5 if behind else math.inf):
+                with self._clock.move_on_after(0.5 if behind else math.inf):
                     note = await stream.receive()  # cancelling this wait loses nothing
                 if note is None or note.gap:
                     # Some requests may have been missed: read the state of every live token.
@@ -297,21 +305,26 @@ class CancellationRegistry:
     async def _poll(self, *, task_status: TaskStatus[None]) -> None:
         task_status.started()
         while True:
-            await anyio.sleep(self._config.poll_interval_s)
+            await self._clock.sleep(self._config.poll_interval_s)
             self._polls += 1
             await self._catch_up()
 
 
 @asynccontextmanager
 async def open_cancellation(
-    storage: AsyncStorageBackend, config: CancellationConfig | None = None
+    storage: AsyncStorageBackend,
+    config: CancellationConfig | None = None,
+    *,
+    clock: Clock = SYSTEM_CLOCK,
 ) -> AsyncIterator[CancellationRegistry]:
     """Open a cancellation registry on ``storage``; its listener or poller runs in the block.
+
+    ``clock`` paces the legacy poll and the retry of a failed catch-up read.
 
     The listener is subscribed before the block starts, so a request sent after that is
     never missed. Leaving the block (or cancelling it) stops the background task.
     """
-    registry = CancellationRegistry(storage, config or CancellationConfig())
+    registry = CancellationRegistry(storage, config or CancellationConfig(), clock=clock)
     async with anyio.create_task_group() as tg:
         if registry.config.mode == "notify":
             await tg.start(registry._listen)

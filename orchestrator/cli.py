@@ -289,7 +289,7 @@ async def _serve_metrics(settings: Settings, host: str | None, port: int | None)
     grace period and everything flushes; the report is printed. Exit status 0 when the
     report is complete, 1 when something could not be delivered.
     """
-    from asyncstore.orchestrator.metrics import serve_metrics
+    from asyncstore.orchestrator.metrics_http import serve_metrics
     from asyncstore.orchestrator.runtime import open_runtime
 
     async with open_runtime(settings) as rt:

@@ -22,10 +22,8 @@ import bisect
 import contextlib
 import logging
 import os
-import random
 import secrets
 import socket
-import time
 from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -38,6 +36,7 @@ from anyio.abc import TaskGroup, TaskStatus
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from asyncstore.orchestrator.cancellation import CancellationRegistry
+from asyncstore.orchestrator.timing import SYSTEM_CLOCK, Backoff, Clock
 from asyncstore.storage import AsyncStorageBackend, Lease, LeaseLost, StorageError
 from asyncstore.storage.families import Family, MetricSink
 
@@ -102,6 +101,11 @@ class LimiterConfig(BaseModel):
     @property
     def effective_renew_interval_s(self) -> float:
         return self.renew_interval_s or self.lease_ttl_s / 3
+
+    @property
+    def backoff(self) -> Backoff:
+        """A waiter's fallback retry: ``backoff_initial_s`` doubling, equal jitter."""
+        return Backoff(self.backoff_initial_s, self.backoff_max_s, jitter=0.5)
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,9 +232,12 @@ class SessionLimiter:
         *,
         cancellation: CancellationRegistry | None,
         instance_id: str,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self._storage = storage
         self._config = config
+        self._clock = clock
+        self._backoff = config.backoff
         self._tg = tg
         self._cancellation = cancellation
         self._instance_id = instance_id
@@ -303,7 +310,7 @@ class SessionLimiter:
         state.users += 1
         self._waiters += 1
         waiting = True
-        started = time.monotonic()
+        started = self._clock.monotonic()
         try:
             async with contextlib.AsyncExitStack() as stack:
                 if self._config.mode == "two_level":
@@ -313,7 +320,7 @@ class SessionLimiter:
                     lease = await self._acquire_two_level(session_id, state)
                 else:
                     lease = await self._acquire_db_poll(session_id)
-                waited = time.monotonic() - started
+                waited = self._clock.monotonic() - started
                 self._waiters -= 1
                 waiting = False
                 self._record_wait(waited)
@@ -342,12 +349,6 @@ class SessionLimiter:
         self._holds += 1
         return f"{self._instance_id}#{self._holds}"
 
-    def _backoff(self, failures: int) -> float:
-        cfg = self._config
-        ceiling = min(cfg.backoff_max_s, cfg.backoff_initial_s * 2.0 ** min(failures, 30))
-        # Jitter: waiters that failed together do not retry together.
-        return ceiling * random.uniform(0.5, 1.0)
-
     async def _acquire_two_level(self, session_id: str, state: _Session) -> Lease:
         cfg = self._config
         waiter: _CapWaiter | None = None
@@ -375,8 +376,9 @@ class SessionLimiter:
                 )
                 if attempt.lease is not None:
                     return attempt.lease
-                delay = self._backoff(failures)
                 failures += 1
+                # Jitter: waiters that failed together do not retry together.
+                delay = self._backoff.delay(failures)
                 if self._pool is not None and not attempt.slot_ok:
                     # The pool is full; the attempt armed its release notification.
                     if waiter is None:
@@ -394,7 +396,7 @@ class SessionLimiter:
                         self._leave_cap_queue(waiter)
                         waiter = None
                     wakeup = state.wakeup
-                with anyio.move_on_after(delay):
+                with self._clock.move_on_after(delay):
                     await wakeup.wait()
                 if wakeup.is_set():
                     self._wakeups += 1
@@ -430,7 +432,7 @@ class SessionLimiter:
                     return lease
             else:
                 self._acquire_statements -= 1  # the INSERT was not sent
-            await anyio.sleep(cfg.poll_interval_s)
+            await self._clock.sleep(cfg.poll_interval_s)
 
     async def _take_db_poll(self, session_id: str) -> Lease | None:
         cfg = self._config
@@ -489,16 +491,16 @@ class SessionLimiter:
         ttl = cfg.lease_ttl_s
         interval = cfg.effective_renew_interval_s
         margin = min(0.1 * ttl, 1.0)
-        expires = time.monotonic() + ttl
-        next_at = time.monotonic() + interval
+        expires = self._clock.monotonic() + ttl
+        next_at = self._clock.monotonic() + interval
         with held._renew_scope:
             while True:
-                await anyio.sleep(max(0.0, next_at - time.monotonic()))
+                await self._clock.sleep(max(0.0, next_at - self._clock.monotonic()))
                 give_up = expires - margin
-                started = time.monotonic()
+                started = self._clock.monotonic()
                 lease: Lease | None = None
                 error: Exception | None = None
-                with anyio.move_on_after(give_up - started):
+                with self._clock.move_on_after(give_up - started):
                     try:
                         self._renewals += 1
                         if cfg.mode == "two_level" or self._pool is not None:
@@ -515,12 +517,12 @@ class SessionLimiter:
                     except StorageError as exc:
                         error = exc
                 if lease is None:
-                    if time.monotonic() >= give_up:
+                    if self._clock.monotonic() >= give_up:
                         why = error or "the renewal did not answer in time"
                         self._lose(held, f"lease lost: could not renew before expiry ({why})")
                         return
                     log.warning("session %r: renewal failed, retrying: %s", held.session_id, error)
-                    next_at = time.monotonic() + min(interval, 0.5)
+                    next_at = self._clock.monotonic() + min(interval, 0.5)
                     continue
                 held._lease = lease
                 expires = started + ttl
@@ -548,7 +550,7 @@ class SessionLimiter:
 
     async def _sweep(self) -> None:
         while True:
-            await anyio.sleep(self._config.sweep_interval_s)
+            await self._clock.sleep(self._config.sweep_interval_s)
             try:
                 await self._storage.expire_leases(self._config.sweep_grace_s)
                 self._sweeps += 1
@@ -573,13 +575,16 @@ async def open_session_limiter(
     *,
     cancellation: CancellationRegistry | None = None,
     instance_id: str | None = None,
+    clock: Clock = SYSTEM_CLOCK,
 ) -> AsyncIterator[SessionLimiter]:
     """Open a session limiter; its listener, sweeper and renewals run within the block.
 
     In ``two_level`` mode the slot pool is created (``max_running``) and the release
     channel is subscribed before the block starts. With ``cancellation``, a lost lease
-    fires the session's token in that registry. Leaving the block stops the background
-    tasks; holds still open then are released by their own ``async with``.
+    fires the session's token in that registry. ``clock`` times the renewals, the fallback
+    retries, the legacy poll and the sweep (tests pass a ``ManualClock``; lease expiry itself
+    is the database's time). Leaving the block stops the background tasks; holds still open
+    then are released by their own ``async with``.
     """
     cfg = config or LimiterConfig()
     async with anyio.create_task_group() as tg:
@@ -589,6 +594,7 @@ async def open_session_limiter(
             tg,
             cancellation=cancellation,
             instance_id=instance_id or default_instance_id(),
+            clock=clock,
         )
         if cfg.max_running is not None:
             # Both modes take slots of the pool when capped (see ``_take_db_poll``).

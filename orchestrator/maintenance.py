@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -29,6 +28,7 @@ import anyio
 from anyio.abc import TaskStatus
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from asyncstore.orchestrator.timing import SYSTEM_CLOCK, Clock, jittered
 from asyncstore.storage import AsyncStorageBackend, Leadership
 from asyncstore.storage.errors import InvalidArgument
 
@@ -160,9 +160,12 @@ class MaintenanceSweeper:
         config: MaintenanceConfig,
         role: Leadership,
         evictors: Sequence[Evictor] = (),
+        *,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self._storage = storage
         self._config = config
+        self._clock = clock
         self._role = role
         self._evictors: list[Evictor] = list(evictors)
         self._round_lock = anyio.Lock()
@@ -348,7 +351,7 @@ class MaintenanceSweeper:
             if deleted < size:
                 break
             # A checkpoint between batches: other work runs and cancellation gets in.
-            await anyio.sleep(self._config.batch_pause_s)
+            await self._clock.sleep(self._config.batch_pause_s)
 
     def sweeps_leases(self) -> bool:
         """Whether this sweeper's rounds expire leases (enabled, ``lease_grace_s`` set)."""
@@ -391,14 +394,14 @@ class MaintenanceSweeper:
     async def _run_lease_sweeps(self, sweep: LeaseSweep) -> None:
         jitter = self._config.jitter
         while True:
-            await anyio.sleep(sweep.interval_s * random.uniform(1 - jitter, 1 + jitter))
+            await self._clock.sleep(jittered(sweep.interval_s, jitter))
             await self.sweep_leases_once(sweep.grace_s)
 
     async def _run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         cfg = self._config
         while True:
-            await anyio.sleep(cfg.interval_s * random.uniform(1 - cfg.jitter, 1 + cfg.jitter))
+            await self._clock.sleep(jittered(cfg.interval_s, cfg.jitter))
             await self.run_once()
 
 
@@ -409,11 +412,12 @@ async def open_maintenance(
     *,
     evictors: Sequence[Evictor] = (),
     lease_sweep: LeaseSweep | None = None,
+    clock: Clock = SYSTEM_CLOCK,
 ) -> AsyncIterator[MaintenanceSweeper]:
     """Run the maintenance loop for the ``async with`` block.
 
-    The first round starts one jittered interval after entering. Evictors run on every
-    instance; the database sweep runs only on the instance holding the leadership named
+    The first round starts one jittered interval (of ``clock``) after entering. Evictors
+    run on every instance; the database sweep runs only on the instance holding the leadership named
     ``config.leadership_name``. ``lease_sweep`` (the session limiters' lease expiry) adds a
     lease-only loop, also leader-only, when the rounds do not expire leases themselves:
     so a fleet has one lease sweeper even with ``enabled`` False. Leaving the block (or
@@ -425,7 +429,7 @@ async def open_maintenance(
     async with storage.open_leadership(
         cfg.leadership_name, ttl_s=cfg.effective_leader_ttl_s
     ) as role:
-        sweeper = MaintenanceSweeper(storage, cfg, role, evictors)
+        sweeper = MaintenanceSweeper(storage, cfg, role, evictors, clock=clock)
         async with anyio.create_task_group() as tg:
             if cfg.enabled:
                 await tg.start(sweeper._run)

@@ -1,4 +1,4 @@
-"""Prometheus metrics for the seed's section 5, through prometheus-client.
+"""Prometheus metrics for the seed's section 5: one generic collector over ``statistics()``.
 
 A ``Metrics`` object owns its own ``CollectorRegistry``. Components are added as sources
 (``metrics.add_source("streams", writer)``) and read through their ``statistics()``
@@ -6,30 +6,22 @@ snapshots at scrape time by one custom collector, so the hot paths pay nothing. 
 snapshot type declares its own families next to its fields (``METRIC_FAMILIES`` and
 ``export()``, the protocol of ``storage.families``): this module knows no component, and
 any object whose snapshot follows the protocol can be exported. What a snapshot cannot
-give is observed directly into histograms: event-loop lag (fed by
-``open_loop_lag_monitor``), connection-pool acquire wait (``open_pool_probe``) and
-cancellation latency. ``metrics.asgi_app()`` serves the registry to an ASGI server;
-``serve_metrics`` / ``open_metrics_server`` serve it on the event loop for a process with
-no web server. Labels are component names, writer names, reasons and operations: never a
-session id, account or address.
+give is observed directly into histograms: event-loop lag and connection-pool acquire
+wait (fed by ``metrics_probes``) and cancellation latency. ``metrics.asgi_app()`` is
+prometheus-client's ASGI app for an ASGI server; ``metrics_http.serve_metrics`` /
+``open_metrics_server`` serve prometheus-client's WSGI app for a process with no web
+server (both re-exported here). Labels are component names, writer names, reasons and
+operations: never a session id, account or address.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
-from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, Protocol, TypeVar
 
-import anyio
-import anyio.abc
-import anyio.to_thread
-from anyio.abc import SocketAttribute, TaskStatus
 from prometheus_client import (
     CollectorRegistry,
     GCCollector,
@@ -47,6 +39,19 @@ from prometheus_client.metrics_core import (
 )
 from pydantic import BaseModel, ConfigDict, Field
 
+from asyncstore.orchestrator.metrics_http import (
+    MetricsServer,
+    open_metrics_server,
+    serve_metrics,
+)
+from asyncstore.orchestrator.metrics_probes import (
+    LAG_BUCKETS_S,
+    WAIT_BUCKETS_S,
+    LoopLagMonitor,
+    LoopLagStatistics,
+    open_loop_lag_monitor,
+    open_pool_probe,
+)
 from asyncstore.storage.errors import InvalidArgument, InvalidType
 from asyncstore.storage.families import Exportable, Family
 
@@ -64,9 +69,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-LAG_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-WAIT_BUCKETS_S = (0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0)
 
 # The families this module produces itself (no ``source`` label).
 OWN_FAMILIES: tuple[Family, ...] = (
@@ -240,8 +242,9 @@ class Metrics:
     StreamEventWriter, BroadcastHub, SessionLimiter, CancellationRegistry, queue Worker,
     OutboxRelay, Webhooks (or one AsyncWebhookBatcher), a storage backend, PasswordHasher,
     LoginAttemptLimiter, BacklogMonitor and ``asgi.EventStreams``, or an application's own.
-    Scrape from the event loop's thread (``asgi_app`` under an ASGI server, or
-    ``serve_metrics``): the snapshots read state the loop mutates.
+    Collect on the event loop's thread (``asgi_app`` under an ASGI server, ``render`` from a
+    task, or ``serve_metrics``, which hands collection to the loop): the snapshots read
+    state the loop mutates.
     """
 
     def __init__(self, config: MetricsConfig | None = None) -> None:
@@ -273,8 +276,6 @@ class Metrics:
             ProcessCollector(registry=self.registry)
             PlatformCollector(registry=self.registry)
             GCCollector(registry=self.registry)
-
-    # -- sources ---------------------------------------------------------------------
 
     def add_source(self, name: str, source: HasStatistics) -> None:
         """Read ``source.statistics()`` at every scrape, labelled ``source=name``.
@@ -333,16 +334,13 @@ class Metrics:
     def statistics(self) -> MetricsStatistics:
         return MetricsStatistics(tuple(self._sources), self._collections, self._errors)
 
-    # -- direct observations ---------------------------------------------------------
-
     def observe_cancellation_latency(self, seconds: float) -> None:
         """Record how long a cancelled turn took to stop after the request (seconds)."""
         self.cancellation_latency.observe(max(0.0, seconds))
 
-    def _set_thread_pool(self, borrowed: float, total: float, waiting: int) -> None:
+    def set_thread_pool(self, borrowed: float, total: float, waiting: int) -> None:
+        """Record anyio's worker-thread limiter (sampled on the loop by the lag monitor)."""
         self._thread_pool = (borrowed, total, waiting)
-
-    # -- exposition ------------------------------------------------------------------
 
     def asgi_app(self) -> Callable[..., Any]:
         """An ASGI app serving this registry (mount it at ``/metrics``)."""
@@ -352,8 +350,6 @@ class Metrics:
         """The exposition of this registry and its content type (negotiated on ``accept``)."""
         encoder, content_type = choose_encoder(accept)
         return encoder(self.registry), content_type
-
-    # -- collection ------------------------------------------------------------------
 
     def _collect(self) -> Iterator[Metric]:
         self._collections += 1
@@ -379,251 +375,3 @@ class Metrics:
         out.add(own["process_threads"], {}, threading.active_count())
         out.add(own["metrics_collect_errors"], {}, self._errors)
         yield from out
-
-
-def _pool_of(source: object) -> Any:
-    try:
-        # Only the Postgres driver has a pool; a closed one raises, which means no pool.
-        pool = getattr(source, "pool", None)
-    except Exception:
-        return None
-    if pool is None or not callable(getattr(pool, "get_size", None)):
-        return None
-    return pool
-
-
-# -- event-loop lag ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class LoopLagStatistics:
-    """Lag samples: ``max_s`` since the start, percentiles over the last ``window`` samples."""
-
-    samples: int
-    window: int
-    last_s: float
-    max_s: float
-    p50_s: float
-    p99_s: float
-
-
-class LoopLagMonitor:
-    """Sleeps ``interval_s`` in a loop and records how late it woke (``open_loop_lag_monitor``)."""
-
-    def __init__(self, metrics: Metrics, interval_s: float, window: int = 1000) -> None:
-        self.metrics = metrics
-        self.interval_s = interval_s
-        self._recent: deque[float] = deque(maxlen=window)
-        self._samples = 0
-        self._last = self._max = 0.0
-
-    def reset(self) -> None:
-        """Forget the recent samples and the maximum (the histogram keeps counting)."""
-        self._recent.clear()
-        self._last = self._max = 0.0
-
-    def statistics(self) -> LoopLagStatistics:
-        ordered = sorted(self._recent)
-
-        def pct(q: float) -> float:
-            return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
-
-        return LoopLagStatistics(
-            samples=self._samples,
-            window=len(ordered),
-            last_s=self._last,
-            max_s=self._max,
-            p50_s=pct(0.50),
-            p99_s=pct(0.99),
-        )
-
-    async def _run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
-        while True:
-            start = anyio.current_time()
-            await anyio.sleep(self.interval_s)
-            lag = max(0.0, anyio.current_time() - start - self.interval_s)
-            self._samples += 1
-            self._last = lag
-            self._max = max(self._max, lag)
-            self._recent.append(lag)
-            self.metrics.loop_lag.observe(lag)
-            # The thread limiter is per event loop: sample it here, on the loop.
-            limiter = anyio.to_thread.current_default_thread_limiter()
-            self.metrics._set_thread_pool(
-                limiter.borrowed_tokens, limiter.total_tokens, limiter.statistics().tasks_waiting
-            )
-
-
-@asynccontextmanager
-async def open_loop_lag_monitor(
-    metrics: Metrics, *, interval_s: float | None = None
-) -> AsyncIterator[LoopLagMonitor]:
-    """Measure event-loop lag into ``asyncstore_event_loop_lag_seconds`` within the block.
-
-    Also samples anyio's default worker-thread limiter (``asyncstore_worker_threads_*``).
-    Leaving or cancelling the block stops the monitor task.
-    """
-    monitor = LoopLagMonitor(metrics, interval_s or metrics.config.loop_lag_interval_s)
-    async with anyio.create_task_group() as tg:
-        await tg.start(monitor._run)
-        try:
-            yield monitor
-        finally:
-            tg.cancel_scope.cancel()
-
-
-# -- connection-pool wait ----------------------------------------------------------------
-
-
-@asynccontextmanager
-async def open_pool_probe(
-    metrics: Metrics, storage: object, *, source: str = "storage", interval_s: float | None = None
-) -> AsyncIterator[None]:
-    """Sample the storage pool's acquire wait into ``..._storage_pool_acquire_wait_seconds``.
-
-    Every ``interval_s`` a probe borrows a connection and returns it at once, timing the
-    borrow: the wait a request would have seen at that moment. Without a pool (SQLite) the
-    block runs with no probe. Leaving or cancelling the block stops the probe.
-    """
-    pool = _pool_of(storage)
-    if pool is None:
-        yield
-        return
-    every = interval_s or metrics.config.pool_probe_interval_s
-    observe = metrics.pool_acquire_wait.labels(source=source).observe
-
-    async def probe() -> None:
-        while True:
-            start = time.perf_counter()
-            try:
-                with anyio.move_on_after(WAIT_BUCKETS_S[-1]):
-                    async with pool.acquire():
-                        pass
-            except Exception as exc:
-                log.warning("metrics: pool probe failed: %s", exc)
-            else:
-                observe(time.perf_counter() - start)
-            await anyio.sleep(every)
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(probe)
-        try:
-            yield
-        finally:
-            tg.cancel_scope.cancel()
-
-
-# -- a small HTTP server on the event loop -----------------------------------------------
-
-_REQUEST_TIMEOUT_S = 10.0
-_MAX_HEAD_BYTES = 16 * 1024
-_REASONS = {
-    200: "OK",
-    400: "Bad Request",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    500: "Internal Server Error",
-}
-
-
-@dataclass(frozen=True, slots=True)
-class MetricsServer:
-    host: str
-    port: int
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}/metrics"
-
-
-async def serve_metrics(
-    metrics: Metrics,
-    host: str | None = None,
-    port: int | None = None,
-    *,
-    task_status: TaskStatus[MetricsServer] = anyio.TASK_STATUS_IGNORED,
-) -> None:
-    """Serve ``GET /metrics`` over HTTP/1.1 on the event loop until cancelled.
-
-    Runs on the loop (not ``prometheus_client.start_http_server``'s thread) because the
-    sources' ``statistics()`` read state the loop mutates: a scrape from another thread
-    could see a dict change size mid-copy. ``port=0`` picks a free port; ``task_status``
-    reports the bound ``MetricsServer``. Cancelling stops listening and drops open scrapes.
-    """
-    cfg = metrics.config
-    bind_host = cfg.host if host is None else host
-    listener = await anyio.create_tcp_listener(
-        local_host=bind_host, local_port=cfg.port if port is None else port
-    )
-    async with listener:
-        bound = MetricsServer(bind_host, listener.extra(SocketAttribute.local_port))
-        log.info("serving metrics at %s", bound.url)
-        task_status.started(bound)
-        await listener.serve(partial(_handle, metrics))
-
-
-@asynccontextmanager
-async def open_metrics_server(
-    metrics: Metrics, host: str | None = None, port: int | None = None
-) -> AsyncIterator[MetricsServer]:
-    """``serve_metrics`` for the duration of the block; yields the bound address."""
-    async with anyio.create_task_group() as tg:
-        server: MetricsServer = await tg.start(serve_metrics, metrics, host, port)
-        try:
-            yield server
-        finally:
-            tg.cancel_scope.cancel()
-
-
-async def _handle(metrics: Metrics, stream: anyio.abc.SocketStream) -> None:
-    async with stream:
-        try:
-            with anyio.fail_after(_REQUEST_TIMEOUT_S):
-                head = await _read_head(stream)
-                await stream.send(_respond(metrics, head))
-        except (TimeoutError, OSError, anyio.EndOfStream, anyio.BrokenResourceError):
-            return  # the client went away or stalled: nothing to answer
-
-
-async def _read_head(stream: anyio.abc.SocketStream) -> bytes | None:
-    buffer = b""
-    while b"\r\n\r\n" not in buffer:
-        if len(buffer) > _MAX_HEAD_BYTES:
-            return None
-        buffer += await stream.receive()
-    return buffer.partition(b"\r\n\r\n")[0]
-
-
-def _respond(metrics: Metrics, head: bytes | None) -> bytes:
-    lines = (head or b"").decode("latin-1").split("\r\n")
-    parts = lines[0].split(" ")
-    extra: dict[str, str] = {}
-    body, content_type = b"", "text/plain; charset=utf-8"
-    if head is None or len(parts) != 3:
-        status = 400
-    elif parts[0] not in ("GET", "HEAD"):
-        status, extra = 405, {"Allow": "GET, HEAD"}
-    elif parts[1].partition("?")[0] not in ("/metrics", "/"):
-        status = 404
-    else:
-        headers = dict(
-            (name.strip().lower(), value.strip())
-            for name, _, value in (line.partition(":") for line in lines[1:])
-        )
-        try:
-            body, content_type = metrics.render(headers.get("accept", ""))
-            status = 200
-        except Exception:
-            log.exception("metrics: rendering the registry failed")
-            status = 500
-        if parts[0] == "HEAD":
-            extra["Content-Length"] = str(len(body))
-            body = b""
-    if status != 200 and not body:
-        body = f"{status} {_REASONS[status]}\n".encode()
-    fields = {"Content-Type": content_type, "Content-Length": str(len(body)), **extra}
-    fields["Connection"] = "close"
-    lines_out = [f"HTTP/1.1 {status} {_REASONS[status]}"]
-    lines_out += [f"{k}: {v}" for k, v in fields.items()]
-    return ("\r\n".join(lines_out) + "\r\n\r\n").encode("latin-1") + body

@@ -11,7 +11,6 @@ mapped to ``storage.errors`` in ``_map_error`` and nowhere else.
 from __future__ import annotations
 
 import dataclasses
-import random
 import sys
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -26,6 +25,7 @@ import orjson
 
 from asyncstore.storage import _partitions, _topology
 from asyncstore.storage import _validate as v
+from asyncstore.storage._backoff import Backoff
 from asyncstore.storage._notify import NotificationHub, Subscription
 from asyncstore.storage._schema import mask_url
 from asyncstore.storage._shield import complete
@@ -71,6 +71,7 @@ from asyncstore.storage.errors import (
 Q = load_queries("postgres")
 _MIGRATION_LOCK = 0x6173796E63  # "async": the advisory lock key that serializes migrations
 _PING_EVERY_S = 10.0
+_RECONNECT_BASE_S = 0.05  # first LISTEN reconnect backoff step (capped by the settings)
 
 
 def _encode_json(data: bytes) -> bytes:
@@ -257,6 +258,8 @@ class PostgresBackend(AsyncStorageBackend):
         self._listener_failures = 0  # consecutive failed reconnect attempts
         self._reconnect_failures = 0  # all of them, for statistics()
         self._next_attempt = 0.0  # monotonic time before which no reconnect is tried
+        cap = self._settings.listener_reconnect_max_s
+        self._reconnect_backoff = Backoff(min(_RECONNECT_BASE_S, cap), cap, jitter=0.5)
         self._reconnecting: anyio.Event | None = None  # set when the running loop ends
         self._listener_kick = anyio.Event()  # set by aclose(): stop any backoff wait
         self._last_ping = 0.0
@@ -960,10 +963,9 @@ class PostgresBackend(AsyncStorageBackend):
                         raise
                     self._listener_failures += 1
                     self._reconnect_failures += 1
-                    cap = self._settings.listener_reconnect_max_s
-                    step = min(0.05 * 2 ** min(self._listener_failures - 1, 30), cap)
                     # Equal jitter: processes restarted together spread their attempts.
-                    self._next_attempt = time.monotonic() + step / 2 + random.uniform(0, step / 2)
+                    delay = self._reconnect_backoff.delay(self._listener_failures)
+                    self._next_attempt = time.monotonic() + delay
         finally:
             self._reconnecting = None
             done.set()

@@ -14,7 +14,6 @@ import dataclasses
 import errno
 import logging
 import os
-import random
 import secrets
 import sqlite3
 import time
@@ -29,6 +28,7 @@ import anyio
 import orjson
 
 from asyncstore.storage import _validate as v
+from asyncstore.storage._backoff import Backoff
 from asyncstore.storage._notify import NotificationHub
 from asyncstore.storage._shield import complete
 from asyncstore.storage._sql import load_migrations, load_queries
@@ -77,6 +77,8 @@ _BAD_PATH_ERRNOS = frozenset(
 )  # fmt: skip
 _TIME_COLUMNS = frozenset({"created_at", "updated_at", "run_after", "expires_at", "requested_at"})
 _JSON_COLUMNS = frozenset({"payload", "content"})
+# "database is locked" while switching to WAL: 5 ms doubling to 200 ms, equal jitter.
+_BUSY_BACKOFF = Backoff(0.005, 0.2, jitter=0.5)
 
 # Backends open on the same database file, by resolved path: in-process NOTIFY fan-out.
 _HUBS: dict[str, set[NotificationHub]] = {}
@@ -192,16 +194,17 @@ class SqliteBackend(AsyncStorageBackend):
         opens or switches the same fresh file, so the wait is done here.
         """
         deadline = time.monotonic() + self._settings.sqlite_busy_timeout_s
-        delay = 0.005
+        attempt = 0
         while True:
             try:
                 await conn.execute("PRAGMA journal_mode = WAL")
                 return
             except sqlite3.OperationalError as exc:
+                attempt += 1
+                delay = _BUSY_BACKOFF.delay(attempt)
                 if "locked" not in str(exc) or time.monotonic() + delay > deadline:
                     raise
-            await anyio.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, 0.2)
+            await anyio.sleep(delay)
 
     async def open(self) -> None:
         """Open the writer and the readers. Cancelling it closes whatever was opened."""

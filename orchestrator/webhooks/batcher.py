@@ -46,6 +46,7 @@ from asyncstore.orchestrator.errors import (
     WriterClosed,
     WriterOverloaded,
 )
+from asyncstore.orchestrator.timing import SYSTEM_CLOCK, Clock
 from asyncstore.orchestrator.webhooks.config import AsyncWebhookConfig
 from asyncstore.orchestrator.webhooks.errors import NotPersisted
 from asyncstore.orchestrator.webhooks.signing import delivery_id
@@ -257,10 +258,12 @@ class AsyncWebhookBatcher:
         on_dead_letter: Callable[[WebhookDeadLetter], None] | None = None,
         store: DurableStore | None = None,
         keep_dead_letters: int = 1000,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         if config.durable and store is None:
             raise InvalidArgument(f"async webhook {config.name!r} is durable: it needs storage")
         self.config = config
+        self._clock = clock
         self.name = config.name
         self._transport = transport
         self._persist = store if config.durable else None
@@ -286,6 +289,7 @@ class AsyncWebhookBatcher:
                 ),
                 on_dead_letter=self._journal_dead_letter,
                 name=f"webhook-journal:{config.name}",
+                clock=clock,
             )
         self._on_dead_letter = on_dead_letter
         self._writer: BatchWriter[WebhookEvent] = BatchWriter(
@@ -304,6 +308,7 @@ class AsyncWebhookBatcher:
             ),
             on_dead_letter=self._writer_dead_letter,
             name=f"webhook:{config.name}",
+            clock=clock,
         )
         self._ids = itertools.count(1)
         self._id_prefix = f"evt_{secrets.token_hex(6)}_"
@@ -555,22 +560,22 @@ class AsyncWebhookBatcher:
             return
         if batch.attempt > 0:
             # The writer already slept its backoff; a Retry-After asks for at least this.
-            wait = self._not_before - time.monotonic()
+            wait = self._not_before - self._clock.monotonic()
             if wait > 0:
-                await anyio.sleep(wait)
+                await self._clock.sleep(wait)
         breaker = self._transport.breakers.for_url(self.config.url)
         wait = breaker.retry_in_s()
         if wait > 0:
             # The receiver is down: wait for the next probe instead of burning a retry
             # (the queue keeps filling meanwhile, within capacity and the overflow policy).
-            await anyio.sleep(wait)
+            await self._clock.sleep(wait)
         try:
             await self.deliver(msg_id, body)
         except AttemptFailed as exc:
             if exc.retryable:
                 self._last_error[msg_id] = (str(exc), exc.status)
                 if exc.retry_after_s is not None:
-                    self._not_before = time.monotonic() + exc.retry_after_s
+                    self._not_before = self._clock.monotonic() + exc.retry_after_s
                 raise
             # A 4xx other than 408/425/429 (or a refused destination): no retry can
             # succeed, so the batch is dead-lettered now, with the status kept.

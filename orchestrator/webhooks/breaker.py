@@ -12,12 +12,12 @@ tasks; the transport consults it around each attempt.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from asyncstore.orchestrator.timing import SYSTEM_CLOCK, Backoff, Clock
 
 __all__ = ["BreakerConfig", "BreakerState", "Breakers", "CircuitBreaker"]
 
@@ -31,6 +31,12 @@ class BreakerConfig(BaseModel):
     enabled: bool = True
     failure_threshold: int = Field(default=5, ge=1, le=1000)
     reset_timeout_secs: float = Field(default=30.0, gt=0, le=3600)
+
+    @property
+    def open_for(self) -> Backoff:
+        """How long the circuit stays open: 1 s, doubled after each failed probe, capped at
+        ``reset_timeout_secs``; no jitter (the probe is one request, not a crowd)."""
+        return Backoff(min(1.0, self.reset_timeout_secs), self.reset_timeout_secs, jitter=0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,26 +55,25 @@ class CircuitBreaker:
         self,
         origin: str,
         config: BreakerConfig,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.origin = origin
         self.config = config
         self._clock = clock
+        self._backoff = config.open_for
         self._failures = 0
         self._open_until: float | None = None
         self._probing = False
-        self._open_for = self._first_open_s()
+        self._openings = 1  # 1-based: the opening of this outage the circuit is at
+        self._open_for = self._backoff.delay(1)
         self._opened = 0
         self._short = 0
-
-    def _first_open_s(self) -> float:
-        return min(1.0, self.config.reset_timeout_secs)
 
     def retry_in_s(self) -> float:
         """0 when an attempt may go now, else the seconds until the next probe."""
         if not self.config.enabled or self._open_until is None:
             return 0.0
-        remaining = self._open_until - self._clock()
+        remaining = self._open_until - self._clock.monotonic()
         if remaining > 0:
             return remaining
         return self._open_for if self._probing else 0.0
@@ -94,15 +99,17 @@ class CircuitBreaker:
         if receiver_up:
             self._failures = 0
             self._open_until = None
-            self._open_for = self._first_open_s()
+            self._openings = 1
+            self._open_for = self._backoff.delay(1)
             return
         self._failures += 1
         was_open = self._open_until is not None
         if was_open or self._failures >= self.config.failure_threshold:
             if was_open:  # a failed probe: wait twice as long before the next one
-                self._open_for = min(self._open_for * 2, self.config.reset_timeout_secs)
+                self._openings += 1
+                self._open_for = self._backoff.delay(self._openings)
             self._opened += 0 if was_open else 1
-            self._open_until = self._clock() + self._open_for
+            self._open_until = self._clock.monotonic() + self._open_for
 
     @property
     def closed(self) -> bool:
@@ -112,15 +119,16 @@ class CircuitBreaker:
         if self._open_until is None:
             name = "closed"
         else:
-            name = "open" if self._open_until > self._clock() else "half_open"
+            name = "open" if self._open_until > self._clock.monotonic() else "half_open"
         return BreakerState(self.origin, name, self._failures, self._opened, self._short)
 
 
 class Breakers:
     """One ``CircuitBreaker`` per receiver origin."""
 
-    def __init__(self, config: BreakerConfig | None = None) -> None:
+    def __init__(self, config: BreakerConfig | None = None, *, clock: Clock = SYSTEM_CLOCK) -> None:
         self.config = config or BreakerConfig()
+        self._clock = clock
         self._by_origin: dict[str, CircuitBreaker] = {}
 
     def for_url(self, url: str) -> CircuitBreaker:
@@ -129,7 +137,7 @@ class Breakers:
         origin = f"{parts.scheme}://{parts.hostname}:{port}"
         breaker = self._by_origin.get(origin)
         if breaker is None:
-            breaker = self._by_origin[origin] = CircuitBreaker(origin, self.config)
+            breaker = self._by_origin[origin] = CircuitBreaker(origin, self.config, self._clock)
         return breaker
 
     def states(self) -> list[BreakerState]:

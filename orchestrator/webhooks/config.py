@@ -30,6 +30,7 @@ from pydantic import (
 )
 
 from asyncstore.orchestrator.batching import OverflowPolicy
+from asyncstore.orchestrator.timing import Backoff
 from asyncstore.orchestrator.webhooks.breaker import BreakerConfig
 from asyncstore.orchestrator.webhooks.errors import ConfigProblem, HooksConfigError
 from asyncstore.orchestrator.webhooks.masking import mask_url
@@ -202,13 +203,21 @@ class DurableRetry(BaseModel):
         description="a journaled event not batched by its owner within this is taken over",
     )
 
+    @property
+    def backoff(self) -> Backoff:
+        """The policy: ``first_delay_secs`` doubling to ``max_delay_secs``, a fraction
+        ``jitter`` of each step random (so jittered down by up to ``jitter``)."""
+        first = min(self.first_delay_secs, self.max_delay_secs)
+        return Backoff(first, self.max_delay_secs, jitter=self.jitter)
+
     def delays_s(self) -> tuple[float, ...]:
-        """The delay after each failed attempt (the last one repeats)."""
+        """The un-jittered delay after each failed attempt (the last one repeats)."""
+        policy = self.backoff
         delays: list[float] = []
-        delay = self.first_delay_secs
-        while delay < self.max_delay_secs and len(delays) < self.max_attempts:
-            delays.append(delay)
-            delay *= 2
+        while (step := policy.step(len(delays) + 1)) < self.max_delay_secs:
+            if len(delays) >= self.max_attempts:
+                break
+            delays.append(step)
         delays.append(self.max_delay_secs)
         return tuple(delays)
 

@@ -38,6 +38,7 @@ from asyncstore.orchestrator.outbox import (
     SendError,
     open_outbox_relay,
 )
+from asyncstore.orchestrator.timing import SYSTEM_CLOCK, Clock
 from asyncstore.orchestrator.webhooks.batcher import AsyncWebhookBatcher, AttemptFailed
 from asyncstore.orchestrator.webhooks.config import AsyncWebhookConfig, DurableRetry
 from asyncstore.storage import AsyncStorageBackend, NewOutboxMessage, OutboxMessage, WebhookAttempt
@@ -88,10 +89,12 @@ class DurableDelivery:
         storage: AsyncStorageBackend,
         hooks: Mapping[str, AsyncWebhookConfig],
         policy: DurableRetry,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self._storage = storage
         self._hooks = hooks
         self._policy = policy
+        self._clock = clock
         self._outbox = Outbox(storage)
         self.owner = f"webhooks:{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self.log_dropped = 0  # delivery-log entries that could not be written
@@ -141,7 +144,7 @@ class DurableDelivery:
                     pass
             except Exception as exc:  # storage down: the next scan tries again
                 log.warning("webhook journal: orphan scan failed: %r", exc)
-            await anyio.sleep(self._policy.orphan_after_secs / 2)
+            await self._clock.sleep(self._policy.orphan_after_secs / 2)
 
 
 @asynccontextmanager
@@ -153,6 +156,7 @@ async def open_durable_delivery(
     retry: DurableRetry | None = None,
     retry_after_max_s: float = 60.0,
     delivery_log: bool = True,
+    clock: Clock = SYSTEM_CLOCK,
 ) -> AsyncIterator[DurableDelivery]:
     """Run an outbox relay (and the journal's orphan scan) for the async ``hooks``.
 
@@ -163,7 +167,7 @@ async def open_durable_delivery(
     """
     policy = retry or DurableRetry()
     by_name = {h.name: h for h in hooks}
-    store = DurableDelivery(storage, by_name, policy)
+    store = DurableDelivery(storage, by_name, policy, clock)
     redrive = _Redrive(store._outbox)
     template = RetryTemplate(
         delays_s=policy.delays_s(),
@@ -230,6 +234,7 @@ async def open_durable_delivery(
                     outcome_batches(500),
                     on_dead_letter=log_lost,
                     name="webhook-delivery-log",
+                    clock=clock,
                 )
             )
         await stack.enter_async_context(

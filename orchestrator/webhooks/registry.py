@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import anyio
 import httpx
 
+from asyncstore.orchestrator.timing import SYSTEM_CLOCK, Clock
 from asyncstore.orchestrator.webhooks.batcher import (
     AsyncWebhookBatcher,
     AsyncWebhookStatistics,
@@ -88,9 +89,12 @@ class _Route:
 class Webhooks:
     """The registered hooks of one configuration. Build it with ``open_webhooks``."""
 
-    def __init__(self, config: HooksConfig, transport: Transport) -> None:
+    def __init__(
+        self, config: HooksConfig, transport: Transport, *, clock: Clock = SYSTEM_CLOCK
+    ) -> None:
         self.config = config
         self._transport = transport
+        self._clock = clock
         self.batchers: dict[str, AsyncWebhookBatcher] = {}
         self._routes: list[_Route] = []
         self._fires = 0
@@ -108,7 +112,11 @@ class Webhooks:
             if not sync.enabled:
                 continue
             routed = self.batchers.get(sync.name)
-            hook = None if routed is not None else WebhookHook(sync, self._transport)
+            hook = (
+                None
+                if routed is not None
+                else WebhookHook(sync, self._transport, clock=self._clock)
+            )
             self._routes.append(_Route(sync.name, sync.triggers, sync.trigger, hook, routed))
 
     def hooks_for(self, trigger: str) -> list[str]:
@@ -219,6 +227,7 @@ async def open_webhooks(
     storage: AsyncStorageBackend | None = None,
     client: httpx.AsyncClient | None = None,
     reports: list[WebhookDrainReport] | None = None,
+    clock: Clock = SYSTEM_CLOCK,
 ) -> AsyncIterator[Webhooks]:
     """Run the hooks of ``config`` while the block runs; yields the ``Webhooks`` to fire.
 
@@ -226,7 +235,8 @@ async def open_webhooks(
     outbox relay that takes what a full queue spills. ``client`` is a shared
     ``httpx.AsyncClient`` (one is created and closed otherwise). Leaving the block flushes
     every batcher (bounded by its ``shutdown_timeout_secs``, shielded from cancellation)
-    and, if ``reports`` is given, appends each batcher's drain report to it.
+    and, if ``reports`` is given, appends each batcher's drain report to it. ``clock``
+    times the retries, circuit breakers, flush intervals and the orphan scan.
     """
     async with AsyncExitStack() as stack:
         if client is None:
@@ -238,7 +248,7 @@ async def open_webhooks(
             refuse_private=config.refuse_private_destinations,
             max_response_bytes=config.max_response_bytes,
             retry_after_max_s=config.retry_after_max_secs,
-            breakers=Breakers(config.circuit_breaker),
+            breakers=Breakers(config.circuit_breaker, clock=clock),
         )
         enabled = [h for h in config.async_webhooks if h.enabled]
         batchers: dict[str, AsyncWebhookBatcher] = {}
@@ -255,11 +265,12 @@ async def open_webhooks(
                     retry=config.durable_retry,
                     retry_after_max_s=config.retry_after_max_secs,
                     delivery_log=config.delivery_log,
+                    clock=clock,
                 )
             )
-        webhooks = Webhooks(config, transport)
+        webhooks = Webhooks(config, transport, clock=clock)
         for hook in enabled:
-            batcher = AsyncWebhookBatcher(hook, transport, store=persist)
+            batcher = AsyncWebhookBatcher(hook, transport, store=persist, clock=clock)
             batchers[hook.name] = await stack.enter_async_context(batcher)
             if reports is not None:
                 stack.push_async_callback(_collect, batcher, reports)

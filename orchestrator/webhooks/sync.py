@@ -16,9 +16,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import anyio
 import orjson
 
+from asyncstore.orchestrator.timing import SYSTEM_CLOCK, Backoff, Clock
 from asyncstore.orchestrator.webhooks.config import WebhookConfig
 from asyncstore.orchestrator.webhooks.signing import delivery_id
 from asyncstore.orchestrator.webhooks.transport import DeliveryFailed, Transport
@@ -29,7 +29,9 @@ __all__ = ["HookDecision", "HookOutcome", "WebhookHook", "combine"]
 log = logging.getLogger("asyncstore.webhooks")
 
 _RESULTS = frozenset({"ok", "warning", "deny", "modify"})
-_BACKOFF_BASE_S = 0.1
+# 100 ms doubling, no jitter (one caller waits; there is no crowd to spread). Uncapped as it
+# always was: the cap is the step of the 20th retry, the most a hook may configure.
+_BACKOFF = Backoff(0.1, 52_428.8, jitter=0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,8 +126,11 @@ def request_body(
 class WebhookHook:
     """One ``[[webhooks]]`` entry delivering synchronously through a shared transport."""
 
-    def __init__(self, config: WebhookConfig, transport: Transport) -> None:
+    def __init__(
+        self, config: WebhookConfig, transport: Transport, *, clock: Clock = SYSTEM_CLOCK
+    ) -> None:
         self.config = config
+        self._clock = clock
         self.name = config.name
         self._transport = transport
         self._keys = config.signing_keys
@@ -155,7 +160,7 @@ class WebhookHook:
             if attempt > 1:
                 # 100 ms, 200 ms, 400 ms, ... or the receiver's Retry-After if longer
                 # (bounded by the hook's timeout: a caller is waiting).
-                await anyio.sleep(max(_BACKOFF_BASE_S * 2 ** (attempt - 2), retry_after))
+                await self._clock.sleep(max(_BACKOFF.delay(attempt - 1), retry_after))
             self.requests += 1
             try:
                 reply = await self._transport.send(

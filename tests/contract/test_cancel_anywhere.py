@@ -42,6 +42,7 @@ from asyncstore.storage import (
     open_storage,
 )
 from asyncstore.storage.base import LoginPolicy
+from tests.waiting import wait_for
 
 BATCH = 3
 ROUNDS = int(os.environ.get("ASYNCSTORE_CANCEL_ROUNDS", "2"))
@@ -365,9 +366,12 @@ class _Checker:
             " AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
             " AND state <> 'idle'"
         )
-        with anyio.fail_after(SETTLE_S):
-            while (await self._pg.fetchval(sql)) != 0:  # noqa: ASYNC110 - no event for it
-                await anyio.sleep(0.005)
+        pg = self._pg
+
+        async def idle() -> bool:
+            return bool(await pg.fetchval(sql) == 0)
+
+        await wait_for(idle, SETTLE_S, what="other connections idle")
 
     async def check(self, what: str) -> None:
         bad = await self.rows(
@@ -455,6 +459,4 @@ async def test_cancelled_aclose_still_closes(storage_url: str) -> None:
         with pytest.raises(StorageClosed):
             await storage.ping()
     # Every SQLite connection thread is gone: a cancelled close stopped none half-way.
-    with anyio.fail_after(SETTLE_S):
-        while threading.active_count() > before:  # noqa: ASYNC110 - threads have no event
-            await anyio.sleep(0.01)
+    await wait_for(lambda: threading.active_count() <= before, SETTLE_S, what="threads gone")

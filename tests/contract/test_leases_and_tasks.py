@@ -14,8 +14,10 @@ from asyncstore.storage import (
     InvalidInput,
     LeaseLost,
     NewTask,
+    Task,
     TaskStatus,
 )
+from tests.waiting import wait_for
 
 
 async def test_lease_is_exclusive_and_tokens_grow(storage: AsyncStorageBackend) -> None:
@@ -168,10 +170,10 @@ async def test_expired_claim_is_reclaimed_and_stale_claim_is_fenced(
     storage: AsyncStorageBackend,
 ) -> None:
     await storage.enqueue_task(NewTask("q", "x", max_attempts=5))
-    (first,) = await storage.claim_tasks("q", "dead-worker", limit=1, lease_s=0.2)
+    # A lease long enough that a stalled event loop cannot expire it before the next line.
+    (first,) = await storage.claim_tasks("q", "dead-worker", limit=1, lease_s=1.0)
     assert await storage.claim_tasks("q", "w2", limit=1, lease_s=30) == []
-    await anyio.sleep(0.3)
-    (second,) = await storage.claim_tasks("q", "w2", limit=1, lease_s=30)
+    (second,) = await _claim_when_due(storage, "q", "w2")
     assert second.id == first.id and second.attempts == 2
     assert second.lease_token is not None and first.lease_token is not None
     assert second.lease_token > first.lease_token
@@ -191,23 +193,22 @@ async def test_expired_claim_is_reclaimed_and_stale_claim_is_fenced(
 
 async def test_heartbeat_keeps_the_claim(storage: AsyncStorageBackend) -> None:
     await storage.enqueue_task(NewTask("q", "x"))
-    (task,) = await storage.claim_tasks("q", "w", limit=1, lease_s=0.3)
+    (task,) = await storage.claim_tasks("q", "w", limit=1, lease_s=1.0)
     for _ in range(3):
-        await anyio.sleep(0.15)
-        assert await storage.heartbeat_tasks([task.claim], 0.3) == [task.id]
+        assert await storage.heartbeat_tasks([task.claim], 30) == [task.id]
+    await anyio.sleep(1.1)  # database time: the claim's own 1 s lease runs out
     assert await storage.claim_tasks("q", "thief", limit=1, lease_s=30) == []
 
 
 async def test_failures_retry_then_dead_letter(storage: AsyncStorageBackend) -> None:
     task = await storage.enqueue_task(NewTask("q", "x", max_attempts=2))
     (c1,) = await storage.claim_tasks("q", "w", limit=1, lease_s=30)
-    retry_at = datetime.now(UTC) + timedelta(milliseconds=200)
+    retry_at = datetime.now(UTC) + timedelta(seconds=1)  # not due before the next line
     assert await storage.fail_tasks([Failure(c1.id, c1.lease_token or 0, "boom 1", retry_at)]) == {
         task.id: TaskStatus.QUEUED
     }
     assert await storage.claim_tasks("q", "w", limit=1, lease_s=30) == []
-    await anyio.sleep(0.3)
-    (c2,) = await storage.claim_tasks("q", "w", limit=1, lease_s=30)
+    (c2,) = await _claim_when_due(storage, "q", "w")
     assert c2.attempts == 2 and c2.last_error == "boom 1"
     assert await storage.fail_task(Failure(c2.id, c2.lease_token or 0, "boom 2")) is TaskStatus.DEAD
     dead = await storage.get_task(task.id)
@@ -258,3 +259,15 @@ async def test_task_input_is_validated(storage: AsyncStorageBackend) -> None:
         await storage.claim_tasks("q", "w", limit=0, lease_s=30)
     with pytest.raises(InvalidInput, match="twice"):
         await storage.complete_tasks([Claim(1, 1), Claim(1, 1)])
+
+
+async def _claim_when_due(storage: AsyncStorageBackend, queue: str, worker: str) -> list[Task]:
+    """Claim from ``queue`` as soon as the database's clock makes a task claimable."""
+    claimed: list[Task] = []
+
+    async def due() -> bool:
+        claimed.extend(await storage.claim_tasks(queue, worker, limit=1, lease_s=30))
+        return bool(claimed)
+
+    await wait_for(due, what=f"a claimable task in {queue}")
+    return claimed

@@ -17,7 +17,9 @@ import pytest
 
 from asyncstore.orchestrator.cancellation import open_cancellation
 from asyncstore.orchestrator.locks import LimiterConfig, SessionLimiter, open_session_limiter
+from asyncstore.orchestrator.timing import SYSTEM_CLOCK, Clock, ManualClock
 from asyncstore.storage import AsyncStorageBackend, LeaseLost, NewMessage, open_storage
+from tests.waiting import wait_for
 
 MODES = ["two_level", "db_poll"]
 FAST = {"backoff_initial_s": 0.01, "backoff_max_s": 0.1, "poll_interval_s": 0.01}
@@ -31,15 +33,16 @@ def _config(**overrides: object) -> LimiterConfig:
 
 @asynccontextmanager
 async def _instances(
-    storage_url: str, config: LimiterConfig, n: int = 2
+    storage_url: str, config: LimiterConfig, n: int = 2, clocks: list[Clock] | None = None
 ) -> AsyncIterator[list[SessionLimiter]]:
     async with AsyncExitStack() as stack:
         limiters = []
         for i in range(n):
             backend = await stack.enter_async_context(open_storage(storage_url))
+            clock = clocks[i] if clocks else SYSTEM_CLOCK
             limiters.append(
                 await stack.enter_async_context(
-                    open_session_limiter(backend, config, instance_id=f"inst{i}")
+                    open_session_limiter(backend, config, instance_id=f"inst{i}", clock=clock)
                 )
             )
         yield limiters
@@ -113,6 +116,7 @@ async def test_global_cap_holds_exactly_across_instances(storage_url: str) -> No
 async def test_local_cap_limits_this_process(storage: AsyncStorageBackend) -> None:
     running = 0
     peak = 0
+    both_in = anyio.Event()  # the first two holders wait for each other: the cap is reached
     async with open_session_limiter(storage, _config(max_local=2)) as limiter:
 
         async def worker(i: int) -> None:
@@ -120,7 +124,10 @@ async def test_local_cap_limits_this_process(storage: AsyncStorageBackend) -> No
             async with limiter.hold(f"s{i}"):
                 running += 1
                 peak = max(peak, running)
-                await anyio.sleep(0.005)
+                if running == 2:
+                    both_in.set()
+                await both_in.wait()  # a third holder here would push the peak to 3
+                await anyio.sleep(0)
                 running -= 1
 
         with anyio.fail_after(30):
@@ -219,9 +226,10 @@ async def test_local_gate_resolves_same_process_contention_without_database(
 
 
 async def test_remote_release_wakes_a_waiter_through_a_notification(storage_url: str) -> None:
-    # Backoff far longer than the test's bound: only the release notification can wake it.
-    config = _config(backoff_initial_s=30, backoff_max_s=30)
-    async with _instances(storage_url, config) as (a, b):
+    # b's clock never moves: only the release notification can wake its waiter.
+    config = _config(backoff_initial_s=30, backoff_max_s=30, sweep_leases=False)
+    b_clock = ManualClock()
+    async with _instances(storage_url, config, clocks=[SYSTEM_CLOCK, b_clock]) as (a, b):
         release = anyio.Event()
         entered = anyio.Event()
 
@@ -241,8 +249,8 @@ async def test_remote_release_wakes_a_waiter_through_a_notification(storage_url:
                             pass
 
                     inner.start_soon(second)
-                    # Let b's first attempt fail; it then waits (asserted: 2 attempts).
-                    await anyio.sleep(0.2)
+                    # b's first attempt failed once it waits out its backoff on its clock.
+                    await b_clock.wait_sleepers(1)
                     release.set()
         assert b.statistics().acquire_attempts == 2
 
@@ -280,12 +288,23 @@ async def test_cancelling_a_waiter_leaves_nothing_held(storage: AsyncStorageBack
 
 
 async def test_held_lease_is_renewed_in_the_background(storage: AsyncStorageBackend) -> None:
-    config = _config(lease_ttl_s=0.3, renew_interval_s=0.05)
-    async with open_session_limiter(storage, config) as limiter, limiter.hold("s") as held:
-        first_expiry = held.expires_at
-        await anyio.sleep(0.5)  # longer than the TTL: only renewals keep it
+    # Each renewal is due when the test moves the limiter's clock (none comes late under
+    # load); the database moves the lease's expiry on, from its own time, at each one.
+    config = _config(lease_ttl_s=30, renew_interval_s=10, sweep_leases=False)
+    clock = ManualClock()
+    async with (
+        open_session_limiter(storage, config, clock=clock) as limiter,
+        limiter.hold("s") as held,
+    ):
+        expiries = [held.expires_at]
+        for _ in range(2):
+            await clock.wait_sleepers(1)  # the renewal loop waits for its next turn
+            clock.advance(config.effective_renew_interval_s)
+            await wait_for(lambda: held.expires_at > expiries[-1], what="a renewal")
+            expiries.append(held.expires_at)
         assert not held.lost
-        assert held.expires_at > first_expiry
+        lease = await storage.get_lease("s")
+        assert lease is not None and lease.expires_at == held.expires_at
         await storage.append_messages("s", [NewMessage("user", "x")], lease_token=held.token)
     assert limiter.statistics().renewals >= 2
 
@@ -298,8 +317,9 @@ def test_config_refuses_a_renewal_slower_than_the_ttl() -> None:
 
 async def test_remote_waiter_asks_once_while_the_holder_holds(storage_url: str) -> None:
     # A fallback far beyond the hold: any retry during the hold would be a poll.
-    config = _config(backoff_initial_s=30, backoff_max_s=30)
-    async with _instances(storage_url, config) as (a, b):
+    config = _config(backoff_initial_s=30, backoff_max_s=30, sweep_leases=False)
+    b_clock = ManualClock()
+    async with _instances(storage_url, config, clocks=[SYSTEM_CLOCK, b_clock]) as (a, b):
         b_storage = b._storage
         entered = anyio.Event()
         release = anyio.Event()
@@ -319,7 +339,10 @@ async def test_remote_waiter_asks_once_while_the_holder_holds(storage_url: str) 
             await entered.wait()
             before = b_storage.statistics().statements
             tg.start_soon(waiter)
-            await anyio.sleep(1.0)  # a turn's worth of holding: b must stay quiet
+            await b_clock.wait_sleepers(1)  # b asked, and now waits out its fallback
+            b_clock.advance(14.0)  # a long turn, short of the jittered fallback (15-30 s)
+            await anyio.wait_all_tasks_blocked()
+            assert b_clock.sleepers == 1
             during = _delta(before, b_storage.statistics().statements)
             assert during == Counter({"acquire_lease_slot": 1}) or (
                 # SQLite marks the busy lease contended in a second statement.
@@ -340,7 +363,9 @@ async def test_fallback_backoff_bounds_a_missed_wakeup(storage: AsyncStorageBack
     # fallback backoff can notice, and it must.
     outside = (await storage.acquire_lease_slot("s", "outside", 30)).lease
     assert outside is not None
-    async with open_session_limiter(storage, _config()) as limiter:
+    clock = ManualClock()
+    config = _config(sweep_leases=False)
+    async with open_session_limiter(storage, config, clock=clock) as limiter:
         with anyio.fail_after(10):
             async with anyio.create_task_group() as tg:
 
@@ -349,17 +374,19 @@ async def test_fallback_backoff_bounds_a_missed_wakeup(storage: AsyncStorageBack
                         assert held.token > outside.token
 
                 tg.start_soon(waiter)
-                await anyio.sleep(0.05)
+                await clock.wait_sleepers(1)  # its attempt failed: it waits, with no wake-up
                 assert await storage.release_lease("s", outside.token)
+                clock.advance(config.backoff_max_s)  # the fallback is due
         stats = limiter.statistics()
     assert stats.fallback_retries >= 1 and stats.wakeups == 0
 
 
 async def test_cap_waiters_wait_for_a_slot_release_without_asking(storage_url: str) -> None:
-    config = _config(max_running=1, backoff_initial_s=30, backoff_max_s=30)
+    config = _config(max_running=1, backoff_initial_s=30, backoff_max_s=30, sweep_leases=False)
     running = 0
     peak = 0
-    async with _instances(storage_url, config) as (a, b):
+    b_clock = ManualClock()
+    async with _instances(storage_url, config, clocks=[SYSTEM_CLOCK, b_clock]) as (a, b):
         b_storage = b._storage
         entered = anyio.Event()
         release = anyio.Event()
@@ -388,13 +415,16 @@ async def test_cap_waiters_wait_for_a_slot_release_without_asking(storage_url: s
             before = b_storage.statistics().statements
             for i in range(5):
                 tg.start_soon(capped, i)
-            await anyio.sleep(0.3)
-            # Arriving together, each asked once and found the pool full.
-            assert b.statistics().cap_waiters == 5 and b.statistics().acquire_attempts == 5
+            # Arriving together, each asks once and finds the pool full.
+            await wait_for(lambda: b.statistics().cap_waiters == 5, what="5 cap waiters")
+            await b_clock.wait_sleepers(1)  # the first of them waits out its fallback
+            assert b.statistics().acquire_attempts == 5
             assert _delta(before, b_storage.statistics().statements)
             quiet = b_storage.statistics().statements
             tg.start_soon(capped, 5)
-            await anyio.sleep(0.5)
+            await wait_for(lambda: b.statistics().cap_waiters == 6, what="the late arrival")
+            b_clock.advance(14.0)  # time passes, short of the jittered fallback (15-30 s)
+            await anyio.wait_all_tasks_blocked()
             # While the pool stays full nobody asks again, and a late arrival queues behind
             # the local cap waiters without asking at all.
             assert b.statistics().cap_waiters == 6 and b.statistics().acquire_attempts == 5
@@ -446,8 +476,7 @@ async def test_capped_db_poll_takes_a_slot_of_the_shared_pool(storage: AsyncStor
                 await held_legacy.wait()
                 # b's attempt finds the only slot taken (one attempt, then it waits).
                 # The limiter has no event for a failed attempt: watch its statistics.
-                while optimized.statistics().acquire_attempts < 1:  # noqa: ASYNC110
-                    await anyio.sleep(0.01)
+                await wait_for(lambda: optimized.statistics().acquire_attempts >= 1)
                 assert order == ["legacy in"]
                 release.set()
         # The legacy release notified the pool's waiter (its backoff is 30 s).
@@ -487,8 +516,7 @@ async def test_an_uncapped_db_poll_release_wakes_a_two_level_waiter(
                 tg.start_soon(new_path)
                 await held_legacy.wait()
                 # The waiter's one attempt marks the lease contended, then it waits.
-                while optimized.statistics().acquire_attempts < 1:  # noqa: ASYNC110
-                    await anyio.sleep(0.01)
+                await wait_for(lambda: optimized.statistics().acquire_attempts >= 1)
                 assert not got_it.is_set()
                 release.set()
                 await got_it.wait()

@@ -132,7 +132,8 @@ async def test_slot_lease_is_fenced_and_renewed_with_its_slot(
     assert crashed is not None
     await anyio.sleep(0.3)
     # The slot expired with the lease: another session can take it.
-    taker = (await storage.acquire_lease_slot("s", "taker", 0.3, pool=pool, slots=1)).lease
+    # Long enough that a stalled loop cannot expire it before the renewal below.
+    taker = (await storage.acquire_lease_slot("s", "taker", 1.0, pool=pool, slots=1)).lease
     assert taker is not None and taker.token > crashed.token
     with pytest.raises(LeaseLost):
         await storage.renew_lease_slot("s", crashed.token, 30, pool=pool)
@@ -141,7 +142,7 @@ async def test_slot_lease_is_fenced_and_renewed_with_its_slot(
         await storage.append_messages("s", [NewMessage("user", "x")], lease_token=crashed.token)
     renewed = await storage.renew_lease_slot("s", taker.token, 30, pool=pool)
     assert renewed.expires_at > taker.expires_at
-    await anyio.sleep(0.4)
+    await anyio.sleep(1.1)  # database time: past the taker's own 1 s lease
     # The renewal extended the slot too: the pool is still full.
     assert not (await storage.acquire_lease_slot("t", "x", 30, pool=pool, slots=1)).slot_ok
     await storage.append_messages("s", [NewMessage("user", "y")], lease_token=taker.token)

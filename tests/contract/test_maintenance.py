@@ -11,6 +11,7 @@ from asyncstore.orchestrator.maintenance import (
     MaintenanceSweeper,
     open_maintenance,
 )
+from asyncstore.orchestrator.timing import ManualClock
 from asyncstore.storage import (
     AsyncStorageBackend,
     NewOutboxMessage,
@@ -38,12 +39,12 @@ async def test_sweep_purges_expired_events_in_bounded_batches(
     storage: AsyncStorageBackend,
 ) -> None:
     await storage.append_stream_events(_events("old-a", 6) + _events("old-b", 4))
-    await anyio.sleep(0.6)
+    await anyio.sleep(1.2)  # database time: these rows age past the 1 s TTL below
     await storage.append_stream_events(_events("fresh", 3))
     config = ONLY_EVENTS.model_copy(  # the batched DELETE on either layout
         update={
             "enabled": False,
-            "stream_ttl_s": 0.4,
+            "stream_ttl_s": 1.0,
             "purge_batch_size": 4,
             "stream_drop_partitions": False,
         }
@@ -133,6 +134,23 @@ async def test_evictors_run_every_round_on_the_loop_schedule(storage: AsyncStora
     assert stats.evicted == 2 * calls.count("rings")
     assert stats.evictor_runs == len(calls)
     assert stats.sweeps_run == stats.rounds and stats.errors == 0
+
+
+async def test_rounds_start_on_the_jittered_schedule_of_the_clock(
+    storage: AsyncStorageBackend,
+) -> None:
+    config = FAST.model_copy(update={"interval_s": 60.0, "jitter": 0.2})
+    clock = ManualClock()
+    async with open_maintenance(storage, config, clock=clock) as sweeper:
+        for round_ in range(1, 4):
+            await clock.wait_sleepers(1)  # the loop waits for its next round
+            clock.advance(60.0 * 0.8 - 0.001)  # short of the earliest jittered start
+            await anyio.wait_all_tasks_blocked()
+            assert clock.sleepers == 1  # still waiting: no round started
+            assert sweeper.statistics().rounds == round_ - 1
+            clock.advance(60.0 * 0.4)  # past the latest one
+            await _rounds(sweeper, 1 if sweeper.statistics().rounds < round_ else 0)
+            assert sweeper.statistics().rounds == round_
 
 
 async def test_only_one_instance_sweeps_when_two_compete(

@@ -16,6 +16,7 @@ from asyncstore.storage import (
     open_storage,
 )
 from tests.conftest import direct_dsn
+from tests.waiting import wait_for
 
 
 def _events(session_id: str, first: int, last: int) -> list[NewStreamEvent]:
@@ -31,17 +32,17 @@ async def test_batch_purge_removes_only_expired_rows_in_bounded_batches(
 ) -> None:
     await storage.append_stream_events(_events("a", 1, 6) + _events("b", 1, 6))
     await storage.append_stream_events(_events("a", 7, 9) + _events("b", 7, 9))
-    await anyio.sleep(0.6)
+    await anyio.sleep(1.2)  # database time: these rows age past the 1 s TTL below
     await storage.append_stream_events(_events("fresh", 1, 4))
     before = _batch_statements(storage)
 
     assert await storage.purge_stream_events_batch(3600, limit=10) == 0
-    assert await storage.purge_stream_events_batch(0.4, limit=12) == 12
+    assert await storage.purge_stream_events_batch(1.0, limit=12) == 12
     left = await storage.load_stream_events("a") + await storage.load_stream_events("b")
     assert len(left) == 6
-    assert await storage.purge_stream_events_batch(0.4, limit=4) == 4
-    assert await storage.purge_stream_events_batch(0.4, limit=4) == 2
-    assert await storage.purge_stream_events_batch(0.4, limit=4) == 0
+    assert await storage.purge_stream_events_batch(1.0, limit=4) == 4
+    assert await storage.purge_stream_events_batch(1.0, limit=4) == 2
+    assert await storage.purge_stream_events_batch(1.0, limit=4) == 0
     assert _batch_statements(storage) - before == 5
     assert await storage.load_stream_events("a") == []
     assert [e.seq for e in await storage.load_stream_events("fresh")] == [1, 2, 3, 4]
@@ -104,8 +105,8 @@ async def test_leadership_passes_on_when_its_holder_dies(
 ) -> None:
     async with (
         open_storage(storage_url) as other,
-        storage.open_leadership("sweeper", ttl_s=0.3) as dying,
-        other.open_leadership("sweeper", ttl_s=0.3) as heir,
+        storage.open_leadership("sweeper", ttl_s=1.0) as dying,
+        other.open_leadership("sweeper", ttl_s=1.0) as heir,
     ):
         assert await dying.try_lead()
         assert not await heir.try_lead()
@@ -122,12 +123,8 @@ async def test_leadership_passes_on_when_its_holder_dies(
             finally:
                 await conn.close()
             assert killed == 1
-        else:
-            # A holder that stops renewing: its row expires after ttl_s.
-            await anyio.sleep(0.45)
-        for _ in range(100):  # the server may take a moment to end the killed session
-            if await heir.try_lead():
-                break
-            await anyio.sleep(0.05)
+        # SQLite: a holder that stops renewing; its row expires after ttl_s. Postgres: the
+        # server may take a moment to end the killed session.
+        await wait_for(heir.try_lead, what="the heir's leadership")
         assert heir.leading
         assert not await dying.try_lead()

@@ -17,6 +17,7 @@ from asyncstore.orchestrator.broadcast import StreamReset
 from asyncstore.orchestrator.config import Settings, load_settings
 from asyncstore.orchestrator.runtime import Runtime, RuntimeClosed, open_runtime
 from asyncstore.storage import StreamEvent
+from tests.waiting import wait_for
 
 
 def _settings(url: str, **overrides: Any) -> Settings:
@@ -292,7 +293,10 @@ async def test_a_turn_that_gets_its_lease_after_shutdown_began_stops_at_once(
             tg.start_soon(turn, rt, "first")
             await holding.wait()
             tg.start_soon(turn, rt, "waiting")  # queued behind the first for the lease
-            await anyio.sleep(0.05)
+            await wait_for(
+                lambda: sum(s.waiters for s in rt.statistics().limiter.values()) == 1,
+                what="the second turn waiting for the lease",
+            )
     # The waiting turn got the lease only after shutdown cancelled the first: it must not
     # run its body, so closing does not wait out turn_flush_timeout_s for it.
     assert sorted(ended) == [("first", True), ("waiting", True)]

@@ -6,11 +6,11 @@ import sqlite3
 import threading
 from pathlib import Path
 
-import anyio
 import pytest
 from pydantic import SecretStr
 
 from asyncstore.storage import StorageSettings, StorageUnavailable, open_storage
+from tests.waiting import wait_for
 
 
 def _locked(path: Path) -> sqlite3.Connection:
@@ -35,9 +35,7 @@ async def test_open_that_cannot_switch_to_wal_raises_and_leaks_no_thread(tmp_pat
         holder.close()
     # Every connection thread opened by the failed open is gone (a leaked one kept a
     # process that failed to open alive forever).
-    with anyio.fail_after(5):
-        while threading.active_count() > before:  # noqa: ASYNC110 - threads have no event
-            await anyio.sleep(0.01)
+    await wait_for(lambda: threading.active_count() <= before, what="the threads to end")
 
 
 async def test_open_waits_for_a_lock_released_within_the_busy_timeout(tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ from tests.faults.procs import (
     spawn_agent,
     view_of,
 )
+from tests.waiting import wait_for
 
 SESSION = "paused-holder"
 TTL_S = 2.0
@@ -217,11 +218,7 @@ async def test_hub_fan_in_ends_on_stale_rows_it_cannot_take(fault_db: FaultDB) -
         reads_before = hub.statistics().db_reads.get("fan_in", 0)
         await backend.terminate_listener_for_tests()
         # The reconnect reports a gap; the hub re-reads the watched session once.
-        with anyio.fail_after(30):
-            while True:
-                if hub.statistics().db_reads.get("fan_in", 0) > reads_before:
-                    break
-                await anyio.sleep(0.02)  # no event tells us another task has read
+        await wait_for(lambda: hub.statistics().db_reads.get("fan_in", 0) > reads_before)
         await anyio.sleep(IDLE_WINDOW_S)  # the observation window
         fan_in = hub.statistics().db_reads.get("fan_in", 0) - reads_before
         reconnects = storage.statistics().listener_reconnects

@@ -31,6 +31,7 @@ from tests.faults.procs import (
     spawn_agent,
 )
 from tests.faults.proxy import open_proxy
+from tests.waiting import wait_for
 
 TTL_S = 4.0  # renewal every 4/3 s; the holder gives up 0.4 s before its lease expires
 OUTAGE_S = 1.0  # how long the cut network refuses new connections
@@ -39,12 +40,14 @@ LIMITER = {"backoff_initial_s": 0.1, "backoff_max_s": 0.5}
 
 async def _renewals(agent: Agent, more_than: int, limit_s: float = 30.0) -> int:
     """Wait until the agent has renewed more than ``more_than`` times (it cannot tell us)."""
-    with anyio.fail_after(limit_s):
-        while True:
-            renewals = int((await agent.call("stats"))["renewals"])
-            if renewals > more_than:
-                return renewals
-            await anyio.sleep(0.1)  # another process's progress: no event to wait on
+    seen = [0]
+
+    async def renewed() -> bool:
+        seen[0] = int((await agent.call("stats"))["renewals"])
+        return seen[0] > more_than
+
+    await wait_for(renewed, limit_s, what=f"more than {more_than} renewals")
+    return seen[0]
 
 
 async def test_stalled_renewal_never_leaves_two_live_holders(fault_db: FaultDB) -> None:
@@ -99,11 +102,11 @@ async def test_stalled_renewal_never_leaves_two_live_holders(fault_db: FaultDB) 
 
 async def _notified(agent: Agent, more_than: int, limit_s: float = 30.0) -> None:
     """Wait until the agent's stream writer has sent more than ``more_than`` notifications."""
-    with anyio.fail_after(limit_s):
-        while True:
-            if (await agent.call("stats"))["writer"]["notifications"] > more_than:
-                return
-            await anyio.sleep(0.05)  # another process's progress: no event to wait on
+
+    async def notified() -> bool:
+        return bool((await agent.call("stats"))["writer"]["notifications"] > more_than)
+
+    await wait_for(notified, limit_s, what=f"more than {more_than} notifications")
 
 
 async def test_cut_listen_connection_is_noticed_and_reported_as_a_gap(fault_db: FaultDB) -> None:

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -19,9 +20,26 @@ ROOT = Path(__file__).resolve().parents[2]
 EXIT_BOUND_S = 30.0
 
 
-@pytest.fixture
-def serve_metrics(storage_url: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
-    command = ["-m", "asyncstore.orchestrator.cli", "serve-metrics", "--url", storage_url]
+# Runs the CLI with the ASGI extra (uvicorn, starlette, websockets) unimportable: what the
+# core install has.
+CORE_INSTALL = """
+import importlib.abc, sys
+
+class NoASGIExtra(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in {"uvicorn", "starlette", "websockets"}:
+            raise ModuleNotFoundError(f"{name} is not installed (core install)", name=name)
+        return None
+
+sys.meta_path.insert(0, NoASGIExtra())
+from asyncstore.orchestrator.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@contextmanager
+def _serving(storage_url: str, *python: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    command = [*python, "serve-metrics", "--url", storage_url]
     proc = subprocess.Popen(
         [sys.executable, *command, "--host", "127.0.0.1", "--port", "0"],
         stdout=subprocess.PIPE,
@@ -38,6 +56,23 @@ def serve_metrics(storage_url: str) -> Iterator[tuple[subprocess.Popen[str], str
         if proc.poll() is None:
             proc.kill()
         proc.wait(timeout=10)
+
+
+@pytest.fixture
+def serve_metrics(storage_url: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    with _serving(storage_url, "-m", "asyncstore.orchestrator.cli") as served:
+        yield served
+
+
+def test_serve_metrics_runs_on_the_core_install_without_an_asgi_server(storage_url: str) -> None:
+    with _serving(storage_url, "-c", CORE_INSTALL) as (proc, url):
+        response = httpx.get(url, timeout=10)
+        assert response.status_code == 200
+        assert "asyncstore_storage_" in response.text
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=EXIT_BOUND_S) == 0
+        assert proc.stdout is not None
+        assert "serve-metrics: drained: RuntimeReport(" in proc.stdout.read()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])

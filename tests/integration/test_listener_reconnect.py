@@ -20,6 +20,7 @@ from pydantic import SecretStr
 
 from asyncstore.storage import StorageSettings, _notify, open_storage
 from asyncstore.storage.postgres import PostgresBackend
+from tests.waiting import wait_for
 
 
 @pytest.fixture(autouse=True)
@@ -81,8 +82,7 @@ async def test_listener_retries_at_once_until_the_server_lets_it_back_in(
             with anyio.fail_after(20):
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(receive)
-                    while backend.statistics().listener_reconnect_failures < 3:  # noqa: ASYNC110
-                        await anyio.sleep(0.01)
+                    await wait_for(lambda: backend.statistics().listener_reconnect_failures >= 3)
                     assert backend.statistics().listener_reconnects == 0
                     await admin.execute(f'ALTER ROLE "{role}" LOGIN')
             with anyio.fail_after(10):
@@ -138,8 +138,7 @@ async def test_a_cancelled_reconnecting_subscriber_hands_over_to_the_next(
                 gaps.append((await second.receive()).channel)
 
             async def failures_reach(n: int) -> None:
-                while backend.statistics().listener_reconnect_failures < n:  # noqa: ASYNC110
-                    await anyio.sleep(0.01)
+                await wait_for(lambda: backend.statistics().listener_reconnect_failures >= n)
 
             with anyio.fail_after(20):
                 async with anyio.create_task_group() as tg:

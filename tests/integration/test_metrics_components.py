@@ -17,6 +17,7 @@ from asyncstore.orchestrator.locks import open_session_limiter
 from asyncstore.orchestrator.metrics import Metrics, MetricsConfig, open_pool_probe
 from asyncstore.orchestrator.streams import StreamConfig, StreamEventWriter
 from asyncstore.storage import AsyncStorageBackend, StreamEvent
+from tests.waiting import wait_for
 
 SESSIONS = [f"sess-{i}-7f3a" for i in range(3)]
 SLOW_TIMER = BatchConfig(max_batch=10_000, flush_interval_s=60, capacity=20_000)
@@ -148,7 +149,14 @@ async def test_pool_probe_measures_acquire_wait_on_postgres(storage: AsyncStorag
     metrics = Metrics(MetricsConfig(process_metrics=False))
     metrics.add_source("storage", storage)
     async with open_pool_probe(metrics, storage, interval_s=0.01):
-        await anyio.sleep(0.1)
+
+        async def probed() -> bool:
+            if storage.dialect != "postgres":
+                return True  # no pool, no probe: the block just runs
+            families = await scrape(metrics)
+            return value(families, "asyncstore_storage_pool_acquire_wait_seconds_count") >= 1
+
+        await wait_for(probed, what="a pool probe sample")
     families = await scrape(metrics)
     if storage.dialect == "postgres":
         assert value(families, "asyncstore_storage_pool_acquire_wait_seconds_count") >= 1

@@ -26,6 +26,7 @@ from asyncstore.orchestrator.asgi import EventStreams, StreamingServer
 from asyncstore.orchestrator.runtime import Runtime
 from asyncstore.storage import StorageSettings, open_storage
 from tests.unit.metrics_inventory import inventory, open_full_runtime
+from tests.waiting import wait_for
 
 MAIN_INVENTORY = Path(__file__).parent.parent / "unit" / "metrics_families_main.json"
 
@@ -95,9 +96,7 @@ async def _served(url: str) -> AsyncIterator[tuple[Runtime, EventStreams, httpx.
         port = sock.getsockname()[1]
         async with anyio.create_task_group() as tg:
             tg.start_soon(server.serve, [sock])
-            with anyio.fail_after(10):
-                while not server.started:  # noqa: ASYNC110 - uvicorn exposes only a flag
-                    await anyio.sleep(0.01)
+            await wait_for(lambda: server.started, what="uvicorn started")  # only a flag
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as c:
                 yield rt, streams, c
             server.should_exit = True
@@ -172,9 +171,7 @@ async def test_endpoint_counters_move_with_real_requests(storage_url: str) -> No
                 if line.startswith("event: ready"):
                     break
             during = await _scrape(client)
-        with anyio.fail_after(10):
-            while streams.statistics().ended_by_client < 1:  # noqa: ASYNC110 - a snapshot
-                await anyio.sleep(0.01)
+        await wait_for(lambda: streams.statistics().ended_by_client >= 1, what="stream ended")
         after = await _scrape(client)
     assert _endpoint(during, "streams_refused") == 1
     assert _endpoint(during, "streams_accepted") == 1

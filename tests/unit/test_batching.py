@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 
 import anyio
 import pytest
@@ -18,7 +17,9 @@ from asyncstore.orchestrator.batching import (
     open_batch_writer,
 )
 from asyncstore.orchestrator.errors import Dropped, WriterClosed, WriterOverloaded
+from asyncstore.orchestrator.timing import ManualClock
 from asyncstore.storage import StorageUnavailable
+from tests.waiting import wait_for
 
 
 class Recorder:
@@ -46,13 +47,6 @@ class Recorder:
         return [i for b in self.batches for i in b.items]
 
 
-async def until(condition: Callable[[], bool]) -> None:
-    """Wait for a state the writer's own task reaches (generous bound, no fixed sleep)."""
-    with anyio.fail_after(5):
-        while not condition():  # noqa: ASYNC110 - the writer exposes no event for this
-            await anyio.sleep(0.001)
-
-
 def offer(w: BatchWriter[int], item: int, **kw: bool) -> bool:
     """``put_nowait``'s outcome: True if buffered, False if the policy dropped it (``Dropped``)."""
     try:
@@ -70,15 +64,17 @@ def cfg(**kw: object) -> BatchConfig:
 
 async def test_timer_flush_delivers_lone_item() -> None:
     sink = Recorder()
-    async with BatchWriter(sink, cfg()) as w:
-        started = time.monotonic()
+    clock = ManualClock()
+    async with BatchWriter(sink, cfg(), clock=clock) as w:
         assert offer(w, 7)
-        with anyio.fail_after(2):
+        await clock.wait_sleepers(1)  # the flusher waits out the 50 ms interval
+        clock.advance(0.049)
+        await anyio.wait_all_tasks_blocked()
+        assert sink.items == [] and w.statistics().pending == 1  # not before the interval
+        clock.advance(0.002)  # past it (float seconds: a step over, not onto, the deadline)
+        with anyio.fail_after(5):
             await sink.arrived.wait()
-        waited = time.monotonic() - started
         assert sink.items == [7]
-        # Not immediately (the interval is 50 ms) and not stuck: a generous correctness bound.
-        assert 0.03 <= waited < 1.0
         assert w.statistics().pending == 0
 
 
@@ -87,9 +83,7 @@ async def test_count_threshold_flushes_without_timer() -> None:
     async with BatchWriter(sink, cfg(max_batch=10, flush_interval_s=60)) as w:
         for i in range(25):
             w.put_nowait(i)
-        with anyio.fail_after(2):
-            while len(sink.items) < 20:  # noqa: ASYNC110 - the sink records, nothing to wait on
-                await anyio.sleep(0.001)
+        await wait_for(lambda: len(sink.items) >= 20)
         assert [len(b.items) for b in sink.batches[:2]] == [10, 10]
         assert w.statistics().pending == 5  # the rest waits for the 60 s timer
     assert sink.items == list(range(25))  # and the close drained it
@@ -147,7 +141,7 @@ async def test_drop_newest_counts_and_keeps_critical() -> None:
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(put_critical)
-            await until(lambda: w.statistics().blocked_puts == 1)
+            await wait_for(lambda: w.statistics().blocked_puts == 1)
             sink.gate.set()
         await w.flush()
     assert sink.items == [0, 1, 2, 3, 99]
@@ -159,7 +153,7 @@ async def test_drop_oldest_evicts_waiting_non_critical_only() -> None:
     config = cfg(max_batch=1, capacity=3, overflow=OverflowPolicy.DROP_OLDEST, flush_interval_s=60)
     async with BatchWriter(sink, config) as w:
         w.put_nowait(0)  # taken in flight (max_batch=1 makes it due at once)
-        await until(lambda: w.statistics().in_flight == 1)
+        await wait_for(lambda: w.statistics().in_flight == 1)
         w.put_nowait(1, critical=True)
         w.put_nowait(2)
         assert offer(w, 3)  # evicts 2, the oldest waiting non-critical item
@@ -249,20 +243,24 @@ async def test_cancelled_owner_still_drains() -> None:
             for i in range(3):
                 w.put_nowait(i)
             scope.cancel()
-            await anyio.sleep(1)
+            await anyio.sleep_forever()  # the owner's cancellation point
     assert sink.items == [0, 1, 2]
 
 
 async def test_health_fails_when_items_wait_too_long() -> None:
     sink = Recorder()
     sink.gate = anyio.Event()
-    async with BatchWriter(sink, cfg(flush_interval_s=0.01)) as w:
+    clock = ManualClock()
+    async with BatchWriter(sink, cfg(flush_interval_s=0.01), clock=clock) as w:
         assert w.health().ok
         w.put_nowait(1)
+        await clock.wait_sleepers(1)
+        clock.advance(0.06)  # the batch goes out and hangs in the sink
+        await wait_for(lambda: w.statistics().in_flight == 1)
         # Twice the interval is 20 ms, but the floor is HEALTH_MIN_AGE_S.
-        await until(lambda: w.statistics().oldest_pending_age_s > 0.05)
+        assert w.statistics().oldest_pending_age_s == pytest.approx(0.06)
         assert w.health().ok
-        await until(lambda: w.statistics().oldest_pending_age_s > HEALTH_MIN_AGE_S + 0.01)
+        clock.advance(HEALTH_MIN_AGE_S)
         health = w.health()
         assert not health.ok and "old" in health.reason
         sink.gate.set()
@@ -291,7 +289,7 @@ async def test_eager_writer_sends_at_once_and_groups_what_waited() -> None:
     sink.gate = anyio.Event()
     async with BatchWriter(sink, cfg(flush_interval_s=60, eager=True)) as w:
         w.put_nowait(1)  # goes at once (eager), and is held in the sink
-        await until(lambda: w.statistics().in_flight == 1)
+        await wait_for(lambda: w.statistics().in_flight == 1)
         for i in range(2, 6):
             w.put_nowait(i)  # pile up while the first write is in flight
         sink.gate.set()
@@ -474,9 +472,7 @@ async def test_a_failing_sink_that_is_not_storage_reads_as_sink_failing() -> Non
     sink = Recorder(fail_times=1_000)
     async with BatchWriter(sink, budget(retry_budget_s=0.05)) as w:
         w.put_nowait(1)
-        with anyio.fail_after(10):
-            while not w.statistics().sink_unavailable:  # noqa: ASYNC110 - no event to wait on
-                await anyio.sleep(0.001)
+        await wait_for(lambda: w.statistics().sink_unavailable)
         assert w.health().reason.startswith("sink failing for ")
         await w.flush()
 
@@ -489,7 +485,7 @@ def test_a_writer_needs_a_retry_limit_or_a_budget() -> None:
 
 async def test_backoff_is_capped_for_any_attempt() -> None:
     w: BatchWriter[int] = BatchWriter(Recorder(), budget(retry_base_s=0.05, retry_max_s=0.5))
-    delays = [w._backoff(attempt) for attempt in (1, 2, 5, 50, 5_000)]
+    delays = [w._backoff.delay(attempt) for attempt in (1, 2, 5, 50, 5_000)]
     assert 0.025 <= delays[0] <= 0.05
     assert all(0.25 <= d <= 0.5 for d in delays[3:])
 
@@ -502,7 +498,7 @@ async def test_nowait_signals_a_policy_drop_and_a_full_buffer_as_would_block() -
     newest = cfg(max_batch=1, capacity=2, overflow=OverflowPolicy.DROP_NEWEST, flush_interval_s=60)
     async with open_batch_writer(sink, newest) as w:
         assert w.put_nowait(0) is None
-        await until(lambda: w.statistics().in_flight == 1)
+        await wait_for(lambda: w.statistics().in_flight == 1)
         w.put_nowait(1)
         with pytest.raises(Dropped) as dropped:
             w.put_nowait(2)
@@ -521,7 +517,7 @@ async def test_nowait_signals_a_policy_drop_and_a_full_buffer_as_would_block() -
     oldest = cfg(max_batch=1, capacity=2, overflow=OverflowPolicy.DROP_OLDEST, flush_interval_s=60)
     async with open_batch_writer(sink, oldest, name="oldest") as w:
         w.put_nowait(0)
-        await until(lambda: w.statistics().in_flight == 1)
+        await wait_for(lambda: w.statistics().in_flight == 1)
         w.put_nowait(1)
         w.put_nowait(2)  # evicts 1: an accepted outcome, counted, no exception
         assert w.statistics().dropped == {"overflow_oldest": 1}

@@ -1,10 +1,10 @@
-"""Metrics: names and movement from statistics snapshots, isolation, the HTTP and ASGI paths."""
+"""Metrics: names and movement from statistics snapshots, isolation, the HTTP and ASGI paths
+(the HTTP server itself: test_metrics_http.py)."""
 
 from __future__ import annotations
 
 import pathlib
 
-import anyio
 import httpx
 import pytest
 from prometheus_client.metrics_core import Metric
@@ -19,6 +19,7 @@ from asyncstore.orchestrator.metrics import (
     open_loop_lag_monitor,
     open_metrics_server,
 )
+from tests.waiting import wait_for
 
 
 async def scrape(metrics: Metrics) -> dict[str, Metric]:
@@ -150,15 +151,13 @@ async def test_a_failing_source_does_not_break_the_scrape() -> None:
 async def test_loop_lag_monitor_feeds_the_histogram() -> None:
     metrics = Metrics(MetricsConfig(process_metrics=False))
     async with open_loop_lag_monitor(metrics, interval_s=0.005) as monitor:
-        with anyio.fail_after(5):
-            while monitor.statistics().samples < 3:  # noqa: ASYNC110 - waits for samples
-                await anyio.sleep(0.005)
+        await wait_for(lambda: monitor.statistics().samples >= 3, what="3 samples")
     families = await scrape(metrics)
     assert value(families, "asyncstore_event_loop_lag_seconds_count") >= 3
     assert value(families, "asyncstore_worker_threads_limit") > 0
 
 
-async def test_metrics_server_serves_the_exposition_on_the_loop() -> None:
+async def test_metrics_server_negotiates_the_format_and_refuses_other_paths_and_methods() -> None:
     metrics = Metrics(MetricsConfig(process_metrics=False))
     metrics.observe_cancellation_latency(0.01)
     async with open_metrics_server(metrics, "127.0.0.1", 0) as server, httpx.AsyncClient() as c:

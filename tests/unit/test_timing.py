@@ -7,7 +7,7 @@ import random
 import anyio
 import pytest
 
-from asyncstore.orchestrator.timing import SYSTEM_CLOCK, Backoff, Clock, ManualClock
+from asyncstore.orchestrator.timing import SYSTEM_CLOCK, Backoff, Clock, ManualClock, jittered
 
 
 def test_backoff_steps_double_and_cap() -> None:
@@ -79,3 +79,56 @@ async def test_cancelled_sleeper_is_no_longer_counted() -> None:
         await clock.wait_sleepers(1)
         tg.cancel_scope.cancel()
     assert clock.sleepers == 0
+
+
+async def test_manual_move_on_after_times_out_only_when_advanced_past() -> None:
+    clock = ManualClock()
+    event = anyio.Event()
+    outcome: list[bool] = []
+
+    async def waiter() -> None:
+        with clock.move_on_after(5.0) as scope:
+            await event.wait()
+        outcome.append(scope.cancelled_caught)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(waiter)
+        await clock.wait_sleepers(1)
+        clock.advance(4.9)
+        await anyio.wait_all_tasks_blocked()
+        assert outcome == []  # not yet: real time passing does not matter either
+        clock.advance(0.1)
+    assert outcome == [True]
+    assert clock.sleepers == 0
+
+
+async def test_manual_move_on_after_leaves_a_block_that_ends_first() -> None:
+    clock = ManualClock()
+    with clock.move_on_after(1.0) as scope:
+        assert clock.sleepers == 1
+        await anyio.lowlevel.checkpoint()
+    assert not scope.cancelled_caught and clock.sleepers == 0
+    clock.advance(2.0)  # the disarmed deadline fires nothing
+    with clock.move_on_after(0) as scope:
+        await anyio.lowlevel.checkpoint()
+    assert scope.cancelled_caught
+    with clock.move_on_after(float("inf")) as scope:
+        assert clock.sleepers == 0  # never times out: not a sleeper
+        await anyio.lowlevel.checkpoint()
+    assert not scope.cancelled_caught
+
+
+async def test_system_clock_move_on_after_is_anyios() -> None:
+    with SYSTEM_CLOCK.move_on_after(0) as scope:
+        await anyio.lowlevel.checkpoint()
+    assert scope.cancelled_caught
+
+
+def test_jittered_spreads_symmetrically() -> None:
+    rng = random.Random(3)
+    draws = [jittered(10.0, 0.2, rng) for _ in range(2_000)]
+    assert min(draws) >= 8.0 and max(draws) <= 12.0
+    assert min(draws) < 8.5 and max(draws) > 11.5
+    assert jittered(10.0, 0.0) == 10.0
+    with pytest.raises(ValueError):
+        jittered(10.0, 1.0)
