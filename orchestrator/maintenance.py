@@ -321,7 +321,7 @@ class MaintenanceSweeper:
             self._fail("stream_partitions", exc)
         if ttl_s is None:
             return
-        cutoff = time.time() - ttl_s
+        cutoff = time.time() - ttl_s  # wall time, as partition bounds are (the drop rechecks)
         for partition in await self._storage.list_stream_partitions():
             if partition.upper is None or partition.upper.timestamp() > cutoff:
                 continue  # the default partition, or a range still taking new sessions
@@ -336,7 +336,7 @@ class MaintenanceSweeper:
                 self._partitions["dropped"] += 1
                 self._purged["stream_events"] += rows
             # A checkpoint between drops: other work runs and cancellation gets in.
-            await anyio.sleep(cfg.batch_pause_s)
+            await self._clock.sleep(cfg.batch_pause_s)
 
     async def _purge_stream_events(self, ttl_s: float) -> None:
         """Delete expired events batch by batch until a batch comes back short.
