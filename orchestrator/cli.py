@@ -45,6 +45,7 @@ from asyncstore.storage import (
     dialect_of,
     open_storage,
 )
+from asyncstore.storage._partitions import apply_setting as apply_stream_partitioning
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 NOTIFY_TIMEOUT_S = 5.0
@@ -65,6 +66,8 @@ async def _migrate(storage_settings: StorageSettings) -> int:
     async with open_storage(storage_settings, check_schema_version=False) as storage:
         applied = await storage.migrate()
         version = await check_schema(storage, mask_url(storage_settings.url.get_secret_value()))
+        # storage.stream_partitioning: convert a plain stream_events (issue 17).
+        await apply_stream_partitioning(storage, storage_settings, migrate=True)
     url = mask_url(storage_settings.url.get_secret_value())
     if applied:
         print(f"{url}: applied migrations {applied}; schema version {version}")

@@ -3,12 +3,14 @@
 ``open_maintenance(storage, config, evictors=...)`` runs a loop on a jittered schedule. Each
 round, every instance runs its evictors (idle per-process state such as broadcast rings),
 and only the instance that holds the fleet-wide ``storage.open_leadership`` role sweeps the
-database: stream events past their TTL in bounded batches, succeeded tasks and sent outbox
-messages past their retention, expired leases, idle login attempt counts. It relies only
-on the storage contract and never runs on a request path. It is also the fleet's one lease
-sweeper: the runtime's session limiters sweep nothing themselves, and when the rounds do
-not expire leases (maintenance disabled, or ``lease_grace_s`` unset) a ``LeaseSweep``
-keeps a lease-only loop running, still on the leader only.
+database: stream events past their TTL in bounded batches (or, when ``stream_events`` is
+partitioned, ``storage.stream_partitioning`` on Postgres, by rotating its partitions:
+creating them ahead, dropping those whose sessions have all expired), succeeded tasks and
+sent outbox messages past their retention, expired leases, idle login attempt counts. It
+relies only on the storage contract and never runs on a request path. It is also the
+fleet's one lease sweeper: the runtime's session limiters sweep nothing themselves, and
+when the rounds do not expire leases (maintenance disabled, or ``lease_grace_s`` unset) a
+``LeaseSweep`` keeps a lease-only loop running, still on the leader only.
 """
 
 from __future__ import annotations
@@ -58,6 +60,12 @@ class MaintenanceConfig(BaseModel):
     intervals) is how long a SQLite leader that stopped renewing keeps the role; Postgres
     ends the role with the leader's connection instead. With ``enabled`` False no loop runs
     (``run_once()`` still works, e.g. from a CLI).
+    On a partitioned ``stream_events`` the leader instead keeps partitions of
+    ``stream_partition_s`` seconds (by session start) created ``stream_partitions_ahead``
+    widths ahead, and drops a partition, one transaction each (``batch_pause_s`` between),
+    once its range ended ``stream_ttl_s`` ago and no event of it is younger than that.
+    ``stream_drop_partitions`` False keeps the legacy purge there too (batched DELETE of
+    expired rows; partitions are still created ahead, never dropped).
     ``login_attempts_retention_s``: login attempt counts (``auth.attempts.mode = storage``)
     idle this long and not locked out are deleted; keep it at least
     ``auth.attempts.forget_after_s`` so a key's lockout growth is not forgotten early.
@@ -76,6 +84,9 @@ class MaintenanceConfig(BaseModel):
     outbox_retention_s: float | None = Field(default=7 * 86_400.0, ge=0)
     lease_grace_s: float | None = Field(default=60.0, ge=0)
     login_attempts_retention_s: float | None = Field(default=2 * 86_400.0, ge=0)
+    stream_partition_s: int = Field(default=86_400, ge=1, le=366 * 86_400)
+    stream_partitions_ahead: int = Field(default=2, ge=1, le=1000)
+    stream_drop_partitions: bool = True
     leader_ttl_s: float | None = Field(default=None, gt=0)
     leadership_name: str = Field(default="asyncstore.maintenance", min_length=1, max_length=255)
 
@@ -117,7 +128,10 @@ class MaintenanceStatistics:
     batch statements. ``errors`` counts failed steps (each logged); ``last_error`` is the
     latest one. With a ``LeaseSweep`` running (rounds disabled), its lease-only rounds are
     rounds too: ``lease_sweeps`` counts those this instance swept as leader (their rows are
-    in ``purged["leases"]``), ``sweeps_skipped`` those another instance led.
+    in ``purged["leases"]``), ``sweeps_skipped`` those another instance led. On a
+    partitioned ``stream_events``: ``partitions_created`` and ``partitions_dropped`` (their
+    rows are in ``purged["stream_events"]``), and ``partitions_kept``: expired-range
+    partitions a drop found still live (a session of them stored an event within the TTL).
     """
 
     rounds: int
@@ -132,6 +146,9 @@ class MaintenanceStatistics:
     last_error: str | None
     last_sweep_duration_s: float | None
     lease_sweeps: int = 0
+    partitions_created: int = 0
+    partitions_dropped: int = 0
+    partitions_kept: int = 0
 
 
 class MaintenanceSweeper:
@@ -164,6 +181,7 @@ class MaintenanceSweeper:
         self._last_error: str | None = None
         self._last_duration: float | None = None
         self._lease_sweeps = 0
+        self._partitions = dict.fromkeys(("created", "dropped", "kept"), 0)
 
     @property
     def config(self) -> MaintenanceConfig:
@@ -187,6 +205,9 @@ class MaintenanceSweeper:
             last_error=self._last_error,
             last_sweep_duration_s=self._last_duration,
             lease_sweeps=self._lease_sweeps,
+            partitions_created=self._partitions["created"],
+            partitions_dropped=self._partitions["dropped"],
+            partitions_kept=self._partitions["kept"],
         )
 
     async def wait_rounds(self, rounds: int) -> None:
@@ -256,11 +277,10 @@ class MaintenanceSweeper:
             purge_logins = self._storage.purge_login_attempts
             steps.append(("login_attempts", partial(purge_logins, cfg.login_attempts_retention_s)))
         try:
-            if cfg.stream_ttl_s is not None:
-                try:
-                    await self._purge_stream_events(cfg.stream_ttl_s)
-                except Exception as exc:
-                    self._fail("stream_events", exc)
+            try:
+                await self._expire_stream_events(cfg.stream_ttl_s)
+            except Exception as exc:
+                self._fail("stream_events", exc)
             for kind, step in steps:
                 try:
                     deleted = await step()
@@ -272,6 +292,51 @@ class MaintenanceSweeper:
             self._sweeps_run += 1
             self._last_duration = time.perf_counter() - started
         return True
+
+    async def _expire_stream_events(self, ttl_s: float | None) -> None:
+        """Rotate the partitions of a partitioned ``stream_events``, else purge in batches."""
+        partitioned = bool(await self._storage.list_stream_partitions())
+        drops = partitioned and self._config.stream_drop_partitions
+        if partitioned:
+            await self._rotate_stream_partitions(ttl_s if drops else None)
+        if ttl_s is not None and not drops:
+            await self._purge_stream_events(ttl_s)
+
+    async def _rotate_stream_partitions(self, ttl_s: float | None) -> None:
+        """Create the partitions ahead (and for sessions waiting in the default one), then
+        drop the expired ones, oldest first, one transaction each.
+
+        A failed creation (say, a lock wait that timed out) is counted and the drops still
+        run; a failed drop is counted and the next partition tried. Drops are counted one
+        by one, so ``statistics()`` keeps what a failed, cancelled or killed rotation did;
+        whatever it did not finish, the next round (of any leader) does.
+        """
+        cfg = self._config
+        ahead_s = float(cfg.stream_partition_s * cfg.stream_partitions_ahead)
+        try:
+            self._partitions["created"] += await self._storage.create_stream_partitions(
+                cfg.stream_partition_s, ahead_s=ahead_s
+            )
+        except Exception as exc:
+            self._fail("stream_partitions", exc)
+        if ttl_s is None:
+            return
+        cutoff = time.time() - ttl_s  # wall time, as partition bounds are (the drop rechecks)
+        for partition in await self._storage.list_stream_partitions():
+            if partition.upper is None or partition.upper.timestamp() > cutoff:
+                continue  # the default partition, or a range still taking new sessions
+            try:
+                rows = await self._storage.drop_stream_partition(partition.name, ttl_s)
+            except Exception as exc:
+                self._fail(f"stream_partitions {partition.name}", exc)
+                continue
+            if rows is None:
+                self._partitions["kept"] += 1
+            else:
+                self._partitions["dropped"] += 1
+                self._purged["stream_events"] += rows
+            # A checkpoint between drops: other work runs and cancellation gets in.
+            await self._clock.sleep(cfg.batch_pause_s)
 
     async def _purge_stream_events(self, ttl_s: float) -> None:
         """Delete expired events batch by batch until a batch comes back short.

@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 
 from pydantic import SecretStr
 
+from asyncstore.storage._partitions import apply_setting as apply_stream_partitioning
 from asyncstore.storage._schema import check_schema, mask_url
 from asyncstore.storage._validate import encode_payload
 from asyncstore.storage.base import (
@@ -41,6 +42,7 @@ from asyncstore.storage.base import (
     StorageStatistics,
     StreamAppend,
     StreamEvent,
+    StreamPartition,
     Task,
     TaskStatus,
     WebhookAttempt,
@@ -93,6 +95,7 @@ __all__ = [
     "StorageUnavailable",
     "StreamAppend",
     "StreamEvent",
+    "StreamPartition",
     "Task",
     "TaskStatus",
     "WebhookAttempt",
@@ -163,6 +166,7 @@ async def open_storage(
             await backend.migrate()
         if check_schema_version:
             await check_schema(backend, mask_url(settings.url.get_secret_value()))
+            await apply_stream_partitioning(backend, settings, migrate=migrate)
         yield backend
     finally:
         await backend.aclose()

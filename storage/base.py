@@ -79,6 +79,7 @@ __all__ = [
     "StorageSettings",
     "StorageStatistics",
     "StreamEvent",
+    "StreamPartition",
     "StreamRow",
     "Task",
     "TaskStatus",
@@ -143,6 +144,13 @@ class StorageSettings(BaseModel):
         default=0.1,
         gt=0,
         description="a storage call that takes longer (pool wait included) counts as slow",
+    )
+    stream_partitioning: bool = Field(
+        default=False,
+        description="Postgres: keep stream_events partitioned by session start time, so "
+        "retention drops whole partitions (storage/_partitions.py); opening with "
+        "migrate=True converts a plain table; SQLite keeps the plain table and batched "
+        "DELETE (a warning says so)",
     )
 
 
@@ -227,6 +235,17 @@ class StreamEvent:
             row["payload"],
             row["created_at"],
         )
+
+
+@dataclass(frozen=True, slots=True)
+class StreamPartition:
+    """One partition of a partitioned ``stream_events``: the sessions whose first event was
+    stored in ``[lower, upper)``; both None for the default partition (sessions anchored
+    where no ranged partition existed yet, moved out when one is created)."""
+
+    name: str
+    lower: datetime | None
+    upper: datetime | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -1134,6 +1153,59 @@ class AsyncStorageBackend(abc.ABC):
         age = v.check_seconds(older_than_s, "older_than_s", minimum=0)
         return await self._sql_purge_stream_events_batch(age, v.check_limit(limit))
 
+    # -- stream partitions (opt-in, Postgres; storage/_partitions.py) -----------
+
+    @operation
+    async def list_stream_partitions(self) -> list[StreamPartition]:
+        """The partitions of ``stream_events``, oldest range first, the default one last.
+
+        Empty when the table is plain: always on SQLite, which keeps the plain table and
+        purges it with ``purge_stream_events_batch``.
+        """
+        return await self._sql_list_stream_partitions()
+
+    @operation
+    async def partition_stream_events(self) -> bool:
+        """Convert a plain ``stream_events`` into the partitioned layout, keeping its rows.
+
+        Returns False if it already is partitioned. One transaction under the migration
+        lock, holding ``stream_events`` exclusively while it copies: run it like a
+        migration, with the writers stopped (an instance opened on the plain layout keeps
+        running the plain queries until it reopens). Existing sessions are anchored at
+        their first stored event; their rows go to the default partition until
+        ``create_stream_partitions`` moves them. SQLite raises ``ConfigurationError``.
+        """
+        return await self._sql_partition_stream_events()
+
+    @operation
+    async def create_stream_partitions(self, width_s: int, *, ahead_s: float) -> int:
+        """Create the missing ranged partitions up to ``ahead_s`` seconds from now.
+
+        Ranges are ``width_s`` seconds aligned on the Unix epoch, from the oldest session
+        waiting in the default partition (or now) on; a range that overlaps an existing
+        partition (another width) is cut to the gap. Each partition is created in its own
+        transaction, with the default partition's rows of its range moved into it, so a
+        failure or a kill leaves every finished one in place. Returns how many it created
+        (0 on a plain table or SQLite).
+        """
+        width = v.check_int(width_s, "width_s", minimum=1, maximum=366 * 86_400)
+        ahead = v.check_seconds(ahead_s, "ahead_s", minimum=0)
+        return await self._sql_create_stream_partitions(width, ahead)
+
+    @operation
+    async def drop_stream_partition(self, name: str, older_than_s: float) -> int | None:
+        """Drop one ranged partition whose sessions have all expired; return its row count.
+
+        The partition goes, with its sessions' anchors, in one transaction, only if its
+        range ended more than ``older_than_s`` seconds ago and none of its events was
+        stored since: a session keeps every event (resume sees them all) until its last
+        event is older than that. Returns None, changing nothing, if the partition is still
+        live, does not exist, or is the default one.
+        """
+        v.check_id(name, "name")
+        age = v.check_seconds(older_than_s, "older_than_s", minimum=0)
+        return await self._sql_drop_stream_partition(name, age)
+
     # -- session leases --------------------------------------------------------
 
     @operation
@@ -1722,6 +1794,18 @@ class AsyncStorageBackend(abc.ABC):
 
     @abc.abstractmethod
     async def _sql_purge_stream_events_batch(self, age_s: float, limit: int) -> int: ...
+
+    @abc.abstractmethod
+    async def _sql_list_stream_partitions(self) -> list[StreamPartition]: ...
+
+    @abc.abstractmethod
+    async def _sql_partition_stream_events(self) -> bool: ...
+
+    @abc.abstractmethod
+    async def _sql_create_stream_partitions(self, width_s: int, ahead_s: float) -> int: ...
+
+    @abc.abstractmethod
+    async def _sql_drop_stream_partition(self, name: str, age_s: float) -> int | None: ...
 
     @abc.abstractmethod
     async def _sql_acquire_lease(

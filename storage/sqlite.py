@@ -53,6 +53,7 @@ from asyncstore.storage.base import (
     StorageStatistics,
     StreamAppend,
     StreamEvent,
+    StreamPartition,
     StreamRow,
     Task,
     WebhookAttempt,
@@ -534,6 +535,23 @@ class SqliteBackend(AsyncStorageBackend):
     async def _sql_purge_stream_events_batch(self, age_s: float, limit: int) -> int:
         params = {"cutoff": time.time() - age_s, "limit": limit}
         return await self._write_count("purge_stream_events_batch", params)
+
+    # -- stream partitions: none on SQLite (storage/_partitions.py) ------------
+
+    async def _sql_list_stream_partitions(self) -> list[StreamPartition]:
+        return []
+
+    async def _sql_partition_stream_events(self) -> bool:
+        raise ConfigurationError(
+            "sqlite has no partitioned stream_events layout: it keeps the plain table, "
+            "purged by batched DELETE (maintenance.purge_batch_size)"
+        )
+
+    async def _sql_create_stream_partitions(self, width_s: int, ahead_s: float) -> int:
+        return 0
+
+    async def _sql_drop_stream_partition(self, name: str, age_s: float) -> int | None:
+        return None
 
     # -- session leases --------------------------------------------------------
 

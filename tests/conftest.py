@@ -18,8 +18,9 @@ from urllib.parse import quote, urlsplit
 
 import asyncpg
 import pytest
+from pydantic import SecretStr
 
-from asyncstore.storage import AsyncStorageBackend, open_storage
+from asyncstore.storage import AsyncStorageBackend, StorageSettings, open_storage
 from asyncstore.storage._topology import split_dsn
 from tests.pgbouncer import PgBouncer, PgBouncerUnavailable
 
@@ -28,6 +29,7 @@ TABLES = (
     "chat_sessions, chat_messages, stream_events, session_leases, agent_tasks, outbox,"
     " cancel_requests, lease_slots, lease_slot_pools"
     ", webhook_journal, webhook_attempts, outbox_groups, login_attempts"  # 0005, 0006, 0007
+    ", stream_anchors"  # 0009
 )
 
 
@@ -98,6 +100,33 @@ def postgres_dsn() -> Iterator[str]:
             container.stop()
 
 
+@pytest.fixture(scope="session")
+def partitioned_postgres_dsn(postgres_dsn: str) -> Iterator[str]:
+    """A second database of this test run with ``stream_events`` partitioned by session
+    start (``storage.stream_partitioning``, issue 17): daily partitions from today on."""
+    name = f"asyncstore_parted_{os.getpid()}_{secrets.token_hex(4)}"
+    dsn = _with_database(postgres_dsn, name)
+
+    async def admin(sql: str) -> None:
+        conn = await asyncpg.connect(postgres_dsn)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    async def create() -> None:
+        await admin(f'CREATE DATABASE "{name}"')
+        settings = StorageSettings(url=SecretStr(dsn), stream_partitioning=True)
+        async with open_storage(settings, migrate=True) as storage:
+            await storage.create_stream_partitions(86_400, ahead_s=2 * 86_400)
+
+    asyncio.run(create())
+    try:
+        yield dsn
+    finally:
+        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
 @pytest.fixture
 def empty_postgres_url(postgres_dsn: str) -> Iterator[str]:
     """A Postgres database with no asyncstore schema (not even schema_migrations)."""
@@ -164,12 +193,24 @@ POOLED_MODULES = tuple(
 )
 
 
+# The modules whose ``storage_url`` tests also run on the partitioned stream_events layout
+# (issue 17): every contract module that appends, loads or purges stream events.
+PARTITIONED_MODULES = tuple(
+    f"tests/contract/test_{name}"
+    for name in (
+        "chat_and_streams", "stream", "maintenance", "runtime", "number_policy", "cancel_anywhere"
+    )
+)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     kept, dropped = [], []
     for item in items:
         callspec = getattr(item, "callspec", None)
-        through_pooler = callspec is not None and callspec.params.get("storage_url") == "pgbouncer"
-        if through_pooler and not item.nodeid.startswith(POOLED_MODULES):
+        param = callspec.params.get("storage_url") if callspec is not None else None
+        if (param == "pgbouncer" and not item.nodeid.startswith(POOLED_MODULES)) or (
+            param == "partitioned" and not item.nodeid.startswith(PARTITIONED_MODULES)
+        ):
             dropped.append(item)
         else:
             kept.append(item)
@@ -178,11 +219,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         items[:] = kept
 
 
-@pytest.fixture(params=["sqlite", "postgres", "pgbouncer"])
+@pytest.fixture(params=["sqlite", "postgres", "pgbouncer", "partitioned"])
 def storage_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A storage URL for an empty, migrated database of each dialect, and (contract suite
-    only) the Postgres one through PgBouncer in transaction mode."""
-    if request.param in ("postgres", "pgbouncer"):
+    only) the Postgres one through PgBouncer in transaction mode, and one whose
+    stream_events is partitioned."""
+    if request.param == "partitioned":
+        parted: str = request.getfixturevalue("partitioned_postgres_dsn")
+        asyncio.run(truncate(parted))
+        yield parted
+    elif request.param in ("postgres", "pgbouncer"):
         dsn: str = request.getfixturevalue("postgres_dsn")
         asyncio.run(truncate(dsn))
         if request.param == "pgbouncer":

@@ -41,8 +41,13 @@ async def test_sweep_purges_expired_events_in_bounded_batches(
     await storage.append_stream_events(_events("old-a", 6) + _events("old-b", 4))
     await anyio.sleep(1.2)  # database time: these rows age past the 1 s TTL below
     await storage.append_stream_events(_events("fresh", 3))
-    config = ONLY_EVENTS.model_copy(
-        update={"enabled": False, "stream_ttl_s": 1.0, "purge_batch_size": 4}
+    config = ONLY_EVENTS.model_copy(  # the batched DELETE on either layout
+        update={
+            "enabled": False,
+            "stream_ttl_s": 1.0,
+            "purge_batch_size": 4,
+            "stream_drop_partitions": False,
+        }
     )
     async with open_maintenance(storage, config) as sweeper:
         before = storage.statistics().statements.get("purge_stream_events_batch", 0)
@@ -66,6 +71,7 @@ async def test_sweep_caps_batches_per_round(storage: AsyncStorageBackend) -> Non
             "stream_ttl_s": 0.1,
             "purge_batch_size": 2,
             "purge_max_batches": 3,
+            "stream_drop_partitions": False,
         }
     )
     async with open_maintenance(storage, config) as sweeper:

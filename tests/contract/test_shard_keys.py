@@ -14,23 +14,34 @@ hot path is noticed too. The README section "Scaling past one primary" explains 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 import asyncpg
 import pytest
+from pydantic import SecretStr
 
-from asyncstore.storage import open_storage
+from asyncstore.storage import StorageSettings, open_storage
 from asyncstore.storage._sql import load_queries
 from asyncstore.storage.base import render_job_queries
 
 pytestmark = pytest.mark.postgres
 
+Key = tuple[str, tuple[str, ...], str | None]
 # (table, unique columns, partial-index predicate or None) -> what the key is scoped by.
-SESSION_KEYS: dict[tuple[str, tuple[str, ...], str | None], str] = {
+SESSION_KEYS: dict[Key, str] = {
     ("chat_sessions", ("session_id",), None): "session",
     ("chat_messages", ("session_id", "seq"), None): "session",
     ("stream_events", ("session_id", "seq"), None): "session",
     ("session_leases", ("session_id",), None): "session",
     ("cancel_requests", ("session_id",), None): "session",
+    ("stream_anchors", ("session_id",), None): "session",  # 0009: partitioned layout only
+}
+# The partitioned stream_events layout (storage.stream_partitioning) replaces the plain
+# table's key: its unique key must hold the partition key, the session's anchor time, one
+# per session (stream_anchors), so it is as per-session as (session_id, seq).
+PARTITIONED_KEYS = {
+    **{k: v for k, v in SESSION_KEYS.items() if k[0] != "stream_events"},
+    ("stream_events", ("session_id", "seq", "started_at"), None): "session",
 }
 # Named exceptions: not per session. Each says its scope and what sharding would need.
 EXCEPTIONS: dict[tuple[str, tuple[str, ...], str | None], str] = {
@@ -75,6 +86,9 @@ HOT_SESSION = {
         "append_stream_events",
         "load_stream_events",
         "last_stream_seq",
+        "_p_append_stream_events",
+        "_p_load_stream_events",
+        "_p_last_stream_seq",
         "acquire_lease",
         "renew_lease",
         "release_lease",
@@ -140,6 +154,15 @@ COLD = {
     "list_webhook_attempts",
     "purge_webhook_attempts",
     "purge_login_attempts",
+    # The partitioned stream_events layout: its purge, catalog reads and rotation steps.
+    "_p_purge_stream_events_batch",
+    "_stream_layout",
+    "_stream_partitions",
+    "_partition_stream_events",
+    "_default_partition_slots",
+    "_move_into_partition",
+    "_delete_partition_anchors",
+    "_partition_is_live",
 }
 
 _UNIQUE_KEYS = """
@@ -151,7 +174,7 @@ JOIN pg_class c ON c.oid = ix.indrelid
 JOIN pg_namespace n ON n.oid = c.relnamespace
 CROSS JOIN LATERAL unnest(ix.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
 JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.attnum
-WHERE ix.indisunique AND n.nspname = current_schema()
+WHERE ix.indisunique AND n.nspname = current_schema() AND NOT c.relispartition
 GROUP BY ix.indexrelid, c.relname, ix.indpred, ix.indrelid
 """
 _SEQUENCES = """
@@ -177,9 +200,12 @@ async def sequences(dsn: str) -> set[str]:
         await conn.close()
 
 
-def undocumented(found: set[tuple[str, tuple[str, ...], str | None]]) -> list[str]:
-    """What differs between the database's unique keys and the documented list."""
-    documented = set(SESSION_KEYS) | set(EXCEPTIONS)
+def undocumented(
+    found: set[tuple[str, tuple[str, ...], str | None]], session_keys: Iterable[Key] = SESSION_KEYS
+) -> list[str]:
+    """What differs between the database's unique keys and the documented list (each
+    partition's copy of its table's key is the table's key)."""
+    documented = set(session_keys) | set(EXCEPTIONS)
     return [f"undocumented unique key {k}" for k in sorted(found - documented, key=str)] + [
         f"documented but missing {k}" for k in sorted(documented - found, key=str)
     ]
@@ -200,6 +226,17 @@ async def test_every_unique_key_is_per_session_or_a_documented_exception(
         assert columns[0] == "session_id", (columns, scope)
     for (table, columns, _), _reason in EXCEPTIONS.items():
         assert "session_id" not in columns, f"{table}{columns} is per session: move it"
+
+
+async def test_the_partitioned_layout_keeps_every_unique_key_per_session(
+    empty_postgres_url: str,
+) -> None:
+    settings = StorageSettings(url=SecretStr(empty_postgres_url), stream_partitioning=True)
+    async with open_storage(settings, migrate=True) as storage:
+        assert await storage.create_stream_partitions(86_400, ahead_s=86_400) >= 2
+    found = await unique_keys(empty_postgres_url)
+    assert undocumented(found, PARTITIONED_KEYS) == []
+    assert await sequences(empty_postgres_url) == set(SEQUENCES)
 
 
 async def test_a_new_global_unique_key_is_reported(migrated_url: str) -> None:

@@ -199,9 +199,21 @@ async def _insert_raw(url: str, rows: list[tuple[str, int, int]]) -> None:
         return
     pg = await asyncpg.connect(direct_dsn(url))
     try:
+        partitioned = await pg.fetchval(
+            "SELECT relkind = 'p' FROM pg_class WHERE oid = 'stream_events'::regclass"
+        )
+        if partitioned:  # the session's anchor, as an append would have made it (0009)
+            await pg.executemany(
+                "INSERT INTO stream_anchors (session_id, started_at) VALUES ($1, now())"
+                " ON CONFLICT (session_id) DO NOTHING",
+                sorted({(row[0],) for row in rows}),
+            )
+        anchor = "(SELECT started_at FROM stream_anchors WHERE session_id = $1)"
         await pg.executemany(
-            "INSERT INTO stream_events (session_id, seq, epoch, kind, payload)"
-            " VALUES ($1, $2, $3, 'delta', '\"stale\"')",
+            "INSERT INTO stream_events (session_id, seq, epoch, kind, payload"
+            + (", started_at)" if partitioned else ")")
+            + " VALUES ($1, $2, $3, 'delta', '\"stale\"'"
+            + (f", {anchor})" if partitioned else ")"),
             rows,
         )
     finally:

@@ -659,3 +659,158 @@ RETURNING a.locked_at = t.n AS tripped;
 DELETE FROM login_attempts
 WHERE updated_at < extract(epoch FROM statement_timestamp()) - $1
   AND locked_until <= extract(epoch FROM statement_timestamp());
+
+-- ---------------------------------------------------------------- partitioned stream_events
+-- The opt-in layout of migration 0009 (storage.stream_partitioning, storage/_partitions.py):
+-- stream_events PARTITION BY RANGE (started_at), keyed (session_id, seq, started_at), where
+-- started_at is the session's anchor (stream_anchors). A driver on that layout runs the
+-- _p_* variants below in place of the plain queries of the same name without the prefix.
+
+-- name: _p_append_stream_events
+-- append_stream_events on the partitioned layout: the same fence, then each accepted
+-- session's anchor, read FOR SHARE (a partition drop deleting it waits for this append, or
+-- this append sees it gone), or inserted by the session's first append (ON CONFLICT DO
+-- UPDATE returns the anchor a concurrent first append committed: every writer of a session
+-- uses one started_at, so the key (session_id, seq, started_at) is as unique as
+-- (session_id, seq)). Events carry their session's started_at: one partition per session.
+WITH e AS (
+    SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[], $5::json[])
+        AS e(session_id, seq, epoch, kind, payload)
+), f AS (
+    SELECT DISTINCT session_id, epoch FROM e
+), held AS (
+    SELECT l.session_id, l.token FROM session_leases l
+    WHERE l.session_id IN (SELECT session_id FROM f)
+    ORDER BY l.session_id
+    FOR SHARE
+), ok AS (
+    SELECT f.session_id, f.epoch FROM f LEFT JOIN held h ON h.session_id = f.session_id
+    WHERE CASE WHEN h.session_id IS NOT NULL THEN f.epoch = h.token
+               ELSE f.epoch >= coalesce((
+                   SELECT s.epoch FROM stream_events s WHERE s.session_id = f.session_id
+                   ORDER BY s.seq DESC LIMIT 1), 0)
+          END
+), known AS (
+    SELECT a.session_id, a.started_at FROM stream_anchors a
+    WHERE a.session_id IN (SELECT session_id FROM ok)
+    ORDER BY a.session_id
+    FOR SHARE
+), fresh AS (
+    INSERT INTO stream_anchors AS a (session_id, started_at)
+    SELECT DISTINCT ok.session_id, now() FROM ok
+    WHERE ok.session_id NOT IN (SELECT session_id FROM known)
+    ORDER BY 1
+    ON CONFLICT (session_id) DO UPDATE SET started_at = a.started_at
+    RETURNING a.session_id, a.started_at
+), anchor AS (
+    SELECT session_id, started_at FROM known UNION ALL SELECT session_id, started_at FROM fresh
+), ins AS (
+    INSERT INTO stream_events (session_id, seq, epoch, kind, payload, started_at)
+    SELECT e.session_id, e.seq, e.epoch, e.kind, e.payload, anchor.started_at
+    FROM e JOIN ok USING (session_id, epoch) JOIN anchor USING (session_id)
+    ON CONFLICT (session_id, seq, started_at) DO UPDATE SET
+        epoch = EXCLUDED.epoch, kind = EXCLUDED.kind, payload = EXCLUDED.payload,
+        created_at = now()
+    WHERE stream_events.epoch < EXCLUDED.epoch
+    RETURNING 1
+), refused AS (
+    SELECT f.session_id, f.epoch FROM f
+    WHERE NOT EXISTS (SELECT 1 FROM ok WHERE ok.session_id = f.session_id AND ok.epoch = f.epoch)
+)
+SELECT (SELECT count(*) FROM ins) AS stored,
+       (SELECT array_agg(session_id ORDER BY session_id, epoch) FROM refused) AS refused_ids,
+       (SELECT array_agg(epoch ORDER BY session_id, epoch) FROM refused) AS refused_epochs;
+
+-- name: _p_load_stream_events
+-- The anchor's started_at prunes the scan to the session's one partition.
+SELECT session_id, epoch, seq, kind, payload, created_at FROM stream_events
+WHERE session_id = $1 AND seq > $2
+  AND started_at = (SELECT a.started_at FROM stream_anchors a WHERE a.session_id = $1)
+ORDER BY seq LIMIT $3;
+
+-- name: _p_last_stream_seq
+SELECT coalesce(max(seq), 0) FROM stream_events
+WHERE session_id = $1
+  AND started_at = (SELECT a.started_at FROM stream_anchors a WHERE a.session_id = $1);
+
+-- name: _p_purge_stream_events_batch
+-- purge_stream_events_batch on the partitioned layout: a ctid is only unique within one
+-- partition, so rows are named by (tableoid, ctid) (the plain query's bare ctids would
+-- also delete the rows at the same places of every other partition).
+DELETE FROM stream_events
+WHERE (tableoid, ctid) IN (
+    SELECT tableoid, ctid FROM stream_events
+    WHERE created_at < now() - make_interval(secs => $1)
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+);
+
+-- name: _stream_layout
+-- 'p' when stream_events is partitioned, 'r' when plain, NULL before the first migration.
+SELECT c.relkind::text FROM pg_class c WHERE c.oid = to_regclass('stream_events');
+
+-- name: _stream_partitions
+-- The partitions of stream_events (none when it is plain), default one included.
+SELECT c.relname::text AS name FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+WHERE i.inhparent = to_regclass('stream_events') ORDER BY c.relname;
+
+-- name: _partition_stream_events
+-- Converts the plain stream_events into the partitioned layout, keeping its rows (each
+-- session anchored at its first stored event), in the caller's transaction, under the
+-- migration lock. The copied rows land in the default partition; the maintenance leader's
+-- next round moves them into ranged partitions.
+LOCK TABLE stream_events IN ACCESS EXCLUSIVE MODE;
+ALTER TABLE stream_events RENAME TO stream_events_plain;
+ALTER INDEX stream_events_pkey RENAME TO stream_events_plain_pkey;
+ALTER INDEX stream_events_created_brin RENAME TO stream_events_plain_created_brin;
+CREATE TABLE stream_events (
+    session_id  text NOT NULL,
+    seq         bigint NOT NULL,
+    epoch       bigint NOT NULL,
+    kind        text NOT NULL,
+    payload     json NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    started_at  timestamptz NOT NULL,
+    PRIMARY KEY (session_id, seq, started_at)
+) PARTITION BY RANGE (started_at);
+CREATE INDEX stream_events_created_brin ON stream_events USING brin (created_at);
+CREATE TABLE stream_events_default PARTITION OF stream_events DEFAULT;
+DELETE FROM stream_anchors;
+INSERT INTO stream_anchors (session_id, started_at)
+    SELECT session_id, min(created_at) FROM stream_events_plain GROUP BY session_id;
+INSERT INTO stream_events (session_id, seq, epoch, kind, payload, created_at, started_at)
+    SELECT p.session_id, p.seq, p.epoch, p.kind, p.payload, p.created_at, a.started_at
+    FROM stream_events_plain p JOIN stream_anchors a USING (session_id);
+DROP TABLE stream_events_plain;
+
+-- name: _default_partition_slots
+-- $1 partition width in seconds: the ranges (as Unix seconds of an anchor in each) of the
+-- rows waiting in the default partition for their ranged partition.
+SELECT min(extract(epoch FROM started_at))::float8 AS at FROM stream_events_default
+GROUP BY floor(extract(epoch FROM started_at) / $1);
+
+-- name: _move_into_partition
+-- {name}, {lower}, {upper}: fill a new, not yet attached partition with the default
+-- partition's rows of its range (so attaching it finds none left there).
+WITH moved AS (
+    DELETE FROM stream_events_default
+    WHERE started_at >= '{lower}'::timestamptz AND started_at < '{upper}'::timestamptz
+    RETURNING session_id, seq, epoch, kind, payload, created_at, started_at
+)
+INSERT INTO {name} (session_id, seq, epoch, kind, payload, created_at, started_at)
+SELECT session_id, seq, epoch, kind, payload, created_at, started_at FROM moved;
+
+-- name: _delete_partition_anchors
+-- The anchors of a partition's range, locked in session order (as appends lock them).
+DELETE FROM stream_anchors WHERE session_id IN (
+    SELECT session_id FROM stream_anchors
+    WHERE started_at >= $1 AND started_at < $2
+    ORDER BY session_id
+    FOR UPDATE
+);
+
+-- name: _partition_is_live
+-- {name}: whether the partition holds an event stored less than $1 seconds ago (BRIN).
+SELECT EXISTS (
+    SELECT 1 FROM {name} WHERE created_at >= clock_timestamp() - make_interval(secs => $1)
+);

@@ -1,0 +1,4 @@
+-- asyncstore schema, version 9 (SQLite): nothing to change. Postgres 0009 adds the anchor
+-- table of its opt-in partitioned stream_events layout; SQLite has no declarative
+-- partitioning, keeps the plain stream_events table and purges it with batched DELETEs.
+-- The version keeps both dialects level.
