@@ -45,6 +45,7 @@ from asyncstore.orchestrator.broadcast import (
     encode_stream_notes,
 )
 from asyncstore.orchestrator.errors import Dropped, StreamNotStarted, WriterClosed
+from asyncstore.orchestrator.timing import Backoff
 from asyncstore.storage import (
     AsyncStorageBackend,
     EncodedJSON,
@@ -69,6 +70,9 @@ __all__ = [
 ]
 
 log = logging.getLogger("asyncstore.streams")
+
+# A failed stream notification is retried twice, 50 then 100 ms later (then counted).
+_NOTIFY_RETRY = Backoff(base_s=0.05, max_s=0.1, jitter=0.0)
 
 CRITICAL_KINDS = frozenset({"turn_completed", "tool_result", "error", "cancelled"})
 
@@ -363,7 +367,7 @@ class StreamEventWriter:
                             self._notify_failures += 1
                             log.warning("stream notification failed, not retried: %r", exc)
                         else:
-                            await anyio.sleep(0.05 * (attempt + 1))
+                            await anyio.sleep(_NOTIFY_RETRY.delay(attempt + 1))
                         continue
                     self._notifications += 1
                     break
