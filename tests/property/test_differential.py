@@ -174,7 +174,9 @@ class Run:
     prefix: str
     tasks: list[int] = field(default_factory=list)
     outbox: list[int] = field(default_factory=list)
-    tokens: list[int] = field(default_factory=list)
+    # (source, value): a lease token and a claim token from different sequences may have
+    # the same value on one driver and not on the other, so each keeps its own entry.
+    tokens: list[tuple[str, int]] = field(default_factory=list)
     slots: dict[str, float] = field(default_factory=dict)
 
     def resolve(self, value: Any) -> Any:
@@ -182,7 +184,7 @@ class Run:
             kind, n = value
             if kind in "SN":
                 return f"{self.prefix}{kind.lower()}{n}"
-            pool = {"L": self.tokens, "T": self.tasks, "O": self.outbox}[kind]
+            pool = {"L": [v for _, v in self.tokens], "T": self.tasks, "O": self.outbox}[kind]
             # An id or token the backend never produced: the same unknown value on both.
             return pool[n] if n < len(pool) else 10**9 + n
         return value
@@ -268,17 +270,24 @@ def _call(run: Run, name: str, args: tuple[Any, ...]) -> Any:
     raise AssertionError(f"unknown call {name}")
 
 
+def _token_source(name: str, key: str) -> str:
+    """Which sequence a token in a result comes from: a lease, or a claim of one job kind."""
+    if key != "lease_token":
+        return "lease"
+    return "claim:outbox" if "outbox" in name else "claim:task"
+
+
 def _record(run: Run, name: str, args: tuple[Any, ...], result: Any) -> None:
     """Remember the ids and tokens a call produced, so later calls can refer to them."""
     items = result if isinstance(result, list) else [result]
     for item in items:
-        for attr, pool in (("token", run.tokens), ("lease_token", run.tokens)):
+        for attr in ("token", "lease_token"):
             value = getattr(item, attr, None)
-            if isinstance(value, int) and value not in pool:
-                pool.append(value)
+            if isinstance(value, int) and (_token_source(name, attr), value) not in run.tokens:
+                run.tokens.append((_token_source(name, attr), value))
         lease = getattr(item, "lease", None)
-        if lease is not None and lease.token not in run.tokens:
-            run.tokens.append(lease.token)
+        if lease is not None and ("lease", lease.token) not in run.tokens:
+            run.tokens.append(("lease", lease.token))
         if name in ("enqueue_tasks", "claim_tasks") and item.id not in run.tasks:
             run.tasks.append(item.id)
         if name in ("enqueue_outbox", "claim_outbox") and item.id not in run.outbox:
@@ -290,8 +299,9 @@ def _record(run: Run, name: str, args: tuple[Any, ...], result: Any) -> None:
 class _Renumber:
     """Replaces generated ids and tokens by their index among the run's, for comparison."""
 
-    def __init__(self, run: Run) -> None:
+    def __init__(self, run: Run, name: str = "") -> None:
         self.run = run
+        self.name = name
 
     def __call__(self, value: Any, key: str = "") -> Any:
         if isinstance(value, datetime):
@@ -308,8 +318,13 @@ class _Renumber:
             for pool, tag in ((self.run.tasks, "task"), (self.run.outbox, "outbox")):
                 if key in ("id", "ids", "outbox_id") and value in pool:
                     return f"{tag}#{pool.index(value)}"
-            if key in ("token", "lease_token", "epoch") and value in self.run.tokens:
-                return f"token#{self.run.tokens.index(value)}"
+            if key in ("token", "lease_token", "epoch"):
+                entry = (_token_source(self.name, key), value)
+                if entry in self.run.tokens:
+                    return f"token#{self.run.tokens.index(entry)}"
+                values = [v for _, v in self.run.tokens]
+                if value in values:  # produced by another source: first occurrence
+                    return f"token#{values.index(value)}"
             return value
         if isinstance(value, dict):
             return {self(k, key or "ids"): self(v, key) for k, v in value.items()} if key in (
@@ -333,7 +348,7 @@ def _normalise(run: Run, name: str, result: Any) -> Any:
                             "dead_letter_tasks", "mark_outbox_sent", "release_outbox",
                             "dead_letter_outbox", "redrive_outbox", "fail_tasks",
                             "fail_outbox") else ""  # fmt: skip
-    return _Renumber(run)(result, key)
+    return _Renumber(run, name)(result, key)
 
 
 async def _step(run: Run, name: str, args: tuple[Any, ...]) -> tuple[str, Any]:
