@@ -819,6 +819,7 @@ async def open_batch_writer(
     on_dead_letter: DeadLetterCallback[T] | None = None,
     retry_if: Callable[[Exception], bool] | None = None,
     name: str = "batch",
+    clock: Clock = SYSTEM_CLOCK,
 ) -> AsyncIterator[BatchWriter[T]]:
     """Run a ``BatchWriter`` (arguments as its constructor's) while the block runs.
 
@@ -833,6 +834,7 @@ async def open_batch_writer(
         on_dead_letter=on_dead_letter,
         retry_if=retry_if,
         name=name,
+        clock=clock,
     )
     async with writer:
         yield writer

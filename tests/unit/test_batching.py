@@ -78,6 +78,21 @@ async def test_timer_flush_delivers_lone_item() -> None:
         assert w.statistics().pending == 0
 
 
+async def test_open_batch_writer_reads_the_clock_it_is_given() -> None:
+    """``open_batch_writer(clock=...)``, like the other components' openers: the flush
+    timer runs on that clock, so a test drives it instead of sleeping past it."""
+    sink = Recorder()
+    clock = ManualClock()
+    async with open_batch_writer(sink, cfg(flush_interval_s=30.0), clock=clock) as w:
+        w.put_nowait(1)
+        await clock.wait_sleepers(1)  # the flusher waits out the 30 s interval on the clock
+        assert sink.items == [] and w.statistics().pending == 1
+        clock.advance(30.001)
+        with anyio.fail_after(5):
+            await sink.arrived.wait()
+        assert sink.items == [1]
+
+
 async def test_count_threshold_flushes_without_timer() -> None:
     sink = Recorder()
     async with BatchWriter(sink, cfg(max_batch=10, flush_interval_s=60)) as w:
