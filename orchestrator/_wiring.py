@@ -50,6 +50,7 @@ from asyncstore.orchestrator.streams import (
     open_stream_writer,
 )
 from asyncstore.orchestrator.switch import Switch, _open_switch
+from asyncstore.orchestrator.timing import SYSTEM_CLOCK, Clock
 from asyncstore.orchestrator.webhooks import (
     HooksConfig,
     WebhookDrainReport,
@@ -93,6 +94,7 @@ async def open_runtime(
     hooks: HooksConfig | None = None,
     queue_handler: Handler | None = None,
     outbox_senders: Mapping[str, Sender] | None = None,
+    clock: Clock = SYSTEM_CLOCK,
 ) -> AsyncIterator[Runtime]:
     """Open storage and run every component while the block runs; yields the ``Runtime``.
 
@@ -108,6 +110,11 @@ async def open_runtime(
     The closing is shielded by each component where it must finish. ``rt.report`` then
     says what could not be delivered (also logged). Cancelling the block cancels running
     turns at once but still runs those drains.
+
+    ``clock`` is what the runtime's timing reads (the shutdown grace, the bound on a turn's
+    end) and what it hands to the components that take one (cancel registries, session
+    limiters, webhooks, maintenance): ``SYSTEM_CLOCK`` in production, a ``ManualClock`` in
+    tests. Database time (lease expiry, ``retry_at``) stays the database's.
     """
     from asyncstore.orchestrator.config import config_path
 
@@ -120,7 +127,7 @@ async def open_runtime(
         storage = await stack.enter_async_context(
             open_storage(settings.storage, migrate=settings.migrate_on_start)
         )
-        rt = Runtime(settings, storage, path)
+        rt = Runtime(settings, storage, path, clock=clock)
         instance = rt._instance_id()
         flags = rt.flags
 
@@ -152,10 +159,10 @@ async def open_runtime(
                 current,
                 {
                     True: lambda: open_cancellation(
-                        storage, settings.cancel.model_copy(update={"mode": "notify"})
+                        storage, settings.cancel.model_copy(update={"mode": "notify"}), clock=clock
                     ),
                     False: lambda: open_cancellation(
-                        storage, settings.cancel.model_copy(update={"mode": "poll"})
+                        storage, settings.cancel.model_copy(update={"mode": "poll"}), clock=clock
                     ),
                 },
                 on_built=rt._metrics_on_build(("cancel", "cancel_poll")),
@@ -174,12 +181,14 @@ async def open_runtime(
                         lock.model_copy(update={"mode": "two_level"}),
                         cancellation=on_lost,
                         instance_id=instance,
+                        clock=clock,
                     ),
                     False: lambda: open_session_limiter(
                         storage,
                         lock.model_copy(update={"mode": "db_poll"}),
                         cancellation=on_lost,
                         instance_id=f"{instance}/db_poll",
+                        clock=clock,
                     ),
                 },
                 on_built=rt._metrics_on_build(("lock", "lock_db_poll")),
@@ -204,7 +213,7 @@ async def open_runtime(
         )
         if hooks_config is not None:
             rt.webhooks = await stack.enter_async_context(
-                open_webhooks(hooks_config, storage=storage, reports=drain.webhooks)
+                open_webhooks(hooks_config, storage=storage, reports=drain.webhooks, clock=clock)
             )
         rt.maintenance = await stack.enter_async_context(
             open_maintenance(
@@ -212,6 +221,7 @@ async def open_runtime(
                 settings.maintenance,
                 evictors=(rt._evict_idle_rings,),
                 lease_sweep=LeaseSweep(settings.lock.sweep_interval_s, settings.lock.sweep_grace_s),
+                clock=clock,
             )
         )
         if outbox_senders is not None:

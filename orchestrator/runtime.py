@@ -68,6 +68,7 @@ from asyncstore.orchestrator.streams import (
 )
 from asyncstore.orchestrator.switch import Switch
 from asyncstore.orchestrator.switch import _open_switch as _open_switch  # re-exported
+from asyncstore.orchestrator.timing import SYSTEM_CLOCK, Clock
 from asyncstore.orchestrator.turn import Turn, _superseded
 from asyncstore.orchestrator.turn_metrics import TurnOutcome, TurnRecorder
 from asyncstore.orchestrator.webhooks import (
@@ -168,8 +169,11 @@ class Runtime:
         settings: Settings,
         storage: AsyncStorageBackend,
         config_file: Path | None,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.settings = settings
+        self._clock = clock
         self.storage = storage
         self.config_file = config_file
         self.instance_id = settings.runtime.instance_id or default_instance_id()
@@ -404,7 +408,7 @@ class Runtime:
         registry: CancellationRegistry,
         failed: bool,
     ) -> None:
-        with anyio.move_on_after(self.settings.runtime.turn_flush_timeout_s) as bounded:
+        with self._clock.move_on_after(self.settings.runtime.turn_flush_timeout_s) as bounded:
             try:
                 if turn.token.cancelled and not _superseded(turn, writer):
                     # A turn that lost its lease neither emits (its epoch belongs to a
@@ -532,7 +536,7 @@ class Runtime:
         """Refuse new turns, give running ones the grace period, then cancel them."""
         self._closing = True
         if grace:
-            with anyio.move_on_after(self.settings.runtime.shutdown_grace_s):
+            with self._clock.move_on_after(self.settings.runtime.shutdown_grace_s):
                 await self._no_turns.wait()
         cancelled = 0
         self._cancelling_turns = True  # turns still waiting for their lease stop on arrival
@@ -541,7 +545,7 @@ class Runtime:
         if cancelled:
             log.warning("cancelled %d running turns at shutdown", cancelled)
         # Their ends are shielded and bounded by turn_flush_timeout_s.
-        with anyio.move_on_after(self.settings.runtime.turn_flush_timeout_s + 1.0):
+        with self._clock.move_on_after(self.settings.runtime.turn_flush_timeout_s + 1.0):
             await self._no_turns.wait()
         return cancelled
 

@@ -16,6 +16,7 @@ import pytest
 from asyncstore.orchestrator.broadcast import StreamReset
 from asyncstore.orchestrator.config import Settings, load_settings
 from asyncstore.orchestrator.runtime import Runtime, RuntimeClosed, open_runtime
+from asyncstore.orchestrator.timing import ManualClock
 from asyncstore.storage import StreamEvent
 from tests.waiting import wait_for
 
@@ -224,6 +225,36 @@ async def test_closing_refuses_new_turns_and_cancels_stragglers(storage_url: str
     async with open_runtime(settings) as rt2:
         lease = await rt2.storage.get_lease("slow")
     assert lease is None  # released by the cancelled turn, not left to expire
+
+
+async def test_the_shutdown_grace_runs_on_the_clock_the_runtime_is_given(storage_url: str) -> None:
+    """``open_runtime(clock=...)``: the runtime's own timing (the shutdown grace, the bound
+    on a turn's end) reads the injected clock, so an hour of grace is one ``advance``."""
+    clock = ManualClock()
+    settings = _settings(storage_url, runtime={"shutdown_grace_s": 3600.0})
+    entered = anyio.Event()
+    ended: list[bool] = []
+    still_running_at_close: list[bool] = []
+
+    async def straggler(rt: Runtime) -> None:
+        async with rt.turn("slow") as turn:
+            entered.set()
+            await anyio.sleep_forever()
+        ended.append(turn.cancelled)
+
+    async def end_the_grace(rt: Runtime) -> None:
+        await wait_for(lambda: rt._closing, what="the runtime to start closing")
+        still_running_at_close.append(ended == [])
+        clock.advance(3600.0)
+
+    with anyio.fail_after(60):  # a hang guard in real time; the grace is an hour of the clock
+        async with anyio.create_task_group() as tg, open_runtime(settings, clock=clock) as rt:
+            tg.start_soon(straggler, rt)
+            await entered.wait()
+            tg.start_soon(end_the_grace, rt)
+    assert still_running_at_close == [True]  # closing waited on the clock, not on time
+    assert ended == [True]
+    assert rt.report is not None
 
 
 async def test_metrics_and_maintenance_run_inside_the_runtime(storage_url: str) -> None:
