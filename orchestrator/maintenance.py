@@ -23,6 +23,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
 from types import MappingProxyType
+from typing import ClassVar
 
 import anyio
 from anyio.abc import TaskStatus
@@ -31,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from asyncstore.orchestrator.timing import SYSTEM_CLOCK, Clock, jittered
 from asyncstore.storage import AsyncStorageBackend, Leadership
 from asyncstore.storage.errors import InvalidArgument
+from asyncstore.storage.families import Family, MetricSink
 
 __all__ = [
     "PURGE_KINDS",
@@ -150,6 +152,62 @@ class MaintenanceStatistics:
     partitions_dropped: int = 0
     partitions_kept: int = 0
 
+    METRIC_FAMILIES: ClassVar[tuple[Family, ...]] = (
+        Family("maintenance_rounds", "counter", "Finished maintenance rounds (lease-only too)."),
+        Family(
+            "maintenance_sweeps",
+            "counter",
+            "Rounds by outcome: this instance swept as the leader, or another one led.",
+            ("outcome",),
+            known=("run", "skipped"),
+        ),
+        Family("maintenance_leading", "gauge", "1 while this instance leads the maintenance."),
+        Family(
+            "maintenance_purged_rows",
+            "counter",
+            "Rows the sweeper deleted, by kind.",
+            ("kind",),
+            known=PURGE_KINDS,
+        ),
+        Family("maintenance_stream_batches", "counter", "Stream-event purge statements."),
+        Family("maintenance_lease_sweeps", "counter", "Lease-only rounds swept as the leader."),
+        Family(
+            "maintenance_partitions",
+            "counter",
+            "Stream partitions the leader created, dropped, or found still live (kept).",
+            ("outcome",),
+            known=("created", "dropped", "kept"),
+        ),
+        Family("maintenance_evictor_runs", "counter", "Evictor calls (every instance)."),
+        Family("maintenance_evicted", "counter", "Idle per-process entries the evictors dropped."),
+        Family("maintenance_errors", "counter", "Failed maintenance steps (each logged)."),
+        Family(
+            "maintenance_last_sweep_duration_seconds",
+            "gauge",
+            "Duration of this instance's last sweep; -1: none yet.",
+        ),
+    )
+
+    def export(self, out: MetricSink) -> None:
+        out.sample("maintenance_rounds", {}, self.rounds)
+        sweeps = {"run": self.sweeps_run, "skipped": self.sweeps_skipped}
+        out.samples("maintenance_sweeps", {}, sweeps)
+        out.sample("maintenance_leading", {}, 1 if self.leading else 0)
+        out.samples("maintenance_purged_rows", {}, self.purged)
+        out.sample("maintenance_stream_batches", {}, self.stream_batches)
+        out.sample("maintenance_lease_sweeps", {}, self.lease_sweeps)
+        partitions = {
+            "created": self.partitions_created,
+            "dropped": self.partitions_dropped,
+            "kept": self.partitions_kept,
+        }
+        out.samples("maintenance_partitions", {}, partitions)
+        out.sample("maintenance_evictor_runs", {}, self.evictor_runs)
+        out.sample("maintenance_evicted", {}, self.evicted)
+        out.sample("maintenance_errors", {}, self.errors)
+        duration = -1.0 if self.last_sweep_duration_s is None else self.last_sweep_duration_s
+        out.sample("maintenance_last_sweep_duration_seconds", {}, duration)
+
 
 class MaintenanceSweeper:
     """The maintenance loop's state and one round of work. Build with ``open_maintenance``."""
@@ -228,9 +286,13 @@ class MaintenanceSweeper:
                 await self._evict()
                 return await self._sweep_if_leading()
             finally:
-                self._rounds += 1
-                self._round_done.set()
-                self._round_done = anyio.Event()
+                self._end_round()
+
+    def _end_round(self) -> None:
+        """Count a finished round (of either kind) and wake ``wait_rounds``."""
+        self._rounds += 1
+        self._round_done.set()
+        self._round_done = anyio.Event()
 
     def _fail(self, step: str, exc: Exception) -> None:
         self._errors += 1
@@ -255,7 +317,12 @@ class MaintenanceSweeper:
         deleted = await self._storage.purge_outbox(retention_s)
         return deleted + await self._storage.purge_webhook_attempts(retention_s)
 
-    async def _sweep_if_leading(self) -> bool:
+    async def _lead(self) -> bool:
+        """Keep or take the leadership for this round; count the round skipped otherwise.
+
+        False when another instance leads (``sweeps_skipped``) or when the role could not
+        be asked (an error, counted and logged): either way this instance does not sweep.
+        """
         try:
             leading = await self._role.try_lead()
         except Exception as exc:
@@ -263,6 +330,10 @@ class MaintenanceSweeper:
             return False
         if not leading:
             self._sweeps_skipped += 1
+        return leading
+
+    async def _sweep_if_leading(self) -> bool:
+        if not await self._lead():
             return False
         started = time.perf_counter()
         cfg = self._config
@@ -369,18 +440,10 @@ class MaintenanceSweeper:
             try:
                 return await self._expire_leases_if_leading(grace_s)
             finally:
-                self._rounds += 1
-                self._round_done.set()
-                self._round_done = anyio.Event()
+                self._end_round()
 
     async def _expire_leases_if_leading(self, grace_s: float) -> bool:
-        try:
-            leading = await self._role.try_lead()
-        except Exception as exc:
-            self._fail("leadership", exc)
-            return False
-        if not leading:
-            self._sweeps_skipped += 1
+        if not await self._lead():
             return False
         try:
             deleted = await self._storage.expire_leases(grace_s)

@@ -498,6 +498,7 @@ class Runtime:
             "passwords": self.passwords,
             "login_attempts": self.login_attempts,
             "turns": self.turn_metrics,
+            "maintenance": self.maintenance,
         }
         if self.webhooks is not None:
             sources["webhooks"] = self.webhooks

@@ -184,6 +184,50 @@ async def test_only_one_instance_sweeps_when_two_compete(
         assert b.statistics().sweeps_run >= swept + 2
 
 
+async def test_the_sweeper_exports_the_families_it_declares(
+    storage: AsyncStorageBackend, storage_url: str
+) -> None:
+    """``MaintenanceStatistics`` declares its metric families next to its counters, like
+    the other components: the generic collector exports a sweeper with no special case."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from asyncstore.orchestrator.metrics import Metrics, MetricsConfig
+
+    manual = FAST.model_copy(update={"enabled": False})
+    async with (
+        open_storage(storage_url) as other,
+        open_maintenance(storage, manual, evictors=[lambda: 2]) as leader,
+        open_maintenance(other, manual) as follower,
+    ):
+        assert await leader.run_once()
+        assert not await follower.run_once()
+        metrics = Metrics(MetricsConfig(process_metrics=False))
+        metrics.add_source("maintenance", leader)
+        metrics.add_source("maintenance_b", follower)
+        text = metrics.render()[0].decode()
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+    def value(name: str, source: str, **labels: str) -> float:
+        return samples[(f"asyncstore_{name}", tuple(sorted({"source": source, **labels}.items())))]
+
+    assert value("maintenance_rounds_total", "maintenance") == 1
+    assert value("maintenance_sweeps_total", "maintenance", outcome="run") == 1
+    assert value("maintenance_sweeps_total", "maintenance", outcome="skipped") == 0
+    assert value("maintenance_sweeps_total", "maintenance_b", outcome="skipped") == 1
+    assert value("maintenance_leading", "maintenance") == 1
+    assert value("maintenance_leading", "maintenance_b") == 0
+    assert value("maintenance_evicted_total", "maintenance") == 2
+    assert value("maintenance_errors_total", "maintenance") == 0
+    for kind in ("stream_events", "tasks", "outbox", "leases", "login_attempts"):
+        assert value("maintenance_purged_rows_total", "maintenance_b", kind=kind) == 0
+    assert value("maintenance_last_sweep_duration_seconds", "maintenance") >= 0
+    assert value("maintenance_last_sweep_duration_seconds", "maintenance_b") == -1
+
+
 async def test_failing_steps_are_counted_and_the_loop_continues(
     storage_url: str,
 ) -> None:

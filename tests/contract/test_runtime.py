@@ -273,6 +273,7 @@ async def test_metrics_and_maintenance_run_inside_the_runtime(storage_url: str) 
         assert 'source="lock_db_poll"' in body.decode()
         assert "asyncstore_event_loop_lag_seconds" in text
         assert rt.maintenance.statistics() is not None
+        assert 'asyncstore_maintenance_rounds_total{source="maintenance"}' in text
         assert callable(rt.metrics_app())
 
 

@@ -47,6 +47,18 @@ NEW_FAMILIES = {
     "asyncstore_webhook_events_dropped",
     "asyncstore_webhook_events_not_persisted",
     "asyncstore_webhook_events_spilled",
+    # The maintenance sweeper's own families (issue 18: declared next to its statistics).
+    "asyncstore_maintenance_rounds",
+    "asyncstore_maintenance_sweeps",
+    "asyncstore_maintenance_leading",
+    "asyncstore_maintenance_purged_rows",
+    "asyncstore_maintenance_stream_batches",
+    "asyncstore_maintenance_lease_sweeps",
+    "asyncstore_maintenance_partitions",
+    "asyncstore_maintenance_evictor_runs",
+    "asyncstore_maintenance_evicted",
+    "asyncstore_maintenance_errors",
+    "asyncstore_maintenance_last_sweep_duration_seconds",
 }
 
 
