@@ -28,6 +28,7 @@ from asyncstore.storage import (
     StreamEvent,
     open_storage,
 )
+from tests.waiting import wait_for
 
 SLOW_TIMER = BatchConfig(max_batch=10_000, flush_interval_s=60, capacity=20_000)
 
@@ -80,9 +81,13 @@ async def test_critical_event_flushes_at_once(storage: AsyncStorageBackend) -> N
         await w.begin("s1", epoch=1)
         w.emit_nowait("s1", "delta", "a")
         w.emit_nowait("s1", "turn_completed", {"ok": True})
-        with anyio.fail_after(5):
-            while len(await storage.load_stream_events("s1")) < 2:  # noqa: ASYNC110 - polls the db
-                await anyio.sleep(0.01)
+
+
+        async def both_stored() -> bool:
+            return len(await storage.load_stream_events("s1")) >= 2
+
+        # Well within the 60 s timer: only the critical event's own flush stores them.
+        await wait_for(both_stored, timeout_s=30, what="the critical event's flush")
 
 
 async def test_one_notification_per_flush_for_many_sessions(storage: AsyncStorageBackend) -> None:
@@ -273,10 +278,21 @@ async def test_resume_point_in_flight_from_another_instance_is_awaited(storage_u
         for i in range(5):
             writer_a.emit_nowait("s1", "delta", i)
         # A client saw seq 3 live on instance A and reconnects to B before A flushed.
-        async with hub_b.subscribe("s1", after=(4, 3)) as sub:
-            await anyio.sleep(0.05)
+        got: list[StreamEvent | StreamReset] = []
+
+        async def read(sub: Subscription) -> None:
+            got.extend(await take(sub, 2))
+
+        async with hub_b.subscribe("s1", after=(4, 3)) as sub, anyio.create_task_group() as tg:
+            tg.start_soon(read, sub)
+            # B read the database, did not find seq 3 and waits for it: only then A flushes.
+            await wait_for(
+                lambda: hub_b.statistics().db_reads.get("resume", 0) >= 1,
+                what="the subscriber's resume read",
+            )
             await writer_a.flush()
-            assert seqs(await take(sub, 2)) == [4, 5]
+        assert seqs(got) == [4, 5]
+        assert hub_b.statistics().resets == {}  # awaited, not reset to the head
 
 
 async def test_legacy_poll_delivery_reads_the_database(storage: AsyncStorageBackend) -> None:
@@ -292,7 +308,8 @@ async def test_legacy_poll_delivery_reads_the_database(storage: AsyncStorageBack
 
         async with hub.subscribe("s1", after=(1, 1)) as sub, anyio.create_task_group() as tg:
             tg.start_soon(read, sub)
-            await anyio.sleep(0.05)  # the subscriber polls an empty result meanwhile
+            # The subscriber polls an empty result before the events exist.
+            await wait_for(lambda: hub.statistics().db_reads.get("poll", 0) >= 1, what="a poll")
             for i in range(1, 5):
                 await w.emit("s1", "delta", i)
             await w.flush()
