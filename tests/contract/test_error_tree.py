@@ -11,14 +11,20 @@ from __future__ import annotations
 import errno
 from typing import Any
 
-import anyio
 import asyncpg
 import pytest
 
-from asyncstore.storage import AsyncStorageBackend, NewMessage, StorageError, StorageUnavailable
+from asyncstore.storage import (
+    AsyncStorageBackend,
+    ChatMessage,
+    NewMessage,
+    StorageError,
+    StorageUnavailable,
+)
 from asyncstore.storage.base import _CONTRACT_CALLS, operation
 from asyncstore.storage.postgres import PostgresBackend
 from asyncstore.storage.sqlite import SqliteBackend
+from tests.waiting import wait_for
 
 
 @pytest.mark.parametrize("driver", [PostgresBackend, SqliteBackend])
@@ -100,12 +106,15 @@ async def test_killed_postgres_connections_stay_in_the_tree(
     assert killed >= 1
     # Each call either succeeds (the pool replaced a dead connection) or fails inside the
     # tree; within a bounded number of calls the handle works again.
-    with anyio.fail_after(60):
-        while True:
-            try:
-                rows = await storage.load_messages("s")
-            except StorageError:
-                await anyio.sleep(0.05)
-                continue
-            break
+    rows: list[ChatMessage] = []
+
+    async def answers() -> bool:
+        nonlocal rows
+        try:
+            rows = await storage.load_messages("s")
+        except StorageError:
+            return False
+        return True
+
+    await wait_for(answers, 60, what="the handle working again")
     assert [m.content for m in rows] == [1]

@@ -13,6 +13,7 @@ import anyio
 
 from asyncstore.orchestrator.queue import AgentQueue, QueueConfig, open_worker
 from asyncstore.storage import AsyncStorageBackend, Claim, Task
+from tests.waiting import wait_for
 
 
 class StalledHeartbeats:
@@ -51,9 +52,7 @@ async def test_a_hanging_heartbeat_cancels_the_handler_before_the_lease_ends(
         with anyio.fail_after(5):
             await started.wait()
         stalled.hang = True
-        with anyio.fail_after(5):
-            while not stopped_after:  # noqa: ASYNC110 - the handler's own finally reports
-                await anyio.sleep(0.01)
+        await wait_for(lambda: bool(stopped_after), what="the handler's own finally")
         stats = worker.statistics()
         stalled.hang = False
     assert stats.lease_lost == 1

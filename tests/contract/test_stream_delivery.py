@@ -215,9 +215,10 @@ async def test_a_remote_resume_waiter_is_served_from_an_inline_notification(
                 tg.start_soon(read)
                 # Its read found nothing once the statistics count it; it registers as a
                 # waiter in the same step, before any notification can be handled.
-                with anyio.fail_after(10):
-                    while hub_b.statistics().db_reads.get("resume", 0) < 1:  # noqa: ASYNC110
-                        await anyio.sleep(0.005)
+                await wait_for(
+                    lambda: hub_b.statistics().db_reads.get("resume", 0) >= 1,
+                    what="the subscriber's resume read",
+                )
                 await writer.flush()
             assert view(got) == [(4, 4, 3), (4, 5, 4)]
         stats = hub_b.statistics()

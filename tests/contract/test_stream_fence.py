@@ -20,6 +20,7 @@ from asyncstore.storage import (
     open_storage,
 )
 from tests.conftest import direct_dsn
+from tests.waiting import wait_for
 
 
 def _events(session: str, epoch: int, seqs: range) -> list[NewStreamEvent]:
@@ -169,12 +170,16 @@ async def test_concurrent_acquisition_is_seen_by_a_waiting_append(postgres_dsn: 
 
             async with anyio.create_task_group() as tg:
                 tg.start_soon(append)
-                with anyio.fail_after(10):
-                    while not await conn.fetchval(  # noqa: ASYNC110 - a server state
-                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-                        " AND datname = current_database()"
-                    ):
-                        await anyio.sleep(0.01)
+
+                async def append_waits_for_the_lock() -> bool:
+                    return bool(
+                        await conn.fetchval(
+                            "SELECT count(*) FROM pg_stat_activity"
+                            " WHERE wait_event_type = 'Lock' AND datname = current_database()"
+                        )
+                    )
+
+                await wait_for(append_waits_for_the_lock, what="the append waiting for the lock")
                 await tx.commit()
             assert result == [StreamAppend(0, frozenset({("race", a.token)}))]
             assert t2 > a.token
@@ -243,18 +248,20 @@ async def test_fan_in_of_rows_the_ring_refuses_ends_instead_of_looping(storage_u
         await _insert_raw(storage_url, [("s", seq, 1) for seq in range(4, 7)])
         for note in encode_advances([("s", 2, 4, 6)]):
             await storage.notify("asyncstore_stream", note)
-        with anyio.fail_after(10):
-            while hub.statistics().dropped.get("fetch_untaken", 0) < 1:  # noqa: ASYNC110
-                await anyio.sleep(0.01)
+        await wait_for(
+            lambda: hub.statistics().dropped.get("fetch_untaken", 0) >= 1,
+            what="the untaken fetch",
+        )
         reads = hub.statistics().db_reads.get("fan_in", 0)
         handled = hub.statistics().notifications
         # A stale-epoch announcement is not even read.
         for note in encode_advances([("s", 1, 4, 6)]):
             await storage.notify("asyncstore_stream", note)
         await storage.notify("asyncstore_stream", "[]")  # marks that the one before was handled
-        with anyio.fail_after(10):
-            while hub.statistics().notifications < handled + 2:  # noqa: ASYNC110
-                await anyio.sleep(0.01)
+        await wait_for(
+            lambda: hub.statistics().notifications >= handled + 2,
+            what="both notifications handled",
+        )
         assert hub.statistics().db_reads.get("fan_in", 0) == reads <= 2
         await sub.aclose()
 

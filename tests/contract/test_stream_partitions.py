@@ -31,6 +31,7 @@ from asyncstore.storage import (
     open_storage,
 )
 from asyncstore.storage._sql import load_queries
+from tests.waiting import wait_for
 
 DAY = 86_400
 
@@ -217,12 +218,16 @@ async def test_an_append_in_flight_during_a_drop_keeps_its_partition(
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(drop)
-            with anyio.fail_after(30):  # the drop is waiting for the append's anchor lock
-                while not await sql.fetchval(  # noqa: ASYNC110 - a server state
-                    "SELECT count(*) FROM pg_stat_activity"
-                    " WHERE wait_event_type = 'Lock' AND query LIKE '%stream_anchors%'"
-                ):
-                    await anyio.sleep(0.01)
+
+            async def drop_waits_for_the_anchor_lock() -> bool:
+                return bool(
+                    await sql.fetchval(
+                        "SELECT count(*) FROM pg_stat_activity"
+                        " WHERE wait_event_type = 'Lock' AND query LIKE '%stream_anchors%'"
+                    )
+                )
+
+            await wait_for(drop_waits_for_the_anchor_lock, what="the drop waiting for the lock")
             await tx.commit()
         assert result == [None]
     finally:

@@ -82,7 +82,6 @@ async def test_critical_event_flushes_at_once(storage: AsyncStorageBackend) -> N
         w.emit_nowait("s1", "delta", "a")
         w.emit_nowait("s1", "turn_completed", {"ok": True})
 
-
         async def both_stored() -> bool:
             return len(await storage.load_stream_events("s1")) >= 2
 

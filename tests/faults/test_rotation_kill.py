@@ -23,6 +23,7 @@ from asyncstore.storage import NewStreamEvent, StorageSettings, open_storage
 from tests.faults.conftest import FaultDB
 from tests.faults.procs import Agent, spawn_agent
 from tests.faults.rotation_leader import config
+from tests.waiting import wait_for
 
 HOUR = 3600
 OPTIONS = {"partition_s": HOUR, "ttl_s": HOUR}
@@ -65,22 +66,28 @@ async def _homes(sql: asyncpg.Connection) -> dict[str, str]:
 
 async def _wait_blocked(sql: asyncpg.Connection, table: str) -> None:
     """Until some backend's statement on ``table`` waits for a lock."""
-    with anyio.fail_after(60):
-        while not await sql.fetchval(  # noqa: ASYNC110 - a server state, no event for it
-            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-            " AND query LIKE '%' || $1 || '%'",
-            table,
-        ):
-            await anyio.sleep(0.02)
+
+    async def blocked() -> bool:
+        return bool(
+            await sql.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                " AND query LIKE '%' || $1 || '%'",
+                table,
+            )
+        )
+
+    await wait_for(blocked, 60, what=f"a statement on {table} waiting for a lock")
 
 
 async def _wait_leader_gone(sql: asyncpg.Connection) -> None:
     """Until the killed leader's server session has ended (its leadership lock with it)."""
-    with anyio.fail_after(60):
-        while await sql.fetchval(  # noqa: ASYNC110 - a server state, no event for it
+
+    async def gone() -> bool:
+        return not await sql.fetchval(
             "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
-        ):
-            await anyio.sleep(0.02)
+        )
+
+    await wait_for(gone, 60, what="the killed leader's session to end")
 
 
 @asynccontextmanager

@@ -14,6 +14,7 @@ from pydantic import SecretStr
 
 from asyncstore.orchestrator.streams import StreamConfig, StreamEventWriter
 from asyncstore.storage import StorageSettings, open_storage
+from tests.waiting import wait_for
 
 
 async def test_stream_writer_rides_out_an_outage_past_the_old_retry_limit(
@@ -34,12 +35,13 @@ async def test_stream_writer_rides_out_an_outage_past_the_old_retry_limit(
             try:
                 for i in range(20):
                     assert writer.emit_nowait("s1", "delta", i) is not None
-                with anyio.fail_after(20):
-                    # The old default gave up (and lost the batch) after 6 attempts.
-                    while (s := writer.statistics().writer) is None or (  # noqa: ASYNC110
-                        s.consecutive_failures < 25
-                    ):
-                        await anyio.sleep(0.005)
+
+                def failed_25_times() -> bool:
+                    s = writer.statistics().writer
+                    return s is not None and s.consecutive_failures >= 25
+
+                # The old default gave up (and lost the batch) after 6 attempts.
+                await wait_for(failed_25_times, what="25 failed attempts in a row")
                 assert writer.emit_nowait("s1", "turn_completed", {"ok": True}) is not None
                 during = writer.statistics()
                 health = writer.health()
