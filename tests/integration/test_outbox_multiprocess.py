@@ -21,18 +21,17 @@ import json
 import random
 import subprocess
 import sys
-import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-import anyio
 import asyncpg
 import pytest
 
 from asyncstore.orchestrator.outbox import Outbox
 from asyncstore.storage import NewOutboxMessage, OutboxStatus, open_storage
 from tests.conftest import truncate
+from tests.waiting import wait_for
 
 GROUPS = [(f"ch{c}", f"acct{a}") for c in range(4) for a in range(10)]  # 40 groups
 MESSAGES = 1_600
@@ -114,16 +113,14 @@ async def _wait_settled(dsn: str, timeout_s: float) -> None:
     """Until no message is pending or in flight (there is no cross-process event to await)."""
     conn = await asyncpg.connect(dsn)
     try:
-        deadline = time.monotonic() + timeout_s
-        while True:
+
+        async def settled() -> bool:
             open_rows = await conn.fetchval(
                 "SELECT count(*) FROM outbox WHERE status IN ('pending', 'sending')"
             )
-            if open_rows == 0:
-                return
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{open_rows} messages still open after {timeout_s} s")
-            await anyio.sleep(0.05)
+            return bool(open_rows == 0)
+
+        await wait_for(settled, timeout_s, what="no message pending or in flight")
     finally:
         await conn.close()
 

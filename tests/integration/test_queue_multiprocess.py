@@ -17,13 +17,13 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import anyio
 import asyncpg
 import pytest
 
 from asyncstore.orchestrator.queue import AgentQueue
 from asyncstore.storage import TaskStatus, open_storage
 from tests.conftest import truncate
+from tests.waiting import wait_for
 
 WORKER = """
 import dataclasses, json, sys, time
@@ -109,24 +109,19 @@ class Proc:
 
 
 async def _wait_succeeded(dsn: str, expected: int, timeout_s: float) -> None:
+    """Until ``expected`` tasks succeeded (cross-process progress: no event to await)."""
     conn = await asyncpg.connect(dsn)
     try:
-        deadline = time.monotonic() + timeout_s
-        while True:
+
+        async def succeeded() -> bool:
             done = await conn.fetchval(
                 "SELECT count(*) FROM agent_tasks WHERE queue = 'mp' AND status = 'succeeded'"
             )
-            if done >= expected:
-                return
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{done} of {expected} tasks succeeded in {timeout_s} s")
-            await _pause()
+            return bool(done >= expected)
+
+        await wait_for(succeeded, timeout_s, what=f"{expected} tasks succeeded")
     finally:
         await conn.close()
-
-
-async def _pause() -> None:
-    await anyio.sleep(0.05)  # cross-process progress: there is no event to wait on
 
 
 @pytest.fixture
@@ -167,10 +162,7 @@ async def test_sigkilled_worker_loses_nothing_and_only_its_tasks_rerun(
         healthy: Proc | None = None
         try:
             victim.wait_ready()
-            deadline = time.monotonic() + 30
-            while len(victim.payloads()) < 5:  # five handlers hang mid-run
-                assert time.monotonic() < deadline
-                await _pause()
+            await wait_for(lambda: len(victim.payloads()) >= 5, what="five handlers hanging")
             healthy = Proc(dsn, tmp_path / "healthy", max_workers=20, lease_s=1.0, hang=False)
             healthy.wait_ready()
             # The victim is alive and renewing: its five tasks stay with it.
@@ -209,10 +201,7 @@ async def test_sigkilled_workers_tasks_rerun_by_an_idle_worker_within_the_lease(
     rescuer: Proc | None = None
     try:
         victim.wait_ready()
-        deadline = time.monotonic() + 30
-        while len(victim.payloads()) < 5:  # all five handlers hang mid-run
-            assert time.monotonic() < deadline
-            await _pause()
+        await wait_for(lambda: len(victim.payloads()) >= 5, what="all five handlers hanging")
         # The rescuer starts idle: the claim finds nothing, it learns the lease expiry.
         rescuer = Proc(dsn, tmp_path / "rescuer", max_workers=5, hang=False, **slow)
         rescuer.wait_ready()
