@@ -1,0 +1,29 @@
+-- asyncstore schema, version 10 (Postgres): ordering groups of agent tasks and fleet-wide
+-- limits per task queue.
+-- agent_tasks.group_key: a task's ordering group within its queue (NULL: ungrouped). The
+-- coordinated claim (claim_limited_tasks) takes a group's tasks in id order, at most the
+-- queue's max_per_group in flight per group.
+-- task_queues: one row per coordinated queue (declared with set_queue_limits, or created by
+-- the first enqueue of a grouped task). Every coordinated claim of the queue first locks
+-- this row (FOR UPDATE), then reads the queue in a new statement, whose snapshot includes
+-- every claim that committed before it got the lock: the count of running tasks, the
+-- group state and the start log are never older than the last committed claim.
+-- recent_starts: the Unix times of the starts inside the rate window (at most the rate's
+-- capacity), the sliding log the start-rate limit is checked against. waiting: a claim was
+-- refused by a limit with due tasks left; the next finish notifies the queue's channel.
+ALTER TABLE agent_tasks ADD COLUMN group_key text;
+CREATE TABLE task_queues (
+    queue           text PRIMARY KEY,
+    max_running     integer CHECK (max_running IS NULL OR max_running >= 1),
+    max_per_second  double precision CHECK (max_per_second IS NULL OR max_per_second > 0),
+    max_per_group   integer NOT NULL DEFAULT 1 CHECK (max_per_group >= 1),
+    recent_starts   double precision[] NOT NULL DEFAULT '{}',
+    waiting         boolean NOT NULL DEFAULT false,
+    updated_at      timestamptz NOT NULL DEFAULT now()
+);
+-- A group's open tasks in id order (the group rule), and the running tasks of a queue (the
+-- running count and the earliest lease expiry). Both partial: the ungrouped queued rows of
+-- a busy queue are in neither, and a finished row leaves both.
+CREATE INDEX agent_tasks_group_open ON agent_tasks (queue, group_key, id)
+    WHERE group_key IS NOT NULL AND status IN ('queued', 'running');
+CREATE INDEX agent_tasks_running ON agent_tasks (queue, run_after) WHERE status = 'running';
