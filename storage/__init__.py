@@ -47,6 +47,7 @@ from asyncstore.storage.base import (
     TaskStatus,
     WebhookAttempt,
 )
+from asyncstore.storage._queue_limits import LimitedClaim, QueueLimits
 from asyncstore.storage.errors import (
     ConfigurationError,
     ConflictError,
@@ -87,7 +88,9 @@ __all__ = [
     "OutboxMessage",
     "OutboxStatus",
     "QueryError",
+    "LimitedClaim",
     "QueueDepth",
+    "QueueLimits",
     "StorageClosed",
     "StorageError",
     "StorageSettings",

@@ -261,7 +261,7 @@ async def test_a_refused_claim_marks_the_queue_and_the_next_finish_notifies_once
         assert await storage.wake_task_queue("q", "asyncstore.queue.q")
         assert not await storage.wake_task_queue("q", "asyncstore.queue.q")  # once
         with anyio.fail_after(10):
-            note = await notes.__anext__()
+            note = await notes.receive()
         assert note.payload == "0"
 
 

@@ -612,14 +612,22 @@ WITH clock AS (
     ORDER BY t.priority DESC, t.run_after, t.id
     LIMIT (SELECT n FROM budget)
 ), taken AS MATERIALIZED (
-    SELECT k.id FROM picked k
-    WHERE k.group_key IS NULL OR NOT EXISTS (
-        SELECT 1 FROM agent_tasks p
-        WHERE p.queue = $3 AND p.group_key = k.group_key AND p.id < k.id
-          AND p.status IN ('queued', 'running')
+    -- The cut by the budget may leave a group's earlier candidate out (a retried task
+    -- sorts by its later run_after): each group present takes its first k open tasks not
+    -- in flight, in id order, where k is how many of it were picked. Those are all
+    -- candidates (a candidate has every such task ahead of it due and under the cap).
+    SELECT k.id FROM picked k WHERE k.group_key IS NULL
+    UNION ALL
+    SELECT first.id
+    FROM (SELECT group_key, count(*) AS k FROM picked WHERE group_key IS NOT NULL
+          GROUP BY group_key) g
+    CROSS JOIN LATERAL (
+        SELECT p.id FROM agent_tasks p
+        WHERE p.queue = $3 AND p.group_key = g.group_key AND p.status IN ('queued', 'running')
           AND NOT (p.status = 'running' AND p.run_after > (SELECT at FROM clock))
-          AND p.id NOT IN (SELECT id FROM picked)
-    )
+        ORDER BY p.id
+        LIMIT g.k
+    ) AS first
 ), claimed AS (
     UPDATE agent_tasks t SET
         status = CASE WHEN t.status = 'running' AND t.attempts >= t.max_attempts

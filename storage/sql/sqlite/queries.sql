@@ -404,14 +404,19 @@ WHERE id IN (
         ORDER BY t.priority DESC, t.run_after, t.id
         LIMIT :budget
     )
-    SELECT k.id FROM picked k
-    WHERE k.group_key IS NULL OR NOT EXISTS (
-        SELECT 1 FROM agent_tasks p
-        WHERE p.queue = :queue AND p.group_key = k.group_key AND p.id < k.id
-          AND p.status IN ('queued', 'running')
+    SELECT k.id FROM picked k WHERE k.group_key IS NULL
+    UNION ALL
+    SELECT o.id FROM (
+        SELECT p.id, p.group_key,
+               row_number() OVER (PARTITION BY p.group_key ORDER BY p.id) AS rn
+        FROM agent_tasks p
+        WHERE p.queue = :queue AND p.status IN ('queued', 'running')
+          AND p.group_key IN (SELECT group_key FROM picked WHERE group_key IS NOT NULL)
           AND NOT (p.status = 'running' AND p.run_after > :now)
-          AND p.id NOT IN (SELECT id FROM picked)
-    )
+    ) o
+    JOIN (SELECT group_key, count(*) AS k FROM picked WHERE group_key IS NOT NULL
+          GROUP BY group_key) g ON g.group_key = o.group_key
+    WHERE o.rn <= g.k
 )
 RETURNING *;
 
