@@ -91,7 +91,10 @@ ALL_SYSTEMS = (
 # Coordinated claims (fleet-wide limits, migration 0010): claim_limited declares a cap no
 # drain reaches (max_running), so it measures the coordinated claim's cost alone;
 # claim_rate declares max_per_second = RATE_LIMIT, so its drain shows the limit holding.
-LIMITED = {"claim_limited": {"max_running": 1_000_000}, "claim_rate": {"max_per_second": 2000.0}}
+LIMITED: dict[str, dict[str, Any]] = {
+    "claim_limited": {"max_running": 1_000_000},
+    "claim_rate": {"max_per_second": 2000.0},
+}
 RATE_LIMIT = 2000.0
 SECTIONS = ("drain", "latency", "outbox", "kill", "enqueue")
 ENQUEUE_SAMPLES = 200

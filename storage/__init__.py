@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from pydantic import SecretStr
 
 from asyncstore.storage._partitions import apply_setting as apply_stream_partitioning
+from asyncstore.storage._queue_limits import LimitedClaim, QueueLimits
 from asyncstore.storage._schema import check_schema, mask_url
 from asyncstore.storage._validate import encode_payload
 from asyncstore.storage.base import (
@@ -47,7 +48,6 @@ from asyncstore.storage.base import (
     TaskStatus,
     WebhookAttempt,
 )
-from asyncstore.storage._queue_limits import LimitedClaim, QueueLimits
 from asyncstore.storage.errors import (
     ConfigurationError,
     ConflictError,
@@ -78,6 +78,7 @@ __all__ = [
     "Leadership",
     "Lease",
     "LeaseLost",
+    "LimitedClaim",
     "MigrationError",
     "NewMessage",
     "NewOutboxMessage",
@@ -88,7 +89,6 @@ __all__ = [
     "OutboxMessage",
     "OutboxStatus",
     "QueryError",
-    "LimitedClaim",
     "QueueDepth",
     "QueueLimits",
     "StorageClosed",

@@ -34,6 +34,7 @@ from typing import (
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
+from asyncstore.storage._queue_limits import LimitedClaim, QueueLimits, check_queue_limits
 from asyncstore.storage.errors import (
     InvalidArgument,
     InvalidInput,
@@ -43,7 +44,6 @@ from asyncstore.storage.errors import (
     StorageError,
     StorageUnavailable,
 )
-from asyncstore.storage._queue_limits import LimitedClaim, QueueLimits, check_queue_limits
 from asyncstore.storage.families import Family, MetricSink
 
 _P = ParamSpec("_P")
@@ -1541,7 +1541,8 @@ class AsyncStorageBackend(abc.ABC):
         lease = v.check_seconds(lease_s, "lease_s")
         claimed = await self._sql_claim_limited_tasks(name, worker_id, n, lease)
         if claimed is None:
-            return LimitedClaim(await self._sql_claim_jobs(TASKS, worker_id, n, lease, [name]), False, None)
+            plain = await self._sql_claim_jobs(TASKS, worker_id, n, lease, [name])
+            return LimitedClaim(plain, False, None)
         return claimed
 
     @operation

@@ -24,13 +24,13 @@ import asyncpg
 import orjson
 
 from asyncstore.storage import _partitions, _topology
+from asyncstore.storage import _queue_limits as ql
 from asyncstore.storage import _validate as v
 from asyncstore.storage._backoff import Backoff
 from asyncstore.storage._notify import NotificationHub, Subscription
+from asyncstore.storage._queue_limits import LimitedClaim, QueueLimits
 from asyncstore.storage._schema import mask_url
 from asyncstore.storage._shield import complete
-from asyncstore.storage import _queue_limits as ql
-from asyncstore.storage._queue_limits import LimitedClaim, QueueLimits
 from asyncstore.storage._sql import load_migrations, load_queries
 from asyncstore.storage.base import (
     TASKS,
@@ -693,7 +693,7 @@ class PostgresBackend(AsyncStorageBackend):
 
     async def _sql_enqueue_grouped_tasks(
         self, rows: list[Any], groups: list[str | None], notify: str | None
-    ) -> list[Task]:
+    ) -> list[Any]:
         return await ql.pg_enqueue_grouped_tasks(self, rows, groups, notify)
 
     async def _sql_set_queue_limits(
@@ -707,7 +707,9 @@ class PostgresBackend(AsyncStorageBackend):
     async def _sql_claim_limited_tasks(
         self, queue: str, worker_id: str, limit: int, lease_s: float
     ) -> LimitedClaim | None:
-        return await ql.pg_claim_limited_tasks(self, TASKS.record, worker_id, limit, queue, lease_s)
+        return await ql.pg_claim_limited_tasks(
+            self, TASKS.record, worker_id, limit, queue, lease_s
+        )
 
     async def _sql_wake_task_queue(self, queue: str, channel: str) -> bool:
         return await ql.pg_wake_task_queue(self, queue, channel)

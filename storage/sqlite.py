@@ -27,12 +27,12 @@ import aiosqlite
 import anyio
 import orjson
 
+from asyncstore.storage import _queue_limits as ql
 from asyncstore.storage import _validate as v
 from asyncstore.storage._backoff import Backoff
 from asyncstore.storage._notify import NotificationHub
-from asyncstore.storage._shield import complete
-from asyncstore.storage import _queue_limits as ql
 from asyncstore.storage._queue_limits import LimitedClaim, QueueLimits
+from asyncstore.storage._shield import complete
 from asyncstore.storage._sql import load_migrations, load_queries
 from asyncstore.storage.base import (
     TASKS,
@@ -710,7 +710,8 @@ class SqliteBackend(AsyncStorageBackend):
             row = (queue, payload.decode(), priority, at, key, max_attempts, now, now)
             values.append(row if groups is None else (*row, groups[i]))
         before = await tx.scalar("_max_task_id", {})
-        await tx.execute_many("enqueue_tasks" if groups is None else "enqueue_grouped_tasks", values)
+        name = "enqueue_tasks" if groups is None else "enqueue_grouped_tasks"
+        await tx.execute_many(name, values)
         new = await tx.fetch("_tasks_after", {"after": before})
         return v.match_enqueued(rows, [Task.from_row(r) for r in [*existing, *new]])
 

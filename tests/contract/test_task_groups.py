@@ -30,8 +30,8 @@ from asyncstore.storage import (
     Task,
     TaskStatus,
 )
-from asyncstore.storage.base import TASKS
 from asyncstore.storage._queue_limits import rate_window, retry_after_s
+from asyncstore.storage.base import TASKS
 from tests.waiting import wait_for
 
 

@@ -12,6 +12,7 @@ group rule is checked on every claim.
 from __future__ import annotations
 
 import anyio
+import anyio.lowlevel
 import asyncpg
 import pytest
 
@@ -19,6 +20,7 @@ from asyncstore.storage import AsyncStorageBackend, NewTask, open_storage
 from asyncstore.storage._queue_limits import rate_window
 from asyncstore.storage._sql import load_queries
 from tests.conftest import truncate
+from tests.waiting import wait_for
 
 Q = load_queries("postgres")
 
@@ -77,14 +79,15 @@ async def _wait_blocked(dsn: str, conn: asyncpg.Connection) -> None:
     """Until ``conn``'s backend waits for a lock (pg_stat_activity), bounded."""
     pid = conn.get_server_pid()
     probe = await asyncpg.connect(dsn)
+
+    async def blocked() -> bool:
+        state = await probe.fetchval(
+            "SELECT wait_event_type FROM pg_stat_activity WHERE pid = $1", pid
+        )
+        return bool(state == "Lock")
+
     try:
-        with anyio.fail_after(30):
-            while await probe.fetchval(
-                "SELECT wait_event_type IS DISTINCT FROM 'Lock' FROM pg_stat_activity"
-                " WHERE pid = $1",
-                pid,
-            ):
-                await anyio.sleep(0.005)  # another backend's state: no event to wait on
+        await wait_for(blocked, what="claim B waiting for the queue's row lock")
     finally:
         await probe.close()
 
@@ -116,7 +119,7 @@ async def test_racing_claimers_on_two_handles_keep_the_group_rule(dsn: str) -> N
                     await storage.complete_tasks([task.claim])
                     done += 1
                 if not claim.tasks:
-                    await anyio.sleep(0)
+                    await anyio.lowlevel.checkpoint()
 
         with anyio.fail_after(120):
             async with anyio.create_task_group() as tg:
