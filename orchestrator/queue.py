@@ -11,6 +11,15 @@ the current lease, and sleeps while idle until an enqueue notification, the next
 task becomes claimable (a delayed task's due time or a running task's lease expiry, read
 with one cheap query when it goes idle, so a dead worker's tasks are re-run as soon as
 their lease runs out), or a rare jittered fallback poll.
+
+A queue with fleet-wide limits (``QueueConfig.max_running`` / ``max_per_second`` /
+``max_per_group``, declared in the database when a worker starts) or with grouped tasks
+(``enqueue(..., group=...)``) is coordinated: its workers claim through
+``claim_limited_tasks`` (the queue's row locked per claim, fleet-wide), a claim that a
+limit or a group refused waits for a finish notification or for the time the limits
+allow the next start, and finishing workers send that notification only when a claim was
+refused (``wake_task_queue``). Retries, dead letters and redrives of grouped tasks follow
+the outbox's group rules (see ``storage._queue_limits``).
 """
 
 from __future__ import annotations

@@ -121,17 +121,22 @@ def retry_after_s(
     window_s: float,
     first_expiry_s: float | None,
     lease_s: float,
+    next_due_s: float | None = None,
 ) -> float | None:
     """When a refused claimer should try again without a wakeup; None if not refused.
 
     A full rate window: when its oldest counted start leaves it. Otherwise (running cap or
-    group): the earliest live lease expiry of the queue, at most ``lease_s`` away.
+    group): the earliest live lease expiry of the queue or the next retry falling due
+    (a task waiting for its retry holds its group back), at most ``lease_s`` away.
     """
     if not refused:
         return None
     if capacity is not None and len(starts) >= capacity:
         return max(0.0, starts[len(starts) - capacity] + window_s - clock_s)
-    wait = lease_s if first_expiry_s is None else min(lease_s, first_expiry_s - clock_s)
+    wait = lease_s
+    for at in (first_expiry_s, next_due_s):
+        if at is not None:
+            wait = min(wait, at - clock_s)
     return max(0.0, wait)
 
 
@@ -208,6 +213,7 @@ async def pg_claim_limited_tasks(
         window,
         head["first_expiry_s"],
         lease_s,
+        head["next_due_s"],
     )
     return LimitedClaim(tasks, bool(head["refused"]), retry)
 
@@ -277,6 +283,10 @@ async def lite_claim_limited_tasks(
         started = [r for r in claimed if r["status"] == "running"]
         left = (await tx.fetch("_due_tasks_left", {"queue": queue, "now": now}))[0]
         refused = len(started) < limit and bool(left["left_over"])
+        next_due = None
+        if refused:
+            params = {"queue": queue, "now": now}
+            next_due = (await tx.fetch("_next_retry_due", params))[0]["next_due"]
         if capacity is not None:
             starts.extend([now] * len(started))
         log = {
@@ -288,7 +298,7 @@ async def lite_claim_limited_tasks(
         await tx.execute("_log_task_queue", log)
     tasks = sorted((record(r) for r in started), key=lambda t: (-t.priority, t.id))
     first = running["first_expiry"]
-    retry = retry_after_s(refused, now, starts, capacity, window, first, lease_s)
+    retry = retry_after_s(refused, now, starts, capacity, window, first, lease_s, next_due)
     return LimitedClaim(tasks, refused, retry)
 
 

@@ -95,6 +95,18 @@ async def test_a_retry_holds_back_its_group_and_a_dead_task_holds_nothing(
     assert _payloads(await _claim(storage)) == ["s1"]  # the dead s0 holds nothing back
 
 
+async def test_a_claim_held_back_by_a_retry_says_when_the_retry_falls_due(
+    storage: AsyncStorageBackend,
+) -> None:
+    await storage.enqueue_tasks(_grouped("q", "g", 2))
+    (g0,) = await _claim(storage, limit=1)
+    later = datetime.now(UTC) + timedelta(seconds=5)
+    await storage.fail_tasks([Failure(g0.id, g0.claim.token, "again", later)])
+    held = await storage.claim_limited_tasks("q", "w", limit=10, lease_s=30)
+    assert held.tasks == [] and held.refused  # g1 is due, held back by g0's retry
+    assert held.retry_after_s is not None and 3 < held.retry_after_s <= 5
+
+
 async def test_a_redriven_task_goes_back_to_its_place_in_its_group(
     storage: AsyncStorageBackend,
 ) -> None:
@@ -283,3 +295,4 @@ def test_rate_window_and_retry_arithmetic() -> None:
     assert retry_after_s(True, 10.0, [9.2, 9.5, 9.9], 3, 1.0, None, 30) == pytest.approx(0.2)
     assert retry_after_s(True, 10.0, [9.5], 3, 1.0, 12.5, 30) == pytest.approx(2.5)
     assert retry_after_s(True, 10.0, [], None, 1.0, None, 30) == 30
+    assert retry_after_s(True, 10.0, [], None, 1.0, 15.0, 30, 10.5) == pytest.approx(0.5)

@@ -571,8 +571,9 @@ FOR UPDATE;
 -- budget never lets a later task of a group start before an earlier one).
 -- Returns one row per claimed task, or one row of NULL task columns when none: every row
 -- carries refused (due tasks left unclaimed below $2: a limit or a group held them), the
--- window's log and the earliest lease expiry (Unix seconds), from which the worker
--- computes when to try again; a refusal also marks the row waiting (wake_task_queue).
+-- window's log, the earliest lease expiry and, when refused, the next due time of a task
+-- waiting for its retry (it may hold its group back) (Unix seconds), from which the
+-- worker computes when to try again; a refusal also marks the row waiting (wake_task_queue).
 -- A claimed task's updated_at is its start time, the time logged for the rate.
 WITH clock AS (
     -- The time under the lock (not the transaction's start): claims of the queue read it
@@ -665,9 +666,13 @@ WITH clock AS (
     SELECT (SELECT yes FROM refused) AS refused,
            (SELECT epoch FROM clock) AS clock_s,
            (SELECT recent_starts FROM logged) AS window_starts,
-           (SELECT first_expiry FROM running) AS first_expiry_s
+           (SELECT first_expiry FROM running) AS first_expiry_s,
+           CASE WHEN (SELECT yes FROM refused) THEN (
+               SELECT extract(epoch FROM min(run_after))::float8 FROM agent_tasks
+               WHERE queue = $3 AND status = 'queued' AND run_after > (SELECT at FROM clock)
+           ) END AS next_due_s
 )
-SELECT s.refused, s.clock_s, s.window_starts, s.first_expiry_s, c.*
+SELECT s.refused, s.clock_s, s.window_starts, s.first_expiry_s, s.next_due_s, c.*
 FROM summary s LEFT JOIN (SELECT * FROM claimed WHERE status = 'running') c ON true
 ORDER BY c.priority DESC, c.id;
 

@@ -427,6 +427,10 @@ SELECT EXISTS (
     WHERE queue = :queue AND status IN ('queued', 'running') AND run_after <= :now
 ) AS left_over;
 
+-- name: _next_retry_due
+SELECT min(run_after) AS next_due FROM agent_tasks
+WHERE queue = :queue AND status = 'queued' AND run_after > :now;
+
 -- name: _log_task_queue
 UPDATE task_queues SET recent_starts = :starts, waiting = (waiting OR :refused),
     updated_at = :now
