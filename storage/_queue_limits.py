@@ -23,6 +23,15 @@ queue across the fleet, each reading the queue after the previous one committed:
 - ``max_per_group``: a grouped task's group has at most this many in flight, and its
   tasks start in id order (the outbox's group rule, with N in flight instead of one).
 
+Group rules (the outbox's, tests/contract/test_task_groups.py): a task waiting for its
+retry (``fail_tasks`` with attempts left) holds back the later tasks of its group until it
+runs; a dead task (attempts exhausted, ``dead_letter_tasks``, or its lease expired on the
+last attempt) holds nothing back, the rest of the group goes on; a redriven task goes back
+to its place (its id): it waits while N of its group are in flight, then goes before the
+later ones; a released task (shutdown) is due at once at its place; a task whose worker
+died is claimable again at its lease expiry, at its place. Ungrouped tasks of a
+coordinated queue are claimed by priority, then run_after, then id, as before.
+
 Ungrouped tasks of a queue without a row use the unchanged one-statement claim.
 """
 
@@ -220,9 +229,10 @@ async def pg_claim_limited_tasks(
 
 async def pg_wake_task_queue(backend: Any, queue: str, channel: str) -> bool:
     rows = await backend._fetch("wake_task_queue", queue, channel)
-    if rows:
+    woke = bool(rows and rows[0]["woke"])
+    if woke:
         backend._count("notify")
-    return bool(rows)
+    return woke
 
 
 # ---------------------------------------------------------------- SQLite

@@ -131,3 +131,35 @@ async def test_racing_claimers_on_two_handles_keep_the_group_rule(dsn: str) -> N
         # At most per_group in flight, started in order within the window of in-flight ones.
         for pos, i in enumerate(started[g]):
             assert i < pos + per_group
+
+
+async def test_a_finish_racing_a_refusing_claim_still_notifies(dsn: str) -> None:
+    """The refusing claim holds the row with its mark uncommitted while the finish's wake
+    runs: the wake must wait for it and notify (judging the mark on its own snapshot, it
+    would see no refusal, and the refused worker would sleep until a lease expiry)."""
+    async with open_storage(dsn) as storage:
+        await storage.set_queue_limits("q", max_running=1)
+        await storage.enqueue_tasks([NewTask("q", "a"), NewTask("q", "b")])
+        (a_task,) = (await storage.claim_limited_tasks("q", "w", limit=1, lease_s=30)).tasks
+    claimer = await asyncpg.connect(dsn)
+    waker = await asyncpg.connect(dsn)
+    try:
+        tx = claimer.transaction()
+        await tx.start()
+        assert await _claim_in(claimer, "C") == []  # refused: "a" holds the one slot
+        async with open_storage(dsn) as storage:
+            await storage.complete_tasks([a_task.claim])  # the finish commits meanwhile
+        woken: list[bool] = []
+
+        async def wake() -> None:
+            row = await waker.fetchrow(Q["wake_task_queue"], "q", "asyncstore.queue.q")
+            woken.append(bool(row and row["woke"]))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(wake)
+            await _wait_blocked(dsn, waker)
+            await tx.commit()
+        assert woken == [True]
+    finally:
+        await claimer.close()
+        await waker.close()

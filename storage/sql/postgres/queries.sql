@@ -679,11 +679,15 @@ ORDER BY c.priority DESC, c.id;
 -- name: wake_task_queue
 -- $1 queue, $2 channel. Run after tasks of a coordinated queue finished (their outcome
 -- committed): if a claim was refused since the last wake, clear the mark and notify the
--- channel ('0': due now), in this statement. A claim that marks the row holds its lock, so
--- this update waits for it and sees the mark; a claim that started after the finish
--- committed sees the freed slot itself. No refusal: no notification (no notifying commit).
-UPDATE task_queues SET waiting = false WHERE queue = $1 AND waiting
-RETURNING pg_notify($2, '0') IS NULL AS notified;
+-- channel ('0': due now), in this statement. The update names the row by its key only, so
+-- it always waits for a claim holding the row's lock and then reads the row as that claim
+-- left it (a predicate on the mark would be judged on this statement's snapshot, and
+-- miss a mark that a claim set and committed meanwhile: a lost wakeup). A claim that
+-- started after the finish committed sees the freed slot itself. woke keeps the mark as
+-- this update found it; the notification is sent only then (no refusal: no notifying
+-- commit).
+UPDATE task_queues SET woke = waiting, waiting = false WHERE queue = $1
+RETURNING woke, CASE WHEN woke THEN pg_notify($2, '0') END AS notified;
 
 -- name: request_cancel
 -- $3 a channel or NULL, $4 the reason characters the notification carries. The first

@@ -19,6 +19,7 @@ CREATE TABLE task_queues (
     max_per_group   integer NOT NULL DEFAULT 1 CHECK (max_per_group >= 1),
     recent_starts   double precision[] NOT NULL DEFAULT '{}',
     waiting         boolean NOT NULL DEFAULT false,
+    woke            boolean NOT NULL DEFAULT false,  -- the last wake found a refusal
     updated_at      timestamptz NOT NULL DEFAULT now()
 );
 -- A group's open tasks in id order (the group rule), and the running tasks of a queue (the
