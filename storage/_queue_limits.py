@@ -19,7 +19,8 @@ queue across the fleet, each reading the queue after the previous one committed:
 - ``max_per_second``: starts (claims, by the database clock under the lock) in any
   window of ``capacity / max_per_second`` seconds, where ``capacity`` is
   ``max(1, floor(max_per_second))``: 20/s allows 20 starts in any 1 s window, 0.5/s one
-  start in any 2 s window. The log of the window's starts is kept in the row.
+  start in any 2 s window. The log of the window's claims (time, tasks started) is kept
+  in the row, one entry per claim.
 - ``max_per_group``: a grouped task's group has at most this many in flight, and its
   tasks start in id order (the outbox's group rule, with N in flight instead of one).
 
@@ -125,7 +126,7 @@ def rate_window(max_per_second: float | None) -> tuple[int | None, float]:
 def retry_after_s(
     refused: bool,
     clock_s: float,
-    starts: list[float],
+    starts: list[tuple[float, int]],
     capacity: int | None,
     window_s: float,
     first_expiry_s: float | None,
@@ -140,8 +141,12 @@ def retry_after_s(
     """
     if not refused:
         return None
-    if capacity is not None and len(starts) >= capacity:
-        return max(0.0, starts[len(starts) - capacity] + window_s - clock_s)
+    total = sum(n for _, n in starts)
+    if capacity is not None and total >= capacity:
+        for started_at, n in sorted(starts):  # the oldest claims leave the window first
+            total -= n
+            if total < capacity:
+                return max(0.0, started_at + window_s - clock_s)
     wait = lease_s
     for at in (first_expiry_s, next_due_s):
         if at is not None:
@@ -217,7 +222,7 @@ async def pg_claim_limited_tasks(
     retry = retry_after_s(
         bool(head["refused"]),
         float(head["clock_s"]),
-        list(head["window_starts"] or []),
+        list(zip(head["window_times"] or [], head["window_counts"] or [], strict=True)),
         capacity,
         window,
         head["first_expiry_s"],
@@ -270,13 +275,13 @@ async def lite_claim_limited_tasks(
         now = time.time()
         rate = None if row["max_per_second"] is None else float(row["max_per_second"])
         capacity, window = rate_window(rate)
-        starts = [s for s in orjson.loads(row["recent_starts"]) if s > now - window]
+        starts = [(t, n) for t, n in orjson.loads(row["recent_starts"]) if t > now - window]
         running = (await tx.fetch("_running_tasks", {"queue": queue, "now": now}))[0]
         budget = limit
         if row["max_running"] is not None:
             budget = min(budget, row["max_running"] - int(running["n"]))
         if capacity is not None:
-            budget = min(budget, capacity - len(starts))
+            budget = min(budget, capacity - sum(n for _, n in starts))
         claimed: list[dict[str, Any]] = []
         if budget > 0:
             token = await tx.next_token("claim_tokens")
@@ -297,8 +302,8 @@ async def lite_claim_limited_tasks(
         if refused:
             params = {"queue": queue, "now": now}
             next_due = (await tx.fetch("_next_retry_due", params))[0]["next_due"]
-        if capacity is not None:
-            starts.extend([now] * len(started))
+        if capacity is not None and started:
+            starts.append((now, len(started)))
         log = {
             "queue": queue,
             "starts": orjson.dumps(starts if capacity is not None else []).decode(),

@@ -292,7 +292,11 @@ def test_rate_window_and_retry_arithmetic() -> None:
     assert rate_window(0.5) == (1, 2.0)
     assert rate_window(2.5) == (2, 0.8)
     assert retry_after_s(False, 10.0, [], 3, 1.0, None, 30) is None
-    assert retry_after_s(True, 10.0, [9.2, 9.5, 9.9], 3, 1.0, None, 30) == pytest.approx(0.2)
-    assert retry_after_s(True, 10.0, [9.5], 3, 1.0, 12.5, 30) == pytest.approx(2.5)
+    full = [(9.2, 1), (9.5, 1), (9.9, 1)]
+    assert retry_after_s(True, 10.0, full, 3, 1.0, None, 30) == pytest.approx(0.2)
+    batched = [(9.5, 2), (9.2, 3)]  # 5 starts in two claims, capacity 4: the older leaves
+    assert retry_after_s(True, 10.0, batched, 4, 1.0, None, 30) == pytest.approx(0.2)
+    assert retry_after_s(True, 10.0, batched, 2, 1.0, None, 30) == pytest.approx(0.5)
+    assert retry_after_s(True, 10.0, [(9.5, 1)], 3, 1.0, 12.5, 30) == pytest.approx(2.5)
     assert retry_after_s(True, 10.0, [], None, 1.0, None, 30) == 30
     assert retry_after_s(True, 10.0, [], None, 1.0, 15.0, 30, 10.5) == pytest.approx(0.5)

@@ -580,10 +580,12 @@ WITH clock AS (
     -- in the order they hold the lock, so the start log is in time order.
     SELECT c AS at, extract(epoch FROM c)::float8 AS epoch FROM clock_timestamp() AS c
 ), recent AS (
-    SELECT coalesce((
-        SELECT array_agg(s ORDER BY s) FROM task_queues q, unnest(q.recent_starts) AS s
-        WHERE q.queue = $3 AND s > (SELECT epoch FROM clock) - $7
-    ), '{}'::float8[]) AS starts
+    -- The window's claims, one entry per claim (its time and how many it started).
+    SELECT coalesce(array_agg(s.t ORDER BY s.t), '{}'::float8[]) AS times,
+           coalesce(array_agg(s.n ORDER BY s.t), '{}'::int[]) AS counts,
+           coalesce(sum(s.n), 0)::int AS total
+    FROM task_queues q, unnest(q.start_times, q.start_counts) AS s(t, n)
+    WHERE q.queue = $3 AND s.t > (SELECT epoch FROM clock) - $7
 ), running AS (
     SELECT count(*)::int AS n, extract(epoch FROM min(run_after))::float8 AS first_expiry
     FROM agent_tasks
@@ -591,7 +593,7 @@ WITH clock AS (
 ), budget AS (
     SELECT greatest(0, least($2::int,
                coalesce($5::int - running.n, $2::int),
-               coalesce($6::int - cardinality(recent.starts), $2::int)))::int AS n
+               coalesce($6::int - recent.total, $2::int)))::int AS n
     FROM running, recent
 ), picked AS MATERIALIZED (
     SELECT t.id, t.group_key FROM agent_tasks t
@@ -655,24 +657,29 @@ WITH clock AS (
     ) AS yes
 ), logged AS (
     UPDATE task_queues q SET
-        recent_starts = CASE WHEN $6::int IS NULL THEN '{}'::float8[]
-            ELSE (SELECT starts FROM recent)
-                 || array_fill((SELECT epoch FROM clock), ARRAY[(SELECT n FROM started)]) END,
+        start_times = CASE WHEN $6::int IS NULL THEN '{}'::float8[]
+            WHEN (SELECT n FROM started) = 0 THEN (SELECT times FROM recent)
+            ELSE (SELECT times FROM recent) || (SELECT epoch FROM clock) END,
+        start_counts = CASE WHEN $6::int IS NULL THEN '{}'::int[]
+            WHEN (SELECT n FROM started) = 0 THEN (SELECT counts FROM recent)
+            ELSE (SELECT counts FROM recent) || (SELECT n FROM started) END,
         waiting = q.waiting OR (SELECT yes FROM refused),
         updated_at = (SELECT at FROM clock)
     WHERE q.queue = $3
-    RETURNING q.recent_starts
+    RETURNING q.start_times, q.start_counts
 ), summary AS (
     SELECT (SELECT yes FROM refused) AS refused,
            (SELECT epoch FROM clock) AS clock_s,
-           (SELECT recent_starts FROM logged) AS window_starts,
+           (SELECT start_times FROM logged) AS window_times,
+           (SELECT start_counts FROM logged) AS window_counts,
            (SELECT first_expiry FROM running) AS first_expiry_s,
            CASE WHEN (SELECT yes FROM refused) THEN (
                SELECT extract(epoch FROM min(run_after))::float8 FROM agent_tasks
                WHERE queue = $3 AND status = 'queued' AND run_after > (SELECT at FROM clock)
            ) END AS next_due_s
 )
-SELECT s.refused, s.clock_s, s.window_starts, s.first_expiry_s, s.next_due_s, c.*
+SELECT s.refused, s.clock_s, s.window_times, s.window_counts, s.first_expiry_s, s.next_due_s,
+       c.*
 FROM summary s LEFT JOIN (SELECT * FROM claimed WHERE status = 'running') c ON true
 ORDER BY c.priority DESC, c.id;
 

@@ -8,8 +8,8 @@
 -- this row (FOR UPDATE), then reads the queue in a new statement, whose snapshot includes
 -- every claim that committed before it got the lock: the count of running tasks, the
 -- group state and the start log are never older than the last committed claim.
--- recent_starts: the Unix times of the starts inside the rate window (at most the rate's
--- capacity), the sliding log the start-rate limit is checked against. waiting: a claim was
+-- start_times / start_counts: the claims inside the rate window (Unix time, tasks started),
+-- one entry per claim, the sliding log the start-rate limit is checked against. waiting: a claim was
 -- refused by a limit with due tasks left; the next finish notifies the queue's channel.
 ALTER TABLE agent_tasks ADD COLUMN group_key text;
 CREATE TABLE task_queues (
@@ -17,7 +17,8 @@ CREATE TABLE task_queues (
     max_running     integer CHECK (max_running IS NULL OR max_running >= 1),
     max_per_second  double precision CHECK (max_per_second IS NULL OR max_per_second > 0),
     max_per_group   integer NOT NULL DEFAULT 1 CHECK (max_per_group >= 1),
-    recent_starts   double precision[] NOT NULL DEFAULT '{}',
+    start_times     double precision[] NOT NULL DEFAULT '{}',
+    start_counts    integer[] NOT NULL DEFAULT '{}',
     waiting         boolean NOT NULL DEFAULT false,
     woke            boolean NOT NULL DEFAULT false,  -- the last wake found a refusal
     updated_at      timestamptz NOT NULL DEFAULT now()

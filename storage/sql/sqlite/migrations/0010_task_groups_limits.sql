@@ -1,7 +1,8 @@
 -- asyncstore schema, version 10 (SQLite): ordering groups of agent tasks and fleet-wide
 -- limits per task queue, the same semantics as Postgres version 10. SQLite has one writer:
 -- a coordinated claim's BEGIN IMMEDIATE transaction already sees every committed claim, so
--- the row is read, not locked. recent_starts is a JSON array of Unix times.
+-- the row is read, not locked. recent_starts is a JSON array of [Unix time,
+-- tasks started] pairs, one per claim inside the rate window.
 ALTER TABLE agent_tasks ADD COLUMN group_key TEXT;
 CREATE TABLE task_queues (
     queue           TEXT PRIMARY KEY,
