@@ -24,11 +24,9 @@ import asyncpg
 import orjson
 
 from asyncstore.storage import _partitions, _topology
-from asyncstore.storage import _queue_limits as ql
 from asyncstore.storage import _validate as v
 from asyncstore.storage._backoff import Backoff
 from asyncstore.storage._notify import NotificationHub, Subscription
-from asyncstore.storage._queue_limits import LimitedClaim, QueueLimits
 from asyncstore.storage._schema import mask_url
 from asyncstore.storage._shield import complete
 from asyncstore.storage._sql import load_migrations, load_queries
@@ -688,31 +686,6 @@ class PostgresBackend(AsyncStorageBackend):
         self, kind: JobKind[Any, Any, Any], ids: list[int], tokens: list[int], lease_s: float
     ) -> list[int]:
         return [r[0] for r in await self._fetch(kind.statement("heartbeat"), ids, tokens, lease_s)]
-
-    # -- coordinated task queues (storage._queue_limits) -------------------------
-
-    async def _sql_enqueue_grouped_tasks(
-        self, rows: list[Any], groups: list[str | None], notify: str | None
-    ) -> list[Any]:
-        return await ql.pg_enqueue_grouped_tasks(self, rows, groups, notify)
-
-    async def _sql_set_queue_limits(
-        self, queue: str, running: int | None, rate: float | None, group: int
-    ) -> QueueLimits:
-        return await ql.pg_set_queue_limits(self, queue, running, rate, group)
-
-    async def _sql_get_queue_limits(self, queue: str) -> QueueLimits | None:
-        return await ql.pg_get_queue_limits(self, queue)
-
-    async def _sql_claim_limited_tasks(
-        self, queue: str, worker_id: str, limit: int, lease_s: float
-    ) -> LimitedClaim | None:
-        return await ql.pg_claim_limited_tasks(
-            self, TASKS.record, worker_id, limit, queue, lease_s
-        )
-
-    async def _sql_wake_task_queue(self, queue: str, channel: str) -> bool:
-        return await ql.pg_wake_task_queue(self, queue, channel)
 
     async def _sql_complete_jobs(
         self, kind: JobKind[Any, Any, Any], ids: list[int], tokens: list[int]
