@@ -15,4 +15,3 @@ CREATE TABLE task_queues (
 );
 CREATE INDEX agent_tasks_group_open ON agent_tasks (queue, group_key, id)
     WHERE group_key IS NOT NULL AND status IN ('queued', 'running');
-CREATE INDEX agent_tasks_running ON agent_tasks (queue, run_after) WHERE status = 'running';
