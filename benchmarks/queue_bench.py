@@ -78,7 +78,24 @@ LEGACY = QueueConfig(mode="poll_spawn", poll_interval_s=1.0, poll_batch=1000, le
 PROCESSES = (1, 2, 4)
 BATCHES = (100, 200)
 DEFAULT_SYSTEMS = ("claim", "pgqueuer", "raw_sql")
-ALL_SYSTEMS = ("claim", "pgqueuer", "raw_sql", "pgqueuer_conn", "poll_spawn", "procrastinate")
+ALL_SYSTEMS = (
+    "claim",
+    "pgqueuer",
+    "raw_sql",
+    "pgqueuer_conn",
+    "poll_spawn",
+    "procrastinate",
+    "claim_limited",
+    "claim_rate",
+)
+# Coordinated claims (fleet-wide limits, migration 0010): claim_limited declares a cap no
+# drain reaches (max_running), so it measures the coordinated claim's cost alone;
+# claim_rate declares max_per_second = RATE_LIMIT, so its drain shows the limit holding.
+LIMITED: dict[str, dict[str, Any]] = {
+    "claim_limited": {"max_running": 1_000_000},
+    "claim_rate": {"max_per_second": 2000.0},
+}
+RATE_LIMIT = 2000.0
 SECTIONS = ("drain", "latency", "outbox", "kill", "enqueue")
 ENQUEUE_SAMPLES = 200
 PGQ_BATCH = 100
@@ -236,9 +253,9 @@ async def _child_main(system: str, url: str, queue: str, batch: int) -> int:
         seen.append(value)
         last[0] = time.time()
 
-    if system in ("claim", "poll_spawn"):
-        cfg = CLAIM if system == "claim" else LEGACY
-        if system == "claim":
+    if system in ("claim", "poll_spawn", *LIMITED):
+        cfg = LEGACY if system == "poll_spawn" else CLAIM.model_copy(update=LIMITED.get(system, {}))
+        if system != "poll_spawn":
             # Claims of `batch` tasks, and room for the next claim while a batch runs
             # (pgqueuer's own rule: concurrency at least twice its batch; it runs unlimited).
             cfg = cfg.model_copy(update={"max_workers": concurrency(batch), "claim_batch": batch})
@@ -378,7 +395,7 @@ async def _run_processes(system: str, url: str, queue: str, n: int, batch: int) 
 
 
 async def _enqueue(system: str, url: str, queue: str, n: int) -> None:
-    if system in ("claim", "poll_spawn", "raw_sql"):
+    if system in ("claim", "poll_spawn", "raw_sql", *LIMITED):
         async with open_storage(url) as storage:
             q = AgentQueue(storage, queue)
             for start in range(0, n, ENQUEUE_CHUNK):

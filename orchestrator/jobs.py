@@ -163,6 +163,16 @@ class JobConsumer(abc.ABC, Generic[J]):
         """The claim loop; a legacy mode may replace it."""
         await self._claim_loop()
 
+    def _held_back_s(self) -> float | None:
+        """After a claim: seconds until a limit may allow the rows it held back (a
+        fleet-wide limit or an ordering group refused them), or None when nothing was held
+        back. The loop then waits that long, or until a wakeup (a finish notification)."""
+        return None
+
+    async def _after_outcomes(self) -> None:
+        """Called after a batch of outcomes was written (a coordinated queue announces
+        the freed slots here)."""
+
     # -- lifecycle -----------------------------------------------------------------
 
     async def flush(self) -> None:
@@ -227,7 +237,12 @@ class JobConsumer(abc.ABC, Generic[J]):
                 continue
             if jobs:
                 self._busy_retries = 0
-            if not self._take(jobs) and len(jobs) < room:
+            if self._take(jobs):
+                continue
+            held_back = self._held_back_s()
+            if held_back is not None:
+                await self._wait_held_back(held_back)
+            elif len(jobs) < room:
                 await self._idle_wait()
 
     async def _claim(self, limit: int) -> list[J] | None:
@@ -324,6 +339,12 @@ class JobConsumer(abc.ABC, Generic[J]):
             self._busy_retries += 1
             self._horizon = started + min(BUSY_RETRY.delay(self._busy_retries), lease)
 
+    async def _wait_held_back(self, seconds: float) -> None:
+        """Wait for a wakeup (set during the claim: at once), the stop, or ``seconds``:
+        no polling while a limit holds rows back."""
+        with anyio.move_on_after(seconds):
+            await first_of(self._wake, self._stopping)
+
     async def _sleep_or_stop(self, seconds: float) -> None:
         with anyio.move_on_after(seconds):
             await self._stopping.wait()
@@ -410,6 +431,8 @@ class JobConsumer(abc.ABC, Generic[J]):
                 await self._write_kind(kind, chunk)
         if groups[OutcomeKind.RELEASE] and self._spec.notify_on_release:
             await self._notify_quietly()
+        if batch:
+            await self._after_outcomes()
 
     async def _write_kind(self, outcome: OutcomeKind, items: list[Outcome]) -> None:
         kind = self._spec.kind

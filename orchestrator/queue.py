@@ -11,6 +11,15 @@ the current lease, and sleeps while idle until an enqueue notification, the next
 task becomes claimable (a delayed task's due time or a running task's lease expiry, read
 with one cheap query when it goes idle, so a dead worker's tasks are re-run as soon as
 their lease runs out), or a rare jittered fallback poll.
+
+A queue with fleet-wide limits (``QueueConfig.max_running`` / ``max_per_second`` /
+``max_per_group``, declared in the database when a worker starts) or with grouped tasks
+(``enqueue(..., group=...)``) is coordinated: its workers claim through
+``claim_limited_tasks`` (the queue's row locked per claim, fleet-wide), a claim that a
+limit or a group refused waits for a finish notification or for the time the limits
+allow the next start, and finishing workers send that notification only when a claim was
+refused (``wake_task_queue``). Retries, dead letters and redrives of grouped tasks follow
+the outbox's group rules (see ``storage._queue_limits``).
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ from __future__ import annotations
 import collections
 import enum
 import functools
+import logging
 import os
 import secrets
 import socket
@@ -40,6 +50,7 @@ from asyncstore.storage import (
     Claim,
     InvalidInput,
     NewTask,
+    StorageError,
     Task,
 )
 from asyncstore.storage import TaskStatus as StoredStatus
@@ -59,6 +70,8 @@ __all__ = [
     "open_worker",
 ]
 
+
+log = logging.getLogger("asyncstore.queue")
 
 Handler = Callable[[Task], Awaitable[None]]
 """A task handler: an async callable that receives the claimed ``Task``."""
@@ -109,6 +122,27 @@ class QueueConfig(BaseModel):
     )
     shutdown_grace_s: float = Field(default=10.0, ge=0)
     max_write_batch: int = Field(default=1000, ge=1, le=10_000)
+    max_running: int | None = Field(
+        default=None,
+        ge=1,
+        description="fleet-wide: most tasks of this queue running at once across every "
+        "process (None: no cap). Setting any of max_running, max_per_second, max_per_group "
+        "declares all three in the database when a worker starts (the last start wins)",
+    )
+    max_per_second: float | None = Field(
+        default=None,
+        gt=0,
+        le=10_000,
+        description="fleet-wide: most task starts per second across every process, as at "
+        "most max(1, floor(rate)) starts in any window of that many / rate seconds",
+    )
+    max_per_group: int | None = Field(
+        default=None,
+        ge=1,
+        le=10_000,
+        description="tasks of one ordering group in flight at once, fleet-wide (None: "
+        "declare nothing; a coordinated queue without a declaration has 1)",
+    )
 
     @model_validator(mode="after")
     def _heartbeat_within_lease(self) -> QueueConfig:
@@ -128,6 +162,15 @@ class QueueConfig(BaseModel):
             base_s=min(self.backoff_base_s, self.backoff_max_s),
             max_s=self.backoff_max_s,
             jitter=self.backoff_jitter,
+        )
+
+    @property
+    def declares_limits(self) -> bool:
+        """Whether this config declares the queue's limits (any of the three set)."""
+        return (
+            self.max_running is not None
+            or self.max_per_second is not None
+            or self.max_per_group is not None
         )
 
     def backoff_s(self, attempt: int) -> float:
@@ -190,6 +233,8 @@ class WorkerStatistics:
     reruns: int  # tasks claimed because their previous worker's lease expired
     due_queries: int  # next-due reads made on going idle
     expiry_wakeups: int  # idle waits ended at the next known due time or lease expiry
+    coordinated: bool = False  # claims through the queue's limits row (groups, limits)
+    held_back: int = 0  # coordinated claims that a limit or a group refused due tasks
 
     METRIC_FAMILIES: ClassVar[tuple[Family, ...]] = (
         Family("queue_running", "gauge", "Tasks running."),
@@ -203,6 +248,7 @@ class WorkerStatistics:
         Family("queue_reruns", "counter", "Tasks re-run after their worker's lease expired."),
         Family("queue_due_queries", "counter", "Next-due reads on going idle."),
         Family("queue_expiry_wakeups", "counter", "Idle waits ended at a due time."),
+        Family("queue_held_back", "counter", "Claims a fleet-wide limit or a group held back."),
     )
 
     def export(self, out: MetricSink) -> None:
@@ -225,6 +271,7 @@ class WorkerStatistics:
         out.sample("queue_reruns", {}, self.reruns)
         out.sample("queue_due_queries", {}, self.due_queries)
         out.sample("queue_expiry_wakeups", {}, self.expiry_wakeups)
+        out.sample("queue_held_back", {}, self.held_back)
 
 
 class _Stop(enum.Enum):
@@ -268,6 +315,7 @@ class AgentQueue:
         run_after: datetime | None = None,
         idempotency_key: str | None = None,
         max_attempts: int | None = None,
+        group: str | None = None,
     ) -> Task:
         """Enqueue one task (see ``enqueue_many``)."""
         new = NewTask(
@@ -277,6 +325,7 @@ class AgentQueue:
             run_after,
             idempotency_key,
             max_attempts or self.config.max_attempts,
+            group,
         )
         return (await self.enqueue_tasks([new]))[0]
 
@@ -288,8 +337,13 @@ class AgentQueue:
         run_after: datetime | None = None,
         idempotency_keys: Sequence[str | None] | None = None,
         max_attempts: int | None = None,
+        group: str | None = None,
     ) -> list[Task]:
         """Enqueue a batch in one transaction and send one notification; one row per payload.
+
+        ``group``: every task of the batch joins that ordering group (run in enqueue order,
+        at most the queue's ``max_per_group`` at once, fleet-wide); the queue becomes
+        coordinated (see ``open_worker``).
 
         A payload whose idempotency key matches an unfinished task of this queue returns that
         task instead of a new one. If cancelled, the batch was either committed (announced
@@ -302,7 +356,7 @@ class AgentQueue:
         attempts = max_attempts or self.config.max_attempts
         return await self.enqueue_tasks(
             [
-                NewTask(self.name, p, priority, run_after, k, attempts)
+                NewTask(self.name, p, priority, run_after, k, attempts, group)
                 for p, k in zip(payloads, keys, strict=True)
             ]
         )
@@ -339,9 +393,20 @@ class Worker(JobConsumer[Task]):
     """
 
     def __init__(
-        self, queue: AgentQueue, handler: Handler, config: QueueConfig, worker_id: str
+        self,
+        queue: AgentQueue,
+        handler: Handler,
+        config: QueueConfig,
+        worker_id: str,
+        *,
+        coordinated: bool = False,
     ) -> None:
         legacy = config.mode == "poll_spawn"
+        if legacy and coordinated:
+            raise UsageError(
+                f"queue {queue.name!r} has limits or ordering groups: the legacy poll_spawn "
+                "mode cannot honour them (use mode='claim')"
+            )
         spec = ConsumerSpec(
             kind=TASKS,
             name=f"queue {queue.name}",
@@ -359,8 +424,12 @@ class Worker(JobConsumer[Task]):
             ),
             notify_on_release=not legacy,
             write_each=legacy,
+            wake_on_finish=coordinated,  # a finished task lets its group's next one go
         )
         super().__init__(queue.storage, spec, worker_id)
+        self._coordinated = coordinated
+        self._retry_held_back: float | None = None
+        self._held_back_claims = 0
         self.queue = queue
         self.config = config
         self.worker_id = worker_id
@@ -407,6 +476,8 @@ class Worker(JobConsumer[Task]):
             reruns=self._reruns,
             due_queries=self._due_queries,
             expiry_wakeups=self._expiry_wakeups,
+            coordinated=self._coordinated,
+            held_back=self._held_back_claims,
         )
 
     def cancel(self, task_id: int, reason: str = "cancelled") -> bool:
@@ -457,6 +528,41 @@ class Worker(JobConsumer[Task]):
         if scope is not None:
             self._stop_reason[job_id] = (_Stop.LEASE_LOST, "")
             scope.cancel()
+
+    async def _claim(self, limit: int) -> list[Task] | None:
+        """A coordinated queue claims through its limits row (``claim_limited_tasks``);
+        others run the shared loop's plain claim."""
+        if not self._coordinated:
+            return await super()._claim(limit)
+        self._claims += 1
+        self._retry_held_back = None
+        try:
+            with anyio.CancelScope(shield=True):  # as the plain claim: never strand rows
+                result = await self._storage.claim_limited_tasks(
+                    self.queue.name, self.worker_id, limit=limit, lease_s=self.config.lease_s
+                )
+        except StorageError as exc:
+            self._errors += 1
+            log.warning("claim on queue %s failed: %s", self.queue.name, exc)
+            return None
+        if result.refused:
+            self._held_back_claims += 1
+            self._retry_held_back = result.retry_after_s
+        return result.tasks
+
+    def _held_back_s(self) -> float | None:
+        return self._retry_held_back
+
+    async def _after_outcomes(self) -> None:
+        """Finished tasks of a coordinated queue free slots: one statement notifies the
+        queue's channel if a claim was refused since the last finish (else no notify)."""
+        if not self._coordinated:
+            return
+        try:
+            await self._storage.wake_task_queue(self.queue.name, self.queue.channel)
+        except StorageError as exc:
+            self._errors += 1
+            log.warning("wake of queue %s failed: %s", self.queue.name, exc)
 
     async def _loop(self) -> None:
         if self._legacy:
@@ -616,6 +722,25 @@ class Worker(JobConsumer[Task]):
         return Outcome(OutcomeKind.RELEASE, claim)
 
 
+async def _coordinate(queue: AgentQueue, cfg: QueueConfig) -> bool:
+    """Declare the config's limits, or read whether the queue has a limits row.
+
+    A queue with a row (declared limits, or a grouped task enqueued) is claimed through it
+    by every worker started after the row appeared.
+    """
+    if cfg.declares_limits:
+        await queue.storage.set_queue_limits(
+            queue.name,
+            max_running=cfg.max_running,
+            max_per_second=cfg.max_per_second,
+            max_per_group=cfg.max_per_group or 1,
+        )
+        return True
+    if cfg.mode == "poll_spawn":
+        return False
+    return await queue.storage.get_queue_limits(queue.name) is not None
+
+
 @asynccontextmanager
 async def open_worker(
     queue: AgentQueue,
@@ -637,7 +762,10 @@ async def open_worker(
     cfg = config or queue.config
     if max_workers is not None:
         cfg = QueueConfig.model_validate({**cfg.model_dump(), "max_workers": max_workers})
-    worker = Worker(queue, handler, cfg, worker_id or _default_worker_id())
+    coordinated = await _coordinate(queue, cfg)
+    worker = Worker(
+        queue, handler, cfg, worker_id or _default_worker_id(), coordinated=coordinated
+    )
     async with anyio.create_task_group() as tg:
         await tg.start(worker._serve)
         try:

@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from pydantic import SecretStr
 
 from asyncstore.storage._partitions import apply_setting as apply_stream_partitioning
+from asyncstore.storage._queue_limits import LimitedClaim, QueueLimits
 from asyncstore.storage._schema import check_schema, mask_url
 from asyncstore.storage._validate import encode_payload
 from asyncstore.storage.base import (
@@ -77,6 +78,7 @@ __all__ = [
     "Leadership",
     "Lease",
     "LeaseLost",
+    "LimitedClaim",
     "MigrationError",
     "NewMessage",
     "NewOutboxMessage",
@@ -88,6 +90,7 @@ __all__ = [
     "OutboxStatus",
     "QueryError",
     "QueueDepth",
+    "QueueLimits",
     "StorageClosed",
     "StorageError",
     "StorageSettings",

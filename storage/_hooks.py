@@ -15,6 +15,7 @@ from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from typing import Any
 
+from asyncstore.storage._queue_limits import LimitedClaim, QueueLimits
 from asyncstore.storage.jobkinds import JobKind
 from asyncstore.storage.records import (
     CancelState,
@@ -33,6 +34,7 @@ from asyncstore.storage.records import (
     StreamEvent,
     StreamPartition,
     StreamRow,
+    Task,
     WebhookAttempt,
 )
 
@@ -195,6 +197,30 @@ class DialectHooks(abc.ABC):
 
     @abc.abstractmethod
     async def _sql_next_task_due_s(self, queue: str) -> float | None: ...
+
+    @abc.abstractmethod
+    async def _sql_enqueue_grouped_tasks(
+        self, rows: list[Any], groups: list[str | None], notify: str | None
+    ) -> list[Task]:
+        """``_sql_enqueue_jobs(TASKS, ...)`` with each row's group; creates the queues'
+        ``task_queues`` rows."""
+
+    @abc.abstractmethod
+    async def _sql_set_queue_limits(
+        self, queue: str, running: int | None, rate: float | None, group: int
+    ) -> QueueLimits: ...
+
+    @abc.abstractmethod
+    async def _sql_get_queue_limits(self, queue: str) -> QueueLimits | None: ...
+
+    @abc.abstractmethod
+    async def _sql_claim_limited_tasks(
+        self, queue: str, worker_id: str, limit: int, lease_s: float
+    ) -> LimitedClaim | None:
+        """None when the queue has no ``task_queues`` row."""
+
+    @abc.abstractmethod
+    async def _sql_wake_task_queue(self, queue: str, channel: str) -> bool: ...
 
     @abc.abstractmethod
     async def _sql_backlog_depths(self) -> tuple[list[QueueDepth], QueueDepth]: ...

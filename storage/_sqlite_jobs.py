@@ -11,7 +11,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from asyncstore.storage import _queue_limits as ql
 from asyncstore.storage import _validate as v
+from asyncstore.storage._queue_limits import LimitedClaim, QueueLimits
 from asyncstore.storage._sqlite_conn import SqliteConnections, _json, _ts, _Tx
 from asyncstore.storage.base import (
     TASKS,
@@ -47,22 +49,30 @@ class SqliteJobs(SqliteConnections):
                 tx.notify_on_commit(notify, f"{min(waiting).timestamp():.6f}")
         return records
 
-    async def _insert_tasks(self, tx: _Tx, rows: list[v.PreparedTask], now: float) -> list[Task]:
+    async def _insert_tasks(
+        self,
+        tx: _Tx,
+        rows: list[v.PreparedTask],
+        now: float,
+        groups: list[str | None] | None = None,
+    ) -> list[Task]:
         keys = sorted({(r[0], r[4]) for r in rows if r[4] is not None})
         existing: list[dict[str, Any]] = []
         if keys:
             existing = await tx.fetch("_existing_keyed_tasks", {"keys": _json(keys)})
         taken = {(e["queue"], e["idempotency_key"]) for e in existing}
-        values = []
-        for queue, payload, priority, run_after, key, max_attempts in rows:
+        values: list[tuple[Any, ...]] = []
+        for i, (queue, payload, priority, run_after, key, max_attempts) in enumerate(rows):
             if key is not None:
                 if (queue, key) in taken:
                     continue
                 taken.add((queue, key))
             at = now if run_after is None else run_after.timestamp()
-            values.append((queue, payload.decode(), priority, at, key, max_attempts, now, now))
+            row = (queue, payload.decode(), priority, at, key, max_attempts, now, now)
+            values.append(row if groups is None else (*row, groups[i]))
         before = await tx.scalar("_max_task_id", {})
-        await tx.execute_many("enqueue_tasks", values)
+        name = "enqueue_tasks" if groups is None else "enqueue_grouped_tasks"
+        await tx.execute_many(name, values)
         new = await tx.fetch("_tasks_after", {"after": before})
         return v.match_enqueued(rows, [Task.from_row(r) for r in [*existing, *new]])
 
@@ -89,6 +99,40 @@ class SqliteJobs(SqliteConnections):
         if kind is TASKS:
             return sorted(jobs, key=lambda t: (-t.priority, t.id))
         return sorted(jobs, key=lambda m: m.id)
+
+    # -- coordinated task queues (storage._queue_limits) -------------------------
+
+    async def _sql_enqueue_grouped_tasks(
+        self, rows: list[Any], groups: list[str | None], notify: str | None
+    ) -> list[Task]:
+        now = time.time()
+        async with self._transaction() as tx:
+            for queue in sorted({r[0] for r, g in zip(rows, groups, strict=True) if g}):
+                await tx.execute("_ensure_task_queue", {"queue": queue, "now": now})
+            records = await self._insert_tasks(tx, rows, now, groups)
+            waiting = [r.run_after for r in records if r.status == TASKS.waiting]
+            if notify is not None and waiting:
+                self._count("notify")
+                tx.notify_on_commit(notify, f"{min(waiting).timestamp():.6f}")
+        return records
+
+    async def _sql_set_queue_limits(
+        self, queue: str, running: int | None, rate: float | None, group: int
+    ) -> QueueLimits:
+        return await ql.lite_set_queue_limits(self, queue, running, rate, group)
+
+    async def _sql_get_queue_limits(self, queue: str) -> QueueLimits | None:
+        return await ql.lite_get_queue_limits(self, queue)
+
+    async def _sql_claim_limited_tasks(
+        self, queue: str, worker_id: str, limit: int, lease_s: float
+    ) -> LimitedClaim | None:
+        return await ql.lite_claim_limited_tasks(
+            self, TASKS.record, worker_id, limit, queue, lease_s
+        )
+
+    async def _sql_wake_task_queue(self, queue: str, channel: str) -> bool:
+        return await ql.lite_wake_task_queue(self, queue, channel)
 
     async def _sql_heartbeat_jobs(
         self, kind: JobKind[Any, Any, Any], ids: list[int], tokens: list[int], lease_s: float

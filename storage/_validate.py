@@ -323,6 +323,17 @@ def prepare_tasks(tasks: object) -> list[PreparedTask]:
     return out
 
 
+def task_groups(tasks: object) -> list[str | None]:
+    """The ordering group of each task (checked as an id), None for ungrouped ones.
+
+    Called after ``prepare_tasks`` accepted the batch (every item is a ``NewTask``)."""
+    out: list[str | None] = []
+    for i, t in enumerate(_batch(tasks, "tasks")):
+        group = getattr(t, "group", None)
+        out.append(None if group is None else check_id(group, f"tasks[{i}].group"))
+    return out
+
+
 def prepare_outbox(messages: object) -> list[tuple[str, str, bytes, int]]:
     out = []
     for i, m in enumerate(_batch(messages, "outbox messages")):

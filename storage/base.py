@@ -33,6 +33,7 @@ from typing import (
 
 from asyncstore.storage import _validate as v
 from asyncstore.storage._hooks import DialectHooks
+from asyncstore.storage._queue_limits import LimitedClaim, QueueLimits, check_queue_limits
 from asyncstore.storage._validate import (
     LOGIN_OUTCOMES,
     check_login_attempt,
@@ -641,9 +642,12 @@ class AsyncStorageBackend(DialectHooks):
         """
         k = v.check_job_kind(kind)
         rows = k.prepare(jobs)
+        groups = v.task_groups(jobs) if k is TASKS else []
         channel = None if notify is None else v.check_channel(notify)
         if not rows:
             return []
+        if any(g is not None for g in groups):
+            return await self._sql_enqueue_grouped_tasks(rows, groups, channel)  # type: ignore[return-value]
         return await self._sql_enqueue_jobs(k, rows, channel)
 
     @operation
@@ -776,6 +780,70 @@ class AsyncStorageBackend(DialectHooks):
         lease runs out. One read, no lock.
         """
         return await self._sql_next_task_due_s(v.check_id(queue, "queue"))
+
+    # -- coordinated task queues (ordering groups, fleet-wide limits; _queue_limits) --
+
+    @operation
+    async def set_queue_limits(
+        self,
+        queue: str,
+        *,
+        max_running: int | None = None,
+        max_per_second: float | None = None,
+        max_per_group: int = 1,
+    ) -> QueueLimits:
+        """Declare a task queue's fleet-wide limits (None: no cap); returns them.
+
+        ``max_running``: most tasks of the queue running under a live lease at once, across
+        every process. ``max_per_second``: most starts per second, as at most
+        ``max(1, floor(rate))`` starts in any window of that many / rate seconds.
+        ``max_per_group``: most tasks of one ordering group in flight. The queue becomes
+        coordinated: its claims go through ``claim_limited_tasks``. The whole declaration
+        replaces the previous one; the next claim reads it.
+        """
+        name = v.check_id(queue, "queue")
+        running, rate, group = check_queue_limits(max_running, max_per_second, max_per_group)
+        return await self._sql_set_queue_limits(name, running, rate, group)
+
+    @operation
+    async def get_queue_limits(self, queue: str) -> QueueLimits | None:
+        """The queue's limits; None when it is not coordinated (no limits, no groups)."""
+        return await self._sql_get_queue_limits(v.check_id(queue, "queue"))
+
+    @operation
+    async def claim_limited_tasks(
+        self, queue: str, worker_id: str, *, limit: int, lease_s: float
+    ) -> LimitedClaim:
+        """Claim up to ``limit`` tasks of a coordinated queue under its limits and groups.
+
+        Claims of one queue run one at a time across the fleet (Postgres: the queue's
+        ``task_queues`` row is locked, then the queue is read in a new statement, which sees
+        every claim committed before; SQLite: the one writer). Within the budget the limits
+        leave, tasks are taken as ``claim_tasks`` takes them (priority, run_after, id), and
+        a grouped task only with every open task ahead of it in its group that is not in
+        flight, at most ``max_per_group`` of a group in flight; a task waiting for its retry
+        holds back the later tasks of its group, a dead one holds nothing back. Expired
+        leases are re-claimed (or dead-lettered on their last attempt) as ``claim_tasks``
+        does. ``refused``: due tasks were held back below ``limit``; then the queue is
+        marked so that the next ``wake_task_queue`` notifies, and ``retry_after_s`` says
+        when the limits allow a start without any finish. A queue without a row is claimed
+        by the plain claim.
+        """
+        name = v.check_id(queue, "queue")
+        v.check_id(worker_id, "worker_id")
+        n = v.check_limit(limit)
+        lease = v.check_seconds(lease_s, "lease_s")
+        claimed = await self._sql_claim_limited_tasks(name, worker_id, n, lease)
+        if claimed is None:
+            plain = await self._sql_claim_jobs(TASKS, worker_id, n, lease, [name])
+            return LimitedClaim(plain, False, None)
+        return claimed
+
+    @operation
+    async def wake_task_queue(self, queue: str, channel: str) -> bool:
+        """After tasks of a coordinated queue finished: if a claim was refused since the
+        last wake, notify ``channel`` (payload ``0``) in the same statement and return True."""
+        return await self._sql_wake_task_queue(v.check_id(queue, "queue"), v.check_channel(channel))
 
     @operation
     async def backlog_depths(self) -> tuple[list[QueueDepth], QueueDepth]:

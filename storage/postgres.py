@@ -21,6 +21,7 @@ from typing import Any
 import anyio
 import asyncpg
 
+from asyncstore.storage import _queue_limits as ql
 from asyncstore.storage import _topology
 from asyncstore.storage import _validate as v
 from asyncstore.storage._backoff import Backoff
@@ -39,6 +40,7 @@ from asyncstore.storage._pg_conn import (
 )
 from asyncstore.storage._pg_listen import PgListening
 from asyncstore.storage._pg_partitions import PgPartitions
+from asyncstore.storage._queue_limits import LimitedClaim, QueueLimits
 from asyncstore.storage._shield import complete
 from asyncstore.storage._sql import load_migrations
 from asyncstore.storage.base import (
@@ -408,6 +410,31 @@ class PostgresBackend(PgPartitions, PgListening):
         self, kind: JobKind[Any, Any, Any], ids: list[int], tokens: list[int], lease_s: float
     ) -> list[int]:
         return [r[0] for r in await self._fetch(kind.statement("heartbeat"), ids, tokens, lease_s)]
+
+    # -- coordinated task queues (storage._queue_limits) -------------------------
+
+    async def _sql_enqueue_grouped_tasks(
+        self, rows: list[Any], groups: list[str | None], notify: str | None
+    ) -> list[Any]:
+        return await ql.pg_enqueue_grouped_tasks(self, rows, groups, notify)
+
+    async def _sql_set_queue_limits(
+        self, queue: str, running: int | None, rate: float | None, group: int
+    ) -> QueueLimits:
+        return await ql.pg_set_queue_limits(self, queue, running, rate, group)
+
+    async def _sql_get_queue_limits(self, queue: str) -> QueueLimits | None:
+        return await ql.pg_get_queue_limits(self, queue)
+
+    async def _sql_claim_limited_tasks(
+        self, queue: str, worker_id: str, limit: int, lease_s: float
+    ) -> LimitedClaim | None:
+        return await ql.pg_claim_limited_tasks(
+            self, TASKS.record, worker_id, limit, queue, lease_s
+        )
+
+    async def _sql_wake_task_queue(self, queue: str, channel: str) -> bool:
+        return await ql.pg_wake_task_queue(self, queue, channel)
 
     async def _sql_complete_jobs(
         self, kind: JobKind[Any, Any, Any], ids: list[int], tokens: list[int]

@@ -233,7 +233,10 @@ class NewTask:
 
     ``run_after`` (None: now) is the earliest time it may be claimed; a task with an
     ``idempotency_key`` is enqueued once while an earlier one with the same key on the same
-    queue is not finished (the existing row is returned instead).
+    queue is not finished (the existing row is returned instead). A task with a ``group``
+    (an ordering group within its queue) runs after the earlier tasks of its group, at
+    most the queue's ``max_per_group`` of them at once; its queue becomes coordinated
+    (``claim_limited_tasks``).
     """
 
     queue: str
@@ -242,6 +245,7 @@ class NewTask:
     run_after: datetime | None = None
     idempotency_key: str | None = None
     max_attempts: int = 5
+    group: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,6 +270,7 @@ class Task:
     last_error: str | None
     created_at: datetime
     updated_at: datetime
+    group: str | None = None  # the ordering group (NewTask.group), None: ungrouped
 
     @property
     def claim(self) -> Claim:
@@ -290,6 +295,7 @@ class Task:
             row["last_error"],
             row["created_at"],
             row["updated_at"],
+            row.get("group_key"),
         )
 
 

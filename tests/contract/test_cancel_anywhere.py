@@ -226,6 +226,17 @@ async def _prep_claim_jobs(s: AsyncStorageBackend, run: str) -> Call:
     return lambda: s.claim_jobs(OUTBOX, "w", limit=BATCH, lease_s=60, queues=[f"ch{run}"])
 
 
+async def _prep_claim_limited(s: AsyncStorageBackend, run: str) -> Call:
+    await s.set_queue_limits(f"q{run}", max_running=10, max_per_second=1000)
+    await s.enqueue_tasks(_tasks(run))
+    return lambda: s.claim_limited_tasks(f"q{run}", "w", limit=BATCH, lease_s=60)
+
+
+async def _prep_wake(s: AsyncStorageBackend, run: str) -> Call:
+    await s.set_queue_limits(f"lq{run}", max_running=1)
+    return lambda: s.wake_task_queue(f"lq{run}", "cc")
+
+
 def _tasks_op(op: str) -> Prepare:
     return lambda s, run: _prep_tasks(s, run, op)
 
@@ -320,6 +331,10 @@ CALLS: dict[str, Prepare] = {
     "reserve_login_attempt": _p(lambda s, r: s.reserve_login_attempt("account", f"k{r}", POLICY)),
     "finish_login_attempt": _prep_finish_login,
     "purge_login_attempts": _p(lambda s, r: s.purge_login_attempts(3600)),
+    "set_queue_limits": _p(lambda s, r: s.set_queue_limits(f"lq{r}", max_running=3)),
+    "get_queue_limits": _p(lambda s, r: s.get_queue_limits(f"lq{r}")),
+    "claim_limited_tasks": _prep_claim_limited,
+    "wake_task_queue": _prep_wake,
 }
 
 

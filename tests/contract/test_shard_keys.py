@@ -59,6 +59,7 @@ EXCEPTIONS: dict[tuple[str, tuple[str, ...], str | None], str] = {
     ("webhook_journal", ("id",), None): "identity; per endpoint",
     ("webhook_attempts", ("id",), None): "identity; per endpoint (audit log)",
     ("login_attempts", ("scope", "key"), None): "per login key (auth rate limit)",
+    ("task_queues", ("queue",), None): "per task queue: its fleet-wide limits (0010)",
     ("schema_migrations", ("version",), None): "global, read and written at migrate only",
 }
 # Global counters: sequences every node would have to share (or replace).
@@ -115,6 +116,13 @@ HOT_OTHER = {
     "redrive_tasks": _BY_ID,
     "get_tasks": _BY_ID,
     "next_task_due": r"queue = \$1",
+    # Coordinated task queues (0010): every statement names its one queue.
+    "enqueue_grouped_tasks": r"ON CONFLICT \(queue, idempotency_key\)",
+    "set_queue_limits": r"ON CONFLICT \(queue\)",
+    "get_queue_limits": r"queue = \$1",
+    "_lock_task_queue": r"queue = \$1",
+    "claim_limited_tasks": r"queue = \$3",
+    "wake_task_queue": r"queue = \$1",
     "enqueue_outbox": r"INSERT INTO outbox_groups \(channel, account\)",
     # Scans the open messages of every group (optionally some channels): one node's job.
     "claim_outbox": r"p\.channel = o\.channel AND p\.account = o\.account",

@@ -498,6 +498,204 @@ WITH moved AS (
 )
 SELECT id FROM moved;
 
+-- ---------------------------------------------------------------- coordinated task queues
+-- Ordering groups and fleet-wide limits (migration 0010, storage/_queue_limits.py). A queue
+-- with a task_queues row is claimed by claim_limited_tasks, never by claim_tasks (which,
+-- with no limits and no groups, stays the one-statement claim above, unchanged).
+
+-- name: enqueue_grouped_tasks
+-- enqueue_tasks for a batch with at least one grouped task: $8 the group keys (NULL:
+-- ungrouped). The queues of the grouped rows get their task_queues row here (ON CONFLICT
+-- DO NOTHING: an existing row, locked by a claim or not, is left alone), so their claims
+-- are coordinated from the first grouped task on.
+WITH coordinated AS (
+    INSERT INTO task_queues (queue)
+    SELECT DISTINCT g.queue FROM unnest($1::text[], $8::text[]) AS g(queue, grp)
+    WHERE g.grp IS NOT NULL
+    ORDER BY 1
+    ON CONFLICT DO NOTHING
+), ins AS (
+    INSERT INTO agent_tasks (queue, payload, priority, run_after, idempotency_key, max_attempts,
+                             group_key)
+    SELECT x.queue, x.payload, x.priority, coalesce(x.run_after, now()), x.idempotency_key,
+           x.max_attempts, x.grp
+    FROM unnest($1::text[], $2::json[], $3::int[], $4::timestamptz[], $5::text[], $6::int[],
+                $8::text[])
+         WITH ORDINALITY AS x(queue, payload, priority, run_after, idempotency_key, max_attempts,
+                              grp, ord)
+    ORDER BY x.ord
+    ON CONFLICT (queue, idempotency_key)
+        WHERE idempotency_key IS NOT NULL AND status IN ('queued', 'running')
+        DO UPDATE SET idempotency_key = EXCLUDED.idempotency_key
+    RETURNING *
+), woken AS (
+    SELECT pg_notify($7, extract(epoch FROM min(run_after))::text) AS sent
+    FROM ins WHERE $7::text IS NOT NULL AND status = 'queued'
+    HAVING count(*) > 0
+)
+SELECT ins.*, (SELECT count(*) FROM woken) AS notified FROM ins;
+
+-- name: set_queue_limits
+-- $1 queue, $2 max_running, $3 max_per_second, $4 max_per_group (NULL: no cap). Waits for
+-- a claim holding the row; the next claim reads the new limits.
+INSERT INTO task_queues AS q (queue, max_running, max_per_second, max_per_group)
+VALUES ($1, $2, $3, $4)
+ON CONFLICT (queue) DO UPDATE SET
+    max_running = EXCLUDED.max_running, max_per_second = EXCLUDED.max_per_second,
+    max_per_group = EXCLUDED.max_per_group, updated_at = now()
+RETURNING q.queue, q.max_running, q.max_per_second, q.max_per_group;
+
+-- name: get_queue_limits
+SELECT queue, max_running, max_per_second, max_per_group FROM task_queues WHERE queue = $1;
+
+-- name: _lock_task_queue
+-- The coordinated claim's first statement: the queue's row, locked until the claim
+-- commits. Concurrent claims of the queue wait here (not SKIP LOCKED: a skipped claimer
+-- would have to poll), so the next statement's snapshot sees every claim committed before.
+SELECT max_running, max_per_second, max_per_group FROM task_queues WHERE queue = $1
+FOR UPDATE;
+
+-- name: claim_limited_tasks
+-- The coordinated claim's second statement, under the row lock of _lock_task_queue, in the
+-- same transaction: $1 worker, $2 limit, $3 queue, $4 lease seconds, $5 max_running or
+-- NULL, $6 the starts allowed per rate window or NULL, $7 the window in seconds,
+-- $8 max_per_group.
+-- Budget: $2, less the tasks running under a live lease beyond $5, less the starts logged
+-- inside the window beyond $6 (a task whose lease expired holds no slot: a killed worker's
+-- slot comes back when its lease runs out).
+-- Group rule (the outbox's, with N = $8 in flight): a grouped task is claimable when no
+-- earlier task of its group waits for its retry, and fewer than N of its group are in
+-- flight or open ahead of it; a dead task holds nothing back. Candidates are taken by
+-- priority, then run_after, then id, as claim_tasks takes them; a grouped candidate goes
+-- only with every open task ahead of it in its group that is not in flight (a cut by the
+-- budget never lets a later task of a group start before an earlier one).
+-- Returns one row per claimed task, or one row of NULL task columns when none: every row
+-- carries refused (due tasks left unclaimed below $2: a limit or a group held them), the
+-- window's log, the earliest lease expiry and, when refused, the next due time of a task
+-- waiting for its retry (it may hold its group back) (Unix seconds), from which the
+-- worker computes when to try again; a refusal also marks the row waiting (wake_task_queue).
+-- A claimed task's updated_at is its start time, the time logged for the rate.
+WITH clock AS (
+    -- The time under the lock (not the transaction's start): claims of the queue read it
+    -- in the order they hold the lock, so the start log is in time order.
+    SELECT c AS at, extract(epoch FROM c)::float8 AS epoch FROM clock_timestamp() AS c
+), recent AS (
+    -- The window's claims, one entry per claim (its time and how many it started).
+    SELECT coalesce(array_agg(s.t ORDER BY s.t), '{}'::float8[]) AS times,
+           coalesce(array_agg(s.n ORDER BY s.t), '{}'::int[]) AS counts,
+           coalesce(sum(s.n), 0)::int AS total
+    FROM task_queues q, unnest(q.start_times, q.start_counts) AS s(t, n)
+    WHERE q.queue = $3 AND s.t > (SELECT epoch FROM clock) - $7
+), running AS (
+    SELECT count(*)::int AS n, extract(epoch FROM min(run_after))::float8 AS first_expiry
+    FROM agent_tasks
+    WHERE queue = $3 AND status = 'running' AND run_after > (SELECT at FROM clock)
+), budget AS (
+    SELECT greatest(0, least($2::int,
+               coalesce($5::int - running.n, $2::int),
+               coalesce($6::int - recent.total, $2::int)))::int AS n
+    FROM running, recent
+), picked AS MATERIALIZED (
+    SELECT t.id, t.group_key FROM agent_tasks t
+    WHERE t.queue = $3 AND t.status IN ('queued', 'running') AND t.run_after <= (SELECT at FROM clock)
+      AND (t.group_key IS NULL OR (
+          NOT EXISTS (
+              SELECT 1 FROM agent_tasks p
+              WHERE p.queue = t.queue AND p.group_key = t.group_key AND p.id < t.id
+                AND p.status = 'queued' AND p.run_after > (SELECT at FROM clock)
+          )
+          AND (SELECT count(*) FROM (
+              SELECT 1 FROM agent_tasks p
+              WHERE p.queue = t.queue AND p.group_key = t.group_key AND p.id <> t.id
+                AND p.status IN ('queued', 'running')
+                AND (p.id < t.id OR (p.status = 'running' AND p.run_after > (SELECT at FROM clock)))
+              LIMIT $8
+          ) AS ahead) < $8
+      ))
+    ORDER BY t.priority DESC, t.run_after, t.id
+    LIMIT (SELECT n FROM budget)
+), taken AS MATERIALIZED (
+    -- The cut by the budget may leave a group's earlier candidate out (a retried task
+    -- sorts by its later run_after): each group present takes its first k open tasks not
+    -- in flight, in id order, where k is how many of it were picked. Those are all
+    -- candidates (a candidate has every such task ahead of it due and under the cap).
+    SELECT k.id FROM picked k WHERE k.group_key IS NULL
+    UNION ALL
+    SELECT first.id
+    FROM (SELECT group_key, count(*) AS k FROM picked WHERE group_key IS NOT NULL
+          GROUP BY group_key) g
+    CROSS JOIN LATERAL (
+        SELECT p.id FROM agent_tasks p
+        WHERE p.queue = $3 AND p.group_key = g.group_key AND p.status IN ('queued', 'running')
+          AND NOT (p.status = 'running' AND p.run_after > (SELECT at FROM clock))
+        ORDER BY p.id
+        LIMIT g.k
+    ) AS first
+), claimed AS (
+    UPDATE agent_tasks t SET
+        status = CASE WHEN t.status = 'running' AND t.attempts >= t.max_attempts
+                      THEN 'dead' ELSE 'running' END,
+        last_error = CASE WHEN t.status = 'running' AND t.attempts >= t.max_attempts
+                          THEN 'lease expired on the last attempt'
+                          WHEN t.status = 'running' THEN 'lease expired'
+                          ELSE t.last_error END,
+        attempts = CASE WHEN t.status = 'running' AND t.attempts >= t.max_attempts
+                        THEN t.attempts ELSE t.attempts + 1 END,
+        worker_id = $1,
+        lease_token = nextval('claim_tokens'),
+        run_after = (SELECT at FROM clock) + make_interval(secs => $4),
+        updated_at = (SELECT at FROM clock)
+    FROM taken WHERE t.id = taken.id
+    RETURNING t.*
+), started AS (
+    SELECT count(*)::int AS n FROM claimed WHERE status = 'running'
+), refused AS (
+    SELECT (SELECT n FROM started) < $2 AND EXISTS (
+        SELECT 1 FROM agent_tasks t
+        WHERE t.queue = $3 AND t.status IN ('queued', 'running') AND t.run_after <= (SELECT at FROM clock)
+          AND t.id NOT IN (SELECT id FROM taken)
+    ) AS yes
+), logged AS (
+    UPDATE task_queues q SET
+        start_times = CASE WHEN $6::int IS NULL THEN '{}'::float8[]
+            WHEN (SELECT n FROM started) = 0 THEN (SELECT times FROM recent)
+            ELSE (SELECT times FROM recent) || (SELECT epoch FROM clock) END,
+        start_counts = CASE WHEN $6::int IS NULL THEN '{}'::int[]
+            WHEN (SELECT n FROM started) = 0 THEN (SELECT counts FROM recent)
+            ELSE (SELECT counts FROM recent) || (SELECT n FROM started) END,
+        waiting = q.waiting OR (SELECT yes FROM refused),
+        updated_at = (SELECT at FROM clock)
+    WHERE q.queue = $3
+    RETURNING q.start_times, q.start_counts
+), summary AS (
+    SELECT (SELECT yes FROM refused) AS refused,
+           (SELECT epoch FROM clock) AS clock_s,
+           (SELECT start_times FROM logged) AS window_times,
+           (SELECT start_counts FROM logged) AS window_counts,
+           (SELECT first_expiry FROM running) AS first_expiry_s,
+           CASE WHEN (SELECT yes FROM refused) THEN (
+               SELECT extract(epoch FROM min(run_after))::float8 FROM agent_tasks
+               WHERE queue = $3 AND status = 'queued' AND run_after > (SELECT at FROM clock)
+           ) END AS next_due_s
+)
+SELECT s.refused, s.clock_s, s.window_times, s.window_counts, s.first_expiry_s, s.next_due_s,
+       c.*
+FROM summary s LEFT JOIN (SELECT * FROM claimed WHERE status = 'running') c ON true
+ORDER BY c.priority DESC, c.id;
+
+-- name: wake_task_queue
+-- $1 queue, $2 channel. Run after tasks of a coordinated queue finished (their outcome
+-- committed): if a claim was refused since the last wake, clear the mark and notify the
+-- channel ('0': due now), in this statement. The update names the row by its key only, so
+-- it always waits for a claim holding the row's lock and then reads the row as that claim
+-- left it (a predicate on the mark would be judged on this statement's snapshot, and
+-- miss a mark that a claim set and committed meanwhile: a lost wakeup). A claim that
+-- started after the finish committed sees the freed slot itself. woke keeps the mark as
+-- this update found it; the notification is sent only then (no refusal: no notifying
+-- commit).
+UPDATE task_queues SET woke = waiting, waiting = false WHERE queue = $1
+RETURNING woke, CASE WHEN woke THEN pg_notify($2, '0') END AS notified;
+
 -- name: request_cancel
 -- $3 a channel or NULL, $4 the reason characters the notification carries. The first
 -- request's reason is kept (the no-op update only returns the row). The notification is

@@ -332,6 +332,113 @@ WHERE id IN (
 )
 RETURNING *;
 
+-- ---------------------------------------------------------------- coordinated task queues
+-- Ordering groups and fleet-wide limits (migration 0010, storage/_queue_limits.py), the
+-- same semantics as Postgres. One writer: a coordinated claim's BEGIN IMMEDIATE
+-- transaction reads the queue's row, counts, claims and logs, and sees every committed
+-- claim, so nothing is locked. claim_tasks (no limits, no groups) is unchanged.
+
+-- name: enqueue_grouped_tasks
+INSERT INTO agent_tasks (queue, payload, priority, run_after, idempotency_key, max_attempts,
+                         created_at, updated_at, group_key)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?);
+
+-- name: _ensure_task_queue
+INSERT INTO task_queues (queue, updated_at) VALUES (:queue, :now) ON CONFLICT DO NOTHING;
+
+-- name: set_queue_limits
+INSERT INTO task_queues AS q (queue, max_running, max_per_second, max_per_group, updated_at)
+VALUES (:queue, :max_running, :max_per_second, :max_per_group, :now)
+ON CONFLICT (queue) DO UPDATE SET
+    max_running = excluded.max_running, max_per_second = excluded.max_per_second,
+    max_per_group = excluded.max_per_group, updated_at = excluded.updated_at
+RETURNING queue, max_running, max_per_second, max_per_group;
+
+-- name: get_queue_limits
+SELECT queue, max_running, max_per_second, max_per_group FROM task_queues
+WHERE queue = :queue;
+
+-- name: _lock_task_queue
+-- Read inside the claim's write transaction (the one writer is the lock).
+SELECT max_running, max_per_second, max_per_group, recent_starts FROM task_queues
+WHERE queue = :queue;
+
+-- name: _running_tasks
+SELECT count(*) AS n, min(run_after) AS first_expiry FROM agent_tasks
+WHERE queue = :queue AND status = 'running' AND run_after > :now;
+
+-- name: claim_limited_tasks
+-- :budget is what the limits allow (computed in the same transaction); the group rule and
+-- the order are Postgres's claim_limited_tasks.
+UPDATE agent_tasks SET
+    status = CASE WHEN status = 'running' AND attempts >= max_attempts
+                  THEN 'dead' ELSE 'running' END,
+    last_error = CASE WHEN status = 'running' AND attempts >= max_attempts
+                      THEN 'lease expired on the last attempt'
+                      WHEN status = 'running' THEN 'lease expired'
+                      ELSE last_error END,
+    attempts = CASE WHEN status = 'running' AND attempts >= max_attempts
+                    THEN attempts ELSE attempts + 1 END,
+    worker_id = :worker_id,
+    lease_token = :token,
+    run_after = :lease_until,
+    updated_at = :now
+WHERE id IN (
+    WITH picked AS MATERIALIZED (
+        SELECT t.id, t.group_key FROM agent_tasks t
+        WHERE t.queue = :queue AND t.status IN ('queued', 'running') AND t.run_after <= :now
+          AND (t.group_key IS NULL OR (
+              NOT EXISTS (
+                  SELECT 1 FROM agent_tasks p
+                  WHERE p.queue = t.queue AND p.group_key = t.group_key AND p.id < t.id
+                    AND p.status = 'queued' AND p.run_after > :now
+              )
+              AND (SELECT count(*) FROM (
+                  SELECT 1 FROM agent_tasks p
+                  WHERE p.queue = t.queue AND p.group_key = t.group_key AND p.id <> t.id
+                    AND p.status IN ('queued', 'running')
+                    AND (p.id < t.id OR (p.status = 'running' AND p.run_after > :now))
+                  LIMIT :per_group
+              )) < :per_group
+          ))
+        ORDER BY t.priority DESC, t.run_after, t.id
+        LIMIT :budget
+    )
+    SELECT k.id FROM picked k WHERE k.group_key IS NULL
+    UNION ALL
+    SELECT o.id FROM (
+        SELECT p.id, p.group_key,
+               row_number() OVER (PARTITION BY p.group_key ORDER BY p.id) AS rn
+        FROM agent_tasks p
+        WHERE p.queue = :queue AND p.status IN ('queued', 'running')
+          AND p.group_key IN (SELECT group_key FROM picked WHERE group_key IS NOT NULL)
+          AND NOT (p.status = 'running' AND p.run_after > :now)
+    ) o
+    JOIN (SELECT group_key, count(*) AS k FROM picked WHERE group_key IS NOT NULL
+          GROUP BY group_key) g ON g.group_key = o.group_key
+    WHERE o.rn <= g.k
+)
+RETURNING *;
+
+-- name: _due_tasks_left
+-- After the claim: a due task it did not take (the claimed ones now run under a lease).
+SELECT EXISTS (
+    SELECT 1 FROM agent_tasks
+    WHERE queue = :queue AND status IN ('queued', 'running') AND run_after <= :now
+) AS left_over;
+
+-- name: _next_retry_due
+SELECT min(run_after) AS next_due FROM agent_tasks
+WHERE queue = :queue AND status = 'queued' AND run_after > :now;
+
+-- name: _log_task_queue
+UPDATE task_queues SET recent_starts = :starts, waiting = (waiting OR :refused),
+    updated_at = :now
+WHERE queue = :queue;
+
+-- name: wake_task_queue
+UPDATE task_queues SET waiting = 0 WHERE queue = :queue AND waiting RETURNING queue;
+
 -- name: request_cancel
 INSERT INTO cancel_requests (session_id, reason, requested_at)
 VALUES (:session_id, :reason, :now)
