@@ -379,3 +379,33 @@ async def test_a_future_task_cancelled_before_it_is_due_never_runs(
         sentinel = await queue.enqueue("quick", run_after=soon + timedelta(seconds=0.2))
         await wait_for(lambda: worker.statistics().succeeded == 1, what="the sentinel ran")
     assert handler.runs == [sentinel.id]
+
+
+async def test_the_runtime_cancels_a_task_running_on_another_runtimes_worker(
+    storage_url: str,
+) -> None:
+    """``Runtime.cancel_task`` on one runtime; the other runtime's worker runs the task."""
+    from asyncstore.orchestrator.config import load_settings
+    from asyncstore.orchestrator.runtime import open_runtime
+
+    settings = load_settings(
+        storage={"url": storage_url},
+        runtime={"reload_on_sighup": False},
+        queue={"lease_s": 60.0, "fallback_poll_s": 30.0},
+    )
+    handler = Handler()
+    async with (
+        open_runtime(settings, queue_handler=handler) as running,
+        open_runtime(settings) as caller,
+    ):
+        task = await caller.queue.enqueue("slow")
+        with anyio.fail_after(30):
+            await handler.event(handler.started, task.id).wait()
+        answer = await caller.cancel_task(task.id, "operator")
+        assert answer.was_running
+        with anyio.fail_after(10):
+            await handler.event(handler.observed, task.id).wait()
+        assert running.worker is not None
+        await wait_for(lambda: running.worker.statistics().cancelled == 1, what="counted")
+        again = await running.cancel_task(task.id)
+    assert again.outcome is TaskCancelOutcome.ALREADY_CANCELLED
