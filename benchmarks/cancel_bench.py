@@ -160,24 +160,30 @@ async def reports(storage: AsyncStorageBackend) -> AsyncIterator[Reports]:
         yield Reports(stream)
 
 
-async def cancel_task_once(queue: AgentQueue, seen: Reports) -> float:
-    """Seconds from ``AgentQueue.cancel`` to the agent's handler observing it."""
+async def cancel_task_once(queue: AgentQueue, seen: Reports) -> tuple[float, float]:
+    """Seconds from ``AgentQueue.cancel`` to the agent's handler observing it, and to the
+    cancel call's return (its statement's round trip and commit)."""
     task = await queue.enqueue("block")
     await seen.wait(f"started:task:{task.id}")
     started = time.monotonic()
     answer = await queue.cancel(task.id)
+    returned = time.monotonic() - started
     assert answer.was_running, answer
-    return await seen.wait(f"observed:task:{task.id}") - started
+    return await seen.wait(f"observed:task:{task.id}") - started, returned
 
 
-async def cancel_session_once(storage: AsyncStorageBackend, seen: Reports, n: int) -> float:
-    """Seconds from a session cancel request to the agent's token holder observing it."""
+async def cancel_session_once(
+    storage: AsyncStorageBackend, seen: Reports, n: int
+) -> tuple[float, float]:
+    """Seconds from a session cancel request to the agent's token holder observing it, and
+    to the request's return."""
     session_id = f"bench-{n}-{time.monotonic_ns()}"
     await storage.notify(CONTROL_CHANNEL, f"session:{session_id}")
     await seen.wait(f"started:session:{session_id}")
     started = time.monotonic()
     await storage.request_cancel(session_id, "bench", notify_channel=SESSION_CHANNEL)
-    return await seen.wait(f"observed:session:{session_id}") - started
+    returned = time.monotonic() - started
+    return await seen.wait(f"observed:session:{session_id}") - started, returned
 
 
 def summary(samples: Sequence[float]) -> dict[str, float]:
@@ -198,8 +204,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit("this benchmark needs Postgres (--url)")
     url = with_database(admin, name)
     load_before = load_average()
-    task_s: list[float] = []
-    session_s: list[float] = []
+    task_s: list[tuple[float, float]] = []
+    session_s: list[tuple[float, float]] = []
     try:
         async with open_storage(url, migrate=True) as storage:
             runs = Path(f"/tmp/{name}.runs")
@@ -221,9 +227,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "environment": environment(),
         "load_average": {"before": load_before, "after": load_average()},
         "repeats": args.repeats,
-        "task_cancel": summary(task_s),
-        "session_cancel": summary(session_s),
-        "median_ratio_task_vs_session": median(task_s) / median(session_s),
+        "task_cancel": summary([s for s, _ in task_s]),
+        "session_cancel": summary([s for s, _ in session_s]),
+        "median_ratio_task_vs_session": median([s for s, _ in task_s])
+        / median([s for s, _ in session_s]),
+        "task_cancel_call": summary([c for _, c in task_s]),
+        "session_cancel_call": summary([c for _, c in session_s]),
         "agent_worker": {k: stats[k] for k in ("cancelled", "cancel_notifications", "lease_lost")},
     }
     return result

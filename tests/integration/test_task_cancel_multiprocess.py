@@ -45,8 +45,8 @@ async def test_a_running_task_is_cancelled_in_another_process_by_notification(
     try:
         async with open_storage(dsn) as storage, reports(storage) as seen:
             queue = AgentQueue(storage, QUEUE)
-            task_s = [await cancel_task_once(queue, seen) for _ in range(5)]
-            session_s = [await cancel_session_once(storage, seen, n) for n in range(5)]
+            task_s = [(await cancel_task_once(queue, seen))[0] for _ in range(5)]
+            session_s = [(await cancel_session_once(storage, seen, n))[0] for n in range(5)]
             record_property("task_cancel_s", task_s)
             record_property("session_cancel_s", session_s)
             assert max(task_s) < NOTIFY_BOUND_S
