@@ -10,7 +10,9 @@ long-lived runners run handlers, and a handler's outcome (done, a retry at its
 the current lease, and sleeps while idle until an enqueue notification, the next moment a
 task becomes claimable (a delayed task's due time or a running task's lease expiry, read
 with one cheap query when it goes idle, so a dead worker's tasks are re-run as soon as
-their lease runs out), or a rare jittered fallback poll.
+their lease runs out), or a rare jittered fallback poll. ``AgentQueue.cancel`` ends a task
+``cancelled`` from any process (``cancel_task``); each worker listens for those
+notifications and cancels the named handler at once (``QueueConfig.cancel_listen``).
 """
 
 from __future__ import annotations
@@ -454,9 +456,11 @@ class Worker(JobConsumer[Task]):
         )
 
     def cancel(self, task_id: int, reason: str = "cancelled") -> bool:
-        """Cancel a running handler; its task is dead-lettered with ``cancelled: <reason>``.
+        """Cancel a running handler of this worker; its task is dead-lettered with
+        ``cancelled: <reason>`` (and can be redriven).
 
-        Returns False if this worker is not running that task.
+        Returns False if this worker is not running that task. To cancel a task from any
+        process and end it ``cancelled`` (not dead), use ``AgentQueue.cancel``.
         """
         scope = self._scopes.get(task_id)
         if scope is None:
