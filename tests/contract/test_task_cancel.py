@@ -36,6 +36,7 @@ from asyncstore.storage.task_cancel import (
     decode_task_cancel,
     encode_task_cancel,
 )
+from tests.conftest import truncate
 from tests.waiting import wait_for
 
 # Lease renewal every 20 s: within these tests' bounds only a notification stops a handler.
@@ -409,3 +410,28 @@ async def test_the_runtime_cancels_a_task_running_on_another_runtimes_worker(
         await wait_for(lambda: running.worker.statistics().cancelled == 1, what="counted")
         again = await running.cancel_task(task.id)
     assert again.outcome is TaskCancelOutcome.ALREADY_CANCELLED
+
+
+async def test_a_listener_gap_makes_the_worker_read_back_its_tasks(postgres_dsn: str) -> None:
+    """A cancel whose notification is lost (sent nowhere here) while the listener is down:
+    the gap reported on reconnect makes the worker read its held tasks back and stop the
+    cancelled one, well before its lease renewal (every 20 s) would."""
+    from asyncstore.storage.postgres import PostgresBackend
+
+    await truncate(postgres_dsn)
+    handler = Handler()
+    async with open_storage(postgres_dsn) as backend:
+        assert isinstance(backend, PostgresBackend)
+        queue = AgentQueue(backend, "gap", SLOW_RENEWAL)
+        async with open_worker(queue, handler) as worker:
+            task = await queue.enqueue("slow")
+            with anyio.fail_after(30):
+                await handler.event(handler.started, task.id).wait()
+            answer = await backend.cancel_task(task.id, notify_channel=None)
+            assert answer.was_running
+            await backend.terminate_listener_for_tests()
+            with anyio.fail_after(15):
+                await handler.event(handler.observed, task.id).wait()
+            await wait_for(lambda: worker.statistics().cancelled == 1, what="counted")
+            stats = worker.statistics()
+    assert stats.cancel_notifications == 0 and stats.lease_lost == 0
