@@ -435,3 +435,41 @@ async def test_a_listener_gap_makes_the_worker_read_back_its_tasks(postgres_dsn:
             await wait_for(lambda: worker.statistics().cancelled == 1, what="counted")
             stats = worker.statistics()
     assert stats.cancel_notifications == 0 and stats.lease_lost == 0
+
+
+async def test_a_cancel_notice_that_overtakes_the_claims_answer_still_stops_the_task(
+    storage: AsyncStorageBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The claim commits, then the task is cancelled and its notice reaches the worker
+    before the claim's answer does (the answer is held back here): the worker remembers
+    the notice and never starts the task."""
+    real_claim = storage.claim_jobs
+    claimed: list[Task] = []
+    answered = anyio.Event()
+    release = anyio.Event()
+
+    async def slow_answer(*args: object, **kwargs: object) -> list[Task]:
+        rows: list[Task] = await real_claim(*args, **kwargs)  # type: ignore[arg-type]
+        if rows and not release.is_set():
+            claimed.extend(rows)
+            answered.set()
+            await release.wait()
+        return rows
+
+    monkeypatch.setattr(storage, "claim_jobs", slow_answer)
+    handler = Handler()
+    queue = AgentQueue(storage, "q", SLOW_RENEWAL)
+    async with open_worker(queue, handler) as worker:
+        task = await queue.enqueue("slow")
+        with anyio.fail_after(30):
+            await answered.wait()
+        assert [t.id for t in claimed] == [task.id]
+        assert (await queue.cancel(task.id)).was_running
+        await wait_for(lambda: worker.statistics().cancel_notifications == 1, what="notice")
+        release.set()
+        await wait_for(lambda: worker.statistics().cancelled == 1, what="counted")
+        quick = await queue.enqueue("quick")
+        await wait_for(lambda: worker.statistics().succeeded == 1, what="the next task ran")
+        stats = worker.statistics()
+    assert handler.runs == [quick.id]
+    assert stats.held_leases == 0 and stats.running == 0
