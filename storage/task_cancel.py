@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import orjson
 
 from asyncstore.storage import _validate as v
-from asyncstore.storage.base import TASK_CANCEL_CHANNEL, TaskStatus
+from asyncstore.storage.records import TaskStatus
 
 __all__ = [
     "TASK_CANCEL_CHANNEL",
@@ -28,6 +28,9 @@ __all__ = [
     "encode_task_cancel",
     "prepare_task_cancel",
 ]
+TASK_CANCEL_CHANNEL = "asyncstore.task_cancel"
+"""The channel ``cancel_task`` announces a running task's cancellation on (workers listen)."""
+
 
 class TaskCancelOutcome(enum.StrEnum):
     """What a ``cancel_task`` call did.
