@@ -114,6 +114,7 @@ HOT_OTHER = {
     "dead_letter_tasks": _BY_ID,
     "redrive_tasks": _BY_ID,
     "get_tasks": _BY_ID,
+    "cancel_task": _BY_ID,
     "next_task_due": r"queue = \$1",
     "enqueue_outbox": r"INSERT INTO outbox_groups \(channel, account\)",
     # Scans the open messages of every group (optionally some channels): one node's job.
