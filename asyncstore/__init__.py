@@ -14,7 +14,9 @@
   writer, live broadcast, cancellation, agent queue, outbox, webhooks, metrics), built from
   one ``Settings`` (``load_settings`` reads ``ASYNCSTORE_*`` and an optional TOML file;
   ``load_hooks`` a hooks file). A queue handler may raise ``RetryTask`` or
-  ``PermanentFailure``, an outbox sender ``SendError``.
+  ``PermanentFailure``, an outbox sender ``SendError``; ``cancel_task`` (on the runtime,
+  its queue or the storage) cancels a task from any process and answers a
+  ``TaskCancellation`` (``TaskCancelOutcome``: cancelled now, already, finished, unknown).
 - ``open_storage`` / ``AsyncStorageBackend``: the storage contract alone, on Postgres
   (asyncpg) or SQLite (aiosqlite), chosen by the URL's scheme.
 - The records (``StreamEvent``, ``ChatMessage``, ``Task``, ...), ``Subscription`` and
@@ -91,6 +93,8 @@ from asyncstore.storage import (
     StorageSettings,
     StreamEvent,
     Task,
+    TaskCancellation,
+    TaskCancelOutcome,
     TaskStatus,
     open_storage,
 )
@@ -192,6 +196,8 @@ __all__ = [
     "SubscriberLagged",
     "Subscription",
     "Task",
+    "TaskCancelOutcome",
+    "TaskCancellation",
     "TaskStatus",
     "Turn",
     "UsageError",

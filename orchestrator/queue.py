@@ -20,6 +20,10 @@ limit or a group refused waits for a finish notification or for the time the lim
 allow the next start, and finishing workers send that notification only when a claim was
 refused (``wake_task_queue``). Retries, dead letters and redrives of grouped tasks follow
 the outbox's group rules (see ``storage._queue_limits``).
+
+``AgentQueue.cancel`` ends a task
+``cancelled`` from any process (``cancel_task``); each worker listens for those
+notifications and cancels the named handler at once (``QueueConfig.cancel_listen``).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from datetime import UTC, datetime
 from typing import ClassVar, Literal
 
 import anyio
+from anyio.abc import TaskStatus as StartStatus
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from asyncstore.orchestrator.batching import describe_failure
@@ -56,8 +61,15 @@ from asyncstore.storage import (
 from asyncstore.storage import TaskStatus as StoredStatus
 from asyncstore.storage._validate import check_channel
 from asyncstore.storage.base import JSON, TASKS
-from asyncstore.storage.errors import UsageError
+from asyncstore.storage.errors import StorageError, UsageError
 from asyncstore.storage.families import Family, MetricSink
+from asyncstore.storage.task_cancel import (
+    TASK_CANCEL_CHANNEL,
+    TaskCancellation,
+    decode_task_cancel,
+)
+
+log = logging.getLogger("asyncstore.queue")
 
 __all__ = [
     "AgentQueue",
@@ -142,6 +154,12 @@ class QueueConfig(BaseModel):
         le=10_000,
         description="tasks of one ordering group in flight at once, fleet-wide (None: "
         "declare nothing; a coordinated queue without a declaration has 1)",
+    )
+    cancel_listen: bool = Field(
+        default=True,
+        description="listen for cancel_task notifications and cancel a cancelled task's "
+        "handler at once (False: the handler is stopped at the next lease renewal, which "
+        "finds the task no longer running, and counts as lease_lost)",
     )
 
     @model_validator(mode="after")
@@ -235,6 +253,7 @@ class WorkerStatistics:
     expiry_wakeups: int  # idle waits ended at the next known due time or lease expiry
     coordinated: bool = False  # claims through the queue's limits row (groups, limits)
     held_back: int = 0  # coordinated claims that a limit or a group refused due tasks
+    cancel_notifications: int = 0  # cancel_task notifications for this worker's tasks
 
     METRIC_FAMILIES: ClassVar[tuple[Family, ...]] = (
         Family("queue_running", "gauge", "Tasks running."),
@@ -249,6 +268,9 @@ class WorkerStatistics:
         Family("queue_due_queries", "counter", "Next-due reads on going idle."),
         Family("queue_expiry_wakeups", "counter", "Idle waits ended at a due time."),
         Family("queue_held_back", "counter", "Claims a fleet-wide limit or a group held back."),
+        Family(
+            "queue_cancel_notifications", "counter", "cancel_task notices for this worker's tasks."
+        ),
     )
 
     def export(self, out: MetricSink) -> None:
@@ -272,12 +294,19 @@ class WorkerStatistics:
         out.sample("queue_due_queries", {}, self.due_queries)
         out.sample("queue_expiry_wakeups", {}, self.expiry_wakeups)
         out.sample("queue_held_back", {}, self.held_back)
+        out.sample("queue_cancel_notifications", {}, self.cancel_notifications)
 
 
 class _Stop(enum.Enum):
     SHUTDOWN = "shutdown"
     CANCELLED = "cancelled"
     LEASE_LOST = "lease lost"
+    CANCEL_TASK = "cancel_task"  # the task was cancelled in storage (cancel_task)
+
+
+RECENT_CANCELS = 1024
+"""How many cancel notices for tasks this worker did not hold yet it remembers (a notice
+can overtake the claim's answer on its way: the claim committed first)."""
 
 
 class AgentQueue:
@@ -378,6 +407,20 @@ class AgentQueue:
         """One task of any state by id."""
         return await self.storage.get_job(TASKS, task_id)
 
+    async def cancel(self, task_id: int, reason: str = "cancelled") -> TaskCancellation:
+        """Cancel a task from any process (``AsyncStorageBackend.cancel_task``).
+
+        A queued task never starts; a running one ends ``cancelled`` at once in storage and
+        its worker, wherever it runs, cancels the handler when the notification arrives
+        (the same LISTEN/NOTIFY path as session cancellation). A handler that catches the
+        cancellation and returns normally is still recorded ``cancelled``: the storage
+        row decided when this call committed, and the worker's later outcome changes
+        nothing. Idempotent; the answer says whether this call cancelled the task, an
+        earlier one had, or the task had already finished (and how), or does not exist.
+        ``task_id`` may be of any queue.
+        """
+        return await self.storage.cancel_task(task_id, reason)
+
 
 def _default_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
@@ -449,6 +492,9 @@ class Worker(JobConsumer[Task]):
         self._peak = 0
         self._cancelled = 0
         self._reruns = 0
+        self._cancel_notes = 0
+        # Cancel notices for tasks not held yet (bounded, oldest forgotten first).
+        self._recent_cancels: collections.OrderedDict[int, None] = collections.OrderedDict()
 
     def statistics(self) -> WorkerStatistics:
         """A frozen snapshot of this worker's counters."""
@@ -478,12 +524,15 @@ class Worker(JobConsumer[Task]):
             expiry_wakeups=self._expiry_wakeups,
             coordinated=self._coordinated,
             held_back=self._held_back_claims,
+            cancel_notifications=self._cancel_notes,
         )
 
     def cancel(self, task_id: int, reason: str = "cancelled") -> bool:
-        """Cancel a running handler; its task is dead-lettered with ``cancelled: <reason>``.
+        """Cancel a running handler of this worker; its task is dead-lettered with
+        ``cancelled: <reason>`` (and can be redriven).
 
-        Returns False if this worker is not running that task.
+        Returns False if this worker is not running that task. To cancel a task from any
+        process and end it ``cancelled`` (not dead), use ``AgentQueue.cancel``.
         """
         scope = self._scopes.get(task_id)
         if scope is None:
@@ -498,6 +547,71 @@ class Worker(JobConsumer[Task]):
         Cancelling the wait leaves them queued; they are still written.
         """
         await super().flush()
+
+    # -- cancel_task notices ---------------------------------------------------
+
+    async def _serve(self, *, task_status: StartStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """The consumer's loop, with the cancel listener subscribed before it starts."""
+        if not self.config.cancel_listen:
+            await super()._serve(task_status=task_status)
+            return
+        async with anyio.create_task_group() as tg:
+            await tg.start(self._listen_cancels)
+            await super()._serve(task_status=task_status)
+            tg.cancel_scope.cancel()
+
+    async def _listen_cancels(
+        self, *, task_status: StartStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Cancel the handlers of tasks ``cancel_task`` cancelled; notices name the worker.
+
+        After a gap (a listener reconnect, an overflow) the held tasks are read back and
+        those found cancelled are stopped; the lease renewal is the last resort (a
+        cancelled row is no longer running, so its renewal fails and the handler stops).
+        """
+        async with self._storage.listen(TASK_CANCEL_CHANNEL) as stream:
+            task_status.started()
+            async for note in stream:
+                if note.gap:
+                    await self._catch_up_cancels()
+                    continue
+                notice = decode_task_cancel(note.payload)
+                if notice is not None and notice[1] == self.worker_id:
+                    self._cancel_notes += 1
+                    self._cancelled_in_storage(notice[0])
+
+    async def _catch_up_cancels(self) -> None:
+        for task_id, token in list(self._held.items()):
+            try:
+                task = await self._storage.get_job(TASKS, task_id)
+            except StorageError as exc:
+                self._errors += 1
+                log.warning("cancel catch-up on queue %s failed: %s", self.queue.name, exc)
+                return
+            cancelled = task is not None and task.status is StoredStatus.CANCELLED
+            if cancelled and self._held.get(task_id) == token:
+                self._cancelled_in_storage(task_id)
+
+    def _cancelled_in_storage(self, task_id: int) -> None:
+        """Storage ended the task ``cancelled``: stop its handler, or never start it.
+
+        Its lease is dropped (no renewal, and a runner skips a task it does not hold); a
+        notice for a task not held yet is remembered, for the claim whose answer it
+        overtook.
+        """
+        if self._held.pop(task_id, None) is None:
+            self._recent_cancels[task_id] = None
+            while len(self._recent_cancels) > RECENT_CANCELS:
+                self._recent_cancels.popitem(last=False)
+            return
+        scope = self._scopes.get(task_id)
+        if scope is None:
+            # Claimed and not started (a runner skips it), or finished with its outcome not
+            # yet written (that write finds the row cancelled and changes nothing).
+            self._cancelled += 1
+            return
+        self._stop_reason[task_id] = (_Stop.CANCEL_TASK, "")
+        scope.cancel()
 
     # -- the consumer's part ---------------------------------------------------
 
@@ -593,6 +707,10 @@ class Worker(JobConsumer[Task]):
         for task in jobs:
             if task.attempts > 1 and task.last_error == LEASE_EXPIRED:
                 self._reruns += 1
+        if self._recent_cancels:
+            jobs = [task for task in jobs if not self._cancelled_before_claim(task)]
+            if not jobs:
+                return
         if self._running == 0:
             self._idle = anyio.Event()
         self._running += len(jobs)
@@ -604,6 +722,15 @@ class Worker(JobConsumer[Task]):
         self._free -= len(jobs)  # never below 0: we claimed only free slots
         self._ready.extend(jobs)
         self._wake_one()
+
+    def _cancelled_before_claim(self, task: Task) -> bool:
+        """True if a cancel notice for ``task`` overtook its claim: it is not started."""
+        if task.id not in self._recent_cancels:
+            return False
+        del self._recent_cancels[task.id]
+        self._forget(task.claim)
+        self._cancelled += 1
+        return True
 
     def _wake_one(self) -> None:
         """Wake an idle runner, or start one (up to ``max_workers``), unless one is on its way.
@@ -665,6 +792,9 @@ class Worker(JobConsumer[Task]):
 
     async def _run_one(self, task: Task) -> None:
         """Legacy ``poll_spawn``: one spawned task per handler."""
+        if self._held.get(task.id) != task.claim.token:
+            self._finish(None, slot=False)  # cancelled or its lease lost before it started
+            return
         with anyio.CancelScope() as scope:
             self._finish(await self._execute(task, scope), slot=False)
 
@@ -691,6 +821,10 @@ class Worker(JobConsumer[Task]):
                 finished = Outcome(
                     OutcomeKind.RETRY, claim, describe_failure(exc), datetime.fromtimestamp(at, UTC)
                 )
+            if self._stop_reason.get(task.id, (None, ""))[0] is _Stop.CANCEL_TASK:
+                # The handler caught the cancellation and ended on its own: the task is
+                # still cancelled (storage decided), and its outcome is not written.
+                finished = self._after_stop(task.id, claim)
         except BaseException:
             # Cancelled (this task, a lost lease, or the worker stopping): record its final
             # state here, synchronously; the writer's shielded final flush writes it.
@@ -719,6 +853,9 @@ class Worker(JobConsumer[Task]):
         if reason is _Stop.CANCELLED:
             self._cancelled += 1
             return Outcome(OutcomeKind.DEAD, claim, f"cancelled: {why}")
+        if reason is _Stop.CANCEL_TASK:
+            self._cancelled += 1
+            return None  # storage ended it cancelled already; nothing left to write
         return Outcome(OutcomeKind.RELEASE, claim)
 
 

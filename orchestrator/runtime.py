@@ -79,6 +79,7 @@ from asyncstore.storage import (
     AsyncStorageBackend,
     LeaseLost,
     StorageError,
+    TaskCancellation,
 )
 
 __all__ = [
@@ -436,6 +437,17 @@ class Runtime:
 
     def _queue_config(self) -> QueueConfig:
         return self.settings.queue.component().model_copy(update={"mode": self._flags.queue})
+
+    async def cancel_task(self, task_id: int, reason: str = "cancelled") -> TaskCancellation:
+        """Cancel an agent task from this or any process (``AgentQueue.cancel``).
+
+        A queued task never starts; a running one ends ``cancelled`` at once and the worker
+        running it, in any process, cancels its handler when the notification arrives (a
+        handler that catches the cancellation and returns is still recorded cancelled).
+        The answer says whether this call cancelled it, or it was cancelled already,
+        finished already (and how), or is unknown.
+        """
+        return await self.queue.cancel(task_id, reason)
 
     def open_worker(
         self, handler: Handler, *, max_workers: int | None = None

@@ -59,11 +59,17 @@ from asyncstore.storage.errors import (
     StorageError,
     StorageUnavailable,
 )
+from asyncstore.storage.task_cancel import (
+    TASK_CANCEL_CHANNEL,
+    TaskCancellation,
+    TaskCancelOutcome,
+)
 
 __all__ = [
     "LEASE_EXPIRED",
     "OUTBOX",
     "TASKS",
+    "TASK_CANCEL_CHANNEL",
     "AsyncStorageBackend",
     "CancelState",
     "ChatMessage",
@@ -100,6 +106,8 @@ __all__ = [
     "StreamEvent",
     "StreamPartition",
     "Task",
+    "TaskCancelOutcome",
+    "TaskCancellation",
     "TaskStatus",
     "WebhookAttempt",
     "check_schema",

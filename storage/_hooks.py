@@ -37,6 +37,7 @@ from asyncstore.storage.records import (
     Task,
     WebhookAttempt,
 )
+from asyncstore.storage.task_cancel import TaskCancellation
 
 
 class DialectHooks(abc.ABC):
@@ -194,6 +195,11 @@ class DialectHooks(abc.ABC):
 
     @abc.abstractmethod
     async def _sql_purge_jobs(self, kind: JobKind[Any, Any, Any], age_s: float) -> int: ...
+
+    @abc.abstractmethod
+    async def _sql_cancel_task(
+        self, task_id: int, reason: str, channel: str | None
+    ) -> TaskCancellation: ...
 
     @abc.abstractmethod
     async def _sql_next_task_due_s(self, queue: str) -> float | None: ...

@@ -63,14 +63,17 @@ async def check_schema(backend: AsyncStorageBackend, where: str) -> int:
             "schema_migrations (the schema guard reads it when a handle opens) and on the "
             "asyncstore tables"
         ) from exc
-    latest = latest_version(backend.dialect)
+    migrations = load_migrations(backend.dialect)
+    latest = migrations[-1].version if migrations else 0
     if version == latest:
         return version
     if version < latest:
+        # Named from the shipped files: version numbers need not be contiguous.
+        first = min(m.version for m in migrations if m.version > version)
         state = (
             "has no asyncstore schema (version 0)"
             if version == 0
-            else f"has schema version {version}, migrations {version + 1}..{latest} are missing"
+            else f"has schema version {version}, migrations {first}..{latest} are missing"
         )
         raise MigrationError(
             f"{where} {state}; this code needs version {latest}: run `asyncstore migrate` "

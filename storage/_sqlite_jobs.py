@@ -22,7 +22,9 @@ from asyncstore.storage.base import (
     OutboxMessage,
     QueueDepth,
     Task,
+    TaskStatus,
 )
+from asyncstore.storage.task_cancel import TaskCancellation, encode_task_cancel
 
 
 class SqliteJobs(SqliteConnections):
@@ -173,6 +175,22 @@ class SqliteJobs(SqliteConnections):
     async def _sql_purge_jobs(self, kind: JobKind[Any, Any, Any], age_s: float) -> int:
         cutoff = time.time() - age_s
         return await self._write_count(kind.statement("purge"), {"cutoff": cutoff})
+
+    async def _sql_cancel_task(
+        self, task_id: int, reason: str, channel: str | None
+    ) -> TaskCancellation:
+        async with self._transaction() as tx:
+            rows = await tx.fetch("_task_cancel_state", {"id": task_id})
+            if not rows:
+                return TaskCancellation.of(task_id, None, None)
+            status, worker_id = rows[0]["status"], rows[0]["worker_id"]
+            if status in (TaskStatus.QUEUED, TaskStatus.RUNNING):
+                params = {"id": task_id, "reason": reason, "now": time.time()}
+                await tx.execute("cancel_task", params)
+                if status == TaskStatus.RUNNING and channel is not None:
+                    # Delivered on commit, as Postgres delivers NOTIFY.
+                    tx.notify_on_commit(channel, encode_task_cancel(task_id, worker_id))
+        return TaskCancellation.of(task_id, status, worker_id)
 
     async def _sql_next_task_due_s(self, queue: str) -> float | None:
         params = {"queue": queue, "now": time.time()}

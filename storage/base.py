@@ -90,6 +90,11 @@ from asyncstore.storage.records import (
     WebhookAttempt,
 )
 from asyncstore.storage.statistics import QUERY_BUCKETS_S, StorageStatistics
+from asyncstore.storage.task_cancel import (
+    TASK_CANCEL_CHANNEL,
+    TaskCancellation,
+    prepare_task_cancel,
+)
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -891,8 +896,34 @@ class AsyncStorageBackend(DialectHooks):
         return await self.get_job(TASKS, task_id)
 
     async def purge_tasks(self, older_than_s: float) -> int:
-        """``purge_jobs(TASKS, older_than_s)``."""
+        """``purge_jobs(TASKS, older_than_s)``: succeeded and cancelled tasks (dead ones stay)."""
         return await self.purge_jobs(TASKS, older_than_s)
+
+    @operation
+    async def cancel_task(
+        self,
+        task_id: int,
+        reason: str = "cancelled",
+        *,
+        notify_channel: str | None = TASK_CANCEL_CHANNEL,
+    ) -> TaskCancellation:
+        """End a queued or running task ``cancelled``, from any process; say what happened.
+
+        One statement under the row's lock: a queued task never starts; a running one is
+        cancelled in storage at once (its worker's later outcome write, or a claim after
+        its lease runs out, finds it no longer running and changes nothing) and, with
+        ``notify_channel`` (default ``TASK_CANCEL_CHANNEL``, where workers listen), the
+        worker running it is notified with ``["<task id>", "<worker id>"]`` (Postgres: in
+        the same statement, sent on commit; SQLite: in process, after the commit) and
+        cancels the handler. ``reason`` (cut to 1000 characters) becomes ``last_error``.
+        Idempotent: a cancelled task reports ``ALREADY_CANCELLED``, a succeeded or dead
+        one ``ALREADY_FINISHED`` (unchanged), an unknown id ``NOT_FOUND``. A cancel and an
+        outcome write that commit at once leave exactly one terminal state, the one the
+        answer implies. A refused argument raises ``InvalidInput`` and changes nothing.
+        If cancelled, the cancel and its notification are either both done or neither.
+        """
+        checked, kept, channel = prepare_task_cancel(task_id, reason, notify_channel)
+        return await self._sql_cancel_task(checked, kept, channel)
 
     async def enqueue_outbox(self, messages: Sequence[NewOutboxMessage]) -> list[OutboxMessage]:
         """``enqueue_jobs(OUTBOX, messages)``."""

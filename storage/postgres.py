@@ -68,6 +68,7 @@ from asyncstore.storage.errors import (
     StorageError,
     StorageUnavailable,
 )
+from asyncstore.storage.task_cancel import TaskCancellation
 
 __all__ = ["PostgresBackend", "Q", "map_connect_error", "map_postgres_error"]
 
@@ -468,6 +469,14 @@ class PostgresBackend(PgPartitions, PgListening):
 
     async def _sql_purge_jobs(self, kind: JobKind[Any, Any, Any], age_s: float) -> int:
         return _rowcount(await self._execute(kind.statement("purge"), age_s))
+
+    async def _sql_cancel_task(
+        self, task_id: int, reason: str, channel: str | None
+    ) -> TaskCancellation:
+        rows = await self._fetch("cancel_task", task_id, reason, channel)
+        if not rows:
+            return TaskCancellation.of(task_id, None, None)
+        return TaskCancellation.of(task_id, rows[0]["status"], rows[0]["worker_id"])
 
     async def _sql_next_task_due_s(self, queue: str) -> float | None:
         rows = await self._fetch("next_task_due", queue)

@@ -212,12 +212,14 @@ LEASE_EXPIRED = "lease expired"
 
 
 class TaskStatus(StrEnum):
-    """Where an agent task is: waiting (``queued``), claimed by a worker, done, or dead-lettered."""
+    """Where an agent task is: waiting (``queued``), claimed by a worker, done, dead-lettered,
+    or ``cancelled`` by ``cancel_task`` (terminal: never claimed again, not retried)."""
 
     QUEUED = "queued"
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     DEAD = "dead"
+    CANCELLED = "cancelled"
 
 
 class OutboxStatus(StrEnum):

@@ -191,6 +191,12 @@ async def _prep_get_task(s: AsyncStorageBackend, run: str) -> Call:
     return lambda: s.get_task(task.id)
 
 
+async def _prep_cancel_task(s: AsyncStorageBackend, run: str) -> Call:
+    """A running task (claimed): its cancel updates the row and notifies its worker."""
+    claims = await _claimed_tasks(s, run)
+    return lambda: s.cancel_task(claims[0].id, "stop")
+
+
 async def _prep_get_outbox(s: AsyncStorageBackend, run: str) -> Call:
     msg = (await s.enqueue_outbox(_outbox(run)))[0]
     return lambda: s.get_outbox(msg.id)
@@ -293,6 +299,7 @@ CALLS: dict[str, Prepare] = {
     "dead_letter_tasks": _tasks_op("dead_letter_tasks"),
     "get_task": _prep_get_task,
     "purge_tasks": _p(lambda s, r: s.purge_tasks(3600)),
+    "cancel_task": _prep_cancel_task,
     "next_task_due_s": _p(lambda s, r: s.next_task_due_s(f"q{r}")),
     "backlog_depths": _p(lambda s, r: s.backlog_depths()),
     "enqueue_outbox": _p(lambda s, r: s.enqueue_outbox(_outbox(r))),

@@ -115,6 +115,7 @@ HOT_OTHER = {
     "dead_letter_tasks": _BY_ID,
     "redrive_tasks": _BY_ID,
     "get_tasks": _BY_ID,
+    "cancel_task": _BY_ID,
     "next_task_due": r"queue = \$1",
     # Coordinated task queues (0010): every statement names its one queue.
     "enqueue_grouped_tasks": r"ON CONFLICT \(queue, idempotency_key\)",

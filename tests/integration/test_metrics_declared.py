@@ -36,6 +36,7 @@ NEW_FAMILIES = {
     "asyncstore_auth_limiter_evicted",
     "asyncstore_auth_limiter_in_flight",
     "asyncstore_auth_logins_allowed",
+    "asyncstore_queue_cancel_notifications",
     "asyncstore_storage_query_duration_seconds",
     "asyncstore_storage_slow_queries",
     "asyncstore_storage_slow_query_threshold_seconds",

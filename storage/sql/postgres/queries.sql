@@ -695,6 +695,32 @@ ORDER BY c.priority DESC, c.id;
 -- commit).
 UPDATE task_queues SET woke = waiting, waiting = false WHERE queue = $1
 RETURNING woke, CASE WHEN woke THEN pg_notify($2, '0') END AS notified;
+-- name: cancel_task
+-- $1 the task id, $2 the reason (kept in last_error), $3 a channel or NULL. The row is
+-- locked first (a concurrent claim or outcome write commits before, or waits until after,
+-- this statement); its status under the lock decides: queued or running rows end
+-- cancelled, any other status is reported as it is. A running row's cancel notifies $3
+-- with ["<id>", "<worker id>"] in this same statement (sent on commit, never without the
+-- write), so its worker cancels the handler; its later outcome write finds the row no
+-- longer running and changes nothing.
+WITH old AS (
+    SELECT id, status, worker_id FROM agent_tasks WHERE id = $1 FOR UPDATE
+), cancelled AS (
+    UPDATE agent_tasks t SET status = 'cancelled', last_error = $2, updated_at = now()
+    FROM old WHERE t.id = old.id AND old.status IN ('queued', 'running')
+    RETURNING t.id
+)
+SELECT old.status, old.worker_id, (SELECT count(*) FROM cancelled) AS changed,
+       CASE WHEN old.status = 'running' AND $3::text IS NOT NULL
+            THEN pg_notify($3, to_json(ARRAY[old.id::text, old.worker_id])::text)
+       END AS notified
+FROM old;
+
+-- name: purge_tasks
+-- The tasks' own purge: succeeded and cancelled tasks (both finished for good); dead ones
+-- are kept for a redrive.
+DELETE FROM agent_tasks
+WHERE status IN ('succeeded', 'cancelled') AND updated_at < now() - make_interval(secs => $1);
 
 -- name: request_cancel
 -- $3 a channel or NULL, $4 the reason characters the notification carries. The first

@@ -438,6 +438,19 @@ WHERE queue = :queue;
 
 -- name: wake_task_queue
 UPDATE task_queues SET waiting = 0 WHERE queue = :queue AND waiting RETURNING queue;
+-- name: cancel_task
+-- Run after _task_cancel_state in the same BEGIN IMMEDIATE transaction (one writer: the
+-- status read there is the status this update sees); see the Postgres statement.
+UPDATE agent_tasks SET status = 'cancelled', last_error = :reason, updated_at = :now
+WHERE id = :id AND status IN ('queued', 'running');
+
+-- name: _task_cancel_state
+SELECT status, worker_id FROM agent_tasks WHERE id = :id;
+
+-- name: purge_tasks
+-- The tasks' own purge: succeeded and cancelled tasks (both finished for good); dead ones
+-- are kept for a redrive.
+DELETE FROM agent_tasks WHERE status IN ('succeeded', 'cancelled') AND updated_at < :cutoff;
 
 -- name: request_cancel
 INSERT INTO cancel_requests (session_id, reason, requested_at)
