@@ -23,7 +23,7 @@ import anyio
 import asyncpg
 import orjson
 
-from asyncstore.storage import _partitions, _topology
+from asyncstore.storage import _partitions, _ticks, _topology
 from asyncstore.storage import _validate as v
 from asyncstore.storage._backoff import Backoff
 from asyncstore.storage._notify import NotificationHub, Subscription
@@ -51,6 +51,7 @@ from asyncstore.storage.base import (
     StreamAppend,
     StreamEvent,
     StreamPartition,
+    Task,
     WebhookAttempt,
     operation,
     render_job_queries,
@@ -988,6 +989,19 @@ class PostgresBackend(AsyncStorageBackend):
 
     async def _sql_purge_login_attempts(self, age_s: float) -> int:
         return _rowcount(await self._execute("purge_login_attempts", age_s))
+
+    # -- periodic ticks (the SQL is in storage._ticks) ---------------------------
+
+    async def _sql_record_periodic_tick(
+        self, schedule: str, tick_at: datetime, row: Any, notify: str | None
+    ) -> Task | None:
+        return await _ticks.postgres_record_tick(self, schedule, tick_at, row, notify)
+
+    async def _sql_last_periodic_ticks(self, schedules: list[str]) -> dict[str, datetime]:
+        return await _ticks.postgres_last_ticks(self, schedules)
+
+    async def _sql_purge_periodic_ticks(self, retention_s: float) -> int:
+        return await _ticks.postgres_purge_ticks(self, retention_s)
 
     # -- maintenance -----------------------------------------------------------
 
