@@ -452,9 +452,12 @@ class PeriodicRunner:
             try:
                 if self._before is not None:
                     await self._before(schedule, tick)
-                written: Task | None = await self._storage.record_periodic_tick(
-                    schedule.name, tick, task, notify=queue.channel
-                )
+                # Shielded: the write is one short transaction that commits even when its
+                # caller is cancelled, so the counters below must see its outcome.
+                with anyio.CancelScope(shield=True):
+                    written: Task | None = await self._storage.record_periodic_tick(
+                        schedule.name, tick, task, notify=queue.channel
+                    )
             except StorageError as exc:
                 attempt += 1
                 self._fail(f"tick {schedule.name!r} at {tick.isoformat()}", exc)
