@@ -13,7 +13,10 @@ from datetime import UTC, datetime, timedelta
 
 import anyio
 import pytest
+from pydantic import ValidationError
 
+from asyncstore.orchestrator.config import load_settings
+from asyncstore.orchestrator.maintenance import MaintenanceConfig, open_maintenance
 from asyncstore.orchestrator.periodic import (
     Periodic,
     PeriodicConfig,
@@ -332,3 +335,48 @@ async def test_duplicate_names_and_bad_schedules_are_refused(storage: AsyncStora
         Periodic("* * * * *", timezone="Nowhere/City")
     with pytest.raises(InvalidArgument):
         Periodic("61 * * * *")
+
+
+async def test_maintenance_purges_old_ticks_but_keeps_each_schedules_latest(
+    storage: AsyncStorageBackend,
+) -> None:
+    queue, name = _fresh(), _fresh()
+    for offset in (0, 60, 120):
+        assert await storage.record_periodic_tick(name, _at(offset), NewTask(queue, offset))
+    config = MaintenanceConfig(
+        enabled=False,
+        stream_ttl_s=None,
+        task_retention_s=None,
+        outbox_retention_s=None,
+        lease_grace_s=None,
+        login_attempts_retention_s=None,
+        periodic_tick_retention_s=0.001,
+    )
+    async with open_maintenance(storage, config) as sweeper:
+
+        async def purged_two() -> bool:
+            await sweeper.run_once()
+            return sweeper.statistics().purged["periodic_ticks"] >= 2
+
+        await wait_for(purged_two, what="maintenance purging the two older ticks")
+        assert sweeper.statistics().purged["periodic_ticks"] == 2
+    assert await storage.last_periodic_ticks([name]) == {name: _at(120)}
+
+
+def test_settings_declare_schedules_and_refuse_bad_ones() -> None:
+    settings = load_settings(
+        periodic={
+            "mode": "leader",
+            "schedules": [
+                {"name": "nightly", "cron": "0 3 * * *", "queue": "reports", "payload": {"a": 1}},
+                {"every_s": 30, "queue": "pings"},
+            ],
+        }
+    )
+    nightly, pings = settings.periodic.periodics()
+    assert nightly.name == "nightly" and nightly.cron is not None and nightly.grace == timedelta(seconds=60)
+    assert pings.every == timedelta(seconds=30) and pings.name.startswith("pings:every")
+    with pytest.raises(ValidationError, match="exactly one"):
+        load_settings(periodic={"schedules": [{"queue": "x"}]})
+    with pytest.raises(ValidationError, match="outside 0-59"):
+        load_settings(periodic={"schedules": [{"cron": "99 * * * *"}]})
