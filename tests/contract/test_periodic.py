@@ -374,7 +374,11 @@ def test_settings_declare_schedules_and_refuse_bad_ones() -> None:
         }
     )
     nightly, pings = settings.periodic.periodics()
-    assert nightly.name == "nightly" and nightly.cron is not None and nightly.grace == timedelta(seconds=60)
+    assert (
+        nightly.name == "nightly"
+        and nightly.cron is not None
+        and nightly.grace == timedelta(seconds=60)
+    )
     assert pings.every == timedelta(seconds=30) and pings.name.startswith("pings:every")
     with pytest.raises(ValidationError, match="exactly one"):
         load_settings(periodic={"schedules": [{"queue": "x"}]})
