@@ -14,8 +14,11 @@ A runner that starts (or, in ``leader`` mode, becomes the leader) reads each sch
 latest recorded tick and enqueues the ticks since then that are at most ``grace`` old (the
 catch-up after a restart, a crash mid-tick or a leader change); older ones are skipped and
 counted (``statistics().skipped``). A schedule never recorded starts at the first tick
-within ``grace`` before the start. Between ticks the runner sleeps on its ``Clock`` until
-the next due tick, no polling. Times are UTC unless a schedule names a timezone.
+within ``grace`` before the start, so a runner killed before its very first write loses
+nothing either (a new schedule of period ``p`` enqueues up to ``grace / p`` ticks at once).
+Between ticks the runner sleeps on its ``Clock`` until the next due tick (at most a minute
+at a time, to follow steps of the wall clock), no polling of the database. Times are UTC
+unless a schedule names a timezone.
 """
 
 from __future__ import annotations

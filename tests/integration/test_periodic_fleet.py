@@ -122,7 +122,12 @@ async def test_two_runner_processes_started_at_once_enqueue_one_task_per_tick(
 ) -> None:
     name = f"fleet-{uuid.uuid4().hex[:8]}"
     async with _spawn_together([{"url": dsn, **_options(name, mode=mode)}] * 2) as agents:
-        first = await agents[0].wait_for(lambda m: m.get("event") == "recorded")
+        # Either may lead (leader mode): wait for the first write of either.
+        await wait_for(
+            lambda: any(m.get("event") == "recorded" for a in agents for m in a.messages),
+            what="a first tick written",
+        )
+        first = next(m for a in agents for m in a.messages if m.get("event") == "recorded")
         await _wait_ticks_through(dsn, name, _tick_of(first) + 5 * SECOND)
         writers = [a for a in agents if any(m.get("event") == "recorded" for m in a.messages)]
         if mode == "leader":
