@@ -76,10 +76,11 @@ class Periodic:
     the Unix epoch in UTC), exactly one. ``name`` keys the ticks in the database: keep it
     stable across deploys (the default is built from the queue, the schedule and the
     payload, so changing either starts a new schedule). ``grace`` is how late a tick may
-    still be enqueued (after a restart, a crash or a stall); older ticks are skipped and
-    counted. The task gets ``payload``, ``priority``, ``max_attempts`` (None: the queue's
-    default) and the idempotency key ``periodic:<name>@<tick in ISO 8601>``, from which a
-    handler can read the tick it runs for.
+    still be enqueued (after a restart, a crash or a stall; at least one second, as a
+    runner wakes a little after each tick); older ticks are skipped and counted. The task
+    gets ``payload``, ``priority``, ``max_attempts`` (None: the queue's default) and the
+    idempotency key ``periodic:<name>@<tick in ISO 8601>``, from which a handler can read
+    the tick it runs for.
     """
 
     name: str
@@ -114,8 +115,10 @@ class Periodic:
             if interval < timedelta(seconds=1):
                 raise InvalidArgument("every= must be at least one second")
         grace_td = _duration(grace, "grace")
-        if grace_td < timedelta(0):
-            raise InvalidArgument("grace must not be negative")
+        if grace_td < timedelta(seconds=1):
+            # A runner on a real clock wakes a little after the tick (scheduling latency):
+            # a smaller grace would skip ticks that were not late in any useful sense.
+            raise InvalidArgument("grace must be at least one second")
         try:
             encoded = orjson.dumps(payload, option=orjson.OPT_SORT_KEYS)
         except TypeError as exc:
@@ -203,7 +206,7 @@ class ScheduleSettings(BaseModel):
     every_s: float | None = Field(default=None, ge=1)
     queue: str = "default"
     payload: Any = None
-    grace_s: float | None = Field(default=None, ge=0)
+    grace_s: float | None = Field(default=None, ge=1)
     timezone: str = "UTC"
     priority: int = 0
     max_attempts: int | None = Field(default=None, ge=1, le=10_000)
@@ -247,7 +250,7 @@ class PeriodicConfig(BaseModel):
     mode: Literal["all", "leader"] = "all"
     leadership_name: str = "asyncstore.periodic"
     leader_ttl_s: float = Field(default=30.0, gt=0)
-    default_grace_s: float = Field(default=60.0, ge=0)
+    default_grace_s: float = Field(default=60.0, ge=1)
     retry_base_s: float = Field(default=0.5, gt=0)
     retry_max_s: float = Field(default=10.0, gt=0)
     schedules: tuple[ScheduleSettings, ...] = ()

@@ -24,6 +24,7 @@ from asyncstore.orchestrator.periodic import (
     ScheduleSettings,
     open_periodic,
 )
+from asyncstore.orchestrator.runtime import open_runtime
 from asyncstore.orchestrator.timing import ManualClock
 from asyncstore.storage import TASKS, AsyncStorageBackend, InvalidInput, NewTask, Task
 from asyncstore.storage.errors import InvalidArgument
@@ -153,7 +154,7 @@ async def test_runner_enqueues_each_tick_once_as_a_task(storage: AsyncStorageBac
 
 async def test_cron_schedule_ticks_on_its_minutes(storage: AsyncStorageBackend) -> None:
     clock, queue = _clock(), _fresh()
-    schedule = Periodic("*/2 * * * *", queue=queue, grace=0)
+    schedule = Periodic("*/2 * * * *", queue=queue, grace=1)
     minute = W // 60
     first = 120 - (minute % 2) * 60  # offset from W of the first even minute after W + 30
     async with open_periodic(storage, [schedule], clock=clock) as runner:
@@ -331,6 +332,8 @@ async def test_duplicate_names_and_bad_schedules_are_refused(storage: AsyncStora
         Periodic()
     with pytest.raises(InvalidArgument, match="at least one second"):
         Periodic(every=0.5)
+    with pytest.raises(InvalidArgument, match="grace must be at least one second"):
+        Periodic(every=60, grace=0.5)
     with pytest.raises(InvalidArgument, match="unknown timezone"):
         Periodic("* * * * *", timezone="Nowhere/City")
     with pytest.raises(InvalidArgument):
@@ -384,3 +387,43 @@ def test_settings_declare_schedules_and_refuse_bad_ones() -> None:
         load_settings(periodic={"schedules": [{"queue": "x"}]})
     with pytest.raises(ValidationError, match="outside 0-59"):
         load_settings(periodic={"schedules": [{"cron": "99 * * * *"}]})
+
+
+async def test_the_runtime_runs_schedules_from_code_and_settings_through_its_worker(
+    storage_url: str,
+) -> None:
+    seen: list[Task] = []
+    done = anyio.Event()
+
+    async def handler(task: Task) -> None:
+        seen.append(task)
+        if {t.payload for t in seen} >= {"code", "settings"}:
+            done.set()
+
+    settings = load_settings(
+        storage={"url": storage_url},
+        runtime={"reload_on_sighup": False},
+        periodic={
+            "schedules": [
+                {"name": "s", "every_s": 1, "queue": "default", "payload": "settings", "grace_s": 5}
+            ]
+        },
+    )
+    in_code = Periodic(every=1, queue="default", payload="code", name="c", grace=5)
+    async with open_runtime(settings, queue_handler=handler, periodic=[in_code]) as rt:
+        assert rt.periodic is not None
+        with anyio.fail_after(30):
+            await done.wait()
+        stats = rt.periodic.statistics()
+        body, _ = rt.metrics.render()
+    assert stats.schedules == 2 and stats.enqueued >= 2
+    assert all((t.idempotency_key or "").startswith(("periodic:s@", "periodic:c@")) for t in seen)
+    assert b'asyncstore_periodic_ticks_total{outcome="enqueued",source="periodic"}' in body
+
+
+async def test_the_runtime_runs_no_periodic_runner_without_schedules(storage_url: str) -> None:
+    settings = load_settings(storage={"url": storage_url}, runtime={"reload_on_sighup": False})
+    async with open_runtime(settings) as rt:
+        assert rt.periodic is None
+        body, _ = rt.metrics.render()
+    assert b"periodic" not in body
