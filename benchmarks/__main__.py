@@ -3,8 +3,8 @@
 Without NAME (``python -m benchmarks [--url URL] [--scenario S1] [--full] [--json PATH]
 [--plot PATH]``) the S1-S4 suite of ``benchmarks.suite`` runs: optimized vs legacy, a quick
 pass on SQLite by default. NAME is one of the component benchmarks, ``storage``,
-``streams``, ``locks``, ``queue``, ``webhooks``, ``auth``, ``maintenance``, ``runtime`` or
-``notify``; ARGS go to it (``python -m benchmarks streams --help``).
+``streams``, ``locks``, ``queue``, ``webhooks``, ``auth``, ``maintenance``, ``runtime``,
+``notify`` or ``periodic``; ARGS go to it (``python -m benchmarks streams --help``).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ BENCHMARKS = {
     "maintenance": "benchmarks.maintenance_bench",
     "runtime": "benchmarks.runtime_bench",
     "notify": "benchmarks.notify_bench",
+    "periodic": "benchmarks.periodic_bench",
 }
 
 
