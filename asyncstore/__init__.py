@@ -24,6 +24,9 @@
 - The errors: one tree under ``AsyncstoreError``, drawn in ``asyncstore.storage.errors``.
   Misuse raises ``UsageError`` or ``InvalidArgument``; a ``*_nowait`` call that cannot act
   raises ``anyio.WouldBlock`` (``Dropped`` when the overflow policy dropped the item).
+- ``Periodic`` / ``open_periodic`` / ``PeriodicRunner``: cron (``Cron``) and interval
+  schedules whose ticks are enqueued as agent tasks, once per tick across a fleet (also
+  declared in settings, ``periodic.schedules``, and run by the runtime).
 - ``Backoff``, ``Clock`` and ``ManualClock``: the one retry-delay policy and the injectable
   clock; ``open_test_receiver``: a real local HTTP receiver for webhook tests.
 - ``EndpointConfig``, ``EventStreams`` and ``StreamingServer``: SSE and WebSocket endpoints
@@ -48,6 +51,7 @@ from asyncstore.orchestrator.auth import (
 )
 from asyncstore.orchestrator.broadcast import StreamReset, Subscription
 from asyncstore.orchestrator.config import Flags, Settings, load_settings
+from asyncstore.orchestrator.cron import Cron
 from asyncstore.orchestrator.errors import (
     AttemptFailed,
     ComponentNotBuilt,
@@ -67,6 +71,7 @@ from asyncstore.orchestrator.errors import (
     WriterOverloaded,
 )
 from asyncstore.orchestrator.outbox import SendError
+from asyncstore.orchestrator.periodic import Periodic, PeriodicRunner, open_periodic
 from asyncstore.orchestrator.queue import PermanentFailure, RetryTask
 from asyncstore.orchestrator.runtime import (
     Runtime,
@@ -147,6 +152,7 @@ __all__ = [
     "ComponentNotBuilt",
     "ConfigurationError",
     "ConflictError",
+    "Cron",
     "DeliveryFailed",
     "DestinationRefused",
     "Dropped",
@@ -174,6 +180,8 @@ __all__ = [
     "OrchestratorError",
     "OutboxMessage",
     "PasswordTooLong",
+    "Periodic",
+    "PeriodicRunner",
     "PermanentFailure",
     "QueryError",
     "QueueLimits",
@@ -207,6 +215,7 @@ __all__ = [
     "WriterOverloaded",
     "load_hooks",
     "load_settings",
+    "open_periodic",
     "open_runtime",
     "open_storage",
     "open_test_receiver",

@@ -4,7 +4,7 @@ Without NAME (``python -m benchmarks [--url URL] [--scenario S1] [--full] [--jso
 [--plot PATH]``) the S1-S4 suite of ``benchmarks.suite`` runs: optimized vs legacy, a quick
 pass on SQLite by default. NAME is one of the component benchmarks, ``storage``,
 ``streams``, ``locks``, ``queue``, ``webhooks``, ``auth``, ``maintenance``, ``runtime``,
-``notify`` or ``cancel``; ARGS go to it (``python -m benchmarks streams --help``).
+``notify``, ``cancel`` or ``periodic``; ARGS go to it (``python -m benchmarks streams --help``).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ BENCHMARKS = {
     "runtime": "benchmarks.runtime_bench",
     "notify": "benchmarks.notify_bench",
     "cancel": "benchmarks.cancel_bench",
+    "periodic": "benchmarks.periodic_bench",
 }
 
 

@@ -2,10 +2,10 @@
 
 This module owns the settings-to-components wiring behind ``open_runtime``: storage and
 its migrations, the switches over each component's optimized and legacy instances, the
-webhooks, worker, relay, maintenance, metrics and probes, the SIGHUP reloader, and the
-ordered shutdown (stop intake, wait for turns, flush writers, drain webhooks, close
-storage) that ends in a ``RuntimeReport``. ``orchestrator.runtime`` re-exports
-``open_runtime``; import it from there.
+webhooks, worker, relay, maintenance, periodic schedules, metrics and probes, the SIGHUP
+reloader, and the ordered shutdown (stop intake, wait for turns, flush writers, drain
+webhooks, close storage) that ends in a ``RuntimeReport``. ``orchestrator.runtime``
+re-exports ``open_runtime``; import it from there.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +44,7 @@ from asyncstore.orchestrator.locks import (
 from asyncstore.orchestrator.maintenance import LeaseSweep, open_maintenance
 from asyncstore.orchestrator.metrics import open_loop_lag_monitor, open_pool_probe
 from asyncstore.orchestrator.outbox import Sender
+from asyncstore.orchestrator.periodic import Periodic, open_periodic
 from asyncstore.orchestrator.queue import Handler
 from asyncstore.orchestrator.runtime import Runtime, RuntimeReport
 from asyncstore.orchestrator.streams import (
@@ -95,13 +96,17 @@ async def open_runtime(
     queue_handler: Handler | None = None,
     outbox_senders: Mapping[str, Sender] | None = None,
     clock: Clock = SYSTEM_CLOCK,
+    periodic: Sequence[Periodic] = (),
 ) -> AsyncIterator[Runtime]:
     """Open storage and run every component while the block runs; yields the ``Runtime``.
 
     ``settings`` defaults to ``load_settings(config_file)``; ``config_file`` (default
     ``$ASYNCSTORE_CONFIG``) is also what ``reload()`` and SIGHUP re-read. ``hooks``
     replaces the settings' hooks file. ``queue_handler`` runs a worker for ``rt.queue``
-    and ``outbox_senders`` an outbox relay, both inside the runtime.
+    and ``outbox_senders`` an outbox relay, both inside the runtime. ``periodic`` (with
+    the schedules of ``settings.periodic``) runs a periodic runner, ``rt.periodic``, that
+    enqueues each tick as a task on its schedule's queue (``periodic.enabled`` False, or
+    no schedule at all: none runs).
 
     Leaving the block drains in order: new turns are refused and running ones get
     ``runtime.shutdown_grace_s`` before they are cancelled; the worker and relay stop
@@ -228,6 +233,10 @@ async def open_runtime(
             rt.relay = await stack.enter_async_context(rt.open_outbox_relay(outbox_senders))
         if queue_handler is not None:
             rt.worker = await stack.enter_async_context(rt.open_worker(queue_handler))
+        if settings.periodic.enabled and (periodic or settings.periodic.schedules):
+            rt.periodic = await stack.enter_async_context(
+                open_periodic(storage, periodic, settings.periodic)
+            )
         rt.backlog = await stack.enter_async_context(
             open_backlog_monitor(storage, interval_s=settings.metrics.backlog_interval_s)
         )

@@ -45,6 +45,7 @@ from asyncstore.orchestrator.locks import LimiterConfig
 from asyncstore.orchestrator.maintenance import MaintenanceConfig
 from asyncstore.orchestrator.metrics import MetricsConfig
 from asyncstore.orchestrator.outbox import OutboxConfig, RetryTemplate
+from asyncstore.orchestrator.periodic import PeriodicConfig
 from asyncstore.orchestrator.queue import QueueConfig
 from asyncstore.orchestrator.streams import StreamConfig
 from asyncstore.orchestrator.webhooks import HooksConfig, load_hooks
@@ -297,6 +298,7 @@ class Settings(BaseSettings):
     outbox: OutboxSettings = OutboxSettings()
     webhooks: WebhooksSettings = WebhooksSettings()
     maintenance: MaintenanceConfig = MaintenanceConfig()
+    periodic: PeriodicConfig = PeriodicConfig()
     metrics: MetricsConfig = MetricsConfig()
     auth: AuthSettings = AuthSettings()
     runtime: RuntimeSettings = RuntimeSettings()

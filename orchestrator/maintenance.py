@@ -6,7 +6,8 @@ and only the instance that holds the fleet-wide ``storage.open_leadership`` role
 database: stream events past their TTL in bounded batches (or, when ``stream_events`` is
 partitioned, ``storage.stream_partitioning`` on Postgres, by rotating its partitions:
 creating them ahead, dropping those whose sessions have all expired), succeeded tasks and
-sent outbox messages past their retention, expired leases, idle login attempt counts. It
+sent outbox messages past their retention, expired leases, idle login attempt counts,
+periodic ticks past their retention (each schedule's latest kept). It
 relies only on the storage contract and never runs on a request path. It is also the
 fleet's one lease sweeper: the runtime's session limiters sweep nothing themselves, and
 when the rounds do not expire leases (maintenance disabled, or ``lease_grace_s`` unset) a
@@ -49,7 +50,7 @@ log = logging.getLogger("asyncstore.maintenance")
 Evictor = Callable[[], int | Awaitable[int | None] | None]
 """Drops idle per-process state and returns how many entries it dropped (or None)."""
 
-PURGE_KINDS = ("stream_events", "tasks", "outbox", "leases", "login_attempts")
+PURGE_KINDS = ("stream_events", "tasks", "outbox", "leases", "login_attempts", "periodic_ticks")
 
 
 class MaintenanceConfig(BaseModel):
@@ -71,6 +72,9 @@ class MaintenanceConfig(BaseModel):
     ``login_attempts_retention_s``: login attempt counts (``auth.attempts.mode = storage``)
     idle this long and not locked out are deleted; keep it at least
     ``auth.attempts.forget_after_s`` so a key's lockout growth is not forgotten early.
+    ``periodic_tick_retention_s``: recorded periodic ticks older than this are deleted,
+    except each schedule's latest (a restarted runner resumes from it); keep it longer
+    than every schedule's grace.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -86,6 +90,7 @@ class MaintenanceConfig(BaseModel):
     outbox_retention_s: float | None = Field(default=7 * 86_400.0, ge=0)
     lease_grace_s: float | None = Field(default=60.0, ge=0)
     login_attempts_retention_s: float | None = Field(default=2 * 86_400.0, ge=0)
+    periodic_tick_retention_s: float | None = Field(default=7 * 86_400.0, gt=0)
     stream_partition_s: int = Field(default=86_400, ge=1, le=366 * 86_400)
     stream_partitions_ahead: int = Field(default=2, ge=1, le=1000)
     stream_drop_partitions: bool = True
@@ -347,6 +352,9 @@ class MaintenanceSweeper:
         if cfg.login_attempts_retention_s is not None:
             purge_logins = self._storage.purge_login_attempts
             steps.append(("login_attempts", partial(purge_logins, cfg.login_attempts_retention_s)))
+        if cfg.periodic_tick_retention_s is not None:
+            purge_ticks = partial(self._storage.purge_periodic_ticks, cfg.periodic_tick_retention_s)
+            steps.append(("periodic_ticks", purge_ticks))
         try:
             try:
                 await self._expire_stream_events(cfg.stream_ttl_s)

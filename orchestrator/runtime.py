@@ -61,6 +61,7 @@ from asyncstore.orchestrator.locks import (
 from asyncstore.orchestrator.maintenance import MaintenanceSweeper
 from asyncstore.orchestrator.metrics import Metrics
 from asyncstore.orchestrator.outbox import Outbox, OutboxRelay, Sender, open_outbox_relay
+from asyncstore.orchestrator.periodic import PeriodicRunner
 from asyncstore.orchestrator.queue import AgentQueue, Handler, QueueConfig, Worker, open_worker
 from asyncstore.orchestrator.streams import (
     StreamEventWriter,
@@ -187,6 +188,7 @@ class Runtime:
         self.worker: Worker | None = None
         self.relay: OutboxRelay | None = None
         self.backlog: BacklogMonitor | None = None
+        self.periodic: PeriodicRunner | None = None  # set when schedules run
         self.report: RuntimeReport | None = None
         self.metrics = Metrics(settings.metrics)
         self.passwords = PasswordHasher(settings.auth.hashing)
@@ -520,6 +522,8 @@ class Runtime:
             sources["outbox"] = self.relay
         if self.backlog is not None:
             sources["backlog"] = self.backlog
+        if self.periodic is not None:
+            sources["periodic"] = self.periodic
         for name, source in sources.items():
             self.metrics.add_source(name, source)
 

@@ -281,6 +281,17 @@ class DialectHooks(abc.ABC):
     ) -> AbstractAsyncContextManager[Leadership]: ...
 
     @abc.abstractmethod
+    async def _sql_record_periodic_tick(
+        self, schedule: str, tick_at: datetime, row: Any, notify: str | None
+    ) -> Task | None: ...
+
+    @abc.abstractmethod
+    async def _sql_last_periodic_ticks(self, schedules: list[str]) -> dict[str, datetime]: ...
+
+    @abc.abstractmethod
+    async def _sql_purge_periodic_ticks(self, retention_s: float) -> int: ...
+
+    @abc.abstractmethod
     async def _sql_reserve_login_attempt(
         self, scope: str, key: str, policy: LoginPolicy
     ) -> LoginSlot: ...

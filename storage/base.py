@@ -21,6 +21,7 @@ import functools
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from contextlib import AbstractAsyncContextManager
+from datetime import UTC, datetime
 from enum import StrEnum
 from types import MappingProxyType, TracebackType
 from typing import (
@@ -1102,6 +1103,42 @@ class AsyncStorageBackend(DialectHooks):
         """
         v.check_id(name, "name")
         return self._sql_leadership(name, v.check_seconds(ttl_s, "ttl_s"))
+
+    # -- periodic ticks (orchestrator.periodic) ---------------------------------
+
+    @operation
+    async def record_periodic_tick(
+        self, schedule: str, tick_at: datetime, task: NewTask, *, notify: str | None = None
+    ) -> Task | None:
+        """Record the tick ``(schedule, tick_at)`` and enqueue ``task`` in one transaction.
+
+        Returns the enqueued task, or None (nothing written) when that tick was already
+        recorded: of any number of concurrent calls for one tick, in any processes, one
+        enqueues its task. ``tick_at`` is an aware datetime (its microseconds are kept);
+        ``notify`` wakes the queue's workers as ``enqueue_jobs`` does. If cancelled, the
+        tick and its task were either both written or neither.
+        """
+        name = v.check_id(schedule, "schedule")
+        when = v.check_when(tick_at, "tick_at")
+        if when is None:
+            raise InvalidInput("tick_at must be a datetime, got None")
+        row = v.prepare_tasks([task])[0]
+        channel = None if notify is None else v.check_channel(notify)
+        return await self._sql_record_periodic_tick(name, when.astimezone(UTC), row, channel)
+
+    @operation
+    async def last_periodic_ticks(self, schedules: Sequence[str]) -> dict[str, datetime]:
+        """Each named schedule's latest recorded tick (schedules never recorded are absent)."""
+        names = v.check_names(schedules, "schedule")
+        if not names:
+            return {}
+        return await self._sql_last_periodic_ticks(sorted(set(names)))
+
+    @operation
+    async def purge_periodic_ticks(self, retention_s: float) -> int:
+        """Delete ticks recorded over ``retention_s`` seconds ago, except each schedule's
+        latest (a restarted runner resumes from it); returns how many were deleted."""
+        return await self._sql_purge_periodic_ticks(v.check_seconds(retention_s, "retention_s"))
 
     # -- login attempts (auth limiter, shared by a fleet) -----------------------
 

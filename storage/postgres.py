@@ -22,7 +22,7 @@ import anyio
 import asyncpg
 
 from asyncstore.storage import _queue_limits as ql
-from asyncstore.storage import _topology
+from asyncstore.storage import _ticks, _topology
 from asyncstore.storage import _validate as v
 from asyncstore.storage._backoff import Backoff
 from asyncstore.storage._notify import NotificationHub
@@ -60,6 +60,7 @@ from asyncstore.storage.base import (
     StorageStatistics,
     StreamAppend,
     StreamEvent,
+    Task,
     WebhookAttempt,
     operation,
 )
@@ -573,6 +574,19 @@ class PostgresBackend(PgPartitions, PgListening):
 
     async def _sql_purge_login_attempts(self, age_s: float) -> int:
         return _rowcount(await self._execute("purge_login_attempts", age_s))
+
+    # -- periodic ticks (the SQL is in storage._ticks) ---------------------------
+
+    async def _sql_record_periodic_tick(
+        self, schedule: str, tick_at: datetime, row: Any, notify: str | None
+    ) -> Task | None:
+        return await _ticks.postgres_record_tick(self, schedule, tick_at, row, notify)
+
+    async def _sql_last_periodic_ticks(self, schedules: list[str]) -> dict[str, datetime]:
+        return await _ticks.postgres_last_ticks(self, schedules)
+
+    async def _sql_purge_periodic_ticks(self, retention_s: float) -> int:
+        return await _ticks.postgres_purge_ticks(self, retention_s)
 
 
 def _outbox_columns(rows: list[tuple[str, str, bytes, int]]) -> list[list[Any]]:

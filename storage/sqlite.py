@@ -28,6 +28,7 @@ import aiosqlite
 import anyio
 import orjson
 
+from asyncstore.storage import _ticks
 from asyncstore.storage._notify import NotificationHub
 from asyncstore.storage._shield import complete
 from asyncstore.storage._sql import load_migrations
@@ -60,6 +61,7 @@ from asyncstore.storage.base import (
     StreamEvent,
     StreamPartition,
     StreamRow,
+    Task,
     WebhookAttempt,
     operation,
 )
@@ -473,3 +475,16 @@ class SqliteBackend(SqliteLeases, SqliteJobs):
         now = time.time()
         cutoff = now - age_s
         return await self._write_count("purge_login_attempts", {"cutoff": cutoff, "now": now})
+
+    # -- periodic ticks (the SQL is in storage._ticks) ---------------------------
+
+    async def _sql_record_periodic_tick(
+        self, schedule: str, tick_at: datetime, row: Any, notify: str | None
+    ) -> Task | None:
+        return await _ticks.sqlite_record_tick(self, schedule, tick_at, row, notify)
+
+    async def _sql_last_periodic_ticks(self, schedules: list[str]) -> dict[str, datetime]:
+        return await _ticks.sqlite_last_ticks(self, schedules)
+
+    async def _sql_purge_periodic_ticks(self, retention_s: float) -> int:
+        return await _ticks.sqlite_purge_ticks(self, retention_s)

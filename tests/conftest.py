@@ -31,6 +31,7 @@ TABLES = (
     ", webhook_journal, webhook_attempts, outbox_groups, login_attempts"  # 0005, 0006, 0007
     ", stream_anchors"  # 0009
     ", task_queues"  # 0010
+    ", periodic_ticks"  # 0012
 )
 
 

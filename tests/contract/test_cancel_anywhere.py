@@ -50,6 +50,7 @@ SEED = int(os.environ.get("ASYNCSTORE_CANCEL_SEED", "14"))
 # Correctness bound only: a cancelled call's connection is back and idle well within it.
 SETTLE_S = 10.0
 POLICY = LoginPolicy(5, 60.0, 1.0, 2.0, 60.0, 600.0)
+TICK = datetime(2026, 12, 1, 6, 0, tzinfo=UTC)
 
 Call = Callable[[], Awaitable[Any]]
 Prepare = Callable[[AsyncStorageBackend, str], Awaitable[Call]]
@@ -342,6 +343,11 @@ CALLS: dict[str, Prepare] = {
     "get_queue_limits": _p(lambda s, r: s.get_queue_limits(f"lq{r}")),
     "claim_limited_tasks": _prep_claim_limited,
     "wake_task_queue": _prep_wake,
+    "record_periodic_tick": _p(
+        lambda s, r: s.record_periodic_tick(f"p{r}", TICK, NewTask(f"one{r}", {}), notify="pq")
+    ),
+    "last_periodic_ticks": _p(lambda s, r: s.last_periodic_ticks([f"p{r}"])),
+    "purge_periodic_ticks": _p(lambda s, r: s.purge_periodic_ticks(3600)),
 }
 
 
@@ -461,6 +467,11 @@ class _Checker:
                 " OR attempts > max_attempts"
             )
             assert not bad, f"{what}: {table} rows in an invalid state {bad}"
+        bad = await self.rows(
+            "SELECT p.schedule FROM periodic_ticks p LEFT JOIN agent_tasks t ON t.id = p.task_id"
+            " WHERE t.id IS NULL"
+        )
+        assert not bad, f"{what}: a periodic tick recorded without its task {bad}"
         bad = await self.rows(
             "SELECT token FROM lease_slots WHERE token <> 0 GROUP BY token HAVING count(*) > 1"
         )

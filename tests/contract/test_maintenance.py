@@ -109,6 +109,7 @@ async def test_sweep_expires_leases_and_purges_finished_tasks_and_sent_outbox(
         "outbox": 1,
         "leases": 1,
         "login_attempts": 0,
+        "periodic_ticks": 0,
     }
     assert stats.stream_batches == 0
     assert await storage.get_task(task.id) is None

@@ -60,6 +60,9 @@ EXCEPTIONS: dict[tuple[str, tuple[str, ...], str | None], str] = {
     ("webhook_attempts", ("id",), None): "identity; per endpoint (audit log)",
     ("login_attempts", ("scope", "key"), None): "per login key (auth rate limit)",
     ("task_queues", ("queue",), None): "per task queue: its fleet-wide limits (0010)",
+    ("periodic_ticks", ("schedule", "tick_at"), None): "per periodic schedule (one row a "
+    "tick); keep it on the node that holds the schedule's queue, the tick's transaction "
+    "writes both",
     ("schema_migrations", ("version",), None): "global, read and written at migrate only",
 }
 # Global counters: sequences every node would have to share (or replace).
@@ -143,6 +146,10 @@ HOT_OTHER = {
     "release_login_attempt": _LOGIN_KEY,
     "succeed_login_attempt": _LOGIN_KEY,
     "fail_login_attempt": _LOGIN_KEY,
+    "record_periodic_tick": r"ON CONFLICT \(schedule, tick_at\)",
+    "set_periodic_tick_task": r"schedule = \$1 AND tick_at = \$2",
+    # A runner's start or leader change: each named schedule's latest tick, by key.
+    "last_periodic_ticks": r"p\.schedule = s\.schedule",
     # No table: a notification, the maintenance leadership lock, the health check.
     "notify": r"pg_notify",
     "acquire_leadership": r"pg_try_advisory_lock",
@@ -163,6 +170,7 @@ COLD = {
     "list_webhook_attempts",
     "purge_webhook_attempts",
     "purge_login_attempts",
+    "purge_periodic_ticks",
     # The partitioned stream_events layout: its purge, catalog reads and rotation steps.
     "_p_purge_stream_events_batch",
     "_stream_layout",

@@ -1038,3 +1038,29 @@ DELETE FROM stream_anchors WHERE session_id IN (
 SELECT EXISTS (
     SELECT 1 FROM {name} WHERE created_at >= clock_timestamp() - make_interval(secs => $1)
 );
+
+-- name: record_periodic_tick
+-- $1 schedule, $2 tick time. Returns a row only when this call recorded the tick; a
+-- concurrent transaction recording the same tick makes this one wait for its outcome.
+INSERT INTO periodic_ticks (schedule, tick_at) VALUES ($1, $2)
+ON CONFLICT (schedule, tick_at) DO NOTHING
+RETURNING schedule;
+
+-- name: set_periodic_tick_task
+UPDATE periodic_ticks SET task_id = $3 WHERE schedule = $1 AND tick_at = $2;
+
+-- name: last_periodic_ticks
+-- Each named schedule's latest recorded tick (the primary key serves each max).
+SELECT s.schedule, t.tick_at
+FROM unnest($1::text[]) AS s(schedule)
+CROSS JOIN LATERAL (
+    SELECT max(tick_at) AS tick_at FROM periodic_ticks p WHERE p.schedule = s.schedule
+) t
+WHERE t.tick_at IS NOT NULL;
+
+-- name: purge_periodic_ticks
+-- Ticks recorded more than $1 seconds ago, except each schedule's latest.
+DELETE FROM periodic_ticks p
+WHERE p.recorded_at < now() - make_interval(secs => $1)
+  AND EXISTS (SELECT 1 FROM periodic_ticks q
+              WHERE q.schedule = p.schedule AND q.tick_at > p.tick_at);

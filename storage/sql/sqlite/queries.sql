@@ -589,3 +589,23 @@ RETURNING locked_at = :now AS tripped;
 
 -- name: purge_login_attempts
 DELETE FROM login_attempts WHERE updated_at < :cutoff AND locked_until <= :now;
+
+-- name: record_periodic_tick
+INSERT INTO periodic_ticks (schedule, tick_at, recorded_at) VALUES (:schedule, :tick_at, :now)
+ON CONFLICT (schedule, tick_at) DO NOTHING
+RETURNING schedule;
+
+-- name: set_periodic_tick_task
+UPDATE periodic_ticks SET task_id = :task_id WHERE schedule = :schedule AND tick_at = :tick_at;
+
+-- name: last_periodic_ticks
+SELECT p.schedule, max(p.tick_at) AS tick_at
+FROM periodic_ticks p
+WHERE p.schedule IN (SELECT value FROM json_each(:schedules))
+GROUP BY p.schedule;
+
+-- name: purge_periodic_ticks
+DELETE FROM periodic_ticks
+WHERE recorded_at < :cutoff
+  AND EXISTS (SELECT 1 FROM periodic_ticks q
+              WHERE q.schedule = periodic_ticks.schedule AND q.tick_at > periodic_ticks.tick_at);
