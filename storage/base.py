@@ -56,6 +56,7 @@ __all__ = [
     "OUTBOX",
     "TASKS",
     "AsyncStorageBackend",
+    "AuditEntry",
     "CancelState",
     "ChatMessage",
     "Claim",
@@ -404,6 +405,37 @@ class WebhookAttempt:
             row["error"],
             bool(row["ok"]),
             row["id"],
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    """One operator action as the audit log keeps it (``record_audit`` / ``list_audit``).
+
+    ``actor`` says who acted (the dashboard records the token's label and the client
+    address), ``action`` what was asked (``task.redrive``), ``target`` on what (``task:17``),
+    ``outcome`` how it ended (``done``, ``refused: ...``, ``failed: ...``) and ``detail``
+    anything else worth keeping (JSON text or plain words).
+    """
+
+    id: int
+    created_at: datetime
+    actor: str
+    action: str
+    target: str
+    outcome: str
+    detail: str
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> AuditEntry:
+        return cls(
+            int(row["id"]),
+            row["created_at"],
+            row["actor"],
+            row["action"],
+            row["target"],
+            row["outcome"],
+            row["detail"],
         )
 
 
@@ -1486,6 +1518,62 @@ class AsyncStorageBackend(abc.ABC):
         """
         return await self._sql_backlog_depths()
 
+    # -- operator views (the dashboard) and the audit log ---------------------------
+
+    AUDIT_TEXT_CHARS = 2000
+    """How many characters of an audit entry's ``detail`` and ``outcome`` are kept."""
+
+    @operation
+    async def list_jobs(
+        self, kind: JobKind[_J, _N, _S], status: str, *, limit: int = 100
+    ) -> list[_J]:
+        """The jobs of ``kind`` in ``status`` (one of the kind's status names), newest first.
+
+        For operators (the dashboard): one indexed read of at most ``limit`` rows, no lock.
+        """
+        k = v.check_job_kind(kind)
+        try:
+            checked = k.status(status)
+        except ValueError:
+            names = ", ".join(repr(str(s)) for s in (k.waiting, k.running, k.done, k.dead))
+            raise InvalidInput(
+                f"status {status!r} is not a {k.name} status: one of {names}"
+            ) from None
+        return await self._sql_list_jobs(k, str(checked), v.check_limit(limit))  # type: ignore[no-any-return]
+
+    async def list_tasks(self, status: str, *, limit: int = 100) -> list[Task]:
+        """``list_jobs(TASKS, status, limit=limit)``."""
+        return await self.list_jobs(TASKS, status, limit=limit)
+
+    @operation
+    async def list_leases(self, *, limit: int = 100) -> list[Lease]:
+        """Unexpired session leases (the sessions running a turn now), by session id."""
+        return await self._sql_list_leases(v.check_limit(limit))
+
+    @operation
+    async def record_audit(
+        self, actor: str, action: str, target: str, outcome: str, detail: str = ""
+    ) -> AuditEntry:
+        """Append one operator action to the audit log and return it as stored.
+
+        ``actor``, ``action`` and ``target`` are identifiers (1..255 characters); ``outcome``
+        and ``detail`` are free text cut to ``AUDIT_TEXT_CHARS``. One INSERT: if cancelled,
+        the entry is either written whole or not at all.
+        """
+        row = (
+            v.check_id(actor, "actor"),
+            v.check_id(action, "action"),
+            v.check_id(target, "target"),
+            v.check_text(outcome, "outcome", max_chars=self.AUDIT_TEXT_CHARS),
+            v.check_text(detail, "detail", max_chars=self.AUDIT_TEXT_CHARS),
+        )
+        return await self._sql_record_audit(*row)
+
+    @operation
+    async def list_audit(self, *, limit: int = 100) -> list[AuditEntry]:
+        """The audit log, newest first."""
+        return await self._sql_list_audit(v.check_limit(limit))
+
     # -- the engine's per-kind names (aliases of the *_jobs methods) --------------
 
     async def enqueue_tasks(self, tasks: Sequence[NewTask]) -> list[Task]:
@@ -1906,6 +1994,22 @@ class AsyncStorageBackend(abc.ABC):
 
     @abc.abstractmethod
     async def _sql_backlog_depths(self) -> tuple[list[QueueDepth], QueueDepth]: ...
+
+    @abc.abstractmethod
+    async def _sql_list_jobs(
+        self, kind: JobKind[Any, Any, Any], status: str, limit: int
+    ) -> Any: ...
+
+    @abc.abstractmethod
+    async def _sql_list_leases(self, limit: int) -> list[Lease]: ...
+
+    @abc.abstractmethod
+    async def _sql_record_audit(
+        self, actor: str, action: str, target: str, outcome: str, detail: str
+    ) -> AuditEntry: ...
+
+    @abc.abstractmethod
+    async def _sql_list_audit(self, limit: int) -> list[AuditEntry]: ...
 
     @abc.abstractmethod
     async def _sql_journal_webhook_events(

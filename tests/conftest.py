@@ -30,6 +30,7 @@ TABLES = (
     " cancel_requests, lease_slots, lease_slot_pools"
     ", webhook_journal, webhook_attempts, outbox_groups, login_attempts"  # 0005, 0006, 0007
     ", stream_anchors"  # 0009
+    ", operator_audit"  # 0013
 )
 
 

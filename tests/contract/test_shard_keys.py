@@ -59,6 +59,7 @@ EXCEPTIONS: dict[tuple[str, tuple[str, ...], str | None], str] = {
     ("webhook_journal", ("id",), None): "identity; per endpoint",
     ("webhook_attempts", ("id",), None): "identity; per endpoint (audit log)",
     ("login_attempts", ("scope", "key"), None): "per login key (auth rate limit)",
+    ("operator_audit", ("id",), None): "identity; the operator audit log (dashboard)",
     ("schema_migrations", ("version",), None): "global, read and written at migrate only",
 }
 # Global counters: sequences every node would have to share (or replace).
@@ -70,6 +71,7 @@ SEQUENCES = {
     "outbox_id_seq": "identity of outbox",
     "webhook_journal_id_seq": "identity of webhook_journal",
     "webhook_attempts_id_seq": "identity of webhook_attempts",
+    "operator_audit_id_seq": "identity of operator_audit",
 }
 
 _SESSION = r"session_id\s*(=|IN\b)|ON CONFLICT \(session_id\)"
@@ -154,6 +156,12 @@ COLD = {
     "list_webhook_attempts",
     "purge_webhook_attempts",
     "purge_login_attempts",
+    # The operator dashboard (0013): its lists and the audit log, never on a hot path.
+    "list_tasks",
+    "list_outbox",
+    "list_leases",
+    "record_audit",
+    "list_audit",
     # The partitioned stream_events layout: its purge, catalog reads and rotation steps.
     "_p_purge_stream_events_batch",
     "_stream_layout",

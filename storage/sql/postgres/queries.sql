@@ -814,3 +814,21 @@ DELETE FROM stream_anchors WHERE session_id IN (
 SELECT EXISTS (
     SELECT 1 FROM {name} WHERE created_at >= clock_timestamp() - make_interval(secs => $1)
 );
+
+-- ---------------------------------------------------------------- operator views and audit
+-- Cold reads for the dashboard (orchestrator/dashboard.py) and its audit log (0013).
+
+-- name: list_jobs
+SELECT * FROM {jobs} WHERE status = $1 ORDER BY id DESC LIMIT $2;
+
+-- name: list_leases
+SELECT session_id, holder, token, expires_at FROM session_leases
+WHERE expires_at > now() ORDER BY session_id LIMIT $1;
+
+-- name: record_audit
+INSERT INTO operator_audit (actor, action, target, outcome, detail)
+VALUES ($1, $2, $3, $4, $5)
+RETURNING *;
+
+-- name: list_audit
+SELECT * FROM operator_audit ORDER BY id DESC LIMIT $1;

@@ -469,3 +469,21 @@ RETURNING locked_at = :now AS tripped;
 
 -- name: purge_login_attempts
 DELETE FROM login_attempts WHERE updated_at < :cutoff AND locked_until <= :now;
+
+-- ---------------------------------------------------------------- operator views and audit
+-- Cold reads for the dashboard (orchestrator/dashboard.py) and its audit log (0013).
+
+-- name: list_jobs
+SELECT * FROM {jobs} WHERE status = :status ORDER BY id DESC LIMIT :limit;
+
+-- name: list_leases
+SELECT session_id, holder, token, expires_at FROM session_leases
+WHERE expires_at > :now ORDER BY session_id LIMIT :limit;
+
+-- name: record_audit
+INSERT INTO operator_audit (created_at, actor, action, target, outcome, detail)
+VALUES (:now, :actor, :action, :target, :outcome, :detail)
+RETURNING *;
+
+-- name: list_audit
+SELECT * FROM operator_audit ORDER BY id DESC LIMIT :limit;
