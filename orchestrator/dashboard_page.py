@@ -35,7 +35,7 @@ PAGE = """<!doctype html>
   h2 { font-size: 14px; margin: 4px 0 8px; }
   table { border-collapse: collapse; width: 100%; }
   th, td { text-align: left; padding: 3px 6px; border-bottom: 1px solid #eceef2;
-           vertical-align: top; max-width: 320px; overflow-wrap: anywhere; }
+           vertical-align: top; max-width: 320px; overflow-wrap: break-word; }
   th { font-weight: 600; color: #5a6275; }
   td.num { text-align: right; font-variant-numeric: tabular-nums; }
   .empty { color: #8a90a0; font-style: italic; }
