@@ -160,13 +160,15 @@ ACTIONS: Mapping[str, Action] = {
 
 @dataclass(frozen=True, slots=True)
 class DashboardStatistics:
-    """What the dashboard did: snapshots read, live pages open, actions by outcome."""
+    """What the dashboard did: snapshots read, live pages open, actions by outcome, and
+    audit entries that could not be written (the database failed the action and the entry)."""
 
     snapshots: int
     streams_open: int
     actions_done: int
     actions_refused: int
     actions_failed: int
+    audit_failed: int
 
 
 class _Refusal(Exception):
@@ -204,7 +206,7 @@ class Dashboard:
         self._changed = anyio.Event()
         self._snapshots = 0
         self._streams = 0
-        self._outcomes = {"done": 0, "refused": 0, "failed": 0}
+        self._outcomes = {"done": 0, "refused": 0, "failed": 0, "audit_failed": 0}
         self.app = Starlette(
             routes=[
                 Route("/", self.page),
@@ -240,6 +242,7 @@ class Dashboard:
             self._outcomes["done"],
             self._outcomes["refused"],
             self._outcomes["failed"],
+            self._outcomes["audit_failed"],
         )
 
     # -- reading -----------------------------------------------------------------------
@@ -377,7 +380,10 @@ class Dashboard:
             return _error(409, str(exc))
         except StorageError as exc:
             self._outcomes["failed"] += 1
-            await self._audit(actor, name, target_name, f"failed: {exc}", count=False)
+            try:
+                await self._audit(actor, name, target_name, f"failed: {exc}", count=False)
+            except StorageError:
+                self._outcomes["audit_failed"] += 1  # the database that failed the action
             return _error(503, f"the database failed: {exc}")
         entry = await self._audit(actor, name, target_name, "done", json.dumps(result))
         return _json({"ok": True, "result": result, "audit_id": entry.id})
