@@ -232,6 +232,23 @@ async def test_redrive_puts_the_dead_task_back_and_is_audited(
         status, body = await _post(s, "task.redrive", {"target": dead, "confirm": True})
         assert status == 409 and "queued" in body["error"]
     assert [e.outcome.split(":")[0] for e in await storage.list_audit()] == ["refused", "done"]
+    stats = s.dashboard.statistics()
+    assert (stats.actions_done, stats.actions_refused, stats.actions_failed) == (1, 1, 0)
+
+
+async def test_a_database_failure_is_a_503_and_counted(storage_url: str) -> None:
+    async with open_storage(storage_url) as storage:
+        dead = await _dead_task(storage)
+    # The handle is closed: every call now fails (StorageClosed, a StorageError), the
+    # action and its audit entry alike.
+    async with serve(storage) as s:
+        status, body = await _post(s, "task.redrive", {"target": dead, "confirm": True})
+        assert status == 503 and "database failed" in body["error"]
+        stats = s.dashboard.statistics()
+        assert (stats.actions_failed, stats.audit_failed, stats.actions_done) == (1, 1, 0)
+    async with open_storage(storage_url) as storage:
+        task = await storage.get_task(dead)
+        assert task is not None and task.status is TaskStatus.DEAD
 
 
 async def test_retry_enqueues_a_copy_and_keeps_the_dead_row(storage: AsyncStorageBackend) -> None:
