@@ -7,6 +7,7 @@ dashboard --url ...``) with four routes, relative to where it is mounted::
     GET  /api/state          one snapshot as JSON (see ``Dashboard.snapshot``)
     GET  /api/events         the same snapshots as Server-Sent Events (``event: state``),
                              one whenever it changed, re-read every refresh_interval_s
+                             (``event: error`` while the database fails; 503 on /api/state)
     POST /api/actions/{name} an action from ``ACTIONS``; JSON body {"target": .., "confirm": true}
 
 The snapshot is real data read through the storage contract: queue and outbox depths with
@@ -321,7 +322,10 @@ class Dashboard:
         return HTMLResponse(PAGE.replace("__ROOT_PATH__", root))
 
     async def state(self, request: Request) -> Response:
-        return _json(await self.snapshot())
+        try:
+            return _json(await self.snapshot())
+        except StorageError as exc:
+            return _error(503, f"the database failed: {exc}")
 
     async def events(self, request: Request) -> Response:
         headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
@@ -334,7 +338,14 @@ class Dashboard:
             last: bytes | None = None
             quiet_since = time.monotonic()
             while not self._closing.is_set():
-                data = await self.snapshot()
+                try:
+                    data = await self.snapshot()
+                except StorageError as exc:
+                    # Said on the page; the stream stays open and reads again next time.
+                    last = None
+                    yield b"event: error\ndata: " + orjson.dumps({"error": str(exc)}) + b"\n\n"
+                    await _wait_any((self._closing,), self.settings.refresh_interval_s)
+                    continue
                 body = orjson.dumps({k: v for k, v in data.items() if k != "generated_at"})
                 if body != last:
                     last, quiet_since = body, time.monotonic()

@@ -189,6 +189,13 @@ function connect() {
     state.updates += 1;
     draw(state.snapshot);
   });
+  source.addEventListener("error", (e) => {
+    if (!e.data) return;  // a connection error, not the server's event
+    $("live").textContent = "database error";
+    $("live").className = "";
+    $("message").textContent = JSON.parse(e.data).error;
+    $("message").className = "bad";
+  });
   source.addEventListener("shutdown", () => { $("live").textContent = "server closing"; });
 }
 connect();

@@ -320,6 +320,12 @@ CALLS: dict[str, Prepare] = {
     "reserve_login_attempt": _p(lambda s, r: s.reserve_login_attempt("account", f"k{r}", POLICY)),
     "finish_login_attempt": _prep_finish_login,
     "purge_login_attempts": _p(lambda s, r: s.purge_login_attempts(3600)),
+    # The operator dashboard's reads and its audit log (0013).
+    "list_jobs": _p(lambda s, r: s.list_jobs(OUTBOX, "pending", limit=10)),
+    "list_tasks": _p(lambda s, r: s.list_tasks("running", limit=10)),
+    "list_leases": _p(lambda s, r: s.list_leases(limit=10)),
+    "record_audit": _p(lambda s, r: s.record_audit(f"a{r}", "task.redrive", "task:1", "done")),
+    "list_audit": _p(lambda s, r: s.list_audit(limit=10)),
 }
 
 

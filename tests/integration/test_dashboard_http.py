@@ -236,6 +236,14 @@ async def test_redrive_puts_the_dead_task_back_and_is_audited(
     assert (stats.actions_done, stats.actions_refused, stats.actions_failed) == (1, 1, 0)
 
 
+async def _until(lines: AsyncIterator[str], wanted: str) -> AsyncIterator[str]:
+    async for line in lines:
+        yield line
+        if line == wanted:
+            return
+    raise AssertionError(f"no {wanted!r} line")
+
+
 async def test_a_database_failure_is_a_503_and_counted(storage_url: str) -> None:
     async with open_storage(storage_url) as storage:
         dead = await _dead_task(storage)
@@ -246,6 +254,12 @@ async def test_a_database_failure_is_a_503_and_counted(storage_url: str) -> None
         assert status == 503 and "database failed" in body["error"]
         stats = s.dashboard.statistics()
         assert (stats.actions_failed, stats.audit_failed, stats.actions_done) == (1, 1, 0)
+        answer = await s.client.get("/api/state")
+        assert answer.status_code == 503 and "database failed" in answer.json()["error"]
+        async with s.client.stream("GET", "/api/events") as response:
+            lines = response.aiter_lines()
+            assert [line async for line in _until(lines, "event: error")][-1] == "event: error"
+            assert "closed" in await anext(lines)
     async with open_storage(storage_url) as storage:
         task = await storage.get_task(dead)
         assert task is not None and task.status is TaskStatus.DEAD
