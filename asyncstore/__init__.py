@@ -31,6 +31,8 @@
   clock; ``open_test_receiver``: a real local HTTP receiver for webhook tests.
 - ``EndpointConfig``, ``EventStreams`` and ``StreamingServer``: SSE and WebSocket endpoints
   (need the ``asgi`` extra: starlette, uvicorn; imported on first use).
+- ``Dashboard`` (``asgi`` extra) and ``DashboardSettings``: the operator dashboard, a
+  mountable ASGI app; its actions raise ``ActionRefused`` and are kept as ``AuditEntry``.
 
 Every service opens with an ``open_*`` async context manager. The implementation lives in
 ``asyncstore.storage`` and ``asyncstore.orchestrator``; names not exported here are
@@ -50,9 +52,10 @@ from asyncstore.orchestrator.auth import (
     PasswordTooLong,
 )
 from asyncstore.orchestrator.broadcast import StreamReset, Subscription
-from asyncstore.orchestrator.config import Flags, Settings, load_settings
+from asyncstore.orchestrator.config import DashboardSettings, Flags, Settings, load_settings
 from asyncstore.orchestrator.cron import Cron
 from asyncstore.orchestrator.errors import (
+    ActionRefused,
     AttemptFailed,
     ComponentNotBuilt,
     DeliveryFailed,
@@ -85,6 +88,7 @@ from asyncstore.orchestrator.webhooks import HookDecision, HooksConfig, load_hoo
 from asyncstore.orchestrator.webhooks.testing import open_test_receiver
 from asyncstore.storage import (
     AsyncStorageBackend,
+    AuditEntry,
     CancelState,
     ChatMessage,
     Claim,
@@ -121,8 +125,10 @@ from asyncstore.storage.errors import (
 
 if TYPE_CHECKING:
     from asyncstore.orchestrator.asgi import EndpointConfig, EventStreams, StreamingServer
+    from asyncstore.orchestrator.dashboard import Dashboard
 
 _NEEDS_ASGI_EXTRA = {
+    "Dashboard": "asyncstore.orchestrator.dashboard",
     "EndpointConfig": "asyncstore.orchestrator.asgi",
     "EventStreams": "asyncstore.orchestrator.asgi",
     "StreamingServer": "asyncstore.orchestrator.asgi",
@@ -140,9 +146,11 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "ActionRefused",
     "AsyncStorageBackend",
     "AsyncstoreError",
     "AttemptFailed",
+    "AuditEntry",
     "AuthError",
     "Backoff",
     "CancelState",
@@ -153,6 +161,8 @@ __all__ = [
     "ConfigurationError",
     "ConflictError",
     "Cron",
+    "Dashboard",
+    "DashboardSettings",
     "DeliveryFailed",
     "DestinationRefused",
     "Dropped",

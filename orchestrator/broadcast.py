@@ -671,6 +671,14 @@ class BroadcastHub:
         self._subscribers += 1
         return sub
 
+    def subscriber_counts(self) -> dict[str, int]:
+        """Live subscribers per session in this process (sessions with none are left out).
+
+        Memory mode only: a polling hub (``stream_delivery`` legacy) keeps no per-session
+        state, so it answers an empty mapping; ``statistics().subscribers`` has its total.
+        """
+        return {sid: n for sid, ring in self._rings.items() if (n := len(ring.subscribers))}
+
     def _unsubscribe(self, sub: Subscription) -> None:
         self._subscribers -= 1
         ring = sub._ring

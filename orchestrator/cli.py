@@ -1,14 +1,14 @@
 """The ``asyncstore`` command: ``migrate``, ``config``, ``doctor``, ``serve-metrics``, ``demo``,
-``webhooks log`` and ``webhooks resend``.
+``webhooks log``, ``webhooks resend`` and ``dashboard``.
 
 ``doctor`` checks what an instance needs from its database and says in plain words what is
 wrong and how to fix it: connectivity, the schema version against the newest migration,
 a LISTEN/NOTIFY round trip, pool health and the clock skew between this host and the
 database. It exits 1 when a check fails.
 
-The long-running commands (``serve-metrics``, ``demo``) stop the same way on SIGTERM (what
-systemd and Kubernetes send) as on SIGINT (Ctrl-C): the signal is received on the event
-loop, the work stops, and the runtime or storage drains before the process exits.
+The long-running commands (``serve-metrics``, ``demo``, ``dashboard``) stop the same way on
+SIGTERM (what systemd and Kubernetes send) as on SIGINT (Ctrl-C): the signal is received on
+the event loop, the work stops, and the runtime or storage drains before the process exits.
 ``serve-metrics`` prints the runtime's drain report and exits 0 when everything was
 delivered, 1 otherwise; ``demo`` stopped by a signal exits 128 + the signal number.
 """
@@ -361,6 +361,22 @@ async def _webhooks(settings: Settings, args: argparse.Namespace) -> int:
         return 0
 
 
+async def _dashboard(settings: Settings, host: str | None, port: int | None) -> int:
+    """Serve the operator dashboard on storage alone until SIGTERM or SIGINT; exit 0."""
+    from asyncstore.orchestrator.dashboard_server import serve_dashboard
+
+    async with open_storage(settings.storage) as storage:
+        with anyio.open_signal_receiver(*STOP_SIGNALS) as signals:
+            async with anyio.create_task_group() as tg:
+                url = await tg.start(serve_dashboard, storage, settings, host, port)
+                mode = "read-only" if settings.dashboard.operator_token is None else "actions on"
+                print(f"dashboard at {url} ({mode}; SIGTERM or Ctrl-C stops)", flush=True)
+                received = await _next_signal(signals)
+                tg.cancel_scope.cancel()
+    print(f"dashboard: {received.name}: stopped", flush=True)
+    return 0
+
+
 async def _doctor(settings: Settings) -> int:
     findings = await run_doctor(settings)
     failed = [f.check for f in findings if not f.ok]
@@ -400,6 +416,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     hooks_resend.add_argument("id", help="the webhook-id (msg_...)")
     hooks_resend.add_argument("--url", help="storage URL (default: settings storage.url)")
+    board = sub.add_parser(
+        "dashboard",
+        help="serve the operator dashboard (actions need dashboard.operator_token, from "
+        "ASYNCSTORE_DASHBOARD__OPERATOR_TOKEN or the settings file)",
+    )
+    board.add_argument("--url", help="storage URL (default: settings storage.url)")
+    board.add_argument("--host", help="bind address (default: settings dashboard.host)")
+    board.add_argument("--port", type=int, help="port, 0 for any (default: dashboard.port)")
     args = parser.parse_args(argv)
     try:
         settings = _settings(args)
@@ -413,6 +437,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return anyio.run(_doctor, settings)
         if args.command == "webhooks":
             return anyio.run(_webhooks, settings, args)
+        if args.command == "dashboard":
+            return anyio.run(_dashboard, settings, args.host, args.port)
         if args.command == "serve-metrics":
             try:
                 return anyio.run(_serve_metrics, settings, args.host, args.port)

@@ -57,6 +57,7 @@ __all__ = [
     "PER_SESSION_FLAGS",
     "PROCESS_FLAGS",
     "AuthSettings",
+    "DashboardSettings",
     "Flags",
     "OutboxSettings",
     "QueueSettings",
@@ -266,6 +267,34 @@ class RuntimeSettings(BaseModel):
     )
 
 
+class DashboardSettings(BaseModel):
+    """``dashboard.*``: the operator dashboard (``orchestrator.dashboard``).
+
+    Read-only unless ``operator_token`` is set (env ``ASYNCSTORE_DASHBOARD__OPERATOR_TOKEN``,
+    at least 16 characters): then an action (retry, redrive, resend) must carry it as
+    ``Authorization: Bearer <token>``, and every action is written to the audit log.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    operator_token: SecretStr | None = Field(
+        default=None, description="enables actions; None: the dashboard is read-only"
+    )
+    refresh_interval_s: float = Field(
+        default=1.0, gt=0, le=3600, description="how often the live view is re-read"
+    )
+    rows: int = Field(default=50, ge=1, le=1000, description="rows shown per table")
+    host: str = "127.0.0.1"
+    port: int = Field(default=8089, ge=0, le=65535)
+
+    @model_validator(mode="after")
+    def _token_long_enough(self) -> Self:
+        token = self.operator_token
+        if token is not None and len(token.get_secret_value()) < 16:
+            raise ValueError("dashboard.operator_token must be at least 16 characters")
+        return self
+
+
 _SECTION_FLAGS: tuple[tuple[str, str, object, str], ...] = (
     ("stream", "batching", True, "flags.stream_batching"),
     ("broadcast", "mode", DeliveryMode.MEMORY, "flags.stream_delivery"),
@@ -302,6 +331,7 @@ class Settings(BaseSettings):
     metrics: MetricsConfig = MetricsConfig()
     auth: AuthSettings = AuthSettings()
     runtime: RuntimeSettings = RuntimeSettings()
+    dashboard: DashboardSettings = DashboardSettings()
 
     @model_validator(mode="after")
     def _flags_live_in_flags(self) -> Self:

@@ -14,6 +14,8 @@ re-export them where they were defined before. ``(+X)`` names an extra base::
     ├── StreamNotStarted             (+UsageError) emit for a session the writer was not told
     │                                  about (``begin``)
     ├── SubscriberLagged             a slow subscriber was disconnected (``disconnect`` policy)
+    ├── ActionRefused                a dashboard action cannot be done (no such target, wrong
+    │                                  state); nothing was changed
     ├── AuthError                    password hashing and login limiting
     │   ├── InvalidHash              the stored hash is not an argon2 hash this can read
     │   ├── PasswordTooLong          the password exceeds ``max_password_bytes``
@@ -47,6 +49,7 @@ import anyio
 from asyncstore.storage.errors import AsyncstoreError, UsageError
 
 __all__ = [
+    "ActionRefused",
     "AttemptFailed",
     "AuthError",
     "ComponentNotBuilt",
@@ -117,6 +120,11 @@ class StreamNotStarted(OrchestratorError, UsageError):
 
 class SubscriberLagged(OrchestratorError):
     """The subscriber fell behind the ring and the hub is configured to disconnect it."""
+
+
+class ActionRefused(OrchestratorError):
+    """An operator action (``orchestrator.dashboard``) cannot be done: its target does not
+    exist or is not in a state the action applies to. Nothing was changed."""
 
 
 class AuthError(OrchestratorError):

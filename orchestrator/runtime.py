@@ -527,6 +527,15 @@ class Runtime:
         for name, source in sources.items():
             self.metrics.add_source(name, source)
 
+    def subscriber_counts(self) -> dict[str, int]:
+        """Live stream subscribers per session in this process, over every running hub
+        (see ``BroadcastHub.subscriber_counts``); for the operator dashboard."""
+        counts: dict[str, int] = {}
+        for hub in self._broadcast.built().values():
+            for session_id, n in hub.subscriber_counts().items():
+                counts[session_id] = counts.get(session_id, 0) + n
+        return counts
+
     def statistics(self) -> RuntimeStatistics:
         def both(switch: Switch[Any]) -> Mapping[str, Any]:
             return MappingProxyType(

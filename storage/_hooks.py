@@ -18,6 +18,7 @@ from typing import Any
 from asyncstore.storage._queue_limits import LimitedClaim, QueueLimits
 from asyncstore.storage.jobkinds import JobKind
 from asyncstore.storage.records import (
+    AuditEntry,
     CancelState,
     ChatMessage,
     FailureColumns,
@@ -230,6 +231,22 @@ class DialectHooks(abc.ABC):
 
     @abc.abstractmethod
     async def _sql_backlog_depths(self) -> tuple[list[QueueDepth], QueueDepth]: ...
+
+    @abc.abstractmethod
+    async def _sql_list_jobs(
+        self, kind: JobKind[Any, Any, Any], status: str, limit: int
+    ) -> Any: ...
+
+    @abc.abstractmethod
+    async def _sql_list_leases(self, limit: int) -> list[Lease]: ...
+
+    @abc.abstractmethod
+    async def _sql_record_audit(
+        self, actor: str, action: str, target: str, outcome: str, detail: str
+    ) -> AuditEntry: ...
+
+    @abc.abstractmethod
+    async def _sql_list_audit(self, limit: int) -> list[AuditEntry]: ...
 
     @abc.abstractmethod
     async def _sql_journal_webhook_events(

@@ -41,6 +41,12 @@ def mask_url(url: str) -> str:
         return _USERINFO_PASSWORD.sub(r"\g<scheme>\g<user>:***@", url, count=1)
 
 
+def _first_after(dialect: str, version: int) -> int:
+    """The first migration this code ships after ``version`` (numbers may skip: branches
+    reserve theirs, so 0013 can land before 0010)."""
+    return min(m.version for m in load_migrations(dialect) if m.version > version)
+
+
 def latest_version(dialect: str) -> int:
     """The newest migration this code ships for ``dialect`` (0 when there is none)."""
     migrations = load_migrations(dialect)
@@ -68,8 +74,7 @@ async def check_schema(backend: AsyncStorageBackend, where: str) -> int:
     if version == latest:
         return version
     if version < latest:
-        # Named from the shipped files: version numbers need not be contiguous.
-        first = min(m.version for m in migrations if m.version > version)
+        first = _first_after(backend.dialect, version)
         state = (
             "has no asyncstore schema (version 0)"
             if version == 0

@@ -17,8 +17,10 @@ from asyncstore.storage._queue_limits import LimitedClaim, QueueLimits
 from asyncstore.storage._sqlite_conn import SqliteConnections, _json, _ts, _Tx
 from asyncstore.storage.base import (
     TASKS,
+    AuditEntry,
     FailureColumns,
     JobKind,
+    Lease,
     OutboxMessage,
     QueueDepth,
     Task,
@@ -201,6 +203,30 @@ class SqliteJobs(SqliteConnections):
         now = {"now": time.time()}
         tasks = [QueueDepth.from_row(r) for r in await self._read("task_backlog", now)]
         return tasks, QueueDepth.from_row((await self._read("outbox_backlog", now))[0])
+
+    async def _sql_list_jobs(self, kind: JobKind[Any, Any, Any], status: str, limit: int) -> Any:
+        rows = await self._read(kind.statement("list"), {"status": status, "limit": limit})
+        return [kind.record(r) for r in rows]
+
+    async def _sql_list_leases(self, limit: int) -> list[Lease]:
+        rows = await self._read("list_leases", {"now": time.time(), "limit": limit})
+        return [Lease.from_row(r) for r in rows]
+
+    async def _sql_record_audit(
+        self, actor: str, action: str, target: str, outcome: str, detail: str
+    ) -> AuditEntry:
+        params = {
+            "now": time.time(),
+            "actor": actor,
+            "action": action,
+            "target": target,
+            "outcome": outcome,
+            "detail": detail,
+        }
+        return AuditEntry.from_row((await self._write("record_audit", params))[0])
+
+    async def _sql_list_audit(self, limit: int) -> list[AuditEntry]:
+        return [AuditEntry.from_row(r) for r in await self._read("list_audit", {"limit": limit})]
 
     async def _claimed_update(
         self, name: str, ids: list[int], tokens: list[int], *, lease_until: float | None = None

@@ -60,6 +60,7 @@ from asyncstore.storage.records import (
     LEASE_EXPIRED,
     LOGIN_BUSY_RETRY_S,
     LOGIN_SCOPES,
+    AuditEntry,
     CancelState,
     ChatMessage,
     Claim,
@@ -112,6 +113,7 @@ __all__ = [
     "QUERY_BUCKETS_S",
     "TASKS",
     "AsyncStorageBackend",
+    "AuditEntry",
     "CancelState",
     "ChatMessage",
     "Claim",
@@ -859,6 +861,62 @@ class AsyncStorageBackend(DialectHooks):
         ``outbox``). For metrics: one read of each table's unfinished rows, no lock.
         """
         return await self._sql_backlog_depths()
+
+    # -- operator views (the dashboard) and the audit log ---------------------------
+
+    AUDIT_TEXT_CHARS = 2000
+    """How many characters of an audit entry's ``detail`` and ``outcome`` are kept."""
+
+    @operation
+    async def list_jobs(
+        self, kind: JobKind[_J, _N, _S], status: str, *, limit: int = 100
+    ) -> list[_J]:
+        """The jobs of ``kind`` in ``status`` (one of the kind's status names), newest first.
+
+        For operators (the dashboard): one read of at most ``limit`` rows, no lock.
+        """
+        k = v.check_job_kind(kind)
+        try:
+            checked = k.status(status)
+        except ValueError:
+            names = ", ".join(repr(str(s)) for s in (k.waiting, k.running, k.done, k.dead))
+            raise InvalidInput(
+                f"status {status!r} is not a {k.name} status: one of {names}"
+            ) from None
+        return await self._sql_list_jobs(k, str(checked), v.check_limit(limit))  # type: ignore[no-any-return]
+
+    async def list_tasks(self, status: str, *, limit: int = 100) -> list[Task]:
+        """``list_jobs(TASKS, status, limit=limit)``."""
+        return await self.list_jobs(TASKS, status, limit=limit)
+
+    @operation
+    async def list_leases(self, *, limit: int = 100) -> list[Lease]:
+        """Unexpired session leases (the sessions running a turn now), by session id."""
+        return await self._sql_list_leases(v.check_limit(limit))
+
+    @operation
+    async def record_audit(
+        self, actor: str, action: str, target: str, outcome: str, detail: str = ""
+    ) -> AuditEntry:
+        """Append one operator action to the audit log and return it as stored.
+
+        ``actor``, ``action`` and ``target`` are identifiers (1..255 characters); ``outcome``
+        and ``detail`` are free text cut to ``AUDIT_TEXT_CHARS``. One INSERT: if cancelled,
+        the entry is either written whole or not at all.
+        """
+        row = (
+            v.check_id(actor, "actor"),
+            v.check_id(action, "action"),
+            v.check_id(target, "target"),
+            v.check_text(outcome, "outcome", max_chars=self.AUDIT_TEXT_CHARS),
+            v.check_text(detail, "detail", max_chars=self.AUDIT_TEXT_CHARS),
+        )
+        return await self._sql_record_audit(*row)
+
+    @operation
+    async def list_audit(self, *, limit: int = 100) -> list[AuditEntry]:
+        """The audit log, newest first."""
+        return await self._sql_list_audit(v.check_limit(limit))
 
     # -- the engine's per-kind names (aliases of the *_jobs methods) --------------
 

@@ -37,6 +37,8 @@ orchestrator branch in ``asyncstore.orchestrator.errors``. ``(+X)`` names an ext
         │                              policy dropped (counted)
         ├── StreamNotStarted         (+UsageError) emit for a session not begun on the writer
         ├── SubscriberLagged         a slow subscriber was disconnected (``disconnect`` policy)
+        ├── ActionRefused            a dashboard action cannot be done (no such target,
+        │                              wrong state); nothing was changed
         ├── AuthError                password hashing and login limiting
         │   ├── InvalidHash          the stored hash is not an argon2 hash this can read
         │   ├── PasswordTooLong      the password exceeds ``max_password_bytes``

@@ -45,6 +45,7 @@ from asyncstore.storage._shield import complete
 from asyncstore.storage._sql import load_migrations
 from asyncstore.storage.base import (
     TASKS,
+    AuditEntry,
     CancelState,
     ChatMessage,
     FailureColumns,
@@ -487,6 +488,22 @@ class PostgresBackend(PgPartitions, PgListening):
     async def _sql_backlog_depths(self) -> tuple[list[QueueDepth], QueueDepth]:
         tasks = [QueueDepth.from_row(r) for r in await self._fetch("task_backlog")]
         return tasks, QueueDepth.from_row((await self._fetch("outbox_backlog"))[0])
+
+    async def _sql_list_jobs(self, kind: JobKind[Any, Any, Any], status: str, limit: int) -> Any:
+        rows = await self._fetch(kind.statement("list"), status, limit)
+        return [kind.record(r) for r in rows]
+
+    async def _sql_list_leases(self, limit: int) -> list[Lease]:
+        return [Lease.from_row(r) for r in await self._fetch("list_leases", limit)]
+
+    async def _sql_record_audit(
+        self, actor: str, action: str, target: str, outcome: str, detail: str
+    ) -> AuditEntry:
+        rows = await self._fetch("record_audit", actor, action, target, outcome, detail)
+        return AuditEntry.from_row(rows[0])
+
+    async def _sql_list_audit(self, limit: int) -> list[AuditEntry]:
+        return [AuditEntry.from_row(r) for r in await self._fetch("list_audit", limit)]
 
     # -- webhook journal --------------------------------------------------------
 

@@ -351,6 +351,37 @@ class WebhookAttempt:
 
 
 @dataclass(frozen=True, slots=True)
+class AuditEntry:
+    """One operator action as the audit log keeps it (``record_audit`` / ``list_audit``).
+
+    ``actor`` says who acted (the dashboard records the operator's name and the client
+    address), ``action`` what was asked (``task.redrive``), ``target`` on what (``task:17``),
+    ``outcome`` how it ended (``done``, ``refused: ...``, ``failed: ...``) and ``detail``
+    anything else worth keeping (JSON text or plain words).
+    """
+
+    id: int
+    created_at: datetime
+    actor: str
+    action: str
+    target: str
+    outcome: str
+    detail: str
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> AuditEntry:
+        return cls(
+            int(row["id"]),
+            row["created_at"],
+            row["actor"],
+            row["action"],
+            row["target"],
+            row["outcome"],
+            row["detail"],
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class OutboxMessage:
     """An outbox row; while ``sending``, ``run_after`` is the claim's lease expiry."""
 

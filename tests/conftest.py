@@ -32,6 +32,7 @@ TABLES = (
     ", stream_anchors"  # 0009
     ", task_queues"  # 0010
     ", periodic_ticks"  # 0012
+    ", operator_audit"  # 0013
 )
 
 

@@ -63,6 +63,7 @@ EXCEPTIONS: dict[tuple[str, tuple[str, ...], str | None], str] = {
     ("periodic_ticks", ("schedule", "tick_at"), None): "per periodic schedule (one row a "
     "tick); keep it on the node that holds the schedule's queue, the tick's transaction "
     "writes both",
+    ("operator_audit", ("id",), None): "identity; the operator audit log (dashboard)",
     ("schema_migrations", ("version",), None): "global, read and written at migrate only",
 }
 # Global counters: sequences every node would have to share (or replace).
@@ -74,6 +75,7 @@ SEQUENCES = {
     "outbox_id_seq": "identity of outbox",
     "webhook_journal_id_seq": "identity of webhook_journal",
     "webhook_attempts_id_seq": "identity of webhook_attempts",
+    "operator_audit_id_seq": "identity of operator_audit",
 }
 
 _SESSION = r"session_id\s*(=|IN\b)|ON CONFLICT \(session_id\)"
@@ -171,6 +173,12 @@ COLD = {
     "purge_webhook_attempts",
     "purge_login_attempts",
     "purge_periodic_ticks",
+    # The operator dashboard (0013): its lists and the audit log, never on a hot path.
+    "list_tasks",
+    "list_outbox",
+    "list_leases",
+    "record_audit",
+    "list_audit",
     # The partitioned stream_events layout: its purge, catalog reads and rotation steps.
     "_p_purge_stream_events_batch",
     "_stream_layout",

@@ -1064,3 +1064,21 @@ DELETE FROM periodic_ticks p
 WHERE p.recorded_at < now() - make_interval(secs => $1)
   AND EXISTS (SELECT 1 FROM periodic_ticks q
               WHERE q.schedule = p.schedule AND q.tick_at > p.tick_at);
+
+-- ---------------------------------------------------------------- operator views and audit
+-- Cold reads for the dashboard (orchestrator/dashboard.py) and its audit log (0013).
+
+-- name: list_jobs
+SELECT * FROM {jobs} WHERE status = $1 ORDER BY id DESC LIMIT $2;
+
+-- name: list_leases
+SELECT session_id, holder, token, expires_at FROM session_leases
+WHERE expires_at > now() ORDER BY session_id LIMIT $1;
+
+-- name: record_audit
+INSERT INTO operator_audit (actor, action, target, outcome, detail)
+VALUES ($1, $2, $3, $4, $5)
+RETURNING *;
+
+-- name: list_audit
+SELECT * FROM operator_audit ORDER BY id DESC LIMIT $1;

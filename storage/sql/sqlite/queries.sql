@@ -609,3 +609,21 @@ DELETE FROM periodic_ticks
 WHERE recorded_at < :cutoff
   AND EXISTS (SELECT 1 FROM periodic_ticks q
               WHERE q.schedule = periodic_ticks.schedule AND q.tick_at > periodic_ticks.tick_at);
+
+-- ---------------------------------------------------------------- operator views and audit
+-- Cold reads for the dashboard (orchestrator/dashboard.py) and its audit log (0013).
+
+-- name: list_jobs
+SELECT * FROM {jobs} WHERE status = :status ORDER BY id DESC LIMIT :limit;
+
+-- name: list_leases
+SELECT session_id, holder, token, expires_at FROM session_leases
+WHERE expires_at > :now ORDER BY session_id LIMIT :limit;
+
+-- name: record_audit
+INSERT INTO operator_audit (created_at, actor, action, target, outcome, detail)
+VALUES (:now, :actor, :action, :target, :outcome, :detail)
+RETURNING *;
+
+-- name: list_audit
+SELECT * FROM operator_audit ORDER BY id DESC LIMIT :limit;
