@@ -30,16 +30,14 @@ and ``{"type": "cancel", "reason": "..."}``.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import contextvars
 import inspect
 import logging
 import re
 import signal
 import threading
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Generator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Protocol
 
@@ -56,6 +54,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from asyncstore.orchestrator.broadcast import Position, StreamReset
 from asyncstore.orchestrator.errors import OrchestratorError, SubscriberLagged
+from asyncstore.orchestrator.fanout import Message, stream_batched
 from asyncstore.orchestrator.runtime import Runtime
 from asyncstore.storage import StorageError, StreamEvent
 from asyncstore.storage.errors import InvalidArgument, UsageError
@@ -78,9 +77,11 @@ log = logging.getLogger("asyncstore.asgi")
 _EVENT_ID = re.compile(r"(0|[1-9][0-9]{0,17}):(0|[1-9][0-9]{0,17})")
 """``epoch:seq``, decimal without sign or leading zeros: nothing else is a resume point."""
 
+_SSE_HEARTBEAT = b": heartbeat\n\n"
 _FRAME_CACHE = 4096  # recent encoded SSE frames shared by a session's subscribers
 _WRITES_PER_YIELD = 4  # below asyncio's 5 writes to a lost socket before it logs a warning
 _WS_BATCH = _WRITES_PER_YIELD  # ready events sent under one timeout and lock, then a yield
+_SSE_BATCH = 16  # ready SSE events coalesced into one body write (one write, then a yield)
 
 # WebSocket close codes (RFC 6455 and the IANA registry).
 WS_GOING_AWAY = 1001
@@ -143,6 +144,14 @@ class EndpointConfig(BaseModel):
         "events that are ready together (one timeout and lock per batch, frames encoded "
         "once per session and shared by its subscribers); per_frame is the legacy path "
         "(each frame encoded, timed and locked on its own)",
+    )
+    sse_send: Literal["fanout", "per_connection"] = Field(
+        default="fanout",
+        description="SSE delivery: fanout is the WebSocket fan-out's design (the publisher's "
+        "task writes each event to every idle stream at the live head; a busy or slow one's "
+        "own task takes over, under the send timeout and the lag policy) and coalesces the "
+        "events that are ready into one body write; per_connection is the legacy path (each "
+        "stream's task is woken per event and writes each frame under its own timeout)",
     )
 
 
@@ -208,9 +217,7 @@ class EndpointStatistics:
         ),
         Family("endpoint_resets_sent", "counter", "Resets sent to clients."),
         Family("endpoint_heartbeats", "counter", "Heartbeats sent to idle streams."),
-        Family(
-            "endpoint_cancels_requested", "counter", "Cancels requested through the endpoints."
-        ),
+        Family("endpoint_cancels_requested", "counter", "Cancels requested through the endpoints."),
     )
 
     def export(self, out: MetricSink) -> None:
@@ -311,157 +318,6 @@ def _sse(data: Any, *, event: str | None = None, id_: str | None = None) -> byte
     return head + b"data: " + orjson.dumps(data) + b"\n\n"
 
 
-class _Rest:
-    """Awaits, in the awaiting task, the rest of a coroutine that another task ran up to its
-    first suspension (``pending``: what it yielded there). Cancellation is thrown into it."""
-
-    __slots__ = ("coro", "pending")
-
-    def __init__(self, coro: Coroutine[Any, Any, None], pending: Any) -> None:
-        self.coro = coro
-        self.pending = pending
-
-    def close(self) -> None:
-        self.coro.close()
-
-    def __await__(self) -> Generator[Any, Any, None]:
-        coro, pending = self.coro, self.pending
-        while True:
-            try:
-                sent = yield pending
-            except GeneratorExit:
-                coro.close()
-                raise
-            except BaseException as exc:  # a cancellation: the coroutine decides
-                try:
-                    pending = coro.throw(exc)
-                except StopIteration:
-                    return
-            else:
-                try:
-                    pending = coro.send(sent)
-                except StopIteration:
-                    return
-
-
-class _Pusher:
-    """The fan-out side of one WebSocket stream (``ws_send="fanout"``).
-
-    While the stream's task is parked at the live head, the hub calls :meth:`push` from
-    whichever task publishes to the session, and it writes the frames that are ready
-    straight to the socket: one task wake-up per event for the session, not one per
-    subscriber. A send that completes without waiting (the usual case: the socket takes
-    the data) is done there; one that would wait (a slow or stalled client) is handed to the
-    stream's task with the frames after it (:class:`_Rest`), so a slow socket never holds up
-    the others. The task also takes over when a command's answer holds the lock, or when
-    the next item needs iteration (a reset, a resume, a catch-up, the end). While that task
-    is blocked in a send, a publish that finds the subscriber fallen behind the ring under
-    the ``disconnect`` policy ends the stream as ``lagged`` at once.
-    """
-
-    __slots__ = (
-        "conn",
-        "ctx",
-        "failure",
-        "handoff",
-        "items",
-        "last",
-        "lock",
-        "loop",
-        "parked",
-        "send",
-        "send_scope",
-        "sending",
-        "streams",
-        "text_of",
-    )
-
-    def __init__(
-        self,
-        streams: EventStreams,
-        websocket: WebSocket,
-        conn: _Connection,
-        items: Any,
-        lock: anyio.Lock,
-        send_scope: anyio.CancelScope,
-    ) -> None:
-        self.loop = asyncio.get_running_loop()
-        self.conn = conn
-        self.items = items
-        self.lock = lock
-        self.send_scope = send_scope
-        self.send = websocket.send
-        self.streams = streams
-        self.text_of = streams._ws_text
-        # Sends run in this stream's context, not the publisher's (middleware may read it).
-        self.ctx = contextvars.copy_context()
-        self.last = self.loop.time()  # the start of the last send
-        self.sending = False  # the stream's task is in a send
-        self.parked: asyncio.Future[None] | None = None
-        self.handoff: tuple[_Rest, list[str]] | None = None
-        self.failure: Exception | None = None  # a publisher's send failed: the task decides
-
-    async def park(self) -> None:
-        """Wait until a publisher or the timer needs the stream's task. If cancelled: the
-        stream is no longer parked (a handoff made before stays for the caller)."""
-        fut = self.loop.create_future()
-        self.parked = fut
-        try:
-            await fut
-        finally:
-            self.parked = None
-
-    def unpark(self) -> None:
-        fut, self.parked = self.parked, None
-        if fut is not None and not fut.done():
-            fut.set_result(None)
-
-    def interrupt(self) -> None:
-        """End the task's current or next wait (heartbeat due, stream ending)."""
-        self.items.interrupt()
-        self.unpark()
-
-    def push(self) -> None:
-        """The hub's sink: called synchronously on every publish to the session."""
-        if self.parked is None:
-            if self.sending:
-                lagged = self.items.lagged()
-                if lagged is not None:
-                    self.conn.end(f"lagged:{lagged}")
-                    self.send_scope.cancel()
-            return
-        if self.lock.locked() or self.conn.client_gone:
-            self.unpark()
-            return
-        batch = self.items.take_live(_WS_BATCH)
-        if batch is None:
-            self.unpark()
-            return
-        if not batch:
-            return
-        text_of = self.text_of
-        texts = [text_of(x) for x in batch]
-        self.last = self.loop.time()
-        send, run = self.send, self.ctx.run
-        for i, text in enumerate(texts):
-            coro = send({"type": "websocket.send", "text": text})
-            try:
-                pending = run(coro.send, None)
-            except StopIteration:
-                continue
-            except Exception as exc:
-                self.failure = exc
-            else:
-                self.handoff = (_Rest(coro, pending), texts[i + 1 :])
-            if i:
-                self.streams._count("events_pushed", i)
-            self.unpark()
-            return
-        self.streams._count("events_pushed", len(texts))
-        if len(texts) == _WS_BATCH:
-            self.unpark()  # a backlog: the task sends the rest, yielding between batches
-
-
 class EventStreams:
     """SSE and WebSocket endpoints over a subscribe function; owner of the open streams.
 
@@ -495,6 +351,7 @@ class EventStreams:
         self._frames: OrderedDict[tuple[str, int, int], bytes] = OrderedDict()
         self._ws_frames: OrderedDict[tuple[str, int, int], str] = OrderedDict()
         self._ws_last: tuple[StreamEvent | None, str] = (None, "")
+        self._sse_last: tuple[StreamEvent | None, bytes] = (None, b"")
 
     @classmethod
     def for_runtime(
@@ -727,6 +584,8 @@ class EventStreams:
                 await self._after_disconnect(session_id, conn.end_reason)
 
     def _sse_frame(self, event: StreamEvent) -> bytes:
+        if event is self._sse_last[0]:
+            return self._sse_last[1]  # the event being fanned out to its session right now
         # Every subscriber of a session gets the same frame: encode it once, not once each.
         key = (event.session_id, event.epoch, event.seq)
         cache = self._frames
@@ -736,6 +595,7 @@ class EventStreams:
             cache[key] = frame
             if len(cache) > _FRAME_CACHE:
                 cache.popitem(last=False)
+        self._sse_last = (event, frame)
         return frame
 
     async def _stream_sse(
@@ -783,6 +643,9 @@ class EventStreams:
         ready = {"session_id": conn.session_id, "after": after}
         if not await write(f"retry: {cfg.retry_ms}\n".encode() + _sse(ready, event="ready")):
             return
+        if cfg.sse_send == "fanout" and hasattr(items, "take_ready"):
+            await self._stream_sse_batched(conn, items, send, write)
+            return
         while True:
             item = await self._next_item(conn, items)
             if isinstance(item, StreamEvent):
@@ -793,7 +656,7 @@ class EventStreams:
                 chunk = _sse(body, event="reset", id_=format_event_id(item.epoch, item.seq))
                 self._count("resets_sent")
             elif conn.end_reason is None:
-                chunk = b": heartbeat\n\n"
+                chunk = _SSE_HEARTBEAT
                 self._count("heartbeats")
             else:
                 kind, _, why = conn.end_reason.partition(":")
@@ -804,6 +667,63 @@ class EventStreams:
                 break
         if not conn.client_gone:
             await write(b"", more_body=False)
+
+    async def _stream_sse_batched(
+        self,
+        conn: _Connection,
+        items: Any,
+        send: Send,
+        write: Callable[[bytes, bool], Awaitable[bool]],
+    ) -> None:
+        """``_stream_sse`` on the fan-out (``sse_send="fanout"``): publishers write to the
+        idle streams at the live head, the events ready together go out as one write."""
+
+        def gone(exc: Exception) -> None:
+            self._client_left_mid_send(conn, exc)
+
+        cut = await stream_batched(
+            conn,
+            items,
+            anyio.Lock(fast_acquire=True),  # SSE has no other writer: never contended
+            send=send,
+            encode=self._sse_messages,
+            count=self._count,
+            heartbeat={"type": "http.response.body", "body": _SSE_HEARTBEAT, "more_body": True},
+            gone=gone,
+            errors=(OSError,),
+            heartbeat_s=self.config.heartbeat_interval_s,
+            send_timeout_s=self.config.send_timeout_s,
+            batch=_SSE_BATCH,
+            fanout=True,
+        )
+        if conn.client_gone:
+            return
+        if cut:
+            conn.end("stalled")  # unless a publisher found it lagging first
+            if conn.end_reason != "stalled":
+                # Lagging while blocked in a send: the socket takes nothing more, not even
+                # the end of the body; the handler ends and the server closes it.
+                return
+        else:
+            kind, _, why = (conn.end_reason or "").partition(":")
+            if kind in ("shutdown", "lagged") and not await write(
+                _sse({"reason": why}, event=kind), True
+            ):
+                return
+        await write(b"", False)
+
+    def _sse_messages(self, batch: list[StreamEvent | StreamReset]) -> list[tuple[Message, int]]:
+        chunks = [self._sse_chunk(x) for x in batch]
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        return [({"type": "http.response.body", "body": body, "more_body": True}, len(batch))]
+
+    def _sse_chunk(self, item: StreamEvent | StreamReset) -> bytes:
+        if isinstance(item, StreamReset):
+            self._count("resets_sent")
+            body = {"reason": item.reason, "epoch": item.epoch, "seq": item.seq}
+            return _sse(body, event="reset", id_=format_event_id(item.epoch, item.seq))
+        self._count("events_sent")
+        return self._sse_frame(item)
 
     # -- WebSocket -------------------------------------------------------------------------
 
@@ -987,125 +907,32 @@ class EventStreams:
     async def _stream_ws_batched(
         self, websocket: WebSocket, conn: _Connection, items: Any, lock: anyio.Lock
     ) -> None:
-        """``_stream_ws`` with batches: the events ready now go out under one lock, as frames
-        shared by every subscriber of the session, with no cancel scope or timer per frame.
-        With ``ws_send="fanout"`` the task parks while the stream is at the live head, and
-        whoever publishes writes to the socket (:class:`_Pusher`); it runs again only for
-        what a publisher cannot do at once (a busy socket, a reset, a catch-up, the end).
+        """``_stream_ws`` with batches (:func:`fanout.stream_batched`): the events ready now
+        go out under one lock, as frames shared by every subscriber of the session. With
+        ``ws_send="fanout"`` the task parks while the stream is at the live head, and
+        whoever publishes writes to the socket (:class:`fanout.Pusher`)."""
 
-        One timer per connection serves both deadlines: it interrupts the wait when the
-        heartbeat is due, and cancels the send scope (``stalled``) when a batch has been
-        sending for ``send_timeout_s``. It is re-armed only when it fires (or when a send
-        needs an earlier check), not on every event.
-        """
-        loop = asyncio.get_running_loop()
-        heartbeat_s = self.config.heartbeat_interval_s
-        send_timeout = self.config.send_timeout_s
-        send_scope = anyio.CancelScope()
-        push = _Pusher(self, websocket, conn, items, lock, send_scope)
-        fanout = self.config.ws_send == "fanout" and hasattr(items, "take_live")
-        timer: asyncio.TimerHandle | None = None
-        timer_at = 0.0
+        def gone(exc: Exception) -> None:
+            self._client_gone_or_raise(websocket, conn, exc)
 
-        def arm(when: float) -> None:
-            nonlocal timer, timer_at
-            timer_at = when
-            timer = loop.call_at(when, check)
-
-        def check() -> None:
-            now = loop.time()
-            last = push.last
-            if push.sending:
-                if now - last >= send_timeout:
-                    send_scope.cancel()
-                    return
-                arm(last + send_timeout)
-            elif now - last >= heartbeat_s:
-                push.interrupt()  # the wait ends with None: a heartbeat
-                arm(now + heartbeat_s)
-            else:
-                arm(last + heartbeat_s)
-
-        conn.interrupt = push.interrupt
-        next_within = items.next_within
-        take_ready = items.take_ready
-        take_live = items.take_live if fanout else None
-        arm(push.last + heartbeat_s)
-        if fanout:
-            items.set_sink(push.push)
-        try:
-            with send_scope:
-                while True:
-                    rest: _Rest | None = None
-                    texts: list[str] | None = None
-                    if push.failure is not None:
-                        failure, push.failure = push.failure, None
-                        self._client_gone_or_raise(websocket, conn, failure)
-                        return
-                    if push.handoff is not None:
-                        rest, texts = push.handoff  # a publisher's send that must wait
-                        push.handoff = None
-                    else:
-                        batch = None
-                        if take_live is not None and conn.end_reason is None:
-                            batch = take_live(_WS_BATCH)
-                            if batch is not None and not batch:
-                                await push.park()  # publishers write until something else
-                                continue
-                        if batch is None:
-                            item: StreamEvent | StreamReset | None = None
-                            if conn.end_reason is None:
-                                try:
-                                    item = await next_within(None)
-                                except StopAsyncIteration:
-                                    conn.end("shutdown:stream closed")  # the hub is closing
-                                except SubscriberLagged as exc:
-                                    conn.end(f"lagged:{exc}")
-                            if item is None:
-                                if conn.end_reason is not None:
-                                    break
-                                texts = ['{"type":"heartbeat"}']
-                                self._count("heartbeats")
-                            else:
-                                batch = [item, *take_ready(_WS_BATCH - 1)]
-                        if texts is None:
-                            texts = [self._ws_text(x) for x in batch or ()]
-                    if conn.client_gone:
-                        return
-                    push.last = loop.time()
-                    push.sending = True
-                    if timer_at > push.last + send_timeout and timer is not None:
-                        timer.cancel()  # a heartbeat longer than the send timeout
-                        arm(push.last + send_timeout)
-                    try:
-                        lock.acquire_nowait()
-                    except anyio.WouldBlock:
-                        await lock.acquire()  # a command's answer is being sent
-                    try:
-                        if rest is not None:
-                            await rest
-                        for text in texts:
-                            await websocket.send({"type": "websocket.send", "text": text})
-                    except (WebSocketDisconnect, OSError, RuntimeError) as exc:
-                        self._client_gone_or_raise(websocket, conn, exc)
-                        return
-                    finally:
-                        lock.release()
-                        push.sending = False
-                    if rest is None and len(texts) == _WS_BATCH:
-                        # A backlog: uvicorn's send does not yield while the socket takes
-                        # data, so yield here (other streams; a reset socket's close). A
-                        # shorter batch took all there was: the next wait yields.
-                        await anyio.lowlevel.checkpoint()
-        finally:
-            if fanout:
-                items.set_sink(None)
-            conn.interrupt = None
-            if timer is not None:
-                timer.cancel()
-            if push.handoff is not None:
-                push.handoff[0].close()
-        if send_scope.cancelled_caught:
+        cut = await stream_batched(
+            conn,
+            items,
+            lock,
+            send=websocket.send,
+            encode=self._ws_messages,
+            count=self._count,
+            heartbeat={"type": "websocket.send", "text": '{"type":"heartbeat"}'},
+            gone=gone,
+            errors=(WebSocketDisconnect, OSError, RuntimeError),
+            heartbeat_s=self.config.heartbeat_interval_s,
+            send_timeout_s=self.config.send_timeout_s,
+            batch=_WS_BATCH,
+            fanout=self.config.ws_send == "fanout",
+        )
+        if conn.client_gone:
+            return
+        if cut:
             conn.end("stalled")  # unless a publisher found it lagging first
             if conn.end_reason == "stalled":
                 await self._ws_close(websocket, conn, WS_TRY_AGAIN_LATER, "stalled")
@@ -1113,6 +940,10 @@ class EventStreams:
             # frame; the handler ends and the server closes the connection.
             return
         await self._ws_end(websocket, conn, lock)
+
+    def _ws_messages(self, batch: list[StreamEvent | StreamReset]) -> list[tuple[Message, int]]:
+        text_of = self._ws_text
+        return [({"type": "websocket.send", "text": text_of(x)}, 1) for x in batch]
 
     def _ws_text(self, item: StreamEvent | StreamReset) -> str:
         if isinstance(item, StreamReset):
