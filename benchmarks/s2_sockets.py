@@ -676,6 +676,9 @@ async def _run_case(
         figures["remote_p99_ms"] = percentile(remote, 0.99)
     if all(s.proc.pid in fresh for s in servers):
         figures["rss_per_conn_kib"] = rss_per_conn / 1024
+        # Server RSS growth per 1,000 subscribers connected, subscribed and idle (the clients
+        # are all ready, no producer has started), on a fresh server.
+        figures["rss_per_1000_idle_mib"] = rss_per_conn * 1000 / 2**20
     fresh.difference_update(s.proc.pid for s in servers)
     return figures
 
@@ -841,7 +844,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     for name, figures in out.items():
         print(name, json.dumps({k: [round(x, 2) for x in v] for k, v in figures.items()}))
+    print(summary(out))
     return 0
+
+
+def summary(out: dict[str, dict[str, list[float]]]) -> str:
+    """Medians per case: CPU per delivery, capacity vs bare, p99, RSS per 1,000 idle."""
+    from benchmarks._common import median
+
+    bare = out.get("bare", {}).get("server_us_per_delivery")
+    lines = []
+    for name, figures in out.items():
+        if not figures.get("server_us_per_delivery"):
+            continue
+        us = median(figures["server_us_per_delivery"])
+        capacity = f"{median(bare) / us:.2f}" if bare and us else "-"
+        rss = figures.get("rss_per_1000_idle_mib")
+        lines.append(
+            f"{name}: {median(figures['deliveries_per_s']):,.0f} deliveries/s, "
+            f"{us:.1f} us server CPU/delivery (capacity vs bare {capacity}), "
+            f"p99 {median(figures['p99_ms']):.1f} ms, "
+            f"RSS per 1,000 idle subscribers {f'{rss[0]:.1f} MiB' if rss else '-'}"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
