@@ -345,7 +345,11 @@ def _serve(kind: str, url: str, ws_send: str = "fanout") -> None:
         return
     import cProfile
 
-    cProfile.runctx("server.run(sockets=[sock])", globals(), locals(), profile)
+    # CPU time, not wall time: on a loaded machine a wall-clock profile charges the time
+    # the process waited for a core to whatever it was running.
+    profiler = cProfile.Profile(time.process_time)
+    profiler.runctx("server.run(sockets=[sock])", globals(), locals())
+    profiler.dump_stats(profile)
 
 
 # -- client processes --------------------------------------------------------------------------

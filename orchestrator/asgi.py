@@ -347,7 +347,7 @@ class EventStreams:
         self._closing = False
         self._restarting = False
         self._all_closed: anyio.Event | None = None
-        self._counts: dict[str, int] = {}
+        self._counts: dict[str, int] = {"events_sent": 0, "events_pushed": 0}
         self._frames: OrderedDict[tuple[str, int, int], bytes] = OrderedDict()
         self._ws_frames: OrderedDict[tuple[str, int, int], str] = OrderedDict()
         self._ws_last: tuple[StreamEvent | None, str] = (None, "")
@@ -713,6 +713,13 @@ class EventStreams:
         await write(b"", False)
 
     def _sse_messages(self, batch: list[StreamEvent | StreamReset]) -> list[tuple[Message, int]]:
+        if len(batch) == 1:
+            item = batch[0]
+            last = self._sse_last
+            if item is last[0]:  # the usual case: the event its session is being sent now
+                self._counts["events_sent"] += 1
+                message = {"type": "http.response.body", "body": last[1], "more_body": True}
+                return [(message, 1)]
         chunks = [self._sse_chunk(x) for x in batch]
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         return [({"type": "http.response.body", "body": body, "more_body": True}, len(batch))]
@@ -942,6 +949,12 @@ class EventStreams:
         await self._ws_end(websocket, conn, lock)
 
     def _ws_messages(self, batch: list[StreamEvent | StreamReset]) -> list[tuple[Message, int]]:
+        if len(batch) == 1:
+            item = batch[0]
+            last = self._ws_last
+            if item is last[0]:  # the usual case: the event its session is being sent now
+                self._counts["events_sent"] += 1
+                return [({"type": "websocket.send", "text": last[1]}, 1)]
         text_of = self._ws_text
         return [({"type": "websocket.send", "text": text_of(x)}, 1) for x in batch]
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 from collections.abc import Awaitable, Callable, Coroutine, Generator
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.lowlevel
@@ -179,7 +179,7 @@ class Pusher:
         send, run = self.send, self.ctx.run
         done = 0
         for i, (message, n) in enumerate(messages):
-            coro = cast(Coroutine[Any, Any, None], send(message))
+            coro: Coroutine[Any, Any, None] = send(message)  # type: ignore[assignment]
             try:
                 pending = run(coro.send, None)
             except StopIteration:
