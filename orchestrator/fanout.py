@@ -25,7 +25,7 @@ from asyncstore.orchestrator.errors import SubscriberLagged
 from asyncstore.storage import StreamEvent
 
 if TYPE_CHECKING:
-    from asyncstore.orchestrator.asgi import _Connection
+    from asyncstore.orchestrator.asgi_base import _Connection
 
 __all__ = ["Encode", "Message", "Pusher", "Rest", "stream_batched"]
 
