@@ -86,6 +86,17 @@ def _rss(pid: int) -> int:
     return 0
 
 
+def _gc_setting() -> None:
+    """``ASYNCSTORE_S2_GC=freeze`` (an experiment, both servers alike): once the clients are
+    connected, move every object alive to the permanent generation, so the cyclic
+    collector's full passes no longer scan the connections, rings and runtime."""
+    if os.environ.get("ASYNCSTORE_S2_GC") == "freeze":
+        import gc
+
+        gc.collect()
+        gc.freeze()
+
+
 def _bare_app() -> Any:
     """The ceiling: per-session sets of sinks, each event encoded once and sent to each."""
     from starlette.applications import Starlette
@@ -174,6 +185,7 @@ def _bare_app() -> Any:
 
     async def start(request: Request) -> Response:
         body = await request.json()
+        _gc_setting()
         go.clear()
         for i, sid in enumerate(body["sessions"]):
             offset = (i / len(body["sessions"])) / body["rate"]
@@ -262,6 +274,7 @@ def _library_app(url: str, ws_send: str = "fanout", sse_send: str = "fanout") ->
     async def start(request: Request) -> Response:
         """Open every producer's turn (lease, epoch); they stream on /go."""
         body = await request.json()
+        _gc_setting()
         tg: anyio.abc.TaskGroup = state["tg"]
         state["go"] = anyio.Event()
         state["finish"] = anyio.Event()
