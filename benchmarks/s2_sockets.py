@@ -19,14 +19,18 @@ process CPU (the load generator must not be the bottleneck), live database reads
 connection, and the exactness violations.
 
     python -m benchmarks.s2_sockets [--url URL] [--streams 40] [--subscribers 240]
-        [--events 40] [--clients 2] [--cases bare,library,legacy,cross,batched,per_frame]
+        [--events 40] [--clients 2]
+        [--cases bare,library,legacy,cross,batched,per_frame,sse_per_connection]
 
-``library`` serves WebSockets with the fan-out (``EndpointConfig(ws_send="fanout")``, the
-default); ``batched`` and ``per_frame`` (this command only) run the endpoint's earlier send
-paths, each on a server of its own. The producers' turns close after the measured window
-(as they open before it). With ``ASYNCSTORE_S2_PROFILE=FILE`` the library servers run
-under cProfile and write FILE; with ``ASYNCSTORE_S2_SAMPLE=DIR`` py-spy (when installed)
-samples the producing server over each measured window only.
+``library`` serves WebSockets and SSE with the fan-out (``EndpointConfig(ws_send="fanout",
+sse_send="fanout")``, the defaults); ``batched`` and ``per_frame`` (this command only) run the
+WebSocket endpoint's earlier send paths, and ``sse_per_connection`` SSE's legacy task per
+connection, each on a server of its own. The summary line gives the RSS growth per 1,000
+idle subscribers (connected, subscribed, before any producer starts, on a fresh server).
+The producers' turns close after the measured window (as they open before it). With
+``ASYNCSTORE_S2_PROFILE=FILE`` the library servers run under cProfile (process CPU time)
+and write FILE; with ``ASYNCSTORE_S2_SAMPLE=DIR`` py-spy (when installed) samples the
+producing server over each measured window only.
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ RATE = 20.0  # tokens/s per stream (the seed's)
 SSE_EVERY = 10  # one subscriber in this many is an SSE client
 CASES = ("bare", "library", "legacy", "cross")
 SEND_CASES = ("batched", "per_frame")  # this command only: the WebSocket endpoint's older paths
+SSE_LEGACY = "sse_per_connection"  # this command only: SSE on its legacy task per connection
 _LEGACY_FLAGS = {"stream_batching": "per_event", "stream_delivery": "poll"}
 _OPTIMIZED_FLAGS = {"stream_batching": "batched", "stream_delivery": "memory"}
 
@@ -79,6 +84,17 @@ def _rss(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     return 0
+
+
+def _gc_setting() -> None:
+    """``ASYNCSTORE_S2_GC=freeze`` (an experiment, both servers alike): once the clients are
+    connected, move every object alive to the permanent generation, so the cyclic
+    collector's full passes no longer scan the connections, rings and runtime."""
+    if os.environ.get("ASYNCSTORE_S2_GC") == "freeze":
+        import gc
+
+        gc.collect()
+        gc.freeze()
 
 
 def _bare_app() -> Any:
@@ -169,6 +185,7 @@ def _bare_app() -> Any:
 
     async def start(request: Request) -> Response:
         body = await request.json()
+        _gc_setting()
         go.clear()
         for i, sid in enumerate(body["sessions"]):
             offset = (i / len(body["sessions"])) / body["rate"]
@@ -196,7 +213,7 @@ def _bare_app() -> Any:
     )
 
 
-def _library_app(url: str, ws_send: str = "fanout") -> tuple[Any, Any]:
+def _library_app(url: str, ws_send: str = "fanout", sse_send: str = "fanout") -> tuple[Any, Any]:
     """The runtime's endpoints, producers as agent turns, and /flags to switch paths."""
     from starlette.applications import Starlette
     from starlette.requests import HTTPConnection, Request
@@ -220,7 +237,7 @@ def _library_app(url: str, ws_send: str = "fanout") -> tuple[Any, Any]:
     streams = EventStreams(
         subscribe,
         authorize=allow,
-        config=EndpointConfig(start="live", ws_send=ws_send),  # type: ignore[arg-type]
+        config=EndpointConfig(start="live", ws_send=ws_send, sse_send=sse_send),  # type: ignore[arg-type]
     )
 
     @asynccontextmanager
@@ -257,6 +274,7 @@ def _library_app(url: str, ws_send: str = "fanout") -> tuple[Any, Any]:
     async def start(request: Request) -> Response:
         """Open every producer's turn (lease, epoch); they stream on /go."""
         body = await request.json()
+        _gc_setting()
         tg: anyio.abc.TaskGroup = state["tg"]
         state["go"] = anyio.Event()
         state["finish"] = anyio.Event()
@@ -321,7 +339,7 @@ def _library_app(url: str, ws_send: str = "fanout") -> tuple[Any, Any]:
     return app, streams
 
 
-def _serve(kind: str, url: str, ws_send: str = "fanout") -> None:
+def _serve(kind: str, url: str, ws_send: str = "fanout", sse_send: str = "fanout") -> None:
     import logging
 
     import uvicorn
@@ -336,7 +354,7 @@ def _serve(kind: str, url: str, ws_send: str = "fanout") -> None:
         config = uvicorn.Config(_bare_app(), log_level="error", lifespan="off", backlog=4096)
         uvicorn.Server(config).run(sockets=[sock])
         return
-    app, streams = _library_app(url, ws_send)
+    app, streams = _library_app(url, ws_send, sse_send)
     config = uvicorn.Config(app, log_level="error", lifespan="on", backlog=4096)
     server = StreamingServer(config, streams, grace_s=2.0)
     profile = os.environ.get("ASYNCSTORE_S2_PROFILE")
@@ -345,7 +363,11 @@ def _serve(kind: str, url: str, ws_send: str = "fanout") -> None:
         return
     import cProfile
 
-    cProfile.runctx("server.run(sockets=[sock])", globals(), locals(), profile)
+    # CPU time, not wall time: on a loaded machine a wall-clock profile charges the time
+    # the process waited for a core to whatever it was running.
+    profiler = cProfile.Profile(time.process_time)
+    profiler.runctx("server.run(sockets=[sock])", globals(), locals())
+    profiler.dump_stats(profile)
 
 
 # -- client processes --------------------------------------------------------------------------
@@ -523,8 +545,10 @@ def _spawn(args: list[str]) -> subprocess.Popen[str]:
     )
 
 
-async def _start_server(kind: str, url: str, ws_send: str = "fanout") -> _Server:
-    proc = _spawn(["--serve", kind, "--url", url, "--ws-send", ws_send])
+async def _start_server(
+    kind: str, url: str, ws_send: str = "fanout", sse_send: str = "fanout"
+) -> _Server:
+    proc = _spawn(["--serve", kind, "--url", url, "--ws-send", ws_send, "--sse-send", sse_send])
     assert proc.stdout is not None
     base = (await anyio.to_thread.run_sync(proc.stdout.readline)).strip()
     if not base:
@@ -555,9 +579,7 @@ def _sample(pid: int, tag: str) -> subprocess.Popen[bytes] | None:
         return None
     out = Path(folder) / f"{tag}.txt"
     args = ["py-spy", "record", "-p", str(pid), "-r", "250", "-f", "raw", "-o", str(out)]
-    return subprocess.Popen(
-        [*args, "--nonblocking"], stdout=subprocess.DEVNULL
-    )
+    return subprocess.Popen([*args, "--nonblocking"], stdout=subprocess.DEVNULL)
 
 
 @dataclass(frozen=True, slots=True)
@@ -676,6 +698,9 @@ async def _run_case(
         figures["remote_p99_ms"] = percentile(remote, 0.99)
     if all(s.proc.pid in fresh for s in servers):
         figures["rss_per_conn_kib"] = rss_per_conn / 1024
+        # Server RSS growth per 1,000 subscribers connected, subscribed and idle (the clients
+        # are all ready, no producer has started), on a fresh server.
+        figures["rss_per_1000_idle_mib"] = rss_per_conn * 1000 / 2**20
     fresh.difference_update(s.proc.pid for s in servers)
     return figures
 
@@ -710,6 +735,11 @@ async def run_cases(
             if name in cases:
                 sends[name] = await _start_server("library", url, name)
                 servers.append(sends[name])
+        # SSE's legacy path (EndpointConfig.sse_send="per_connection"): a task per connection
+        # woken per event; the WebSockets stay on the fan-out.
+        if SSE_LEGACY in cases:
+            sends[SSE_LEGACY] = await _start_server("library", url, "fanout", "per_connection")
+            servers.append(sends[SSE_LEGACY])
         fresh = {s.proc.pid for s in servers}
         async with httpx.AsyncClient(timeout=30) as http:
             for rep in range(repeats):
@@ -824,12 +854,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--serve", choices=("bare", "library"), help=argparse.SUPPRESS)
     parser.add_argument("--ws-send", default="fanout", help=argparse.SUPPRESS)
+    parser.add_argument("--sse-send", default="fanout", help=argparse.SUPPRESS)
     parser.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.client:
         return _client_main()
     if args.serve:
-        _serve(args.serve, args.url or "", args.ws_send)
+        _serve(args.serve, args.url or "", args.ws_send, args.sse_send)
         return 0
     import tempfile
 
@@ -841,7 +872,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     for name, figures in out.items():
         print(name, json.dumps({k: [round(x, 2) for x in v] for k, v in figures.items()}))
+    print(summary(out))
     return 0
+
+
+def summary(out: dict[str, dict[str, list[float]]]) -> str:
+    """Medians per case: CPU per delivery, capacity vs bare, p99, RSS per 1,000 idle."""
+    from benchmarks._common import median
+
+    bare = out.get("bare", {}).get("server_us_per_delivery")
+    lines = []
+    for name, figures in out.items():
+        if not figures.get("server_us_per_delivery"):
+            continue
+        us = median(figures["server_us_per_delivery"])
+        capacity = f"{median(bare) / us:.2f}" if bare and us else "-"
+        rss = figures.get("rss_per_1000_idle_mib")
+        lines.append(
+            f"{name}: {median(figures['deliveries_per_s']):,.0f} deliveries/s, "
+            f"{us:.1f} us server CPU/delivery (capacity vs bare {capacity}), "
+            f"p99 {median(figures['p99_ms']):.1f} ms, "
+            f"RSS per 1,000 idle subscribers {f'{rss[0]:.1f} MiB' if rss else '-'}"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ the hub's database reads by cause, then drops a tenth of the clients and resumes
 their last id. Live delivery should read nothing from the database; resumes may.
 
     python -m benchmarks.sse_bench [--clients 1000] [--sessions 100] [--rate 20] [--seconds 10]
+        [--sse-send fanout|per_connection]
 """
 
 from __future__ import annotations
@@ -50,12 +51,14 @@ __all__ = ["main"]
 
 
 class _BenchServer:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, sse_send: str = "fanout") -> None:
         self.url = url
         self.rt: Runtime | None = None
         self.tg: anyio.abc.TaskGroup | None = None
         self.streams = EventStreams(
-            self._subscribe, authorize=_allow, config=EndpointConfig(start="live")
+            self._subscribe,
+            authorize=_allow,
+            config=EndpointConfig(start="live", sse_send=sse_send),  # type: ignore[arg-type]
         )
         self.app = Starlette(
             routes=[
@@ -131,8 +134,8 @@ def _rss(pid: int) -> int:
     return 0
 
 
-def _serve(url: str) -> None:
-    server = _BenchServer(url)
+def _serve(url: str, sse_send: str = "fanout") -> None:
+    server = _BenchServer(url, sse_send)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     print(f"http://127.0.0.1:{sock.getsockname()[1]}", flush=True)
@@ -258,14 +261,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--url", help="storage URL (default: SQLite in a temp dir)")
     parser.add_argument("--serve", metavar="URL", help=argparse.SUPPRESS)
     parser.add_argument("--json", help="also write the result here")
+    parser.add_argument(
+        "--sse-send",
+        choices=("fanout", "per_connection"),
+        default="fanout",
+        help="EndpointConfig.sse_send: the fan-out (default) or the legacy task per connection",
+    )
     args = parser.parse_args(argv)
     if args.serve:
-        _serve(args.serve)
+        _serve(args.serve, args.sse_send)
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         url = args.url or f"sqlite:///{Path(tmp) / 'sse.db'}"
         proc = subprocess.Popen(
-            [sys.executable, "-m", "benchmarks.sse_bench", "--serve", url],
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.sse_bench",
+                "--serve",
+                url,
+                "--sse-send",
+                args.sse_send,
+            ],
             stdout=subprocess.PIPE,
             text=True,
         )

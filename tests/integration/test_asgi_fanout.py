@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -137,15 +137,21 @@ async def test_every_subscriber_sees_every_seq_once_in_order_under_concurrent_pr
         tg.cancel_scope.cancel()
 
 
-async def _paced(srv: Served, sid: str, fast: list[Client], n: int, size: int) -> int:
-    """Emit ``n`` events of about ``size`` bytes, each once every fast client has the one
-    before: the fast clients never fall behind, whatever the slow one does."""
+async def _paced_emit(
+    srv: Served, sid: str, waits: list[Callable[[int], Awaitable[None]]], n: int, size: int
+) -> int:
+    """Emit ``n`` events of about ``size`` bytes, each once every ``wait(count)`` returned for
+    the one before: the fast clients never fall behind, whatever a slow one does."""
     async with srv.rt.turn(sid) as turn:
         for i in range(n):
             await turn.emit("delta", {"i": i, "pad": "x" * size})
-            for client in fast:
-                await client.wait_for(i + 1)
+            for wait in waits:
+                await wait(i + 1)
     return turn.lease.token
+
+
+async def _paced(srv: Served, sid: str, fast: list[Client], n: int, size: int) -> int:
+    return await _paced_emit(srv, sid, [c.wait_for for c in fast], n, size)
 
 
 async def test_a_client_that_stops_reading_holds_up_nobody_and_is_cut_by_the_lag_policy(
