@@ -15,6 +15,7 @@ and anyio.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import itertools
 import logging
 import math
@@ -280,6 +281,7 @@ def encode_stream_notes(
     their order across payloads; the writer sends the payloads in order.
     """
     packer = _Packer(limit)
+    prefixes: dict[str, bytes] = {}  # each kind's '["kind",' once
     for seg in segments:
         if seg.events is None:
             packer.add(orjson.dumps([seg.session_id, seg.epoch, seg.first, seg.last]))
@@ -289,7 +291,14 @@ def encode_stream_notes(
                 f"segment of {seg.session_id!r} announces seqs {seg.first}..{seg.last} but "
                 f"carries {len(seg.events)} events"
             )
-        items = [b"[" + orjson.dumps(kind) + b"," + data + b"]" for kind, data in seg.events]
+        items = []
+        for kind, data in seg.events:
+            prefix = prefixes.get(kind)
+            if prefix is None:
+                prefix = prefixes[kind] = b"[" + orjson.dumps(kind) + b","
+            items.append(prefix + data + b"]")
+        # ends[j]: the bytes of items[0..j] joined by commas, plus one (a comma each).
+        ends = list(itertools.accumulate(len(item) + 1 for item in items))
         opening = b'{"t":%d,"e":[' % seg.created_at_us
         # The advance of any part is at most this long: its seqs are <= last.
         head_max = len(orjson.dumps([seg.session_id, seg.epoch, seg.last, seg.last]))
@@ -297,10 +306,8 @@ def encode_stream_notes(
         i, n = 0, len(items)
         while i < n:
             room = packer.room() - fixed
-            j, used = i, 0
-            while j < n and used + len(items[j]) + (j > i) <= room:
-                used += len(items[j]) + (j > i)
-                j += 1
+            # The most events from i on whose joined bytes fit ``room``.
+            j = bisect.bisect_right(ends, (ends[i - 1] if i else 0) + room + 1, lo=i)
             if j > i:
                 first = seg.first + i
                 packer.add(orjson.dumps([seg.session_id, seg.epoch, first, seg.first + j - 1]))
@@ -574,7 +581,9 @@ class BroadcastHub:
         if persisted and event.seq > ring.persisted_seq:
             ring.persisted_seq = event.seq
         self._published += 1
-        self._trim(ring)
+        cfg = self.config
+        if len(ring.events) > cfg.ring_max_events or ring.nbytes > cfg.ring_max_bytes:
+            self._trim(ring)
         if ring.waiters or ring.sinks:
             ring.wake()
         return True
