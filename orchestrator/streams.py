@@ -55,7 +55,13 @@ from asyncstore.storage import (
     StreamAppend,
     StreamEvent,
 )
-from asyncstore.storage._validate import INT64_MAX, check_int, check_name, encode_json
+from asyncstore.storage._validate import (
+    INT64_MAX,
+    check_channel,
+    check_int,
+    check_name,
+    encode_json,
+)
 from asyncstore.storage.base import StreamRow
 from asyncstore.storage.errors import UsageError, is_retryable
 from asyncstore.storage.families import Family, MetricSink
@@ -280,6 +286,10 @@ class StreamEventWriter:
         self.storage = storage
         self.hub = hub
         self.config = config or StreamConfig()
+        if self.config.notify and self.config.notify_with_insert and self.config.batching:
+            # The trusted append sends it unchecked, in the same transaction as the rows: a
+            # bad name must fail here, not every flush.
+            check_channel(self.config.channel)
         self._sessions: dict[str, _Session] = {}
         self._kinds: set[str] = set()
         self._writer: BatchWriter[StreamRow] | None = None
@@ -765,8 +775,7 @@ class SessionStream:
     def _check_lease(self) -> None:
         if self.lease is not None and self.lease.lost:
             raise LeaseLost(
-                f"session {self.session_id!r}: the lease was lost; a superseded holder "
-                "may not emit"
+                f"session {self.session_id!r}: the lease was lost; a superseded holder may not emit"
             )
 
     async def emit(

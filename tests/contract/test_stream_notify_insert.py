@@ -19,14 +19,21 @@ import pytest
 from asyncstore.orchestrator.batching import BatchConfig
 from asyncstore.orchestrator.broadcast import decode_advance, decode_stream_notes
 from asyncstore.orchestrator.streams import StreamConfig, StreamEventWriter
-from asyncstore.storage import AsyncStorageBackend, NotificationStream, StreamAppend
+from asyncstore.storage import (
+    AsyncStorageBackend,
+    InvalidInput,
+    NotificationStream,
+    StreamAppend,
+)
 
 SLOW_TIMER = BatchConfig(max_batch=10_000, flush_interval_s=60, capacity=20_000)
 CHANNEL = StreamConfig().channel
 
 
 @asynccontextmanager
-async def writer(storage: AsyncStorageBackend, **config: object) -> AsyncIterator[StreamEventWriter]:
+async def writer(
+    storage: AsyncStorageBackend, **config: object
+) -> AsyncIterator[StreamEventWriter]:
     async with StreamEventWriter(storage, None, StreamConfig(batch=SLOW_TIMER, **config)) as w:
         yield w
 
@@ -179,3 +186,12 @@ async def test_the_storage_sends_payloads_only_if_nothing_is_refused(
         )
         assert refused == StreamAppend(1, frozenset({("fenced", lease.token + 1)}))
         await nothing_more(notes)
+
+
+async def test_a_bad_channel_is_refused_when_the_writer_is_made(
+    storage: AsyncStorageBackend,
+) -> None:
+    with pytest.raises(InvalidInput, match="channel"):
+        StreamEventWriter(storage, None, StreamConfig(channel="no spaces"))
+    # The previous path checks it at each notify (a counted failure), as before.
+    StreamEventWriter(storage, None, StreamConfig(channel="no spaces", notify_with_insert=False))
