@@ -775,7 +775,8 @@ class SessionStream:
     def _check_lease(self) -> None:
         if self.lease is not None and self.lease.lost:
             raise LeaseLost(
-                f"session {self.session_id!r}: the lease was lost; a superseded holder may not emit"
+                f"session {self.session_id!r}: the lease was lost; a superseded holder "
+                "may not emit"
             )
 
     async def emit(
