@@ -13,82 +13,71 @@ can take its path: at open for the shares in effect, later (flags change at runt
 first use. The session limiters sweep no leases: the maintenance leader does, one sweeper
 per fleet. Closing stops intake, waits for running turns, flushes writers, lets leases be
 released, closes storage and returns a :class:`RuntimeReport` of what could not be delivered.
+
+This module owns ``Runtime`` (flags, sessions and turns, workers, observation, intake)
+and its ``RuntimeReport`` / ``RuntimeStatistics``. The ``Switch`` lives in
+``orchestrator.switch``, ``Turn`` in ``orchestrator.turn`` and the wiring behind
+``open_runtime`` in ``orchestrator._wiring``; every name is importable from here.
 """
 
 from __future__ import annotations
 
 import logging
 import signal
-import threading
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 import anyio
 import anyio.abc
 
 from asyncstore.orchestrator.auth import LoginAttemptLimiter, PasswordHasher
-from asyncstore.orchestrator.backlog import BacklogMonitor, open_backlog_monitor
+from asyncstore.orchestrator.backlog import BacklogMonitor
 from asyncstore.orchestrator.broadcast import (
     BroadcastHub,
-    DeliveryMode,
     HubStatistics,
     Position,
     Subscription,
-    open_broadcast_hub,
 )
 from asyncstore.orchestrator.cancellation import (
-    CancellationConfig,
     CancellationRegistry,
     CancellationStatistics,
-    CancelToken,
-    open_cancellation,
 )
 from asyncstore.orchestrator.config import (
     PER_SESSION_FLAGS,
     Flags,
     Settings,
     load_settings,
-    load_webhooks,
 )
 from asyncstore.orchestrator.errors import ComponentNotBuilt, OrchestratorError, RuntimeClosed
 from asyncstore.orchestrator.locks import (
-    HeldLease,
     LimiterStatistics,
     SessionLimiter,
     default_instance_id,
-    open_session_limiter,
 )
-from asyncstore.orchestrator.maintenance import LeaseSweep, MaintenanceSweeper, open_maintenance
-from asyncstore.orchestrator.metrics import Metrics, open_loop_lag_monitor, open_pool_probe
+from asyncstore.orchestrator.maintenance import MaintenanceSweeper
+from asyncstore.orchestrator.metrics import Metrics
 from asyncstore.orchestrator.outbox import Outbox, OutboxRelay, Sender, open_outbox_relay
 from asyncstore.orchestrator.queue import AgentQueue, Handler, QueueConfig, Worker, open_worker
 from asyncstore.orchestrator.streams import (
-    SessionStream,
     StreamEventWriter,
     StreamWriterStatistics,
-    open_stream_writer,
 )
+from asyncstore.orchestrator.switch import Switch
+from asyncstore.orchestrator.switch import _open_switch as _open_switch  # re-exported
+from asyncstore.orchestrator.turn import Turn, _superseded
 from asyncstore.orchestrator.turn_metrics import TurnOutcome, TurnRecorder
 from asyncstore.orchestrator.webhooks import (
-    HookDecision,
-    HooksConfig,
     WebhookDrainReport,
     Webhooks,
-    open_webhooks,
 )
 from asyncstore.storage import (
     AsyncStorageBackend,
-    ChatMessage,
     LeaseLost,
-    NewMessage,
-    NewOutboxMessage,
     StorageError,
-    StreamEvent,
-    open_storage,
 )
 
 __all__ = [
@@ -103,185 +92,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("asyncstore.runtime")
-
-T = TypeVar("T")
-
-
-_PATHS: tuple[tuple[bool, str], ...] = ((True, "optimized"), (False, "legacy"))
-
-
-class Switch(Generic[T]):
-    """The optimized and the legacy instance of a component behind a per-session flag.
-
-    An instance is built only when a session can take its path: ``open_runtime`` builds
-    the optimized one when the flag's share is above 0 and the legacy one when it is below
-    100 (plus any path in ``always``); after a live flag change ``prepare`` starts the
-    newly needed build in the background, and ``get`` / ``choose`` build on first use in
-    any case. A built instance runs until the runtime closes, so sessions already running
-    keep theirs. ``optimized`` / ``legacy`` are None while not built; ``built()`` maps the
-    built ones by path name. Each build runs in a task of the switch's own task group, so
-    the instance is entered and exited by one task, at the switch's place in the runtime's
-    closing order.
-    """
-
-    def __init__(
-        self,
-        flag: str,
-        flags: Callable[[], Flags],
-        builders: Mapping[bool, Callable[[], AbstractAsyncContextManager[T]]],
-        tg: anyio.abc.TaskGroup,
-        *,
-        on_built: Callable[[bool, T], None] = lambda optimized, instance: None,
-        always: tuple[bool, ...] = (),
-    ) -> None:
-        self.flag = flag
-        self._flags = flags
-        self._builders = dict(builders)
-        self._tg = tg
-        self._on_built = on_built
-        self._always = always
-        self._built: dict[bool, T] = {}
-        self._building: dict[bool, _Build[T]] = {}
-        self._closing = anyio.Event()
-
-    @property
-    def optimized(self) -> T | None:
-        return self._built.get(True)
-
-    @property
-    def legacy(self) -> T | None:
-        return self._built.get(False)
-
-    def built(self) -> Mapping[str, T]:
-        """The running instances, keyed ``optimized`` / ``legacy``."""
-        return MappingProxyType({name: self._built[o] for o, name in _PATHS if o in self._built})
-
-    def uses_optimized(self, session_id: str) -> bool:
-        return self._flags().optimized(self.flag, session_id)
-
-    def needed(self, flags: Flags) -> tuple[bool, ...]:
-        """The paths some session can take under ``flags`` (and those always built)."""
-        share = flags.share(self.flag)
-        wanted = set(self._always)
-        if share > 0.0:
-            wanted.add(True)
-        if share < 100.0:
-            wanted.add(False)
-        return tuple(o for o, _ in _PATHS if o in wanted)
-
-    def pick(self, session_id: str) -> T:
-        """The running instance the current flags choose for the session.
-
-        Raises ``ComponentNotBuilt`` if that path was never built (only right after a live
-        flag change); ``await choose(session_id)`` builds it instead.
-        """
-        optimized = self.uses_optimized(session_id)
-        instance = self._built.get(optimized)
-        if instance is None:
-            name = "optimized" if optimized else "legacy"
-            raise ComponentNotBuilt(f"the {name} path of {self.flag!r} is not running yet")
-        return instance
-
-    async def choose(self, session_id: str) -> T:
-        """The instance the current flags choose for the session, built on first use."""
-        return await self.get(self.uses_optimized(session_id))
-
-    async def get(self, optimized: bool) -> T:
-        """The instance of one path, built now if it is not running yet.
-
-        Concurrent callers share one build; a failed build raises its error to them and
-        the next call tries again. Cancelling the wait leaves the build running.
-        """
-        while True:
-            instance = self._built.get(optimized)
-            if instance is not None:
-                return instance
-            if self._closing.is_set():
-                raise RuntimeClosed(f"the runtime is closing: {self.flag!r} builds nothing")
-            build = self._start(optimized)
-            await build.done.wait()
-            if build.error is not None:
-                raise build.error
-
-    def prepare(self, flags: Flags) -> None:
-        """Start building, in the background, every path ``flags`` need that is missing."""
-        if self._closing.is_set():
-            return
-        for optimized in self.needed(flags):
-            if optimized not in self._built:
-                self._start(optimized)
-
-    def _start(self, optimized: bool) -> _Build[T]:
-        build = self._building.get(optimized)
-        if build is None:
-            build = self._building[optimized] = _Build()
-            self._tg.start_soon(self._host, optimized, build)
-        return build
-
-    async def _host(self, optimized: bool, build: _Build[T]) -> None:
-        try:
-            async with self._builders[optimized]() as instance:
-                self._built[optimized] = instance
-                self._on_built(optimized, instance)
-                build.done.set()
-                await self._closing.wait()
-        except Exception as exc:
-            if build.done.is_set():
-                raise  # the running instance failed (or failed to close): as before
-            log.error("building the %s path of %r failed: %s", optimized, self.flag, exc)
-            # Built but not registered (e.g. its metrics clashed): it closed on the way out,
-            # so the next get() builds again instead of returning a closed instance.
-            self._built.pop(optimized, None)
-            build.error = exc
-        finally:
-            if self._building.get(optimized) is build and not build.done.is_set():
-                del self._building[optimized]
-            build.done.set()
-
-
-class _Build(Generic[T]):
-    __slots__ = ("done", "error")
-
-    def __init__(self) -> None:
-        self.done = anyio.Event()
-        self.error: Exception | None = None
-
-
-@asynccontextmanager
-async def _open_switch(
-    flag: str,
-    flags: Callable[[], Flags],
-    builders: Mapping[bool, Callable[[], AbstractAsyncContextManager[T]]],
-    *,
-    on_built: Callable[[bool, T], None],
-    always: tuple[bool, ...] = (),
-) -> AsyncIterator[Switch[T]]:
-    """A ``Switch`` whose instances run while the block runs; the needed ones are built."""
-    async with anyio.create_task_group() as tg:
-        switch = Switch(flag, flags, builders, tg, on_built=on_built, always=always)
-        try:
-            for optimized in switch.needed(flags()):
-                await switch.get(optimized)
-            yield switch
-        finally:
-            # Each instance leaves its block in its own task now, draining as it does.
-            switch._closing.set()
-
-
-class _FanOutCancellation(CancellationRegistry):
-    """What the limiters fire on a lost lease: the session's token in every running registry."""
-
-    def __init__(
-        self,
-        storage: AsyncStorageBackend,
-        targets: Callable[[], tuple[CancellationRegistry, ...]],
-    ):
-        super().__init__(storage, CancellationConfig())
-        self._targets = targets
-
-    def fire_local(self, session_id: str, reason: str) -> bool:
-        fired = [registry.fire_local(session_id, reason) for registry in self._targets()]
-        return any(fired)
 
 
 @dataclass(frozen=True, slots=True)
@@ -337,93 +147,6 @@ class RuntimeStatistics:
             + sum(s.tokens for s in self.cancellation.values())
             + self.turns_active
         )
-
-
-class Turn:
-    """One agent turn of a session, from ``Runtime.turn``: emit events, fire hooks, stop.
-
-    ``lease`` is the session lease (``lease.token`` is the stream epoch and the fencing
-    token of ``append_messages``); ``token`` the session's cancel token; ``cancel_scope``
-    the scope the body runs in, cancelled when a cancel request arrives; ``paths`` tells
-    which path (True: optimized) each per-session flag took for this turn.
-    """
-
-    __slots__ = ("_runtime", "cancel_scope", "lease", "paths", "session_id", "stream", "token")
-
-    def __init__(
-        self,
-        runtime: Runtime,
-        session_id: str,
-        lease: HeldLease,
-        token: CancelToken,
-        stream: SessionStream,
-        paths: Mapping[str, bool],
-    ) -> None:
-        self._runtime = runtime
-        self.session_id = session_id
-        self.lease = lease
-        self.token = token
-        self.stream = stream
-        self.paths = paths
-        self.cancel_scope = anyio.CancelScope()
-
-    @property
-    def cancelled(self) -> bool:
-        return self.token.cancelled
-
-    async def emit(
-        self, kind: str, payload: Any, *, critical: bool | None = None
-    ) -> StreamEvent | None:
-        """Emit a stream event of this turn (see ``StreamEventWriter.emit``)."""
-        return await self.stream.emit(kind, payload, critical=critical)
-
-    async def append_messages(
-        self,
-        messages: Sequence[NewMessage],
-        *,
-        deliveries: Sequence[NewOutboxMessage] = (),
-    ) -> list[ChatMessage]:
-        """Append chat messages to the turn's session under its lease; the stored messages.
-
-        Fenced by ``lease.token``: the database writes them only while it is the session's
-        current, unexpired lease, so a turn whose lease was lost (expired and taken over,
-        even before this process noticed) gets ``LeaseLost`` and nothing is written.
-        ``deliveries`` are outbox rows committed in the same transaction (then the relays
-        are woken, see ``Outbox.append_messages``). If cancelled, the messages (and their
-        deliveries) were either all committed or not written.
-        """
-        if self.lease.lost:
-            raise LeaseLost(f"session {self.session_id!r}: the turn's lease was lost")
-        token = self.lease.token
-        if deliveries:
-            return await self._runtime.outbox.append_messages(
-                self.session_id, messages, deliveries=deliveries, lease_token=token
-            )
-        return await self._runtime.storage.append_messages(
-            self.session_id, messages, lease_token=token
-        )
-
-    async def fire(
-        self,
-        trigger: str,
-        context: Mapping[str, Any] | None = None,
-        *,
-        result: Mapping[str, Any] | None = None,
-    ) -> HookDecision | None:
-        """Fire a webhook trigger with ``session_id`` in its context; None without hooks.
-
-        If cancelled, see ``Webhooks.fire``: queued events stay queued.
-        """
-        hooks = self._runtime.webhooks
-        if hooks is None:
-            return None
-        ctx = {"session_id": self.session_id, **(context or {})}
-        return await hooks.fire(trigger, ctx, result=result)
-
-
-def _superseded(turn: Turn, writer: StreamEventWriter) -> bool:
-    """Whether the turn's epoch was superseded: its lease lost, or refused by the database."""
-    return turn.lease.lost or writer.fenced(turn.session_id)
 
 
 class Runtime:
@@ -823,194 +546,5 @@ class Runtime:
         return cancelled
 
 
-@dataclass(slots=True)
-class _Drain:
-    webhooks: list[WebhookDrainReport] = field(default_factory=list)
-    turns_cancelled: int = 0
-
-
-@asynccontextmanager
-async def open_runtime(
-    settings: Settings | None = None,
-    *,
-    config_file: str | Path | None = None,
-    hooks: HooksConfig | None = None,
-    queue_handler: Handler | None = None,
-    outbox_senders: Mapping[str, Sender] | None = None,
-) -> AsyncIterator[Runtime]:
-    """Open storage and run every component while the block runs; yields the ``Runtime``.
-
-    ``settings`` defaults to ``load_settings(config_file)``; ``config_file`` (default
-    ``$ASYNCSTORE_CONFIG``) is also what ``reload()`` and SIGHUP re-read. ``hooks``
-    replaces the settings' hooks file. ``queue_handler`` runs a worker for ``rt.queue``
-    and ``outbox_senders`` an outbox relay, both inside the runtime.
-
-    Leaving the block drains in order: new turns are refused and running ones get
-    ``runtime.shutdown_grace_s`` before they are cancelled; the worker and relay stop
-    claiming and write their outcomes; webhooks and stream writers flush; limiters,
-    registries and hubs stop (every lease was released by its turn); storage closes.
-    The closing is shielded by each component where it must finish. ``rt.report`` then
-    says what could not be delivered (also logged). Cancelling the block cancels running
-    turns at once but still runs those drains.
-    """
-    from asyncstore.orchestrator.config import config_path
-
-    path = config_path(config_file)
-    if settings is None:
-        settings = load_settings(path)
-    hooks_config = hooks if hooks is not None else load_webhooks(settings)
-    drain = _Drain()
-    async with AsyncExitStack() as stack:
-        storage = await stack.enter_async_context(
-            open_storage(settings.storage, migrate=settings.migrate_on_start)
-        )
-        rt = Runtime(settings, storage, path)
-        instance = rt._instance_id()
-        flags = rt.flags
-
-        def current() -> Flags:
-            return rt.flags
-
-        broadcast: Switch[BroadcastHub] = await stack.enter_async_context(
-            _open_switch(
-                "stream_delivery",
-                current,
-                {
-                    True: lambda: open_broadcast_hub(
-                        storage, settings.broadcast.model_copy(update={"mode": DeliveryMode.MEMORY})
-                    ),
-                    False: lambda: open_broadcast_hub(
-                        storage, settings.broadcast.model_copy(update={"mode": DeliveryMode.POLL})
-                    ),
-                },
-                on_built=rt._metrics_on_build(("broadcast", "broadcast_poll")),
-                # Always: both stream writers publish to it, whatever the delivery flag.
-                always=(True,),
-            )
-        )
-        rt._broadcast = broadcast
-        memory_hub = await broadcast.get(True)
-        rt._cancellation = await stack.enter_async_context(
-            _open_switch(
-                "cancel",
-                current,
-                {
-                    True: lambda: open_cancellation(
-                        storage, settings.cancel.model_copy(update={"mode": "notify"})
-                    ),
-                    False: lambda: open_cancellation(
-                        storage, settings.cancel.model_copy(update={"mode": "poll"})
-                    ),
-                },
-                on_built=rt._metrics_on_build(("cancel", "cancel_poll")),
-            )
-        )
-        on_lost = _FanOutCancellation(storage, lambda: tuple(rt._cancellation.built().values()))
-        # The maintenance leader sweeps expired leases for the fleet, not every limiter.
-        lock = settings.lock.model_copy(update={"sweep_leases": False})
-        rt._limiter = await stack.enter_async_context(
-            _open_switch(
-                "lock",
-                current,
-                {
-                    True: lambda: open_session_limiter(
-                        storage,
-                        lock.model_copy(update={"mode": "two_level"}),
-                        cancellation=on_lost,
-                        instance_id=instance,
-                    ),
-                    False: lambda: open_session_limiter(
-                        storage,
-                        lock.model_copy(update={"mode": "db_poll"}),
-                        cancellation=on_lost,
-                        instance_id=f"{instance}/db_poll",
-                    ),
-                },
-                on_built=rt._metrics_on_build(("lock", "lock_db_poll")),
-            )
-        )
-        # Both writers publish to the memory hub: a session's live subscribers on the
-        # memory path see its events whichever writer the session's flag picked.
-        rt._streams = await stack.enter_async_context(
-            _open_switch(
-                "stream_batching",
-                current,
-                {
-                    True: lambda: open_stream_writer(
-                        storage, memory_hub, settings.stream.model_copy(update={"batching": True})
-                    ),
-                    False: lambda: open_stream_writer(
-                        storage, memory_hub, settings.stream.model_copy(update={"batching": False})
-                    ),
-                },
-                on_built=rt._metrics_on_build(("streams", "streams_legacy")),
-            )
-        )
-        if hooks_config is not None:
-            rt.webhooks = await stack.enter_async_context(
-                open_webhooks(hooks_config, storage=storage, reports=drain.webhooks)
-            )
-        rt.maintenance = await stack.enter_async_context(
-            open_maintenance(
-                storage,
-                settings.maintenance,
-                evictors=(rt._evict_idle_rings,),
-                lease_sweep=LeaseSweep(settings.lock.sweep_interval_s, settings.lock.sweep_grace_s),
-            )
-        )
-        if outbox_senders is not None:
-            rt.relay = await stack.enter_async_context(rt.open_outbox_relay(outbox_senders))
-        if queue_handler is not None:
-            rt.worker = await stack.enter_async_context(rt.open_worker(queue_handler))
-        rt.backlog = await stack.enter_async_context(
-            open_backlog_monitor(storage, interval_s=settings.metrics.backlog_interval_s)
-        )
-        rt._track_metrics()
-        await stack.enter_async_context(open_loop_lag_monitor(rt.metrics))
-        await stack.enter_async_context(open_pool_probe(rt.metrics, storage))
-        tg = await stack.enter_async_context(anyio.create_task_group())
-        stack.callback(tg.cancel_scope.cancel)
-        if (
-            settings.runtime.reload_on_sighup
-            and hasattr(signal, "SIGHUP")
-            and threading.current_thread() is threading.main_thread()
-        ):
-            await tg.start(rt._reload_on_sighup)
-        log.info(
-            "runtime open on %s (instance %s); flags %s",
-            storage.dialect,
-            instance,
-            flags.model_dump(),
-        )
-        try:
-            yield rt
-        except BaseException:
-            # Shielded: the drain must run even though the block is failing or cancelled;
-            # no grace period then, running turns are cancelled at once.
-            with anyio.CancelScope(shield=True):
-                drain.turns_cancelled = await rt._stop_intake(grace=False)
-            raise
-        else:
-            # Shielded: nothing may cut the drain short once it started.
-            with anyio.CancelScope(shield=True):
-                drain.turns_cancelled = await rt._stop_intake(grace=True)
-    rt.report = _report(rt, drain)
-    if rt.report.complete:
-        log.info("runtime closed; everything was delivered")
-    else:
-        log.error("runtime closed with undelivered work: %s", rt.report)
-
-
-def _report(rt: Runtime, drain: _Drain) -> RuntimeReport:
-    lost = sum(writer.statistics().lost for writer in rt._streams.built().values())
-    return RuntimeReport(
-        stream_events_lost=lost,
-        webhooks=tuple(drain.webhooks),
-        queue_outcomes_undelivered=(
-            rt.worker.statistics().undelivered_writes if rt.worker is not None else 0
-        ),
-        outbox_results_undelivered=(
-            rt.relay.statistics().undelivered_writes if rt.relay is not None else 0
-        ),
-        turns_cancelled=drain.turns_cancelled,
-    )
+# Imported last: the wiring builds the ``Runtime`` defined above.
+from asyncstore.orchestrator._wiring import open_runtime  # noqa: E402

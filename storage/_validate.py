@@ -14,11 +14,13 @@ from typing import Any
 
 import orjson
 
-from asyncstore.storage.base import (
-    JOB_KINDS,
+from asyncstore.storage.errors import InvalidInput
+from asyncstore.storage.jobkinds import JOB_KINDS, JobKind
+from asyncstore.storage.records import (
+    LOGIN_SCOPES,
     EncodedJSON,
     FailureColumns,
-    JobKind,
+    LoginPolicy,
     NewMessage,
     NewOutboxMessage,
     NewStreamEvent,
@@ -27,7 +29,6 @@ from asyncstore.storage.base import (
     Task,
     WebhookAttempt,
 )
-from asyncstore.storage.errors import InvalidInput
 
 MAX_ID_CHARS = 255
 MAX_NAME_CHARS = 64
@@ -437,3 +438,37 @@ def prepare_attempts(
             )
         )
     return out
+
+
+# ---------------------------------------------------------------- login attempts
+
+
+def check_login_attempt(scope: object, key: object, policy: object) -> LoginPolicy:
+    """Validate the arguments of the login attempt methods (the same on both drivers)."""
+    if scope not in LOGIN_SCOPES:
+        raise InvalidInput(f"scope must be one of {LOGIN_SCOPES}, got {scope!r}")
+    check_id(key, "key")
+    if not isinstance(policy, LoginPolicy):
+        raise InvalidInput(f"policy must be a LoginPolicy, got {type(policy).__name__}")
+    check_int(policy.limit, "policy.limit", minimum=1, maximum=2**31 - 1)
+    for name in ("window_s", "lockout_base_s", "lockout_max_s", "forget_after_s"):
+        check_seconds(getattr(policy, name), f"policy.{name}")
+    if check_seconds(policy.lockout_factor, "policy.lockout_factor", minimum=1.0) > 1e6:
+        raise InvalidInput("policy.lockout_factor must be <= 1e6")
+    return policy
+
+
+LOGIN_OUTCOMES = ("failure", "success", "release")
+
+
+def check_login_finish(window_start: object, outcome: object) -> float:
+    """Validate ``finish_login_attempt``'s window start and outcome (both drivers)."""
+    if (
+        isinstance(window_start, bool)
+        or not isinstance(window_start, int | float)
+        or window_start != window_start
+    ):
+        raise InvalidInput(f"window_start must be a number, got {window_start!r}")
+    if outcome not in LOGIN_OUTCOMES:
+        raise InvalidInput(f"outcome must be failure, success or release, got {outcome!r}")
+    return float(window_start)

@@ -1,10 +1,15 @@
-"""The storage contract: ``AsyncStorageBackend``, its records and its settings.
+"""The storage contract: ``AsyncStorageBackend``, the one async API of every driver.
 
-This module owns the one async API that the orchestrator builds on (chat, stream events,
-session leases, agent tasks, outbox, cancellation state, notifications) and the immutable
-records it returns. The public methods validate, encode and map errors once, here; drivers
-(``storage.postgres``, ``storage.sqlite``) implement only the ``_sql_*`` hooks that run SQL
-on prepared arguments, and must pass the shared contract suite in ``tests/contract/``.
+This module owns the public methods the orchestrator builds on (chat, stream events,
+session leases, agent tasks, outbox, webhooks, cancellation state, notifications, login
+attempts) and the ``operation`` wrapper they run in. The public methods validate, encode
+and map errors once, here; drivers (``storage.postgres``, ``storage.sqlite``) implement
+only the ``_sql_*`` hooks declared in ``storage._hooks`` that run SQL on prepared
+arguments, and must pass the shared contract suite in ``tests/contract/``.
+
+The records and settings live in ``storage.records``, the leased-job kinds in
+``storage.jobkinds`` and the statistics in ``storage.statistics``; every name this module
+exported before the split is still importable from here.
 """
 
 from __future__ import annotations
@@ -13,29 +18,27 @@ import abc
 import bisect
 import collections
 import functools
-import re
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from enum import StrEnum
 from types import MappingProxyType, TracebackType
 from typing import (
     Any,
-    ClassVar,
     Concatenate,
-    Generic,
-    NamedTuple,
     ParamSpec,
     Self,
     TypeVar,
 )
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
-
+from asyncstore.storage import _validate as v
+from asyncstore.storage._hooks import DialectHooks
+from asyncstore.storage._validate import (
+    LOGIN_OUTCOMES,
+    check_login_attempt,
+    check_login_finish,
+)
 from asyncstore.storage.errors import (
-    InvalidArgument,
     InvalidInput,
     InvalidType,
     LeaseLost,
@@ -43,7 +46,49 @@ from asyncstore.storage.errors import (
     StorageError,
     StorageUnavailable,
 )
-from asyncstore.storage.families import Family, MetricSink
+from asyncstore.storage.jobkinds import (
+    JOB_KINDS,
+    OUTBOX,
+    TASKS,
+    JobKind,
+    render_job_queries,
+)
+from asyncstore.storage.records import (
+    JSON,
+    LEASE_EXPIRED,
+    LOGIN_BUSY_RETRY_S,
+    LOGIN_SCOPES,
+    CancelState,
+    ChatMessage,
+    Claim,
+    EncodedJSON,
+    Failure,
+    FailureColumns,
+    JournaledEvent,
+    Leadership,
+    Lease,
+    LeaseAttempt,
+    LoginPolicy,
+    LoginSlot,
+    NewMessage,
+    NewOutboxMessage,
+    NewStreamEvent,
+    NewTask,
+    Notification,
+    NotificationStream,
+    OutboxMessage,
+    OutboxStatus,
+    QueueDepth,
+    StorageSettings,
+    StreamAppend,
+    StreamEvent,
+    StreamPartition,
+    StreamRow,
+    Task,
+    TaskStatus,
+    WebhookAttempt,
+)
+from asyncstore.storage.statistics import QUERY_BUCKETS_S, StorageStatistics
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -53,7 +98,11 @@ __all__ = [
     "JOB_KINDS",
     "JSON",
     "LEASE_EXPIRED",
+    "LOGIN_BUSY_RETRY_S",
+    "LOGIN_OUTCOMES",
+    "LOGIN_SCOPES",
     "OUTBOX",
+    "QUERY_BUCKETS_S",
     "TASKS",
     "AsyncStorageBackend",
     "CancelState",
@@ -61,6 +110,7 @@ __all__ = [
     "Claim",
     "EncodedJSON",
     "Failure",
+    "FailureColumns",
     "JobKind",
     "JournaledEvent",
     "Leadership",
@@ -75,776 +125,26 @@ __all__ = [
     "Notification",
     "NotificationStream",
     "OutboxMessage",
+    "OutboxStatus",
     "QueueDepth",
     "StorageSettings",
     "StorageStatistics",
+    "StreamAppend",
     "StreamEvent",
     "StreamPartition",
     "StreamRow",
     "Task",
     "TaskStatus",
     "WebhookAttempt",
+    "check_login_attempt",
+    "check_login_finish",
+    "operation",
+    "render_job_queries",
 ]
-
-JSON = Any
-"""A JSON value: None, bool, int, float, str, list of JSON, dict of str to JSON."""
-
-
-@dataclass(frozen=True, slots=True)
-class EncodedJSON:
-    """A payload already validated and encoded by ``storage.encode_payload``.
-
-    Wherever a payload is accepted, drivers pass ``data`` through instead of encoding again,
-    so a caller that needs the encoded size (the stream writer) encodes exactly once.
-    """
-
-    data: bytes
-
-
-class StorageSettings(BaseModel):
-    """How to reach and size the database. Built by ``orchestrator.config``; never reads env.
-
-    ``url`` picks the driver: ``postgresql://`` / ``postgres://`` (asyncpg) or
-    ``sqlite:///path/to/file.db`` (aiosqlite; ``sqlite:///:memory:`` for a private,
-    in-process database).
-    """
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    url: SecretStr = SecretStr("sqlite:///asyncstore.db")
-    pool_min_size: int = Field(default=2, ge=0, le=1000)
-    pool_max_size: int = Field(default=10, ge=1, le=1000)
-    statement_cache_size: int = Field(
-        default=100, ge=0, description="asyncpg prepared-statement cache; 0 for PgBouncer"
-    )
-    command_timeout_s: float = Field(default=30.0, gt=0)
-    connect_timeout_s: float = Field(default=10.0, gt=0)
-    sqlite_busy_timeout_s: float = Field(default=5.0, ge=0)
-    sqlite_readers: int = Field(default=2, ge=1, le=64)
-    sqlite_synchronous: str = Field(default="NORMAL", pattern="^(OFF|NORMAL|FULL|EXTRA)$")
-    listener_reconnect_max_s: float = Field(
-        default=0.5,
-        gt=0,
-        description="backoff cap between LISTEN reconnect attempts while the server is down; "
-        "small, so the listener is back within about this long after the server is",
-    )
-    listener_queue_size: int = Field(default=10_000, ge=1)
-    pooled: bool | None = Field(
-        default=None,
-        description="url reaches a transaction-mode pooler (PgBouncer): no named prepared "
-        "statements on pool connections, session work on listen_url; None detects a pooler "
-        "and refuses it with a clear error; false asserts session semantics (no check)",
-    )
-    listen_url: SecretStr | None = Field(
-        default=None,
-        description="direct Postgres DSN for what needs a session (LISTEN, leadership "
-        "locks); required with pooled=true, defaults to url otherwise",
-    )
-    slow_query_threshold_s: float = Field(
-        default=0.1,
-        gt=0,
-        description="a storage call that takes longer (pool wait included) counts as slow",
-    )
-    stream_partitioning: bool = Field(
-        default=False,
-        description="Postgres: keep stream_events partitioned by session start time, so "
-        "retention drops whole partitions (storage/_partitions.py); opening with "
-        "migrate=True converts a plain table; SQLite keeps the plain table and batched "
-        "DELETE (a warning says so)",
-    )
-
-
-# ---------------------------------------------------------------- records (immutable)
-
-
-@dataclass(frozen=True, slots=True)
-class NewMessage:
-    """A chat message to append; the storage assigns its per-session ``seq``."""
-
-    role: str
-    content: JSON
-
-
-@dataclass(frozen=True, slots=True)
-class ChatMessage:
-    """A stored chat message: its per-session ``seq`` (from 1, gap-free) and content."""
-
-    session_id: str
-    seq: int
-    role: str
-    content: JSON
-    created_at: datetime
-
-    @classmethod
-    def from_row(cls, row: Mapping[str, Any]) -> ChatMessage:
-        return cls(row["session_id"], row["seq"], row["role"], row["content"], row["created_at"])
-
-
-@dataclass(frozen=True, slots=True)
-class NewStreamEvent:
-    """A stream event whose ``(epoch, seq)`` the single writer of the session assigned."""
-
-    session_id: str
-    epoch: int
-    seq: int
-    kind: str
-    payload: JSON
-
-
-StreamRow = tuple[str, int, int, str, bytes]
-"""A stream event ready to store: ``(session_id, seq, epoch, kind, encoded payload)``.
-
-What ``append_stream_events`` makes of each ``NewStreamEvent`` once it is validated, and
-what the stream writer builds at ``emit`` for its trusted path (``_append_stream_rows``).
-"""
-
-
-@dataclass(frozen=True, slots=True)
-class StreamAppend:
-    """What ``append_stream_events`` did.
-
-    ``stored``: events written or replaced (a retried batch's events already stored with
-    the same epoch are skipped, not counted). ``refused``: the ``(session_id, epoch)`` pairs
-    the fence turned away, every event of which was not written: that epoch is not the
-    session's current lease token (or, for a session without a lease row, it is older than
-    the epoch of the session's last stored event). A writer must stop writing that epoch.
-    """
-
-    stored: int
-    refused: frozenset[tuple[str, int]] = frozenset()
-
-
-@dataclass(frozen=True, slots=True)
-class StreamEvent:
-    """A stored (or live) stream event, identified by ``(epoch, seq)`` within its session."""
-
-    session_id: str
-    epoch: int
-    seq: int
-    kind: str
-    payload: JSON
-    created_at: datetime
-
-    @classmethod
-    def from_row(cls, row: Mapping[str, Any]) -> StreamEvent:
-        return cls(
-            row["session_id"],
-            row["epoch"],
-            row["seq"],
-            row["kind"],
-            row["payload"],
-            row["created_at"],
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class StreamPartition:
-    """One partition of a partitioned ``stream_events``: the sessions whose first event was
-    stored in ``[lower, upper)``; both None for the default partition (sessions anchored
-    where no ranged partition existed yet, moved out when one is created)."""
-
-    name: str
-    lower: datetime | None
-    upper: datetime | None
-
-
-@dataclass(frozen=True, slots=True)
-class Lease:
-    """A session lease. ``token`` is the fencing token: it grows on every new acquisition."""
-
-    session_id: str
-    holder: str
-    token: int
-    expires_at: datetime
-
-    @classmethod
-    def from_row(cls, row: Mapping[str, Any]) -> Lease:
-        return cls(row["session_id"], row["holder"], row["token"], row["expires_at"])
-
-
-class LeaseAttempt(NamedTuple):
-    """What ``acquire_lease_slot`` found: the lease if taken, and whether a slot was free.
-
-    ``lease`` is None either because the pool was full (``slot_ok`` False) or because the
-    session is held by someone else (``slot_ok`` True).
-    """
-
-    lease: Lease | None
-    slot_ok: bool
-
-
-LEASE_EXPIRED = "lease expired"
-"""``last_error`` of a task re-claimed because its previous worker's lease expired."""
-
-
-class TaskStatus(StrEnum):
-    """Where an agent task is: waiting (``queued``), claimed by a worker, done, or dead-lettered."""
-    QUEUED = "queued"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    DEAD = "dead"
-
-
-class OutboxStatus(StrEnum):
-    PENDING = "pending"
-    SENDING = "sending"
-    SENT = "sent"
-    DEAD = "dead"
-
-
-@dataclass(frozen=True, slots=True)
-class NewTask:
-    """An agent task to enqueue.
-
-    ``run_after`` (None: now) is the earliest time it may be claimed; a task with an
-    ``idempotency_key`` is enqueued once while an earlier one with the same key on the same
-    queue is not finished (the existing row is returned instead).
-    """
-
-    queue: str
-    payload: JSON
-    priority: int = 0
-    run_after: datetime | None = None
-    idempotency_key: str | None = None
-    max_attempts: int = 5
-
-
-@dataclass(frozen=True, slots=True)
-class Task:
-    """An agent task row.
-
-    While ``status`` is ``running``, ``run_after`` is the lease expiry: the time after which
-    the normal claim takes the task again if its worker stopped heartbeating.
-    """
-
-    id: int
-    queue: str
-    payload: JSON
-    priority: int
-    status: TaskStatus
-    attempts: int
-    max_attempts: int
-    run_after: datetime
-    lease_token: int | None
-    worker_id: str | None
-    idempotency_key: str | None
-    last_error: str | None
-    created_at: datetime
-    updated_at: datetime
-
-    @property
-    def claim(self) -> Claim:
-        if self.lease_token is None:
-            raise LeaseLost(f"task {self.id} is not claimed")
-        return Claim(self.id, self.lease_token)
-
-    @classmethod
-    def from_row(cls, row: Mapping[str, Any]) -> Task:
-        return cls(
-            row["id"],
-            row["queue"],
-            row["payload"],
-            row["priority"],
-            TaskStatus(row["status"]),
-            row["attempts"],
-            row["max_attempts"],
-            row["run_after"],
-            row["lease_token"],
-            row["worker_id"],
-            row["idempotency_key"],
-            row["last_error"],
-            row["created_at"],
-            row["updated_at"],
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class NewOutboxMessage:
-    """A message for a channel (e.g. a chat platform) and an account within it."""
-
-    channel: str
-    account: str
-    payload: JSON
-    max_attempts: int = 5
-
-
-@dataclass(frozen=True, slots=True)
-class JournaledEvent:
-    """A durable webhook event committed to the journal, not yet in an outbox batch."""
-
-    id: int
-    endpoint: str
-    body: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class WebhookAttempt:
-    """One delivery attempt of a durable webhook, as kept in the delivery log."""
-
-    endpoint: str
-    webhook_id: str
-    outbox_id: int | None
-    attempted_at: datetime
-    status: int | None  # the receiver's HTTP status, None when no answer came
-    error: str  # "" when delivered
-    ok: bool
-    id: int = 0  # assigned by the log
-
-    @classmethod
-    def from_row(cls, row: Mapping[str, Any]) -> WebhookAttempt:
-        at = row["attempted_at"]
-        if not isinstance(at, datetime):
-            at = datetime.fromtimestamp(float(at), UTC)
-        return cls(
-            row["endpoint"],
-            row["webhook_id"],
-            row["outbox_id"],
-            at,
-            row["status"],
-            row["error"],
-            bool(row["ok"]),
-            row["id"],
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class OutboxMessage:
-    """An outbox row; while ``sending``, ``run_after`` is the claim's lease expiry."""
-
-    id: int
-    channel: str
-    account: str
-    payload: JSON
-    status: OutboxStatus
-    attempts: int
-    max_attempts: int
-    run_after: datetime
-    lease_token: int | None
-    last_error: str | None
-    created_at: datetime
-
-    @property
-    def claim(self) -> Claim:
-        if self.lease_token is None:
-            raise LeaseLost(f"outbox message {self.id} is not claimed")
-        return Claim(self.id, self.lease_token)
-
-    @classmethod
-    def from_row(cls, row: Mapping[str, Any]) -> OutboxMessage:
-        return cls(
-            row["id"],
-            row["channel"],
-            row["account"],
-            row["payload"],
-            OutboxStatus(row["status"]),
-            row["attempts"],
-            row["max_attempts"],
-            row["run_after"],
-            row["lease_token"],
-            row["last_error"],
-            row["created_at"],
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class QueueDepth:
-    """The unfinished rows of one task queue, or of the outbox, as ``backlog_depths`` read them.
-
-    ``waiting`` rows can be claimed now: queued (pending) and due, or claimed under a lease
-    that expired (their worker died). ``delayed`` rows wait for a future ``run_after``
-    (scheduled, or a retry's backoff); ``in_flight`` rows are claimed under a live lease.
-    ``oldest_wait_s`` is how long the longest-waiting claimable row has been claimable
-    (since its ``run_after`` or its lease expiry; 0.0 when none waits), by the database's
-    clock.
-    """
-
-    name: str
-    waiting: int
-    delayed: int
-    in_flight: int
-    oldest_wait_s: float
-
-    @classmethod
-    def from_row(cls, row: Mapping[str, Any]) -> QueueDepth:
-        return cls(
-            row["name"],
-            int(row["waiting"]),
-            int(row["delayed"]),
-            int(row["in_flight"]),
-            max(0.0, float(row["oldest_wait_s"] or 0.0)),
-        )
-
-
-class Claim(NamedTuple):
-    """Identifies one claimed row (task or outbox message) under one lease."""
-
-    id: int
-    token: int
-
-
-class FailureColumns(NamedTuple):
-    """``Failure`` records checked and split into columns: what the failure hooks receive."""
-
-    ids: list[int]
-    tokens: list[int]
-    errors: list[str]
-    retry_at: list[datetime | None]
-
-
-class Failure(NamedTuple):
-    """A failed attempt: retry at ``retry_at`` (None: at once) unless attempts ran out."""
-
-    id: int
-    token: int
-    error: str
-    retry_at: datetime | None = None
-
-
-# ---------------------------------------------------------------- the leased-job engine
 
 _J = TypeVar("_J")  # the record of a kind (Task, OutboxMessage)
 _N = TypeVar("_N")  # what enqueuing takes (NewTask, NewOutboxMessage)
 _S = TypeVar("_S", bound=StrEnum)  # the status enum of a kind
-
-_TEMPLATE_FIELD = re.compile(r"\{(\w+)\}")
-
-
-@dataclass(frozen=True, eq=False, slots=True)
-class JobKind(Generic[_J, _N, _S]):
-    """One kind of leased job: the table its rows live in and the names of its states.
-
-    Agent tasks (``TASKS``) and outbox messages (``OUTBOX``) are two kinds of one engine:
-    rows enqueued ``waiting``, claimed into ``running`` under a lease token (``run_after``
-    is then the lease expiry), and finished ``done`` or ``dead``; failing puts a row back to
-    ``waiting`` at its ``retry_at`` until its attempts run out. The ``*_jobs`` methods of the
-    storage contract take the kind as their first argument. The set of kinds is closed:
-    only the two instances below exist, and SQL templates are rendered from their fields
-    (never from caller input), so a table name cannot be injected.
-
-    ``grouped`` kinds carry an ordering group (an outbox message's (channel, account)): the
-    claim takes a group's messages in id order, at most one in flight per group.
-    """
-
-    name: str
-    table: str
-    suffix: str  # statement names: "<op>_<suffix>" (complete_tasks, claim_outbox, ...)
-    waiting: str
-    running: str
-    done: str
-    grouped: bool
-    queue_label: str  # what claim_jobs' ``queues`` filter names for this kind
-    record: Callable[[Mapping[str, Any]], _J]
-    status: Callable[[str], _S]
-    prepare: Callable[[object], list[Any]]
-    dead: str = "dead"
-
-    def __repr__(self) -> str:
-        return f"JobKind({self.name!r})"
-
-    def statement(self, operation: str) -> str:
-        """The name of this kind's statement for ``operation`` (e.g. ``claim_tasks``)."""
-        return f"{operation}_{self.suffix}"
-
-    def render(self, template: str) -> str:
-        """Fill a ``*_jobs`` SQL template: ``{jobs}`` the table, ``{waiting}``, ``{running}``,
-        ``{done}``, ``{dead}`` the status names; any other field is an error."""
-        fields = {
-            "jobs": self.table,
-            "waiting": self.waiting,
-            "running": self.running,
-            "done": self.done,
-            "dead": self.dead,
-        }
-
-        def fill(match: re.Match[str]) -> str:
-            if match.group(1) not in fields:
-                raise InvalidArgument(f"unknown field {{{match.group(1)}}} in a job template")
-            return fields[match.group(1)]
-
-        return _TEMPLATE_FIELD.sub(fill, template)
-
-
-TASKS: JobKind[Task, NewTask, TaskStatus] = JobKind(
-    "task",
-    "agent_tasks",
-    "tasks",
-    TaskStatus.QUEUED,
-    TaskStatus.RUNNING,
-    TaskStatus.SUCCEEDED,
-    grouped=False,
-    queue_label="queue",
-    record=Task.from_row,
-    status=TaskStatus,
-    prepare=lambda jobs: v.prepare_tasks(jobs),
-)
-"""Agent tasks: per queue, by priority then due time; idempotency keys; no groups."""
-
-OUTBOX: JobKind[OutboxMessage, NewOutboxMessage, OutboxStatus] = JobKind(
-    "outbox",
-    "outbox",
-    "outbox",
-    OutboxStatus.PENDING,
-    OutboxStatus.SENDING,
-    OutboxStatus.SENT,
-    grouped=True,
-    queue_label="channel",
-    record=OutboxMessage.from_row,
-    status=OutboxStatus,
-    prepare=lambda jobs: v.prepare_outbox(jobs),
-)
-"""Outbox messages: in id order per (channel, account) group, one in flight per group."""
-
-JOB_KINDS: tuple[JobKind[Any, Any, Any], ...] = (TASKS, OUTBOX)
-
-
-def render_job_queries(queries: Mapping[str, str]) -> dict[str, str]:
-    """Expand each ``<op>_jobs`` template into one statement per kind, ``<op>_<suffix>``.
-
-    A statement the dialect writes for one kind under that name (a kind-specific rule, such
-    as a grouped kind's claim) takes the template's place for that kind.
-    """
-    out = {name: sql for name, sql in queries.items() if not name.endswith("_jobs")}
-    for name, sql in queries.items():
-        if name.endswith("_jobs"):
-            for kind in JOB_KINDS:
-                out.setdefault(kind.statement(name.removesuffix("_jobs")), kind.render(sql))
-    return out
-
-
-@dataclass(frozen=True, slots=True)
-class CancelState:
-    """A persisted cancel request of a session: why, and when it was requested."""
-
-    session_id: str
-    reason: str
-    requested_at: datetime
-
-    @classmethod
-    def from_row(cls, row: Mapping[str, Any]) -> CancelState:
-        return cls(row["session_id"], row["reason"], row["requested_at"])
-
-
-@dataclass(frozen=True, slots=True)
-class Notification:
-    """A notification on ``channel``. ``gap=True`` means some may have been missed.
-
-    A gap is reported after the listener reconnected or a subscriber's buffer overflowed;
-    the subscriber should catch up by reading the state it cares about from storage.
-    """
-
-    channel: str
-    payload: str
-    gap: bool = False
-
-
-class NotificationStream(abc.ABC):
-    """What ``listen()`` yields: an async iterator of notifications for its channels."""
-
-    @abc.abstractmethod
-    def __aiter__(self) -> AsyncIterator[Notification]: ...
-
-    @abc.abstractmethod
-    async def receive(self) -> Notification:
-        """Wait for the next notification. Cancelling the wait loses nothing."""
-
-
-class Leadership(abc.ABC):
-    """A named role that at most one handle on a database holds: the fleet's one sweeper.
-
-    What ``open_leadership`` yields. ``try_lead()`` keeps the role if this handle holds it
-    and takes it if nobody does; leaving the ``async with`` block gives it up. A holder
-    that dies loses the role on its own: on Postgres with its connection (a session
-    advisory lock), on SQLite when its lease row expires after ``ttl_s``.
-    """
-
-    @property
-    @abc.abstractmethod
-    def leading(self) -> bool:
-        """Whether the last ``try_lead()`` found this handle holding the role."""
-
-    @abc.abstractmethod
-    async def try_lead(self) -> bool:
-        """Keep or take the role; False while another handle holds it.
-
-        Raises ``StorageError`` if the database cannot be asked (the role is then treated
-        as lost). If cancelled, ``leading`` is False and whatever the call may have taken
-        is given up when the ``async with`` block is left.
-        """
-
-
-QUERY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-"""Upper bounds of ``storage_query_duration_seconds``'s buckets (+Inf follows)."""
-_DIALECT = ("dialect",)
-_OP = ("dialect", "operation")
-
-
-@dataclass(frozen=True, slots=True)
-class StorageStatistics:
-    """A snapshot of a backend's counters (statements by query name, notifications)."""
-
-    dialect: str
-    statements: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
-    notifications_received: int = 0
-    notifications_dropped: int = 0
-    listener_reconnects: int = 0
-    listener_reconnect_failures: int = 0  # reconnect attempts that failed (server down)
-    # storage calls slower than slow_query_threshold_s, by operation (a method's name)
-    slow_queries: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
-    slow_query_threshold_s: float = 0.1
-    # per operation: calls by QUERY_BUCKETS_S bucket (the last one is +Inf) and their sum
-    durations: Mapping[str, tuple[tuple[int, ...], float]] = field(
-        default_factory=lambda: MappingProxyType({})
-    )
-    pool: tuple[int, int, int] | None = None  # Postgres: (size, idle, max_size)
-
-    @property
-    def total_statements(self) -> int:
-        return sum(self.statements.values())
-
-    METRIC_FAMILIES: ClassVar[tuple[Family, ...]] = (
-        Family("storage_statements", "counter", "Statements by operation.", _OP),
-        Family("storage_notifications_received", "counter", "Notifications.", _DIALECT),
-        Family("storage_notifications_dropped", "counter", "Dropped.", _DIALECT),
-        Family("storage_listener_reconnects", "counter", "Listener reconnects.", _DIALECT),
-        Family(
-            "storage_listener_reconnect_failures",
-            "counter",
-            "Listener reconnect attempts that failed.",
-            _DIALECT,
-        ),
-        Family(
-            "storage_slow_queries",
-            "counter",
-            "Storage calls slower than the slow-query threshold, by operation "
-            "(at zero for every operation called).",
-            _OP,
-        ),
-        Family(
-            "storage_slow_query_threshold_seconds",
-            "gauge",
-            "The slow-query threshold (storage.slow_query_threshold_s).",
-            _DIALECT,
-        ),
-        Family(
-            "storage_query_duration_seconds",
-            "histogram",
-            "Duration of storage calls (pool wait included), by operation.",
-            _OP,
-            where="once an operation was called",
-        ),
-        Family(
-            "storage_pool_connections",
-            "gauge",
-            "Pool connections.",
-            (*_DIALECT, "state"),
-            where="Postgres (a pool)",
-        ),
-        Family(
-            "storage_pool_max_connections",
-            "gauge",
-            "Pool maximum size.",
-            _DIALECT,
-            where="Postgres (a pool)",
-        ),
-    )
-
-    def export(self, out: MetricSink) -> None:
-        d = {"dialect": self.dialect}
-        out.samples("storage_statements", d, self.statements)
-        out.sample("storage_notifications_received", d, self.notifications_received)
-        out.sample("storage_notifications_dropped", d, self.notifications_dropped)
-        out.sample("storage_listener_reconnects", d, self.listener_reconnects)
-        out.sample("storage_listener_reconnect_failures", d, self.listener_reconnect_failures)
-        slow = {name: self.slow_queries.get(name, 0) for name in self.durations}
-        out.samples("storage_slow_queries", d, slow)
-        out.sample("storage_slow_query_threshold_seconds", d, self.slow_query_threshold_s)
-        for name, (counts, total) in self.durations.items():
-            buckets = zip((*QUERY_BUCKETS_S, float("inf")), counts, strict=True)
-            labels = {**d, "operation": name}
-            out.histogram("storage_query_duration_seconds", labels, buckets, total)
-        if self.pool is not None:
-            size, idle, max_size = self.pool
-            out.samples("storage_pool_connections", d, {"idle": idle, "in_use": size - idle})
-            out.sample("storage_pool_max_connections", d, max_size)
-
-
-# ---------------------------------------------------------------- login attempts (records)
-
-LOGIN_SCOPES = ("account", "address")
-"""The scopes a login attempt is counted under (``reserve_login_attempt``)."""
-
-LOGIN_BUSY_RETRY_S = 1.0
-"""The retry-after of a refusal caused by attempts in flight (they end within a verification)."""
-
-
-class LoginPolicy(NamedTuple):
-    """The limits of one scope for ``reserve_login_attempt`` / ``finish_login_attempt``."""
-
-    limit: int  # failures + attempts in flight allowed per window
-    window_s: float
-    lockout_base_s: float
-    lockout_factor: float
-    lockout_max_s: float
-    forget_after_s: float  # without a failure this long, the next lockout is the base again
-
-
-class LoginSlot(NamedTuple):
-    """The answer of ``reserve_login_attempt``.
-
-    ``granted``: one attempt is reserved and must be finished with ``window_start``.
-    Otherwise ``retry_after_s`` says when to retry and ``locked`` whether the key is locked
-    out (else it is full of attempts in flight).
-    """
-
-    granted: bool
-    window_start: float
-    retry_after_s: float
-    locked: bool
-
-    @classmethod
-    def from_row(cls, row: Mapping[str, Any], window_s: float) -> LoginSlot:
-        now = float(row["now"])
-        locked_until = float(row["locked_until"])
-        window_start = float(row["window_start"])
-        if row["granted"]:
-            return cls(True, window_start, 0.0, False)
-        if locked_until > now:
-            return cls(False, window_start, locked_until - now, True)
-        left = window_start + window_s - now
-        return cls(False, window_start, max(0.0, min(LOGIN_BUSY_RETRY_S, left)), False)
-
-
-def check_login_attempt(scope: object, key: object, policy: object) -> LoginPolicy:
-    """Validate the arguments of the login attempt methods (the same on both drivers)."""
-    from asyncstore.storage import _validate as v  # _validate imports this module's records
-
-    if scope not in LOGIN_SCOPES:
-        raise InvalidInput(f"scope must be one of {LOGIN_SCOPES}, got {scope!r}")
-    v.check_id(key, "key")
-    if not isinstance(policy, LoginPolicy):
-        raise InvalidInput(f"policy must be a LoginPolicy, got {type(policy).__name__}")
-    v.check_int(policy.limit, "policy.limit", minimum=1, maximum=2**31 - 1)
-    for name in ("window_s", "lockout_base_s", "lockout_max_s", "forget_after_s"):
-        v.check_seconds(getattr(policy, name), f"policy.{name}")
-    if v.check_seconds(policy.lockout_factor, "policy.lockout_factor", minimum=1.0) > 1e6:
-        raise InvalidInput("policy.lockout_factor must be <= 1e6")
-    return policy
-
-
-LOGIN_OUTCOMES = ("failure", "success", "release")
-
-
-def check_login_finish(window_start: object, outcome: object) -> float:
-    """Validate ``finish_login_attempt``'s window start and outcome (both drivers)."""
-    if (
-        isinstance(window_start, bool)
-        or not isinstance(window_start, int | float)
-        or window_start != window_start
-    ):
-        raise InvalidInput(f"window_start must be a number, got {window_start!r}")
-    if outcome not in LOGIN_OUTCOMES:
-        raise InvalidInput(f"outcome must be failure, success or release, got {outcome!r}")
-    return float(window_start)
 
 
 def operation(
@@ -898,7 +198,7 @@ def _observed_as(
 # ---------------------------------------------------------------- the contract
 
 
-class AsyncStorageBackend(abc.ABC):
+class AsyncStorageBackend(DialectHooks):
     """The native-async storage contract for the hot paths of an agent backend.
 
     Open one with ``storage.open_storage(settings_or_url)`` (an async context manager).
@@ -1707,9 +1007,7 @@ class AsyncStorageBackend(abc.ABC):
     # -- login attempts (auth limiter, shared by a fleet) -----------------------
 
     @operation
-    async def reserve_login_attempt(
-        self, scope: str, key: str, policy: LoginPolicy
-    ) -> LoginSlot:
+    async def reserve_login_attempt(self, scope: str, key: str, policy: LoginPolicy) -> LoginSlot:
         """Reserve one login attempt for ``key`` in ``scope`` ("account" or "address").
 
         In one statement: refused when the key is locked out or when its failures plus the
@@ -1752,222 +1050,6 @@ class AsyncStorageBackend(abc.ABC):
         """Delete attempt counts idle for ``older_than_s`` seconds and not locked out."""
         age = v.check_seconds(older_than_s, "older_than_s", minimum=0)
         return await self._sql_purge_login_attempts(age)
-
-    # -- dialect hooks ---------------------------------------------------------
-    # What a dialect implements: SQL only. Each hook receives arguments the public method
-    # above has already validated and encoded (``storage._validate``), is called inside
-    # the ``operation`` wrapper (closed check, error mapping), and is never called with an
-    # empty batch. A dialect overrides these, never the public methods.
-
-    @abc.abstractmethod
-    async def _sql_append_messages(
-        self,
-        session_id: str,
-        rows: list[tuple[str, bytes]],
-        outbox: list[tuple[str, str, bytes, int]],
-        lease_token: int | None,
-        messages: Sequence[NewMessage],
-    ) -> list[ChatMessage] | None:
-        """The appended messages in seq order; None if ``lease_token`` was not current."""
-
-    @abc.abstractmethod
-    async def _sql_load_messages(
-        self, session_id: str, after_seq: int, limit: int
-    ) -> list[ChatMessage]: ...
-
-    @abc.abstractmethod
-    async def _sql_delete_session(self, session_id: str) -> bool: ...
-
-    @abc.abstractmethod
-    async def _sql_append_stream_events(self, rows: list[StreamRow]) -> StreamAppend: ...
-
-    @abc.abstractmethod
-    async def _sql_load_stream_events(
-        self, session_id: str, after_seq: int, limit: int
-    ) -> list[StreamEvent]: ...
-
-    @abc.abstractmethod
-    async def _sql_last_stream_seq(self, session_id: str) -> int: ...
-
-    @abc.abstractmethod
-    async def _sql_purge_stream_events(self, age_s: float) -> int: ...
-
-    @abc.abstractmethod
-    async def _sql_purge_stream_events_batch(self, age_s: float, limit: int) -> int: ...
-
-    @abc.abstractmethod
-    async def _sql_list_stream_partitions(self) -> list[StreamPartition]: ...
-
-    @abc.abstractmethod
-    async def _sql_partition_stream_events(self) -> bool: ...
-
-    @abc.abstractmethod
-    async def _sql_create_stream_partitions(self, width_s: int, ahead_s: float) -> int: ...
-
-    @abc.abstractmethod
-    async def _sql_drop_stream_partition(self, name: str, age_s: float) -> int | None: ...
-
-    @abc.abstractmethod
-    async def _sql_acquire_lease(
-        self, session_id: str, holder: str, ttl_s: float
-    ) -> Lease | None: ...
-
-    @abc.abstractmethod
-    async def _sql_renew_lease(self, session_id: str, token: int, ttl_s: float) -> Lease | None:
-        """The renewed lease; None if ``token`` is not current."""
-
-    @abc.abstractmethod
-    async def _sql_release_lease(self, session_id: str, token: int) -> bool: ...
-
-    @abc.abstractmethod
-    async def _sql_get_lease(self, session_id: str) -> Lease | None: ...
-
-    @abc.abstractmethod
-    async def _sql_expire_leases(self, age_s: float) -> int: ...
-
-    @abc.abstractmethod
-    async def _sql_ensure_lease_slots(self, pool: str, slots: int) -> None: ...
-
-    @abc.abstractmethod
-    async def _sql_acquire_lease_slot(
-        self, session_id: str, holder: str, ttl_s: float, pool: str | None, slots: int
-    ) -> LeaseAttempt: ...
-
-    @abc.abstractmethod
-    async def _sql_renew_lease_slot(
-        self, session_id: str, token: int, ttl_s: float, pool: str | None
-    ) -> Lease | None:
-        """The renewed lease; None if ``token`` is not current."""
-
-    @abc.abstractmethod
-    async def _sql_release_lease_slot(
-        self, session_id: str, token: int, channel: str, pool: str | None
-    ) -> bool: ...
-
-    @abc.abstractmethod
-    async def _sql_count_leases(self) -> int: ...
-
-    @abc.abstractmethod
-    async def _sql_enqueue_jobs(
-        self, kind: JobKind[Any, Any, Any], rows: list[Any], notify: str | None
-    ) -> list[Any]:
-        """One record per row, in row order (``_validate.match_enqueued`` puts tasks so);
-        with ``notify``, one notification when a returned row is waiting (see
-        ``enqueue_jobs``)."""
-
-    @abc.abstractmethod
-    async def _sql_claim_jobs(
-        self,
-        kind: JobKind[Any, Any, Any],
-        worker_id: str,
-        limit: int,
-        lease_s: float,
-        queues: list[str] | None,
-    ) -> list[Any]: ...
-
-    @abc.abstractmethod
-    async def _sql_heartbeat_jobs(
-        self, kind: JobKind[Any, Any, Any], ids: list[int], tokens: list[int], lease_s: float
-    ) -> list[int]: ...
-
-    @abc.abstractmethod
-    async def _sql_complete_jobs(
-        self, kind: JobKind[Any, Any, Any], ids: list[int], tokens: list[int]
-    ) -> list[int]: ...
-
-    @abc.abstractmethod
-    async def _sql_fail_jobs(
-        self, kind: JobKind[Any, Any, Any], failures: FailureColumns
-    ) -> dict[int, str]: ...
-
-    @abc.abstractmethod
-    async def _sql_release_jobs(
-        self, kind: JobKind[Any, Any, Any], ids: list[int], tokens: list[int]
-    ) -> list[int]: ...
-
-    @abc.abstractmethod
-    async def _sql_dead_letter_jobs(
-        self, kind: JobKind[Any, Any, Any], failures: FailureColumns
-    ) -> list[int]: ...
-
-    @abc.abstractmethod
-    async def _sql_redrive_jobs(
-        self, kind: JobKind[Any, Any, Any], ids: list[int]
-    ) -> list[int]: ...
-
-    @abc.abstractmethod
-    async def _sql_get_job(self, kind: JobKind[Any, Any, Any], job_id: int) -> Any: ...
-
-    @abc.abstractmethod
-    async def _sql_purge_jobs(self, kind: JobKind[Any, Any, Any], age_s: float) -> int: ...
-
-    @abc.abstractmethod
-    async def _sql_next_task_due_s(self, queue: str) -> float | None: ...
-
-    @abc.abstractmethod
-    async def _sql_backlog_depths(self) -> tuple[list[QueueDepth], QueueDepth]: ...
-
-    @abc.abstractmethod
-    async def _sql_journal_webhook_events(
-        self, endpoint: str, owner: str, bodies: list[str]
-    ) -> list[int]: ...
-
-    @abc.abstractmethod
-    async def _sql_delete_webhook_events(self, ids: list[int]) -> int: ...
-
-    @abc.abstractmethod
-    async def _sql_claim_webhook_orphans(
-        self, endpoints: list[str], owner: str, age_s: float, limit: int
-    ) -> list[JournaledEvent]: ...
-
-    @abc.abstractmethod
-    async def _sql_record_webhook_attempts(
-        self, rows: list[tuple[str, str, int | None, datetime, int | None, str, bool]]
-    ) -> int: ...
-
-    @abc.abstractmethod
-    async def _sql_list_webhook_attempts(
-        self, endpoint: str | None, webhook_id: str | None, failed: bool, limit: int
-    ) -> list[WebhookAttempt]: ...
-
-    @abc.abstractmethod
-    async def _sql_purge_webhook_attempts(self, age_s: float) -> int: ...
-
-    @abc.abstractmethod
-    async def _sql_request_cancel(
-        self, session_id: str, reason: str, channel: str | None
-    ) -> CancelState: ...
-
-    @abc.abstractmethod
-    async def _sql_get_cancel(self, session_id: str) -> CancelState | None: ...
-
-    @abc.abstractmethod
-    async def _sql_clear_cancel(self, session_id: str) -> bool: ...
-
-    @abc.abstractmethod
-    async def _sql_notify(self, channel: str, payload: str) -> None: ...
-
-    @abc.abstractmethod
-    def _sql_listen(self, channels: list[str]) -> AbstractAsyncContextManager[NotificationStream]:
-        """Subscribe to checked channel names (at least one)."""
-
-    @abc.abstractmethod
-    def _sql_leadership(
-        self, name: str, ttl_s: float
-    ) -> AbstractAsyncContextManager[Leadership]: ...
-
-    @abc.abstractmethod
-    async def _sql_reserve_login_attempt(
-        self, scope: str, key: str, policy: LoginPolicy
-    ) -> LoginSlot: ...
-
-    @abc.abstractmethod
-    async def _sql_finish_login_attempt(
-        self, scope: str, key: str, window_start: float, outcome: str, policy: LoginPolicy
-    ) -> bool: ...
-
-    @abc.abstractmethod
-    async def _sql_purge_login_attempts(self, age_s: float) -> int: ...
 
     # -- single-row conveniences (written once, on top of the batch methods) ---
 
@@ -2016,4 +1098,3 @@ _DIALECT_CALLS = frozenset(("migrate", "schema_version", "ping"))
 """The calls each dialect implements itself, under the ``operation`` wrapper."""
 
 # Imported last: _validate imports the records defined above.
-from asyncstore.storage import _validate as v  # noqa: E402

@@ -1,0 +1,163 @@
+"""SQLite leased jobs: the SQL hooks of the job engine (agent tasks and outbox) on SQLite.
+
+This module owns ``SqliteJobs``, the part of ``SqliteBackend`` that enqueues (with
+idempotency keys and the in-process wakeup on commit), claims under a fresh lease token,
+heartbeats, completes, fails, releases, dead-letters, redrives, reads and purges jobs of
+either ``JobKind``, and reports backlog depths.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from asyncstore.storage import _validate as v
+from asyncstore.storage._sqlite_conn import SqliteConnections, _json, _ts, _Tx
+from asyncstore.storage.base import (
+    TASKS,
+    FailureColumns,
+    JobKind,
+    OutboxMessage,
+    QueueDepth,
+    Task,
+)
+
+
+class SqliteJobs(SqliteConnections):
+    """The leased-job hooks of ``SqliteBackend`` (a base of it)."""
+
+    # -- leased jobs (agent tasks, outbox) ---------------------------------------
+
+    async def _sql_enqueue_jobs(
+        self, kind: JobKind[Any, Any, Any], rows: list[Any], notify: str | None
+    ) -> list[Any]:
+        now = time.time()
+        async with self._transaction() as tx:
+            if kind is TASKS:
+                records: list[Any] = await self._insert_tasks(tx, rows, now)
+            else:
+                records = [
+                    OutboxMessage.from_row(r) for r in await self._insert_outbox(tx, rows, now)
+                ]
+            waiting = [r.run_after for r in records if r.status == kind.waiting]
+            if notify is not None and waiting:
+                # Delivered in process on commit, as Postgres delivers the NOTIFY that its
+                # enqueue statement sends: the same payload, the earliest due time.
+                self._count("notify")
+                tx.notify_on_commit(notify, f"{min(waiting).timestamp():.6f}")
+        return records
+
+    async def _insert_tasks(self, tx: _Tx, rows: list[v.PreparedTask], now: float) -> list[Task]:
+        keys = sorted({(r[0], r[4]) for r in rows if r[4] is not None})
+        existing: list[dict[str, Any]] = []
+        if keys:
+            existing = await tx.fetch("_existing_keyed_tasks", {"keys": _json(keys)})
+        taken = {(e["queue"], e["idempotency_key"]) for e in existing}
+        values = []
+        for queue, payload, priority, run_after, key, max_attempts in rows:
+            if key is not None:
+                if (queue, key) in taken:
+                    continue
+                taken.add((queue, key))
+            at = now if run_after is None else run_after.timestamp()
+            values.append((queue, payload.decode(), priority, at, key, max_attempts, now, now))
+        before = await tx.scalar("_max_task_id", {})
+        await tx.execute_many("enqueue_tasks", values)
+        new = await tx.fetch("_tasks_after", {"after": before})
+        return v.match_enqueued(rows, [Task.from_row(r) for r in [*existing, *new]])
+
+    async def _sql_claim_jobs(
+        self,
+        kind: JobKind[Any, Any, Any],
+        worker_id: str,
+        limit: int,
+        lease: float,
+        queues: list[str] | None,
+    ) -> list[Any]:
+        params: dict[str, Any] = {
+            "worker_id": worker_id,
+            "limit": limit,
+            "queue": queues[0] if queues else None,  # a task claim names one queue
+            "channels": None if queues is None else _json(queues),
+        }
+        async with self._transaction() as tx:
+            now = time.time()
+            token = await tx.next_token("claim_tokens")
+            params.update(token=token, now=now, lease_until=now + lease)
+            rows = await tx.fetch(kind.statement("claim"), params)
+        jobs = [kind.record(r) for r in rows if r["status"] == kind.running]
+        if kind is TASKS:
+            return sorted(jobs, key=lambda t: (-t.priority, t.id))
+        return sorted(jobs, key=lambda m: m.id)
+
+    async def _sql_heartbeat_jobs(
+        self, kind: JobKind[Any, Any, Any], ids: list[int], tokens: list[int], lease_s: float
+    ) -> list[int]:
+        name = kind.statement("heartbeat")
+        return await self._claimed_update(name, ids, tokens, lease_until=lease_s)
+
+    async def _sql_complete_jobs(
+        self, kind: JobKind[Any, Any, Any], ids: list[int], tokens: list[int]
+    ) -> list[int]:
+        return await self._claimed_update(kind.statement("complete"), ids, tokens)
+
+    async def _sql_fail_jobs(
+        self, kind: JobKind[Any, Any, Any], failures: FailureColumns
+    ) -> dict[int, str]:
+        rows = await self._failures(kind.statement("fail"), failures)
+        return {r["id"]: r["status"] for r in rows}
+
+    async def _sql_release_jobs(
+        self, kind: JobKind[Any, Any, Any], ids: list[int], tokens: list[int]
+    ) -> list[int]:
+        return await self._claimed_update(kind.statement("release"), ids, tokens)
+
+    async def _sql_dead_letter_jobs(
+        self, kind: JobKind[Any, Any, Any], failures: FailureColumns
+    ) -> list[int]:
+        rows = await self._failures(kind.statement("dead_letter"), failures)
+        return sorted(r["id"] for r in rows)
+
+    async def _sql_redrive_jobs(self, kind: JobKind[Any, Any, Any], ids: list[int]) -> list[int]:
+        params = {"ids": _json(ids), "now": time.time()}
+        return sorted(r["id"] for r in await self._write(kind.statement("redrive"), params))
+
+    async def _sql_get_job(self, kind: JobKind[Any, Any, Any], job_id: int) -> Any:
+        rows = await self._read(kind.statement("get"), {"id": job_id})
+        return kind.record(rows[0]) if rows else None
+
+    async def _sql_purge_jobs(self, kind: JobKind[Any, Any, Any], age_s: float) -> int:
+        cutoff = time.time() - age_s
+        return await self._write_count(kind.statement("purge"), {"cutoff": cutoff})
+
+    async def _sql_next_task_due_s(self, queue: str) -> float | None:
+        params = {"queue": queue, "now": time.time()}
+        due = (await self._read("next_task_due", params))[0]["due_s"]
+        return None if due is None else max(0.0, float(due))
+
+    async def _sql_backlog_depths(self) -> tuple[list[QueueDepth], QueueDepth]:
+        now = {"now": time.time()}
+        tasks = [QueueDepth.from_row(r) for r in await self._read("task_backlog", now)]
+        return tasks, QueueDepth.from_row((await self._read("outbox_backlog", now))[0])
+
+    async def _claimed_update(
+        self, name: str, ids: list[int], tokens: list[int], *, lease_until: float | None = None
+    ) -> list[int]:
+        now = time.time()
+        params: dict[str, Any] = {"claims": _json(list(zip(ids, tokens, strict=True))), "now": now}
+        if lease_until is not None:
+            params["lease_until"] = now + lease_until
+        return sorted(r["id"] for r in await self._write(name, params))
+
+    async def _failures(self, name: str, failures: FailureColumns) -> list[dict[str, Any]]:
+        ids, tokens, errors, retry = failures
+        items = [list(f) for f in zip(ids, tokens, errors, map(_ts, retry), strict=True)]
+        return await self._write(name, {"failures": _json(items), "now": time.time()})
+
+    async def _insert_outbox(
+        self, tx: _Tx, rows: list[tuple[str, str, bytes, int]], now: float
+    ) -> list[dict[str, Any]]:
+        before = await tx.scalar("_max_outbox_id", {})
+        values = [(c, a, p.decode(), m, now, now, now) for c, a, p, m in rows]
+        await tx.execute_many("enqueue_outbox", values)
+        return await tx.fetch("_outbox_after", {"after": before})
