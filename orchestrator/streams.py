@@ -2,10 +2,11 @@
 
 ``emit`` assigns the next ``(epoch, seq)`` of a session in memory, publishes the event to
 the BroadcastHub at once (live subscribers never wait for the database) and hands it to a
-BatchWriter whose sink appends whole batches for many sessions in one round trip, then
-sends one coalesced notification per flush that carries the stored events when they fit
-(other instances publish them without a read) and otherwise says what advanced (they
-fetch it). Events are announced only once stored.
+BatchWriter whose sink appends whole batches for many sessions in one round trip, with
+the flush's notification in the same statement and transaction (``notify_with_insert``;
+off, a separate notifier task sends it, coalescing flushes). It carries the stored events
+when they fit (other instances publish them without a read) and otherwise says what
+advanced (they fetch it). Events are announced only once stored.
 Boundary events (turn completed, tool result, error, cancelled) are critical: never
 dropped, and they trigger an immediate flush. With ``batching=False`` (the legacy path,
 flag ``stream.batching``) every event is inserted by the caller, one statement each.
@@ -128,8 +129,9 @@ class StreamConfig(BaseModel):
     notify_inline_max_bytes: int = Field(
         default=4 * MAX_NOTIFY_BYTES,
         ge=0,
-        description="events waiting for the notifier carried inline at most; beyond it "
-        "(the notifier lags) their sessions are announced as advances and fetched",
+        description="bytes of events carried inline at most, per flush with "
+        "notify_with_insert, else of what waits for the notifier (it lags); the sessions "
+        "beyond it are announced as advances and fetched",
     )
     notify_with_insert: bool = Field(
         default=True,
