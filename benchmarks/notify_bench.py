@@ -170,7 +170,7 @@ async def _one(
                     texts,
                 ]
                 async with raw.acquire() as conn, conn.transaction():
-                    await conn.fetch(queries["append_stream_events"], *columns)
+                    await conn.fetch(queries["append_stream_events"], *columns, "", [])
                     for p in payloads:
                         await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, p)
             latencies.append(time.perf_counter() - started)

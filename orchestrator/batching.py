@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Mapping
 from contextlib import asynccontextmanager
@@ -342,6 +343,8 @@ class BatchWriter(Generic[T]):
         self.config = config or BatchConfig()
         self.name = name
         self._clock = clock
+        # The clock's reading, bound once (time.monotonic itself for the system clock).
+        self._monotonic = time.monotonic if clock is SYSTEM_CLOCK else clock.monotonic
         self._backoff = self.config.backoff
         self._sink = sink
         self._key = key
@@ -454,7 +457,11 @@ class BatchWriter(Generic[T]):
         if self._closing:
             raise WriterClosed(f"writer {self.name!r} is closed")
         size = nbytes if nbytes is not None else (self._size_of(item) if self._size_of else 0)
-        if not self._has_room(size):
+        cfg = self.config
+        limit = cfg.capacity_bytes
+        if len(self._pending) + len(self._in_flight) >= cfg.capacity or (
+            limit is not None and self._bytes + size > limit
+        ):  # not self._has_room(size), inline: this is the hot path
             self._check_fits(size)
             policy = self.config.overflow
             if policy is OverflowPolicy.DROP_OLDEST and not critical and self._evict_oldest(size):
@@ -529,7 +536,7 @@ class BatchWriter(Generic[T]):
             # Without its flusher nothing would ever be written: refuse rather than hoard.
             raise WriterClosed(f"writer {self.name!r} is not running: use `async with` first")
         self._numbered += 1
-        now = self._clock.monotonic()
+        now = self._monotonic()
         self._pending.append(_Entry(item, nbytes, critical, self._numbered, now))
         self._bytes += nbytes
         self._pending_bytes += nbytes

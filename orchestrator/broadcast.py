@@ -169,7 +169,9 @@ class BroadcastHub:
         if persisted and event.seq > ring.persisted_seq:
             ring.persisted_seq = event.seq
         self._published += 1
-        self._trim(ring)
+        cfg = self.config
+        if len(ring.events) > cfg.ring_max_events or ring.nbytes > cfg.ring_max_bytes:
+            self._trim(ring)
         if ring.waiters or ring.sinks:
             ring.wake()
         return True

@@ -9,6 +9,8 @@ advance-only format (``encode_advances`` / ``decode_advance``) stays readable.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -112,6 +114,7 @@ def encode_stream_notes(
     their order across payloads; the writer sends the payloads in order.
     """
     packer = _Packer(limit)
+    prefixes: dict[str, bytes] = {}  # each kind's '["kind",' once
     for seg in segments:
         if seg.events is None:
             packer.add(orjson.dumps([seg.session_id, seg.epoch, seg.first, seg.last]))
@@ -121,7 +124,14 @@ def encode_stream_notes(
                 f"segment of {seg.session_id!r} announces seqs {seg.first}..{seg.last} but "
                 f"carries {len(seg.events)} events"
             )
-        items = [b"[" + orjson.dumps(kind) + b"," + data + b"]" for kind, data in seg.events]
+        items = []
+        for kind, data in seg.events:
+            prefix = prefixes.get(kind)
+            if prefix is None:
+                prefix = prefixes[kind] = b"[" + orjson.dumps(kind) + b","
+            items.append(prefix + data + b"]")
+        # ends[j]: the bytes of items[0..j] joined by commas, plus one (a comma each).
+        ends = list(itertools.accumulate(len(item) + 1 for item in items))
         opening = b'{"t":%d,"e":[' % seg.created_at_us
         # The advance of any part is at most this long: its seqs are <= last.
         head_max = len(orjson.dumps([seg.session_id, seg.epoch, seg.last, seg.last]))
@@ -129,10 +139,8 @@ def encode_stream_notes(
         i, n = 0, len(items)
         while i < n:
             room = packer.room() - fixed
-            j, used = i, 0
-            while j < n and used + len(items[j]) + (j > i) <= room:
-                used += len(items[j]) + (j > i)
-                j += 1
+            # The most events from i on whose joined bytes fit ``room``.
+            j = bisect.bisect_right(ends, (ends[i - 1] if i else 0) + room + 1, lo=i)
             if j > i:
                 first = seg.first + i
                 packer.add(orjson.dumps([seg.session_id, seg.epoch, first, seg.first + j - 1]))

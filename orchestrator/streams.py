@@ -2,10 +2,11 @@
 
 ``emit`` assigns the next ``(epoch, seq)`` of a session in memory, publishes the event to
 the BroadcastHub at once (live subscribers never wait for the database) and hands it to a
-BatchWriter whose sink appends whole batches for many sessions in one round trip, then
-sends one coalesced notification per flush that carries the stored events when they fit
-(other instances publish them without a read) and otherwise says what advanced (they
-fetch it). Events are announced only once stored.
+BatchWriter whose sink appends whole batches for many sessions in one round trip, with
+the flush's notification in the same statement and transaction (``notify_with_insert``;
+off, a separate notifier task sends it, coalescing flushes). It carries the stored events
+when they fit (other instances publish them without a read) and otherwise says what
+advanced (they fetch it). Events are announced only once stored.
 Boundary events (turn completed, tool result, error, cancelled) are critical: never
 dropped, and they trigger an immediate flush. With ``batching=False`` (the legacy path,
 flag ``stream.batching``) every event is inserted by the caller, one statement each.
@@ -55,7 +56,13 @@ from asyncstore.storage import (
     StreamAppend,
     StreamEvent,
 )
-from asyncstore.storage._validate import INT64_MAX, check_int, check_name, encode_json
+from asyncstore.storage._validate import (
+    INT64_MAX,
+    check_channel,
+    check_int,
+    check_name,
+    encode_json,
+)
 from asyncstore.storage.base import StreamRow
 from asyncstore.storage.errors import UsageError, is_retryable
 from asyncstore.storage.families import Family, MetricSink
@@ -122,8 +129,16 @@ class StreamConfig(BaseModel):
     notify_inline_max_bytes: int = Field(
         default=4 * MAX_NOTIFY_BYTES,
         ge=0,
-        description="events waiting for the notifier carried inline at most; beyond it "
-        "(the notifier lags) their sessions are announced as advances and fetched",
+        description="bytes of events carried inline at most, per flush with "
+        "notify_with_insert, else of what waits for the notifier (it lags); the sessions "
+        "beyond it are announced as advances and fetched",
+    )
+    notify_with_insert: bool = Field(
+        default=True,
+        description="send a flush's notification with its insert, in the same statement "
+        "and transaction (Postgres: pg_notify in the append; SQLite: in process right after "
+        "the commit, skipped while nothing in the process listens), instead of from the "
+        "separate notifier task, one round trip per payload (off: the previous path)",
     )
     channel: str = "asyncstore_stream"
 
@@ -273,6 +288,10 @@ class StreamEventWriter:
         self.storage = storage
         self.hub = hub
         self.config = config or StreamConfig()
+        if self.config.notify and self.config.notify_with_insert and self.config.batching:
+            # The trusted append sends it unchecked, in the same transaction as the rows: a
+            # bad name must fail here, not every flush.
+            check_channel(self.config.channel)
         self._sessions: dict[str, _Session] = {}
         self._kinds: set[str] = set()
         self._writer: BatchWriter[StreamRow] | None = None
@@ -353,24 +372,28 @@ class StreamEventWriter:
                 await self._notes_wake.wait()
                 self._notes_wake = anyio.Event()
                 continue
-            notes, self._notes = self._notes, {}
-            self._inline_bytes = 0
-            payloads = encode_stream_notes(
-                [seg for sid, note in notes.items() for seg in note.segments(sid)]
-            )
-            for payload in payloads:
-                for attempt in range(3):
-                    try:
-                        await self.storage.notify(self.config.channel, payload)
-                    except Exception as exc:
-                        if attempt == 2:
-                            self._notify_failures += 1
-                            log.warning("stream notification failed, not retried: %r", exc)
-                        else:
-                            await anyio.sleep(_NOTIFY_RETRY.delay(attempt + 1))
-                        continue
-                    self._notifications += 1
-                    break
+            await self._send_notes()
+
+    async def _send_notes(self) -> None:
+        """Send what the notes hold, then forget them (a failed send is retried, counted)."""
+        notes, self._notes = self._notes, {}
+        self._inline_bytes = 0
+        payloads = encode_stream_notes(
+            [seg for sid, note in notes.items() for seg in note.segments(sid)]
+        )
+        for payload in payloads:
+            for attempt in range(3):
+                try:
+                    await self.storage.notify(self.config.channel, payload)
+                except Exception as exc:
+                    if attempt == 2:
+                        self._notify_failures += 1
+                        log.warning("stream notification failed, not retried: %r", exc)
+                    else:
+                        await anyio.sleep(_NOTIFY_RETRY.delay(attempt + 1))
+                    continue
+                self._notifications += 1
+                break
 
     # -- sessions ------------------------------------------------------------------------
 
@@ -554,12 +577,24 @@ class StreamEventWriter:
 
     async def _persist(self, batch: Batch[StreamRow]) -> None:
         stamp = time.time_ns() // 1000  # ~ the database's now() for these rows
-        # Trusted: every row was built and checked by emit_nowait (see its docstring).
-        result = await self.storage._append_stream_rows(batch.items)
+        cfg = self.config
+        notify = cfg.notify
+        with_insert = notify and cfg.notify_with_insert
+        payloads: list[str] | None = None
+        if with_insert and self.storage._notify_listened(cfg.channel):
+            payloads = self._batch_payloads(batch, stamp)
+        # Trusted: every row was built and checked by emit_nowait (see its docstring). With
+        # ``payloads``, the storage sends them in the insert's transaction unless the fence
+        # refused any of the batch's events.
+        result = await self.storage._append_stream_rows(
+            batch.items, notify=(cfg.channel, payloads) if payloads else None
+        )
         refused = result.refused
         if refused:
             self._note_refused(result, batch.items)
-        notify = self.config.notify
+        elif payloads:
+            self._notifications += len(payloads)
+        announce = notify and (refused or not with_insert)
         for key, events in batch.groups.items():
             session_id = str(key)
             self._settled(session_id, events[-1][1])
@@ -568,13 +603,52 @@ class StreamEventWriter:
                 events = [e for e in events if (session_id, e[2]) not in refused]
                 if not events:
                     continue
-            if notify:
+            if announce:
                 self._announce(session_id, events, stamp)
         self._persisted += len(batch.items)
-        if notify:
-            # At most one notification per flush, sent by the notifier (never per event:
-            # Postgres serializes committing NOTIFY transactions on one lock).
-            self._notes_wake.set()
+        if announce:
+            if with_insert:
+                # The insert sent nothing (the fence refused some events): announce what it
+                # stored now, before the next flush's notification, so receivers see each
+                # session's seqs in order.
+                await self._send_notes()
+            else:
+                # At most one notification per flush, sent by the notifier (never per
+                # event: Postgres serializes committing NOTIFY transactions on one lock).
+                self._notes_wake.set()
+
+    def _batch_payloads(self, batch: Batch[StreamRow], stamp: int) -> list[str]:
+        """The notification payloads announcing every event of ``batch`` as stored, their
+        events inline while they fit ``notify_inline_max_bytes`` (then the advance alone)."""
+        inline = self.config.notify_inline
+        left = self.config.notify_inline_max_bytes
+        # Sizes as _announce counts them (8 bytes a row, kind and payload); a kind is at
+        # most 64 characters, so a batch under this bound fits whole without counting.
+        count = inline and batch.nbytes + 73 * len(batch.items) > left
+        segments: list[NoteSegment] = []
+        for key, events in batch.groups.items():
+            session_id = str(key)
+            first, last = events[0][1], events[-1][1]
+            epoch = events[-1][2]
+            carry = inline
+            if count:
+                size = 8 * len(events)
+                for row in events:
+                    size += len(row[3]) + len(row[4])
+                carry = size <= left
+                if carry:
+                    left -= size
+            if not carry:
+                segments.append(NoteSegment(session_id, epoch, first, last))
+            elif last - first == len(events) - 1 and events[0][2] == epoch:
+                # One run of contiguous seqs in one epoch: the usual case.
+                runs = [r[3:] for r in events]  # (kind, payload) of each row
+                segments.append(NoteSegment(session_id, epoch, first, last, stamp, runs))
+            else:
+                note = _Note(epoch, first, last, stamp, True)
+                note.events = events
+                segments.extend(note.segments(session_id))
+        return encode_stream_notes(segments)
 
     def _announce(self, session_id: str, events: list[StreamRow], stamp: int) -> None:
         """Queue stored events of a session for the notifier (inline while they fit)."""

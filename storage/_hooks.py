@@ -75,7 +75,9 @@ class DialectHooks(abc.ABC):
     async def _sql_delete_session(self, session_id: str) -> bool: ...
 
     @abc.abstractmethod
-    async def _sql_append_stream_events(self, rows: list[StreamRow]) -> StreamAppend: ...
+    async def _sql_append_stream_events(
+        self, rows: list[StreamRow], notify: tuple[str, Sequence[str]] | None = None
+    ) -> StreamAppend: ...
 
     @abc.abstractmethod
     async def _sql_load_stream_events(

@@ -124,6 +124,10 @@ class NotificationHub:
     def channels(self) -> list[str]:
         return list(self._by_channel)
 
+    def has_subscribers(self, channel: str) -> bool:
+        """Whether a live subscription listens to ``channel``."""
+        return channel in self._by_channel
+
     def deliver(self, channel: str, payload: str) -> None:
         self.received += 1
         subs = self._by_channel.get(channel)

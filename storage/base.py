@@ -410,7 +410,9 @@ class AsyncStorageBackend(DialectHooks):
         return await self._sql_append_stream_events(rows)
 
     @_observed_as("append_stream_events")
-    async def _append_stream_rows(self, rows: list[StreamRow]) -> StreamAppend:
+    async def _append_stream_rows(
+        self, rows: list[StreamRow], notify: tuple[str, Sequence[str]] | None = None
+    ) -> StreamAppend:
         """``append_stream_events`` for rows the stream writer built: trusted, not re-checked.
 
         The same statement, fence and idempotency as the public call, without validating
@@ -423,10 +425,24 @@ class AsyncStorageBackend(DialectHooks):
         ``encode_json``, and no ``(session_id, seq)`` appears twice in one call. Timed as
         ``append_stream_events`` in ``statistics().durations``. Anything else must call
         ``append_stream_events``.
+
+        ``notify``: ``(channel, payloads)``, the writer's notification of these rows, sent
+        with them only if the fence refuses none of them (else nothing is sent and the
+        caller announces what was stored): on Postgres by ``pg_notify`` in the append
+        statement (delivered on commit, never without the rows), on SQLite in process
+        right after the commit. The channel is one ``notify()`` accepts and each payload
+        at most ``MAX_NOTIFY_BYTES``; they are not checked again.
         """
         if not rows:
             return StreamAppend(0)
-        return await self._sql_append_stream_events(rows)
+        return await self._sql_append_stream_events(rows, notify)
+
+    def _notify_listened(self, channel: str) -> bool:
+        """Whether a notification on ``channel`` may reach anyone: on Postgres always
+        (other processes may listen); on SQLite, whether a subscription of this process
+        listens to it (its notifications reach nobody else), so the writer can skip
+        encoding notifications nobody receives."""
+        return True
 
     @operation
     async def load_stream_events(

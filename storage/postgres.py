@@ -296,10 +296,14 @@ class PostgresBackend(PgPartitions, PgListening):
     # -- stream events ---------------------------------------------------------
 
     async def _sql_append_stream_events(
-        self, rows: list[tuple[str, int, int, str, bytes]]
+        self,
+        rows: list[tuple[str, int, int, str, bytes]],
+        notify: tuple[str, Sequence[str]] | None = None,
     ) -> StreamAppend:
         columns = [list(col) for col in zip(*rows, strict=True)]
-        row = (await self._fetch("append_stream_events", *columns))[0]
+        # The notification rides in the statement ($6, $7): sent only if nothing is refused.
+        channel, payloads = notify if notify is not None else ("", ())
+        row = (await self._fetch("append_stream_events", *columns, channel, payloads))[0]
         ids, epochs = row["refused_ids"], row["refused_epochs"]
         refused = frozenset(zip(ids, epochs, strict=True)) if ids else frozenset()
         return StreamAppend(int(row["stored"]), refused)

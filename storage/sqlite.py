@@ -262,7 +262,9 @@ class SqliteBackend(SqliteLeases, SqliteJobs):
 
     # -- stream events ---------------------------------------------------------
 
-    async def _sql_append_stream_events(self, rows: list[StreamRow]) -> StreamAppend:
+    async def _sql_append_stream_events(
+        self, rows: list[StreamRow], notify: tuple[str, Sequence[str]] | None = None
+    ) -> StreamAppend:
         now = time.time()
         ids = orjson.dumps(sorted({row[0] for row in rows})).decode()
         fence_sql, insert_sql = Q["_stream_fence"], Q["append_stream_events"]
@@ -303,7 +305,17 @@ class SqliteBackend(SqliteLeases, SqliteJobs):
             # Shielded like _transaction: the thread runs the call to its end regardless.
             with anyio.CancelScope(shield=True):
                 result = await _on_writer_thread(self._conn, append)
+                if notify is not None and not result.refused:
+                    # The writer's notification, in process, once committed (as notify()).
+                    channel, payloads = notify
+                    hubs = list(_HUBS.get(self._hub_key, ()))
+                    for payload in payloads:
+                        for hub in hubs:
+                            hub.deliver(channel, payload)
         return result
+
+    def _notify_listened(self, channel: str) -> bool:
+        return any(hub.has_subscribers(channel) for hub in _HUBS.get(self._hub_key, ()))
 
     async def _sql_load_stream_events(
         self, session_id: str, after_seq: int, limit: int

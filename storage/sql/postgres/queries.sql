@@ -66,7 +66,10 @@ SELECT (SELECT count(*) FROM m) + (SELECT count(*) FROM s) + (SELECT count(*) FR
 -- only if it is no older than the epoch of the session's last stored event (read through
 -- the primary key, newest seq first). Accepted events replace a stored event only of an
 -- older epoch (a superseded holder's seqs); the same epoch is a retry and is skipped.
--- Returns the count written and the refused (session, epoch) pairs.
+-- $6 a channel and $7 notification payloads (empty: none), sent in order with the insert
+-- (delivered on commit) only if no pair is refused: the stream writer's notification of the
+-- flush, one round trip with its rows. Returns the count written, the refused (session,
+-- epoch) pairs and how many payloads were sent.
 WITH e AS (
     SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[], $5::json[])
         AS e(session_id, seq, epoch, kind, payload)
@@ -95,10 +98,15 @@ WITH e AS (
 ), refused AS (
     SELECT f.session_id, f.epoch FROM f
     WHERE NOT EXISTS (SELECT 1 FROM ok WHERE ok.session_id = f.session_id AND ok.epoch = f.epoch)
+), sent AS (
+    SELECT pg_notify($6, n.payload) FROM unnest($7::text[]) WITH ORDINALITY AS n(payload, i)
+    WHERE NOT EXISTS (SELECT 1 FROM refused)
+    ORDER BY n.i
 )
 SELECT (SELECT count(*) FROM ins) AS stored,
        (SELECT array_agg(session_id ORDER BY session_id, epoch) FROM refused) AS refused_ids,
-       (SELECT array_agg(epoch ORDER BY session_id, epoch) FROM refused) AS refused_epochs;
+       (SELECT array_agg(epoch ORDER BY session_id, epoch) FROM refused) AS refused_epochs,
+       (SELECT count(*) FROM sent) AS notified;
 
 -- name: load_stream_events
 SELECT session_id, epoch, seq, kind, payload, created_at FROM stream_events
@@ -897,6 +905,7 @@ WHERE updated_at < extract(epoch FROM statement_timestamp()) - $1
 -- UPDATE returns the anchor a concurrent first append committed: every writer of a session
 -- uses one started_at, so the key (session_id, seq, started_at) is as unique as
 -- (session_id, seq)). Events carry their session's started_at: one partition per session.
+-- $6, $7: the notification sent with the insert, as in append_stream_events.
 WITH e AS (
     SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[], $5::json[])
         AS e(session_id, seq, epoch, kind, payload)
@@ -940,10 +949,15 @@ WITH e AS (
 ), refused AS (
     SELECT f.session_id, f.epoch FROM f
     WHERE NOT EXISTS (SELECT 1 FROM ok WHERE ok.session_id = f.session_id AND ok.epoch = f.epoch)
+), sent AS (
+    SELECT pg_notify($6, n.payload) FROM unnest($7::text[]) WITH ORDINALITY AS n(payload, i)
+    WHERE NOT EXISTS (SELECT 1 FROM refused)
+    ORDER BY n.i
 )
 SELECT (SELECT count(*) FROM ins) AS stored,
        (SELECT array_agg(session_id ORDER BY session_id, epoch) FROM refused) AS refused_ids,
-       (SELECT array_agg(epoch ORDER BY session_id, epoch) FROM refused) AS refused_epochs;
+       (SELECT array_agg(epoch ORDER BY session_id, epoch) FROM refused) AS refused_epochs,
+       (SELECT count(*) FROM sent) AS notified;
 
 -- name: _p_load_stream_events
 -- The anchor's started_at prunes the scan to the session's one partition.
