@@ -55,7 +55,6 @@ from asyncstore.storage import (
     Claim,
     InvalidInput,
     NewTask,
-    StorageError,
     Task,
 )
 from asyncstore.storage import TaskStatus as StoredStatus
