@@ -24,7 +24,7 @@ or fails it is written to the audit log (``operator_audit``, migration 0013) wit
 on what and how it ended. Answers: 200 done; 400 a malformed body or target; 401 a missing
 or wrong token; 403 read-only; 404 an unknown action; 409 ``ActionRefused`` (no such
 target, or not in a state the action applies to); 503 the database failed. Adding an
-action (``task.cancel`` once ``cancel_task`` exists) is one entry in ``ACTIONS``.
+action is one entry in ``ACTIONS`` (``task.cancel`` is ``cancel_task``).
 """
 
 from __future__ import annotations
@@ -67,6 +67,7 @@ from asyncstore.storage import (
 )
 from asyncstore.storage._validate import check_id, check_int, check_name
 from asyncstore.storage.errors import InvalidArgument
+from asyncstore.storage.task_cancel import TaskCancelOutcome
 
 __all__ = ["ACTIONS", "Action", "Dashboard", "DashboardStatistics"]
 
@@ -149,12 +150,24 @@ async def _resend_webhook(storage: AsyncStorageBackend, webhook_id: str) -> dict
     return {"webhook_id": webhook_id, "outbox_row": row}
 
 
+async def _cancel_task(storage: AsyncStorageBackend, task_id: int) -> dict[str, Any]:
+    """Cancel a queued or running task from the page (``cancel_task``: a running task's
+    worker is notified and cancels its handler); a task that already ended is refused."""
+    answer = await storage.cancel_task(task_id, "cancelled by an operator")
+    if answer.outcome is TaskCancelOutcome.NOT_FOUND:
+        raise ActionRefused(f"there is no task {task_id}")
+    if answer.outcome is not TaskCancelOutcome.CANCELLED:
+        state = answer.status.value if answer.status is not None else "gone"
+        raise ActionRefused(f"task {task_id} had already ended ({state})")
+    cancelled = TaskStatus.CANCELLED.value
+    return {"task": task_id, "status": cancelled, "was_running": answer.was_running}
+
+
 ACTIONS: Mapping[str, Action] = {
     "task.retry": Action("Retry", "task:dead", _task_id, _retry_task),
     "task.redrive": Action("Redrive", "task:dead", _task_id, _redrive_task),
     "webhook.resend": Action("Resend", "webhook", _webhook_id, _resend_webhook),
-    # "task.cancel": Action("Cancel", "task:running", _task_id, <storage.cancel_task>),
-    # lands with the cancel branch (issue 19, "Cancelling a task from anywhere").
+    "task.cancel": Action("Cancel", "task:running", _task_id, _cancel_task),
 }
 """The actions the dashboard offers, by name (the URL's last segment)."""
 

@@ -406,3 +406,26 @@ def test_cli_serves_the_dashboard_and_stops_on_sigterm(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
         proc.wait(timeout=10)
+
+
+async def test_cancel_ends_a_running_task_and_refuses_a_finished_one(
+    storage: AsyncStorageBackend,
+) -> None:
+    (task,) = await storage.enqueue_tasks([NewTask("jobs", {"do": "y"})])
+    (claimed,) = await storage.claim_tasks("jobs", "w-1", limit=1, lease_s=30)
+    assert claimed.id == task.id
+    async with serve(storage) as s:
+        state = (await s.client.get("/api/state")).json()
+        assert [t["id"] for t in state["tasks"]["running"]] == [task.id]
+        status, body = await _post(s, "task.cancel", {"target": task.id, "confirm": True})
+        assert status == 200 and body["ok"] is True
+        assert body["result"] == {"task": task.id, "status": "cancelled", "was_running": True}
+        stored = await storage.get_task(task.id)
+        assert stored is not None and stored.status is TaskStatus.CANCELLED
+        # Again: the task already ended, so the action is refused (409) and audited.
+        status, body = await _post(s, "task.cancel", {"target": task.id, "confirm": True})
+        assert status == 409 and "already ended" in body["error"]
+        status, body = await _post(s, "task.cancel", {"target": 10**9, "confirm": True})
+        assert status == 409 and "no task" in body["error"]
+    outcomes = [(e.action, e.outcome.split(":")[0]) for e in await storage.list_audit()]
+    assert outcomes == [("task.cancel", "refused")] * 2 + [("task.cancel", "done")]
