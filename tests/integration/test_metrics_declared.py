@@ -37,6 +37,7 @@ NEW_FAMILIES = {
     "asyncstore_auth_limiter_in_flight",
     "asyncstore_auth_logins_allowed",
     "asyncstore_queue_cancel_notifications",
+    "asyncstore_queue_held_back",
     "asyncstore_storage_query_duration_seconds",
     "asyncstore_storage_slow_queries",
     "asyncstore_storage_slow_query_threshold_seconds",
@@ -148,9 +149,7 @@ async def test_every_declared_family_is_exported_from_the_first_scrape(storage_u
                 continue  # exported only where it applies (documented in ``where``)
             name = f"{ns}_{family.name}"
             series = [
-                lbl
-                for lbl, _ in first.get(name, [])
-                if source == "" or lbl.get("source") == source
+                lbl for lbl, _ in first.get(name, []) if source == "" or lbl.get("source") == source
             ]
             if not series:
                 missing.append((source, family.name))
