@@ -140,7 +140,7 @@ async def test_page_and_state_show_real_data(storage: AsyncStorageBackend) -> No
     assert state["subscribers_known"] is False and state["sessions"][0]["subscribers"] is None
     flags = {f["name"]: f["value"] for f in state["flags"]}
     assert flags["lock"] == "100%" and flags["queue"] == "claim"
-    assert set(state["actions"]) == {"task.retry", "task.redrive", "webhook.resend"}
+    assert set(state["actions"]) == {"task.retry", "task.redrive", "task.cancel", "webhook.resend"}
 
 
 async def _next_state(lines: AsyncIterator[str]) -> dict[str, Any]:
