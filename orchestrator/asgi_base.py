@@ -276,6 +276,22 @@ class StreamsBase:
             raise _Refused(403, "not authorized for this session")
         return session_id
 
+    def _open_stream(
+        self, conn: _Connection, after: Position | None, transport: Literal["sse", "ws"]
+    ) -> tuple[Position | None, _Items]:
+        """Subscribe an admitted connection and register it as open (both transports):
+        its start position and its items."""
+        start = self._start(after)
+        items = self._subscribe(conn.session_id, start)
+        self._open[conn] = transport
+        if self._closing:
+            # close() ran while this request was being admitted: it did not see us.
+            conn.end("shutdown:server shutting down")
+        self._count("accepted")
+        if after is not None:
+            self._count("resumed")
+        return start, items
+
     def _start(self, after: Position | None) -> Position | None:
         if after is None and self.config.start == "beginning":
             return (0, 0)

@@ -67,15 +67,7 @@ class SSEEndpoints(StreamsBase):
         self, session_id: str, after: Position | None, receive: Receive, send: Send
     ) -> None:
         conn = _Connection(session_id)
-        start = self._start(after)
-        items = self._subscribe(session_id, start)
-        self._open[conn] = "sse"
-        if self._closing:
-            # close() ran while this request was being admitted: it did not see us.
-            conn.end("shutdown:server shutting down")
-        self._count("accepted")
-        if after is not None:
-            self._count("resumed")
+        start, items = self._open_stream(conn, after, "sse")
         try:
             async with anyio.create_task_group() as tg:
                 conn.handler_scope = tg.cancel_scope

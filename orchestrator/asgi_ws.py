@@ -68,15 +68,7 @@ class WebSocketEndpoints(StreamsBase):
             return
         except (WebSocketDisconnect, OSError):
             return  # the client left before subscribing: nothing was opened
-        start = self._start(after)
-        items = self._subscribe(session_id, start)
-        self._open[conn] = "ws"
-        if self._closing:
-            # close() ran while this request was being admitted: it did not see us.
-            conn.end("shutdown:server shutting down")
-        self._count("accepted")
-        if after is not None:
-            self._count("resumed")
+        start, items = self._open_stream(conn, after, "ws")
         # Uncontended (the usual case) a fast lock does not yield: one task switch less per
         # batch. The legacy path keeps its lock as it was.
         lock = anyio.Lock(fast_acquire=self.config.ws_send != "per_frame")
