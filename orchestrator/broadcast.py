@@ -419,9 +419,15 @@ class BroadcastHub:
                     taken += self._publish(ring, row, len(orjson.dumps(row.payload)), True)
                 if rows and not taken:
                     # Nothing here continues the ring (rows of a superseded epoch, or seqs
-                    # it holds): reading again would bring the same rows forever.
+                    # it holds: a start hint set while the head was unknown can lag behind
+                    # what the previous read published). Reading from the same point again
+                    # would bring the same rows forever; but a notification that arrived
+                    # during the read (``refetch``) announced rows past them: read on from
+                    # the ring's head, or that notification is lost.
                     self._count(self._dropped, "fetch_untaken")
-                    return
+                    if not ring.refetch:
+                        return
+                    continue
                 if not rows and not ring.refetch:
                     # Nothing more is stored yet. A notification that arrived during the
                     # read set ``refetch``: its rows may have committed after the read.
