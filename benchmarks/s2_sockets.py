@@ -830,6 +830,57 @@ async def run_cases(
     return out
 
 
+HELD_P99_MS = 1000.0  # a size is held when everything arrives in time, p99 within this
+HELD_FRACTIONS = (1.0, 0.8, 0.6, 0.4, 0.3, 0.2, 0.1)  # of the case's size, largest first
+
+
+def held(figures: dict[str, list[float]]) -> bool:
+    """Whether one run held its size: every delivery in time, no client error, p99 bound."""
+    return (
+        not figures.get("failed_runs")
+        and bool(figures.get("p99_ms"))
+        and max(figures["undelivered"]) == 0
+        and max(figures["client_errors"]) == 0
+        and max(figures["p99_ms"]) <= HELD_P99_MS
+    )
+
+
+async def find_held(
+    url: str,
+    case: S2Case,
+    cases: Sequence[str],
+    tick: Callable[[str], None] = lambda label: None,
+    errors: list[str] | None = None,
+) -> dict[str, dict[str, float]]:
+    """The largest size each case holds (``held``), searched by bisection over
+    ``HELD_FRACTIONS`` of ``case`` (subscribers per stream kept), one run per probe; a case
+    that holds none of them is absent. Assumes a size held implies every smaller one is."""
+    found: dict[str, dict[str, float]] = {}
+    for name in cases:
+        lo, hi = 0, len(HELD_FRACTIONS)  # the answer's index is in [lo, hi); hi: none held
+        best: dict[str, float] | None = None
+        while lo < hi:
+            mid = (lo + hi) // 2
+            subscribers = max(2, round(case.subscribers * HELD_FRACTIONS[mid]))
+            streams = max(1, round(case.streams * HELD_FRACTIONS[mid]))
+            probe = S2Case(streams, subscribers, case.events, case.clients, case.rate)
+            figures = (await run_cases(url, probe, [name], 1, tick, errors))[name]
+            if held(figures):
+                best = {
+                    "subscribers": float(subscribers),
+                    "streams": float(streams),
+                    "offered_per_s": subscribers * case.rate,
+                    "deliveries_per_s": figures["deliveries_per_s"][0],
+                    "p99_ms": figures["p99_ms"][0],
+                }
+                hi = mid  # held: look at larger sizes (smaller indexes)
+            else:
+                lo = mid + 1
+        if best is not None:
+            found[name] = best
+    return found
+
+
 def notes(case: S2Case, url: str, repeats: int) -> list[str]:
     """What the S2 table's figures are, for the suite's notes."""
     out = [
@@ -886,6 +937,18 @@ def extra_rows(res: dict[str, Any]) -> list[tuple[str, str, str, str, str, str]]
                 "met" if cpu < 90 else "NOT met",
             )
         )
+    if "held" in res:
+        sizes = res["held"]
+        rows.append(
+            (
+                f"largest size held (all in time, p99 <= {HELD_P99_MS:,.0f} ms)",
+                held_text(sizes.get("library")),
+                "bare " + held_text(sizes.get("bare")),
+                "",
+                "seed: 3,000 on 500",
+                "",
+            )
+        )
     cross = res.get("cross") or {}
     if cross.get("deliveries_per_s"):
         for key, label, unit in (
@@ -916,6 +979,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=RATE)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument(
+        "--held",
+        action="store_true",
+        help="find the largest size (a fraction of the given one) each case holds",
+    )
     parser.add_argument("--serve", choices=("bare", "library"), help=argparse.SUPPRESS)
     parser.add_argument("--ws-send", default="fanout", help=argparse.SUPPRESS)
     parser.add_argument("--sse-send", default="fanout", help=argparse.SUPPRESS)
@@ -931,6 +999,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         url = args.url or f"sqlite:///{Path(tmp) / 's2.db'}"
         case = S2Case(args.streams, args.subscribers, args.events, args.clients, args.rate)
+        if args.held:
+            found = anyio.run(find_held, url, case, args.cases.split(","), lambda n: None)
+            print(json.dumps(found))
+            for name in args.cases.split(","):
+                print(f"{name}: " + held_text(found.get(name)))
+            return 0
         out = anyio.run(
             run_cases, url, case, args.cases.split(","), args.repeats, lambda n: print(n, "done")
         )
@@ -938,6 +1012,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(name, json.dumps({k: [round(x, 2) for x in v] for k, v in figures.items()}))
     print(summary(out))
     return 0
+
+
+def held_text(size: dict[str, float] | None) -> str:
+    """One case's ``find_held`` answer in words."""
+    if size is None:
+        return f"none of the sizes searched (down to {HELD_FRACTIONS[-1]:.0%})"
+    return (
+        f"{size['subscribers']:,.0f} subscribers on {size['streams']:,.0f} streams "
+        f"({size['offered_per_s']:,.0f}/s offered, p99 {size['p99_ms']:,.0f} ms)"
+    )
 
 
 def summary(out: dict[str, dict[str, list[float]]]) -> str:

@@ -237,6 +237,13 @@ async def _s2(url: str, sizes: Sizes, progress: Any) -> dict[str, Any]:
         errors,
     )
     bar.done()
+    if sizes.s2_held:
+        # The seed's size is more than this machine holds: how far down each one holds.
+        probes = _Bar(progress, "S2 held", 2 * len(s2_sockets.HELD_FRACTIONS).bit_length())
+        res["held"] = await s2_sockets.find_held(
+            url, case, ["bare", "library"], lambda done: probes.next(f"S2 held {done}"), errors
+        )
+        probes.done()
     res["figures"]["optimized"] = out["library"]
     res["figures"]["legacy"] = out["legacy"]
     res["ceiling"] = out.get("bare", {})
@@ -795,6 +802,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sizes = Sizes.for_mode(args.full, args.scale)
     console = Console(width=None if sys.stdout.isatty() else 150)
     started = time.perf_counter()
+    ticks = _common.cpu_ticks()
     with (
         tempfile.TemporaryDirectory(prefix="asyncstore-suite-") as tmp,
         Progress(
@@ -816,12 +824,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     plot_path = args.plot or Path(DEFAULT_PLOT)
     plot(results, plot_path, title)
     elapsed = time.perf_counter() - started
+    shares = _common.cpu_shares(ticks, _common.cpu_ticks())
     console.print(f"plot: {plot_path}   ({elapsed:.0f} s)")
+    if shares:
+        # Niced background jobs (``nice -n 19``) yield the cores to the suite; their share
+        # says how much CPU the suite left unused or could not take.
+        console.print(
+            f"machine CPU over the run: {shares['busy']:.0%} busy, of which niced "
+            f"background {shares['nice']:.0%}; load average now {_common.load_average() or 0:.1f}"
+        )
     if args.json:
         env = _common.environment()
         env.update(
             memory_mb=_common.memory_mb(),
             load_average=_common.load_average(),
+            cpu_shares=shares,
             peers={p: _common.version(p) for p in PEERS},
             rich=_common.version("rich"),
             matplotlib=_common.version("matplotlib"),
