@@ -12,8 +12,10 @@ The suite's S2. Servers run in their own processes on uvicorn (127.0.0.1):
 
 Subscribers are client processes (``--client``), asyncio with the ``websockets`` package
 (a tenth of them raw-socket SSE readers), each checking that it sees every seq once and
-in order, and measuring the delivery latency: the producer's wall clock travels in the
-event, the client compares it with its own on receipt (one machine, one clock). Figures
+in order, and measuring the delivery latency: the time the token was due on the producer's
+schedule (20/s from the start) travels in the event, the client compares it with its own
+clock on receipt (one machine, one clock), so a producer that falls behind its schedule
+counts in the latency as a late delivery does. Figures
 per case: deliveries/s, p50/p99 latency, server CPU per delivery, the clients' busiest
 process CPU (the load generator must not be the bottleneck), live database reads, RSS per
 connection, and the exactness violations.
@@ -161,9 +163,11 @@ def _bare_app() -> Any:
         return _SSE(request.path_params["session_id"])
 
     go = asyncio.Event()
+    go_at = [0.0]
 
     async def produce(sid: str, events: int, rate: float, offset: float) -> None:
         await go.wait()
+        due = go_at[0] + offset  # wall-clock time the first token is due
         await asyncio.sleep(offset)
         start = time.monotonic()
         created = datetime.now(UTC).isoformat()
@@ -175,7 +179,7 @@ def _bare_app() -> Any:
                 "epoch": 1,
                 "seq": seq,
                 "kind": "delta",
-                "payload": {"t": time.time()},
+                "payload": {"t": due + (seq - 1) / rate},
                 "created_at": created,
             }
             text = orjson.dumps(event).decode()
@@ -196,6 +200,7 @@ def _bare_app() -> Any:
         return JSONResponse({"started": len(body["sessions"])})
 
     async def start_go(request: Request) -> Response:
+        go_at[0] = time.time()
         go.set()
         return JSONResponse({})
 
@@ -260,10 +265,11 @@ def _library_app(url: str, ws_send: str = "fanout", sse_send: str = "fanout") ->
         async with rt.turn(sid) as t:
             ready()
             await state["go"].wait()
+            due = state["go_at"] + offset  # wall-clock time the first token is due
             await anyio.sleep(offset)
             start = time.monotonic()
             for i in range(events):
-                await t.emit("delta", {"t": time.time()})
+                await t.emit("delta", {"t": due + i / rate})
                 await anyio.sleep(max(0.0, start + (i + 1) / rate - time.monotonic()))
             # Closing the turn (final flush, lease release) waits for /finish: the measured
             # window is the streaming, as opening the turns and the connections is not.
@@ -298,6 +304,7 @@ def _library_app(url: str, ws_send: str = "fanout", sse_send: str = "fanout") ->
         return JSONResponse({"started": len(sessions)})
 
     async def go(request: Request) -> Response:
+        state["go_at"] = time.time()
         state["go"].set()
         return JSONResponse({})
 
