@@ -21,6 +21,7 @@ from pathlib import Path
 import anyio
 import anyio.abc
 
+from asyncstore.orchestrator._runtime import Runtime
 from asyncstore.orchestrator.backlog import open_backlog_monitor
 from asyncstore.orchestrator.broadcast import (
     BroadcastHub,
@@ -46,7 +47,7 @@ from asyncstore.orchestrator.metrics import open_loop_lag_monitor, open_pool_pro
 from asyncstore.orchestrator.outbox import Sender
 from asyncstore.orchestrator.periodic import Periodic, open_periodic
 from asyncstore.orchestrator.queue import Handler
-from asyncstore.orchestrator.runtime import Runtime, RuntimeReport
+from asyncstore.orchestrator.runtime_report import RuntimeReport
 from asyncstore.orchestrator.streams import (
     open_stream_writer,
 )
