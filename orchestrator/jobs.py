@@ -22,7 +22,6 @@ import abc
 import heapq
 import logging
 import math
-import random
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
@@ -39,7 +38,7 @@ from asyncstore.orchestrator.consumer_spec import (
     OutcomeKind,
     first_of,
 )
-from asyncstore.orchestrator.timing import SYSTEM_CLOCK, Clock
+from asyncstore.orchestrator.timing import SYSTEM_CLOCK, Clock, jittered
 from asyncstore.storage import AsyncStorageBackend, Claim, Failure, StorageError
 from asyncstore.storage.errors import UsageError, is_retryable
 
@@ -258,7 +257,7 @@ class JobConsumer(abc.ABC, Generic[J]):
             self._horizon = math.inf
         elif self._clock.monotonic() >= self._horizon:
             await self._read_horizon(self._spec.next_due)
-        timeout = self._spec.fallback_poll_s * random.uniform(0.5, 1.5)
+        timeout = jittered(self._spec.fallback_poll_s, 0.5)
         deadline = min(self._clock.monotonic() + timeout, self._horizon)
         while True:
             now = self._clock.time()
