@@ -395,6 +395,7 @@ class Runtime:
             templates=self.settings.outbox.templates,
             config=cfg,
             relay_id=f"{self._instance_id()}:relay",
+            clock=self._clock,
         )
 
     def _instance_id(self) -> str:

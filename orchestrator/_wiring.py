@@ -119,8 +119,8 @@ async def open_runtime(
 
     ``clock`` is what the runtime's timing reads (the shutdown grace, the bound on a turn's
     end) and what it hands to the components that take one (cancel registries, session
-    limiters, webhooks, maintenance): ``SYSTEM_CLOCK`` in production, a ``ManualClock`` in
-    tests. Database time (lease expiry, ``retry_at``) stays the database's.
+    limiters, webhooks, maintenance, the outbox relay): ``SYSTEM_CLOCK`` in production, a
+    ``ManualClock`` in tests. Database time (lease expiry, ``retry_at``) stays the database's.
     """
     from asyncstore.orchestrator.config import config_path
 
