@@ -324,6 +324,7 @@ def serve(url: str, host: str, port: int, token_delay_s: float) -> None:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
+    sock.listen(2048)  # from here connections queue until the app serves them
     bound = sock.getsockname()[1]
     print(f"open http://{host}:{bound}/", flush=True)
     config = uvicorn.Config(chat.app, log_level="warning", lifespan="on")

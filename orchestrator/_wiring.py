@@ -21,6 +21,7 @@ from pathlib import Path
 import anyio
 import anyio.abc
 
+from asyncstore.orchestrator._runtime import Runtime
 from asyncstore.orchestrator.backlog import open_backlog_monitor
 from asyncstore.orchestrator.broadcast import (
     BroadcastHub,
@@ -46,7 +47,7 @@ from asyncstore.orchestrator.metrics import open_loop_lag_monitor, open_pool_pro
 from asyncstore.orchestrator.outbox import Sender
 from asyncstore.orchestrator.periodic import Periodic, open_periodic
 from asyncstore.orchestrator.queue import Handler
-from asyncstore.orchestrator.runtime import Runtime, RuntimeReport
+from asyncstore.orchestrator.runtime_report import RuntimeReport
 from asyncstore.orchestrator.streams import (
     open_stream_writer,
 )
@@ -118,8 +119,8 @@ async def open_runtime(
 
     ``clock`` is what the runtime's timing reads (the shutdown grace, the bound on a turn's
     end) and what it hands to the components that take one (cancel registries, session
-    limiters, webhooks, maintenance): ``SYSTEM_CLOCK`` in production, a ``ManualClock`` in
-    tests. Database time (lease expiry, ``retry_at``) stays the database's.
+    limiters, webhooks, maintenance, the outbox relay): ``SYSTEM_CLOCK`` in production, a
+    ``ManualClock`` in tests. Database time (lease expiry, ``retry_at``) stays the database's.
     """
     from asyncstore.orchestrator.config import config_path
 

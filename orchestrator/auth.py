@@ -9,7 +9,8 @@ counts in this process (sliding window); its ``storage`` mode counts in the data
 sharing one Postgres (or the processes of one host sharing one SQLite file) share one count.
 Password hashing (``PasswordHasher``, off the event loop) lives in ``orchestrator.passwords``
 and the errors in ``orchestrator.errors``; both are re-exported here, the auth module's
-public surface.
+public surface. The limiter's settings, statistics and ``LoginAttempt`` live in
+``orchestrator.login_types``, re-exported here too.
 
     AuthError (OrchestratorError; defined in ``orchestrator.errors``)
     ├── InvalidHash          the stored hash is not an argon2 hash this library can read
@@ -22,14 +23,11 @@ from __future__ import annotations
 
 import math
 import time
-from collections import OrderedDict, deque
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections import OrderedDict
+from collections.abc import Callable
 from types import MappingProxyType
-from typing import ClassVar, Literal
 
 import anyio
-from pydantic import BaseModel, ConfigDict, Field
 
 from asyncstore.orchestrator.errors import (
     AuthError,
@@ -38,14 +36,21 @@ from asyncstore.orchestrator.errors import (
     LoginLocked,
     PasswordTooLong,
 )
+from asyncstore.orchestrator.login_types import (  # re-exported: their historical home
+    AttemptLimiterConfig,
+    AttemptLimiterStatistics,
+    LoginAttempt,
+    Outcome,
+    Scope,
+    _Key,
+)
 from asyncstore.orchestrator.passwords import (
     HasherStatistics,
     PasswordHasher,
     PasswordHashingConfig,
     VerifyResult,
 )
-from asyncstore.storage.base import AsyncStorageBackend, LoginPolicy
-from asyncstore.storage.families import Family, MetricSink
+from asyncstore.storage.base import AsyncStorageBackend
 
 __all__ = [
     "AttemptLimiterConfig",
@@ -64,131 +69,7 @@ __all__ = [
     "check_login",
 ]
 
-Scope = Literal["account", "address"]
-Outcome = Literal["failure", "success", "release"]
 _BUSY_RETRY_S = 1.0  # attempts in flight end within one verification
-
-
-class AttemptLimiterConfig(BaseModel):
-    """Login throttling (``auth.attempts.*``): counting window, exponential lockout.
-
-    ``max_failures_per_account`` failures plus attempts in flight of one key within
-    ``window_s`` refuse further attempts, and the failure that reaches the limit locks the key
-    for ``lockout_base_s``; each further lockout of that key multiplies the time by
-    ``lockout_factor`` up to ``lockout_max_s``. A key's lockout growth is forgotten after
-    ``forget_after_s`` without a failure; a successful login resets its account (not its
-    address: one good account must not launder an address that sprays others).
-
-    ``mode``: ``memory`` (the default) counts in this process, in a sliding window, with at
-    most ``max_keys`` keys per scope (the least recently used go first); a fleet of N
-    processes then allows N times the attempts. ``storage`` counts in the storage backend's
-    ``login_attempts`` table, in fixed windows of ``window_s`` (so up to twice the limit
-    across a window boundary), shared by every process on that database: Postgres for a
-    fleet, SQLite for the processes of one host. Storage mode costs two short statements
-    before and two after each verification, and fails closed: if the database cannot be
-    reached, logins fail with the storage error instead of going uncounted.
-    """
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    enabled: bool = True
-    mode: Literal["memory", "storage"] = "memory"
-    window_s: float = Field(default=300.0, gt=0)
-    max_failures_per_account: int = Field(default=5, ge=1)
-    max_failures_per_address: int = Field(default=20, ge=1)
-    lockout_base_s: float = Field(default=30.0, gt=0)
-    lockout_factor: float = Field(default=2.0, ge=1)
-    lockout_max_s: float = Field(default=3600.0, gt=0)
-    forget_after_s: float = Field(default=86400.0, gt=0)
-    max_keys: int = Field(default=100_000, ge=1)
-
-    def policy(self, scope: Scope) -> LoginPolicy:
-        """The storage-mode limits of one scope."""
-        by_scope = {"account": self.max_failures_per_account}
-        return LoginPolicy(
-            limit=by_scope.get(scope, self.max_failures_per_address),
-            window_s=self.window_s,
-            lockout_base_s=self.lockout_base_s,
-            lockout_factor=self.lockout_factor,
-            lockout_max_s=self.lockout_max_s,
-            forget_after_s=self.forget_after_s,
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class AttemptLimiterStatistics:
-    accounts_tracked: int  # memory mode; 0 in storage mode (the table holds them)
-    addresses_tracked: int
-    allowed: int
-    rejected: Mapping[str, int]  # by scope: account, address
-    failures: int
-    successes: int
-    lockouts: Mapping[str, int]  # by scope (storage mode: the lockouts this process started)
-    evicted: int
-    in_flight: int  # attempts this process reserved and has not finished
-
-    METRIC_FAMILIES: ClassVar[tuple[Family, ...]] = (
-        Family("auth_limiter_keys", "gauge", "Tracked keys.", ("scope",)),
-        Family(
-            "auth_limiter_in_flight",
-            "gauge",
-            "Login attempts this process reserved and has not finished (verifying now).",
-        ),
-        Family(
-            "auth_logins_allowed", "counter", "Login attempts the limiter let through."
-        ),
-        Family("auth_logins_rejected", "counter", "Refused: locked out.", ("scope",)),
-        Family("auth_lockouts", "counter", "Lockouts started.", ("scope",)),
-        Family("auth_login_failures", "counter", "Failed logins."),
-        Family("auth_login_successes", "counter", "Successful logins."),
-        Family(
-            "auth_limiter_evicted",
-            "counter",
-            "Memory mode: tracked keys forgotten (idle, or beyond max_keys).",
-        ),
-    )
-
-    def export(self, out: MetricSink) -> None:
-        keys = {"account": self.accounts_tracked, "address": self.addresses_tracked}
-        out.samples("auth_limiter_keys", {}, keys)
-        out.sample("auth_limiter_in_flight", {}, self.in_flight)
-        out.sample("auth_logins_allowed", {}, self.allowed)
-        out.samples("auth_logins_rejected", {}, self.rejected)
-        out.samples("auth_lockouts", {}, self.lockouts)
-        out.sample("auth_login_failures", {}, self.failures)
-        out.sample("auth_login_successes", {}, self.successes)
-        out.sample("auth_limiter_evicted", {}, self.evicted)
-
-
-class _Key:
-    __slots__ = ("failures", "in_flight", "last_failure", "level", "locked_until")
-
-    def __init__(self) -> None:
-        self.failures: deque[float] = deque()
-        self.locked_until = 0.0
-        self.level = 0
-        self.last_failure = 0.0
-        self.in_flight = 0
-
-
-class LoginAttempt:
-    """A reserved login attempt (from ``LoginAttemptLimiter.reserve``); finish it once."""
-
-    __slots__ = ("_finished", "_states", "_windows", "account", "address")
-
-    def __init__(
-        self,
-        account: str,
-        address: str,
-        *,
-        states: tuple[_Key, _Key] | None = None,
-        windows: tuple[float, float] | None = None,
-    ) -> None:
-        self.account = account
-        self.address = address
-        self._states = states
-        self._windows = windows
-        self._finished = False
 
 
 class LoginAttemptLimiter:

@@ -10,105 +10,67 @@ database when the consumer can, or a rare jittered fallback poll), lease renewal
 outcomes written in batches by one ``BatchWriter`` (one statement per outcome kind, each
 effective only under the current claim), and the drain on exit. A consumer configures it
 with a ``ConsumerSpec`` and implements how much room it has (``_room``), what it does with
-claimed rows (``_dispatch``) and how it drains its own work (``_drain``).
+claimed rows (``_dispatch``) and how it drains its own work (``_drain``). The loop's
+timing (idle waits, the fallback poll, lease renewals, the horizon of the next due row)
+reads an injectable ``Clock`` (``clock=``), so tests drive it with ``ManualClock``. The
+spec and outcome types live in ``orchestrator.consumer_spec`` and are re-exported here.
 """
 
 from __future__ import annotations
 
 import abc
-import enum
 import heapq
 import logging
 import math
-import random
-import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
-from datetime import datetime
-from typing import Any, Generic, NamedTuple, Protocol, TypeVar
+from typing import Generic, TypeVar
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
 from asyncstore.orchestrator.batching import Batch, BatchWriter, DeadLetter, outcome_batches
-from asyncstore.orchestrator.timing import Backoff
+from asyncstore.orchestrator.consumer_spec import (
+    BUSY_RETRY,
+    STORAGE_RETRY,
+    Claimed,
+    ConsumerSpec,
+    Outcome,
+    OutcomeKind,
+    first_of,
+)
+from asyncstore.orchestrator.timing import SYSTEM_CLOCK, Clock, jittered
 from asyncstore.storage import AsyncStorageBackend, Claim, Failure, StorageError
-from asyncstore.storage.base import JobKind
 from asyncstore.storage.errors import UsageError, is_retryable
 
-__all__ = ["Claimed", "ConsumerSpec", "JobConsumer", "Outcome", "OutcomeKind", "first_of"]
-
-log = logging.getLogger("asyncstore.jobs")
-
-
-class Claimed(Protocol):
-    """A claimed row of any kind (``Task``, ``OutboxMessage``)."""
-
-    @property
-    def claim(self) -> Claim: ...
-
+__all__ = [
+    "BUSY_RETRY",
+    "STORAGE_RETRY",
+    "Claimed",
+    "ConsumerSpec",
+    "JobConsumer",
+    "Outcome",
+    "OutcomeKind",
+    "first_of",
+]
 
 J = TypeVar("J", bound=Claimed)
 
-STORAGE_RETRY = Backoff(base_s=1.5, max_s=1.5, jitter=2 / 3)
-"""The pause after a failed claim or next-due read: uniformly 0.5 to 1.5 s."""
-
-BUSY_RETRY = Backoff(base_s=0.01, max_s=1.0, factor=2.0, jitter=0.0)
-"""Idle entries in a row that found due rows being claimed by another consumer's
-uncommitted statement: 10 ms, 20 ms, ... up to 1 s, instead of spinning."""
-
-
-class OutcomeKind(enum.Enum):
-    """What became of a claimed job; also the order the writer stores a batch in."""
-
-    DONE = "done"
-    RETRY = "retry"
-    DEAD = "dead"
-    RELEASE = "release"
-
-
-class Outcome(NamedTuple):
-    kind: OutcomeKind
-    claim: Claim
-    error: str = ""
-    retry_at: datetime | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class ConsumerSpec:
-    """How one consumer uses the shared loop.
-
-    ``queues`` is the claim's filter (``claim_jobs``); ``channel`` the notification channel
-    that wakes it (None: no listener, the legacy polling loops). ``heartbeat_s`` renews the
-    held leases that often (None: no renewal, the lease must outlast the work).
-    ``next_due`` reads when the next row becomes claimable (a due time or another
-    consumer's lease expiry), so an idle consumer wakes then; None: only notifications,
-    known due times and the fallback poll wake it. ``wake_on_finish``: a finished row lets
-    the rows behind it be claimed (an ordering group), so writing it wakes the claim loop.
-    ``notify_on_release``: released rows are due now, one notification lets other
-    consumers take them. ``write_each``: one statement per outcome (the legacy loops).
-    """
-
-    kind: JobKind[Any, Any, Any]
-    name: str  # in log messages
-    writer_name: str  # the outcome BatchWriter's name (its statistics and logs)
-    queues: Sequence[str] | None
-    channel: str | None
-    lease_s: float
-    fallback_poll_s: float
-    max_write_batch: int
-    heartbeat_s: float | None = None
-    next_due: Callable[[], Awaitable[float | None]] | None = None
-    wake_on_finish: bool = False
-    notify_on_release: bool = False
-    write_each: bool = False
+log = logging.getLogger("asyncstore.jobs")
 
 
 class JobConsumer(abc.ABC, Generic[J]):
     """The claim / idle-wait / listen / heartbeat / outcome loop of one consumer."""
 
-    def __init__(self, storage: AsyncStorageBackend, spec: ConsumerSpec, consumer_id: str) -> None:
+    def __init__(
+        self,
+        storage: AsyncStorageBackend,
+        spec: ConsumerSpec,
+        consumer_id: str,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
         self._storage = storage
+        self._clock = clock
         self._spec = spec
         self._consumer_id = consumer_id
         self._held: dict[int, int] = {}  # job id -> lease token, until its outcome is written
@@ -120,7 +82,7 @@ class JobConsumer(abc.ABC, Generic[J]):
         self._due: list[float] = []  # heap of known future run_after timestamps
         self._writer: BatchWriter[Outcome] | None = None
         self._tasks: TaskGroup | None = None
-        self._last_renewal = time.monotonic()
+        self._last_renewal = self._clock.monotonic()
         # Until this monotonic time no row can become claimable unannounced: the earliest
         # due time or lease expiry read by the last next-due query, capped by that query's
         # time plus lease_s (a lease taken by anyone later expires no sooner).
@@ -197,6 +159,7 @@ class JobConsumer(abc.ABC, Generic[J]):
             retry_if=is_retryable,
             on_dead_letter=self._undeliverable,
             name=spec.writer_name,
+            clock=self._clock,
         ) as writer:
             self._writer = writer
             try:
@@ -292,23 +255,23 @@ class JobConsumer(abc.ABC, Generic[J]):
         """
         if self._spec.next_due is None:
             self._horizon = math.inf
-        elif time.monotonic() >= self._horizon:
+        elif self._clock.monotonic() >= self._horizon:
             await self._read_horizon(self._spec.next_due)
-        timeout = self._spec.fallback_poll_s * random.uniform(0.5, 1.5)
-        deadline = min(time.monotonic() + timeout, self._horizon)
+        timeout = jittered(self._spec.fallback_poll_s, 0.5)
+        deadline = min(self._clock.monotonic() + timeout, self._horizon)
         while True:
-            now = time.time()
+            now = self._clock.time()
             if self._due and self._due[0] <= now:
                 while self._due and self._due[0] <= now:
                     heapq.heappop(self._due)
                 return
             known = self._due[0] - now if self._due else math.inf
             self._rearm = anyio.Event()
-            with anyio.move_on_after(min(deadline - time.monotonic(), known)) as scope:
+            with self._clock.move_on_after(min(deadline - self._clock.monotonic(), known)) as scope:
                 await first_of(self._wake, self._stopping, self._rearm)
             if not scope.cancelled_caught and not (self._wake.is_set() or self._stopping.is_set()):
                 continue  # a nearer due time became known: re-arm the timer
-            if scope.cancelled_caught and time.monotonic() >= deadline:
+            if scope.cancelled_caught and self._clock.monotonic() >= deadline:
                 if deadline >= self._horizon:
                     self._expiry_wakeups += 1
                 else:
@@ -323,7 +286,7 @@ class JobConsumer(abc.ABC, Generic[J]):
         another consumer's uncommitted statement: back off briefly instead of spinning.
         """
         self._due_queries += 1
-        started = time.monotonic()
+        started = self._clock.monotonic()
         try:
             due = await next_due()
         except StorageError as exc:
@@ -342,11 +305,11 @@ class JobConsumer(abc.ABC, Generic[J]):
     async def _wait_held_back(self, seconds: float) -> None:
         """Wait for a wakeup (set during the claim: at once), the stop, or ``seconds``:
         no polling while a limit holds rows back."""
-        with anyio.move_on_after(seconds):
+        with self._clock.move_on_after(seconds):
             await first_of(self._wake, self._stopping)
 
     async def _sleep_or_stop(self, seconds: float) -> None:
-        with anyio.move_on_after(seconds):
+        with self._clock.move_on_after(seconds):
             await self._stopping.wait()
 
     async def _listen(
@@ -367,7 +330,7 @@ class JobConsumer(abc.ABC, Generic[J]):
                         due = float(note.payload)
                     except ValueError:
                         due = 0.0
-                if due > time.time():
+                if due > self._clock.time():
                     self._expect(due)
                 else:
                     self._wake.set()
@@ -450,7 +413,7 @@ class JobConsumer(abc.ABC, Generic[J]):
             done = list(statuses)
             for item in items:
                 if statuses.get(item.claim.id) == kind.waiting:
-                    self._expect(item.retry_at.timestamp() if item.retry_at else time.time())
+                    self._expect(item.retry_at.timestamp() if item.retry_at else self._clock.time())
             dead = sum(1 for s in statuses.values() if s == kind.dead)
             self._counts[OutcomeKind.DEAD] += dead
             self._counts[OutcomeKind.RETRY] -= dead
@@ -482,22 +445,22 @@ class JobConsumer(abc.ABC, Generic[J]):
         lease_s = self._spec.lease_s
         margin = min(0.1 * lease_s, 1.0)
         while True:
-            await anyio.sleep(every_s)
+            await self._clock.sleep(every_s)
             held = [Claim(i, t) for i, t in self._held.items()]
-            started = time.monotonic()
+            started = self._clock.monotonic()
             if not held:
                 self._last_renewal = started
                 continue
             give_up = self._last_renewal + lease_s - margin
             live: set[int] | None = None
-            with anyio.move_on_after(give_up - started):
+            with self._clock.move_on_after(give_up - started):
                 try:
                     live = set(await self._storage.heartbeat_jobs(self._spec.kind, held, lease_s))
                 except StorageError as exc:
                     self._errors += 1
                     log.warning("heartbeat on %s failed: %s", self._spec.name, exc)
             if live is None:
-                if time.monotonic() >= give_up:
+                if self._clock.monotonic() >= give_up:
                     for claim in held:
                         self._lose(claim)
                 continue
@@ -512,17 +475,3 @@ class JobConsumer(abc.ABC, Generic[J]):
         self._lease_lost += 1
         del self._held[claim.id]
         self._on_lease_lost(claim.id)
-
-
-async def first_of(*events: anyio.Event) -> None:
-    """Return as soon as any of ``events`` is set."""
-    if any(e.is_set() for e in events):
-        return
-    async with anyio.create_task_group() as tg:
-
-        async def wait(event: anyio.Event) -> None:
-            await event.wait()
-            tg.cancel_scope.cancel()
-
-        for event in events:
-            tg.start_soon(wait, event)

@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from asyncstore.orchestrator.batching import describe_failure
 from asyncstore.orchestrator.jobs import ConsumerSpec, JobConsumer, Outcome, OutcomeKind
-from asyncstore.orchestrator.timing import Backoff
+from asyncstore.orchestrator.timing import SYSTEM_CLOCK, Backoff, Clock
 from asyncstore.storage import (
     AsyncStorageBackend,
     ChatMessage,
@@ -289,6 +289,8 @@ class OutboxRelay(JobConsumer[OutboxMessage]):
         templates: Mapping[str, RetryTemplate],
         config: OutboxConfig,
         relay_id: str,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         if not senders:
             raise InvalidInput("an outbox relay needs at least one sender")
@@ -303,7 +305,7 @@ class OutboxRelay(JobConsumer[OutboxMessage]):
             max_write_batch=config.max_write_batch,
             wake_on_finish=True,
         )
-        super().__init__(storage, spec, relay_id)
+        super().__init__(storage, spec, relay_id, clock=clock)
         self.config = config
         self.relay_id = relay_id
         self._senders = dict(senders)
@@ -362,7 +364,7 @@ class OutboxRelay(JobConsumer[OutboxMessage]):
     def _dispatch(self, jobs: Sequence[OutboxMessage]) -> None:
         if self._tasks is None:
             raise RuntimeError("relay is not running")
-        now = time.monotonic()
+        now = self._clock.monotonic()
         for msg in jobs:  # id order: each lane receives its group's rows in order
             key = (msg.channel, msg.account)
             lane = self._lanes.get(key)
@@ -387,7 +389,7 @@ class OutboxRelay(JobConsumer[OutboxMessage]):
         try:
             while queue:
                 msg, claimed_at = queue[0]
-                if time.monotonic() - claimed_at > self.config.lease_s - self.config.send_timeout_s:
+                if self._too_old(claimed_at):
                     break  # the claim may run out mid-send: give the rest back, re-claim later
                 result = await self._send(msg, claimed_at)
                 queue.popleft()
@@ -403,6 +405,11 @@ class OutboxRelay(JobConsumer[OutboxMessage]):
             if not self._lanes:
                 self._lanes_idle.set()
 
+    def _too_old(self, claimed_at: float) -> bool:
+        """The claim may run out before a send started now could time out."""
+        age = self._clock.monotonic() - claimed_at
+        return age > self.config.lease_s - self.config.send_timeout_s
+
     def _finish(self, result: Outcome) -> None:
         self._pending -= 1
         self._progress.set()
@@ -412,7 +419,7 @@ class OutboxRelay(JobConsumer[OutboxMessage]):
         sender = self._senders[msg.channel]
         channel_limit = self._channel_semaphore(msg.channel)
         async with self._in_flight, channel_limit:
-            if time.monotonic() - claimed_at > self.config.lease_s - self.config.send_timeout_s:
+            if self._too_old(claimed_at):
                 # Waiting for a send slot took so long that the claim could run out mid-send
                 # (another relay may take the message): give it back instead.
                 return Outcome(OutcomeKind.RELEASE, msg.claim)
@@ -458,6 +465,7 @@ async def open_outbox_relay(
     templates: Mapping[str, RetryTemplate] | None = None,
     config: OutboxConfig | None = None,
     relay_id: str | None = None,
+    clock: Clock = SYSTEM_CLOCK,
 ) -> AsyncIterator[OutboxRelay]:
     """Run a relay for the channels in ``senders`` while the ``async with`` body runs.
 
@@ -467,9 +475,16 @@ async def open_outbox_relay(
     every message not delivered is released (pending again, attempt not counted) and every
     result is written before returning. If the block raises or is cancelled, sends are
     cancelled at once and the releases are still written (shielded, bounded by a timeout).
+    ``clock`` is what the relay's timing reads (idle waits, the fallback poll, a claim's
+    age); a stored ``retry_at`` stays database (wall) time.
     """
     relay = OutboxRelay(
-        storage, senders, templates or {}, config or OutboxConfig(), relay_id or _default_relay_id()
+        storage,
+        senders,
+        templates or {},
+        config or OutboxConfig(),
+        relay_id or _default_relay_id(),
+        clock=clock,
     )
     async with anyio.create_task_group() as tg:
         await tg.start(relay._serve)

@@ -10,6 +10,12 @@ arguments, and must pass the shared contract suite in ``tests/contract/``.
 The records and settings live in ``storage.records``, the leased-job kinds in
 ``storage.jobkinds`` and the statistics in ``storage.statistics``; every name this module
 exported before the split is still importable from here.
+
+Why one file of about 1,300 lines: it is one class, the contract, whose ~90 public methods
+are each a few lines (validate, encode, call one ``_sql_*`` hook) and share one guard
+(``_CONTRACT_CALLS`` is read from this class's namespace to refuse dialect overrides); mixins
+per capability would spread that one contract over several classes without separating any
+state, and the SQL itself already lives in the drivers and ``sql/`` files.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import select
 import shutil
 import signal
 import socket
@@ -100,21 +101,49 @@ class PgBouncer:
             command = ["runuser", "-u", self.run_as, "--", *command]
         # Output to nowhere: PgBouncer also writes its log to stderr, and a pipe nobody
         # reads fills up and blocks it (every client then hangs). The log file has it all.
-        self.process = subprocess.Popen(
-            command,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+        # PgBouncer built with systemd support (Debian's is) sends READY=1 to $NOTIFY_SOCKET
+        # once it listens: wait on that datagram, or on the process's exit (a pidfd).
+        notify_path = self.root / "notify.sock"
+        notify_path.unlink(missing_ok=True)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as ready:
+            ready.bind(str(notify_path))
+            if self.run_as is not None:
+                entry = pwd.getpwnam(self.run_as)
+                os.chown(notify_path, entry.pw_uid, entry.pw_gid)
+            self.process = subprocess.Popen(
+                command,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+                env={**os.environ, "NOTIFY_SOCKET": str(notify_path)},
+            )
+            exited = os.pidfd_open(self.process.pid)
+            try:
+                self._wait_ready(ready, exited)
+            finally:
+                os.close(exited)
+        if not _accepts(self.port):  # READY=1 comes after the listening socket is open
+            raise RuntimeError(f"pgbouncer is ready but not listening\n{self.log_tail()}")
+
+    def _wait_ready(self, ready: socket.socket, exited: int) -> None:
         deadline = time.monotonic() + 30
-        while not _accepts(self.port):
-            if self.process.poll() is not None:
+        while True:
+            left = max(deadline - time.monotonic(), 0.0)
+            readable, _, _ = select.select([ready, exited], [], [], left)
+            if ready in readable:
+                if b"READY=1" in ready.recv(4096).splitlines():
+                    return
+                continue  # a STATUS= line: not ready yet
+            if exited in readable:
+                assert self.process is not None
+                self.process.wait()
                 raise RuntimeError(
                     f"pgbouncer exited ({self.process.returncode}):\n{self.log_tail()}"
                 )
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"pgbouncer did not listen within 30 s\n{self.log_tail()}")
-            time.sleep(0.05)  # polling a subprocess's port: no event to wait on
+            raise RuntimeError(
+                f"pgbouncer sent no READY=1 to $NOTIFY_SOCKET within 30 s (built without "
+                f"systemd support?)\n{self.log_tail()}"
+            )
 
     def log_tail(self, lines: int = 30) -> str:
         try:

@@ -15,6 +15,7 @@ import pytest
 from asyncstore.storage import StorageUnavailable, open_storage
 from tests.faults.cluster import Cluster
 from tests.faults.conftest import FaultDB
+from tests.waiting import wait_for
 
 
 async def _admin(cluster: Cluster, *sql: str) -> None:
@@ -45,13 +46,20 @@ async def test_wrong_password_is_storage_unavailable_naming_user_and_database(
     try:
         await asyncio.to_thread(cluster._run, "pg_ctl", "reload", "-D", str(cluster.data))
         base = f"127.0.0.1:{cluster.port}/{fault_db.name}"
-        # The reload is asynchronous: wait until the server asks this role for a password.
-        with pytest.raises(StorageUnavailable) as caught:
-            for _ in range(200):
+        # The reload is asynchronous: wait until the server asks this role for a password
+        # (it announces no event; until then the old rules still let a wrong one in).
+        refused: list[StorageUnavailable] = []
+
+        async def asks_for_the_password() -> bool:
+            try:
                 async with open_storage(f"postgresql://{role}:wrong-{password}@{base}"):
-                    pass  # pragma: no cover - only while the reload is pending
-                await asyncio.sleep(0.05)  # the old rules still let it in: try again
-        message = str(caught.value)
+                    return False
+            except StorageUnavailable as exc:
+                refused.append(exc)
+                return True
+
+        await wait_for(asks_for_the_password, 30, what="the reloaded pg_hba.conf")
+        message = str(refused[0])
         assert "password authentication failed" in message
         assert repr(role) in message and repr(fault_db.name) in message
         assert password not in message

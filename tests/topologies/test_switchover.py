@@ -43,6 +43,7 @@ from tests.faults.procs import (
     spawn_agent,
 )
 from tests.topologies.replication import Node, multi_host_url, primary_options
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.postgres
 
@@ -84,15 +85,16 @@ def pair() -> Iterator[tuple[Node, Node]]:
 
         async def synchronous() -> None:
             conn = await asyncpg.connect(primary.url(), timeout=10)
+
+            async def one_sync_standby() -> bool:
+                # The server's own view; it announces no event when a standby turns sync.
+                synced = await conn.fetchval(
+                    "SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'sync'"
+                )
+                return bool(synced == 1)
+
             try:
-                with anyio.fail_after(60):
-                    while True:
-                        synced = await conn.fetchval(
-                            "SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'sync'"
-                        )
-                        if synced == 1:
-                            break
-                        await anyio.sleep(0.05)  # polling the server's own view: no event
+                await wait_for(one_sync_standby, 60, what="a synchronous standby")
             finally:
                 await conn.close()
 
@@ -176,17 +178,16 @@ async def _every_task_finished(storage: object, queue: str, limit_s: float = 90)
     from asyncstore.storage import AsyncStorageBackend
 
     assert isinstance(storage, AsyncStorageBackend)
-    with anyio.fail_after(limit_s):
-        while True:
-            try:
-                queues, _ = await storage.backlog_depths()
-            except StorageUnavailable:
-                queues = None
-            if queues is not None:
-                depth = next((q for q in queues if q.name == queue), None)
-                if depth is None or (depth.waiting, depth.delayed, depth.in_flight) == (0, 0, 0):
-                    return
-            await anyio.sleep(0.05)  # the pace of re-reading the backlog, not a guess
+
+    async def drained() -> bool:
+        try:
+            queues, _ = await storage.backlog_depths()
+        except StorageUnavailable:
+            return False  # the database is switching over: read again
+        depth = next((q for q in queues if q.name == queue), None)
+        return depth is None or (depth.waiting, depth.delayed, depth.in_flight) == (0, 0, 0)
+
+    await wait_for(drained, limit_s, what=f"every task of {queue!r} finished")
 
 
 def _progress(count: int) -> object:
