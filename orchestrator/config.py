@@ -271,8 +271,9 @@ class DashboardSettings(BaseModel):
     """``dashboard.*``: the operator dashboard (``orchestrator.dashboard``).
 
     Read-only unless ``operator_token`` is set (env ``ASYNCSTORE_DASHBOARD__OPERATOR_TOKEN``,
-    at least 16 characters): then an action (retry, redrive, resend) must carry it as
-    ``Authorization: Bearer <token>``, and every action is written to the audit log.
+    at least 16 characters): then an action (retry, redrive, resend, cancel) must carry it
+    as ``Authorization: Bearer <token>``, and every action is written to the audit log
+    (refused attempts within a per-client budget, the rest counted).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -284,6 +285,19 @@ class DashboardSettings(BaseModel):
         default=1.0, gt=0, le=3600, description="how often the live view is re-read"
     )
     rows: int = Field(default=50, ge=1, le=1000, description="rows shown per table")
+    queued_rows: int = Field(
+        default=10, ge=1, le=1000, description="queued tasks shown per queue (next in claim order)"
+    )
+    audit_refused_burst: int = Field(
+        default=20, ge=0, le=100_000, description="refused attempts audited at once per client"
+    )
+    audit_refused_per_minute: float | None = Field(
+        default=6.0,
+        ge=0,
+        le=1_000_000,
+        description="refused attempts audited per minute per client after the burst;"
+        " None: every refused attempt is audited (no budget)",
+    )
     host: str = "127.0.0.1"
     port: int = Field(default=8089, ge=0, le=65535)
 

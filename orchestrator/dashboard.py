@@ -10,21 +10,27 @@ dashboard --url ...``) with four routes, relative to where it is mounted::
                              (``event: error`` while the database fails; 503 on /api/state)
     POST /api/actions/{name} an action from ``ACTIONS``; JSON body {"target": .., "confirm": true}
 
-The snapshot is real data read through the storage contract: queue and outbox depths with
-the oldest wait, running and dead-lettered tasks, the webhook delivery log, the live
+The snapshot is real data read through the storage contract (``dashboard_views``): queue
+and outbox depths with the oldest wait, each queue's next queued tasks, running and
+dead-lettered tasks, dead-lettered outbox messages, the webhook delivery log, the live
 session leases (with their subscribers when the dashboard runs inside the application's
-process, through ``Runtime.subscriber_counts``), the feature flags and their rollout
-share, and the audit log. One snapshot serves every open page: it is re-read at most once
+process, through ``Runtime.subscriber_counts``; from a separate process they are not
+available, and the snapshot says why), the feature flags and their rollout share, and the
+audit log. One snapshot serves every open page: it is re-read at most once
 per ``refresh_interval_s`` (and at once after an action).
 
 Actions are off unless ``dashboard.operator_token`` is set (then the dashboard is no longer
 read-only): each request must carry ``Authorization: Bearer <token>`` and ``"confirm":
 true`` (the page asks the operator first), and every attempt that passes the token check
 or fails it is written to the audit log (``operator_audit``, migration 0013) with who, what,
-on what and how it ended. Answers: 200 done; 400 a malformed body or target; 401 a missing
-or wrong token; 403 read-only; 404 an unknown action; 409 ``ActionRefused`` (no such
-target, or not in a state the action applies to); 503 the database failed. Adding an
-action is one entry in ``ACTIONS`` (``task.cancel`` is ``cancel_task``).
+on what and how it ended; refused attempts within a per-client-address budget
+(``RefusalBudget``: ``audit_refused_burst``, then ``audit_refused_per_minute``), the rest
+only counted (``audit_skipped``) and said in the client's next written refusal. Answers:
+200 done; 400 a malformed body or target; 401 a missing or wrong token; 403 read-only; 404
+an unknown action; 409 ``ActionRefused`` (no such target, or not in a state the action
+applies to); 503 the database failed. Adding an action is one entry in ``ACTIONS``
+(``dashboard_actions``: ``task.cancel`` is ``cancel_task`` on a queued or running task,
+``outbox.redrive`` is ``redrive_outbox``).
 """
 
 from __future__ import annotations
@@ -32,9 +38,8 @@ from __future__ import annotations
 import hmac
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import anyio
@@ -44,30 +49,15 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from asyncstore.orchestrator.config import (
-    PER_SESSION_FLAGS,
-    PROCESS_FLAGS,
-    DashboardSettings,
-    Flags,
-)
+from asyncstore.orchestrator.config import DashboardSettings, Flags
+from asyncstore.orchestrator.dashboard_actions import ACTIONS, Action, RefusalBudget
 from asyncstore.orchestrator.dashboard_page import PAGE
-from asyncstore.orchestrator.errors import ActionRefused, ResendRefused
+from asyncstore.orchestrator.dashboard_views import read_state
+from asyncstore.orchestrator.errors import ActionRefused
 from asyncstore.orchestrator.runtime import Runtime
-from asyncstore.orchestrator.webhooks.admin import resend
-from asyncstore.storage import (
-    TASKS,
-    AsyncStorageBackend,
-    AuditEntry,
-    NewTask,
-    QueueDepth,
-    StorageError,
-    Task,
-    TaskStatus,
-    WebhookAttempt,
-)
-from asyncstore.storage._validate import check_id, check_int, check_name
+from asyncstore.storage import AsyncStorageBackend, AuditEntry, StorageError
+from asyncstore.storage._validate import check_name
 from asyncstore.storage.errors import InvalidArgument
-from asyncstore.storage.task_cancel import TaskCancelOutcome
 
 __all__ = ["ACTIONS", "Action", "Dashboard", "DashboardStatistics"]
 
@@ -75,107 +65,11 @@ _HEARTBEAT_S = 15.0
 
 
 @dataclass(frozen=True, slots=True)
-class Action:
-    """One operator action: what it applies to and what it does.
-
-    ``parse`` turns the request's ``target`` into the argument of ``run`` (raising
-    ``InvalidArgument`` for a malformed one: 400); ``run`` does the action through the
-    storage contract and returns what the page shows, or raises ``ActionRefused`` (409).
-    ``applies_to`` names the rows that show its button (``task:dead``, ``webhook``).
-    """
-
-    label: str
-    applies_to: str
-    parse: Callable[[object], Any]
-    run: Callable[[AsyncStorageBackend, Any], Awaitable[dict[str, Any]]]
-
-    def target_name(self, target: Any) -> str:
-        """How the audit log names the target: ``task:17``, ``webhook:msg_...``."""
-        return f"{self.applies_to.split(':')[0]}:{target}"
-
-
-def _task_id(raw: object) -> int:
-    return check_int(raw, "target (a task id)", minimum=1)
-
-
-def _webhook_id(raw: object) -> str:
-    return check_id(raw, "target (a webhook-id)")
-
-
-async def _dead_task(storage: AsyncStorageBackend, task_id: int, verb: str) -> Task:
-    task = await storage.get_task(task_id)
-    if task is None:
-        raise ActionRefused(f"there is no task {task_id}")
-    if task.status is not TaskStatus.DEAD:
-        raise ActionRefused(
-            f"task {task_id} is {task.status.value}: only a dead-lettered task can be {verb}"
-        )
-    return task
-
-
-async def _retry_task(storage: AsyncStorageBackend, task_id: int) -> dict[str, Any]:
-    """Enqueue a fresh copy of a dead task (same queue, payload, priority and attempt
-    budget; its idempotency key too, so a repeated retry does not queue two copies). The
-    dead row stays as the record of what failed."""
-    task = await _dead_task(storage, task_id, "retried")
-    (copy,) = await storage.enqueue_tasks(
-        [
-            NewTask(
-                task.queue,
-                task.payload,
-                priority=task.priority,
-                idempotency_key=task.idempotency_key,
-                max_attempts=task.max_attempts,
-            )
-        ]
-    )
-    return {"task": task_id, "new_task": copy.id}
-
-
-async def _redrive_task(storage: AsyncStorageBackend, task_id: int) -> dict[str, Any]:
-    """Put the dead task itself back in its queue, due now, with a fresh attempt budget."""
-    await _dead_task(storage, task_id, "redriven")
-    moved = await storage.redrive_jobs(TASKS, [task_id])
-    if not moved:  # a concurrent redrive took it first
-        raise ActionRefused(f"task {task_id} was no longer dead-lettered")
-    return {"task": task_id, "status": TaskStatus.QUEUED.value}
-
-
-async def _resend_webhook(storage: AsyncStorageBackend, webhook_id: str) -> dict[str, Any]:
-    """Queue the delivery again (same webhook-id and body), as ``asyncstore webhooks resend``."""
-    try:
-        row = await resend(storage, webhook_id)
-    except ResendRefused as exc:
-        raise ActionRefused(str(exc)) from exc
-    return {"webhook_id": webhook_id, "outbox_row": row}
-
-
-async def _cancel_task(storage: AsyncStorageBackend, task_id: int) -> dict[str, Any]:
-    """Cancel a queued or running task from the page (``cancel_task``: a running task's
-    worker is notified and cancels its handler); a task that already ended is refused."""
-    answer = await storage.cancel_task(task_id, "cancelled by an operator")
-    if answer.outcome is TaskCancelOutcome.NOT_FOUND:
-        raise ActionRefused(f"there is no task {task_id}")
-    if answer.outcome is not TaskCancelOutcome.CANCELLED:
-        state = answer.status.value if answer.status is not None else "gone"
-        raise ActionRefused(f"task {task_id} had already ended ({state})")
-    cancelled = TaskStatus.CANCELLED.value
-    return {"task": task_id, "status": cancelled, "was_running": answer.was_running}
-
-
-ACTIONS: Mapping[str, Action] = {
-    "task.retry": Action("Retry", "task:dead", _task_id, _retry_task),
-    "task.redrive": Action("Redrive", "task:dead", _task_id, _redrive_task),
-    "webhook.resend": Action("Resend", "webhook", _webhook_id, _resend_webhook),
-    "task.cancel": Action("Cancel", "task:running", _task_id, _cancel_task),
-}
-"""The actions the dashboard offers, by name (the URL's last segment)."""
-
-
-@dataclass(frozen=True, slots=True)
 class DashboardStatistics:
-    """What the dashboard did: snapshots read, live pages open, actions by outcome, and
-    audit entries that could not be written (the database failed the action and the entry)."""
+    """What the dashboard did: snapshots read, live pages open, actions by outcome, audit
+    entries that could not be written (the database failed the action and the entry), and
+    refused attempts whose audit entry was skipped by the per-client budget
+    (``dashboard.audit_refused_*``; they still count in ``actions_refused``)."""
 
     snapshots: int
     streams_open: int
@@ -183,6 +77,7 @@ class DashboardStatistics:
     actions_refused: int
     actions_failed: int
     audit_failed: int
+    audit_skipped: int = 0
 
 
 class _Refusal(Exception):
@@ -221,6 +116,8 @@ class Dashboard:
         self._snapshots = 0
         self._streams = 0
         self._outcomes = {"done": 0, "refused": 0, "failed": 0, "audit_failed": 0}
+        cfg = self.settings
+        self._refusals = RefusalBudget(cfg.audit_refused_burst, cfg.audit_refused_per_minute)
         self.app = Starlette(
             routes=[
                 Route("/", self.page),
@@ -257,6 +154,7 @@ class Dashboard:
             self._outcomes["refused"],
             self._outcomes["failed"],
             self._outcomes["audit_failed"],
+            self._refusals.skipped,
         )
 
     # -- reading -----------------------------------------------------------------------
@@ -265,10 +163,15 @@ class Dashboard:
         """The dashboard's state as JSON-able data, read at most once per refresh interval.
 
         Keys: ``generated_at``, ``dialect``, ``read_only``, ``queues`` and ``outbox``
-        (depths, ``oldest_wait_s``), ``tasks`` (``running``, ``dead``), ``webhooks`` (the
-        delivery log, newest first), ``sessions`` (live leases; ``subscribers`` is None
-        when this process cannot know), ``flags``, ``audit`` and ``actions``. Cancelling it
-        leaves nothing behind (reads only).
+        (depths, ``oldest_wait_s``), ``tasks`` (``queued``: each queue's next
+        ``queued_rows`` in claim order, for the first ``rows`` queues with a backlog;
+        ``running``, ``dead``: newest first), ``queued_per_queue`` (per queue: ``count``
+        waiting or delayed, ``shown``) and ``queued_queues_hidden``, ``outbox_dead``
+        (dead-lettered outbox messages, newest first), ``webhooks`` (the delivery log,
+        newest first), ``sessions`` (live leases; ``subscribers`` is None when this process
+        cannot know, and ``subscribers_note`` says why), ``flags``, ``audit``,
+        ``audit_skipped`` (refused attempts not written, see ``statistics``) and
+        ``actions``. Cancelling it leaves nothing behind (reads only).
         """
         async with self._lock:
             now = time.monotonic()
@@ -282,51 +185,15 @@ class Dashboard:
             return data
 
     async def _read(self) -> dict[str, Any]:
-        s, rows = self.storage, self.settings.rows
-        queues, outbox = await s.backlog_depths()
-        running = await s.list_tasks(TaskStatus.RUNNING, limit=rows)
-        dead = await s.list_tasks(TaskStatus.DEAD, limit=rows)
-        attempts = await s.list_webhook_attempts(limit=rows)
-        leases = await s.list_leases(limit=rows)
-        audit = await s.list_audit(limit=rows)
-        counts = dict(self._subscribers()) if self._subscribers is not None else None
-        sessions = [
-            {
-                "session_id": lease.session_id,
-                "holder": lease.holder,
-                "token": lease.token,
-                "expires_at": _iso(lease.expires_at),
-                "subscribers": None if counts is None else counts.pop(lease.session_id, 0),
-            }
-            for lease in leases
-        ]
-        for session_id, n in sorted((counts or {}).items())[: max(0, rows - len(sessions))]:
-            sessions.append(
-                {
-                    "session_id": session_id,
-                    "holder": None,
-                    "token": None,
-                    "expires_at": None,
-                    "subscribers": n,
-                }
-            )
-        return {
-            "generated_at": _iso(datetime.now(UTC)),
-            "dialect": s.dialect,
-            "read_only": self.read_only,
-            "queues": [_depth(d) for d in queues],
-            "outbox": _depth(outbox),
-            "tasks": {"running": [_task(t) for t in running], "dead": [_task(t) for t in dead]},
-            "webhooks": [_attempt(a) for a in attempts],
-            "sessions": sessions,
-            "subscribers_known": counts is not None,
-            "flags": _flags(self._flags()),
-            "audit": [_audit(e) for e in audit],
-            "actions": {
-                name: {"label": a.label, "applies_to": a.applies_to}
-                for name, a in self.actions.items()
-            },
-        }
+        return await read_state(
+            self.storage,
+            self.settings,
+            flags=self._flags(),
+            subscribers=self._subscribers,
+            actions=self.actions,
+            read_only=self.read_only,
+            audit_skipped=self._refusals.skipped,
+        )
 
     # -- the routes --------------------------------------------------------------------
 
@@ -386,7 +253,7 @@ class Dashboard:
         if scheme.lower() != "bearer" or not hmac.compare_digest(
             value.strip().encode(), token.get_secret_value().encode()
         ):
-            await self._audit(actor, name, "-", "refused: missing or wrong operator token")
+            await self._refused(request, actor, name, "-", "missing or wrong operator token")
             return _error(401, "a valid operator token is required (Authorization: Bearer ...)")
         target_name = "-"
         try:
@@ -394,13 +261,13 @@ class Dashboard:
             target_name = action.target_name(target)
             result = await action.run(self.storage, target)
         except _Refusal as exc:
-            await self._audit(actor, name, target_name, f"refused: {exc}")
+            await self._refused(request, actor, name, target_name, str(exc))
             return _error(exc.status, str(exc))
         except InvalidArgument as exc:
-            await self._audit(actor, name, target_name, f"refused: {exc}")
+            await self._refused(request, actor, name, target_name, str(exc))
             return _error(400, str(exc))
         except ActionRefused as exc:
-            await self._audit(actor, name, target_name, f"refused: {exc}")
+            await self._refused(request, actor, name, target_name, str(exc))
             return _error(409, str(exc))
         except StorageError as exc:
             self._outcomes["failed"] += 1
@@ -422,6 +289,18 @@ class Dashboard:
         if body.get("confirm") is not True:
             raise _Refusal(400, 'an action must be confirmed: send "confirm": true')
         return action.parse(body["target"])
+
+    async def _refused(
+        self, request: Request, actor: str, action: str, target: str, reason: str
+    ) -> None:
+        """Audit a refused attempt if the client's budget allows (by its address: the
+        operator name is the client's to choose); the row says how many were skipped."""
+        self._outcomes["refused"] += 1
+        write, skipped = self._refusals.take(_client(request))
+        if not write:  # counted; the page shows the count at its next regular refresh
+            return
+        detail = "" if not skipped else f"{skipped} earlier refused attempts not recorded"
+        await self._audit(actor, action, target, f"refused: {reason}", detail, count=False)
 
     async def _audit(
         self,
@@ -465,8 +344,11 @@ def _actor(request: Request) -> str:
         name = check_name(raw, "operator")
     except InvalidArgument:
         name = "operator"
-    host = request.client.host if request.client is not None else "unknown"
-    return f"{name}@{host}"
+    return f"{name}@{_client(request)}"
+
+
+def _client(request: Request) -> str:
+    return request.client.host if request.client is not None else "unknown"
 
 
 def _error(status: int, message: str) -> Response:
@@ -480,67 +362,3 @@ def _json(data: Any, status: int = 200) -> Response:
         media_type="application/json",
         headers={"Cache-Control": "no-store"},
     )
-
-
-def _iso(when: datetime | None) -> str | None:
-    return None if when is None else when.astimezone(UTC).isoformat(timespec="milliseconds")
-
-
-def _depth(d: QueueDepth) -> dict[str, Any]:
-    return {
-        "name": d.name,
-        "waiting": d.waiting,
-        "delayed": d.delayed,
-        "in_flight": d.in_flight,
-        "oldest_wait_s": round(d.oldest_wait_s, 3),
-    }
-
-
-def _task(t: Task) -> dict[str, Any]:
-    return {
-        "id": t.id,
-        "queue": t.queue,
-        "status": t.status.value,
-        "attempts": t.attempts,
-        "max_attempts": t.max_attempts,
-        "worker_id": t.worker_id,
-        "last_error": t.last_error,
-        "run_after": _iso(t.run_after),
-        "updated_at": _iso(t.updated_at),
-        "payload": json.dumps(t.payload)[:200],
-    }
-
-
-def _attempt(a: WebhookAttempt) -> dict[str, Any]:
-    return {
-        "id": a.id,
-        "endpoint": a.endpoint,
-        "webhook_id": a.webhook_id,
-        "outbox_id": a.outbox_id,
-        "attempted_at": _iso(a.attempted_at),
-        "status": a.status,
-        "ok": a.ok,
-        "error": a.error,
-    }
-
-
-def _audit(e: AuditEntry) -> dict[str, Any]:
-    return {
-        "id": e.id,
-        "at": _iso(e.created_at),
-        "actor": e.actor,
-        "action": e.action,
-        "target": e.target,
-        "outcome": e.outcome,
-        "detail": e.detail,
-    }
-
-
-def _flags(flags: Flags) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
-    for name in PER_SESSION_FLAGS:
-        share = flags.share(name)
-        out.append({"name": name, "scope": "session", "value": f"{share:g}%", "share": share})
-    for name in PROCESS_FLAGS:
-        out.append({"name": name, "scope": "process", "value": getattr(flags, name), "share": None})
-    return out

@@ -44,6 +44,7 @@ PAGE = """<!doctype html>
   button { font: inherit; padding: 1px 8px; margin-right: 4px; cursor: pointer; }
   button:disabled { cursor: not-allowed; }
   #message { padding: 0 16px; min-height: 20px; }
+  p.note { margin: 0 0 6px; color: #5a6275; }
 </style>
 </head>
 <body>
@@ -60,11 +61,16 @@ PAGE = """<!doctype html>
 <main>
   <section><h2>Queues and outbox</h2><table id="queues"></table></section>
   <section><h2>Flags and rollout</h2><table id="flags"></table></section>
+  <section><h2>Queued tasks</h2><p class="note" id="queued-counts"></p>
+    <table id="queued"></table></section>
   <section><h2>Running tasks</h2><table id="running"></table></section>
   <section><h2>Dead-lettered tasks</h2><table id="dead"></table></section>
+  <section><h2>Dead-lettered outbox messages</h2><table id="outbox-dead"></table></section>
   <section><h2>Webhook delivery log</h2><table id="webhooks"></table></section>
-  <section><h2>Live sessions</h2><table id="sessions"></table></section>
-  <section><h2>Audit log</h2><table id="audit"></table></section>
+  <section><h2>Live sessions</h2><p class="note" id="subscribers-note"></p>
+    <table id="sessions"></table></section>
+  <section><h2>Audit log</h2><p class="note" id="audit-skipped"></p>
+    <table id="audit"></table></section>
 </main>
 <script>
 "use strict";
@@ -115,7 +121,7 @@ function age(s) {
 function buttons(snap, appliesTo, target) {
   return (td, item) => {
     for (const [name, action] of Object.entries(snap.actions)) {
-      if (action.applies_to !== appliesTo) continue;
+      if (!action.applies_to.includes(appliesTo)) continue;
       const b = td.appendChild(document.createElement("button"));
       b.textContent = action.label;
       b.dataset.action = name;
@@ -140,8 +146,22 @@ function draw(snap) {
                     ["attempts", (t) => t.attempts + "/" + t.max_attempts, "num"],
                     ["worker", (t) => t.worker_id], ["last error", (t) => t.last_error, "bad"],
                     ["payload", (t) => t.payload]];
+  $("queued-counts").textContent = snap.queued_per_queue.map(
+    (q) => q.queue + ": next " + q.shown + " of " + q.count + " waiting or delayed").join("; ")
+    + (snap.queued_queues_hidden ? "; " + snap.queued_queues_hidden + " more queues" : "");
+  const queuedCols = [["id", (t) => t.id, "num"], ["queue", (t) => t.queue],
+                      ["priority", (t) => t.priority, "num"],
+                      ["run after", (t) => t.run_after.slice(11, 23)],
+                      ["attempts", (t) => t.attempts + "/" + t.max_attempts, "num"],
+                      ["payload", (t) => t.payload]];
+  table("queued", queuedCols, snap.tasks.queued, buttons(snap, "task:queued", (t) => t.id));
   table("running", taskCols, snap.tasks.running, buttons(snap, "task:running", (t) => t.id));
   table("dead", taskCols, snap.tasks.dead, buttons(snap, "task:dead", (t) => t.id));
+  table("outbox-dead", [["id", (m) => m.id, "num"], ["channel", (m) => m.channel],
+                        ["account", (m) => m.account],
+                        ["attempts", (m) => m.attempts + "/" + m.max_attempts, "num"],
+                        ["last error", (m) => m.last_error, "bad"], ["payload", (m) => m.payload]],
+        snap.outbox_dead, buttons(snap, "outbox:dead", (m) => m.id));
   table("webhooks", [["at", (a) => a.attempted_at.slice(11, 23)], ["endpoint", (a) => a.endpoint],
                      ["webhook-id", (a) => a.webhook_id], ["status", (a) => a.status, "num"],
                      ["outcome", (a) => a.ok ? "delivered" : a.error,
@@ -149,8 +169,12 @@ function draw(snap) {
         snap.webhooks, buttons(snap, "webhook", (a) => a.webhook_id));
   table("sessions", [["session", (s) => s.session_id], ["holder", (s) => s.holder],
                      ["epoch", (s) => s.token, "num"],
-                     ["subscribers", (s) => snap.subscribers_known ? s.subscribers : "n/a", "num"]],
+                     ["subscribers", (s) => snap.subscribers_known ? s.subscribers : "-", "num"]],
         snap.sessions);
+  $("subscribers-note").textContent = snap.subscribers_note
+    ? "Subscribers: " + snap.subscribers_note + "." : "";
+  $("audit-skipped").textContent = snap.audit_skipped
+    ? snap.audit_skipped + " refused attempts not recorded (per-client limit)" : "";
   table("audit", [["at", (e) => e.at.slice(11, 23)], ["actor", (e) => e.actor],
                   ["action", (e) => e.action], ["target", (e) => e.target],
                   ["outcome", (e) => e.outcome, (e) => e.outcome === "done" ? "good" : "bad"]],

@@ -240,6 +240,9 @@ class DialectHooks(abc.ABC):
     ) -> Any: ...
 
     @abc.abstractmethod
+    async def _sql_list_queued_tasks(self, queues: list[str], limit: int) -> list[Task]: ...
+
+    @abc.abstractmethod
     async def _sql_list_leases(self, limit: int) -> list[Lease]: ...
 
     @abc.abstractmethod

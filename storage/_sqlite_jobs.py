@@ -208,6 +208,10 @@ class SqliteJobs(SqliteConnections):
         rows = await self._read(kind.statement("list"), {"status": status, "limit": limit})
         return [kind.record(r) for r in rows]
 
+    async def _sql_list_queued_tasks(self, queues: list[str], limit: int) -> list[Task]:
+        params = {"queues": _json(queues), "limit": limit}
+        return [Task.from_row(r) for r in await self._read("list_queued_tasks", params)]
+
     async def _sql_list_leases(self, limit: int) -> list[Lease]:
         rows = await self._read("list_leases", {"now": time.time(), "limit": limit})
         return [Lease.from_row(r) for r in rows]

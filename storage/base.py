@@ -912,6 +912,18 @@ class AsyncStorageBackend(DialectHooks):
         return await self.list_jobs(TASKS, status, limit=limit)
 
     @operation
+    async def list_queued_tasks(self, queues: Sequence[str], *, limit: int = 10) -> list[Task]:
+        """For each of ``queues``, its next ``limit`` queued tasks in claim order (priority
+        descending, then ``run_after``, then id: the ones a claim takes first, due or not).
+
+        Grouped by queue in the order given (a name given twice is listed once). For
+        operators (the dashboard): one read, a bounded index walk per queue, no lock.
+        """
+        names = list(dict.fromkeys(v.check_names(queues, "queue")))
+        n = v.check_limit(limit)
+        return await self._sql_list_queued_tasks(names, n) if names else []
+
+    @operation
     async def list_leases(self, *, limit: int = 100) -> list[Lease]:
         """Unexpired session leases (the sessions running a turn now), by session id."""
         return await self._sql_list_leases(v.check_limit(limit))

@@ -497,6 +497,9 @@ class PostgresBackend(PgPartitions, PgListening):
         rows = await self._fetch(kind.statement("list"), status, limit)
         return [kind.record(r) for r in rows]
 
+    async def _sql_list_queued_tasks(self, queues: list[str], limit: int) -> list[Task]:
+        return [Task.from_row(r) for r in await self._fetch("list_queued_tasks", queues, limit)]
+
     async def _sql_list_leases(self, limit: int) -> list[Lease]:
         return [Lease.from_row(r) for r in await self._fetch("list_leases", limit)]
 

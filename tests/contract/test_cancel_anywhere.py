@@ -351,6 +351,7 @@ CALLS: dict[str, Prepare] = {
     # The operator dashboard's reads and its audit log (0013).
     "list_jobs": _p(lambda s, r: s.list_jobs(OUTBOX, "pending", limit=10)),
     "list_tasks": _p(lambda s, r: s.list_tasks("running", limit=10)),
+    "list_queued_tasks": _p(lambda s, r: s.list_queued_tasks([f"q{r}", "jobs"], limit=5)),
     "list_leases": _p(lambda s, r: s.list_leases(limit=10)),
     "record_audit": _p(lambda s, r: s.record_audit(f"a{r}", "task.redrive", "task:1", "done")),
     "list_audit": _p(lambda s, r: s.list_audit(limit=10)),

@@ -102,3 +102,48 @@ async def test_audit_keeps_a_long_outcome_cut_and_refuses_bad_names(
         with pytest.raises(InvalidInput):
             await storage.record_audit(**args)  # type: ignore[arg-type]
     assert len(await storage.list_audit()) == 1  # nothing partially written
+
+
+async def test_list_queued_tasks_takes_each_queues_next_in_claim_order(
+    storage: AsyncStorageBackend,
+) -> None:
+    # Per queue, bounded, in claim order (priority first), queued only: the running task and
+    # another queue's tasks are left out, however many they are.
+    a = await storage.enqueue_tasks([NewTask("a", {"n": n}) for n in range(4)])
+    (urgent,) = await storage.enqueue_tasks([NewTask("a", {"n": "urgent"}, priority=5)])
+    b = await storage.enqueue_tasks([NewTask("b", {"n": n}) for n in range(30)])
+    (running,) = await storage.claim_tasks("a", "w", limit=1, lease_s=30)
+    assert running.id == urgent.id
+    listed = await storage.list_queued_tasks(["b", "a", "none", "b"], limit=3)
+    assert [(t.queue, t.id) for t in listed] == [
+        *[("b", t.id) for t in b[:3]],
+        *[("a", t.id) for t in a[:3]],
+    ]
+    assert all(t.status is TaskStatus.QUEUED for t in listed)
+    assert [t.id for t in await storage.list_queued_tasks(["a"], limit=10)] == [t.id for t in a]
+    assert await storage.list_queued_tasks([], limit=3) == []
+
+
+@pytest.mark.parametrize(
+    ("queues", "limit"), [("a", 3), ([""], 3), (["a"], 0), ([5], 3), (["a"], 10**9)]
+)
+async def test_list_queued_tasks_refuses_bad_arguments(
+    storage: AsyncStorageBackend, queues: object, limit: object
+) -> None:
+    with pytest.raises(InvalidInput):
+        await storage.list_queued_tasks(queues, limit=limit)  # type: ignore[arg-type]
+
+
+async def test_dead_outbox_messages_are_listed_and_redriven(storage: AsyncStorageBackend) -> None:
+    # The dashboard's outbox redrive: list_jobs(OUTBOX, "dead") (index outbox_dead, 0014) and
+    # redrive_outbox, which moves only dead messages and is idempotent.
+    rows = await storage.enqueue_outbox(
+        [NewOutboxMessage("c", f"a{i}", {"i": i}) for i in range(2)]
+    )
+    claimed = await storage.claim_outbox("w", limit=2, lease_s=30)
+    await storage.dead_letter_outbox([Failure(m.id, m.claim.token, "gone") for m in claimed])
+    dead = await storage.list_jobs(OUTBOX, "dead")
+    assert [(m.id, m.last_error) for m in dead] == [(r.id, "gone") for r in rows][::-1]
+    assert await storage.redrive_outbox([rows[0].id]) == [rows[0].id]
+    assert await storage.redrive_outbox([rows[0].id]) == []
+    assert [m.id for m in await storage.list_jobs(OUTBOX, "dead")] == [rows[1].id]

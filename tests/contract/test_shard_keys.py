@@ -176,6 +176,7 @@ COLD = {
     # The operator dashboard (0013): its lists and the audit log, never on a hot path.
     "list_tasks",
     "list_outbox",
+    "list_queued_tasks",  # per queue, but over the queues named: an admin read
     "list_leases",
     "record_audit",
     "list_audit",

@@ -1,7 +1,9 @@
 """The operator dashboard (``asyncstore dashboard``) in a real headless Chromium: the page
 follows the database live over SSE (a task enqueued by another process appears), a wrong
 token is refused on the page, and a redrive with the token, confirmed in the page's dialog,
-puts the dead task back in its queue and shows up in the audit log. A screenshot goes to
+puts the dead task back in its queue and shows up in the audit log; the task then shows
+among its queue's queued tasks and its Cancel button cancels it (it never starts). The
+sessions table says why it has no subscriber counts (a separate process). A screenshot goes to
 ``tests/artifacts/dashboard.png``. Chromium is Debian's package driven through playwright,
 as in test_chat_browser.py: skipped without it unless ``ASYNCSTORE_REQUIRE_BROWSER=1``.
 """
@@ -140,6 +142,25 @@ def test_dashboard_updates_live_and_redrives_with_the_token(
             assert task.status is TaskStatus.QUEUED
             entries = _run(url, lambda s: s.list_audit())
             assert [e.outcome.split(":")[0] for e in entries] == ["done", "refused"]
+
+            # The redriven task is queued again: listed under its queue, and cancelled
+            # from the page.
+            cancel = f'#queued tr[data-key="{dead}"] button[data-action="task.cancel"]'
+            page.wait_for_selector(cancel, timeout=30_000)
+            assert "billing: next 1 of 1" in page.inner_text("#queued-counts")
+            page.click(cancel)
+            page.wait_for_function("() => window.dashState.results.length === 3")
+            assert page.evaluate("() => window.dashState.results[2].ok") is True
+            page.wait_for_function(
+                f"() => !window.dashState.snapshot.tasks.queued.some(t => t.id === {dead})"
+                " && window.dashState.snapshot.audit.length === 3",
+                timeout=30_000,
+            )
+            assert "task.cancel" in page.inner_text("#audit")
+            task = _run(url, lambda s: s.get_task(dead))
+            assert task.status is TaskStatus.CANCELLED
+            note = page.inner_text("#subscribers-note")
+            assert "not available from a separate process" in note
 
             ARTIFACTS.mkdir(exist_ok=True)
             page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)

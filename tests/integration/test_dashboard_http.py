@@ -77,10 +77,15 @@ async def serve_app(app: Any) -> AsyncIterator[httpx.AsyncClient]:
 
 @contextlib.asynccontextmanager
 async def serve(
-    storage: AsyncStorageBackend, token: str | None = TOKEN, refresh_s: float = 0.05
+    storage: AsyncStorageBackend,
+    token: str | None = TOKEN,
+    refresh_s: float = 0.05,
+    **more: Any,
 ) -> AsyncIterator[Served]:
     settings = DashboardSettings(
-        operator_token=None if token is None else SecretStr(token), refresh_interval_s=refresh_s
+        operator_token=None if token is None else SecretStr(token),
+        refresh_interval_s=refresh_s,
+        **more,
     )
     dashboard = Dashboard(storage, settings)
     try:
@@ -140,7 +145,15 @@ async def test_page_and_state_show_real_data(storage: AsyncStorageBackend) -> No
     assert state["subscribers_known"] is False and state["sessions"][0]["subscribers"] is None
     flags = {f["name"]: f["value"] for f in state["flags"]}
     assert flags["lock"] == "100%" and flags["queue"] == "claim"
-    assert set(state["actions"]) == {"task.retry", "task.redrive", "task.cancel", "webhook.resend"}
+    assert "not available from a separate process" in state["subscribers_note"]
+    assert set(state["actions"]) == {
+        "task.retry",
+        "task.redrive",
+        "task.cancel",
+        "webhook.resend",
+        "outbox.redrive",
+    }
+    assert state["actions"]["task.cancel"]["applies_to"] == ["task:queued", "task:running"]
 
 
 async def _next_state(lines: AsyncIterator[str]) -> dict[str, Any]:
@@ -343,7 +356,7 @@ async def test_mounted_in_an_application_shows_live_flags_and_subscribers(
             assert page.status_code == 200 and 'const ROOT = "/ops";' in page.text
             async with rt.subscribe("chat-7"), rt.subscribe("chat-7"):
                 state = (await client.get("/ops/api/state")).json()
-                assert state["subscribers_known"] is True
+                assert state["subscribers_known"] is True and state["subscribers_note"] is None
                 assert [(x["session_id"], x["subscribers"]) for x in state["sessions"]] == [
                     ("chat-7", 2)
                 ]
@@ -429,3 +442,111 @@ async def test_cancel_ends_a_running_task_and_refuses_a_finished_one(
         assert status == 409 and "no task" in body["error"]
     outcomes = [(e.action, e.outcome.split(":")[0]) for e in await storage.list_audit()]
     assert outcomes == [("task.cancel", "refused")] * 2 + [("task.cancel", "done")]
+
+
+async def test_queued_tasks_are_listed_per_queue_and_one_is_cancelled(
+    storage: AsyncStorageBackend,
+) -> None:
+    jobs = await storage.enqueue_tasks([NewTask("jobs", {"i": i}) for i in range(8)])
+    mail = await storage.enqueue_tasks([NewTask("mail", {"i": i}) for i in range(2)])
+    async with serve(storage, queued_rows=3) as s:
+        state = (await s.client.get("/api/state")).json()
+        # Each queue's next three in claim order, bounded per queue, with its count.
+        assert [(t["queue"], t["id"]) for t in state["tasks"]["queued"]] == [
+            *[("jobs", t.id) for t in jobs[:3]],
+            *[("mail", t.id) for t in mail],
+        ]
+        assert state["queued_per_queue"] == [
+            {"queue": "jobs", "count": 8, "shown": 3},
+            {"queue": "mail", "count": 2, "shown": 2},
+        ]
+        target = jobs[0].id
+        status, body = await _post(s, "task.cancel", {"target": target, "confirm": True})
+        assert status == 200
+        assert body["result"] == {"task": target, "status": "cancelled", "was_running": False}
+        # A cancelled queued task never starts: the next claim takes the one after it.
+        (claimed,) = await storage.claim_tasks("jobs", "w-1", limit=1, lease_s=30)
+        assert claimed.id == jobs[1].id
+        state = (await s.client.get("/api/state")).json()  # the action refreshed the view
+        assert [t["id"] for t in state["tasks"]["queued"]][:3] == [t.id for t in jobs[2:5]]
+        assert state["queued_per_queue"][0] == {"queue": "jobs", "count": 6, "shown": 3}
+        status, body = await _post(s, "task.cancel", {"target": target, "confirm": True})
+        assert status == 409 and "already ended (cancelled)" in body["error"]
+    stored = await storage.get_task(target)
+    assert stored is not None and stored.status is TaskStatus.CANCELLED
+    audit = [(e.action, e.target, e.outcome.split(":")[0]) for e in await storage.list_audit()]
+    assert audit == [
+        ("task.cancel", f"task:{target}", "refused"),
+        ("task.cancel", f"task:{target}", "done"),
+    ]
+
+
+async def _dead_outbox(storage: AsyncStorageBackend) -> int:
+    (row,) = await storage.enqueue_outbox([NewOutboxMessage("push", "acct-1", {"n": 1})])
+    (claimed,) = await storage.claim_outbox("w-1", limit=1, lease_s=30)
+    await storage.dead_letter_outbox([Failure(claimed.id, claimed.claim.token, "gateway gone")])
+    return row.id
+
+
+async def test_outbox_redrive_lists_dead_messages_and_puts_one_back(
+    storage: AsyncStorageBackend,
+) -> None:
+    dead = await _dead_outbox(storage)
+    (pending,) = await storage.enqueue_outbox([NewOutboxMessage("push", "acct-2", {"n": 2})])
+    async with serve(storage) as s:
+        state = (await s.client.get("/api/state")).json()
+        assert [(m["id"], m["channel"], m["last_error"]) for m in state["outbox_dead"]] == [
+            (dead, "push", "gateway gone")
+        ]
+        status, body = await _post(s, "outbox.redrive", {"target": pending.id, "confirm": True})
+        assert status == 409 and "only a dead-lettered message" in body["error"]
+        status, body = await _post(s, "outbox.redrive", {"target": "x", "confirm": True})
+        assert status == 400 and "outbox message id" in body["error"]
+        status, body = await _post(s, "outbox.redrive", {"target": dead, "confirm": True})
+        assert status == 200 and body["result"] == {"outbox": dead, "status": "pending"}
+        assert (await s.client.get("/api/state")).json()["outbox_dead"] == []
+        status, body = await _post(s, "outbox.redrive", {"target": dead, "confirm": True})
+        assert status == 409 and "is pending" in body["error"]
+    message = await storage.get_outbox(dead)
+    assert message is not None and message.status == "pending" and message.attempts == 0
+    claimed = await storage.claim_outbox("w-2", limit=5, lease_s=30)  # deliverable again
+    assert sorted(m.id for m in claimed) == sorted([dead, pending.id])
+    outcomes = [(e.target, e.outcome.split(":")[0]) for e in await storage.list_audit()]
+    assert outcomes[:2] == [(f"outbox:{dead}", "refused"), (f"outbox:{dead}", "done")]
+    assert len(outcomes) == 4
+
+
+@pytest.mark.parametrize(
+    ("per_minute", "written"), [(0.001, 3), (None, 25)], ids=["limited", "legacy"]
+)
+async def test_a_flood_of_refused_attempts_writes_a_bounded_number_of_audit_rows(
+    storage: AsyncStorageBackend, per_minute: float | None, written: int
+) -> None:
+    # 0.001 per minute: no refill within any test run, so the count does not depend on speed.
+    dead = await _dead_task(storage)
+    wrong = {"Authorization": "Bearer wrong-token-wrong-token"}
+    body = {"target": dead, "confirm": True}
+    async with serve(storage, audit_refused_burst=3, audit_refused_per_minute=per_minute) as s:
+        for _ in range(20):
+            assert (await _post(s, "task.redrive", body, wrong))[0] == 401
+        for _ in range(5):  # with the token but not confirmed: refused (400) too
+            assert (await _post(s, "task.redrive", {"target": dead}))[0] == 400
+        stats = s.dashboard.statistics()
+        assert (stats.actions_refused, stats.audit_skipped) == (25, 25 - written)
+
+        async def skipped_shown() -> bool:
+            state = (await s.client.get("/api/state")).json()
+            return bool(state["audit_skipped"] == 25 - written)
+
+        await wait_for(skipped_shown, what="the skipped count in the state")
+        # Another client address has its own budget: its refusal is written.
+        transport = httpx.AsyncHTTPTransport(local_address="127.0.0.2")
+        async with httpx.AsyncClient(base_url=s.client.base_url, transport=transport) as other:
+            answer = await other.post("/api/actions/task.redrive", json=body, headers=wrong)
+            assert answer.status_code == 401
+        # An action that is done is always written.
+        assert (await _post(s, "task.redrive", body))[0] == 200
+    audit = await storage.list_audit(limit=100)
+    assert len(audit) == written + 2
+    assert audit[0].outcome == "done" and audit[1].actor == "operator@127.0.0.2"
+    assert (await storage.get_task(dead)).status is TaskStatus.QUEUED  # type: ignore[union-attr]

@@ -1085,6 +1085,18 @@ WHERE p.recorded_at < now() - make_interval(secs => $1)
 -- name: list_jobs
 SELECT * FROM {jobs} WHERE status = $1 ORDER BY id DESC LIMIT $2;
 
+-- name: list_queued_tasks
+-- $1 queue names, $2 rows per queue: each queue's next queued tasks in claim order (what a
+-- claim takes first), one bounded walk of agent_tasks_claimable per queue, queues in $1's order.
+SELECT t.* FROM unnest($1::text[]) WITH ORDINALITY AS q(name, ord)
+CROSS JOIN LATERAL (
+    SELECT * FROM agent_tasks a
+    WHERE a.queue = q.name AND a.status = 'queued'
+    ORDER BY a.priority DESC, a.run_after, a.id
+    LIMIT $2
+) t
+ORDER BY q.ord, t.priority DESC, t.run_after, t.id;
+
 -- name: list_leases
 SELECT session_id, holder, token, expires_at FROM session_leases
 WHERE expires_at > now() ORDER BY session_id LIMIT $1;

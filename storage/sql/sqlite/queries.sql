@@ -616,6 +616,17 @@ WHERE recorded_at < :cutoff
 -- name: list_jobs
 SELECT * FROM {jobs} WHERE status = :status ORDER BY id DESC LIMIT :limit;
 
+-- name: list_queued_tasks
+-- :queues a JSON array of names, :limit rows per queue: each queue's next queued tasks in
+-- claim order, through agent_tasks_claimable, queues in the array's order.
+SELECT t.* FROM json_each(:queues) AS q
+JOIN agent_tasks AS t ON t.id IN (
+    SELECT a.id FROM agent_tasks AS a
+    WHERE a.queue = q.value AND a.status = 'queued'
+    ORDER BY a.priority DESC, a.run_after, a.id
+    LIMIT :limit)
+ORDER BY q.key, t.priority DESC, t.run_after, t.id;
+
 -- name: list_leases
 SELECT session_id, holder, token, expires_at FROM session_leases
 WHERE expires_at > :now ORDER BY session_id LIMIT :limit;
