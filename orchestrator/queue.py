@@ -58,6 +58,7 @@ from asyncstore.storage import (
     Task,
 )
 from asyncstore.storage import TaskStatus as StoredStatus
+from asyncstore.storage._queue_limits import task_queue_channel
 from asyncstore.storage._validate import check_channel
 from asyncstore.storage.base import JSON, TASKS
 from asyncstore.storage.errors import StorageError, UsageError
@@ -329,7 +330,7 @@ class AgentQueue:
         self.storage = storage
         self.name = name
         self.config = config or QueueConfig()
-        self.channel = f"asyncstore.queue.{name}"
+        self.channel = task_queue_channel(name)
         try:  # refused now, not at the first enqueue's notification
             check_channel(self.channel)
         except InvalidInput as exc:

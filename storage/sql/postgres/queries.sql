@@ -710,15 +710,19 @@ RETURNING woke, CASE WHEN woke THEN pg_notify($2, '0') END AS notified;
 -- cancelled, any other status is reported as it is. A running row's cancel notifies $3
 -- with ["<id>", "<worker id>"] in this same statement (sent on commit, never without the
 -- write), so its worker cancels the handler; its later outcome write finds the row no
--- longer running and changes nothing.
+-- longer running and changes nothing. coordinated: the task's queue has a task_queues row;
+-- the driver then runs wake_task_queue after this commits, as a finish does (a cancelled
+-- task frees its slot and its group). Not in this statement: it would lock the task's row
+-- before the queue's, the reverse of a coordinated claim's order (a deadlock).
 WITH old AS (
-    SELECT id, status, worker_id FROM agent_tasks WHERE id = $1 FOR UPDATE
+    SELECT id, status, worker_id, queue FROM agent_tasks WHERE id = $1 FOR UPDATE
 ), cancelled AS (
     UPDATE agent_tasks t SET status = 'cancelled', last_error = $2, updated_at = now()
     FROM old WHERE t.id = old.id AND old.status IN ('queued', 'running')
     RETURNING t.id
 )
-SELECT old.status, old.worker_id, (SELECT count(*) FROM cancelled) AS changed,
+SELECT old.status, old.worker_id, old.queue, (SELECT count(*) FROM cancelled) AS changed,
+       EXISTS (SELECT 1 FROM task_queues q WHERE q.queue = old.queue) AS coordinated,
        CASE WHEN old.status = 'running' AND $3::text IS NOT NULL
             THEN pg_notify($3, to_json(ARRAY[old.id::text, old.worker_id])::text)
        END AS notified

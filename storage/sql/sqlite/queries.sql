@@ -445,7 +445,7 @@ UPDATE agent_tasks SET status = 'cancelled', last_error = :reason, updated_at = 
 WHERE id = :id AND status IN ('queued', 'running');
 
 -- name: _task_cancel_state
-SELECT status, worker_id FROM agent_tasks WHERE id = :id;
+SELECT status, worker_id, queue FROM agent_tasks WHERE id = :id;
 
 -- name: purge_tasks
 -- The tasks' own purge: succeeded and cancelled tasks (both finished for good); dead ones
