@@ -29,6 +29,7 @@ notifications and cancels the named handler at once (``QueueConfig.cancel_listen
 from __future__ import annotations
 
 import collections
+import dataclasses
 import enum
 import functools
 import logging
@@ -61,7 +62,7 @@ from asyncstore.storage import TaskStatus as StoredStatus
 from asyncstore.storage._queue_limits import task_queue_channel
 from asyncstore.storage._validate import check_channel
 from asyncstore.storage.base import JSON, TASKS
-from asyncstore.storage.errors import StorageError, UsageError
+from asyncstore.storage.errors import QueueCoordinated, StorageError, UsageError
 from asyncstore.storage.families import Family, MetricSink
 from asyncstore.storage.task_cancel import (
     TASK_CANCEL_CHANNEL,
@@ -645,9 +646,15 @@ class Worker(JobConsumer[Task]):
 
     async def _claim(self, limit: int) -> list[Task] | None:
         """A coordinated queue claims through its limits row (``claim_limited_tasks``);
-        others run the shared loop's plain claim."""
+        others run the shared loop's plain claim, which refuses (``QueueCoordinated``) once
+        the queue has limits or groups: from then on this worker claims coordinated."""
         if not self._coordinated:
-            return await super()._claim(limit)
+            try:
+                return await super()._claim(limit)
+            except QueueCoordinated:
+                if self._legacy:
+                    return self._legacy_refused()
+                self._become_coordinated()
         self._claims += 1
         self._retry_held_back = None
         try:
@@ -663,6 +670,30 @@ class Worker(JobConsumer[Task]):
             self._held_back_claims += 1
             self._retry_held_back = result.retry_after_s
         return result.tasks
+
+    def _become_coordinated(self) -> None:
+        """Limits were declared (or a grouped task enqueued) after this worker started:
+        claim through the limits row, and announce finishes to refused claimers."""
+        log.info(
+            "queue %s became coordinated: worker %s claims under its limits",
+            self.queue.name,
+            self.worker_id,
+        )
+        self._coordinated = True
+        self._spec = dataclasses.replace(self._spec, wake_on_finish=True)
+
+    def _legacy_refused(self) -> list[Task]:
+        """The legacy ``poll_spawn`` loop cannot honour limits: it claims nothing (counted
+        as held back, logged once) and keeps polling; the queue's other workers run it."""
+        if not self._held_back_claims:
+            log.error(
+                "queue %s has limits or ordering groups: the legacy poll_spawn worker "
+                "%s claims nothing (use mode='claim')",
+                self.queue.name,
+                self.worker_id,
+            )
+        self._held_back_claims += 1
+        return []
 
     def _held_back_s(self) -> float | None:
         return self._retry_held_back
@@ -900,9 +931,7 @@ async def open_worker(
     if max_workers is not None:
         cfg = QueueConfig.model_validate({**cfg.model_dump(), "max_workers": max_workers})
     coordinated = await _coordinate(queue, cfg)
-    worker = Worker(
-        queue, handler, cfg, worker_id or _default_worker_id(), coordinated=coordinated
-    )
+    worker = Worker(queue, handler, cfg, worker_id or _default_worker_id(), coordinated=coordinated)
     async with anyio.create_task_group() as tg:
         await tg.start(worker._serve)
         try:

@@ -16,7 +16,8 @@ import anyio
 import pytest
 
 from asyncstore.orchestrator.queue import AgentQueue, QueueConfig, open_worker
-from asyncstore.storage import AsyncStorageBackend, NewTask, Task
+from asyncstore.storage import AsyncStorageBackend, NewTask, QueueCoordinated, Task
+from asyncstore.storage.errors import UsageError
 from asyncstore.storage.base import TASKS
 from tests.waiting import wait_for
 
@@ -48,3 +49,94 @@ async def test_a_cancel_wakes_a_worker_refused_by_the_running_cap(
             await started["second"].wait()
         assert (await storage.get_task(second.id)).status == "running"  # type: ignore[union-attr]
         worker.stop()
+
+
+async def test_a_cancelled_queued_task_lets_its_group_go_on_at_once(
+    storage: AsyncStorageBackend,
+) -> None:
+    """A queued task cancelled while a later task of its group waits: the wakeup is sent."""
+    queue = AgentQueue(storage, "gcancel", QueueConfig(max_workers=4, **SLOW))
+    head, _ = await queue.enqueue_many(["head", "next"], group="g")
+    started: dict[str, anyio.Event] = {"head": anyio.Event(), "next": anyio.Event()}
+
+    async def handler(task: Task) -> None:
+        started[str(task.payload)].set()
+        await anyio.sleep_forever()
+
+    async with open_worker(queue, handler) as worker:
+        with anyio.fail_after(BOUND_S):
+            await started["head"].wait()
+        await wait_for(lambda: worker.statistics().held_back >= 1, what="a refused claim")
+        await storage.cancel_task(head.id)
+        with anyio.fail_after(BOUND_S):
+            await started["next"].wait()
+        worker.stop()
+
+
+@pytest.mark.parametrize("how", ["limits", "group"])
+async def test_the_plain_claim_refuses_a_coordinated_queue_and_takes_nothing(
+    storage: AsyncStorageBackend, how: str
+) -> None:
+    await storage.enqueue_tasks([NewTask("q", "a"), NewTask("q", "b")])
+    assert [t.payload for t in await storage.claim_tasks("q", "w", limit=1, lease_s=30)] == ["a"]
+    if how == "limits":
+        await storage.set_queue_limits("q", max_running=1)
+    else:
+        await storage.enqueue_tasks([NewTask("q", "g0", group="g")])
+    with pytest.raises(QueueCoordinated, match="claim_limited_tasks") as caught:
+        await storage.claim_tasks("q", "w", limit=10, lease_s=30)
+    assert caught.value.queue == "q"
+    assert isinstance(caught.value, UsageError)
+    with pytest.raises(QueueCoordinated):
+        await storage.claim_jobs(TASKS, "w", limit=10, lease_s=30, queues=["q"])
+    statuses = sorted((t.payload, t.status) for t in await storage.list_tasks("queued"))
+    assert [p for p, _ in statuses] == (["b"] if how == "limits" else ["b", "g0"])
+    claim = await storage.claim_limited_tasks("q", "w", limit=10, lease_s=30)
+    if how == "limits":  # "a" runs: the cap of 1 is full
+        assert claim.tasks == [] and claim.refused
+    else:
+        assert sorted(str(t.payload) for t in claim.tasks) == ["b", "g0"]
+
+
+async def test_an_empty_plain_claim_of_a_queue_without_limits_is_not_refused(
+    storage: AsyncStorageBackend,
+) -> None:
+    assert await storage.claim_tasks("free", "w", limit=10, lease_s=30) == []
+    await storage.set_queue_limits("other", max_running=1)  # another queue's row
+    assert await storage.claim_tasks("free", "w", limit=10, lease_s=30) == []
+
+
+async def test_a_running_worker_honours_limits_declared_after_it_started(
+    storage: AsyncStorageBackend,
+) -> None:
+    """Started uncapped; ``set_queue_limits`` from another handle; its next claim refuses,
+    it switches to the coordinated claim, and from then on at most the cap runs."""
+    queue = AgentQueue(storage, "late", QueueConfig(max_workers=8, **SLOW))
+    running: set[str] = set()
+    peak_after = 0
+    limited = False
+    release = anyio.Event()
+    finished = 0
+
+    async def handler(task: Task) -> None:
+        nonlocal peak_after, finished
+        running.add(str(task.payload))
+        if limited:
+            peak_after = max(peak_after, len(running))
+        await release.wait()
+        running.discard(str(task.payload))
+        finished += 1
+
+    async with open_worker(queue, handler) as worker:
+        assert not worker.statistics().coordinated
+        await queue.enqueue_many([f"a{i}" for i in range(3)])
+        await wait_for(lambda: len(running) == 3, what="three uncapped tasks running")
+        await storage.set_queue_limits("late", max_running=2)
+        limited = True
+        await queue.enqueue_many([f"b{i}" for i in range(6)])  # the notice wakes the worker
+        await wait_for(lambda: worker.statistics().coordinated, what="the switch")
+        await wait_for(lambda: worker.statistics().held_back >= 1, what="a refused claim")
+        assert len(running) == 3  # the three started before; no new start over the cap
+        release.set()
+        await wait_for(lambda: finished == 9, what="all nine finished")
+    assert peak_after <= 2, peak_after

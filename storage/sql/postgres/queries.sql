@@ -282,9 +282,12 @@ SELECT ins.*, (SELECT count(*) FROM woken) AS notified FROM ins;
 -- $1 worker, $2 limit, $3 the one queue (an array, as every kind's claim), $4 lease seconds.
 -- A running task whose lease expired with no attempts left is dead-lettered, not re-run; one
 -- with attempts left is re-run with last_error 'lease expired' (workers count re-runs by it).
+-- A coordinated queue (a task_queues row) is never claimed here: nothing is picked (one
+-- index probe, evaluated once), and the caller finds out why (QueueCoordinated).
 WITH picked AS (
     SELECT id FROM agent_tasks
     WHERE queue = ($3::text[])[1] AND status IN ('queued', 'running') AND run_after <= now()
+      AND NOT EXISTS (SELECT 1 FROM task_queues q WHERE q.queue = ($3::text[])[1])
     ORDER BY priority DESC, run_after, id
     LIMIT $2
     FOR UPDATE SKIP LOCKED

@@ -256,6 +256,7 @@ UPDATE agent_tasks SET
 WHERE id IN (
     SELECT id FROM agent_tasks
     WHERE queue = :queue AND status IN ('queued', 'running') AND run_after <= :now
+      AND NOT EXISTS (SELECT 1 FROM task_queues q WHERE q.queue = :queue)  -- coordinated
     ORDER BY priority DESC, run_after, id
     LIMIT :limit
 )
