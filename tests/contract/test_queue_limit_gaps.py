@@ -17,8 +17,8 @@ import pytest
 
 from asyncstore.orchestrator.queue import AgentQueue, QueueConfig, open_worker
 from asyncstore.storage import AsyncStorageBackend, NewTask, QueueCoordinated, Task
-from asyncstore.storage.errors import UsageError
 from asyncstore.storage.base import TASKS
+from asyncstore.storage.errors import UsageError
 from tests.waiting import wait_for
 
 # A lease and a fallback poll far beyond the bounds below: only a wakeup can be on time.

@@ -278,6 +278,20 @@ WITH ins AS (
 )
 SELECT ins.*, (SELECT count(*) FROM woken) AS notified FROM ins;
 
+-- name: _part_claim_attempt
+-- A claim's SET of a task row t it takes (claim_tasks, claim_limited_tasks): a running row
+-- (its lease expired) with no attempts left is dead-lettered, not re-run; one with attempts
+-- left is re-run with last_error 'lease expired' (workers count re-runs by it); a queued
+-- row starts its next attempt.
+status = CASE WHEN t.status = 'running' AND t.attempts >= t.max_attempts
+              THEN 'dead' ELSE 'running' END,
+last_error = CASE WHEN t.status = 'running' AND t.attempts >= t.max_attempts
+                  THEN 'lease expired on the last attempt'
+                  WHEN t.status = 'running' THEN 'lease expired'
+                  ELSE t.last_error END,
+attempts = CASE WHEN t.status = 'running' AND t.attempts >= t.max_attempts
+                THEN t.attempts ELSE t.attempts + 1 END,
+
 -- name: claim_tasks
 -- $1 worker, $2 limit, $3 the one queue (an array, as every kind's claim), $4 lease seconds.
 -- A running task whose lease expired with no attempts left is dead-lettered, not re-run; one
@@ -293,14 +307,7 @@ WITH picked AS (
     FOR UPDATE SKIP LOCKED
 ), claimed AS (
     UPDATE agent_tasks t SET
-        status = CASE WHEN t.status = 'running' AND t.attempts >= t.max_attempts
-                      THEN 'dead' ELSE 'running' END,
-        last_error = CASE WHEN t.status = 'running' AND t.attempts >= t.max_attempts
-                          THEN 'lease expired on the last attempt'
-                          WHEN t.status = 'running' THEN 'lease expired'
-                          ELSE t.last_error END,
-        attempts = CASE WHEN t.status = 'running' AND t.attempts >= t.max_attempts
-                        THEN t.attempts ELSE t.attempts + 1 END,
+        -- include: _part_claim_attempt
         worker_id = $1,
         lease_token = nextval('claim_tokens'),
         run_after = now() + make_interval(secs => $4),
@@ -644,14 +651,7 @@ WITH clock AS (
     ) AS first
 ), claimed AS (
     UPDATE agent_tasks t SET
-        status = CASE WHEN t.status = 'running' AND t.attempts >= t.max_attempts
-                      THEN 'dead' ELSE 'running' END,
-        last_error = CASE WHEN t.status = 'running' AND t.attempts >= t.max_attempts
-                          THEN 'lease expired on the last attempt'
-                          WHEN t.status = 'running' THEN 'lease expired'
-                          ELSE t.last_error END,
-        attempts = CASE WHEN t.status = 'running' AND t.attempts >= t.max_attempts
-                        THEN t.attempts ELSE t.attempts + 1 END,
+        -- include: _part_claim_attempt
         worker_id = $1,
         lease_token = nextval('claim_tokens'),
         run_after = (SELECT at FROM clock) + make_interval(secs => $4),
