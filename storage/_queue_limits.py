@@ -66,6 +66,7 @@ def task_queue_channel(queue: str) -> str:
     """The notification channel of task queue ``queue`` (its workers listen there)."""
     return TASK_QUEUE_CHANNEL_PREFIX + queue
 
+
 MAX_RATE = 10_000.0
 """The highest ``max_per_second``: the start log holds one entry per start in the window."""
 

@@ -65,9 +65,7 @@ def _expand_parts(queries: dict[str, str]) -> dict[str, str]:
         lines = [ln for ln in parts[name].splitlines() if not ln.lstrip().startswith("--")]
         return "\n".join(indent + ln for ln in lines)
 
-    return {
-        n: _INCLUDE.sub(include, sql) for n, sql in queries.items() if not n.startswith(_PART)
-    }
+    return {n: _INCLUDE.sub(include, sql) for n, sql in queries.items() if not n.startswith(_PART)}
 
 
 def load_queries(dialect: str) -> dict[str, str]:
