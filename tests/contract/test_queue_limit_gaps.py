@@ -15,7 +15,7 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from asyncstore.orchestrator.queue import AgentQueue, QueueConfig, open_worker
+from asyncstore.orchestrator.queue import AgentQueue, QueueConfig, RetryTask, open_worker
 from asyncstore.storage import AsyncStorageBackend, NewTask, QueueCoordinated, Task
 from asyncstore.storage.base import TASKS
 from asyncstore.storage.errors import UsageError
@@ -26,50 +26,60 @@ SLOW = {"lease_s": 120.0, "fallback_poll_s": 600.0, "shutdown_grace_s": 1.0}
 BOUND_S = 30.0  # a hang guard on a loaded machine, well under the 120 s lease
 
 
+class Blocking:
+    """A handler that marks each payload started, then blocks (or retries in 600 s once)."""
+
+    def __init__(self, *payloads: str, retry: str = "") -> None:
+        self.started = {p: anyio.Event() for p in payloads}
+        self.retry = retry
+
+    async def __call__(self, task: Task) -> None:
+        payload = str(task.payload)
+        if payload == self.retry and task.attempts == 1:
+            raise RetryTask("later", delay_s=600)
+        self.started[payload].set()
+        await anyio.sleep_forever()
+
+    async def wait(self, payload: str) -> None:
+        with anyio.fail_after(BOUND_S):
+            await self.started[payload].wait()
+
+
 async def test_a_cancel_wakes_a_worker_refused_by_the_running_cap(
     storage: AsyncStorageBackend,
 ) -> None:
     cfg = QueueConfig(max_workers=2, max_running=1, **SLOW)
     queue = AgentQueue(storage, "capcancel", cfg)
     first, second = await queue.enqueue_many(["first", "second"])
-    started: dict[str, anyio.Event] = {"first": anyio.Event(), "second": anyio.Event()}
-
-    async def handler(task: Task) -> None:
-        started[str(task.payload)].set()
-        await anyio.sleep_forever()
-
+    handler = Blocking("first", "second")
     async with open_worker(queue, handler) as worker:
-        with anyio.fail_after(BOUND_S):
-            await started["first"].wait()
+        await handler.wait("first")
         await wait_for(lambda: worker.statistics().held_back >= 1, what="a refused claim")
         answer = await storage.cancel_task(first.id, "operator")
         assert answer.was_running
         # Refused with the next retry a lease (120 s) away: only the cancel's wakeup is on time.
-        with anyio.fail_after(BOUND_S):
-            await started["second"].wait()
+        await handler.wait("second")
         assert (await storage.get_task(second.id)).status == "running"  # type: ignore[union-attr]
         worker.stop()
 
 
-async def test_a_cancelled_queued_task_lets_its_group_go_on_at_once(
+async def test_cancelling_a_queued_retry_lets_its_group_go_on_at_once(
     storage: AsyncStorageBackend,
 ) -> None:
-    """A queued task cancelled while a later task of its group waits: the wakeup is sent."""
+    """A task waiting 600 s for its retry holds its group back; cancelled (queued), the
+    group's next task starts at once: the cancel sent the wakeup."""
     queue = AgentQueue(storage, "gcancel", QueueConfig(max_workers=4, **SLOW))
     head, _ = await queue.enqueue_many(["head", "next"], group="g")
-    started: dict[str, anyio.Event] = {"head": anyio.Event(), "next": anyio.Event()}
-
-    async def handler(task: Task) -> None:
-        started[str(task.payload)].set()
-        await anyio.sleep_forever()
-
+    handler = Blocking("head", "next", retry="head")
     async with open_worker(queue, handler) as worker:
-        with anyio.fail_after(BOUND_S):
-            await started["head"].wait()
-        await wait_for(lambda: worker.statistics().held_back >= 1, what="a refused claim")
-        await storage.cancel_task(head.id)
-        with anyio.fail_after(BOUND_S):
-            await started["next"].wait()
+        await wait_for(lambda: worker.statistics().retried == 1, what="the head's retry")
+        # The first claim was refused for "next" (its group's head in flight); the claim
+        # that the retry's finish wakeup triggers is refused too (the head waits 600 s).
+        await wait_for(lambda: worker.statistics().held_back >= 2, what="a refused claim")
+        answer = await storage.cancel_task(head.id)
+        assert answer.status == "queued" and answer.outcome == "cancelled"
+        await handler.wait("next")
+        assert not handler.started["head"].is_set()
         worker.stop()
 
 
