@@ -531,7 +531,8 @@ async def _coordinate(queue: AgentQueue, cfg: QueueConfig) -> bool:
     """Declare the config's limits, or read whether the queue has a limits row.
 
     A queue with a row (declared limits, or a grouped task enqueued) is claimed through it
-    by every worker started after the row appeared.
+    by every worker started after the row appeared (one started before switches at its
+    next claim); the legacy ``poll_spawn`` mode is then refused at open.
     """
     if cfg.declares_limits:
         await queue.storage.set_queue_limits(
@@ -541,8 +542,6 @@ async def _coordinate(queue: AgentQueue, cfg: QueueConfig) -> bool:
             max_per_group=cfg.max_per_group or 1,
         )
         return True
-    if cfg.mode == "poll_spawn":
-        return False
     return await queue.storage.get_queue_limits(queue.name) is not None
 
 

@@ -150,3 +150,28 @@ async def test_a_running_worker_honours_limits_declared_after_it_started(
         release.set()
         await wait_for(lambda: finished == 9, what="all nine finished")
     assert peak_after <= 2, peak_after
+
+
+async def test_the_legacy_poll_spawn_mode_is_refused_on_a_grouped_queue_at_open(
+    storage: AsyncStorageBackend,
+) -> None:
+    queue = AgentQueue(storage, "legacyg", QueueConfig(mode="poll_spawn"))
+    await queue.enqueue("g0", group="g")
+    with pytest.raises(UsageError, match="poll_spawn"):
+        async with open_worker(queue, Blocking("g0")):
+            pass
+
+
+async def test_a_running_legacy_worker_takes_nothing_once_limits_are_declared(
+    storage: AsyncStorageBackend,
+) -> None:
+    """The legacy loop cannot honour limits: it claims nothing (counted held back)."""
+    cfg = QueueConfig(mode="poll_spawn", poll_interval_s=0.05, shutdown_grace_s=1.0)
+    queue = AgentQueue(storage, "legacyl", cfg)
+    async with open_worker(queue, Blocking("x")) as worker:
+        await storage.set_queue_limits("legacyl", max_running=5)
+        task = await queue.enqueue("x")
+        await wait_for(lambda: worker.statistics().held_back >= 2, what="refused polls")
+        assert (await storage.get_task(task.id)).status == "queued"  # type: ignore[union-attr]
+        assert not worker.statistics().coordinated
+        worker.stop()
