@@ -1008,6 +1008,11 @@ class AsyncStorageBackend(DialectHooks):
         outcome write that commit at once leave exactly one terminal state, the one the
         answer implies. A refused argument raises ``InvalidInput`` and changes nothing.
         If cancelled, the cancel and its notification are either both done or neither.
+        A task of a coordinated queue (limits or groups) frees its slot and its group as a
+        finish does, so the queue's finish wakeup (``wake_task_queue``) follows: SQLite in
+        the same transaction; Postgres in a second statement once the cancel committed
+        (run to its end even if the caller is cancelled; in the cancel's statement it would
+        take the task's lock before the queue's, the reverse of a claim: a deadlock).
         """
         checked, kept, channel = prepare_task_cancel(task_id, reason, notify_channel)
         return await self._sql_cancel_task(checked, kept, channel)
