@@ -47,12 +47,25 @@ from asyncstore.storage.errors import InvalidInput
 
 __all__ = [
     "MAX_RATE",
+    "TASK_QUEUE_CHANNEL_PREFIX",
     "LimitedClaim",
     "QueueLimits",
     "check_queue_limits",
     "rate_window",
     "retry_after_s",
+    "task_queue_channel",
 ]
+
+TASK_QUEUE_CHANNEL_PREFIX = "asyncstore.queue."
+"""A task queue's notification channel is this prefix and its name: enqueues announce new
+tasks there, and finishes (a completion, a cancel) announce freed slots of a coordinated
+queue there (``wake_task_queue``)."""
+
+
+def task_queue_channel(queue: str) -> str:
+    """The notification channel of task queue ``queue`` (its workers listen there)."""
+    return TASK_QUEUE_CHANNEL_PREFIX + queue
+
 
 MAX_RATE = 10_000.0
 """The highest ``max_per_second``: the start log holds one entry per start in the window."""
@@ -240,6 +253,17 @@ async def pg_wake_task_queue(backend: Any, queue: str, channel: str) -> bool:
     return woke
 
 
+async def pg_wake_after_cancel(backend: Any, row: Any) -> None:
+    """After a committed ``cancel_task`` that ended a task of a coordinated queue: the
+    finish wakeup (its slot and its group are free), run to its end even if the caller is
+    cancelled meanwhile (a lost wakeup would leave refused workers waiting a lease)."""
+    from asyncstore.storage._shield import complete
+
+    if row["changed"] and row["coordinated"]:
+        queue = row["queue"]
+        await complete(pg_wake_task_queue(backend, queue, task_queue_channel(queue)))
+
+
 # ---------------------------------------------------------------- SQLite
 
 
@@ -319,7 +343,12 @@ async def lite_claim_limited_tasks(
 
 async def lite_wake_task_queue(backend: Any, queue: str, channel: str) -> bool:
     async with backend._transaction() as tx:
-        rows = await tx.fetch("wake_task_queue", {"queue": queue})
-        if rows:
-            tx.notify_on_commit(channel, "0")
+        return await lite_wake_in(tx, queue, channel)
+
+
+async def lite_wake_in(tx: Any, queue: str, channel: str) -> bool:
+    """The finish wakeup inside a write transaction ``tx`` (sent if it commits)."""
+    rows = await tx.fetch("wake_task_queue", {"queue": queue})
+    if rows:
+        tx.notify_on_commit(channel, "0")
     return bool(rows)

@@ -3,6 +3,11 @@
 Each dialect keeps its queries in ``sql/<dialect>/queries.sql`` as blocks that start with a
 ``-- name: <query_name>`` line, and its migrations in ``sql/<dialect>/migrations/NNNN_*.sql``.
 Drivers look queries up by name; both dialects must define the same names (a test checks).
+
+A block named ``_part_<name>`` is a shared piece of SQL, not a statement: a line
+``-- include: _part_<name>`` in another block is replaced by it (at that line's indent),
+and the parts themselves are not among the loaded queries. One statement's rule written
+once where two statements need it (the claims' lease-expired handling).
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from asyncstore.storage.errors import InvalidArgument, MigrationError
 
 _NAME = re.compile(r"^--\s*name:\s*(\w+)\s*$", re.MULTILINE)
 _MIGRATION = re.compile(r"^(\d{4})_(\w+)\.sql$")
+_INCLUDE = re.compile(r"^([ \t]*)--\s*include:\s*(\w+)\s*$", re.MULTILINE)
+_PART = "_part_"
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +51,21 @@ def parse_queries(text: str) -> dict[str, str]:
         if name in queries:
             raise InvalidArgument(f"query {name!r} is defined twice")
         queries[name] = body
-    return queries
+    return _expand_parts(queries)
+
+
+def _expand_parts(queries: dict[str, str]) -> dict[str, str]:
+    """Replace each ``-- include: _part_x`` line by the part's SQL; drop the parts."""
+    parts = {n: sql for n, sql in queries.items() if n.startswith(_PART)}
+
+    def include(match: re.Match[str]) -> str:
+        indent, name = match.group(1), match.group(2)
+        if name not in parts:
+            raise InvalidArgument(f"included SQL part {name!r} is not defined")
+        lines = [ln for ln in parts[name].splitlines() if not ln.lstrip().startswith("--")]
+        return "\n".join(indent + ln for ln in lines)
+
+    return {n: _INCLUDE.sub(include, sql) for n, sql in queries.items() if not n.startswith(_PART)}
 
 
 def load_queries(dialect: str) -> dict[str, str]:

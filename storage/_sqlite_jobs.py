@@ -192,6 +192,9 @@ class SqliteJobs(SqliteConnections):
                 if status == TaskStatus.RUNNING and channel is not None:
                     # Delivered on commit, as Postgres delivers NOTIFY.
                     tx.notify_on_commit(channel, encode_task_cancel(task_id, worker_id))
+                # Its slot and its group are free: the finish wakeup of a coordinated queue.
+                queue = rows[0]["queue"]
+                await ql.lite_wake_in(tx, queue, ql.task_queue_channel(queue))
         return TaskCancellation.of(task_id, status, worker_id)
 
     async def _sql_next_task_due_s(self, queue: str) -> float | None:

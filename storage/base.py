@@ -50,6 +50,7 @@ from asyncstore.storage.errors import (
     InvalidInput,
     InvalidType,
     LeaseLost,
+    QueueCoordinated,
     StorageClosed,
     StorageError,
     StorageUnavailable,
@@ -707,6 +708,12 @@ class AsyncStorageBackend(DialectHooks):
         while one of its messages is in flight under a live claim; a message waiting for
         its retry holds back the later messages of its group; a dead message holds nothing
         back. A claim takes a prefix, in id order, of each group's due messages.
+
+        A task claim never bypasses a coordinated queue's limits or groups: on a queue with
+        a ``task_queues`` row (declared limits, or a grouped task enqueued) the statement
+        takes nothing and ``QueueCoordinated`` is raised (claim through
+        ``claim_limited_tasks``). Only a claim that took nothing reads the queue's row, so
+        the claim of a queue without limits stays one statement while it finds work.
         """
         k = v.check_job_kind(kind)
         v.check_id(worker_id, "worker_id")
@@ -716,7 +723,11 @@ class AsyncStorageBackend(DialectHooks):
             raise InvalidInput(f"a {k.name} claim names exactly one {label}")
         n = v.check_limit(limit)
         lease = v.check_seconds(lease_s, "lease_s")
-        return await self._sql_claim_jobs(k, worker_id, n, lease, names)
+        jobs = await self._sql_claim_jobs(k, worker_id, n, lease, names)
+        queue = names[0] if names and k is TASKS else None
+        if not jobs and queue is not None and await self._sql_get_queue_limits(queue) is not None:
+            raise QueueCoordinated(queue)
+        return jobs
 
     @operation
     async def heartbeat_jobs(
@@ -961,7 +972,8 @@ class AsyncStorageBackend(DialectHooks):
     async def claim_tasks(
         self, queue: str, worker_id: str, *, limit: int, lease_s: float
     ) -> list[Task]:
-        """``claim_jobs(TASKS, worker_id, queues=[queue], ...)``."""
+        """``claim_jobs(TASKS, worker_id, queues=[queue], ...)``: the plain claim, which
+        raises ``QueueCoordinated`` on a queue with limits or groups (nothing claimed)."""
         return await self.claim_jobs(TASKS, worker_id, limit=limit, lease_s=lease_s, queues=[queue])
 
     async def heartbeat_tasks(self, claims: Sequence[Claim], lease_s: float) -> list[int]:
@@ -1014,6 +1026,11 @@ class AsyncStorageBackend(DialectHooks):
         outcome write that commit at once leave exactly one terminal state, the one the
         answer implies. A refused argument raises ``InvalidInput`` and changes nothing.
         If cancelled, the cancel and its notification are either both done or neither.
+        A task of a coordinated queue (limits or groups) frees its slot and its group as a
+        finish does, so the queue's finish wakeup (``wake_task_queue``) follows: SQLite in
+        the same transaction; Postgres in a second statement once the cancel committed
+        (run to its end even if the caller is cancelled; in the cancel's statement it would
+        take the task's lock before the queue's, the reverse of a claim: a deadlock).
         """
         checked, kept, channel = prepare_task_cancel(task_id, reason, notify_channel)
         return await self._sql_cancel_task(checked, kept, channel)

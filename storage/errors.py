@@ -12,7 +12,9 @@ orchestrator branch in ``asyncstore.orchestrator.errors``. ``(+X)`` names an ext
 
     AsyncstoreError                  every error asyncstore raises itself
     ├── UsageError                   (+RuntimeError) the call does not fit the state (closed,
-    │                                  entered twice, not started)
+    │   │                              entered twice, not started)
+    │   └── QueueCoordinated         a plain task claim on a queue with limits or groups
+    │                                  (claim through ``claim_limited_tasks``); nothing claimed
     ├── InvalidArgument              (+ValueError) an argument is refused; nothing was done
     │   └── InvalidType              (+TypeError) an argument, or a driver class, of a type the
     │                                  library cannot use
@@ -68,6 +70,7 @@ __all__ = [
     "LeaseLost",
     "MigrationError",
     "QueryError",
+    "QueueCoordinated",
     "StorageClosed",
     "StorageError",
     "StorageUnavailable",
@@ -83,6 +86,19 @@ class UsageError(AsyncstoreError, RuntimeError):
     """The call does not fit the component's state: it is closed, not started, entered
     twice, or the call needs another one first. Fix the calling code; retrying the same
     call cannot succeed. Also a ``RuntimeError``."""
+
+
+class QueueCoordinated(UsageError):
+    """A plain task claim (``claim_tasks``, ``claim_jobs(TASKS, ...)``) named a coordinated
+    queue (declared limits, or grouped tasks): the plain claim would bypass them, so it
+    took nothing. Claim through ``claim_limited_tasks`` (workers switch to it on this)."""
+
+    def __init__(self, queue: str) -> None:
+        super().__init__(
+            f"queue {queue!r} has limits or ordering groups: claim it through "
+            "claim_limited_tasks (the plain claim would bypass them; nothing was claimed)"
+        )
+        self.queue = queue
 
 
 class InvalidArgument(AsyncstoreError, ValueError):

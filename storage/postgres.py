@@ -482,6 +482,7 @@ class PostgresBackend(PgPartitions, PgListening):
         rows = await self._fetch("cancel_task", task_id, reason, channel)
         if not rows:
             return TaskCancellation.of(task_id, None, None)
+        await ql.pg_wake_after_cancel(self, rows[0])
         return TaskCancellation.of(task_id, rows[0]["status"], rows[0]["worker_id"])
 
     async def _sql_next_task_due_s(self, queue: str) -> float | None:

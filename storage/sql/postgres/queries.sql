@@ -278,26 +278,36 @@ WITH ins AS (
 )
 SELECT ins.*, (SELECT count(*) FROM woken) AS notified FROM ins;
 
+-- name: _part_claim_attempt
+-- A claim's SET of a task row t it takes (claim_tasks, claim_limited_tasks): a running row
+-- (its lease expired) with no attempts left is dead-lettered, not re-run; one with attempts
+-- left is re-run with last_error 'lease expired' (workers count re-runs by it); a queued
+-- row starts its next attempt.
+status = CASE WHEN t.status = 'running' AND t.attempts >= t.max_attempts
+              THEN 'dead' ELSE 'running' END,
+last_error = CASE WHEN t.status = 'running' AND t.attempts >= t.max_attempts
+                  THEN 'lease expired on the last attempt'
+                  WHEN t.status = 'running' THEN 'lease expired'
+                  ELSE t.last_error END,
+attempts = CASE WHEN t.status = 'running' AND t.attempts >= t.max_attempts
+                THEN t.attempts ELSE t.attempts + 1 END,
+
 -- name: claim_tasks
 -- $1 worker, $2 limit, $3 the one queue (an array, as every kind's claim), $4 lease seconds.
 -- A running task whose lease expired with no attempts left is dead-lettered, not re-run; one
 -- with attempts left is re-run with last_error 'lease expired' (workers count re-runs by it).
+-- A coordinated queue (a task_queues row) is never claimed here: nothing is picked (one
+-- index probe, evaluated once), and the caller finds out why (QueueCoordinated).
 WITH picked AS (
     SELECT id FROM agent_tasks
     WHERE queue = ($3::text[])[1] AND status IN ('queued', 'running') AND run_after <= now()
+      AND NOT EXISTS (SELECT 1 FROM task_queues q WHERE q.queue = ($3::text[])[1])
     ORDER BY priority DESC, run_after, id
     LIMIT $2
     FOR UPDATE SKIP LOCKED
 ), claimed AS (
     UPDATE agent_tasks t SET
-        status = CASE WHEN t.status = 'running' AND t.attempts >= t.max_attempts
-                      THEN 'dead' ELSE 'running' END,
-        last_error = CASE WHEN t.status = 'running' AND t.attempts >= t.max_attempts
-                          THEN 'lease expired on the last attempt'
-                          WHEN t.status = 'running' THEN 'lease expired'
-                          ELSE t.last_error END,
-        attempts = CASE WHEN t.status = 'running' AND t.attempts >= t.max_attempts
-                        THEN t.attempts ELSE t.attempts + 1 END,
+        -- include: _part_claim_attempt
         worker_id = $1,
         lease_token = nextval('claim_tokens'),
         run_after = now() + make_interval(secs => $4),
@@ -641,14 +651,7 @@ WITH clock AS (
     ) AS first
 ), claimed AS (
     UPDATE agent_tasks t SET
-        status = CASE WHEN t.status = 'running' AND t.attempts >= t.max_attempts
-                      THEN 'dead' ELSE 'running' END,
-        last_error = CASE WHEN t.status = 'running' AND t.attempts >= t.max_attempts
-                          THEN 'lease expired on the last attempt'
-                          WHEN t.status = 'running' THEN 'lease expired'
-                          ELSE t.last_error END,
-        attempts = CASE WHEN t.status = 'running' AND t.attempts >= t.max_attempts
-                        THEN t.attempts ELSE t.attempts + 1 END,
+        -- include: _part_claim_attempt
         worker_id = $1,
         lease_token = nextval('claim_tokens'),
         run_after = (SELECT at FROM clock) + make_interval(secs => $4),
@@ -710,15 +713,19 @@ RETURNING woke, CASE WHEN woke THEN pg_notify($2, '0') END AS notified;
 -- cancelled, any other status is reported as it is. A running row's cancel notifies $3
 -- with ["<id>", "<worker id>"] in this same statement (sent on commit, never without the
 -- write), so its worker cancels the handler; its later outcome write finds the row no
--- longer running and changes nothing.
+-- longer running and changes nothing. coordinated: the task's queue has a task_queues row;
+-- the driver then runs wake_task_queue after this commits, as a finish does (a cancelled
+-- task frees its slot and its group). Not in this statement: it would lock the task's row
+-- before the queue's, the reverse of a coordinated claim's order (a deadlock).
 WITH old AS (
-    SELECT id, status, worker_id FROM agent_tasks WHERE id = $1 FOR UPDATE
+    SELECT id, status, worker_id, queue FROM agent_tasks WHERE id = $1 FOR UPDATE
 ), cancelled AS (
     UPDATE agent_tasks t SET status = 'cancelled', last_error = $2, updated_at = now()
     FROM old WHERE t.id = old.id AND old.status IN ('queued', 'running')
     RETURNING t.id
 )
-SELECT old.status, old.worker_id, (SELECT count(*) FROM cancelled) AS changed,
+SELECT old.status, old.worker_id, old.queue, (SELECT count(*) FROM cancelled) AS changed,
+       EXISTS (SELECT 1 FROM task_queues q WHERE q.queue = old.queue) AS coordinated,
        CASE WHEN old.status = 'running' AND $3::text IS NOT NULL
             THEN pg_notify($3, to_json(ARRAY[old.id::text, old.worker_id])::text)
        END AS notified

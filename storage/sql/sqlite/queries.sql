@@ -237,18 +237,22 @@ VALUES (?, ?, ?, ?, ?, ?, ?, ?);
 -- name: _tasks_after
 SELECT * FROM agent_tasks WHERE id > :after ORDER BY id;
 
+-- name: _part_claim_attempt
+-- A claim's SET of a task row it takes (claim_tasks, claim_limited_tasks); see Postgres's.
+status = CASE WHEN status = 'running' AND attempts >= max_attempts
+              THEN 'dead' ELSE 'running' END,
+last_error = CASE WHEN status = 'running' AND attempts >= max_attempts
+                  THEN 'lease expired on the last attempt'
+                  WHEN status = 'running' THEN 'lease expired'
+                  ELSE last_error END,
+attempts = CASE WHEN status = 'running' AND attempts >= max_attempts
+                THEN attempts ELSE attempts + 1 END,
+
 -- name: claim_tasks
 -- A running task whose lease expired with no attempts left is dead-lettered, not re-run; one
 -- with attempts left is re-run with last_error 'lease expired' (workers count re-runs by it).
 UPDATE agent_tasks SET
-    status = CASE WHEN status = 'running' AND attempts >= max_attempts
-                  THEN 'dead' ELSE 'running' END,
-    last_error = CASE WHEN status = 'running' AND attempts >= max_attempts
-                      THEN 'lease expired on the last attempt'
-                      WHEN status = 'running' THEN 'lease expired'
-                      ELSE last_error END,
-    attempts = CASE WHEN status = 'running' AND attempts >= max_attempts
-                    THEN attempts ELSE attempts + 1 END,
+    -- include: _part_claim_attempt
     worker_id = :worker_id,
     lease_token = :token,
     run_after = :lease_until,
@@ -256,6 +260,7 @@ UPDATE agent_tasks SET
 WHERE id IN (
     SELECT id FROM agent_tasks
     WHERE queue = :queue AND status IN ('queued', 'running') AND run_after <= :now
+      AND NOT EXISTS (SELECT 1 FROM task_queues q WHERE q.queue = :queue)  -- coordinated
     ORDER BY priority DESC, run_after, id
     LIMIT :limit
 )
@@ -371,14 +376,7 @@ WHERE queue = :queue AND status = 'running' AND run_after > :now;
 -- :budget is what the limits allow (computed in the same transaction); the group rule and
 -- the order are Postgres's claim_limited_tasks.
 UPDATE agent_tasks SET
-    status = CASE WHEN status = 'running' AND attempts >= max_attempts
-                  THEN 'dead' ELSE 'running' END,
-    last_error = CASE WHEN status = 'running' AND attempts >= max_attempts
-                      THEN 'lease expired on the last attempt'
-                      WHEN status = 'running' THEN 'lease expired'
-                      ELSE last_error END,
-    attempts = CASE WHEN status = 'running' AND attempts >= max_attempts
-                    THEN attempts ELSE attempts + 1 END,
+    -- include: _part_claim_attempt
     worker_id = :worker_id,
     lease_token = :token,
     run_after = :lease_until,
@@ -445,7 +443,7 @@ UPDATE agent_tasks SET status = 'cancelled', last_error = :reason, updated_at = 
 WHERE id = :id AND status IN ('queued', 'running');
 
 -- name: _task_cancel_state
-SELECT status, worker_id FROM agent_tasks WHERE id = :id;
+SELECT status, worker_id, queue FROM agent_tasks WHERE id = :id;
 
 -- name: purge_tasks
 -- The tasks' own purge: succeeded and cancelled tasks (both finished for good); dead ones

@@ -1,0 +1,576 @@
+"""The agent queue's worker: run handlers for claimed tasks (``Worker``, ``open_worker``).
+
+At most ``max_workers`` long-lived runners run handlers, and a handler's outcome (done, a
+retry at its ``Backoff`` delay, dead, released) is recorded for the shared consumer loop
+(``orchestrator.jobs.JobConsumer``), which claims, renews leases, writes outcomes in
+batches and sleeps while idle. A worker of a coordinated queue (limits or groups) claims
+through ``claim_limited_tasks`` and announces finishes to refused claimers; a worker
+started before its queue became coordinated switches at its next claim (the plain claim
+refuses such a queue: ``QueueCoordinated``). Each worker listens for ``cancel_task``
+notices and cancels the named handler. Moved out of ``orchestrator.queue``, which
+re-exports ``Worker`` and ``open_worker``.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import enum
+import functools
+import logging
+import os
+import secrets
+import socket
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+import anyio
+from anyio.abc import TaskStatus as StartStatus
+
+from asyncstore.orchestrator.batching import describe_failure
+from asyncstore.orchestrator.jobs import ConsumerSpec, JobConsumer, Outcome, OutcomeKind
+from asyncstore.orchestrator.queue_config import Handler, PermanentFailure, QueueConfig, RetryTask
+from asyncstore.orchestrator.queue_stats import WorkerStatistics
+from asyncstore.storage import LEASE_EXPIRED, Claim, Task
+from asyncstore.storage import TaskStatus as StoredStatus
+from asyncstore.storage.base import TASKS
+from asyncstore.storage.errors import QueueCoordinated, StorageError, UsageError
+from asyncstore.storage.task_cancel import TASK_CANCEL_CHANNEL, decode_task_cancel
+
+if TYPE_CHECKING:
+    from asyncstore.orchestrator.queue import AgentQueue
+
+log = logging.getLogger("asyncstore.queue")
+
+__all__ = ["Worker", "open_worker"]
+
+
+class _Stop(enum.Enum):
+    SHUTDOWN = "shutdown"
+    CANCELLED = "cancelled"
+    LEASE_LOST = "lease lost"
+    CANCEL_TASK = "cancel_task"  # the task was cancelled in storage (cancel_task)
+
+
+RECENT_CANCELS = 1024
+"""How many cancel notices for tasks this worker did not hold yet it remembers (a notice
+can overtake the claim's answer on its way: the claim committed first)."""
+
+
+def _default_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
+class Worker(JobConsumer[Task]):
+    """Runs handlers for claimed tasks. Build it with ``open_worker``; read ``statistics()``.
+
+    The claim loop, idle wait, lease renewal and outcome writes are the shared
+    ``JobConsumer``'s; this class runs the handlers: claim mode hands claimed tasks to at
+    most ``max_workers`` long-lived runners, the legacy ``poll_spawn`` mode spawns one task
+    per handler.
+    """
+
+    def __init__(
+        self,
+        queue: AgentQueue,
+        handler: Handler,
+        config: QueueConfig,
+        worker_id: str,
+        *,
+        coordinated: bool = False,
+    ) -> None:
+        legacy = config.mode == "poll_spawn"
+        if legacy and coordinated:
+            raise UsageError(
+                f"queue {queue.name!r} has limits or ordering groups: the legacy poll_spawn "
+                "mode cannot honour them (use mode='claim')"
+            )
+        spec = ConsumerSpec(
+            kind=TASKS,
+            name=f"queue {queue.name}",
+            writer_name="queue-outcomes",
+            queues=(queue.name,),
+            channel=None if legacy else queue.channel,
+            lease_s=config.lease_s,
+            fallback_poll_s=config.fallback_poll_s,
+            max_write_batch=config.max_write_batch,
+            heartbeat_s=config.heartbeat_s,
+            next_due=(
+                functools.partial(queue.storage.next_task_due_s, queue.name)
+                if config.expiry_wakeup
+                else None
+            ),
+            notify_on_release=not legacy,
+            write_each=legacy,
+            wake_on_finish=coordinated,  # a finished task lets its group's next one go
+        )
+        super().__init__(queue.storage, spec, worker_id)
+        self._coordinated = coordinated
+        self._retry_held_back: float | None = None
+        self._held_back_claims = 0
+        self.queue = queue
+        self.config = config
+        self.worker_id = worker_id
+        self._handler = handler
+        self._legacy = legacy
+        self._free = config.max_workers  # claim mode: handler slots not taken
+        self._ready: collections.deque[Task] = collections.deque()  # claimed, not started
+        self._sleepers: collections.deque[anyio.Event] = collections.deque()  # idle runners
+        self._runners = 0
+        # One runner at a time is being woken (or started); it wakes the next if work is left.
+        self._wake_pending = False
+        self._scopes: dict[int, anyio.CancelScope] = {}
+        self._stop_reason: dict[int, tuple[_Stop, str]] = {}
+        self._idle = anyio.Event()
+        self._idle.set()
+        self._running = 0
+        self._peak = 0
+        self._cancelled = 0
+        self._reruns = 0
+        self._cancel_notes = 0
+        # Cancel notices for tasks not held yet (bounded, oldest forgotten first).
+        self._recent_cancels: collections.OrderedDict[int, None] = collections.OrderedDict()
+
+    def statistics(self) -> WorkerStatistics:
+        """A frozen snapshot of this worker's counters."""
+        return WorkerStatistics(
+            worker_id=self.worker_id,
+            mode=self.config.mode,
+            max_workers=self.config.max_workers,
+            running=self._running,
+            peak_running=self._peak,
+            held_leases=len(self._held),
+            claimed=self._claimed,
+            claim_statements=self._claims,
+            succeeded=self._counts[OutcomeKind.DONE],
+            retried=self._counts[OutcomeKind.RETRY],
+            dead=self._counts[OutcomeKind.DEAD],
+            released=self._counts[OutcomeKind.RELEASE],
+            cancelled=self._cancelled,
+            lease_lost=self._lease_lost,
+            stale_writes=self._stale,
+            pending_writes=self._writer.statistics().unsettled if self._writer else 0,
+            undelivered_writes=self._undelivered,
+            notifications=self._notifications,
+            fallback_polls=self._polls,
+            storage_errors=self._errors,
+            reruns=self._reruns,
+            due_queries=self._due_queries,
+            expiry_wakeups=self._expiry_wakeups,
+            coordinated=self._coordinated,
+            held_back=self._held_back_claims,
+            cancel_notifications=self._cancel_notes,
+        )
+
+    def cancel(self, task_id: int, reason: str = "cancelled") -> bool:
+        """Cancel a running handler of this worker; its task is dead-lettered with
+        ``cancelled: <reason>`` (and can be redriven).
+
+        Returns False if this worker is not running that task. To cancel a task from any
+        process and end it ``cancelled`` (not dead), use ``AgentQueue.cancel``.
+        """
+        scope = self._scopes.get(task_id)
+        if scope is None:
+            return False
+        self._stop_reason.setdefault(task_id, (_Stop.CANCELLED, reason))
+        scope.cancel()
+        return True
+
+    async def flush(self) -> None:
+        """Wait until the outcomes of every handler finished so far are written.
+
+        Cancelling the wait leaves them queued; they are still written.
+        """
+        await super().flush()
+
+    # -- cancel_task notices ---------------------------------------------------
+
+    async def _serve(self, *, task_status: StartStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """The consumer's loop, with the cancel listener subscribed before it starts."""
+        if not self.config.cancel_listen:
+            await super()._serve(task_status=task_status)
+            return
+        async with anyio.create_task_group() as tg:
+            await tg.start(self._listen_cancels)
+            await super()._serve(task_status=task_status)
+            tg.cancel_scope.cancel()
+
+    async def _listen_cancels(
+        self, *, task_status: StartStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Cancel the handlers of tasks ``cancel_task`` cancelled; notices name the worker.
+
+        After a gap (a listener reconnect, an overflow) the held tasks are read back and
+        those found cancelled are stopped; the lease renewal is the last resort (a
+        cancelled row is no longer running, so its renewal fails and the handler stops).
+        """
+        async with self._storage.listen(TASK_CANCEL_CHANNEL) as stream:
+            task_status.started()
+            async for note in stream:
+                if note.gap:
+                    await self._catch_up_cancels()
+                    continue
+                notice = decode_task_cancel(note.payload)
+                if notice is not None and notice[1] == self.worker_id:
+                    self._cancel_notes += 1
+                    self._cancelled_in_storage(notice[0])
+
+    async def _catch_up_cancels(self) -> None:
+        for task_id, token in list(self._held.items()):
+            try:
+                task = await self._storage.get_job(TASKS, task_id)
+            except StorageError as exc:
+                self._errors += 1
+                log.warning("cancel catch-up on queue %s failed: %s", self.queue.name, exc)
+                return
+            cancelled = task is not None and task.status is StoredStatus.CANCELLED
+            if cancelled and self._held.get(task_id) == token:
+                self._cancelled_in_storage(task_id)
+
+    def _cancelled_in_storage(self, task_id: int) -> None:
+        """Storage ended the task ``cancelled``: stop its handler, or never start it.
+
+        Its lease is dropped (no renewal, and a runner skips a task it does not hold); a
+        notice for a task not held yet is remembered, for the claim whose answer it
+        overtook.
+        """
+        if self._held.pop(task_id, None) is None:
+            self._recent_cancels[task_id] = None
+            while len(self._recent_cancels) > RECENT_CANCELS:
+                self._recent_cancels.popitem(last=False)
+            return
+        scope = self._scopes.get(task_id)
+        if scope is None:
+            # Claimed and not started (a runner skips it), or finished with its outcome not
+            # yet written (that write finds the row cancelled and changes nothing).
+            self._cancelled += 1
+            return
+        self._stop_reason[task_id] = (_Stop.CANCEL_TASK, "")
+        scope.cancel()
+
+    # -- the consumer's part ---------------------------------------------------
+
+    def _room(self) -> int:
+        if self.config.claim_batch is not None:
+            return min(self._free, self.config.claim_batch)
+        return self._free
+
+    def _release_unstarted(self) -> None:
+        """Release claimed tasks no runner has started (recorded now, written by the writer)."""
+        while self._ready:
+            task = self._ready.popleft()
+            self._finish(Outcome(OutcomeKind.RELEASE, task.claim))
+
+    async def _drain(self) -> None:
+        # Claimed but not started: given back at once, not started during the grace.
+        self._release_unstarted()
+        with anyio.move_on_after(self.config.shutdown_grace_s):
+            await self._idle.wait()
+        for task_id, scope in list(self._scopes.items()):
+            self._stop_reason.setdefault(task_id, (_Stop.SHUTDOWN, ""))
+            scope.cancel()
+        # Cancelled handlers record their release synchronously as they unwind.
+        await self._idle.wait()
+
+    def _on_lease_lost(self, job_id: int) -> None:
+        scope = self._scopes.get(job_id)
+        if scope is not None:
+            self._stop_reason[job_id] = (_Stop.LEASE_LOST, "")
+            scope.cancel()
+
+    async def _claim(self, limit: int) -> list[Task] | None:
+        """A coordinated queue claims through its limits row (``claim_limited_tasks``);
+        others run the shared loop's plain claim, which refuses (``QueueCoordinated``) once
+        the queue has limits or groups: from then on this worker claims coordinated."""
+        if not self._coordinated:
+            try:
+                return await super()._claim(limit)
+            except QueueCoordinated:
+                if self._legacy:
+                    return self._legacy_refused()
+                self._become_coordinated()
+        self._claims += 1
+        self._retry_held_back = None
+        try:
+            with anyio.CancelScope(shield=True):  # as the plain claim: never strand rows
+                result = await self._storage.claim_limited_tasks(
+                    self.queue.name, self.worker_id, limit=limit, lease_s=self.config.lease_s
+                )
+        except StorageError as exc:
+            self._errors += 1
+            log.warning("claim on queue %s failed: %s", self.queue.name, exc)
+            return None
+        if result.refused:
+            self._held_back_claims += 1
+            self._retry_held_back = result.retry_after_s
+        return result.tasks
+
+    def _become_coordinated(self) -> None:
+        """Limits were declared (or a grouped task enqueued) after this worker started:
+        claim through the limits row, and announce finishes to refused claimers."""
+        log.info(
+            "queue %s became coordinated: worker %s claims under its limits",
+            self.queue.name,
+            self.worker_id,
+        )
+        self._coordinated = True
+        self._spec = dataclasses.replace(self._spec, wake_on_finish=True)
+
+    def _legacy_refused(self) -> list[Task]:
+        """The legacy ``poll_spawn`` loop cannot honour limits: it claims nothing (counted
+        as held back, logged once) and keeps polling; the queue's other workers run it."""
+        if not self._held_back_claims:
+            log.error(
+                "queue %s has limits or ordering groups: the legacy poll_spawn worker "
+                "%s claims nothing (use mode='claim')",
+                self.queue.name,
+                self.worker_id,
+            )
+        self._held_back_claims += 1
+        return []
+
+    def _held_back_s(self) -> float | None:
+        return self._retry_held_back
+
+    async def _after_outcomes(self) -> None:
+        """Finished tasks of a coordinated queue free slots: one statement notifies the
+        queue's channel if a claim was refused since the last finish (else no notify)."""
+        if not self._coordinated:
+            return
+        try:
+            await self._storage.wake_task_queue(self.queue.name, self.queue.channel)
+        except StorageError as exc:
+            self._errors += 1
+            log.warning("wake of queue %s failed: %s", self.queue.name, exc)
+
+    async def _loop(self) -> None:
+        if self._legacy:
+            await self._poll_spawn()
+        else:
+            await self._claim_loop()
+
+    # -- the legacy loop -------------------------------------------------------
+
+    async def _poll_spawn(self) -> None:
+        """Legacy ``poll_spawn``: every ``poll_interval_s``, spawn all that the poll returns."""
+        cfg = self.config
+        while not self._stopping.is_set():
+            tasks = await self._claim(cfg.poll_batch) or []
+            if not self._take(tasks):
+                await self._sleep_or_stop(cfg.poll_interval_s)
+
+    # -- running handlers ------------------------------------------------------
+
+    def _dispatch(self, jobs: Sequence[Task]) -> None:
+        """Hand claimed tasks to runners.
+
+        Claim mode queues them for the long-lived runners (at most ``max_workers``, started
+        as the work needs them); the legacy mode spawns one task per handler, as it did.
+        """
+        if self._tasks is None:
+            raise UsageError("worker is not running: use open_worker first")
+        for task in jobs:
+            if task.attempts > 1 and task.last_error == LEASE_EXPIRED:
+                self._reruns += 1
+        if self._recent_cancels:
+            jobs = [task for task in jobs if not self._cancelled_before_claim(task)]
+            if not jobs:
+                return
+        if self._running == 0:
+            self._idle = anyio.Event()
+        self._running += len(jobs)
+        self._peak = max(self._peak, self._running)
+        if self._legacy:
+            for task in jobs:
+                self._tasks.start_soon(self._run_one, task)
+            return
+        self._free -= len(jobs)  # never below 0: we claimed only free slots
+        self._ready.extend(jobs)
+        self._wake_one()
+
+    def _cancelled_before_claim(self, task: Task) -> bool:
+        """True if a cancel notice for ``task`` overtook its claim: it is not started."""
+        if task.id not in self._recent_cancels:
+            return False
+        del self._recent_cancels[task.id]
+        self._forget(task.claim)
+        self._cancelled += 1
+        return True
+
+    def _wake_one(self) -> None:
+        """Wake an idle runner, or start one (up to ``max_workers``), unless one is on its way.
+
+        Runners are woken one after the other, each as the previous one takes a task and
+        sees more waiting, so a batch of handlers that never wait is run by the first runner
+        without waking the others for nothing; handlers that wait still start at once.
+        """
+        if self._wake_pending or self._tasks is None:
+            return
+        if self._sleepers:
+            self._wake_pending = True
+            self._sleepers.popleft().set()
+        elif self._runners < self.config.max_workers:
+            self._wake_pending = True
+            self._runners += 1
+            self._tasks.start_soon(self._runner)
+
+    async def _runner(self) -> None:
+        """A long-lived handler runner (claim mode): runs queued tasks one at a time.
+
+        Each task runs under the runner's current cancel scope, registered under the task's
+        id, so ``cancel`` and a lost lease cancel just that handler; a scope that was
+        cancelled is replaced before the next task. Cancelled with the worker's task group.
+        """
+        self._wake_pending = False  # this is the runner that was started
+        since_yield = 0
+        while True:
+            with anyio.CancelScope() as scope:
+                while not scope.cancel_called:
+                    if not self._ready:
+                        since_yield = 0
+                        await self._sleep()
+                        continue
+                    task = self._ready.popleft()
+                    if self._ready:
+                        self._wake_one()  # more work: a helper, in case this handler waits
+                    if self._held.get(task.id) != task.claim.token:
+                        self._finish(None)  # its lease was lost before it started
+                        continue
+                    self._finish(await self._execute(task, scope), slot=True)
+                    since_yield += 1
+                    if since_yield >= 64:
+                        # Handlers that never wait must not starve the claim loop and writer.
+                        since_yield = 0
+                        await anyio.lowlevel.checkpoint()
+
+    async def _sleep(self) -> None:
+        """Wait until ``_wake_one`` picks this runner."""
+        woken = anyio.Event()
+        self._sleepers.append(woken)
+        try:
+            await woken.wait()
+        finally:
+            if woken.is_set():
+                self._wake_pending = False
+            else:  # cancelled while idle
+                self._sleepers.remove(woken)
+
+    async def _run_one(self, task: Task) -> None:
+        """Legacy ``poll_spawn``: one spawned task per handler."""
+        if self._held.get(task.id) != task.claim.token:
+            self._finish(None, slot=False)  # cancelled or its lease lost before it started
+            return
+        with anyio.CancelScope() as scope:
+            self._finish(await self._execute(task, scope), slot=False)
+
+    async def _execute(self, task: Task, scope: anyio.CancelScope) -> Outcome | None:
+        """Run the handler under ``scope``; the outcome to record (None: nothing to write).
+
+        If ``scope`` (or the worker) is cancelled, the task's release or dead-letter is
+        returned synchronously as the handler unwinds and the cancellation propagates after
+        it is recorded.
+        """
+        claim = task.claim
+        finished: Outcome | None = None
+        self._scopes[task.id] = scope
+        try:
+            try:
+                await self._handler(task)
+                finished = Outcome(OutcomeKind.DONE, claim)
+            except RetryTask as retry:
+                finished = Outcome(OutcomeKind.RETRY, claim, retry.reason, retry.at)
+            except PermanentFailure as exc:
+                finished = Outcome(OutcomeKind.DEAD, claim, describe_failure(exc))
+            except Exception as exc:
+                at = time.time() + self.config.backoff_s(task.attempts)
+                finished = Outcome(
+                    OutcomeKind.RETRY, claim, describe_failure(exc), datetime.fromtimestamp(at, UTC)
+                )
+            if self._stop_reason.get(task.id, (None, ""))[0] is _Stop.CANCEL_TASK:
+                # The handler caught the cancellation and ended on its own: the task is
+                # still cancelled (storage decided), and its outcome is not written.
+                finished = self._after_stop(task.id, claim)
+        except BaseException:
+            # Cancelled (this task, a lost lease, or the worker stopping): record its final
+            # state here, synchronously; the writer's shielded final flush writes it.
+            self._finish(self._after_stop(task.id, claim), slot=not self._legacy)
+            raise
+        finally:
+            del self._scopes[task.id]
+            self._stop_reason.pop(task.id, None)
+        return finished
+
+    def _finish(self, finished: Outcome | None, *, slot: bool = True) -> None:
+        """A claimed task is done here: free its slot, record its outcome."""
+        self._running -= 1
+        if slot and not self._legacy:
+            self._free += 1
+            self._progress.set()
+        if self._running == 0:
+            self._idle.set()
+        if finished is not None:
+            self._record(finished)
+
+    def _after_stop(self, task_id: int, claim: Claim) -> Outcome | None:
+        reason, why = self._stop_reason.get(task_id, (_Stop.SHUTDOWN, ""))
+        if reason is _Stop.LEASE_LOST:
+            return None  # another worker holds the task now; its state is theirs to write
+        if reason is _Stop.CANCELLED:
+            self._cancelled += 1
+            return Outcome(OutcomeKind.DEAD, claim, f"cancelled: {why}")
+        if reason is _Stop.CANCEL_TASK:
+            self._cancelled += 1
+            return None  # storage ended it cancelled already; nothing left to write
+        return Outcome(OutcomeKind.RELEASE, claim)
+
+
+async def _coordinate(queue: AgentQueue, cfg: QueueConfig) -> bool:
+    """Declare the config's limits, or read whether the queue has a limits row.
+
+    A queue with a row (declared limits, or a grouped task enqueued) is claimed through it
+    by every worker started after the row appeared (one started before switches at its
+    next claim); the legacy ``poll_spawn`` mode is then refused at open.
+    """
+    if cfg.declares_limits:
+        await queue.storage.set_queue_limits(
+            queue.name,
+            max_running=cfg.max_running,
+            max_per_second=cfg.max_per_second,
+            max_per_group=cfg.max_per_group or 1,
+        )
+        return True
+    return await queue.storage.get_queue_limits(queue.name) is not None
+
+
+@asynccontextmanager
+async def open_worker(
+    queue: AgentQueue,
+    handler: Handler,
+    *,
+    max_workers: int | None = None,
+    config: QueueConfig | None = None,
+    worker_id: str | None = None,
+) -> AsyncIterator[Worker]:
+    """Run a worker for ``queue`` while the ``async with`` body runs.
+
+    ``max_workers`` (default ``config.max_workers``) caps concurrently running handlers.
+    On leaving the block normally the worker stops claiming, lets running handlers finish
+    for up to ``shutdown_grace_s``, then cancels them and releases their leases (so other
+    workers take those tasks at once) and writes every outcome before returning. If the
+    block raises or is cancelled, handlers are cancelled at once; their releases and every
+    finished outcome are still written (shielded, bounded by a timeout).
+    """
+    cfg = config or queue.config
+    if max_workers is not None:
+        cfg = QueueConfig.model_validate({**cfg.model_dump(), "max_workers": max_workers})
+    coordinated = await _coordinate(queue, cfg)
+    worker = Worker(queue, handler, cfg, worker_id or _default_worker_id(), coordinated=coordinated)
+    async with anyio.create_task_group() as tg:
+        await tg.start(worker._serve)
+        try:
+            yield worker
+        finally:
+            worker.stop()
