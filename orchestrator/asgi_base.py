@@ -167,6 +167,10 @@ class StreamsBase:
         self._ws_frames: OrderedDict[tuple[str, int, int], str] = OrderedDict()
         self._ws_last: tuple[StreamEvent | None, str] = (None, "")
         self._sse_last: tuple[StreamEvent | None, bytes] = (None, b"")
+        # The ASGI messages of the event being fanned out to its session right now, shared
+        # by every subscriber of the session (nobody mutates a sent message).
+        self._ws_batch: tuple[StreamEvent | None, list[tuple[dict[str, Any], int]]] = (None, [])
+        self._sse_batch: tuple[StreamEvent | None, list[tuple[dict[str, Any], int]]] = (None, [])
 
     # -- lifecycle -----------------------------------------------------------------------
 

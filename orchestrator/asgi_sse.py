@@ -221,11 +221,15 @@ class SSEEndpoints(StreamsBase):
     def _sse_messages(self, batch: list[StreamEvent | StreamReset]) -> list[tuple[Message, int]]:
         if len(batch) == 1:
             item = batch[0]
-            last = self._sse_last
-            if item is last[0]:  # the usual case: the event its session is being sent now
+            shared = self._sse_batch
+            if item is shared[0]:  # the usual case: the event its session is being sent now
                 self._counts["events_sent"] += 1
-                message = {"type": "http.response.body", "body": last[1], "more_body": True}
-                return [(message, 1)]
+                return shared[1]
+            message = {"type": "http.response.body", "body": self._sse_chunk(item), "more_body": True}
+            messages: list[tuple[Message, int]] = [(message, 1)]
+            if type(item) is StreamEvent:
+                self._sse_batch = (item, messages)  # for the session's other subscribers
+            return messages
         chunks = [self._sse_chunk(x) for x in batch]
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         return [({"type": "http.response.body", "body": body, "more_body": True}, len(batch))]

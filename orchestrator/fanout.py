@@ -106,6 +106,7 @@ class Pusher:
         "send",
         "send_scope",
         "sending",
+        "time",
     )
 
     def __init__(
@@ -120,6 +121,7 @@ class Pusher:
         batch: int,
     ) -> None:
         self.loop = asyncio.get_running_loop()
+        self.time = self.loop.time
         self.conn = conn
         self.items = items
         self.lock = lock
@@ -130,7 +132,7 @@ class Pusher:
         self.batch = batch
         # Sends run in this stream's context, not the publisher's (middleware may read it).
         self.ctx = contextvars.copy_context()
-        self.last = self.loop.time()  # the start of the last send
+        self.last = self.time()  # the start of the last send
         self.sending = False  # the stream's task is in a send
         self.parked: asyncio.Future[None] | None = None
         self.handoff: tuple[Rest, list[tuple[Message, int]]] | None = None
@@ -175,11 +177,28 @@ class Pusher:
         if not batch:
             return
         messages = self.encode(batch)
-        self.last = self.loop.time()
+        self.last = self.time()
         send, run = self.send, self.ctx.run
+        if len(messages) == 1:
+            # The usual case (one event, one frame): no loop, no slicing.
+            message, n = messages[0]
+            coro: Coroutine[Any, Any, None] = send(message)  # type: ignore[assignment]
+            try:
+                pending = run(coro.send, None)
+            except StopIteration:
+                self.count("events_pushed", n)
+                if len(batch) == self.batch:
+                    self.unpark()  # a backlog: the task sends the rest
+                return
+            except Exception as exc:
+                self.failure = exc
+            else:
+                self.handoff = (Rest(coro, pending), [])
+            self.unpark()
+            return
         done = 0
         for i, (message, n) in enumerate(messages):
-            coro: Coroutine[Any, Any, None] = send(message)  # type: ignore[assignment]
+            coro = send(message)  # type: ignore[assignment]
             try:
                 pending = run(coro.send, None)
             except StopIteration:
