@@ -225,7 +225,8 @@ class SSEEndpoints(StreamsBase):
             if item is shared[0]:  # the usual case: the event its session is being sent now
                 self._counts["events_sent"] += 1
                 return shared[1]
-            message = {"type": "http.response.body", "body": self._sse_chunk(item), "more_body": True}
+            chunk = self._sse_chunk(item)
+            message = {"type": "http.response.body", "body": chunk, "more_body": True}
             messages: list[tuple[Message, int]] = [(message, 1)]
             if type(item) is StreamEvent:
                 self._sse_batch = (item, messages)  # for the session's other subscribers
