@@ -193,7 +193,7 @@ class SSEEndpoints(StreamsBase):
             anyio.Lock(fast_acquire=True),  # SSE has no other writer: never contended
             send=send,
             encode=self._sse_messages,
-            count=self._count,
+            counts=self._counts,
             heartbeat={"type": "http.response.body", "body": _SSE_HEARTBEAT, "more_body": True},
             gone=gone,
             errors=(OSError,),

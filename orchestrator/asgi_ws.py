@@ -240,7 +240,7 @@ class WebSocketEndpoints(StreamsBase):
             lock,
             send=send,
             encode=self._ws_messages,
-            count=self._count,
+            counts=self._counts,
             heartbeat={"type": "websocket.send", "text": '{"type":"heartbeat"}'},
             gone=gone,
             errors=(WebSocketDisconnect, OSError, RuntimeError),
