@@ -14,6 +14,7 @@ import logging
 import re
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC
 from typing import Any, Literal, Protocol
 
 import anyio
@@ -121,13 +122,17 @@ class _Connection:
 
 
 def _event_body(event: StreamEvent) -> dict[str, Any]:
+    created = event.created_at
+    tz = created.tzinfo
     return {
         "session_id": event.session_id,
         "epoch": event.epoch,
         "seq": event.seq,
         "kind": event.kind,
         "payload": event.payload,
-        "created_at": event.created_at.isoformat(),
+        # orjson writes a UTC (or naive) datetime as isoformat() does, several times faster;
+        # other zones keep isoformat() (orjson drops an offset's seconds).
+        "created_at": created if tz is UTC or tz is None else created.isoformat(),
     }
 
 
@@ -167,6 +172,10 @@ class StreamsBase:
         self._ws_frames: OrderedDict[tuple[str, int, int], str] = OrderedDict()
         self._ws_last: tuple[StreamEvent | None, str] = (None, "")
         self._sse_last: tuple[StreamEvent | None, bytes] = (None, b"")
+        # The ASGI messages of the event being fanned out to its session right now, shared
+        # by every subscriber of the session (nobody mutates a sent message).
+        self._ws_batch: tuple[StreamEvent | None, list[tuple[dict[str, Any], int]]] = (None, [])
+        self._sse_batch: tuple[StreamEvent | None, list[tuple[dict[str, Any], int]]] = (None, [])
 
     # -- lifecycle -----------------------------------------------------------------------
 

@@ -43,12 +43,15 @@ class EndpointConfig(BaseModel):
     cancel_on_disconnect: bool = Field(
         default=False, description="a client leaving cancels the session's turn"
     )
-    ws_send: Literal["fanout", "batched", "per_frame"] = Field(
+    ws_send: Literal["fanout", "fanout_starlette", "batched", "per_frame"] = Field(
         default="fanout",
         description="WebSocket delivery: fanout writes each event from the publisher's task "
         "straight to every connection that is idle at the live head (no task wake-up per "
         "subscriber; a busy or slow connection's own task takes over, under the send "
-        "timeout and the lag policy); batched wakes each connection's task, which sends the "
+        "timeout and the lag policy), on the ASGI send beneath Starlette's WebSocket "
+        "wrapper, with one message per event shared by the session's subscribers; "
+        "fanout_starlette is the same fan-out sending through Starlette's "
+        "WebSocket.send (its earlier form); batched wakes each connection's task, which sends the "
         "events that are ready together (one timeout and lock per batch, frames encoded "
         "once per session and shared by its subscribers); per_frame is the legacy path "
         "(each frame encoded, timed and locked on its own)",

@@ -193,7 +193,7 @@ class SSEEndpoints(StreamsBase):
             anyio.Lock(fast_acquire=True),  # SSE has no other writer: never contended
             send=send,
             encode=self._sse_messages,
-            count=self._count,
+            counts=self._counts,
             heartbeat={"type": "http.response.body", "body": _SSE_HEARTBEAT, "more_body": True},
             gone=gone,
             errors=(OSError,),
@@ -221,11 +221,16 @@ class SSEEndpoints(StreamsBase):
     def _sse_messages(self, batch: list[StreamEvent | StreamReset]) -> list[tuple[Message, int]]:
         if len(batch) == 1:
             item = batch[0]
-            last = self._sse_last
-            if item is last[0]:  # the usual case: the event its session is being sent now
+            shared = self._sse_batch
+            if item is shared[0]:  # the usual case: the event its session is being sent now
                 self._counts["events_sent"] += 1
-                message = {"type": "http.response.body", "body": last[1], "more_body": True}
-                return [(message, 1)]
+                return shared[1]
+            chunk = self._sse_chunk(item)
+            message = {"type": "http.response.body", "body": chunk, "more_body": True}
+            messages: list[tuple[Message, int]] = [(message, 1)]
+            if type(item) is StreamEvent:
+                self._sse_batch = (item, messages)  # for the session's other subscribers
+            return messages
         chunks = [self._sse_chunk(x) for x in batch]
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         return [({"type": "http.response.body", "body": body, "more_body": True}, len(batch))]

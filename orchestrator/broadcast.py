@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -46,6 +45,7 @@ from asyncstore.orchestrator.broadcast_notes import (
 )
 from asyncstore.orchestrator.broadcast_ring import _adopt_head, _Ring, _seed_head
 from asyncstore.orchestrator.broadcast_subscription import Subscription
+from asyncstore.orchestrator.timing import SYSTEM_CLOCK, Clock
 from asyncstore.storage import AsyncStorageBackend, Notification, StreamEvent
 from asyncstore.storage.errors import InvalidArgument
 
@@ -79,9 +79,19 @@ class BroadcastHub:
     Running the hub starts the cross-instance listener and the idle-ring sweeper.
     """
 
-    def __init__(self, storage: AsyncStorageBackend, config: HubConfig | None = None) -> None:
+    def __init__(
+        self,
+        storage: AsyncStorageBackend,
+        config: HubConfig | None = None,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
         self.storage = storage
         self.config = config or HubConfig()
+        # What the timing logic reads: idle rings (last use, eviction, the sweeper's
+        # period) and a resume point's wait for an event in flight from another instance.
+        self.clock = clock
+        self._monotonic = clock.monotonic
         self._rings: OrderedDict[str, _Ring] = OrderedDict()
         self._tg: anyio.abc.TaskGroup | None = None
         self._published = 0
@@ -165,7 +175,7 @@ class BroadcastHub:
         ring.nbytes += nbytes
         ring.epoch = event.epoch
         ring.last_seq = event.seq
-        ring.last_used = time.monotonic()
+        ring.last_used = self._monotonic()
         if persisted and event.seq > ring.persisted_seq:
             ring.persisted_seq = event.seq
         self._published += 1
@@ -282,7 +292,7 @@ class BroadcastHub:
         if ring is not None:
             ring.subscribers.discard(sub)
             ring.sinks.pop(sub, None)
-            ring.last_used = time.monotonic()
+            ring.last_used = self._monotonic()
 
     # -- rings -------------------------------------------------------------------------
 
@@ -293,18 +303,18 @@ class BroadcastHub:
                     del self._rings[sid]
                     self._evicted += 1
                     break
-        ring = _Ring(session_id)
+        ring = _Ring(session_id, self._monotonic())
         self._rings[session_id] = ring
         return ring
 
     async def _sweeper(self) -> None:
         while True:
-            await anyio.sleep(self.config.sweep_interval_s)
+            await self.clock.sleep(self.config.sweep_interval_s)
             self.evict_idle()
 
     def evict_idle(self) -> int:
         """Drop rings with no subscriber and no publish for ``ring_idle_ttl_s``."""
-        horizon = time.monotonic() - self.config.ring_idle_ttl_s
+        horizon = self._monotonic() - self.config.ring_idle_ttl_s
         idle = [
             sid
             for sid, ring in self._rings.items()
@@ -466,11 +476,14 @@ class BroadcastHub:
 
 @asynccontextmanager
 async def open_broadcast_hub(
-    storage: AsyncStorageBackend, config: HubConfig | None = None
+    storage: AsyncStorageBackend,
+    config: HubConfig | None = None,
+    *,
+    clock: Clock = SYSTEM_CLOCK,
 ) -> AsyncIterator[BroadcastHub]:
     """Run a ``BroadcastHub`` (its listener and sweeper) while the block runs.
 
     Leaving the block ends its subscriptions. ``async with BroadcastHub(...)`` does the same.
     """
-    async with BroadcastHub(storage, config) as hub:
+    async with BroadcastHub(storage, config, clock=clock) as hub:
         yield hub

@@ -9,7 +9,6 @@ adopt a head that became known. Used by ``broadcast.BroadcastHub`` and ``Subscri
 from __future__ import annotations
 
 import itertools
-import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -42,7 +41,7 @@ class _Ring:
         "waiters",
     )
 
-    def __init__(self, session_id: str) -> None:
+    def __init__(self, session_id: str, now: float) -> None:
         self.session_id = session_id
         self.events: deque[StreamEvent] = deque()
         self.sizes: deque[int] = deque()
@@ -55,7 +54,7 @@ class _Ring:
         self.waiters: list[Subscription] = []
         # Subscribers written to by whoever publishes (``Subscription.set_sink``).
         self.sinks: dict[Subscription, Callable[[], None]] = {}
-        self.last_used = time.monotonic()
+        self.last_used = now  # on the hub's clock
         self.fetching = False
         self.refetch = False
         self.fetch_target = 0

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import time
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Self
@@ -316,7 +315,8 @@ class Subscription:
             if self._resume_deadline is None:
                 await waiter
             else:
-                with anyio.move_on_after(self._resume_deadline - time.monotonic()):
+                clock = self._hub.clock
+                with clock.move_on_after(self._resume_deadline - clock.monotonic()):
                     await waiter
         finally:
             self._waiter = None
@@ -399,7 +399,7 @@ class Subscription:
             await self._reset_to_head("gap")  # the resume point itself is gone (purged)
             return
         # Not stored (yet): it may be in flight from another instance. Wait for it a while.
-        now = time.monotonic()
+        now = hub.clock.monotonic()
         if self._resume_deadline is None and ring is not None:
             self._resume_deadline = now + hub.config.resume_wait_s
         if ring is not None and self._resume_deadline is not None and now < self._resume_deadline:

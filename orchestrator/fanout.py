@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Generator
 from typing import TYPE_CHECKING, Any
 
@@ -93,7 +94,7 @@ class Pusher:
     __slots__ = (
         "batch",
         "conn",
-        "count",
+        "counts",
         "ctx",
         "encode",
         "failure",
@@ -106,6 +107,7 @@ class Pusher:
         "send",
         "send_scope",
         "sending",
+        "time",
     )
 
     def __init__(
@@ -116,21 +118,24 @@ class Pusher:
         send_scope: anyio.CancelScope,
         send: Send,
         encode: Encode,
-        count: Callable[[str, int], None],
+        counts: dict[str, int],
         batch: int,
     ) -> None:
         self.loop = asyncio.get_running_loop()
+        # asyncio's loop.time() is time.monotonic() behind a Python call; uvloop's is C.
+        base = type(self.loop).time is asyncio.BaseEventLoop.time
+        self.time = time.monotonic if base else self.loop.time
         self.conn = conn
         self.items = items
         self.lock = lock
         self.send_scope = send_scope
         self.send = send
         self.encode = encode
-        self.count = count
+        self.counts = counts  # the endpoint's counters (``events_pushed`` is there)
         self.batch = batch
         # Sends run in this stream's context, not the publisher's (middleware may read it).
         self.ctx = contextvars.copy_context()
-        self.last = self.loop.time()  # the start of the last send
+        self.last = self.time()  # the start of the last send
         self.sending = False  # the stream's task is in a send
         self.parked: asyncio.Future[None] | None = None
         self.handoff: tuple[Rest, list[tuple[Message, int]]] | None = None
@@ -175,11 +180,28 @@ class Pusher:
         if not batch:
             return
         messages = self.encode(batch)
-        self.last = self.loop.time()
+        self.last = self.time()
         send, run = self.send, self.ctx.run
+        if len(messages) == 1:
+            # The usual case (one event, one frame): no loop, no slicing.
+            message, n = messages[0]
+            coro: Coroutine[Any, Any, None] = send(message)  # type: ignore[assignment]
+            try:
+                pending = run(coro.send, None)
+            except StopIteration:
+                self.counts["events_pushed"] += n
+                if len(batch) == self.batch:
+                    self.unpark()  # a backlog: the task sends the rest
+                return
+            except Exception as exc:
+                self.failure = exc
+            else:
+                self.handoff = (Rest(coro, pending), [])
+            self.unpark()
+            return
         done = 0
         for i, (message, n) in enumerate(messages):
-            coro: Coroutine[Any, Any, None] = send(message)  # type: ignore[assignment]
+            coro = send(message)  # type: ignore[assignment]
             try:
                 pending = run(coro.send, None)
             except StopIteration:
@@ -190,10 +212,10 @@ class Pusher:
             else:
                 self.handoff = (Rest(coro, pending), messages[i + 1 :])
             if done:
-                self.count("events_pushed", done)
+                self.counts["events_pushed"] += done
             self.unpark()
             return
-        self.count("events_pushed", done)
+        self.counts["events_pushed"] += done
         if len(batch) == self.batch:
             self.unpark()  # a backlog: the task sends the rest, yielding between batches
 
@@ -205,7 +227,7 @@ async def stream_batched(
     *,
     send: Send,
     encode: Encode,
-    count: Callable[[str, int], None],
+    counts: dict[str, int],
     heartbeat: Message,
     gone: Callable[[Exception], None],
     errors: tuple[type[Exception], ...],
@@ -228,7 +250,7 @@ async def stream_batched(
     """
     loop = asyncio.get_running_loop()
     send_scope = anyio.CancelScope()
-    push = Pusher(conn, items, lock, send_scope, send, encode, count, batch)
+    push = Pusher(conn, items, lock, send_scope, send, encode, counts, batch)
     fanout = fanout and hasattr(items, "take_live")
     timer: asyncio.TimerHandle | None = None
     timer_at = 0.0
@@ -292,7 +314,7 @@ async def stream_batched(
                             if conn.end_reason is not None:
                                 break
                             messages = [(heartbeat, 0)]
-                            count("heartbeats", 1)
+                            counts["heartbeats"] = counts.get("heartbeats", 0) + 1
                         else:
                             ready = [item, *take_ready(batch - 1)]
                     if messages is None:

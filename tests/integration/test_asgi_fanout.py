@@ -5,8 +5,9 @@ uvicorn serves ``EventStreams`` on 127.0.0.1 in the test's loop; clients are the
 connection; these tests hold it to what the per-connection paths promise: every subscriber
 sees every seq once and in order under concurrent producers, a client that stops reading
 holds up nobody and is handled by the lag policy (with a counter), a slow reader that
-resumes gets everything exactly, and shutdown drains. The legacy paths (``batched``,
-``per_frame``) run the same exactness test.
+resumes gets everything exactly, and shutdown drains. The fan-out through Starlette's
+``WebSocket.send`` (``fanout_starlette``) and the legacy paths (``batched``, ``per_frame``)
+run the same exactness test.
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ async def _produce(rt: Runtime, session_id: str, n: int, writers: int = 1) -> in
     return turn.lease.token
 
 
-@pytest.mark.parametrize("send", ["fanout", "batched", "per_frame"])
+@pytest.mark.parametrize("send", ["fanout", "fanout_starlette", "batched", "per_frame"])
 async def test_every_subscriber_sees_every_seq_once_in_order_under_concurrent_producers(
     storage_url: str, send: str
 ) -> None:
@@ -130,7 +131,7 @@ async def test_every_subscriber_sees_every_seq_once_in_order_under_concurrent_pr
                 assert all(e["session_id"] == sid for e in client.events)
         stats = srv.streams.statistics()
         assert stats.events_sent == len(sessions) * per_session * n
-        if send == "fanout":
+        if send in ("fanout", "fanout_starlette"):
             assert stats.events_pushed > 0  # publishers wrote to the sockets themselves
         else:
             assert stats.events_pushed == 0
@@ -239,3 +240,28 @@ async def test_shutdown_drains_parked_fanout_streams(storage_url: str) -> None:
         assert (stats.open_websockets, stats.ended_shutdown, stats.shutdown_forced) == (0, 6, 0)
         assert srv.subscribers() == 0
         tg.cancel_scope.cancel()
+
+
+def test_one_message_per_event_is_shared_by_the_subscribers_of_its_session() -> None:
+    """Encode once: every subscriber of a session is handed the same ASGI message (WebSocket
+    and SSE) for the event being fanned out, not a copy each; another event gets its own."""
+    from datetime import UTC, datetime
+
+    from asyncstore.orchestrator.asgi import EventStreams
+    from asyncstore.storage import StreamEvent
+
+    def subscribe(session_id: str, after: object) -> Any:
+        raise AssertionError("not subscribed here")
+
+    streams = EventStreams(subscribe, authorize=lambda conn, sid: True)
+    now = datetime.now(UTC)
+    first, second = (StreamEvent("s", 1, seq, "delta", {"i": seq}, now) for seq in (1, 2))
+    for encode in (streams._ws_messages, streams._sse_messages):
+        one = encode([first])
+        assert encode([first]) is one  # the session's next subscriber: the same message
+        assert encode([second]) is not one
+        ((message, n),) = one
+        assert n == 1
+        body = message.get("text") or message["body"].decode()
+        assert '"seq":1' in body
+    assert streams.statistics().events_sent == 6
