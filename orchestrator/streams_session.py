@@ -69,9 +69,7 @@ def _event_constructor() -> Callable[[str, int, int, str, Any, datetime], Stream
     ):
         return StreamEvent
     new = object.__new__
-    s_id, s_epoch, s_seq, s_kind, s_payload, s_at = (
-        StreamEvent.__dict__[n].__set__ for n in names
-    )
+    s_id, s_epoch, s_seq, s_kind, s_payload, s_at = (StreamEvent.__dict__[n].__set__ for n in names)
 
     def make(
         session_id: str, epoch: int, seq: int, kind: str, payload: Any, created_at: datetime
@@ -116,8 +114,7 @@ class SessionStream:
     def _check_lease(self) -> None:
         if self.lease is not None and self.lease.lost:
             raise LeaseLost(
-                f"session {self.session_id!r}: the lease was lost; a superseded holder "
-                "may not emit"
+                f"session {self.session_id!r}: the lease was lost; a superseded holder may not emit"
             )
 
     async def emit(
