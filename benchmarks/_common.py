@@ -112,6 +112,33 @@ def load_average() -> float | None:
         return None
 
 
+def cpu_ticks() -> list[int] | None:
+    """The machine's CPU time so far (``/proc/stat``'s first line: user, nice, system,
+    idle, iowait, ...), in clock ticks; None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            return [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+
+
+def cpu_shares(before: list[int] | None, after: list[int] | None) -> dict[str, float] | None:
+    """How the machine's CPU was spent between two ``cpu_ticks``, as fractions: ``nice`` is
+    time of niced processes (background jobs), ``busy`` everything but idle and iowait."""
+    if not before or not after:
+        return None
+    delta = [a - b for a, b in zip(after, before, strict=False)]
+    total = sum(delta[:8]) or 1
+    idle = delta[3] + delta[4]
+    return {
+        "busy": (total - idle) / total,
+        "user": delta[0] / total,
+        "nice": delta[1] / total,
+        "system": delta[2] / total,
+        "idle": idle / total,
+    }
+
+
 def version(package: str) -> str | None:
     try:
         return importlib.metadata.version(package)

@@ -65,6 +65,7 @@ SSE_EVERY = 10  # one subscriber in this many is an SSE client
 CASES = ("bare", "library", "legacy", "cross")
 SEND_CASES = ("batched", "per_frame")  # this command only: the WebSocket endpoint's older paths
 SSE_LEGACY = "sse_per_connection"  # this command only: SSE on its legacy task per connection
+CLOSE_LIMIT_S = 120.0  # how long /finish waits for the producers' turns to close
 _LEGACY_FLAGS = {"stream_batching": "per_event", "stream_delivery": "poll"}
 _OPTIMIZED_FLAGS = {"stream_batching": "batched", "stream_delivery": "memory"}
 
@@ -301,11 +302,20 @@ def _library_app(url: str, ws_send: str = "fanout", sse_send: str = "fanout") ->
         return JSONResponse({})
 
     async def finish(request: Request) -> Response:
-        """Close every turn of the run, and answer once they are closed."""
+        """Close every turn of the run; answer once they are closed, or at ``limit_s`` with
+        how many are still open (a saturated legacy path can take minutes to flush)."""
+        limit = float((await request.json()).get("limit_s", CLOSE_LIMIT_S))
         state["finish"].set()
-        with anyio.fail_after(120):
+        started = time.monotonic()
+        with anyio.move_on_after(limit):
             await state["closed"].wait()
-        return JSONResponse({})
+        return JSONResponse(
+            {
+                "closed": state["closed"].is_set(),
+                "close_s": time.monotonic() - started,
+                "open": state["open"],
+            }
+        )
 
     async def flags(request: Request) -> Response:
         body = await request.json()
@@ -613,8 +623,29 @@ async def _run_case(
         for j in range(case.subscribers)
     ]
     rss0 = {s.proc.pid: _rss(s.proc.pid) for s in servers}
+    clients: list[subprocess.Popen[str]] = []
+    try:
+        return await _drive(tag, producer, servers, case, fresh, sessions, conns, rss0, clients)
+    finally:
+        for proc in clients:
+            if proc.poll() is None:
+                proc.kill()
+                await anyio.to_thread.run_sync(proc.wait)
+
+
+async def _drive(
+    tag: str,
+    producer: _Server,
+    servers: Sequence[_Server],
+    case: S2Case,
+    fresh: set[int],
+    sessions: list[str],
+    conns: list[tuple[str, str, bool, bool]],
+    rss0: dict[int, int],
+    clients: list[subprocess.Popen[str]],
+) -> dict[str, float]:
+    """The body of one run (``_run_case``); ``clients`` collects the client processes."""
     timeout = 15 + 3 * case.events / case.rate
-    clients = []
     for k in range(case.clients):
         mine = conns[k :: case.clients]
         proc = _spawn(["--client"])
@@ -661,7 +692,11 @@ async def _run_case(
             spy.send_signal(signal.SIGINT)
             await anyio.to_thread.run_sync(spy.wait)
         after = [(await http.get(s.base + "/stats")).json() for s in servers]
-        (await http.post(producer.base + "/finish", timeout=150)).raise_for_status()
+        finish = await http.post(
+            producer.base + "/finish", json={"limit_s": CLOSE_LIMIT_S}, timeout=CLOSE_LIMIT_S + 30
+        )
+        finish.raise_for_status()
+        closed = finish.json()
         for proc in clients:
             await anyio.to_thread.run_sync(proc.wait)
         # Until the last delivery, as the clients' clock says (one clock on this machine).
@@ -692,6 +727,10 @@ async def _run_case(
         "undelivered": float(expected - received),  # not received within the time limit
         "misordered": float(sum(r["violations"] for r in results)),  # gaps, duplicates, order
         "client_errors": float(sum(r["error_count"] for r in results)),
+        # Closing the producers' turns after the window (final flush, lease release); a
+        # close still running at CLOSE_LIMIT_S is counted, and its server restarted.
+        "close_s": float(closed.get("close_s", 0.0)),
+        "close_timed_out": 0.0 if closed.get("closed", True) else 1.0,
     }
     if remote:
         figures["remote_p50_ms"] = percentile(remote, 0.50)
@@ -711,59 +750,135 @@ async def run_cases(
     cases: Sequence[str],
     repeats: int,
     tick: Callable[[str], None] = lambda label: None,
+    errors: list[str] | None = None,
 ) -> dict[str, dict[str, list[float]]]:
-    """Every case ``repeats`` times, interleaved; figures per case (lists, one per run)."""
+    """Every case ``repeats`` times, interleaved; figures per case (lists, one per run).
+
+    A run that fails (a server that stops answering, a client that cannot start) does not
+    stop the others: it counts in the case's ``failed_runs``, its message goes to
+    ``errors``, and the servers it used are restarted, as are those of a run whose
+    producers' turns did not close within ``CLOSE_LIMIT_S``."""
     if url.startswith("sqlite") and "cross" in cases:
         cases = [c for c in cases if c != "cross"]
     out: dict[str, dict[str, list[float]]] = {c: {} for c in cases}
-    servers: list[_Server] = []
+    # Each server's role and how to start it: (kind, ws_send, sse_send).
+    specs: dict[str, tuple[str, str, str]] = {}
+    if "bare" in cases:
+        specs["bare"] = ("bare", "fanout", "fanout")
+    if {"library", "legacy", "cross"} & set(cases):
+        specs["lib"] = ("library", "fanout", "fanout")
+    if "cross" in cases:
+        specs["lib2"] = ("library", "fanout", "fanout")
+    # The WebSocket endpoint's earlier send paths (EndpointConfig.ws_send), each on a server
+    # of its own: batched (a task wake-up per subscriber per event) and per_frame; SSE's legacy
+    # path (EndpointConfig.sse_send="per_connection"): a task per connection woken per event.
+    for name in SEND_CASES:
+        if name in cases:
+            specs[name] = ("library", name, "fanout")
+    if SSE_LEGACY in cases:
+        specs[SSE_LEGACY] = ("library", "fanout", "per_connection")
+    pool: dict[str, _Server] = {}
+    fresh: set[int] = set()
+
+    async def start(role: str) -> None:
+        kind, ws_send, sse_send = specs[role]
+        pool[role] = await _start_server(kind, url, ws_send, sse_send)
+        fresh.add(pool[role].proc.pid)
+
+    def roles_of(name: str) -> list[str]:
+        if name in ("bare", *SEND_CASES, SSE_LEGACY):
+            return [name]
+        return ["lib", "lib2"] if name == "cross" else ["lib"]
+
     try:
-        bare = await _start_server("bare", url) if "bare" in cases else None
-        if bare is not None:
-            servers.append(bare)
-        lib = None
-        if {"library", "legacy", "cross"} & set(cases):
-            lib = await _start_server("library", url)
-            servers.append(lib)
-        lib2 = await _start_server("library", url) if "cross" in cases else None
-        if lib2 is not None:
-            servers.append(lib2)
-        # The WebSocket endpoint's earlier send paths (EndpointConfig.ws_send), each on a
-        # server of its own: batched (a task wake-up per subscriber per event) and per_frame.
-        sends: dict[str, _Server] = {}
-        for name in SEND_CASES:
-            if name in cases:
-                sends[name] = await _start_server("library", url, name)
-                servers.append(sends[name])
-        # SSE's legacy path (EndpointConfig.sse_send="per_connection"): a task per connection
-        # woken per event; the WebSockets stay on the fan-out.
-        if SSE_LEGACY in cases:
-            sends[SSE_LEGACY] = await _start_server("library", url, "fanout", "per_connection")
-            servers.append(sends[SSE_LEGACY])
-        fresh = {s.proc.pid for s in servers}
+        for role in specs:
+            await start(role)
         async with httpx.AsyncClient(timeout=30) as http:
             for rep in range(repeats):
                 order = list(cases) if rep % 2 == 0 else list(reversed(cases))
                 for name in order:
                     tag = f"s2{name[:3]}{rep}{os.getpid()}{time.monotonic_ns() % 100000}"
-                    if name == "bare":
-                        assert bare is not None
-                        figures = await _run_case(tag, bare, [bare], case, fresh)
-                    elif name in sends:
-                        figures = await _run_case(tag, sends[name], [sends[name]], case, fresh)
-                    else:
-                        assert lib is not None
-                        path = "legacy" if name == "legacy" else "optimized"
-                        await http.post(lib.base + "/flags", json={"path": path})
-                        targets = [lib, lib2] if name == "cross" and lib2 is not None else [lib]
-                        figures = await _run_case(tag, lib, targets, case, fresh)
+                    roles = roles_of(name)
+                    servers = [pool[r] for r in roles]
+                    restart = False
+                    try:
+                        if name in ("library", "legacy", "cross"):
+                            path = "legacy" if name == "legacy" else "optimized"
+                            flagged = await http.post(
+                                pool["lib"].base + "/flags", json={"path": path}
+                            )
+                            flagged.raise_for_status()
+                        figures = await _run_case(tag, servers[0], servers, case, fresh)
+                        restart = figures["close_timed_out"] > 0
+                    except Exception as exc:  # one failed run: count it, go on
+                        figures = {"failed_runs": 1.0}
+                        message = f"S2 {name} run {rep + 1}: {type(exc).__name__}: {exc}"[:300]
+                        print(message, file=sys.stderr)
+                        if errors is not None:
+                            errors.append(message)
+                        restart = True
                     for key, value in figures.items():
                         out[name].setdefault(key, []).append(value)
+                    if restart:
+                        for role in roles:
+                            await _stop(pool.pop(role))
+                            await start(role)
                     tick(name)
     finally:
-        for server in servers:
+        for server in pool.values():
             await _stop(server)
     return out
+
+
+HELD_P99_MS = 1000.0  # a size is held when everything arrives in time, p99 within this
+HELD_FRACTIONS = (1.0, 0.8, 0.6, 0.4, 0.3, 0.2, 0.1)  # of the case's size, largest first
+
+
+def held(figures: dict[str, list[float]]) -> bool:
+    """Whether one run held its size: every delivery in time, no client error, p99 bound."""
+    return (
+        not figures.get("failed_runs")
+        and bool(figures.get("p99_ms"))
+        and max(figures["undelivered"]) == 0
+        and max(figures["client_errors"]) == 0
+        and max(figures["p99_ms"]) <= HELD_P99_MS
+    )
+
+
+async def find_held(
+    url: str,
+    case: S2Case,
+    cases: Sequence[str],
+    tick: Callable[[str], None] = lambda label: None,
+    errors: list[str] | None = None,
+) -> dict[str, dict[str, float]]:
+    """The largest size each case holds (``held``), searched by bisection over
+    ``HELD_FRACTIONS`` of ``case`` (subscribers per stream kept), one run per probe; a case
+    that holds none of them is absent. Assumes a size held implies every smaller one is."""
+    found: dict[str, dict[str, float]] = {}
+    for name in cases:
+        lo, hi = 0, len(HELD_FRACTIONS)  # the answer's index is in [lo, hi); hi: none held
+        best: dict[str, float] | None = None
+        while lo < hi:
+            mid = (lo + hi) // 2
+            subscribers = max(2, round(case.subscribers * HELD_FRACTIONS[mid]))
+            streams = max(1, round(case.streams * HELD_FRACTIONS[mid]))
+            probe = S2Case(streams, subscribers, case.events, case.clients, case.rate)
+            figures = (await run_cases(url, probe, [name], 1, tick, errors))[name]
+            if held(figures):
+                best = {
+                    "subscribers": float(subscribers),
+                    "streams": float(streams),
+                    "offered_per_s": subscribers * case.rate,
+                    "deliveries_per_s": figures["deliveries_per_s"][0],
+                    "p99_ms": figures["p99_ms"][0],
+                }
+                hi = mid  # held: look at larger sizes (smaller indexes)
+            else:
+                lo = mid + 1
+        if best is not None:
+            found[name] = best
+    return found
 
 
 def notes(case: S2Case, url: str, repeats: int) -> list[str]:
@@ -822,6 +937,18 @@ def extra_rows(res: dict[str, Any]) -> list[tuple[str, str, str, str, str, str]]
                 "met" if cpu < 90 else "NOT met",
             )
         )
+    if "held" in res:
+        sizes = res["held"]
+        rows.append(
+            (
+                f"largest size held (all in time, p99 <= {HELD_P99_MS:,.0f} ms)",
+                held_text(sizes.get("library")),
+                "bare " + held_text(sizes.get("bare")),
+                "",
+                "seed: 3,000 on 500",
+                "",
+            )
+        )
     cross = res.get("cross") or {}
     if cross.get("deliveries_per_s"):
         for key, label, unit in (
@@ -852,6 +979,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=RATE)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument(
+        "--held",
+        action="store_true",
+        help="find the largest size (a fraction of the given one) each case holds",
+    )
     parser.add_argument("--serve", choices=("bare", "library"), help=argparse.SUPPRESS)
     parser.add_argument("--ws-send", default="fanout", help=argparse.SUPPRESS)
     parser.add_argument("--sse-send", default="fanout", help=argparse.SUPPRESS)
@@ -867,6 +999,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         url = args.url or f"sqlite:///{Path(tmp) / 's2.db'}"
         case = S2Case(args.streams, args.subscribers, args.events, args.clients, args.rate)
+        if args.held:
+            found = anyio.run(find_held, url, case, args.cases.split(","), lambda n: None)
+            print(json.dumps(found))
+            for name in args.cases.split(","):
+                print(f"{name}: " + held_text(found.get(name)))
+            return 0
         out = anyio.run(
             run_cases, url, case, args.cases.split(","), args.repeats, lambda n: print(n, "done")
         )
@@ -874,6 +1012,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(name, json.dumps({k: [round(x, 2) for x in v] for k, v in figures.items()}))
     print(summary(out))
     return 0
+
+
+def held_text(size: dict[str, float] | None) -> str:
+    """One case's ``find_held`` answer in words."""
+    if size is None:
+        return f"none of the sizes searched (down to {HELD_FRACTIONS[-1]:.0%})"
+    return (
+        f"{size['subscribers']:,.0f} subscribers on {size['streams']:,.0f} streams "
+        f"({size['offered_per_s']:,.0f}/s offered, p99 {size['p99_ms']:,.0f} ms)"
+    )
 
 
 def summary(out: dict[str, dict[str, list[float]]]) -> str:

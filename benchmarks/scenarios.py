@@ -87,6 +87,7 @@ class Sizes:
     s2_events: int
     s2_clients: int  # subscriber client processes
     s2_repeats: int
+    s2_held: bool  # also search the largest size each of library and bare holds
     s3_tasks: int
     s3_workers: int
     s3_lease_s: float
@@ -113,6 +114,7 @@ class Sizes:
                 s2_events=n(60, 3),
                 s2_clients=4,
                 s2_repeats=3,
+                s2_held=True,
                 s3_tasks=n(10_000, 50),
                 s3_workers=4,
                 s3_lease_s=5.0,
@@ -135,6 +137,7 @@ class Sizes:
             s2_events=n(40, 3),
             s2_clients=2,
             s2_repeats=1,
+            s2_held=False,
             s3_tasks=n(2000, 50),
             s3_workers=3,
             s3_lease_s=1.5,

@@ -227,15 +227,29 @@ async def _s2(url: str, sizes: Sizes, progress: Any) -> dict[str, Any]:
         sizes.s2_streams, sizes.s2_subscribers, sizes.s2_events, sizes.s2_clients, S2_RATE
     )
     bar = _Bar(progress, "S2", sizes.s2_repeats * len(s2_sockets.CASES))
+    errors: list[str] = []
     out = await s2_sockets.run_cases(
-        url, case, s2_sockets.CASES, sizes.s2_repeats, lambda done: bar.next(f"S2 {done}")
+        url,
+        case,
+        s2_sockets.CASES,
+        sizes.s2_repeats,
+        lambda done: bar.next(f"S2 {done}"),
+        errors,
     )
     bar.done()
+    if sizes.s2_held:
+        # The seed's size is more than this machine holds: how far down each one holds.
+        probes = _Bar(progress, "S2 held", 2 * len(s2_sockets.HELD_FRACTIONS).bit_length())
+        res["held"] = await s2_sockets.find_held(
+            url, case, ["bare", "library"], lambda done: probes.next(f"S2 held {done}"), errors
+        )
+        probes.done()
     res["figures"]["optimized"] = out["library"]
     res["figures"]["legacy"] = out["legacy"]
     res["ceiling"] = out.get("bare", {})
     res["cross"] = out.get("cross", {})
     res["notes"].extend(s2_sockets.notes(case, url, sizes.s2_repeats))
+    res["notes"].extend(f"FAILED run: {e}" for e in errors)
     return res
 
 
@@ -339,14 +353,20 @@ async def run_suite(
 
         for name in scenarios:
             started = time.perf_counter()
-            if name == "S3":
-                res = await _s3(url, dialect, sizes, tmp, progress)
-            elif name == "S2":
-                res = await _s2(url, sizes, progress)
-            else:
-                res = await _with_runtime(name, settings, hooks, sizes, progress)
-                if name == "S4" and dialect == "sqlite":
-                    res["notes"].append("open connections: sockets of the process (no pool)")
+            try:
+                if name == "S3":
+                    res = await _s3(url, dialect, sizes, tmp, progress)
+                elif name == "S2":
+                    res = await _s2(url, sizes, progress)
+                else:
+                    res = await _with_runtime(name, settings, hooks, sizes, progress)
+                    if name == "S4" and dialect == "sqlite":
+                        res["notes"].append("open connections: sockets of the process (no pool)")
+            except Exception as exc:  # one scenario's failure is reported, the rest still run
+                res = _result()
+                res["error"] = f"{type(exc).__name__}: {exc}"[:500]
+                res["notes"].append(f"FAILED: {res['error']}")
+                logging.getLogger("benchmarks").exception("scenario %s failed", name)
             res["seconds"] = time.perf_counter() - started
             out[name] = res
     finally:
@@ -421,6 +441,9 @@ FIGURES: dict[str, list[tuple[str, str, str]]] = {
         ("undelivered", "not delivered within the run's limit", "n"),
         ("misordered", "gaps/duplicates/out of order", "n"),
         ("rss_per_conn_kib", "server RSS per connection", "KiB"),
+        ("close_s", "producers' turns closed after the window", "s"),
+        ("close_timed_out", "runs whose close passed the limit", "n"),
+        ("failed_runs", "runs that failed (see notes)", "n"),
     ],
     "S3": [
         ("kill_rerun_s", "killed worker's held claims run again after", "s"),
@@ -440,6 +463,8 @@ FIGURES: dict[str, list[tuple[str, str, str]]] = {
         ("events_lost", "stream events lost (counted)", "n"),
     ],
 }
+# Counts of runs: the table shows their sum over the repeats.
+SUM_FIGURES = {("S2", "close_timed_out"), ("S2", "failed_runs")}
 MAX_FIGURES = {
     ("S4", "rss_growth_pct"),
     ("S4", "queues_left"),
@@ -458,13 +483,20 @@ def judge(results: dict[str, Any]) -> list[Row]:
         if name not in results:
             continue
         res = results[name]
+        if "error" in res:
+            rows.append(Row(name, "scenario failed (see notes)", "-", "-", "-", "", "failed"))
+            continue
         opt: dict[str, list[float]] = res["figures"]["optimized"]
         leg: dict[str, list[float]] = res["figures"]["legacy"]
         labels = res.get("labels", {})
         for key, template, unit in FIGURES[name]:
             label = template.format(**labels) if labels else template
             o, lg = opt.get(key), leg.get(key)
-            if (name, key) in MAX_FIGURES:
+            if (name, key) in SUM_FIGURES:
+                if not (o and sum(o)) and not (lg and sum(lg)):
+                    continue  # no run closed late or failed: no row
+                o_cell, l_cell = _fmt(sum(o or [0.0]), unit), _fmt(sum(lg or [0.0]), unit)
+            elif (name, key) in MAX_FIGURES:
                 o_cell = _fmt(max(o), unit) if o else "-"
                 l_cell = _fmt(max(lg), unit) if lg else "-"
             else:
@@ -544,6 +576,19 @@ def _target(
 
 
 # ---------------------------------------------------------------- output
+
+
+def _failures(results: dict[str, Any]) -> list[str]:
+    """The scenarios that failed, or had a run fail (S2's ceiling and two-server runs too)."""
+    out = []
+    for name in SCENARIOS:
+        res = results.get(name)
+        if res is None:
+            continue
+        parts = [*res["figures"].values(), res.get("ceiling") or {}, res.get("cross") or {}]
+        if "error" in res or any(part.get("failed_runs") for part in parts):
+            out.append(name)
+    return out
 
 
 def render(rows: Sequence[Row], title: str, console: Any) -> None:
@@ -757,6 +802,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sizes = Sizes.for_mode(args.full, args.scale)
     console = Console(width=None if sys.stdout.isatty() else 150)
     started = time.perf_counter()
+    ticks = _common.cpu_ticks()
     with (
         tempfile.TemporaryDirectory(prefix="asyncstore-suite-") as tmp,
         Progress(
@@ -778,12 +824,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     plot_path = args.plot or Path(DEFAULT_PLOT)
     plot(results, plot_path, title)
     elapsed = time.perf_counter() - started
+    shares = _common.cpu_shares(ticks, _common.cpu_ticks())
     console.print(f"plot: {plot_path}   ({elapsed:.0f} s)")
+    if shares:
+        # Niced background jobs (``nice -n 19``) yield the cores to the suite; their share
+        # says how much CPU the suite left unused or could not take.
+        console.print(
+            f"machine CPU over the run: {shares['busy']:.0%} busy, of which niced "
+            f"background {shares['nice']:.0%}; load average now {_common.load_average() or 0:.1f}"
+        )
     if args.json:
         env = _common.environment()
         env.update(
             memory_mb=_common.memory_mb(),
             load_average=_common.load_average(),
+            cpu_shares=shares,
             peers={p: _common.version(p) for p in PEERS},
             rich=_common.version("rich"),
             matplotlib=_common.version("matplotlib"),
@@ -807,4 +862,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             orjson.dumps(doc, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY)
         )
         console.print(f"json: {args.json}")
+    failed = _failures(results)
+    if failed:
+        console.print(f"[bold red]failed: {', '.join(failed)} (see the notes)[/]")
+        return 1
     return 0

@@ -49,6 +49,7 @@ def _check(doc: dict[str, object]) -> None:
     scenarios = doc["scenarios"]
     assert isinstance(scenarios, dict)
     for name in SCENARIOS:
+        assert "error" not in scenarios[name], scenarios[name]["notes"]
         figures = scenarios[name]["figures"]
         for path in ("optimized", "legacy"):
             assert figures[path], f"{name} has no {path} figures"
@@ -86,3 +87,24 @@ def test_quick_pass_on_postgres_reports_every_scenario_for_both_paths(
     assert doc["database"] == "postgres"
     _check(doc)
     assert not list(tmp_path.glob("*.log"))
+
+
+def test_a_failed_scenario_is_a_row_and_a_failure_not_a_crash(tmp_path: Path) -> None:
+    """The table, the failure list and the plot take a scenario that raised (its figures
+    empty) and an S2 whose runs partly failed."""
+    from benchmarks import suite
+
+    failed = suite._result()
+    failed["error"] = "RuntimeError: boom"
+    s2 = suite._result()
+    s2["figures"]["optimized"] = {"deliveries_per_s": [100.0], "close_s": [0.5]}
+    s2["figures"]["legacy"] = {"deliveries_per_s": [50.0], "close_timed_out": [1.0, 0.0]}
+    s2["ceiling"] = {"failed_runs": [1.0]}
+    results = {"S1": failed, "S2": s2}
+    rows = suite.judge(results)
+    assert [r.verdict for r in rows if r.scenario == "S1"] == ["failed"]
+    late = [r for r in rows if r.figure.startswith("runs whose close passed")]
+    assert [(r.optimized, r.legacy) for r in late] == [("0", "1")]
+    assert suite._failures(results) == ["S1", "S2"]
+    suite.plot(results, tmp_path / "p.png", "t")
+    assert (tmp_path / "p.png").read_bytes()[:8] == PNG_MAGIC
