@@ -10,6 +10,9 @@ cannot write to a dead-letter callback (counted by reason). ``health()`` and
 ``statistics()`` say when the sink is failing, for how long, and what waits. It relies on
 anyio (and names a ``StorageUnavailable`` outage as such); the stream writer, the queue's
 and outbox's outcome writers and the webhook batcher are built on it.
+
+Its settings live in ``batching_config``, what it hands out (batches, dead letters, drain
+report, health, statistics) in ``batching_records``; every public name is re-exported here.
 """
 
 from __future__ import annotations
@@ -18,23 +21,39 @@ import inspect
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-from enum import StrEnum
 from types import MappingProxyType, TracebackType
-from typing import ClassVar, Generic, Self, TypeVar
+from typing import Final, Generic, Self, TypeAlias, TypeVar
 
 import anyio
 import anyio.abc
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from asyncstore.orchestrator.batching_config import (
+    HEALTH_MIN_AGE_S,
+    OUTCOME_RETRY_BUDGET_S,
+    BatchConfig,
+    OverflowPolicy,
+    outcome_batches,
+)
+from asyncstore.orchestrator.batching_records import (
+    DEAD_LETTER_REASONS,
+    DROP_REASONS,
+    Batch,
+    BatchWriterStatistics,
+    DeadLetter,
+    DrainReport,
+    Health,
+)
 from asyncstore.orchestrator.errors import Dropped, WriterClosed, WriterOverloaded
-from asyncstore.orchestrator.timing import SYSTEM_CLOCK, Backoff, Clock
+from asyncstore.orchestrator.timing import SYSTEM_CLOCK, Clock
 from asyncstore.storage.errors import InvalidArgument, StorageUnavailable, UsageError
-from asyncstore.storage.families import Family, MetricSink
 
 __all__ = [
+    "DEAD_LETTER_REASONS",
+    "DROP_REASONS",
+    "HEALTH_MIN_AGE_S",
+    "OUTCOME_RETRY_BUDGET_S",
     "Batch",
     "BatchConfig",
     "BatchWriter",
@@ -52,259 +71,15 @@ log = logging.getLogger("asyncstore.batching")
 T = TypeVar("T")
 
 
-class OverflowPolicy(StrEnum):
-    """What a put does when the writer holds ``capacity`` items (or bytes)."""
-
-    BLOCK = "block"  # wait up to block_timeout_s for room, then raise WriterOverloaded
-    DROP_OLDEST = "drop_oldest"  # evict the oldest waiting non-critical item
-    DROP_NEWEST = "drop_newest"  # refuse the new item
-
-
-class BatchConfig(BaseModel):
-    """Thresholds, capacity and retry policy of one writer."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    max_batch: int = Field(default=100, ge=1, description="flush when this many items wait")
-    max_batch_bytes: int | None = Field(
-        default=1 << 20, ge=1, description="flush when the waiting items' sizes add up to this"
-    )
-    flush_interval_s: float = Field(
-        default=0.05, gt=0, description="flush when the oldest waiting item is this old"
-    )
-    capacity: int = Field(default=10_000, ge=1, description="items buffered, in flight included")
-    capacity_bytes: int | None = Field(default=None, ge=1, description="bytes buffered, if bounded")
-    overflow: OverflowPolicy = OverflowPolicy.BLOCK
-    block_timeout_s: float = Field(default=5.0, ge=0, description="how long a blocking put waits")
-    max_retries: int | None = Field(
-        default=5, ge=0, description="sink retries of a batch before dead-lettering; None: no limit"
-    )
-    retry_budget_s: float | None = Field(
-        default=None,
-        gt=0,
-        description="how long a failing sink is retried, from the first failure of the current "
-        "outage (not of each batch); None: no time limit (max_retries decides)",
-    )
-    retry_base_s: float = Field(default=0.05, gt=0, description="first backoff step")
-    retry_max_s: float = Field(default=5.0, gt=0, description="backoff cap between attempts")
-    drain_timeout_s: float = Field(
-        default=30.0, gt=0, description="how long aclose() keeps flushing before dead-lettering"
-    )
-    eager: bool = Field(
-        default=False,
-        description="group commit: send whatever waits as soon as the previous batch is done "
-        "(thresholds still cap a batch; the interval is not waited for)",
-    )
-
-    @model_validator(mode="after")
-    def _capacity_holds_a_batch(self) -> Self:
-        if self.capacity < self.max_batch:
-            raise ValueError(f"capacity ({self.capacity}) must be >= max_batch ({self.max_batch})")
-        if self.max_retries is None and self.retry_budget_s is None:
-            raise ValueError(
-                "max_retries and retry_budget_s cannot both be None: a failing sink would "
-                "hold its batch (and the whole writer) forever"
-            )
-        return self
-
-    @property
-    def backoff(self) -> Backoff:
-        """The retry policy: ``retry_base_s`` doubling up to ``retry_max_s``, equal jitter."""
-        return Backoff(min(self.retry_base_s, self.retry_max_s), self.retry_max_s, jitter=0.5)
-
-
-HEALTH_MIN_AGE_S = 1.0
-
-# Outcomes used to be retried 10 000 times (hours at the 2 s cap): effectively unbounded. A
-# time budget says the same thing explicitly and keeps "minutes", which outlasts a restart
-# or failover with room to spare; past it the leases expire and the work runs elsewhere.
-OUTCOME_RETRY_BUDGET_S = 300.0
-
-
-def outcome_batches(max_batch: int) -> BatchConfig:
-    """Settings for small records that must reach storage (task outcomes, delivery results).
-
-    Group commit (``eager``): whatever finished while a write was in flight goes in the next
-    one. Never dropped (``block`` with room for a million), retried through an outage of up
-    to ``OUTCOME_RETRY_BUDGET_S`` (backoff capped at 2 s), and drained for up to 10 s at
-    close; what is still unwritten then is dead-lettered, so its lease expires and the work
-    runs again elsewhere.
-    """
-    return BatchConfig(
-        max_batch=max_batch,
-        max_batch_bytes=None,
-        eager=True,
-        capacity=max(1_000_000, max_batch),
-        overflow=OverflowPolicy.BLOCK,
-        max_retries=None,
-        retry_budget_s=OUTCOME_RETRY_BUDGET_S,
-        retry_base_s=0.05,
-        retry_max_s=2.0,
-        drain_timeout_s=10.0,
-    )
-
-
-DROP_REASONS = ("overflow", "overflow_oldest", "overflow_newest")
-"""Why an item is dropped: a full buffer under the policy raise/drop-newest/drop-oldest."""
-DEAD_LETTER_REASONS = ("retries_exhausted", "retry_budget_exhausted", "not_retryable", "shutdown")
-"""Why items are dead-lettered (``DeadLetter.reason``)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Batch(Generic[T]):
-    """What the sink receives: the items in arrival order, and the same items per key."""
-
-    items: list[T]
-    groups: Mapping[Hashable, list[T]]
-    nbytes: int
-    attempt: int  # 0 on the first try, 1 on the first retry, ...
-
-
-@dataclass(frozen=True, slots=True)
-class DeadLetter(Generic[T]):
-    """Items the writer gave up on, with the reason and the last sink error."""
-
-    items: list[T]
-    # "retries_exhausted" (max_retries), "retry_budget_exhausted" (the outage outlasted
-    # retry_budget_s), "not_retryable" (retry_if said no) or "shutdown" (drain timed out)
-    reason: str
-    error: BaseException | None
-
-
-@dataclass(frozen=True, slots=True)
-class DrainReport:
-    """What ``aclose()`` achieved: written items and what could not be written."""
-
-    flushed: int
-    dead_lettered: int
-    dropped: Mapping[str, int]
-    # dead-lettered items by reason
-    dead_letters: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
-
-    @property
-    def complete(self) -> bool:
-        return self.dead_lettered == 0
-
-
-@dataclass(frozen=True, slots=True)
-class Health:
-    ok: bool
-    reason: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class BatchWriterStatistics:
-    name: str
-    pending: int  # waiting for a flush
-    in_flight: int  # handed to the sink, not yet confirmed (retries included)
-    buffered_bytes: int
-    accepted: int
-    flushed: int  # items the sink confirmed
-    batches: int
-    dropped: Mapping[str, int]
-    retries: int
-    dead_lettered: int
-    blocked_puts: int  # puts waiting for room right now
-    oldest_pending_age_s: float
-    last_flush_latency_s: float
-    # dead-lettered items by reason
-    dead_letters: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
-    consecutive_failures: int = 0  # failed sink calls since the last success
-    failing_for_s: float = 0.0  # since the first of those failures; 0.0 while healthy
-    failing_since: float | None = None  # the same moment as a Unix timestamp
-    last_error: str = ""  # the latest failure's text while failing, else ""
-
-    @property
-    def unsettled(self) -> int:
-        """Items not yet confirmed by the sink: waiting plus in flight."""
-        return self.pending + self.in_flight
-
-    @property
-    def sink_unavailable(self) -> bool:
-        """The sink's latest call failed and none has succeeded since."""
-        return self.consecutive_failures > 0
-
-    METRIC_FAMILIES: ClassVar[tuple[Family, ...]] = (
-        Family("writer_pending", "gauge", "Items waiting for a flush.", ("writer",)),
-        Family("writer_in_flight", "gauge", "Items handed to the sink.", ("writer",)),
-        Family("writer_buffered_bytes", "gauge", "Bytes buffered.", ("writer",)),
-        Family("writer_blocked_puts", "gauge", "Puts waiting for room.", ("writer",)),
-        Family(
-            "writer_oldest_pending_age_seconds", "gauge", "Age of the oldest item.", ("writer",)
-        ),
-        Family(
-            "writer_last_flush_latency_seconds", "gauge", "Last flush duration.", ("writer",)
-        ),
-        Family("writer_accepted", "counter", "Items accepted.", ("writer",)),
-        Family("writer_flushed", "counter", "Items the sink confirmed (writes).", ("writer",)),
-        Family("writer_batches", "counter", "Batches confirmed.", ("writer",)),
-        Family(
-            "writer_dropped",
-            "counter",
-            "Items dropped, by reason.",
-            ("writer", "reason"),
-            known=DROP_REASONS,
-        ),
-        Family("writer_retries", "counter", "Batch retries.", ("writer",)),
-        Family("writer_dead_lettered", "counter", "Items dead-lettered.", ("writer",)),
-        Family(
-            "writer_dead_letters",
-            "counter",
-            "Items dead-lettered, by reason.",
-            ("writer", "reason"),
-            known=DEAD_LETTER_REASONS,
-        ),
-        Family(
-            "writer_sink_unavailable",
-            "gauge",
-            "1 while the sink's latest write failed (storage unavailable), else 0.",
-            ("writer",),
-        ),
-        Family(
-            "writer_sink_failing_seconds",
-            "gauge",
-            "How long the sink has been failing (0 while healthy).",
-            ("writer",),
-        ),
-        Family(
-            "writer_sink_consecutive_failures",
-            "gauge",
-            "Failed sink calls since the last success.",
-            ("writer",),
-        ),
-        Family("writer_buffered", "gauge", "Items buffered: waiting plus in flight.", ("writer",)),
-    )
-
-    def export(self, out: MetricSink) -> None:
-        labels = {"writer": self.name}
-        out.sample("writer_pending", labels, self.pending)
-        out.sample("writer_in_flight", labels, self.in_flight)
-        out.sample("writer_buffered_bytes", labels, self.buffered_bytes)
-        out.sample("writer_blocked_puts", labels, self.blocked_puts)
-        out.sample("writer_oldest_pending_age_seconds", labels, self.oldest_pending_age_s)
-        out.sample("writer_last_flush_latency_seconds", labels, self.last_flush_latency_s)
-        out.sample("writer_accepted", labels, self.accepted)
-        out.sample("writer_flushed", labels, self.flushed)
-        out.sample("writer_batches", labels, self.batches)
-        out.samples("writer_dropped", labels, self.dropped)
-        out.sample("writer_retries", labels, self.retries)
-        out.sample("writer_dead_lettered", labels, self.dead_lettered)
-        out.samples("writer_dead_letters", labels, self.dead_letters)
-        out.sample("writer_sink_unavailable", labels, 1.0 if self.sink_unavailable else 0.0)
-        out.sample("writer_sink_failing_seconds", labels, self.failing_for_s)
-        out.sample("writer_sink_consecutive_failures", labels, self.consecutive_failures)
-        out.sample("writer_buffered", labels, self.unsettled)
-
-
-class _Entry(Generic[T]):
-    __slots__ = ("critical", "item", "nbytes", "number", "t")
-
-    def __init__(self, item: T, nbytes: int, critical: bool, number: int, t: float) -> None:
-        self.item = item
-        self.nbytes = nbytes
-        self.critical = critical
-        self.number = number  # arrival number, for flush barriers
-        self.t = t
+# One buffered item: (item, nbytes, critical, arrival number for flush barriers, monotonic
+# arrival time). A plain tuple: made once per put on the hot path, where a slotted object's
+# __init__ cost five times as much.
+_Entry: TypeAlias = tuple[T, int, bool, int, float]
+_ITEM: Final = 0
+_NBYTES: Final = 1
+_CRITICAL: Final = 2
+_NUMBER: Final = 3
+_T: Final = 4
 
 
 Sink = Callable[[Batch[T]], Awaitable[None]]
@@ -427,7 +202,7 @@ class BatchWriter(Generic[T]):
                     self._flusher_scope.cancel()
                 await self._flusher_done.wait()
             self._closed = True
-        leftovers = [e.item for e in self._in_flight] + [e.item for e in self._pending]
+        leftovers = [e[_ITEM] for e in self._in_flight] + [e[_ITEM] for e in self._pending]
         if leftovers:
             self._in_flight = []
             self._pending.clear()
@@ -537,7 +312,7 @@ class BatchWriter(Generic[T]):
             raise WriterClosed(f"writer {self.name!r} is not running: use `async with` first")
         self._numbered += 1
         now = self._monotonic()
-        self._pending.append(_Entry(item, nbytes, critical, self._numbered, now))
+        self._pending.append((item, nbytes, critical, self._numbered, now))
         self._bytes += nbytes
         self._pending_bytes += nbytes
         pending = len(self._pending)
@@ -556,12 +331,12 @@ class BatchWriter(Generic[T]):
         i = 0
         while i < len(self._pending) and not self._has_room(nbytes):
             entry = self._pending[i]
-            if entry.critical:
+            if entry[_CRITICAL]:
                 i += 1
                 continue
             del self._pending[i]
-            self._bytes -= entry.nbytes
-            self._pending_bytes -= entry.nbytes
+            self._bytes -= entry[_NBYTES]
+            self._pending_bytes -= entry[_NBYTES]
             self._drop("overflow_oldest")
             evicted = True
         if evicted:
@@ -596,9 +371,9 @@ class BatchWriter(Generic[T]):
 
     def _oldest_unsettled(self) -> int:
         if self._in_flight:
-            return self._in_flight[0].number
+            return self._in_flight[0][_NUMBER]
         if self._pending:
-            return self._pending[0].number
+            return self._pending[0][_NUMBER]
         return self._numbered + 1
 
     def _notify_settled(self) -> None:
@@ -633,7 +408,7 @@ class BatchWriter(Generic[T]):
                     if self._due():
                         await self._send_batch()
                     continue
-                delay = self._pending[0].t + cfg.flush_interval_s - self._clock.monotonic()
+                delay = self._pending[0][_T] + cfg.flush_interval_s - self._clock.monotonic()
                 with self._clock.move_on_after(max(delay, 0.0)):
                     await self._wake.wait()
                 continue
@@ -641,29 +416,36 @@ class BatchWriter(Generic[T]):
 
     def _due(self) -> bool:
         cfg = self.config
-        if cfg.eager or self._closing or self._pending[0].number <= self._flush_upto:
+        if cfg.eager or self._closing or self._pending[0][_NUMBER] <= self._flush_upto:
             return True
         if len(self._pending) >= cfg.max_batch:
             return True
         if cfg.max_batch_bytes is not None and self._pending_bytes >= cfg.max_batch_bytes:
             return True
-        return self._clock.monotonic() - self._pending[0].t >= cfg.flush_interval_s
+        return self._clock.monotonic() - self._pending[0][_T] >= cfg.flush_interval_s
 
     async def _send_batch(self) -> None:
         cfg = self.config
+        pending = self._pending
+        limit = cfg.max_batch_bytes
         batch: list[_Entry[T]] = []
         size = 0
-        while self._pending and len(batch) < cfg.max_batch:
-            entry = self._pending[0]
-            limit = cfg.max_batch_bytes
-            if batch and limit is not None and size + entry.nbytes > limit:
-                break
-            self._pending.popleft()
-            batch.append(entry)
-            size += entry.nbytes
+        if limit is None or self._pending_bytes <= limit:
+            # Everything waiting fits the byte threshold: take up to max_batch at once.
+            popleft = pending.popleft
+            batch = [popleft() for _ in range(min(len(pending), cfg.max_batch))]
+            size = sum([e[_NBYTES] for e in batch]) if pending else self._pending_bytes
+        else:
+            while pending and len(batch) < cfg.max_batch:
+                entry = pending[0]
+                if batch and size + entry[_NBYTES] > limit:
+                    break
+                pending.popleft()
+                batch.append(entry)
+                size += entry[_NBYTES]
         self._pending_bytes -= size
         self._in_flight = batch
-        items = [e.item for e in batch]
+        items = [e[_ITEM] for e in batch]
         groups: dict[Hashable, list[T]] = {}
         if self._key is not None:
             for item in items:
@@ -750,9 +532,9 @@ class BatchWriter(Generic[T]):
     def statistics(self) -> BatchWriterStatistics:
         now = self._clock.monotonic()
         oldest = (
-            self._in_flight[0].t
+            self._in_flight[0][_T]
             if self._in_flight
-            else (self._pending[0].t if self._pending else None)
+            else (self._pending[0][_T] if self._pending else None)
         )
         failing = self._failures > 0
         return BatchWriterStatistics(
