@@ -50,6 +50,7 @@ from starlette.responses import HTMLResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from asyncstore.orchestrator.config import DashboardSettings, Flags
+from asyncstore.orchestrator.consumer_spec import first_of
 from asyncstore.orchestrator.dashboard_actions import ACTIONS, Action, RefusalBudget
 from asyncstore.orchestrator.dashboard_page import PAGE
 from asyncstore.orchestrator.dashboard_views import read_state
@@ -326,14 +327,7 @@ class Dashboard:
 async def _wait_any(events: tuple[anyio.Event, ...], timeout_s: float) -> None:
     """Return when one of ``events`` is set, or after ``timeout_s``."""
     with anyio.move_on_after(timeout_s):
-        async with anyio.create_task_group() as tg:
-
-            async def wait(event: anyio.Event) -> None:
-                await event.wait()
-                tg.cancel_scope.cancel()
-
-            for event in events:
-                tg.start_soon(wait, event)
+        await first_of(*events)
 
 
 def _actor(request: Request) -> str:
