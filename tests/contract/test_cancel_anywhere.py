@@ -427,7 +427,7 @@ class _Checker:
         assert self._pg is not None
         return [tuple(r) for r in await self._pg.fetch(sql)]
 
-    async def wait_idle(self) -> None:
+    async def wait_idle(self, what: str = "") -> None:
         """Postgres: every other connection to this database leaves its transaction."""
         if self._pg is None:
             return
@@ -441,7 +441,16 @@ class _Checker:
         async def idle() -> bool:
             return bool(await pg.fetchval(sql) == 0)
 
-        await wait_for(idle, SETTLE_S, what="other connections idle")
+        try:
+            await wait_for(idle, SETTLE_S, what="other connections idle")
+        except AssertionError as exc:
+            busy = await pg.fetch(
+                "SELECT pid, state, wait_event_type, wait_event, now() - state_change AS for_,"
+                " left(query, 200) AS query FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                " AND backend_type = 'client backend' AND state <> 'idle'"
+            )
+            raise AssertionError(f"{what}: {exc}: {[dict(r) for r in busy]}") from None
 
     async def check(self, what: str) -> None:
         bad = await self.rows(
@@ -511,7 +520,7 @@ async def test_cancel_any_method_anywhere_leaves_the_handle_usable_and_consisten
             # The handle still writes and reads, and no connection is left in a transaction.
             await storage.append_messages("probe", _messages(what))
             assert (await storage.load_messages("probe", limit=1))[0].seq == 1
-            await checker.wait_idle()
+            await checker.wait_idle(what)
             await checker.check(what)
             if name == "open_leadership":
                 # The cancelled holder gave the role up: a new holder takes it at once.

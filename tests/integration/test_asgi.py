@@ -35,12 +35,21 @@ from asyncstore.orchestrator.config import load_settings
 from asyncstore.orchestrator.errors import SubscriberLagged
 from asyncstore.orchestrator.runtime import Runtime, open_runtime
 from asyncstore.storage import StorageUnavailable, StreamEvent
+from tests.waiting import wait_for
 
 
 class _QuietServer(StreamingServer):
+    def __init__(self, config: uvicorn.Config, streams: EventStreams) -> None:
+        super().__init__(config, streams)
+        self.up = anyio.Event()  # set once uvicorn listens
+
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield  # the test process keeps its own signal handlers
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        self.up.set()
 
 
 @dataclass
@@ -87,18 +96,15 @@ async def serve(
         async with anyio.create_task_group() as tg:
             tg.start_soon(server.serve, [sock])
             with anyio.fail_after(10):
-                while not server.started:  # noqa: ASYNC110 - uvicorn exposes only a flag
-                    await anyio.sleep(0.01)
+                await server.up.wait()
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
                 yield Served(rt, streams, server, client, app)
             server.should_exit = True
 
 
 async def wait_until(check: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    """Poll a statistics snapshot until ``check`` holds (bounded)."""
-    with anyio.fail_after(timeout_s):
-        while not check():  # noqa: ASYNC110 - statistics are snapshots, not events
-            await anyio.sleep(0.01)
+    """Wait until ``check`` holds on a statistics snapshot (bounded): ``tests.waiting``."""
+    await wait_for(check, timeout_s, what="statistics condition")
 
 
 @dataclass

@@ -83,7 +83,13 @@ async def subscriber(
         await ws.send(orjson.dumps({"type": "subscribe", "after": None}).decode())
         with anyio.fail_after(BOUND_S):
             assert orjson.loads(await ws.recv())["type"] == "ready"
-        yield ws
+        try:
+            yield ws
+        finally:
+            if stalled:
+                # A peer that never reads cannot answer the server's closing handshake,
+                # which uvicorn then waits out (2 x 10 s) at shutdown: drop the socket.
+                ws.transport.abort()
 
 
 async def _produce(rt: Runtime, session_id: str, n: int, writers: int = 1) -> int:

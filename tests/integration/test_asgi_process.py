@@ -30,6 +30,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from tests.integration.test_asgi import Frame, frames
+from tests.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVER = Path(__file__).with_name("asgi_server.py")
@@ -57,11 +58,15 @@ class ServerProcess:
             return stats
 
     async def wait_stats(self, check: Callable[[dict[str, int]], bool]) -> dict[str, int]:
-        """Poll ``/stats`` until ``check`` holds (a bounded wait on a condition)."""
-        with anyio.fail_after(30):
-            while not check(stats := await self.stats()):  # noqa: ASYNC110 - another process
-                await anyio.sleep(0.02)
-        return stats
+        """Wait until ``check`` holds on ``/stats`` (another process: no event to wait on)."""
+        seen: list[dict[str, int]] = []
+
+        async def holds() -> bool:
+            seen.append(await self.stats())
+            return check(seen[-1])
+
+        await wait_for(holds, 30, what="/stats condition")
+        return seen[-1]
 
     async def stop(self, sig: int) -> int:
         """Send ``sig``; wait (bounded) for the exit; read the rest of stdout."""

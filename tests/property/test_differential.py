@@ -315,7 +315,12 @@ class _Renumber:
                 return "<seconds>"
             return ("float", repr(value))
         if isinstance(value, int):
-            for pool, tag in ((self.run.tasks, "task"), (self.run.outbox, "outbox")):
+            # Both tables number from 1 on a fresh SQLite file: an id is looked up first
+            # among the ids of the table the call is about (an outbox id may equal a task's).
+            pools = [(self.run.tasks, "task"), (self.run.outbox, "outbox")]
+            if "outbox" in self.name or key == "outbox_id":
+                pools.reverse()
+            for pool, tag in pools:
                 if key in ("id", "ids", "outbox_id") and value in pool:
                     return f"{tag}#{pool.index(value)}"
             if key in ("token", "lease_token", "epoch"):
@@ -327,9 +332,11 @@ class _Renumber:
                     return f"token#{values.index(value)}"
             return value
         if isinstance(value, dict):
-            return {self(k, key or "ids"): self(v, key) for k, v in value.items()} if key in (
-                "ids",
-            ) else {k: self(v, k) for k, v in value.items()}
+            return (
+                {self(k, key or "ids"): self(v, key) for k, v in value.items()}
+                if key in ("ids",)
+                else {k: self(v, k) for k, v in value.items()}
+            )
         if hasattr(value, "_asdict"):
             return {k: self(v, k) for k, v in value._asdict().items()}
         if isinstance(value, list | tuple | frozenset | set):
