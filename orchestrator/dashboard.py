@@ -40,7 +40,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import anyio
 import orjson
@@ -59,6 +59,7 @@ from asyncstore.orchestrator.runtime import Runtime
 from asyncstore.storage import AsyncStorageBackend, AuditEntry, StorageError
 from asyncstore.storage._validate import check_name
 from asyncstore.storage.errors import InvalidArgument
+from asyncstore.storage.families import Family, MetricSink
 
 __all__ = ["ACTIONS", "Action", "Dashboard", "DashboardStatistics"]
 
@@ -79,6 +80,36 @@ class DashboardStatistics:
     actions_failed: int
     audit_failed: int
     audit_skipped: int = 0
+
+    METRIC_FAMILIES: ClassVar[tuple[Family, ...]] = (
+        Family("dashboard_snapshots", "counter", "State snapshots read from the database."),
+        Family("dashboard_live_pages", "gauge", "Live (SSE) dashboard pages open."),
+        Family(
+            "dashboard_actions",
+            "counter",
+            "Operator actions by outcome (refused: read-only, token, input or state).",
+            ("outcome",),
+            known=("done", "refused", "failed"),
+        ),
+        Family("dashboard_audit_failed", "counter", "Audit entries that could not be written."),
+        Family(
+            "dashboard_audit_skipped",
+            "counter",
+            "Refused attempts whose audit entry the per-client budget skipped.",
+        ),
+    )
+
+    def export(self, out: MetricSink) -> None:
+        out.sample("dashboard_snapshots", {}, self.snapshots)
+        out.sample("dashboard_live_pages", {}, self.streams_open)
+        outcomes = {
+            "done": self.actions_done,
+            "refused": self.actions_refused,
+            "failed": self.actions_failed,
+        }
+        out.samples("dashboard_actions", {}, outcomes)
+        out.sample("dashboard_audit_failed", {}, self.audit_failed)
+        out.sample("dashboard_audit_skipped", {}, self.audit_skipped)
 
 
 class _Refusal(Exception):
@@ -129,14 +160,28 @@ class Dashboard:
         )
 
     @classmethod
-    def for_runtime(cls, rt: Runtime, settings: DashboardSettings | None = None) -> Dashboard:
-        """The dashboard of a running application: its storage, live flags and subscribers."""
-        return cls(
+    def for_runtime(
+        cls,
+        rt: Runtime,
+        settings: DashboardSettings | None = None,
+        *,
+        metrics_name: str | None = "dashboard",
+    ) -> Dashboard:
+        """The dashboard of a running application: its storage, live flags and subscribers.
+
+        Its statistics are added to the runtime's metrics as source ``metrics_name`` (None:
+        not exported); a name already in use is an ``InvalidArgument`` (a second dashboard
+        of one runtime takes another name, or the first one's is removed with
+        ``rt.metrics.remove_source``)."""
+        dashboard = cls(
             rt.storage,
             settings or rt.settings.dashboard,
             flags=lambda: rt.flags,
             subscribers=rt.subscriber_counts,
         )
+        if metrics_name is not None:
+            rt.metrics.add_source(metrics_name, dashboard)
+        return dashboard
 
     @property
     def read_only(self) -> bool:

@@ -42,6 +42,7 @@ from asyncstore.storage import (
     open_storage,
 )
 from asyncstore.storage.base import Failure
+from asyncstore.storage.errors import InvalidArgument
 from tests.waiting import wait_for
 
 TOKEN = "s3cret-operator-token"
@@ -370,7 +371,34 @@ async def test_mounted_in_an_application_shows_live_flags_and_subscribers(
             await wait_for(flags_shown, what="the new flags on the dashboard")
             status = (await client.post("/ops/api/actions/task.retry", json={})).status_code
             assert status == 403  # no token in the settings: read-only
+            # The runtime's /metrics carries the dashboard's counters (source "dashboard");
+            # a read-only dashboard's 403 is not an action attempt.
+            text = rt.metrics.render()[0].decode()
+            snapshots = dashboard.statistics().snapshots
+            assert snapshots >= 2  # the page's state reads
+            line = f'asyncstore_dashboard_snapshots_total{{source="dashboard"}} {snapshots:.1f}'
+            assert line in text
+            for outcome in ("done", "refused", "failed"):
+                line = (
+                    f'asyncstore_dashboard_actions_total{{outcome="{outcome}",source="dashboard"}}'
+                )
+                assert f"{line} 0.0" in text
         dashboard.close()
+        # A second dashboard of the same runtime, with a token, under its own name: a wrong
+        # token is a refused action, on its own series.
+        settings2 = DashboardSettings(operator_token=SecretStr(TOKEN), refresh_interval_s=0.05)
+        ops2 = Dashboard.for_runtime(rt, settings2, metrics_name="ops2")
+        async with serve_app(ops2.app) as client:
+            bad = {"Authorization": "Bearer nope", "X-Operator": "eve"}
+            r = await client.post("/api/actions/task.retry", json={}, headers=bad)
+            assert r.status_code == 401
+        ops2.close()
+        text = rt.metrics.render()[0].decode()
+        assert 'asyncstore_dashboard_actions_total{outcome="refused",source="ops2"} 1.0' in text
+        with pytest.raises(InvalidArgument, match="already registered"):
+            Dashboard.for_runtime(rt, metrics_name="ops2")
+        Dashboard.for_runtime(rt, metrics_name=None).close()  # not exported
+        assert set(rt.metrics.families()) >= {"dashboard", "ops2"}
 
 
 def test_cli_serves_the_dashboard_and_stops_on_sigterm(tmp_path: Path) -> None:
