@@ -34,6 +34,7 @@ from asyncstore.orchestrator.batching import describe_failure
 from asyncstore.orchestrator.jobs import ConsumerSpec, JobConsumer, Outcome, OutcomeKind
 from asyncstore.orchestrator.queue_config import Handler, PermanentFailure, QueueConfig, RetryTask
 from asyncstore.orchestrator.queue_stats import WorkerStatistics
+from asyncstore.orchestrator.timing import SYSTEM_CLOCK, Clock
 from asyncstore.storage import LEASE_EXPIRED, Claim, Task
 from asyncstore.storage import TaskStatus as StoredStatus
 from asyncstore.storage.base import TASKS
@@ -81,6 +82,7 @@ class Worker(JobConsumer[Task]):
         worker_id: str,
         *,
         coordinated: bool = False,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         legacy = config.mode == "poll_spawn"
         if legacy and coordinated:
@@ -107,7 +109,7 @@ class Worker(JobConsumer[Task]):
             write_each=legacy,
             wake_on_finish=coordinated,  # a finished task lets its group's next one go
         )
-        super().__init__(queue.storage, spec, worker_id)
+        super().__init__(queue.storage, spec, worker_id, clock=clock)
         self._coordinated = coordinated
         self._retry_held_back: float | None = None
         self._held_back_claims = 0
@@ -267,7 +269,7 @@ class Worker(JobConsumer[Task]):
     async def _drain(self) -> None:
         # Claimed but not started: given back at once, not started during the grace.
         self._release_unstarted()
-        with anyio.move_on_after(self.config.shutdown_grace_s):
+        with self._clock.move_on_after(self.config.shutdown_grace_s):
             await self._idle.wait()
         for task_id, scope in list(self._scopes.items()):
             self._stop_reason.setdefault(task_id, (_Stop.SHUTDOWN, ""))
@@ -553,6 +555,7 @@ async def open_worker(
     max_workers: int | None = None,
     config: QueueConfig | None = None,
     worker_id: str | None = None,
+    clock: Clock = SYSTEM_CLOCK,
 ) -> AsyncIterator[Worker]:
     """Run a worker for ``queue`` while the ``async with`` body runs.
 
@@ -562,12 +565,20 @@ async def open_worker(
     workers take those tasks at once) and writes every outcome before returning. If the
     block raises or is cancelled, handlers are cancelled at once; their releases and every
     finished outcome are still written (shielded, bounded by a timeout).
+
+    ``clock`` is what the worker's timing reads: the lease renewal every ``heartbeat_s``,
+    the idle wait and its fallback poll, the pause after a failed claim, the wait while a
+    limit holds tasks back, the legacy mode's poll interval, the outcome writer's retries
+    and the shutdown grace. A failed handler's ``retry_at`` is stored in wall time, which
+    the database compares with its own ``now()``.
     """
     cfg = config or queue.config
     if max_workers is not None:
         cfg = QueueConfig.model_validate({**cfg.model_dump(), "max_workers": max_workers})
     coordinated = await _coordinate(queue, cfg)
-    worker = Worker(queue, handler, cfg, worker_id or _default_worker_id(), coordinated=coordinated)
+    worker = Worker(
+        queue, handler, cfg, worker_id or _default_worker_id(), coordinated=coordinated, clock=clock
+    )
     async with anyio.create_task_group() as tg:
         await tg.start(worker._serve)
         try:
