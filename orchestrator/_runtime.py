@@ -382,6 +382,7 @@ class Runtime:
             max_workers=max_workers,
             config=self._queue_config(),
             worker_id=f"{self._instance_id()}:worker",
+            clock=self._clock,
         )
 
     def open_outbox_relay(

@@ -118,9 +118,11 @@ async def open_runtime(
     turns at once but still runs those drains.
 
     ``clock`` is what the runtime's timing reads (the shutdown grace, the bound on a turn's
-    end) and what it hands to the components that take one (cancel registries, session
-    limiters, webhooks, maintenance, the outbox relay): ``SYSTEM_CLOCK`` in production, a
-    ``ManualClock`` in tests. Database time (lease expiry, ``retry_at``) stays the database's.
+    end) and what it hands to every component it builds that keeps time (broadcast hubs,
+    stream writers, cancel registries, session limiters, webhooks, maintenance, the worker,
+    the outbox relay, the periodic runner): ``SYSTEM_CLOCK`` in production, a
+    ``ManualClock`` in tests. Database time (lease expiry, ``retry_at``) stays the
+    database's; the backlog sampler and the loop-lag and pool probes measure real time.
     """
     from asyncstore.orchestrator.config import config_path
 
@@ -146,10 +148,14 @@ async def open_runtime(
                 current,
                 {
                     True: lambda: open_broadcast_hub(
-                        storage, settings.broadcast.model_copy(update={"mode": DeliveryMode.MEMORY})
+                        storage,
+                        settings.broadcast.model_copy(update={"mode": DeliveryMode.MEMORY}),
+                        clock=clock,
                     ),
                     False: lambda: open_broadcast_hub(
-                        storage, settings.broadcast.model_copy(update={"mode": DeliveryMode.POLL})
+                        storage,
+                        settings.broadcast.model_copy(update={"mode": DeliveryMode.POLL}),
+                        clock=clock,
                     ),
                 },
                 on_built=rt._metrics_on_build(("broadcast", "broadcast_poll")),
@@ -208,10 +214,16 @@ async def open_runtime(
                 current,
                 {
                     True: lambda: open_stream_writer(
-                        storage, memory_hub, settings.stream.model_copy(update={"batching": True})
+                        storage,
+                        memory_hub,
+                        settings.stream.model_copy(update={"batching": True}),
+                        clock=clock,
                     ),
                     False: lambda: open_stream_writer(
-                        storage, memory_hub, settings.stream.model_copy(update={"batching": False})
+                        storage,
+                        memory_hub,
+                        settings.stream.model_copy(update={"batching": False}),
+                        clock=clock,
                     ),
                 },
                 on_built=rt._metrics_on_build(("streams", "streams_legacy")),
@@ -236,7 +248,7 @@ async def open_runtime(
             rt.worker = await stack.enter_async_context(rt.open_worker(queue_handler))
         if settings.periodic.enabled and (periodic or settings.periodic.schedules):
             rt.periodic = await stack.enter_async_context(
-                open_periodic(storage, periodic, settings.periodic)
+                open_periodic(storage, periodic, settings.periodic, clock=clock)
             )
         rt.backlog = await stack.enter_async_context(
             open_backlog_monitor(storage, interval_s=settings.metrics.backlog_interval_s)

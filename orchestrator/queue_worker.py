@@ -7,13 +7,16 @@ batches and sleeps while idle. A worker of a coordinated queue (limits or groups
 through ``claim_limited_tasks`` and announces finishes to refused claimers; a worker
 started before its queue became coordinated switches at its next claim (the plain claim
 refuses such a queue: ``QueueCoordinated``). Each worker listens for ``cancel_task``
-notices and cancels the named handler. Moved out of ``orchestrator.queue``, which
-re-exports ``Worker`` and ``open_worker``.
+notices and cancels the named handler. The scheduling of claimed tasks onto the runners
+is ``orchestrator.queue_runners``' ``RunnerPool``, the notices' listener
+``orchestrator.queue_cancels``' ``CancelNotices``; this module owns what a task's run
+means (lease check, handler, outcome, stop reasons). Its timing reads the ``Clock`` given
+to ``open_worker``. Moved out of ``orchestrator.queue``, which re-exports ``Worker`` and
+``open_worker``.
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import enum
 import functools
@@ -32,13 +35,14 @@ from anyio.abc import TaskStatus as StartStatus
 
 from asyncstore.orchestrator.batching import describe_failure
 from asyncstore.orchestrator.jobs import ConsumerSpec, JobConsumer, Outcome, OutcomeKind
+from asyncstore.orchestrator.queue_cancels import CancelNotices
 from asyncstore.orchestrator.queue_config import Handler, PermanentFailure, QueueConfig, RetryTask
+from asyncstore.orchestrator.queue_runners import RunnerPool
 from asyncstore.orchestrator.queue_stats import WorkerStatistics
+from asyncstore.orchestrator.timing import SYSTEM_CLOCK, Clock
 from asyncstore.storage import LEASE_EXPIRED, Claim, Task
-from asyncstore.storage import TaskStatus as StoredStatus
 from asyncstore.storage.base import TASKS
 from asyncstore.storage.errors import QueueCoordinated, StorageError, UsageError
-from asyncstore.storage.task_cancel import TASK_CANCEL_CHANNEL, decode_task_cancel
 
 if TYPE_CHECKING:
     from asyncstore.orchestrator.queue import AgentQueue
@@ -53,11 +57,6 @@ class _Stop(enum.Enum):
     CANCELLED = "cancelled"
     LEASE_LOST = "lease lost"
     CANCEL_TASK = "cancel_task"  # the task was cancelled in storage (cancel_task)
-
-
-RECENT_CANCELS = 1024
-"""How many cancel notices for tasks this worker did not hold yet it remembers (a notice
-can overtake the claim's answer on its way: the claim committed first)."""
 
 
 def _default_worker_id() -> str:
@@ -81,6 +80,7 @@ class Worker(JobConsumer[Task]):
         worker_id: str,
         *,
         coordinated: bool = False,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         legacy = config.mode == "poll_spawn"
         if legacy and coordinated:
@@ -107,7 +107,7 @@ class Worker(JobConsumer[Task]):
             write_each=legacy,
             wake_on_finish=coordinated,  # a finished task lets its group's next one go
         )
-        super().__init__(queue.storage, spec, worker_id)
+        super().__init__(queue.storage, spec, worker_id, clock=clock)
         self._coordinated = coordinated
         self._retry_held_back: float | None = None
         self._held_back_claims = 0
@@ -117,11 +117,7 @@ class Worker(JobConsumer[Task]):
         self._handler = handler
         self._legacy = legacy
         self._free = config.max_workers  # claim mode: handler slots not taken
-        self._ready: collections.deque[Task] = collections.deque()  # claimed, not started
-        self._sleepers: collections.deque[anyio.Event] = collections.deque()  # idle runners
-        self._runners = 0
-        # One runner at a time is being woken (or started); it wakes the next if work is left.
-        self._wake_pending = False
+        self._pool: RunnerPool[Task] = RunnerPool(config.max_workers, self._run_claimed)
         self._scopes: dict[int, anyio.CancelScope] = {}
         self._stop_reason: dict[int, tuple[_Stop, str]] = {}
         self._idle = anyio.Event()
@@ -130,9 +126,13 @@ class Worker(JobConsumer[Task]):
         self._peak = 0
         self._cancelled = 0
         self._reruns = 0
-        self._cancel_notes = 0
-        # Cancel notices for tasks not held yet (bounded, oldest forgotten first).
-        self._recent_cancels: collections.OrderedDict[int, None] = collections.OrderedDict()
+        self._notices = CancelNotices(
+            queue.storage,
+            worker_id,
+            queue.name,
+            held=lambda: self._held,
+            cancelled=self._cancelled_in_storage,
+        )
 
     def statistics(self) -> WorkerStatistics:
         """A frozen snapshot of this worker's counters."""
@@ -156,13 +156,13 @@ class Worker(JobConsumer[Task]):
             undelivered_writes=self._undelivered,
             notifications=self._notifications,
             fallback_polls=self._polls,
-            storage_errors=self._errors,
+            storage_errors=self._errors + self._notices.errors,
             reruns=self._reruns,
             due_queries=self._due_queries,
             expiry_wakeups=self._expiry_wakeups,
             coordinated=self._coordinated,
             held_back=self._held_back_claims,
-            cancel_notifications=self._cancel_notes,
+            cancel_notifications=self._notices.notes,
         )
 
     def cancel(self, task_id: int, reason: str = "cancelled") -> bool:
@@ -194,41 +194,9 @@ class Worker(JobConsumer[Task]):
             await super()._serve(task_status=task_status)
             return
         async with anyio.create_task_group() as tg:
-            await tg.start(self._listen_cancels)
+            await tg.start(self._notices.listen)
             await super()._serve(task_status=task_status)
             tg.cancel_scope.cancel()
-
-    async def _listen_cancels(
-        self, *, task_status: StartStatus[None] = anyio.TASK_STATUS_IGNORED
-    ) -> None:
-        """Cancel the handlers of tasks ``cancel_task`` cancelled; notices name the worker.
-
-        After a gap (a listener reconnect, an overflow) the held tasks are read back and
-        those found cancelled are stopped; the lease renewal is the last resort (a
-        cancelled row is no longer running, so its renewal fails and the handler stops).
-        """
-        async with self._storage.listen(TASK_CANCEL_CHANNEL) as stream:
-            task_status.started()
-            async for note in stream:
-                if note.gap:
-                    await self._catch_up_cancels()
-                    continue
-                notice = decode_task_cancel(note.payload)
-                if notice is not None and notice[1] == self.worker_id:
-                    self._cancel_notes += 1
-                    self._cancelled_in_storage(notice[0])
-
-    async def _catch_up_cancels(self) -> None:
-        for task_id, token in list(self._held.items()):
-            try:
-                task = await self._storage.get_job(TASKS, task_id)
-            except StorageError as exc:
-                self._errors += 1
-                log.warning("cancel catch-up on queue %s failed: %s", self.queue.name, exc)
-                return
-            cancelled = task is not None and task.status is StoredStatus.CANCELLED
-            if cancelled and self._held.get(task_id) == token:
-                self._cancelled_in_storage(task_id)
 
     def _cancelled_in_storage(self, task_id: int) -> None:
         """Storage ended the task ``cancelled``: stop its handler, or never start it.
@@ -238,9 +206,7 @@ class Worker(JobConsumer[Task]):
         overtook.
         """
         if self._held.pop(task_id, None) is None:
-            self._recent_cancels[task_id] = None
-            while len(self._recent_cancels) > RECENT_CANCELS:
-                self._recent_cancels.popitem(last=False)
+            self._notices.remember(task_id)
             return
         scope = self._scopes.get(task_id)
         if scope is None:
@@ -260,14 +226,13 @@ class Worker(JobConsumer[Task]):
 
     def _release_unstarted(self) -> None:
         """Release claimed tasks no runner has started (recorded now, written by the writer)."""
-        while self._ready:
-            task = self._ready.popleft()
+        for task in self._pool.take_unstarted():
             self._finish(Outcome(OutcomeKind.RELEASE, task.claim))
 
     async def _drain(self) -> None:
         # Claimed but not started: given back at once, not started during the grace.
         self._release_unstarted()
-        with anyio.move_on_after(self.config.shutdown_grace_s):
+        with self._clock.move_on_after(self.config.shutdown_grace_s):
             await self._idle.wait()
         for task_id, scope in list(self._scopes.items()):
             self._stop_reason.setdefault(task_id, (_Stop.SHUTDOWN, ""))
@@ -367,15 +332,15 @@ class Worker(JobConsumer[Task]):
     def _dispatch(self, jobs: Sequence[Task]) -> None:
         """Hand claimed tasks to runners.
 
-        Claim mode queues them for the long-lived runners (at most ``max_workers``, started
-        as the work needs them); the legacy mode spawns one task per handler, as it did.
+        Claim mode queues them for the pool's long-lived runners (at most ``max_workers``,
+        started as the work needs them); the legacy mode spawns one task per handler.
         """
         if self._tasks is None:
             raise UsageError("worker is not running: use open_worker first")
         for task in jobs:
             if task.attempts > 1 and task.last_error == LEASE_EXPIRED:
                 self._reruns += 1
-        if self._recent_cancels:
+        if self._notices.remembered:
             jobs = [task for task in jobs if not self._cancelled_before_claim(task)]
             if not jobs:
                 return
@@ -388,75 +353,22 @@ class Worker(JobConsumer[Task]):
                 self._tasks.start_soon(self._run_one, task)
             return
         self._free -= len(jobs)  # never below 0: we claimed only free slots
-        self._ready.extend(jobs)
-        self._wake_one()
+        self._pool.put(jobs, self._tasks)
 
     def _cancelled_before_claim(self, task: Task) -> bool:
         """True if a cancel notice for ``task`` overtook its claim: it is not started."""
-        if task.id not in self._recent_cancels:
+        if not self._notices.overtook(task.id):
             return False
-        del self._recent_cancels[task.id]
         self._forget(task.claim)
         self._cancelled += 1
         return True
 
-    def _wake_one(self) -> None:
-        """Wake an idle runner, or start one (up to ``max_workers``), unless one is on its way.
-
-        Runners are woken one after the other, each as the previous one takes a task and
-        sees more waiting, so a batch of handlers that never wait is run by the first runner
-        without waking the others for nothing; handlers that wait still start at once.
-        """
-        if self._wake_pending or self._tasks is None:
+    async def _run_claimed(self, task: Task, scope: anyio.CancelScope) -> None:
+        """Claim mode: run one task on a runner of the pool, under ``scope``."""
+        if self._held.get(task.id) != task.claim.token:
+            self._finish(None)  # its lease was lost before it started
             return
-        if self._sleepers:
-            self._wake_pending = True
-            self._sleepers.popleft().set()
-        elif self._runners < self.config.max_workers:
-            self._wake_pending = True
-            self._runners += 1
-            self._tasks.start_soon(self._runner)
-
-    async def _runner(self) -> None:
-        """A long-lived handler runner (claim mode): runs queued tasks one at a time.
-
-        Each task runs under the runner's current cancel scope, registered under the task's
-        id, so ``cancel`` and a lost lease cancel just that handler; a scope that was
-        cancelled is replaced before the next task. Cancelled with the worker's task group.
-        """
-        self._wake_pending = False  # this is the runner that was started
-        since_yield = 0
-        while True:
-            with anyio.CancelScope() as scope:
-                while not scope.cancel_called:
-                    if not self._ready:
-                        since_yield = 0
-                        await self._sleep()
-                        continue
-                    task = self._ready.popleft()
-                    if self._ready:
-                        self._wake_one()  # more work: a helper, in case this handler waits
-                    if self._held.get(task.id) != task.claim.token:
-                        self._finish(None)  # its lease was lost before it started
-                        continue
-                    self._finish(await self._execute(task, scope), slot=True)
-                    since_yield += 1
-                    if since_yield >= 64:
-                        # Handlers that never wait must not starve the claim loop and writer.
-                        since_yield = 0
-                        await anyio.lowlevel.checkpoint()
-
-    async def _sleep(self) -> None:
-        """Wait until ``_wake_one`` picks this runner."""
-        woken = anyio.Event()
-        self._sleepers.append(woken)
-        try:
-            await woken.wait()
-        finally:
-            if woken.is_set():
-                self._wake_pending = False
-            else:  # cancelled while idle
-                self._sleepers.remove(woken)
+        self._finish(await self._execute(task, scope), slot=True)
 
     async def _run_one(self, task: Task) -> None:
         """Legacy ``poll_spawn``: one spawned task per handler."""
@@ -553,6 +465,7 @@ async def open_worker(
     max_workers: int | None = None,
     config: QueueConfig | None = None,
     worker_id: str | None = None,
+    clock: Clock = SYSTEM_CLOCK,
 ) -> AsyncIterator[Worker]:
     """Run a worker for ``queue`` while the ``async with`` body runs.
 
@@ -562,12 +475,20 @@ async def open_worker(
     workers take those tasks at once) and writes every outcome before returning. If the
     block raises or is cancelled, handlers are cancelled at once; their releases and every
     finished outcome are still written (shielded, bounded by a timeout).
+
+    ``clock`` is what the worker's timing reads: the lease renewal every ``heartbeat_s``,
+    the idle wait and its fallback poll, the pause after a failed claim, the wait while a
+    limit holds tasks back, the legacy mode's poll interval, the outcome writer's retries
+    and the shutdown grace. A failed handler's ``retry_at`` is stored in wall time, which
+    the database compares with its own ``now()``.
     """
     cfg = config or queue.config
     if max_workers is not None:
         cfg = QueueConfig.model_validate({**cfg.model_dump(), "max_workers": max_workers})
     coordinated = await _coordinate(queue, cfg)
-    worker = Worker(queue, handler, cfg, worker_id or _default_worker_id(), coordinated=coordinated)
+    worker = Worker(
+        queue, handler, cfg, worker_id or _default_worker_id(), coordinated=coordinated, clock=clock
+    )
     async with anyio.create_task_group() as tg:
         await tg.start(worker._serve)
         try:

@@ -257,6 +257,30 @@ async def test_the_shutdown_grace_runs_on_the_clock_the_runtime_is_given(storage
     assert rt.report is not None
 
 
+async def test_the_runtime_gives_its_clock_to_its_broadcast_hub(storage_url: str) -> None:
+    """The hub the runtime builds reads the runtime's clock: a ring is idle once
+    ``ring_idle_ttl_s`` of that clock passed, however little wall time did."""
+    clock = ManualClock()
+    settings = _settings(storage_url, broadcast={"ring_idle_ttl_s": 60, "sweep_interval_s": 3600})
+    async with open_runtime(settings, clock=clock) as rt:
+        hub = await rt._broadcast.get(True)
+        event = StreamEvent(
+            session_id="idle",
+            epoch=1,
+            seq=1,
+            kind="delta",
+            payload={},
+            created_at=datetime.now(UTC),
+        )
+        hub.publish(event, persisted=True)
+        clock.advance(59)
+        rt._evict_idle_rings()
+        assert hub.statistics().rings_evicted == 0  # 59 s of the runtime's clock: not idle
+        clock.advance(2)
+        rt._evict_idle_rings()  # (a maintenance round on the clock may have evicted it first)
+        assert hub.statistics().rings_evicted == 1
+
+
 async def test_metrics_and_maintenance_run_inside_the_runtime(storage_url: str) -> None:
     async with open_runtime(_settings(storage_url)) as rt:
         async with rt.turn("m") as turn:
