@@ -4,8 +4,9 @@ This module owns ``PgJobs``, the part of ``PostgresBackend`` that enqueues (idem
 keys deduplicated within a call, the NOTIFY sent by the enqueue statement itself), claims,
 heartbeats, completes, fails, releases, dead-letters, redrives, reads and purges jobs of
 either ``JobKind``, runs the coordinated task queues through ``storage._queue_limits``,
-cancels tasks, reports backlog depths and keeps the operators' audit log. Each hook is one
-named statement of ``sql/postgres/queries.sql`` on the pool (``PgConnections``).
+cancels tasks, reports backlog depths and keeps the operators' audit log. The statements
+are the named queries of ``sql/postgres/queries.sql`` (the ``*_jobs`` templates rendered
+per kind by ``storage.jobkinds``), run on the pool through ``PgConnections``.
 """
 
 from __future__ import annotations

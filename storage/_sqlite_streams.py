@@ -1,9 +1,10 @@
 """SQLite session content: chat messages and stream events, fenced by the session lease.
 
 This module owns ``SqliteStreams``, the part of ``SqliteBackend`` that appends chat
-messages (with their outbox rows, in one write transaction) and stream events, both
-refused unless the writer still holds the session's lease (``_fence_accepts``), and loads
-and purges them. A stream-event batch runs its whole write transaction in one call on the
+messages (refused if a given lease token is no longer the session's; their outbox rows in
+the same write transaction) and stream events (each epoch checked against the session's
+lease token, or its head epoch without a lease row: ``_fence_accepts``), and loads and
+purges them. A stream-event batch runs its whole write transaction in one call on the
 writer's thread and notifies in process once committed. SQLite keeps the plain
 ``stream_events`` table: its partition hooks answer that there are none.
 """
