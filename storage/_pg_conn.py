@@ -4,15 +4,20 @@ This module owns what every Postgres connection of the driver goes through: the 
 named queries (``Q``), the JSON codecs and ``init`` hooks of pool connections, the pool's
 reset hook (``_keep_session``), ``_connect`` for connections outside the pool, and the one
 mapping of asyncpg and network exceptions to ``storage.errors`` (``map_postgres_error``,
-``map_connect_error``). ``storage.postgres`` re-exports the public names.
+``map_connect_error``), and ``PgConnections``, the pool calls every part of
+``PostgresBackend`` runs its statements through. ``storage.postgres`` re-exports the
+public names.
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+import anyio
 import asyncpg
 import orjson
 
@@ -20,6 +25,7 @@ from asyncstore.storage import _topology
 from asyncstore.storage._schema import mask_url
 from asyncstore.storage._sql import load_queries
 from asyncstore.storage.base import (
+    AsyncStorageBackend,
     render_job_queries,
 )
 from asyncstore.storage.errors import (
@@ -182,3 +188,44 @@ def map_postgres_error(exc: Exception) -> StorageError | None:
         # as a restart does: connection trouble, worth retrying on a fresh connection.
         return StorageUnavailable(f"postgres connection broken: {exc}")
     return None
+
+
+class PgConnections(AsyncStorageBackend):
+    """The pool calls of ``PostgresBackend`` (a base of it and of its mixins).
+
+    Its state is set up in ``PostgresBackend.__init__`` and ``open``; the attributes are
+    declared here.
+    """
+
+    _pool: asyncpg.Pool | None
+    _q: Mapping[str, str]  # the running layout's queries; see PgPartitions._use_stream_layout
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise StorageUnavailable("postgres pool is not open")
+        return self._pool
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[asyncpg.Connection]:
+        """A transaction on a pooled connection, all or nothing under any cancellation.
+
+        Shielded from anyio cancellation, as the SQLite driver's writes are: a cancel scope
+        would otherwise cancel the ROLLBACK of asyncpg's transaction block too and leave
+        it to the pool's reset. So a cancelled caller's transaction completes (or rolls
+        back on error) and the cancellation takes effect right after. A plain asyncio
+        cancellation lands in the body and rolls the transaction back. A failed COMMIT
+        has already ended the transaction on the server.
+        """
+        async with self.pool.acquire() as conn:
+            with anyio.CancelScope(shield=True):
+                async with conn.transaction():
+                    yield conn
+
+    async def _fetch(self, name: str, *args: Any) -> list[asyncpg.Record]:
+        self._count(name)
+        return await self.pool.fetch(self._q[name], *args)  # type: ignore[no-any-return]
+
+    async def _execute(self, name: str, *args: Any) -> str:
+        self._count(name)
+        return await self.pool.execute(self._q[name], *args)  # type: ignore[no-any-return]

@@ -9,19 +9,12 @@ drop of ranged partitions under their advisory lock and lock timeout.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
-
-import asyncpg
 
 from asyncstore.storage import _partitions
-from asyncstore.storage._pg_conn import _MIGRATION_LOCK, Q
+from asyncstore.storage._pg_conn import _MIGRATION_LOCK, PgConnections, Q
 from asyncstore.storage._shield import complete
-from asyncstore.storage.base import (
-    AsyncStorageBackend,
-    StreamPartition,
-)
+from asyncstore.storage.base import StreamPartition
 
 # The partitioned layout's queries: each _p_<name> runs in place of <name>.
 _PARTITIONED_QUERIES: Mapping[str, str] = {
@@ -42,19 +35,8 @@ def _iso(seconds: int) -> str:
     return datetime.fromtimestamp(seconds, UTC).isoformat()
 
 
-class PgPartitions(AsyncStorageBackend):
+class PgPartitions(PgConnections):
     """The stream-partition hooks of ``PostgresBackend`` (a mixin of it)."""
-
-    _q: Mapping[str, str]
-
-    if TYPE_CHECKING:
-
-        @property
-        def pool(self) -> asyncpg.Pool: ...
-
-        async def _fetch(self, name: str, *args: Any) -> list[asyncpg.Record]: ...
-
-        def _transaction(self) -> AbstractAsyncContextManager[asyncpg.Connection]: ...
 
     # -- stream partitions (storage/_partitions.py) ----------------------------
 

@@ -295,14 +295,6 @@ async def _on_writer_thread(
     return result
 
 
-def _fence_accepts(fence: tuple[int | None, int | None], epoch: int) -> bool:
-    """The stream fence: the lease token if the session has a lease row, else the head."""
-    token, head_epoch = fence
-    if token is not None:
-        return epoch == token
-    return head_epoch is None or epoch >= head_epoch
-
-
 @asynccontextmanager
 async def _immediate(
     conn: aiosqlite.Connection, *, on_commit: Callable[[], None] | None = None

@@ -7,9 +7,9 @@ and map errors once, here; drivers (``storage.postgres``, ``storage.sqlite``) im
 only the ``_sql_*`` hooks declared in ``storage._hooks`` that run SQL on prepared
 arguments, and must pass the shared contract suite in ``tests/contract/``.
 
-The records and settings live in ``storage.records``, the leased-job kinds in
-``storage.jobkinds`` and the statistics in ``storage.statistics``; every name this module
-exported before the split is still importable from here.
+The records and settings live in ``storage.records`` and ``storage.job_records``, the
+leased-job kinds in ``storage.jobkinds``, the statistics in ``storage.statistics``; every
+name this module exported before the split is still importable from here.
 
 Why one file of about 1,300 lines: it is one class, the contract, whose ~90 public methods
 are each a few lines (validate, encode, call one ``_sql_*`` hook) and share one guard

@@ -17,7 +17,7 @@ from enum import StrEnum
 from typing import Any, Generic, TypeVar
 
 from asyncstore.storage.errors import InvalidArgument
-from asyncstore.storage.records import (
+from asyncstore.storage.job_records import (
     NewOutboxMessage,
     NewTask,
     OutboxMessage,

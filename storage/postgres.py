@@ -1,29 +1,28 @@
 """The Postgres driver (asyncpg): the production backend and the coordination layer.
 
-It owns ``PostgresBackend``: an asyncpg pool sized from ``StorageSettings``, the named
-queries of ``sql/postgres/queries.sql`` (one round trip per contract call, batches through
-``unnest``), migrations, and the SQL hooks of chat, stream events, leases, jobs, webhooks,
-cancellation and login attempts. Its parts live in private modules: the connection
-plumbing and the one error mapping (``_pg_conn``: asyncpg errors are mapped to
-``storage.errors`` there and nowhere else), the dedicated LISTEN connection outside the
-pool that reconnects as soon as it is lost and reports the gap to subscribers, and
-leadership (``_pg_listen``), and the stream partitions (``_pg_partitions``).
+It owns ``PostgresBackend``: an asyncpg pool sized from ``StorageSettings``, migrations,
+and the SQL hooks of chat, stream events, session leases, webhooks, cancellation, login
+attempts and periodic ticks, each one named query of ``sql/postgres/queries.sql`` (one
+round trip per contract call, batches through ``unnest``). Its other parts are mixins in
+private modules: the connection plumbing, the pool calls every hook runs through and the
+one error mapping (``_pg_conn``: asyncpg errors are mapped to ``storage.errors`` there and
+nowhere else), the leased-job engine's hooks and the coordinated task queues
+(``_pg_jobs``), the dedicated LISTEN connection outside the pool that reconnects as soon as
+it is lost and reports the gap to subscribers, and leadership (``_pg_listen``), and the
+stream partitions (``_pg_partitions``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
 import anyio
 import asyncpg
 
-from asyncstore.storage import _queue_limits as ql
 from asyncstore.storage import _ticks, _topology
-from asyncstore.storage import _validate as v
 from asyncstore.storage._backoff import Backoff
 from asyncstore.storage._notify import NotificationHub
 from asyncstore.storage._pg_conn import (
@@ -38,25 +37,20 @@ from asyncstore.storage._pg_conn import (
     map_connect_error,
     map_postgres_error,
 )
+from asyncstore.storage._pg_jobs import PgJobs
 from asyncstore.storage._pg_listen import PgListening
 from asyncstore.storage._pg_partitions import PgPartitions
-from asyncstore.storage._queue_limits import LimitedClaim, QueueLimits
 from asyncstore.storage._shield import complete
 from asyncstore.storage._sql import load_migrations
 from asyncstore.storage.base import (
-    TASKS,
-    AuditEntry,
     CancelState,
     ChatMessage,
-    FailureColumns,
-    JobKind,
     JournaledEvent,
     Lease,
     LeaseAttempt,
     LoginPolicy,
     LoginSlot,
     NewMessage,
-    QueueDepth,
     StorageSettings,
     StorageStatistics,
     StreamAppend,
@@ -68,14 +62,12 @@ from asyncstore.storage.base import (
 from asyncstore.storage.errors import (
     MigrationError,
     StorageError,
-    StorageUnavailable,
 )
-from asyncstore.storage.task_cancel import TaskCancellation
 
 __all__ = ["PostgresBackend", "Q", "map_connect_error", "map_postgres_error"]
 
 
-class PostgresBackend(PgPartitions, PgListening):
+class PostgresBackend(PgJobs, PgPartitions, PgListening):
     """``AsyncStorageBackend`` on Postgres. Build with ``storage.open_storage``."""
 
     dialect = "postgres"
@@ -85,7 +77,7 @@ class PostgresBackend(PgPartitions, PgListening):
         self._settings = settings
         self._topology = _topology.resolve(settings)
         self._dsn = self._topology.dsn
-        self._pool: asyncpg.Pool | None = None
+        self._pool = None
         self._hub = NotificationHub(settings.listener_queue_size)
         self._listen_conn: asyncpg.Connection | None = None
         self._listen_lock = anyio.Lock()
@@ -99,7 +91,7 @@ class PostgresBackend(PgPartitions, PgListening):
         self._listener_kick = anyio.Event()  # set by aclose(): stop any backoff wait
         self._last_ping = 0.0
         self._reconnects = 0
-        self._q: Mapping[str, str] = Q  # the plain layout's queries; see _use_stream_layout
+        self._q = Q  # the plain layout's queries; see _use_stream_layout
 
     def _map_error(self, exc: Exception) -> StorageError | None:
         return map_postgres_error(exc)
@@ -133,12 +125,6 @@ class PostgresBackend(PgPartitions, PgListening):
         # pool connection (at open and later, when the pool grows or replaces one).
         return await _connect(dsn or self._dsn, **kwargs)
 
-    @property
-    def pool(self) -> asyncpg.Pool:
-        if self._pool is None:
-            raise StorageUnavailable("postgres pool is not open")
-        return self._pool
-
     async def aclose(self) -> None:
         if self._closed:
             return
@@ -168,30 +154,6 @@ class PostgresBackend(PgPartitions, PgListening):
             if pool is None
             else (pool.get_size(), pool.get_idle_size(), pool.get_max_size()),
         )
-
-    @asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[asyncpg.Connection]:
-        """A transaction on a pooled connection, all or nothing under any cancellation.
-
-        Shielded from anyio cancellation, as the SQLite driver's writes are: a cancel scope
-        would otherwise cancel the ROLLBACK of asyncpg's transaction block too and leave
-        it to the pool's reset. So a cancelled caller's transaction completes (or rolls
-        back on error) and the cancellation takes effect right after. A plain asyncio
-        cancellation lands in the body and rolls the transaction back. A failed COMMIT
-        has already ended the transaction on the server.
-        """
-        async with self.pool.acquire() as conn:
-            with anyio.CancelScope(shield=True):
-                async with conn.transaction():
-                    yield conn
-
-    async def _fetch(self, name: str, *args: Any) -> list[asyncpg.Record]:
-        self._count(name)
-        return await self.pool.fetch(self._q[name], *args)  # type: ignore[no-any-return]
-
-    async def _execute(self, name: str, *args: Any) -> str:
-        self._count(name)
-        return await self.pool.execute(self._q[name], *args)  # type: ignore[no-any-return]
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -376,142 +338,6 @@ class PostgresBackend(PgPartitions, PgListening):
 
     async def _sql_count_leases(self) -> int:
         return int((await self._fetch("count_leases"))[0][0])
-
-    # -- leased jobs (agent tasks, outbox) ---------------------------------------
-
-    async def _sql_enqueue_jobs(
-        self, kind: JobKind[Any, Any, Any], rows: list[Any], notify: str | None
-    ) -> list[Any]:
-        send = rows
-        if kind is TASKS:
-            # Same key twice in one call: send it once (ON CONFLICT cannot touch a row twice).
-            first_of_key: set[tuple[str, str]] = set()
-            send = []
-            for row in rows:
-                if row[4] is not None:
-                    if (row[0], row[4]) in first_of_key:
-                        continue
-                    first_of_key.add((row[0], row[4]))
-                send.append(row)
-        columns = [list(c) for c in zip(*send, strict=True)]
-        result = await self._fetch(kind.statement("enqueue"), *columns, notify)
-        if result and result[0]["notified"]:
-            self._count("notify")  # sent by the enqueue statement itself, on its commit
-        records = [kind.record(r) for r in result]
-        if kind is TASKS:
-            return v.match_enqueued(rows, records)
-        return sorted(records, key=lambda m: m.id)
-
-    async def _sql_claim_jobs(
-        self,
-        kind: JobKind[Any, Any, Any],
-        worker_id: str,
-        limit: int,
-        lease_s: float,
-        queues: list[str] | None,
-    ) -> list[Any]:
-        rows = await self._fetch(kind.statement("claim"), worker_id, limit, queues, lease_s)
-        return [kind.record(r) for r in rows]
-
-    async def _sql_heartbeat_jobs(
-        self, kind: JobKind[Any, Any, Any], ids: list[int], tokens: list[int], lease_s: float
-    ) -> list[int]:
-        return [r[0] for r in await self._fetch(kind.statement("heartbeat"), ids, tokens, lease_s)]
-
-    # -- coordinated task queues (storage._queue_limits) -------------------------
-
-    async def _sql_enqueue_grouped_tasks(
-        self, rows: list[Any], groups: list[str | None], notify: str | None
-    ) -> list[Any]:
-        return await ql.pg_enqueue_grouped_tasks(self, rows, groups, notify)
-
-    async def _sql_set_queue_limits(
-        self, queue: str, running: int | None, rate: float | None, group: int
-    ) -> QueueLimits:
-        return await ql.pg_set_queue_limits(self, queue, running, rate, group)
-
-    async def _sql_get_queue_limits(self, queue: str) -> QueueLimits | None:
-        return await ql.pg_get_queue_limits(self, queue)
-
-    async def _sql_claim_limited_tasks(
-        self, queue: str, worker_id: str, limit: int, lease_s: float
-    ) -> LimitedClaim | None:
-        return await ql.pg_claim_limited_tasks(
-            self, TASKS.record, worker_id, limit, queue, lease_s
-        )
-
-    async def _sql_wake_task_queue(self, queue: str, channel: str) -> bool:
-        return await ql.pg_wake_task_queue(self, queue, channel)
-
-    async def _sql_complete_jobs(
-        self, kind: JobKind[Any, Any, Any], ids: list[int], tokens: list[int]
-    ) -> list[int]:
-        return sorted(r[0] for r in await self._fetch(kind.statement("complete"), ids, tokens))
-
-    async def _sql_fail_jobs(
-        self, kind: JobKind[Any, Any, Any], failures: FailureColumns
-    ) -> dict[int, str]:
-        rows = await self._fetch(kind.statement("fail"), *failures)
-        return {r[0]: r[1] for r in rows}
-
-    async def _sql_release_jobs(
-        self, kind: JobKind[Any, Any, Any], ids: list[int], tokens: list[int]
-    ) -> list[int]:
-        return sorted(r[0] for r in await self._fetch(kind.statement("release"), ids, tokens))
-
-    async def _sql_dead_letter_jobs(
-        self, kind: JobKind[Any, Any, Any], failures: FailureColumns
-    ) -> list[int]:
-        ids, tokens, errors, _ = failures  # retry_at does not apply
-        rows = await self._fetch(kind.statement("dead_letter"), ids, tokens, errors)
-        return sorted(r[0] for r in rows)
-
-    async def _sql_redrive_jobs(self, kind: JobKind[Any, Any, Any], ids: list[int]) -> list[int]:
-        return sorted(r[0] for r in await self._fetch(kind.statement("redrive"), ids))
-
-    async def _sql_get_job(self, kind: JobKind[Any, Any, Any], job_id: int) -> Any:
-        rows = await self._fetch(kind.statement("get"), job_id)
-        return kind.record(rows[0]) if rows else None
-
-    async def _sql_purge_jobs(self, kind: JobKind[Any, Any, Any], age_s: float) -> int:
-        return _rowcount(await self._execute(kind.statement("purge"), age_s))
-
-    async def _sql_cancel_task(
-        self, task_id: int, reason: str, channel: str | None
-    ) -> TaskCancellation:
-        rows = await self._fetch("cancel_task", task_id, reason, channel)
-        if not rows:
-            return TaskCancellation.of(task_id, None, None)
-        await ql.pg_wake_after_cancel(self, rows[0])
-        return TaskCancellation.of(task_id, rows[0]["status"], rows[0]["worker_id"])
-
-    async def _sql_next_task_due_s(self, queue: str) -> float | None:
-        rows = await self._fetch("next_task_due", queue)
-        due = rows[0]["due_s"] if rows else None
-        return None if due is None else max(0.0, float(due))
-
-    async def _sql_backlog_depths(self) -> tuple[list[QueueDepth], QueueDepth]:
-        tasks = [QueueDepth.from_row(r) for r in await self._fetch("task_backlog")]
-        return tasks, QueueDepth.from_row((await self._fetch("outbox_backlog"))[0])
-
-    async def _sql_list_jobs(self, kind: JobKind[Any, Any, Any], status: str, limit: int) -> Any:
-        rows = await self._fetch(kind.statement("list"), status, limit)
-        return [kind.record(r) for r in rows]
-
-    async def _sql_list_queued_tasks(self, queues: list[str], limit: int) -> list[Task]:
-        return [Task.from_row(r) for r in await self._fetch("list_queued_tasks", queues, limit)]
-
-    async def _sql_list_leases(self, limit: int) -> list[Lease]:
-        return [Lease.from_row(r) for r in await self._fetch("list_leases", limit)]
-
-    async def _sql_record_audit(
-        self, actor: str, action: str, target: str, outcome: str, detail: str
-    ) -> AuditEntry:
-        rows = await self._fetch("record_audit", actor, action, target, outcome, detail)
-        return AuditEntry.from_row(rows[0])
-
-    async def _sql_list_audit(self, limit: int) -> list[AuditEntry]:
-        return [AuditEntry.from_row(r) for r in await self._fetch("list_audit", limit)]
 
     # -- webhook journal --------------------------------------------------------
 

@@ -1,10 +1,12 @@
 """The immutable records of the storage contract, its settings and its status enums.
 
-This module owns what ``AsyncStorageBackend`` takes and returns: ``StorageSettings``, the
-chat, stream-event, lease, task, outbox, webhook, cancel, notification and login records,
-``TaskStatus`` / ``OutboxStatus``, the claim and failure tuples, and the ``Leadership`` /
-``NotificationStream`` interfaces. Plain data: no I/O, no validation beyond construction
-(``storage._validate`` checks arguments). ``storage.base`` re-exports every name.
+This module owns what ``AsyncStorageBackend`` takes and returns outside the leased-job
+engine: ``StorageSettings``, the chat, stream-event, lease, webhook, audit, cancel,
+notification and login records, and the ``Leadership`` / ``NotificationStream``
+interfaces. The job records (tasks, outbox messages, their status enums, the claim and
+failure tuples, ``QueueDepth``) live in ``storage.job_records`` and are re-exported here.
+Plain data: no I/O, no validation beyond construction (``storage._validate`` checks
+arguments). ``storage.base`` re-exports every name.
 """
 
 from __future__ import annotations
@@ -13,12 +15,62 @@ import abc
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from enum import StrEnum
 from typing import Any, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from asyncstore.storage.errors import LeaseLost
+from asyncstore.storage.job_records import (
+    LEASE_EXPIRED,
+    Claim,
+    Failure,
+    FailureColumns,
+    NewOutboxMessage,
+    NewTask,
+    OutboxMessage,
+    OutboxStatus,
+    QueueDepth,
+    Task,
+    TaskStatus,
+)
+
+# Every name, the job records of storage.job_records included (importable from here as
+# before the split).
+__all__ = [
+    "JSON",
+    "LEASE_EXPIRED",
+    "LOGIN_BUSY_RETRY_S",
+    "LOGIN_SCOPES",
+    "AuditEntry",
+    "CancelState",
+    "ChatMessage",
+    "Claim",
+    "EncodedJSON",
+    "Failure",
+    "FailureColumns",
+    "JournaledEvent",
+    "Leadership",
+    "Lease",
+    "LeaseAttempt",
+    "LoginPolicy",
+    "LoginSlot",
+    "NewMessage",
+    "NewOutboxMessage",
+    "NewStreamEvent",
+    "NewTask",
+    "Notification",
+    "NotificationStream",
+    "OutboxMessage",
+    "OutboxStatus",
+    "QueueDepth",
+    "StorageSettings",
+    "StreamAppend",
+    "StreamEvent",
+    "StreamPartition",
+    "StreamRow",
+    "Task",
+    "TaskStatus",
+    "WebhookAttempt",
+]
 
 JSON = Any
 """A JSON value: None, bool, int, float, str, list of JSON, dict of str to JSON."""
@@ -207,110 +259,6 @@ class LeaseAttempt(NamedTuple):
     slot_ok: bool
 
 
-LEASE_EXPIRED = "lease expired"
-"""``last_error`` of a task re-claimed because its previous worker's lease expired."""
-
-
-class TaskStatus(StrEnum):
-    """Where an agent task is: waiting (``queued``), claimed by a worker, done, dead-lettered,
-    or ``cancelled`` by ``cancel_task`` (terminal: never claimed again, not retried)."""
-
-    QUEUED = "queued"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    DEAD = "dead"
-    CANCELLED = "cancelled"
-
-
-class OutboxStatus(StrEnum):
-    PENDING = "pending"
-    SENDING = "sending"
-    SENT = "sent"
-    DEAD = "dead"
-
-
-@dataclass(frozen=True, slots=True)
-class NewTask:
-    """An agent task to enqueue.
-
-    ``run_after`` (None: now) is the earliest time it may be claimed; a task with an
-    ``idempotency_key`` is enqueued once while an earlier one with the same key on the same
-    queue is not finished (the existing row is returned instead). A task with a ``group``
-    (an ordering group within its queue) runs after the earlier tasks of its group, at
-    most the queue's ``max_per_group`` of them at once; its queue becomes coordinated
-    (``claim_limited_tasks``).
-    """
-
-    queue: str
-    payload: JSON
-    priority: int = 0
-    run_after: datetime | None = None
-    idempotency_key: str | None = None
-    max_attempts: int = 5
-    group: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Task:
-    """An agent task row.
-
-    While ``status`` is ``running``, ``run_after`` is the lease expiry: the time after which
-    the normal claim takes the task again if its worker stopped heartbeating.
-    """
-
-    id: int
-    queue: str
-    payload: JSON
-    priority: int
-    status: TaskStatus
-    attempts: int
-    max_attempts: int
-    run_after: datetime
-    lease_token: int | None
-    worker_id: str | None
-    idempotency_key: str | None
-    last_error: str | None
-    created_at: datetime
-    updated_at: datetime
-    group: str | None = None  # the ordering group (NewTask.group), None: ungrouped
-
-    @property
-    def claim(self) -> Claim:
-        if self.lease_token is None:
-            raise LeaseLost(f"task {self.id} is not claimed")
-        return Claim(self.id, self.lease_token)
-
-    @classmethod
-    def from_row(cls, row: Mapping[str, Any]) -> Task:
-        return cls(
-            row["id"],
-            row["queue"],
-            row["payload"],
-            row["priority"],
-            TaskStatus(row["status"]),
-            row["attempts"],
-            row["max_attempts"],
-            row["run_after"],
-            row["lease_token"],
-            row["worker_id"],
-            row["idempotency_key"],
-            row["last_error"],
-            row["created_at"],
-            row["updated_at"],
-            row.get("group_key"),
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class NewOutboxMessage:
-    """A message for a channel (e.g. a chat platform) and an account within it."""
-
-    channel: str
-    account: str
-    payload: JSON
-    max_attempts: int = 5
-
-
 @dataclass(frozen=True, slots=True)
 class JournaledEvent:
     """A durable webhook event committed to the journal, not yet in an outbox batch."""
@@ -379,99 +327,6 @@ class AuditEntry:
             row["outcome"],
             row["detail"],
         )
-
-
-@dataclass(frozen=True, slots=True)
-class OutboxMessage:
-    """An outbox row; while ``sending``, ``run_after`` is the claim's lease expiry."""
-
-    id: int
-    channel: str
-    account: str
-    payload: JSON
-    status: OutboxStatus
-    attempts: int
-    max_attempts: int
-    run_after: datetime
-    lease_token: int | None
-    last_error: str | None
-    created_at: datetime
-
-    @property
-    def claim(self) -> Claim:
-        if self.lease_token is None:
-            raise LeaseLost(f"outbox message {self.id} is not claimed")
-        return Claim(self.id, self.lease_token)
-
-    @classmethod
-    def from_row(cls, row: Mapping[str, Any]) -> OutboxMessage:
-        return cls(
-            row["id"],
-            row["channel"],
-            row["account"],
-            row["payload"],
-            OutboxStatus(row["status"]),
-            row["attempts"],
-            row["max_attempts"],
-            row["run_after"],
-            row["lease_token"],
-            row["last_error"],
-            row["created_at"],
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class QueueDepth:
-    """The unfinished rows of one task queue, or of the outbox, as ``backlog_depths`` read them.
-
-    ``waiting`` rows can be claimed now: queued (pending) and due, or claimed under a lease
-    that expired (their worker died). ``delayed`` rows wait for a future ``run_after``
-    (scheduled, or a retry's backoff); ``in_flight`` rows are claimed under a live lease.
-    ``oldest_wait_s`` is how long the longest-waiting claimable row has been claimable
-    (since its ``run_after`` or its lease expiry; 0.0 when none waits), by the database's
-    clock.
-    """
-
-    name: str
-    waiting: int
-    delayed: int
-    in_flight: int
-    oldest_wait_s: float
-
-    @classmethod
-    def from_row(cls, row: Mapping[str, Any]) -> QueueDepth:
-        return cls(
-            row["name"],
-            int(row["waiting"]),
-            int(row["delayed"]),
-            int(row["in_flight"]),
-            max(0.0, float(row["oldest_wait_s"] or 0.0)),
-        )
-
-
-class Claim(NamedTuple):
-    """Identifies one claimed row (task or outbox message) under one lease."""
-
-    id: int
-    token: int
-
-
-class FailureColumns(NamedTuple):
-    """``Failure`` records checked and split into columns: what the failure hooks receive."""
-
-    ids: list[int]
-    tokens: list[int]
-    errors: list[str]
-    retry_at: list[datetime | None]
-
-
-class Failure(NamedTuple):
-    """A failed attempt: retry at ``retry_at`` (None: at once) unless attempts ran out."""
-
-    id: int
-    token: int
-    error: str
-    retry_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)

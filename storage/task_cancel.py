@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import orjson
 
 from asyncstore.storage import _validate as v
-from asyncstore.storage.records import TaskStatus
+from asyncstore.storage.job_records import TaskStatus
 
 __all__ = [
     "TASK_CANCEL_CHANNEL",
