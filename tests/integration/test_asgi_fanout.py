@@ -83,13 +83,10 @@ async def subscriber(
         await ws.send(orjson.dumps({"type": "subscribe", "after": None}).decode())
         with anyio.fail_after(BOUND_S):
             assert orjson.loads(await ws.recv())["type"] == "ready"
-        try:
-            yield ws
-        finally:
-            if stalled:
-                # A peer that never reads cannot answer the server's closing handshake,
-                # which uvicorn then waits out (2 x 10 s) at shutdown: drop the socket.
-                ws.transport.abort()
+        # A stalled peer cannot answer the server's closing handshake, which uvicorn then
+        # waits out at shutdown (2 x 10 s). Dropping the socket instead (transport.abort)
+        # made the test fail under load (2 of 2 loaded full runs, cause not found): kept.
+        yield ws
 
 
 async def _produce(rt: Runtime, session_id: str, n: int, writers: int = 1) -> int:
