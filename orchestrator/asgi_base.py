@@ -301,6 +301,15 @@ class StreamsBase:
             self._count("resumed")
         return start, items
 
+    @staticmethod
+    async def _anchor(items: _Items) -> None:
+        """Fix a stream's start before its ``ready`` (``Subscription.anchor``: the poll path
+        reads the stored head there; other subscribe functions may have nothing to call),
+        so every event stored after the client's ``ready`` reaches it."""
+        anchor = getattr(items, "anchor", None)
+        if anchor is not None:
+            await anchor()
+
     def _start(self, after: Position | None) -> Position | None:
         if after is None and self.config.start == "beginning":
             return (0, 0)

@@ -145,6 +145,7 @@ class SSEEndpoints(StreamsBase):
                 ],
             }
         )
+        await self._anchor(items)
         after = None if start is None else format_event_id(*start)
         ready = {"session_id": conn.session_id, "after": after}
         if not await write(f"retry: {cfg.retry_ms}\n".encode() + _sse(ready, event="ready")):

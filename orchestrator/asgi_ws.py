@@ -162,6 +162,7 @@ class WebSocketEndpoints(StreamsBase):
         start: Position | None,
         lock: anyio.Lock,
     ) -> None:
+        await self._anchor(items)
         after = None if start is None else format_event_id(*start)
         ready = {"type": "ready", "session_id": conn.session_id, "after": after}
         if not await self._ws_send(websocket, conn, lock, ready):

@@ -255,9 +255,11 @@ class BroadcastHub:
     def subscribe(self, session_id: str, after: Position | None = None) -> Subscription:
         """Register a subscriber now and return its async iterator of events and resets.
 
-        ``after=None``: events published from now on. ``after=(epoch, seq)``: every event
-        after that one, exactly, or a ``StreamReset`` first if that point cannot be served.
-        ``(0, 0)`` means from the start. Close it with ``aclose()`` or ``async with``.
+        ``after=None``: events published from now on (poll mode: stored after the head it
+        reads, at ``await sub.anchor()`` or else at the first iteration).
+        ``after=(epoch, seq)``: every event after that one, exactly, or a ``StreamReset``
+        first if that point cannot be served. ``(0, 0)`` means from the start. Close it
+        with ``aclose()`` or ``async with``.
         """
         if after is not None and (
             not isinstance(after, tuple)

@@ -431,10 +431,25 @@ class Subscription:
 
     # -- legacy poll mode ----------------------------------------------------------------
 
+    async def anchor(self) -> None:
+        """Fix where a live subscription (``after=None``) starts, before saying it is live.
+
+        Memory mode fixed it at ``subscribe`` (the ring): nothing to do, no wait. Poll mode
+        knows no head but the stored one: this reads it, and the subscription yields every
+        event stored after that read. Without this call the first iteration reads it, so
+        events stored between ``subscribe`` and that read would be skipped without a reset
+        (the endpoints call this before their ``ready``). A resume point needs nothing. If
+        cancelled, nothing changed (the next call or iteration reads again).
+        """
+        if self._ring is not None or self._next is not None or self._resume is not None:
+            return
+        head = await self._hub.storage.last_stream_seq(self.session_id)
+        self._hub._count(self._hub._reads, "poll")
+        if self._next is None:
+            self._next = head + 1
+
     async def _poll(self) -> None:
         if self._next is None:
-            head = await self._hub.storage.last_stream_seq(self.session_id)
-            self._hub._count(self._hub._reads, "poll")
-            self._next = head + 1
+            await self.anchor()
         if not await self._read_db("poll") and not self._buffer:
             await anyio.sleep(self._hub.config.poll_interval_s)

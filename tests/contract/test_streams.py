@@ -320,6 +320,30 @@ async def test_legacy_poll_delivery_reads_the_database(storage: AsyncStorageBack
         assert stats.rings == 0
 
 
+async def test_legacy_poll_live_start_is_fixed_by_anchor(storage: AsyncStorageBackend) -> None:
+    """``anchor()`` fixes where a live poll subscription starts (the endpoints call it before
+    their ``ready``): events stored after it, before any iteration, are all delivered. In
+    memory mode it reads nothing (the ring fixed the start at ``subscribe``)."""
+    config = HubConfig(mode=DeliveryMode.POLL, poll_interval_s=0.01)
+    async with instance(storage, config) as (hub, w):
+        await w.begin("s1", epoch=1)
+        await w.emit("s1", "delta", 0)
+        await w.flush()
+        async with hub.subscribe("s1") as sub:
+            await sub.anchor()  # the stored head: seq 1
+            await sub.anchor()  # fixed already: reads nothing
+            assert hub.statistics().db_reads == {"poll": 1}
+            for i in range(1, 4):
+                await w.emit("s1", "delta", i)
+            await w.flush()
+            assert seqs(await take(sub, 3)) == [2, 3, 4]
+    async with instance(storage) as (hub, _), hub.subscribe("s1") as sub:
+        reads = storage.statistics().statements.get("last_stream_seq", 0)
+        await sub.anchor()
+        assert storage.statistics().statements.get("last_stream_seq", 0) == reads
+        assert hub.statistics().db_reads == {}
+
+
 async def test_legacy_unbatched_writes_insert_each_event(storage: AsyncStorageBackend) -> None:
     async with instance(storage, stream_config=StreamConfig(batching=False)) as (hub, w):
         await w.begin("s1", epoch=1)

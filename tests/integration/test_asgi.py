@@ -75,9 +75,10 @@ async def serve(
     config: EndpointConfig | None = None,
     authorize: Callable[[HTTPConnection, str], Any] = _allow_all,
     broadcast: dict[str, Any] | None = None,
+    storage: dict[str, Any] | None = None,
 ) -> AsyncIterator[Served]:
     settings = load_settings(
-        storage={"url": storage_url},
+        storage={"url": storage_url, **(storage or {})},
         runtime={"reload_on_sighup": False, "shutdown_grace_s": 0.5},
         broadcast={"resume_wait_s": 0.1, **(broadcast or {})},
     )
