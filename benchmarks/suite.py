@@ -206,6 +206,12 @@ async def _with_runtime(
         res["notes"].append(f"closing the runtime left work undelivered: {report}")
     if name == "S4":
         res["notes"].append("the agent-queue worker is process-wide: both paths use claim mode")
+        trims = rt.heap_trim.statistics()
+        res["heap_trim"] = asdict(trims)
+        res["notes"].append(
+            f"heap trims (runtime.heap_trim_interval_s {trims.interval_s:g} s): {trims.runs}, "
+            f"{trims.released} gave memory back; the last took {trims.last_ms:.1f} ms"
+        )
     if name == "S1":
         low = f"{sizes.s1_low_turns} turns, {sizes.s1_low_concurrency} at once"
         res["labels"] = {"hi": sizes.s1_turns, "lo": low}
