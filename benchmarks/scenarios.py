@@ -97,6 +97,7 @@ class Sizes:
     repeats: int
     s3_repeats: int
     s4_repeats: int
+    s4_fill: bool  # churn until the memory hub's rings reach their bound first (``s4_fill``)
 
     @classmethod
     def for_mode(cls, full: bool, scale: float = 1.0) -> Sizes:
@@ -124,6 +125,7 @@ class Sizes:
                 repeats=3,
                 s3_repeats=3,
                 s4_repeats=2,
+                s4_fill=True,
             )
         return cls(
             # Fewer concurrent turns than the seed's 300, but the same turn: the ratio of the
@@ -147,6 +149,7 @@ class Sizes:
             repeats=3 if scale >= 0.1 else 2,
             s3_repeats=2 if scale >= 0.1 else 1,
             s4_repeats=2 if scale >= 0.1 else 1,
+            s4_fill=False,
         )
 
 
@@ -654,35 +657,23 @@ async def _read_until_end(sub: Subscription) -> None:
                     return
 
 
-async def s4_once(
+async def _churn(
     rt: Runtime,
     tag: str,
-    seconds: float,
     concurrency: int,
+    stop: anyio.Event,
     enqueued: list[int],
-    tick: Tick,
-) -> dict[str, Any]:
-    """Churn sessions through the whole runtime for ``seconds``; sample every 0.25 s.
+    sessions: list[int],
+) -> None:
+    """S4's load until ``stop``: ``concurrency`` loops each run short turns on fresh sessions
+    (lease, cancel token, a live subscriber reading to the end, three events, a chat append,
+    webhooks) and enqueue an agent task for the runtime's worker; every tenth session is
+    cancelled mid-turn. ``sessions[0]`` counts the sessions done."""
 
-    ``concurrency`` loops each run short turns on fresh sessions (lease, cancel token, a
-    live subscriber reading to the end, three events, a chat append, webhooks) and
-    enqueue an agent task for the runtime's worker; every tenth session is cancelled mid-turn. After
-    the first
-    quarter (the warm-up), RSS growth is measured to the end; then the loops stop and the
-    queues get up to 10 s to return to empty. ``enqueued`` is the running count of tasks
-    given to ``rt.queue`` (shared across repetitions: the worker's counters are cumulative).
-    """
-    stop = anyio.Event()
-    sessions = 0
-    lost_before = sum(s.lost for s in rt.statistics().streams.values())
-    samples: list[dict[str, float]] = []
-    started = time.perf_counter()
-
-    async def churn(loop: int) -> None:
-        nonlocal sessions
+    async def loop(n: int) -> None:
         i = 0
         while not stop.is_set():
-            sid = f"{tag}-{loop}-{i}"
+            sid = f"{tag}-{n}-{i}"
             i += 1
             async with anyio.create_task_group() as tg:
                 sub = rt.subscribe(sid)
@@ -699,7 +690,66 @@ async def s4_once(
                     await turn.emit("turn_completed", {"text": "ab"})
             await rt.queue.enqueue({"session": sid})
             enqueued[0] += 1
-            sessions += 1
+            sessions[0] += 1
+
+    async with anyio.create_task_group() as loops:
+        for n in range(concurrency):
+            loops.start_soon(loop, n)
+
+
+async def s4_fill(
+    rt: Runtime, tag: str, concurrency: int, limit_s: float, enqueued: list[int], tick: Tick
+) -> dict[str, float]:
+    """Churn S4 sessions until the memory hub's rings reach their bound, at most ``limit_s``.
+
+    Every writer publishes to the memory hub, which keeps a ring per session until it has
+    been idle ``ring_idle_ttl_s`` or ``max_rings`` newer ones push it out: in a soak of
+    fresh sessions the ring count (and RSS, about 4 KiB a ring) rises until the first ring
+    leaves, then stays level. That is the bound working, not growth; S4 measures from
+    there. Returns how long it took, the rings held and whether the bound was reached.
+    """
+    hub = rt._broadcast.optimized
+    if hub is None:
+        return {"fill_s": 0.0, "fill_rings": 0.0, "fill_reached": 0.0}
+    evicted = hub.statistics().rings_evicted
+    stop = anyio.Event()
+    started = time.perf_counter()
+    reached = False
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_churn, rt, tag, concurrency, stop, enqueued, [0])
+        with anyio.move_on_after(limit_s):
+            while hub.statistics().rings_evicted == evicted:
+                tick(min(1.0, (time.perf_counter() - started) / limit_s))
+                await anyio.sleep(0.25)
+            reached = True
+        stop.set()
+    return {
+        "fill_s": time.perf_counter() - started,
+        "fill_rings": float(hub.statistics().rings),
+        "fill_reached": float(reached),
+    }
+
+
+async def s4_once(
+    rt: Runtime,
+    tag: str,
+    seconds: float,
+    concurrency: int,
+    enqueued: list[int],
+    tick: Tick,
+) -> dict[str, Any]:
+    """Churn sessions through the whole runtime for ``seconds``; sample every 0.25 s.
+
+    The load is ``_churn``'s, ``concurrency`` loops of short turns. After the first
+    quarter (the warm-up), RSS growth is measured to the end; then the loops stop and the
+    queues get up to 10 s to return to empty. ``enqueued`` is the running count of tasks
+    given to ``rt.queue`` (shared across repetitions: the worker's counters are cumulative).
+    """
+    stop = anyio.Event()
+    sessions = [0]
+    lost_before = sum(s.lost for s in rt.statistics().streams.values())
+    samples: list[dict[str, float]] = []
+    started = time.perf_counter()
 
     async def sample() -> None:
         while True:
@@ -719,8 +769,7 @@ async def s4_once(
     async with anyio.create_task_group() as tg:
         tg.start_soon(sample)
         async with anyio.create_task_group() as loops:
-            for loop in range(concurrency):
-                loops.start_soon(churn, loop)
+            loops.start_soon(_churn, rt, tag, concurrency, stop, enqueued, sessions)
             await anyio.sleep(seconds)
             stop.set()
         elapsed = time.perf_counter() - started
@@ -744,7 +793,7 @@ async def s4_once(
     return {
         "rss_growth_pct": (peak - base) / base * 100,
         "rss_mb": peak,
-        "sessions_per_s": sessions / elapsed,
+        "sessions_per_s": sessions[0] / elapsed,
         "peak_connections": max(s["connections"] for s in samples),
         "queues_left": float(final["stream_writer"] + final["webhooks"] + final["agent_queue"]),
         "drain_s": drained_at if drained_at is not None else float("nan"),

@@ -44,6 +44,7 @@ from benchmarks.scenarios import (
     Sizes,
     s1_once,
     s3_once,
+    s4_fill,
     s4_once,
     spawn_receiver,
 )
@@ -161,7 +162,8 @@ async def _with_runtime(
     """S1, S2 or S4 on one runtime, the paths switched with ``rt.update_flags``."""
     res = _result()
     reps = sizes.s4_repeats if name == "S4" else sizes.repeats
-    bar = _Bar(progress, f"{name} warm-up", 2 + 2 * reps)
+    fill = name == "S4" and sizes.s4_fill
+    bar = _Bar(progress, f"{name} warm-up", 2 + int(fill) + 2 * reps)
     enqueued = [0]
     async with open_runtime(settings, hooks=hooks, queue_handler=_noop) as rt:
         # Both paths of every flag run from the start: the suite switches between them
@@ -194,6 +196,9 @@ async def _with_runtime(
         for path in PATHS:
             await once(path, f"{name}warm{path[0]}", 0, True)
             bar.next(f"{name} warm-up")
+        if fill:
+            res["fill"] = await _fill_rings(rt, sizes, enqueued, bar)
+            res["notes"].append(_fill_note(res["fill"]))
         await _alternate(name, reps, bar, once, res["figures"], res["series"])
     bar.done()
     report = rt.report
@@ -201,6 +206,12 @@ async def _with_runtime(
         res["notes"].append(f"closing the runtime left work undelivered: {report}")
     if name == "S4":
         res["notes"].append("the agent-queue worker is process-wide: both paths use claim mode")
+        trims = rt.heap_trim.statistics()
+        res["heap_trim"] = asdict(trims)
+        res["notes"].append(
+            f"heap trims (runtime.heap_trim_interval_s {trims.interval_s:g} s): {trims.runs}, "
+            f"{trims.released} gave memory back; the last took {trims.last_ms:.1f} ms"
+        )
     if name == "S1":
         low = f"{sizes.s1_low_turns} turns, {sizes.s1_low_concurrency} at once"
         res["labels"] = {"hi": sizes.s1_turns, "lo": low}
@@ -215,6 +226,30 @@ async def _with_runtime(
             f"listens); {sizes.s1_deltas} token deltas per turn"
         )
     return res
+
+
+async def _fill_rings(rt: Runtime, sizes: Sizes, enqueued: list[int], bar: _Bar) -> Any:
+    """S4's fill: the memory hub keeps a ring per recent session up to a bound (``max_rings``,
+    or ``ring_idle_ttl_s`` of idleness), so a soak of fresh sessions raises RSS until the
+    bound is reached; the repetitions measure from there. The TTL bound is met at the
+    latest one TTL and a sweep after the first ring, hence the limit."""
+    hub = rt._broadcast.optimized
+    cfg = hub.config if hub is not None else rt.settings.broadcast
+    limit = cfg.ring_idle_ttl_s + 2 * cfg.sweep_interval_s
+    _set_path(rt, "optimized")
+    out = await s4_fill(rt, "S4fill", sizes.s4_concurrency, limit, enqueued, bar.tick)
+    bar.next("S4 fill")
+    return out
+
+
+def _fill_note(fill: dict[str, float]) -> str:
+    how = "reached" if fill["fill_reached"] else "NOT reached (time limit)"
+    return (
+        f"before the repetitions, sessions churned {fill['fill_s']:.0f} s until the memory "
+        f"hub's ring bound was {how}: {fill['fill_rings']:.0f} rings held (a ring per recent "
+        "session, bounded by broadcast.max_rings and ring_idle_ttl_s); growth is measured "
+        "from that level"
+    )
 
 
 async def _s2(url: str, sizes: Sizes, progress: Any) -> dict[str, Any]:

@@ -38,6 +38,7 @@ from asyncstore.orchestrator.config import (
     load_settings,
 )
 from asyncstore.orchestrator.errors import ComponentNotBuilt, OrchestratorError, RuntimeClosed
+from asyncstore.orchestrator.heap_trim import HeapTrimmer
 from asyncstore.orchestrator.locks import (
     SessionLimiter,
     default_instance_id,
@@ -108,6 +109,7 @@ class Runtime:
         self.backlog: BacklogMonitor | None = None
         self.periodic: PeriodicRunner | None = None  # set when schedules run
         self.report: RuntimeReport | None = None
+        self.heap_trim = HeapTrimmer(settings.runtime.heap_trim_interval_s, clock=clock)
         self.metrics = Metrics(settings.metrics)
         self.passwords = PasswordHasher(settings.auth.hashing)
         self.login_attempts = LoginAttemptLimiter(settings.auth.attempts, storage=storage)

@@ -264,6 +264,7 @@ async def open_runtime(
             and threading.current_thread() is threading.main_thread()
         ):
             await tg.start(rt._reload_on_sighup)
+        tg.start_soon(rt.heap_trim.run)
         log.info(
             "runtime open on %s (instance %s); flags %s",
             storage.dialect,

@@ -265,6 +265,12 @@ class RuntimeSettings(BaseModel):
     shutdown_grace_s: float = Field(
         default=10.0, ge=0, description="how long closing waits for running turns"
     )
+    heap_trim_interval_s: float = Field(
+        default=10.0,
+        ge=0,
+        description="give the C heap's free pages back to the OS this often (glibc "
+        "malloc_trim; orchestrator.heap_trim); 0 turns it off",
+    )
 
 
 class DashboardSettings(BaseModel):
