@@ -248,6 +248,11 @@ class SqliteConnections(AsyncStorageBackend):
     async def _read(self, name: str, params: Mapping[str, Any]) -> list[dict[str, Any]]:
         self._count(name)
         async with self._reader() as conn:
+            if "now" in params:
+                # Liveness is judged when the read runs, not when it was asked for: a read
+                # that waited for a reader would otherwise count a lease released meanwhile
+                # (its row keeps the release time) beside the one that replaced it.
+                params = {**params, "now": time.time()}
             return list(await conn.execute_fetchall(Q[name], params))  # type: ignore[arg-type]
 
     @asynccontextmanager
