@@ -435,6 +435,7 @@ class Runtime:
             "login_attempts": self.login_attempts,
             "turns": self.turn_metrics,
             "maintenance": self.maintenance,
+            "heap_trim": self.heap_trim,
         }
         if self.webhooks is not None:
             sources["webhooks"] = self.webhooks

@@ -18,8 +18,10 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 from asyncstore.orchestrator.timing import SYSTEM_CLOCK, Clock
+from asyncstore.storage.families import Family, MetricSink
 
 log = logging.getLogger("asyncstore.heap_trim")
 
@@ -48,6 +50,17 @@ class HeapTrimStatistics:
     runs: int
     released: int  # runs in which malloc gave memory back
     last_ms: float  # how long the last call held the loop
+
+    METRIC_FAMILIES: ClassVar[tuple[Family, ...]] = (
+        Family("heap_trims", "counter", "malloc_trim(0) calls (runtime.heap_trim_interval_s)."),
+        Family("heap_trims_released", "counter", "Trims in which malloc gave memory back."),
+        Family("heap_trim_last_seconds", "gauge", "How long the last trim held the loop."),
+    )
+
+    def export(self, out: MetricSink) -> None:
+        out.sample("heap_trims", {}, self.runs)
+        out.sample("heap_trims_released", {}, self.released)
+        out.sample("heap_trim_last_seconds", {}, self.last_ms / 1000)
 
 
 class HeapTrimmer:

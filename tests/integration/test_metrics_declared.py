@@ -61,6 +61,10 @@ NEW_FAMILIES = {
     "asyncstore_maintenance_evicted",
     "asyncstore_maintenance_errors",
     "asyncstore_maintenance_last_sweep_duration_seconds",
+    # The runtime's heap trim (issue 16).
+    "asyncstore_heap_trims",
+    "asyncstore_heap_trims_released",
+    "asyncstore_heap_trim_last_seconds",
 }
 
 

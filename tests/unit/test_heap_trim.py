@@ -86,6 +86,9 @@ async def test_the_runtime_trims_on_its_clock_and_not_when_off(tmp_path: Path) -
                 return rt.heap_trim.statistics().runs >= 2
 
             await wait_for(advanced, what="two trims on the runtime's clock")
+            runs = rt.heap_trim.statistics().runs
+            text = rt.metrics.render()[0].decode()
+            assert f'asyncstore_heap_trims_total{{source="heap_trim"}} {runs:.1f}' in text
         async with open_runtime(settings(0.0), clock=clock) as rt:
             for _ in range(5):
                 clock.advance(30.0)
