@@ -67,8 +67,11 @@ async def main():
         async with open_storage(url) as storage:
             senders = dict.fromkeys(channels, send)
             templates = dict.fromkeys(channels, template)
+            print("ready", flush=True)
+            # start gate: every relay starts claiming at once, so a slow interpreter start
+            # cannot leave one relay to drain everything before the others are up
+            await anyio.to_thread.run_sync(sys.stdin.readline)
             async with open_outbox_relay(storage, senders, templates=templates, config=cfg):
-                print("ready", flush=True)
                 await anyio.to_thread.run_sync(sys.stdin.readline)
 
 anyio.run(main)
@@ -91,11 +94,17 @@ class Relay:
         assert self.popen.stdout is not None
         assert self.popen.stdout.readline().strip() == "ready"
 
+    def go(self) -> None:
+        """Open the gate: the relay starts claiming."""
+        assert self.popen.stdin is not None
+        self.popen.stdin.write("go\n")
+        self.popen.stdin.flush()
+
     def stop(self) -> None:
         if self.popen.poll() is None:
             assert self.popen.stdin is not None
             self.popen.stdin.write("stop\n")
-            self.popen.stdin.flush()
+            self.popen.stdin.close()  # EOF: a relay still at its start gate goes straight through
         try:
             assert self.popen.wait(timeout=60) == 0
         finally:
@@ -177,6 +186,8 @@ async def test_relay_processes_keep_group_order_with_retries_and_a_poison_messag
     try:
         for proc in procs:
             proc.wait_ready()
+        for proc in procs:
+            proc.go()
         await _wait_settled(dsn, timeout_s=180)
         first_pass = [rec for proc in procs for rec in proc.records()]
         healed.touch()

@@ -31,7 +31,7 @@ import anyio
 from asyncstore.orchestrator.queue import AgentQueue, QueueConfig, open_worker
 from asyncstore.storage import open_storage
 
-url, runs, max_workers, lease_s, hang, fallback_poll_s = sys.argv[1:7]
+url, runs, max_workers, lease_s, hang, fallback_poll_s, gated = sys.argv[1:8]
 
 async def main():
     cfg = QueueConfig(
@@ -47,8 +47,12 @@ async def main():
 
         async with open_storage(url) as storage:
             queue = AgentQueue(storage, "mp", cfg)
-            async with open_worker(queue, handler) as worker:
+            if gated == "1":  # start gate: claim only once every process is up
                 print("ready", flush=True)
+                await anyio.to_thread.run_sync(sys.stdin.readline)
+            async with open_worker(queue, handler) as worker:
+                if gated != "1":
+                    print("ready", flush=True)
                 await anyio.to_thread.run_sync(sys.stdin.readline)
             print(json.dumps(dataclasses.asdict(worker.statistics())), flush=True)
 
@@ -66,7 +70,9 @@ class Proc:
         lease_s: float,
         hang: bool,
         fallback_poll_s: float = 0.5,
+        gated: bool = False,
     ):
+        """``gated``: the worker says ready before it starts, and starts on ``go()``."""
         self.runs = runs
         self.popen = subprocess.Popen(
             [
@@ -79,6 +85,7 @@ class Proc:
                 str(lease_s),
                 "1" if hang else "0",
                 str(fallback_poll_s),
+                "1" if gated else "0",
             ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -89,6 +96,12 @@ class Proc:
     def wait_ready(self) -> None:
         assert self.popen.stdout is not None
         assert self.popen.stdout.readline().strip() == "ready"
+
+    def go(self) -> None:
+        """Open a gated worker's start gate."""
+        assert self.popen.stdin is not None
+        self.popen.stdin.write("go\n")
+        self.popen.stdin.flush()
 
     def stop(self) -> dict[str, object]:
         """Stop the worker; returns its final statistics."""
@@ -138,11 +151,14 @@ async def test_four_worker_processes_drain_10000_tasks_each_exactly_once(
         for start in range(0, 10_000, 2_000):
             await queue.enqueue_many(list(range(start, start + 2_000)))
     procs = [
-        Proc(dsn, tmp_path / f"runs{i}", max_workers=50, lease_s=10, hang=False) for i in range(4)
+        Proc(dsn, tmp_path / f"runs{i}", max_workers=50, lease_s=10, hang=False, gated=True)
+        for i in range(4)
     ]
     try:
         for proc in procs:
             proc.wait_ready()
+        for proc in procs:  # together: a slow interpreter start cannot leave one to drain all
+            proc.go()
         await _wait_succeeded(dsn, 10_000, timeout_s=120)
     finally:
         for proc in procs:
