@@ -487,6 +487,7 @@ FIGURES: dict[str, list[tuple[str, str, str]]] = {
         ("duplicates", "duplicates (live workers)", "n"),
         ("lost", "lost tasks", "n"),
         ("rerun_after_kill", "re-runs of the killed worker's claims", "n"),
+        ("outcomes_undelivered", "outcomes given up at a live worker's stop", "n"),
     ],
     "S4": [
         ("rss_growth_pct", "RSS growth after warm-up (max)", "%"),
@@ -505,6 +506,7 @@ MAX_FIGURES = {
     ("S4", "queues_left"),
     ("S3", "duplicates"),
     ("S3", "lost"),
+    ("S3", "outcomes_undelivered"),
     ("S4", "events_lost"),
     ("S2", "undelivered"),
     ("S2", "misordered"),
@@ -599,7 +601,7 @@ def _target(
     if name == "S3" and key == "kill_rerun_s" and "lease_s" in res:
         bound = res["lease_s"] + 1.0
         return f"<= lease + 1 s ({bound:g} s)", _common.check(o, lambda v: v <= bound)
-    if name == "S3" and key in ("duplicates", "lost"):
+    if name == "S3" and key in ("duplicates", "lost", "outcomes_undelivered"):
         both = list(o) + list(lg or [])
         return "0", "met" if max(both) == 0 else "NOT met"
     if name == "S4" and key == "rss_growth_pct":

@@ -61,6 +61,8 @@ def _check(doc: dict[str, object]) -> None:
     for path in ("optimized", "legacy"):
         assert s3[path]["duplicates"] == [0.0] * len(s3[path]["duplicates"])
         assert s3[path]["lost"] == [0.0] * len(s3[path]["lost"])
+        # timed to outcomes stored: nothing left in a live worker's writer at its stop
+        assert s3[path]["outcomes_undelivered"] == [0.0] * len(s3[path]["lost"])
         # The kill always finds the victim holding claims, and their re-run is timed.
         assert all(held > 0 for held in s3[path]["held_at_kill"])
         assert len(s3[path]["kill_rerun_s"]) == len(s3[path]["held_at_kill"])
