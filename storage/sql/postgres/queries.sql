@@ -378,25 +378,32 @@ SELECT extract(epoch FROM min(run_after) - now())::float8 AS due_s
 FROM agent_tasks WHERE queue = $1 AND status IN ('queued', 'running');
 
 -- name: task_backlog
+-- Rows are judged against a time read after the statement's snapshot (clock_timestamp(),
+-- once, in a materialized CTE), not now(): now() is the transaction's start, which can
+-- precede the enqueue of rows this snapshot sees, and due rows would read as delayed.
+WITH t AS MATERIALIZED (SELECT clock_timestamp() AS at)
 SELECT queue AS name,
-    count(*) FILTER (WHERE run_after <= now()) AS waiting,
-    count(*) FILTER (WHERE status = 'queued' AND run_after > now()) AS delayed,
-    count(*) FILTER (WHERE status = 'running' AND run_after > now()) AS in_flight,
-    extract(epoch FROM now() - min(run_after) FILTER (WHERE run_after <= now()))::float8
+    count(*) FILTER (WHERE run_after <= t.at) AS waiting,
+    count(*) FILTER (WHERE status = 'queued' AND run_after > t.at) AS delayed,
+    count(*) FILTER (WHERE status = 'running' AND run_after > t.at) AS in_flight,
+    extract(epoch FROM t.at - min(run_after) FILTER (WHERE run_after <= t.at))::float8
         AS oldest_wait_s
-FROM agent_tasks WHERE status IN ('queued', 'running')
-GROUP BY queue ORDER BY queue;
+FROM agent_tasks, t WHERE status IN ('queued', 'running')
+GROUP BY queue, t.at ORDER BY queue;
 
 -- name: outbox_backlog
 -- Metrics only; kept apart from the outbox claim queries. Rows held back behind an earlier
 -- message of their group count as waiting: they are due, delivery order makes them wait.
+-- Judged against a time after the snapshot, as task_backlog.
+WITH t AS MATERIALIZED (SELECT clock_timestamp() AS at)
 SELECT 'outbox' AS name,
-    count(*) FILTER (WHERE run_after <= now()) AS waiting,
-    count(*) FILTER (WHERE status = 'pending' AND run_after > now()) AS delayed,
-    count(*) FILTER (WHERE status = 'sending' AND run_after > now()) AS in_flight,
-    extract(epoch FROM now() - min(run_after) FILTER (WHERE run_after <= now()))::float8
+    count(*) FILTER (WHERE run_after <= t.at) AS waiting,
+    count(*) FILTER (WHERE status = 'pending' AND run_after > t.at) AS delayed,
+    count(*) FILTER (WHERE status = 'sending' AND run_after > t.at) AS in_flight,
+    extract(epoch FROM t.at - min(run_after) FILTER (WHERE run_after <= t.at))::float8
         AS oldest_wait_s
-FROM outbox WHERE status IN ('pending', 'sending');
+FROM t LEFT JOIN outbox ON status IN ('pending', 'sending')
+GROUP BY t.at;
 
 -- name: enqueue_outbox
 -- The group rows (see claim_outbox) are created here, in a stable order so two enqueues that
