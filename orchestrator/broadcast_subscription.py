@@ -452,4 +452,4 @@ class Subscription:
         if self._next is None:
             await self.anchor()
         if not await self._read_db("poll") and not self._buffer:
-            await anyio.sleep(self._hub.config.poll_interval_s)
+            await self._hub.clock.sleep(self._hub.config.poll_interval_s)

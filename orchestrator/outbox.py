@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from asyncstore.orchestrator.batching import describe_failure
 from asyncstore.orchestrator.jobs import ConsumerSpec, JobConsumer, Outcome, OutcomeKind
-from asyncstore.orchestrator.timing import SYSTEM_CLOCK, Backoff, Clock
+from asyncstore.orchestrator.timing import SYSTEM_CLOCK, Backoff, Clock, fail_after
 from asyncstore.storage import (
     AsyncStorageBackend,
     ChatMessage,
@@ -357,7 +357,7 @@ class OutboxRelay(JobConsumer[OutboxMessage]):
         return room
 
     async def _drain(self) -> None:
-        with anyio.move_on_after(self.config.shutdown_grace_s):
+        with self._clock.move_on_after(self.config.shutdown_grace_s):
             await self._lanes_idle.wait()
         # Cancelling the task group next cancels the lanes; each releases what it holds.
 
@@ -426,7 +426,7 @@ class OutboxRelay(JobConsumer[OutboxMessage]):
             self._sending += 1
             self._peak = max(self._peak, self._sending)
             try:
-                with anyio.fail_after(self.config.send_timeout_s):
+                with fail_after(self._clock, self.config.send_timeout_s):
                     await sender(msg)
             except Exception as exc:
                 self._send_errors += 1
@@ -476,7 +476,8 @@ async def open_outbox_relay(
     result is written before returning. If the block raises or is cancelled, sends are
     cancelled at once and the releases are still written (shielded, bounded by a timeout).
     ``clock`` is what the relay's timing reads (idle waits, the fallback poll, a claim's
-    age); a stored ``retry_at`` stays database (wall) time.
+    age, each send's ``send_timeout_s`` and the ``shutdown_grace_s``); a stored
+    ``retry_at`` stays database (wall) time.
     """
     relay = OutboxRelay(
         storage,

@@ -12,10 +12,11 @@ orchestrator); this module is its public home.
 a period spread symmetrically around its nominal value (a sweeper's next round).
 
 ``Clock`` is what timing logic reads instead of ``time``, ``anyio.sleep`` and
-``anyio.move_on_after``: ``SYSTEM_CLOCK`` in production, ``ManualClock`` in tests, which
-moves only when the test calls ``advance`` and wakes exactly the sleepers (and times out
-exactly the ``move_on_after`` scopes) whose deadline it passed, so tests drive time instead
-of sleeping past it. Database time (lease expiry, ``retry_at`` compared in SQL) is the
+``anyio.move_on_after`` (and ``fail_after(clock, s)`` instead of ``anyio.fail_after``):
+``SYSTEM_CLOCK`` in production, ``ManualClock`` in tests, which moves only when the test
+calls ``advance`` and wakes exactly the sleepers (and times out exactly the
+``move_on_after`` scopes) whose deadline it passed, so tests drive time instead of sleeping
+past it. Database time (lease expiry, ``retry_at`` compared in SQL) is the
 database's own ``now()`` and is not driven by a ``Clock``.
 """
 
@@ -36,7 +37,15 @@ import anyio
 from asyncstore.storage._backoff import Backoff
 from asyncstore.storage.errors import InvalidArgument
 
-__all__ = ["SYSTEM_CLOCK", "Backoff", "Clock", "ManualClock", "SystemClock", "jittered"]
+__all__ = [
+    "SYSTEM_CLOCK",
+    "Backoff",
+    "Clock",
+    "ManualClock",
+    "SystemClock",
+    "fail_after",
+    "jittered",
+]
 
 
 def jittered(seconds: float, spread: float, rng: random.Random | None = None) -> float:
@@ -81,6 +90,21 @@ class SystemClock:
 
 
 SYSTEM_CLOCK: Clock = SystemClock()
+
+
+@contextmanager
+def fail_after(clock: Clock, seconds: float) -> Iterator[anyio.CancelScope]:
+    """``anyio.fail_after`` on ``clock``'s time: raise ``TimeoutError`` if the block is
+    still running once ``seconds`` of ``clock`` passed (it is cancelled then).
+
+    A function rather than a ``Clock`` method, so that a clock written against the
+    protocol keeps working: it is ``move_on_after`` that raises when its own deadline
+    ended the block (an outer cancellation propagates as it would).
+    """
+    with clock.move_on_after(seconds) as scope:
+        yield scope
+    if scope.cancelled_caught:
+        raise TimeoutError
 
 
 class _Timer:
