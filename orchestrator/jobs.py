@@ -22,6 +22,7 @@ import abc
 import heapq
 import logging
 import math
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
@@ -319,6 +320,10 @@ class JobConsumer(abc.ABC, Generic[J]):
 
         A payload that is a future Unix time (an enqueue's earliest ``run_after``) becomes
         a known due time; anything else (due now, empty, a gap) wakes the claim loop.
+        The payload is database (wall) time, so it is compared with the real wall clock,
+        and a future one is remembered as that many seconds from now on this consumer's
+        clock: a ``ManualClock`` whose wall time is behind the database's still reads an
+        ordinary enqueue as due now. (On the system clock both readings are the same.)
         """
         async with self._storage.listen(channel) as stream:
             task_status.started()
@@ -330,8 +335,9 @@ class JobConsumer(abc.ABC, Generic[J]):
                         due = float(note.payload)
                     except ValueError:
                         due = 0.0
-                if due > self._clock.time():
-                    self._expect(due)
+                wait_s = due - time.time()  # database (wall) time, as the payload
+                if wait_s > 0:
+                    self._expect(self._clock.time() + wait_s)
                 else:
                     self._wake.set()
 

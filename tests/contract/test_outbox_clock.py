@@ -3,15 +3,19 @@
 ``open_outbox_relay(..., clock=...)``: a send that hangs is cancelled once ``send_timeout_s``
 of that clock passed, and leaving the relay waits ``shutdown_grace_s`` of that clock for the
 sends in flight, so a ``ManualClock`` makes each happen when the test moves time past it,
-never after wall seconds. Real storage; nothing here waits on wall time (``fail_after`` is a
-hang guard only).
+never after wall seconds. A runtime built with a clock gives it to its relay. A clock whose
+wall time is behind the database's still reads an ordinary enqueue's notification as due
+now. Real storage; nothing here waits on wall time (``fail_after`` is a hang guard only).
 """
 
 from __future__ import annotations
 
+import time
+
 import anyio
 import anyio.lowlevel
 
+from asyncstore.orchestrator.config import load_settings
 from asyncstore.orchestrator.outbox import (
     Outbox,
     OutboxConfig,
@@ -19,6 +23,7 @@ from asyncstore.orchestrator.outbox import (
     RetryTemplate,
     open_outbox_relay,
 )
+from asyncstore.orchestrator.runtime import open_runtime
 from asyncstore.orchestrator.timing import ManualClock
 from asyncstore.storage import (
     AsyncStorageBackend,
@@ -119,3 +124,44 @@ async def test_the_shutdown_grace_runs_on_the_relays_clock(storage: AsyncStorage
     assert stats.released == 1 and stats.sent == 0 and stats.retried == 0
     stored = await Outbox(storage).get(msg.id)
     assert stored is not None and stored.status is OutboxStatus.PENDING and stored.attempts == 0
+
+
+async def test_an_enqueue_wakes_a_relay_whose_clock_is_behind_the_database(
+    storage: AsyncStorageBackend,
+) -> None:
+    """An enqueue's notification carries its rows' earliest ``run_after``: database (wall)
+    time, due now here. A ``ManualClock``'s wall time is years behind it; the relay still
+    reads it as due now and claims at once (it has nothing else to wake it: no poll)."""
+    clock = ManualClock()
+    assert clock.time() < time.time() - 86_400
+    sent: list[object] = []
+    delivered = anyio.Event()
+
+    async def send(msg: OutboxMessage) -> None:
+        sent.append(msg.payload)
+        delivered.set()
+
+    with anyio.fail_after(BOUND_S):
+        async with open_outbox_relay(storage, {"chat": send}, config=CONFIG, clock=clock) as relay:
+            await Outbox(storage).enqueue([NewOutboxMessage("chat", "a", 1)])
+            await delivered.wait()
+            await relay.flush()
+            stats = relay.statistics()
+    assert sent == [1] and clock.now == ManualClock().now  # no time was advanced
+    assert stats.sent == 1 and stats.notifications == 1 and stats.fallback_polls == 0
+
+
+async def test_a_runtime_gives_its_clock_to_its_relay(storage_url: str) -> None:
+    clock = ManualClock()
+    settings = load_settings(
+        storage={"url": storage_url},
+        runtime={"reload_on_sighup": False},
+        outbox={**CONFIG.model_dump(), "templates": {"chat": LATER.model_dump()}},
+    )
+    sender = _Hanging()
+    with anyio.fail_after(BOUND_S):
+        async with open_runtime(settings, clock=clock, outbox_senders={"chat": sender}) as rt:
+            assert rt.relay is not None
+            await rt.outbox.enqueue([NewOutboxMessage("chat", "a", 1)])
+            await _send_times_out(clock, rt.relay, sender)
+            assert rt.relay.statistics().retried == 1
