@@ -324,9 +324,7 @@ class LoginAttemptLimiter:
             self._rejected["account"] += 1
             raise LoginLocked("account", first.retry_after_s)
         try:
-            second = await storage.reserve_login_attempt(
-                "address", address, cfg.policy("address")
-            )
+            second = await storage.reserve_login_attempt("address", address, cfg.policy("address"))
         except BaseException:
             await storage.finish_login_attempt(
                 "account", account, first.window_start, "release", cfg.policy("account")

@@ -56,12 +56,8 @@ class BacklogStatistics:
             ("queue",),
             where="per task queue with unfinished tasks",
         ),
-        Family(
-            "outbox_depth", "gauge", _DEPTH_DOC, ("state",), where="after the first reading"
-        ),
-        Family(
-            "outbox_oldest_wait_seconds", "gauge", _AGE_DOC, where="after the first reading"
-        ),
+        Family("outbox_depth", "gauge", _DEPTH_DOC, ("state",), where="after the first reading"),
+        Family("outbox_oldest_wait_seconds", "gauge", _AGE_DOC, where="after the first reading"),
         Family("backlog_read_age_seconds", "gauge", "Age of the backlog reading; -1: none."),
         Family("backlog_read_errors", "counter", "Failed backlog reads."),
     )

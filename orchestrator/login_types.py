@@ -98,9 +98,7 @@ class AttemptLimiterStatistics:
             "gauge",
             "Login attempts this process reserved and has not finished (verifying now).",
         ),
-        Family(
-            "auth_logins_allowed", "counter", "Login attempts the limiter let through."
-        ),
+        Family("auth_logins_allowed", "counter", "Login attempts the limiter let through."),
         Family("auth_logins_rejected", "counter", "Refused: locked out.", ("scope",)),
         Family("auth_lockouts", "counter", "Lockouts started.", ("scope",)),
         Family("auth_login_failures", "counter", "Failed logins."),

@@ -201,7 +201,12 @@ POOLED_MODULES = tuple(
 PARTITIONED_MODULES = tuple(
     f"tests/contract/test_{name}"
     for name in (
-        "chat_and_streams", "stream", "maintenance", "runtime", "number_policy", "cancel_anywhere"
+        "chat_and_streams",
+        "stream",
+        "maintenance",
+        "runtime",
+        "number_policy",
+        "cancel_anywhere",
     )
 )
 

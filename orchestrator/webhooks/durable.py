@@ -218,6 +218,7 @@ async def open_durable_delivery(
         # Rows left waiting for a retry by a previous run are only found by polling.
         fallback_poll_s=1.0,
     )
+
     async def write_log(batch: Batch[WebhookAttempt]) -> None:
         await storage.record_webhook_attempts(batch.items)
 

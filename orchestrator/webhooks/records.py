@@ -120,9 +120,7 @@ class AsyncWebhookStatistics:
         Family("webhook_enabled", "gauge", "1 while the endpoint is enabled.", ("endpoint",)),
         Family("webhook_events_accepted", "counter", "Events queued.", ("endpoint",)),
         Family("webhook_events_delivered", "counter", "Events confirmed.", ("endpoint",)),
-        Family(
-            "webhook_requests", "counter", "HTTP requests, retries included.", ("endpoint",)
-        ),
+        Family("webhook_requests", "counter", "HTTP requests, retries included.", ("endpoint",)),
         Family("webhook_failed_attempts", "counter", "Failed attempts.", ("endpoint",)),
         Family("webhook_events_dead_lettered", "counter", "Events given up.", ("endpoint",)),
         Family(

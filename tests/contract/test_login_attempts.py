@@ -70,6 +70,7 @@ async def test_failures_lock_out_and_the_lockout_grows_to_its_cap(
     second = await storage.reserve_login_attempt("account", "dave", quick)
     assert second.locked and 2.0 < second.retry_after_s <= 3.0
 
+
 async def test_success_forgets_the_account_and_keeps_others_in_flight(
     storage: AsyncStorageBackend,
 ) -> None:
@@ -98,6 +99,7 @@ async def test_purge_deletes_idle_unlocked_counts(storage: AsyncStorageBackend) 
     # The address's two failures were purged: it has its whole limit again.
     grants = [await storage.reserve_login_attempt("address", "10.0.0.1", POLICY) for _ in range(3)]
     assert all(g.granted for g in grants)
+
 
 async def test_login_attempts_refuse_bad_input(storage: AsyncStorageBackend) -> None:
     with pytest.raises(InvalidInput):
@@ -128,7 +130,6 @@ async def _reserve_when_open(
             if slot.granted:
                 return slot
             await anyio.sleep(slot.retry_after_s)  # waits for the lockout's own end (50 ms)
-
 
 
 async def test_maintenance_sweep_purges_idle_login_attempts(storage: AsyncStorageBackend) -> None:

@@ -150,7 +150,11 @@ async def test_runtime_builds_the_limiter_from_auth_attempts_mode(storage_url: s
     account = _key("rt")
     async with open_runtime(settings) as rt:
         result = await check_login(
-            rt.passwords, rt.login_attempts, account=account, address="a", stored_hash=None,
+            rt.passwords,
+            rt.login_attempts,
+            account=account,
+            address="a",
+            stored_hash=None,
             password="x",
         )
         assert not result.ok

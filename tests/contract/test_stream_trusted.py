@@ -177,9 +177,7 @@ async def test_the_trusted_path_stores_exactly_what_was_emitted(
         assert [(e.session_id, e.epoch, e.seq) for e in stored] == [
             (sid, n, seq) for seq in range(1, len(values) + 1)
         ]
-        assert [e.kind for e in stored] == [
-            kinds[(i + n) % len(kinds)] for i in range(len(values))
-        ]
+        assert [e.kind for e in stored] == [kinds[(i + n) % len(kinds)] for i in range(len(values))]
         assert [orjson.dumps(e.payload) for e in stored] == [orjson.dumps(v) for v in values]
 
 

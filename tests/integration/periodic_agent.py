@@ -56,7 +56,7 @@ async def main(options: dict[str, Any]) -> None:
         await anyio.to_thread.run_sync(sys.stdin.readline)
     stats = runner.statistics()  # the runner has stopped: nothing is written after this
     say(
-            "closed",
+        "closed",
         leading=stats.leading,
         syncs=stats.syncs,
         enqueued=stats.enqueued,

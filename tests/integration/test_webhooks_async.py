@@ -30,6 +30,7 @@ def config(url: str, **extra: Any) -> HooksConfig:
 def events(requests: list[ReceivedRequest]) -> list[dict[str, Any]]:
     return [e for r in requests for e in r.json()["events"]]
 
+
 def queued(batcher: Any, trigger: str, context: dict[str, Any]) -> bool:
     """``send_nowait``'s outcome: True if queued, False if the policy dropped it (``Dropped``)."""
     try:
@@ -37,7 +38,6 @@ def queued(batcher: Any, trigger: str, context: dict[str, Any]) -> bool:
     except Dropped:
         return False
     return True
-
 
 
 async def test_timer_flush_delivers_lone_event() -> None:

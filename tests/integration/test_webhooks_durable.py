@@ -38,6 +38,7 @@ async def test_durable_events_are_persisted_then_delivered(storage: AsyncStorage
         (request,) = await rx.wait_for(1)
         row = await storage.get_outbox(1)  # the batch went through the outbox
         assert row is not None and row.channel == "webhook" and row.account == "ledger"
+
         async def marked_sent() -> bool:  # the relay records results in the background
             sent = await storage.get_outbox(1)
             return sent is not None and sent.status is OutboxStatus.SENT
@@ -159,8 +160,9 @@ async def test_dead_rows_are_redriven_when_the_endpoint_recovers(
             down = False
             await webhooks.fire("error", {"n": 3})  # its success shows the receiver is back
             await rx.wait_until(
-                lambda rs: {e["context"]["n"] for r in rs[6:] for e in r.json()["events"]}
-                == {0, 1, 2, 3},
+                lambda rs: (
+                    {e["context"]["n"] for r in rs[6:] for e in r.json()["events"]} == {0, 1, 2, 3}
+                ),
                 timeout_s=30,
             )
 
