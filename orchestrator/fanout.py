@@ -99,7 +99,6 @@ class Pusher:
         "batch",
         "conn",
         "counts",
-        "ctx",
         "encode",
         "failure",
         "handoff",
@@ -108,6 +107,7 @@ class Pusher:
         "lock",
         "loop",
         "parked",
+        "run",
         "send",
         "send_scope",
         "sending",
@@ -137,8 +137,9 @@ class Pusher:
         self.encode = encode
         self.counts = counts  # the endpoint's counters (``events_pushed`` is there)
         self.batch = batch
-        # Sends run in this stream's context, not the publisher's (middleware may read it).
-        self.ctx = contextvars.copy_context()
+        # Sends run in this stream's context, not the publisher's (middleware may read it);
+        # its bound ``run`` once, not a new method object per push.
+        self.run = contextvars.copy_context().run
         self.last = self.time()  # the start of the last send
         self.sending = False  # the stream's task is in a send
         self.parked: asyncio.Future[None] | None = None
@@ -185,7 +186,7 @@ class Pusher:
             return
         messages = self.encode(batch)
         self.last = self.time()
-        send, run = self.send, self.ctx.run
+        send, run = self.send, self.run
         if len(messages) == 1:
             # The usual case (one event, one frame): no loop, no slicing.
             message, n = messages[0]
