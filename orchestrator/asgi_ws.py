@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+from datetime import UTC
 from typing import Any
 
 import anyio
@@ -295,9 +296,7 @@ class WebSocketEndpoints(StreamsBase):
         cache = self._ws_frames
         text = cache.get(key)
         if text is None:
-            data = {"type": "event", "id": format_event_id(item.epoch, item.seq)}
-            data.update(_event_body(item))
-            text = orjson.dumps(data).decode()
+            text = orjson.dumps(_ws_event(item)).decode()
             cache[key] = text
             if len(cache) > _FRAME_CACHE:
                 cache.popitem(last=False)
@@ -368,6 +367,25 @@ class WebSocketEndpoints(StreamsBase):
         self._count("cancels_requested")
         done = {"type": "cancel_requested", "reason": why[:200]}
         await self._ws_send(websocket, conn, lock, done)
+
+
+def _ws_event(event: StreamEvent) -> dict[str, Any]:
+    """An event's WebSocket message: ``{"type": "event", "id": ...}`` and ``_event_body``'s
+    fields, in that order, built as one dict (once per event, for every subscriber)."""
+    created = event.created_at
+    tz = created.tzinfo
+    epoch, seq = event.epoch, event.seq
+    return {
+        "type": "event",
+        "id": format_event_id(epoch, seq),
+        "session_id": event.session_id,
+        "epoch": epoch,
+        "seq": seq,
+        "kind": event.kind,
+        "payload": event.payload,
+        # As ``_event_body``: orjson writes a UTC (or naive) datetime as isoformat() does.
+        "created_at": created if tz is UTC or tz is None else created.isoformat(),
+    }
 
 
 async def _receive_message(websocket: WebSocket) -> str | bytes:

@@ -72,9 +72,10 @@ class _Ring:
         return None
 
     def wake(self) -> None:
-        waiters, self.waiters = self.waiters, []
-        for sub in waiters:
-            sub._signal()
+        if self.waiters:  # none on the fan-out path: no new list per publish then
+            waiters, self.waiters = self.waiters, []
+            for sub in waiters:
+                sub._signal()
         if self.sinks:
             for sink in list(self.sinks.values()):
                 sink()

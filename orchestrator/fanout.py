@@ -43,6 +43,10 @@ Send = Callable[[Message], Awaitable[None]]
 """An ASGI send; its awaitable must be a coroutine (a publisher steps it)."""
 
 
+_DONE: Any = object()
+"""What stepping a send gives back once it has completed (``Pusher.push``)."""
+
+
 class Rest:
     """Awaits, in the awaiting task, the rest of a coroutine that another task ran up to its
     first suspension (``pending``: what it yielded there). Cancellation is thrown into it."""
@@ -95,7 +99,6 @@ class Pusher:
         "batch",
         "conn",
         "counts",
-        "ctx",
         "encode",
         "failure",
         "handoff",
@@ -104,6 +107,7 @@ class Pusher:
         "lock",
         "loop",
         "parked",
+        "run",
         "send",
         "send_scope",
         "sending",
@@ -133,8 +137,9 @@ class Pusher:
         self.encode = encode
         self.counts = counts  # the endpoint's counters (``events_pushed`` is there)
         self.batch = batch
-        # Sends run in this stream's context, not the publisher's (middleware may read it).
-        self.ctx = contextvars.copy_context()
+        # Sends run in this stream's context, not the publisher's (middleware may read it);
+        # its bound ``run`` once, not a new method object per push.
+        self.run = contextvars.copy_context().run
         self.last = self.time()  # the start of the last send
         self.sending = False  # the stream's task is in a send
         self.parked: asyncio.Future[None] | None = None
@@ -181,21 +186,24 @@ class Pusher:
             return
         messages = self.encode(batch)
         self.last = self.time()
-        send, run = self.send, self.ctx.run
+        send, run = self.send, self.run
         if len(messages) == 1:
             # The usual case (one event, one frame): no loop, no slicing.
             message, n = messages[0]
             coro: Coroutine[Any, Any, None] = send(message)  # type: ignore[assignment]
             try:
-                pending = run(coro.send, None)
-            except StopIteration:
-                self.counts["events_pushed"] += n
-                if len(batch) == self.batch:
-                    self.unpark()  # a backlog: the task sends the rest
-                return
+                # ``next(..., _DONE)`` steps the coroutine as ``coro.send(None)`` would, but
+                # one that returns None ends without a StopIteration raised and caught:
+                # this runs once per subscriber per event.
+                pending = run(next, coro.__await__(), _DONE)
             except Exception as exc:
                 self.failure = exc
             else:
+                if pending is _DONE:
+                    self.counts["events_pushed"] += n
+                    if len(batch) == self.batch:
+                        self.unpark()  # a backlog: the task sends the rest
+                    return
                 self.handoff = (Rest(coro, pending), [])
             self.unpark()
             return
@@ -203,13 +211,13 @@ class Pusher:
         for i, (message, n) in enumerate(messages):
             coro = send(message)  # type: ignore[assignment]
             try:
-                pending = run(coro.send, None)
-            except StopIteration:
-                done += n
-                continue
+                pending = run(next, coro.__await__(), _DONE)
             except Exception as exc:
                 self.failure = exc
             else:
+                if pending is _DONE:
+                    done += n
+                    continue
                 self.handoff = (Rest(coro, pending), messages[i + 1 :])
             if done:
                 self.counts["events_pushed"] += done

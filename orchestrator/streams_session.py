@@ -12,6 +12,9 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
+from anyio import WouldBlock
+
+from asyncstore.orchestrator.errors import Dropped
 from asyncstore.storage import InvalidInput, LeaseLost, StreamEvent
 from asyncstore.storage._validate import INT64_MAX
 
@@ -121,7 +124,17 @@ class SessionStream:
         self, kind: str, payload: Any, *, critical: bool | None = None
     ) -> StreamEvent | None:
         self._check_lease()
-        return await self.writer.emit(self.session_id, kind, payload, critical=critical)
+        writer = self.writer
+        if writer._writer is not None:
+            # ``writer.emit`` inline for the usual case (room in the buffer): one coroutine
+            # less per event. A full buffer takes ``writer.emit``, which waits for room.
+            try:
+                return writer.emit_nowait(self.session_id, kind, payload, critical=critical)
+            except Dropped:
+                return None
+            except WouldBlock:
+                pass
+        return await writer.emit(self.session_id, kind, payload, critical=critical)
 
     def emit_nowait(self, kind: str, payload: Any, *, critical: bool | None = None) -> StreamEvent:
         self._check_lease()

@@ -268,3 +268,26 @@ def test_one_message_per_event_is_shared_by_the_subscribers_of_its_session() -> 
         body = message.get("text") or message["body"].decode()
         assert '"seq":1' in body
     assert streams.statistics().events_sent == 6
+
+
+def test_a_websocket_event_message_is_the_event_body_after_type_and_id() -> None:
+    """The WebSocket message of an event, built as one dict on the hot path, is exactly
+    ``{"type": "event", "id": ...}`` followed by ``_event_body``'s fields (same keys, same
+    order, same bytes), for UTC, naive and other-zone timestamps alike."""
+    from datetime import UTC, datetime, timedelta, timezone
+
+    from asyncstore.orchestrator.asgi_base import _event_body, format_event_id
+    from asyncstore.orchestrator.asgi_ws import _ws_event
+    from asyncstore.storage import StreamEvent
+
+    stamps = (
+        datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC),
+        datetime(2026, 1, 2, 3, 4, 5),
+        datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone(timedelta(hours=5, seconds=30))),
+    )
+    for at in stamps:
+        event = StreamEvent("s-1", 7, 42, "delta", {"t": [1, "x", None]}, at)
+        expected = {"type": "event", "id": format_event_id(7, 42)} | _event_body(event)
+        built = _ws_event(event)
+        assert list(built) == list(expected)
+        assert orjson.dumps(built) == orjson.dumps(expected)
