@@ -420,7 +420,14 @@ async def test_one_lease_sweeper_for_two_runtimes(
     settings = _settings(
         storage_url,
         lock={"sweep_interval_s": 0.05, "sweep_grace_s": 0},
-        maintenance={"enabled": maintenance_enabled, "interval_s": 0.1, "lease_grace_s": 0},
+        # A long leader TTL: with the default (three 0.1 s intervals) a loaded machine that
+        # held a SQLite leader back past 0.36 s handed the role over once ([1, 6] sweeps).
+        maintenance={
+            "enabled": maintenance_enabled,
+            "interval_s": 0.1,
+            "lease_grace_s": 0,
+            "leader_ttl_s": 60.0,
+        },
     )
     async with open_runtime(settings) as a, open_runtime(settings) as b:
         with anyio.fail_after(60):

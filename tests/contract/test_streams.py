@@ -21,6 +21,7 @@ from asyncstore.orchestrator.broadcast import (
 )
 from asyncstore.orchestrator.errors import Dropped, StreamNotStarted, SubscriberLagged
 from asyncstore.orchestrator.streams import StreamConfig, StreamEventWriter
+from asyncstore.orchestrator.timing import ManualClock
 from asyncstore.storage import (
     AsyncStorageBackend,
     InvalidInput,
@@ -228,8 +229,14 @@ async def test_lagging_subscriber_is_disconnected_when_configured(
 
 
 async def test_idle_rings_are_evicted_and_capped(storage: AsyncStorageBackend) -> None:
-    config = HubConfig(ring_idle_ttl_s=0.01, max_rings=10)
-    async with instance(storage, config) as (hub, w):
+    # The hub's time is a ManualClock: its sweeper cannot evict a ring behind the test's
+    # back on a slow run, and idleness is a clock step, not a sleep.
+    clock = ManualClock()
+    config = HubConfig(ring_idle_ttl_s=60.0, max_rings=10)
+    async with (
+        BroadcastHub(storage, config, clock=clock) as hub,
+        StreamEventWriter(storage, hub, StreamConfig()) as w,
+    ):
         for s in range(30):
             await w.begin(f"s{s}", epoch=1)
             await w.emit(f"s{s}", "delta", s)
@@ -237,7 +244,10 @@ async def test_idle_rings_are_evicted_and_capped(storage: AsyncStorageBackend) -
         assert hub.statistics().rings == 10  # the LRU cap
         await w.flush()
         assert w.statistics().sessions == 0  # ended sessions leave once persisted
-        await anyio.sleep(0.02)
+        assert hub.evict_idle() == 0  # not idle for the TTL yet
+        clock.advance(59.0)
+        assert hub.evict_idle() == 0
+        clock.advance(2.0)
         assert hub.evict_idle() == 10
         assert hub.statistics().rings == 0
 
