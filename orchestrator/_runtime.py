@@ -47,6 +47,7 @@ from asyncstore.orchestrator.maintenance import MaintenanceSweeper
 from asyncstore.orchestrator.metrics import Metrics
 from asyncstore.orchestrator.outbox import Outbox, OutboxRelay, Sender, open_outbox_relay
 from asyncstore.orchestrator.periodic import PeriodicRunner
+from asyncstore.orchestrator.presence import PresencePublisher
 from asyncstore.orchestrator.queue import AgentQueue, Handler, QueueConfig, Worker, open_worker
 from asyncstore.orchestrator.runtime_report import RuntimeReport, RuntimeStatistics
 from asyncstore.orchestrator.streams import (
@@ -110,6 +111,13 @@ class Runtime:
         self.periodic: PeriodicRunner | None = None  # set when schedules run
         self.report: RuntimeReport | None = None
         self.heap_trim = HeapTrimmer(settings.runtime.heap_trim_interval_s, clock=clock)
+        self.presence = PresencePublisher(
+            storage,
+            self.instance_id,
+            self.subscriber_counts,
+            settings.runtime.presence_interval_s,
+            clock=clock,
+        )
         self.metrics = Metrics(settings.metrics)
         self.passwords = PasswordHasher(settings.auth.hashing)
         self.login_attempts = LoginAttemptLimiter(settings.auth.attempts, storage=storage)
@@ -436,6 +444,7 @@ class Runtime:
             "turns": self.turn_metrics,
             "maintenance": self.maintenance,
             "heap_trim": self.heap_trim,
+            "presence": self.presence,
         }
         if self.webhooks is not None:
             sources["webhooks"] = self.webhooks

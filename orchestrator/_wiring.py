@@ -2,10 +2,10 @@
 
 This module owns the settings-to-components wiring behind ``open_runtime``: storage and
 its migrations, the switches over each component's optimized and legacy instances, the
-webhooks, worker, relay, maintenance, periodic schedules, metrics and probes, the SIGHUP
-reloader, and the ordered shutdown (stop intake, wait for turns, flush writers, drain
-webhooks, close storage) that ends in a ``RuntimeReport``. ``orchestrator.runtime``
-re-exports ``open_runtime``; import it from there.
+webhooks, worker, relay, maintenance, periodic schedules, metrics and probes, the presence
+publisher, the SIGHUP reloader, and the ordered shutdown (stop intake, wait for turns, flush
+writers, drain webhooks, withdraw presence, close storage) that ends in a
+``RuntimeReport``. ``orchestrator.runtime`` re-exports ``open_runtime``; import it from there.
 """
 
 from __future__ import annotations
@@ -256,6 +256,8 @@ async def open_runtime(
         rt._track_metrics()
         await stack.enter_async_context(open_loop_lag_monitor(rt.metrics))
         await stack.enter_async_context(open_pool_probe(rt.metrics, storage))
+        # Runs once the task group below has stopped publishing, before storage closes.
+        stack.push_async_callback(_withdraw_presence, rt)
         tg = await stack.enter_async_context(anyio.create_task_group())
         stack.callback(tg.cancel_scope.cancel)
         if (
@@ -265,6 +267,7 @@ async def open_runtime(
         ):
             await tg.start(rt._reload_on_sighup)
         tg.start_soon(rt.heap_trim.run)
+        tg.start_soon(rt.presence.run)
         log.info(
             "runtime open on %s (instance %s); flags %s",
             storage.dialect,
@@ -288,6 +291,15 @@ async def open_runtime(
         log.info("runtime closed; everything was delivered")
     else:
         log.error("runtime closed with undelivered work: %s", rt.report)
+
+
+async def _withdraw_presence(rt: Runtime) -> None:
+    """Delete this instance's presence row as the runtime closes, so the fleet's counts
+    drop its subscribers at once rather than after the row's TTL."""
+    # Shielded: a cancelled or failing close still withdraws; bounded by the row's TTL,
+    # after which the row no longer counts anyway.
+    with anyio.CancelScope(shield=True), rt._clock.move_on_after(max(rt.presence.ttl_s, 1.0)):
+        await rt.presence.withdraw()
 
 
 def _report(rt: Runtime, drain: _Drain) -> RuntimeReport:

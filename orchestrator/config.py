@@ -271,6 +271,14 @@ class RuntimeSettings(BaseModel):
         description="give the C heap's free pages back to the OS this often (glibc "
         "malloc_trim; orchestrator.heap_trim); 0 turns it off",
     )
+    presence_interval_s: float = Field(
+        default=5.0,
+        ge=0,
+        le=86_400,
+        description="publish this instance's live subscribers per session to the database "
+        "this often, with a TTL of three intervals, so the dashboard of any process sums "
+        "them over the fleet (orchestrator.presence); 0 turns it off",
+    )
 
 
 class DashboardSettings(BaseModel):

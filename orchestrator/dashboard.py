@@ -13,10 +13,11 @@ dashboard --url ...``) with four routes, relative to where it is mounted::
 The snapshot is real data read through the storage contract (``dashboard_views``): queue
 and outbox depths with the oldest wait, each queue's next queued tasks, running and
 dead-lettered tasks, dead-lettered outbox messages, the webhook delivery log, the live
-session leases (with their subscribers when the dashboard runs inside the application's
-process, through ``Runtime.subscriber_counts``; from a separate process they are not
-available, and the snapshot says why), the feature flags and their rollout share, and the
-audit log. One snapshot serves every open page: it is re-read at most once
+session leases and the sessions with live stream subscribers (summed over every instance
+of the fleet that publishes its presence, ``orchestrator.presence``, and this process's
+runtime counted live through ``Runtime.subscriber_counts`` when the dashboard runs inside
+one; when no instance publishes, the snapshot says why), the feature flags and their
+rollout share, and the audit log. One snapshot serves every open page: it is re-read at most once
 per ``refresh_interval_s`` (and at once after an action).
 
 Actions are off unless ``dashboard.operator_token`` is set (then the dashboard is no longer
@@ -121,9 +122,11 @@ class _Refusal(Exception):
 class Dashboard:
     """The operator dashboard over one storage backend; ``app`` is its ASGI app.
 
-    ``Dashboard.for_runtime(rt)`` inside an application (flags and live subscribers of
-    that process), or ``Dashboard(storage, settings)`` on storage alone (the flags shown are
-    ``flags``, by default the settings' defaults). ``close()`` ends the open live streams
+    ``Dashboard.for_runtime(rt)`` inside an application (flags of that process; its live
+    subscribers counted live, ``instance_id`` naming its own presence row, which is then
+    not added), or ``Dashboard(storage, settings)`` on storage alone (the flags shown are
+    ``flags``, by default the settings' defaults). Either way the subscribers of every
+    other live instance come from their presence rows. ``close()`` ends the open live streams
     (call it before stopping the server: a server waits for open responses to finish).
     """
 
@@ -134,12 +137,14 @@ class Dashboard:
         *,
         flags: Callable[[], Flags] | None = None,
         subscribers: Callable[[], Mapping[str, int]] | None = None,
+        instance_id: str | None = None,
         actions: Mapping[str, Action] = ACTIONS,
     ) -> None:
         self.storage = storage
         self.settings = settings or DashboardSettings()
         self._flags = flags or Flags
         self._subscribers = subscribers
+        self._instance_id = instance_id
         self.actions = dict(actions)
         self._cached: tuple[float, dict[str, Any]] | None = None
         self._lock = anyio.Lock()
@@ -178,6 +183,7 @@ class Dashboard:
             settings or rt.settings.dashboard,
             flags=lambda: rt.flags,
             subscribers=rt.subscriber_counts,
+            instance_id=rt.instance_id,
         )
         if metrics_name is not None:
             rt.metrics.add_source(metrics_name, dashboard)
@@ -214,8 +220,10 @@ class Dashboard:
         ``running``, ``dead``: newest first), ``queued_per_queue`` (per queue: ``count``
         waiting or delayed, ``shown``) and ``queued_queues_hidden``, ``outbox_dead``
         (dead-lettered outbox messages, newest first), ``webhooks`` (the delivery log,
-        newest first), ``sessions`` (live leases; ``subscribers`` is None when this process
-        cannot know, and ``subscribers_note`` says why), ``flags``, ``audit``,
+        newest first), ``sessions`` (live leases, then sessions with subscribers but no lease;
+        ``subscribers`` summed over ``subscriber_instances``, the live instances that publish
+        presence; None when there is none, and ``subscribers_note`` says why), ``flags``,
+        ``audit``,
         ``audit_skipped`` (refused attempts not written, see ``statistics``) and
         ``actions``. Cancelling it leaves nothing behind (reads only).
         """
@@ -236,6 +244,7 @@ class Dashboard:
             self.settings,
             flags=self._flags(),
             subscribers=self._subscribers,
+            instance_id=self._instance_id,
             actions=self.actions,
             read_only=self.read_only,
             audit_skipped=self._refusals.skipped,

@@ -171,8 +171,13 @@ function draw(snap) {
                      ["epoch", (s) => s.token, "num"],
                      ["subscribers", (s) => snap.subscribers_known ? s.subscribers : "-", "num"]],
         snap.sessions);
+  const instances = snap.subscriber_instances || [];
   $("subscribers-note").textContent = snap.subscribers_note
-    ? "Subscribers: " + snap.subscribers_note + "." : "";
+    ? "Subscribers: " + snap.subscribers_note + "."
+    : "Subscribers summed over " + instances.length + " live instance"
+      + (instances.length === 1 ? "" : "s") + ": " + instances.map(
+        (i) => i.instance_id + " (" + i.subscribers + (i.this_process ? ", this process" : "")
+          + ")").join(", ") + ".";
   $("audit-skipped").textContent = snap.audit_skipped
     ? snap.audit_skipped + " refused attempts not recorded (per-client limit)" : "";
   table("audit", [["at", (e) => e.at.slice(11, 23)], ["actor", (e) => e.actor],

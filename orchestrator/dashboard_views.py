@@ -2,12 +2,16 @@
 
 ``read_state`` reads everything through the storage contract (cold reads, no lock) and
 returns the dict that ``GET /api/state`` answers and ``/api/events`` streams; the helpers
-below turn each record into the page's row.
+below turn each record into the page's row. A session's subscribers are summed over every
+live instance's presence row (``orchestrator.presence``), this process's runtime counted
+live when the dashboard runs inside one.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import socket
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -34,13 +38,13 @@ from asyncstore.storage import (
 __all__ = ["SUBSCRIBERS_UNKNOWN", "read_state"]
 
 SUBSCRIBERS_UNKNOWN = (
-    "not available from a separate process: a session's subscribers are open connections"
-    " held in the memory of the application process that serves them, and no process"
-    " writes them to the database; mount the dashboard in the application"
-    " (Dashboard.for_runtime) to see that process's counts"
+    "no live instance publishes its subscribers: each application runtime writes its own"
+    " live stream subscribers per session to the database every"
+    " runtime.presence_interval_s (default 5 s; 0 turns it off), so none runs against this"
+    " database, or every one has it off"
 )
-"""Why the subscriber counts are not shown (``subscribers_note``) when the dashboard runs
-without a runtime, as under ``asyncstore dashboard``."""
+"""Why the subscriber counts are not shown (``subscribers_note``): no live instance
+publishes presence, and the dashboard does not run inside an application's runtime."""
 
 
 async def read_state(
@@ -49,6 +53,7 @@ async def read_state(
     *,
     flags: Flags,
     subscribers: Callable[[], Mapping[str, int]] | None,
+    instance_id: str | None = None,
     actions: Mapping[str, Action],
     read_only: bool,
     audit_skipped: int,
@@ -67,7 +72,13 @@ async def read_state(
     attempts = await s.list_webhook_attempts(limit=rows)
     leases = await s.list_leases(limit=rows)
     audit = await s.list_audit(limit=rows)
-    counts = dict(subscribers()) if subscribers is not None else None
+    instances = await _instances(s, subscribers, instance_id)
+    counts: dict[str, int] | None = None
+    if instances:
+        counts = {}
+        for _, per_session in instances:
+            for session_id, n in per_session.items():
+                counts[session_id] = counts.get(session_id, 0) + n
     sessions = [
         {
             "session_id": lease.session_id,
@@ -114,12 +125,57 @@ async def read_state(
         "sessions": sessions,
         "subscribers_known": counts is not None,
         "subscribers_note": None if counts is not None else SUBSCRIBERS_UNKNOWN,
+        "subscriber_instances": [row for row, _ in instances],
         "flags": _flags(flags),
         "audit": [_audit(e) for e in audit],
         "audit_skipped": audit_skipped,
         "actions": {
             name: {"label": a.label, "applies_to": list(a.rows)} for name, a in actions.items()
         },
+    }
+
+
+async def _instances(
+    storage: AsyncStorageBackend,
+    subscribers: Callable[[], Mapping[str, int]] | None,
+    instance_id: str | None,
+) -> list[tuple[dict[str, Any], Mapping[str, int]]]:
+    """Every live instance's row for the page and its counts, by instance id.
+
+    The live presence rows, with this process's runtime (``instance_id``, when the
+    dashboard runs inside one) counted from ``subscribers`` live rather than from its row,
+    which may be an interval old (or missing, with presence off).
+    """
+    out: list[tuple[dict[str, Any], Mapping[str, int]]] = []
+    for p in await storage.list_presence():
+        if subscribers is not None and p.instance_id == instance_id:
+            continue
+        out.append((_instance(p.instance_id, p.host, p.pid, p.seen_at, p.counts, False), p.counts))
+    if subscribers is not None:
+        local = dict(subscribers())
+        me = instance_id or "this process"
+        row = _instance(me, socket.gethostname(), os.getpid(), datetime.now(UTC), local, True)
+        out.append((row, local))
+        out.sort(key=lambda e: str(e[0]["instance_id"]))
+    return out
+
+
+def _instance(
+    instance_id: str,
+    host: str,
+    pid: int,
+    seen_at: datetime,
+    counts: Mapping[str, int],
+    this_process: bool,
+) -> dict[str, Any]:
+    return {
+        "instance_id": instance_id,
+        "host": host,
+        "pid": pid,
+        "seen_at": _iso(seen_at),
+        "sessions": sum(1 for n in counts.values() if n),
+        "subscribers": sum(counts.values()),
+        "this_process": this_process,
     }
 
 

@@ -7,8 +7,9 @@ database: stream events past their TTL in bounded batches (or, when ``stream_eve
 partitioned, ``storage.stream_partitioning`` on Postgres, by rotating its partitions:
 creating them ahead, dropping those whose sessions have all expired), succeeded tasks and
 sent outbox messages past their retention, expired leases, idle login attempt counts,
-periodic ticks past their retention (each schedule's latest kept). It
-relies only on the storage contract and never runs on a request path. It is also the
+periodic ticks past their retention (each schedule's latest kept), instance presence rows
+past their expiry. It relies only on the storage contract and never runs on a request
+path. It is also the
 fleet's one lease sweeper: the runtime's session limiters sweep nothing themselves, and
 when the rounds do not expire leases (maintenance disabled, or ``lease_grace_s`` unset) a
 ``LeaseSweep`` keeps a lease-only loop running, still on the leader only. The settings
@@ -195,6 +196,9 @@ class MaintenanceSweeper:
         if cfg.periodic_tick_retention_s is not None:
             purge_ticks = partial(self._storage.purge_periodic_ticks, cfg.periodic_tick_retention_s)
             steps.append(("periodic_ticks", purge_ticks))
+        # Presence rows of instances that stopped without withdrawing (their own TTL, no
+        # retention setting: an expired row is never read again).
+        steps.append(("presence", self._storage.purge_presence))
         try:
             try:
                 await self._expire_stream_events(cfg.stream_ttl_s)

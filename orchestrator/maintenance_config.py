@@ -20,7 +20,15 @@ from asyncstore.storage.families import Family, MetricSink
 
 __all__ = ["PURGE_KINDS", "LeaseSweep", "MaintenanceConfig", "MaintenanceStatistics"]
 
-PURGE_KINDS = ("stream_events", "tasks", "outbox", "leases", "login_attempts", "periodic_ticks")
+PURGE_KINDS = (
+    "stream_events",
+    "tasks",
+    "outbox",
+    "leases",
+    "login_attempts",
+    "periodic_ticks",
+    "presence",
+)
 
 
 class MaintenanceConfig(BaseModel):

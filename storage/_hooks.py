@@ -30,6 +30,7 @@ from asyncstore.storage.records import (
     LoginSlot,
     NewMessage,
     NotificationStream,
+    Presence,
     QueueDepth,
     StreamAppend,
     StreamEvent,
@@ -252,6 +253,20 @@ class DialectHooks(abc.ABC):
 
     @abc.abstractmethod
     async def _sql_list_audit(self, limit: int) -> list[AuditEntry]: ...
+
+    @abc.abstractmethod
+    async def _sql_publish_presence(
+        self, instance_id: str, host: str, pid: int, ttl_s: float, counts: bytes
+    ) -> Presence: ...
+
+    @abc.abstractmethod
+    async def _sql_list_presence(self, limit: int) -> list[Presence]: ...
+
+    @abc.abstractmethod
+    async def _sql_withdraw_presence(self, instance_id: str) -> bool: ...
+
+    @abc.abstractmethod
+    async def _sql_purge_presence(self) -> int: ...
 
     @abc.abstractmethod
     async def _sql_journal_webhook_events(

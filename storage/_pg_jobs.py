@@ -4,9 +4,10 @@ This module owns ``PgJobs``, the part of ``PostgresBackend`` that enqueues (idem
 keys deduplicated within a call, the NOTIFY sent by the enqueue statement itself), claims,
 heartbeats, completes, fails, releases, dead-letters, redrives, reads and purges jobs of
 either ``JobKind``, runs the coordinated task queues through ``storage._queue_limits``,
-cancels tasks, reports backlog depths and keeps the operators' audit log. The statements
-are the named queries of ``sql/postgres/queries.sql`` (the ``*_jobs`` templates rendered
-per kind by ``storage.jobkinds``), run on the pool through ``PgConnections``.
+cancels tasks, reports backlog depths, and keeps the operators' audit log and the runtime
+instances' presence rows. The statements are the named queries of
+``sql/postgres/queries.sql`` (the ``*_jobs`` templates rendered per kind by
+``storage.jobkinds``), run on the pool through ``PgConnections``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from asyncstore.storage.base import (
     FailureColumns,
     JobKind,
     Lease,
+    Presence,
     QueueDepth,
     Task,
 )
@@ -165,3 +167,18 @@ class PgJobs(PgConnections):
 
     async def _sql_list_audit(self, limit: int) -> list[AuditEntry]:
         return [AuditEntry.from_row(r) for r in await self._fetch("list_audit", limit)]
+
+    async def _sql_publish_presence(
+        self, instance_id: str, host: str, pid: int, ttl_s: float, counts: bytes
+    ) -> Presence:
+        rows = await self._fetch("publish_presence", instance_id, host, pid, ttl_s, counts)
+        return Presence.from_row(rows[0])
+
+    async def _sql_list_presence(self, limit: int) -> list[Presence]:
+        return [Presence.from_row(r) for r in await self._fetch("list_presence", limit)]
+
+    async def _sql_withdraw_presence(self, instance_id: str) -> bool:
+        return _rowcount(await self._execute("withdraw_presence", instance_id)) > 0
+
+    async def _sql_purge_presence(self) -> int:
+        return _rowcount(await self._execute("purge_presence"))

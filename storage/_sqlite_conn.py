@@ -50,7 +50,9 @@ _BAD_PATH_ERRNOS = frozenset(
      errno.ENOENT, errno.ENAMETOOLONG, errno.ELOOP}
 )  # fmt: skip
 _T = TypeVar("_T")
-_TIME_COLUMNS = frozenset({"created_at", "updated_at", "run_after", "expires_at", "requested_at"})
+_TIME_COLUMNS = frozenset(
+    {"created_at", "updated_at", "run_after", "expires_at", "requested_at", "seen_at"}
+)
 _JSON_COLUMNS = frozenset({"payload", "content"})
 # "database is locked" while switching to WAL: 5 ms doubling to 200 ms, equal jitter.
 _BUSY_BACKOFF = Backoff(0.005, 0.2, jitter=0.5)

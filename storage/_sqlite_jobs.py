@@ -3,13 +3,16 @@
 This module owns ``SqliteJobs``, the part of ``SqliteBackend`` that enqueues (with
 idempotency keys and the in-process wakeup on commit), claims under a fresh lease token,
 heartbeats, completes, fails, releases, dead-letters, redrives, reads and purges jobs of
-either ``JobKind``, and reports backlog depths.
+either ``JobKind``, reports backlog depths, and keeps the operators' audit log and the
+runtime instances' presence rows.
 """
 
 from __future__ import annotations
 
 import time
 from typing import Any
+
+import orjson
 
 from asyncstore.storage import _queue_limits as ql
 from asyncstore.storage import _validate as v
@@ -22,6 +25,7 @@ from asyncstore.storage.base import (
     JobKind,
     Lease,
     OutboxMessage,
+    Presence,
     QueueDepth,
     Task,
     TaskStatus,
@@ -235,6 +239,30 @@ class SqliteJobs(SqliteConnections):
     async def _sql_list_audit(self, limit: int) -> list[AuditEntry]:
         return [AuditEntry.from_row(r) for r in await self._read("list_audit", {"limit": limit})]
 
+    async def _sql_publish_presence(
+        self, instance_id: str, host: str, pid: int, ttl_s: float, counts: bytes
+    ) -> Presence:
+        params = {
+            "instance_id": instance_id,
+            "host": host,
+            "pid": pid,
+            "now": time.time(),
+            "ttl_s": ttl_s,
+            "counts": counts.decode(),
+        }
+        return _presence((await self._write("publish_presence", params))[0])
+
+    async def _sql_list_presence(self, limit: int) -> list[Presence]:
+        rows = await self._read("list_presence", {"now": time.time(), "limit": limit})
+        return [_presence(r) for r in rows]
+
+    async def _sql_withdraw_presence(self, instance_id: str) -> bool:
+        params = {"instance_id": instance_id}
+        return await self._write_count("withdraw_presence", params) > 0
+
+    async def _sql_purge_presence(self) -> int:
+        return await self._write_count("purge_presence", {"now": time.time()})
+
     async def _claimed_update(
         self, name: str, ids: list[int], tokens: list[int], *, lease_until: float | None = None
     ) -> list[int]:
@@ -256,3 +284,8 @@ class SqliteJobs(SqliteConnections):
         values = [(c, a, p.decode(), m, now, now, now) for c, a, p, m in rows]
         await tx.execute_many("enqueue_outbox", values)
         return await tx.fetch("_outbox_after", {"after": before})
+
+
+def _presence(row: dict[str, Any]) -> Presence:
+    # counts is JSON text here (a json column on Postgres, decoded by its codec).
+    return Presence.from_row({**row, "counts": orjson.loads(row["counts"])})

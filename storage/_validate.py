@@ -8,7 +8,9 @@ payloads are encoded once, here, with orjson; drivers pass the bytes through.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+import os
+import socket
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -451,6 +453,46 @@ def prepare_attempts(
             )
         )
     return out
+
+
+# ---------------------------------------------------------------- instance presence
+
+PRESENCE_MAX_SESSIONS = 10_000
+"""The most sessions one presence row may count (``publish_presence``)."""
+PRESENCE_MAX_BYTES = 1024 * 1024
+"""The most bytes a presence row's counts may take as JSON (``publish_presence``)."""
+_HOST = socket.gethostname() or "localhost"
+
+
+def prepare_presence(
+    instance_id: object, counts: object, ttl_s: object, host: object, pid: object
+) -> tuple[str, str, int, float, bytes]:
+    """``publish_presence``'s arguments: (instance_id, host, pid, ttl_s, counts as JSON).
+
+    ``host`` and ``pid`` default to this process's; ``counts`` is a mapping of session ids
+    to non-negative ints within the session and byte caps.
+    """
+    check_id(instance_id, "instance_id")
+    if not isinstance(counts, Mapping):
+        raise InvalidInput(f"counts must be a mapping, got {type(counts).__name__}")
+    if len(counts) > PRESENCE_MAX_SESSIONS:
+        raise InvalidInput(
+            f"counts has {len(counts)} sessions; a presence row holds at most "
+            f"{PRESENCE_MAX_SESSIONS} sessions (publish the busiest)"
+        )
+    for session_id, n in counts.items():
+        check_id(session_id, "counts session id")
+        check_int(n, f"counts[{session_id!r}]", minimum=0)
+    data = encode_json(dict(counts), "counts")
+    if len(data) > PRESENCE_MAX_BYTES:
+        raise InvalidInput(
+            f"counts is {len(data)} bytes as JSON; the limit is {PRESENCE_MAX_BYTES} bytes "
+            "(publish the busiest sessions)"
+        )
+    seconds = check_seconds(ttl_s, "ttl_s")
+    where = _HOST if host is None else check_id(host, "host")
+    process = os.getpid() if pid is None else check_int(pid, "pid", maximum=2**31 - 1)
+    return instance_id, where, process, seconds, data  # type: ignore[return-value]
 
 
 # ---------------------------------------------------------------- login attempts

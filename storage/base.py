@@ -25,7 +25,7 @@ import bisect
 import collections
 import functools
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -43,6 +43,8 @@ from asyncstore.storage._hooks import DialectHooks
 from asyncstore.storage._queue_limits import LimitedClaim, QueueLimits, check_queue_limits
 from asyncstore.storage._validate import (
     LOGIN_OUTCOMES,
+    PRESENCE_MAX_BYTES,
+    PRESENCE_MAX_SESSIONS,
     check_login_attempt,
     check_login_finish,
 )
@@ -88,6 +90,7 @@ from asyncstore.storage.records import (
     NotificationStream,
     OutboxMessage,
     OutboxStatus,
+    Presence,
     QueueDepth,
     StorageSettings,
     StreamAppend,
@@ -117,6 +120,8 @@ __all__ = [
     "LOGIN_OUTCOMES",
     "LOGIN_SCOPES",
     "OUTBOX",
+    "PRESENCE_MAX_BYTES",
+    "PRESENCE_MAX_SESSIONS",
     "QUERY_BUCKETS_S",
     "TASKS",
     "AsyncStorageBackend",
@@ -142,6 +147,7 @@ __all__ = [
     "NotificationStream",
     "OutboxMessage",
     "OutboxStatus",
+    "Presence",
     "QueueDepth",
     "StorageSettings",
     "StorageStatistics",
@@ -962,6 +968,53 @@ class AsyncStorageBackend(DialectHooks):
     async def list_audit(self, *, limit: int = 100) -> list[AuditEntry]:
         """The audit log, newest first."""
         return await self._sql_list_audit(v.check_limit(limit))
+
+    # -- instance presence (the dashboard's fleet-wide subscribers, 0015) ----------------
+
+    @operation
+    async def publish_presence(
+        self,
+        instance_id: str,
+        counts: Mapping[str, int],
+        ttl_s: float,
+        *,
+        host: str | None = None,
+        pid: int | None = None,
+    ) -> Presence:
+        """Write this instance's presence row: its live stream subscribers per session.
+
+        One upsert keyed on ``instance_id``: the row's counts are replaced, ``seen_at`` is
+        the database's now and ``expires_at`` ``ttl_s`` later (so a process that stops
+        publishing drops out of ``list_presence`` on the database's clock). ``host`` and
+        ``pid`` default to this process's. ``counts`` maps session ids (checked as ids) to
+        non-negative ints, at most ``PRESENCE_MAX_SESSIONS`` sessions and
+        ``PRESENCE_MAX_BYTES`` of JSON; more is ``InvalidInput`` and nothing is written.
+        Returns the row as stored. If cancelled, the row is either written whole or left
+        as it was.
+        """
+        row = v.prepare_presence(instance_id, counts, ttl_s, host, pid)
+        return await self._sql_publish_presence(*row)
+
+    @operation
+    async def list_presence(self, *, limit: int = 1000) -> list[Presence]:
+        """The presence rows not yet expired (the database's clock), by instance id.
+
+        For operators (the dashboard): one read of at most ``limit`` rows, no lock; expired
+        rows are left out whether or not ``purge_presence`` has deleted them yet.
+        """
+        return await self._sql_list_presence(v.check_limit(limit))
+
+    @operation
+    async def withdraw_presence(self, instance_id: str) -> bool:
+        """Delete ``instance_id``'s presence row (a runtime closing cleanly); whether there
+        was one. One DELETE: if cancelled, the row is either gone or still there."""
+        return await self._sql_withdraw_presence(v.check_id(instance_id, "instance_id"))
+
+    @operation
+    async def purge_presence(self) -> int:
+        """Delete the expired presence rows (instances that stopped publishing without
+        withdrawing, e.g. killed); the number deleted. Run by the maintenance sweeper."""
+        return await self._sql_purge_presence()
 
     # -- the engine's per-kind names (aliases of the *_jobs methods) --------------
 

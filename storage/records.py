@@ -61,6 +61,7 @@ __all__ = [
     "NotificationStream",
     "OutboxMessage",
     "OutboxStatus",
+    "Presence",
     "QueueDepth",
     "StorageSettings",
     "StreamAppend",
@@ -326,6 +327,35 @@ class AuditEntry:
             row["target"],
             row["outcome"],
             row["detail"],
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Presence:
+    """One runtime instance's presence row (``publish_presence`` / ``list_presence``).
+
+    ``instance_id`` names the instance (``runtime.instance_id``), ``host`` and ``pid`` the
+    process that wrote the row; ``seen_at`` is when it last published and ``expires_at``
+    when the row stops counting (both the database's time). ``counts`` maps each session
+    id to that instance's live stream subscribers of it, in the order published.
+    """
+
+    instance_id: str
+    host: str
+    pid: int
+    seen_at: datetime
+    expires_at: datetime
+    counts: Mapping[str, int]
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> Presence:
+        return cls(
+            row["instance_id"],
+            row["host"],
+            int(row["pid"]),
+            row["seen_at"],
+            row["expires_at"],
+            row["counts"],
         )
 
 

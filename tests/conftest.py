@@ -33,6 +33,7 @@ TABLES = (
     ", task_queues"  # 0010
     ", periodic_ticks"  # 0012
     ", operator_audit"  # 0013
+    ", instance_presence"  # 0015
 )
 
 

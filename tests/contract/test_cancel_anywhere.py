@@ -355,6 +355,11 @@ CALLS: dict[str, Prepare] = {
     "list_leases": _p(lambda s, r: s.list_leases(limit=10)),
     "record_audit": _p(lambda s, r: s.record_audit(f"a{r}", "task.redrive", "task:1", "done")),
     "list_audit": _p(lambda s, r: s.list_audit(limit=10)),
+    # Instance presence (0015): the runtime's publish and withdraw, the dashboard's read.
+    "publish_presence": _p(lambda s, r: s.publish_presence(f"i{r}", {"s": 1, r: 2}, 30)),
+    "list_presence": _p(lambda s, r: s.list_presence()),
+    "withdraw_presence": _p(lambda s, r: s.withdraw_presence(f"i{r}")),
+    "purge_presence": _p(lambda s, r: s.purge_presence()),
 }
 
 

@@ -19,6 +19,7 @@ from asyncstore.storage import (
     NewTask,
     open_storage,
 )
+from tests.waiting import wait_for
 
 FAST = MaintenanceConfig(interval_s=0.03, leader_ttl_s=10.0)
 ONLY_EVENTS = FAST.model_copy(
@@ -110,6 +111,7 @@ async def test_sweep_expires_leases_and_purges_finished_tasks_and_sent_outbox(
         "leases": 1,
         "login_attempts": 0,
         "periodic_ticks": 0,
+        "presence": 0,
     }
     assert stats.stream_batches == 0
     assert await storage.get_task(task.id) is None
@@ -305,3 +307,20 @@ def test_config_refuses_a_leader_ttl_shorter_than_a_round() -> None:
     assert MaintenanceConfig(interval_s=10).effective_leader_ttl_s == pytest.approx(36)
     with pytest.raises(ValidationError):
         MaintenanceConfig(purge_batch_size=0)
+
+
+async def test_sweep_purges_expired_presence_rows_only(storage: AsyncStorageBackend) -> None:
+    # Issue 19: a killed instance never withdraws its presence row; the leader deletes it
+    # once it expired (the database's clock), and leaves live rows alone.
+    await storage.publish_presence("killed", {"chat-1": 3}, ttl_s=0.05)
+    await storage.publish_presence("alive", {"chat-1": 1}, ttl_s=600)
+
+    async def expired() -> bool:
+        return [p.instance_id for p in await storage.list_presence()] == ["alive"]
+
+    await wait_for(expired, what="the short row expired")
+    async with open_maintenance(storage, ONLY_EVENTS.model_copy(update={"enabled": False})) as s:
+        assert await s.run_once()
+        assert s.statistics().purged["presence"] == 1
+    assert await storage.withdraw_presence("killed") is False  # the row itself is gone
+    assert [p.instance_id for p in await storage.list_presence()] == ["alive"]

@@ -64,6 +64,8 @@ EXCEPTIONS: dict[tuple[str, tuple[str, ...], str | None], str] = {
     "tick); keep it on the node that holds the schedule's queue, the tick's transaction "
     "writes both",
     ("operator_audit", ("id",), None): "identity; the operator audit log (dashboard)",
+    ("instance_presence", ("instance_id",), None): "per runtime instance (0015): a few "
+    "rows the whole fleet writes, one each; keep it on one node",
     ("schema_migrations", ("version",), None): "global, read and written at migrate only",
 }
 # Global counters: sequences every node would have to share (or replace).
@@ -180,6 +182,12 @@ COLD = {
     "list_leases",
     "record_audit",
     "list_audit",
+    # Instance presence (0015): one row per runtime instance, written every few seconds
+    # by each instance and read by the dashboard; never on a session's hot path.
+    "publish_presence",
+    "list_presence",
+    "withdraw_presence",
+    "purge_presence",
     # The partitioned stream_events layout: its purge, catalog reads and rotation steps.
     "_p_purge_stream_events_batch",
     "_stream_layout",

@@ -3,9 +3,10 @@ follows the database live over SSE (a task enqueued by another process appears),
 token is refused on the page, and a redrive with the token, confirmed in the page's dialog,
 puts the dead task back in its queue and shows up in the audit log; the task then shows
 among its queue's queued tasks and its Cancel button cancels it (it never starts). The
-sessions table says why it has no subscriber counts (a separate process). A screenshot goes to
-``tests/artifacts/dashboard.png``. Chromium is Debian's package driven through playwright,
-as in test_chat_browser.py: skipped without it unless ``ASYNCSTORE_REQUIRE_BROWSER=1``.
+sessions table says why it has no subscriber counts (no instance publishes them). A
+screenshot goes to ``tests/artifacts/dashboard.png``. Chromium is Debian's package driven
+through playwright, as in test_chat_browser.py: skipped without it unless
+``ASYNCSTORE_REQUIRE_BROWSER=1``.
 """
 
 from __future__ import annotations
@@ -160,7 +161,7 @@ def test_dashboard_updates_live_and_redrives_with_the_token(
             task = _run(url, lambda s: s.get_task(dead))
             assert task.status is TaskStatus.CANCELLED
             note = page.inner_text("#subscribers-note")
-            assert "not available from a separate process" in note
+            assert "no live instance publishes" in note
 
             ARTIFACTS.mkdir(exist_ok=True)
             page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)

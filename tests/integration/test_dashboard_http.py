@@ -146,7 +146,9 @@ async def test_page_and_state_show_real_data(storage: AsyncStorageBackend) -> No
     assert state["subscribers_known"] is False and state["sessions"][0]["subscribers"] is None
     flags = {f["name"]: f["value"] for f in state["flags"]}
     assert flags["lock"] == "100%" and flags["queue"] == "claim"
-    assert "not available from a separate process" in state["subscribers_note"]
+    # No instance publishes presence on this database: the note says so and why.
+    assert "no live instance publishes" in state["subscribers_note"]
+    assert state["subscriber_instances"] == []
     assert set(state["actions"]) == {
         "task.retry",
         "task.redrive",
@@ -361,6 +363,24 @@ async def test_mounted_in_an_application_shows_live_flags_and_subscribers(
                 assert [(x["session_id"], x["subscribers"]) for x in state["sessions"]] == [
                     ("chat-7", 2)
                 ]
+                # Another instance of the fleet publishes its own: the sessions show the
+                # sum; this process counts live (its own row, maybe older, is not added).
+                await rt.storage.publish_presence("other", {"chat-7": 4, "chat-9": 1}, 60)
+
+                async def summed() -> bool:
+                    nonlocal state
+                    state = (await client.get("/ops/api/state")).json()
+                    return len(state["subscriber_instances"]) == 2
+
+                await wait_for(summed, what="the other instance on the dashboard")
+                assert [(x["session_id"], x["subscribers"]) for x in state["sessions"]] == [
+                    ("chat-7", 6),
+                    ("chat-9", 1),
+                ]
+                instances = {i["instance_id"]: i for i in state["subscriber_instances"]}
+                assert set(instances) == {rt.instance_id, "other"}
+                assert instances[rt.instance_id]["this_process"] is True
+                assert instances[rt.instance_id]["subscribers"] == 2
             rt.update_flags(lock="10%", queue="poll_spawn")
 
             async def flags_shown() -> bool:
@@ -399,6 +419,36 @@ async def test_mounted_in_an_application_shows_live_flags_and_subscribers(
             Dashboard.for_runtime(rt, metrics_name="ops2")
         Dashboard.for_runtime(rt, metrics_name=None).close()  # not exported
         assert set(rt.metrics.families()) >= {"dashboard", "ops2"}
+
+
+async def test_a_separate_dashboard_sums_subscribers_over_every_live_instance(
+    storage: AsyncStorageBackend,
+) -> None:
+    # Two instances published their subscribers (issue 19); a third's row expired. A
+    # dashboard on storage alone (as under `asyncstore dashboard`) sums the live ones per
+    # session and lists the instances; sessions without a lease are listed too.
+    lease = await storage.acquire_lease("chat-1", "web-1", ttl_s=30)
+    assert lease is not None
+    await storage.publish_presence("web-1", {"chat-1": 2, "chat-2": 1}, ttl_s=60, host="a", pid=1)
+    await storage.publish_presence("web-2", {"chat-1": 3}, ttl_s=60, host="b", pid=2)
+    await storage.publish_presence("web-3", {"chat-1": 50}, ttl_s=0.05, host="c", pid=3)
+    async with serve(storage) as s:
+
+        async def web3_expired() -> bool:
+            state = (await s.client.get("/api/state")).json()
+            return len(state["subscriber_instances"]) == 2
+
+        await wait_for(web3_expired, what="web-3's row expired on the dashboard")
+        state = (await s.client.get("/api/state")).json()
+    assert state["subscribers_known"] is True and state["subscribers_note"] is None
+    assert [(x["session_id"], x["holder"], x["subscribers"]) for x in state["sessions"]] == [
+        ("chat-1", "web-1", 5),
+        ("chat-2", None, 1),
+    ]
+    assert [
+        (i["instance_id"], i["host"], i["pid"], i["sessions"], i["subscribers"])
+        for i in state["subscriber_instances"]
+    ] == [("web-1", "a", 1, 2, 3), ("web-2", "b", 2, 1, 3)]
 
 
 def test_cli_serves_the_dashboard_and_stops_on_sigterm(tmp_path: Path) -> None:

@@ -65,6 +65,12 @@ NEW_FAMILIES = {
     "asyncstore_heap_trims",
     "asyncstore_heap_trims_released",
     "asyncstore_heap_trim_last_seconds",
+    # The runtime's presence publisher (issue 19: fleet-wide subscribers on the dashboard).
+    "asyncstore_presence_publishes",
+    "asyncstore_presence_failures",
+    "asyncstore_presence_sessions",
+    "asyncstore_presence_subscribers",
+    "asyncstore_presence_sessions_left_out",
 }
 
 

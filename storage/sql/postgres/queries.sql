@@ -1122,3 +1122,25 @@ RETURNING *;
 
 -- name: list_audit
 SELECT * FROM operator_audit ORDER BY id DESC LIMIT $1;
+
+-- ---------------------------------------------------------------- instance presence
+-- Each runtime instance's live subscribers per session, for the dashboard (0015). The
+-- database's clock decides seen_at, expires_at and liveness, whatever the instances' clocks.
+
+-- name: publish_presence
+-- $1 instance id, $2 host, $3 pid, $4 ttl seconds, $5 counts (JSON).
+INSERT INTO instance_presence AS p (instance_id, host, pid, seen_at, expires_at, counts)
+VALUES ($1, $2, $3, now(), now() + make_interval(secs => $4), $5)
+ON CONFLICT (instance_id) DO UPDATE
+SET host = EXCLUDED.host, pid = EXCLUDED.pid, seen_at = EXCLUDED.seen_at,
+    expires_at = EXCLUDED.expires_at, counts = EXCLUDED.counts
+RETURNING *;
+
+-- name: list_presence
+SELECT * FROM instance_presence WHERE expires_at > now() ORDER BY instance_id LIMIT $1;
+
+-- name: withdraw_presence
+DELETE FROM instance_presence WHERE instance_id = $1;
+
+-- name: purge_presence
+DELETE FROM instance_presence WHERE expires_at <= now();

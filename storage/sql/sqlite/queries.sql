@@ -636,3 +636,24 @@ RETURNING *;
 
 -- name: list_audit
 SELECT * FROM operator_audit ORDER BY id DESC LIMIT :limit;
+
+-- ---------------------------------------------------------------- instance presence
+-- Each runtime instance's live subscribers per session, for the dashboard (0015); :now is
+-- the writer's clock (every process on one SQLite file shares the host's).
+
+-- name: publish_presence
+INSERT INTO instance_presence (instance_id, host, pid, seen_at, expires_at, counts)
+VALUES (:instance_id, :host, :pid, :now, :now + :ttl_s, :counts)
+ON CONFLICT (instance_id) DO UPDATE
+SET host = excluded.host, pid = excluded.pid, seen_at = excluded.seen_at,
+    expires_at = excluded.expires_at, counts = excluded.counts
+RETURNING *;
+
+-- name: list_presence
+SELECT * FROM instance_presence WHERE expires_at > :now ORDER BY instance_id LIMIT :limit;
+
+-- name: withdraw_presence
+DELETE FROM instance_presence WHERE instance_id = :instance_id;
+
+-- name: purge_presence
+DELETE FROM instance_presence WHERE expires_at <= :now;
