@@ -475,8 +475,11 @@ async def test_capped_db_poll_takes_a_slot_of_the_shared_pool(storage: AsyncStor
                 tg.start_soon(new_path)
                 await held_legacy.wait()
                 # b's attempt finds the only slot taken (one attempt, then it waits).
-                # The limiter has no event for a failed attempt: watch its statistics.
-                await wait_for(lambda: optimized.statistics().acquire_attempts >= 1)
+                # The limiter has no event for a failed attempt: watch its statistics for
+                # the waiter queued after the failed attempt (the attempt counter moves
+                # before the statement runs: an attempt still in flight when the release
+                # came could take the slot without a wake-up, as seen under load).
+                await wait_for(lambda: optimized.statistics().cap_waiters >= 1)
                 assert order == ["legacy in"]
                 release.set()
         # The legacy release notified the pool's waiter (its backoff is 30 s).
