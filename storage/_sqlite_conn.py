@@ -141,6 +141,9 @@ class SqliteConnections(AsyncStorageBackend):
             await self._enable_wal(conn)
             await conn.execute(f"PRAGMA synchronous = {self._settings.sqlite_synchronous}")
             await conn.execute("PRAGMA foreign_keys = ON")
+            # The wall clock read inside a statement, after its snapshot began: a liveness
+            # judgement that cannot predate the rows it sees (count_leases).
+            await conn.create_function("asyncstore_now", 0, time.time)
         except BaseException:
             # Shielded: an unclosed connection keeps its worker thread, and with it the
             # whole process, alive (two processes opening a fresh file hung this way).

@@ -138,7 +138,7 @@ class SqliteLeases(SqliteConnections):
         return bool(rows)
 
     async def _sql_count_leases(self) -> int:
-        rows = await self._read("count_leases", {"now": time.time()})
+        rows = await self._read("count_leases", {})
         return int(rows[0]["n"])
 
     # -- maintenance -----------------------------------------------------------

@@ -160,7 +160,11 @@ UPDATE lease_slot_pools SET waiting = 0 WHERE pool = :pool AND waiting = 1 RETUR
 
 -- name: count_leases
 -- Legacy limiter only (lock.mode = db_poll): the global COUNT(*) the old loop ran per attempt.
-SELECT count(*) AS n FROM session_leases WHERE expires_at > :now;
+-- Liveness is judged by asyncstore_now() (time.time() in the connection's thread, read
+-- after the statement's snapshot began), not a :now taken before the statement ran: a
+-- release committed in between kept its release time as expires_at and was counted live
+-- beside the lease that replaced it (6 live under a cap of 5, twice in loaded runs).
+SELECT count(*) AS n FROM session_leases WHERE expires_at > asyncstore_now();
 
 -- ---------------------------------------------------------------- leased jobs
 -- One engine, two kinds (storage.base.JobKind): see the Postgres dialect's header. A
